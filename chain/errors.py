@@ -1,0 +1,317 @@
+"""FLEX's error root and the contract's custom errors as Python exceptions."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class FlexError(Exception):
+    """Root of every FLEX error: a stable ``code``, a message, and the fields that explain it.
+
+    The same shape reaches every user: the API returns ``{"code", "message", "fields"}``,
+    forms show the message beside the field, command-line tools print it and exit non-zero.
+    """
+
+    code: ClassVar[str] = "flex_error"
+
+    def __init__(self, message: str | None = None, **fields: Any) -> None:
+        self.message = message or self.default_message(**fields)
+        self.fields = fields
+        super().__init__(self.message)
+
+    def default_message(self, **fields: Any) -> str:
+        return (self.__doc__ or self.code).strip().splitlines()[0]
+
+    def __getattr__(self, name: str) -> Any:
+        fields = self.__dict__.get("fields", {})
+        if name in fields:
+            return fields[name]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "fields": self.fields}
+
+
+class ChainUnavailableError(FlexError):
+    """The Ethereum node could not be reached or did not answer in time."""
+
+    code = "chain_unavailable"
+
+
+class ContractError(FlexError):
+    """The FlexMarket contract rejected the call.
+
+    Raised as is for a revert that carries no known custom error (``fields`` then holds the
+    raw ``data``); every ``FlexMarket<What>`` custom error has its own subclass below, named
+    ``<What>Error``, whose fields are the error's arguments in snake_case.
+    """
+
+    code = "contract_error"
+    # The Solidity custom error this class stands for; empty for the base class.
+    solidity_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Only this module's classes stand for Solidity errors; a subclass elsewhere (say a
+        # service's narrower error) must not take over the selector of its parent.
+        if cls.__module__ == __name__:
+            cls.solidity_name = "FlexMarket" + cls.__name__.removesuffix("Error")
+            CONTRACT_ERRORS[cls.solidity_name] = cls
+
+    def default_message(self, **fields: Any) -> str:
+        base = super().default_message(**fields)
+        if not fields:
+            return base
+        shown = ", ".join(f"{name}={value}" for name, value in fields.items())
+        return f"{base} ({shown})"
+
+
+# Solidity error name -> Python class, filled as the classes below are defined; the client
+# matches it against the selectors of the compiled ABI (tests check both sides agree).
+CONTRACT_ERRORS: dict[str, type[ContractError]] = {}
+
+
+# ---- access
+
+
+class NotOwnerError(ContractError):
+    """Only the contract owner may do this."""
+
+    code = "not_owner"
+
+
+class NotRegistrarError(ContractError):
+    """Only the device registrar may do this."""
+
+    code = "not_registrar"
+
+
+class NotBuyerError(ContractError):
+    """Only the task's buyer may do this."""
+
+    code = "not_buyer"
+
+
+class NotAggregatorError(ContractError):
+    """Only the task's selected aggregator may do this."""
+
+    code = "not_aggregator"
+
+
+class NotSelectedTrainerError(ContractError):
+    """The account is not a selected trainer of the task."""
+
+    code = "not_selected_trainer"
+
+
+class ZeroAddressError(ContractError):
+    """The zero address is not allowed here."""
+
+    code = "zero_address"
+
+
+# ---- device registry
+
+
+class DeviceAlreadyRegisteredError(ContractError):
+    """The device is already registered and active."""
+
+    code = "device_already_registered"
+
+
+class DeviceNotRegisteredError(ContractError):
+    """The device is not registered."""
+
+    code = "device_not_registered"
+
+
+class DeviceRevokedError(ContractError):
+    """The device has been revoked."""
+
+    code = "device_revoked"
+
+
+class CannotAggregateError(ContractError):
+    """The device is not registered as able to aggregate."""
+
+    code = "cannot_aggregate"
+
+
+# ---- tasks
+
+
+class UnknownTaskError(ContractError):
+    """There is no task with this id."""
+
+    code = "unknown_task"
+
+
+class InvalidTaskStateError(ContractError):
+    """The task is not in a state that allows this."""
+
+    code = "invalid_task_state"
+
+
+class InvalidRoundsError(ContractError):
+    """The number of rounds is zero or above the contract's maximum."""
+
+    code = "invalid_rounds"
+
+
+class InvalidTrainerRangeError(ContractError):
+    """The trainer range is invalid: min is zero, above max, or max is above the cap."""
+
+    code = "invalid_trainer_range"
+
+
+class InvalidBiddingEndError(ContractError):
+    """The bidding deadline is not in the future."""
+
+    code = "invalid_bidding_end"
+
+
+class InvalidRoundTimeoutError(ContractError):
+    """The round timeout is zero or above the contract's maximum."""
+
+    code = "invalid_round_timeout"
+
+
+class BudgetTooLowError(ContractError):
+    """The budget cannot pay the minimum number of trainers and the aggregator."""
+
+    code = "budget_too_low"
+
+
+# ---- bidding and selection
+
+
+class BiddingClosedError(ContractError):
+    """Bidding on this task has closed."""
+
+    code = "bidding_closed"
+
+
+class BiddingOpenError(ContractError):
+    """Bidding on this task is still open."""
+
+    code = "bidding_open"
+
+
+class TooManyBidsError(ContractError):
+    """The task has reached the maximum number of bids."""
+
+    code = "too_many_bids"
+
+
+class PriceBelowMinimumError(ContractError):
+    """The price is below the platform minimum for this role."""
+
+    code = "price_below_minimum"
+
+
+class ZeroSamplesError(ContractError):
+    """A trainer bid must offer at least one sample."""
+
+    code = "zero_samples"
+
+
+class InvalidHintLengthError(ContractError):
+    """The selection hint does not list every trainer bid exactly once."""
+
+    code = "invalid_hint_length"
+
+
+class InvalidHintError(ContractError):
+    """The selection hint is not the trainer bids sorted by price per sample."""
+
+    code = "invalid_hint"
+
+
+# ---- rounds
+
+
+class RoundNotOpenError(ContractError):
+    """No round is open for updates yet: the initial model is not published."""
+
+    code = "round_not_open"
+
+
+class WrongRoundError(ContractError):
+    """The round is not the one the contract expects."""
+
+    code = "wrong_round"
+
+
+class ZeroModelIdError(ContractError):
+    """A model ID must not be zero."""
+
+    code = "zero_model_id"
+
+
+class AlreadySubmittedError(ContractError):
+    """The trainer already submitted an update for this round."""
+
+    code = "already_submitted"
+
+
+class SubmissionClosedError(ContractError):
+    """The submission window of this round has closed."""
+
+    code = "submission_closed"
+
+
+class DeadlinePassedError(ContractError):
+    """The aggregator's publish deadline has passed."""
+
+    code = "deadline_passed"
+
+
+class DeadlineNotPassedError(ContractError):
+    """The aggregator's publish deadline has not passed yet."""
+
+    code = "deadline_not_passed"
+
+
+class EmptyAggregationError(ContractError):
+    """A global model after round 0 must aggregate at least one update."""
+
+    code = "empty_aggregation"
+
+
+class UnsubmittedUpdatesError(ContractError):
+    """The aggregated mask names trainers that did not submit an update."""
+
+    code = "unsubmitted_updates"
+
+
+class ScoresLengthMismatchError(ContractError):
+    """There must be one score per aggregated trainer, or none."""
+
+    code = "scores_length_mismatch"
+
+
+class ZeroScoresError(ContractError):
+    """Scores, when given, must not all be zero."""
+
+    code = "zero_scores"
+
+
+# ---- payments
+
+
+class NothingToWithdrawError(ContractError):
+    """Nothing is owed to this account."""
+
+    code = "nothing_to_withdraw"
+
+
+class TransferFailedError(ContractError):
+    """The account did not accept the ether; its credit is kept."""
+
+    code = "transfer_failed"
+
+
+class ReentrantCallError(ContractError):
+    """The contract was re-entered during a withdrawal."""
+
+    code = "reentrant_call"

@@ -1,0 +1,467 @@
+"""FlexMarket's events as typed records, decoded from the ABI, and a chunked log scanner."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
+
+from eth_abi import decode as abi_decode
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+from requests.exceptions import ConnectionError as RequestsConnectionError
+from requests.exceptions import Timeout as RequestsTimeout
+from web3 import Web3
+from web3.exceptions import ProviderConnectionError, Web3RPCError
+
+from chain.build import load_artifact
+from chain.errors import ChainUnavailableError
+
+# ---------------------------------------------------------------- the contract's enums
+# They mirror the Solidity enums member for member (tests compare them with the ABI's
+# internal types); IntEnum so that they compare equal to the raw uint8 too.
+
+
+class DeviceClass(enum.IntEnum):
+    CPU = 0
+    GPU = 1
+    JETSON = 2
+
+
+class DeviceStatus(enum.IntEnum):
+    NONE = 0
+    ACTIVE = 1
+    REVOKED = 2
+
+
+class Role(enum.IntEnum):
+    TRAINER = 0
+    AGGREGATOR = 1
+
+
+class TaskState(enum.IntEnum):
+    NONE = 0
+    BIDDING = 1
+    RUNNING = 2
+    TRAINED = 3
+    FINALIZED = 4
+    FAILED = 5
+    CANCELLED = 6
+    ABORTED = 7
+
+
+class FailureReason(enum.IntEnum):
+    NO_AGGREGATOR = 0
+    AGGREGATOR_OVER_BUDGET = 1
+    TOO_FEW_TRAINERS = 2
+
+
+class CreditReason(enum.IntEnum):
+    TRAINER_PAY = 0
+    AGGREGATOR_PAY = 1
+    REFUND = 2
+
+
+ENUMS: dict[str, type[enum.IntEnum]] = {
+    e.__name__: e for e in (DeviceClass, DeviceStatus, Role, TaskState, FailureReason, CreditReason)
+}
+
+
+# ---------------------------------------------------------------- ABI value conversion
+
+
+def snake_case(name: str) -> str:
+    """``taskId`` -> ``task_id``, ``minTrainerPriceWei`` -> ``min_trainer_price_wei``."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def to_python(value: Any, abi_type: str, internal_type: str | None = None) -> Any:
+    """An ABI-decoded value in FLEX's Python shape: checksummed addresses, ``0x`` hex
+    bytes32, IntEnum for the contract's enums, tuples for arrays."""
+    if abi_type.endswith("[]"):
+        inner_internal = internal_type[:-2] if internal_type else None
+        return tuple(to_python(v, abi_type[:-2], inner_internal) for v in value)
+    if abi_type == "address":
+        return to_checksum_address(value)
+    if abi_type.startswith("bytes"):
+        return "0x" + bytes(value).hex()
+    if internal_type and internal_type.startswith("enum "):
+        return ENUMS[internal_type.rsplit(".", 1)[-1]](value)
+    return value
+
+
+# ---------------------------------------------------------------- event records
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChainEvent:
+    """Where an event happened; subclasses add the event's own arguments (snake_case)."""
+
+    name: ClassVar[str] = ""
+    block_number: int
+    block_hash: str
+    tx_hash: str
+    log_index: int
+    address: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What a mirror upserts on: the transaction and the log's index in its block."""
+        return (self.tx_hash, self.log_index)
+
+
+E = TypeVar("E", bound=ChainEvent)
+EVENT_TYPES: dict[str, type[ChainEvent]] = {}
+
+
+def _event(cls: type[E]) -> type[E]:
+    cls.name = cls.__name__
+    EVENT_TYPES[cls.name] = cls
+    return cls
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class OwnershipTransferred(ChainEvent):
+    previous_owner: str
+    new_owner: str
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class RegistrarChanged(ChainEvent):
+    previous_registrar: str
+    new_registrar: str
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class MinPricesChanged(ChainEvent):
+    min_trainer_price_wei: int
+    min_aggregator_price_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class DeviceRegistered(ChainEvent):
+    device: str
+    device_class: DeviceClass
+    can_aggregate: bool
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class DeviceRevoked(ChainEvent):
+    device: str
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class TaskCreated(ChainEvent):
+    task_id: int
+    buyer: str
+    spec_hash: str
+    budget_wei: int
+    rounds: int
+    min_trainers: int
+    max_trainers: int
+    bidding_ends: int
+    round_timeout: int
+    min_trainer_price_wei: int
+    min_aggregator_price_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class BidPlaced(ChainEvent):
+    task_id: int
+    device: str
+    bid_index: int
+    role: Role
+    price_per_round_wei: int
+    samples: int
+    replaced: bool
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class NodesSelected(ChainEvent):
+    task_id: int
+    aggregator: str
+    aggregator_price_wei: int
+    trainers: tuple[str, ...]
+    trainer_prices_wei: tuple[int, ...]
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class TaskFailed(ChainEvent):
+    task_id: int
+    reason: FailureReason
+    selectable_trainers: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class TaskCancelled(ChainEvent):
+    task_id: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class GlobalModelPublished(ChainEvent):
+    task_id: int
+    round: int
+    model_id: str
+    aggregated_mask: int
+    scores: tuple[int, ...]
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class UpdateSubmitted(ChainEvent):
+    task_id: int
+    round: int
+    trainer: str
+    position: int
+    model_id: str
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class TaskFinalized(ChainEvent):
+    task_id: int
+    trainers_paid_wei: int
+    aggregator_paid_wei: int
+    refunded_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class TaskAborted(ChainEvent):
+    task_id: int
+    published_rounds: int
+    trainers_paid_wei: int
+    aggregator_paid_wei: int
+    refunded_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class PaymentCredited(ChainEvent):
+    account: str
+    task_id: int
+    amount_wei: int
+    reason: CreditReason
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class Withdrawn(ChainEvent):
+    account: str
+    amount_wei: int
+
+
+BASE_FIELDS = frozenset(f.name for f in fields(ChainEvent))
+
+
+def event_fields(cls: type[ChainEvent]) -> list[str]:
+    """The event's own argument fields, in ABI order."""
+    return [f.name for f in fields(cls) if f.name not in BASE_FIELDS]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class _EventAbi:
+    name: str
+    inputs: tuple[Mapping[str, Any], ...]
+
+
+def _signature(entry: Mapping[str, Any]) -> str:
+    types = ",".join(_canonical_type(i) for i in entry["inputs"])
+    return f"{entry['name']}({types})"
+
+
+def _canonical_type(param: Mapping[str, Any]) -> str:
+    if param["type"].startswith("tuple"):
+        inner = ",".join(_canonical_type(c) for c in param["components"])
+        return f"({inner}){param['type'][5:]}"
+    return param["type"]
+
+
+@functools.cache
+def _event_abis() -> dict[bytes, _EventAbi]:
+    """topic0 -> event ABI, from the compiled artefact (never a hand-copied list)."""
+    abi = load_artifact("FlexMarket")["abi"]
+    return {
+        keccak(text=_signature(e)): _EventAbi(e["name"], tuple(e["inputs"]))
+        for e in abi
+        if e["type"] == "event"
+    }
+
+
+def event_topics() -> dict[str, str]:
+    """Event name -> its topic0 as ``0x`` hex."""
+    return {e.name: "0x" + topic.hex() for topic, e in _event_abis().items()}
+
+
+def decode_log(log: Mapping[str, Any]) -> ChainEvent | None:
+    """The typed record of a FlexMarket log, or None for a log of some other event."""
+    topics = [HexBytes(t) for t in log["topics"]]
+    if not topics:
+        return None
+    entry = _event_abis().get(bytes(topics[0]))
+    if entry is None:
+        return None
+    indexed = [i for i in entry.inputs if i["indexed"]]
+    plain = [i for i in entry.inputs if not i["indexed"]]
+    values: dict[str, Any] = {}
+    for param, topic in zip(indexed, topics[1:], strict=True):
+        (raw,) = abi_decode([param["type"]], bytes(topic))
+        values[param["name"]] = raw
+    decoded = abi_decode([p["type"] for p in plain], bytes(HexBytes(log["data"])))
+    for param, raw in zip(plain, decoded, strict=True):
+        values[param["name"]] = raw
+    args = {
+        snake_case(p["name"]): to_python(values[p["name"]], p["type"], p.get("internalType"))
+        for p in entry.inputs
+    }
+    return EVENT_TYPES[entry.name](
+        block_number=int(log["blockNumber"]),
+        block_hash=_hex(log["blockHash"]),
+        tx_hash=_hex(log["transactionHash"]),
+        log_index=int(log["logIndex"]),
+        address=to_checksum_address(log["address"]),
+        **args,
+    )
+
+
+def decode_logs(
+    logs: Sequence[Mapping[str, Any]], *, address: str | None = None
+) -> list[ChainEvent]:
+    """Typed records of the FlexMarket logs among ``logs`` (of ``address`` when given)."""
+    records = []
+    for log in logs:
+        if address is not None and to_checksum_address(log["address"]) != address:
+            continue
+        record = decode_log(log)
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def _hex(value: Any) -> str:
+    return "0x" + bytes(HexBytes(value)).hex()
+
+
+# ---------------------------------------------------------------- scanning
+
+
+@dataclass(frozen=True)
+class ScannedChunk:
+    """One chunk of blocks, fully scanned: store ``events``, then move the cursor to
+    ``to_block`` / ``to_block_hash`` (a later mismatch of that hash means a re-org)."""
+
+    from_block: int
+    to_block: int
+    to_block_hash: str
+    events: tuple[ChainEvent, ...]
+
+
+def chunks(start: int, end: int, *, size: int) -> Iterator[tuple[int, int]]:
+    """Inclusive block ranges of at most ``size`` blocks covering ``start..end``."""
+    if size < 1:
+        raise ValueError("chunk size must be at least 1")
+    lo = start
+    while lo <= end:
+        hi = min(lo + size - 1, end)
+        yield lo, hi
+        lo = hi + 1
+
+
+def safe_head(w3: Web3, *, confirmations: int = 0) -> int:
+    """The newest block that has at least ``confirmations`` blocks on top of it."""
+    try:
+        return max(w3.eth.block_number - confirmations, 0)
+    except (RequestsConnectionError, RequestsTimeout, ProviderConnectionError) as exc:
+        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
+
+
+def scan(
+    w3: Web3,
+    address: str,
+    from_block: int,
+    to_block: int,
+    *,
+    chunk: int = 2000,
+    min_chunk: int = 10,
+    retries: int = 5,
+    retry_delay: float = 0.5,
+) -> Iterator[ScannedChunk]:
+    """FlexMarket events of ``address`` in ``from_block..to_block``, one chunk at a time.
+
+    In the shape of web3.py's event-scanner example, and like it apart from storing: the
+    caller stores each chunk and only then advances its cursor, so a crash between two
+    chunks rescans at most one. A node that refuses a range (too many results, timeouts)
+    gets it again in halves down to ``min_chunk`` blocks; a chunk that found nothing lets
+    the next one grow back towards ``chunk``. An unreachable node, after ``retries``
+    attempts, is ChainUnavailableError.
+    """
+    address = to_checksum_address(address)
+    topics = [list(_prefixed_topics())]
+    size = chunk
+    lo = from_block
+    while lo <= to_block:
+        hi = min(lo + size - 1, to_block)
+        try:
+            logs = _get_logs(w3, address, lo, hi, topics, retries, retry_delay)
+        except Web3RPCError:
+            if size <= min_chunk:
+                raise
+            size = max(size // 2, min_chunk)
+            continue
+        events = tuple(decode_logs(logs, address=address))
+        block_hash = _block_hash(w3, hi, retries, retry_delay)
+        yield ScannedChunk(lo, hi, block_hash, events)
+        lo = hi + 1
+        if not events:
+            size = min(size * 2, chunk)
+
+
+def _prefixed_topics() -> list[str]:
+    return list(event_topics().values())
+
+
+def _get_logs(
+    w3: Web3,
+    address: str,
+    lo: int,
+    hi: int,
+    topics: list[list[str]],
+    retries: int,
+    retry_delay: float,
+) -> list[Any]:
+    params = {"address": address, "fromBlock": lo, "toBlock": hi, "topics": topics}
+    return _with_retries(lambda: list(w3.eth.get_logs(params)), retries, retry_delay)
+
+
+def _block_hash(w3: Web3, number: int, retries: int, retry_delay: float) -> str:
+    block = _with_retries(lambda: w3.eth.get_block(number), retries, retry_delay)
+    return _hex(block["hash"])
+
+
+def _with_retries(call: Any, retries: int, retry_delay: float) -> Any:
+    for attempt in range(retries):
+        try:
+            return call()
+        except (RequestsConnectionError, RequestsTimeout, ProviderConnectionError) as exc:
+            if attempt == retries - 1:
+                raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
+            time.sleep(retry_delay * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,189 @@
+"""Start and stop a local Ethereum node (Anvil from node_modules) with funded dev accounts."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from chain.errors import FlexError
+
+ROOT = Path(__file__).resolve().parent.parent
+ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
+# Anvil's (and Hardhat's) well-known development mnemonic: these keys are public, so the
+# accounts they derive are only ever funded on a local chain.
+DEV_MNEMONIC = "test test test test test test test test test test test junk"
+DEV_CHAIN_ID = 31337
+
+Account.enable_unaudited_hdwallet_features()
+
+
+class ChainLaunchError(FlexError):
+    """The local Ethereum node could not be started."""
+
+    code = "chain_launch_failed"
+
+
+def dev_accounts(n: int, *, start: int = 0) -> list[LocalAccount]:
+    """The first ``n`` accounts of the dev mnemonic (BIP-44 path m/44'/60'/0'/0/i)."""
+    return [
+        Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
+        for i in range(start, start + n)
+    ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalChain:
+    """A child Anvil process on 127.0.0.1, funded from DEV_MNEMONIC; stopped cleanly on exit.
+
+    ``state_path`` keeps the chain across restarts (Anvil dumps it on exit and every
+    ``state_interval`` seconds); without it every start is a fresh chain.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        accounts: int = 20,
+        balance_eth: int = 1_000_000,
+        block_time: float | None = None,
+        state_path: Path | None = None,
+        state_interval: int = 5,
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.accounts = accounts
+        self.balance_eth = balance_eth
+        self.block_time = block_time
+        self.state_path = state_path
+        self.state_interval = state_interval
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(ANVIL),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--mnemonic",
+            DEV_MNEMONIC,
+            "--accounts",
+            str(self.accounts),
+            "--balance",
+            str(self.balance_eth),
+            "--chain-id",
+            str(DEV_CHAIN_ID),
+        ]
+        if self.block_time:
+            cmd += ["--block-time", str(self.block_time)]
+        if self.state_path:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            cmd += ["--state", str(self.state_path), "--state-interval", str(self.state_interval)]
+        return cmd
+
+    def start(self, *, timeout: float = 30.0) -> LocalChain:
+        if not ANVIL.exists():
+            raise ChainLaunchError(
+                f"{ANVIL} is missing: run `npm ci` (or `make setup`) first", path=str(ANVIL)
+            )
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        w3 = self.w3()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ChainLaunchError(
+                    f"anvil exited with code {self.process.returncode} on port {self.port}",
+                    port=self.port,
+                    returncode=self.process.returncode,
+                )
+            with contextlib.suppress(Exception):
+                if w3.eth.chain_id == DEV_CHAIN_ID:
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise ChainLaunchError(f"anvil did not answer on {self.rpc_url} within {timeout}s")
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """SIGTERM the node (it dumps its state) and wait; SIGKILL if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def w3(self) -> Web3:
+        return Web3(Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
+
+    def __enter__(self) -> LocalChain:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a local node in the foreground until interrupted (used by `make run`)."""
+    parser = argparse.ArgumentParser(prog="python -m chain.launcher", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8545)
+    parser.add_argument("--accounts", type=int, default=20)
+    parser.add_argument("--state", type=Path, help="file that keeps the chain across restarts")
+    args = parser.parse_args(argv)
+    node = LocalChain(port=args.port, accounts=args.accounts, state_path=args.state)
+    try:
+        node.start()
+    except FlexError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"local chain {node.rpc_url} (chain id {DEV_CHAIN_ID})", flush=True)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stop and node.process and node.process.poll() is None:
+        time.sleep(0.2)
+    node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Texts that nodes sign with their Ethereum keys (EIP-191), shared by the platform and nodes."""
+
+from __future__ import annotations
+
+
+def join_message(*, challenge: str, address: str) -> str:
+    """What a device signs to prove to the platform that it holds the key of ``address``."""
+    return f"FLEX device enrolment\nchallenge: {challenge}\naddress: {address}"

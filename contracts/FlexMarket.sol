@@ -1,0 +1,1244 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.30;
+
+/**
+ * @title FlexMarket
+ * @notice Control plane of the FLEX federated-learning marketplace: task escrow, device
+ * registry, bidding, node selection, round coordination by model IDs and pull payments.
+ *
+ * Model weights never touch the chain: a model ID is the keccak256 of the model's canonical
+ * bytes, kept in the data plane's content-addressed stores. The rules this contract enforces
+ * are written down in docs/contract.md.
+ *
+ * Invariant: `address(this).balance == creditsOwed() + escrowLocked()` (it can only be
+ * larger if someone force-sends ether, which the contract never counts as anyone's).
+ */
+contract FlexMarket {
+    // ------------------------------------------------------------------ types
+
+    /// @notice Hardware class of a registered device (informational: it routes work off chain).
+    enum DeviceClass {
+        Cpu,
+        Gpu,
+        Jetson
+    }
+
+    /// @notice Registry status of a device address.
+    enum DeviceStatus {
+        None,
+        Active,
+        Revoked
+    }
+
+    /// @notice What a bid offers to do.
+    enum Role {
+        Trainer,
+        Aggregator
+    }
+
+    /// @notice Life cycle of a task; `None` means the id does not exist.
+    enum TaskState {
+        None,
+        Bidding,
+        Running,
+        Trained,
+        Finalized,
+        Failed,
+        Cancelled,
+        Aborted
+    }
+
+    /// @notice Why node selection failed a task.
+    enum FailureReason {
+        NoAggregator,
+        AggregatorOverBudget,
+        TooFewTrainers
+    }
+
+    /// @notice Why an account was credited.
+    enum CreditReason {
+        TrainerPay,
+        AggregatorPay,
+        Refund
+    }
+
+    struct Device {
+        DeviceStatus status;
+        DeviceClass deviceClass;
+        bool canAggregate;
+    }
+
+    /// @dev Two slots: the selection key (price, samples) is read together with the device.
+    struct Bid {
+        address device;
+        uint96 pricePerRoundWei;
+        uint64 samples;
+        Role role;
+    }
+
+    struct Trainer {
+        address device;
+        uint96 pricePerRoundWei;
+    }
+
+    /// @dev Slot 1 holds everything submitUpdate and publishGlobalModel need, so each of them
+    /// reads one task slot and writes at most that one.
+    struct Task {
+        // slot 0
+        address buyer;
+        uint40 biddingEnds;
+        uint16 rounds;
+        uint8 minTrainers;
+        uint8 maxTrainers;
+        uint8 trainerCount;
+        // slot 1
+        address aggregator;
+        TaskState state;
+        uint16 publishedRounds;
+        uint40 phaseStart;
+        uint32 roundTimeout;
+        // slot 2
+        bytes32 specHash;
+        // slot 3
+        uint256 budget;
+        // slot 4: the platform minimums when the task was created, so a later change by the
+        // owner never changes the rules of a task that is already open.
+        uint96 aggregatorPrice;
+        uint96 minTrainerPrice;
+        // slot 5
+        uint96 minAggregatorPrice;
+    }
+
+    /// @dev `masks` packs the round's submitted updates (bits 0..127, one per trainer
+    /// position) and the ones the aggregator used for the next round (bits 128..255), so a
+    /// submission and the aggregation that checks it touch one slot.
+    struct Round {
+        bytes32 globalModel;
+        uint256 masks;
+    }
+
+    /// @dev Working state of {selectNodes}, kept in memory so the stack stays shallow.
+    struct Selection {
+        uint256 trainerBids;
+        bool hasAggregator;
+        bool aggregatorFits;
+        uint256 aggregatorIndex;
+        uint256 aggregatorPrice;
+        uint256 rounds;
+        uint256 budget;
+        uint256 maxTrainers;
+        uint256 committed;
+        uint256 selected;
+        address[] trainers;
+        uint256[] prices;
+    }
+
+    /// @notice Everything about a task, as returned by {task}.
+    struct TaskInfo {
+        address buyer;
+        TaskState state;
+        bytes32 specHash;
+        uint256 budgetWei;
+        uint256 rounds;
+        uint256 minTrainers;
+        uint256 maxTrainers;
+        uint256 biddingEnds;
+        uint256 roundTimeout;
+        uint256 minTrainerPriceWei;
+        uint256 minAggregatorPriceWei;
+        uint256 bidCount;
+        address aggregator;
+        uint256 aggregatorPriceWei;
+        uint256 trainerCount;
+        uint256 publishedRounds;
+        uint256 phaseStart;
+        uint256 submissionDeadline;
+        uint256 publishDeadline;
+    }
+
+    /// @notice One round as returned by {roundInfo}.
+    struct RoundInfo {
+        bytes32 globalModel;
+        uint256 submittedMask;
+        uint256 aggregatedMask;
+        uint16[] scores;
+    }
+
+    // -------------------------------------------------------------- constants
+
+    /// @notice Most trainers a task may select: one bit each in a 128-bit half of a slot.
+    uint256 public constant MAX_TRAINERS = 128;
+    /// @notice Most rounds a task may have; bounds the settlement loop.
+    uint256 public constant MAX_ROUNDS = 100;
+    /// @notice Most bids a task accepts; bounds the selection loops.
+    uint256 public constant MAX_BIDS = 1000;
+    /// @notice Longest round timeout a task may ask for.
+    uint256 public constant MAX_ROUND_TIMEOUT = 30 days;
+
+    uint256 private constant _LOW_128 = type(uint128).max;
+    uint256 private constant _BID_SLOT_MASK = 0xffffffff;
+    uint256 private constant _POSITION_SHIFT = 32;
+    uint256 private constant _SCORES_PER_WORD = 16;
+    uint256 private constant _SCORE_BITS = 16;
+
+    // ------------------------------------------------------------------ state
+
+    address private _owner;
+    address private _registrar;
+    uint96 private _minTrainerPrice;
+    uint96 private _minAggregatorPrice;
+    uint256 private _taskCount;
+    uint256 private _escrowLocked;
+    uint256 private _creditsOwed;
+
+    mapping(address device => Device) private _devices;
+    mapping(uint256 taskId => Task) private _tasks;
+    mapping(uint256 taskId => Bid[]) private _bids;
+    /// @dev Per task and device: bits 0..31 the bid index + 1, bits 32..39 the trainer
+    /// position + 1 once selected; written at bid time so selection only updates it.
+    mapping(uint256 taskId => mapping(address device => uint256)) private _participants;
+    mapping(uint256 taskId => mapping(uint256 position => Trainer)) private _trainers;
+    mapping(uint256 taskId => mapping(uint256 round => Round)) private _rounds;
+    mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 position => bytes32)))
+        private _updates;
+    /// @dev Scores of round r's aggregated trainers, sixteen uint16 per word in ascending
+    /// position order; a round is scored iff one of its words is non-zero (the sum of the
+    /// scores must be positive, and each round is written once).
+    mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 word => uint256)))
+        private _scoreWords;
+    mapping(address account => uint256) private _credits;
+
+    bool private transient _entered;
+
+    // ----------------------------------------------------------------- events
+
+    /// @notice Ownership moved from `previousOwner` to `newOwner`.
+    event OwnershipTransferred(address indexed previousOwner, address indexed newOwner);
+    /// @notice The registrar role moved from `previousRegistrar` to `newRegistrar`.
+    event RegistrarChanged(address indexed previousRegistrar, address indexed newRegistrar);
+    /// @notice The platform minimum prices per round (wei) for tasks created from now on.
+    event MinPricesChanged(uint256 minTrainerPriceWei, uint256 minAggregatorPriceWei);
+    /// @notice `device` was registered (or re-registered after a revocation).
+    event DeviceRegistered(address indexed device, DeviceClass deviceClass, bool canAggregate);
+    /// @notice `device` was revoked: it may no longer bid, submit or publish.
+    event DeviceRevoked(address indexed device);
+    /// @notice A task was created with `budget` wei locked in escrow.
+    event TaskCreated(
+        uint256 indexed taskId,
+        address indexed buyer,
+        bytes32 specHash,
+        uint256 budgetWei,
+        uint256 rounds,
+        uint256 minTrainers,
+        uint256 maxTrainers,
+        uint256 biddingEnds,
+        uint256 roundTimeout,
+        uint256 minTrainerPriceWei,
+        uint256 minAggregatorPriceWei
+    );
+    /// @notice `device` placed (or, when `replaced`, replaced) its bid at `bidIndex`.
+    event BidPlaced(
+        uint256 indexed taskId,
+        address indexed device,
+        uint256 bidIndex,
+        Role role,
+        uint256 pricePerRoundWei,
+        uint256 samples,
+        bool replaced
+    );
+    /// @notice Selection succeeded; `trainers[i]` is the trainer at position i.
+    event NodesSelected(
+        uint256 indexed taskId,
+        address indexed aggregator,
+        uint256 aggregatorPriceWei,
+        address[] trainers,
+        uint256[] trainerPricesWei
+    );
+    /// @notice Selection failed; the whole budget is credited back to the buyer.
+    event TaskFailed(uint256 indexed taskId, FailureReason reason, uint256 selectableTrainers);
+    /// @notice The buyer cancelled the task before selection; the budget is credited back.
+    event TaskCancelled(uint256 indexed taskId);
+    /// @notice The aggregator published the global model of `round`, built from the
+    /// round-1 updates in `aggregatedMask` (bit i = trainer position i) with optional scores.
+    event GlobalModelPublished(
+        uint256 indexed taskId,
+        uint256 indexed round,
+        bytes32 modelId,
+        uint256 aggregatedMask,
+        uint16[] scores
+    );
+    /// @notice The trainer at `position` submitted its update for `round`.
+    event UpdateSubmitted(
+        uint256 indexed taskId,
+        uint256 indexed round,
+        address indexed trainer,
+        uint256 position,
+        bytes32 modelId
+    );
+    /// @notice The task was settled after its final round.
+    event TaskFinalized(
+        uint256 indexed taskId,
+        uint256 trainersPaidWei,
+        uint256 aggregatorPaidWei,
+        uint256 refundedWei
+    );
+    /// @notice The task was aborted after its aggregator missed a deadline.
+    event TaskAborted(
+        uint256 indexed taskId,
+        uint256 publishedRounds,
+        uint256 trainersPaidWei,
+        uint256 aggregatorPaidWei,
+        uint256 refundedWei
+    );
+    /// @notice `amount` wei became withdrawable by `account`.
+    event PaymentCredited(
+        address indexed account,
+        uint256 indexed taskId,
+        uint256 amountWei,
+        CreditReason reason
+    );
+    /// @notice `account` withdrew `amount` wei.
+    event Withdrawn(address indexed account, uint256 amountWei);
+
+    // ----------------------------------------------------------------- errors
+
+    error FlexMarketNotOwner(address account);
+    error FlexMarketNotRegistrar(address account);
+    error FlexMarketNotBuyer(uint256 taskId, address account);
+    error FlexMarketNotAggregator(uint256 taskId, address account);
+    error FlexMarketNotSelectedTrainer(uint256 taskId, address account);
+    error FlexMarketZeroAddress();
+    error FlexMarketDeviceAlreadyRegistered(address device);
+    error FlexMarketDeviceNotRegistered(address device);
+    error FlexMarketDeviceRevoked(address device);
+    error FlexMarketCannotAggregate(address device);
+    error FlexMarketUnknownTask(uint256 taskId);
+    error FlexMarketInvalidTaskState(uint256 taskId, TaskState state);
+    error FlexMarketInvalidRounds(uint256 rounds, uint256 maxRounds);
+    error FlexMarketInvalidTrainerRange(uint256 minTrainers, uint256 maxTrainers, uint256 cap);
+    error FlexMarketInvalidBiddingEnd(uint256 biddingEnds, uint256 nowTimestamp);
+    error FlexMarketInvalidRoundTimeout(uint256 roundTimeout, uint256 maxRoundTimeout);
+    error FlexMarketBudgetTooLow(uint256 budgetWei, uint256 minimumWei);
+    error FlexMarketBiddingClosed(uint256 taskId, uint256 biddingEnds);
+    error FlexMarketBiddingOpen(uint256 taskId, uint256 biddingEnds);
+    error FlexMarketTooManyBids(uint256 taskId, uint256 maxBids);
+    error FlexMarketPriceBelowMinimum(uint256 priceWei, uint256 minimumWei);
+    error FlexMarketZeroSamples();
+    error FlexMarketInvalidHintLength(uint256 expected, uint256 got);
+    error FlexMarketInvalidHint(uint256 position, uint256 bidIndex);
+    error FlexMarketRoundNotOpen(uint256 taskId);
+    error FlexMarketWrongRound(uint256 expected, uint256 got);
+    error FlexMarketZeroModelId();
+    error FlexMarketAlreadySubmitted(uint256 taskId, uint256 round, address trainer);
+    error FlexMarketSubmissionClosed(uint256 taskId, uint256 round, uint256 deadline);
+    error FlexMarketDeadlinePassed(uint256 taskId, uint256 deadline);
+    error FlexMarketDeadlineNotPassed(uint256 taskId, uint256 deadline);
+    error FlexMarketEmptyAggregation(uint256 taskId, uint256 round);
+    error FlexMarketUnsubmittedUpdates(uint256 taskId, uint256 round, uint256 missing);
+    error FlexMarketScoresLengthMismatch(uint256 expected, uint256 got);
+    error FlexMarketZeroScores();
+    error FlexMarketNothingToWithdraw(address account);
+    error FlexMarketTransferFailed(address account, uint256 amountWei);
+    error FlexMarketReentrantCall();
+
+    // -------------------------------------------------------------- modifiers
+
+    modifier onlyOwner() {
+        if (msg.sender != _owner) revert FlexMarketNotOwner(msg.sender);
+        _;
+    }
+
+    modifier onlyRegistrar() {
+        if (msg.sender != _registrar) revert FlexMarketNotRegistrar(msg.sender);
+        _;
+    }
+
+    modifier nonReentrant() {
+        if (_entered) revert FlexMarketReentrantCall();
+        _entered = true;
+        _;
+        _entered = false;
+    }
+
+    // ------------------------------------------------------------ constructor
+
+    /**
+     * @notice Deploys the market; the deployer becomes owner and registrar.
+     * @param minTrainerPriceWei Platform minimum trainer price per round, in wei.
+     * @param minAggregatorPriceWei Platform minimum aggregator price per round, in wei.
+     * @dev Emits {OwnershipTransferred}, {RegistrarChanged} and {MinPricesChanged} so an
+     * event mirror starts from the same state as the contract.
+     */
+    constructor(uint96 minTrainerPriceWei, uint96 minAggregatorPriceWei) {
+        _owner = msg.sender;
+        emit OwnershipTransferred(address(0), msg.sender);
+        _registrar = msg.sender;
+        emit RegistrarChanged(address(0), msg.sender);
+        _minTrainerPrice = minTrainerPriceWei;
+        _minAggregatorPrice = minAggregatorPriceWei;
+        emit MinPricesChanged(minTrainerPriceWei, minAggregatorPriceWei);
+    }
+
+    // ------------------------------------------------------------ owner admin
+
+    /**
+     * @notice Hands ownership to `newOwner`.
+     * @param newOwner The new owner; not the zero address.
+     * @dev Emits {OwnershipTransferred}. Reverts with {FlexMarketNotOwner} unless called by
+     * the owner, {FlexMarketZeroAddress} for the zero address.
+     */
+    function transferOwnership(address newOwner) external onlyOwner {
+        if (newOwner == address(0)) revert FlexMarketZeroAddress();
+        address previous = _owner;
+        _owner = newOwner;
+        emit OwnershipTransferred(previous, newOwner);
+    }
+
+    /**
+     * @notice Gives the registrar role (device registration and revocation) to `newRegistrar`.
+     * @param newRegistrar The new registrar; not the zero address.
+     * @dev Emits {RegistrarChanged}. Reverts with {FlexMarketNotOwner} unless called by the
+     * owner, {FlexMarketZeroAddress} for the zero address.
+     */
+    function setRegistrar(address newRegistrar) external onlyOwner {
+        if (newRegistrar == address(0)) revert FlexMarketZeroAddress();
+        address previous = _registrar;
+        _registrar = newRegistrar;
+        emit RegistrarChanged(previous, newRegistrar);
+    }
+
+    /**
+     * @notice Sets the platform minimum prices per round for tasks created from now on.
+     * @param minTrainerPriceWei Minimum trainer price per round, in wei.
+     * @param minAggregatorPriceWei Minimum aggregator price per round, in wei.
+     * @dev Emits {MinPricesChanged}. Reverts with {FlexMarketNotOwner} unless called by the
+     * owner. Open tasks keep the minimums they were created with.
+     */
+    function setMinPrices(uint96 minTrainerPriceWei, uint96 minAggregatorPriceWei)
+        external
+        onlyOwner
+    {
+        _minTrainerPrice = minTrainerPriceWei;
+        _minAggregatorPrice = minAggregatorPriceWei;
+        emit MinPricesChanged(minTrainerPriceWei, minAggregatorPriceWei);
+    }
+
+    // -------------------------------------------------------- device registry
+
+    /**
+     * @notice Registers `device`, or re-registers a revoked one with a new profile.
+     * @param device The device's own address (it signs its own transactions).
+     * @param deviceClass Its hardware class.
+     * @param canAggregate Whether it may bid as aggregator.
+     * @dev Emits {DeviceRegistered}. Reverts with {FlexMarketNotRegistrar} unless called by
+     * the registrar, {FlexMarketZeroAddress}, {FlexMarketDeviceAlreadyRegistered} if active.
+     */
+    function registerDevice(address device, DeviceClass deviceClass, bool canAggregate)
+        external
+        onlyRegistrar
+    {
+        if (device == address(0)) revert FlexMarketZeroAddress();
+        if (_devices[device].status == DeviceStatus.Active) {
+            revert FlexMarketDeviceAlreadyRegistered(device);
+        }
+        _devices[device] = Device(DeviceStatus.Active, deviceClass, canAggregate);
+        emit DeviceRegistered(device, deviceClass, canAggregate);
+    }
+
+    /**
+     * @notice Revokes `device`: it can no longer bid, be selected, submit or publish. What it
+     * already delivered is still paid at settlement.
+     * @param device The device to revoke.
+     * @dev Emits {DeviceRevoked}. Reverts with {FlexMarketNotRegistrar} unless called by the
+     * registrar, {FlexMarketDeviceNotRegistered} if never registered,
+     * {FlexMarketDeviceRevoked} if already revoked.
+     */
+    function revokeDevice(address device) external onlyRegistrar {
+        DeviceStatus status = _devices[device].status;
+        if (status == DeviceStatus.None) revert FlexMarketDeviceNotRegistered(device);
+        if (status == DeviceStatus.Revoked) revert FlexMarketDeviceRevoked(device);
+        _devices[device].status = DeviceStatus.Revoked;
+        emit DeviceRevoked(device);
+    }
+
+    // ------------------------------------------------------------------ tasks
+
+    /**
+     * @notice Creates a training task and locks `msg.value` as its budget.
+     * @param specHash Hash of the off-chain task spec.
+     * @param rounds Number of training rounds R (global models 0..R), 1..MAX_ROUNDS.
+     * @param minTrainers Fewest trainers the task may run with, at least 1.
+     * @param maxTrainers Most trainers selection may pick, minTrainers..MAX_TRAINERS.
+     * @param biddingEnds Unix time at which bidding closes; must be in the future.
+     * @param roundTimeout Seconds trainers have to submit in each round, 1..MAX_ROUND_TIMEOUT.
+     * @return taskId The new task's id (sequential from 1).
+     * @dev Emits {TaskCreated}. Reverts with {FlexMarketInvalidRounds},
+     * {FlexMarketInvalidTrainerRange}, {FlexMarketInvalidBiddingEnd},
+     * {FlexMarketInvalidRoundTimeout}, {FlexMarketBudgetTooLow} when
+     * `msg.value < rounds * (minTrainers * minTrainerPrice + minAggregatorPrice)`.
+     */
+    function createTask(
+        bytes32 specHash,
+        uint256 rounds,
+        uint256 minTrainers,
+        uint256 maxTrainers,
+        uint256 biddingEnds,
+        uint256 roundTimeout
+    ) external payable returns (uint256 taskId) {
+        if (rounds == 0 || rounds > MAX_ROUNDS) revert FlexMarketInvalidRounds(rounds, MAX_ROUNDS);
+        if (minTrainers == 0 || minTrainers > maxTrainers || maxTrainers > MAX_TRAINERS) {
+            revert FlexMarketInvalidTrainerRange(minTrainers, maxTrainers, MAX_TRAINERS);
+        }
+        if (biddingEnds <= block.timestamp || biddingEnds > type(uint40).max) {
+            revert FlexMarketInvalidBiddingEnd(biddingEnds, block.timestamp);
+        }
+        if (roundTimeout == 0 || roundTimeout > MAX_ROUND_TIMEOUT) {
+            revert FlexMarketInvalidRoundTimeout(roundTimeout, MAX_ROUND_TIMEOUT);
+        }
+        uint96 minTrainerPrice = _minTrainerPrice;
+        uint96 minAggregatorPrice = _minAggregatorPrice;
+        uint256 minimum = rounds * (minTrainers * minTrainerPrice + minAggregatorPrice);
+        if (msg.value < minimum) revert FlexMarketBudgetTooLow(msg.value, minimum);
+
+        taskId = ++_taskCount;
+        Task storage t = _tasks[taskId];
+        t.buyer = msg.sender;
+        t.biddingEnds = uint40(biddingEnds);
+        t.rounds = uint16(rounds);
+        t.minTrainers = uint8(minTrainers);
+        t.maxTrainers = uint8(maxTrainers);
+        t.state = TaskState.Bidding;
+        t.roundTimeout = uint32(roundTimeout);
+        t.specHash = specHash;
+        t.budget = msg.value;
+        t.minTrainerPrice = minTrainerPrice;
+        t.minAggregatorPrice = minAggregatorPrice;
+        _escrowLocked += msg.value;
+        emit TaskCreated(
+            taskId,
+            msg.sender,
+            specHash,
+            msg.value,
+            rounds,
+            minTrainers,
+            maxTrainers,
+            biddingEnds,
+            roundTimeout,
+            minTrainerPrice,
+            minAggregatorPrice
+        );
+    }
+
+    /**
+     * @notice Cancels a task before node selection and credits the whole budget to the buyer.
+     * @param taskId The task.
+     * @dev Emits {TaskCancelled} then {PaymentCredited}. Reverts with
+     * {FlexMarketUnknownTask}, {FlexMarketNotBuyer}, {FlexMarketInvalidTaskState} unless
+     * the task is still bidding.
+     */
+    function cancelTask(uint256 taskId) external {
+        Task storage t = _existingTask(taskId);
+        if (msg.sender != t.buyer) revert FlexMarketNotBuyer(taskId, msg.sender);
+        _requireState(taskId, t, TaskState.Bidding);
+        t.state = TaskState.Cancelled;
+        emit TaskCancelled(taskId);
+        uint256 budget = t.budget;
+        _escrowLocked -= budget;
+        _credit(t.buyer, taskId, budget, CreditReason.Refund);
+    }
+
+    // ---------------------------------------------------------------- bidding
+
+    /**
+     * @notice Places the caller's bid on a task, or replaces its earlier bid on that task.
+     * @param taskId The task.
+     * @param pricePerRoundWei Price asked per round, in wei; at least the task's minimum for
+     * `role`.
+     * @param samples Number of local training samples; non-zero for a trainer bid.
+     * @param role Trainer, or Aggregator (only for devices registered as able to aggregate).
+     * @dev Emits {BidPlaced}. Reverts with {FlexMarketUnknownTask},
+     * {FlexMarketInvalidTaskState}, {FlexMarketBiddingClosed}, {FlexMarketDeviceNotRegistered},
+     * {FlexMarketDeviceRevoked}, {FlexMarketCannotAggregate}, {FlexMarketZeroSamples},
+     * {FlexMarketPriceBelowMinimum}, {FlexMarketTooManyBids}.
+     */
+    function placeBid(uint256 taskId, uint96 pricePerRoundWei, uint64 samples, Role role)
+        external
+    {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Bidding);
+        if (block.timestamp >= t.biddingEnds) revert FlexMarketBiddingClosed(taskId, t.biddingEnds);
+        Device memory entry = _devices[msg.sender];
+        _requireActive(msg.sender, entry.status);
+        uint256 minimum;
+        if (role == Role.Aggregator) {
+            if (!entry.canAggregate) revert FlexMarketCannotAggregate(msg.sender);
+            minimum = t.minAggregatorPrice;
+        } else {
+            if (samples == 0) revert FlexMarketZeroSamples();
+            minimum = t.minTrainerPrice;
+        }
+        if (pricePerRoundWei < minimum) {
+            revert FlexMarketPriceBelowMinimum(pricePerRoundWei, minimum);
+        }
+
+        Bid[] storage taskBids = _bids[taskId];
+        uint256 slot = _participants[taskId][msg.sender] & _BID_SLOT_MASK;
+        bool replaced = slot != 0;
+        uint256 bidIndex;
+        if (replaced) {
+            bidIndex = slot - 1;
+            taskBids[bidIndex] = Bid(msg.sender, pricePerRoundWei, samples, role);
+        } else {
+            bidIndex = taskBids.length;
+            if (bidIndex >= MAX_BIDS) revert FlexMarketTooManyBids(taskId, MAX_BIDS);
+            taskBids.push(Bid(msg.sender, pricePerRoundWei, samples, role));
+            _participants[taskId][msg.sender] = bidIndex + 1;
+        }
+        emit BidPlaced(taskId, msg.sender, bidIndex, role, pricePerRoundWei, samples, replaced);
+    }
+
+    // -------------------------------------------------------------- selection
+
+    /**
+     * @notice Selects the task's aggregator and trainers once bidding has closed; anyone may
+     * call it. The aggregator is the cheapest eligible aggregator bid (ties: lower bid index).
+     * Trainers are taken greedily by ascending price per sample (ties: lower bid index): a
+     * trainer is selected when fewer than maxTrainers are selected, its device is active, and
+     * `(aggregatorPrice + sum of selected prices + its price) * rounds <= budget`; otherwise it
+     * is skipped and the scan goes on. If no aggregator is eligible or affordable, or fewer
+     * than minTrainers are selected, the task fails and the buyer is credited the budget.
+     * @param taskId The task.
+     * @param order Every trainer bid index, sorted by (price/samples, bid index) ascending:
+     * compute it off chain (chain.client.selection_order). It is checked in one pass.
+     * @dev Emits {NodesSelected}, or {TaskFailed} then {PaymentCredited}. Reverts with
+     * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState}, {FlexMarketBiddingOpen},
+     * {FlexMarketInvalidHintLength}, {FlexMarketInvalidHint}.
+     */
+    function selectNodes(uint256 taskId, uint256[] calldata order) external {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Bidding);
+        if (block.timestamp < t.biddingEnds) revert FlexMarketBiddingOpen(taskId, t.biddingEnds);
+
+        Bid[] storage taskBids = _bids[taskId];
+        Selection memory s = _findAggregator(taskBids);
+        if (order.length != s.trainerBids) {
+            revert FlexMarketInvalidHintLength(s.trainerBids, order.length);
+        }
+        s.rounds = t.rounds;
+        s.budget = t.budget;
+        s.committed = s.aggregatorPrice * s.rounds;
+        s.aggregatorFits = s.hasAggregator && s.committed <= s.budget;
+        uint256 maxTrainers = t.maxTrainers;
+        s.trainers = new address[](maxTrainers);
+        s.prices = new uint256[](maxTrainers);
+        s.maxTrainers = maxTrainers;
+        _pickTrainers(taskBids, order, s);
+
+        if (!s.hasAggregator) return _failSelection(taskId, t, FailureReason.NoAggregator, 0);
+        if (!s.aggregatorFits) {
+            return _failSelection(taskId, t, FailureReason.AggregatorOverBudget, 0);
+        }
+        uint256 selected = s.selected;
+        if (selected < t.minTrainers) {
+            return _failSelection(taskId, t, FailureReason.TooFewTrainers, selected);
+        }
+
+        address[] memory chosen = s.trainers;
+        uint256[] memory prices = s.prices;
+        // Shrink the memory arrays to the selected length so the event carries no padding.
+        assembly ("memory-safe") {
+            mstore(chosen, selected)
+            mstore(prices, selected)
+        }
+        for (uint256 p = 0; p < selected; ++p) {
+            address device = chosen[p];
+            _trainers[taskId][p] = Trainer(device, uint96(prices[p]));
+            _participants[taskId][device] |= (p + 1) << _POSITION_SHIFT;
+        }
+        address aggregator = taskBids[s.aggregatorIndex].device;
+        t.trainerCount = uint8(selected);
+        t.aggregatorPrice = uint96(s.aggregatorPrice);
+        t.aggregator = aggregator;
+        t.state = TaskState.Running;
+        t.phaseStart = uint40(block.timestamp);
+        emit NodesSelected(taskId, aggregator, s.aggregatorPrice, chosen, prices);
+    }
+
+    // ----------------------------------------------------------------- rounds
+
+    /**
+     * @notice The selected aggregator publishes the global model of `round`. Round 0 is the
+     * initial model (no aggregation); round r >= 1 states which round r-1 updates it
+     * aggregated, with an optional contribution score per aggregated trainer. Publishing
+     * round `rounds` (the final model) ends training.
+     * @param taskId The task.
+     * @param round The round whose global model this is; must be the next one.
+     * @param modelId keccak256 of the model's canonical bytes; non-zero.
+     * @param aggregatedMask Bit i set = the update of trainer position i in round-1 was used.
+     * @param scores Empty, or one score per set bit in ascending position order (sum > 0);
+     * when given, that round's trainer pay is shared in proportion to the scores.
+     * @dev Emits {GlobalModelPublished}. Reverts with {FlexMarketUnknownTask},
+     * {FlexMarketInvalidTaskState}, {FlexMarketNotAggregator}, {FlexMarketDeviceRevoked},
+     * {FlexMarketZeroModelId}, {FlexMarketWrongRound}, {FlexMarketDeadlinePassed},
+     * {FlexMarketEmptyAggregation}, {FlexMarketUnsubmittedUpdates},
+     * {FlexMarketScoresLengthMismatch}, {FlexMarketZeroScores}.
+     */
+    function publishGlobalModel(
+        uint256 taskId,
+        uint256 round,
+        bytes32 modelId,
+        uint256 aggregatedMask,
+        uint16[] calldata scores
+    ) external {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Running);
+        if (msg.sender != t.aggregator) revert FlexMarketNotAggregator(taskId, msg.sender);
+        _requireActive(msg.sender, _devices[msg.sender].status);
+        if (modelId == bytes32(0)) revert FlexMarketZeroModelId();
+        uint256 expected = t.publishedRounds;
+        if (round != expected) revert FlexMarketWrongRound(expected, round);
+        uint256 deadline = _publishDeadline(t);
+        if (block.timestamp > deadline) revert FlexMarketDeadlinePassed(taskId, deadline);
+
+        if (round == 0) {
+            if (aggregatedMask != 0) revert FlexMarketUnsubmittedUpdates(taskId, 0, aggregatedMask);
+            if (scores.length != 0) revert FlexMarketScoresLengthMismatch(0, scores.length);
+        } else {
+            if (aggregatedMask == 0) revert FlexMarketEmptyAggregation(taskId, round);
+            Round storage previous = _rounds[taskId][round - 1];
+            uint256 masks = previous.masks;
+            uint256 missing = aggregatedMask & ~(masks & _LOW_128);
+            if (missing != 0) revert FlexMarketUnsubmittedUpdates(taskId, round, missing);
+            if (scores.length != 0) _storeScores(taskId, round - 1, aggregatedMask, scores);
+            previous.masks = masks | (aggregatedMask << 128);
+        }
+        _rounds[taskId][round].globalModel = modelId;
+        t.publishedRounds = uint16(round + 1);
+        t.phaseStart = uint40(block.timestamp);
+        if (round == t.rounds) t.state = TaskState.Trained;
+        emit GlobalModelPublished(taskId, round, modelId, aggregatedMask, scores);
+    }
+
+    /**
+     * @notice A selected trainer submits the ID of its update for the current round, trained
+     * from that round's global model. One update per trainer per round, within roundTimeout
+     * of the round's global model being published; later updates are rejected.
+     * @param taskId The task.
+     * @param round The current round (the latest published global model's round).
+     * @param modelId keccak256 of the update's canonical bytes; non-zero.
+     * @dev Emits {UpdateSubmitted}. Reverts with {FlexMarketUnknownTask},
+     * {FlexMarketInvalidTaskState}, {FlexMarketZeroModelId}, {FlexMarketNotSelectedTrainer},
+     * {FlexMarketDeviceRevoked}, {FlexMarketRoundNotOpen}, {FlexMarketWrongRound},
+     * {FlexMarketSubmissionClosed}, {FlexMarketAlreadySubmitted}.
+     */
+    function submitUpdate(uint256 taskId, uint256 round, bytes32 modelId) external {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Running);
+        if (modelId == bytes32(0)) revert FlexMarketZeroModelId();
+        uint256 position = (_participants[taskId][msg.sender] >> _POSITION_SHIFT) & 0xff;
+        if (position == 0) revert FlexMarketNotSelectedTrainer(taskId, msg.sender);
+        unchecked {
+            --position;
+        }
+        _requireActive(msg.sender, _devices[msg.sender].status);
+        uint256 published = t.publishedRounds;
+        if (published == 0) revert FlexMarketRoundNotOpen(taskId);
+        uint256 current = published - 1;
+        if (round != current) revert FlexMarketWrongRound(current, round);
+        uint256 deadline = uint256(t.phaseStart) + t.roundTimeout;
+        if (block.timestamp > deadline) revert FlexMarketSubmissionClosed(taskId, round, deadline);
+
+        Round storage r = _rounds[taskId][round];
+        uint256 masks = r.masks;
+        uint256 bit = 1 << position;
+        if (masks & bit != 0) revert FlexMarketAlreadySubmitted(taskId, round, msg.sender);
+        r.masks = masks | bit;
+        _updates[taskId][round][position] = modelId;
+        emit UpdateSubmitted(taskId, round, msg.sender, position, modelId);
+    }
+
+    // ------------------------------------------------------------- settlement
+
+    /**
+     * @notice Settles a task whose final global model is published; anyone may call it.
+     * Each trainer is credited, for every round its update was aggregated in, its price per
+     * round, or in a scored round its score-weighted share of that round's trainer pay; the
+     * aggregator its price for each of rounds 1..R; the buyer everything else.
+     * @param taskId The task.
+     * @dev Emits {TaskFinalized}, then {PaymentCredited} per non-zero credit. Reverts with
+     * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless the task is Trained.
+     */
+    function finalize(uint256 taskId) external {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Trained);
+        uint256 rounds = t.rounds;
+        (uint256[] memory pay, uint256 trainersPaid) = _trainerPay(taskId, t, rounds, false);
+        uint256 aggregatorPaid = uint256(t.aggregatorPrice) * rounds;
+        uint256 refunded = t.budget - trainersPaid - aggregatorPaid;
+        t.state = TaskState.Finalized;
+        emit TaskFinalized(taskId, trainersPaid, aggregatorPaid, refunded);
+        _settle(taskId, t, pay, aggregatorPaid, refunded);
+    }
+
+    /**
+     * @notice Aborts a running task whose aggregator missed its publish deadline; anyone may
+     * call it. Trainers are paid as in {finalize} for the rounds aggregated so far, plus their
+     * price for an update they submitted on time in the open round (the aggregator never
+     * judged it); the aggregator is paid for the rounds >= 1 it published; the rest is
+     * refunded to the buyer.
+     * @param taskId The task.
+     * @dev Emits {TaskAborted}, then {PaymentCredited} per non-zero credit. Reverts with
+     * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless Running,
+     * {FlexMarketDeadlineNotPassed} while the aggregator is still in time.
+     */
+    function abort(uint256 taskId) external {
+        Task storage t = _existingTask(taskId);
+        _requireState(taskId, t, TaskState.Running);
+        uint256 deadline = _publishDeadline(t);
+        if (block.timestamp <= deadline) revert FlexMarketDeadlineNotPassed(taskId, deadline);
+        uint256 published = t.publishedRounds;
+        uint256 aggregated = published == 0 ? 0 : published - 1;
+        (uint256[] memory pay, uint256 trainersPaid) =
+            _trainerPay(taskId, t, aggregated, published != 0);
+        uint256 aggregatorPaid = uint256(t.aggregatorPrice) * aggregated;
+        uint256 refunded = t.budget - trainersPaid - aggregatorPaid;
+        t.state = TaskState.Aborted;
+        emit TaskAborted(taskId, published, trainersPaid, aggregatorPaid, refunded);
+        _settle(taskId, t, pay, aggregatorPaid, refunded);
+    }
+
+    /**
+     * @notice Sends the caller everything credited to it.
+     * @dev Emits {Withdrawn}. Reverts with {FlexMarketNothingToWithdraw} when nothing is owed,
+     * {FlexMarketTransferFailed} when the caller does not accept the ether (the credit stays),
+     * {FlexMarketReentrantCall} when re-entered.
+     */
+    function withdraw() external nonReentrant {
+        uint256 amount = _credits[msg.sender];
+        if (amount == 0) revert FlexMarketNothingToWithdraw(msg.sender);
+        _credits[msg.sender] = 0;
+        _creditsOwed -= amount;
+        emit Withdrawn(msg.sender, amount);
+        (bool ok,) = msg.sender.call{value: amount}("");
+        if (!ok) revert FlexMarketTransferFailed(msg.sender, amount);
+    }
+
+    // ------------------------------------------------------------------ views
+
+    /// @notice The owner (sets min prices and the registrar).
+    function owner() external view returns (address) {
+        return _owner;
+    }
+
+    /// @notice The registrar (registers and revokes devices).
+    function registrar() external view returns (address) {
+        return _registrar;
+    }
+
+    /// @notice The platform minimum prices per round, in wei, for new tasks.
+    function minPrices()
+        external
+        view
+        returns (uint256 minTrainerPriceWei, uint256 minAggregatorPriceWei)
+    {
+        return (_minTrainerPrice, _minAggregatorPrice);
+    }
+
+    /// @notice A device's registry entry (status None if never registered).
+    /// @param device The device address.
+    function deviceInfo(address device) external view returns (Device memory) {
+        return _devices[device];
+    }
+
+    /// @notice Number of tasks created; ids run 1..taskCount.
+    function taskCount() external view returns (uint256) {
+        return _taskCount;
+    }
+
+    /// @notice Everything about a task, with its current deadlines (0 when not applicable).
+    /// @param taskId The task; reverts with {FlexMarketUnknownTask} if it does not exist.
+    function task(uint256 taskId) external view returns (TaskInfo memory info) {
+        Task storage t = _existingTask(taskId);
+        info.buyer = t.buyer;
+        info.state = t.state;
+        info.specHash = t.specHash;
+        info.budgetWei = t.budget;
+        info.rounds = t.rounds;
+        info.minTrainers = t.minTrainers;
+        info.maxTrainers = t.maxTrainers;
+        info.biddingEnds = t.biddingEnds;
+        info.roundTimeout = t.roundTimeout;
+        info.minTrainerPriceWei = t.minTrainerPrice;
+        info.minAggregatorPriceWei = t.minAggregatorPrice;
+        info.bidCount = _bids[taskId].length;
+        info.aggregator = t.aggregator;
+        info.aggregatorPriceWei = t.aggregatorPrice;
+        info.trainerCount = t.trainerCount;
+        info.publishedRounds = t.publishedRounds;
+        info.phaseStart = t.phaseStart;
+        if (t.state == TaskState.Running) {
+            if (t.publishedRounds != 0) {
+                info.submissionDeadline = uint256(t.phaseStart) + t.roundTimeout;
+            }
+            info.publishDeadline = _publishDeadline(t);
+        }
+    }
+
+    /// @notice Every bid on a task, in bid-index order.
+    /// @param taskId The task.
+    function bids(uint256 taskId) external view returns (Bid[] memory) {
+        _existingTask(taskId);
+        return _bids[taskId];
+    }
+
+    /// @notice The bid index of `device` on a task and whether it has one.
+    /// @param taskId The task.
+    /// @param device The device.
+    function bidIndexOf(uint256 taskId, address device)
+        external
+        view
+        returns (bool found, uint256 bidIndex)
+    {
+        uint256 slot = _participants[taskId][device] & _BID_SLOT_MASK;
+        return (slot != 0, slot == 0 ? 0 : slot - 1);
+    }
+
+    /// @notice The selected trainers in position order with their prices per round.
+    /// @param taskId The task; empty before selection.
+    function trainers(uint256 taskId)
+        external
+        view
+        returns (address[] memory devices, uint256[] memory pricesWei)
+    {
+        Task storage t = _existingTask(taskId);
+        uint256 n = t.trainerCount;
+        devices = new address[](n);
+        pricesWei = new uint256[](n);
+        for (uint256 p = 0; p < n; ++p) {
+            Trainer storage tr = _trainers[taskId][p];
+            devices[p] = tr.device;
+            pricesWei[p] = tr.pricePerRoundWei;
+        }
+    }
+
+    /// @notice Whether `device` is a selected trainer of a task, and its position.
+    /// @param taskId The task.
+    /// @param device The device.
+    function trainerPosition(uint256 taskId, address device)
+        external
+        view
+        returns (bool selected, uint256 position)
+    {
+        uint256 p = (_participants[taskId][device] >> _POSITION_SHIFT) & 0xff;
+        return (p != 0, p == 0 ? 0 : p - 1);
+    }
+
+    /// @notice The global model ID of `round` (zero if not published).
+    /// @param taskId The task.
+    /// @param round The round.
+    function globalModel(uint256 taskId, uint256 round) external view returns (bytes32) {
+        return _rounds[taskId][round].globalModel;
+    }
+
+    /// @notice The update ID `trainer` submitted in `round` (zero if none).
+    /// @param taskId The task.
+    /// @param round The round.
+    /// @param trainer The trainer's device address.
+    function updateOf(uint256 taskId, uint256 round, address trainer)
+        external
+        view
+        returns (bytes32)
+    {
+        uint256 p = (_participants[taskId][trainer] >> _POSITION_SHIFT) & 0xff;
+        if (p == 0) return bytes32(0);
+        return _updates[taskId][round][p - 1];
+    }
+
+    /// @notice A round: its global model, submitted and aggregated updates and scores.
+    /// @param taskId The task.
+    /// @param round The round; the aggregated mask and scores are of its updates.
+    function roundInfo(uint256 taskId, uint256 round)
+        external
+        view
+        returns (RoundInfo memory info)
+    {
+        Round storage r = _rounds[taskId][round];
+        info.globalModel = r.globalModel;
+        uint256 masks = r.masks;
+        info.submittedMask = masks & _LOW_128;
+        info.aggregatedMask = masks >> 128;
+        uint256 count = _popcount(info.aggregatedMask);
+        uint16[] memory scores = new uint16[](count);
+        bool scored;
+        for (uint256 k = 0; k < count; ++k) {
+            uint16 s = _scoreAt(taskId, round, k);
+            scores[k] = s;
+            if (s != 0) scored = true;
+        }
+        if (scored) info.scores = scores;
+    }
+
+    /// @notice Wei withdrawable by `account`.
+    /// @param account The account.
+    function creditOf(address account) external view returns (uint256) {
+        return _credits[account];
+    }
+
+    /// @notice Sum of all credits not yet withdrawn, in wei.
+    function creditsOwed() external view returns (uint256) {
+        return _creditsOwed;
+    }
+
+    /// @notice Sum of the budgets of tasks not yet settled, in wei.
+    function escrowLocked() external view returns (uint256) {
+        return _escrowLocked;
+    }
+
+    // -------------------------------------------------------------- internals
+
+    function _existingTask(uint256 taskId) private view returns (Task storage t) {
+        t = _tasks[taskId];
+        if (t.state == TaskState.None) revert FlexMarketUnknownTask(taskId);
+    }
+
+    function _requireState(uint256 taskId, Task storage t, TaskState state) private view {
+        TaskState actual = t.state;
+        if (actual != state) revert FlexMarketInvalidTaskState(taskId, actual);
+    }
+
+    function _requireActive(address account, DeviceStatus status) private pure {
+        if (status == DeviceStatus.None) revert FlexMarketDeviceNotRegistered(account);
+        if (status == DeviceStatus.Revoked) revert FlexMarketDeviceRevoked(account);
+    }
+
+    /// @dev Round 0 is due roundTimeout after selection; round r+1 is due 2*roundTimeout
+    /// after round r: one timeout for the trainers, one for the aggregation.
+    function _publishDeadline(Task storage t) private view returns (uint256) {
+        uint256 timeout = t.roundTimeout;
+        return uint256(t.phaseStart) + (t.publishedRounds == 0 ? timeout : 2 * timeout);
+    }
+
+    /// @dev First selection pass over every bid: counts trainer bids and finds the cheapest
+    /// aggregator bid (ties: lower index) whose device is active and may aggregate.
+    function _findAggregator(Bid[] storage taskBids) private view returns (Selection memory s) {
+        uint256 bidCount = taskBids.length;
+        for (uint256 i = 0; i < bidCount; ++i) {
+            Bid storage b = taskBids[i];
+            if (b.role == Role.Trainer) {
+                ++s.trainerBids;
+            } else if (!s.hasAggregator || b.pricePerRoundWei < s.aggregatorPrice) {
+                Device storage d = _devices[b.device];
+                if (d.status == DeviceStatus.Active && d.canAggregate) {
+                    s.hasAggregator = true;
+                    s.aggregatorIndex = i;
+                    s.aggregatorPrice = b.pricePerRoundWei;
+                }
+            }
+        }
+    }
+
+    /// @dev Second pass, over the hint: checks it and picks trainers greedily. Strictly
+    /// increasing (price/samples, index) over exactly `trainerBids` entries that are all
+    /// trainer bids proves `order` is a permutation of them without a seen-set.
+    function _pickTrainers(Bid[] storage taskBids, uint256[] calldata order, Selection memory s)
+        private
+        view
+    {
+        uint256 bidCount = taskBids.length;
+        uint256 prevPrice;
+        uint256 prevSamples;
+        uint256 prevIndex;
+        for (uint256 k = 0; k < order.length; ++k) {
+            uint256 index = order[k];
+            if (index >= bidCount) revert FlexMarketInvalidHint(k, index);
+            Bid storage b = taskBids[index];
+            if (b.role != Role.Trainer) revert FlexMarketInvalidHint(k, index);
+            uint256 price = b.pricePerRoundWei;
+            uint256 samples = b.samples;
+            if (k > 0 && !_ranksAfter(price, samples, index, prevPrice, prevSamples, prevIndex)) {
+                revert FlexMarketInvalidHint(k, index);
+            }
+            (prevPrice, prevSamples, prevIndex) = (price, samples, index);
+            if (s.aggregatorFits && s.selected < s.maxTrainers) {
+                uint256 cost = price * s.rounds;
+                if (
+                    s.committed + cost <= s.budget
+                        && _devices[b.device].status == DeviceStatus.Active
+                ) {
+                    s.committed += cost;
+                    s.trainers[s.selected] = b.device;
+                    s.prices[s.selected] = price;
+                    ++s.selected;
+                }
+            }
+        }
+    }
+
+    /// @dev Whether bid (price, samples, index) comes strictly after the previous one:
+    /// price per sample compared by cross-multiplication (no rounding), then bid index.
+    function _ranksAfter(
+        uint256 price,
+        uint256 samples,
+        uint256 index,
+        uint256 prevPrice,
+        uint256 prevSamples,
+        uint256 prevIndex
+    ) private pure returns (bool) {
+        uint256 lhs = price * prevSamples;
+        uint256 rhs = prevPrice * samples;
+        return lhs > rhs || (lhs == rhs && index > prevIndex);
+    }
+
+    function _failSelection(
+        uint256 taskId,
+        Task storage t,
+        FailureReason reason,
+        uint256 selectable
+    ) private {
+        t.state = TaskState.Failed;
+        emit TaskFailed(taskId, reason, selectable);
+        uint256 budget = t.budget;
+        _escrowLocked -= budget;
+        _credit(t.buyer, taskId, budget, CreditReason.Refund);
+    }
+
+    function _storeScores(
+        uint256 taskId,
+        uint256 round,
+        uint256 aggregatedMask,
+        uint16[] calldata scores
+    ) private {
+        uint256 count = _popcount(aggregatedMask);
+        if (scores.length != count) revert FlexMarketScoresLengthMismatch(count, scores.length);
+        uint256 sum;
+        uint256 word;
+        for (uint256 k = 0; k < count; ++k) {
+            uint256 s = scores[k];
+            sum += s;
+            word |= s << (_SCORE_BITS * (k % _SCORES_PER_WORD));
+            if (k % _SCORES_PER_WORD == _SCORES_PER_WORD - 1 || k == count - 1) {
+                if (word != 0) _scoreWords[taskId][round][k / _SCORES_PER_WORD] = word;
+                word = 0;
+            }
+        }
+        if (sum == 0) revert FlexMarketZeroScores();
+    }
+
+    function _scoreAt(uint256 taskId, uint256 round, uint256 k) private view returns (uint16) {
+        uint256 word = _scoreWords[taskId][round][k / _SCORES_PER_WORD];
+        return uint16(word >> (_SCORE_BITS * (k % _SCORES_PER_WORD)));
+    }
+
+    /// @dev Trainer pay per position for rounds 0..aggregatedRounds-1 (an update of round r
+    /// is paid when the global model of r+1 aggregated it) and, if `payOpenRound`, the
+    /// on-time updates of the round after them. Bounded by MAX_ROUNDS * MAX_TRAINERS steps.
+    function _trainerPay(
+        uint256 taskId,
+        Task storage t,
+        uint256 aggregatedRounds,
+        bool payOpenRound
+    ) private view returns (uint256[] memory pay, uint256 total) {
+        uint256 n = t.trainerCount;
+        pay = new uint256[](n);
+        uint256[] memory prices = new uint256[](n);
+        for (uint256 p = 0; p < n; ++p) {
+            prices[p] = _trainers[taskId][p].pricePerRoundWei;
+        }
+        for (uint256 r = 0; r < aggregatedRounds; ++r) {
+            uint256 mask = _rounds[taskId][r].masks >> 128;
+            total += _roundPay(taskId, r, mask, prices, pay);
+        }
+        if (payOpenRound) {
+            uint256 submitted = _rounds[taskId][aggregatedRounds].masks & _LOW_128;
+            for (uint256 p = 0; p < n; ++p) {
+                if ((submitted >> p) & 1 == 1) {
+                    pay[p] += prices[p];
+                    total += prices[p];
+                }
+            }
+        }
+    }
+
+    /// @dev Adds one aggregated round's trainer pay to `pay`; returns the round's total.
+    /// Unscored: each aggregated trainer gets its price. Scored: the round's pool (sum of the
+    /// aggregated trainers' prices) is shared by score, rounding down; the dust stays with
+    /// the buyer's refund.
+    function _roundPay(
+        uint256 taskId,
+        uint256 round,
+        uint256 mask,
+        uint256[] memory prices,
+        uint256[] memory pay
+    ) private view returns (uint256 total) {
+        uint256 n = prices.length;
+        uint256 count = _popcount(mask);
+        uint256 words = (count + _SCORES_PER_WORD - 1) / _SCORES_PER_WORD;
+        uint256[] memory scoreWords = new uint256[](words);
+        bool scored;
+        for (uint256 w = 0; w < words; ++w) {
+            scoreWords[w] = _scoreWords[taskId][round][w];
+            if (scoreWords[w] != 0) scored = true;
+        }
+        if (!scored) {
+            for (uint256 p = 0; p < n; ++p) {
+                if ((mask >> p) & 1 == 1) {
+                    pay[p] += prices[p];
+                    total += prices[p];
+                }
+            }
+            return total;
+        }
+        uint256 pool;
+        uint256 scoreSum;
+        uint256 k;
+        for (uint256 p = 0; p < n; ++p) {
+            if ((mask >> p) & 1 == 1) {
+                pool += prices[p];
+                scoreSum += _lane(scoreWords, k);
+                ++k;
+            }
+        }
+        k = 0;
+        for (uint256 p = 0; p < n; ++p) {
+            if ((mask >> p) & 1 == 1) {
+                uint256 share = (pool * _lane(scoreWords, k)) / scoreSum;
+                pay[p] += share;
+                total += share;
+                ++k;
+            }
+        }
+    }
+
+    function _lane(uint256[] memory scoreWords, uint256 k) private pure returns (uint256) {
+        return uint16(scoreWords[k / _SCORES_PER_WORD] >> (_SCORE_BITS * (k % _SCORES_PER_WORD)));
+    }
+
+    function _settle(
+        uint256 taskId,
+        Task storage t,
+        uint256[] memory pay,
+        uint256 aggregatorPaid,
+        uint256 refunded
+    ) private {
+        _escrowLocked -= t.budget;
+        for (uint256 p = 0; p < pay.length; ++p) {
+            _credit(_trainers[taskId][p].device, taskId, pay[p], CreditReason.TrainerPay);
+        }
+        _credit(t.aggregator, taskId, aggregatorPaid, CreditReason.AggregatorPay);
+        _credit(t.buyer, taskId, refunded, CreditReason.Refund);
+    }
+
+    function _credit(address account, uint256 taskId, uint256 amount, CreditReason reason) private {
+        if (amount == 0) return;
+        _credits[account] += amount;
+        _creditsOwed += amount;
+        emit PaymentCredited(account, taskId, amount, reason);
+    }
+
+    function _popcount(uint256 x) private pure returns (uint256 count) {
+        while (x != 0) {
+            x &= x - 1;
+            ++count;
+        }
+    }
+}

@@ -1,0 +1,130 @@
+"""Django settings for FLEX, configured by environment variables with local defaults."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("FLEX_VAR_DIR", BASE_DIR / "var"))
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    return os.environ.get(name, str(default)).lower() in {"1", "true", "yes", "on"}
+
+
+def _local_secret_key() -> str:
+    """A per-checkout random key kept under var/, so local sessions survive restarts."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+DEBUG = _env_bool("FLEX_DEBUG", True)
+SECRET_KEY = os.environ.get("FLEX_SECRET_KEY") or _local_secret_key()
+ALLOWED_HOSTS = os.environ.get("FLEX_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "marketplace",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "flexsite.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "flexsite.asgi.application"
+
+# SQLite by default; PostgreSQL (or any database Django supports) from DATABASE_URL.
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}",
+        conn_max_age=int(os.environ.get("FLEX_DB_CONN_MAX_AGE", 0)),
+    )
+}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+
+# The chain: the node's JSON-RPC URL, and where the deployed contract's address is kept.
+ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
+FLEX_CONTRACT_ADDRESS = os.environ.get("FLEX_CONTRACT_ADDRESS", "")
+FLEX_DEPLOYMENT_FILE = VAR_DIR / "chain" / "deployment.json"
+
+# The platform's registrar account registers enrolled devices on chain. On the local dev
+# chain it defaults to dev account 0, which also deploys the contract.
+FLEX_REGISTRAR_KEY = os.environ.get("FLEX_REGISTRAR_KEY", "")
+# On the local chain a newly enrolled device is sent this much ETH for its gas.
+FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
+# The platform's minimum prices per round, set when the contract is deployed.
+FLEX_MIN_TRAINER_PRICE_WEI = int(os.environ.get("FLEX_MIN_TRAINER_PRICE_WEI", 10**14))
+FLEX_MIN_AGGREGATOR_PRICE_WEI = int(os.environ.get("FLEX_MIN_AGGREGATOR_PRICE_WEI", 10**14))
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+FLEX_DEVICE_BROKER_URL = os.environ.get("FLEX_DEVICE_BROKER_URL", "")
+
+REST_FRAMEWORK = {
+    "EXCEPTION_HANDLER": "marketplace.errors.api_exception_handler",
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("FLEX_LOG_LEVEL", "INFO")},
+}

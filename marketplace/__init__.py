@@ -1,0 +1,1 @@
+"""The marketplace: the chain mirror, lifecycle, buyer pages, API and admin."""

@@ -1,0 +1,108 @@
+"""The platform's handle on the chain: the node, the deployed FlexMarket and its own accounts."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from django.conf import settings
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from chain.client import FlexMarket, transfer_eth
+from chain.launcher import DEV_CHAIN_ID, dev_accounts
+from marketplace.errors import ContractNotDeployedError
+
+# Gas a device spends over a typical task (bids, updates, withdrawals), for the join reply.
+DEVICE_GAS_BUDGET = 2_000_000
+
+
+@dataclass(frozen=True)
+class Deployment:
+    chain_id: int
+    address: str
+    block: int
+
+
+@functools.cache
+def _w3(url: str) -> Web3:
+    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
+
+
+def w3() -> Web3:
+    return _w3(settings.ETH_RPC_URL)
+
+
+def chain_id() -> int:
+    return w3().eth.chain_id
+
+
+def on_dev_chain() -> bool:
+    return chain_id() == DEV_CHAIN_ID
+
+
+def deployment_load(path: Path | None = None) -> Deployment | None:
+    """The recorded deployment for the chain we are connected to, if its code is there."""
+    path = path or Path(settings.FLEX_DEPLOYMENT_FILE)
+    if not path.exists():
+        return None
+    record = Deployment(**json.loads(path.read_text()))
+    if record.chain_id != chain_id() or not w3().eth.get_code(record.address):
+        return None
+    return record
+
+
+def deployment_save(record: Deployment, path: Path | None = None) -> Path:
+    path = path or Path(settings.FLEX_DEPLOYMENT_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(record), indent=2) + "\n")
+    return path
+
+
+def address() -> str:
+    if settings.FLEX_CONTRACT_ADDRESS:
+        return settings.FLEX_CONTRACT_ADDRESS
+    record = deployment_load()
+    if record is None:
+        raise ContractNotDeployedError(
+            "No FlexMarket contract is deployed on this chain: run `manage.py deploy_contract` "
+            "or set FLEX_CONTRACT_ADDRESS.",
+            rpc_url=settings.ETH_RPC_URL,
+        )
+    return record.address
+
+
+def market() -> FlexMarket:
+    return FlexMarket(w3=w3(), address=address())
+
+
+def registrar() -> LocalAccount:
+    """The account that registers devices: FLEX_REGISTRAR_KEY, or dev account 0 locally."""
+    if settings.FLEX_REGISTRAR_KEY:
+        return Account.from_key(settings.FLEX_REGISTRAR_KEY)
+    if not on_dev_chain():
+        raise ContractNotDeployedError(
+            "FLEX_REGISTRAR_KEY is not set, and this is not the local dev chain."
+        )
+    return dev_accounts(1)[0]
+
+
+def faucet() -> LocalAccount:
+    """The dev chain's funding account (dev account 1); there is no faucet elsewhere."""
+    return dev_accounts(1, start=1)[0]
+
+
+def gas_needed_wei() -> int:
+    return DEVICE_GAS_BUDGET * w3().eth.gas_price
+
+
+def fund_gas_on_dev_chain(*, address: str) -> int:
+    """Send a new device ETH for its gas on the local chain; elsewhere its owner funds it."""
+    if not on_dev_chain():
+        return 0
+    amount = settings.FLEX_DEV_DEVICE_FUNDING_WEI
+    transfer_eth(w3=w3(), sender=faucet(), to=address, value_wei=amount)
+    return amount

@@ -1,0 +1,76 @@
+"""Marketplace errors, each with a stable code, and the API's one exception handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import exception_handler
+
+from chain.errors import ContractError, FlexError
+
+
+class JoinTokenError(FlexError):
+    """The join token is not valid."""
+
+    code = "join_token_invalid"
+
+
+class JoinChallengeError(FlexError):
+    """The join challenge is missing or expired: ask for a new one."""
+
+    code = "join_challenge_invalid"
+
+
+class JoinSignatureError(FlexError):
+    """The signature does not prove possession of the device's key."""
+
+    code = "join_signature_invalid"
+
+
+class DeviceAlreadyEnrolledError(FlexError):
+    """A device with this address is already enrolled."""
+
+    code = "device_already_enrolled"
+
+
+class ContractNotDeployedError(FlexError):
+    """No FlexMarket contract is deployed on the configured chain."""
+
+    code = "contract_not_deployed"
+
+
+_STATUS = {
+    JoinTokenError: status.HTTP_403_FORBIDDEN,
+    JoinSignatureError: status.HTTP_403_FORBIDDEN,
+    JoinChallengeError: status.HTTP_409_CONFLICT,
+    DeviceAlreadyEnrolledError: status.HTTP_409_CONFLICT,
+    ContractError: status.HTTP_409_CONFLICT,
+}
+
+
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """Every API error has one shape: ``{"code", "message", "fields"}``."""
+    if isinstance(exc, FlexError):
+        code = next(
+            (s for cls, s in _STATUS.items() if isinstance(exc, cls)),
+            status.HTTP_400_BAD_REQUEST if not _is_unavailable(exc) else 503,
+        )
+        return Response(exc.as_dict(), status=code)
+    response = exception_handler(exc, context)
+    if response is not None:
+        detail = response.data
+        if isinstance(detail, dict) and "detail" in detail:
+            message, fields = str(detail["detail"]), {}
+        else:
+            message, fields = "Invalid input.", detail
+        code = getattr(getattr(exc, "detail", None), "code", None) or getattr(
+            exc, "default_code", "error"
+        )
+        response.data = {"code": str(code), "message": message, "fields": fields}
+    return response
+
+
+def _is_unavailable(exc: FlexError) -> bool:
+    return exc.code == "chain_unavailable"

@@ -1,0 +1,1 @@
+"""Tests of the FlexMarket contract and its Python client, on a real local chain."""

@@ -1,0 +1,98 @@
+"""The Python side agrees with the compiled ABI: errors, events, enums and view records."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from eth_abi import encode as abi_encode
+from eth_utils import keccak
+
+from chain.build import load_artifact
+from chain.client import BidInfo, DeviceInfo, RoundInfo, TaskInfo, decode_revert
+from chain.errors import CONTRACT_ERRORS, ContractError, FlexError
+from chain.events import ENUMS, EVENT_TYPES, event_fields, snake_case
+
+ABI = load_artifact("FlexMarket")["abi"]
+SOURCE = (Path(__file__).resolve().parents[2] / "contracts" / "FlexMarket.sol").read_text()
+SAMPLE = {"uint256": 7, "uint8": 2, "address": "0x" + "ab" * 20, "bytes32": b"\x01" * 32}
+
+
+def abi_entries(kind: str) -> dict[str, dict]:
+    return {e["name"]: e for e in ABI if e["type"] == kind}
+
+
+def test_every_contract_error_has_its_class_and_back():
+    assert set(abi_entries("error")) == set(CONTRACT_ERRORS)
+
+
+@pytest.mark.parametrize("name", sorted(abi_entries("error")))
+def test_revert_decodes_to_the_class_with_named_fields(name: str):
+    entry = abi_entries("error")[name]
+    types = [i["type"] for i in entry["inputs"]]
+    selector = keccak(text=f"{name}({','.join(types)})")[:4]
+    data = selector + abi_encode(types, [SAMPLE[t] for t in types])
+    error = decode_revert(data)
+    assert type(error) is CONTRACT_ERRORS[name]
+    assert list(error.fields) == [snake_case(i["name"]) for i in entry["inputs"]]
+    assert isinstance(error, ContractError)
+    assert isinstance(error, FlexError)
+    assert error.as_dict()["code"] == type(error).code
+
+
+def test_error_codes_are_stable_snake_case_and_unique():
+    codes = [cls.code for cls in CONTRACT_ERRORS.values()]
+    assert len(set(codes)) == len(codes)
+    for name, cls in CONTRACT_ERRORS.items():
+        assert cls.code == snake_case(name.removeprefix("FlexMarket"))
+
+
+def test_unknown_and_string_and_panic_reverts():
+    unknown = decode_revert("0xdeadbeef")
+    assert type(unknown) is ContractError
+    assert unknown.data == "0xdeadbeef"
+    reason = decode_revert(keccak(text="Error(string)")[:4] + abi_encode(["string"], ["no"]))
+    assert reason.reason == "no"
+    panic = decode_revert(keccak(text="Panic(uint256)")[:4] + abi_encode(["uint256"], [0x11]))
+    assert panic.panic == 0x11
+    assert type(decode_revert(None)) is ContractError
+
+
+def test_every_event_has_a_record_with_the_abi_fields():
+    events = abi_entries("event")
+    assert set(events) == set(EVENT_TYPES)
+    for name, entry in events.items():
+        assert event_fields(EVENT_TYPES[name]) == [snake_case(i["name"]) for i in entry["inputs"]]
+
+
+def test_python_enums_mirror_the_solidity_enums():
+    declared = dict(re.findall(r"enum (\w+) \{([^}]*)\}", SOURCE))
+    assert set(declared) == set(ENUMS)
+    for name, body in declared.items():
+        members = [m.strip() for m in body.split(",") if m.strip()]
+        assert [m.name for m in ENUMS[name]] == [snake_case(m).upper() for m in members]
+        assert [m.value for m in ENUMS[name]] == list(range(len(members)))
+    referenced = {
+        p["internalType"].rsplit(".", 1)[-1]
+        for e in ABI
+        for p in e.get("inputs", []) + e.get("outputs", [])
+        if p.get("internalType", "").startswith("enum ")
+    }
+    assert referenced <= set(ENUMS)
+
+
+@pytest.mark.parametrize(
+    ("record", "function", "extra"),
+    [
+        (TaskInfo, "task", set()),
+        (DeviceInfo, "deviceInfo", set()),
+        (RoundInfo, "roundInfo", set()),
+        (BidInfo, "bids", {"index"}),
+    ],
+)
+def test_view_records_match_the_abi_structs(record, function, extra):
+    (output,) = abi_entries("function")[function]["outputs"]
+    names = [snake_case(c["name"]) for c in output["components"]]
+    assert [f.name for f in fields(record) if f.name not in extra] == names

@@ -1,0 +1,302 @@
+"""Finalize, abort, pull payments and the reentrancy guard, with exact wei arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+from web3 import Web3
+
+from chain.client import (
+    FlexMarket,
+    TaskState,
+    call_artifact,
+    decode_revert,
+    deploy_artifact,
+    transact_artifact,
+)
+from chain.errors import (
+    DeadlineNotPassedError,
+    InvalidTaskStateError,
+    NothingToWithdrawError,
+    ReentrantCallError,
+    TransferFailedError,
+)
+from chain.events import (
+    CreditReason,
+    PaymentCredited,
+    TaskAborted,
+    TaskCreated,
+    TaskFinalized,
+    Withdrawn,
+)
+from tests.chain.conftest import (
+    MIN_AGGREGATOR_PRICE_WEI,
+    ROUND_TIMEOUT,
+    SPEC_HASH,
+    Accounts,
+    Clock,
+    Flow,
+    Running,
+)
+
+GWEI = 10**9
+
+
+def credits_by_account(events) -> dict[tuple[str, CreditReason], int]:
+    return {(e.account, e.reason): e.amount_wei for e in events if isinstance(e, PaymentCredited)}
+
+
+def assert_conserved(market: FlexMarket) -> None:
+    assert market.balance_wei() == market.credits_owed() + market.escrow_locked()
+
+
+def test_full_lifecycle_exact_payouts(market: FlexMarket, accounts: Accounts, flow: Flow, w3: Web3):
+    p = [GWEI, 2 * GWEI, 3 * GWEI]
+    agg = MIN_AGGREGATOR_PRICE_WEI
+    running = flow.start(rounds=3, trainer_prices_wei=p, aggregator_price_wei=agg)
+    budget = running.budget_wei
+    assert budget == 3 * (sum(p) + agg) + 12_345
+    assert running.prices_wei == p
+    t0, t1, t2 = (t.address for t in running.trainers)
+
+    flow.run_round(running, 0)  # everyone aggregated, unscored: each its price
+    flow.run_round(running, 1, submit=[0, 1], scores=[2, 7])  # pool 3 gwei shared 2:7
+    flow.run_round(running, 2, aggregate=[1, 2])  # t0 submitted but was left out
+    assert_conserved(market)
+
+    share0 = 3 * GWEI * 2 // 9  # 666_666_666
+    share1 = 3 * GWEI * 7 // 9  # 2_333_333_333; one wei of dust stays with the buyer
+    expected = {
+        (t0, CreditReason.TRAINER_PAY): p[0] + share0,
+        (t1, CreditReason.TRAINER_PAY): p[1] + share1 + p[1],
+        (t2, CreditReason.TRAINER_PAY): p[2] + p[2],
+        (running.aggregator.address, CreditReason.AGGREGATOR_PAY): 3 * agg,
+    }
+    trainers_paid = sum(v for (_, r), v in expected.items() if r == CreditReason.TRAINER_PAY)
+    refund = budget - trainers_paid - 3 * agg
+    # What was not delivered (t2 in round 1, t0 in round 2), the dust, the unspent margin.
+    assert refund == p[2] + p[0] + 1 + 12_345
+    expected[(accounts.buyer.address, CreditReason.REFUND)] = refund
+
+    result = market.finalize(sender=accounts.outsider, task_id=running.task_id)
+    final = result.first(TaskFinalized)
+    assert (final.trainers_paid_wei, final.aggregator_paid_wei, final.refunded_wei) == (
+        trainers_paid,
+        3 * agg,
+        refund,
+    )
+    assert credits_by_account(result.events) == expected
+    assert sum(expected.values()) == budget
+    assert market.task(task_id=running.task_id).state == TaskState.FINALIZED
+    assert market.escrow_locked() == 0
+    assert market.credits_owed() == budget
+    assert_conserved(market)
+
+    for account in [*running.trainers, running.aggregator, accounts.buyer]:
+        owed = market.credit_of(account=account.address)
+        before = w3.eth.get_balance(account.address)
+        withdrawal = market.withdraw(sender=account)
+        assert withdrawal.first(Withdrawn).amount_wei == owed
+        after = w3.eth.get_balance(account.address)
+        assert after == before + owed - withdrawal.fee_wei
+        assert market.credit_of(account=account.address) == 0
+    assert market.balance_wei() == 0
+    assert market.credits_owed() == 0
+
+
+def test_finalize_before_the_last_round(
+    market: FlexMarket, accounts: Accounts, flow: Flow, running: Running
+):
+    flow.run_round(running, 0)
+    with pytest.raises(InvalidTaskStateError) as exc:
+        market.finalize(sender=accounts.outsider, task_id=running.task_id)
+    assert (exc.value.task_id, exc.value.state) == (running.task_id, TaskState.RUNNING)
+
+
+def test_finalize_twice_pays_once(
+    market: FlexMarket, accounts: Accounts, flow: Flow, running: Running
+):
+    flow.run_round(running, 0)
+    flow.run_round(running, 1)
+    market.finalize(sender=accounts.outsider, task_id=running.task_id)
+    owed = market.credits_owed()
+    with pytest.raises(InvalidTaskStateError) as exc:
+        market.finalize(sender=accounts.outsider, task_id=running.task_id)
+    assert exc.value.state == TaskState.FINALIZED
+    with pytest.raises(InvalidTaskStateError):
+        market.abort(sender=accounts.outsider, task_id=running.task_id)
+    assert market.credits_owed() == owed == running.budget_wei
+
+
+def test_abort_before_the_deadline(market: FlexMarket, accounts: Accounts, running: Running):
+    deadline = market.task(task_id=running.task_id).publish_deadline
+    with pytest.raises(DeadlineNotPassedError) as exc:
+        market.abort(sender=accounts.outsider, task_id=running.task_id)
+    assert (exc.value.task_id, exc.value.deadline) == (running.task_id, deadline)
+
+
+def test_abort_pays_what_was_delivered(
+    market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock
+):
+    p = [GWEI, 2 * GWEI, 3 * GWEI]
+    agg = MIN_AGGREGATOR_PRICE_WEI
+    running = flow.start(rounds=3, trainer_prices_wei=p, aggregator_price_wei=agg)
+    t0, t1, t2 = (t.address for t in running.trainers)
+    flow.run_round(running, 0, aggregate=[0, 1])  # t2's round-0 update not used
+    flow.submit(running, 1, [0, 2])  # on time in the open round; never aggregated
+    deadline = market.task(task_id=running.task_id).publish_deadline
+    clock.mine_at(deadline)
+    with pytest.raises(DeadlineNotPassedError):
+        market.abort(sender=accounts.outsider, task_id=running.task_id)
+    clock.mine_at(deadline + 1)
+
+    result = market.abort(sender=accounts.outsider, task_id=running.task_id)
+    trainers_paid = (p[0] + p[1]) + (p[0] + p[2])
+    refund = running.budget_wei - trainers_paid - agg
+    aborted = result.first(TaskAborted)
+    assert (aborted.task_id, aborted.published_rounds) == (running.task_id, 2)
+    assert (aborted.trainers_paid_wei, aborted.aggregator_paid_wei, aborted.refunded_wei) == (
+        trainers_paid,
+        agg,
+        refund,
+    )
+    assert credits_by_account(result.events) == {
+        (t0, CreditReason.TRAINER_PAY): 2 * p[0],
+        (t1, CreditReason.TRAINER_PAY): p[1],
+        (t2, CreditReason.TRAINER_PAY): p[2],
+        (running.aggregator.address, CreditReason.AGGREGATOR_PAY): agg,
+        (accounts.buyer.address, CreditReason.REFUND): refund,
+    }
+    assert market.task(task_id=running.task_id).state == TaskState.ABORTED
+    assert market.escrow_locked() == 0
+    assert_conserved(market)
+    with pytest.raises(InvalidTaskStateError) as exc:
+        market.abort(sender=accounts.outsider, task_id=running.task_id)
+    assert exc.value.state == TaskState.ABORTED
+
+
+def test_abort_when_round_zero_never_came(
+    market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock
+):
+    running = flow.start(publish_round_zero=False)
+    clock.advance(ROUND_TIMEOUT + 1)
+    result = market.abort(sender=accounts.trainers[0], task_id=running.task_id)
+    assert credits_by_account(result.events) == {
+        (accounts.buyer.address, CreditReason.REFUND): running.budget_wei
+    }
+
+
+def test_abort_is_not_for_trained_tasks(
+    market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock, running: Running
+):
+    flow.run_round(running, 0)
+    flow.run_round(running, 1)
+    clock.advance(10 * ROUND_TIMEOUT)
+    with pytest.raises(InvalidTaskStateError) as exc:
+        market.abort(sender=accounts.outsider, task_id=running.task_id)
+    assert exc.value.state == TaskState.TRAINED
+
+
+def test_revoked_trainer_is_still_paid_for_what_it_delivered(
+    market: FlexMarket, accounts: Accounts, flow: Flow, running: Running
+):
+    flow.submit(running, 0, [0, 1, 2])
+    market.revoke_device(sender=accounts.owner, device=running.trainers[0].address)
+    flow.publish(running, 1, running.everyone)
+    flow.run_round(running, 1, submit=[1, 2])
+    result = market.finalize(sender=accounts.outsider, task_id=running.task_id)
+    paid = credits_by_account(result.events)
+    assert paid[(running.trainers[0].address, CreditReason.TRAINER_PAY)] == running.prices_wei[0]
+
+
+def test_withdraw_with_nothing_owed(market: FlexMarket, accounts: Accounts):
+    with pytest.raises(NothingToWithdrawError) as exc:
+        market.withdraw(sender=accounts.outsider)
+    assert exc.value.account == accounts.outsider.address
+    assert exc.value.code == "nothing_to_withdraw"
+
+
+# ---- a malicious receiver
+
+
+def attacker_with_credit(market, accounts, clock, w3, budget: int) -> str:
+    """A ReentrantReceiver that created and cancelled a task: ``budget`` is owed to it."""
+    attacker = deploy_artifact(
+        w3=w3, sender=accounts.outsider, name="ReentrantReceiver", args=[market.address]
+    ).address
+    created = transact_artifact(
+        w3=w3,
+        sender=accounts.outsider,
+        name="ReentrantReceiver",
+        address=attacker,
+        function="createTask",
+        args=[SPEC_HASH, 1, 1, 1, clock.now() + 100, ROUND_TIMEOUT],
+        value_wei=budget,
+        market=market.address,
+    )
+    task_id = created.first(TaskCreated).task_id
+    transact_artifact(
+        w3=w3,
+        sender=accounts.outsider,
+        name="ReentrantReceiver",
+        address=attacker,
+        function="cancelTask",
+        args=[task_id],
+    )
+    assert market.credit_of(account=attacker) == budget
+    return attacker
+
+
+def attack(w3, accounts, market, attacker: str, mode: int):
+    return transact_artifact(
+        w3=w3,
+        sender=accounts.outsider,
+        name="ReentrantReceiver",
+        address=attacker,
+        function="attack",
+        args=[mode],
+        market=market.address,
+    )
+
+
+CATCH, BUBBLE, REJECT = 0, 1, 2
+
+
+def test_reentrant_withdraw_is_refused_and_paid_once(
+    market: FlexMarket, accounts: Accounts, clock: Clock, w3: Web3
+):
+    budget = 10**16
+    attacker = attacker_with_credit(market, accounts, clock, w3, budget)
+    result = attack(w3, accounts, market, attacker, CATCH)
+    assert [e.amount_wei for e in result.all(Withdrawn)] == [budget]
+    reentries, received, last_error = call_artifact(
+        w3=w3, name="ReentrantReceiver", address=attacker, function="observed"
+    )
+    assert (reentries, received) == (1, budget)
+    assert isinstance(decode_revert(last_error), ReentrantCallError)
+    assert w3.eth.get_balance(attacker) == budget
+    assert market.credit_of(account=attacker) == 0
+    assert market.balance_wei() == 0
+
+
+def test_reentrancy_that_bubbles_fails_the_withdrawal_and_keeps_the_credit(
+    market: FlexMarket, accounts: Accounts, clock: Clock, w3: Web3
+):
+    budget = 10**16
+    attacker = attacker_with_credit(market, accounts, clock, w3, budget)
+    with pytest.raises(TransferFailedError) as exc:
+        attack(w3, accounts, market, attacker, BUBBLE)
+    assert (exc.value.account, exc.value.amount_wei) == (attacker, budget)
+    assert market.credit_of(account=attacker) == budget
+    assert market.balance_wei() == budget
+    assert_conserved(market)
+
+
+def test_receiver_that_rejects_ether_keeps_its_credit(
+    market: FlexMarket, accounts: Accounts, clock: Clock, w3: Web3
+):
+    budget = 10**16
+    attacker = attacker_with_credit(market, accounts, clock, w3, budget)
+    with pytest.raises(TransferFailedError):
+        attack(w3, accounts, market, attacker, REJECT)
+    assert market.credit_of(account=attacker) == budget
+    assert_conserved(market)

@@ -1,0 +1,110 @@
+"""Local training and evaluation with Keras: a round learns, repeats exactly, and checks inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.catalogue import initial_weights
+from training.datasets import Dataset
+from training.errors import DatasetError, WeightsMismatchError
+from training.evaluate import evaluate
+from training.local import train_round
+from training.serialize import dumps, id_hex, loads, model_id
+from training.spec import TaskSpec
+
+
+def test_a_round_learns_on_its_own_data(spec, partitions):
+    start = initial_weights(spec=spec)
+    data = partitions[0]
+    before = evaluate(spec=spec, weights=start, data=data)
+    result = train_round(spec=spec, weights=start, data=data)
+    assert result.num_examples == len(data)
+    assert set(result.metrics) == {"loss", "accuracy"}
+    assert result.metrics["accuracy"] > before.accuracy + 0.3
+    assert result.metrics["loss"] < before.loss
+    after = evaluate(spec=spec, weights=result.weights, data=data)
+    assert after.accuracy == pytest.approx(result.metrics["accuracy"])
+    assert [w.shape for w in result.weights] == [w.shape for w in start]
+    assert all(w.dtype == np.float32 for w in result.weights)
+
+
+def test_a_round_repeats_exactly(spec, partitions):
+    start = initial_weights(spec=spec)
+    first = train_round(spec=spec, weights=start, data=partitions[1], round_number=3)
+    second = train_round(spec=spec, weights=start, data=partitions[1], round_number=3)
+    other = train_round(spec=spec, weights=start, data=partitions[1], round_number=4)
+    assert dumps(first.weights) == dumps(second.weights)
+    assert dumps(first.weights) != dumps(other.weights)
+
+
+ROUND_IN_CHILD = """
+from training.catalogue import initial_weights
+from training.datasets import load_partition
+from training.local import train_round
+from training.serialize import dumps, id_hex, model_id
+from training.spec import TaskSpec
+spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=2, local_epochs=2, seed=7)
+data = load_partition(schema="digits-8x8", index=1, count=5, alpha=1.0, seed=7)
+result = train_round(spec=spec, weights=initial_weights(spec=spec), data=data, round_number=1)
+print(id_hex(model_id(dumps(result.weights))))
+"""
+
+
+def test_a_round_repeats_in_another_process_with_other_threads(partitions):
+    spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=2, local_epochs=2, seed=7)
+    here = train_round(
+        spec=spec, weights=initial_weights(spec=spec), data=partitions[1], round_number=1
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", ROUND_IN_CHILD],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "FLEX_TF_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert child.stdout.strip() == id_hex(model_id(dumps(here.weights)))
+
+
+def test_trains_from_read_only_weights_without_touching_them(spec, partitions):
+    blob = dumps(initial_weights(spec=spec))
+    weights = loads(blob)
+    train_round(spec=spec, weights=weights, data=partitions[2])
+    assert dumps(weights) == blob
+
+
+def test_cnn_trains_a_round(partitions):
+    spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=1, learning_rate=0.1)
+    result = train_round(spec=spec, weights=initial_weights(spec=spec), data=partitions[0])
+    assert [w.shape for w in result.weights] == spec.model_entry.weight_shapes()
+    assert np.isfinite(result.metrics["loss"])
+
+
+def test_wrong_weights_are_refused(spec, partitions):
+    weights = initial_weights(spec=spec)[:-1]
+    with pytest.raises(WeightsMismatchError, match="do not fit model 'digits-mlp'"):
+        train_round(spec=spec, weights=weights, data=partitions[0])
+    with pytest.raises(WeightsMismatchError):
+        evaluate(spec=spec, weights=weights)
+
+
+def test_wrong_data_is_refused(spec):
+    flat = Dataset(x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    with pytest.raises(DatasetError, match=r"needs at least one of shape \(8, 8, 1\)"):
+        train_round(spec=spec, weights=initial_weights(spec=spec), data=flat)
+    empty = Dataset(x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(DatasetError):
+        evaluate(spec=spec, weights=initial_weights(spec=spec), data=empty)
+
+
+def test_evaluate_defaults_to_the_held_out_split(spec):
+    result = evaluate(spec=spec, weights=initial_weights(spec=spec))
+    assert result.num_examples == 355
+    assert result.accuracy < 0.3  # untrained: near chance
+    assert np.log(10) - 0.5 < result.loss < np.log(10) + 0.5

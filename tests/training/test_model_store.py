@@ -1,0 +1,318 @@
+"""The content-addressed model store: IDs verified, writes atomic, crashes and races harmless."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.errors import (
+    BlobNotFoundError,
+    BlobTooLargeError,
+    ModelBlobError,
+    ModelIdMismatchError,
+    StoreError,
+)
+from training.serialize import dumps, id_hex, model_id
+from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ModelStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def blob_of(value: float, size: int = 100) -> bytes:
+    return dumps([np.full(size, value, dtype=np.float32)])
+
+
+def temp_files(store: ModelStore) -> list[Path]:
+    return [p for p in (store.root / "blobs").rglob(f"{TMP_PREFIX}*")]
+
+
+def blob_files(store: ModelStore) -> list[Path]:
+    return [
+        p
+        for p in (store.root / "blobs").glob("*/*")
+        if not p.name.startswith(TMP_PREFIX) and p.is_file()
+    ]
+
+
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
+    return ModelStore(tmp_path / "store")
+
+
+def test_put_get_round_trip(store):
+    blob = blob_of(1.0)
+    digest = store.put(blob, kind="global", task_id=7, round_number=0)
+    assert digest == model_id(blob)
+    assert store.has(digest)
+    assert store.has(id_hex(digest))
+    assert store.get(digest) == blob
+    assert store.get(id_hex(digest)) == blob
+    info = store.info(digest)
+    assert (info.size, info.kind, info.task_id, info.round_number) == (len(blob), "global", 7, 0)
+    assert info.created.tzinfo is UTC
+    assert info.id_hex == id_hex(digest)
+    assert store.path(digest).name == digest.hex()
+
+
+def test_put_is_idempotent_and_first_description_stays(store):
+    blob = blob_of(2.0)
+    first = store.put(blob, kind="update", task_id=1, round_number=2)
+    second = store.put(blob, kind="global", task_id=9, round_number=5)
+    assert first == second
+    assert len(store.list()) == 1
+    assert len(blob_files(store)) == 1
+    assert store.info(first).kind == "update"
+
+
+def test_list_filters(store):
+    a = store.put(blob_of(1.0), kind="global", task_id=1, round_number=0)
+    b = store.put(blob_of(2.0), kind="update", task_id=1, round_number=0)
+    c = store.put(blob_of(3.0), kind="update", task_id=1, round_number=1)
+    d = store.put(blob_of(4.0), kind="update", task_id=2, round_number=0)
+    ids = lambda **kw: {m.model_id for m in store.list(**kw)}  # noqa: E731
+    assert ids() == {a, b, c, d}
+    assert ids(kind="update") == {b, c, d}
+    assert ids(task_id=1, round_number=0) == {a, b}
+    assert ids(task_id=1, kind="update", round_number=1) == {c}
+    assert ids(task_id=3) == set()
+
+
+def test_missing_blob(store):
+    absent = model_id(b"nothing")
+    assert not store.has(absent)
+    with pytest.raises(BlobNotFoundError) as exc:
+        store.get(absent)
+    assert id_hex(absent) in str(exc.value)
+    with pytest.raises(BlobNotFoundError):
+        store.open(absent)
+    with pytest.raises(BlobNotFoundError):
+        store.info(absent)
+
+
+def test_bad_ids_are_refused(store):
+    with pytest.raises(ModelBlobError):
+        store.get("0x1234")
+    with pytest.raises(ModelBlobError):
+        store.has(b"short")
+
+
+def corrupt(store: ModelStore, digest: bytes) -> None:
+    path = store.path(digest)
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_get_and_open_verify_the_id(store):
+    digest = store.put(blob_of(5.0))
+    corrupt(store, digest)
+    with pytest.raises(ModelIdMismatchError) as exc:
+        store.get(digest)
+    assert exc.value.expected == id_hex(digest)
+    with pytest.raises(ModelIdMismatchError):
+        store.open(digest)
+    with store.open(digest, verify=False) as handle:  # an explicit opt-out still reads
+        assert handle.read(8) == b"FLEXMODL"
+
+
+def test_open_streams_in_chunks(store):
+    blob = blob_of(6.0, size=100_000)
+    digest = store.put(blob)
+    chunks = list(store.iter_chunks(digest, chunk_bytes=4096))
+    assert len(chunks) == -(-len(blob) // 4096)
+    assert b"".join(chunks) == blob
+    with store.open(digest) as handle:
+        assert handle.read() == blob
+
+
+def test_blob_files_are_read_only(store):
+    digest = store.put(blob_of(7.0))
+    assert store.path(digest).stat().st_mode & 0o222 == 0
+
+
+def test_size_limit(tmp_path):
+    store = ModelStore(tmp_path / "small", max_blob_bytes=500)
+    store.put(blob_of(1.0, size=10))
+    with pytest.raises(BlobTooLargeError) as exc:
+        store.put(blob_of(1.0, size=1000))
+    assert exc.value.limit == 500
+    with pytest.raises(BlobTooLargeError):
+        store.put_stream([b"x" * 300, b"x" * 300])
+    assert len(store.list()) == 1
+    assert temp_files(store) == []
+
+
+def test_put_with_wrong_expected_id_stores_nothing(store):
+    blob = blob_of(1.0)
+    with pytest.raises(ModelIdMismatchError):
+        store.put(blob, expected_id=model_id(b"other"))
+    assert not store.has(model_id(blob))
+    assert store.list() == []
+
+
+def test_put_stream_checks_the_id_before_anything_is_visible(store):
+    blob = blob_of(8.0, size=10_000)
+    chunks = [blob[i : i + 1000] for i in range(0, len(blob), 1000)]
+    wrong = model_id(b"claimed")
+    with pytest.raises(ModelIdMismatchError):
+        store.put_stream(iter(chunks), expected_id=wrong)
+    assert not store.has(wrong)
+    assert not store.has(model_id(blob))
+    assert temp_files(store) == []
+    assert store.put_stream(iter(chunks), expected_id=model_id(blob)) == model_id(blob)
+    assert store.put_stream(iter(chunks)) == model_id(blob)  # no expected ID: hash decides
+    assert store.get(model_id(blob)) == blob
+
+
+def test_invalid_kind(store):
+    with pytest.raises(StoreError, match="kind must be one of"):
+        store.put(blob_of(1.0), kind="final")
+
+
+def test_failure_mid_write_leaves_nothing_visible(store, monkeypatch):
+    kept = store.put(blob_of(1.0))
+    blob = blob_of(2.0)
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        store.put(blob)
+    monkeypatch.undo()
+    assert not store.has(model_id(blob))
+    assert temp_files(store) == []
+    assert store.get(kept) == blob_of(1.0)
+    assert store.put(blob) == model_id(blob)
+
+
+def child_code(store: ModelStore, body: str) -> str:
+    preamble = f"""
+        import os
+        import numpy as np
+        from training.serialize import dumps
+        from training.store import ModelStore
+        store = ModelStore({str(store.root)!r})
+        """
+    return textwrap.dedent(preamble) + textwrap.dedent(body)
+
+
+def run_child(store: ModelStore, body: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", child_code(store, body)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_crash_mid_write_loses_nothing_and_shows_nothing(store):
+    kept = store.put(blob_of(1.0), kind="global")
+    # The child dies hard (no cleanup, no finally) after writing the data but before the
+    # rename: exactly what a power cut or kill -9 mid-write leaves behind.
+    child = run_child(
+        store,
+        """
+        def die(fd):
+            os._exit(9)
+        os.fsync = die
+        store.put(dumps([np.full(100, 2.0, dtype=np.float32)]))
+        """,
+    )
+    assert child.returncode == 9, child.stderr
+    crashed = model_id(blob_of(2.0))
+    assert not store.has(crashed)
+    assert [m.model_id for m in store.list()] == [kept]
+    assert store.get(kept) == blob_of(1.0)
+    leftovers = temp_files(store)
+    assert len(leftovers) == 1  # the half-written file exists, but only under a temp name
+    # A young temp file may belong to a live writer: reindex keeps it; an old one goes.
+    store.reindex()
+    assert temp_files(store) == leftovers
+    old = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(leftovers[0], (old, old))
+    assert store.reindex() == 0
+    assert temp_files(store) == []
+    assert store.put(blob_of(2.0)) == crashed
+
+
+def test_crash_between_rename_and_index_is_repaired(store):
+    child = run_child(
+        store,
+        """
+        def die(*args, **kwargs):
+            os._exit(9)
+        ModelStore._index_blob = die
+        store.put(dumps([np.full(100, 3.0, dtype=np.float32)]), kind="update")
+        """,
+    )
+    assert child.returncode == 9, child.stderr
+    digest = model_id(blob_of(3.0))
+    assert store.get(digest) == blob_of(3.0)  # the files are the truth
+    assert store.list() == []
+    assert store.reindex() == 1
+    (entry,) = store.list()
+    assert (entry.model_id, entry.size, entry.kind) == (digest, len(blob_of(3.0)), None)
+
+
+def test_reindex_drops_rows_whose_file_is_gone(store):
+    digest = store.put(blob_of(4.0))
+    store.path(digest).unlink()
+    store.reindex()
+    assert store.list() == []
+
+
+def test_concurrent_puts_from_threads(store):
+    blobs = [blob_of(float(i % 3)) for i in range(24)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(lambda b: store.put(b, kind="update"), blobs))
+    assert ids == [model_id(b) for b in blobs]
+    assert len(store.list()) == 3
+    assert len(blob_files(store)) == 3
+    assert temp_files(store) == []
+
+
+def test_concurrent_puts_from_processes(store):
+    body = """
+        shared = dumps([np.full(200_000, 9.0, dtype=np.float32)])
+        for i in range(20):
+            digest = store.put(shared, kind="global", task_id=1, round_number=0)
+            store.put(dumps([np.full(10, float(i), dtype=np.float32)]), kind="update")
+            assert store.get(digest) == shared
+        """
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", child_code(store, body)],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+    shared = dumps([np.full(200_000, 9.0, dtype=np.float32)])
+    assert store.get(model_id(shared)) == shared
+    assert len(store.list()) == 21
+    assert [m.model_id for m in store.list(kind="global")] == [model_id(shared)]
+    assert len(blob_files(store)) == 21
+    assert temp_files(store) == []
+
+
+def test_two_handles_on_one_store_see_each_other(tmp_path):
+    first, second = ModelStore(tmp_path / "s"), ModelStore(tmp_path / "s")
+    digest = first.put(blob_of(1.0), kind="global")
+    assert second.get(digest) == blob_of(1.0)
+    assert second.info(digest).kind == "global"

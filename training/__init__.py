@@ -1,0 +1,1 @@
+"""Federated-learning engine: task spec, models, data, training, aggregation and the model store."""

@@ -1,0 +1,85 @@
+"""The update a trainer hands in and the Strategy interface every aggregation rule implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+from training.aggregation.functions import Weights, weight_mismatch
+from training.errors import SpecError
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """One trainer's result for a round: its weights, how many samples made them, and an ID
+    (the update's model ID as 0x hex, or any label the caller uses to report on it)."""
+
+    weights: Weights
+    num_examples: int
+    update_id: str = ""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An update left out of aggregation and why."""
+
+    update_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Updates split into those fit to aggregate and those rejected, with reasons."""
+
+    accepted: list[Update] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+class Strategy(ABC):
+    """An aggregation rule: new global weights from a round's updates.
+
+    ``aggregate`` is pure maths over updates that fit together; it raises WeightsMismatchError
+    otherwise. Untrusted updates go through ``screen`` first, which sets aside (and reports)
+    each update that cannot be used, so one bad trainer does not stop the round.
+    """
+
+    key: ClassVar[str]
+    title: ClassVar[str]
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> Self:
+        """The strategy for a spec's aggregation parameters; raises SpecError naming a bad one."""
+        if params:
+            name = next(iter(params))
+            raise SpecError(field=f"aggregation.{name}", reason=f"{cls.key} takes no {name!r}")
+        return cls()
+
+    def params(self) -> dict[str, Any]:
+        """The parameters as they appear in a task spec (all of them, defaults included)."""
+        return {}
+
+    @abstractmethod
+    def aggregate(self, updates: Sequence[Update]) -> Weights | None:
+        """New global weights, or None when no update is usable."""
+
+    def screen(self, updates: Sequence[Update], *, reference: Sequence[np.ndarray]) -> Screening:
+        """Split ``updates`` into usable ones and rejections (shape, dtype, non-finite, count)."""
+        screening = Screening()
+        for update in updates:
+            reason = weight_mismatch(update.weights, reference=reference)
+            if reason is None and update.num_examples < 1:
+                reason = f"num_examples is {update.num_examples}, at least 1 expected"
+            if reason is None:
+                for index, layer in enumerate(update.weights):
+                    if not np.isfinite(layer).all():
+                        reason = f"layer {index} holds NaN or infinite values"
+                        break
+            if reason is None:
+                screening.accepted.append(update)
+            else:
+                screening.rejected.append(Rejection(update_id=update.update_id, reason=reason))
+        return screening

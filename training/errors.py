@@ -1,0 +1,99 @@
+"""Errors raised by the training engine, each with a stable ``code`` under FLEX's error root."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from chain.errors import FlexError
+
+
+class TrainingError(FlexError):
+    """The training engine could not do what was asked."""
+
+    code = "training_error"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Celery pickles exceptions across processes; keep the fields, not just the message.
+        return (functools.partial(type(self), self.message, **self.fields), ())
+
+
+class SpecError(TrainingError):
+    """The task spec is invalid."""
+
+    code = "spec_invalid"
+
+    def default_message(self, *, field: str = "?", reason: str = "invalid", **_: Any) -> str:
+        return f"task spec field {field!r}: {reason}"
+
+
+class DatasetError(TrainingError):
+    """The data does not fit the task's dataset schema."""
+
+    code = "dataset_invalid"
+
+    def default_message(self, *, source: str = "data", reason: str = "invalid", **_: Any) -> str:
+        return f"{source}: {reason}"
+
+
+class WeightsMismatchError(TrainingError):
+    """Model weights do not have the layer count, shapes or dtypes expected."""
+
+    code = "weights_mismatch"
+
+
+class ModelBlobError(TrainingError):
+    """A model blob was refused."""
+
+    code = "model_blob_invalid"
+
+
+class BlobTruncatedError(ModelBlobError):
+    """The model blob is truncated."""
+
+    code = "model_blob_truncated"
+
+
+class BlobHeaderError(ModelBlobError):
+    """The model blob has a malformed header."""
+
+    code = "model_blob_malformed"
+
+
+class BlobDtypeError(ModelBlobError):
+    """The model blob holds a tensor of an unsupported dtype."""
+
+    code = "model_blob_dtype"
+
+
+class ModelIdMismatchError(ModelBlobError):
+    """The model blob does not hash to the expected model ID."""
+
+    code = "model_id_mismatch"
+
+    def default_message(self, *, expected: str = "?", actual: str = "?", **_: Any) -> str:
+        return f"model ID mismatch: expected {expected}, blob hashes to {actual}"
+
+
+class StoreError(TrainingError):
+    """The model store could not complete the operation."""
+
+    code = "model_store_error"
+
+
+class BlobNotFoundError(StoreError):
+    """No blob with this model ID is in the store."""
+
+    code = "model_not_found"
+
+    def default_message(self, *, model_id: str = "?", **_: Any) -> str:
+        return f"model {model_id} is not in the store"
+
+
+class BlobTooLargeError(StoreError):
+    """The blob exceeds the store's size limit."""
+
+    code = "model_blob_too_large"
+
+    def default_message(self, *, size: int = 0, limit: int = 0, **_: Any) -> str:
+        return f"model blob of {size} bytes exceeds the store's limit of {limit} bytes"

@@ -1,0 +1,78 @@
+"""Loss and accuracy of a model's weights on the held-out test split or any dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from training.catalogue import compiled_model
+from training.datasets import Dataset, load_test
+from training.errors import DatasetError, WeightsMismatchError
+
+if TYPE_CHECKING:
+    from training.spec import TaskSpec
+
+# Keras clips probabilities the same way in its cross-entropy, so the numbers agree with fit's.
+EPSILON = 1e-7
+PREDICT_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean cross-entropy loss and accuracy over ``num_examples`` samples."""
+
+    loss: float
+    accuracy: float
+    num_examples: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"loss": self.loss, "accuracy": self.accuracy}
+
+
+def check_weights(*, spec: TaskSpec, weights: Sequence[np.ndarray]) -> None:
+    """Raise WeightsMismatchError unless ``weights`` fit the spec's model."""
+    shapes = spec.model_entry.weight_shapes()
+    got = [tuple(np.shape(w)) for w in weights]
+    if got != shapes:
+        raise WeightsMismatchError(
+            f"weights do not fit model {spec.model!r}: shapes {got}, expected {shapes}",
+            model=spec.model,
+        )
+
+
+def check_data(*, spec: TaskSpec, data: Dataset) -> None:
+    """Raise DatasetError unless ``data`` is shaped for the spec's schema and non-empty."""
+    schema = spec.schema
+    if len(data) == 0 or data.x.shape[1:] != schema.input_shape:
+        raise DatasetError(
+            source="data",
+            reason=f"{len(data)} samples of shape {data.x.shape[1:]}; schema {schema.key!r} "
+            f"needs at least one of shape {schema.input_shape}",
+        )
+
+
+def measure(*, model: Any, data: Dataset) -> Evaluation:
+    """Evaluate a Keras model as it stands on ``data``."""
+    losses, hits = 0.0, 0
+    for start in range(0, len(data), PREDICT_BATCH):
+        x, y = data.x[start : start + PREDICT_BATCH], data.y[start : start + PREDICT_BATCH]
+        probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+        picked = np.clip(probs[np.arange(len(y)), y], EPSILON, 1.0 - EPSILON)
+        losses += float(-np.log(picked).sum())
+        hits += int((probs.argmax(axis=1) == y).sum())
+    return Evaluation(loss=losses / len(data), accuracy=hits / len(data), num_examples=len(data))
+
+
+def evaluate(
+    *, spec: TaskSpec, weights: Sequence[np.ndarray], data: Dataset | None = None
+) -> Evaluation:
+    """Loss and accuracy of ``weights`` on ``data`` (default: the schema's held-out test split)."""
+    data = load_test(schema=spec.schema) if data is None else data
+    check_weights(spec=spec, weights=weights)
+    check_data(spec=spec, data=data)
+    model = compiled_model(spec=spec)
+    model.set_weights(list(weights))
+    return measure(model=model, data=data)

@@ -1,0 +1,164 @@
+"""`python -m worker`: enrol this machine as a FLEX device, then run it as a Celery worker.
+
+    python -m worker join SERVER_URL TOKEN --home DIR --class cpu --price-wei N [...]
+    python -m worker start --home DIR [--home DIR ...]
+
+The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from chain.errors import FlexError
+
+log = logging.getLogger("worker")
+
+
+def _partition(value: str):
+    from worker.config import Partition
+
+    index, _, count = value.partition("/")
+    try:
+        return Partition(index=int(index), count=int(count))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected INDEX/COUNT such as 2/5: {exc}") from exc
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    join = sub.add_parser("join", help="enrol this device with a one-time join token")
+    join.add_argument("server_url", help="the platform, e.g. http://127.0.0.1:8000")
+    join.add_argument("token", help="the join token an admin issued")
+    join.add_argument("--home", type=Path, required=True, help="the device's own directory")
+    join.add_argument("--name", help="a name for the device (default: the home's name)")
+    join.add_argument(
+        "--class", dest="device_class", choices=["cpu", "gpu", "jetson"], default="cpu"
+    )
+    join.add_argument("--price-wei", type=int, required=True, help="price per training round")
+    join.add_argument("--min-budget-wei", type=int, default=0, help="skip tasks below this budget")
+    join.add_argument("--aggregator-price-wei", type=int, help="bid as aggregator at this price")
+    data = join.add_mutually_exclusive_group()
+    data.add_argument("--data", help="the device's own .npz or .csv training data")
+    data.add_argument("--partition", type=_partition, help="INDEX/COUNT of the bundled digits")
+    join.add_argument("--dataplane-port", type=int, default=0, help="default: a free port")
+    join.add_argument("--no-start", action="store_true", help="enrol only; start later")
+    join.add_argument(
+        "--light-key",
+        action="store_true",
+        help="cheaper key encryption (scrypt n=2^12) for devices short of memory",
+    )
+
+    start = sub.add_parser("start", help="run enrolled node(s) as a Celery worker")
+    start.add_argument("--home", type=Path, action="append", required=True)
+    start.add_argument("--concurrency", type=int, default=1)
+    start.add_argument("--loglevel", default="INFO")
+    return p
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from worker.config import KEYSTORE_FILE, BidPolicy
+    from worker.join import join
+    from worker.keys import LIGHT_SCRYPT_N, STANDARD_SCRYPT_N, key_load_or_create, passphrase_read
+
+    passphrase = passphrase_read(confirm=not (args.home / KEYSTORE_FILE).exists())
+    account = key_load_or_create(
+        path=args.home / KEYSTORE_FILE,
+        passphrase=passphrase,
+        scrypt_n=LIGHT_SCRYPT_N if args.light_key else STANDARD_SCRYPT_N,
+    )
+    cfg = join(
+        server_url=args.server_url,
+        token=args.token,
+        account=account,
+        home=args.home,
+        name=args.name or args.home.resolve().name,
+        device_class=args.device_class,
+        policy=BidPolicy(
+            price_per_round_wei=args.price_wei,
+            min_budget_wei=args.min_budget_wei,
+            aggregator_price_per_round_wei=args.aggregator_price_wei,
+        ),
+        data_path=args.data,
+        partition=args.partition,
+        dataplane_port=args.dataplane_port,
+    )
+    print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
+    print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
+    from web3 import Web3
+
+    balance = Web3(Web3.HTTPProvider(cfg.eth_rpc_url)).eth.get_balance(cfg.address)
+    if balance == 0:
+        print(f"fund {cfg.address} with ETH for its gas before it can bid", file=sys.stderr)
+    if args.no_start:
+        return 0
+    return run(homes=[args.home], passphrase=passphrase, concurrency=1, loglevel="INFO")
+
+
+def run(*, homes: list[Path], passphrase: str, concurrency: int, loglevel: str) -> int:
+    """Load each node, start its data plane, and consume all their queues until stopped."""
+    from flexsite.celery import app
+    from worker import node as nodes
+
+    loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase)) for h in homes]
+    brokers = {n.config.broker_url for n in loaded}
+    if len(brokers) != 1:
+        raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
+    broker = brokers.pop()
+    app.conf.update(broker_url=broker, result_backend=broker, include=["worker.tasks"])
+    import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
+
+    queues = sorted({q for n in loaded for q in n.config.queues})
+    try:
+        for n in loaded:
+            n.start_dataplane()
+        app.worker_main(
+            [
+                "worker",
+                "--queues",
+                ",".join(queues),
+                "--concurrency",
+                str(concurrency),
+                "--hostname",
+                f"{loaded[0].config.name}@%h",
+                "--loglevel",
+                loglevel,
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        for n in loaded:
+            if n.server:
+                n.server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "join":
+            return cmd_join(args)
+        from worker.keys import passphrase_read
+
+        return run(
+            homes=args.home,
+            passphrase=passphrase_read(),
+            concurrency=args.concurrency,
+            loglevel=args.loglevel,
+        )
+    except FlexError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The aggregator's side of a task: publish the initial model, then aggregate each round."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from chain.client import TaskState, mask_of, positions_of
+from chain.errors import FlexError
+from training import serialize
+from training.aggregation.base import Update
+from training.catalogue import initial_weights
+from worker.dataplane import fetch_model
+from worker.node import Node
+from worker.trainer import verified_spec
+
+log = logging.getLogger(__name__)
+
+
+class RoundNotReadyError(FlexError):
+    """Not every selected trainer has submitted yet and the submission window is open."""
+
+    code = "round_not_ready"
+
+
+class NothingToAggregateError(FlexError):
+    """No usable update arrived for the round."""
+
+    code = "nothing_to_aggregate"
+
+
+def _publish(node: Node, *, task_id: int, round_number: int, blob: bytes, mask: int) -> dict:
+    model_id = serialize.id_hex(
+        node.store.put(blob, kind="global", task_id=task_id, round_number=round_number)
+    )
+    tx = node.market.publish_global_model(
+        sender=node.account,
+        task_id=task_id,
+        round_number=round_number,
+        model_id=model_id,
+        aggregated_mask=mask,
+    )
+    return {"model_id": model_id, "tx_hash": tx.tx_hash, "gas_used": tx.gas_used}
+
+
+def publish_initial(node: Node, *, task_id: int, spec: dict) -> dict | None:
+    """Publish the round-0 model, built from the spec alone; skip if it is already on chain."""
+    parsed = verified_spec(node, task_id=task_id, spec=spec)
+    if node.market.global_model(task_id=task_id, round_number=0):
+        return None
+    blob = serialize.dumps(initial_weights(spec=parsed))
+    published = _publish(node, task_id=task_id, round_number=0, blob=blob, mask=0)
+    log.info("task %s: initial model %s published", task_id, published["model_id"])
+    return {"task_id": task_id, "round": 0, **published}
+
+
+def _update(
+    node: Node, *, task_id: int, round_number: int, trainer: str, url: str | None, samples: int
+) -> Update | str:
+    """One trainer's verified update, or why it cannot be had."""
+    update_id = node.market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+    try:
+        if node.store.has(update_id):
+            blob = node.store.get(update_id)
+        elif not url:
+            return "no data-plane address known"
+        else:
+            blob = fetch_model(
+                base_url=url,
+                model_id=update_id,
+                server_address=trainer,
+                account=node.account,
+                max_bytes=node.config.max_model_bytes,
+            )
+            node.store.put(blob, kind="update", task_id=task_id, round_number=round_number)
+        weights = serialize.loads(blob, expected_id=update_id)
+    except FlexError as exc:
+        return f"{exc.code}: {exc.message}"
+    return Update(weights=weights, num_examples=samples, update_id=update_id)
+
+
+def aggregate(
+    node: Node,
+    *,
+    task_id: int,
+    round_number: int,
+    spec: dict,
+    trainer_urls: dict[str, str],
+    wait: bool = True,
+) -> dict | None:
+    """Aggregate round ``round_number``'s updates into global model ``round_number + 1``.
+
+    With ``wait``, raises RoundNotReadyError (with the seconds left) while trainers may still
+    submit. An update that cannot be fetched or does not verify is left out and reported; a
+    trainer that vanished is simply not in the mask, and so not paid for the round.
+    """
+    from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
+
+    parsed = verified_spec(node, task_id=task_id, spec=spec)
+    market = node.market
+    task = market.task(task_id=task_id)
+    if task.state != TaskState.RUNNING or task.current_round != round_number:
+        log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
+        return None
+    selection = market.selection(task_id=task_id)
+    info = market.round_info(task_id=task_id, round_number=round_number)
+    submitted = positions_of(info.submitted_mask)
+    left = task.submission_deadline - node.chain_time()
+    if wait and len(submitted) < len(selection.trainers) and left > 0:
+        raise RoundNotReadyError(
+            task_id=task_id,
+            round=round_number,
+            submitted=len(submitted),
+            expected=len(selection.trainers),
+            seconds_left=left,
+        )
+    started = time.perf_counter()
+    samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
+    urls = {k.lower(): v for k, v in trainer_urls.items()}
+    updates: list[Update] = []
+    positions: dict[str, int] = {}
+    rejected: dict[str, str] = {}
+    for position in submitted:
+        trainer = selection.trainers[position]
+        got = _update(
+            node,
+            task_id=task_id,
+            round_number=round_number,
+            trainer=trainer,
+            url=urls.get(trainer.lower()),
+            samples=samples[trainer],
+        )
+        if isinstance(got, str):
+            rejected[trainer] = got
+            continue
+        updates.append(got)
+        positions[got.update_id] = position
+    reference = serialize.loads(
+        node.store.get(market.global_model(task_id=task_id, round_number=round_number))
+    )
+    strategy = parsed.strategy()
+    screening = strategy.screen(updates, reference=reference)
+    for rejection in screening.rejected:
+        rejected[rejection.update_id] = rejection.reason
+    weights = strategy.aggregate(screening.accepted)
+    for who, why in rejected.items():
+        log.warning("task %s round %s: left out %s: %s", task_id, round_number, who, why)
+    if weights is None:
+        raise NothingToAggregateError(task_id=task_id, round=round_number, rejected=rejected)
+    evaluation = evaluate(spec=parsed, weights=weights)
+    mask = mask_of(positions[u.update_id] for u in screening.accepted)
+    published = _publish(
+        node,
+        task_id=task_id,
+        round_number=round_number + 1,
+        blob=serialize.dumps(weights),
+        mask=mask,
+    )
+    log.info(
+        "task %s: round %s aggregated %d update(s) into %s (accuracy %.4f, loss %.4f)",
+        task_id,
+        round_number,
+        len(screening.accepted),
+        published["model_id"],
+        evaluation.accuracy,
+        evaluation.loss,
+    )
+    return {
+        "task_id": task_id,
+        "round": round_number + 1,
+        "updates": len(screening.accepted),
+        "rejected": rejected,
+        "accuracy": evaluation.accuracy,
+        "loss": evaluation.loss,
+        "aggregate_s": time.perf_counter() - started,
+        **published,
+    }

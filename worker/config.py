@@ -1,0 +1,105 @@
+"""A node's configuration: who it is on chain, where its broker, data and store are, how it bids."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chain.errors import FlexError
+
+CONFIG_FILE = "device.json"
+KEYSTORE_FILE = "key.json"
+
+
+class DeviceConfigError(FlexError):
+    """The device configuration is missing or invalid."""
+
+    code = "device_config_invalid"
+
+
+class Partition(BaseModel):
+    """A slice of the bundled digits set, for demos and simulations (non-IID, Dirichlet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1)
+    alpha: float = Field(default=0.5, gt=0)
+    seed: int = 0
+
+    @field_validator("index")
+    @classmethod
+    def _index_in_range(cls, v: int, info) -> int:
+        count = info.data.get("count")
+        if count is not None and v >= count:
+            raise ValueError("index must be below count")
+        return v
+
+
+class BidPolicy(BaseModel):
+    """How a device prices its work, in wei (integers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    price_per_round_wei: int = Field(ge=0)
+    min_budget_wei: int = Field(default=0, ge=0)
+    aggregator_price_per_round_wei: int | None = Field(default=None, ge=0)
+
+
+class DeviceConfig(BaseModel):
+    """Everything a node needs to work: written by `join`, read by `start`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    server_url: str
+    name: str
+    device_id: int
+    address: str
+    device_class: Literal["cpu", "gpu", "jetson"]
+    may_aggregate: bool = False
+    queues: list[str]
+    broker_url: str
+    eth_rpc_url: str
+    chain_id: int
+    contract_address: str
+    data_path: str | None = None
+    partition: Partition | None = None
+    policy: BidPolicy
+    dataplane_host: str = "127.0.0.1"
+    dataplane_port: int = Field(default=0, ge=0, le=65535)
+    dataplane_url: str = ""
+    max_model_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+
+
+def load(home: Path) -> DeviceConfig:
+    path = home / CONFIG_FILE
+    try:
+        return DeviceConfig.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise DeviceConfigError(
+            f"{path} does not exist: enrol the device with `python -m worker join` first",
+            path=str(path),
+        ) from exc
+    except ValidationError as exc:
+        raise DeviceConfigError(f"{path} is invalid: {exc}", path=str(path)) from exc
+
+
+def save(home: Path, config: DeviceConfig) -> Path:
+    """Write the config atomically, readable by the device's user only."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = home / CONFIG_FILE
+    data = json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=home, prefix=".device.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

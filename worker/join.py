@@ -1,0 +1,102 @@
+"""Enrol this machine as a FLEX device with a one-time join token."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import requests
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+
+from chain.errors import FlexError
+from chain.launcher import free_port
+from chain.messages import join_message
+from worker import config as config_mod
+from worker.config import BidPolicy, DeviceConfig, Partition
+
+log = logging.getLogger(__name__)
+
+
+class JoinError(FlexError):
+    """The platform refused the enrolment."""
+
+    code = "join_refused"
+
+
+def _post(url: str, payload: dict, *, timeout: float) -> dict:
+    try:
+        response = requests.post(url, json=payload, timeout=timeout)
+    except requests.RequestException as exc:
+        raise JoinError(f"cannot reach the platform at {url}: {exc}", url=url) from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if response.status_code >= 400:
+        raise JoinError(
+            body.get("message") or f"the platform answered HTTP {response.status_code}",
+            status=response.status_code,
+            remote_code=body.get("code", "http_error"),
+            **body.get("fields", {}),
+        )
+    return body
+
+
+def join(
+    *,
+    server_url: str,
+    token: str,
+    account: LocalAccount,
+    home: Path,
+    name: str,
+    device_class: str,
+    policy: BidPolicy,
+    data_path: str | None = None,
+    partition: Partition | None = None,
+    dataplane_host: str = "127.0.0.1",
+    dataplane_port: int = 0,
+    timeout: float = 30.0,
+) -> DeviceConfig:
+    """Prove possession of ``account``'s key, have the platform register it on chain, and
+    write the device's config under ``home``. Raises JoinError with the platform's reason."""
+    base = server_url.rstrip("/")
+    port = dataplane_port or free_port()
+    dataplane_url = f"http://{dataplane_host}:{port}"
+    challenge = _post(f"{base}/api/join/challenge/", {"token": token}, timeout=timeout)
+    text = join_message(challenge=challenge["challenge"], address=account.address)
+    signature = account.sign_message(encode_defunct(text=text)).signature
+    enrolled = _post(
+        f"{base}/api/join/complete/",
+        {
+            "token": token,
+            "address": account.address,
+            "signature": "0x" + bytes(signature).hex(),
+            "name": name,
+            "device_class": device_class,
+            "dataplane_url": dataplane_url,
+        },
+        timeout=timeout,
+    )
+    cfg = DeviceConfig(
+        server_url=base,
+        name=name,
+        device_id=enrolled["device_id"],
+        address=enrolled["address"],
+        device_class=enrolled["device_class"],
+        may_aggregate=enrolled["may_aggregate"],
+        queues=enrolled["queues"],
+        broker_url=enrolled["broker_url"],
+        eth_rpc_url=enrolled["eth_rpc_url"],
+        chain_id=enrolled["chain_id"],
+        contract_address=enrolled["contract_address"],
+        data_path=data_path,
+        partition=partition,
+        policy=policy,
+        dataplane_host=dataplane_host,
+        dataplane_port=port,
+        dataplane_url=dataplane_url,
+    )
+    config_mod.save(home, cfg)
+    log.info("enrolled as device %s (%s); config in %s", cfg.device_id, cfg.address, home)
+    return cfg

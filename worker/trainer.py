@@ -1,0 +1,197 @@
+"""The trainer's side of a task: decide and place a bid, train a round, submit the update ID."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from chain.client import Role, TaskState
+from chain.errors import FlexError
+from training import serialize
+from training.errors import DatasetError
+from training.spec import TaskSpec
+from worker.dataplane import fetch_model
+from worker.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class SpecMismatchError(FlexError):
+    """The spec sent with the work does not hash to the task's spec hash on chain."""
+
+    code = "spec_mismatch"
+
+
+@dataclass(frozen=True)
+class BidDecision:
+    role: Role
+    price_per_round_wei: int
+    samples: int
+
+
+def verified_spec(node: Node, *, task_id: int, spec: dict) -> TaskSpec:
+    """The task's spec, after checking it against the hash the buyer put on chain."""
+    parsed = TaskSpec.from_dict(spec)
+    on_chain = node.market.task(task_id=task_id).spec_hash
+    if parsed.hash_hex.lower() != on_chain.lower():
+        raise SpecMismatchError(task_id=task_id, on_chain=on_chain, received=parsed.hash_hex)
+    return parsed
+
+
+def decide_bid(node: Node, *, task_id: int, spec: TaskSpec) -> BidDecision | None:
+    """What this node offers for the task under its policy, or None (and why, in the log)."""
+    task = node.market.task(task_id=task_id)
+    policy = node.config.policy
+    if task.state != TaskState.BIDDING or task.bidding_ends <= node.chain_time():
+        log.info("task %s: bidding is closed", task_id)
+        return None
+    if task.budget_wei < policy.min_budget_wei:
+        log.info("task %s: budget %s wei is below this node's minimum", task_id, task.budget_wei)
+        return None
+    if node.config.may_aggregate and policy.aggregator_price_per_round_wei is not None:
+        price = max(policy.aggregator_price_per_round_wei, task.min_aggregator_price_wei)
+        return BidDecision(role=Role.AGGREGATOR, price_per_round_wei=price, samples=1)
+    try:
+        data = node.data_for(spec)
+    except DatasetError as exc:
+        log.info("task %s: no data in schema %s here: %s", task_id, spec.dataset, exc.message)
+        return None
+    price = max(policy.price_per_round_wei, task.min_trainer_price_wei)
+    if price * task.rounds > task.budget_wei:
+        log.info("task %s: %s rounds at %s wei exceed the budget", task_id, task.rounds, price)
+        return None
+    return BidDecision(role=Role.TRAINER, price_per_round_wei=price, samples=len(data))
+
+
+def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
+    """Decide and place (or keep) this node's bid; safe to run twice."""
+    parsed = verified_spec(node, task_id=task_id, spec=spec)
+    decision = decide_bid(node, task_id=task_id, spec=parsed)
+    if decision is None:
+        return None
+    index = node.market.bid_index_of(task_id=task_id, device=node.address)
+    if index is not None:
+        placed = node.market.bids(task_id=task_id)[index]
+        if (placed.role, placed.price_per_round_wei, placed.samples) == (
+            decision.role,
+            decision.price_per_round_wei,
+            decision.samples,
+        ):
+            return decision
+    node.market.place_bid(
+        sender=node.account,
+        task_id=task_id,
+        price_per_round_wei=decision.price_per_round_wei,
+        samples=decision.samples,
+        role=decision.role,
+    )
+    log.info(
+        "task %s: bid %s wei/round as %s with %s samples",
+        task_id,
+        decision.price_per_round_wei,
+        decision.role.name.lower(),
+        decision.samples,
+    )
+    return decision
+
+
+def global_model_blob(
+    node: Node, *, task_id: int, round_number: int, model_id: str, source_url: str, source: str
+) -> bytes:
+    """Global model ``round_number`` from this node's store, else fetched from ``source``."""
+    if node.store.has(model_id):
+        return node.store.get(model_id)
+    blob = fetch_model(
+        base_url=source_url,
+        model_id=model_id,
+        server_address=source,
+        account=node.account,
+        max_bytes=node.config.max_model_bytes,
+    )
+    node.store.put(blob, kind="global", task_id=task_id, round_number=round_number)
+    return blob
+
+
+def train(
+    node: Node, *, task_id: int, round_number: int, spec: dict, aggregator_url: str
+) -> dict | None:
+    """Train round ``round_number`` from its global model and submit the update's ID.
+
+    Does nothing when the round is not the task's current one or this node's update for it
+    is already on chain, so a redelivered message changes nothing.
+    """
+    from training.local import train_round  # TensorFlow loads only where training happens
+
+    parsed = verified_spec(node, task_id=task_id, spec=spec)
+    market = node.market
+    task = market.task(task_id=task_id)
+    if task.state != TaskState.RUNNING or task.current_round != round_number:
+        log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
+        return None
+    if market.update_of(task_id=task_id, round_number=round_number, trainer=node.address):
+        log.info("task %s: update for round %s already on chain", task_id, round_number)
+        return None
+    stored = node.store.list(kind="update", task_id=task_id, round_number=round_number)
+    if stored:
+        # Trained before but the submission did not land: submit that update, don't retrain.
+        tx = market.submit_update(
+            sender=node.account,
+            task_id=task_id,
+            round_number=round_number,
+            model_id=stored[0].id_hex,
+        )
+        log.info("task %s: resubmitted stored update %s", task_id, stored[0].id_hex)
+        return {
+            "task_id": task_id,
+            "round": round_number,
+            "device": node.address,
+            "update_id": stored[0].id_hex,
+            "tx_hash": tx.tx_hash,
+            "gas_used": tx.gas_used,
+        }
+    global_id = market.global_model(task_id=task_id, round_number=round_number)
+    blob = global_model_blob(
+        node,
+        task_id=task_id,
+        round_number=round_number,
+        model_id=global_id,
+        source_url=aggregator_url,
+        source=task.aggregator,
+    )
+    weights = serialize.loads(blob, expected_id=global_id)
+    started = time.perf_counter()
+    result = train_round(
+        spec=parsed, weights=weights, data=node.data_for(parsed), round_number=round_number
+    )
+    train_s = time.perf_counter() - started
+    update = serialize.dumps(result.weights)
+    update_id = serialize.id_hex(
+        node.store.put(update, kind="update", task_id=task_id, round_number=round_number)
+    )
+    tx = market.submit_update(
+        sender=node.account, task_id=task_id, round_number=round_number, model_id=update_id
+    )
+    log.info(
+        "task %s: round %s trained in %.2fs on %s samples (loss %.4f, accuracy %.4f); "
+        "update %s submitted in %s",
+        task_id,
+        round_number,
+        train_s,
+        result.num_examples,
+        result.metrics["loss"],
+        result.metrics["accuracy"],
+        update_id,
+        tx.tx_hash,
+    )
+    return {
+        "task_id": task_id,
+        "round": round_number,
+        "device": node.address,
+        "update_id": update_id,
+        "num_examples": result.num_examples,
+        "metrics": result.metrics,
+        "train_s": train_s,
+        "tx_hash": tx.tx_hash,
+        "gas_used": tx.gas_used,
+    }
