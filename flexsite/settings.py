@@ -31,6 +31,7 @@ SECRET_KEY = os.environ.get("FLEX_SECRET_KEY") or _local_secret_key()
 ALLOWED_HOSTS = os.environ.get("FLEX_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
 
 INSTALLED_APPS = [
+    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -38,6 +39,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
     "marketplace",
 ]
 
@@ -117,9 +122,48 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "marketplace.errors.api_exception_handler",
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 25,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
+SPECTACULAR_SETTINGS = {
+    "TITLE": "FLEX API",
+    "DESCRIPTION": "Federated-learning marketplace: tasks, bids, devices and trained models.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's assets come from the installed sidecar package, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# Channels: live task pages over WebSockets, fanned out through Redis.
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL]},
+    }
+}
+
+# Chain sync: how many blocks to wait before mirroring, how far to look back for re-orgs,
+# and how many blocks one eth_getLogs call covers.
+FLEX_SYNC_CONFIRMATIONS = int(os.environ.get("FLEX_SYNC_CONFIRMATIONS", 0))
+FLEX_SYNC_REORG_DEPTH = int(os.environ.get("FLEX_SYNC_REORG_DEPTH", 12))
+FLEX_SYNC_CHUNK_BLOCKS = int(os.environ.get("FLEX_SYNC_CHUNK_BLOCKS", 2000))
+FLEX_SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
+
+# Buyers' custodial wallet keys are encrypted at rest with this key (Fernet, urlsafe
+# base64 of 32 bytes); locally it is derived from the secret key.
+FLEX_WALLET_KEY = os.environ.get("FLEX_WALLET_KEY", "")
+# On the local chain, the faucet button sends a buyer's wallet this much ETH.
+FLEX_FAUCET_WEI = int(os.environ.get("FLEX_FAUCET_WEI", 10 * 10**18))
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "task-list"
+LOGOUT_REDIRECT_URL = "home"
 
 LOGGING = {
     "version": 1,

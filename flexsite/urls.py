@@ -1,12 +1,10 @@
-"""FLEX's URL map."""
+"""FLEX's URL map: the buyer website, the REST API and the Django admin."""
 
 from django.contrib import admin
-from django.urls import path
-
-from marketplace.api import JoinChallengeApi, JoinCompleteApi
+from django.urls import include, path
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/join/challenge/", JoinChallengeApi.as_view(), name="api-join-challenge"),
-    path("api/join/complete/", JoinCompleteApi.as_view(), name="api-join-complete"),
+    path("api/", include("marketplace.api_urls")),
+    path("", include("marketplace.urls")),
 ]

@@ -1,0 +1,3 @@
+"""The buyer website's URLs."""
+
+urlpatterns: list = []
