@@ -6,11 +6,11 @@ import logging
 import time
 
 from chain.client import TaskState, mask_of, positions_of
+from chain.dataplane import fetch_model
 from chain.errors import FlexError
 from training import serialize
 from training.aggregation.base import Update
 from training.catalogue import initial_weights
-from worker.dataplane import fetch_model
 from worker.node import Node
 from worker.trainer import verified_spec
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from chain.dataplane import FetchFailedError, PolicyUnavailableError
 from chain.errors import ChainUnavailableError
 from worker import aggregator, node, trainer
-from worker.dataplane import FetchFailedError, PolicyUnavailableError
 
 # Worth another try later: the chain node or a peer's data plane was briefly unreachable.
 TRANSIENT = (ChainUnavailableError, FetchFailedError, PolicyUnavailableError)

@@ -7,11 +7,11 @@ import time
 from dataclasses import dataclass
 
 from chain.client import Role, TaskState
+from chain.dataplane import fetch_model
 from chain.errors import FlexError
 from training import serialize
 from training.errors import DatasetError
 from training.spec import TaskSpec
-from worker.dataplane import fetch_model
 from worker.node import Node
 
 log = logging.getLogger(__name__)

@@ -22,30 +22,26 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import DeviceClass, FlexMarket, Role
+from chain.dataplane import (
+    HEADER_ADDRESS,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    AccessDeniedError,
+    FetchFailedError,
+    FetchTruncatedError,
+    ModelTooLargeError,
+    PolicyUnavailableError,
+    SignatureMismatchError,
+    fetch_model,
+    sign_request,
+    verify_request,
+)
 from chain.events import TaskCreated
 from chain.launcher import dev_accounts, free_port
 from training.errors import BlobNotFoundError, ModelIdMismatchError
 from training.serialize import dumps, id_hex, model_id
 from training.store import ModelStore, StoredModel
-from worker.dataplane import (
-    AccessDeniedError,
-    AllowListPolicy,
-    ChainPolicy,
-    DataPlaneServer,
-    FetchFailedError,
-    FetchTruncatedError,
-    ModelTooLargeError,
-    PolicyUnavailableError,
-    fetch_model,
-)
-from worker.signing import (
-    HEADER_ADDRESS,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
-    SignatureMismatchError,
-    sign_request,
-    verify_request,
-)
+from worker.dataplane import AllowListPolicy, ChainPolicy, DataPlaneServer
 
 SERVER = Account.from_key(b"\x01" * 32)
 REQUESTER = Account.from_key(b"\x02" * 32)

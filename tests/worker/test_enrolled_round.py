@@ -17,6 +17,7 @@ from celery import Celery
 from eth_utils import keccak
 
 from chain.client import Role, TaskState, positions_of
+from chain.dataplane import fetch_model
 from chain.events import TaskCreated
 from chain.launcher import dev_accounts
 from flexsite.celery import device_queue
@@ -25,7 +26,6 @@ from training import serialize
 from training.spec import TaskSpec
 from training.store import ModelStore
 from worker import config as device_config
-from worker.dataplane import fetch_model
 from worker.node import STORE_DIR
 from worker.trainer import SpecMismatchError
 
