@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BACKING := $(PY) -m flexsite.backing
 
-.PHONY: setup run test lint format bench contracts clean
+.PHONY: setup browser run demo test lint format bench contracts clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -23,14 +23,25 @@ node_modules/.installed: package.json package-lock.json
 	@npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# Browser tests drive Debian's chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "[flex] installing Debian's chromium for the browser tests"; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get -q update >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get -q -y install --no-install-recommends chromium >/dev/null; \
+	  else echo "error: install chromium (Debian: apt-get install chromium)"; exit 1; fi; }
+
 contracts: setup
 	$(PY) -m chain.build
 
 run: setup
-	$(PY) manage.py migrate --no-input -v 0
-	$(BACKING) -- $(PY) manage.py devchain
+	$(BACKING) -- $(PY) -m flexsite.devstack run
 
-test: setup
+demo: setup
+	$(BACKING) -- $(PY) -m flexsite.devstack demo
+
+test: setup browser
 	$(BACKING) --postgres -- $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

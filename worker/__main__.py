@@ -58,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--home", type=Path, action="append", required=True)
     start.add_argument("--concurrency", type=int, default=1)
     start.add_argument("--loglevel", default="INFO")
+    start.add_argument("--broker-url", help="override the broker URL the platform gave at join")
     return p
 
 
@@ -100,13 +101,20 @@ def cmd_join(args: argparse.Namespace) -> int:
     return run(homes=[args.home], passphrase=passphrase, concurrency=1, loglevel="INFO")
 
 
-def run(*, homes: list[Path], passphrase: str, concurrency: int, loglevel: str) -> int:
+def run(
+    *,
+    homes: list[Path],
+    passphrase: str,
+    concurrency: int,
+    loglevel: str,
+    broker_url: str | None = None,
+) -> int:
     """Load each node, start its data plane, and consume all their queues until stopped."""
     from flexsite.celery import app
     from worker import node as nodes
 
     loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase)) for h in homes]
-    brokers = {n.config.broker_url for n in loaded}
+    brokers = {broker_url or n.config.broker_url for n in loaded}
     if len(brokers) != 1:
         raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
     broker = brokers.pop()
@@ -154,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             passphrase=passphrase_read(),
             concurrency=args.concurrency,
             loglevel=args.loglevel,
+            broker_url=args.broker_url,
         )
     except FlexError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -1,0 +1,42 @@
+"""`make bench`: run every benchmark, each in its own process, and print where results went.
+
+Each part writes var/bench/<part>.json and prints its own table; a part that misses its
+target or fails makes the whole run exit non-zero, after the other parts have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("gas", "aggregation", "sync", "web", "e2e", "scale")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)}")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(unknown)}")
+    parts = [p for p in (args.parts or PARTS) if (ROOT / "bench" / f"{p}.py").exists()]
+    results = []
+    for part in parts:
+        print(f"\n=== bench: {part} ===", flush=True)
+        started = time.monotonic()
+        code = subprocess.call([sys.executable, "-m", f"bench.{part}"], cwd=ROOT)
+        results.append((part, code, time.monotonic() - started))
+    print("\n=== bench summary ===")
+    print(f"{'part':<12} {'result':<8} {'seconds':>8}  file")
+    for part, code, seconds in results:
+        status = "ok" if code == 0 else f"exit {code}"
+        print(f"{part:<12} {status:<8} {seconds:8.1f}  var/bench/{part}.json")
+    return 0 if all(code == 0 for _, code, _ in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
