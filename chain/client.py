@@ -27,7 +27,12 @@ from web3.exceptions import (
 
 from chain import events as ev
 from chain.build import load_artifact
-from chain.errors import CONTRACT_ERRORS, ChainUnavailableError, ContractError
+from chain.errors import (
+    CONTRACT_ERRORS,
+    ChainUnavailableError,
+    ContractError,
+    TransactionRejectedError,
+)
 from chain.events import (
     ChainEvent,
     DeviceClass,
@@ -64,6 +69,7 @@ __all__ = [
     "positions_of",
     "selection_order",
     "transact_artifact",
+    "transfer_eth",
 ]
 
 CONTRACT_NAME = "FlexMarket"
@@ -73,6 +79,7 @@ GAS_MARGIN_MIN = 20_000
 # EIP-7825 (Osaka) caps a transaction's gas; staying under it keeps one code path for both.
 MAX_TX_GAS = 2**24
 RECEIPT_TIMEOUT_SECONDS = 120.0
+NONCE_ATTEMPTS = 3
 
 _ERROR_STRING_SELECTOR = keccak(text="Error(string)")[:4]
 _PANIC_SELECTOR = keccak(text="Panic(uint256)")[:4]
@@ -357,7 +364,7 @@ def _rpc() -> Iterator[None]:
     except (ContractLogicError, Web3RPCError) as exc:
         if _is_revert(exc):
             raise decode_revert(_revert_data(exc)) from exc
-        raise
+        raise TransactionRejectedError(f"the node refused the request: {exc}") from exc
 
 
 # ---------------------------------------------------------------- nonces
@@ -366,7 +373,8 @@ def _rpc() -> Iterator[None]:
 # count and handing the signed transaction to the node happen under it, so several sends
 # from one account (several threads, or in a row) never reuse a nonce. The node's count is
 # the source of truth (it survives evm_revert and restarts, where a local counter would
-# leave a gap); another process signing for the same key is not supported.
+# leave a gap). Another process signing with the same key can still take a nonce first:
+# the send then retries with the next one (_send_with_fresh_nonce).
 _NONCE_LOCKS: dict[str, threading.Lock] = {}
 _NONCE_LOCKS_GUARD = threading.Lock()
 
@@ -626,11 +634,10 @@ class FlexMarket:
         return _optional_id(raw)
 
     def round_info(self, *, task_id: int, round_number: int) -> RoundInfo:
-        values = self._call("roundInfo", task_id, round_number)
-        found = _struct(self._outputs["roundInfo"][0]["components"], values)
-        found["global_model"] = (
-            None if int(found["global_model"], 16) == 0 else found["global_model"]
-        )
+        """Round r's global model (None if unpublished), the updates submitted in it, and
+        which of them (with which scores) global model r+1 aggregated."""
+        found = self._struct_of("roundInfo", task_id, round_number)
+        found["global_model"] = _optional_id(bytes(HexBytes(found["global_model"])))
         return RoundInfo(**found)
 
     def credit_of(self, *, account: str) -> int:
@@ -661,13 +668,20 @@ class FlexMarket:
         with _rpc():
             return getattr(self._contract.functions, name)(*args).call()
 
+    def _struct_of(self, name: str, *args: Any) -> dict[str, Any]:
+        return _struct(self._outputs[name][0]["components"], self._call(name, *args))
+
     def _record(self, cls: type[R], name: str, *args: Any) -> R:
-        values = self._call(name, *args)
-        return cls(**_struct(self._outputs[name][0]["components"], values))
+        return cls(**self._struct_of(name, *args))
 
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
         data = self._contract.encode_abi(name, args=list(args))
-        receipt = _send(self.w3, sender, {"to": self.address, "data": data, "value": value})
+        receipt = _send(
+            self.w3,
+            sender,
+            {"to": self.address, "data": data, "value": value},
+            receipt_timeout=self.receipt_timeout,
+        )
         return _tx_result(receipt, market=self.address)
 
 
@@ -744,7 +758,13 @@ def _struct(components: Sequence[Mapping[str, Any]], values: Sequence[Any]) -> d
     }
 
 
-def _send(w3: Web3, sender: LocalAccount, call: dict[str, Any]) -> Any:
+def _send(
+    w3: Web3,
+    sender: LocalAccount,
+    call: dict[str, Any],
+    *,
+    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+) -> Any:
     """Estimates, signs with ``sender``'s key, sends raw and waits for the receipt.
 
     A revert found by the estimate raises its typed error before anything is sent; a
@@ -756,21 +776,18 @@ def _send(w3: Web3, sender: LocalAccount, call: dict[str, Any]) -> Any:
         with _nonce_lock(sender.address):
             estimate = w3.eth.estimate_gas(tx)
             margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
-            gas = min(estimate + margin, MAX_TX_GAS)
             base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
             tip = w3.eth.max_priority_fee
             tx.update(
                 chainId=chain_id,
-                gas=gas,
-                nonce=w3.eth.get_transaction_count(sender.address, "pending"),
+                gas=min(estimate + margin, MAX_TX_GAS),
                 maxPriorityFeePerGas=tip,
                 maxFeePerGas=2 * base_fee + tip,
             )
-            signed = sender.sign_transaction(tx)
-            tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+            tx_hash = _send_with_fresh_nonce(w3, sender, tx)
         try:
             receipt = w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=RECEIPT_TIMEOUT_SECONDS, poll_latency=0.05
+                tx_hash, timeout=receipt_timeout, poll_latency=0.05
             )
         except TimeExhausted as exc:
             raise ChainUnavailableError(
@@ -779,6 +796,23 @@ def _send(w3: Web3, sender: LocalAccount, call: dict[str, Any]) -> Any:
         if receipt["status"] != 1:
             _raise_mined_revert(w3, tx, receipt)
     return receipt
+
+
+def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:
+    """Signs with the node's pending nonce and sends; if another signer of the same key took
+    that nonce meanwhile, takes the next one (a few times) instead of failing."""
+    for attempt in range(NONCE_ATTEMPTS):
+        tx["nonce"] = w3.eth.get_transaction_count(sender.address, "pending")
+        signed = sender.sign_transaction(tx)
+        try:
+            return w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Web3RPCError as exc:
+            clash = "nonce" in str(exc).lower() or "already known" in str(exc).lower()
+            if not clash or attempt == NONCE_ATTEMPTS - 1:
+                raise TransactionRejectedError(
+                    f"the node refused the transaction: {exc}", sender=sender.address
+                ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _raise_mined_revert(w3: Web3, tx: Mapping[str, Any], receipt: Any) -> None:

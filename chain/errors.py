@@ -38,6 +38,12 @@ class ChainUnavailableError(FlexError):
     code = "chain_unavailable"
 
 
+class TransactionRejectedError(FlexError):
+    """The node refused the transaction (e.g. the sender cannot pay for gas)."""
+
+    code = "transaction_rejected"
+
+
 class ContractError(FlexError):
     """The FlexMarket contract rejected the call.
 

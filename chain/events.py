@@ -414,28 +414,31 @@ def scan(
     attempts, is ChainUnavailableError.
     """
     address = to_checksum_address(address)
-    topics = [list(_prefixed_topics())]
+    # One OR-list in the first topic position: any FlexMarket event, nothing else.
+    topics = [list(event_topics().values())]
     size = chunk
     lo = from_block
     while lo <= to_block:
         hi = min(lo + size - 1, to_block)
+        block_hash = _block_hash(w3, hi, retries, retry_delay)
         try:
             logs = _get_logs(w3, address, lo, hi, topics, retries, retry_delay)
-        except Web3RPCError:
+        except Web3RPCError as exc:
             if size <= min_chunk:
-                raise
+                raise ChainUnavailableError(
+                    f"the node refused eth_getLogs for blocks {lo}..{hi}: {exc}"
+                ) from exc
             size = max(size // 2, min_chunk)
             continue
+        # A re-org between reading the hash and the logs would pair the cursor with logs
+        # of another branch: read the range again.
+        if _block_hash(w3, hi, retries, retry_delay) != block_hash:
+            continue
         events = tuple(decode_logs(logs, address=address))
-        block_hash = _block_hash(w3, hi, retries, retry_delay)
         yield ScannedChunk(lo, hi, block_hash, events)
         lo = hi + 1
         if not events:
             size = min(size * 2, chunk)
-
-
-def _prefixed_topics() -> list[str]:
-    return list(event_topics().values())
 
 
 def _get_logs(

@@ -202,8 +202,7 @@ contract FlexMarket {
     mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 position => bytes32)))
         private _updates;
     /// @dev Scores of round r's aggregated trainers, sixteen uint16 per word in ascending
-    /// position order; a round is scored iff one of its words is non-zero (the sum of the
-    /// scores must be positive, and each round is written once).
+    /// position order after a marker lane (see _storeScores); unscored rounds have none.
     mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 word => uint256)))
         private _scoreWords;
     mapping(address account => uint256) private _credits;
@@ -967,15 +966,13 @@ contract FlexMarket {
         uint256 masks = r.masks;
         info.submittedMask = masks & _LOW_128;
         info.aggregatedMask = masks >> 128;
-        uint256 count = _popcount(info.aggregatedMask);
-        uint16[] memory scores = new uint16[](count);
-        bool scored;
-        for (uint256 k = 0; k < count; ++k) {
-            uint16 s = _scoreAt(taskId, round, k);
-            scores[k] = s;
-            if (s != 0) scored = true;
+        if (_scoreWords[taskId][round][0] != 0) {
+            uint256 count = _popcount(info.aggregatedMask);
+            info.scores = new uint16[](count);
+            for (uint256 k = 0; k < count; ++k) {
+                info.scores[k] = _scoreAt(taskId, round, k);
+            }
         }
-        if (scored) info.scores = scores;
     }
 
     /// @notice Wei withdrawable by `account`.
@@ -1102,6 +1099,9 @@ contract FlexMarket {
         _credit(t.buyer, taskId, budget, CreditReason.Refund);
     }
 
+    /// @dev Lane 0 of word 0 holds a marker (1) and score k sits in lane k + 1, so a scored
+    /// round's first word is never zero: settlement tells scored from unscored rounds with
+    /// one read. Up to 15 scores fit the first word.
     function _storeScores(
         uint256 taskId,
         uint256 round,
@@ -1110,14 +1110,16 @@ contract FlexMarket {
     ) private {
         uint256 count = _popcount(aggregatedMask);
         if (scores.length != count) revert FlexMarketScoresLengthMismatch(count, scores.length);
+        mapping(uint256 word => uint256) storage words = _scoreWords[taskId][round];
         uint256 sum;
-        uint256 word;
+        uint256 word = 1;
         for (uint256 k = 0; k < count; ++k) {
             uint256 s = scores[k];
+            uint256 lane = k + 1;
             sum += s;
-            word |= s << (_SCORE_BITS * (k % _SCORES_PER_WORD));
-            if (k % _SCORES_PER_WORD == _SCORES_PER_WORD - 1 || k == count - 1) {
-                if (word != 0) _scoreWords[taskId][round][k / _SCORES_PER_WORD] = word;
+            word |= s << (_SCORE_BITS * (lane % _SCORES_PER_WORD));
+            if (lane % _SCORES_PER_WORD == _SCORES_PER_WORD - 1 || k == count - 1) {
+                if (word != 0) words[lane / _SCORES_PER_WORD] = word;
                 word = 0;
             }
         }
@@ -1125,8 +1127,9 @@ contract FlexMarket {
     }
 
     function _scoreAt(uint256 taskId, uint256 round, uint256 k) private view returns (uint16) {
-        uint256 word = _scoreWords[taskId][round][k / _SCORES_PER_WORD];
-        return uint16(word >> (_SCORE_BITS * (k % _SCORES_PER_WORD)));
+        uint256 lane = k + 1;
+        uint256 word = _scoreWords[taskId][round][lane / _SCORES_PER_WORD];
+        return uint16(word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD)));
     }
 
     /// @dev Trainer pay per position for rounds 0..aggregatedRounds-1 (an update of round r
@@ -1162,7 +1165,7 @@ contract FlexMarket {
     /// @dev Adds one aggregated round's trainer pay to `pay`; returns the round's total.
     /// Unscored: each aggregated trainer gets its price. Scored: the round's pool (sum of the
     /// aggregated trainers' prices) is shared by score, rounding down; the dust stays with
-    /// the buyer's refund.
+    /// the buyer's refund. Unchecked: pay is bounded by the budget, pool * score by 2^119.
     function _roundPay(
         uint256 taskId,
         uint256 round,
@@ -1171,46 +1174,54 @@ contract FlexMarket {
         uint256[] memory pay
     ) private view returns (uint256 total) {
         uint256 n = prices.length;
-        uint256 count = _popcount(mask);
-        uint256 words = (count + _SCORES_PER_WORD - 1) / _SCORES_PER_WORD;
-        uint256[] memory scoreWords = new uint256[](words);
-        bool scored;
-        for (uint256 w = 0; w < words; ++w) {
-            scoreWords[w] = _scoreWords[taskId][round][w];
-            if (scoreWords[w] != 0) scored = true;
-        }
-        if (!scored) {
-            for (uint256 p = 0; p < n; ++p) {
-                if ((mask >> p) & 1 == 1) {
-                    pay[p] += prices[p];
-                    total += prices[p];
+        mapping(uint256 word => uint256) storage words = _scoreWords[taskId][round];
+        if (words[0] == 0) {
+            unchecked {
+                for (uint256 p = 0; p < n; ++p) {
+                    if ((mask >> p) & 1 == 1) {
+                        uint256 price = prices[p];
+                        pay[p] += price;
+                        total += price;
+                    }
                 }
             }
             return total;
         }
-        uint256 pool;
-        uint256 scoreSum;
-        uint256 k;
-        for (uint256 p = 0; p < n; ++p) {
-            if ((mask >> p) & 1 == 1) {
-                pool += prices[p];
-                scoreSum += _lane(scoreWords, k);
-                ++k;
-            }
-        }
-        k = 0;
-        for (uint256 p = 0; p < n; ++p) {
-            if ((mask >> p) & 1 == 1) {
-                uint256 share = (pool * _lane(scoreWords, k)) / scoreSum;
-                pay[p] += share;
-                total += share;
-                ++k;
+        (uint256 pool, uint256 scoreSum) = _poolAndScoreSum(words, mask, prices);
+        unchecked {
+            uint256 lane = 1;
+            uint256 word = words[0];
+            for (uint256 p = 0; p < n; ++p) {
+                if ((mask >> p) & 1 == 1) {
+                    if (lane % _SCORES_PER_WORD == 0) word = words[lane / _SCORES_PER_WORD];
+                    uint256 score = (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
+                    uint256 share = (pool * score) / scoreSum;
+                    pay[p] += share;
+                    total += share;
+                    ++lane;
+                }
             }
         }
     }
 
-    function _lane(uint256[] memory scoreWords, uint256 k) private pure returns (uint256) {
-        return uint16(scoreWords[k / _SCORES_PER_WORD] >> (_SCORE_BITS * (k % _SCORES_PER_WORD)));
+    function _poolAndScoreSum(
+        mapping(uint256 word => uint256) storage words,
+        uint256 mask,
+        uint256[] memory prices
+    ) private view returns (uint256 pool, uint256 scoreSum) {
+        uint256 n = prices.length;
+        unchecked {
+            uint256 lane = 1;
+            uint256 word = words[0];
+            for (uint256 p = 0; p < n; ++p) {
+                if ((mask >> p) & 1 == 1) {
+                    if (lane % _SCORES_PER_WORD == 0) word = words[lane / _SCORES_PER_WORD];
+                    pool += prices[p];
+                    scoreSum += (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
+                    ++lane;
+                }
+            }
+        }
     }
 
     function _settle(

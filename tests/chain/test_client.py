@@ -9,7 +9,7 @@ from eth_account import Account
 from web3 import Web3
 
 from chain.client import DeviceClass, DeviceStatus, FlexMarket, TxResult
-from chain.errors import ChainUnavailableError, UnknownTaskError
+from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
 from chain.events import DeviceRegistered, TaskCreated
 from chain.launcher import free_port
 from tests.chain.conftest import Accounts, Flow
@@ -59,3 +59,21 @@ def test_tx_result_events(market: FlexMarket, flow: Flow):
     with pytest.raises(LookupError):
         result.first(TaskCreated)
     assert result.all(TaskCreated) == []
+
+
+def test_sender_without_funds_is_rejected_typed(
+    market: FlexMarket, accounts: Accounts, flow: Flow, w3: Web3
+):
+    broke = Account.create()
+    market.register_device(
+        sender=accounts.owner,
+        device=broke.address,
+        device_class=DeviceClass.CPU,
+        can_aggregate=False,
+    )
+    task_id = flow.create_task()
+    with pytest.raises(TransactionRejectedError) as exc:
+        flow.bid_trainer(task_id, broke, 10**9)
+    assert exc.value.code == "transaction_rejected"
+    assert exc.value.sender == broke.address
+    assert w3.eth.get_transaction_count(broke.address) == 0

@@ -139,7 +139,7 @@ def expected_pay(
         else:
             pool = sum(prices[p] for p in used)
             for p, s in zip(used, scores, strict=True):
-                pay[p] += -(-pool * s // sum(scores))
+                pay[p] += pool * s // sum(scores)
     for p in range(len(prices)):
         if open_mask >> p & 1:
             pay[p] += prices[p]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from eth_account import Account
+from eth_utils import keccak
 from web3 import Web3
 
 from chain.client import (
+    DeviceClass,
     FlexMarket,
     TaskState,
     call_artifact,
     decode_revert,
     deploy_artifact,
+    mask_of,
     transact_artifact,
 )
 from chain.errors import (
@@ -36,6 +40,7 @@ from tests.chain.conftest import (
     Clock,
     Flow,
     Running,
+    model_id,
 )
 
 GWEI = 10**9
@@ -299,4 +304,53 @@ def test_receiver_that_rejects_ether_keeps_its_credit(
     with pytest.raises(TransferFailedError):
         attack(w3, accounts, market, attacker, REJECT)
     assert market.credit_of(account=attacker) == budget
+    assert_conserved(market)
+
+
+def test_scores_across_several_words_pay_exact_shares(
+    market: FlexMarket, accounts: Accounts, flow: Flow, w3: Web3
+):
+    """17 scored trainers fill the first score word (15 after the marker) and spill over."""
+    extra = [Account.from_key(keccak(text=f"extra-trainer-{i}")) for i in range(5)]
+    for device in extra:
+        w3.provider.make_request("anvil_setBalance", [device.address, hex(10**20)])
+        market.register_device(
+            sender=accounts.owner,
+            device=device.address,
+            device_class=DeviceClass.CPU,
+            can_aggregate=False,
+        )
+    trainers = [*accounts.trainers, *extra]
+    prices = [GWEI + 1_000_003 * i for i in range(len(trainers))]
+    task_id = flow.create_task(rounds=1, max_trainers=len(trainers), budget_wei=10**18)
+    flow.bid_aggregator(task_id, accounts.aggregators[0], MIN_AGGREGATOR_PRICE_WEI)
+    for trainer, price in zip(trainers, prices, strict=True):
+        flow.bid_trainer(task_id, trainer, price)
+    flow.close_bidding(task_id)
+    market.select_nodes(sender=accounts.outsider, task_id=task_id)
+    selection = market.selection(task_id=task_id)
+    assert selection is not None
+    by_address = {t.address: t for t in trainers}
+    positioned = [by_address[a] for a in selection.trainers]
+    market.publish_global_model(
+        sender=accounts.aggregators[0], task_id=task_id, round_number=0, model_id=model_id(0)
+    )
+    for p, trainer in enumerate(positioned):
+        market.submit_update(
+            sender=trainer, task_id=task_id, round_number=0, model_id=model_id(f"u{p}")
+        )
+    scores = [(7919 * (p + 1)) % 65536 for p in range(len(positioned))]
+    market.publish_global_model(
+        sender=accounts.aggregators[0],
+        task_id=task_id,
+        round_number=1,
+        model_id=model_id(1),
+        aggregated_mask=mask_of(range(len(positioned))),
+        scores=scores,
+    )
+    assert market.round_info(task_id=task_id, round_number=0).scores == tuple(scores)
+    market.finalize(sender=accounts.outsider, task_id=task_id)
+    pool = sum(selection.trainer_prices_wei)
+    for p, trainer in enumerate(positioned):
+        assert market.credit_of(account=trainer.address) == pool * scores[p] // sum(scores)
     assert_conserved(market)
