@@ -1,8 +1,26 @@
-"""ASGI entry point for FLEX's web server."""
+"""ASGI entry point for FLEX's web server: HTTP through Django, WebSockets through Channels."""
 
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flexsite.settings")
-application = get_asgi_application()
+# Django must be set up before anything that imports models (the consumers) is imported.
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from marketplace.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        # Sockets authenticate with the session cookie: only pages of our own hosts may open
+        # them, or any site a buyer visits could read their tasks (cross-site hijacking).
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+    }
+)

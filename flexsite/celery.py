@@ -2,7 +2,8 @@
 
 Plain Celery: importing it needs no Django and no database, so a device worker uses the same
 app and routing as the platform. The platform's worker and beat run with
-DJANGO_SETTINGS_MODULE set, which makes Celery's Django fix-up set Django up.
+DJANGO_SETTINGS_MODULE set, which makes Celery's Django fix-up set Django up; beat runs the
+chain sync and the lifecycle's deadline check (``beat_schedule``).
 """
 
 from __future__ import annotations
@@ -48,5 +49,22 @@ app.conf.update(
     broker_transport_options={"visibility_timeout": 3600},
     timezone="UTC",
 )
+
+# Read from the same variable as settings.FLEX_SYNC_INTERVAL_S: this module needs no Django.
+SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
+# Celery beat: the platform's heartbeats. A tick not taken in time is dropped (expires), not
+# run late in a burst: the next one does the same work.
+app.conf.beat_schedule = {
+    "chain-sync": {
+        "task": "marketplace.sync_chain",
+        "schedule": SYNC_INTERVAL_S,
+        "options": {"queue": PLATFORM_QUEUE, "expires": max(SYNC_INTERVAL_S * 5, 5.0)},
+    },
+    "lifecycle-deadlines": {
+        "task": "marketplace.check_deadlines",
+        "schedule": SYNC_INTERVAL_S,
+        "options": {"queue": PLATFORM_QUEUE, "expires": max(SYNC_INTERVAL_S * 5, 5.0)},
+    },
+}
 if os.environ.get("DJANGO_SETTINGS_MODULE"):
     app.autodiscover_tasks(["marketplace"])

@@ -1,0 +1,320 @@
+"""Lifecycle triggers on the real Anvil, Redis and database: each fires once, however often
+sync, the beat or a redelivered message asks for it again."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+
+from chain.client import FlexMarket, Role, TaskState
+from chain.messages import join_message
+from flexsite.celery import device_queue
+from marketplace import lifecycle, services
+from marketplace.models import Device, LifecycleAction, Round, Task
+from marketplace.sync import ChainSync
+from tests.marketplace.test_sync import SPEC, Broker, mirror_env, register  # noqa: F401
+from training.spec import TaskSpec
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TRAINER_PRICE = 3 * 10**14
+AGGREGATOR_PRICE = 2 * 10**14
+BUDGET = 10**16
+WINDOW_S = 30
+ROUND_TIMEOUT_S = 60
+Action = LifecycleAction.Action
+
+
+@dataclass
+class Node:
+    device: Device | None
+    account: LocalAccount
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    @property
+    def queue(self) -> str:
+        return device_queue(self.device.pk)
+
+
+def enrol(name: str, *, aggregate: bool = False) -> Node:
+    """A device enrolled the way `worker join` does it: token, signed challenge, registration."""
+    issued = services.join_token_issue(
+        label=name, ttl=timedelta(minutes=5), may_aggregate=aggregate
+    )
+    token = services.join_challenge_issue(raw_token=issued.raw)
+    account = Account.create()
+    message = encode_defunct(text=join_message(challenge=token.challenge, address=account.address))
+    device = services.device_enrol(
+        raw_token=issued.raw,
+        address=account.address,
+        signature=account.sign_message(message).signature.to_0x_hex(),
+        name=name,
+        device_class="cpu",
+        dataplane_url=f"http://127.0.0.1:9/{name}",
+    )
+    return Node(device=device, account=account)
+
+
+def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> Task:
+    """A buyer signs up, funds the wallet and posts a task from the website's services."""
+    user = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
+    services.wallet_fund(wallet=user.wallet)
+    return services.task_create(
+        buyer=user,
+        title="digits",
+        spec=spec,
+        min_trainers=min_trainers,
+        max_trainers=2,
+        round_timeout_s=ROUND_TIMEOUT_S,
+        budget_wei=BUDGET,
+        bidding_window_s=WINDOW_S,
+    )
+
+
+def advance(market: FlexMarket, seconds: int, *, mine: bool = True) -> None:
+    """Moves chain time on (the session chain's clock only ever moves forward). Without
+    ``mine`` the chain sits idle as a dev chain does: no block carries the new time yet."""
+    market.w3.provider.make_request("evm_increaseTime", [seconds])
+    if mine:
+        market.w3.provider.make_request("evm_mine", [])
+
+
+def bid(market: FlexMarket, node: Node, task: Task, *, role: Role = Role.TRAINER) -> None:
+    market.place_bid(
+        sender=node.account,
+        task_id=task.chain_task_id,
+        price_per_round_wei=AGGREGATOR_PRICE if role == Role.AGGREGATOR else TRAINER_PRICE,
+        samples=1 if role == Role.AGGREGATOR else 100,
+        role=role,
+    )
+
+
+def model_id(label: str) -> str:
+    return "0x" + keccak(text=f"model-{label}-{uuid.uuid4().hex}").hex()
+
+
+def sync() -> None:
+    assert ChainSync().run().status == "synced"
+
+
+def selected_task(market: FlexMarket, aggregator: Node, trainers: list[Node]) -> Task:
+    """A posted task whose bidding ended with ``aggregator`` and ``trainers`` selected."""
+    task = post_task(min_trainers=len(trainers))
+    bid(market, aggregator, task, role=Role.AGGREGATOR)
+    for trainer in trainers:
+        bid(market, trainer, task)
+    advance(market, WINDOW_S + 1)
+    assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is not None
+    return task
+
+
+def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  # noqa: F811
+    market = platform_market
+    aggregator = enrol("aggregator", aggregate=True)
+    trainers = [enrol("alice"), enrol("bob")]
+    revoked = enrol("revoked")
+    services.device_revoke(device=revoked.device)
+
+    # TaskCreated -> every eligible device is asked to bid, once.
+    task = post_task()
+    sync()
+    sync()
+    assert lifecycle.task_notify_devices(task=task) is None
+    for node in (aggregator, *trainers):
+        [(name, kwargs)] = mirror_env.messages(node.queue)
+        assert name == "worker.place_bid"
+        assert kwargs == {
+            "node_address": node.address,
+            "task_id": task.chain_task_id,
+            "spec": SPEC.as_dict(),
+        }
+    assert mirror_env.messages(revoked.queue) == []
+    task.refresh_from_db()
+    assert task.state == "bidding"
+
+    # Bidding ends by chain time -> the beat queues selection; selection runs once.
+    bid(market, aggregator, task, role=Role.AGGREGATOR)
+    for trainer in trainers:
+        bid(market, trainer, task)
+    assert task.chain_task_id not in lifecycle.deadlines_check()["select_nodes"]
+    advance(market, WINDOW_S + 1, mine=False)
+    assert task.chain_task_id in lifecycle.deadlines_check()["select_nodes"]
+    assert ("marketplace.task_select_nodes", {"task_id": task.chain_task_id}) in (
+        mirror_env.messages("platform")
+    )
+    assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is not None
+    assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is None
+    assert market.task(task_id=task.chain_task_id).state == TaskState.RUNNING
+
+    # NodesSelected -> the aggregator is asked for the initial model, once.
+    sync()
+    sync()
+    assert lifecycle.task_publish_initial(task=task) is None
+    publish = [m for m in mirror_env.messages(aggregator.queue) if m[0] != "worker.place_bid"]
+    assert publish == [
+        (
+            "worker.publish_initial_model",
+            {
+                "node_address": aggregator.address,
+                "task_id": task.chain_task_id,
+                "spec": SPEC.as_dict(),
+            },
+        )
+    ]
+
+    # GlobalModelPublished(0) -> the round opens for the trainers and the aggregator, once.
+    initial = model_id("initial")
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task.chain_task_id, round_number=0, model_id=initial
+    )
+    sync()
+    sync()
+    task.refresh_from_db()
+    assert lifecycle.task_round_start(task=task, round_number=0) is None
+    urls = {t.address: t.device.dataplane_url for t in trainers}
+    for trainer in trainers:
+        assert mirror_env.messages(trainer.queue)[1:] == [
+            (
+                "worker.train_round",
+                {
+                    "node_address": trainer.address,
+                    "task_id": task.chain_task_id,
+                    "round_number": 0,
+                    "spec": SPEC.as_dict(),
+                    "aggregator_url": aggregator.device.dataplane_url,
+                },
+            )
+        ]
+    assert mirror_env.messages(aggregator.queue)[2:] == [
+        (
+            "worker.aggregate_round",
+            {
+                "node_address": aggregator.address,
+                "task_id": task.chain_task_id,
+                "round_number": 0,
+                "spec": SPEC.as_dict(),
+                "trainer_urls": urls,
+            },
+        )
+    ]
+
+    # The final global model -> finalize is queued; it settles once.
+    for trainer in trainers:
+        market.submit_update(
+            sender=trainer.account,
+            task_id=task.chain_task_id,
+            round_number=0,
+            model_id=model_id(trainer.address),
+        )
+    final = model_id("final")
+    published = market.publish_global_model(
+        sender=aggregator.account,
+        task_id=task.chain_task_id,
+        round_number=1,
+        model_id=final,
+        aggregated_mask=0b11,
+    )
+    sync()
+    finalize = ("marketplace.task_finalize", {"task_id": task.chain_task_id})
+    assert mirror_env.messages("platform").count(finalize) == 1
+    sync()
+    assert mirror_env.messages("platform").count(finalize) == 1
+    task.refresh_from_db()
+    assert task.state == "trained"
+    assert lifecycle.task_finalize(task_id=task.chain_task_id) is not None
+    assert lifecycle.task_finalize(task_id=task.chain_task_id) is None
+    sync()
+    task.refresh_from_db()
+    assert task.state == "finalized"
+    paid = {p.account: p.amount_wei for p in task.payouts.exclude(reason="refund")}
+    assert paid == {
+        trainers[0].address: TRAINER_PRICE,
+        trainers[1].address: TRAINER_PRICE,
+        aggregator.address: AGGREGATOR_PRICE,
+    }
+    assert task.refunded_wei == BUDGET - 2 * TRAINER_PRICE - AGGREGATOR_PRICE
+
+    # What the aggregator reports lands on the Round, if it names the chain's model.
+    lifecycle.round_metrics_record(
+        task_id=task.chain_task_id,
+        round_number=1,
+        model_id=final,
+        tx_hash=published.tx_hash,
+        accuracy=0.9,
+        loss=0.3,
+        gas_used=published.gas_used,
+    )
+    forged = lifecycle.round_metrics_record(
+        task_id=task.chain_task_id,
+        round_number=1,
+        model_id=initial,
+        tx_hash=published.tx_hash,
+        accuracy=0.1,
+    )
+    assert forged is None
+    row = Round.objects.get(task=task, number=1)
+    assert (row.accuracy, row.loss, row.gas_used, row.updates_aggregated) == (
+        0.9,
+        0.3,
+        published.gas_used,
+        2,
+    )
+    with pytest.raises(lifecycle.RoundNotMirroredError):
+        lifecycle.round_metrics_record(
+            task_id=task.chain_task_id, round_number=2, model_id=final, tx_hash=published.tx_hash
+        )
+
+    fired = sorted(LifecycleAction.objects.filter(task=task).values_list("action", "round_number"))
+    assert fired == sorted(
+        [
+            (Action.NOTIFY_BIDS, 0),
+            (Action.SELECT_NODES, 0),
+            (Action.PUBLISH_INITIAL, 0),
+            (Action.START_ROUND, 0),
+            (Action.FINALIZE, 0),
+        ]
+    )
+
+
+def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+    caplog,
+):
+    market = platform_market
+    # An aggregator registered on chain by hand: no enrolled Device row, so no queue.
+    stranger = Account.from_key(keccak(text=f"stranger-{uuid.uuid4().hex}"))
+    market.w3.provider.make_request("anvil_setBalance", [stranger.address, hex(10**20)])
+    register(market, stranger, aggregate=True)
+    trainer = enrol("carol")
+    task = selected_task(market, Node(device=None, account=stranger), [trainer])
+
+    with caplog.at_level("WARNING", logger="marketplace.lifecycle"):
+        sync()
+    assert "is not an enrolled device" in caplog.text
+    action = LifecycleAction.objects.get(task=task, action=Action.PUBLISH_INITIAL)
+    assert action.detail == {"missing": [stranger.address]}
+    assert mirror_env.messages(trainer.queue) == []  # bidding was over when sync saw it
+
+    # Nobody publishes the initial model: after the deadline (chain time) the task aborts.
+    assert task.chain_task_id not in lifecycle.deadlines_check()["abort"]
+    assert lifecycle.task_abort(task_id=task.chain_task_id) is None
+    advance(market, ROUND_TIMEOUT_S + 1, mine=False)
+    assert task.chain_task_id in lifecycle.deadlines_check()["abort"]
+    assert lifecycle.task_abort(task_id=task.chain_task_id) is not None
+    assert lifecycle.task_abort(task_id=task.chain_task_id) is None
+    sync()
+    task.refresh_from_db()
+    assert task.state == "aborted"
+    assert task.refunded_wei == BUDGET
+    assert LifecycleAction.objects.filter(task=task, action=Action.ABORT).count() == 1
