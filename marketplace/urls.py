@@ -1,3 +1,22 @@
 """The buyer website's URLs."""
 
-urlpatterns: list = []
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from marketplace import views
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("signup/", views.signup, name="signup"),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("wallet/", views.wallet, name="wallet"),
+    path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
+    path("tasks/", views.task_list, name="task-list"),
+    path("tasks/new/", views.task_create, name="task-create"),
+    path("tasks/estimate/", views.task_estimate, name="task-estimate"),
+    path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
+    path("tasks/<int:pk>/devices/", views.task_devices, name="task-devices"),
+    path("tasks/<int:pk>/model/", views.task_model, name="task-model"),
+    path("tasks/<int:pk>/model/download/", views.task_model_download, name="task-model-download"),
+]

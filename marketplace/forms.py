@@ -1,0 +1,278 @@
+"""The buyer website's forms: sign-up and the task form, with exact ETH amounts."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation, localcontext
+
+from django import forms
+from django.contrib.auth.forms import UserCreationForm
+from django.utils import timezone
+
+from chain import errors as chain_errors
+from chain.errors import FlexError
+from marketplace import wallets
+from training.aggregation import STRATEGIES
+from training.catalogue import MODELS, SCHEMAS
+from training.errors import SpecError
+from training.spec import LIMITS, MAX_LEARNING_RATE, AggregationSpec, TaskSpec
+
+WEI_PER_ETH = 10**18
+ETH_DECIMALS = 18
+# A plain decimal: no sign, exponent, grouping or spaces inside. Long enough for any uint256.
+_PLAIN_AMOUNT = re.compile(r"^(\d+)(?:\.(\d*))?$|^\.(\d+)$")
+_MAX_AMOUNT_CHARS = 100
+
+DEFAULT_ROUND_TIMEOUT_MIN = 10
+DEFAULT_BIDDING_WINDOW = timedelta(minutes=15)
+# The contract's caps (limits()) are checked by task_create against the chain itself; these
+# only keep the inputs in a range the form can render.
+MAX_TRAINERS_INPUT = 10_000
+MAX_ROUND_TIMEOUT_MIN = 30 * 24 * 60
+
+
+class AmountError(ValueError):
+    """An ETH amount the buyer typed is not usable; ``code`` says why."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def eth_to_wei(text: str) -> int:
+    """Exact wei of a decimal ETH amount typed by a person ("0.1" -> 10**17).
+
+    Decimal with enough precision for any amount the pattern admits, never float; raises
+    AmountError for anything but a positive plain decimal with at most 18 decimals.
+    """
+    text = (text or "").strip()
+    if text.startswith("-"):
+        raise AmountError("The amount must be more than 0 ETH.", "amount_not_positive")
+    match = _PLAIN_AMOUNT.match(text) if len(text) <= _MAX_AMOUNT_CHARS else None
+    if not match:
+        raise AmountError("Enter an amount in ETH as a plain number, e.g. 0.25.", "amount_invalid")
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:  # the pattern should make this impossible; refuse rather than guess
+        raise AmountError("Enter an amount in ETH, e.g. 0.25.", "amount_invalid") from None
+    decimals = match.group(2) or match.group(3) or ""
+    if len(decimals) > ETH_DECIMALS:
+        raise AmountError(
+            "ETH has at most 18 decimal places (1 wei = 0.000000000000000001 ETH).",
+            "amount_too_precise",
+        )
+    with localcontext() as ctx:
+        ctx.prec = _MAX_AMOUNT_CHARS + ETH_DECIMALS
+        wei = amount * WEI_PER_ETH
+    if wei <= 0:
+        raise AmountError("The amount must be more than 0 ETH.", "amount_not_positive")
+    if wei >= 2**256:
+        raise AmountError("That amount is too large.", "amount_too_large")
+    return int(wei)
+
+
+def wei_to_eth(wei: int | str | None) -> str:
+    """Exact decimal ETH for an amount of wei, without trailing zeros ("100000000000000" ->
+    "0.0001")."""
+    if wei is None or wei == "":
+        return ""
+    wei = int(wei)
+    sign = "-" if wei < 0 else ""
+    whole, frac = divmod(abs(wei), WEI_PER_ETH)
+    digits = f"{frac:018d}".rstrip("0")
+    return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
+
+
+def wei_to_eth_approx(wei: int | str | None, *, digits: int = 3) -> str:
+    """ETH rounded up to ``digits`` significant digits, for estimates (gas), never for money
+    that moves: "260049112440000" -> "0.000261"."""
+    if wei is None or wei == "":
+        return ""
+    wei = int(wei)
+    if wei <= 0:
+        return wei_to_eth(wei)
+    unit = 10 ** max(len(str(wei)) - digits, 0)
+    return wei_to_eth(-(-wei // unit) * unit)
+
+
+class SignUpForm(UserCreationForm):
+    """A buyer account; its custodial wallet is created with it."""
+
+    class Meta(UserCreationForm.Meta):
+        fields = ("username",)
+
+
+class EthAmountField(forms.CharField):
+    """An amount of ETH typed as text, cleaned to an exact ``int`` of wei."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("max_length", _MAX_AMOUNT_CHARS)
+        super().__init__(**kwargs)
+        self.widget.attrs.update(inputmode="decimal", autocomplete="off", spellcheck="false")
+
+    def clean(self, value):
+        text = super().clean(value)
+        if text in self.empty_values:
+            return None
+        try:
+            return eth_to_wei(text)
+        except AmountError as exc:
+            raise forms.ValidationError(str(exc), code=exc.code) from None
+
+
+def _choices(entries) -> list[tuple[str, str]]:
+    return [(key, f"{entry.title}") for key, entry in entries.items()]
+
+
+class TaskForm(forms.Form):
+    """Everything a buyer orders: the spec, the market terms and the budget."""
+
+    title = forms.CharField(max_length=120, help_text="For you: shown in your task list.")
+    dataset = forms.ChoiceField(choices=_choices(SCHEMAS), help_text="What the devices' data is.")
+    model = forms.ChoiceField(choices=_choices(MODELS))
+    rounds = forms.IntegerField(
+        min_value=LIMITS["rounds"][0], initial=5, help_text="Federated-averaging rounds."
+    )
+    min_trainers = forms.IntegerField(min_value=1, max_value=MAX_TRAINERS_INPUT, initial=2)
+    max_trainers = forms.IntegerField(min_value=1, max_value=MAX_TRAINERS_INPUT, initial=4)
+    bidding_ends = forms.DateTimeField(
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M"],
+        help_text="UTC. Devices bid until then; selection follows.",
+    )
+    round_timeout_minutes = forms.IntegerField(
+        label="Round timeout (minutes)",
+        min_value=1,
+        max_value=MAX_ROUND_TIMEOUT_MIN,
+        initial=DEFAULT_ROUND_TIMEOUT_MIN,
+        help_text="How long trainers and the aggregator get per round.",
+    )
+    budget = EthAmountField(
+        label="Budget (ETH)",
+        help_text="Held in escrow by the contract; what is not earned is refunded.",
+    )
+    local_epochs = forms.IntegerField(
+        min_value=LIMITS["local_epochs"][0], max_value=LIMITS["local_epochs"][1], initial=1
+    )
+    batch_size = forms.IntegerField(
+        min_value=LIMITS["batch_size"][0], max_value=LIMITS["batch_size"][1], initial=32
+    )
+    learning_rate = forms.FloatField(min_value=0, max_value=MAX_LEARNING_RATE, initial=0.05)
+    aggregation = forms.ChoiceField(
+        choices=[(key, key) for key in STRATEGIES], initial="fedavg", label="Aggregation"
+    )
+    seed = forms.IntegerField(min_value=LIMITS["seed"][0], max_value=LIMITS["seed"][1], initial=0)
+
+    # Where an error about a spec field or a contract argument is shown.
+    SPEC_FIELDS = {"aggregation.strategy": "aggregation", "$": None, "version": None}
+    ERROR_FIELDS = {
+        chain_errors.InvalidRoundsError: "rounds",
+        chain_errors.InvalidTrainerRangeError: "max_trainers",
+        chain_errors.InvalidBiddingEndError: "bidding_ends",
+        chain_errors.InvalidRoundTimeoutError: "round_timeout_minutes",
+        chain_errors.BudgetTooLowError: "budget",
+        wallets.InsufficientFundsError: "budget",
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.is_bound:
+            ends = timezone.now() + DEFAULT_BIDDING_WINDOW
+            self.initial.setdefault("bidding_ends", ends.replace(second=0, microsecond=0))
+        self.spec: TaskSpec | None = None
+
+    def clean_bidding_ends(self):
+        ends = self.cleaned_data["bidding_ends"]
+        if ends <= timezone.now():
+            raise forms.ValidationError(
+                "Bidding must end in the future (times are UTC).", code="bidding_end_past"
+            )
+        return ends
+
+    def clean_learning_rate(self):
+        rate = self.cleaned_data["learning_rate"]
+        if rate <= 0:
+            raise forms.ValidationError("Must be greater than 0.", code="learning_rate_invalid")
+        return rate
+
+    def clean(self):
+        data = super().clean()
+        low, high = data.get("min_trainers"), data.get("max_trainers")
+        if low is not None and high is not None and low > high:
+            self.add_error(
+                "max_trainers",
+                forms.ValidationError(
+                    "Must be at least the minimum number of trainers (%(low)s).",
+                    code="trainer_range_invalid",
+                    params={"low": low},
+                ),
+            )
+        spec_inputs = ("model", "dataset", "rounds", "local_epochs", "batch_size")
+        if all(data.get(name) is not None for name in (*spec_inputs, "learning_rate", "seed")):
+            try:
+                self.spec = TaskSpec(
+                    model=data["model"],
+                    dataset=data["dataset"],
+                    rounds=data["rounds"],
+                    local_epochs=data["local_epochs"],
+                    batch_size=data["batch_size"],
+                    learning_rate=data["learning_rate"],
+                    aggregation=AggregationSpec(strategy=data["aggregation"]),
+                    seed=data["seed"],
+                )
+            except SpecError as exc:
+                self.add_flex_error(exc)
+        return data
+
+    def service_kwargs(self) -> dict:
+        """task_create's arguments from the cleaned form."""
+        data = self.cleaned_data
+        return {
+            "title": data["title"],
+            "spec": self.spec,
+            "min_trainers": data["min_trainers"],
+            "max_trainers": data["max_trainers"],
+            "bidding_ends": data["bidding_ends"],
+            "round_timeout_s": data["round_timeout_minutes"] * 60,
+            "budget_wei": data["budget"],
+        }
+
+    def add_flex_error(self, exc: FlexError) -> None:
+        """Show a service or contract error beside the field it is about, with its code."""
+        if isinstance(exc, SpecError):
+            name = exc.fields.get("field", "")
+            field = self.SPEC_FIELDS.get(name, name if name in self.fields else None)
+            message = exc.fields.get("reason", exc.message)
+            message = message[:1].upper() + message[1:]
+        else:
+            field = next((f for cls, f in self.ERROR_FIELDS.items() if isinstance(exc, cls)), None)
+            message = explain(exc)
+        self.add_error(field, forms.ValidationError(message, code=exc.code))
+
+
+def explain(exc: FlexError) -> str:
+    """A sentence for a buyer, from the error's fields (the same for a check and a revert)."""
+    f = exc.fields
+    if isinstance(exc, chain_errors.BudgetTooLowError):
+        return (
+            f"The contract needs at least {wei_to_eth(f['minimum_wei'])} ETH for this task: "
+            "the minimum number of trainers and the aggregator at the platform's minimum "
+            "prices, for every round."
+        )
+    if isinstance(exc, wallets.InsufficientFundsError):
+        return (
+            f"Your wallet holds {wei_to_eth(f['balance_wei'])} ETH; this task needs "
+            f"{wei_to_eth(f['needed_wei'])} ETH with gas. Fund your wallet first."
+        )
+    if isinstance(exc, chain_errors.InvalidTrainerRangeError):
+        if f["max_trainers"] > f["cap"]:
+            return f"At most {f['cap']} trainers per task."
+        return "The minimum must be at least 1 and not above the maximum."
+    if isinstance(exc, chain_errors.InvalidRoundsError):
+        return f"Between 1 and {f['max_rounds']} rounds."
+    if isinstance(exc, chain_errors.InvalidRoundTimeoutError):
+        return f"At most {f['max_round_timeout'] // 60} minutes."
+    if isinstance(exc, chain_errors.InvalidBiddingEndError):
+        return "Bidding must end in the future by the chain's clock (times are UTC)."
+    return exc.message

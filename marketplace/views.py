@@ -1,0 +1,387 @@
+"""The buyer website: thin views over the buyer services and the mirror's selectors."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from chain.errors import ChainUnavailableError, FlexError
+from marketplace import contract, selectors, services, wallets
+from marketplace.forms import SignUpForm, TaskForm, wei_to_eth, wei_to_eth_approx
+from marketplace.models import Device, Task, Wallet
+from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
+
+logger = logging.getLogger(__name__)
+
+# What the form's estimate starts from before the buyer types anything.
+_ESTIMATE_DEFAULTS = {"rounds": 5, "min_trainers": 2, "max_trainers": 4}
+_ESTIMATE_CAP = 10_000
+
+
+def home(request):
+    return render(request, "home.html")
+
+
+def signup(request):
+    if request.user.is_authenticated:
+        return redirect("task-list")
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = services.user_signup(
+            username=form.cleaned_data["username"], password=form.cleaned_data["password1"]
+        )
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, "Welcome to FLEX. Your wallet is ready: fund it to post a task.")
+        return redirect("wallet")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+def _wallet(user) -> Wallet:
+    """The user's wallet; accounts made outside sign-up (createsuperuser) get one on first use."""
+    try:
+        return wallets.wallet_of(user=user)
+    except wallets.WalletMissingError:
+        return services.wallet_create(user=user)
+
+
+@login_required
+def wallet(request):
+    account = _wallet(request.user)
+    balance, chain_id = None, None
+    try:
+        balance = wallets.wallet_balance_wei(wallet=account)
+        chain_id = contract.chain_id()
+    except (ChainUnavailableError, OSError):  # chain_id() is a plain web3 read
+        messages.warning(request, "The chain cannot be reached right now.")
+    return render(
+        request,
+        "marketplace/wallet.html",
+        {
+            "wallet": account,
+            "balance_wei": balance,
+            "chain_id": chain_id,
+            "faucet": balance is not None and wallets.faucet_available(),
+            "faucet_wei": settings.FLEX_FAUCET_WEI,
+        },
+    )
+
+
+@login_required
+@require_POST
+def wallet_fund(request):
+    try:
+        services.wallet_fund(wallet=_wallet(request.user))
+    except wallets.FaucetUnavailableError as exc:
+        raise PermissionDenied(exc.message) from exc
+    except ChainUnavailableError:
+        messages.error(request, "The chain cannot be reached right now; nothing was sent.")
+        return redirect("wallet")
+    messages.success(request, f"{wei_to_eth(settings.FLEX_FAUCET_WEI)} test ETH added.")
+    return redirect("wallet")
+
+
+@login_required
+def task_list(request):
+    # One plain query; it belongs in selectors.py (not this module's file) as the list grows.
+    tasks = Task.objects.filter(buyer=request.user).order_by("-created_at")
+    return render(request, "marketplace/task_list.html", {"tasks": tasks})
+
+
+def _estimate_or_none(*, rounds: int, min_trainers: int, max_trainers: int):
+    try:
+        return services.cost_estimate(
+            rounds=rounds, min_trainers=min_trainers, max_trainers=max_trainers
+        )
+    except (FlexError, OSError):  # no estimate without the chain; the page still renders
+        return None
+
+
+@login_required
+def task_create(request):
+    form = TaskForm(request.POST or None)
+    account = _wallet(request.user)
+    if request.method == "POST" and form.is_valid():
+        try:
+            task = services.task_create(buyer=request.user, **form.service_kwargs())
+        except ChainUnavailableError:
+            form.add_error(None, "The chain cannot be reached right now; nothing was sent.")
+        except FlexError as exc:
+            form.add_flex_error(exc)
+        else:
+            messages.success(request, "Your task is on chain. Devices can bid now.")
+            return redirect("task-detail", pk=task.pk)
+    shape = {
+        k: _int(form.data.get(k) if form.is_bound else None, default, _ESTIMATE_CAP)
+        for k, default in _ESTIMATE_DEFAULTS.items()
+    }
+    estimate = _estimate_or_none(**shape)
+    try:
+        balance = wallets.wallet_balance_wei(wallet=account)
+    except ChainUnavailableError:
+        balance = None
+    return render(
+        request,
+        "marketplace/task_form.html",
+        {
+            "form": form,
+            "estimate": estimate,
+            "estimate_basis": estimate_basis(estimate) if estimate else "",
+            "balance_wei": balance,
+            "wallet": account,
+        },
+    )
+
+
+def _int(raw, default: int, cap: int) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        return default
+    return min(max(value, 1), cap)
+
+
+@login_required
+@require_GET
+def task_estimate(request):
+    """The cost estimate as JSON for the task form's live panel (wei as strings: exact)."""
+    shape = {
+        k: _int(request.GET.get(k), default, _ESTIMATE_CAP)
+        for k, default in _ESTIMATE_DEFAULTS.items()
+    }
+    shape["max_trainers"] = max(shape["max_trainers"], shape["min_trainers"])
+    estimate = _estimate_or_none(**shape)
+    if estimate is None:
+        return JsonResponse({"code": "chain_unavailable"}, status=503)
+    wei = {
+        "minimum": estimate.minimum_wei,
+        "low": estimate.low_wei,
+        "high": estimate.high_wei,
+        "gas": estimate.gas_wei,
+    }
+    return JsonResponse(
+        {
+            **shape,
+            **{f"{k}_wei": str(v) for k, v in wei.items()},
+            **{f"{k}_eth": wei_to_eth(v) for k, v in wei.items()},
+            "gas_eth": wei_to_eth_approx(estimate.gas_wei),
+            "gas_units": estimate.gas_units,
+            "trainer_offers": len(estimate.trainer_prices_wei),
+            "aggregator_offers": len(estimate.aggregator_prices_wei),
+            "basis": estimate_basis(estimate),
+        }
+    )
+
+
+def estimate_basis(estimate: services.CostEstimate) -> str:
+    """Which prices the estimate comes from, in a sentence."""
+    trainers, aggregators = len(estimate.trainer_prices_wei), len(estimate.aggregator_prices_wei)
+    if not trainers and not aggregators:
+        return "No device has asked a price yet: this uses the platform's minimum prices."
+    return (
+        f"From the latest prices of {trainers} trainer{'s' if trainers != 1 else ''} and "
+        f"{aggregators} aggregator{'s' if aggregators != 1 else ''} on the platform."
+    )
+
+
+def _own_task(request, pk: int) -> Task:
+    """The task if it is the requester's; 404 otherwise, so others cannot tell it exists."""
+    return get_object_or_404(Task, pk=pk, buyer=request.user)
+
+
+@login_required
+def task_detail(request, pk: int):
+    task = _own_task(request, pk)
+    snapshot = selectors.task_snapshot(task)
+    return render(
+        request,
+        "marketplace/task_detail.html",
+        {
+            "task": task,
+            "page": task_page(snapshot),
+            "snapshot": snapshot,
+            "device_names": _device_names(snapshot),
+            "ws_path": f"/ws/tasks/{task.pk}/",
+        },
+    )
+
+
+@login_required
+@require_GET
+def task_devices(request, pk: int):
+    """Names of the devices in the task's bids and selection, for the live page's tables."""
+    task = _own_task(request, pk)
+    return JsonResponse(_device_names(selectors.task_snapshot(task)))
+
+
+@login_required
+def task_model(request, pk: int):
+    """The model card: the spec, how training went, who contributed and what each was paid."""
+    task = _own_task(request, pk)
+    snapshot = selectors.task_snapshot(task)
+    return render(
+        request,
+        "marketplace/model_card.html",
+        {
+            "task": task,
+            "snapshot": snapshot,
+            "card": _model_card(task, snapshot),
+            "device_names": _device_names(snapshot),
+        },
+    )
+
+
+@login_required
+def task_model_download(request, pk: int):
+    task = _own_task(request, pk)
+    try:
+        model = services.task_model_download(task=task, user=request.user)
+    except NotTaskBuyerError as exc:
+        raise Http404 from exc
+    except ModelNotReadyError as exc:
+        return _download_error(request, task, exc, status=409)
+    except FlexError as exc:
+        logger.warning("model download for task %s failed: %s", task.pk, exc.message)
+        return _download_error(request, task, exc, status=502)
+    response = HttpResponse(model.data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="{model.filename}"'
+    response["Content-Length"] = str(len(model.data))
+    response["X-Flex-Model-Id"] = model.model_id
+    response["X-Flex-Round"] = str(model.round_number)
+    return response
+
+
+def _download_error(request, task: Task, exc: FlexError, *, status: int):
+    return render(
+        request,
+        "marketplace/download_error.html",
+        {"task": task, "error": exc},
+        status=status,
+    )
+
+
+def _model_card(task: Task, snapshot: dict) -> dict:
+    """What the model card shows, assembled from the task's snapshot and its spec."""
+    rounds = [r for r in snapshot["rounds"] if r["number"] >= 1]
+    ready = snapshot["state"] in ("trained", "finalized")
+    final = rounds[-1] if ready and rounds else None
+    paid: dict[str, int] = {}
+    for payout in snapshot["payouts"]:
+        if payout["reason"] != "refund":
+            paid[payout["account"]] = paid.get(payout["account"], 0) + int(payout["amount_wei"])
+    contributors = [
+        {**node, "paid_wei": paid.get(node["device"], 0)} for node in snapshot["selected"]
+    ]
+    spec = task.spec or {}
+    aggregation = spec.get("aggregation") or {}
+    spec_rows = [
+        ("Model", spec.get("model")),
+        ("Dataset", spec.get("dataset")),
+        ("Rounds", spec.get("rounds")),
+        ("Local epochs", spec.get("local_epochs")),
+        ("Batch size", spec.get("batch_size")),
+        ("Learning rate", spec.get("learning_rate")),
+        ("Aggregation", aggregation.get("strategy")),
+        ("Seed", spec.get("seed")),
+    ]
+    return {
+        "ready": ready,
+        "final": final,
+        "rounds": rounds,
+        "contributors": contributors,
+        "paid_total_wei": sum(paid.values()),
+        "spec_rows": [(k, v) for k, v in spec_rows if v is not None],
+    }
+
+
+# ---------------------------------------------------------------- the task page's view model
+# static/flex/task.js derives the same fields from each live snapshot (FlexTask.present).
+
+_STEPS = (
+    ("posted", "Posted"),
+    ("bidding", "Bidding"),
+    ("training", "Training"),
+    ("trained", "Trained"),
+    ("settled", "Settled"),
+)
+# state -> (index of the step it is at, whether that step ended badly, its label there)
+_AT = {
+    "pending": (0, False, "Posting"),
+    "bidding": (1, False, None),
+    "running": (2, False, None),
+    "trained": (3, False, None),
+    "finalized": (5, False, None),
+    "cancelled": (1, True, "Cancelled"),
+    "failed": (2, True, "Selection failed"),
+    "aborted": (2, True, "Aborted"),
+}
+
+
+def task_page(snapshot: dict) -> dict:
+    """The snapshot plus what the page derives from it: progress steps, the latest metrics."""
+    state = snapshot["state"]
+    at, bad, label = _AT.get(state, (0, False, None))
+    steps = []
+    for i, (key, text) in enumerate(_STEPS):
+        status = "done" if i < at else ("bad" if bad else "now") if i == at else ""
+        steps.append({"key": key, "label": label if i == at and label else text, "status": status})
+    measured = [r for r in snapshot["rounds"] if r["number"] >= 1 and r["accuracy"] is not None]
+    latest = measured[-1] if measured else None
+    total = snapshot["round_count"]
+    if state == "bidding":
+        note = "bidding open"
+    elif state == "running" and snapshot["current_round"] is not None:
+        note = f"training round {snapshot['current_round'] + 1} of {total}"
+    elif state in ("trained", "finalized"):
+        note = "all rounds done"
+    else:
+        note = ""
+    return {
+        **snapshot,
+        "tx_rows": transaction_rows(snapshot["transactions"]),
+        "steps": steps,
+        "done_rounds": max(snapshot["published_rounds"] - 1, 0),
+        "round_note": note,
+        "latest_accuracy": latest["accuracy"] if latest else None,
+        "latest_loss": latest["loss"] if latest else None,
+        "model_ready": state in ("trained", "finalized"),
+    }
+
+
+def event_label(name: str) -> str:
+    """``GlobalModelPublished`` -> ``Global model published``."""
+    words = re.sub(r"(?<!^)(?=[A-Z])", " ", name).split()
+    return " ".join([words[0], *(w.lower() for w in words[1:])]) if words else name
+
+
+def transaction_rows(events: list[dict]) -> list[dict]:
+    """One row per transaction, in chain order, naming the events it emitted."""
+    rows: dict[str, dict] = {}
+    for event in events:
+        row = rows.setdefault(
+            event["tx_hash"], {"tx_hash": event["tx_hash"], "block": event["block"], "names": []}
+        )
+        row["names"].append(event["name"])
+    for row in rows.values():
+        counts = Counter(row["names"])
+        row["label"] = " · ".join(
+            f"{n}\u00d7 {event_label(name).lower()}" if n > 1 else event_label(name)
+            for name, n in counts.items()
+        )
+    return list(rows.values())
+
+
+def _device_names(snapshot: dict) -> dict[str, str]:
+    addresses = {b["device"] for b in snapshot["bids"]} | {
+        n["device"] for n in snapshot["selected"]
+    }
+    return dict(Device.objects.filter(address__in=addresses).values_list("address", "name"))

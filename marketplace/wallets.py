@@ -1,0 +1,121 @@
+"""Buyers' custodial Ethereum keys: generated here, kept encrypted at rest, opened only to sign.
+
+Keys are encrypted with Fernet (AES-128-CBC + HMAC-SHA256, from ``cryptography``). The
+Fernet key is FLEX_WALLET_KEY (urlsafe base64 of 32 bytes; several comma-separated keys
+allow rotation: the first encrypts, any of them decrypts). When it is unset, a key is derived
+from SECRET_KEY with HKDF-SHA256, so a local checkout works out of the box; in production set
+FLEX_WALLET_KEY so that rotating SECRET_KEY does not lock every wallet.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import Iterator
+
+import requests
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from django.conf import settings
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3.exceptions import Web3Exception
+
+from chain.errors import ChainUnavailableError, FlexError
+from marketplace import contract
+from marketplace.models import Wallet
+
+# Fixed HKDF salt and context: changing either would orphan every wallet encrypted so far.
+_HKDF_SALT = b"flex-wallet-key-v1"
+_HKDF_INFO = b"flex custodial wallet encryption"
+
+
+class WalletKeyError(FlexError):
+    """The wallet's key cannot be decrypted with the configured wallet keys."""
+
+    code = "wallet_key_invalid"
+
+
+class WalletMissingError(FlexError):
+    """This account has no wallet."""
+
+    code = "wallet_missing"
+
+
+class InsufficientFundsError(FlexError):
+    """The wallet does not hold enough ETH for this."""
+
+    code = "insufficient_funds"
+
+
+class FaucetUnavailableError(FlexError):
+    """The faucet exists only on the local development chain."""
+
+    code = "faucet_unavailable"
+
+
+def _derived_key() -> bytes:
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=_HKDF_INFO)
+    return base64.urlsafe_b64encode(hkdf.derive(settings.SECRET_KEY.encode()))
+
+
+def _cipher() -> MultiFernet:
+    configured = [k.strip() for k in settings.FLEX_WALLET_KEY.split(",") if k.strip()]
+    keys = configured or [_derived_key()]
+    try:
+        return MultiFernet([Fernet(k) for k in keys])
+    except ValueError as exc:
+        raise WalletKeyError(
+            "FLEX_WALLET_KEY must be urlsafe base64 of 32 bytes (Fernet.generate_key())."
+        ) from exc
+
+
+def key_encrypt(*, private_key: bytes) -> str:
+    return _cipher().encrypt(private_key).decode("ascii")
+
+
+def key_decrypt(*, token: str) -> bytes:
+    try:
+        return _cipher().decrypt(token.encode("ascii"))
+    except InvalidToken as exc:
+        raise WalletKeyError() from exc
+
+
+def wallet_account(*, wallet: Wallet) -> LocalAccount:
+    """The wallet's signing account; checks the key belongs to the wallet's address."""
+    account = Account.from_key(key_decrypt(token=wallet.encrypted_key))
+    if account.address != wallet.address:
+        # A ciphertext copied onto another row must not sign for that row's address.
+        raise WalletKeyError("The wallet's key does not match its address.", address=wallet.address)
+    return account
+
+
+def wallet_of(*, user) -> Wallet:
+    try:
+        return user.wallet
+    except Wallet.DoesNotExist:
+        raise WalletMissingError(user=str(user)) from None
+
+
+def wallet_balance_wei(*, wallet: Wallet) -> int:
+    """The wallet's balance on chain; ChainUnavailableError when the node cannot be reached."""
+    with node_reads():
+        return contract.w3().eth.get_balance(wallet.address)
+
+
+@contextlib.contextmanager
+def node_reads() -> Iterator[None]:
+    """Plain web3 reads (outside chain.client) raise ChainUnavailableError for a lost node."""
+    try:
+        yield
+    except (OSError, requests.RequestException) as exc:
+        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
+
+
+def faucet_available() -> bool:
+    """Whether the faucet button is offered: only on the local chain, and only if reachable."""
+    try:
+        return contract.on_dev_chain()
+    except (OSError, requests.RequestException, Web3Exception):
+        return False  # an unreachable node hides the button; the page must still render

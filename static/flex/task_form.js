@@ -1,0 +1,42 @@
+// The task form's live cost estimate: asks the server as the shape of the task changes.
+(function () {
+  "use strict";
+  const form = document.getElementById("task-form");
+  if (!form) return;
+  // Not form.dataset: a form exposes its fields as properties, and one is named "dataset".
+  const url = form.getAttribute("data-estimate-url");
+  const names = ["rounds", "min_trainers", "max_trainers"];
+  const out = (id, text) => { const el = document.getElementById(id); if (el) el.textContent = text; };
+  let timer = null;
+  let seq = 0;
+
+  async function refresh() {
+    const params = new URLSearchParams();
+    for (const name of names) {
+      const input = form.elements[name];
+      if (input && input.value) params.set(name, input.value);
+    }
+    const mine = ++seq;
+    try {
+      const res = await fetch(url + "?" + params.toString(), { headers: { Accept: "application/json" } });
+      if (!res.ok || mine !== seq) return;
+      const est = await res.json();
+      out("est-low", est.low_eth);
+      out("est-high", est.high_eth);
+      out("est-minimum", est.minimum_eth);
+      out("est-gas", est.gas_eth);
+      out("est-basis", est.basis);
+    } catch (e) { /* keep the last estimate; the server checks the budget anyway */ }
+  }
+
+  for (const name of names) {
+    const input = form.elements[name];
+    if (input) input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(refresh, 250); });
+  }
+
+  // One click, one transaction: the chain call takes a moment.
+  form.addEventListener("submit", () => {
+    const button = document.getElementById("submit-task");
+    if (button) { button.disabled = true; button.textContent = "Sending to the chain…"; }
+  });
+})();

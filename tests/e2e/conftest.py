@@ -1,0 +1,86 @@
+"""Browser-test fixtures: the real ASGI application served by daphne, and Debian's Chromium.
+
+pytest-django's live_server is WSGI only, so it cannot carry the task page's WebSocket.
+Daphne runs here in a thread of the test process instead of a subprocess: it then uses the
+very test database pytest-django set up (PostgreSQL, or SQLite's shared in-memory database,
+which another process could not open), and the settings each test overrides (the session's
+chain and contract). Twisted's reactor cannot be restarted, so the server lives for the
+whole session; DB access from it is allowed whenever the running test has it
+(``transactional_db``: a test's own transaction would hide its rows from the server).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from chain.launcher import free_port
+
+CHROMIUM = Path(os.environ.get("FLEX_CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+
+
+@pytest.fixture(scope="session")
+def asgi_server(django_db_setup) -> Iterator[str]:
+    """Base URL of flexsite.asgi.application (HTTP, static files and WebSockets) on daphne."""
+    # Daphne installs Twisted's asyncio reactor when imported: import it only when needed.
+    from channels.routing import get_default_application
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
+    from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+    from twisted.internet import reactor
+
+    port = free_port()
+    ready = threading.Event()
+    server = Server(
+        # Static files as runserver serves them; everything else goes to the real app.
+        application=ASGIStaticFilesHandler(get_default_application()),
+        endpoints=build_endpoint_description_strings(host="127.0.0.1", port=port),
+        signal_handlers=False,
+        verbosity=0,
+        ready_callable=ready.set,
+    )
+    thread = threading.Thread(target=server.run, name="daphne", daemon=True)
+    thread.start()
+    if not ready.wait(30):
+        pytest.fail("daphne did not start listening within 30 s")
+    yield f"http://127.0.0.1:{port}"
+    reactor.callFromThread(reactor.stop)
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium driven by Playwright (no browser download: none is possible here).
+
+    Playwright's sync API keeps an asyncio loop running in the main thread while it is open,
+    and Django refuses ORM calls from a thread with a running loop; the test's own ORM calls
+    are plain synchronous code, so that check is lifted, for this module only.
+    """
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium is missing at {CHROMIUM}: install it with "
+            "`apt-get install -y chromium` (make test does), or set FLEX_CHROMIUM."
+        )
+    from playwright.sync_api import sync_playwright
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=str(CHROMIUM),
+                headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+            yield browser
+            browser.close()
+
+
+@pytest.fixture
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS

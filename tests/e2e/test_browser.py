@@ -1,0 +1,266 @@
+"""A buyer in a real browser: sign up, fund the wallet, post a task, find it in the list, and
+watch its page follow the chain live over the WebSocket, from bids to payouts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from django.db import connections
+from eth_account import Account
+from eth_account.messages import encode_defunct
+
+from chain.client import Role, mask_of
+from chain.messages import join_message
+from marketplace import lifecycle, services
+from marketplace.models import Task
+from marketplace.sync import chain_sync
+from training.serialize import dumps, id_hex, model_id
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PASSWORD = "a-long-enough-passphrase-42"
+PRICE_WEI = 10**15
+ROUNDS = 3
+# What the aggregator reports for rounds 1..3: a plausible learning curve.
+METRICS = [(0.62, 1.31), (0.81, 0.74), (0.9, 0.41)]
+UPDATE_TIMEOUT_MS = 15_000
+
+
+@pytest.fixture
+def chain_rewound(w3) -> Iterator[None]:
+    """The test moves chain time past the bidding deadline: put the chain back afterwards, so
+    later tests see the chain's clock where the wall clock is."""
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    yield
+    w3.provider.make_request("evm_revert", [snapshot])
+
+
+@pytest.fixture
+def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
+    """The platform's messages to devices are kept, not queued: this test plays the devices
+    itself, and nothing must be left in a broker queue for another test's worker."""
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        lifecycle, "dispatch", lambda name, *, queue, kwargs: sent.append((name, kwargs))
+    )
+    return sent
+
+
+def off_the_loop(fn, /, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a plain thread: Playwright's sync API keeps an event loop
+    running in the test's thread, where asgiref's async_to_sync (the channel-layer push after
+    each mirror change) refuses to run."""
+
+    def call():
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()  # this thread's connections only
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(call).result()
+
+
+def _enrol(account, *, name: str, may_aggregate: bool = False) -> None:
+    issued = services.join_token_issue(
+        label=name, ttl=timedelta(hours=1), may_aggregate=may_aggregate
+    )
+    token = services.join_challenge_issue(raw_token=issued.raw)
+    text = join_message(challenge=token.challenge, address=account.address)
+    services.device_enrol(
+        raw_token=issued.raw,
+        address=account.address,
+        signature="0x" + bytes(account.sign_message(encode_defunct(text=text)).signature).hex(),
+        name=name,
+        device_class="gpu" if may_aggregate else "cpu",
+    )
+
+
+def test_buyer_posts_a_task_and_watches_it_live(
+    asgi_server,
+    browser,
+    screenshots,
+    platform_settings,
+    platform_market,
+    w3,
+    chain_rewound,
+    devices_played_by_the_test,
+):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UPDATE_TIMEOUT_MS)
+
+    # Sign up: the wallet comes with the account.
+    page.goto(asgi_server + "/")
+    page.get_by_role("link", name="Create an account").click()
+    page.fill("#id_username", "ada")
+    page.fill("#id_password1", PASSWORD)
+    page.fill("#id_password2", PASSWORD)
+    page.get_by_role("button", name="Sign up").click()
+    page.wait_for_url(re.compile(r"/wallet/$"))
+    assert page.inner_text("#wallet-balance").startswith("0 ")
+
+    # Fund it from the dev chain's faucet.
+    page.click("#faucet")
+    page.wait_for_url(re.compile(r"/wallet/$"))
+    assert page.inner_text("#wallet-balance").startswith("10 ")
+
+    # Post a task through the form (the other fields keep their defaults).
+    page.get_by_role("link", name="New task").click()
+    page.fill("#id_title", "Digits on three phones")
+    page.fill("#id_rounds", str(ROUNDS))
+    page.fill("#id_min_trainers", "1")
+    page.fill("#id_max_trainers", "2")
+    page.fill("#id_budget", "0.05")
+    page.wait_for_function("document.getElementById('est-high').textContent === '0.0009'")
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(
+        path=str(screenshots / "task-form-desktop.png"), full_page=True, animations="disabled"
+    )
+    page.click("#submit-task")
+    page.wait_for_url(re.compile(r"/tasks/\d+/$"))
+    task = Task.objects.get(title="Digits on three phones")
+    assert task.chain_task_id == platform_market.task_count()
+    assert platform_market.task(task_id=task.chain_task_id).budget_wei == 5 * 10**16
+
+    # It is listed among the buyer's tasks, and its page opens from there.
+    page.get_by_role("link", name="My tasks").click()
+    page.get_by_role("link", name=re.compile("Digits on three phones")).click()
+    page.wait_for_url(re.compile(rf"/tasks/{task.pk}/$"))
+    page.wait_for_selector("#live.on")  # the socket is open
+    assert page.get_attribute("#task-state", "data-state") == "pending"
+    page.evaluate("window.__sameDocument = true")
+
+    def sync_and_wait(js_condition: str) -> None:
+        off_the_loop(chain_sync)
+        page.wait_for_function(js_condition)
+
+    # Chain sync sees TaskCreated: the page turns to bidding by itself.
+    sync_and_wait("document.getElementById('task-state').dataset.state === 'bidding'")
+    assert page.inner_text("#task-state") == "BIDDING"
+
+    # Three devices enrol and bid.
+    aggregator, *trainers = (Account.create() for _ in range(4))
+    _enrol(aggregator, name="gpu-box", may_aggregate=True)
+    for i, trainer in enumerate(trainers):
+        _enrol(trainer, name=f"pixel-{i + 1}")
+    tid = task.chain_task_id
+    platform_market.place_bid(
+        sender=aggregator,
+        task_id=tid,
+        price_per_round_wei=PRICE_WEI,
+        samples=0,
+        role=Role.AGGREGATOR,
+    )
+    for i, trainer in enumerate(trainers):
+        platform_market.place_bid(
+            sender=trainer,
+            task_id=tid,
+            price_per_round_wei=PRICE_WEI * (i + 1),
+            samples=400 + 100 * i,
+            role=Role.TRAINER,
+        )
+    sync_and_wait("document.querySelectorAll('#bids-body tr').length === 4")
+    page.wait_for_function("document.getElementById('bids-body').textContent.includes('pixel-3')")
+
+    # Bidding closes, the contract selects: running, with the two cheapest trainers.
+    w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
+    platform_market.select_nodes(sender=aggregator, task_id=tid)
+    sync_and_wait("document.getElementById('task-state').dataset.state === 'running'")
+    page.wait_for_function("document.querySelectorAll('#selected-body tr').length === 3")
+
+    # Rounds: each published model, and the aggregator's metrics, reach the chart.
+    rng = np.random.default_rng(0)
+    weights = lambda: dumps([rng.standard_normal((8, 4)).astype(np.float32)])  # noqa: E731
+    publish = platform_market.publish_global_model(
+        sender=aggregator, task_id=tid, round_number=0, model_id=model_id(weights())
+    )
+    selection = platform_market.selection(task_id=tid)
+    by_address = {t.address: t for t in trainers}
+    for number, (accuracy, loss) in enumerate(METRICS, start=1):
+        for trainer in selection.trainers:
+            platform_market.submit_update(
+                sender=by_address[trainer],
+                task_id=tid,
+                round_number=number - 1,
+                model_id=model_id(weights()),
+            )
+        global_id = id_hex(model_id(weights()))
+        publish = platform_market.publish_global_model(
+            sender=aggregator,
+            task_id=tid,
+            round_number=number,
+            model_id=global_id,
+            aggregated_mask=mask_of(range(len(selection.trainers))),
+        )
+        off_the_loop(chain_sync)
+        off_the_loop(
+            lifecycle.round_metrics_record,
+            task_id=tid,
+            round_number=number,
+            model_id=global_id,
+            tx_hash=publish.tx_hash,
+            accuracy=accuracy,
+            loss=loss,
+            gas_used=publish.gas_used,
+        )
+        page.wait_for_function(
+            f"document.querySelectorAll('#chart circle.acc-dot').length === {number}"
+        )
+        assert page.inner_text("#stat-accuracy") == f"{accuracy * 100:.1f}%"
+    assert page.get_attribute("#task-state", "data-state") == "trained"
+    assert page.is_visible("#model-link")
+
+    # Settlement: payouts and the refund appear.
+    platform_market.finalize(sender=aggregator, task_id=tid)
+    sync_and_wait("document.getElementById('task-state').dataset.state === 'finalized'")
+    page.wait_for_function(
+        "document.getElementById('refund-note').textContent.includes('Refunded')"
+    )
+    assert (
+        len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1
+    )  # aggregator, 2 trainers, refund
+    tx_text = page.inner_text("#tx-body")
+    assert task.created_tx in tx_text
+    assert publish.tx_hash in tx_text
+
+    # All of it arrived over the socket: the page was never reloaded.
+    assert page.evaluate("window.__sameDocument") is True
+    assert int(page.get_attribute("#task-page", "data-updates")) >= 6
+    page.screenshot(
+        path=str(screenshots / "task-desktop.png"), full_page=True, animations="disabled"
+    )
+
+    # The model card: the final model's ID, who contributed and what each was paid.
+    page.click("#model-link")
+    page.wait_for_url(re.compile(rf"/tasks/{task.pk}/model/$"))
+    assert page.inner_text("#final-model-id") == global_id
+    assert "pixel-2" in page.inner_text("#contributors")
+    page.screenshot(path=str(screenshots / "model-card-desktop.png"), full_page=True)
+    page.go_back()
+
+    phone = browser.new_context(
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+        storage_state=context.storage_state(),
+    )
+    phone_page = phone.new_page()
+    phone_page.goto(page.url)
+    phone_page.wait_for_selector("#chart circle.acc-dot")
+    assert phone_page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    phone_page.screenshot(
+        path=str(screenshots / "task-phone.png"), full_page=True, animations="disabled"
+    )
+    phone_page.goto(asgi_server + "/tasks/")
+    phone_page.screenshot(
+        path=str(screenshots / "task-list-phone.png"), full_page=True, animations="disabled"
+    )
+    phone.close()
+    context.close()

@@ -1,0 +1,444 @@
+"""The task form: exact ETH amounts, every bad input refused beside its field with nothing sent
+to the chain, the cost estimate, and task_create against the real contract."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+from hypothesis import given
+from hypothesis import strategies as st
+
+from chain.client import FlexMarket, MinPrices, TaskState
+from chain.launcher import free_port
+from marketplace import services, wallets
+from marketplace.forms import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
+from marketplace.models import Bid, Device, Task
+from training.spec import AggregationSpec, TaskSpec
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "a-long-enough-passphrase-42"
+MIN_PRICE_WEI = 10**14  # tests/conftest.py deploys the platform market with these minimums
+# More digits than a float (or Decimal's default 28-digit context) holds exactly.
+BIG_WEI = 123456789012345678901234567890 * 10**18 + 123456789012345678
+
+
+# ---------------------------------------------------------------- ETH amounts
+
+
+@pytest.mark.parametrize(
+    ("text", "wei"),
+    [
+        ("0.1", 10**17),
+        ("1", 10**18),
+        ("1.000000000000000001", 10**18 + 1),
+        ("0.000000000000000001", 1),
+        (".5", 5 * 10**17),
+        ("2.", 2 * 10**18),
+        (" 0.25 ", 25 * 10**16),
+        ("123456789012345678901234567890.123456789012345678", BIG_WEI),
+        ("0.30000000000000000", 3 * 10**17),
+    ],
+)
+def test_eth_converts_to_exact_wei(text, wei):
+    assert eth_to_wei(text) == wei
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("-1", "amount_not_positive"),
+        ("-0.5", "amount_not_positive"),
+        ("0", "amount_not_positive"),
+        ("0.000", "amount_not_positive"),
+        ("lots", "amount_invalid"),
+        ("1e3", "amount_invalid"),
+        ("NaN", "amount_invalid"),
+        ("Infinity", "amount_invalid"),
+        ("1,5", "amount_invalid"),
+        ("0x10", "amount_invalid"),
+        ("1 000", "amount_invalid"),
+        ("0.0000000000000000001", "amount_too_precise"),
+        ("1.0000000000000000000", "amount_too_precise"),
+        ("9" * 80, "amount_too_large"),
+    ],
+)
+def test_bad_amounts_are_refused(text, code):
+    with pytest.raises(AmountError) as exc:
+        eth_to_wei(text)
+    assert exc.value.code == code
+
+
+@given(st.integers(min_value=1, max_value=2**256 - 1))
+def test_wei_survives_a_round_trip_through_eth_text(wei):
+    assert eth_to_wei(wei_to_eth(wei)) == wei
+
+
+def test_wei_shows_as_exact_eth():
+    assert wei_to_eth(10**14) == "0.0001"
+    assert wei_to_eth(10**18 + 1) == "1.000000000000000001"
+    assert wei_to_eth(3 * 10**18) == "3"
+    assert wei_to_eth("0") == "0"
+
+
+def test_estimates_round_up_to_three_digits():
+    assert wei_to_eth_approx(260_049_112_440_000) == "0.000261"
+    assert wei_to_eth_approx(10**18) == "1"
+    assert wei_to_eth_approx(999) == "0.000000000000000999"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def buyer():
+    user = services.user_signup(username="buyer", password=PASSWORD)
+    services.wallet_fund(wallet=user.wallet)
+    return user
+
+
+@pytest.fixture
+def logged_in(client, buyer):
+    client.force_login(buyer)
+    return client
+
+
+def form_data(**overrides) -> dict[str, str]:
+    ends = timezone.now() + timedelta(minutes=15)
+    data = {
+        "title": "Digits, five phones",
+        "dataset": "digits-8x8",
+        "model": "digits-mlp",
+        "rounds": "2",
+        "min_trainers": "1",
+        "max_trainers": "3",
+        "bidding_ends": ends.strftime("%Y-%m-%dT%H:%M"),
+        "round_timeout_minutes": "10",
+        "budget": "0.01",
+        "local_epochs": "1",
+        "batch_size": "32",
+        "learning_rate": "0.05",
+        "aggregation": "fedavg",
+        "seed": "0",
+    }
+    return {**data, **{k: str(v) for k, v in overrides.items()}}
+
+
+class ChainWatch:
+    """What must not move when a form is refused: the task count and the wallet's nonce."""
+
+    def __init__(self, market: FlexMarket, address: str) -> None:
+        self.market, self.address = market, address
+        self.before = self.now()
+
+    def now(self) -> tuple[int, int]:
+        return self.market.task_count(), self.market.w3.eth.get_transaction_count(self.address)
+
+    def unchanged(self) -> bool:
+        return self.now() == self.before
+
+
+@pytest.fixture
+def watch(platform_market, buyer) -> ChainWatch:
+    return ChainWatch(platform_market, buyer.wallet.address)
+
+
+def field_errors(response, field: str) -> list[tuple[str, str]]:
+    """(code, message) of each error shown beside ``field``."""
+    form = response.context["form"]
+    return [(e.code, " ".join(e.messages)) for e in form.errors.as_data().get(field, [])]
+
+
+# ---------------------------------------------------------------- refused inputs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "code"),
+    [
+        ({"budget": "-1"}, "budget", "amount_not_positive"),
+        ({"budget": "0"}, "budget", "amount_not_positive"),
+        ({"budget": "ten"}, "budget", "amount_invalid"),
+        ({"budget": "0.0000000000000000001"}, "budget", "amount_too_precise"),
+        ({"budget": ""}, "budget", "required"),
+        ({"min_trainers": "4", "max_trainers": "3"}, "max_trainers", "trainer_range_invalid"),
+        ({"min_trainers": "0"}, "min_trainers", "min_value"),
+        ({"learning_rate": "0"}, "learning_rate", "learning_rate_invalid"),
+        ({"rounds": "x"}, "rounds", "invalid"),
+        ({"model": "gpt-5"}, "model", "invalid_choice"),
+    ],
+)
+def test_form_refuses_bad_input_beside_the_field(logged_in, watch, overrides, field, code):
+    response = logged_in.post(reverse("task-create"), form_data(**overrides))
+
+    assert response.status_code == 200
+    assert [c for c, _ in field_errors(response, field)] == [code]
+    assert f'id="errors-{field}"' in response.content.decode()
+    assert watch.unchanged()
+    assert not Task.objects.exists()
+
+
+def test_bidding_window_in_the_past_is_refused(logged_in, watch):
+    past = (timezone.now() - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M")
+
+    response = logged_in.post(reverse("task-create"), form_data(bidding_ends=past))
+
+    assert field_errors(response, "bidding_ends")[0][0] == "bidding_end_past"
+    assert watch.unchanged()
+
+
+def test_too_many_trainers_for_the_contract_is_refused(logged_in, watch, platform_market):
+    cap = platform_market.limits().max_trainers
+
+    response = logged_in.post(reverse("task-create"), form_data(max_trainers=cap + 1))
+
+    [(code, message)] = field_errors(response, "max_trainers")
+    assert code == "invalid_trainer_range"
+    assert str(cap) in message
+    assert watch.unchanged()
+
+
+def test_too_many_rounds_for_the_contract_is_refused(logged_in, watch, platform_market):
+    cap = platform_market.limits().max_rounds
+
+    response = logged_in.post(reverse("task-create"), form_data(rounds=cap + 1))
+
+    assert field_errors(response, "rounds") == [("invalid_rounds", f"Between 1 and {cap} rounds.")]
+    assert watch.unchanged()
+
+
+def test_budget_below_the_contract_minimum_is_refused(logged_in, watch):
+    # 3 rounds x (2 trainers + the aggregator) at 0.0001 ETH each = 0.0009 ETH.
+    data = form_data(rounds=3, min_trainers=2, max_trainers=2, budget="0.000899999999999999")
+
+    response = logged_in.post(reverse("task-create"), data)
+
+    [(code, message)] = field_errors(response, "budget")
+    assert code == "budget_too_low"
+    assert "0.0009 ETH" in message
+    assert watch.unchanged()
+
+
+def test_budget_above_the_wallet_balance_is_refused(logged_in, watch, buyer):
+    balance = wallets.wallet_balance_wei(wallet=buyer.wallet)
+
+    response = logged_in.post(reverse("task-create"), form_data(budget=wei_to_eth(balance)))
+
+    [(code, message)] = field_errors(response, "budget")
+    assert code == "insufficient_funds"
+    assert wei_to_eth(balance) in message
+    assert watch.unchanged()
+
+
+def test_a_contract_revert_becomes_an_error_beside_the_field(logged_in, watch, monkeypatch):
+    # The website's own minimum check is fooled, so the contract itself must refuse the budget.
+    monkeypatch.setattr(FlexMarket, "min_prices", lambda self: MinPrices(0, 0))
+
+    response = logged_in.post(reverse("task-create"), form_data(budget="0.000000000000000001"))
+
+    [(code, message)] = field_errors(response, "budget")
+    assert code == "budget_too_low"
+    assert "0.0004 ETH" in message  # the contract's own minimum: 2 rounds x (1 + 1) x 0.0001
+    assert watch.unchanged()
+
+
+def test_an_unreachable_chain_is_said_and_nothing_is_sent(logged_in, watch, settings):
+    rpc_url = settings.ETH_RPC_URL
+    settings.ETH_RPC_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    response = logged_in.post(reverse("task-create"), form_data())
+
+    assert response.status_code == 200
+    assert "cannot be reached" in " ".join(response.context["form"].non_field_errors())
+    assert response.context["estimate"] is None
+    settings.ETH_RPC_URL = rpc_url
+    assert watch.unchanged()
+    assert not Task.objects.exists()
+
+
+def test_the_form_needs_a_login(client):
+    response = client.get(reverse("task-create"))
+    assert response.status_code == 302
+    assert response.url.startswith(reverse("login"))
+
+
+# ---------------------------------------------------------------- creating
+
+
+def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
+    before = platform_market.task_count()
+
+    response = logged_in.post(reverse("task-create"), form_data(budget="0.0123456789"))
+
+    task = Task.objects.get()
+    assert response.status_code == 302
+    assert response.url == reverse("task-detail", args=[task.pk])
+    assert platform_market.task_count() == before + 1
+    assert task.state == "pending"
+    assert task.buyer == buyer
+    assert task.title == "Digits, five phones"
+    assert task.budget_wei == 12_345_678_900_000_000
+    on_chain = platform_market.task(task_id=task.chain_task_id)
+    assert on_chain.state == TaskState.BIDDING
+    assert on_chain.buyer == buyer.wallet.address
+    assert on_chain.budget_wei == 12_345_678_900_000_000
+    spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2)
+    assert on_chain.spec_hash == task.spec_hash == spec.hash_hex
+    assert TaskSpec.from_dict(task.spec) == spec
+    assert (on_chain.rounds, on_chain.min_trainers, on_chain.max_trainers) == (2, 1, 3)
+    assert on_chain.round_timeout == 600
+    assert on_chain.bidding_ends == int(task.bidding_ends.timestamp())
+    receipt = platform_market.w3.eth.get_transaction_receipt(task.created_tx)
+    assert receipt["blockNumber"] == task.created_block
+    # The gas the estimate and the balance check assume covers what createTask needs.
+    assert receipt["gasUsed"] * 12 // 10 <= services.CREATE_TASK_GAS
+
+
+def test_task_create_keeps_a_row_chain_sync_made_first(buyer, platform_market, monkeypatch):
+    """If sync mirrors TaskCreated before the service records it, one row results."""
+    spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=1, seed=7)
+    next_id = platform_market.task_count() + 1
+    Task.objects.create(
+        chain_task_id=next_id,
+        state="bidding",
+        buyer_address=buyer.wallet.address,
+        spec={},
+        spec_hash=spec.hash_hex,
+        budget_wei=10**16,
+        rounds=1,
+        min_trainers=1,
+        max_trainers=1,
+        bidding_ends=timezone.now(),
+        round_timeout_s=60,
+    )
+
+    task = services.task_create(
+        buyer=buyer,
+        title="CNN",
+        spec=spec,
+        min_trainers=1,
+        max_trainers=1,
+        bidding_window_s=120,
+        round_timeout_s=60,
+        budget_wei=10**16,
+    )
+
+    assert Task.objects.count() == 1
+    assert (task.chain_task_id, task.state, task.title) == (next_id, "bidding", "CNN")
+    assert task.spec == spec.as_dict()
+
+
+def test_task_create_needs_exactly_one_deadline(buyer):
+    spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=1)
+    with pytest.raises(TypeError):
+        services.task_create(
+            buyer=buyer,
+            title="",
+            spec=spec,
+            min_trainers=1,
+            max_trainers=1,
+            round_timeout_s=60,
+            budget_wei=10**16,
+        )
+
+
+def test_hyper_parameters_reach_the_spec(logged_in, platform_market):
+    data = form_data(local_epochs=3, batch_size=16, learning_rate="0.1", seed=42)
+    data["aggregation"] = "fedmedian"
+
+    logged_in.post(reverse("task-create"), data)
+
+    task = Task.objects.get()
+    spec = TaskSpec.from_dict(task.spec)
+    assert (spec.local_epochs, spec.batch_size, spec.learning_rate, spec.seed) == (3, 16, 0.1, 42)
+    assert spec.aggregation == AggregationSpec(strategy="fedmedian")
+    assert platform_market.task(task_id=task.chain_task_id).spec_hash == spec.hash_hex
+
+
+# ---------------------------------------------------------------- the estimate
+
+
+def test_estimate_without_devices_uses_the_contract_minimums():
+    estimate = services.cost_estimate(rounds=3, min_trainers=2, max_trainers=4)
+
+    assert estimate.minimum_wei == 3 * (2 + 1) * MIN_PRICE_WEI
+    assert estimate.low_wei == estimate.minimum_wei
+    assert estimate.high_wei == 3 * (4 + 1) * MIN_PRICE_WEI
+    assert not estimate.from_bids
+    assert estimate.gas_wei == estimate.gas_units * services._max_fee_per_gas() > 0
+
+
+def _device_with_bid(address: str, price: int, *, role="trainer", revoked=False) -> None:
+    # Mirror rows stand in for what chain sync writes from DeviceRegistered and BidPlaced.
+    Device.objects.create(
+        name=address[-4:],
+        address=address,
+        device_class="cpu",
+        may_aggregate=role == "aggregator",
+        chain_status="revoked" if revoked else "active",
+    )
+    task = Task.objects.first() or Task.objects.create(
+        chain_task_id=10_000,
+        buyer_address=address,
+        spec={},
+        spec_hash="0x" + "00" * 32,
+        budget_wei=1,
+        rounds=1,
+        min_trainers=1,
+        max_trainers=1,
+        bidding_ends=timezone.now(),
+        round_timeout_s=60,
+    )
+    Bid.objects.create(
+        task=task,
+        device=address,
+        bid_index=Bid.objects.count(),
+        role=role,
+        price_per_round_wei=price,
+        samples=100,
+        tx_hash="0x" + "ab" * 32,
+        block_number=1,
+    )
+
+
+def test_estimate_follows_the_prices_devices_ask():
+    _device_with_bid("0x" + "11" * 20, 3 * MIN_PRICE_WEI)
+    _device_with_bid("0x" + "22" * 20, 2 * MIN_PRICE_WEI)
+    _device_with_bid("0x" + "33" * 20, 5 * MIN_PRICE_WEI)
+    _device_with_bid("0x" + "44" * 20, 9 * MIN_PRICE_WEI, revoked=True)  # cannot be selected
+    _device_with_bid("0x" + "55" * 20, 4 * MIN_PRICE_WEI, role="aggregator")
+    _device_with_bid("0x" + "66" * 20, MIN_PRICE_WEI // 2)  # below the floor: counts at it
+
+    estimate = services.cost_estimate(rounds=2, min_trainers=2, max_trainers=4)
+
+    assert estimate.trainer_prices_wei == tuple(p * MIN_PRICE_WEI for p in (1, 2, 3, 5))
+    assert estimate.low_wei == 2 * (1 + 2 + 4) * MIN_PRICE_WEI
+    assert estimate.high_wei == 2 * (5 + 3 + 2 + 1 + 4) * MIN_PRICE_WEI
+    assert estimate.minimum_wei == 2 * (2 + 1) * MIN_PRICE_WEI
+
+
+def test_estimate_endpoint_gives_exact_strings(logged_in):
+    response = logged_in.get(
+        reverse("task-estimate"), {"rounds": 4, "min_trainers": 3, "max_trainers": 2}
+    )
+
+    body = response.json()
+    assert response.status_code == 200
+    assert body["max_trainers"] == 3  # never below the minimum
+    assert body["minimum_wei"] == str(4 * 4 * MIN_PRICE_WEI)
+    assert body["minimum_eth"] == "0.0016"
+    assert int(body["gas_wei"]) > 0
+
+
+def test_form_page_shows_the_estimate_and_balance(logged_in, buyer):
+    response = logged_in.get(reverse("task-create"))
+
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert 'id="est-low"' in html
+    assert wei_to_eth(wallets.wallet_balance_wei(wallet=buyer.wallet)) in html
+    # Every catalogue model is offered.
+    assert "digits-mlp" in html
+    assert "digits-cnn" in html
