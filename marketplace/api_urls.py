@@ -1,10 +1,23 @@
-"""The REST API's URLs, under /api/."""
+"""The REST API's URLs, under /api/, with its OpenAPI schema and browsable docs."""
 
 from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from marketplace.api import JoinChallengeApi, JoinCompleteApi
+from marketplace import api
 
 urlpatterns = [
-    path("join/challenge/", JoinChallengeApi.as_view(), name="api-join-challenge"),
-    path("join/complete/", JoinCompleteApi.as_view(), name="api-join-complete"),
+    path("auth/token/", api.AuthTokenObtainApi.as_view(), name="api-auth-token"),
+    path("tasks/", api.TaskListApi.as_view(), name="api-task-list"),
+    path("tasks/create/", api.TaskCreateApi.as_view(), name="api-task-create"),
+    path("tasks/<int:pk>/", api.TaskDetailApi.as_view(), name="api-task-detail"),
+    path("tasks/<int:pk>/model/", api.TaskModelDownloadApi.as_view(), name="api-task-model"),
+    path("open-tasks/", api.OpenTaskListApi.as_view(), name="api-open-task-list"),
+    path("bids/", api.BidListApi.as_view(), name="api-bid-list"),
+    path("bids/<int:pk>/", api.BidDetailApi.as_view(), name="api-bid-detail"),
+    path("devices/", api.DeviceListApi.as_view(), name="api-device-list"),
+    path("devices/<int:pk>/", api.DeviceDetailApi.as_view(), name="api-device-detail"),
+    path("join/challenge/", api.JoinChallengeApi.as_view(), name="api-join-challenge"),
+    path("join/complete/", api.JoinCompleteApi.as_view(), name="api-join-complete"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]

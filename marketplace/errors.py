@@ -8,7 +8,9 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
+from chain.dataplane import DataPlaneError
 from chain.errors import ContractError, FlexError
+from training.errors import BlobNotFoundError, ModelIdMismatchError
 
 
 class JoinTokenError(FlexError):
@@ -47,13 +49,25 @@ _STATUS = {
     JoinChallengeError: status.HTTP_409_CONFLICT,
     DeviceAlreadyEnrolledError: status.HTTP_409_CONFLICT,
     ContractError: status.HTTP_409_CONFLICT,
+    # The platform fetched a model from an aggregator for the caller, and that failed.
+    DataPlaneError: status.HTTP_502_BAD_GATEWAY,
+    ModelIdMismatchError: status.HTTP_502_BAD_GATEWAY,
+    BlobNotFoundError: status.HTTP_502_BAD_GATEWAY,
+}
+# Errors of modules that import this one, so named by code rather than class.
+_STATUS_BY_CODE = {
+    "not_task_buyer": status.HTTP_403_FORBIDDEN,
+    "model_not_ready": status.HTTP_409_CONFLICT,
+    "model_unavailable": status.HTTP_502_BAD_GATEWAY,
+    "wallet_missing": status.HTTP_409_CONFLICT,
+    "insufficient_funds": status.HTTP_409_CONFLICT,
 }
 
 
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Every API error has one shape: ``{"code", "message", "fields"}``."""
     if isinstance(exc, FlexError):
-        code = next(
+        code = _STATUS_BY_CODE.get(exc.code) or next(
             (s for cls, s in _STATUS.items() if isinstance(exc, cls)),
             status.HTTP_400_BAD_REQUEST if not _is_unavailable(exc) else 503,
         )
@@ -61,12 +75,17 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
     response = exception_handler(exc, context)
     if response is not None:
         detail = response.data
+        # The detail's own code first: DRF turns Django's Http404 and PermissionDenied into
+        # NotFound / PermissionDenied details, whose codes the original exception lacks.
         if isinstance(detail, dict) and "detail" in detail:
             message, fields = str(detail["detail"]), {}
+            code = getattr(detail["detail"], "code", None)
         else:
-            message, fields = "Invalid input.", detail
-        code = getattr(getattr(exc, "detail", None), "code", None) or getattr(
-            exc, "default_code", "error"
+            message, fields, code = "Invalid input.", detail, None
+        code = (
+            code
+            or getattr(getattr(exc, "detail", None), "code", None)
+            or getattr(exc, "default_code", "error")
         )
         response.data = {"code": str(code), "message": message, "fields": fields}
     return response

@@ -1,0 +1,383 @@
+"""Load the task list page and the tasks API from a second process; write var/bench/web.json.
+
+`python -m bench.web` makes a throwaway database (a new PostgreSQL database beside
+DATABASE_URL when that is PostgreSQL, else a temporary SQLite file), seeds one buyer with
+200 tasks, serves FLEX with daphne on a free loopback port, and drives each URL from a
+separate process over keep-alive connections (aiohttp, 16 at a time, bounded in requests
+and seconds), signed in as that buyer: the session cookie for the page, the API token for
+the API. Only 127.0.0.1 is used. Figures are indicative: the machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "var" / "bench" / "web.json"
+HOST = "127.0.0.1"
+TASKS = 200
+CONCURRENCY = 16
+MAX_REQUESTS = 3000
+MAX_SECONDS = 15.0
+WARMUP_REQUESTS = 50
+SERVER_START_TIMEOUT_S = 60.0
+BUYER = "bench-buyer"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+async def _drive(
+    url: str, headers: dict[str, str], *, concurrency: int, requests: int, seconds: float
+) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    issued = 0
+    deadline = 0.0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            issued += 1
+            started = time.perf_counter()
+            try:
+                async with session.get(url, allow_redirects=False) as response:
+                    await response.read()
+                    ok = response.status == 200
+                    status = str(response.status)
+            except aiohttp.ClientError as exc:
+                ok, status = False, type(exc).__name__
+            if ok:
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures[status] = failures.get(status, 0) + 1
+
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(
+        connector=connector, headers=headers, timeout=timeout
+    ) as session:
+        # Warm-up (not measured): connections opened, Django's first-request work done.
+        async def fetch() -> None:
+            async with session.get(url, allow_redirects=False) as response:
+                await response.read()
+
+        for _ in range(WARMUP_REQUESTS // concurrency + 1):
+            await asyncio.gather(*(fetch() for _ in range(concurrency)))
+        deadline = time.perf_counter() + seconds
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "failures": failures,
+        "seconds": round(elapsed, 3),
+        "rps": round(len(latencies) / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
+        "p99_ms": round(1000 * _percentile(latencies, 0.99), 2) if latencies else None,
+        "max_ms": round(1000 * latencies[-1], 2) if latencies else None,
+        "concurrency": concurrency,
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, int(-(-q * len(ordered) // 1)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def drive_main(args: argparse.Namespace) -> int:
+    headers = json.loads(args.headers)
+    result = asyncio.run(
+        _drive(
+            args.url,
+            headers,
+            concurrency=args.concurrency,
+            requests=args.requests,
+            seconds=args.seconds,
+        )
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def drive(url: str, headers: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Run the load generator in its own process, so client and server do not share a CPU
+    interpreter lock."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.web",
+        "drive",
+        url,
+        "--headers",
+        json.dumps(headers),
+        "--concurrency",
+        str(args.concurrency),
+        "--requests",
+        str(args.requests),
+        "--seconds",
+        str(args.seconds),
+    ]
+    out = subprocess.run(
+        command, cwd=ROOT, check=True, capture_output=True, text=True, timeout=args.seconds + 120
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- the server side
+
+
+@contextlib.contextmanager
+def throwaway_database() -> Iterator[str]:
+    """A DATABASE_URL for a database that exists only for this run."""
+    base = os.environ.get("DATABASE_URL", "")
+    if base.startswith(("postgres://", "postgresql://")):
+        import psycopg
+
+        name = f"flex_bench_web_{os.getpid()}_{secrets.token_hex(3)}"
+        admin_url = base.replace("postgres://", "postgresql://", 1)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield base.rsplit("/", 1)[0] + "/" + name
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        with tempfile.TemporaryDirectory(prefix="flex-bench-web-") as tmp:
+            yield f"sqlite:///{tmp}/bench.sqlite3"
+
+
+def seed(*, tasks: int) -> dict[str, str]:
+    """Migrate, then one buyer with ``tasks`` mirrored tasks; that buyer's session and token.
+
+    The tasks are written as chain sync would mirror them (states, budgets, chain ids) but
+    without a chain: this measures serving pages, not posting transactions.
+    """
+    from datetime import timedelta
+
+    from django.contrib.auth import (
+        BACKEND_SESSION_KEY,
+        HASH_SESSION_KEY,
+        SESSION_KEY,
+        get_user_model,
+    )
+    from django.contrib.sessions.backends.db import SessionStore
+    from django.core.management import call_command
+    from django.utils import timezone
+    from eth_account import Account
+    from rest_framework.authtoken.models import Token
+
+    from marketplace.models import Task, TaskState, Wallet
+    from training.spec import TaskSpec
+
+    call_command("migrate", verbosity=0, interactive=False)
+    user = get_user_model().objects.create_user(username=BUYER, password=secrets.token_hex(16))
+    account = Account.create()
+    Wallet.objects.create(user=user, address=account.address, encrypted_key="bench: no key")
+    states = [TaskState.BIDDING, TaskState.RUNNING, TaskState.FINALIZED, TaskState.FAILED]
+    now = timezone.now()
+    rows = []
+    for i in range(tasks):
+        spec = TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 3})
+        rows.append(
+            Task(
+                chain_task_id=i + 1,
+                buyer=user,
+                title=f"bench task {i + 1}",
+                buyer_address=account.address,
+                spec=spec.as_dict(),
+                spec_hash=spec.hash_hex,
+                state=states[i % len(states)],
+                budget_wei=(i + 1) * 10**16,
+                rounds=3,
+                min_trainers=1,
+                max_trainers=5,
+                bidding_ends=now + timedelta(hours=1),
+                round_timeout_s=600,
+                created_block=i + 1,
+                created_at=now - timedelta(minutes=tasks - i),
+            )
+        )
+    Task.objects.bulk_create(rows)
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.create()
+    token = Token.objects.create(user=user)
+    return {"session": session.session_key, "token": token.key}
+
+
+def wait_for_port(port: int, server: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"daphne exited with {server.returncode} before serving")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"daphne did not listen on {HOST}:{port} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def daphne(env: dict[str, str], port: int, log: Path) -> Iterator[None]:
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "daphne",
+                "-b",
+                HOST,
+                "-p",
+                str(port),
+                "-v",
+                "0",
+                "flexsite.asgi:application",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port(port, server, SERVER_START_TIMEOUT_S)
+            yield
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def check(url: str, headers: dict[str, str], expected: str) -> None:
+    """One request first: a login page or an empty list would make the figures meaningless."""
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read().decode()
+    if response.status != 200 or expected not in body:
+        raise RuntimeError(f"{url} did not answer as the seeded buyer (no {expected!r})")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with throwaway_database() as database_url:
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "DJANGO_SETTINGS_MODULE": "flexsite.settings",
+            # Production-like: no per-query debug bookkeeping in the server.
+            "FLEX_DEBUG": "0",
+            "FLEX_LOG_LEVEL": "WARNING",
+        }
+        os.environ.update({k: env[k] for k in ("DATABASE_URL", "DJANGO_SETTINGS_MODULE")})
+        import django
+
+        django.setup()
+        from django.db import connections
+        from django.urls import reverse
+
+        login = seed(tasks=args.tasks)
+        page_path = reverse("task-list")
+        connections.close_all()  # the throwaway database is dropped at the end
+
+        port = free_port()
+        base = f"http://{HOST}:{port}"
+        log = OUT.parent / "web-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with daphne(env, port, log):
+            check(base + page_path, {"Cookie": f"sessionid={login['session']}"}, "bench task")
+            check(
+                base + "/api/tasks/",
+                {"Authorization": f"Token {login['token']}"},
+                f'"count":{args.tasks}',
+            )
+            page = drive(base + page_path, {"Cookie": f"sessionid={login['session']}"}, args)
+            api = drive(base + "/api/tasks/", {"Authorization": f"Token {login['token']}"}, args)
+    engine = "postgresql" if database_url.startswith("postgres") else "sqlite"
+    return {
+        "task_list": page,
+        "api_tasks": api,
+        "setup": {
+            "server": "daphne",
+            "database": engine,
+            "tasks": args.tasks,
+            "page": page_path,
+            "api": "/api/tasks/",
+            "api_page_size": 25,
+        },
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'target':<10} {'requests':>8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
+    for name in ("task_list", "api_tasks"):
+        r = result[name]
+        failed = sum(r["failures"].values())
+        print(
+            f"{name:<10} {r['requests']:>8} {r['rps']:>8.1f} {r['p50_ms'] or 0:>8.2f} "
+            f"{r['p99_ms'] or 0:>8.2f} {failed:>6}"
+        )
+    setup = result["setup"]
+    print(
+        f"({setup['tasks']} tasks, {setup['database']}, {setup['server']}, "
+        f"{result['task_list']['concurrency']} concurrent keep-alive connections)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__)
+    parser.add_argument("--tasks", type=int, default=TASKS)
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--requests", type=int, default=MAX_REQUESTS, help="per target, at most")
+    parser.add_argument("--seconds", type=float, default=MAX_SECONDS, help="per target, at most")
+    sub = parser.add_subparsers(dest="command")
+    driver = sub.add_parser("drive", help="(internal) the load generator process")
+    driver.add_argument("url")
+    driver.add_argument("--headers", default="{}")
+    driver.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    driver.add_argument("--requests", type=int, default=MAX_REQUESTS)
+    driver.add_argument("--seconds", type=float, default=MAX_SECONDS)
+    args = parser.parse_args(argv)
+    if args.command == "drive":
+        return drive_main(args)
+
+    result = run(args)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+    print(f"wrote {OUT.relative_to(ROOT)}")
+    failed = any(sum(result[k]["failures"].values()) for k in ("task_list", "api_tasks"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,549 @@
+"""The Django admin: join tokens and devices (carried to the chain), and the read-only mirror."""
+
+from __future__ import annotations
+
+import functools
+from datetime import timedelta
+from decimal import Decimal, localcontext
+
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.db.models import Q
+from django.utils import timezone
+from django.utils.html import format_html
+from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
+from web3 import Web3
+
+from chain.errors import ContractError, FlexError
+from marketplace import contract
+from marketplace.models import (
+    Bid,
+    ChainCursor,
+    ChainEventRecord,
+    Device,
+    JoinToken,
+    LifecycleAction,
+    Payout,
+    Round,
+    SelectedNode,
+    Task,
+    Update,
+    Wallet,
+)
+from marketplace.services import device_approve, device_revoke, join_token_issue, join_token_revoke
+
+admin.site.site_header = "FLEX administration"
+admin.site.site_title = "FLEX admin"
+
+WEI_PER_ETH = 10**18
+# The admin asks the node for its head while rendering; a lost node must not hang the page.
+LIVE_RPC_TIMEOUT_S = 2
+
+
+def eth_text(wei: int | None) -> str:
+    """``wei`` exactly, and in ETH for reading: ``1.5 ETH (1500000000000000000 wei)``."""
+    if wei is None:
+        return "-"
+    with localcontext() as ctx:
+        ctx.prec = 100  # 2**256 has 78 digits: keep every one of them
+        eth = (Decimal(wei) / WEI_PER_ETH).normalize()
+    text = format(eth, "f") if eth else "0"
+    return f"{text} ETH ({wei} wei)"
+
+
+def wei_column(field: str, description: str):
+    """A list/detail column showing the wei amount in ``field`` exactly and in ETH."""
+
+    @admin.display(description=description, ordering=field)
+    def column(self, obj) -> str:
+        return eth_text(getattr(obj, field))
+
+    column.__name__ = f"{field}_display"
+    return column
+
+
+class ReadOnlyAdminMixin:
+    """The chain is the truth: mirror rows are written by chain sync only, never by hand."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class ReadOnlyInline(ReadOnlyAdminMixin, admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+
+# ---------------------------------------------------------------- join tokens
+
+
+class JoinTokenStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [(s, s) for s in ("valid", "used", "revoked", "expired")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        unused = Q(used_at__isnull=True)
+        live = unused & Q(revoked_at__isnull=True)
+        wanted = {
+            "used": Q(used_at__isnull=False),
+            "revoked": unused & Q(revoked_at__isnull=False),
+            "expired": live & Q(expires_at__lte=now),
+            "valid": live & Q(expires_at__gt=now),
+        }.get(self.value())
+        return queryset if wanted is None else queryset.filter(wanted)
+
+
+class JoinTokenIssueForm(forms.ModelForm):
+    """Issuing a token: only its label, its aggregation right and how long it is valid."""
+
+    valid_for_hours = forms.IntegerField(
+        min_value=1, max_value=24 * 90, initial=24, help_text="Hours until the token expires."
+    )
+
+    class Meta:
+        model = JoinToken
+        fields = ["label", "may_aggregate"]
+
+
+@admin.register(JoinToken)
+class JoinTokenAdmin(admin.ModelAdmin):
+    list_display = [
+        "label",
+        "status_display",
+        "expires_at",
+        "may_aggregate",
+        "created_by",
+        "created_at",
+        "used_at",
+        "device_display",
+    ]
+    list_filter = [JoinTokenStatusFilter, "may_aggregate", "created_at"]
+    search_fields = ["label", "created_by__username", "device__address", "device__name"]
+    list_select_related = ["created_by", "device"]
+    date_hierarchy = "created_at"
+    actions = ["revoke_tokens"]
+    readonly_fields = [
+        "label",
+        "status_display",
+        "may_aggregate",
+        "created_by",
+        "created_at",
+        "expires_at",
+        "used_at",
+        "revoked_at",
+        "device_display",
+    ]
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        if obj is None:
+            kwargs["form"] = JoinTokenIssueForm
+        return super().get_form(request, obj, change=change, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["label", "may_aggregate", "valid_for_hours"]
+        return self.readonly_fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    # A token is issued through its service, then never edited: revoked instead, and never
+    # deleted, so that every enrolment keeps the invitation it came with.
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_revoke_permission(self, request) -> bool:
+        return request.user.has_perm("marketplace.change_jointoken")
+
+    def save_model(self, request, obj, form, change) -> None:
+        data = form.cleaned_data
+        issued = join_token_issue(
+            label=data["label"],
+            ttl=timedelta(hours=data["valid_for_hours"]),
+            may_aggregate=data["may_aggregate"],
+            created_by=request.user,
+        )
+        # The admin goes on with ``obj`` (history entry, redirect): make it the issued row.
+        for field in JoinToken._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(issued.token, field.attname))
+        obj._state.adding = False
+        self.message_user(
+            request,
+            format_html(
+                "Join token for “{}” issued, valid until {}. Copy it now, it is not shown "
+                "again: <code>{}</code> (on the device: <code>python -m worker join {} {} "
+                "--home DIR --price-wei WEI</code>)",
+                obj.label,
+                obj.expires_at.isoformat(timespec="seconds"),
+                issued.raw,
+                request.build_absolute_uri("/").rstrip("/"),
+                issued.raw,
+            ),
+            messages.WARNING,
+        )
+
+    @admin.display(description="status")
+    def status_display(self, obj: JoinToken) -> str:
+        return obj.status
+
+    @admin.display(description="device")
+    def device_display(self, obj: JoinToken) -> str:
+        device = getattr(obj, "device", None)
+        return str(device) if device else "-"
+
+    @admin.action(description="Revoke the selected join tokens", permissions=["revoke"])
+    def revoke_tokens(self, request, queryset) -> None:
+        revoked, skipped = 0, []
+        for token in queryset:
+            if token.status != "valid":
+                skipped.append(f"{token.label} ({token.status})")
+                continue
+            join_token_revoke(token=token)
+            revoked += 1
+        self.message_user(request, f"Revoked {revoked} join token(s).", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request, "Not revoked, no longer valid: " + ", ".join(skipped), messages.WARNING
+            )
+
+
+# ---------------------------------------------------------------- devices
+
+
+class DeviceForm(forms.ModelForm):
+    # Data-plane servers on a LAN usually speak plain HTTP: a URL typed bare means http.
+    dataplane_url = forms.URLField(required=False, assume_scheme="http")
+
+    class Meta:
+        model = Device
+        fields = ["name", "address", "device_class", "may_aggregate", "dataplane_url"]
+
+    def clean_address(self) -> str:
+        address = self.cleaned_data["address"].strip()
+        if not is_hex_address(address):
+            raise forms.ValidationError("Not a 20-byte hex Ethereum address.")
+        if address != address.lower() and not is_checksum_address(address):
+            raise forms.ValidationError("The address's checksum is wrong.")
+        return to_checksum_address(address)
+
+
+def _chain_error_text(exc: FlexError) -> str:
+    """A revert by its Solidity name (what the contract docs list), other errors by code."""
+    name = exc.solidity_name if isinstance(exc, ContractError) and exc.solidity_name else exc.code
+    return f"{name}: {exc.message}"
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    form = DeviceForm
+    list_display = [
+        "name",
+        "address",
+        "device_class",
+        "may_aggregate",
+        "chain_status",
+        "enrolled_at",
+        "revoked_at",
+        "join_token",
+    ]
+    list_filter = ["chain_status", "device_class", "may_aggregate", "enrolled_at"]
+    search_fields = ["name", "address", "join_token__label"]
+    list_select_related = ["join_token"]
+    actions = ["approve_devices", "revoke_devices"]
+    readonly_fields = [
+        "chain_status",
+        "chain_live",
+        "enrolled_at",
+        "revoked_at",
+        "registration_tx",
+        "join_token",
+    ]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A device is its chain address: changing it would silently swap the registration.
+        return self.readonly_fields + (["address"] if obj else [])
+
+    # Revoke instead: bids, selections and payouts name the device's address.
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="on chain now")
+    def chain_live(self, obj: Device) -> str:
+        if not obj.pk:
+            return "-"
+        try:
+            info = contract.market().device(device=obj.address)
+        except FlexError as exc:
+            return f"unknown ({_chain_error_text(exc)})"
+        aggregate = ", may aggregate" if info.can_aggregate else ""
+        return f"{info.status.name.lower()} ({info.device_class.name.lower()}{aggregate})"
+
+    def _carry_to_chain(self, request, queryset, *, service, done: str) -> None:
+        """Run ``service`` for each device and report the chain's answer for each."""
+        for device in queryset:
+            try:
+                receipt = service(device=device)
+            except FlexError as exc:
+                self.message_user(
+                    request,
+                    f"{device.name}: the chain refused: {_chain_error_text(exc)}",
+                    messages.ERROR,
+                )
+                continue
+            self.message_user(
+                request,
+                f"{device.name}: {done} on chain in block {receipt.block_number} "
+                f"(tx {receipt.tx_hash}).",
+                messages.SUCCESS,
+            )
+
+    @admin.action(description="Approve: register the selected devices on chain")
+    def approve_devices(self, request, queryset) -> None:
+        self._carry_to_chain(request, queryset, service=device_approve, done="registered")
+
+    @admin.action(description="Revoke the selected devices on chain")
+    def revoke_devices(self, request, queryset) -> None:
+        self._carry_to_chain(request, queryset, service=device_revoke, done="revoked")
+
+
+@admin.register(Wallet)
+class WalletAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["user", "address", "created_at"]
+    search_fields = ["user__username", "address"]
+    fields = ["user", "address", "created_at"]  # never the encrypted key
+
+
+# ---------------------------------------------------------------- the mirror
+
+
+class BidInline(ReadOnlyInline):
+    model = Bid
+    fields = ["bid_index", "device", "role", "price", "samples", "block_number", "tx_hash"]
+    readonly_fields = fields
+    price = wei_column("price_per_round_wei", "price per round")
+
+
+class SelectedNodeInline(ReadOnlyInline):
+    model = SelectedNode
+    fields = ["role", "position", "device", "price", "block_number"]
+    readonly_fields = fields
+    price = wei_column("price_per_round_wei", "price per round")
+
+
+class RoundInline(ReadOnlyInline):
+    model = Round
+    fields = [
+        "number",
+        "global_model_id",
+        "updates_aggregated",
+        "accuracy",
+        "loss",
+        "published_at",
+        "block_number",
+    ]
+    readonly_fields = fields
+
+
+class PayoutInline(ReadOnlyInline):
+    model = Payout
+    fields = ["reason", "account", "amount", "block_number", "tx_hash"]
+    readonly_fields = fields
+    amount = wei_column("amount_wei", "amount")
+
+
+class LifecycleActionInline(ReadOnlyInline):
+    model = LifecycleAction
+    fields = ["action", "round_number", "tx_hash", "fired_at"]
+    readonly_fields = fields
+    show_change_link = False
+    verbose_name_plural = "lifecycle steps fired by the platform"
+
+
+@admin.register(Task)
+class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "id",
+        "chain_task_id",
+        "title",
+        "buyer",
+        "state",
+        "budget",
+        "rounds",
+        "published_rounds",
+        "bidding_ends",
+        "created_at",
+    ]
+    list_filter = ["state", "created_at"]
+    search_fields = ["title", "buyer__username", "buyer_address", "spec_hash", "created_tx"]
+    list_select_related = ["buyer"]
+    date_hierarchy = "created_at"
+    inlines = [SelectedNodeInline, BidInline, RoundInline, PayoutInline, LifecycleActionInline]
+    budget = wei_column("budget_wei", "budget")
+    aggregator_price = wei_column("aggregator_price_wei", "aggregator price per round")
+    trainers_paid = wei_column("trainers_paid_wei", "paid to trainers")
+    aggregator_paid = wei_column("aggregator_paid_wei", "paid to the aggregator")
+    refunded = wei_column("refunded_wei", "refunded")
+    fieldsets = [
+        (None, {"fields": ["title", "buyer", "buyer_address", "state", "failure_reason"]}),
+        ("Chain", {"fields": ["chain_task_id", "created_tx", "created_block", "spec_hash"]}),
+        (
+            "Terms",
+            {
+                "fields": [
+                    "budget",
+                    "rounds",
+                    "min_trainers",
+                    "max_trainers",
+                    "bidding_ends",
+                    "round_timeout_s",
+                    "spec",
+                ]
+            },
+        ),
+        (
+            "Progress and settlement",
+            {
+                "fields": [
+                    "aggregator",
+                    "aggregator_price",
+                    "published_rounds",
+                    "trainers_paid",
+                    "aggregator_paid",
+                    "refunded",
+                    "created_at",
+                    "updated_at",
+                ]
+            },
+        ),
+    ]
+
+
+@admin.register(Bid)
+class BidAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["task", "bid_index", "device", "role", "price", "samples", "block_number"]
+    list_filter = ["role"]
+    search_fields = ["device", "tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+    price = wei_column("price_per_round_wei", "price per round")
+
+
+@admin.register(SelectedNode)
+class SelectedNodeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["task", "role", "position", "device", "price", "block_number"]
+    list_filter = ["role"]
+    search_fields = ["device", "tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+    price = wei_column("price_per_round_wei", "price per round")
+
+
+@admin.register(Round)
+class RoundAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = [
+        "task",
+        "number",
+        "global_model_id",
+        "updates_aggregated",
+        "accuracy",
+        "loss",
+        "gas_used",
+        "published_at",
+    ]
+    search_fields = ["global_model_id", "tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+
+
+@admin.register(Update)
+class UpdateAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["task", "round_number", "position", "trainer", "model_id", "block_number"]
+    search_fields = ["trainer", "model_id", "tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+
+
+@admin.register(Payout)
+class PayoutAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["task", "reason", "account", "amount", "block_number", "tx_hash"]
+    list_filter = ["reason"]
+    search_fields = ["account", "tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+    amount = wei_column("amount_wei", "amount")
+
+
+@admin.register(ChainEventRecord)
+class ChainEventRecordAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["name", "block_number", "log_index", "task_id", "tx_hash", "seen_at"]
+    list_filter = ["name"]
+    search_fields = ["name", "tx_hash", "block_hash", "task_id"]
+
+
+@admin.register(LifecycleAction)
+class LifecycleActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["task", "action", "round_number", "tx_hash", "fired_at"]
+    list_filter = ["action"]
+    search_fields = ["tx_hash", "task__title", "task__chain_task_id"]
+    list_select_related = ["task"]
+
+
+@functools.cache
+def _live_w3(url: str) -> Web3:
+    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": LIVE_RPC_TIMEOUT_S}))
+
+
+@admin.register(ChainCursor)
+class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The chain-sync status: how far the mirror is behind the chain."""
+
+    list_display = [
+        "contract_address",
+        "chain_id",
+        "block_number",
+        "head_block",
+        "lag_blocks",
+        "last_lag_ms",
+        "synced_at",
+        "live_head",
+    ]
+    fields = [
+        "contract_address",
+        "chain_id",
+        "deploy_block",
+        "block_number",
+        "block_hash",
+        "head_block",
+        "lag_blocks",
+        "last_lag_ms",
+        "synced_at",
+        "live_head",
+    ]
+    readonly_fields = fields
+
+    def changelist_view(self, request, extra_context=None):
+        return super().changelist_view(
+            request, extra_context={"title": "Chain sync status", **(extra_context or {})}
+        )
+
+    @admin.display(description="lag (blocks)")
+    def lag_blocks(self, obj: ChainCursor) -> int:
+        return max(obj.head_block - obj.block_number, 0)
+
+    @admin.display(description="chain head now")
+    def live_head(self, obj: ChainCursor) -> str:
+        try:
+            head = _live_w3(settings.ETH_RPC_URL).eth.block_number
+        except Exception as exc:  # any transport failure means the same here: no answer
+            return format_html("<span title='{}'>node unreachable</span>", str(exc)[:200])
+        return f"{head} ({max(head - obj.block_number, 0)} behind)"

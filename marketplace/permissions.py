@@ -1,0 +1,119 @@
+"""Who may call the API: object-level rules for buyers and staff, and device-signed requests.
+
+Devices hold no Django account. An enrolled device authenticates a request by signing it with
+its own Ethereum key in the data plane's format (chain.dataplane: EIP-191 over scheme,
+method, full path, server address and unix time, in the X-Flex-* headers), naming the
+FlexMarket contract's address as the server. A device signs platform requests with the
+helper it already has, ``sign_request(server_address=<contract address>)``; since no node's
+address is a contract's, a signature meant for a data-plane node never verifies here, nor
+one meant for the platform at a node. Signatures are good for 60 seconds either side of the
+server's clock and only from devices enrolled here and not revoked; devices may only read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import exceptions
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.permissions import BasePermission
+
+from chain.dataplane import (
+    HEADER_ADDRESS,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    AuthError,
+    verify_request,
+)
+from marketplace import contract
+from marketplace.models import Device
+
+
+@dataclass(frozen=True)
+class DevicePrincipal:
+    """``request.user`` for a device-signed request: a device, never a Django user."""
+
+    device: Device
+    is_authenticated = True
+    is_anonymous = False
+    is_staff = False
+    is_superuser = False
+    pk = None
+
+    def __str__(self) -> str:
+        return f"device {self.device.address}"
+
+
+class DeviceSignatureAuthentication(BaseAuthentication):
+    """Authenticates a request signed by an enrolled device's key (see the module docstring)."""
+
+    def authenticate(self, request) -> tuple[DevicePrincipal, str] | None:
+        if HEADER_SIGNATURE not in request.headers:
+            return None  # not a device request: let token or session authentication try
+        try:
+            signer = verify_request(
+                headers=request.headers,
+                method=request.method,
+                path=request.get_full_path(),
+                server_address=contract.address(),
+            )
+        except AuthError as exc:
+            raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
+        device = (
+            Device.objects.filter(address=signer, revoked_at__isnull=True)
+            .exclude(chain_status="revoked")
+            .first()
+        )
+        if device is None:
+            raise exceptions.AuthenticationFailed(
+                detail=f"{signer} is not an enrolled, unrevoked device.", code="device_unknown"
+            )
+        return DevicePrincipal(device=device), "device-signature"
+
+    def authenticate_header(self, request) -> str:
+        return 'FlexSignature realm="api"'
+
+
+class DeviceSignatureScheme(OpenApiAuthenticationExtension):
+    """Describes device-signed requests in the OpenAPI schema."""
+
+    target_class = DeviceSignatureAuthentication
+    name = "deviceSignature"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": HEADER_SIGNATURE,
+            "description": (
+                "An enrolled device's EIP-191 signature over the request's method, full path "
+                "and unix time, made by chain.dataplane.sign_request with the FlexMarket "
+                f"contract's address as server_address; {HEADER_ADDRESS} and "
+                f"{HEADER_TIMESTAMP} go beside it."
+            ),
+        }
+
+
+def is_staff(request) -> bool:
+    return bool(getattr(request.user, "is_staff", False))
+
+
+class IsTaskBuyerOrStaff(BasePermission):
+    """A task, and what hangs off it (bids, the model), is its buyer's and staff's to see."""
+
+    message = "This task belongs to another buyer."
+
+    def has_object_permission(self, request, view, obj) -> bool:
+        task = getattr(obj, "task", obj)
+        return is_staff(request) or (task.buyer_id is not None and task.buyer_id == request.user.pk)
+
+
+class IsTaskBuyer(BasePermission):
+    """Only the task's buyer: for what is fetched with the buyer's own key (the model)."""
+
+    message = "Only the task's buyer may do this."
+
+    def has_object_permission(self, request, view, obj) -> bool:
+        task = getattr(obj, "task", obj)
+        return task.buyer_id is not None and task.buyer_id == request.user.pk

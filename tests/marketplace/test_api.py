@@ -1,0 +1,417 @@
+"""The REST API: authentication, who sees what, pagination, errors, schema and docs."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+
+import pytest
+from django.contrib.staticfiles import finders
+from django.utils import timezone
+from drf_spectacular.validation import validate_schema
+from rest_framework.test import APIClient
+
+from chain.dataplane import sign_request
+from marketplace.models import Bid, Task
+from marketplace.services import device_revoke, task_create, user_signup, wallet_fund
+from marketplace.wallets import wallet_of
+from tests.conftest import MIN_PRICE_WEI
+from tests.marketplace.test_admin import enrol_device, task_run_to_the_end
+from training.spec import TaskSpec
+
+pytestmark = pytest.mark.django_db
+
+PASSWORD = "a-long-test-passphrase"
+SPEC = {"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 2}
+BUDGET_WEI = 10**16
+
+
+def make_buyer(username: str):
+    user = user_signup(username=username, password=PASSWORD)
+    wallet_fund(wallet=wallet_of(user=user))
+    return user
+
+
+def make_task(buyer, *, title: str = "digits", window_s: int = 3600) -> Task:
+    return task_create(
+        buyer=buyer,
+        title=title,
+        spec=TaskSpec.from_dict(SPEC),
+        min_trainers=1,
+        max_trainers=3,
+        round_timeout_s=600,
+        budget_wei=BUDGET_WEI,
+        bidding_window_s=window_s,
+    )
+
+
+def client_for(user=None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client
+
+
+def assert_error(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.content[:500]
+    body = response.json()
+    assert set(body) == {"code", "message", "fields"}
+    assert body["code"] == code
+    assert body["message"]
+    return body
+
+
+@pytest.fixture
+def alice(platform_settings):
+    return make_buyer("alice")
+
+
+@pytest.fixture
+def bob(platform_settings):
+    return make_buyer("bob")
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/tasks/"),
+        ("get", "/api/tasks/1/"),
+        ("get", "/api/tasks/1/model/"),
+        ("post", "/api/tasks/create/"),
+        ("get", "/api/bids/"),
+        ("get", "/api/devices/"),
+        ("get", "/api/open-tasks/"),
+    ],
+)
+def test_unauthenticated_requests_are_refused(method, path):
+    response = getattr(APIClient(), method)(path)
+    assert_error(response, 401, "not_authenticated")
+    assert response.headers["WWW-Authenticate"]
+
+
+def test_token_from_username_and_password_authenticates(alice, bob):
+    own = make_task(alice, title="alice's")
+    make_task(bob, title="bob's")
+    client = APIClient()
+
+    reply = client.post("/api/auth/token/", {"username": "alice", "password": PASSWORD})
+
+    assert reply.status_code == 200
+    token = reply.json()["token"]
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
+    listing = client.get("/api/tasks/").json()
+    assert [t["id"] for t in listing["results"]] == [own.pk]
+    assert listing["results"][0]["buyer"] == "alice"
+    assert listing["results"][0]["budget_wei"] == str(BUDGET_WEI)
+
+
+def test_wrong_password_and_bad_token_are_refused(alice):
+    client = APIClient()
+    body = assert_error(
+        client.post("/api/auth/token/", {"username": "alice", "password": "nope"}), 400, "invalid"
+    )
+    assert "non_field_errors" in body["fields"]
+    client.credentials(HTTP_AUTHORIZATION="Token " + "0" * 40)
+    assert_error(client.get("/api/tasks/"), 401, "authentication_failed")
+
+
+def test_session_authentication_works(alice):
+    client = APIClient()
+    assert client.login(username="alice", password=PASSWORD)
+    assert client.get("/api/tasks/").status_code == 200
+
+
+# ---------------------------------------------------------------- tasks: who sees what
+
+
+def test_another_buyers_task_is_refused_and_staff_see_it(alice, bob, admin_user):
+    task = make_task(alice)
+    path = f"/api/tasks/{task.pk}/"
+
+    assert_error(client_for(bob).get(path), 403, "permission_denied")
+    assert [t["id"] for t in client_for(bob).get("/api/tasks/").json()["results"]] == []
+
+    own = client_for(alice).get(path)
+    assert own.status_code == 200
+    detail = own.json()
+    assert detail["chain_task_id"] == task.chain_task_id
+    assert detail["spec"]["model"] == "digits-mlp"
+    assert detail["spec_hash"] == TaskSpec.from_dict(SPEC).hash_hex
+    for nested in ("bids", "selected", "rounds_published", "payouts"):
+        assert detail[nested] == []
+
+    assert client_for(admin_user).get(path).status_code == 200
+    staff_list = client_for(admin_user).get("/api/tasks/").json()
+    assert task.pk in [t["id"] for t in staff_list["results"]]
+    assert_error(client_for(alice).get("/api/tasks/999999/"), 404, "not_found")
+    assert [
+        t["id"] for t in client_for(alice).get("/api/tasks/?state=bidding").json()["results"]
+    ] == []
+    assert client_for(alice).get("/api/tasks/?state=pending").json()["count"] == 1
+    body = assert_error(client_for(alice).get("/api/tasks/?state=lost"), 400, "invalid")
+    assert list(body["fields"]) == ["state"]
+
+
+def test_model_download_is_the_buyers_alone(alice, bob, admin_user):
+    task = make_task(alice)
+    path = f"/api/tasks/{task.pk}/model/"
+
+    assert_error(client_for(bob).get(path), 403, "permission_denied")
+    # Fetched with the buyer's own key, so not even staff download it in the buyer's name.
+    assert_error(client_for(admin_user).get(path), 403, "permission_denied")
+    body = assert_error(client_for(alice).get(path), 409, "model_not_ready")
+    assert body["fields"]["state"] == "bidding"
+
+
+def test_task_list_is_paginated(alice):
+    for i in range(26):
+        make_task(alice, title=f"t{i}")
+    client = client_for(alice)
+
+    first = client.get("/api/tasks/").json()
+    assert first["count"] == 26
+    assert len(first["results"]) == 25
+    assert first["previous"] is None
+    assert first["next"].endswith("/api/tasks/?page=2")
+    second = client.get("/api/tasks/", {"page": 2}).json()
+    assert [t["title"] for t in second["results"]] == ["t0"]  # newest first
+    assert_error(client.get("/api/tasks/", {"page": 3}), 404, "not_found")
+
+
+@pytest.fixture
+def finished(alice, platform_market, w3):
+    """Alice's task, run to the end on chain and mirrored by chain sync."""
+    with task_run_to_the_end(platform_market, w3, buyer=alice) as rows:
+        yield rows
+
+
+def test_task_detail_carries_the_mirrored_trade(alice, finished):
+    task = finished[Task]
+
+    detail = client_for(alice).get(f"/api/tasks/{task.pk}/").json()
+
+    assert detail["state"] == "finalized"
+    assert sorted(b["role"] for b in detail["bids"]) == ["aggregator", "trainer"]
+    assert sorted(s["role"] for s in detail["selected"]) == ["aggregator", "trainer"]
+    assert [r["number"] for r in detail["rounds_published"]] == [0, 1]
+    assert detail["rounds_published"][1]["global_model_id"] == "0x" + "33" * 32
+    # Escrow is conserved: trainer pay, aggregator fee and refund add up to the budget.
+    assert sum(int(p["amount_wei"]) for p in detail["payouts"]) == int(detail["budget_wei"])
+    assert {p["reason"] for p in detail["payouts"]} >= {"trainer", "aggregator"}
+    listed = client_for(alice).get("/api/open-tasks/").json()["results"]
+    assert task.chain_task_id not in [t["chain_task_id"] for t in listed]
+
+
+def test_bids_are_shown_to_the_tasks_buyer_and_staff(alice, bob, admin_user, finished):
+    task = finished[Task]
+    bid = Bid.objects.filter(task=task).first()
+
+    own = client_for(alice).get("/api/bids/", {"task": task.pk}).json()
+    assert own["count"] == 2
+    assert {b["price_per_round_wei"] for b in own["results"]} == {str(MIN_PRICE_WEI)}
+    assert client_for(bob).get("/api/bids/").json()["count"] == 0
+    assert_error(client_for(bob).get(f"/api/bids/{bid.pk}/"), 403, "permission_denied")
+    assert client_for(admin_user).get(f"/api/bids/{bid.pk}/").json()["device"] == bid.device
+    assert client_for(admin_user).get("/api/bids/").json()["count"] == 2
+    body = assert_error(client_for(alice).get("/api/bids/", {"task": "x"}), 400, "invalid")
+    assert list(body["fields"]) == ["task"]
+
+
+# ---------------------------------------------------------------- task create
+
+
+def _create_body(**overrides) -> dict:
+    return {
+        "title": "via the API",
+        "spec": SPEC,
+        "budget_wei": str(BUDGET_WEI),
+        "min_trainers": 1,
+        "max_trainers": 2,
+        "bidding_window_s": 600,
+        "round_timeout_s": 300,
+        **overrides,
+    }
+
+
+def test_task_create_posts_the_task_on_chain(alice, platform_market):
+    response = client_for(alice).post("/api/tasks/create/", _create_body(), format="json")
+
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["title"] == "via the API"
+    assert body["budget_wei"] == str(BUDGET_WEI)
+    on_chain = platform_market.task(task_id=body["chain_task_id"])
+    assert on_chain.budget_wei == BUDGET_WEI
+    assert on_chain.buyer == wallet_of(user=alice).address
+    assert "0x" + on_chain.spec_hash.removeprefix("0x") == body["spec_hash"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"budget_wei": "-5"}, "budget_wei"),
+        ({"budget_wei": -5}, "budget_wei"),
+        ({"budget_wei": 1.5e16}, "budget_wei"),
+        ({"budget_wei": "ten"}, "budget_wei"),
+        ({"spec": {**SPEC, "rounds": 0}}, "spec"),
+        ({"spec": {"model": "digits-mlp"}}, "spec"),
+        ({"min_trainers": 3, "max_trainers": 2}, "max_trainers"),
+        ({"bidding_window_s": None}, "bidding_window_s"),
+        ({"round_timeout_s": 0}, "round_timeout_s"),
+    ],
+)
+def test_task_create_names_the_bad_field(alice, overrides, field):
+    body = _create_body(**overrides)
+    if overrides.get("bidding_window_s", 0) is None:
+        del body["bidding_window_s"]
+        field = "bidding_ends"
+    count = Task.objects.count()
+
+    response = client_for(alice).post("/api/tasks/create/", body, format="json")
+
+    error = assert_error(response, 400, "invalid")
+    assert list(error["fields"]) == [field]
+    assert Task.objects.count() == count
+
+
+def test_task_create_below_the_contracts_minimum_is_refused_with_its_error(alice):
+    response = client_for(alice).post(
+        "/api/tasks/create/", _create_body(budget_wei="1"), format="json"
+    )
+    body = assert_error(response, 409, "budget_too_low")
+    assert int(body["fields"]["minimum_wei"]) > 1
+    assert not Task.objects.exists()
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_devices_show_the_public_only_what_the_chain_shows(alice, admin_user):
+    device = enrol_device(name="secret-lab-box", device_class="gpu", may_aggregate=True)
+
+    public = client_for(alice).get("/api/devices/").json()["results"]
+    staff = client_for(admin_user).get(f"/api/devices/{device.pk}/").json()
+
+    assert public == [
+        {
+            "id": device.pk,
+            "address": device.address,
+            "device_class": "gpu",
+            "may_aggregate": True,
+            "chain_status": device.chain_status,
+        }
+    ]
+    assert staff["name"] == "secret-lab-box"
+    assert staff["join_token"] == "secret-lab-box"
+    assert staff["registration_tx"] == device.registration_tx
+
+
+# ---------------------------------------------------------------- open tasks, for devices
+
+
+def _signed(device, path: str, market, **kw) -> dict[str, str]:
+    return sign_request(
+        account=device.account, method="GET", path=path, server_address=market.address, **kw
+    )
+
+
+def test_an_enrolled_device_reads_open_tasks_with_a_signed_request(alice, platform_market):
+    task = make_task(alice, title="open")
+    device = enrol_device(name="trainer")
+    path = "/api/open-tasks/"
+
+    response = APIClient().get(path, headers=_signed(device, path, platform_market))
+
+    assert response.status_code == 200, response.content
+    [listed] = response.json()["results"]
+    assert listed["chain_task_id"] == task.chain_task_id
+    assert listed["budget_wei"] == str(BUDGET_WEI)
+    assert listed["bid_count"] == 0
+    assert "buyer" not in listed
+    # Buyers may read the same list with their own credentials.
+    assert client_for(alice).get(path).json()["results"] == [listed]
+
+
+def test_device_signatures_are_checked(alice, platform_market):
+    make_task(alice)
+    device = enrol_device(name="trainer")
+    client = APIClient()
+    path = "/api/open-tasks/"
+
+    # Signed for another path (here: another page), another server, or too long ago.
+    other_path = _signed(device, path + "?page=2", platform_market)
+    assert_error(client.get(path, headers=other_path), 401, "auth_bad_signature")
+    other_server = sign_request(
+        account=device.account, method="GET", path=path, server_address=device.address
+    )
+    assert_error(client.get(path, headers=other_server), 401, "auth_bad_signature")
+    stale = _signed(device, path, platform_market, timestamp=int(time.time()) - 600)
+    assert_error(client.get(path, headers=stale), 401, "auth_expired")
+    # A well-signed request from a key that is not an enrolled device.
+    stranger = enrol_device(name="stranger")
+    headers = _signed(stranger, path, platform_market)
+    stranger.delete()
+    assert_error(client.get(path, headers=headers), 401, "device_unknown")
+    # A revoked device is refused.
+    device_revoke(device=device)
+    revoked = _signed(device, path, platform_market)
+    assert_error(client.get(path, headers=revoked), 401, "device_unknown")
+
+
+def test_devices_only_read_open_tasks(alice, platform_market):
+    task = make_task(alice)
+    device = enrol_device(name="trainer")
+    path = f"/api/tasks/{task.pk}/"
+    response = APIClient().get(path, headers=_signed(device, path, platform_market))
+    assert_error(response, 401, "not_authenticated")
+
+
+def test_tasks_past_their_bidding_deadline_are_not_open(alice, platform_market):
+    closed = make_task(alice, title="closed")
+    still_open = make_task(alice, title="open")
+    # As if its bidding window had run out (waiting it out would cost the test seconds).
+    Task.objects.filter(pk=closed.pk).update(bidding_ends=timezone.now() - timedelta(seconds=1))
+    listed = client_for(alice).get("/api/open-tasks/").json()["results"]
+    assert [t["chain_task_id"] for t in listed] == [still_open.chain_task_id]
+
+
+# ---------------------------------------------------------------- schema and docs
+
+
+def test_schema_is_valid_openapi_and_documents_every_endpoint():
+    response = APIClient().get("/api/schema/", {"format": "json"})
+
+    assert response.status_code == 200
+    schema = response.json()
+    validate_schema(schema)
+    assert schema["openapi"].startswith("3.")
+    for path in (
+        "/api/tasks/",
+        "/api/tasks/create/",
+        "/api/tasks/{id}/",
+        "/api/tasks/{id}/model/",
+        "/api/bids/",
+        "/api/devices/",
+        "/api/open-tasks/",
+        "/api/auth/token/",
+    ):
+        assert path in schema["paths"], path
+    schemes = schema["components"]["securitySchemes"]
+    assert {"tokenAuth", "cookieAuth", "deviceSignature"} <= set(schemes)
+
+
+def test_docs_page_renders_swagger_ui_from_local_assets():
+    response = APIClient().get("/api/docs/")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "/api/schema/" in html
+    assets = re.findall(r'(?:src|href)="/static/([^"]+)"', html)
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
+    assert "cdn" not in " ".join(assets)
+    for asset in assets:
+        assert finders.find(asset), f"{asset} is not served from the installed sidecar"
