@@ -27,8 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # The local devices' keystores share one passphrase: this stack is a development platform.
 LOCAL_PASSPHRASE = "flex-local-devices"
-WEB_PORT = int(os.environ.get("FLEX_WEB_PORT", 8000))
-CHAIN_PORT = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,7 @@ class LocalDevice:
     price_wei: int
     partition: int | None = None
     aggregator_price_wei: int | None = None
+    partitions: int = 5
 
     @property
     def aggregator(self) -> bool:
@@ -142,6 +141,10 @@ def manage(*args: str, env: dict[str, str], capture: bool = False) -> str:
     return done.stdout.strip() if capture else ""
 
 
+def _config(home: Path) -> dict:
+    return json.loads((home / "device.json").read_text())
+
+
 def enrolled(home: Path) -> bool:
     return (home / "device.json").exists()
 
@@ -170,26 +173,38 @@ def enrol(device: LocalDevice, *, home: Path, web_url: str, env: dict[str, str])
     if device.aggregator:
         cmd += ["--aggregator-price-wei", str(device.aggregator_price_wei)]
     if device.partition is not None:
-        cmd += ["--partition", f"{device.partition}/{TRAINERS}"]
+        cmd += ["--partition", f"{device.partition}/{device.partitions}"]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
 
 
 @contextlib.contextmanager
-def stack(*, var: Path, quiet_web: bool = False) -> Iterator[dict]:
-    """Bring the whole platform up; yield what a client needs; tear it all down on exit."""
+def stack(
+    *,
+    var: Path,
+    quiet_web: bool = False,
+    devices: tuple[LocalDevice, ...] = LOCAL_DEVICES,
+    homes_per_worker: int = 1,
+) -> Iterator[dict]:
+    """Bring the whole platform up; yield what a client needs; tear it all down on exit.
+
+    ``homes_per_worker`` > 1 is the simulation mode: one worker process serves several
+    device identities (each with its own key, store and data-plane server).
+    """
+    web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
+    chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
-        "ETH_RPC_URL": f"http://127.0.0.1:{CHAIN_PORT}",
+        "ETH_RPC_URL": f"http://127.0.0.1:{chain_port}",
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
     }
-    web_url = f"http://127.0.0.1:{WEB_PORT}"
+    web_url = f"http://127.0.0.1:{web_port}"
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
-        say(f"starting the local chain on 127.0.0.1:{CHAIN_PORT} (state in {var}/chain/)")
+        say(f"starting the local chain on 127.0.0.1:{chain_port} (state in {var}/chain/)")
         sup.start(
             "chain",
             [
@@ -197,7 +212,7 @@ def stack(*, var: Path, quiet_web: bool = False) -> Iterator[dict]:
                 "-m",
                 "chain.launcher",
                 "--port",
-                str(CHAIN_PORT),
+                str(chain_port),
                 "--state",
                 str(var / "chain" / "state.json"),
             ],
@@ -210,7 +225,7 @@ def stack(*, var: Path, quiet_web: bool = False) -> Iterator[dict]:
         manage("migrate", "--no-input", "-v", "0", env=env)
         manage("deploy_contract", env=env)
         say(f"starting the web server on {web_url}")
-        web_cmd = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(WEB_PORT)]
+        web_cmd = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
         if quiet_web:
             web_cmd += ["--access-log", os.devnull]
         sup.start("web", [*web_cmd, "flexsite.asgi:application"])
@@ -218,7 +233,7 @@ def stack(*, var: Path, quiet_web: bool = False) -> Iterator[dict]:
             "the web server", lambda: requests.get(web_url, timeout=2).status_code < 500, sup=sup
         )
         homes = {}
-        for device in LOCAL_DEVICES:
+        for device in devices:
             home = var / "devices" / device.name
             homes[device.name] = home
             if not enrolled(home):
@@ -259,21 +274,25 @@ def stack(*, var: Path, quiet_web: bool = False) -> Iterator[dict]:
                 "INFO",
             ],
         )
-        for name, home in homes.items():
+        names = list(homes)
+        for i in range(0, len(names), homes_per_worker):
+            group = names[i : i + homes_per_worker]
+            args = [a for n in group for a in ("--home", str(homes[n]))]
             # The broker may have moved since enrolment (a private Redis gets a free port).
-            sup.start(
-                name,
-                [
-                    PY,
-                    "-m",
-                    "worker",
-                    "start",
-                    "--home",
-                    str(home),
-                    "--broker-url",
-                    env["REDIS_URL"],
-                ],
-            )
+            cmd = [PY, "-m", "worker", "start", *args, "--broker-url", env["REDIS_URL"]]
+            sup.start(group[0] if len(group) == 1 else f"devices-{i // homes_per_worker}", cmd)
+        # Work posted before the workers listen would wait in the broker past its deadlines.
+        from celery import Celery
+
+        client = Celery("flex-devstack", broker=env["REDIS_URL"], set_as_current=False)
+        expected = len(sup.procs) - 3  # all but the chain, the web server and beat
+        wait_for(
+            f"{expected} Celery workers",
+            lambda: len(client.control.ping(timeout=0.5)) >= expected,
+            timeout=180,
+            sup=sup,
+        )
+        client.close()
         yield {"web_url": web_url, "buyer": buyer, "supervisor": sup, "homes": homes, "env": env}
     finally:
         say("stopping every process")
@@ -298,14 +317,232 @@ def run(var: Path) -> int:
     return 0
 
 
+DEMO_SPEC = {
+    "model": "digits-mlp",
+    "dataset": "digits-8x8",
+    "local_epochs": 5,
+    "batch_size": 32,
+    "learning_rate": 0.2,
+    "seed": 1,
+}
+TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
+
+
+def _progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def follow_task(
+    up: dict,
+    *,
+    out: Path,
+    spec_fields: dict,
+    trainers: int,
+    budget_wei: int,
+    round_timeout_s: int,
+    kill_in_round: int | None = None,
+    timeout_s: float = 600,
+) -> dict:
+    """Post a task as the demo buyer on a running stack and follow it to a downloaded,
+    verified model; returns the summary (also written to ``out``/summary.json).
+
+    ``kill_in_round``: right after one selected trainer submits its update for the round
+    before (1-based rounds), its worker process is killed, so it misses that round; the
+    round closes at its timeout with the updates that arrived.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.update({k: v for k, v in up["env"].items() if k != "PYTHONUNBUFFERED"})
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+    from eth_utils import keccak
+
+    from marketplace import contract, services
+    from marketplace.models import Payout, Round, Update
+    from marketplace.models_download import final_model_fetch
+    from marketplace.wallets import wallet_account, wallet_of
+    from training.spec import TaskSpec
+    from training.store import ModelStore
+    from worker.node import STORE_DIR
+
+    buyer = get_user_model().objects.get(username=up["buyer"]["username"])
+    spec = TaskSpec.from_dict(spec_fields)
+    rounds = spec.rounds
+    started = time.monotonic()
+    task = services.task_create(
+        buyer=buyer,
+        title=f"{spec.model}, {trainers} trainers x {rounds} rounds",
+        spec=spec,
+        budget_wei=budget_wei,
+        min_trainers=trainers,
+        max_trainers=trainers,
+        bidding_window_s=8,
+        round_timeout_s=round_timeout_s,
+    )
+    say(f"task {task.chain_task_id} posted: budget {budget_wei} wei, tx {task.created_tx}")
+    names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
+    aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
+    aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
+    seen: dict[int, float] = {}
+    killed = None
+    last = None
+    while time.monotonic() - started < timeout_s:
+        task.refresh_from_db()
+        for r in Round.objects.filter(task=task, number__gte=1):
+            seen.setdefault(r.number, time.monotonic())
+        line = (
+            f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
+        )
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if kill_in_round and killed is None and task.state == "running":
+            # The first trainer to deliver the round before, once the aggregator holds its
+            # update: it is paid for that round and vanishes before it can train the next.
+            before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
+            victim = before.order_by("block_number", "id").first()
+            if victim is not None and aggregator_store.has(victim.model_id):
+                killed = victim.trainer
+                name = names[killed.lower()]
+                say(f"killing device {name} ({killed}) before round {kill_in_round}")
+                up["supervisor"].stop(name, timeout=1)
+        if task.state in TERMINAL:
+            break
+        time.sleep(0.1)
+    task.refresh_from_db()
+    w3 = contract.w3()
+    rows = []
+    previous = started
+    for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
+        txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
+        gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
+        at = seen.get(r.number, time.monotonic())
+        rows.append(
+            {
+                "round": r.number,
+                "accuracy": r.accuracy,
+                "loss": r.loss,
+                "updates": r.updates_aggregated,
+                "gas": gas,
+                "wall_s": round(at - previous, 3),
+            }
+        )
+        previous = at
+    payouts: dict[str, int] = {}
+    refund = 0
+    for p in Payout.objects.filter(task=task):
+        if p.reason == "refund":
+            refund += p.amount_wei
+        else:
+            payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
+    summary = {
+        "task_id": task.chain_task_id,
+        "state": task.state,
+        "rounds": rows,
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "budget_wei": str(task.budget_wei),
+        "payouts_wei": {a: str(v) for a, v in payouts.items()},
+        "refund_wei": str(refund),
+        "conserved": sum(payouts.values()) + refund == task.budget_wei,
+        "killed_device": killed,
+        "devices": dict(names),
+        "model_id": None,
+        "model_verified": False,
+    }
+    if task.state == "finalized":
+        account = wallet_account(wallet=wallet_of(user=buyer))
+        model = final_model_fetch(chain_task_id=task.chain_task_id, account=account)
+        (out / model.filename).write_bytes(model.data)
+        summary["model_id"] = model.model_id
+        summary["model_verified"] = "0x" + keccak(model.data).hex() == model.model_id
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def demo(
+    var: Path,
+    *,
+    trainers: int,
+    rounds: int,
+    round_timeout_s: int,
+    kill_in_round: int | None,
+    timeout_s: float,
+    min_accuracy: float,
+) -> int:
+    """`make demo`: the local stack, headless, runs one task end to end and checks it."""
+    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
+    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
+    # Room for every trainer at the highest price, and a refund left over.
+    budget_wei = rounds * (trainers * max(prices) + agg) * 3 // 2
+    with stack(var=var, quiet_web=True) as up:
+        summary = follow_task(
+            up,
+            out=var / "demo",
+            spec_fields={**DEMO_SPEC, "rounds": rounds},
+            trainers=trainers,
+            budget_wei=budget_wei,
+            round_timeout_s=round_timeout_s,
+            kill_in_round=kill_in_round,
+            timeout_s=timeout_s,
+        )
+    _print_summary(summary, names=summary["devices"])
+    problems = []
+    if summary["state"] != "finalized":
+        problems.append(f"the task ended {summary['state']}, not finalized")
+    if not summary["conserved"]:
+        problems.append("payouts + refund != budget")
+    if not summary["model_verified"]:
+        problems.append("the downloaded model does not match its on-chain ID")
+    if (summary["final_accuracy"] or 0) < min_accuracy:
+        problems.append(f"final accuracy {summary['final_accuracy']} is below {min_accuracy}")
+    for problem in problems:
+        say(f"FAILED: {problem}")
+    say(f"summary written to {var / 'demo' / 'summary.json'}")
+    return 1 if problems else 0
+
+
+def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
+    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>8} {'updates':>7} {'gas':>9} {'wall_s':>7}")
+    for r in summary["rounds"]:
+        print(
+            f"{r['round']:>5} {r['accuracy'] or 0:>9.4f} {r['loss'] or 0:>8.4f} "
+            f"{r['updates']:>7} {r['gas']:>9} {r['wall_s']:>7.2f}"
+        )
+    print("\npayouts (wei):")
+    for address, wei in summary["payouts_wei"].items():
+        print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei}")
+    print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
+    print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
+    print(f"payouts + refund == budget: {summary['conserved']}")
+    print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexsite.devstack", description=__doc__)
-    parser.add_argument("command", choices=["run"])
+    parser.add_argument("command", choices=["run", "demo"])
+    parser.add_argument("--trainers", type=int, default=TRAINERS)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--round-timeout", type=int, default=60, help="seconds")
+    parser.add_argument("--kill-in-round", type=int, help="kill one trainer before this round")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after (seconds)")
+    parser.add_argument("--min-accuracy", type=float, default=0.93)
     parser.add_argument(
         "--var", type=Path, default=Path(os.environ.get("FLEX_VAR_DIR", ROOT / "var"))
     )
     args = parser.parse_args(argv)
-    return run(args.var.resolve())
+    if args.command == "run":
+        return run(args.var.resolve())
+    return demo(
+        args.var.resolve(),
+        trainers=args.trainers,
+        rounds=args.rounds,
+        round_timeout_s=args.round_timeout,
+        kill_in_round=args.kill_in_round,
+        timeout_s=args.timeout,
+        min_accuracy=args.min_accuracy,
+    )
 
 
 if __name__ == "__main__":

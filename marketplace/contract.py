@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import redis
 from django.conf import settings
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import FlexMarket, transfer_eth
+from chain.errors import FlexError
 from chain.launcher import DEV_CHAIN_ID, dev_accounts
 from marketplace.errors import ContractNotDeployedError
 
 # Gas a device spends over a typical task (bids, updates, withdrawals), for the join reply.
 DEVICE_GAS_BUDGET = 2_000_000
+# A platform transaction normally takes a block; the lock outlives a slow one.
+PLATFORM_LOCK_TTL_S = 300
+PLATFORM_LOCK_WAIT_S = 30
+
+
+class PlatformBusyError(FlexError):
+    """Another platform transaction is in flight; try again shortly."""
+
+    code = "platform_busy"
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,31 @@ def registrar() -> LocalAccount:
             "FLEX_REGISTRAR_KEY is not set, and this is not the local dev chain."
         )
     return dev_accounts(1)[0]
+
+
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url)
+
+
+@contextlib.contextmanager
+def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[LocalAccount]:
+    """The platform (registrar) account, held by one sender at a time across processes, so
+    that two platform transactions never race for one nonce. PlatformBusyError after
+    ``wait_s``."""
+    account = registrar()
+    lock = _redis(settings.REDIS_URL).lock(
+        f"flex:platform-tx:{account.address}",
+        timeout=PLATFORM_LOCK_TTL_S,
+        blocking_timeout=wait_s,
+    )
+    if not lock.acquire():
+        raise PlatformBusyError(account=account.address)
+    try:
+        yield account
+    finally:
+        with contextlib.suppress(redis.exceptions.LockError):
+            lock.release()
 
 
 def faucet() -> LocalAccount:

@@ -177,6 +177,8 @@ class ChainEventRecord(ChainRecord):
         constraints = [
             models.UniqueConstraint(fields=["tx_hash", "log_index"], name="event_unique_log")
         ]
+        # Sync looks records up by block: re-org checks and the start-up rewind.
+        indexes = [models.Index(fields=["block_number", "log_index"], name="event_block_order")]
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.block_number}:{self.log_index}"
@@ -317,6 +319,11 @@ class Update(ChainRecord):
     trainer = models.CharField(max_length=42)
     position = models.PositiveIntegerField()
     model_id = models.CharField(max_length=66)
+    # Reported by the trainer itself, on its own data (not checked by anyone).
+    num_examples = models.PositiveIntegerField(null=True, blank=True)
+    local_loss = models.FloatField(null=True, blank=True)
+    local_accuracy = models.FloatField(null=True, blank=True)
+    train_s = models.FloatField(null=True, blank=True, help_text="Local training time.")
 
     class Meta:
         ordering = ["task", "round_number", "position"]
@@ -354,3 +361,39 @@ class Payout(ChainRecord):
 
     def __str__(self) -> str:
         return f"{self.amount_wei} wei to {self.account} ({self.reason})"
+
+
+class LifecycleAction(models.Model):
+    """A lifecycle step the platform fired for a task, at most once per (task, action, round).
+
+    Device messages are recorded in the transaction that mirrors the event causing them
+    (``tx_hash`` is that event's transaction); platform transactions once they are mined
+    (``tx_hash`` is the platform's own transaction). A re-org that orphans that transaction
+    deletes the row, so the step may fire again on the new branch.
+    """
+
+    class Action(models.TextChoices):
+        NOTIFY_BIDS = "notify_bids", "Devices asked to bid"
+        SELECT_NODES = "select_nodes", "Node selection"
+        PUBLISH_INITIAL = "publish_initial", "Initial model requested"
+        START_ROUND = "start_round", "Round started"
+        FINALIZE = "finalize", "Finalized"
+        ABORT = "abort", "Aborted"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="actions")
+    action = models.CharField(max_length=20, choices=Action.choices)
+    round_number = models.PositiveIntegerField(default=0)
+    tx_hash = models.CharField(max_length=66, blank=True, db_index=True)
+    detail = models.JSONField(default=dict, blank=True)
+    fired_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["task", "fired_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["task", "action", "round_number"], name="lifecycle_action_once"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} (round {self.round_number}) of {self.task}"

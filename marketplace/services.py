@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from eth_account import Account
@@ -15,15 +17,40 @@ from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
 
 from chain.client import DeviceClass as ChainDeviceClass
+from chain.client import TxResult, transfer_eth
+from chain.errors import (
+    BudgetTooLowError,
+    InvalidBiddingEndError,
+    InvalidRoundsError,
+    InvalidRoundTimeoutError,
+    InvalidTrainerRangeError,
+)
+from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
 from chain.messages import join_message
-from marketplace import contract
+from marketplace import contract, wallets
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
     JoinChallengeError,
     JoinSignatureError,
     JoinTokenError,
 )
-from marketplace.models import Device, JoinToken, token_digest
+from marketplace.models import (
+    Bid,
+    Device,
+    JoinToken,
+    Role,
+    Task,
+    TaskState,
+    Wallet,
+    token_digest,
+)
+from marketplace.models_download import (
+    FinalModel,
+    ModelNotReadyError,
+    NotTaskBuyerError,
+    final_model_fetch,
+)
+from training.spec import TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +148,13 @@ def device_enrol(
         raise DeviceAlreadyEnrolledError(address=claimed)
 
     market = contract.market()
-    receipt = market.register_device(
-        sender=contract.registrar(),
-        device=claimed,
-        device_class=ChainDeviceClass[device_class.upper()],
-        can_aggregate=token.may_aggregate,
-    )
+    with contract.platform_account_lock() as platform:
+        receipt = market.register_device(
+            sender=platform,
+            device=claimed,
+            device_class=ChainDeviceClass[device_class.upper()],
+            can_aggregate=token.may_aggregate,
+        )
     token.used_at = timezone.now()
     token.challenge = ""
     token.save(update_fields=["used_at", "challenge"])
@@ -164,3 +192,295 @@ def enrolment_config(*, device: Device) -> dict:
         "contract_address": contract.address(),
         "gas_needed_wei": str(contract.gas_needed_wei()),
     }
+
+
+def device_approve(*, device: Device) -> TxResult:
+    """Register a known device on chain (again, if it was revoked) with its recorded class and
+    aggregation right, from the registrar account.
+
+    Raises the contract's error, e.g. DeviceAlreadyRegisteredError for an active device.
+    """
+    with contract.platform_account_lock() as platform:
+        receipt = contract.market().register_device(
+            sender=platform,
+            device=device.address,
+            device_class=ChainDeviceClass[device.device_class.upper()],
+            can_aggregate=device.may_aggregate,
+        )
+    receipt.first(DeviceRegistered)
+    # Chain sync writes the same status from the same event later; writing it from the
+    # receipt now shows the admin the chain's answer at once.
+    device.chain_status = "active"
+    device.registration_tx = receipt.tx_hash
+    device.revoked_at = None
+    device.save(update_fields=["chain_status", "registration_tx", "revoked_at"])
+    logger.info("device %s (%s) registered on chain by the admin", device.pk, device.address)
+    return receipt
+
+
+def device_revoke(*, device: Device) -> TxResult:
+    """Revoke a device on chain from the registrar account: it can no longer bid, be selected,
+    submit or publish; what it already delivered is still paid.
+
+    Raises the contract's error: DeviceRevokedError when already revoked,
+    DeviceNotRegisteredError when it was never registered.
+    """
+    with contract.platform_account_lock() as platform:
+        receipt = contract.market().revoke_device(sender=platform, device=device.address)
+    receipt.first(DeviceRevoked)
+    device.chain_status = "revoked"  # as in device_approve: sync confirms it from the event
+    device.revoked_at = timezone.now()
+    device.save(update_fields=["chain_status", "revoked_at"])
+    logger.info("device %s (%s) revoked on chain by the admin", device.pk, device.address)
+    return receipt
+
+
+# ---------------------------------------------------------------- buyers: wallets and tasks
+
+# Gas limit assumed for createTask when estimating and checking a buyer's balance: the first
+# task on a fresh contract uses about 211k (cold storage), plus the client's 20% margin.
+CREATE_TASK_GAS = 260_000
+# Bidding must stay open at least this long after the transaction is sent, or the contract
+# may see the deadline pass before the block that carries it.
+MIN_BIDDING_WINDOW_S = 5
+
+
+@transaction.atomic
+def user_signup(*, username: str, password: str, email: str = ""):
+    """A new buyer account with its custodial wallet (both or neither)."""
+    user = get_user_model().objects.create_user(username=username, password=password, email=email)
+    wallet_create(user=user)
+    return user
+
+
+def wallet_create(*, user) -> Wallet:
+    """A new custodial account for ``user``; only the encrypted key is stored."""
+    account = Account.create()
+    wallet = Wallet.objects.create(
+        user=user,
+        address=account.address,
+        encrypted_key=wallets.key_encrypt(private_key=bytes(account.key)),
+    )
+    logger.info("wallet %s created for user %s", wallet.address, user.pk)
+    return wallet
+
+
+def wallet_fund(*, wallet: Wallet) -> str:
+    """Send the wallet FLEX_FAUCET_WEI from the dev chain's faucet; returns the tx hash.
+
+    Raises FaucetUnavailableError on any other chain: real ETH is never handed out.
+    """
+    with wallets.node_reads():
+        if not contract.on_dev_chain():
+            raise wallets.FaucetUnavailableError(chain_id=contract.chain_id())
+    tx_hash = transfer_eth(
+        w3=contract.w3(),
+        sender=contract.faucet(),
+        to=wallet.address,
+        value_wei=settings.FLEX_FAUCET_WEI,
+    )
+    logger.info("faucet sent %d wei to %s in %s", settings.FLEX_FAUCET_WEI, wallet.address, tx_hash)
+    return tx_hash
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a task of this shape should cost, from the prices devices ask today.
+
+    ``low_wei`` pays the minimum number of trainers at the cheapest prices asked, ``high_wei``
+    the maximum number at the dearest; neither is below ``minimum_wei``, the least the
+    contract accepts. A price is a usable device's latest bid; with fewer prices than trainers,
+    the low end counts the rest at the platform minimum, the high end at the dearest price.
+    """
+
+    rounds: int
+    min_trainers: int
+    max_trainers: int
+    minimum_wei: int
+    low_wei: int
+    high_wei: int
+    gas_units: int
+    gas_wei: int
+    trainer_prices_wei: tuple[int, ...]
+    aggregator_prices_wei: tuple[int, ...]
+    min_trainer_price_wei: int
+    min_aggregator_price_wei: int
+
+    @property
+    def from_bids(self) -> bool:
+        return bool(self.trainer_prices_wei or self.aggregator_prices_wei)
+
+
+def _offered_prices(*, floor_trainer: int, floor_aggregator: int) -> tuple[list[int], list[int]]:
+    """Each usable device's latest asking price per round, trainers and aggregators apart."""
+    devices = Device.objects.filter(revoked_at__isnull=True).exclude(chain_status="revoked")
+    aggregators = {d.address for d in devices if d.may_aggregate}
+    latest: dict[tuple[str, str], int] = {}
+    for bid in Bid.objects.filter(device__in=[d.address for d in devices]).order_by(
+        "device", "role", "-block_number"
+    ):
+        latest.setdefault((bid.device, bid.role), bid.price_per_round_wei)
+    trainers, aggregating = [], []
+    for (device, role), price in latest.items():
+        if role == Role.AGGREGATOR and device in aggregators:
+            aggregating.append(max(price, floor_aggregator))
+        elif role == Role.TRAINER:
+            trainers.append(max(price, floor_trainer))
+    return sorted(trainers), sorted(aggregating)
+
+
+def cost_estimate(*, rounds: int, min_trainers: int, max_trainers: int) -> CostEstimate:
+    """The budget range and gas a task of this shape implies (see CostEstimate)."""
+    market = contract.market()
+    floors = market.min_prices()
+    t_floor, a_floor = floors.min_trainer_price_wei, floors.min_aggregator_price_wei
+    trainers, aggregators = _offered_prices(floor_trainer=t_floor, floor_aggregator=a_floor)
+    cheapest = (trainers + [t_floor] * min_trainers)[:min_trainers]
+    dear = max(trainers, default=t_floor)
+    dearest = (trainers[::-1] + [dear] * max_trainers)[:max_trainers]
+    minimum = rounds * (min_trainers * t_floor + a_floor)
+    low = rounds * (sum(cheapest) + min(aggregators, default=a_floor))
+    high = rounds * (sum(dearest) + max(aggregators, default=a_floor))
+    gas_price = _max_fee_per_gas()
+    return CostEstimate(
+        rounds=rounds,
+        min_trainers=min_trainers,
+        max_trainers=max_trainers,
+        minimum_wei=minimum,
+        low_wei=max(low, minimum),
+        high_wei=max(high, low, minimum),
+        gas_units=CREATE_TASK_GAS,
+        gas_wei=CREATE_TASK_GAS * gas_price,
+        trainer_prices_wei=tuple(trainers),
+        aggregator_prices_wei=tuple(aggregators),
+        min_trainer_price_wei=t_floor,
+        min_aggregator_price_wei=a_floor,
+    )
+
+
+def _max_fee_per_gas() -> int:
+    """The fee cap per gas the chain client signs with (twice the base fee plus the tip)."""
+    w3 = contract.w3()
+    with wallets.node_reads():
+        base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
+        return 2 * base_fee + w3.eth.max_priority_fee
+
+
+def _chain_now() -> int:
+    """Unix time as the next block will see it: never earlier than the latest block's."""
+    with wallets.node_reads():
+        latest = contract.w3().eth.get_block("latest")["timestamp"]
+    return max(int(time.time()), int(latest))
+
+
+def task_create(
+    *,
+    buyer,
+    title: str,
+    spec: TaskSpec,
+    min_trainers: int,
+    max_trainers: int,
+    round_timeout_s: int,
+    budget_wei: int,
+    bidding_ends: datetime | None = None,
+    bidding_window_s: int | None = None,
+) -> Task:
+    """Post a task on chain from the buyer's custodial wallet and record it as pending.
+
+    Bidding closes at ``bidding_ends``, or ``bidding_window_s`` seconds from the chain's
+    time (give one). Every rule the contract enforces is checked first, with the contract's
+    own error classes and fields, so a bad task costs no gas; a revert that still happens
+    (the chain moved in between) raises the same classes. Chain sync later confirms the row
+    by chain_task_id.
+    Raises WalletMissingError, InvalidRoundsError, InvalidTrainerRangeError,
+    InvalidRoundTimeoutError, InvalidBiddingEndError, BudgetTooLowError,
+    InsufficientFundsError, any other ContractError, ChainUnavailableError.
+    """
+    wallet = wallets.wallet_of(user=buyer)
+    market = contract.market()
+    limits = market.limits()
+    rounds = spec.rounds
+    if not 1 <= rounds <= limits.max_rounds:
+        raise InvalidRoundsError(rounds=rounds, max_rounds=limits.max_rounds)
+    if not 1 <= min_trainers <= max_trainers <= limits.max_trainers:
+        raise InvalidTrainerRangeError(
+            min_trainers=min_trainers, max_trainers=max_trainers, cap=limits.max_trainers
+        )
+    if not 1 <= round_timeout_s <= limits.max_round_timeout:
+        raise InvalidRoundTimeoutError(
+            round_timeout=round_timeout_s, max_round_timeout=limits.max_round_timeout
+        )
+    if (bidding_ends is None) == (bidding_window_s is None):
+        raise TypeError("give exactly one of bidding_ends and bidding_window_s")
+    now = _chain_now()
+    ends = int(bidding_ends.timestamp()) if bidding_ends else now + bidding_window_s
+    if ends < now + MIN_BIDDING_WINDOW_S:
+        raise InvalidBiddingEndError(bidding_ends=ends, now_timestamp=now)
+    prices = market.min_prices()
+    minimum = rounds * (
+        min_trainers * prices.min_trainer_price_wei + prices.min_aggregator_price_wei
+    )
+    if budget_wei < minimum:
+        raise BudgetTooLowError(budget_wei=budget_wei, minimum_wei=minimum)
+    balance = wallets.wallet_balance_wei(wallet=wallet)
+    needed = budget_wei + CREATE_TASK_GAS * _max_fee_per_gas()
+    if balance < needed:
+        raise wallets.InsufficientFundsError(
+            balance_wei=balance, needed_wei=needed, budget_wei=budget_wei
+        )
+
+    receipt = market.create_task(
+        sender=wallets.wallet_account(wallet=wallet),
+        spec_hash=spec.hash,
+        rounds=rounds,
+        min_trainers=min_trainers,
+        max_trainers=max_trainers,
+        bidding_ends=ends,
+        round_timeout=round_timeout_s,
+        budget_wei=budget_wei,
+    )
+    created = receipt.first(TaskCreated)
+    # Chain sync may have mirrored TaskCreated already: keep its state, add what only the
+    # website knows (who, what it is called, the spec itself).
+    task, made = Task.objects.get_or_create(
+        chain_task_id=created.task_id,
+        defaults={
+            "state": TaskState.PENDING,
+            "buyer_address": wallet.address,
+            "spec_hash": spec.hash_hex,
+            "budget_wei": budget_wei,
+            "rounds": rounds,
+            "min_trainers": min_trainers,
+            "max_trainers": max_trainers,
+            "bidding_ends": datetime.fromtimestamp(ends, tz=UTC),
+            "round_timeout_s": round_timeout_s,
+            "created_tx": receipt.tx_hash,
+            "created_block": receipt.block_number,
+            "buyer": buyer,
+            "title": title,
+            "spec": spec.as_dict(),
+        },
+    )
+    if not made:
+        task.buyer, task.title, task.spec = buyer, title, spec.as_dict()
+        task.save(update_fields=["buyer", "title", "spec", "updated_at"])
+    logger.info(
+        "task %s created on chain by %s in %s (budget %d wei)",
+        created.task_id,
+        wallet.address,
+        receipt.tx_hash,
+        budget_wei,
+    )
+    return task
+
+
+def task_model_download(*, task: Task, user) -> FinalModel:
+    """The task's final model, fetched for its buyer from the aggregator's store and checked
+    against the model ID on chain. Raises NotTaskBuyerError for anyone but the buyer, and
+    ModelNotReadyError, ModelUnavailableError or the data plane's errors."""
+    if task.buyer_id is None or task.buyer_id != user.pk:
+        raise NotTaskBuyerError(task_id=task.pk)
+    if task.chain_task_id is None:
+        raise ModelNotReadyError("The task is not on chain yet.")
+    account = wallets.wallet_account(wallet=wallets.wallet_of(user=user))
+    return final_model_fetch(chain_task_id=task.chain_task_id, account=account)

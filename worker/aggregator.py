@@ -79,6 +79,27 @@ def _update(
     return Update(weights=weights, num_examples=samples, update_id=update_id)
 
 
+def _prefetch(
+    node: Node, *, task_id: int, round_number: int, trainer: str, url: str | None
+) -> None:
+    """Bring a submitted update into this node's store now; failures wait for the round."""
+    update_id = node.market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+    if not url or node.store.has(update_id):
+        return
+    try:
+        blob = fetch_model(
+            base_url=url,
+            model_id=update_id,
+            server_address=trainer,
+            account=node.account,
+            max_bytes=node.config.max_model_bytes,
+            retries=0,
+        )
+        node.store.put(blob, kind="update", task_id=task_id, round_number=round_number)
+    except FlexError as exc:
+        log.info("task %s: update of %s not fetched yet: %s", task_id, trainer, exc.message)
+
+
 def aggregate(
     node: Node,
     *,
@@ -106,7 +127,19 @@ def aggregate(
     info = market.round_info(task_id=task_id, round_number=round_number)
     submitted = positions_of(info.submitted_mask)
     left = task.submission_deadline - node.chain_time()
+    urls = {k.lower(): v for k, v in trainer_urls.items()}
     if wait and len(submitted) < len(selection.trainers) and left > 0:
+        # Fetch what is in already while the rest train: the round then closes sooner, and an
+        # update stays usable even if its device vanishes before the round closes.
+        for position in submitted:
+            trainer = selection.trainers[position]
+            _prefetch(
+                node,
+                task_id=task_id,
+                round_number=round_number,
+                trainer=trainer,
+                url=urls.get(trainer.lower()),
+            )
         raise RoundNotReadyError(
             task_id=task_id,
             round=round_number,
@@ -116,7 +149,6 @@ def aggregate(
         )
     started = time.perf_counter()
     samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
-    urls = {k.lower(): v for k, v in trainer_urls.items()}
     updates: list[Update] = []
     positions: dict[str, int] = {}
     rejected: dict[str, str] = {}

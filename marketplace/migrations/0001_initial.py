@@ -9,7 +9,6 @@ import marketplace.models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -18,241 +17,479 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='ChainCursor',
+            name="ChainCursor",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('contract_address', models.CharField(max_length=42, unique=True)),
-                ('chain_id', models.PositiveBigIntegerField()),
-                ('deploy_block', models.PositiveBigIntegerField(default=0)),
-                ('block_number', models.PositiveBigIntegerField(help_text='Last block mirrored.')),
-                ('block_hash', models.CharField(blank=True, max_length=66)),
-                ('head_block', models.PositiveBigIntegerField(default=0, help_text='Chain head at last sync.')),
-                ('synced_at', models.DateTimeField(blank=True, null=True)),
-                ('last_lag_ms', models.FloatField(blank=True, null=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("contract_address", models.CharField(max_length=42, unique=True)),
+                ("chain_id", models.PositiveBigIntegerField()),
+                ("deploy_block", models.PositiveBigIntegerField(default=0)),
+                ("block_number", models.PositiveBigIntegerField(help_text="Last block mirrored.")),
+                ("block_hash", models.CharField(blank=True, max_length=66)),
+                (
+                    "head_block",
+                    models.PositiveBigIntegerField(default=0, help_text="Chain head at last sync."),
+                ),
+                ("synced_at", models.DateTimeField(blank=True, null=True)),
+                ("last_lag_ms", models.FloatField(blank=True, null=True)),
             ],
         ),
         migrations.CreateModel(
-            name='ChainEventRecord',
+            name="ChainEventRecord",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('log_index', models.PositiveIntegerField()),
-                ('block_hash', models.CharField(max_length=66)),
-                ('name', models.CharField(db_index=True, max_length=40)),
-                ('task_id', models.PositiveBigIntegerField(blank=True, db_index=True, null=True)),
-                ('args', models.JSONField(default=dict)),
-                ('seen_at', models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("log_index", models.PositiveIntegerField()),
+                ("block_hash", models.CharField(max_length=66)),
+                ("name", models.CharField(db_index=True, max_length=40)),
+                ("task_id", models.PositiveBigIntegerField(blank=True, db_index=True, null=True)),
+                ("args", models.JSONField(default=dict)),
+                ("seen_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
             options={
-                'ordering': ['block_number', 'log_index'],
-                'constraints': [models.UniqueConstraint(fields=('tx_hash', 'log_index'), name='event_unique_log')],
+                "ordering": ["block_number", "log_index"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("tx_hash", "log_index"), name="event_unique_log"
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='JoinToken',
+            name="JoinToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('label', models.CharField(help_text='Who or what the token is for.', max_length=100)),
-                ('digest', models.CharField(editable=False, max_length=64, unique=True)),
-                ('may_aggregate', models.BooleanField(default=False, help_text='The device may bid as an aggregator.')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('expires_at', models.DateTimeField()),
-                ('used_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('challenge', models.CharField(blank=True, editable=False, max_length=66)),
-                ('challenge_expires_at', models.DateTimeField(blank=True, editable=False, null=True)),
-                ('created_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "label",
+                    models.CharField(help_text="Who or what the token is for.", max_length=100),
+                ),
+                ("digest", models.CharField(editable=False, max_length=64, unique=True)),
+                (
+                    "may_aggregate",
+                    models.BooleanField(
+                        default=False, help_text="The device may bid as an aggregator."
+                    ),
+                ),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
+                ("expires_at", models.DateTimeField()),
+                ("used_at", models.DateTimeField(blank=True, editable=False, null=True)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                ("challenge", models.CharField(blank=True, editable=False, max_length=66)),
+                (
+                    "challenge_expires_at",
+                    models.DateTimeField(blank=True, editable=False, null=True),
+                ),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='Device',
+            name="Device",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100)),
-                ('address', models.CharField(max_length=42, unique=True)),
-                ('device_class', models.CharField(choices=[('cpu', 'CPU'), ('gpu', 'GPU'), ('jetson', 'Jetson')], max_length=10)),
-                ('may_aggregate', models.BooleanField(default=False)),
-                ('dataplane_url', models.URLField(blank=True)),
-                ('enrolled_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('registration_tx', models.CharField(blank=True, max_length=66)),
-                ('revoked_at', models.DateTimeField(blank=True, null=True)),
-                ('chain_status', models.CharField(choices=[('none', 'Not registered'), ('active', 'Active'), ('revoked', 'Revoked')], default='none', max_length=10)),
-                ('join_token', models.OneToOneField(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='device', to='marketplace.jointoken')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=100)),
+                ("address", models.CharField(max_length=42, unique=True)),
+                (
+                    "device_class",
+                    models.CharField(
+                        choices=[("cpu", "CPU"), ("gpu", "GPU"), ("jetson", "Jetson")],
+                        max_length=10,
+                    ),
+                ),
+                ("may_aggregate", models.BooleanField(default=False)),
+                ("dataplane_url", models.URLField(blank=True)),
+                ("enrolled_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("registration_tx", models.CharField(blank=True, max_length=66)),
+                ("revoked_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "chain_status",
+                    models.CharField(
+                        choices=[
+                            ("none", "Not registered"),
+                            ("active", "Active"),
+                            ("revoked", "Revoked"),
+                        ],
+                        default="none",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "join_token",
+                    models.OneToOneField(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="device",
+                        to="marketplace.jointoken",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Task',
+            name="Task",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('chain_task_id', models.PositiveBigIntegerField(blank=True, null=True, unique=True)),
-                ('title', models.CharField(blank=True, max_length=120)),
-                ('buyer_address', models.CharField(max_length=42)),
-                ('spec', models.JSONField(help_text='The task spec; its canonical hash is on chain.')),
-                ('spec_hash', models.CharField(db_index=True, max_length=66)),
-                ('state', models.CharField(choices=[('pending', 'Pending'), ('bidding', 'Bidding'), ('running', 'Running'), ('trained', 'Trained'), ('finalized', 'Finalized'), ('failed', 'Failed'), ('cancelled', 'Cancelled'), ('aborted', 'Aborted')], default='pending', max_length=10)),
-                ('budget_wei', marketplace.models.WeiField()),
-                ('rounds', models.PositiveIntegerField()),
-                ('min_trainers', models.PositiveIntegerField()),
-                ('max_trainers', models.PositiveIntegerField()),
-                ('bidding_ends', models.DateTimeField()),
-                ('round_timeout_s', models.PositiveIntegerField()),
-                ('aggregator', models.CharField(blank=True, max_length=42)),
-                ('aggregator_price_wei', marketplace.models.WeiField(blank=True, null=True)),
-                ('published_rounds', models.PositiveIntegerField(default=0)),
-                ('trainers_paid_wei', marketplace.models.WeiField(blank=True, null=True)),
-                ('aggregator_paid_wei', marketplace.models.WeiField(blank=True, null=True)),
-                ('refunded_wei', marketplace.models.WeiField(blank=True, null=True)),
-                ('failure_reason', models.CharField(blank=True, max_length=40)),
-                ('created_tx', models.CharField(blank=True, max_length=66)),
-                ('created_block', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('buyer', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='tasks', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "chain_task_id",
+                    models.PositiveBigIntegerField(blank=True, null=True, unique=True),
+                ),
+                ("title", models.CharField(blank=True, max_length=120)),
+                ("buyer_address", models.CharField(max_length=42)),
+                (
+                    "spec",
+                    models.JSONField(help_text="The task spec; its canonical hash is on chain."),
+                ),
+                ("spec_hash", models.CharField(db_index=True, max_length=66)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("bidding", "Bidding"),
+                            ("running", "Running"),
+                            ("trained", "Trained"),
+                            ("finalized", "Finalized"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                            ("aborted", "Aborted"),
+                        ],
+                        default="pending",
+                        max_length=10,
+                    ),
+                ),
+                ("budget_wei", marketplace.models.WeiField()),
+                ("rounds", models.PositiveIntegerField()),
+                ("min_trainers", models.PositiveIntegerField()),
+                ("max_trainers", models.PositiveIntegerField()),
+                ("bidding_ends", models.DateTimeField()),
+                ("round_timeout_s", models.PositiveIntegerField()),
+                ("aggregator", models.CharField(blank=True, max_length=42)),
+                ("aggregator_price_wei", marketplace.models.WeiField(blank=True, null=True)),
+                ("published_rounds", models.PositiveIntegerField(default=0)),
+                ("trainers_paid_wei", marketplace.models.WeiField(blank=True, null=True)),
+                ("aggregator_paid_wei", marketplace.models.WeiField(blank=True, null=True)),
+                ("refunded_wei", marketplace.models.WeiField(blank=True, null=True)),
+                ("failure_reason", models.CharField(blank=True, max_length=40)),
+                ("created_tx", models.CharField(blank=True, max_length=66)),
+                ("created_block", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "buyer",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="tasks",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='SelectedNode',
+            name="SelectedNode",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('device', models.CharField(max_length=42)),
-                ('role', models.CharField(choices=[('trainer', 'Trainer'), ('aggregator', 'Aggregator')], max_length=10)),
-                ('position', models.PositiveIntegerField(blank=True, help_text='Trainers only.', null=True)),
-                ('price_per_round_wei', marketplace.models.WeiField()),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='selected', to='marketplace.task')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("device", models.CharField(max_length=42)),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("trainer", "Trainer"), ("aggregator", "Aggregator")],
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "position",
+                    models.PositiveIntegerField(blank=True, help_text="Trainers only.", null=True),
+                ),
+                ("price_per_round_wei", marketplace.models.WeiField()),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="selected",
+                        to="marketplace.task",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['task', 'role', 'position'],
+                "ordering": ["task", "role", "position"],
             },
         ),
         migrations.CreateModel(
-            name='Round',
+            name="Round",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('number', models.PositiveIntegerField()),
-                ('global_model_id', models.CharField(max_length=66)),
-                ('aggregated_mask', models.CharField(default='0', help_text='Decimal bitmask.', max_length=80)),
-                ('updates_aggregated', models.PositiveIntegerField(default=0)),
-                ('accuracy', models.FloatField(blank=True, null=True)),
-                ('loss', models.FloatField(blank=True, null=True)),
-                ('gas_used', models.PositiveBigIntegerField(blank=True, null=True)),
-                ('published_at', models.DateTimeField(blank=True, null=True)),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='round_set', to='marketplace.task')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("number", models.PositiveIntegerField()),
+                ("global_model_id", models.CharField(max_length=66)),
+                (
+                    "aggregated_mask",
+                    models.CharField(default="0", help_text="Decimal bitmask.", max_length=80),
+                ),
+                ("updates_aggregated", models.PositiveIntegerField(default=0)),
+                ("accuracy", models.FloatField(blank=True, null=True)),
+                ("loss", models.FloatField(blank=True, null=True)),
+                ("gas_used", models.PositiveBigIntegerField(blank=True, null=True)),
+                ("published_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="round_set",
+                        to="marketplace.task",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['task', 'number'],
+                "ordering": ["task", "number"],
             },
         ),
         migrations.CreateModel(
-            name='Payout',
+            name="Payout",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('log_index', models.PositiveIntegerField()),
-                ('account', models.CharField(db_index=True, max_length=42)),
-                ('amount_wei', marketplace.models.WeiField()),
-                ('reason', models.CharField(choices=[('trainer', 'Trainer pay'), ('aggregator', 'Aggregator pay'), ('refund', 'Refund')], max_length=10)),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='payouts', to='marketplace.task')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("log_index", models.PositiveIntegerField()),
+                ("account", models.CharField(db_index=True, max_length=42)),
+                ("amount_wei", marketplace.models.WeiField()),
+                (
+                    "reason",
+                    models.CharField(
+                        choices=[
+                            ("trainer", "Trainer pay"),
+                            ("aggregator", "Aggregator pay"),
+                            ("refund", "Refund"),
+                        ],
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="payouts",
+                        to="marketplace.task",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['task', 'block_number', 'log_index'],
+                "ordering": ["task", "block_number", "log_index"],
             },
         ),
         migrations.CreateModel(
-            name='Bid',
+            name="Bid",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('device', models.CharField(max_length=42)),
-                ('bid_index', models.PositiveIntegerField()),
-                ('role', models.CharField(choices=[('trainer', 'Trainer'), ('aggregator', 'Aggregator')], max_length=10)),
-                ('price_per_round_wei', marketplace.models.WeiField()),
-                ('samples', models.PositiveBigIntegerField()),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='bids', to='marketplace.task')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("device", models.CharField(max_length=42)),
+                ("bid_index", models.PositiveIntegerField()),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("trainer", "Trainer"), ("aggregator", "Aggregator")],
+                        max_length=10,
+                    ),
+                ),
+                ("price_per_round_wei", marketplace.models.WeiField()),
+                ("samples", models.PositiveBigIntegerField()),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="bids",
+                        to="marketplace.task",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['task', 'bid_index'],
+                "ordering": ["task", "bid_index"],
             },
         ),
         migrations.CreateModel(
-            name='Update',
+            name="Update",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('tx_hash', models.CharField(max_length=66)),
-                ('block_number', models.PositiveBigIntegerField()),
-                ('round_number', models.PositiveIntegerField()),
-                ('trainer', models.CharField(max_length=42)),
-                ('position', models.PositiveIntegerField()),
-                ('model_id', models.CharField(max_length=66)),
-                ('task', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='updates', to='marketplace.task')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("tx_hash", models.CharField(max_length=66)),
+                ("block_number", models.PositiveBigIntegerField()),
+                ("round_number", models.PositiveIntegerField()),
+                ("trainer", models.CharField(max_length=42)),
+                ("position", models.PositiveIntegerField()),
+                ("model_id", models.CharField(max_length=66)),
+                (
+                    "task",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="updates",
+                        to="marketplace.task",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['task', 'round_number', 'position'],
+                "ordering": ["task", "round_number", "position"],
             },
         ),
         migrations.CreateModel(
-            name='Wallet',
+            name="Wallet",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('address', models.CharField(max_length=42, unique=True)),
-                ('encrypted_key', models.TextField(editable=False)),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, editable=False)),
-                ('user', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='wallet', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("address", models.CharField(max_length=42, unique=True)),
+                ("encrypted_key", models.TextField(editable=False)),
+                (
+                    "created_at",
+                    models.DateTimeField(default=django.utils.timezone.now, editable=False),
+                ),
+                (
+                    "user",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="wallet",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
         ),
         migrations.AddConstraint(
-            model_name='jointoken',
-            constraint=models.CheckConstraint(condition=models.Q(('expires_at__gt', models.F('created_at'))), name='join_token_expires_after_creation'),
+            model_name="jointoken",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("expires_at__gt", models.F("created_at"))),
+                name="join_token_expires_after_creation",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='task',
-            constraint=models.CheckConstraint(condition=models.Q(('min_trainers__gte', 1), ('max_trainers__gte', models.F('min_trainers'))), name='task_trainer_range_valid'),
+            model_name="task",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("min_trainers__gte", 1), ("max_trainers__gte", models.F("min_trainers"))
+                ),
+                name="task_trainer_range_valid",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='task',
-            constraint=models.CheckConstraint(condition=models.Q(('rounds__gte', 1)), name='task_rounds_positive'),
+            model_name="task",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("rounds__gte", 1)), name="task_rounds_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='task',
-            constraint=models.CheckConstraint(condition=models.Q(('budget_wei__gt', 0)), name='task_budget_positive'),
+            model_name="task",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("budget_wei__gt", 0)), name="task_budget_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='selectednode',
-            constraint=models.UniqueConstraint(fields=('task', 'device'), name='selected_once_per_task'),
+            model_name="selectednode",
+            constraint=models.UniqueConstraint(
+                fields=("task", "device"), name="selected_once_per_task"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='round',
-            constraint=models.UniqueConstraint(fields=('task', 'number'), name='round_unique_number'),
+            model_name="round",
+            constraint=models.UniqueConstraint(
+                fields=("task", "number"), name="round_unique_number"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='payout',
-            constraint=models.UniqueConstraint(fields=('tx_hash', 'log_index'), name='payout_unique_log'),
+            model_name="payout",
+            constraint=models.UniqueConstraint(
+                fields=("tx_hash", "log_index"), name="payout_unique_log"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='payout',
-            constraint=models.CheckConstraint(condition=models.Q(('amount_wei__gt', 0)), name='payout_positive'),
+            model_name="payout",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("amount_wei__gt", 0)), name="payout_positive"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='bid',
-            constraint=models.UniqueConstraint(fields=('task', 'device'), name='bid_one_per_device'),
+            model_name="bid",
+            constraint=models.UniqueConstraint(
+                fields=("task", "device"), name="bid_one_per_device"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='update',
-            constraint=models.UniqueConstraint(fields=('task', 'round_number', 'trainer'), name='update_once_per_round'),
+            model_name="update",
+            constraint=models.UniqueConstraint(
+                fields=("task", "round_number", "trainer"), name="update_once_per_round"
+            ),
         ),
     ]

@@ -1,0 +1,115 @@
+"""The `make demo` workload two ways in one run: through the platform, and as a plain
+in-process FedAvg loop over the same model, data, partitions, rounds and seed.
+Writes var/bench/e2e.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chain.launcher import free_port
+from flexsite.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "var" / "bench"
+ROUNDS = 10
+OVERHEAD_TARGET_S = 0.5
+
+
+def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
+    """Seconds per round and final accuracy of FedAvg with every trainer in this process."""
+    from training.aggregation.base import Update
+    from training.catalogue import initial_weights
+    from training.datasets import load_partition
+    from training.evaluate import evaluate
+    from training.local import train_round
+    from training.spec import TaskSpec
+
+    spec = TaskSpec.from_dict(spec_fields)
+    parts = [
+        load_partition(
+            schema=spec.dataset, index=d.partition, count=d.partitions, alpha=0.5, seed=0
+        )
+        for d in LOCAL_DEVICES
+        if d.partition is not None
+    ]
+    weights, strategy = initial_weights(spec=spec), spec.strategy()
+    train_round(spec=spec, weights=weights, data=parts[0])  # TF's first-use cost, as on devices
+    times, accuracy = [], 0.0
+    for r in range(spec.rounds):
+        started = time.perf_counter()
+        results = [train_round(spec=spec, weights=weights, data=p, round_number=r) for p in parts]
+        weights = strategy.aggregate(
+            [Update(weights=x.weights, num_examples=x.num_examples) for x in results]
+        )
+        accuracy = evaluate(spec=spec, weights=weights).accuracy
+        times.append(time.perf_counter() - started)
+    return times, accuracy
+
+
+def main() -> int:
+    spec_fields = {**DEMO_SPEC, "rounds": ROUNDS}
+    with tempfile.TemporaryDirectory(prefix="flex-e2e-") as tmp:
+        var = Path(tmp)
+        # A throwaway database and ports: a benchmark never touches a configured platform.
+        os.environ["DATABASE_URL"] = f"sqlite:///{var / 'db.sqlite3'}"
+        os.environ["FLEX_WEB_PORT"] = str(free_port())
+        os.environ["FLEX_CHAIN_PORT"] = str(free_port())
+        os.environ.setdefault("FLEX_SYNC_INTERVAL_S", "0.25")
+        with stack(var=var, quiet_web=True) as up:
+            summary = follow_task(
+                up,
+                out=var / "e2e",
+                spec_fields=spec_fields,
+                trainers=TRAINERS,
+                budget_wei=10**17,
+                round_timeout_s=60,
+            )
+            from marketplace.models import Update
+
+            slowest = {}
+            for u in Update.objects.filter(task__chain_task_id=summary["task_id"]):
+                if u.train_s is not None:
+                    slowest[u.round_number] = max(slowest.get(u.round_number, 0.0), u.train_s)
+    if summary["state"] != "finalized":
+        print(f"platform run ended {summary['state']}", file=sys.stderr)
+        return 1
+    rounds = summary["rounds"]
+    # Round 1 also holds bidding, selection and the initial model: compare steady rounds.
+    steady = rounds[1:]
+    platform_round_s = sum(r["wall_s"] for r in steady) / len(steady)
+    training_s = sum(slowest.get(r["round"] - 1, 0.0) for r in steady) / len(steady)
+    plain_times, plain_accuracy = plain_loop(spec_fields)
+    plain_round_s = sum(plain_times) / len(plain_times)
+    result = {
+        "platform_round_s": round(platform_round_s, 3),
+        "plain_round_s": round(plain_round_s, 3),
+        "ratio": round(platform_round_s / plain_round_s, 2),
+        "overhead_round_s": round(platform_round_s - training_s, 3),
+        "slowest_training_round_s": round(training_s, 3),
+        "accuracy": {"platform": summary["final_accuracy"], "plain": plain_accuracy},
+        "platform_first_round_s": rounds[0]["wall_s"],
+        "rounds": ROUNDS,
+        "trainers": TRAINERS,
+        "targets": {"overhead_round_s": OVERHEAD_TARGET_S, "accuracy_gap": 0.01},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'':<28} {'platform':>10} {'plain':>10}")
+    print(f"{'seconds per round':<28} {platform_round_s:>10.3f} {plain_round_s:>10.3f}")
+    print(f"{'final accuracy':<28} {summary['final_accuracy']:>10.4f} {plain_accuracy:>10.4f}")
+    print(
+        f"ratio {result['ratio']}; control-plane overhead per round {result['overhead_round_s']} s"
+    )
+    gap = abs(summary["final_accuracy"] - plain_accuracy)
+    ok = result["overhead_round_s"] < OVERHEAD_TARGET_S and gap <= 0.01
+    print("targets met" if ok else "TARGET MISSED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The whole platform as separate processes, from a buyer's budget to a verified model:
+chain, web, beat, platform worker, an aggregator and five devices, all real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from chain.launcher import free_port
+from flexsite.devstack import LOCAL_DEVICES
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINERS, ROUNDS = 3, 3
+
+
+def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m flexsite.devstack demo` on free ports, its own Redis database and SQLite."""
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
+    redis.Redis.from_url(url).flushdb()
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "DATABASE_URL": f"sqlite:///{var / 'db.sqlite3'}",
+        "FLEX_WEB_PORT": str(free_port()),
+        "FLEX_CHAIN_PORT": str(free_port()),
+        "FLEX_SYNC_INTERVAL_S": "0.5",
+    }
+    cmd = [
+        sys.executable, "-m", "flexsite.devstack", "demo", "--var", str(var),
+        "--trainers", str(TRAINERS), "--rounds", str(ROUNDS), "--timeout", "300",
+        "--min-accuracy", "0.5", *args,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    summary_path = var / "demo" / "summary.json"
+    if not summary_path.exists():
+        pytest.fail(f"the demo wrote no summary:\n{done.stdout[-6000:]}\n{done.stderr[-4000:]}")
+    return done, json.loads(summary_path.read_text())
+
+
+def _paid(summary: dict) -> dict[str, int]:
+    return {a.lower(): int(v) for a, v in summary["payouts_wei"].items()}
+
+
+def test_task_runs_from_budget_to_verified_model(tmp_path):
+    done, summary = _run_demo(tmp_path)
+
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert summary["state"] == "finalized"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert all(r["updates"] == TRAINERS for r in summary["rounds"])
+    assert all(r["gas"] > 0 for r in summary["rounds"])
+    assert summary["model_verified"] is True
+    payouts = _paid(summary)
+    assert len(payouts) == TRAINERS + 1  # the trainers and the aggregator
+    assert sum(payouts.values()) + int(summary["refund_wei"]) == int(summary["budget_wei"])
+    assert int(summary["refund_wei"]) > 0
+    assert "round" in done.stdout
+    assert "payouts + refund == budget: True" in done.stdout
+
+
+def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(tmp_path):
+    done, summary = _run_demo(tmp_path, "--kill-in-round", "2", "--round-timeout", "12")
+
+    assert done.returncode == 0, done.stdout[-6000:]
+    killed = summary["killed_device"].lower()
+    updates = [r["updates"] for r in summary["rounds"]]
+    assert updates == [TRAINERS, TRAINERS - 1, TRAINERS - 1]
+    payouts = _paid(summary)
+    price = {d.name: d.aggregator_price_wei or d.price_wei for d in LOCAL_DEVICES}
+    rounds_paid = {
+        address: payouts[address] // price[summary["devices"][address]] for address in payouts
+    }
+    # The dead device delivered the first round only; everyone else all three.
+    assert rounds_paid.pop(killed) == 1
+    assert set(rounds_paid.values()) == {ROUNDS}
+    assert sum(payouts.values()) + int(summary["refund_wei"]) == int(summary["budget_wei"])
+    assert summary["state"] == "finalized"
+    assert summary["model_verified"] is True
