@@ -3,7 +3,6 @@ errors a node answers with, and the client that fetches a model blob and checks 
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import logging
@@ -41,10 +40,6 @@ class DataPlaneError(FlexError):
 
     code = "dataplane_error"
     status: int = 500
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Keep the fields when the error crosses a process boundary (Celery pickles it).
-        return (functools.partial(type(self), self.message, **self.fields), ())
 
 
 class AuthError(DataPlaneError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 
@@ -30,6 +31,10 @@ class FlexError(Exception):
 
     def as_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "fields": self.fields}
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Keep the fields when the error crosses a process boundary (Celery pickles it).
+        return (functools.partial(type(self), self.message, **self.fields), ())
 
 
 class ChainUnavailableError(FlexError):

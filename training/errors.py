@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from chain.errors import FlexError
@@ -12,10 +11,6 @@ class TrainingError(FlexError):
     """The training engine could not do what was asked."""
 
     code = "training_error"
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Celery pickles exceptions across processes; keep the fields, not just the message.
-        return (functools.partial(type(self), self.message, **self.fields), ())
 
 
 class SpecError(TrainingError):

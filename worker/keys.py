@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import getpass
 import json
 import logging
@@ -40,10 +39,6 @@ class KeystoreError(FlexError):
     """The device keystore could not be used."""
 
     code = "keystore_error"
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Keep the fields when the error crosses a process boundary (Celery pickles it).
-        return (functools.partial(type(self), self.message, **self.fields), ())
 
 
 class KeystoreNotFoundError(KeystoreError):
