@@ -59,7 +59,6 @@ def main() -> int:
         os.environ["DATABASE_URL"] = f"sqlite:///{var / 'db.sqlite3'}"
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
-        os.environ.setdefault("FLEX_SYNC_INTERVAL_S", "0.25")
         with stack(var=var, quiet_web=True) as up:
             summary = follow_task(
                 up,

@@ -200,6 +200,8 @@ def stack(
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
+        # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
+        "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.25"),
     }
     web_url = f"http://127.0.0.1:{web_port}"
     sup = Supervisor(env=env, log_dir=var / "log")

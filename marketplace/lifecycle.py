@@ -455,6 +455,7 @@ def update_metrics_record(
     return row
 
 
+@transaction.atomic
 def round_metrics_record(
     *,
     task_id: int,

@@ -17,7 +17,7 @@ from chain.client import FlexMarket, Role, TaskState
 from chain.messages import join_message
 from flexsite.celery import device_queue
 from marketplace import lifecycle, services
-from marketplace.models import Device, LifecycleAction, Round, Task
+from marketplace.models import Device, LifecycleAction, Round, Task, Update
 from marketplace.sync import ChainSync
 from tests.marketplace.test_sync import SPEC, Broker, mirror_env, register  # noqa: F401
 from training.spec import TaskSpec
@@ -272,6 +272,39 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     with pytest.raises(lifecycle.RoundNotMirroredError):
         lifecycle.round_metrics_record(
             task_id=task.chain_task_id, round_number=2, model_id=final, tx_hash=published.tx_hash
+        )
+
+    # What a trainer reports of its own update lands on the Update, if it names the chain's.
+    submitted = Update.objects.get(task=task, round_number=0, trainer=trainers[0].address)
+    lifecycle.update_metrics_record(
+        task_id=task.chain_task_id,
+        round_number=0,
+        trainer=trainers[0].address,
+        model_id=submitted.model_id,
+        tx_hash=submitted.tx_hash,
+        num_examples=120,
+        loss=0.5,
+        accuracy=0.8,
+        train_s=0.25,
+    )
+    forged_update = lifecycle.update_metrics_record(
+        task_id=task.chain_task_id,
+        round_number=0,
+        trainer=trainers[0].address,
+        model_id=final,
+        tx_hash=submitted.tx_hash,
+        train_s=99.0,
+    )
+    assert forged_update is None
+    submitted.refresh_from_db()
+    assert (submitted.num_examples, submitted.local_loss, submitted.train_s) == (120, 0.5, 0.25)
+    with pytest.raises(lifecycle.UpdateNotMirroredError):
+        lifecycle.update_metrics_record(
+            task_id=task.chain_task_id,
+            round_number=1,
+            trainer=trainers[0].address,
+            model_id=final,
+            tx_hash=published.tx_hash,
         )
 
     fired = sorted(LifecycleAction.objects.filter(task=task).values_list("action", "round_number"))
