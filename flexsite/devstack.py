@@ -12,7 +12,9 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -149,6 +151,21 @@ def enrolled(home: Path) -> bool:
     return (home / "device.json").exists()
 
 
+def listening_port() -> int:
+    """A free port below Linux's ephemeral range (32768+), which the kernel never hands out
+    for outgoing connections: a device keeps it across restarts of the stack."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("error: no free port between 20000 and 32000 for a device's data plane")
+
+
 def enrol(device: LocalDevice, *, home: Path, web_url: str, env: dict[str, str]) -> None:
     args = [device.name, "--hours", "1"] + (["--aggregator"] if device.aggregator else [])
     token = manage("issue_join_token", *args, env=env, capture=True).splitlines()[-1]
@@ -169,6 +186,8 @@ def enrol(device: LocalDevice, *, home: Path, web_url: str, env: dict[str, str])
         str(device.price_wei),
         "--no-start",
         "--light-key",
+        "--dataplane-port",
+        str(listening_port()),
     ]
     if device.aggregator:
         cmd += ["--aggregator-price-wei", str(device.aggregator_price_wei)]
@@ -201,7 +220,7 @@ def stack(
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
         # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
-        "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.25"),
+        "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
     web_url = f"http://127.0.0.1:{web_port}"
     sup = Supervisor(env=env, log_dir=var / "log")
@@ -414,6 +433,14 @@ def follow_task(
             break
         time.sleep(0.1)
     task.refresh_from_db()
+    # Reports of what each round and update measured travel apart from the chain and may
+    # land just after the task settles: give them a moment.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+        Round.objects.filter(task=task, number__gte=1, accuracy__isnull=True).exists()
+        or Update.objects.filter(task=task, train_s__isnull=True).exists()
+    ):
+        time.sleep(0.2)
     w3 = contract.w3()
     rows = []
     previous = started

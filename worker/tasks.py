@@ -142,7 +142,7 @@ def aggregate_round(
     except aggregator.RoundNotReadyError as exc:
         # Look again soon: the last update usually lands well before the deadline. The
         # deadline bounds the retries (past it the round is ready), not a count.
-        countdown = min(max(exc.seconds_left, 0.05), 0.2)
+        countdown = min(max(exc.seconds_left, 0.05), 0.1)
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1) from exc
     report_round(published)
     return published
