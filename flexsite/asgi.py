@@ -11,8 +11,15 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from marketplace.routing import websocket_urlpatterns  # noqa: E402
+
+if settings.DEBUG:
+    # The local platform has no separate static server: Django serves CSS/JS itself, as
+    # runserver does. Production serves STATIC_ROOT (collectstatic) from its web server.
+    django_asgi_app = ASGIStaticFilesHandler(django_asgi_app)
 
 application = ProtocolTypeRouter(
     {
