@@ -153,11 +153,13 @@ _keras_ready = False
 
 
 def import_keras() -> Any:
-    """Import Keras on the TensorFlow backend, quiet and with a bounded thread pool.
+    """Import Keras on the TensorFlow backend, quiet, repeatable and with a fixed thread pool.
 
-    Threads default to the host's cores (at most 4; override with FLEX_TF_THREADS): the models
-    are small, and more threads than cores only add contention on a 2-core device. oneDNN is
-    off unless the environment says otherwise, since its kernels reorder float sums.
+    A round is repeatable bit for bit on hosts of one CPU family and TF build: TF's op
+    determinism is on, oneDNN is off (its kernels reorder float sums by CPU and thread count),
+    and each op runs on FLEX_TF_THREADS threads, 1 unless set: how Eigen splits a sum depends
+    on the thread count, so a default taken from the host's cores would make two hosts differ.
+    The catalogue's models are small enough that one thread loses little.
     """
     global _keras_ready
     with _keras_lock:
@@ -167,12 +169,13 @@ def import_keras() -> Any:
             os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
             import tensorflow as tf
 
-            threads = int(os.environ.get("FLEX_TF_THREADS") or min(os.cpu_count() or 1, 4))
+            threads = int(os.environ.get("FLEX_TF_THREADS") or 1)
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(threads)
                 tf.config.threading.set_inter_op_parallelism_threads(1)
             except RuntimeError:
                 pass  # TF was already initialised by the host process; keep its settings.
+            tf.config.experimental.enable_op_determinism()
             _keras_ready = True
     import keras
 

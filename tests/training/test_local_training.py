@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +55,10 @@ print(id_hex(model_id(dumps(result.weights))))
 """
 
 
-def test_a_round_repeats_in_another_process_with_other_threads(partitions):
+def test_a_round_repeats_in_another_process(partitions):
+    """Same host, same settings, a fresh process: the same weights to the bit (what a device
+    relies on when it retrains after a restart). Other thread counts or CPU families may
+    round differently, which is why aggregation, not training, is the part anyone can check."""
     spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=2, local_epochs=2, seed=7)
     here = train_round(
         spec=spec, weights=initial_weights(spec=spec), data=partitions[1], round_number=1
@@ -64,7 +66,6 @@ def test_a_round_repeats_in_another_process_with_other_threads(partitions):
     child = subprocess.run(
         [sys.executable, "-c", ROUND_IN_CHILD],
         cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "FLEX_TF_THREADS": "1"},
         capture_output=True,
         text=True,
         check=True,
