@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-BACKING := $(PY) -m flexsite.backing
+BACKING := $(PY) -m stack.backing
 
 .PHONY: setup browser run demo test lint format bench contracts clean
 
@@ -36,10 +36,10 @@ contracts: setup
 	$(PY) -m chain.build
 
 run: setup
-	$(BACKING) -- $(PY) -m flexsite.devstack run
+	$(BACKING) -- $(PY) -m stack.devstack run
 
 demo: setup
-	$(BACKING) -- $(PY) -m flexsite.devstack demo
+	$(BACKING) -- $(PY) -m stack.devstack demo
 
 test: setup browser
 	$(BACKING) --postgres -- $(PY) -m pytest $(PYTEST_ARGS)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from chain.launcher import free_port
-from flexsite.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
+from stack.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from chain.launcher import free_port
-from flexsite.devstack import DEMO_SPEC, LocalDevice, follow_task, stack
+from stack.devstack import DEMO_SPEC, LocalDevice, follow_task, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"

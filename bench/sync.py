@@ -250,13 +250,14 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
 
     from chain.client import Role
     from chain.events import TaskCreated
+    from chain.node import chain_time
     from flexsite.asgi import application
     from marketplace.models import Task, Wallet
     from marketplace.sync import ChainSync, chain_sync_watch
 
     user = get_user_model().objects.create_user(username="bench-buyer", password="-")
     Wallet.objects.create(user=user, address=buyer.address, encrypted_key="-")
-    now = chain.w3.eth.get_block("pending")["timestamp"]
+    now = chain_time(chain.w3)
     task_id = (
         chain.market.create_task(
             sender=buyer,

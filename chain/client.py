@@ -15,15 +15,8 @@ from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
-from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import Timeout as RequestsTimeout
 from web3 import Web3
-from web3.exceptions import (
-    ContractLogicError,
-    ProviderConnectionError,
-    TimeExhausted,
-    Web3RPCError,
-)
+from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
 
 from chain import events as ev
 from chain.build import load_artifact
@@ -43,6 +36,7 @@ from chain.events import (
     snake_case,
     to_python,
 )
+from chain.node import max_fee_per_gas, reachable
 
 __all__ = [
     "BidInfo",
@@ -83,7 +77,6 @@ NONCE_ATTEMPTS = 3
 
 _ERROR_STRING_SELECTOR = keccak(text="Error(string)")[:4]
 _PANIC_SELECTOR = keccak(text="Panic(uint256)")[:4]
-_CONNECTION_ERRORS = (RequestsConnectionError, RequestsTimeout, ProviderConnectionError)
 
 E = TypeVar("E", bound=ChainEvent)
 R = TypeVar("R")
@@ -358,9 +351,8 @@ def _is_revert(exc: Exception) -> bool:
 def _rpc() -> Iterator[None]:
     """Turns a lost node into ChainUnavailableError and a revert into its typed error."""
     try:
-        yield
-    except _CONNECTION_ERRORS as exc:
-        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
+        with reachable():
+            yield
     except (ContractLogicError, Web3RPCError) as exc:
         if _is_revert(exc):
             raise decode_revert(_revert_data(exc)) from exc
@@ -774,15 +766,15 @@ def _send(
     with _rpc():
         chain_id = w3.eth.chain_id
         with _nonce_lock(sender.address):
-            estimate = w3.eth.estimate_gas(tx)
+            # Against the pending block: its time is the one the transaction will run at, so
+            # a deadline that has passed by the chain's clock has passed for the estimate too.
+            estimate = w3.eth.estimate_gas(tx, "pending")
             margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
-            base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
-            tip = w3.eth.max_priority_fee
             tx.update(
                 chainId=chain_id,
                 gas=min(estimate + margin, MAX_TX_GAS),
-                maxPriorityFeePerGas=tip,
-                maxFeePerGas=2 * base_fee + tip,
+                maxPriorityFeePerGas=w3.eth.max_priority_fee,
+                maxFeePerGas=max_fee_per_gas(w3),
             )
             tx_hash = _send_with_fresh_nonce(w3, sender, tx)
         try:

@@ -1,40 +1,10 @@
-"""FLEX's error root and the contract's custom errors as Python exceptions."""
+"""The contract's custom errors, and a lost or refusing node, as FLEX errors."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any, ClassVar
 
-
-class FlexError(Exception):
-    """Root of every FLEX error: a stable ``code``, a message, and the fields that explain it.
-
-    The same shape reaches every user: the API returns ``{"code", "message", "fields"}``,
-    forms show the message beside the field, command-line tools print it and exit non-zero.
-    """
-
-    code: ClassVar[str] = "flex_error"
-
-    def __init__(self, message: str | None = None, **fields: Any) -> None:
-        self.message = message or self.default_message(**fields)
-        self.fields = fields
-        super().__init__(self.message)
-
-    def default_message(self, **fields: Any) -> str:
-        return (self.__doc__ or self.code).strip().splitlines()[0]
-
-    def __getattr__(self, name: str) -> Any:
-        fields = self.__dict__.get("fields", {})
-        if name in fields:
-            return fields[name]
-        raise AttributeError(name)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "fields": self.fields}
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Keep the fields when the error crosses a process boundary (Celery pickles it).
-        return (functools.partial(type(self), self.message, **self.fields), ())
+from core.errors import FlexError
 
 
 class ChainUnavailableError(FlexError):

@@ -13,13 +13,12 @@ from typing import Any, ClassVar, TypeVar
 from eth_abi import decode as abi_decode
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
-from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import Timeout as RequestsTimeout
 from web3 import Web3
-from web3.exceptions import ProviderConnectionError, Web3RPCError
+from web3.exceptions import Web3RPCError
 
 from chain.build import load_artifact
 from chain.errors import ChainUnavailableError
+from chain.node import UNREACHABLE, reachable
 
 # ---------------------------------------------------------------- the contract's enums
 # They mirror the Solidity enums member for member (tests compare them with the ABI's
@@ -387,10 +386,8 @@ def chunks(start: int, end: int, *, size: int) -> Iterator[tuple[int, int]]:
 
 def safe_head(w3: Web3, *, confirmations: int = 0) -> int:
     """The newest block that has at least ``confirmations`` blocks on top of it."""
-    try:
+    with reachable():
         return max(w3.eth.block_number - confirmations, 0)
-    except (RequestsConnectionError, RequestsTimeout, ProviderConnectionError) as exc:
-        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
 
 
 def scan(
@@ -463,7 +460,7 @@ def _with_retries(call: Any, retries: int, retry_delay: float) -> Any:
     for attempt in range(retries):
         try:
             return call()
-        except (RequestsConnectionError, RequestsTimeout, ProviderConnectionError) as exc:
+        except UNREACHABLE as exc:
             if attempt == retries - 1:
                 raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
             time.sleep(retry_delay * 2**attempt)

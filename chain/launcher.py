@@ -17,7 +17,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from chain.errors import FlexError
+from chain.node import connect
+from core.errors import FlexError
 
 ROOT = Path(__file__).resolve().parent.parent
 ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
@@ -143,7 +144,7 @@ class LocalChain:
             self.process.wait()
 
     def w3(self) -> Web3:
-        return Web3(Web3.HTTPProvider(self.rpc_url, request_kwargs={"timeout": 30}))
+        return connect(self.rpc_url)
 
     def __enter__(self) -> LocalChain:
         return self.start()

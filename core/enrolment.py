@@ -1,4 +1,4 @@
-"""Texts that nodes sign with their Ethereum keys (EIP-191), shared by the platform and nodes."""
+"""The text a device signs (EIP-191) to prove to the platform that it holds its key."""
 
 from __future__ import annotations
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
-from decimal import Decimal, localcontext
 
 from django import forms
 from django.conf import settings
@@ -13,9 +11,11 @@ from django.db.models import Q
 from django.utils import timezone
 from django.utils.html import format_html
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
-from web3 import Web3
 
-from chain.errors import ContractError, FlexError
+from chain.errors import ContractError
+from chain.node import connect
+from core.errors import FlexError
+from core.units import eth_text
 from marketplace import contract
 from marketplace.models import (
     Bid,
@@ -36,20 +36,8 @@ from marketplace.services import device_approve, device_revoke, join_token_issue
 admin.site.site_header = "FLEX administration"
 admin.site.site_title = "FLEX admin"
 
-WEI_PER_ETH = 10**18
 # The admin asks the node for its head while rendering; a lost node must not hang the page.
 LIVE_RPC_TIMEOUT_S = 2
-
-
-def eth_text(wei: int | None) -> str:
-    """``wei`` exactly, and in ETH for reading: ``1.5 ETH (1500000000000000000 wei)``."""
-    if wei is None:
-        return "-"
-    with localcontext() as ctx:
-        ctx.prec = 100  # 2**256 has 78 digits: keep every one of them
-        eth = (Decimal(wei) / WEI_PER_ETH).normalize()
-    text = format(eth, "f") if eth else "0"
-    return f"{text} ETH ({wei} wei)"
 
 
 def wei_column(field: str, description: str):
@@ -498,11 +486,6 @@ class LifecycleActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_select_related = ["task"]
 
 
-@functools.cache
-def _live_w3(url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": LIVE_RPC_TIMEOUT_S}))
-
-
 @admin.register(ChainCursor)
 class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The chain-sync status: how far the mirror is behind the chain."""
@@ -543,7 +526,7 @@ class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     @admin.display(description="chain head now")
     def live_head(self, obj: ChainCursor) -> str:
         try:
-            head = _live_w3(settings.ETH_RPC_URL).eth.block_number
+            head = connect(settings.ETH_RPC_URL, timeout=LIVE_RPC_TIMEOUT_S).eth.block_number
         except Exception as exc:  # any transport failure means the same here: no answer
             return format_html("<span title='{}'>node unreachable</span>", str(exc)[:200])
         return f"{head} ({max(head - obj.block_number, 0)} behind)"

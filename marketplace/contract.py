@@ -16,8 +16,9 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import FlexMarket, transfer_eth
-from chain.errors import FlexError
 from chain.launcher import DEV_CHAIN_ID, dev_accounts
+from chain.node import connect
+from core.errors import FlexError
 from marketplace.errors import ContractNotDeployedError
 
 # Gas a device spends over a typical task (bids, updates, withdrawals), for the join reply.
@@ -40,13 +41,8 @@ class Deployment:
     block: int
 
 
-@functools.cache
-def _w3(url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
-
-
 def w3() -> Web3:
-    return _w3(settings.ETH_RPC_URL)
+    return connect(settings.ETH_RPC_URL)
 
 
 def chain_id() -> int:

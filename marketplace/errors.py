@@ -8,8 +8,9 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
 
-from chain.dataplane import DataPlaneError
-from chain.errors import ContractError, FlexError
+from chain.errors import ContractError
+from core.errors import FlexError
+from dataplane.protocol import DataPlaneError
 from training.errors import BlobNotFoundError, ModelIdMismatchError
 
 

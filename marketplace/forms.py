@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
-from decimal import Decimal, InvalidOperation, localcontext
 
 from django import forms
 from django.contrib.auth.forms import UserCreationForm
 from django.utils import timezone
 
 from chain import errors as chain_errors
-from chain.errors import FlexError
+from core.errors import FlexError
+from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth
 from marketplace import wallets
 from training.aggregation import STRATEGIES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
 from training.spec import LIMITS, MAX_LEARNING_RATE, AggregationSpec, TaskSpec
-
-WEI_PER_ETH = 10**18
-ETH_DECIMALS = 18
-# A plain decimal: no sign, exponent, grouping or spaces inside. Long enough for any uint256.
-_PLAIN_AMOUNT = re.compile(r"^(\d+)(?:\.(\d*))?$|^\.(\d+)$")
-_MAX_AMOUNT_CHARS = 100
 
 DEFAULT_ROUND_TIMEOUT_MIN = 10
 DEFAULT_BIDDING_WINDOW = timedelta(minutes=15)
@@ -30,70 +23,6 @@ DEFAULT_BIDDING_WINDOW = timedelta(minutes=15)
 # only keep the inputs in a range the form can render.
 MAX_TRAINERS_INPUT = 10_000
 MAX_ROUND_TIMEOUT_MIN = 30 * 24 * 60
-
-
-class AmountError(ValueError):
-    """An ETH amount the buyer typed is not usable; ``code`` says why."""
-
-    def __init__(self, message: str, code: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def eth_to_wei(text: str) -> int:
-    """Exact wei of a decimal ETH amount typed by a person ("0.1" -> 10**17).
-
-    Decimal with enough precision for any amount the pattern admits, never float; raises
-    AmountError for anything but a positive plain decimal with at most 18 decimals.
-    """
-    text = (text or "").strip()
-    if text.startswith("-"):
-        raise AmountError("The amount must be more than 0 ETH.", "amount_not_positive")
-    match = _PLAIN_AMOUNT.match(text) if len(text) <= _MAX_AMOUNT_CHARS else None
-    if not match:
-        raise AmountError("Enter an amount in ETH as a plain number, e.g. 0.25.", "amount_invalid")
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:  # the pattern should make this impossible; refuse rather than guess
-        raise AmountError("Enter an amount in ETH, e.g. 0.25.", "amount_invalid") from None
-    decimals = match.group(2) or match.group(3) or ""
-    if len(decimals) > ETH_DECIMALS:
-        raise AmountError(
-            "ETH has at most 18 decimal places (1 wei = 0.000000000000000001 ETH).",
-            "amount_too_precise",
-        )
-    with localcontext() as ctx:
-        ctx.prec = _MAX_AMOUNT_CHARS + ETH_DECIMALS
-        wei = amount * WEI_PER_ETH
-    if wei <= 0:
-        raise AmountError("The amount must be more than 0 ETH.", "amount_not_positive")
-    if wei >= 2**256:
-        raise AmountError("That amount is too large.", "amount_too_large")
-    return int(wei)
-
-
-def wei_to_eth(wei: int | str | None) -> str:
-    """Exact decimal ETH for an amount of wei, without trailing zeros ("100000000000000" ->
-    "0.0001")."""
-    if wei is None or wei == "":
-        return ""
-    wei = int(wei)
-    sign = "-" if wei < 0 else ""
-    whole, frac = divmod(abs(wei), WEI_PER_ETH)
-    digits = f"{frac:018d}".rstrip("0")
-    return f"{sign}{whole}.{digits}" if digits else f"{sign}{whole}"
-
-
-def wei_to_eth_approx(wei: int | str | None, *, digits: int = 3) -> str:
-    """ETH rounded up to ``digits`` significant digits, for estimates (gas), never for money
-    that moves: "260049112440000" -> "0.000261"."""
-    if wei is None or wei == "":
-        return ""
-    wei = int(wei)
-    if wei <= 0:
-        return wei_to_eth(wei)
-    unit = 10 ** max(len(str(wei)) - digits, 0)
-    return wei_to_eth(-(-wei // unit) * unit)
 
 
 class SignUpForm(UserCreationForm):
@@ -107,7 +36,7 @@ class EthAmountField(forms.CharField):
     """An amount of ETH typed as text, cleaned to an exact ``int`` of wei."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("max_length", _MAX_AMOUNT_CHARS)
+        kwargs.setdefault("max_length", MAX_AMOUNT_CHARS)
         super().__init__(**kwargs)
         self.widget.attrs.update(inputmode="decimal", autocomplete="off", spellcheck="false")
 

@@ -22,20 +22,16 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from celery import Celery, current_app
 from django.db import transaction
 from django.db.models import QuerySet
 
 from chain.client import FlexMarket, TxResult
 from chain.client import TaskState as ChainTaskState
-from chain.errors import (
-    BiddingOpenError,
-    DeadlineNotPassedError,
-    FlexError,
-    InvalidTaskStateError,
-)
-from chain.launcher import DEV_CHAIN_ID
-from flexsite.celery import PLATFORM_QUEUE, device_queue
-from flexsite.celery import app as flex_celery_app
+from chain.errors import BiddingOpenError, DeadlineNotPassedError, InvalidTaskStateError
+from chain.node import chain_time
+from core.errors import FlexError
+from core.queues import PLATFORM_QUEUE, device_queue
 from marketplace import contract
 from marketplace.consumers import task_updates_push
 from marketplace.models import (
@@ -53,8 +49,9 @@ log = logging.getLogger(__name__)
 
 Action = LifecycleAction.Action
 
-# The Celery app messages leave through (tests point it at a broker database of their own).
-celery_app = flex_celery_app
+# The Celery app messages leave through: the process's current app (flexsite's) unless set
+# here; tests and benches point it at a broker database of their own.
+celery_app: Celery | None = None
 
 
 class UpdateNotMirroredError(FlexError):
@@ -76,7 +73,8 @@ def dispatch(name: str, *, queue: str, kwargs: dict[str, Any]) -> None:
     """Send the Celery task ``name`` to ``queue`` once the current transaction commits
     (at once outside one). A broker failure then is logged: the commit stands."""
     transaction.on_commit(
-        functools.partial(celery_app.send_task, name, kwargs=kwargs, queue=queue), robust=True
+        functools.partial((celery_app or current_app).send_task, name, kwargs=kwargs, queue=queue),
+        robust=True,
     )
 
 
@@ -117,29 +115,11 @@ def _fired(task: Task, action: str, round_number: int = 0) -> bool:
     ).exists()
 
 
-def chain_time(market: FlexMarket) -> int:
-    """The time the next block will carry, which the contract's deadlines are checked
-    against (the latest block's lags on a chain that mines only on demand)."""
-    return market.w3.eth.get_block("pending")["timestamp"]
-
-
 def _time_reached(market: FlexMarket, timestamp: int, *, after: bool = False) -> bool:
     """Whether a transaction sent now runs at ``timestamp`` or later (later still, with
-    ``after``). The client estimates gas against the latest block, whose time may still be
-    before it: on the local dev chain, which mines only on demand, an empty block brings it
-    to now; elsewhere the next block will, and the next tick tries again."""
-
-    def reached(t: int) -> bool:
-        return t > timestamp if after else t >= timestamp
-
-    if not reached(chain_time(market)):
-        return False
-    if reached(market.w3.eth.get_block("latest")["timestamp"]):
-        return True
-    if market.w3.eth.chain_id != DEV_CHAIN_ID:
-        return False
-    market.w3.provider.make_request("evm_mine", [])
-    return reached(market.w3.eth.get_block("latest")["timestamp"])
+    ``after``): the client estimates and the node mines it at the chain's pending time."""
+    now = chain_time(market.w3)
+    return now > timestamp if after else now >= timestamp
 
 
 # ---------------------------------------------------------------- device messages
@@ -381,7 +361,7 @@ def deadlines_check() -> dict[str, list[int]]:
     if not live:
         return due
     market = contract.market()
-    now = chain_time(market)
+    now = chain_time(market.w3)
     for task in live:
         step = None
         if task.state == TaskState.BIDDING:

@@ -127,7 +127,7 @@ class Device(models.Model):
 
     @property
     def queue(self) -> str:
-        from flexsite.celery import device_queue
+        from core.queues import device_queue
 
         return device_queue(self.id)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from eth_account.signers.local import LocalAccount
 
 from chain.client import TaskState
-from chain.dataplane import fetch_model
-from chain.errors import FlexError
+from core.errors import FlexError
+from dataplane.client import fetch_model
 from marketplace import contract
 from marketplace.models import Device
 

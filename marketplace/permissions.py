@@ -1,7 +1,7 @@
 """Who may call the API: object-level rules for buyers and staff, and device-signed requests.
 
 Devices hold no Django account. An enrolled device authenticates a request by signing it with
-its own Ethereum key in the data plane's format (chain.dataplane: EIP-191 over scheme,
+its own Ethereum key in the data plane's format (dataplane.signing: EIP-191 over scheme,
 method, full path, server address and unix time, in the X-Flex-* headers), naming the
 FlexMarket contract's address as the server. A device signs platform requests with the
 helper it already has, ``sign_request(server_address=<contract address>)``; since no node's
@@ -19,13 +19,8 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 
-from chain.dataplane import (
-    HEADER_ADDRESS,
-    HEADER_SIGNATURE,
-    HEADER_TIMESTAMP,
-    AuthError,
-    verify_request,
-)
+from dataplane.protocol import HEADER_ADDRESS, HEADER_SIGNATURE, HEADER_TIMESTAMP, AuthError
+from dataplane.signing import verify_request
 from marketplace import contract
 from marketplace.models import Device
 
@@ -88,7 +83,7 @@ class DeviceSignatureScheme(OpenApiAuthenticationExtension):
             "name": HEADER_SIGNATURE,
             "description": (
                 "An enrolled device's EIP-191 signature over the request's method, full path "
-                "and unix time, made by chain.dataplane.sign_request with the FlexMarket "
+                "and unix time, made by dataplane.signing.sign_request with the FlexMarket "
                 f"contract's address as server_address; {HEADER_ADDRESS} and "
                 f"{HEADER_TIMESTAMP} go beside it."
             ),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -26,7 +25,8 @@ from chain.errors import (
     InvalidTrainerRangeError,
 )
 from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
-from chain.messages import join_message
+from chain.node import chain_time, max_fee_per_gas, reachable
+from core.enrolment import join_message
 from marketplace import contract, wallets
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
@@ -177,7 +177,7 @@ def device_enrol(
 
 def enrolment_config(*, device: Device) -> dict:
     """What an enrolled device needs to start working: chain, broker and its queues."""
-    from flexsite.celery import AGGREGATE_QUEUE, TRAIN_QUEUES
+    from core.queues import AGGREGATE_QUEUE, TRAIN_QUEUES
 
     return {
         "device_id": device.pk,
@@ -270,7 +270,7 @@ def wallet_fund(*, wallet: Wallet) -> str:
 
     Raises FaucetUnavailableError on any other chain: real ETH is never handed out.
     """
-    with wallets.node_reads():
+    with reachable():
         if not contract.on_dev_chain():
             raise wallets.FaucetUnavailableError(chain_id=contract.chain_id())
     tx_hash = transfer_eth(
@@ -341,7 +341,7 @@ def cost_estimate(*, rounds: int, min_trainers: int, max_trainers: int) -> CostE
     minimum = rounds * (min_trainers * t_floor + a_floor)
     low = rounds * (sum(cheapest) + min(aggregators, default=a_floor))
     high = rounds * (sum(dearest) + max(aggregators, default=a_floor))
-    gas_price = _max_fee_per_gas()
+    gas_price = max_fee_per_gas(contract.w3())
     return CostEstimate(
         rounds=rounds,
         min_trainers=min_trainers,
@@ -356,21 +356,6 @@ def cost_estimate(*, rounds: int, min_trainers: int, max_trainers: int) -> CostE
         min_trainer_price_wei=t_floor,
         min_aggregator_price_wei=a_floor,
     )
-
-
-def _max_fee_per_gas() -> int:
-    """The fee cap per gas the chain client signs with (twice the base fee plus the tip)."""
-    w3 = contract.w3()
-    with wallets.node_reads():
-        base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
-        return 2 * base_fee + w3.eth.max_priority_fee
-
-
-def _chain_now() -> int:
-    """Unix time as the next block will see it: never earlier than the latest block's."""
-    with wallets.node_reads():
-        latest = contract.w3().eth.get_block("latest")["timestamp"]
-    return max(int(time.time()), int(latest))
 
 
 def task_create(
@@ -412,7 +397,7 @@ def task_create(
         )
     if (bidding_ends is None) == (bidding_window_s is None):
         raise TypeError("give exactly one of bidding_ends and bidding_window_s")
-    now = _chain_now()
+    now = chain_time(contract.w3())
     ends = int(bidding_ends.timestamp()) if bidding_ends else now + bidding_window_s
     if ends < now + MIN_BIDDING_WINDOW_S:
         raise InvalidBiddingEndError(bidding_ends=ends, now_timestamp=now)
@@ -423,7 +408,7 @@ def task_create(
     if budget_wei < minimum:
         raise BudgetTooLowError(budget_wei=budget_wei, minimum_wei=minimum)
     balance = wallets.wallet_balance_wei(wallet=wallet)
-    needed = budget_wei + CREATE_TASK_GAS * _max_fee_per_gas()
+    needed = budget_wei + CREATE_TASK_GAS * max_fee_per_gas(contract.w3())
     if balance < needed:
         raise wallets.InsufficientFundsError(
             balance_wei=balance, needed_wei=needed, budget_wei=budget_wei

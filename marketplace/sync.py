@@ -40,13 +40,12 @@ import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import Timeout as RequestsTimeout
-from web3.exceptions import BlockNotFound, ProviderConnectionError
+from web3.exceptions import BlockNotFound
 
 from chain import events as ev
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
+from chain.node import chain_time, reachable
 from marketplace import contract, lifecycle
 from marketplace.consumers import task_updates_push
 from marketplace.models import (
@@ -77,7 +76,6 @@ MAX_REWINDS = 3
 # Rows per query when looking events up by transaction hash (SQLite caps query parameters).
 LOOKUP_BATCH = 500
 DEVICE_EVENTS = ("DeviceRegistered", "DeviceRevoked")
-_UNREACHABLE = (RequestsConnectionError, RequestsTimeout, ProviderConnectionError)
 # What sync owns on a Task row; the website owns the rest (buyer, title, spec), so saving
 # only these never undoes what it wrote meanwhile.
 MIRROR_FIELDS = [
@@ -115,10 +113,8 @@ def _redis(url: str) -> redis.Redis:
 
 
 def _rpc(call: Callable[[], T]) -> T:
-    try:
+    with reachable():
         return call()
-    except _UNREACHABLE as exc:
-        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
 
 
 def _hex(value: Any) -> str:
@@ -670,8 +666,7 @@ class ChainSync:
         """Now on the chain's clock: wall time, shifted when the node's clock was moved (a dev
         chain after evm_increaseTime), so that lag means the same on any chain."""
         if self._clock_offset is None:
-            pending = _rpc(lambda: self.market.w3.eth.get_block("pending"))["timestamp"]
-            offset = pending - time.time()
+            offset = chain_time(self.market.w3) - time.time()
             # Block times are whole seconds: only a shift beyond their rounding counts.
             self._clock_offset = offset if abs(offset) > 2 else 0.0
         return time.time() + self._clock_offset

@@ -15,9 +15,11 @@ from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from chain.errors import ChainUnavailableError, FlexError
+from chain.errors import ChainUnavailableError
+from core.errors import FlexError
+from core.units import wei_to_eth, wei_to_eth_approx
 from marketplace import contract, selectors, services, wallets
-from marketplace.forms import SignUpForm, TaskForm, wei_to_eth, wei_to_eth_approx
+from marketplace.forms import SignUpForm, TaskForm
 from marketplace.models import Device, Task, Wallet
 from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
 

@@ -10,8 +10,6 @@ FLEX_WALLET_KEY so that rotating SECRET_KEY does not lock every wallet.
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import Iterator
 
 import requests
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -22,7 +20,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3.exceptions import Web3Exception
 
-from chain.errors import ChainUnavailableError, FlexError
+from chain.node import reachable
+from core.errors import FlexError
 from marketplace import contract
 from marketplace.models import Wallet
 
@@ -100,17 +99,8 @@ def wallet_of(*, user) -> Wallet:
 
 def wallet_balance_wei(*, wallet: Wallet) -> int:
     """The wallet's balance on chain; ChainUnavailableError when the node cannot be reached."""
-    with node_reads():
+    with reachable():
         return contract.w3().eth.get_balance(wallet.address)
-
-
-@contextlib.contextmanager
-def node_reads() -> Iterator[None]:
-    """Plain web3 reads (outside chain.client) raise ChainUnavailableError for a lost node."""
-    try:
-        yield
-    except (OSError, requests.RequestException) as exc:
-        raise ChainUnavailableError(f"cannot reach the chain: {exc}") from exc
 
 
 def faucet_available() -> bool:

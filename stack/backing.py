@@ -1,6 +1,6 @@
 """Find or start FLEX's backing services (Redis, the database) and run a command beside them.
 
-`python -m flexsite.backing [--postgres] -- CMD...` uses REDIS_URL when a server answers there,
+`python -m stack.backing [--postgres] -- CMD...` uses REDIS_URL when a server answers there,
 else starts a private redis-server under var/ (installing Debian's package when it is missing
 and this is a root Debian host); it keeps DATABASE_URL when set, else with --postgres uses a
 PostgreSQL on 127.0.0.1:5432 when one answers, else SQLite. It says which it chose, runs CMD
@@ -137,7 +137,7 @@ def backing_env(*, prefer_postgres: bool) -> Iterator[dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexsite.backing", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stack.backing", description=__doc__)
     parser.add_argument("--postgres", action="store_true", help="prefer a local PostgreSQL")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The whole platform on one machine: chain, web, beat, platform worker, aggregator and devices.
 
-`python -m flexsite.devstack run` is `make run`: it brings the stack up in order (the chain and
+`python -m stack.devstack run` is `make run`: it brings the stack up in order (the chain and
 the contract, the database, the web server, then enrols the local devices through the real
 join flow the first time), supervises every process with one prefixed log stream, and stops
 them all on Ctrl-C. Everything it creates lives under var/, so a second run reuses it.
@@ -238,9 +238,9 @@ def stack(
                 str(var / "chain" / "state.json"),
             ],
         )
-        from web3 import Web3
+        from chain.node import connect
 
-        w3 = Web3(Web3.HTTPProvider(env["ETH_RPC_URL"]))
+        w3 = connect(env["ETH_RPC_URL"])
         wait_for("the chain", lambda: w3.eth.chain_id, sup=sup)
         say("migrating the database")
         manage("migrate", "--no-input", "-v", "0", env=env)
@@ -549,7 +549,7 @@ def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexsite.devstack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stack.devstack", description=__doc__)
     parser.add_argument("command", choices=["run", "demo"])
     parser.add_argument("--trainers", type=int, default=TRAINERS)
     parser.add_argument("--rounds", type=int, default=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chain.errors import FlexError
+from core.errors import FlexError
 
 
 class TrainingError(FlexError):

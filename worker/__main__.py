@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from chain.errors import FlexError
+from core.errors import FlexError
 
 log = logging.getLogger("worker")
 
@@ -91,9 +91,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     )
     print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
     print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
-    from web3 import Web3
+    from chain.node import connect
 
-    balance = Web3(Web3.HTTPProvider(cfg.eth_rpc_url)).eth.get_balance(cfg.address)
+    balance = connect(cfg.eth_rpc_url).eth.get_balance(cfg.address)
     if balance == 0:
         print(f"fund {cfg.address} with ETH for its gas before it can bid", file=sys.stderr)
     if args.no_start:
@@ -110,15 +110,14 @@ def run(
     broker_url: str | None = None,
 ) -> int:
     """Load each node, start its data plane, and consume all their queues until stopped."""
-    from flexsite.celery import app
     from worker import node as nodes
+    from worker.app import node_app
 
     loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase)) for h in homes]
     brokers = {broker_url or n.config.broker_url for n in loaded}
     if len(brokers) != 1:
         raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
-    broker = brokers.pop()
-    app.conf.update(broker_url=broker, result_backend=broker, include=["worker.tasks"])
+    app = node_app(broker_url=brokers.pop())
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
 
     queues = sorted({q for n in loaded for q in n.config.queues})

@@ -6,8 +6,8 @@ import logging
 import time
 
 from chain.client import TaskState, mask_of, positions_of
-from chain.dataplane import fetch_model
-from chain.errors import FlexError
+from core.errors import FlexError
+from dataplane.client import fetch_model
 from training import serialize
 from training.aggregation.base import Update
 from training.catalogue import initial_weights

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from chain.errors import FlexError
+from core.errors import FlexError
 
 CONFIG_FILE = "device.json"
 KEYSTORE_FILE = "key.json"

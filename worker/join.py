@@ -9,9 +9,9 @@ import requests
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
-from chain.errors import FlexError
 from chain.launcher import free_port
-from chain.messages import join_message
+from core.enrolment import join_message
+from core.errors import FlexError
 from worker import config as config_mod
 from worker.config import BidPolicy, DeviceConfig, Partition
 

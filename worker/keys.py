@@ -18,7 +18,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_keyfile.exceptions import EthKeyfileValueError
 
-from chain.errors import FlexError
+from core.errors import FlexError
 
 log = logging.getLogger(__name__)
 

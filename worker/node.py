@@ -12,17 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
 
 from chain.client import FlexMarket
-from chain.errors import FlexError
+from chain.node import chain_time, connect
+from core.errors import FlexError
+from dataplane.access import ChainPolicy
+from dataplane.server import DataPlaneServer
 from training.datasets import Dataset, load_local, load_partition
 from training.errors import DatasetError
 from training.spec import TaskSpec
 from training.store import ModelStore
 from worker import config as config_mod
 from worker.config import KEYSTORE_FILE, DeviceConfig
-from worker.dataplane import ChainPolicy, DataPlaneServer
 from worker.keys import key_load
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,6 @@ class UnknownNodeError(FlexError):
     """This worker process does not serve the node a task was addressed to."""
 
     code = "unknown_node"
-
-
-@functools.cache
-def _w3(url: str) -> Web3:
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 30}))
 
 
 @dataclass(eq=False)
@@ -54,16 +50,14 @@ class Node:
 
     @functools.cached_property
     def market(self) -> FlexMarket:
-        return FlexMarket(w3=_w3(self.config.eth_rpc_url), address=self.config.contract_address)
+        return FlexMarket(w3=connect(self.config.eth_rpc_url), address=self.config.contract_address)
 
     @property
     def address(self) -> str:
         return self.account.address
 
     def chain_time(self) -> int:
-        """The time the next block will carry, which on-chain deadlines are checked against
-        (the latest block's can lag far behind on a chain that mines only on demand)."""
-        return self.market.w3.eth.get_block("pending")["timestamp"]
+        return chain_time(self.market.w3)
 
     def data_for(self, spec: TaskSpec) -> Dataset:
         """The node's own training data in the task's schema; DatasetError when it has none."""

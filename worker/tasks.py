@@ -7,9 +7,9 @@ import logging
 from celery import current_app, shared_task
 from kombu.exceptions import OperationalError
 
-from chain.dataplane import FetchFailedError, PolicyUnavailableError
 from chain.errors import ChainUnavailableError
-from flexsite.celery import PLATFORM_QUEUE
+from core.queues import PLATFORM_QUEUE
+from dataplane.protocol import FetchFailedError, PolicyUnavailableError
 from worker import aggregator, node, trainer
 
 log = logging.getLogger(__name__)

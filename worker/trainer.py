@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 
 from chain.client import Role, TaskState
-from chain.dataplane import fetch_model
-from chain.errors import FlexError
+from core.errors import FlexError
+from dataplane.client import fetch_model
 from training import serialize
 from training.errors import DatasetError
 from training.spec import TaskSpec

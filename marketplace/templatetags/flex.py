@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import template
 
-from marketplace.forms import wei_to_eth, wei_to_eth_approx
+from core.units import wei_to_eth, wei_to_eth_approx
 
 register = template.Library()
 

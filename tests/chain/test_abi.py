@@ -12,8 +12,9 @@ from eth_utils import keccak
 
 from chain.build import load_artifact
 from chain.client import BidInfo, DeviceInfo, RoundInfo, TaskInfo, decode_revert
-from chain.errors import CONTRACT_ERRORS, ContractError, FlexError
+from chain.errors import CONTRACT_ERRORS, ContractError
 from chain.events import ENUMS, EVENT_TYPES, event_fields, snake_case
+from core.errors import FlexError
 
 ABI = load_artifact("FlexMarket")["abi"]
 SOURCE = (Path(__file__).resolve().parents[2] / "contracts" / "FlexMarket.sol").read_text()

@@ -22,7 +22,11 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import DeviceClass, FlexMarket, Role
-from chain.dataplane import (
+from chain.events import TaskCreated
+from chain.launcher import dev_accounts, free_port
+from dataplane.access import AllowListPolicy, ChainPolicy
+from dataplane.client import fetch_model
+from dataplane.protocol import (
     HEADER_ADDRESS,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
@@ -32,16 +36,12 @@ from chain.dataplane import (
     ModelTooLargeError,
     PolicyUnavailableError,
     SignatureMismatchError,
-    fetch_model,
-    sign_request,
-    verify_request,
 )
-from chain.events import TaskCreated
-from chain.launcher import dev_accounts, free_port
+from dataplane.server import DataPlaneServer
+from dataplane.signing import sign_request, verify_request
 from training.errors import BlobNotFoundError, ModelIdMismatchError
 from training.serialize import dumps, id_hex, model_id
 from training.store import ModelStore, StoredModel
-from worker.dataplane import AllowListPolicy, ChainPolicy, DataPlaneServer
 
 SERVER = Account.from_key(b"\x01" * 32)
 REQUESTER = Account.from_key(b"\x02" * 32)

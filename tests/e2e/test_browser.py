@@ -15,7 +15,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.client import Role, mask_of
-from chain.messages import join_message
+from core.enrolment import join_message
 from marketplace import lifecycle, services
 from marketplace.models import Task
 from marketplace.sync import chain_sync

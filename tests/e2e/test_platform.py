@@ -13,14 +13,14 @@ import pytest
 import redis
 
 from chain.launcher import free_port
-from flexsite.devstack import LOCAL_DEVICES
+from stack.devstack import LOCAL_DEVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS, ROUNDS = 3, 3
 
 
 def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """`python -m flexsite.devstack demo` on free ports, its own Redis database and SQLite."""
+    """`python -m stack.devstack demo` on free ports, its own Redis database and SQLite."""
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
     redis.Redis.from_url(url).flushdb()
     env = {
@@ -32,7 +32,7 @@ def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
         "FLEX_SYNC_INTERVAL_S": "0.5",
     }
     cmd = [
-        sys.executable, "-m", "flexsite.devstack", "demo", "--var", str(var),
+        sys.executable, "-m", "stack.devstack", "demo", "--var", str(var),
         "--trainers", str(TRAINERS), "--rounds", str(ROUNDS), "--timeout", "300",
         "--min-accuracy", "0.5", *args,
     ]  # fmt: skip

@@ -15,9 +15,9 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.client import DeviceClass, DeviceStatus, Role, mask_of
-from chain.messages import join_message
+from core.enrolment import join_message
+from core.units import eth_text
 from marketplace import contract
-from marketplace.admin import eth_text
 from marketplace.models import (
     Bid,
     ChainCursor,

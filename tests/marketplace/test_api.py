@@ -12,7 +12,7 @@ from django.utils import timezone
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
-from chain.dataplane import sign_request
+from dataplane.signing import sign_request
 from marketplace.models import Bid, Task
 from marketplace.services import device_revoke, task_create, user_signup, wallet_fund
 from marketplace.wallets import wallet_of

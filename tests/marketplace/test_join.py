@@ -10,7 +10,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.client import DeviceClass, DeviceStatus
-from chain.messages import join_message
+from core.enrolment import join_message
 from marketplace.errors import JoinTokenError
 from marketplace.models import Device, JoinToken
 from marketplace.services import join_token_issue, join_token_revoke

@@ -14,8 +14,8 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from chain.client import FlexMarket, Role, TaskState
-from chain.messages import join_message
-from flexsite.celery import device_queue
+from core.enrolment import join_message
+from core.queues import device_queue
 from marketplace import lifecycle, services
 from marketplace.models import Device, LifecycleAction, Round, Task, Update
 from marketplace.sync import ChainSync

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from chain.client import FlexMarket, MinPrices, TaskState
 from chain.launcher import free_port
-from marketplace import services, wallets
-from marketplace.forms import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
+from chain.node import max_fee_per_gas
+from core.units import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
+from marketplace import contract, services, wallets
 from marketplace.models import Bid, Device, Task
 from training.spec import AggregationSpec, TaskSpec
 
@@ -367,7 +368,7 @@ def test_estimate_without_devices_uses_the_contract_minimums():
     assert estimate.low_wei == estimate.minimum_wei
     assert estimate.high_wei == 3 * (4 + 1) * MIN_PRICE_WEI
     assert not estimate.from_bids
-    assert estimate.gas_wei == estimate.gas_units * services._max_fee_per_gas() > 0
+    assert estimate.gas_wei == estimate.gas_units * max_fee_per_gas(contract.w3()) > 0
 
 
 def _device_with_bid(address: str, price: int, *, role="trainer", revoked=False) -> None:

@@ -16,7 +16,9 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.client import Role, mask_of
-from chain.messages import join_message
+from core.enrolment import join_message
+from dataplane.access import ChainPolicy
+from dataplane.server import DataPlaneServer
 from marketplace import services
 from marketplace.models import Task
 from marketplace.sync import chain_sync
@@ -24,7 +26,6 @@ from marketplace.views import task_page
 from training.serialize import dumps, id_hex, model_id
 from training.spec import TaskSpec
 from training.store import ModelStore
-from worker.dataplane import ChainPolicy, DataPlaneServer
 
 pytestmark = pytest.mark.django_db
 

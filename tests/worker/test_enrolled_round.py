@@ -17,10 +17,10 @@ from celery import Celery
 from eth_utils import keccak
 
 from chain.client import Role, TaskState, positions_of
-from chain.dataplane import fetch_model
 from chain.events import TaskCreated
 from chain.launcher import dev_accounts
-from flexsite.celery import device_queue
+from core.queues import device_queue
+from dataplane.client import fetch_model
 from marketplace.services import join_token_issue
 from training import serialize
 from training.spec import TaskSpec

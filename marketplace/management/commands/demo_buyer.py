@@ -7,7 +7,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from chain.errors import FlexError
+from core.errors import FlexError
 from marketplace import contract, services
 from marketplace.models import Wallet
 from marketplace.wallets import wallet_balance_wei

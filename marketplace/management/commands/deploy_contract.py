@@ -4,7 +4,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from chain.client import FlexMarket
-from chain.errors import FlexError
+from core.errors import FlexError
 from marketplace import contract
 
 

@@ -4,7 +4,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 
-from chain.errors import FlexError
+from core.errors import FlexError
 from marketplace.services import join_token_issue
 
 

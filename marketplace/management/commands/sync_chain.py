@@ -5,7 +5,7 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from chain.errors import FlexError
+from core.errors import FlexError
 from marketplace.sync import SyncResult, chain_sync, chain_sync_watch
 
 

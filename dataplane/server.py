@@ -1,0 +1,258 @@
+"""Each node's data-plane HTTP server for its model blobs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, BinaryIO
+
+from eth_utils import is_hex_address, to_checksum_address
+
+from core.errors import FlexError
+from dataplane.access import Policy
+from dataplane.protocol import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_WINDOW_SECONDS,
+    MODELS_PATH,
+    DataPlaneError,
+    ModelIdMalformedError,
+    ModelTooLargeError,
+    PolicyUnavailableError,
+    RouteNotFoundError,
+)
+from dataplane.signing import verify_request
+from training.errors import BlobNotFoundError
+from training.serialize import id_hex, parse_id
+from training.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64
+    plane: DataPlaneServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection; GET /health and GET /models/<id>, errors as FLEX's JSON error shape."""
+
+    server: _HTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "FlexDataPlane/1"
+    error_content_type = "application/json"
+
+    def setup(self) -> None:
+        # A socket timeout bounds how long an idle or stalled peer can hold a server thread.
+        self.timeout = self.server.plane.io_timeout
+        super().setup()
+
+    def do_GET(self) -> None:
+        self._body_started = False
+        try:
+            path = self.path.split("?", 1)[0]
+            if path == "/health":
+                self._send_json(HTTPStatus.OK, self.server.plane.health())
+            elif path.startswith(MODELS_PATH):
+                self._get_model(path.removeprefix(MODELS_PATH))
+            else:
+                raise RouteNotFoundError(path=path[:200])
+        except (DataPlaneError, BlobNotFoundError) as exc:
+            status = getattr(exc, "status", HTTPStatus.NOT_FOUND)
+            log_level = logging.INFO if status == HTTPStatus.NOT_FOUND else logging.WARNING
+            log.log(log_level, "refused %s from %s: %s", path, self._peer(), exc.message)
+            self._send_json(status, exc.as_dict())
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            # The peer went away or stalled mid-transfer; it will retry, nothing to answer.
+            log.warning("transfer of %s to %s aborted: %r", path, self._peer(), exc)
+            self.close_connection = True
+        except Exception:
+            log.exception("data plane failed on GET %s from %s", path, self._peer())
+            if self._body_started:
+                self.close_connection = True
+            else:
+                self._send_json(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    {"code": "internal_error", "message": "internal server error", "fields": {}},
+                )
+
+    def _get_model(self, raw_id: str) -> None:
+        plane = self.server.plane
+        started = time.monotonic()
+        # Authenticate before anything else so that unsigned callers learn nothing.
+        requester = verify_request(
+            headers=self.headers,
+            method="GET",
+            path=self.path,
+            server_address=plane.node_address,
+            window=plane.auth_window,
+        )
+        try:
+            model_id = parse_id(raw_id)
+        except FlexError:
+            raise ModelIdMalformedError(value=raw_id[:80]) from None
+        shown = id_hex(model_id)
+        meta = plane.store.info(model_id)
+        try:
+            plane.policy.authorize_fetch(requester=requester, meta=meta)
+        except DataPlaneError:
+            raise
+        except Exception as exc:
+            # Fail closed: when the policy cannot decide (chain down), nobody gets the blob,
+            # and the 503 tells the requester to come back.
+            if isinstance(exc, FlexError):  # expected kind of failure: no traceback spam
+                log.warning("access policy for %s on %s failed: %s", requester, shown, exc)
+            else:
+                log.exception("access policy failed for %s on %s", requester, shown)
+            raise PolicyUnavailableError(
+                f"cannot check access to model {shown} right now: {type(exc).__name__}",
+                model_id=shown,
+            ) from exc
+        if meta.size > plane.max_bytes:
+            raise ModelTooLargeError(model_id=shown, size=meta.size, limit=plane.max_bytes)
+        # No re-hash before serving: every requester checks the bytes against the on-chain ID
+        # anyway, and hashing 100 MB per request would cost an edge device more than sending.
+        with plane.store.open(model_id, verify=False) as blob:
+            size = _file_size(blob, default=meta.size)
+            if size > plane.max_bytes:
+                raise ModelTooLargeError(model_id=shown, size=size, limit=plane.max_bytes)
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.send_header("ETag", f'"{shown}"')
+            self.end_headers()
+            self._body_started = True
+            # sendfile() moves the bytes kernel-side where the file allows it, and falls back
+            # to a bounded read/send loop otherwise: a blob is never held whole in memory.
+            sent = self.connection.sendfile(blob, 0, size)
+        if sent != size:
+            # Content-Length promised more than the file now holds; the peer sees truncation.
+            log.error("model %s shrank while serving: sent %d of %d bytes", shown, sent, size)
+            self.close_connection = True
+            return
+        log.info(
+            "served model %s (%d bytes, task %s round %s, %s) to %s in %.2fs",
+            shown,
+            size,
+            meta.task_id,
+            meta.round_number,
+            meta.kind,
+            requester,
+            time.monotonic() - started,
+        )
+
+    def _send_json(self, status: int, body: Mapping[str, Any]) -> None:
+        data = json.dumps(body, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # http.server's own errors (bad request line, unsupported method) in FLEX's JSON shape.
+        self.close_connection = True
+        try:
+            reason = message or HTTPStatus(code).phrase
+        except ValueError:
+            reason = f"HTTP {code}"
+        self._send_json(code, {"code": f"http_{int(code)}", "message": reason, "fields": {}})
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self._peer(), format % args)
+
+    def _peer(self) -> str:
+        return "%s:%s" % self.client_address[:2]  # noqa: UP031
+
+
+def _file_size(blob: BinaryIO, *, default: int) -> int:
+    """The size of the open blob file itself, which is what sendfile will send."""
+    try:
+        return os.fstat(blob.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return default
+
+
+class DataPlaneServer:
+    """The node's data-plane HTTP server, run in a background thread of the worker process.
+
+    ``node_address`` is the node's own Ethereum address: requests must be signed for it, so
+    a request captured by (or sent to) another node cannot be replayed here.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        policy: Policy,
+        node_address: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        auth_window: int = DEFAULT_WINDOW_SECONDS,
+        io_timeout: float = 60.0,
+    ) -> None:
+        if not is_hex_address(node_address):
+            raise ValueError(f"node_address must be an Ethereum address, not {node_address!r}")
+        self.store = store
+        self.policy = policy
+        self.node_address = to_checksum_address(node_address)
+        self.host = host
+        self.port = port
+        self.max_bytes = max_bytes
+        self.auth_window = auth_window
+        self.io_timeout = io_timeout
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL peers fetch from, e.g. ``http://127.0.0.1:41234``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "address": self.node_address, "max_bytes": self.max_bytes}
+
+    def start(self) -> DataPlaneServer:
+        """Bind (port 0 picks a free port, then ``.port`` is set) and serve in a thread."""
+        if self._httpd is not None:
+            raise RuntimeError("data-plane server already started")
+        httpd = _HTTPServer((self.host, self.port), _Handler)
+        httpd.plane = self
+        self.port = httpd.server_address[1]
+        self._httpd = httpd
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            # How often the loop looks for stop(): the longest stop() waits, near-free when idle.
+            kwargs={"poll_interval": 0.1},
+            name=f"flex-dataplane-{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("data plane of %s listening on %s", self.node_address, self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting requests and close the socket; transfers in flight finish alone."""
+        if self._httpd is None:
+            return
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self._httpd = self._thread = None
+        log.info("data plane of %s on port %d stopped", self.node_address, self.port)
+
+    def __enter__(self) -> DataPlaneServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
