@@ -18,9 +18,10 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from chain.client import DeviceClass, FlexMarket, Role, mask_of
-from chain.events import TaskCreated
+from chain.client import FlexMarket
+from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import LocalChain, dev_accounts
+from chain.selection import mask_of
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "gas.json"

@@ -106,7 +106,7 @@ class Chain:
 
 
 def prefill(chain: Chain, owner: str, buyer: str) -> dict[str, Any]:
-    from chain.client import DeviceClass, Role
+    from chain.events import DeviceClass, Role
 
     started = time.monotonic()
     devices = [
@@ -248,8 +248,7 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from chain.client import Role
-    from chain.events import TaskCreated
+    from chain.events import Role, TaskCreated
     from chain.node import chain_time
     from flexsite.asgi import application
     from marketplace.models import Task, Wallet

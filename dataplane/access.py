@@ -10,8 +10,9 @@ from typing import Any, Protocol
 
 from eth_utils import to_checksum_address
 
-from chain.client import FlexMarket, TaskState
+from chain.client import FlexMarket
 from chain.errors import UnknownTaskError
+from chain.events import TaskState
 from dataplane.protocol import AccessDeniedError
 from training.serialize import id_hex
 from training.store import StoredModel

@@ -15,9 +15,10 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from chain.client import FlexMarket, transfer_eth
+from chain.client import FlexMarket
 from chain.launcher import DEV_CHAIN_ID, dev_accounts
 from chain.node import connect
+from chain.transactions import transfer_eth
 from core.errors import FlexError
 from marketplace.errors import ContractNotDeployedError
 

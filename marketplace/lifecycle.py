@@ -26,10 +26,11 @@ from celery import Celery, current_app
 from django.db import transaction
 from django.db.models import QuerySet
 
-from chain.client import FlexMarket, TxResult
-from chain.client import TaskState as ChainTaskState
+from chain.client import FlexMarket
 from chain.errors import BiddingOpenError, DeadlineNotPassedError, InvalidTaskStateError
+from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time
+from chain.records import TxResult
 from core.errors import FlexError
 from core.queues import PLATFORM_QUEUE, device_queue
 from marketplace import contract

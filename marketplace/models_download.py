@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from eth_account.signers.local import LocalAccount
 
-from chain.client import TaskState
+from chain.events import TaskState
 from core.errors import FlexError
 from dataplane.client import fetch_model
 from marketplace import contract

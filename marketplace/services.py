@@ -15,8 +15,6 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
 
-from chain.client import DeviceClass as ChainDeviceClass
-from chain.client import TxResult, transfer_eth
 from chain.errors import (
     BudgetTooLowError,
     InvalidBiddingEndError,
@@ -24,8 +22,11 @@ from chain.errors import (
     InvalidRoundTimeoutError,
     InvalidTrainerRangeError,
 )
+from chain.events import DeviceClass as ChainDeviceClass
 from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
 from chain.node import chain_time, max_fee_per_gas, reachable
+from chain.records import TxResult
+from chain.transactions import transfer_eth
 from core.enrolment import join_message
 from marketplace import contract, wallets
 from marketplace.errors import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from chain.client import TaskState, mask_of, positions_of
+from chain.events import TaskState
+from chain.selection import mask_of, positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_model
 from training import serialize

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from chain.client import Role, TaskState
+from chain.events import Role, TaskState
 from core.errors import FlexError
 from dataplane.client import fetch_model
 from training import serialize

@@ -10,9 +10,10 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from chain.client import DeviceClass, FlexMarket, Role, mask_of
-from chain.events import TaskCreated
+from chain.client import FlexMarket
+from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts
+from chain.selection import mask_of
 
 MIN_TRAINER_PRICE_WEI = 1_000_000_000
 MIN_AGGREGATOR_PRICE_WEI = 2_000_000_000

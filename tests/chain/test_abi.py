@@ -11,9 +11,10 @@ from eth_abi import encode as abi_encode
 from eth_utils import keccak
 
 from chain.build import load_artifact
-from chain.client import BidInfo, DeviceInfo, RoundInfo, TaskInfo, decode_revert
 from chain.errors import CONTRACT_ERRORS, ContractError
 from chain.events import ENUMS, EVENT_TYPES, event_fields, snake_case
+from chain.records import BidInfo, DeviceInfo, RoundInfo, TaskInfo
+from chain.transactions import decode_revert
 from core.errors import FlexError
 
 ABI = load_artifact("FlexMarket")["abi"]

@@ -6,7 +6,7 @@ import pytest
 from eth_utils import keccak
 from web3 import Web3
 
-from chain.client import FlexMarket, Role, TaskState
+from chain.client import FlexMarket
 from chain.errors import (
     BiddingClosedError,
     CannotAggregateError,
@@ -18,7 +18,7 @@ from chain.errors import (
     UnknownTaskError,
     ZeroSamplesError,
 )
-from chain.events import BidPlaced
+from chain.events import BidPlaced, Role, TaskState
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     MIN_TRAINER_PRICE_WEI,

@@ -8,10 +8,11 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from chain.client import DeviceClass, DeviceStatus, FlexMarket, TxResult
+from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
-from chain.events import DeviceRegistered, TaskCreated
+from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
 from chain.launcher import free_port
+from chain.records import TxResult
 from tests.chain.conftest import Accounts, Flow
 
 

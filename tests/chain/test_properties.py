@@ -8,15 +8,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from chain.client import (
-    DeviceStatus,
-    FlexMarket,
-    TaskState,
-    mask_of,
-    plan_selection,
-)
+from chain.client import FlexMarket
 from chain.errors import InvalidTaskStateError, SubmissionClosedError
-from chain.events import NodesSelected, PaymentCredited, TaskFailed
+from chain.events import DeviceStatus, NodesSelected, PaymentCredited, TaskFailed, TaskState
+from chain.selection import mask_of, plan_selection
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     MIN_TRAINER_PRICE_WEI,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.client import DeviceClass, DeviceStatus, FlexMarket, Role
+from chain.client import FlexMarket
 from chain.errors import (
     DeviceAlreadyRegisteredError,
     DeviceNotRegisteredError,
@@ -14,11 +14,14 @@ from chain.errors import (
     ZeroAddressError,
 )
 from chain.events import (
+    DeviceClass,
     DeviceRegistered,
     DeviceRevoked,
+    DeviceStatus,
     MinPricesChanged,
     OwnershipTransferred,
     RegistrarChanged,
+    Role,
 )
 from tests.chain.conftest import MIN_AGGREGATOR_PRICE_WEI, MIN_TRAINER_PRICE_WEI, Accounts, Flow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.client import FlexMarket, TaskState, mask_of
+from chain.client import FlexMarket
 from chain.errors import (
     AlreadySubmittedError,
     DeadlinePassedError,
@@ -21,7 +21,8 @@ from chain.errors import (
     ZeroModelIdError,
     ZeroScoresError,
 )
-from chain.events import GlobalModelPublished, UpdateSubmitted
+from chain.events import GlobalModelPublished, TaskState, UpdateSubmitted
+from chain.selection import mask_of
 from tests.chain.conftest import ROUND_TIMEOUT, Accounts, Clock, Flow, Running, model_id
 
 ZERO_ID = "0x" + "00" * 32

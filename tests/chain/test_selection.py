@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from chain.client import (
-    BidInfo,
-    FailureReason,
-    FlexMarket,
-    Role,
-    TaskState,
-    plan_selection,
-    selection_order,
-)
+from chain.client import FlexMarket
 from chain.errors import (
     BiddingOpenError,
     InvalidHintError,
     InvalidHintLengthError,
     InvalidTaskStateError,
 )
-from chain.events import CreditReason, NodesSelected, PaymentCredited, TaskFailed
+from chain.events import (
+    CreditReason,
+    FailureReason,
+    NodesSelected,
+    PaymentCredited,
+    Role,
+    TaskFailed,
+    TaskState,
+)
+from chain.records import BidInfo
+from chain.selection import plan_selection, selection_order
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     MIN_TRAINER_PRICE_WEI,

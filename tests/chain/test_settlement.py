@@ -7,16 +7,7 @@ from eth_account import Account
 from eth_utils import keccak
 from web3 import Web3
 
-from chain.client import (
-    DeviceClass,
-    FlexMarket,
-    TaskState,
-    call_artifact,
-    decode_revert,
-    deploy_artifact,
-    mask_of,
-    transact_artifact,
-)
+from chain.client import FlexMarket
 from chain.errors import (
     DeadlineNotPassedError,
     InvalidTaskStateError,
@@ -26,12 +17,16 @@ from chain.errors import (
 )
 from chain.events import (
     CreditReason,
+    DeviceClass,
     PaymentCredited,
     TaskAborted,
     TaskCreated,
     TaskFinalized,
+    TaskState,
     Withdrawn,
 )
+from chain.selection import mask_of
+from chain.transactions import call_artifact, decode_revert, deploy_artifact, transact_artifact
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     ROUND_TIMEOUT,

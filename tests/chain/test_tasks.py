@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.client import FlexMarket, TaskState
+from chain.client import FlexMarket
 from chain.errors import (
     BudgetTooLowError,
     InvalidBiddingEndError,
@@ -15,7 +15,7 @@ from chain.errors import (
     NotBuyerError,
     UnknownTaskError,
 )
-from chain.events import CreditReason, PaymentCredited, TaskCancelled, TaskCreated
+from chain.events import CreditReason, PaymentCredited, TaskCancelled, TaskCreated, TaskState
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     MIN_TRAINER_PRICE_WEI,

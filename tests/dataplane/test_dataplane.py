@@ -21,8 +21,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from chain.client import DeviceClass, FlexMarket, Role
-from chain.events import TaskCreated
+from chain.client import FlexMarket
+from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts, free_port
 from dataplane.access import AllowListPolicy, ChainPolicy
 from dataplane.client import fetch_model

@@ -14,7 +14,8 @@ from django.db import connections
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from chain.client import Role, mask_of
+from chain.events import Role
+from chain.selection import mask_of
 from core.enrolment import join_message
 from marketplace import lifecycle, services
 from marketplace.models import Task

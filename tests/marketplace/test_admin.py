@@ -14,7 +14,8 @@ from django.urls import reverse
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from chain.client import DeviceClass, DeviceStatus, Role, mask_of
+from chain.events import DeviceClass, DeviceStatus, Role
+from chain.selection import mask_of
 from core.enrolment import join_message
 from core.units import eth_text
 from marketplace import contract

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from chain.client import Role
+from chain.events import Role
 from flexsite.asgi import application
 from marketplace.consumers import CLOSE_FORBIDDEN
 from marketplace.tasks import record_round_metrics

@@ -9,7 +9,7 @@ import requests
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from chain.client import DeviceClass, DeviceStatus
+from chain.events import DeviceClass, DeviceStatus
 from core.enrolment import join_message
 from marketplace.errors import JoinTokenError
 from marketplace.models import Device, JoinToken

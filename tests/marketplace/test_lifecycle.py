@@ -13,7 +13,8 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from chain.client import FlexMarket, Role, TaskState
+from chain.client import FlexMarket
+from chain.events import Role, TaskState
 from core.enrolment import join_message
 from core.queues import device_queue
 from marketplace import lifecycle, services

@@ -19,10 +19,11 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
-from chain.client import DeviceClass, FlexMarket, Role, TxResult
+from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
-from chain.events import TaskCreated
+from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import LocalChain, dev_accounts
+from chain.records import TxResult
 from marketplace import lifecycle
 from marketplace.models import Bid, ChainCursor, ChainEventRecord, Task, TaskState
 from marketplace.sync import ChainSync

@@ -11,9 +11,11 @@ from django.utils import timezone
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chain.client import FlexMarket, MinPrices, TaskState
+from chain.client import FlexMarket
+from chain.events import TaskState
 from chain.launcher import free_port
 from chain.node import max_fee_per_gas
+from chain.records import MinPrices
 from core.units import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
 from marketplace import contract, services, wallets
 from marketplace.models import Bid, Device, Task

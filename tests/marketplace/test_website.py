@@ -15,7 +15,8 @@ from django.urls import reverse
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
-from chain.client import Role, mask_of
+from chain.events import Role
+from chain.selection import mask_of
 from core.enrolment import join_message
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer

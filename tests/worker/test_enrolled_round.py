@@ -16,9 +16,9 @@ import redis
 from celery import Celery
 from eth_utils import keccak
 
-from chain.client import Role, TaskState, positions_of
-from chain.events import TaskCreated
+from chain.events import Role, TaskCreated, TaskState
 from chain.launcher import dev_accounts
+from chain.selection import positions_of
 from core.queues import device_queue
 from dataplane.client import fetch_model
 from marketplace.services import join_token_issue

@@ -1,0 +1,292 @@
+"""Signed transactions to any compiled contract: gas, nonces, receipts, and reverts decoded
+into ``chain.errors`` classes. Nothing else in FLEX builds or sends a transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
+
+from chain import events as ev
+from chain.build import load_artifact
+from chain.errors import (
+    CONTRACT_ERRORS,
+    ChainUnavailableError,
+    ContractError,
+    TransactionRejectedError,
+)
+from chain.events import snake_case, to_python
+from chain.node import max_fee_per_gas, reachable
+from chain.records import TxResult
+
+CONTRACT_NAME = "FlexMarket"
+# Head room over eth_estimateGas: state may move between the estimate and inclusion.
+GAS_MARGIN_PERCENT = 20
+GAS_MARGIN_MIN = 20_000
+# EIP-7825 (Osaka) caps a transaction's gas; staying under it keeps one code path for both.
+MAX_TX_GAS = 2**24
+RECEIPT_TIMEOUT_SECONDS = 120.0
+NONCE_ATTEMPTS = 3
+
+_ERROR_STRING_SELECTOR = keccak(text="Error(string)")[:4]
+_PANIC_SELECTOR = keccak(text="Panic(uint256)")[:4]
+
+
+@functools.cache
+def _error_abis() -> dict[bytes, Mapping[str, Any]]:
+    """4-byte selector -> custom error ABI, from the compiled artefact."""
+    abi = load_artifact(CONTRACT_NAME)["abi"]
+    return {
+        keccak(text=f"{e['name']}({','.join(i['type'] for i in e['inputs'])})")[:4]: e
+        for e in abi
+        if e["type"] == "error"
+    }
+
+
+def decode_revert(data: bytes | str | None) -> ContractError:
+    """The ``chain.errors`` exception for a revert's return data, fields in snake_case."""
+    raw = bytes(HexBytes(data)) if data else b""
+    selector, payload = raw[:4], raw[4:]
+    entry = _error_abis().get(selector)
+    if entry is not None:
+        values = abi_decode([i["type"] for i in entry["inputs"]], payload)
+        found = {
+            snake_case(i["name"]): to_python(v, i["type"], i.get("internalType"))
+            for i, v in zip(entry["inputs"], values, strict=True)
+        }
+        cls = CONTRACT_ERRORS.get(entry["name"])
+        if cls is None:
+            return ContractError(f"FlexMarket reverted with {entry['name']}", **found)
+        return cls(**found)
+    if selector == _ERROR_STRING_SELECTOR:
+        (reason,) = abi_decode(["string"], payload)
+        return ContractError(f"FlexMarket reverted: {reason}", reason=reason)
+    if selector == _PANIC_SELECTOR:
+        (code,) = abi_decode(["uint256"], payload)
+        return ContractError(f"FlexMarket panicked with code {code:#x}", panic=code)
+    return ContractError("FlexMarket reverted without a known error", data="0x" + raw.hex())
+
+
+def _revert_data(exc: Exception) -> str | None:
+    """The revert return data web3 attached to ``exc``, wherever this web3 version put it."""
+    data = getattr(exc, "data", None)
+    if isinstance(data, str | bytes) and data:
+        return data if isinstance(data, str) else "0x" + data.hex()
+    response = getattr(exc, "rpc_response", None) or {}
+    error = response.get("error") if isinstance(response, dict) else None
+    if isinstance(error, dict):
+        data = error.get("data")
+        if isinstance(data, dict):
+            data = data.get("data")
+        if isinstance(data, str) and data.startswith("0x"):
+            return data
+    return None
+
+
+def _is_revert(exc: Exception) -> bool:
+    if isinstance(exc, ContractLogicError):
+        return True
+    return _revert_data(exc) is not None or "revert" in str(exc).lower()
+
+
+@contextlib.contextmanager
+def rpc() -> Iterator[None]:
+    """Turns a lost node into ChainUnavailableError and a revert into its typed error."""
+    try:
+        with reachable():
+            yield
+    except (ContractLogicError, Web3RPCError) as exc:
+        if _is_revert(exc):
+            raise decode_revert(_revert_data(exc)) from exc
+        raise TransactionRejectedError(f"the node refused the request: {exc}") from exc
+
+
+# ---------------------------------------------------------------- nonces
+
+# One lock per sending address for this process: taking the nonce from the node's pending
+# count and handing the signed transaction to the node happen under it, so several sends
+# from one account (several threads, or in a row) never reuse a nonce. The node's count is
+# the source of truth (it survives evm_revert and restarts, where a local counter would
+# leave a gap). Another process signing with the same key can still take a nonce first:
+# the send then retries with the next one (_send_with_fresh_nonce).
+_NONCE_LOCKS: dict[str, threading.Lock] = {}
+_NONCE_LOCKS_GUARD = threading.Lock()
+
+
+def _nonce_lock(address: str) -> threading.Lock:
+    with _NONCE_LOCKS_GUARD:
+        return _NONCE_LOCKS.setdefault(address, threading.Lock())
+
+
+# ---------------------------------------------------------------- any compiled contract
+
+
+@dataclass(frozen=True)
+class Deployed:
+    address: str
+    block_number: int
+    tx_hash: str
+
+
+def deploy_artifact(
+    *, w3: Web3, sender: LocalAccount, name: str, args: Sequence[Any] = ()
+) -> Deployed:
+    """Deploys the contract ``name`` of contracts/build/ (FlexMarket, test contracts)."""
+    artefact = load_artifact(name)
+    constructor = next((e for e in artefact["abi"] if e["type"] == "constructor"), None)
+    types = [i["type"] for i in constructor["inputs"]] if constructor else []
+    data = bytes(HexBytes(artefact["bytecode"])) + abi_encode(types, list(args))
+    receipt = send(w3, sender, {"data": "0x" + data.hex(), "value": 0})
+    return Deployed(
+        address=to_checksum_address(receipt["contractAddress"]),
+        block_number=receipt["blockNumber"],
+        tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+    )
+
+
+def transact_artifact(
+    *,
+    w3: Web3,
+    sender: LocalAccount,
+    name: str,
+    address: str,
+    function: str,
+    args: Sequence[Any] = (),
+    value_wei: int = 0,
+    market: str | None = None,
+) -> TxResult:
+    """Calls ``function`` of a deployed ``name`` contract in a signed transaction; FlexMarket
+    events (of ``market`` when given) are decoded into the result, reverts into errors."""
+    contract = w3.eth.contract(address=to_checksum_address(address), abi=load_artifact(name)["abi"])
+    data = contract.encode_abi(function, args=list(args))
+    receipt = send(w3, sender, {"to": contract.address, "data": data, "value": value_wei})
+    return tx_result(receipt, market=market)
+
+
+def call_artifact(
+    *, w3: Web3, name: str, address: str, function: str, args: Sequence[Any] = ()
+) -> Any:
+    """Reads ``function`` of a deployed ``name`` contract."""
+    contract = w3.eth.contract(address=to_checksum_address(address), abi=load_artifact(name)["abi"])
+    with rpc():
+        return getattr(contract.functions, function)(*args).call()
+
+
+def tx_result(receipt: Any, *, market: str | None) -> TxResult:
+    return TxResult(
+        tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+        block_number=receipt["blockNumber"],
+        block_hash="0x" + bytes(receipt["blockHash"]).hex(),
+        gas_used=receipt["gasUsed"],
+        effective_gas_price_wei=receipt["effectiveGasPrice"],
+        events=tuple(ev.decode_logs(receipt["logs"], address=market)),
+    )
+
+
+def struct_of(components: Sequence[Mapping[str, Any]], values: Sequence[Any]) -> dict[str, Any]:
+    """An ABI tuple as keyword arguments of the matching record (snake_case names)."""
+    return {
+        snake_case(c["name"]): to_python(v, c["type"], c.get("internalType"))
+        for c, v in zip(components, values, strict=True)
+    }
+
+
+def send(
+    w3: Web3,
+    sender: LocalAccount,
+    call: dict[str, Any],
+    *,
+    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+) -> Any:
+    """Estimates, signs with ``sender``'s key, sends raw and waits for the receipt.
+
+    A revert found by the estimate raises its typed error before anything is sent; a
+    transaction that reverts once mined is replayed with eth_call to decode why.
+    """
+    tx: dict[str, Any] = {"from": sender.address, **call}
+    with rpc():
+        chain_id = w3.eth.chain_id
+        with _nonce_lock(sender.address):
+            # Against the pending block: its time is the one the transaction will run at, so
+            # a deadline that has passed by the chain's clock has passed for the estimate too.
+            estimate = w3.eth.estimate_gas(tx, "pending")
+            margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
+            tx.update(
+                chainId=chain_id,
+                gas=min(estimate + margin, MAX_TX_GAS),
+                maxPriorityFeePerGas=w3.eth.max_priority_fee,
+                maxFeePerGas=max_fee_per_gas(w3),
+            )
+            tx_hash = _send_with_fresh_nonce(w3, sender, tx)
+        try:
+            receipt = w3.eth.wait_for_transaction_receipt(
+                tx_hash, timeout=receipt_timeout, poll_latency=0.05
+            )
+        except TimeExhausted as exc:
+            raise ChainUnavailableError(
+                "transaction was not mined in time", tx_hash="0x" + bytes(tx_hash).hex()
+            ) from exc
+        if receipt["status"] != 1:
+            _raise_mined_revert(w3, tx, receipt)
+    return receipt
+
+
+def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:
+    """Signs with the node's pending nonce and sends; if another signer of the same key took
+    that nonce meanwhile, takes the next one (a few times) instead of failing."""
+    for attempt in range(NONCE_ATTEMPTS):
+        tx["nonce"] = w3.eth.get_transaction_count(sender.address, "pending")
+        signed = sender.sign_transaction(tx)
+        try:
+            return w3.eth.send_raw_transaction(signed.raw_transaction)
+        except Web3RPCError as exc:
+            clash = "nonce" in str(exc).lower() or "already known" in str(exc).lower()
+            if not clash or attempt == NONCE_ATTEMPTS - 1:
+                raise TransactionRejectedError(
+                    f"the node refused the transaction: {exc}", sender=sender.address
+                ) from exc
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _raise_mined_revert(w3: Web3, tx: Mapping[str, Any], receipt: Any) -> None:
+    """Replays a transaction that reverted once mined, to decode why.
+
+    The replay runs on the state before its block with that block's number and time as
+    block overrides: an estimate can pass at one timestamp and the mined call fail at the
+    next (a deadline crossed in between), and only the mined block's time reproduces it.
+    """
+    replay = {k: tx[k] for k in ("from", "to", "data", "gas") if k in tx}
+    replay["value"] = hex(tx.get("value", 0))
+    replay["gas"] = hex(replay["gas"])
+    number = receipt["blockNumber"]
+    block = w3.eth.get_block(number)
+    overrides = {"number": hex(number), "time": hex(block["timestamp"])}
+    response = w3.provider.make_request(
+        "eth_call", [replay, hex(max(number - 1, 0)), {}, overrides]
+    )
+    error = response.get("error")
+    if isinstance(error, dict):
+        data = error.get("data")
+        if isinstance(data, dict):
+            data = data.get("data")
+        if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+            raise decode_revert(data)
+    tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+    raise ContractError("transaction reverted (out of gas?)", tx_hash=tx_hash)
+
+
+def transfer_eth(*, w3: Web3, sender: LocalAccount, to: str, value_wei: int) -> str:
+    """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash."""
+    receipt = send(w3, sender, {"to": to_checksum_address(to), "value": value_wei})
+    return "0x" + bytes(receipt["transactionHash"]).hex()
