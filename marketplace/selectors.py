@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,31 +123,31 @@ class TaskView:
     def _rows(self, name: str, *order: str) -> list:
         return [] if self.task is None else list(getattr(self.task, name).order_by(*order))
 
-    @property
+    @functools.cached_property
     def bids(self) -> list:
         return self._rows("bids", "bid_index")
 
-    @property
+    @functools.cached_property
     def selected(self) -> list:
         return self._rows("selected", "role", "position")
 
-    @property
+    @functools.cached_property
     def rounds_published(self) -> list:
         if self.task is None:
             return []
         return list(self.task.round_set.select_related("report").order_by("number"))
 
-    @property
+    @functools.cached_property
     def updates(self) -> list:
         if self.task is None:
             return []
         return list(self.task.updates.select_related("report").order_by("round_number", "position"))
 
-    @property
+    @functools.cached_property
     def payouts(self) -> list:
         return self._rows("payouts", "block_number", "log_index")
 
-    @property
+    @functools.cached_property
     def transactions(self) -> list[ChainEventRecord]:
         """Every contract event of the task, in chain order."""
         if self.task is None:
