@@ -297,7 +297,9 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
         return tx_hash, time.perf_counter()
 
     async def follow() -> list[float]:
-        socket = WebsocketCommunicator(application, f"/ws/tasks/{task.pk}/", headers=headers)
+        socket = WebsocketCommunicator(
+            application, f"/ws/tasks/{task.chain_task_id}/", headers=headers
+        )
         connected, _ = await socket.connect()
         if not connected:
             raise RuntimeError("the buyer's socket was refused")

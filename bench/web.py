@@ -194,7 +194,7 @@ def seed(*, tasks: int) -> dict[str, str]:
     from eth_account import Account
     from rest_framework.authtoken.models import Token
 
-    from marketplace.models import Task, TaskState, Wallet
+    from marketplace.models import Task, TaskOrder, TaskState, Wallet
     from training.spec import TaskSpec
 
     call_command("migrate", verbosity=0, interactive=False)
@@ -203,16 +203,32 @@ def seed(*, tasks: int) -> dict[str, str]:
     Wallet.objects.create(user=user, address=account.address, encrypted_key="bench: no key")
     states = [TaskState.BIDDING, TaskState.RUNNING, TaskState.FINALIZED, TaskState.FAILED]
     now = timezone.now()
-    rows = []
+    rows, orders = [], []
+    spec = TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 3})
     for i in range(tasks):
-        spec = TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 3})
+        created_tx = f"0x{i + 1:064x}"
+        orders.append(
+            TaskOrder(
+                buyer=user,
+                title=f"bench task {i + 1}",
+                spec=spec.as_dict(),
+                spec_hash=spec.hash_hex,
+                buyer_address=account.address,
+                budget_wei=(i + 1) * 10**16,
+                min_trainers=1,
+                max_trainers=5,
+                bidding_ends=now + timedelta(hours=1),
+                round_timeout_s=600,
+                created_tx=created_tx,
+                chain_task_id=i + 1,
+                created_at=now - timedelta(minutes=tasks - i),
+            )
+        )
         rows.append(
             Task(
                 chain_task_id=i + 1,
                 buyer=user,
-                title=f"bench task {i + 1}",
                 buyer_address=account.address,
-                spec=spec.as_dict(),
                 spec_hash=spec.hash_hex,
                 state=states[i % len(states)],
                 budget_wei=(i + 1) * 10**16,
@@ -221,10 +237,12 @@ def seed(*, tasks: int) -> dict[str, str]:
                 max_trainers=5,
                 bidding_ends=now + timedelta(hours=1),
                 round_timeout_s=600,
+                created_tx=created_tx,
                 created_block=i + 1,
                 created_at=now - timedelta(minutes=tasks - i),
             )
         )
+    TaskOrder.objects.bulk_create(orders)
     Task.objects.bulk_create(rows)
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)

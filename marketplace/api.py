@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
-from django.db.models import Count
-from django.http import HttpResponse
-from django.shortcuts import get_object_or_404
+from django.http import Http404, HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
-    extend_schema_field,
     extend_schema_serializer,
     inline_serializer,
 )
@@ -25,11 +20,16 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.models import Bid, Device, DeviceClass, Task, TaskState
-from marketplace.permissions import (
-    DeviceSignatureAuthentication,
-    IsTaskBuyer,
-    IsTaskBuyerOrStaff,
-    is_staff,
+from marketplace.permissions import DeviceSignatureAuthentication
+from marketplace.selectors import TaskViewList, task_view_get, task_views_of, task_visible
+from marketplace.serializers import (
+    BidSerializer,
+    DevicePublicSerializer,
+    DeviceStaffSerializer,
+    OpenTaskSerializer,
+    TaskSerializer,
+    TaskSummarySerializer,
+    WeiField,
 )
 from marketplace.services import (
     device_enrol,
@@ -41,8 +41,6 @@ from marketplace.services import (
 from training.errors import SpecError
 from training.spec import TaskSpec
 
-_DIGITS = re.compile(r"-?[0-9]{1,80}")
-MAX_WEI = 2**256 - 1
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
 ERROR_SHAPE = inline_serializer(
     name="Error",
@@ -52,191 +50,6 @@ ERROR_SHAPE = inline_serializer(
         "fields": serializers.DictField(),
     },
 )
-
-
-@extend_schema_field(
-    {"type": "string", "pattern": "^[0-9]+$", "example": "1000000000000000000"},
-    component_name="Wei",
-)
-class WeiField(serializers.Field):
-    """An exact amount of wei: read as an integer or a string of digits, written as a string
-    (JSON numbers lose precision above 2**53 in most clients)."""
-
-    default_error_messages = {
-        "invalid": "Give wei as a whole number: an integer or a string of digits.",
-        "min_value": "Must be at least {min_value} wei.",
-        "max_value": "Must be below 2**256 wei.",
-    }
-
-    def __init__(self, *, min_value: int = 0, **kwargs) -> None:
-        self.min_value = min_value
-        super().__init__(**kwargs)
-
-    def to_internal_value(self, data) -> int:
-        if isinstance(data, bool) or not isinstance(data, int | str):
-            self.fail("invalid")
-        if isinstance(data, str):
-            if not _DIGITS.fullmatch(data.strip()):
-                self.fail("invalid")
-            data = int(data.strip())
-        if data < self.min_value:
-            self.fail("min_value", min_value=self.min_value)
-        if data > MAX_WEI:
-            self.fail("max_value")
-        return data
-
-    def to_representation(self, value: int) -> str:
-        return str(value)
-
-
-# ---------------------------------------------------------------- output shapes
-
-
-class BidOutputSerializer(serializers.ModelSerializer):
-    task = serializers.PrimaryKeyRelatedField(read_only=True)
-    price_per_round_wei = WeiField()
-
-    class Meta:
-        model = Bid
-        fields = [
-            "id",
-            "task",
-            "bid_index",
-            "device",
-            "role",
-            "price_per_round_wei",
-            "samples",
-            "tx_hash",
-            "block_number",
-        ]
-
-
-class SelectedOutputSerializer(serializers.Serializer):
-    device = serializers.CharField()
-    role = serializers.CharField()
-    position = serializers.IntegerField(allow_null=True)
-    price_per_round_wei = WeiField()
-    tx_hash = serializers.CharField()
-
-
-class RoundOutputSerializer(serializers.Serializer):
-    number = serializers.IntegerField()
-    global_model_id = serializers.CharField()
-    updates_aggregated = serializers.IntegerField()
-    accuracy = serializers.FloatField(allow_null=True)
-    loss = serializers.FloatField(allow_null=True)
-    published_at = serializers.DateTimeField(allow_null=True)
-    tx_hash = serializers.CharField()
-
-
-class PayoutOutputSerializer(serializers.Serializer):
-    account = serializers.CharField()
-    reason = serializers.CharField()
-    amount_wei = WeiField()
-    tx_hash = serializers.CharField()
-    block_number = serializers.IntegerField()
-
-
-class TaskOutputSerializer(serializers.ModelSerializer):
-    buyer = serializers.SlugRelatedField(slug_field="username", read_only=True)
-    budget_wei = WeiField()
-
-    class Meta:
-        model = Task
-        fields = [
-            "id",
-            "chain_task_id",
-            "title",
-            "buyer",
-            "state",
-            "budget_wei",
-            "rounds",
-            "published_rounds",
-            "min_trainers",
-            "max_trainers",
-            "bidding_ends",
-            "created_at",
-        ]
-
-
-class TaskDetailOutputSerializer(TaskOutputSerializer):
-    aggregator_price_wei = WeiField(allow_null=True)
-    trainers_paid_wei = WeiField(allow_null=True)
-    aggregator_paid_wei = WeiField(allow_null=True)
-    refunded_wei = WeiField(allow_null=True)
-    bids = BidOutputSerializer(many=True)
-    selected = SelectedOutputSerializer(many=True)
-    rounds_published = RoundOutputSerializer(many=True, source="round_set")
-    payouts = PayoutOutputSerializer(many=True)
-
-    class Meta(TaskOutputSerializer.Meta):
-        fields = [
-            *TaskOutputSerializer.Meta.fields,
-            "buyer_address",
-            "spec",
-            "spec_hash",
-            "round_timeout_s",
-            "aggregator",
-            "aggregator_price_wei",
-            "trainers_paid_wei",
-            "aggregator_paid_wei",
-            "refunded_wei",
-            "failure_reason",
-            "created_tx",
-            "created_block",
-            "updated_at",
-            "bids",
-            "selected",
-            "rounds_published",
-            "payouts",
-        ]
-
-
-class OpenTaskOutputSerializer(serializers.ModelSerializer):
-    """What a device needs to decide a bid; nothing about the buyer beyond the chain's."""
-
-    budget_wei = WeiField()
-    bid_count = serializers.IntegerField()
-
-    class Meta:
-        model = Task
-        fields = [
-            "chain_task_id",
-            "title",
-            "spec",
-            "spec_hash",
-            "budget_wei",
-            "rounds",
-            "min_trainers",
-            "max_trainers",
-            "bidding_ends",
-            "round_timeout_s",
-            "bid_count",
-        ]
-
-
-class DevicePublicOutputSerializer(serializers.ModelSerializer):
-    """What the chain shows anyway: address, class, aggregation right and status."""
-
-    class Meta:
-        model = Device
-        fields = ["id", "address", "device_class", "may_aggregate", "chain_status"]
-
-
-class DeviceStaffOutputSerializer(serializers.ModelSerializer):
-    join_token = serializers.SlugRelatedField(slug_field="label", read_only=True)
-
-    class Meta:
-        model = Device
-        fields = [
-            *DevicePublicOutputSerializer.Meta.fields,
-            "name",
-            "dataplane_url",
-            "join_token",
-            "enrolled_at",
-            "revoked_at",
-            "registration_tx",
-        ]
 
 
 # ---------------------------------------------------------------- reads
@@ -250,88 +63,88 @@ class ApiAuthMixin:
     permission_classes = [IsAuthenticated]
 
 
-def _tasks_visible(request):
-    """A buyer sees their own tasks; staff see every task."""
-    tasks = Task.objects.select_related("buyer")
-    return tasks if is_staff(request) else tasks.filter(buyer_id=request.user.pk)
-
-
 @extend_schema(
     tags=["tasks"],
-    description="Your own tasks, newest first (staff: every task).",
+    description=(
+        "Your own tasks, newest first (staff: every task); orders not yet mirrored from the "
+        "chain first, as state pending."
+    ),
     parameters=[OpenApiParameter("state", enum=TaskState.values, required=False)],
 )
 class TaskListApi(ApiAuthMixin, generics.ListAPIView):
-    serializer_class = TaskOutputSerializer
+    serializer_class = TaskSummarySerializer
 
     def get_queryset(self):
-        # The spec is the widest column and the list does not show it.
-        tasks = _tasks_visible(self.request).defer("spec")
         state = self.request.query_params.get("state")
-        if state is None:
-            return tasks
-        if state not in TaskState.values:
+        if state is not None and state not in TaskState.values:
             raise serializers.ValidationError({"state": [f"Must be one of {TaskState.values}."]})
-        return tasks.filter(state=state)
+        return TaskViewList(user=self.request.user, state=state)
 
 
 @extend_schema(
     tags=["tasks"],
-    description="A task with its bids, selected nodes, rounds and payouts: its buyer and staff.",
-    responses={200: TaskDetailOutputSerializer, 403: ERROR_SHAPE, 404: ERROR_SHAPE},
+    description=(
+        "A task by its id on chain, with its bids, selected nodes, rounds, updates, "
+        "transactions and payouts: the same representation the task page and its live "
+        "updates show. Its buyer and staff only; 404 for anyone else."
+    ),
+    responses={200: TaskSerializer, 404: ERROR_SHAPE},
 )
 class TaskDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
-    serializer_class = TaskDetailOutputSerializer
-    permission_classes = [IsAuthenticated, IsTaskBuyerOrStaff]
-    queryset = Task.objects.select_related("buyer").prefetch_related(
-        "bids", "selected", "round_set", "payouts"
-    )
+    serializer_class = TaskSerializer
+
+    def get_object(self):
+        view = task_view_get(user=self.request.user, task_id=self.kwargs["pk"])
+        if view is None:
+            raise Http404("No such task.")
+        return view
 
 
 @extend_schema(
     tags=["bids"],
-    description="Bids on your own tasks (staff: every bid), optionally of one task.",
+    description="Bids on the tasks you may see (yours; staff: every bid), optionally of one.",
     parameters=[OpenApiParameter("task", int, required=False, description="A task's id.")],
 )
 class BidListApi(ApiAuthMixin, generics.ListAPIView):
-    serializer_class = BidOutputSerializer
+    serializer_class = BidSerializer
 
     def get_queryset(self):
-        bids = Bid.objects.all()
-        if not is_staff(self.request):
-            bids = bids.filter(task__buyer_id=self.request.user.pk)
+        bids = Bid.objects.filter(task__in=task_visible(user=self.request.user))
         task = self.request.query_params.get("task")
         if task is not None:
             if not task.isdigit():
                 raise serializers.ValidationError({"task": ["Must be a task's id."]})
-            bids = bids.filter(task_id=int(task))
-        return bids
+            bids = bids.filter(task__chain_task_id=int(task))
+        return bids.select_related("task")
 
 
-@extend_schema(tags=["bids"], responses={200: BidOutputSerializer, 403: ERROR_SHAPE})
+@extend_schema(tags=["bids"], responses={200: BidSerializer, 404: ERROR_SHAPE})
 class BidDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
-    serializer_class = BidOutputSerializer
-    permission_classes = [IsAuthenticated, IsTaskBuyerOrStaff]
-    queryset = Bid.objects.select_related("task")
+    serializer_class = BidSerializer
+
+    def get_queryset(self):
+        return Bid.objects.filter(task__in=task_visible(user=self.request.user)).select_related(
+            "task"
+        )
 
 
 class _DeviceSerializerMixin:
     def get_serializer_class(self):
-        if is_staff(self.request):
-            return DeviceStaffOutputSerializer
-        return DevicePublicOutputSerializer
+        if getattr(self.request.user, "is_staff", False):
+            return DeviceStaffSerializer
+        return DevicePublicSerializer
 
 
 @extend_schema(
     tags=["devices"],
     description="Enrolled devices. Staff see every field; others only what the chain shows.",
-    responses=DeviceStaffOutputSerializer,
+    responses=DeviceStaffSerializer,
 )
 class DeviceListApi(ApiAuthMixin, _DeviceSerializerMixin, generics.ListAPIView):
     queryset = Device.objects.select_related("join_token")
 
 
-@extend_schema(tags=["devices"], responses=DeviceStaffOutputSerializer)
+@extend_schema(tags=["devices"], responses=DeviceStaffSerializer)
 class DeviceDetailApi(ApiAuthMixin, _DeviceSerializerMixin, generics.RetrieveAPIView):
     queryset = Device.objects.select_related("join_token")
 
@@ -344,21 +157,14 @@ class DeviceDetailApi(ApiAuthMixin, _DeviceSerializerMixin, generics.RetrieveAPI
     ),
 )
 class OpenTaskListApi(generics.ListAPIView):
-    serializer_class = OpenTaskOutputSerializer
+    serializer_class = OpenTaskSerializer
     authentication_classes = [DeviceSignatureAuthentication, *ApiAuthMixin.authentication_classes]
 
     def get_queryset(self):
-        return (
-            # A pending task's creation is mined already (task_create waits for the receipt):
-            # devices may bid on it before chain sync has confirmed the row.
-            Task.objects.filter(
-                state__in=[TaskState.PENDING, TaskState.BIDDING],
-                bidding_ends__gt=timezone.now(),
-                chain_task_id__isnull=False,
-            )
-            .annotate(bid_count=Count("bids"))
-            .order_by("bidding_ends", "chain_task_id")
-        )
+        tasks = Task.objects.filter(
+            state=TaskState.BIDDING, bidding_ends__gt=timezone.now()
+        ).order_by("bidding_ends", "chain_task_id")
+        return task_views_of(tasks)
 
 
 # ---------------------------------------------------------------- writes
@@ -407,14 +213,14 @@ class TaskCreateApi(ApiAuthMixin, APIView):
     @extend_schema(
         operation_id="tasks_create",
         request=InputSerializer,
-        responses={201: TaskDetailOutputSerializer, 400: ERROR_SHAPE, 409: ERROR_SHAPE},
+        responses={201: TaskSerializer, 400: ERROR_SHAPE, 409: ERROR_SHAPE},
     )
     def post(self, request):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        task = task_create(buyer=request.user, **data.validated_data)
-        task = TaskDetailApi.queryset.get(pk=task.pk)
-        return Response(TaskDetailOutputSerializer(task).data, status=201)
+        order = task_create(buyer=request.user, **data.validated_data)
+        view = task_view_get(user=request.user, task_id=order.chain_task_id)
+        return Response(TaskSerializer(view).data, status=201)
 
 
 @extend_schema(
@@ -432,12 +238,11 @@ class TaskCreateApi(ApiAuthMixin, APIView):
     },
 )
 class TaskModelDownloadApi(ApiAuthMixin, APIView):
-    permission_classes = [IsAuthenticated, IsTaskBuyer]
-
     def get(self, request, pk: int):
-        task = get_object_or_404(Task, pk=pk)
-        self.check_object_permissions(request, task)
-        model = task_model_download(task=task, user=request.user)
+        view = task_view_get(user=request.user, task_id=pk)
+        if view is None:
+            raise Http404("No such task.")
+        model = task_model_download(task=view, user=request.user)
         return HttpResponse(
             model.data,
             content_type="application/octet-stream",

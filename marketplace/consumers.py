@@ -1,24 +1,20 @@
-"""Live task pages over WebSockets: the TaskConsumer and the push of mirror changes to it.
+"""Live task pages over WebSockets: ``/ws/tasks/<id>/``, where ``id`` is the task's id on chain.
 
-A task's group is ``task.<pk>``, keyed by the Task row's primary key like the website's
-task pages (a task posted from the website has a row before it has a chain id). Each change
-sends the whole snapshot (selectors.task_snapshot) as
-``{"type": "task.update", "snapshot": {...}}``, the same JSON the socket forwards.
+A task's group is ``task.<id>`` (marketplace.sync.push); every change sends the page's whole
+message (task_page.task_update_message), which the socket forwards as it is.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from channels.layers import get_channel_layer
 
-from marketplace.models import Task
-from marketplace.selectors import task_get_for_viewer, task_snapshot
+from marketplace.selectors import task_view_get
+from marketplace.sync.push import task_group
+from marketplace.task_page import task_update_message
 
 log = logging.getLogger(__name__)
 
@@ -26,38 +22,17 @@ log = logging.getLogger(__name__)
 CLOSE_FORBIDDEN = 4403
 
 
-def task_group(task_pk: int) -> str:
-    return f"task.{task_pk}"
-
-
-def task_update_message(task: Task) -> dict[str, Any]:
-    return {"type": "task.update", "snapshot": task_snapshot(task)}
-
-
-def task_updates_push(*, task_ids: Iterable[int]) -> int:
-    """Send each task's fresh snapshot to its group (by Task pk); returns how many went."""
-    layer = get_channel_layer()
-    if layer is None:
-        return 0
-    messages = [
-        (task_group(task.pk), task_update_message(task))
-        for task in Task.objects.filter(pk__in=list(task_ids))
-    ]
-
-    async def send_all() -> None:
-        for group, message in messages:
-            await layer.group_send(group, message)
-
-    if messages:
-        async_to_sync(send_all)()
-    return len(messages)
+def _message_for(*, user, task_id: int) -> dict[str, Any] | None:
+    view = task_view_get(user=user, task_id=task_id)
+    return None if view is None else task_update_message(view)
 
 
 class TaskConsumer(AsyncJsonWebsocketConsumer):
-    """``/ws/tasks/<pk>/``: the task's snapshot on connect, then every update; read-only.
+    """The task's message on connect, then every update; read-only.
 
-    Only the task's buyer (or staff) may subscribe; anyone else is refused at the handshake
-    (close code 4403), so a stranger cannot even learn that the task exists.
+    Only those who may see the task (selectors.task_visible) may subscribe; anyone else is
+    refused at the handshake (close code 4403), so a stranger cannot even learn that the task
+    exists.
     """
 
     group: str | None = None
@@ -65,17 +40,19 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         task_id = self.scope["url_route"]["kwargs"]["task_id"]
-        task = await database_sync_to_async(task_get_for_viewer)(
-            task_id=task_id, user=self.scope.get("user")
+        # Join before reading the message, so no change falls between the two.
+        group = task_group(task_id)
+        await self.channel_layer.group_add(group, self.channel_name)
+        message = await database_sync_to_async(_message_for)(
+            user=self.scope.get("user"), task_id=task_id
         )
-        if task is None:
+        if message is None:
+            await self.channel_layer.group_discard(group, self.channel_name)
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        # Join before reading the snapshot, so no change falls between the two.
-        self.group = task_group(task.pk)
-        await self.channel_layer.group_add(self.group, self.channel_name)
+        self.group = group
         await self.accept()
-        await self.task_update(await database_sync_to_async(task_update_message)(task))
+        await self.task_update(message)
 
     async def disconnect(self, code: int) -> None:
         if self.group is not None:
@@ -85,9 +62,9 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
         """The page only listens; anything it sends is ignored."""
 
     async def task_update(self, event: dict[str, Any]) -> None:
-        snapshot = event["snapshot"]
-        # A snapshot taken before the one already sent may arrive after it: skip it.
-        if snapshot.get("as_of", 0.0) < self.as_of:
+        # A message taken before the one already sent may arrive after it: skip it.
+        as_of = event.get("as_of", 0.0)
+        if as_of < self.as_of:
             return
-        self.as_of = snapshot.get("as_of", 0.0)
-        await self.send_json({"type": "task.update", "snapshot": snapshot})
+        self.as_of = as_of
+        await self.send_json(event)

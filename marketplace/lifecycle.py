@@ -16,7 +16,6 @@ Celery tasks are addressed by name and queue only (the worker never imports mark
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -34,17 +33,19 @@ from chain.records import TxResult
 from core.errors import FlexError
 from core.queues import PLATFORM_QUEUE, device_queue
 from marketplace import contract
-from marketplace.consumers import task_updates_push
 from marketplace.models import (
     Device,
     LifecycleAction,
     Role,
     Round,
+    RoundReport,
     SelectedNode,
     Task,
     TaskState,
     Update,
+    UpdateReport,
 )
+from marketplace.sync.push import push_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,18 @@ def dispatch(name: str, *, queue: str, kwargs: dict[str, Any]) -> None:
 
 
 def task_spec(task: Task) -> dict | None:
-    """The task's spec as the worker tasks take it, or None when the platform does not know
-    it (a task created on chain outside the website)."""
-    spec = task.spec
-    if isinstance(spec, str):
-        spec = json.loads(spec) if spec else None
-    return spec or None
+    """The task's spec as the worker tasks take it, from the buyer's order whose spec hashes
+    to what the chain has; None when the platform does not know it (a task created on chain
+    outside the website, or its order not written yet: the beat asks again)."""
+    order = task.order
+    if order is None or order.spec_hash.lower() != task.spec_hash.lower():
+        return None
+    return order.spec or None
 
 
 def devices_eligible() -> QuerySet[Device]:
-    """Enrolled devices that may be asked to bid: not revoked here nor on chain."""
-    return Device.objects.filter(revoked_at__isnull=True).exclude(chain_status="revoked")
+    """Enrolled devices that may be asked to bid: not revoked on chain."""
+    return Device.objects.exclude(chain_status="revoked")
 
 
 def _devices_by_address(addresses: Iterable[str]) -> dict[str, Device]:
@@ -131,7 +133,7 @@ def task_notify_devices(*, task: Task) -> LifecycleAction | None:
     """Ask every eligible device to bid (worker.place_bid on its own queue); each decides
     from its own policy. Only for tasks whose spec the platform knows."""
     spec = task_spec(task)
-    if spec is None or task.chain_task_id is None or _fired(task, Action.NOTIFY_BIDS):
+    if spec is None or _fired(task, Action.NOTIFY_BIDS):
         return None
     devices = list(devices_eligible())
     action = _claim(
@@ -351,12 +353,11 @@ def deadlines_check() -> dict[str, list[int]]:
     """The beat's look at every live task by chain time: queue node selection once bidding
     ended, an abort once the aggregator missed its deadline, and finalization of trained
     tasks (normally fired by sync already); send bid requests that never went out (a task
-    whose spec the website added after sync saw it). Returns the task ids per step."""
+    whose order the website wrote after sync saw it). Returns the task ids per step."""
     due: dict[str, list[int]] = {"select_nodes": [], "abort": [], "finalize": [], "notify": []}
     live = list(
         Task.objects.filter(
-            chain_task_id__isnull=False,
-            state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED],
+            state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED]
         ).order_by("chain_task_id")
     )
     if not live:
@@ -408,8 +409,8 @@ def update_metrics_record(
     loss: float | None = None,
     accuracy: float | None = None,
     train_s: float | None = None,
-) -> Update | None:
-    """Store what a trainer measured on its own data for its update of ``round_number``.
+) -> UpdateReport | None:
+    """Record what a trainer measured on its own data for its update of ``round_number``.
 
     As with round metrics, the report must name the update ID and transaction the chain has;
     a mismatch is logged and dropped. Raises UpdateNotMirroredError until sync has it."""
@@ -429,11 +430,17 @@ def update_metrics_record(
             model_id,
         )
         return None
-    row.num_examples = None if num_examples is None else int(num_examples)
-    row.local_loss, row.local_accuracy = _finite(loss), _finite(accuracy)
-    row.train_s = _finite(train_s)
-    row.save(update_fields=["num_examples", "local_loss", "local_accuracy", "train_s"])
-    return row
+    report, _ = UpdateReport.objects.update_or_create(
+        update=row,
+        defaults={
+            "model_id": row.model_id,
+            "num_examples": None if num_examples is None else int(num_examples),
+            "loss": _finite(loss),
+            "accuracy": _finite(accuracy),
+            "train_s": _finite(train_s),
+        },
+    )
+    return report
 
 
 @transaction.atomic
@@ -446,8 +453,8 @@ def round_metrics_record(
     accuracy: float | None = None,
     loss: float | None = None,
     gas_used: int | None = None,
-) -> Round | None:
-    """Store what the aggregator measured for global model ``round_number`` on its Round.
+) -> RoundReport | None:
+    """Record what the aggregator measured for global model ``round_number``.
 
     The report must name the model ID and transaction the chain has for that round (any
     broker client could send one); a mismatch is logged and dropped. Raises
@@ -472,8 +479,15 @@ def round_metrics_record(
             row.tx_hash,
         )
         return None
-    row.accuracy, row.loss = _finite(accuracy), _finite(loss)
-    row.gas_used = None if gas_used is None else int(gas_used)
-    row.save(update_fields=["accuracy", "loss", "gas_used"])
-    transaction.on_commit(functools.partial(task_updates_push, task_ids=[row.task_id]), robust=True)
-    return row
+    report, _ = RoundReport.objects.update_or_create(
+        round=row,
+        defaults={
+            "model_id": row.global_model_id,
+            "tx_hash": row.tx_hash,
+            "accuracy": _finite(accuracy),
+            "loss": _finite(loss),
+            "gas_used": None if gas_used is None else int(gas_used),
+        },
+    )
+    push_on_commit(chain_task_ids=[task_id])
+    return report

@@ -1,11 +1,17 @@
-"""The marketplace's records: enrolment, wallets, and the mirror of the FlexMarket contract.
+"""The marketplace's records: enrolment, wallets, the mirror of the FlexMarket contract, and
+what the website and the nodes record beside it.
 
-Mirror rows are written only by chain sync (marketplace/sync.py) from contract events; each
-records the transaction and block it was seen in. The chain is never written from them.
+Mirror rows (Task, Bid, SelectedNode, Round, Update, Payout, ChainEventRecord, and a Device's
+chain status) are written only by chain sync (marketplace/sync/) from contract events; each
+records the transaction and block it was seen in. What the website or a node records before
+or beside the chain has rows of its own, linked to the mirror by chain keys: the buyer's
+TaskOrder (by its creating transaction), a node's RoundReport and UpdateReport (by the row
+they report on). The chain is never written from any of them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 from django.conf import settings
@@ -110,13 +116,15 @@ class Device(models.Model):
         JoinToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="device"
     )
     enrolled_at = models.DateTimeField(default=timezone.now)
-    registration_tx = models.CharField(max_length=66, blank=True)
-    revoked_at = models.DateTimeField(null=True, blank=True)
-    # Mirrored from DeviceRegistered / DeviceRevoked by chain sync.
+    # Mirrored by chain sync from the device's latest DeviceRegistered / DeviceRevoked.
     chain_status = models.CharField(
         max_length=10,
         choices=[("none", "Not registered"), ("active", "Active"), ("revoked", "Revoked")],
         default="none",
+        editable=False,
+    )
+    registration_tx = models.CharField(
+        max_length=66, blank=True, editable=False, help_text="Its latest DeviceRegistered."
     )
 
     class Meta:
@@ -185,7 +193,7 @@ class ChainEventRecord(ChainRecord):
 
 
 class TaskState(models.TextChoices):
-    PENDING = "pending", "Pending"  # sent by the website, not yet seen on chain
+    PENDING = "pending", "Pending"  # an order sent by the website, its task not mirrored yet
     BIDDING = "bidding", "Bidding"
     RUNNING = "running", "Running"
     TRAINED = "trained", "Trained"
@@ -195,10 +203,56 @@ class TaskState(models.TextChoices):
     ABORTED = "aborted", "Aborted"
 
 
-class Task(models.Model):
-    """A training task: its off-chain spec, and its on-chain state as mirrored."""
+class TaskOrder(models.Model):
+    """A task as its buyer ordered it on the website: who, what it is called, its spec and the
+    terms asked, and the transaction that created it on chain.
 
-    chain_task_id = models.PositiveBigIntegerField(unique=True, null=True, blank=True)
+    The chain's side is the Task that the same transaction created (``Task.created_tx``),
+    mirrored by chain sync whenever it sees TaskCreated, before or after this row is written;
+    a re-org that re-mines the transaction gives the same link. ``chain_task_id`` is the id
+    the receipt named, shown while the task is not mirrored yet.
+    """
+
+    buyer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="orders"
+    )
+    title = models.CharField(max_length=120, blank=True)
+    spec = models.JSONField(help_text="The task spec; its canonical hash is on chain.")
+    spec_hash = models.CharField(max_length=66)
+    buyer_address = models.CharField(max_length=42, help_text="The wallet that paid.")
+    budget_wei = WeiField()
+    min_trainers = models.PositiveIntegerField()
+    max_trainers = models.PositiveIntegerField()
+    bidding_ends = models.DateTimeField()
+    round_timeout_s = models.PositiveIntegerField()
+    created_tx = models.CharField(max_length=66, unique=True)
+    chain_task_id = models.PositiveBigIntegerField(db_index=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(budget_wei__gt=0), name="task_order_budget_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or f"Order {self.pk} (task {self.chain_task_id})"
+
+    @property
+    def rounds(self) -> int:
+        return int(self.spec.get("rounds", 0))
+
+
+class Task(models.Model):
+    """A training task as the chain has it, mirrored from its events.
+
+    ``buyer`` is the website account whose wallet posted it (None for other accounts); its
+    title and spec are on the buyer's TaskOrder, found by ``created_tx`` (see ``order``).
+    """
+
+    chain_task_id = models.PositiveBigIntegerField(unique=True)
     buyer = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -206,11 +260,9 @@ class Task(models.Model):
         on_delete=models.SET_NULL,
         related_name="tasks",
     )
-    title = models.CharField(max_length=120, blank=True)
     buyer_address = models.CharField(max_length=42)
-    spec = models.JSONField(help_text="The task spec; its canonical hash is on chain.")
     spec_hash = models.CharField(max_length=66, db_index=True)
-    state = models.CharField(max_length=10, choices=TaskState.choices, default=TaskState.PENDING)
+    state = models.CharField(max_length=10, choices=TaskState.choices, default=TaskState.BIDDING)
     budget_wei = WeiField()
     rounds = models.PositiveIntegerField()
     min_trainers = models.PositiveIntegerField()
@@ -224,8 +276,8 @@ class Task(models.Model):
     aggregator_paid_wei = WeiField(null=True, blank=True)
     refunded_wei = WeiField(null=True, blank=True)
     failure_reason = models.CharField(max_length=40, blank=True)
-    created_tx = models.CharField(max_length=66, blank=True)
-    created_block = models.PositiveBigIntegerField(null=True, blank=True)
+    created_tx = models.CharField(max_length=66, db_index=True)
+    created_block = models.PositiveBigIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -241,7 +293,12 @@ class Task(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.title or f"Task {self.chain_task_id or self.pk}"
+        return f"Task {self.chain_task_id}"
+
+    @functools.cached_property
+    def order(self) -> TaskOrder | None:
+        """The buyer's order that created this task, if it came from the website."""
+        return TaskOrder.objects.filter(created_tx=self.created_tx).first()
 
 
 class Role(models.TextChoices):
@@ -289,16 +346,13 @@ class SelectedNode(ChainRecord):
 
 
 class Round(ChainRecord):
-    """Global model ``number`` of a task, and the metrics its aggregator reported for it."""
+    """Global model ``number`` of a task (what its aggregator measured is its RoundReport)."""
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="round_set")
     number = models.PositiveIntegerField()
     global_model_id = models.CharField(max_length=66)
     aggregated_mask = models.CharField(max_length=80, default="0", help_text="Decimal bitmask.")
     updates_aggregated = models.PositiveIntegerField(default=0)
-    accuracy = models.FloatField(null=True, blank=True)
-    loss = models.FloatField(null=True, blank=True)
-    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -310,6 +364,11 @@ class Round(ChainRecord):
     def __str__(self) -> str:
         return f"{self.task} round {self.number}"
 
+    @property
+    def metrics(self) -> RoundReport | None:
+        """The aggregator's report on this round's global model, if it has one."""
+        return _report_on(self, self.global_model_id)
+
 
 class Update(ChainRecord):
     """A trainer's update ID for a round (the weights stay on the device)."""
@@ -319,11 +378,6 @@ class Update(ChainRecord):
     trainer = models.CharField(max_length=42)
     position = models.PositiveIntegerField()
     model_id = models.CharField(max_length=66)
-    # Reported by the trainer itself, on its own data (not checked by anyone).
-    num_examples = models.PositiveIntegerField(null=True, blank=True)
-    local_loss = models.FloatField(null=True, blank=True)
-    local_accuracy = models.FloatField(null=True, blank=True)
-    train_s = models.FloatField(null=True, blank=True, help_text="Local training time.")
 
     class Meta:
         ordering = ["task", "round_number", "position"]
@@ -335,6 +389,55 @@ class Update(ChainRecord):
 
     def __str__(self) -> str:
         return f"update of {self.trainer} in {self.task} round {self.round_number}"
+
+    @property
+    def metrics(self) -> UpdateReport | None:
+        """The trainer's report on this update, if it has one."""
+        return _report_on(self, self.model_id)
+
+
+def _report_on(row: models.Model, model_id: str):
+    """``row.report`` when it reports on ``model_id``, else None."""
+    try:
+        report = row.report
+    except models.ObjectDoesNotExist:
+        return None
+    return report if report.model_id.lower() == model_id.lower() else None
+
+
+class RoundReport(models.Model):
+    """What a round's aggregator measured for its global model, as it reported it.
+
+    Kept for the model ID and transaction the chain had when it arrived; it is the round's
+    metrics only while the round still has that model (``Round.metrics``), so a re-org that
+    replaces the model leaves it unused until the new model's report arrives.
+    """
+
+    round = models.OneToOneField(Round, on_delete=models.CASCADE, related_name="report")
+    model_id = models.CharField(max_length=66)
+    tx_hash = models.CharField(max_length=66)
+    accuracy = models.FloatField(null=True, blank=True)
+    loss = models.FloatField(null=True, blank=True)
+    gas_used = models.PositiveBigIntegerField(null=True, blank=True)
+    reported_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"report on {self.round}"
+
+
+class UpdateReport(models.Model):
+    """What a trainer measured on its own data for its update (checked by nobody)."""
+
+    update = models.OneToOneField(Update, on_delete=models.CASCADE, related_name="report")
+    model_id = models.CharField(max_length=66)
+    num_examples = models.PositiveIntegerField(null=True, blank=True)
+    loss = models.FloatField(null=True, blank=True)
+    accuracy = models.FloatField(null=True, blank=True)
+    train_s = models.FloatField(null=True, blank=True, help_text="Local training time.")
+    reported_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"report on {self.update}"
 
 
 class PayoutReason(models.TextChoices):

@@ -1,4 +1,4 @@
-"""Who may call the API: object-level rules for buyers and staff, and device-signed requests.
+"""Device-signed API requests (who may see a task is selectors.task_visible, for every surface).
 
 Devices hold no Django account. An enrolled device authenticates a request by signing it with
 its own Ethereum key in the data plane's format (dataplane.signing: EIP-191 over scheme,
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.permissions import BasePermission
 
 from dataplane.protocol import HEADER_ADDRESS, HEADER_SIGNATURE, HEADER_TIMESTAMP, AuthError
 from dataplane.signing import verify_request
@@ -55,11 +54,7 @@ class DeviceSignatureAuthentication(BaseAuthentication):
             )
         except AuthError as exc:
             raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
-        device = (
-            Device.objects.filter(address=signer, revoked_at__isnull=True)
-            .exclude(chain_status="revoked")
-            .first()
-        )
+        device = Device.objects.filter(address=signer).exclude(chain_status="revoked").first()
         if device is None:
             raise exceptions.AuthenticationFailed(
                 detail=f"{signer} is not an enrolled, unrevoked device.", code="device_unknown"
@@ -88,27 +83,3 @@ class DeviceSignatureScheme(OpenApiAuthenticationExtension):
                 f"{HEADER_TIMESTAMP} go beside it."
             ),
         }
-
-
-def is_staff(request) -> bool:
-    return bool(getattr(request.user, "is_staff", False))
-
-
-class IsTaskBuyerOrStaff(BasePermission):
-    """A task, and what hangs off it (bids, the model), is its buyer's and staff's to see."""
-
-    message = "This task belongs to another buyer."
-
-    def has_object_permission(self, request, view, obj) -> bool:
-        task = getattr(obj, "task", obj)
-        return is_staff(request) or (task.buyer_id is not None and task.buyer_id == request.user.pk)
-
-
-class IsTaskBuyer(BasePermission):
-    """Only the task's buyer: for what is fetched with the buyer's own key (the model)."""
-
-    message = "Only the task's buyer may do this."
-
-    def has_object_permission(self, request, view, obj) -> bool:
-        task = getattr(obj, "task", obj)
-        return task.buyer_id is not None and task.buyer_id == request.user.pk

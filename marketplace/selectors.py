@@ -1,172 +1,231 @@
-"""Marketplace reads: a task as its buyer sees it, and the chain-sync status."""
+"""Marketplace reads: who may see a task, a task as the website shows it, and sync status."""
 
 from __future__ import annotations
 
-import time
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from marketplace.models import ChainCursor, ChainEventRecord, Payout, PayoutReason, Task, TaskState
+from django.db.models import QuerySet
+
+from marketplace.models import (
+    ChainCursor,
+    ChainEventRecord,
+    PayoutReason,
+    Task,
+    TaskOrder,
+    TaskState,
+)
+
+# ---------------------------------------------------------------- who may see a task
 
 
-def _wei(value: int | None) -> str | None:
-    return None if value is None else str(value)
+def _viewer(user) -> tuple[bool, int | None]:
+    """(is staff, account pk) of a signed-in account; (False, None) for anyone else, a
+    device-signed request included (it has no account, so it owns no task)."""
+    if user is None or not user.is_authenticated or getattr(user, "pk", None) is None:
+        return False, None
+    return bool(user.is_staff), user.pk
 
 
-def _iso(value) -> str | None:
-    return None if value is None else value.isoformat()
+def task_visible(*, user) -> QuerySet[Task]:
+    """The one rule for who may see a task: the account whose wallet posted it, and staff."""
+    staff, pk = _viewer(user)
+    if staff:
+        return Task.objects.all()
+    return Task.objects.filter(buyer_id=pk) if pk is not None else Task.objects.none()
 
 
-def task_get_for_viewer(*, task_id: int, user) -> Task | None:
-    """The task (by primary key) if ``user`` may watch it: its buyer, or staff."""
-    if user is None or not user.is_authenticated:
-        return None
-    task = Task.objects.filter(pk=task_id).first()
-    if task is None or not (user.is_staff or task.buyer_id == user.pk):
-        return None
-    return task
+def _orders_pending(*, user) -> QuerySet[TaskOrder]:
+    """Orders the viewer may see (by the same rule) whose task is not mirrored yet."""
+    staff, pk = _viewer(user)
+    orders = TaskOrder.objects.exclude(created_tx__in=Task.objects.values("created_tx"))
+    if staff:
+        return orders
+    return orders.filter(buyer_id=pk) if pk is not None else TaskOrder.objects.none()
 
 
-def task_snapshot(task: Task) -> dict[str, Any]:
-    """Everything the live task page shows, as plain JSON; pushed on every mirror change.
+# ---------------------------------------------------------------- a task as the website shows it
 
-    The shape is stable (the task page and the WebSocket render the same dict). Amounts are
-    decimal strings of wei (exact where JSON numbers are not), times ISO 8601 in UTC, model
-    IDs and hashes ``0x`` hex, addresses checksummed::
 
-        id                int, the Task row's primary key (the page's and socket's id)
-        chain_task_id     int | None (None while the creating transaction is unseen)
-        title, state      str; state is one of TaskState's values
-        buyer             address
-        spec_hash         str
-        budget_wei        str
-        round_count       int, rounds ordered
-        published_rounds  int, global models published (round 0 is the initial model)
-        current_round     int | None, the round trainers work on now (while running)
-        min_trainers, max_trainers, round_timeout_s   int
-        bidding_ends      ISO time
-        failure_reason    str ("" unless failed)
-        aggregator        {device, price_per_round_wei} | None
-        bids              [{device, bid_index, role, price_per_round_wei, samples,
-                            tx_hash, block}]
-        selected          [{device, role, position, price_per_round_wei, tx_hash}]
-                          (position is None for the aggregator)
-        rounds            [{number, global_model_id, accuracy, loss, updates_aggregated,
-                            aggregated_mask, gas_used, tx_hash, block, published_at}]
-                          (accuracy, loss, gas_used None until the aggregator reports)
-        updates           [{round, trainer, position, model_id, tx_hash, block}]
-        transactions      [{name, tx_hash, block, log_index, args}], every contract event
-                          of the task in chain order; args as ChainEventRecord.args
-        payouts           [{account, amount_wei, reason, tx_hash, block}];
-                          reason "trainer" | "aggregator" | "refund"
-        trainers_paid_wei, aggregator_paid_wei, refunded_wei   str | None (at settlement)
-        refund_wei        str | None, everything credited back to the buyer (also for
-                          cancelled and failed tasks)
-        as_of             float, unix time the snapshot was taken (newer wins)
+@dataclass
+class TaskView:
+    """A task as the website shows it: the chain's mirror row beside the buyer's order.
+
+    Either may be missing: an order whose task sync has not mirrored yet (state "pending",
+    terms as ordered), or a task posted on chain outside the website (no title, no spec).
+    Chain fields come from the mirror whenever it has the task. ``id`` is the task's id on
+    chain, the one id of a task in URLs, the API, the live push and device messages.
     """
-    chain_id = task.chain_task_id
-    payouts = list(Payout.objects.filter(task=task).order_by("block_number", "log_index"))
-    refunds = [p.amount_wei for p in payouts if p.reason == PayoutReason.REFUND]
-    events = (
-        ChainEventRecord.objects.filter(task_id=chain_id).order_by("block_number", "log_index")
-        if chain_id is not None
-        else ChainEventRecord.objects.none()
-    )
-    running = task.state == TaskState.RUNNING and task.published_rounds > 0
-    return {
-        "id": task.pk,
-        "chain_task_id": chain_id,
-        "title": task.title,
-        "state": task.state,
-        "buyer": task.buyer_address,
-        "spec_hash": task.spec_hash,
-        "budget_wei": _wei(task.budget_wei),
-        "round_count": task.rounds,
-        "published_rounds": task.published_rounds,
-        "current_round": task.published_rounds - 1 if running else None,
-        "min_trainers": task.min_trainers,
-        "max_trainers": task.max_trainers,
-        "round_timeout_s": task.round_timeout_s,
-        "bidding_ends": _iso(task.bidding_ends),
-        "failure_reason": task.failure_reason,
-        "aggregator": (
-            {"device": task.aggregator, "price_per_round_wei": _wei(task.aggregator_price_wei)}
-            if task.aggregator
-            else None
-        ),
-        "bids": [
-            {
-                "device": b.device,
-                "bid_index": b.bid_index,
-                "role": b.role,
-                "price_per_round_wei": _wei(b.price_per_round_wei),
-                "samples": b.samples,
-                "tx_hash": b.tx_hash,
-                "block": b.block_number,
-            }
-            for b in task.bids.order_by("bid_index")
-        ],
-        "selected": [
-            {
-                "device": n.device,
-                "role": n.role,
-                "position": n.position,
-                "price_per_round_wei": _wei(n.price_per_round_wei),
-                "tx_hash": n.tx_hash,
-            }
-            for n in task.selected.order_by("role", "position")
-        ],
-        "rounds": [
-            {
-                "number": r.number,
-                "global_model_id": r.global_model_id,
-                "accuracy": r.accuracy,
-                "loss": r.loss,
-                "updates_aggregated": r.updates_aggregated,
-                "aggregated_mask": r.aggregated_mask,
-                "gas_used": r.gas_used,
-                "tx_hash": r.tx_hash,
-                "block": r.block_number,
-                "published_at": _iso(r.published_at),
-            }
-            for r in task.round_set.order_by("number")
-        ],
-        "updates": [
-            {
-                "round": u.round_number,
-                "trainer": u.trainer,
-                "position": u.position,
-                "model_id": u.model_id,
-                "tx_hash": u.tx_hash,
-                "block": u.block_number,
-            }
-            for u in task.updates.order_by("round_number", "position")
-        ],
-        "transactions": [
-            {
-                "name": e.name,
-                "tx_hash": e.tx_hash,
-                "block": e.block_number,
-                "log_index": e.log_index,
-                "args": e.args,
-            }
-            for e in events
-        ],
-        "payouts": [
-            {
-                "account": p.account,
-                "amount_wei": _wei(p.amount_wei),
-                "reason": p.reason,
-                "tx_hash": p.tx_hash,
-                "block": p.block_number,
-            }
-            for p in payouts
-        ],
-        "trainers_paid_wei": _wei(task.trainers_paid_wei),
-        "aggregator_paid_wei": _wei(task.aggregator_paid_wei),
-        "refunded_wei": _wei(task.refunded_wei),
-        "refund_wei": _wei(sum(refunds)) if refunds else None,
-        "as_of": time.time(),
+
+    task: Task | None
+    order: TaskOrder | None
+
+    def _terms(self, name: str) -> Any:
+        return getattr(self.task if self.task is not None else self.order, name)
+
+    def _chain(self, name: str, default: Any = None) -> Any:
+        return default if self.task is None else getattr(self.task, name)
+
+    @property
+    def id(self) -> int:
+        return self._terms("chain_task_id")
+
+    @property
+    def title(self) -> str:
+        return self.order.title if self.order is not None else ""
+
+    @property
+    def spec(self) -> dict | None:
+        return self.order.spec if self.order is not None else None
+
+    @property
+    def state(self) -> str:
+        return self.task.state if self.task is not None else TaskState.PENDING
+
+    @property
+    def state_label(self) -> str:
+        return TaskState(self.state).label
+
+    @property
+    def buyer(self):
+        return self.task.buyer if self.task is not None else self.order.buyer
+
+    buyer_address = property(lambda self: self._terms("buyer_address"))
+    spec_hash = property(lambda self: self._terms("spec_hash"))
+    budget_wei = property(lambda self: self._terms("budget_wei"))
+    rounds = property(lambda self: self._terms("rounds"))
+    min_trainers = property(lambda self: self._terms("min_trainers"))
+    max_trainers = property(lambda self: self._terms("max_trainers"))
+    bidding_ends = property(lambda self: self._terms("bidding_ends"))
+    round_timeout_s = property(lambda self: self._terms("round_timeout_s"))
+    created_tx = property(lambda self: self._terms("created_tx"))
+    created_block = property(lambda self: self._chain("created_block"))
+    published_rounds = property(lambda self: self._chain("published_rounds", 0))
+    aggregator = property(lambda self: self._chain("aggregator", ""))
+    aggregator_price_wei = property(lambda self: self._chain("aggregator_price_wei"))
+    trainers_paid_wei = property(lambda self: self._chain("trainers_paid_wei"))
+    aggregator_paid_wei = property(lambda self: self._chain("aggregator_paid_wei"))
+    refunded_wei = property(lambda self: self._chain("refunded_wei"))
+    failure_reason = property(lambda self: self._chain("failure_reason", ""))
+
+    @property
+    def created_at(self):
+        return (self.order or self.task).created_at
+
+    @property
+    def current_round(self) -> int | None:
+        """The round trainers work on now, while the task runs."""
+        running = self.state == TaskState.RUNNING and self.published_rounds > 0
+        return self.published_rounds - 1 if running else None
+
+    def _rows(self, name: str, *order: str) -> list:
+        return [] if self.task is None else list(getattr(self.task, name).order_by(*order))
+
+    @functools.cached_property
+    def bids(self) -> list:
+        return self._rows("bids", "bid_index")
+
+    @functools.cached_property
+    def selected(self) -> list:
+        return self._rows("selected", "role", "position")
+
+    @functools.cached_property
+    def rounds_published(self) -> list:
+        if self.task is None:
+            return []
+        return list(self.task.round_set.select_related("report").order_by("number"))
+
+    @functools.cached_property
+    def updates(self) -> list:
+        if self.task is None:
+            return []
+        return list(self.task.updates.select_related("report").order_by("round_number", "position"))
+
+    @functools.cached_property
+    def payouts(self) -> list:
+        return self._rows("payouts", "block_number", "log_index")
+
+    @functools.cached_property
+    def transactions(self) -> list[ChainEventRecord]:
+        """Every contract event of the task, in chain order."""
+        if self.task is None:
+            return []
+        records = ChainEventRecord.objects.filter(task_id=self.task.chain_task_id)
+        return list(records.order_by("block_number", "log_index"))
+
+    @property
+    def bid_count(self) -> int:
+        return 0 if self.task is None else self.task.bids.count()
+
+    @property
+    def refund_wei(self) -> int | None:
+        """Everything credited back to the buyer (also for cancelled and failed tasks)."""
+        refunds = [p.amount_wei for p in self.payouts if p.reason == PayoutReason.REFUND]
+        return sum(refunds) if refunds else None
+
+
+def task_views_of(tasks: Iterable[Task]) -> list[TaskView]:
+    """Views of these tasks with their orders, in one query for the orders."""
+    tasks = list(tasks)
+    orders = {
+        o.created_tx: o
+        for o in TaskOrder.objects.filter(created_tx__in=[t.created_tx for t in tasks])
     }
+    return [TaskView(task=t, order=orders.get(t.created_tx)) for t in tasks]
+
+
+def task_view_get(*, user, task_id: int) -> TaskView | None:
+    """The task with chain id ``task_id`` if ``user`` may see it (task_visible), or the
+    user's order for it while sync has not mirrored it; None otherwise."""
+    task = task_visible(user=user).select_related("buyer").filter(chain_task_id=task_id).first()
+    if task is not None:
+        return TaskView(task=task, order=task.order)
+    order = _orders_pending(user=user).filter(chain_task_id=task_id).first()
+    return TaskView(task=None, order=order) if order is not None else None
+
+
+def task_views_by_id(*, chain_task_ids: Iterable[int]) -> list[TaskView]:
+    """The views of these tasks (or of the orders waiting for them), for the live push."""
+    ids = set(chain_task_ids)
+    views = task_views_of(Task.objects.select_related("buyer").filter(chain_task_id__in=ids))
+    missing = ids - {v.id for v in views}
+    if missing:
+        orders = TaskOrder.objects.filter(chain_task_id__in=missing).exclude(
+            created_tx__in=Task.objects.values("created_tx")
+        )
+        views += [TaskView(task=None, order=o) for o in orders.order_by("created_at")]
+    return views
+
+
+class TaskViewList(Sequence):
+    """The tasks a user may see as TaskViews, newest first, for a paginator: the orders not
+    mirrored yet (few, and the newest), then the mirrored tasks, read one page at a time."""
+
+    def __init__(self, *, user, state: str | None = None) -> None:
+        self.pending: list[TaskOrder] = []
+        if state in (None, TaskState.PENDING):
+            self.pending = list(_orders_pending(user=user).order_by("-created_at"))
+        tasks = task_visible(user=user).select_related("buyer").order_by("-chain_task_id")
+        if state == TaskState.PENDING:
+            tasks = tasks.none()
+        elif state is not None:
+            tasks = tasks.filter(state=state)
+        self.tasks = tasks
+
+    def __len__(self) -> int:
+        return len(self.pending) + self.tasks.count()
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            return self[index : index + 1][0]
+        start, stop, _ = index.indices(len(self))
+        views = [TaskView(task=None, order=o) for o in self.pending[start:stop]]
+        first, last = max(start - len(self.pending), 0), max(stop - len(self.pending), 0)
+        if last > first:
+            views += task_views_of(self.tasks[first:last])
+        return views
 
 
 def chain_cursor_get(*, contract_address: str) -> ChainCursor | None:

@@ -40,8 +40,7 @@ from marketplace.models import (
     Device,
     JoinToken,
     Role,
-    Task,
-    TaskState,
+    TaskOrder,
     Wallet,
     token_digest,
 )
@@ -51,6 +50,7 @@ from marketplace.models_download import (
     NotTaskBuyerError,
     final_model_fetch,
 )
+from marketplace.selectors import TaskView
 from training.spec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -167,12 +167,13 @@ def device_enrol(
             may_aggregate=token.may_aggregate,
             dataplane_url=dataplane_url,
             join_token=token,
-            registration_tx=receipt.tx_hash,
         )
     except IntegrityError as exc:
         raise DeviceAlreadyEnrolledError(address=claimed) from exc
     contract.fund_gas_on_dev_chain(address=claimed)
-    logger.info("device %s enrolled as %s (%s)", device.pk, claimed, device_class)
+    logger.info(
+        "device %s enrolled as %s (%s) in %s", device.pk, claimed, device_class, receipt.tx_hash
+    )
     return device
 
 
@@ -197,7 +198,7 @@ def enrolment_config(*, device: Device) -> dict:
 
 def device_approve(*, device: Device) -> TxResult:
     """Register a known device on chain (again, if it was revoked) with its recorded class and
-    aggregation right, from the registrar account.
+    aggregation right, from the registrar account; chain sync mirrors its new status.
 
     Raises the contract's error, e.g. DeviceAlreadyRegisteredError for an active device.
     """
@@ -209,19 +210,13 @@ def device_approve(*, device: Device) -> TxResult:
             can_aggregate=device.may_aggregate,
         )
     receipt.first(DeviceRegistered)
-    # Chain sync writes the same status from the same event later; writing it from the
-    # receipt now shows the admin the chain's answer at once.
-    device.chain_status = "active"
-    device.registration_tx = receipt.tx_hash
-    device.revoked_at = None
-    device.save(update_fields=["chain_status", "registration_tx", "revoked_at"])
     logger.info("device %s (%s) registered on chain by the admin", device.pk, device.address)
     return receipt
 
 
 def device_revoke(*, device: Device) -> TxResult:
     """Revoke a device on chain from the registrar account: it can no longer bid, be selected,
-    submit or publish; what it already delivered is still paid.
+    submit or publish; what it already delivered is still paid. Chain sync mirrors the status.
 
     Raises the contract's error: DeviceRevokedError when already revoked,
     DeviceNotRegisteredError when it was never registered.
@@ -229,9 +224,6 @@ def device_revoke(*, device: Device) -> TxResult:
     with contract.platform_account_lock() as platform:
         receipt = contract.market().revoke_device(sender=platform, device=device.address)
     receipt.first(DeviceRevoked)
-    device.chain_status = "revoked"  # as in device_approve: sync confirms it from the event
-    device.revoked_at = timezone.now()
-    device.save(update_fields=["chain_status", "revoked_at"])
     logger.info("device %s (%s) revoked on chain by the admin", device.pk, device.address)
     return receipt
 
@@ -314,7 +306,7 @@ class CostEstimate:
 
 def _offered_prices(*, floor_trainer: int, floor_aggregator: int) -> tuple[list[int], list[int]]:
     """Each usable device's latest asking price per round, trainers and aggregators apart."""
-    devices = Device.objects.filter(revoked_at__isnull=True).exclude(chain_status="revoked")
+    devices = Device.objects.exclude(chain_status="revoked")
     aggregators = {d.address for d in devices if d.may_aggregate}
     latest: dict[tuple[str, str], int] = {}
     for bid in Bid.objects.filter(device__in=[d.address for d in devices]).order_by(
@@ -370,14 +362,14 @@ def task_create(
     budget_wei: int,
     bidding_ends: datetime | None = None,
     bidding_window_s: int | None = None,
-) -> Task:
-    """Post a task on chain from the buyer's custodial wallet and record it as pending.
+) -> TaskOrder:
+    """Post a task on chain from the buyer's custodial wallet and record the buyer's order.
 
     Bidding closes at ``bidding_ends``, or ``bidding_window_s`` seconds from the chain's
     time (give one). Every rule the contract enforces is checked first, with the contract's
     own error classes and fields, so a bad task costs no gas; a revert that still happens
-    (the chain moved in between) raises the same classes. Chain sync later confirms the row
-    by chain_task_id.
+    (the chain moved in between) raises the same classes. Chain sync mirrors the task itself
+    when it sees TaskCreated (Task, linked to the order by the creating transaction).
     Raises WalletMissingError, InvalidRoundsError, InvalidTrainerRangeError,
     InvalidRoundTimeoutError, InvalidBiddingEndError, BudgetTooLowError,
     InsufficientFundsError, any other ContractError, ChainUnavailableError.
@@ -426,30 +418,20 @@ def task_create(
         budget_wei=budget_wei,
     )
     created = receipt.first(TaskCreated)
-    # Chain sync may have mirrored TaskCreated already: keep its state, add what only the
-    # website knows (who, what it is called, the spec itself).
-    task, made = Task.objects.get_or_create(
+    order = TaskOrder.objects.create(
+        buyer=buyer,
+        title=title,
+        spec=spec.as_dict(),
+        spec_hash=spec.hash_hex,
+        buyer_address=wallet.address,
+        budget_wei=budget_wei,
+        min_trainers=min_trainers,
+        max_trainers=max_trainers,
+        bidding_ends=datetime.fromtimestamp(ends, tz=UTC),
+        round_timeout_s=round_timeout_s,
+        created_tx=receipt.tx_hash,
         chain_task_id=created.task_id,
-        defaults={
-            "state": TaskState.PENDING,
-            "buyer_address": wallet.address,
-            "spec_hash": spec.hash_hex,
-            "budget_wei": budget_wei,
-            "rounds": rounds,
-            "min_trainers": min_trainers,
-            "max_trainers": max_trainers,
-            "bidding_ends": datetime.fromtimestamp(ends, tz=UTC),
-            "round_timeout_s": round_timeout_s,
-            "created_tx": receipt.tx_hash,
-            "created_block": receipt.block_number,
-            "buyer": buyer,
-            "title": title,
-            "spec": spec.as_dict(),
-        },
     )
-    if not made:
-        task.buyer, task.title, task.spec = buyer, title, spec.as_dict()
-        task.save(update_fields=["buyer", "title", "spec", "updated_at"])
     logger.info(
         "task %s created on chain by %s in %s (budget %d wei)",
         created.task_id,
@@ -457,16 +439,17 @@ def task_create(
         receipt.tx_hash,
         budget_wei,
     )
-    return task
+    return order
 
 
-def task_model_download(*, task: Task, user) -> FinalModel:
+def task_model_download(*, task: TaskView, user) -> FinalModel:
     """The task's final model, fetched for its buyer from the aggregator's store and checked
-    against the model ID on chain. Raises NotTaskBuyerError for anyone but the buyer, and
-    ModelNotReadyError, ModelUnavailableError or the data plane's errors."""
-    if task.buyer_id is None or task.buyer_id != user.pk:
-        raise NotTaskBuyerError(task_id=task.pk)
-    if task.chain_task_id is None:
-        raise ModelNotReadyError("The task is not on chain yet.")
+    against the model ID on chain. Raises NotTaskBuyerError for anyone but the buyer (it is
+    fetched with the buyer's key), and ModelNotReadyError, ModelUnavailableError or the data
+    plane's errors."""
+    if task.buyer is None or task.buyer.pk != user.pk:
+        raise NotTaskBuyerError(task_id=task.id)
+    if task.task is None:
+        raise ModelNotReadyError("The task is not mirrored from the chain yet.", state=task.state)
     account = wallets.wallet_account(wallet=wallets.wallet_of(user=user))
-    return final_model_fetch(chain_task_id=task.chain_task_id, account=account)
+    return final_model_fetch(chain_task_id=task.id, account=account)

@@ -16,7 +16,6 @@ urlpatterns = [
     path("tasks/new/", views.task_create, name="task-create"),
     path("tasks/estimate/", views.task_estimate, name="task-estimate"),
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
-    path("tasks/<int:pk>/devices/", views.task_devices, name="task-devices"),
     path("tasks/<int:pk>/model/", views.task_model, name="task-model"),
     path("tasks/<int:pk>/model/download/", views.task_model_download, name="task-model-download"),
 ]

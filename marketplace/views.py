@@ -1,10 +1,8 @@
-"""The buyer website: thin views over the buyer services and the mirror's selectors."""
+"""The buyer website: thin views over the buyer services and the selectors."""
 
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
 
 from django.conf import settings
 from django.contrib import messages
@@ -12,16 +10,18 @@ from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from chain.errors import ChainUnavailableError
 from core.errors import FlexError
-from core.units import wei_to_eth, wei_to_eth_approx
+from core.units import wei_to_eth
 from marketplace import contract, selectors, services, wallets
 from marketplace.forms import SignUpForm, TaskForm
-from marketplace.models import Device, Task, Wallet
+from marketplace.models import Wallet
 from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
+from marketplace.selectors import TaskView
+from marketplace.task_page import task_update_message
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def wallet_fund(request):
 
 @login_required
 def task_list(request):
-    # One plain query; it belongs in selectors.py (not this module's file) as the list grows.
-    tasks = Task.objects.filter(buyer=request.user).order_by("-created_at")
+    tasks = selectors.TaskViewList(user=request.user)[:]
     return render(request, "marketplace/task_list.html", {"tasks": tasks})
 
 
@@ -114,14 +113,14 @@ def task_create(request):
     account = _wallet(request.user)
     if request.method == "POST" and form.is_valid():
         try:
-            task = services.task_create(buyer=request.user, **form.service_kwargs())
+            order = services.task_create(buyer=request.user, **form.service_kwargs())
         except ChainUnavailableError:
             form.add_error(None, "The chain cannot be reached right now; nothing was sent.")
         except FlexError as exc:
             form.add_flex_error(exc)
         else:
             messages.success(request, "Your task is on chain. Devices can bid now.")
-            return redirect("task-detail", pk=task.pk)
+            return redirect("task-detail", pk=order.chain_task_id)
     shape = {
         k: _int(form.data.get(k) if form.is_bound else None, default, _ESTIMATE_CAP)
         for k, default in _ESTIMATE_DEFAULTS.items()
@@ -155,7 +154,8 @@ def _int(raw, default: int, cap: int) -> int:
 @login_required
 @require_GET
 def task_estimate(request):
-    """The cost estimate as JSON for the task form's live panel (wei as strings: exact)."""
+    """The cost estimate as JSON for the task form's live panel: wei as strings (exact), shown
+    in ETH by static/flex/units.js."""
     shape = {
         k: _int(request.GET.get(k), default, _ESTIMATE_CAP)
         for k, default in _ESTIMATE_DEFAULTS.items()
@@ -164,18 +164,13 @@ def task_estimate(request):
     estimate = _estimate_or_none(**shape)
     if estimate is None:
         return JsonResponse({"code": "chain_unavailable"}, status=503)
-    wei = {
-        "minimum": estimate.minimum_wei,
-        "low": estimate.low_wei,
-        "high": estimate.high_wei,
-        "gas": estimate.gas_wei,
-    }
     return JsonResponse(
         {
             **shape,
-            **{f"{k}_wei": str(v) for k, v in wei.items()},
-            **{f"{k}_eth": wei_to_eth(v) for k, v in wei.items()},
-            "gas_eth": wei_to_eth_approx(estimate.gas_wei),
+            "minimum_wei": str(estimate.minimum_wei),
+            "low_wei": str(estimate.low_wei),
+            "high_wei": str(estimate.high_wei),
+            "gas_wei": str(estimate.gas_wei),
             "gas_units": estimate.gas_units,
             "trainer_offers": len(estimate.trainer_prices_wei),
             "aggregator_offers": len(estimate.aggregator_prices_wei),
@@ -195,65 +190,61 @@ def estimate_basis(estimate: services.CostEstimate) -> str:
     )
 
 
-def _own_task(request, pk: int) -> Task:
-    """The task if it is the requester's; 404 otherwise, so others cannot tell it exists."""
-    return get_object_or_404(Task, pk=pk, buyer=request.user)
+def _task_view(request, pk: int) -> TaskView:
+    """The task with chain id ``pk`` if the requester may see it; 404 otherwise, so others
+    cannot tell it exists."""
+    view = selectors.task_view_get(user=request.user, task_id=pk)
+    if view is None:
+        raise Http404("No such task.")
+    return view
 
 
 @login_required
 def task_detail(request, pk: int):
-    task = _own_task(request, pk)
-    snapshot = selectors.task_snapshot(task)
+    view = _task_view(request, pk)
+    message = task_update_message(view)
     return render(
         request,
         "marketplace/task_detail.html",
         {
-            "task": task,
-            "page": task_page(snapshot),
-            "snapshot": snapshot,
-            "device_names": _device_names(snapshot),
-            "ws_path": f"/ws/tasks/{task.pk}/",
+            "task": view,
+            "s": message["snapshot"],
+            "v": message["view"],
+            "message": message,
+            "ws_path": f"/ws/tasks/{view.id}/",
         },
     )
 
 
 @login_required
-@require_GET
-def task_devices(request, pk: int):
-    """Names of the devices in the task's bids and selection, for the live page's tables."""
-    task = _own_task(request, pk)
-    return JsonResponse(_device_names(selectors.task_snapshot(task)))
-
-
-@login_required
 def task_model(request, pk: int):
     """The model card: the spec, how training went, who contributed and what each was paid."""
-    task = _own_task(request, pk)
-    snapshot = selectors.task_snapshot(task)
+    view = _task_view(request, pk)
+    message = task_update_message(view)
     return render(
         request,
         "marketplace/model_card.html",
         {
-            "task": task,
-            "snapshot": snapshot,
-            "card": _model_card(task, snapshot),
-            "device_names": _device_names(snapshot),
+            "task": view,
+            "s": message["snapshot"],
+            "v": message["view"],
+            "card": _model_card(view, message["snapshot"]),
         },
     )
 
 
 @login_required
 def task_model_download(request, pk: int):
-    task = _own_task(request, pk)
+    view = _task_view(request, pk)
     try:
-        model = services.task_model_download(task=task, user=request.user)
+        model = services.task_model_download(task=view, user=request.user)
     except NotTaskBuyerError as exc:
         raise Http404 from exc
     except ModelNotReadyError as exc:
-        return _download_error(request, task, exc, status=409)
+        return _download_error(request, view, exc, status=409)
     except FlexError as exc:
-        logger.warning("model download for task %s failed: %s", task.pk, exc.message)
-        return _download_error(request, task, exc, status=502)
+        logger.warning("model download for task %s failed: %s", view.id, exc.message)
+        return _download_error(request, view, exc, status=502)
     response = HttpResponse(model.data, content_type="application/octet-stream")
     response["Content-Disposition"] = f'attachment; filename="{model.filename}"'
     response["Content-Length"] = str(len(model.data))
@@ -262,7 +253,7 @@ def task_model_download(request, pk: int):
     return response
 
 
-def _download_error(request, task: Task, exc: FlexError, *, status: int):
+def _download_error(request, task: TaskView, exc: FlexError, *, status: int):
     return render(
         request,
         "marketplace/download_error.html",
@@ -271,9 +262,9 @@ def _download_error(request, task: Task, exc: FlexError, *, status: int):
     )
 
 
-def _model_card(task: Task, snapshot: dict) -> dict:
+def _model_card(view: TaskView, snapshot: dict) -> dict:
     """What the model card shows, assembled from the task's snapshot and its spec."""
-    rounds = [r for r in snapshot["rounds"] if r["number"] >= 1]
+    rounds = [r for r in snapshot["rounds_published"] if r["number"] >= 1]
     ready = snapshot["state"] in ("trained", "finalized")
     final = rounds[-1] if ready and rounds else None
     paid: dict[str, int] = {}
@@ -283,7 +274,7 @@ def _model_card(task: Task, snapshot: dict) -> dict:
     contributors = [
         {**node, "paid_wei": paid.get(node["device"], 0)} for node in snapshot["selected"]
     ]
-    spec = task.spec or {}
+    spec = view.spec or {}
     aggregation = spec.get("aggregation") or {}
     spec_rows = [
         ("Model", spec.get("model")),
@@ -303,87 +294,3 @@ def _model_card(task: Task, snapshot: dict) -> dict:
         "paid_total_wei": sum(paid.values()),
         "spec_rows": [(k, v) for k, v in spec_rows if v is not None],
     }
-
-
-# ---------------------------------------------------------------- the task page's view model
-# static/flex/task.js derives the same fields from each live snapshot (FlexTask.present).
-
-_STEPS = (
-    ("posted", "Posted"),
-    ("bidding", "Bidding"),
-    ("training", "Training"),
-    ("trained", "Trained"),
-    ("settled", "Settled"),
-)
-# state -> (index of the step it is at, whether that step ended badly, its label there)
-_AT = {
-    "pending": (0, False, "Posting"),
-    "bidding": (1, False, None),
-    "running": (2, False, None),
-    "trained": (3, False, None),
-    "finalized": (5, False, None),
-    "cancelled": (1, True, "Cancelled"),
-    "failed": (2, True, "Selection failed"),
-    "aborted": (2, True, "Aborted"),
-}
-
-
-def task_page(snapshot: dict) -> dict:
-    """The snapshot plus what the page derives from it: progress steps, the latest metrics."""
-    state = snapshot["state"]
-    at, bad, label = _AT.get(state, (0, False, None))
-    steps = []
-    for i, (key, text) in enumerate(_STEPS):
-        status = "done" if i < at else ("bad" if bad else "now") if i == at else ""
-        steps.append({"key": key, "label": label if i == at and label else text, "status": status})
-    measured = [r for r in snapshot["rounds"] if r["number"] >= 1 and r["accuracy"] is not None]
-    latest = measured[-1] if measured else None
-    total = snapshot["round_count"]
-    if state == "bidding":
-        note = "bidding open"
-    elif state == "running" and snapshot["current_round"] is not None:
-        note = f"training round {snapshot['current_round'] + 1} of {total}"
-    elif state in ("trained", "finalized"):
-        note = "all rounds done"
-    else:
-        note = ""
-    return {
-        **snapshot,
-        "tx_rows": transaction_rows(snapshot["transactions"]),
-        "steps": steps,
-        "done_rounds": max(snapshot["published_rounds"] - 1, 0),
-        "round_note": note,
-        "latest_accuracy": latest["accuracy"] if latest else None,
-        "latest_loss": latest["loss"] if latest else None,
-        "model_ready": state in ("trained", "finalized"),
-    }
-
-
-def event_label(name: str) -> str:
-    """``GlobalModelPublished`` -> ``Global model published``."""
-    words = re.sub(r"(?<!^)(?=[A-Z])", " ", name).split()
-    return " ".join([words[0], *(w.lower() for w in words[1:])]) if words else name
-
-
-def transaction_rows(events: list[dict]) -> list[dict]:
-    """One row per transaction, in chain order, naming the events it emitted."""
-    rows: dict[str, dict] = {}
-    for event in events:
-        row = rows.setdefault(
-            event["tx_hash"], {"tx_hash": event["tx_hash"], "block": event["block"], "names": []}
-        )
-        row["names"].append(event["name"])
-    for row in rows.values():
-        counts = Counter(row["names"])
-        row["label"] = " · ".join(
-            f"{n}\u00d7 {event_label(name).lower()}" if n > 1 else event_label(name)
-            for name, n in counts.items()
-        )
-    return list(rows.values())
-
-
-def _device_names(snapshot: dict) -> dict[str, str]:
-    addresses = {b["device"] for b in snapshot["bids"]} | {
-        n["device"] for n in snapshot["selected"]
-    }
-    return dict(Device.objects.filter(address__in=addresses).values_list("address", "name"))

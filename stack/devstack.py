@@ -381,7 +381,7 @@ def follow_task(
     from eth_utils import keccak
 
     from marketplace import contract, services
-    from marketplace.models import Payout, Round, Update
+    from marketplace.models import Payout, Round, Task, Update
     from marketplace.models_download import final_model_fetch
     from marketplace.wallets import wallet_account, wallet_of
     from training.spec import TaskSpec
@@ -392,7 +392,7 @@ def follow_task(
     spec = TaskSpec.from_dict(spec_fields)
     rounds = spec.rounds
     started = time.monotonic()
-    task = services.task_create(
+    order = services.task_create(
         buyer=buyer,
         title=f"{spec.model}, {trainers} trainers x {rounds} rounds",
         spec=spec,
@@ -402,7 +402,12 @@ def follow_task(
         bidding_window_s=8,
         round_timeout_s=round_timeout_s,
     )
-    say(f"task {task.chain_task_id} posted: budget {budget_wei} wei, tx {task.created_tx}")
+    say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
+    # The platform's chain sync mirrors the task from its TaskCreated event.
+    while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"task {order.chain_task_id} was never mirrored by chain sync")
+        time.sleep(0.1)
     names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
     aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
     aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
@@ -437,8 +442,8 @@ def follow_task(
     # land just after the task settles: give them a moment.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and (
-        Round.objects.filter(task=task, number__gte=1, accuracy__isnull=True).exists()
-        or Update.objects.filter(task=task, train_s__isnull=True).exists()
+        Round.objects.filter(task=task, number__gte=1, report__isnull=True).exists()
+        or Update.objects.filter(task=task, report__isnull=True).exists()
     ):
         time.sleep(0.2)
     w3 = contract.w3()
@@ -451,8 +456,8 @@ def follow_task(
         rows.append(
             {
                 "round": r.number,
-                "accuracy": r.accuracy,
-                "loss": r.loss,
+                "accuracy": r.metrics.accuracy if r.metrics else None,
+                "loss": r.metrics.loss if r.metrics else None,
                 "updates": r.updates_aggregated,
                 "gas": gas,
                 "wall_s": round(at - previous, 3),

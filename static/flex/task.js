@@ -1,11 +1,12 @@
-// The live task page: renders each task.update snapshot from the WebSocket in place.
-// The server renders the same snapshot first, so the page works (statically) without this.
+// The live task page: renders each task.update message from the WebSocket in place. The
+// server computes everything shown (marketplace/task_page.py: the snapshot and its view);
+// this only renders it, escaping every value. The server renders the first message too, so
+// the page works (statically) without this.
 (function () {
   "use strict";
   const root = document.getElementById("task-page");
   if (!root) return;
   const $ = (id) => document.getElementById(id);
-  const WEI = 10n ** 18n;
   const LABELS = {
     pending: "Pending", bidding: "Bidding", running: "Running", trained: "Trained",
     finalized: "Finalized", failed: "Failed", cancelled: "Cancelled", aborted: "Aborted",
@@ -18,13 +19,8 @@
       { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   }
   function eth(wei) {
-    // Exact, like the server's wei_to_eth: BigInt, never a float.
-    if (wei === null || wei === undefined || wei === "") return "–";
-    let n = BigInt(wei);
-    const sign = n < 0n ? "-" : "";
-    if (n < 0n) n = -n;
-    const frac = (n % WEI).toString().padStart(18, "0").replace(/0+$/, "");
-    return sign + (n / WEI).toString() + (frac ? "." + frac : "");
+    const text = FlexUnits.eth(wei);
+    return text === "" ? "–" : esc(text);
   }
   function short(text) {
     text = String(text || "");
@@ -32,26 +28,7 @@
   }
   function pct(x) { return x === null || x === undefined ? "–" : (x * 100).toFixed(1) + "%"; }
   function num(x, digits) { return x === null || x === undefined ? "–" : Number(x).toFixed(digits); }
-  const names = (() => {
-    const el = $("device-names");
-    try { return el ? JSON.parse(el.textContent) : {}; } catch (e) { return {}; }
-  })();
-  // Names of devices first seen live are asked for once; tables re-render when they arrive.
-  let asking = false;
-  let last = null;
-  function learnNames(s) {
-    const unknown = [...s.bids, ...s.selected].some((d) => !(d.device in names));
-    if (!unknown || asking) return;
-    asking = true;
-    fetch(root.dataset.devicesUrl, { headers: { Accept: "application/json" } })
-      .then((res) => (res.ok ? res.json() : {}))
-      .then((found) => {
-        for (const d of [...s.bids, ...s.selected]) names[d.device] = found[d.device] || "";
-        if (last) render(last);
-      })
-      .catch(() => {})
-      .finally(() => { asking = false; });
-  }
+  let names = {};
   function device(address) {
     const name = names[address];
     return name
@@ -78,6 +55,9 @@
   // ---------------------------------------------------------------- the chart
 
   function chart(rounds, width) {
+    // Numbers only from here on: the SVG is built as text.
+    const numeric = (v) => (v === null || v === undefined ? null : Number(v));
+    rounds = rounds.map((r) => ({ number: Number(r.number), accuracy: numeric(r.accuracy), loss: numeric(r.loss) }));
     const pts = rounds.filter((r) => r.accuracy !== null && r.accuracy !== undefined
       || r.loss !== null && r.loss !== undefined);
     if (!pts.length) {
@@ -125,61 +105,6 @@
     return svg + "</svg>";
   }
 
-  // ---------------------------------------------------------------- the view model
-  // The same derivation as marketplace.views.task_page, for each live snapshot.
-
-  const STEPS = [["posted", "Posted"], ["bidding", "Bidding"], ["training", "Training"],
-    ["trained", "Trained"], ["settled", "Settled"]];
-  const AT = {
-    pending: [0, false, "Posting"], bidding: [1, false, null], running: [2, false, null],
-    trained: [3, false, null], finalized: [5, false, null], cancelled: [1, true, "Cancelled"],
-    failed: [2, true, "Selection failed"], aborted: [2, true, "Aborted"],
-  };
-
-  function eventLabel(name) {
-    const words = name.replace(/(?!^)(?=[A-Z])/g, " ").split(" ");
-    return [words[0], ...words.slice(1).map((w) => w.toLowerCase())].join(" ");
-  }
-  function transactionRows(events) {
-    // One row per transaction, as marketplace.views.transaction_rows.
-    const rowsByHash = new Map();
-    for (const e of events) {
-      if (!rowsByHash.has(e.tx_hash)) rowsByHash.set(e.tx_hash, { tx_hash: e.tx_hash, block: e.block, names: [] });
-      rowsByHash.get(e.tx_hash).names.push(e.name);
-    }
-    return [...rowsByHash.values()].map((row) => {
-      const counts = new Map();
-      for (const n of row.names) counts.set(n, (counts.get(n) || 0) + 1);
-      row.label = [...counts].map(([n, k]) => (k > 1 ? `${k}× ${eventLabel(n).toLowerCase()}` : eventLabel(n))).join(" · ");
-      return row;
-    });
-  }
-
-  function present(s) {
-    const [at, bad, label] = AT[s.state] || [0, false, null];
-    const steps = STEPS.map(([key, text], i) => ({
-      key,
-      label: i === at && label ? label : text,
-      status: i < at ? "done" : i === at ? (bad ? "bad" : "now") : "",
-    }));
-    const measured = s.rounds.filter((r) => r.number >= 1 && r.accuracy !== null && r.accuracy !== undefined);
-    const latest = measured.length ? measured[measured.length - 1] : null;
-    let note = "";
-    if (s.state === "bidding") note = "bidding open";
-    else if (s.state === "running" && s.current_round !== null && s.current_round !== undefined) {
-      note = `training round ${s.current_round + 1} of ${s.round_count}`;
-    } else if (s.state === "trained" || s.state === "finalized") note = "all rounds done";
-    return Object.assign({}, s, {
-      tx_rows: transactionRows(s.transactions),
-      steps,
-      done_rounds: Math.max(s.published_rounds - 1, 0),
-      round_note: note,
-      latest_accuracy: latest ? latest.accuracy : null,
-      latest_loss: latest ? latest.loss : null,
-      model_ready: s.state === "trained" || s.state === "finalized",
-    });
-  }
-
   // ---------------------------------------------------------------- the page
 
   function drawChart(rounds) {
@@ -187,42 +112,47 @@
     if (el) el.innerHTML = chart(rounds, el.clientWidth);
   }
 
-  function render(s) {
+  let last = null;
+  function render(msg) {
+    last = msg;
+    const s = msg.snapshot;
+    const v = msg.view;
+    names = v.device_names || {};
     const state = s.state;
     const badge = $("task-state");
     if (badge && badge.dataset.state !== state) {
       badge.className = "badge state-" + state;
       badge.dataset.state = state;
-      badge.textContent = LABELS[state] || state;
+      badge.textContent = LABELS[state] || String(state);
       flash(badge);
     }
-    if (s.chain_task_id) setText("task-chain-id", "#" + s.chain_task_id);
+    setText("task-chain-id", "#" + s.id);
     const link = $("model-link");
-    if (link) link.classList.toggle("hidden", !s.model_ready);
+    if (link) link.classList.toggle("hidden", !v.model_ready);
 
     const progress = $("progress");
-    if (progress && s.steps) {
-      progress.innerHTML = s.steps.map((st) => `<li class="${esc(st.status)}" data-step="${esc(st.key)}">${esc(st.label)}</li>`).join("");
+    if (progress && v.steps) {
+      progress.innerHTML = v.steps.map((st) => `<li class="${esc(st.status)}" data-step="${esc(st.key)}">${esc(st.label)}</li>`).join("");
     }
-    setText("stat-budget", eth(s.budget_wei));
-    setText("stat-budget-sub", s.refund_wei && s.refund_wei !== "0" ? `${eth(s.refund_wei)} ETH refunded` : "in escrow");
-    setHTML("stat-round", `${esc(s.done_rounds)} <small>/ ${esc(s.round_count)}</small>`);
-    setText("stat-round-sub", s.round_note || "");
-    setText("stat-accuracy", pct(s.latest_accuracy));
-    setText("stat-loss", s.latest_loss === null || s.latest_loss === undefined ? "after the first round" : "loss " + num(s.latest_loss, 4));
-    setHTML("stat-devices", `${s.selected.length} <small>selected</small>`);
+    setText("stat-budget", FlexUnits.eth(s.budget_wei) || "–");
+    setText("stat-budget-sub", v.refunded ? `${FlexUnits.eth(s.refund_wei)} ETH refunded` : "in escrow");
+    setHTML("stat-round", `${esc(v.done_rounds)} <small>/ ${esc(s.rounds)}</small>`);
+    setText("stat-round-sub", v.round_note || "");
+    setText("stat-accuracy", pct(v.latest_accuracy));
+    setText("stat-loss", v.latest_loss === null || v.latest_loss === undefined ? "after the first round" : "loss " + num(v.latest_loss, 4));
+    setHTML("stat-devices", `${esc(s.selected.length)} <small>selected</small>`);
     setText("stat-bids", `${s.bids.length} bid${s.bids.length === 1 ? "" : "s"} · ${s.min_trainers}–${s.max_trainers} trainers wanted`);
 
-    drawChart(s.rounds);
+    drawChart(s.rounds_published);
 
-    rows("rounds-body", s.rounds, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
+    rows("rounds-body", s.rounds_published, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
     rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
     rows("selected-body", s.selected, (d) => `<tr><td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td></tr>`, "Selected when bidding closes.", 3);
-    rows("tx-body", s.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true)}</td><td class="num">${esc(t.block)}</td></tr>`, "No transactions seen yet.", 3);
+    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true)}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
     rows("payouts-body", s.payouts, (p) => `<tr><td>${p.reason === "refund" ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td></tr>`, "Paid when the task is settled.", 3);
     const refund = $("refund-note");
     if (refund) {
-      refund.innerHTML = s.refund_wei && s.refund_wei !== "0"
+      refund.innerHTML = v.refunded
         ? `Refunded to you: <strong>${eth(s.refund_wei)} ETH</strong>.`
         : "What is not earned comes back to your wallet.";
     }
@@ -247,10 +177,8 @@
     ws.onmessage = (event) => {
       let msg;
       try { msg = JSON.parse(event.data); } catch (e) { return; }
-      if (msg.type === "task.update" && msg.snapshot) {
-        last = present(msg.snapshot);
-        render(last);
-        learnNames(last);
+      if (msg.type === "task.update" && msg.snapshot && msg.view) {
+        render(msg);
         root.dataset.updates = String(Number(root.dataset.updates || 0) + 1);
       }
     };
@@ -261,15 +189,15 @@
     };
   }
 
-  // The server rendered everything but the chart, which is drawn here from the same snapshot.
-  const initial = $("snapshot-data");
-  if (initial) last = present(JSON.parse(initial.textContent));
-  if (last) drawChart(last.rounds);
+  // The server rendered everything but the chart, which is drawn here from the same message.
+  const initial = $("task-data");
+  if (initial) last = JSON.parse(initial.textContent);
+  if (last) drawChart(last.snapshot.rounds_published);
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
-    resizing = setTimeout(() => { if (last) drawChart(last.rounds); }, 150);
+    resizing = setTimeout(() => { if (last) drawChart(last.snapshot.rounds_published); }, 150);
   });
-  window.FlexTask = { present, render, chart };
+  window.FlexTask = { render, chart };
   connect();
 })();

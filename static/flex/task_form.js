@@ -1,4 +1,5 @@
-// The task form's live cost estimate: asks the server as the shape of the task changes.
+// The task form's live cost estimate: asks the server as the shape of the task changes
+// (wei, shown in ETH by units.js).
 (function () {
   "use strict";
   const form = document.getElementById("task-form");
@@ -21,10 +22,10 @@
       const res = await fetch(url + "?" + params.toString(), { headers: { Accept: "application/json" } });
       if (!res.ok || mine !== seq) return;
       const est = await res.json();
-      out("est-low", est.low_eth);
-      out("est-high", est.high_eth);
-      out("est-minimum", est.minimum_eth);
-      out("est-gas", est.gas_eth);
+      out("est-low", FlexUnits.eth(est.low_wei));
+      out("est-high", FlexUnits.eth(est.high_wei));
+      out("est-minimum", FlexUnits.eth(est.minimum_wei));
+      out("est-gas", FlexUnits.ethApprox(est.gas_wei));
       out("est-basis", est.basis);
     } catch (e) { /* keep the last estimate; the server checks the budget anyway */ }
   }

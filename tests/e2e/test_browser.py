@@ -1,5 +1,6 @@
 """A buyer in a real browser: sign up, fund the wallet, post a task, find it in the list, and
-watch its page follow the chain live over the WebSocket, from bids to payouts."""
+watch its page follow the chain live over the WebSocket, from bids to payouts; markup in any
+text the page shows (the buyer's title, a device's name, any field pushed) stays text."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
 from marketplace import lifecycle, services
-from marketplace.models import Task
+from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
 from training.serialize import dumps, id_hex, model_id
 
@@ -30,6 +31,25 @@ ROUNDS = 3
 # What the aggregator reports for rounds 1..3: a plausible learning curve.
 METRICS = [(0.62, 1.31), (0.81, 0.74), (0.9, 0.41)]
 UPDATE_TIMEOUT_MS = 15_000
+# Text that would run script if a page ever put it into HTML unescaped.
+MARKUP = "<img src=x onerror=alert(1)>"
+TITLE = f"Digits on three phones {MARKUP}"
+# Replaces every string of a task.update message with MARKUP, renders it, and counts what
+# markup became elements in the page (none may).
+POISON_JS = """(markup) => {
+  const msg = JSON.parse(document.getElementById("task-data").textContent);
+  const poison = (v) => typeof v === "string" ? markup
+    : Array.isArray(v) ? v.map(poison)
+    : v && typeof v === "object"
+      ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, poison(x)]))
+    : v;
+  const bad = poison(msg);
+  const addresses = Object.keys(msg.view.device_names);
+  bad.view.device_names = Object.fromEntries(addresses.map((a) => [a, markup]));
+  bad.snapshot.bids = msg.snapshot.bids.map((b) => ({ ...poison(b), device: b.device }));
+  window.FlexTask.render(bad);
+  return document.querySelectorAll("#task-page img, #task-page script").length;
+}"""
 
 
 @pytest.fixture
@@ -95,6 +115,8 @@ def test_buyer_posts_a_task_and_watches_it_live(
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UPDATE_TIMEOUT_MS)
+    dialogs: list[str] = []  # an alert() would mean markup ran as script
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
     # Sign up: the wallet comes with the account.
     page.goto(asgi_server + "/")
@@ -113,7 +135,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
 
     # Post a task through the form (the other fields keep their defaults).
     page.get_by_role("link", name="New task").click()
-    page.fill("#id_title", "Digits on three phones")
+    page.fill("#id_title", TITLE)
     page.fill("#id_rounds", str(ROUNDS))
     page.fill("#id_min_trainers", "1")
     page.fill("#id_max_trainers", "2")
@@ -125,16 +147,17 @@ def test_buyer_posts_a_task_and_watches_it_live(
     )
     page.click("#submit-task")
     page.wait_for_url(re.compile(r"/tasks/\d+/$"))
-    task = Task.objects.get(title="Digits on three phones")
+    task = TaskOrder.objects.get(title=TITLE)
     assert task.chain_task_id == platform_market.task_count()
     assert platform_market.task(task_id=task.chain_task_id).budget_wei == 5 * 10**16
 
     # It is listed among the buyer's tasks, and its page opens from there.
     page.get_by_role("link", name="My tasks").click()
     page.get_by_role("link", name=re.compile("Digits on three phones")).click()
-    page.wait_for_url(re.compile(rf"/tasks/{task.pk}/$"))
+    page.wait_for_url(re.compile(rf"/tasks/{task.chain_task_id}/$"))
     page.wait_for_selector("#live.on")  # the socket is open
     assert page.get_attribute("#task-state", "data-state") == "pending"
+    assert MARKUP in page.inner_text("h1")  # the title, as the buyer typed it: text
     page.evaluate("window.__sameDocument = true")
 
     def sync_and_wait(js_condition: str) -> None:
@@ -147,7 +170,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
 
     # Three devices enrol and bid.
     aggregator, *trainers = (Account.create() for _ in range(4))
-    _enrol(aggregator, name="gpu-box", may_aggregate=True)
+    _enrol(aggregator, name=MARKUP, may_aggregate=True)  # a device named by a prankster
     for i, trainer in enumerate(trainers):
         _enrol(trainer, name=f"pixel-{i + 1}")
     tid = task.chain_task_id
@@ -168,6 +191,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
         )
     sync_and_wait("document.querySelectorAll('#bids-body tr').length === 4")
     page.wait_for_function("document.getElementById('bids-body').textContent.includes('pixel-3')")
+    assert MARKUP in page.inner_text("#bids-body")  # the device's name arrived live: as text
 
     # Bidding closes, the contract selects: running, with the two cheapest trainers.
     w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
@@ -239,7 +263,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
 
     # The model card: the final model's ID, who contributed and what each was paid.
     page.click("#model-link")
-    page.wait_for_url(re.compile(rf"/tasks/{task.pk}/model/$"))
+    page.wait_for_url(re.compile(rf"/tasks/{task.chain_task_id}/model/$"))
     assert page.inner_text("#final-model-id") == global_id
     assert "pixel-2" in page.inner_text("#contributors")
     page.screenshot(path=str(screenshots / "model-card-desktop.png"), full_page=True)
@@ -264,4 +288,12 @@ def test_buyer_posts_a_task_and_watches_it_live(
         path=str(screenshots / "task-list-phone.png"), full_page=True, animations="disabled"
     )
     phone.close()
+
+    # Whatever text any field of a pushed message holds, the page renders it as text.
+    page.goto(asgi_server + f"/tasks/{task.chain_task_id}/")
+    page.wait_for_selector("#live.on")
+    assert page.locator("#task-page img, #task-page script").count() == 0
+    assert page.evaluate(POISON_JS, MARKUP) == 0
+    assert MARKUP in page.inner_text("#bids-body")
+    assert dialogs == []
     context.close()

@@ -18,7 +18,7 @@ from chain.events import DeviceClass, DeviceStatus, Role
 from chain.selection import mask_of
 from core.enrolment import join_message
 from core.units import eth_text
-from marketplace import contract
+from marketplace import contract, lifecycle
 from marketplace.models import (
     Bid,
     ChainCursor,
@@ -28,9 +28,12 @@ from marketplace.models import (
     LifecycleAction,
     Payout,
     Round,
+    RoundReport,
     SelectedNode,
     Task,
+    TaskOrder,
     Update,
+    UpdateReport,
     token_digest,
 )
 from marketplace.services import (
@@ -59,6 +62,8 @@ MIRROR_MODELS = [
     ChainCursor,
     LifecycleAction,
 ]
+# Rows the website and the nodes record beside the mirror: shown, never edited by hand either.
+REPORTED_MODELS = [TaskOrder, RoundReport, UpdateReport]
 
 
 def enrol_with(raw_token: str, *, name: str = "box", device_class: str = "cpu") -> Device:
@@ -89,14 +94,15 @@ def _rpc(w3, method: str, *params):
 
 @contextlib.contextmanager
 def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
-    """A task run to the end on chain by real accounts, then mirrored by chain sync: one row
-    of every mirror model. The chain is put back afterwards (its clock was moved on)."""
+    """A task run to the end on chain by real accounts, then mirrored by chain sync, with the
+    nodes' reports: one row of every mirror and reported model. The chain is put back
+    afterwards (its clock was moved on)."""
     snapshot = _rpc(w3, "evm_snapshot")
     try:
         if buyer is None:
             buyer = user_signup(username="mirror-buyer", password="a-long-test-passphrase")
             wallet_fund(wallet=wallet_of(user=buyer))
-        task = task_create(
+        order = task_create(
             buyer=buyer,
             title="mirrored",
             spec=TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 1}),
@@ -106,7 +112,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
             budget_wei=10**16,
             bidding_window_s=60,
         )
-        task_id = task.chain_task_id
+        task_id = order.chain_task_id
         aggregator = enrol_device(name="agg", may_aggregate=True)
         trainer = enrol_device(name="trainer")
         # Seen while bidding is open, the task makes the platform ask devices to bid.
@@ -127,10 +133,10 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
         model = "0x" + "11" * 32
         publish = market.publish_global_model
         publish(sender=aggregator.account, task_id=task_id, round_number=0, model_id=model)
-        market.submit_update(
+        update = market.submit_update(
             sender=trainer.account, task_id=task_id, round_number=0, model_id="0x" + "22" * 32
         )
-        publish(
+        published = publish(
             sender=aggregator.account,
             task_id=task_id,
             round_number=1,
@@ -140,11 +146,26 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
         market.finalize(sender=contract.registrar(), task_id=task_id)
 
         assert chain_sync().status == "synced"
+        lifecycle.round_metrics_record(
+            task_id=task_id,
+            round_number=1,
+            model_id="0x" + "33" * 32,
+            tx_hash=published.tx_hash,
+            accuracy=0.5,
+        )
+        lifecycle.update_metrics_record(
+            task_id=task_id,
+            round_number=0,
+            trainer=trainer.address,
+            model_id="0x" + "22" * 32,
+            tx_hash=update.tx_hash,
+            train_s=1.0,
+        )
 
-        task.refresh_from_db()
+        task = Task.objects.get(created_tx=order.created_tx)
         assert task.state == "finalized"
-        rows = {Task: task, ChainCursor: ChainCursor.objects.get()}
-        for model_class in MIRROR_MODELS:
+        rows = {Task: task, TaskOrder: order, ChainCursor: ChainCursor.objects.get()}
+        for model_class in MIRROR_MODELS + REPORTED_MODELS:
             rows.setdefault(model_class, model_class.objects.first())
             assert rows[model_class] is not None, model_class
         yield rows
@@ -174,15 +195,19 @@ def test_revoke_is_carried_to_the_chain_and_a_second_revoke_shows_the_revert(
 ):
     device = enrol_device(name="phone-7")
     assert platform_market.device(device=device.address).status == DeviceStatus.ACTIVE
+    chain_sync()
 
     [(level, text)] = run_action(admin_client, "device", "revoke_devices", [device.pk])
 
     assert level == "success"
     assert "phone-7: revoked on chain in block" in text
     assert platform_market.device(device=device.address).status == DeviceStatus.REVOKED
+    # The Device's chain status is the mirror's: chain sync writes it from DeviceRevoked.
+    device.refresh_from_db()
+    assert device.chain_status == "active"
+    chain_sync()
     device.refresh_from_db()
     assert device.chain_status == "revoked"
-    assert device.revoked_at is not None
 
     [(level, text)] = run_action(admin_client, "device", "revoke_devices", [device.pk])
 
@@ -221,6 +246,9 @@ def test_a_device_added_in_the_admin_is_registered_on_approve(admin_client, plat
     assert info.device_class == DeviceClass.GPU
     assert info.can_aggregate is True
     device.refresh_from_db()
+    assert (device.chain_status, device.registration_tx) == ("none", "")
+    chain_sync()
+    device.refresh_from_db()
     assert device.chain_status == "active"
     assert device.registration_tx in text
 
@@ -242,8 +270,10 @@ def test_approve_of_an_active_device_names_the_revert_and_approve_reactivates_a_
     assert "FlexMarketDeviceAlreadyRegistered" in messages["a"][1]
     assert messages["b"][0] == "success"
     assert platform_market.device(device=revoked.address).status == DeviceStatus.ACTIVE
+    chain_sync()
     revoked.refresh_from_db()
-    assert revoked.revoked_at is None
+    assert revoked.chain_status == "active"
+    assert revoked.registration_tx in messages["b"][1]
 
 
 def test_device_form_refuses_a_bad_address(admin_client):
@@ -332,8 +362,8 @@ def test_join_tokens_cannot_be_edited_or_deleted(admin_client):
     assert token.label == "fixed"
 
 
-@pytest.mark.parametrize("model", MIRROR_MODELS, ids=lambda m: m.__name__)
-def test_mirror_models_are_read_only(admin_client, model, mirror_rows):
+@pytest.mark.parametrize("model", MIRROR_MODELS + REPORTED_MODELS, ids=lambda m: m.__name__)
+def test_mirror_and_reported_models_are_read_only(admin_client, model, mirror_rows):
     name = model._meta.model_name
     obj = mirror_rows[model]
     count = model.objects.count()

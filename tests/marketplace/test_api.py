@@ -13,8 +13,9 @@ from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
 from dataplane.signing import sign_request
-from marketplace.models import Bid, Task
+from marketplace.models import Bid, Task, TaskOrder
 from marketplace.services import device_revoke, task_create, user_signup, wallet_fund
+from marketplace.sync import chain_sync
 from marketplace.wallets import wallet_of
 from tests.conftest import MIN_PRICE_WEI
 from tests.marketplace.test_admin import enrol_device, task_run_to_the_end
@@ -33,7 +34,7 @@ def make_buyer(username: str):
     return user
 
 
-def make_task(buyer, *, title: str = "digits", window_s: int = 3600) -> Task:
+def make_task(buyer, *, title: str = "digits", window_s: int = 3600) -> TaskOrder:
     return task_create(
         buyer=buyer,
         title=title,
@@ -104,7 +105,7 @@ def test_token_from_username_and_password_authenticates(alice, bob):
     token = reply.json()["token"]
     client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
     listing = client.get("/api/tasks/").json()
-    assert [t["id"] for t in listing["results"]] == [own.pk]
+    assert [t["id"] for t in listing["results"]] == [own.chain_task_id]
     assert listing["results"][0]["buyer"] == "alice"
     assert listing["results"][0]["budget_wei"] == str(BUDGET_WEI)
 
@@ -130,39 +131,56 @@ def test_session_authentication_works(alice):
 
 def test_another_buyers_task_is_refused_and_staff_see_it(alice, bob, admin_user):
     task = make_task(alice)
-    path = f"/api/tasks/{task.pk}/"
+    path = f"/api/tasks/{task.chain_task_id}/"
 
-    assert_error(client_for(bob).get(path), 403, "permission_denied")
+    # Someone else's task is not found: nobody learns that it exists.
+    assert_error(client_for(bob).get(path), 404, "not_found")
     assert [t["id"] for t in client_for(bob).get("/api/tasks/").json()["results"]] == []
 
     own = client_for(alice).get(path)
     assert own.status_code == 200
     detail = own.json()
-    assert detail["chain_task_id"] == task.chain_task_id
+    assert (detail["id"], detail["state"]) == (task.chain_task_id, "pending")
     assert detail["spec"]["model"] == "digits-mlp"
     assert detail["spec_hash"] == TaskSpec.from_dict(SPEC).hash_hex
-    for nested in ("bids", "selected", "rounds_published", "payouts"):
+    for nested in ("bids", "selected", "rounds_published", "updates", "transactions", "payouts"):
         assert detail[nested] == []
 
     assert client_for(admin_user).get(path).status_code == 200
     staff_list = client_for(admin_user).get("/api/tasks/").json()
-    assert task.pk in [t["id"] for t in staff_list["results"]]
+    assert task.chain_task_id in [t["id"] for t in staff_list["results"]]
     assert_error(client_for(alice).get("/api/tasks/999999/"), 404, "not_found")
     assert [
         t["id"] for t in client_for(alice).get("/api/tasks/?state=bidding").json()["results"]
     ] == []
     assert client_for(alice).get("/api/tasks/?state=pending").json()["count"] == 1
+
+    chain_sync()
+    mirrored = client_for(alice).get(path).json()
+    assert (mirrored["id"], mirrored["state"], mirrored["title"]) == (
+        task.chain_task_id,
+        "bidding",
+        "digits",
+    )
+    assert [t["name"] for t in mirrored["transactions"]] == ["TaskCreated"]
+    assert_error(client_for(bob).get(path), 404, "not_found")
+    assert client_for(alice).get("/api/tasks/?state=pending").json()["count"] == 0
+    assert client_for(alice).get("/api/tasks/?state=bidding").json()["count"] == 1
     body = assert_error(client_for(alice).get("/api/tasks/?state=lost"), 400, "invalid")
     assert list(body["fields"]) == ["state"]
 
 
 def test_model_download_is_the_buyers_alone(alice, bob, admin_user):
     task = make_task(alice)
-    path = f"/api/tasks/{task.pk}/model/"
+    path = f"/api/tasks/{task.chain_task_id}/model/"
 
-    assert_error(client_for(bob).get(path), 403, "permission_denied")
+    assert_error(client_for(bob).get(path), 404, "not_found")
     # Fetched with the buyer's own key, so not even staff download it in the buyer's name.
-    assert_error(client_for(admin_user).get(path), 403, "permission_denied")
+    assert_error(client_for(admin_user).get(path), 403, "not_task_buyer")
+    body = assert_error(client_for(alice).get(path), 409, "model_not_ready")
+    assert body["fields"]["state"] == "pending"
+    chain_sync()
+    assert_error(client_for(admin_user).get(path), 403, "not_task_buyer")
     body = assert_error(client_for(alice).get(path), 409, "model_not_ready")
     assert body["fields"]["state"] == "bidding"
 
@@ -181,6 +199,17 @@ def test_task_list_is_paginated(alice):
     assert [t["title"] for t in second["results"]] == ["t0"]  # newest first
     assert_error(client.get("/api/tasks/", {"page": 3}), 404, "not_found")
 
+    chain_sync()  # mirrored now: the same pages, read from the mirror
+    make_task(alice, title="newest")  # ordered, not mirrored yet: listed first
+    first = client.get("/api/tasks/").json()
+    assert first["count"] == 27
+    assert [(t["title"], t["state"]) for t in first["results"][:2]] == [
+        ("newest", "pending"),
+        ("t25", "bidding"),
+    ]
+    second = client.get("/api/tasks/", {"page": 2}).json()
+    assert [t["title"] for t in second["results"]] == ["t1", "t0"]
+
 
 @pytest.fixture
 def finished(alice, platform_market, w3):
@@ -192,31 +221,34 @@ def finished(alice, platform_market, w3):
 def test_task_detail_carries_the_mirrored_trade(alice, finished):
     task = finished[Task]
 
-    detail = client_for(alice).get(f"/api/tasks/{task.pk}/").json()
+    detail = client_for(alice).get(f"/api/tasks/{task.chain_task_id}/").json()
 
     assert detail["state"] == "finalized"
     assert sorted(b["role"] for b in detail["bids"]) == ["aggregator", "trainer"]
     assert sorted(s["role"] for s in detail["selected"]) == ["aggregator", "trainer"]
     assert [r["number"] for r in detail["rounds_published"]] == [0, 1]
     assert detail["rounds_published"][1]["global_model_id"] == "0x" + "33" * 32
+    assert detail["rounds_published"][1]["accuracy"] == 0.5  # as the aggregator reported it
+    assert [u["train_s"] for u in detail["updates"]] == [1.0]  # as the trainer reported it
     # Escrow is conserved: trainer pay, aggregator fee and refund add up to the budget.
     assert sum(int(p["amount_wei"]) for p in detail["payouts"]) == int(detail["budget_wei"])
     assert {p["reason"] for p in detail["payouts"]} >= {"trainer", "aggregator"}
     listed = client_for(alice).get("/api/open-tasks/").json()["results"]
-    assert task.chain_task_id not in [t["chain_task_id"] for t in listed]
+    assert task.chain_task_id not in [t["id"] for t in listed]
 
 
 def test_bids_are_shown_to_the_tasks_buyer_and_staff(alice, bob, admin_user, finished):
     task = finished[Task]
     bid = Bid.objects.filter(task=task).first()
 
-    own = client_for(alice).get("/api/bids/", {"task": task.pk}).json()
+    own = client_for(alice).get("/api/bids/", {"task": task.chain_task_id}).json()
     assert own["count"] == 2
     assert {b["price_per_round_wei"] for b in own["results"]} == {str(MIN_PRICE_WEI)}
     assert client_for(bob).get("/api/bids/").json()["count"] == 0
-    assert_error(client_for(bob).get(f"/api/bids/{bid.pk}/"), 403, "permission_denied")
+    assert_error(client_for(bob).get(f"/api/bids/{bid.pk}/"), 404, "not_found")
     assert client_for(admin_user).get(f"/api/bids/{bid.pk}/").json()["device"] == bid.device
-    assert client_for(admin_user).get("/api/bids/").json()["count"] == 2
+    # Staff see every bid the mirror holds (the session chain has other tests' too).
+    assert client_for(admin_user).get("/api/bids/").json()["count"] == Bid.objects.count()
     body = assert_error(client_for(alice).get("/api/bids/", {"task": "x"}), 400, "invalid")
     assert list(body["fields"]) == ["task"]
 
@@ -244,7 +276,8 @@ def test_task_create_posts_the_task_on_chain(alice, platform_market):
     body = response.json()
     assert body["title"] == "via the API"
     assert body["budget_wei"] == str(BUDGET_WEI)
-    on_chain = platform_market.task(task_id=body["chain_task_id"])
+    assert body["state"] == "pending"  # ordered; chain sync mirrors it when it sees it
+    on_chain = platform_market.task(task_id=body["id"])
     assert on_chain.budget_wei == BUDGET_WEI
     assert on_chain.buyer == wallet_of(user=alice).address
     assert "0x" + on_chain.spec_hash.removeprefix("0x") == body["spec_hash"]
@@ -269,13 +302,13 @@ def test_task_create_names_the_bad_field(alice, overrides, field):
     if overrides.get("bidding_window_s", 0) is None:
         del body["bidding_window_s"]
         field = "bidding_ends"
-    count = Task.objects.count()
+    count = TaskOrder.objects.count()
 
     response = client_for(alice).post("/api/tasks/create/", body, format="json")
 
     error = assert_error(response, 400, "invalid")
     assert list(error["fields"]) == [field]
-    assert Task.objects.count() == count
+    assert TaskOrder.objects.count() == count
 
 
 def test_task_create_below_the_contracts_minimum_is_refused_with_its_error(alice):
@@ -284,7 +317,7 @@ def test_task_create_below_the_contracts_minimum_is_refused_with_its_error(alice
     )
     body = assert_error(response, 409, "budget_too_low")
     assert int(body["fields"]["minimum_wei"]) > 1
-    assert not Task.objects.exists()
+    assert not TaskOrder.objects.exists()
 
 
 # ---------------------------------------------------------------- devices
@@ -313,6 +346,17 @@ def test_devices_show_the_public_only_what_the_chain_shows(alice, admin_user):
 # ---------------------------------------------------------------- open tasks, for devices
 
 
+def open_tasks(client) -> list[dict]:
+    """Every page of the open-task list (the session's chain holds earlier tests' tasks too,
+    and chain sync mirrors them all)."""
+    url, found = "/api/open-tasks/", []
+    while url:
+        body = client.get(url).json()
+        found += body["results"]
+        url = body["next"]
+    return found
+
+
 def _signed(device, path: str, market, **kw) -> dict[str, str]:
     return sign_request(
         account=device.account, method="GET", path=path, server_address=market.address, **kw
@@ -322,18 +366,20 @@ def _signed(device, path: str, market, **kw) -> dict[str, str]:
 def test_an_enrolled_device_reads_open_tasks_with_a_signed_request(alice, platform_market):
     task = make_task(alice, title="open")
     device = enrol_device(name="trainer")
+    chain_sync()
     path = "/api/open-tasks/"
 
     response = APIClient().get(path, headers=_signed(device, path, platform_market))
 
     assert response.status_code == 200, response.content
-    [listed] = response.json()["results"]
-    assert listed["chain_task_id"] == task.chain_task_id
+    # Buyers may read the same list with their own credentials.
+    assert response.json() == client_for(alice).get(path).json()
+    [listed] = [t for t in open_tasks(client_for(alice)) if t["id"] == task.chain_task_id]
+    assert listed["title"] == "open"
+    assert {k: listed["spec"][k] for k in SPEC} == SPEC  # the order's spec, to judge by
     assert listed["budget_wei"] == str(BUDGET_WEI)
     assert listed["bid_count"] == 0
     assert "buyer" not in listed
-    # Buyers may read the same list with their own credentials.
-    assert client_for(alice).get(path).json()["results"] == [listed]
 
 
 def test_device_signatures_are_checked(alice, platform_market):
@@ -356,8 +402,9 @@ def test_device_signatures_are_checked(alice, platform_market):
     headers = _signed(stranger, path, platform_market)
     stranger.delete()
     assert_error(client.get(path, headers=headers), 401, "device_unknown")
-    # A revoked device is refused.
+    # A revoked device is refused, once chain sync has seen the revocation.
     device_revoke(device=device)
+    chain_sync()
     revoked = _signed(device, path, platform_market)
     assert_error(client.get(path, headers=revoked), 401, "device_unknown")
 
@@ -365,7 +412,7 @@ def test_device_signatures_are_checked(alice, platform_market):
 def test_devices_only_read_open_tasks(alice, platform_market):
     task = make_task(alice)
     device = enrol_device(name="trainer")
-    path = f"/api/tasks/{task.pk}/"
+    path = f"/api/tasks/{task.chain_task_id}/"
     response = APIClient().get(path, headers=_signed(device, path, platform_market))
     assert_error(response, 401, "not_authenticated")
 
@@ -373,10 +420,14 @@ def test_devices_only_read_open_tasks(alice, platform_market):
 def test_tasks_past_their_bidding_deadline_are_not_open(alice, platform_market):
     closed = make_task(alice, title="closed")
     still_open = make_task(alice, title="open")
+    chain_sync()
     # As if its bidding window had run out (waiting it out would cost the test seconds).
-    Task.objects.filter(pk=closed.pk).update(bidding_ends=timezone.now() - timedelta(seconds=1))
-    listed = client_for(alice).get("/api/open-tasks/").json()["results"]
-    assert [t["chain_task_id"] for t in listed] == [still_open.chain_task_id]
+    Task.objects.filter(chain_task_id=closed.chain_task_id).update(
+        bidding_ends=timezone.now() - timedelta(seconds=1)
+    )
+    listed = [t["id"] for t in open_tasks(client_for(alice))]
+    assert still_open.chain_task_id in listed
+    assert closed.chain_task_id not in listed
 
 
 # ---------------------------------------------------------------- schema and docs

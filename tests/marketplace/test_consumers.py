@@ -51,7 +51,9 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
     headers = _headers(task.buyer)
 
     async def follow() -> tuple[dict, dict, dict]:
-        socket = WebsocketCommunicator(application, f"/ws/tasks/{task.pk}/", headers=headers)
+        socket = WebsocketCommunicator(
+            application, f"/ws/tasks/{task.chain_task_id}/", headers=headers
+        )
         connected, _ = await socket.connect()
         assert connected
         on_connect = await socket.receive_json_from(timeout=TIMEOUT_S)
@@ -77,7 +79,18 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
 
     assert on_connect["type"] == "task.update"
     snapshot = on_connect["snapshot"]
-    assert (snapshot["id"], snapshot["state"], snapshot["rounds"]) == (task.pk, "running", [])
+    assert (snapshot["id"], snapshot["state"], snapshot["rounds_published"]) == (
+        task.chain_task_id,
+        "running",
+        [],
+    )
+    assert snapshot["title"] == task.title
+    # What the page shows is computed on the server and sent with it: names, steps.
+    assert on_connect["view"]["device_names"] == {
+        aggregator.address: "aggregator",
+        trainer.address: "dave",
+    }
+    assert [s["status"] for s in on_connect["view"]["steps"]] == ["done", "done", "now", "", ""]
     assert {b["device"]: b["role"] for b in snapshot["bids"]} == {
         aggregator.address: Role.AGGREGATOR.name.lower(),
         trainer.address: Role.TRAINER.name.lower(),
@@ -91,14 +104,14 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
     ]
     assert snapshot["budget_wei"] == str(task.budget_wei)
 
-    [round_0] = mirrored["snapshot"]["rounds"]
+    [round_0] = mirrored["snapshot"]["rounds_published"]
     assert round_0["number"] == 0
     assert round_0["global_model_id"] == initial
     assert round_0["tx_hash"] == published.tx_hash
     assert round_0["accuracy"] is None
     assert mirrored["snapshot"]["transactions"][-1]["name"] == "GlobalModelPublished"
 
-    [round_0] = measured["snapshot"]["rounds"]
+    [round_0] = measured["snapshot"]["rounds_published"]
     assert (round_0["accuracy"], round_0["loss"], round_0["gas_used"]) == (
         0.1,
         2.3,
@@ -124,13 +137,17 @@ def test_only_the_buyer_and_staff_may_watch(platform_market, mirror_env):  # noq
 
     def check(user, *, path: str = "", origin: str = "http://localhost"):
         headers = _headers(user, origin)  # the session is made here, outside the event loop
-        return async_to_sync(attempt)(path or f"/ws/tasks/{task.pk}/", headers)
+        return async_to_sync(attempt)(path or f"/ws/tasks/{task.chain_task_id}/", headers)
 
     assert check(stranger) == (False, CLOSE_FORBIDDEN)
     assert check(None) == (False, CLOSE_FORBIDDEN)
     assert check(task.buyer, path="/ws/tasks/999999999/") == (False, CLOSE_FORBIDDEN)
+    # Not mirrored yet: the buyer watches the order, pending.
+    allowed, own = check(task.buyer)
+    assert allowed
+    assert (own["snapshot"]["id"], own["snapshot"]["state"]) == (task.chain_task_id, "pending")
     # Another site's page, even in the buyer's browser (with the buyer's cookie), is refused.
     assert check(task.buyer, origin="https://evil.example")[0] is False
     allowed, snapshot = check(staff)
     assert allowed
-    assert snapshot["snapshot"]["id"] == task.pk
+    assert snapshot["snapshot"]["id"] == task.chain_task_id

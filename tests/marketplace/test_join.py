@@ -14,6 +14,7 @@ from core.enrolment import join_message
 from marketplace.errors import JoinTokenError
 from marketplace.models import Device, JoinToken
 from marketplace.services import join_token_issue, join_token_revoke
+from marketplace.sync import chain_sync
 from worker import config as device_config
 from worker.config import BidPolicy
 from worker.join import JoinError, join
@@ -49,7 +50,9 @@ def test_valid_token_enrols_and_registers_on_chain(live_server, tmp_path, platfo
     assert info.status == DeviceStatus.ACTIVE
     assert info.device_class == DeviceClass.JETSON
     assert info.can_aggregate is True
+    chain_sync()  # the Device's chain status and registration are the mirror's
     device = Device.objects.get(address=account.address)
+    assert device.chain_status == "active"
     assert device.registration_tx.startswith("0x")
     assert device.dataplane_url == cfg.dataplane_url
     issued.token.refresh_from_db()

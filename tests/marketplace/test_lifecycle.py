@@ -18,7 +18,7 @@ from chain.events import Role, TaskState
 from core.enrolment import join_message
 from core.queues import device_queue
 from marketplace import lifecycle, services
-from marketplace.models import Device, LifecycleAction, Round, Task, Update
+from marketplace.models import Device, LifecycleAction, Round, Task, TaskOrder, Update
 from marketplace.sync import ChainSync
 from tests.marketplace.test_sync import SPEC, Broker, mirror_env, register  # noqa: F401
 from training.spec import TaskSpec
@@ -66,8 +66,9 @@ def enrol(name: str, *, aggregate: bool = False) -> Node:
     return Node(device=device, account=account)
 
 
-def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> Task:
-    """A buyer signs up, funds the wallet and posts a task from the website's services."""
+def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> TaskOrder:
+    """A buyer signs up, funds the wallet and posts a task from the website's services; the
+    buyer's order is recorded, the task itself is mirrored when chain sync sees it."""
     user = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
     services.wallet_fund(wallet=user.wallet)
     return services.task_create(
@@ -90,7 +91,12 @@ def advance(market: FlexMarket, seconds: int, *, mine: bool = True) -> None:
         market.w3.provider.make_request("evm_mine", [])
 
 
-def bid(market: FlexMarket, node: Node, task: Task, *, role: Role = Role.TRAINER) -> None:
+def mirrored(order: TaskOrder) -> Task:
+    """The task chain sync mirrored from the order's transaction."""
+    return Task.objects.get(created_tx=order.created_tx)
+
+
+def bid(market: FlexMarket, node: Node, task, *, role: Role = Role.TRAINER) -> None:
     market.place_bid(
         sender=node.account,
         task_id=task.chain_task_id,
@@ -108,8 +114,9 @@ def sync() -> None:
     assert ChainSync().run().status == "synced"
 
 
-def selected_task(market: FlexMarket, aggregator: Node, trainers: list[Node]) -> Task:
-    """A posted task whose bidding ended with ``aggregator`` and ``trainers`` selected."""
+def selected_task(market: FlexMarket, aggregator: Node, trainers: list[Node]) -> TaskOrder:
+    """A posted task whose bidding ended with ``aggregator`` and ``trainers`` selected (not
+    mirrored yet: the buyer's order)."""
     task = post_task(min_trainers=len(trainers))
     bid(market, aggregator, task, role=Role.AGGREGATOR)
     for trainer in trainers:
@@ -130,6 +137,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     task = post_task()
     sync()
     sync()
+    task = mirrored(task)
     assert lifecycle.task_notify_devices(task=task) is None
     for node in (aggregator, *trainers):
         [(name, kwargs)] = mirror_env.messages(node.queue)
@@ -245,7 +253,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     }
     assert task.refunded_wei == BUDGET - 2 * TRAINER_PRICE - AGGREGATOR_PRICE
 
-    # What the aggregator reports lands on the Round, if it names the chain's model.
+    # What the aggregator reports is the Round's, if it names the chain's model.
     lifecycle.round_metrics_record(
         task_id=task.chain_task_id,
         round_number=1,
@@ -264,7 +272,12 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     )
     assert forged is None
     row = Round.objects.get(task=task, number=1)
-    assert (row.accuracy, row.loss, row.gas_used, row.updates_aggregated) == (
+    assert (
+        row.metrics.accuracy,
+        row.metrics.loss,
+        row.metrics.gas_used,
+        row.updates_aggregated,
+    ) == (
         0.9,
         0.3,
         published.gas_used,
@@ -275,7 +288,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
             task_id=task.chain_task_id, round_number=2, model_id=final, tx_hash=published.tx_hash
         )
 
-    # What a trainer reports of its own update lands on the Update, if it names the chain's.
+    # What a trainer reports of its own update is the Update's, if it names the chain's.
     submitted = Update.objects.get(task=task, round_number=0, trainer=trainers[0].address)
     lifecycle.update_metrics_record(
         task_id=task.chain_task_id,
@@ -297,8 +310,13 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         train_s=99.0,
     )
     assert forged_update is None
-    submitted.refresh_from_db()
-    assert (submitted.num_examples, submitted.local_loss, submitted.train_s) == (120, 0.5, 0.25)
+    report = Update.objects.get(pk=submitted.pk).metrics
+    assert (report.num_examples, report.loss, report.accuracy, report.train_s) == (
+        120,
+        0.5,
+        0.8,
+        0.25,
+    )
     with pytest.raises(lifecycle.UpdateNotMirroredError):
         lifecycle.update_metrics_record(
             task_id=task.chain_task_id,
@@ -335,6 +353,7 @@ def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
 
     with caplog.at_level("WARNING", logger="marketplace.lifecycle"):
         sync()
+    task = mirrored(task)
     assert "is not an enrolled device" in caplog.text
     action = LifecycleAction.objects.get(task=task, action=Action.PUBLISH_INITIAL)
     assert action.detail == {"missing": [stranger.address]}

@@ -24,8 +24,9 @@ from chain.errors import ChainUnavailableError
 from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import LocalChain, dev_accounts
 from chain.records import TxResult
-from marketplace import lifecycle
+from marketplace import lifecycle, services
 from marketplace.models import Bid, ChainCursor, ChainEventRecord, Task, TaskState
+from marketplace.selectors import task_view_get
 from marketplace.sync import ChainSync
 from marketplace.tasks import sync_chain
 from training.spec import TaskSpec
@@ -176,7 +177,8 @@ def test_running_sync_twice_gives_the_same_rows(platform_market, mirror_env, buy
     assert mirror_rows(task_id) == rows
     task = Task.objects.get(chain_task_id=task_id)
     assert task.state == TaskState.BIDDING
-    assert task.spec == {}  # created outside the website: the spec is unknown
+    assert task.order is None  # created outside the website: no order, so no title or spec
+    assert task.buyer is None  # nor a website account: the buyer's address is no wallet of it
     assert task.spec_hash == SPEC.hash_hex
     assert task.budget_wei == 10**16
     assert task.buyer_address == buyer.address
@@ -245,6 +247,36 @@ def test_a_reorg_replaces_the_orphaned_rows(platform_market, mirror_env, buyer):
     cursor = ChainCursor.objects.get(contract_address=market.address)
     assert cursor.block_hash == w3.eth.get_block(cursor.block_number)["hash"].to_0x_hex()
     assert ChainSync().run().rewinds == 0
+
+
+def test_a_task_whose_creation_a_reorg_orphans_leaves_the_buyers_order(platform_market, mirror_env):
+    """Sync drops the mirrored task of an orphaned creation; the buyer's order, the website's
+    own row, stays and shows as pending until its transaction is mined again."""
+    w3 = platform_market.w3
+    user = services.user_signup(username=f"reorged-{uuid.uuid4().hex[:6]}", password="x" * 12)
+    services.wallet_fund(wallet=user.wallet)
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    order = services.task_create(
+        buyer=user,
+        title="orphaned",
+        spec=SPEC,
+        min_trainers=1,
+        max_trainers=1,
+        round_timeout_s=600,
+        budget_wei=10**16,
+        bidding_window_s=600,
+    )
+    ChainSync().run()
+    assert task_view_get(user=user, task_id=order.chain_task_id).state == "bidding"
+
+    assert w3.provider.make_request("evm_revert", [snapshot])["result"] is True
+    w3.provider.make_request("evm_mine", [])
+    result = ChainSync().run()
+
+    assert result.rewinds == 1
+    assert not Task.objects.filter(created_tx=order.created_tx).exists()
+    view = task_view_get(user=user, task_id=order.chain_task_id)
+    assert (view.state, view.title, view.task) == ("pending", "orphaned", None)
 
 
 def test_a_record_the_chain_does_not_have_is_dropped(platform_market, mirror_env, buyer):

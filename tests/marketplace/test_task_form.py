@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from chain.client import FlexMarket
 from chain.events import TaskState
 from chain.launcher import free_port
-from chain.node import max_fee_per_gas
+from chain.node import chain_time, max_fee_per_gas
 from chain.records import MinPrices
 from core.units import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
-from marketplace import contract, services, wallets
-from marketplace.models import Bid, Device, Task
+from marketplace import contract, lifecycle, services, wallets
+from marketplace.models import Bid, Device, Task, TaskOrder
+from marketplace.sync import chain_sync
 from training.spec import AggregationSpec, TaskSpec
 
 pytestmark = pytest.mark.django_db
@@ -180,7 +181,7 @@ def test_form_refuses_bad_input_beside_the_field(logged_in, watch, overrides, fi
     assert [c for c, _ in field_errors(response, field)] == [code]
     assert f'id="errors-{field}"' in response.content.decode()
     assert watch.unchanged()
-    assert not Task.objects.exists()
+    assert not TaskOrder.objects.exists()
 
 
 def test_bidding_window_in_the_past_is_refused(logged_in, watch):
@@ -258,7 +259,7 @@ def test_an_unreachable_chain_is_said_and_nothing_is_sent(logged_in, watch, sett
     assert response.context["estimate"] is None
     settings.ETH_RPC_URL = rpc_url
     assert watch.unchanged()
-    assert not Task.objects.exists()
+    assert not TaskOrder.objects.exists()
 
 
 def test_the_form_needs_a_login(client):
@@ -275,49 +276,50 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
 
     response = logged_in.post(reverse("task-create"), form_data(budget="0.0123456789"))
 
-    task = Task.objects.get()
+    order = TaskOrder.objects.get()
     assert response.status_code == 302
-    assert response.url == reverse("task-detail", args=[task.pk])
+    assert response.url == reverse("task-detail", args=[order.chain_task_id])
     assert platform_market.task_count() == before + 1
-    assert task.state == "pending"
-    assert task.buyer == buyer
-    assert task.title == "Digits, five phones"
-    assert task.budget_wei == 12_345_678_900_000_000
-    on_chain = platform_market.task(task_id=task.chain_task_id)
+    assert order.buyer == buyer
+    assert order.title == "Digits, five phones"
+    assert order.budget_wei == 12_345_678_900_000_000
+    on_chain = platform_market.task(task_id=order.chain_task_id)
     assert on_chain.state == TaskState.BIDDING
-    assert on_chain.buyer == buyer.wallet.address
+    assert on_chain.buyer == buyer.wallet.address == order.buyer_address
     assert on_chain.budget_wei == 12_345_678_900_000_000
     spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2)
-    assert on_chain.spec_hash == task.spec_hash == spec.hash_hex
-    assert TaskSpec.from_dict(task.spec) == spec
+    assert on_chain.spec_hash == order.spec_hash == spec.hash_hex
+    assert TaskSpec.from_dict(order.spec) == spec
     assert (on_chain.rounds, on_chain.min_trainers, on_chain.max_trainers) == (2, 1, 3)
     assert on_chain.round_timeout == 600
-    assert on_chain.bidding_ends == int(task.bidding_ends.timestamp())
-    receipt = platform_market.w3.eth.get_transaction_receipt(task.created_tx)
-    assert receipt["blockNumber"] == task.created_block
+    assert on_chain.bidding_ends == int(order.bidding_ends.timestamp())
+    receipt = platform_market.w3.eth.get_transaction_receipt(order.created_tx)
+    # The website records the order only; chain sync mirrors the task from its event.
+    assert not Task.objects.exists()
+    chain_sync()
+    task = Task.objects.get(created_tx=order.created_tx)
+    assert (task.chain_task_id, task.created_block) == (order.chain_task_id, receipt["blockNumber"])
+    assert (task.order, task.buyer, task.state) == (order, buyer, "bidding")
     # The gas the estimate and the balance check assume covers what createTask needs.
     assert receipt["gasUsed"] * 12 // 10 <= services.CREATE_TASK_GAS
 
 
-def test_task_create_keeps_a_row_chain_sync_made_first(buyer, platform_market, monkeypatch):
-    """If sync mirrors TaskCreated before the service records it, one row results."""
+def test_an_order_meets_a_task_sync_mirrored_first(buyer, platform_market, monkeypatch):
+    """Sync may mirror TaskCreated before the website records the order: they still meet, by
+    the creating transaction, and sync wrote the task's row alone."""
     spec = TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=1, seed=7)
-    next_id = platform_market.task_count() + 1
-    Task.objects.create(
-        chain_task_id=next_id,
-        state="bidding",
-        buyer_address=buyer.wallet.address,
-        spec={},
-        spec_hash=spec.hash_hex,
-        budget_wei=10**16,
-        rounds=1,
-        min_trainers=1,
-        max_trainers=1,
-        bidding_ends=timezone.now(),
-        round_timeout_s=60,
-    )
+    create_task = FlexMarket.create_task
 
-    task = services.task_create(
+    def create_then_sync(self, **kwargs):
+        receipt = create_task(self, **kwargs)
+        chain_sync()
+        assert Task.objects.filter(created_tx=receipt.tx_hash).exists()
+        assert not TaskOrder.objects.exists()
+        return receipt
+
+    monkeypatch.setattr(FlexMarket, "create_task", create_then_sync)
+
+    order = services.task_create(
         buyer=buyer,
         title="CNN",
         spec=spec,
@@ -328,9 +330,63 @@ def test_task_create_keeps_a_row_chain_sync_made_first(buyer, platform_market, m
         budget_wei=10**16,
     )
 
-    assert Task.objects.count() == 1
-    assert (task.chain_task_id, task.state, task.title) == (next_id, "bidding", "CNN")
-    assert task.spec == spec.as_dict()
+    task = Task.objects.get(created_tx=order.created_tx)
+    assert (task.chain_task_id, task.state, task.created_tx) == (
+        order.chain_task_id,
+        "bidding",
+        order.created_tx,
+    )
+    assert task.order == order
+    assert lifecycle.task_spec(task) == spec.as_dict()
+
+
+def test_a_spec_that_does_not_hash_to_the_chains_is_never_sent(buyer, platform_market):
+    order = services.task_create(
+        buyer=buyer,
+        title="CNN",
+        spec=TaskSpec(model="digits-cnn", dataset="digits-8x8", rounds=1),
+        min_trainers=1,
+        max_trainers=1,
+        bidding_window_s=120,
+        round_timeout_s=60,
+        budget_wei=10**16,
+    )
+    chain_sync()
+    task = Task.objects.get(created_tx=order.created_tx)
+    assert lifecycle.task_spec(task) == order.spec
+    # An order whose spec is not the one the chain committed to is never sent to devices.
+    TaskOrder.objects.filter(pk=order.pk).update(spec_hash="0x" + "00" * 32)
+
+    assert lifecycle.task_spec(Task.objects.get(created_tx=order.created_tx)) is None
+
+
+def test_the_bidding_window_runs_on_the_chains_clock(buyer, platform_market, w3):
+    """A deadline is counted from the chain's clock, which after an evm_revert (as the browser
+    test does) or on any other node can be far from this machine's: counted from the wall
+    clock, bidding would close late and selection would find it still open."""
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    try:
+        behind = int(timezone.now().timestamp()) - 3600
+        w3.provider.make_request("evm_setTime", [behind])
+        w3.provider.make_request("evm_mine", [])
+        before = chain_time(w3)
+
+        order = services.task_create(
+            buyer=buyer,
+            title="",
+            spec=TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=1),
+            min_trainers=1,
+            max_trainers=1,
+            bidding_window_s=60,
+            round_timeout_s=60,
+            budget_wei=10**16,
+        )
+
+        ends = platform_market.task(task_id=order.chain_task_id).bidding_ends
+        assert before + 60 <= ends <= chain_time(w3) + 60
+        assert ends < behind + 600  # an hour before what the wall clock would have given
+    finally:
+        w3.provider.make_request("evm_revert", [snapshot])
 
 
 def test_task_create_needs_exactly_one_deadline(buyer):
@@ -353,7 +409,7 @@ def test_hyper_parameters_reach_the_spec(logged_in, platform_market):
 
     logged_in.post(reverse("task-create"), data)
 
-    task = Task.objects.get()
+    task = TaskOrder.objects.get()
     spec = TaskSpec.from_dict(task.spec)
     assert (spec.local_epochs, spec.batch_size, spec.learning_rate, spec.seed) == (3, 16, 0.1, 42)
     assert spec.aggregation == AggregationSpec(strategy="fedmedian")
@@ -385,8 +441,9 @@ def _device_with_bid(address: str, price: int, *, role="trainer", revoked=False)
     task = Task.objects.first() or Task.objects.create(
         chain_task_id=10_000,
         buyer_address=address,
-        spec={},
         spec_hash="0x" + "00" * 32,
+        created_tx="0x" + "cd" * 32,
+        created_block=1,
         budget_wei=1,
         rounds=1,
         min_trainers=1,
@@ -430,8 +487,7 @@ def test_estimate_endpoint_gives_exact_strings(logged_in):
     body = response.json()
     assert response.status_code == 200
     assert body["max_trainers"] == 3  # never below the minimum
-    assert body["minimum_wei"] == str(4 * 4 * MIN_PRICE_WEI)
-    assert body["minimum_eth"] == "0.0016"
+    assert body["minimum_wei"] == str(4 * 4 * MIN_PRICE_WEI)  # in ETH by units.js
     assert int(body["gas_wei"]) > 0
 
 

@@ -21,9 +21,9 @@ from core.enrolment import join_message
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from marketplace import services
-from marketplace.models import Task
+from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
-from marketplace.views import task_page
+from marketplace.task_page import page_view
 from training.serialize import dumps, id_hex, model_id
 from training.spec import TaskSpec
 from training.store import ModelStore
@@ -40,7 +40,7 @@ def _buyer(username: str):
     return user
 
 
-def _task(buyer, *, title="Digits", rounds=1, window_s=600) -> Task:
+def _task(buyer, *, title="Digits", rounds=1, window_s=600) -> TaskOrder:
     return services.task_create(
         buyer=buyer,
         title=title,
@@ -121,18 +121,34 @@ def test_task_list_shows_only_the_buyers_own_tasks(client, ada):
     response = client.get(reverse("task-list"))
 
     html = response.content.decode()
-    assert list(response.context["tasks"]) == [mine]
+    assert [t.id for t in response.context["tasks"]] == [mine.chain_task_id]
     assert "Mine" in html
     assert "Theirs" not in html
-    assert reverse("task-detail", args=[theirs.pk]) not in html
-    assert 'class="badge state-pending"' in html
+    assert reverse("task-detail", args=[theirs.chain_task_id]) not in html
+    assert 'class="badge state-pending"' in html  # ordered; chain sync has not seen it yet
+
+    chain_sync()
+    html = client.get(reverse("task-list")).content.decode()
+    assert 'class="badge state-bidding"' in html
+    assert "Mine" in html
+    assert "Theirs" not in html
+
+
+def test_markup_in_what_a_buyer_typed_shows_as_text(client, ada):
+    task = _task(ada, title="<img src=x onerror=alert(1)>")
+    for html in (
+        client.get(reverse("task-list")).content.decode(),
+        client.get(reverse("task-detail", args=[task.chain_task_id])).content.decode(),
+    ):
+        assert "<img src=x" not in html
+        assert "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
 @pytest.mark.parametrize("name", ["task-detail", "task-model", "task-model-download"])
 def test_another_buyer_cannot_see_a_task(client, ada, name):
     theirs = _task(_buyer("bob"), title="Secret")
 
-    response = client.get(reverse(name, args=[theirs.pk]))
+    response = client.get(reverse(name, args=[theirs.chain_task_id]))
 
     assert response.status_code == 404
     assert b"Secret" not in response.content
@@ -157,43 +173,56 @@ def test_task_page_renders_the_mirror(client, ada, platform_market):
         samples=300,
         role=Role.TRAINER,
     )
+    path = reverse("task-detail", args=[task.chain_task_id])
+    pending = client.get(path).content.decode()
+    assert 'data-state="pending"' in pending  # the order, before chain sync sees the task
+    assert "Digits MLP" in pending
     chain_sync()
 
-    response = client.get(reverse("task-detail", args=[task.pk]))
+    response = client.get(path)
 
     html = response.content.decode()
     assert response.status_code == 200
     assert 'data-state="bidding"' in html
+    assert "Digits MLP" in html  # the order's title beside the chain's mirror
     assert task.created_tx in html  # the createTask transaction, in full
     assert "pixel-7" in html  # the bid, by the device's name
     assert "0.0002 ETH" in html  # its price per round
-    assert f'data-ws-path="/ws/tasks/{task.pk}/"' in html
-    assert 'id="snapshot-data"' in html  # what the page script starts from
-    snapshot = response.context["snapshot"]
-    assert [b["device"] for b in snapshot["bids"]] == [trainer.address]
-    assert json.loads(json.dumps(snapshot)) == snapshot  # what the socket sends is plain JSON
+    assert f'data-ws-path="/ws/tasks/{task.chain_task_id}/"' in html
+    assert 'id="task-data"' in html  # what the page script starts from
+    message = response.context["message"]
+    assert [b["device"] for b in message["snapshot"]["bids"]] == [trainer.address]
+    assert message["view"]["device_names"] == {trainer.address: "pixel-7"}
+    assert json.loads(json.dumps(message)) == message  # what the socket sends is plain JSON
+    # The page and the API show one representation of the task.
+    api = client.get(f"/api/tasks/{task.chain_task_id}/").json()
+    assert api == json.loads(json.dumps(message["snapshot"]))
 
 
 def test_task_page_view_model():
     snapshot = {
         "state": "running",
-        "round_count": 3,
+        "rounds": 3,
         "published_rounds": 3,
         "current_round": 2,
-        "rounds": [
+        "rounds_published": [
             {"number": 0, "accuracy": None, "loss": None},
             {"number": 1, "accuracy": 0.61, "loss": 1.2},
             {"number": 2, "accuracy": 0.8, "loss": 0.7},
         ],
         "transactions": [
-            {"name": "TaskCreated", "tx_hash": "0xa", "block": 3},
-            {"name": "TaskFinalized", "tx_hash": "0xb", "block": 9},
-            {"name": "PaymentCredited", "tx_hash": "0xb", "block": 9},
-            {"name": "PaymentCredited", "tx_hash": "0xb", "block": 9},
+            {"name": "TaskCreated", "tx_hash": "0xa", "block_number": 3},
+            {"name": "TaskFinalized", "tx_hash": "0xb", "block_number": 9},
+            {"name": "PaymentCredited", "tx_hash": "0xb", "block_number": 9},
+            {"name": "PaymentCredited", "tx_hash": "0xb", "block_number": 9},
         ],
+        "refund_wei": None,
+        "bids": [],
+        "selected": [],
+        "payouts": [],
     }
 
-    page = task_page(snapshot)
+    page = page_view(snapshot)
 
     assert [s["status"] for s in page["steps"]] == ["done", "done", "now", "", ""]
     assert (page["done_rounds"], page["round_note"]) == (2, "training round 3 of 3")
@@ -203,7 +232,11 @@ def test_task_page_view_model():
         ("0xa", "Task created"),
         ("0xb", "Task finalized · 2\u00d7 payment credited"),
     ]
-    cancelled = task_page({**snapshot, "state": "cancelled", "current_round": None})
+    assert not page["refunded"]
+    cancelled = page_view(
+        {**snapshot, "state": "cancelled", "current_round": None, "refund_wei": "10"}
+    )
+    assert cancelled["refunded"]
     assert [s["status"] for s in cancelled["steps"]] == ["done", "bad", "", "", ""]
     assert cancelled["steps"][1]["label"] == "Cancelled"
 
@@ -216,7 +249,7 @@ class Trained:
     """A one-round task whose trainer has submitted; the aggregator's last steps are left to
     the test: store the final model, publish its ID on chain."""
 
-    task: Task
+    task: TaskOrder
     final_blob: bytes
     final_id: str
     store_final: Callable[[], object]
@@ -257,6 +290,7 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
         platform_market.submit_update(
             sender=trainer, task_id=tid, round_number=0, model_id=model_id(dumps([np.ones(3)]))
         )
+        chain_sync()
         yield Trained(
             task=task,
             final_blob=final,
@@ -277,7 +311,7 @@ def test_buyer_downloads_the_final_model_checked_against_the_chain(client, train
     trained.publish_final()
     task = trained.task
 
-    response = client.get(reverse("task-model-download", args=[task.pk]))
+    response = client.get(reverse("task-model-download", args=[task.chain_task_id]))
 
     assert response.status_code == 200
     assert response.content == trained.final_blob
@@ -291,20 +325,20 @@ def test_model_card_names_contributors_and_the_final_model(client, trained):
     trained.publish_final()
     chain_sync()
 
-    response = client.get(reverse("task-model", args=[trained.task.pk]))
+    response = client.get(reverse("task-model", args=[trained.task.chain_task_id]))
 
     html = response.content.decode()
     assert response.status_code == 200
     assert trained.final_id in html
     assert "gpu-box" in html
     assert "pixel-7" in html
-    assert reverse("task-model-download", args=[trained.task.pk]) in html
+    assert reverse("task-model-download", args=[trained.task.chain_task_id]) in html
 
 
 def test_no_download_before_the_task_is_trained(client, trained):
     trained.store_final()  # in the store, but not yet the task's final model on chain
 
-    response = client.get(reverse("task-model-download", args=[trained.task.pk]))
+    response = client.get(reverse("task-model-download", args=[trained.task.chain_task_id]))
 
     assert response.status_code == 409
     assert b'data-code="model_not_ready"' in response.content
@@ -313,7 +347,16 @@ def test_no_download_before_the_task_is_trained(client, trained):
 def test_download_serves_only_the_model_the_chain_names(client, trained):
     trained.publish_final()  # the chain names a model the aggregator's store does not hold
 
-    response = client.get(reverse("task-model-download", args=[trained.task.pk]))
+    response = client.get(reverse("task-model-download", args=[trained.task.chain_task_id]))
 
     assert response.status_code == 502
     assert b'data-code="model_not_found"' in response.content
+
+
+def test_no_download_while_the_task_is_only_ordered(client, ada):
+    task = _task(ada)  # on chain, but chain sync has not mirrored it
+
+    response = client.get(reverse("task-model-download", args=[task.chain_task_id]))
+
+    assert response.status_code == 409
+    assert b'data-code="model_not_ready"' in response.content

@@ -1,11 +1,10 @@
-"""The Django admin: join tokens and devices (carried to the chain), and the read-only mirror."""
+"""The admin of enrolment: join tokens, devices (carried to the chain) and buyers' wallets."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.db.models import Q
 from django.utils import timezone
@@ -13,62 +12,11 @@ from django.utils.html import format_html
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
 from chain.errors import ContractError
-from chain.node import connect
 from core.errors import FlexError
-from core.units import eth_text
 from marketplace import contract
-from marketplace.models import (
-    Bid,
-    ChainCursor,
-    ChainEventRecord,
-    Device,
-    JoinToken,
-    LifecycleAction,
-    Payout,
-    Round,
-    SelectedNode,
-    Task,
-    Update,
-    Wallet,
-)
+from marketplace.admin.common import ReadOnlyAdminMixin
+from marketplace.models import Device, JoinToken, Wallet
 from marketplace.services import device_approve, device_revoke, join_token_issue, join_token_revoke
-
-admin.site.site_header = "FLEX administration"
-admin.site.site_title = "FLEX admin"
-
-# The admin asks the node for its head while rendering; a lost node must not hang the page.
-LIVE_RPC_TIMEOUT_S = 2
-
-
-def wei_column(field: str, description: str):
-    """A list/detail column showing the wei amount in ``field`` exactly and in ETH."""
-
-    @admin.display(description=description, ordering=field)
-    def column(self, obj) -> str:
-        return eth_text(getattr(obj, field))
-
-    column.__name__ = f"{field}_display"
-    return column
-
-
-class ReadOnlyAdminMixin:
-    """The chain is the truth: mirror rows are written by chain sync only, never by hand."""
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
-class ReadOnlyInline(ReadOnlyAdminMixin, admin.TabularInline):
-    extra = 0
-    can_delete = False
-    show_change_link = True
-
 
 # ---------------------------------------------------------------- join tokens
 
@@ -246,7 +194,6 @@ class DeviceAdmin(admin.ModelAdmin):
         "may_aggregate",
         "chain_status",
         "enrolled_at",
-        "revoked_at",
         "join_token",
     ]
     list_filter = ["chain_status", "device_class", "may_aggregate", "enrolled_at"]
@@ -257,7 +204,6 @@ class DeviceAdmin(admin.ModelAdmin):
         "chain_status",
         "chain_live",
         "enrolled_at",
-        "revoked_at",
         "registration_tx",
         "join_token",
     ]
@@ -282,7 +228,8 @@ class DeviceAdmin(admin.ModelAdmin):
         return f"{info.status.name.lower()} ({info.device_class.name.lower()}{aggregate})"
 
     def _carry_to_chain(self, request, queryset, *, service, done: str) -> None:
-        """Run ``service`` for each device and report the chain's answer for each."""
+        """Run ``service`` for each device and report the chain's answer for each (its chain
+        status here follows once chain sync mirrors the event)."""
         for device in queryset:
             try:
                 receipt = service(device=device)
@@ -296,7 +243,7 @@ class DeviceAdmin(admin.ModelAdmin):
             self.message_user(
                 request,
                 f"{device.name}: {done} on chain in block {receipt.block_number} "
-                f"(tx {receipt.tx_hash}).",
+                f"(tx {receipt.tx_hash}); its status here follows when chain sync sees it.",
                 messages.SUCCESS,
             )
 
@@ -314,219 +261,3 @@ class WalletAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ["user", "address", "created_at"]
     search_fields = ["user__username", "address"]
     fields = ["user", "address", "created_at"]  # never the encrypted key
-
-
-# ---------------------------------------------------------------- the mirror
-
-
-class BidInline(ReadOnlyInline):
-    model = Bid
-    fields = ["bid_index", "device", "role", "price", "samples", "block_number", "tx_hash"]
-    readonly_fields = fields
-    price = wei_column("price_per_round_wei", "price per round")
-
-
-class SelectedNodeInline(ReadOnlyInline):
-    model = SelectedNode
-    fields = ["role", "position", "device", "price", "block_number"]
-    readonly_fields = fields
-    price = wei_column("price_per_round_wei", "price per round")
-
-
-class RoundInline(ReadOnlyInline):
-    model = Round
-    fields = [
-        "number",
-        "global_model_id",
-        "updates_aggregated",
-        "accuracy",
-        "loss",
-        "published_at",
-        "block_number",
-    ]
-    readonly_fields = fields
-
-
-class PayoutInline(ReadOnlyInline):
-    model = Payout
-    fields = ["reason", "account", "amount", "block_number", "tx_hash"]
-    readonly_fields = fields
-    amount = wei_column("amount_wei", "amount")
-
-
-class LifecycleActionInline(ReadOnlyInline):
-    model = LifecycleAction
-    fields = ["action", "round_number", "tx_hash", "fired_at"]
-    readonly_fields = fields
-    show_change_link = False
-    verbose_name_plural = "lifecycle steps fired by the platform"
-
-
-@admin.register(Task)
-class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = [
-        "id",
-        "chain_task_id",
-        "title",
-        "buyer",
-        "state",
-        "budget",
-        "rounds",
-        "published_rounds",
-        "bidding_ends",
-        "created_at",
-    ]
-    list_filter = ["state", "created_at"]
-    search_fields = ["title", "buyer__username", "buyer_address", "spec_hash", "created_tx"]
-    list_select_related = ["buyer"]
-    date_hierarchy = "created_at"
-    inlines = [SelectedNodeInline, BidInline, RoundInline, PayoutInline, LifecycleActionInline]
-    budget = wei_column("budget_wei", "budget")
-    aggregator_price = wei_column("aggregator_price_wei", "aggregator price per round")
-    trainers_paid = wei_column("trainers_paid_wei", "paid to trainers")
-    aggregator_paid = wei_column("aggregator_paid_wei", "paid to the aggregator")
-    refunded = wei_column("refunded_wei", "refunded")
-    fieldsets = [
-        (None, {"fields": ["title", "buyer", "buyer_address", "state", "failure_reason"]}),
-        ("Chain", {"fields": ["chain_task_id", "created_tx", "created_block", "spec_hash"]}),
-        (
-            "Terms",
-            {
-                "fields": [
-                    "budget",
-                    "rounds",
-                    "min_trainers",
-                    "max_trainers",
-                    "bidding_ends",
-                    "round_timeout_s",
-                    "spec",
-                ]
-            },
-        ),
-        (
-            "Progress and settlement",
-            {
-                "fields": [
-                    "aggregator",
-                    "aggregator_price",
-                    "published_rounds",
-                    "trainers_paid",
-                    "aggregator_paid",
-                    "refunded",
-                    "created_at",
-                    "updated_at",
-                ]
-            },
-        ),
-    ]
-
-
-@admin.register(Bid)
-class BidAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["task", "bid_index", "device", "role", "price", "samples", "block_number"]
-    list_filter = ["role"]
-    search_fields = ["device", "tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-    price = wei_column("price_per_round_wei", "price per round")
-
-
-@admin.register(SelectedNode)
-class SelectedNodeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["task", "role", "position", "device", "price", "block_number"]
-    list_filter = ["role"]
-    search_fields = ["device", "tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-    price = wei_column("price_per_round_wei", "price per round")
-
-
-@admin.register(Round)
-class RoundAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = [
-        "task",
-        "number",
-        "global_model_id",
-        "updates_aggregated",
-        "accuracy",
-        "loss",
-        "gas_used",
-        "published_at",
-    ]
-    search_fields = ["global_model_id", "tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-
-
-@admin.register(Update)
-class UpdateAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["task", "round_number", "position", "trainer", "model_id", "block_number"]
-    search_fields = ["trainer", "model_id", "tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-
-
-@admin.register(Payout)
-class PayoutAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["task", "reason", "account", "amount", "block_number", "tx_hash"]
-    list_filter = ["reason"]
-    search_fields = ["account", "tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-    amount = wei_column("amount_wei", "amount")
-
-
-@admin.register(ChainEventRecord)
-class ChainEventRecordAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["name", "block_number", "log_index", "task_id", "tx_hash", "seen_at"]
-    list_filter = ["name"]
-    search_fields = ["name", "tx_hash", "block_hash", "task_id"]
-
-
-@admin.register(LifecycleAction)
-class LifecycleActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["task", "action", "round_number", "tx_hash", "fired_at"]
-    list_filter = ["action"]
-    search_fields = ["tx_hash", "task__title", "task__chain_task_id"]
-    list_select_related = ["task"]
-
-
-@admin.register(ChainCursor)
-class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """The chain-sync status: how far the mirror is behind the chain."""
-
-    list_display = [
-        "contract_address",
-        "chain_id",
-        "block_number",
-        "head_block",
-        "lag_blocks",
-        "last_lag_ms",
-        "synced_at",
-        "live_head",
-    ]
-    fields = [
-        "contract_address",
-        "chain_id",
-        "deploy_block",
-        "block_number",
-        "block_hash",
-        "head_block",
-        "lag_blocks",
-        "last_lag_ms",
-        "synced_at",
-        "live_head",
-    ]
-    readonly_fields = fields
-
-    def changelist_view(self, request, extra_context=None):
-        return super().changelist_view(
-            request, extra_context={"title": "Chain sync status", **(extra_context or {})}
-        )
-
-    @admin.display(description="lag (blocks)")
-    def lag_blocks(self, obj: ChainCursor) -> int:
-        return max(obj.head_block - obj.block_number, 0)
-
-    @admin.display(description="chain head now")
-    def live_head(self, obj: ChainCursor) -> str:
-        try:
-            head = connect(settings.ETH_RPC_URL, timeout=LIVE_RPC_TIMEOUT_S).eth.block_number
-        except Exception as exc:  # any transport failure means the same here: no answer
-            return format_html("<span title='{}'>node unreachable</span>", str(exc)[:200])
-        return f"{head} ({max(head - obj.block_number, 0)} behind)"

@@ -1,0 +1,217 @@
+"""The one representation of a task (and of what hangs off it), for the task page, the API and
+the live push alike; exact wei amounts as strings of digits."""
+
+from __future__ import annotations
+
+import re
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from marketplace.models import Bid, Device, TaskState
+
+_DIGITS = re.compile(r"-?[0-9]{1,80}")
+MAX_WEI = 2**256 - 1
+
+
+@extend_schema_field(
+    {"type": "string", "pattern": "^[0-9]+$", "example": "1000000000000000000"},
+    component_name="Wei",
+)
+class WeiField(serializers.Field):
+    """An exact amount of wei: read as an integer or a string of digits, written as a string
+    (JSON numbers lose precision above 2**53 in most clients)."""
+
+    default_error_messages = {
+        "invalid": "Give wei as a whole number: an integer or a string of digits.",
+        "min_value": "Must be at least {min_value} wei.",
+        "max_value": "Must be below 2**256 wei.",
+    }
+
+    def __init__(self, *, min_value: int = 0, **kwargs) -> None:
+        self.min_value = min_value
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data) -> int:
+        if isinstance(data, bool) or not isinstance(data, int | str):
+            self.fail("invalid")
+        if isinstance(data, str):
+            if not _DIGITS.fullmatch(data.strip()):
+                self.fail("invalid")
+            data = int(data.strip())
+        if data < self.min_value:
+            self.fail("min_value", min_value=self.min_value)
+        if data > MAX_WEI:
+            self.fail("max_value")
+        return data
+
+    def to_representation(self, value: int) -> str:
+        return str(value)
+
+
+# ---------------------------------------------------------------- what hangs off a task
+
+
+class BidSerializer(serializers.ModelSerializer):
+    task = serializers.SlugRelatedField(slug_field="chain_task_id", read_only=True)
+    price_per_round_wei = WeiField()
+
+    class Meta:
+        model = Bid
+        fields = [
+            "id",
+            "task",
+            "bid_index",
+            "device",
+            "role",
+            "price_per_round_wei",
+            "samples",
+            "tx_hash",
+            "block_number",
+        ]
+
+
+class SelectedSerializer(serializers.Serializer):
+    device = serializers.CharField()
+    role = serializers.CharField()
+    position = serializers.IntegerField(allow_null=True, help_text="None for the aggregator.")
+    price_per_round_wei = WeiField()
+    tx_hash = serializers.CharField()
+    block_number = serializers.IntegerField()
+
+
+class RoundSerializer(serializers.Serializer):
+    """A published global model; accuracy, loss and gas_used as its aggregator reported them
+    (None until it does)."""
+
+    number = serializers.IntegerField()
+    global_model_id = serializers.CharField()
+    updates_aggregated = serializers.IntegerField()
+    aggregated_mask = serializers.CharField(help_text="Decimal bitmask of trainer positions.")
+    accuracy = serializers.FloatField(source="metrics.accuracy", allow_null=True)
+    loss = serializers.FloatField(source="metrics.loss", allow_null=True)
+    gas_used = serializers.IntegerField(source="metrics.gas_used", allow_null=True)
+    published_at = serializers.DateTimeField(allow_null=True)
+    tx_hash = serializers.CharField()
+    block_number = serializers.IntegerField()
+
+
+class UpdateSerializer(serializers.Serializer):
+    """A trainer's update ID; the rest as the trainer reported it on its own data."""
+
+    round = serializers.IntegerField(source="round_number")
+    trainer = serializers.CharField()
+    position = serializers.IntegerField()
+    model_id = serializers.CharField()
+    tx_hash = serializers.CharField()
+    block_number = serializers.IntegerField()
+    num_examples = serializers.IntegerField(source="metrics.num_examples", allow_null=True)
+    loss = serializers.FloatField(source="metrics.loss", allow_null=True)
+    accuracy = serializers.FloatField(source="metrics.accuracy", allow_null=True)
+    train_s = serializers.FloatField(source="metrics.train_s", allow_null=True)
+
+
+class TransactionSerializer(serializers.Serializer):
+    """A contract event of the task; args as decoded (wei and masks as decimal strings)."""
+
+    name = serializers.CharField()
+    tx_hash = serializers.CharField()
+    block_number = serializers.IntegerField()
+    log_index = serializers.IntegerField()
+    args = serializers.DictField()
+
+
+class PayoutSerializer(serializers.Serializer):
+    account = serializers.CharField()
+    reason = serializers.CharField(help_text='"trainer", "aggregator" or "refund".')
+    amount_wei = WeiField()
+    tx_hash = serializers.CharField()
+    block_number = serializers.IntegerField()
+
+
+# ---------------------------------------------------------------- the task
+
+
+class TaskSummarySerializer(serializers.Serializer):
+    """A task in a list (selectors.TaskView): ``id`` is its id on chain."""
+
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    buyer = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    state = serializers.ChoiceField(choices=TaskState.choices)
+    budget_wei = WeiField()
+    rounds = serializers.IntegerField(help_text="Rounds ordered.")
+    published_rounds = serializers.IntegerField(
+        help_text="Global models published (round 0 is the initial model)."
+    )
+    min_trainers = serializers.IntegerField()
+    max_trainers = serializers.IntegerField()
+    bidding_ends = serializers.DateTimeField()
+    created_at = serializers.DateTimeField()
+
+
+class TaskSerializer(TaskSummarySerializer):
+    """A task: the buyer's order and the chain's mirror of it, with everything that hangs off
+    it. State "pending" while sync has not mirrored the order's task."""
+
+    buyer_address = serializers.CharField()
+    spec = serializers.JSONField(allow_null=True, help_text="None if posted outside the site.")
+    spec_hash = serializers.CharField()
+    round_timeout_s = serializers.IntegerField()
+    current_round = serializers.IntegerField(
+        allow_null=True, help_text="The round trainers work on now, while running."
+    )
+    aggregator = serializers.CharField(allow_blank=True)
+    aggregator_price_wei = WeiField(allow_null=True)
+    trainers_paid_wei = WeiField(allow_null=True)
+    aggregator_paid_wei = WeiField(allow_null=True)
+    refunded_wei = WeiField(allow_null=True)
+    refund_wei = WeiField(allow_null=True, help_text="Everything credited back to the buyer.")
+    failure_reason = serializers.CharField(allow_blank=True)
+    created_tx = serializers.CharField()
+    created_block = serializers.IntegerField(allow_null=True)
+    bids = BidSerializer(many=True)
+    selected = SelectedSerializer(many=True)
+    rounds_published = RoundSerializer(many=True)
+    updates = UpdateSerializer(many=True)
+    transactions = TransactionSerializer(many=True)
+    payouts = PayoutSerializer(many=True)
+
+
+class OpenTaskSerializer(serializers.Serializer):
+    """What a device needs to decide a bid; nothing about the buyer beyond the chain's."""
+
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    spec = serializers.JSONField(allow_null=True)
+    spec_hash = serializers.CharField()
+    budget_wei = WeiField()
+    rounds = serializers.IntegerField()
+    min_trainers = serializers.IntegerField()
+    max_trainers = serializers.IntegerField()
+    bidding_ends = serializers.DateTimeField()
+    round_timeout_s = serializers.IntegerField()
+    bid_count = serializers.IntegerField()
+
+
+class DevicePublicSerializer(serializers.ModelSerializer):
+    """What the chain shows anyway: address, class, aggregation right and status."""
+
+    class Meta:
+        model = Device
+        fields = ["id", "address", "device_class", "may_aggregate", "chain_status"]
+
+
+class DeviceStaffSerializer(serializers.ModelSerializer):
+    join_token = serializers.SlugRelatedField(slug_field="label", read_only=True)
+
+    class Meta:
+        model = Device
+        fields = [
+            *DevicePublicSerializer.Meta.fields,
+            "name",
+            "dataplane_url",
+            "join_token",
+            "enrolled_at",
+            "registration_tx",
+        ]
