@@ -9,8 +9,9 @@ and each checks the chain again, under the platform account's lock, before it se
 
 Every step is safe to fire twice: the LifecycleAction row or the chain state stops a second
 one here, and the worker tasks check the chain before acting on a redelivered message.
-Celery tasks are addressed by name and queue only (the worker never imports marketplace);
-``task_id`` in every message is the contract's task id.
+Celery tasks are addressed by name and queue only (the worker never imports marketplace), and
+each takes one typed message (core.messages) naming this deployment; ``task_id`` in every
+message is the contract's task id.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
 
 from celery import Celery, current_app
 from django.db import transaction
@@ -32,7 +32,15 @@ from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time
 from chain.records import TxResult
 from core.errors import FlexError
-from core.queues import PLATFORM_QUEUE, device_queue
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    Message,
+    RoundAggregateRequest,
+    RoundTrainRequest,
+    TaskStep,
+)
+from core.queues import PLATFORM_QUEUE, device_queue, route
 from marketplace import contract
 from marketplace.consumers import task_updates_push
 from marketplace.models import (
@@ -70,11 +78,12 @@ class RoundNotMirroredError(FlexError):
 # ---------------------------------------------------------------- plumbing
 
 
-def dispatch(name: str, *, queue: str, kwargs: dict[str, Any]) -> None:
-    """Send the Celery task ``name`` to ``queue`` once the current transaction commits
-    (at once outside one). A broker failure then is logged: the commit stands."""
+def dispatch(name: str, *, queue: str, message: Message) -> None:
+    """Send ``message`` to the Celery task ``name`` on ``queue`` once the current transaction
+    commits (at once outside one). A broker failure then is logged: the commit stands."""
+    send = (celery_app or current_app).send_task
     transaction.on_commit(
-        functools.partial((celery_app or current_app).send_task, name, kwargs=kwargs, queue=queue),
+        functools.partial(send, name, kwargs={"message": message.dump()}, **route(queue)),
         robust=True,
     )
 
@@ -128,7 +137,7 @@ def _time_reached(market: FlexMarket, timestamp: int, *, after: bool = False) ->
 
 @transaction.atomic
 def task_notify_devices(*, task: Task) -> LifecycleAction | None:
-    """Ask every eligible device to bid (worker.place_bid on its own queue); each decides
+    """Ask every eligible device to bid (worker.bid on its own queue); each decides
     from its own policy. Only for tasks whose spec the platform knows."""
     spec = task_spec(task)
     if spec is None or task.chain_task_id is None or _fired(task, Action.NOTIFY_BIDS):
@@ -142,11 +151,14 @@ def task_notify_devices(*, task: Task) -> LifecycleAction | None:
     )
     if action is None:
         return None
+    deployment = contract.deployment_identity()
     for device in devices:
         dispatch(
-            "worker.place_bid",
+            "worker.bid",
             queue=device_queue(device.pk),
-            kwargs={"node_address": device.address, "task_id": task.chain_task_id, "spec": spec},
+            message=BidRequest.of(
+                deployment, node=device.address, task_id=task.chain_task_id, spec=spec
+            ),
         )
     log.info("task %s: %d device(s) asked to bid", task.chain_task_id, len(devices))
     return action
@@ -154,7 +166,7 @@ def task_notify_devices(*, task: Task) -> LifecycleAction | None:
 
 @transaction.atomic
 def task_publish_initial(*, task: Task) -> LifecycleAction | None:
-    """Ask the selected aggregator to publish the round-0 model (worker.publish_initial_model)."""
+    """Ask the selected aggregator to publish the round-0 model (worker.publish_initial)."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.PUBLISH_INITIAL):
         return None
@@ -177,9 +189,14 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
         )
         return action
     dispatch(
-        "worker.publish_initial_model",
+        "worker.publish_initial",
         queue=device_queue(aggregator.pk),
-        kwargs={"node_address": aggregator.address, "task_id": task.chain_task_id, "spec": spec},
+        message=InitialModelRequest.of(
+            contract.deployment_identity(),
+            node=aggregator.address,
+            task_id=task.chain_task_id,
+            spec=spec,
+        ),
     )
     log.info("task %s: aggregator %s asked for the initial model", task.chain_task_id, aggregator)
     return action
@@ -187,8 +204,8 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
 
 @transaction.atomic
 def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None:
-    """Open round ``round_number``: worker.train_round to each selected trainer (fetching the
-    global model from the aggregator's data plane) and worker.aggregate_round to the
+    """Open round ``round_number``: worker.train to each selected trainer (fetching the
+    global model from the aggregator's data plane) and worker.aggregate to the
     aggregator (fetching the updates from the trainers'), which waits for the updates."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.START_ROUND, round_number):
@@ -222,25 +239,28 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
         return action
     trainers = [devices.get(n.device.lower()) for n in nodes if n.role == Role.TRAINER]
     trainers = [d for d in trainers if d is not None]
+    deployment = contract.deployment_identity()
     common = {"task_id": task.chain_task_id, "round_number": round_number, "spec": spec}
     for trainer in trainers:
         dispatch(
-            "worker.train_round",
+            "worker.train",
             queue=device_queue(trainer.pk),
-            kwargs={
-                "node_address": trainer.address,
-                "aggregator_url": aggregator.dataplane_url,
+            message=RoundTrainRequest.of(
+                deployment,
+                node=trainer.address,
+                aggregator_url=aggregator.dataplane_url,
                 **common,
-            },
+            ),
         )
     dispatch(
-        "worker.aggregate_round",
+        "worker.aggregate",
         queue=device_queue(aggregator.pk),
-        kwargs={
-            "node_address": aggregator.address,
-            "trainer_urls": {t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+        message=RoundAggregateRequest.of(
+            deployment,
+            node=aggregator.address,
+            trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
             **common,
-        },
+        ),
     )
     log.info(
         "task %s: round %s opened for %d trainer(s)",
@@ -266,7 +286,7 @@ def task_react(*, task: Task, new_events: Iterable[str]) -> None:
             dispatch(
                 "marketplace.task_finalize",
                 queue=PLATFORM_QUEUE,
-                kwargs={"task_id": task.chain_task_id},
+                message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
             )
 
 
@@ -381,7 +401,7 @@ def deadlines_check() -> dict[str, list[int]]:
             dispatch(
                 f"marketplace.task_{step}",
                 queue=PLATFORM_QUEUE,
-                kwargs={"task_id": task.chain_task_id},
+                message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
             )
     return due
 

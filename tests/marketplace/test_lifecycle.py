@@ -16,8 +16,15 @@ from eth_utils import keccak
 from chain.client import FlexMarket
 from chain.events import Role, TaskState
 from core.enrolment import join_message
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    RoundAggregateRequest,
+    RoundTrainRequest,
+    TaskStep,
+)
 from core.queues import device_queue
-from marketplace import lifecycle, services
+from marketplace import contract, lifecycle, services
 from marketplace.models import Device, LifecycleAction, Round, Task, Update
 from marketplace.sync import ChainSync
 from tests.marketplace.test_sync import SPEC, Broker, mirror_env, register  # noqa: F401
@@ -131,14 +138,13 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     sync()
     assert lifecycle.task_notify_devices(task=task) is None
+    here = contract.deployment_identity()
     for node in (aggregator, *trainers):
-        [(name, kwargs)] = mirror_env.messages(node.queue)
-        assert name == "worker.place_bid"
-        assert kwargs == {
-            "node_address": node.address,
-            "task_id": task.chain_task_id,
-            "spec": SPEC.as_dict(),
-        }
+        [(name, message)] = mirror_env.messages(node.queue)
+        assert name == "worker.bid"
+        assert BidRequest.parse(message) == BidRequest.of(
+            here, node=node.address, task_id=task.chain_task_id, spec=SPEC.as_dict()
+        )
     assert mirror_env.messages(revoked.queue) == []
     task.refresh_from_db()
     assert task.state == "bidding"
@@ -150,9 +156,8 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     assert task.chain_task_id not in lifecycle.deadlines_check()["select_nodes"]
     advance(market, WINDOW_S + 1, mine=False)
     assert task.chain_task_id in lifecycle.deadlines_check()["select_nodes"]
-    assert ("marketplace.task_select_nodes", {"task_id": task.chain_task_id}) in (
-        mirror_env.messages("platform")
-    )
+    step = TaskStep.of(here, task_id=task.chain_task_id).dump()
+    assert ("marketplace.task_select_nodes", step) in mirror_env.messages("platform")
     assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is not None
     assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is None
     assert market.task(task_id=task.chain_task_id).state == TaskState.RUNNING
@@ -161,15 +166,13 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     sync()
     assert lifecycle.task_publish_initial(task=task) is None
-    publish = [m for m in mirror_env.messages(aggregator.queue) if m[0] != "worker.place_bid"]
+    publish = [m for m in mirror_env.messages(aggregator.queue) if m[0] != "worker.bid"]
     assert publish == [
         (
-            "worker.publish_initial_model",
-            {
-                "node_address": aggregator.address,
-                "task_id": task.chain_task_id,
-                "spec": SPEC.as_dict(),
-            },
+            "worker.publish_initial",
+            InitialModelRequest.of(
+                here, node=aggregator.address, task_id=task.chain_task_id, spec=SPEC.as_dict()
+            ).dump(),
         )
     ]
 
@@ -186,26 +189,28 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     for trainer in trainers:
         assert mirror_env.messages(trainer.queue)[1:] == [
             (
-                "worker.train_round",
-                {
-                    "node_address": trainer.address,
-                    "task_id": task.chain_task_id,
-                    "round_number": 0,
-                    "spec": SPEC.as_dict(),
-                    "aggregator_url": aggregator.device.dataplane_url,
-                },
+                "worker.train",
+                RoundTrainRequest.of(
+                    here,
+                    node=trainer.address,
+                    task_id=task.chain_task_id,
+                    round_number=0,
+                    spec=SPEC.as_dict(),
+                    aggregator_url=aggregator.device.dataplane_url,
+                ).dump(),
             )
         ]
     assert mirror_env.messages(aggregator.queue)[2:] == [
         (
-            "worker.aggregate_round",
-            {
-                "node_address": aggregator.address,
-                "task_id": task.chain_task_id,
-                "round_number": 0,
-                "spec": SPEC.as_dict(),
-                "trainer_urls": urls,
-            },
+            "worker.aggregate",
+            RoundAggregateRequest.of(
+                here,
+                node=aggregator.address,
+                task_id=task.chain_task_id,
+                round_number=0,
+                spec=SPEC.as_dict(),
+                trainer_urls=urls,
+            ).dump(),
         )
     ]
 
@@ -226,7 +231,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         aggregated_mask=0b11,
     )
     sync()
-    finalize = ("marketplace.task_finalize", {"task_id": task.chain_task_id})
+    finalize = ("marketplace.task_finalize", TaskStep.of(here, task_id=task.chain_task_id).dump())
     assert mirror_env.messages("platform").count(finalize) == 1
     sync()
     assert mirror_env.messages("platform").count(finalize) == 1
