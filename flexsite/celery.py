@@ -1,8 +1,10 @@
-"""The platform's Celery app: the shared queues and routing (core.queues) plus Celery beat.
+"""The platform's Celery app: the shared queues (core.queues) plus Celery beat and the gateway
+that takes devices' reports.
 
 The platform's worker and beat run with DJANGO_SETTINGS_MODULE set, which makes Celery's
 Django fix-up set Django up; beat runs the chain sync and the lifecycle's deadline check
-(``beat_schedule``). Nodes build their own app (worker.app) from the same settings.
+(``beat_schedule``). The broker is FLEX_BROKER_URL (RabbitMQ, this stack's vhost); results
+go to the platform's own Redis. Nodes build their own app (worker.app) from the same settings.
 """
 
 from __future__ import annotations
@@ -11,10 +13,15 @@ import os
 
 from celery import Celery
 
-from core.queues import PLATFORM_QUEUE, celery_settings
+from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings
 
 app = Celery("flex")
-app.conf.update(celery_settings(broker_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")))
+app.conf.update(
+    celery_settings(
+        broker_url=os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL),
+        result_backend=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
+)
 
 # Read from the same variable as settings.FLEX_SYNC_INTERVAL_S: this module needs no Django.
 SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
@@ -22,15 +29,19 @@ SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
 # run late in a burst: the next one does the same work.
 app.conf.beat_schedule = {
     "chain-sync": {
-        "task": "marketplace.sync_chain",
+        "task": "marketplace.chain_sync",
         "schedule": SYNC_INTERVAL_S,
         "options": {"queue": PLATFORM_QUEUE, "expires": max(SYNC_INTERVAL_S * 5, 5.0)},
     },
     "lifecycle-deadlines": {
-        "task": "marketplace.check_deadlines",
+        "task": "marketplace.deadlines_check",
         "schedule": SYNC_INTERVAL_S,
         "options": {"queue": PLATFORM_QUEUE, "expires": max(SYNC_INTERVAL_S * 5, 5.0)},
     },
 }
 if os.environ.get("DJANGO_SETTINGS_MODULE"):
+    from marketplace.gateway import ReportsGateway
+
     app.autodiscover_tasks(["marketplace"])
+    # Devices' reports reach the platform only through the gateway, never as Celery tasks.
+    app.steps["consumer"].add(ReportsGateway)

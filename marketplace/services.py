@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
@@ -27,7 +28,9 @@ from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
 from chain.node import chain_time, max_fee_per_gas, reachable
 from chain.records import TxResult
 from chain.transactions import transfer_eth
+from core.broker import BrokerAdmin, device_user_name, url_with, vhost_of
 from core.enrolment import join_message
+from core.queues import device_permissions
 from marketplace import contract, wallets
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
@@ -147,18 +150,6 @@ def device_enrol(
         )
     if Device.objects.filter(address=claimed).exists():
         raise DeviceAlreadyEnrolledError(address=claimed)
-
-    market = contract.market()
-    with contract.platform_account_lock() as platform:
-        receipt = market.register_device(
-            sender=platform,
-            device=claimed,
-            device_class=ChainDeviceClass[device_class.upper()],
-            can_aggregate=token.may_aggregate,
-        )
-    token.used_at = timezone.now()
-    token.challenge = ""
-    token.save(update_fields=["used_at", "challenge"])
     try:
         device = Device.objects.create(
             name=name,
@@ -167,27 +158,78 @@ def device_enrol(
             may_aggregate=token.may_aggregate,
             dataplane_url=dataplane_url,
             join_token=token,
-            registration_tx=receipt.tx_hash,
         )
     except IntegrityError as exc:
         raise DeviceAlreadyEnrolledError(address=claimed) from exc
+    # Broker access first: a broker that refuses leaves nothing registered on chain.
+    device_broker_grant(device=device)
+    try:
+        market = contract.market()
+        with contract.platform_account_lock() as platform:
+            receipt = market.register_device(
+                sender=platform,
+                device=claimed,
+                device_class=ChainDeviceClass[device_class.upper()],
+                can_aggregate=token.may_aggregate,
+            )
+    except BaseException:
+        device_broker_remove(device=device)
+        raise
+    token.used_at = timezone.now()
+    token.challenge = ""
+    token.save(update_fields=["used_at", "challenge"])
+    device.registration_tx = receipt.tx_hash
+    device.save(update_fields=["registration_tx"])
     contract.fund_gas_on_dev_chain(address=claimed)
     logger.info("device %s enrolled as %s (%s)", device.pk, claimed, device_class)
     return device
 
 
-def enrolment_config(*, device: Device) -> dict:
-    """What an enrolled device needs to start working: chain, broker and its queues."""
-    from core.queues import AGGREGATE_QUEUE, TRAIN_QUEUES
+def _broker_user(device: Device) -> tuple[str, str, str]:
+    """The device's broker vhost, user name and password. The password is derived from the
+    platform's secret key, so the platform stores none and can restore the user at will."""
+    vhost = vhost_of(settings.FLEX_BROKER_URL)
+    user = device_user_name(vhost=vhost, device_id=device.pk)
+    return vhost, user, salted_hmac("flex.broker.device", user).hexdigest()
 
+
+def device_broker_url(*, device: Device) -> str:
+    """The AMQP URL the device's worker uses: its own user, in this platform's vhost."""
+    vhost, user, password = _broker_user(device)
+    base = settings.FLEX_DEVICE_BROKER_URL or settings.FLEX_BROKER_URL
+    return url_with(base, user=user, password=password, vhost=vhost)
+
+
+def device_broker_grant(*, device: Device) -> None:
+    """Create (or restore) the device's own broker user, allowed its own queue and its
+    reports only (core.queues.device_permissions).
+
+    Raises BrokerUnavailableError when the broker's management API refuses or is down.
+    """
+    vhost, user, password = _broker_user(device)
+    BrokerAdmin(settings.FLEX_BROKER_API_URL).user_grant(
+        user=user, password=password, vhost=vhost, permissions=device_permissions(device.pk)
+    )
+
+
+def device_broker_remove(*, device: Device) -> None:
+    """Delete the device's broker user and close its connections at once (idempotent).
+
+    Raises BrokerUnavailableError when the broker's management API refuses or is down.
+    """
+    _, user, _ = _broker_user(device)
+    BrokerAdmin(settings.FLEX_BROKER_API_URL).user_delete(user)
+
+
+def enrolment_config(*, device: Device) -> dict:
+    """What an enrolled device needs to start working: chain, broker and its queue."""
     return {
         "device_id": device.pk,
         "address": device.address,
         "device_class": device.device_class,
         "may_aggregate": device.may_aggregate,
-        "queues": [device.queue, TRAIN_QUEUES[device.device_class]]
-        + ([AGGREGATE_QUEUE] if device.may_aggregate else []),
-        "broker_url": settings.FLEX_DEVICE_BROKER_URL or settings.REDIS_URL,
+        "queues": [device.queue],
+        "broker_url": device_broker_url(device=device),
         "eth_rpc_url": settings.ETH_RPC_URL,
         "chain_id": contract.chain_id(),
         "contract_address": contract.address(),
@@ -199,8 +241,11 @@ def device_approve(*, device: Device) -> TxResult:
     """Register a known device on chain (again, if it was revoked) with its recorded class and
     aggregation right, from the registrar account.
 
-    Raises the contract's error, e.g. DeviceAlreadyRegisteredError for an active device.
+    Its broker user comes back with the same credentials, so the device's own config works
+    again. Raises BrokerUnavailableError, or the contract's error, e.g.
+    DeviceAlreadyRegisteredError for an active device.
     """
+    device_broker_grant(device=device)
     with contract.platform_account_lock() as platform:
         receipt = contract.market().register_device(
             sender=platform,
@@ -223,9 +268,12 @@ def device_revoke(*, device: Device) -> TxResult:
     """Revoke a device on chain from the registrar account: it can no longer bid, be selected,
     submit or publish; what it already delivered is still paid.
 
-    Raises the contract's error: DeviceRevokedError when already revoked,
-    DeviceNotRegisteredError when it was never registered.
+    Its broker user goes first, with its open connections: from then on the device takes no
+    work and sends no report. Raises BrokerUnavailableError (then nothing changed), or the
+    contract's error: DeviceRevokedError when already revoked, DeviceNotRegisteredError when it
+    was never registered.
     """
+    device_broker_remove(device=device)
     with contract.platform_account_lock() as platform:
         receipt = contract.market().revoke_device(sender=platform, device=device.address)
     receipt.first(DeviceRevoked)
