@@ -59,10 +59,14 @@ def broker_vhost_new(label: str) -> BrokerVhost:
     return BrokerVhost(name=name, url=url_with(base, vhost=name), admin=admin)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def broker() -> Iterator[BrokerVhost]:
-    """The session's own vhost: device users made by enrolments live and die with it."""
+    """The session's own vhost: what the platform's Celery app sends in a test goes there,
+    and device users made by enrolments live and die with it."""
+    from flexsite.celery import app
+
     vhost = broker_vhost_new("test")
+    app.conf.broker_url = vhost.url  # before the app's first connection
     yield vhost
     vhost.admin.vhost_delete(vhost.name)
 
