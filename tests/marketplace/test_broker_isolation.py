@@ -18,13 +18,14 @@ from eth_account.messages import encode_defunct
 from kombu import Connection
 
 from chain.events import TaskState
-from core.broker import url_with
+from core.broker import url_with, vhost_of
 from core.messages import Deployment, MessageInvalidError, RoundReport, TaskStep, UpdateReport
 from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
 from marketplace import contract, services, tasks
 from marketplace.models import Round, Update
+from stack.backing import stack_vhost, stack_vhost_delete
 from tests.conftest import BrokerVhost, broker_vhost_new
 from tests.marketplace.test_lifecycle import Node, enrol, model_id, selected_task, sync
 from worker.app import node_app
@@ -254,3 +255,24 @@ def test_platform_steps_for_another_deployment_or_of_no_shape_are_refused(platfo
     assert exc.value.code == "message_invalid"
     with pytest.raises(MessageInvalidError):
         tasks.task_finalize(message=TaskStep.of(here, task_id=0).dump() | {"v": 2})
+
+
+def test_each_stack_has_a_namespace_of_its_own(tmp_path):
+    """A message left by one stack (a killed run) is never seen by another; a stack that
+    starts again finds its own."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    try:
+        url = stack_vhost(first)["FLEX_BROKER_URL"]
+        with Connection(url) as conn, conn.SimpleQueue("platform") as queue:
+            queue.put({"left": "behind"})
+        other = stack_vhost(second)["FLEX_BROKER_URL"]
+
+        assert vhost_of(other) != vhost_of(url)
+        with Connection(other) as conn, conn.SimpleQueue("platform") as queue:
+            assert queue.qsize() == 0
+        assert stack_vhost(first)["FLEX_BROKER_URL"] == url
+        with Connection(url) as conn, conn.SimpleQueue("platform") as queue:
+            assert queue.get(timeout=WAIT_S).payload == {"left": "behind"}
+    finally:
+        stack_vhost_delete(first)
+        stack_vhost_delete(second)
