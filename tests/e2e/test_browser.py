@@ -47,7 +47,7 @@ def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
     itself, and nothing must be left in a broker queue for another test's worker."""
     sent: list[tuple[str, dict]] = []
     monkeypatch.setattr(
-        lifecycle, "dispatch", lambda name, *, queue, kwargs: sent.append((name, kwargs))
+        lifecycle, "dispatch", lambda name, *, queue, message: sent.append((name, message.dump()))
     )
     return sent
 
