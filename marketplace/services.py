@@ -11,7 +11,6 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
-from django.utils.crypto import salted_hmac
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
@@ -28,10 +27,9 @@ from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
 from chain.node import chain_time, max_fee_per_gas, reachable
 from chain.records import TxResult
 from chain.transactions import transfer_eth
-from core.broker import BrokerAdmin, device_user_name, url_with, vhost_of
 from core.enrolment import join_message
-from core.queues import device_permissions
 from marketplace import contract, wallets
+from marketplace.device_broker import device_broker_grant, device_broker_remove, device_broker_url
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
     JoinChallengeError,
@@ -183,42 +181,6 @@ def device_enrol(
     contract.fund_gas_on_dev_chain(address=claimed)
     logger.info("device %s enrolled as %s (%s)", device.pk, claimed, device_class)
     return device
-
-
-def _broker_user(device: Device) -> tuple[str, str, str]:
-    """The device's broker vhost, user name and password. The password is derived from the
-    platform's secret key, so the platform stores none and can restore the user at will."""
-    vhost = vhost_of(settings.FLEX_BROKER_URL)
-    user = device_user_name(vhost=vhost, device_id=device.pk)
-    return vhost, user, salted_hmac("flex.broker.device", user).hexdigest()
-
-
-def device_broker_url(*, device: Device) -> str:
-    """The AMQP URL the device's worker uses: its own user, in this platform's vhost."""
-    vhost, user, password = _broker_user(device)
-    base = settings.FLEX_DEVICE_BROKER_URL or settings.FLEX_BROKER_URL
-    return url_with(base, user=user, password=password, vhost=vhost)
-
-
-def device_broker_grant(*, device: Device) -> None:
-    """Create (or restore) the device's own broker user, allowed its own queue and its
-    reports only (core.queues.device_permissions).
-
-    Raises BrokerUnavailableError when the broker's management API refuses or is down.
-    """
-    vhost, user, password = _broker_user(device)
-    BrokerAdmin(settings.FLEX_BROKER_API_URL).user_grant(
-        user=user, password=password, vhost=vhost, permissions=device_permissions(device.pk)
-    )
-
-
-def device_broker_remove(*, device: Device) -> None:
-    """Delete the device's broker user and close its connections at once (idempotent).
-
-    Raises BrokerUnavailableError when the broker's management API refuses or is down.
-    """
-    _, user, _ = _broker_user(device)
-    BrokerAdmin(settings.FLEX_BROKER_API_URL).user_delete(user)
 
 
 def enrolment_config(*, device: Device) -> dict:

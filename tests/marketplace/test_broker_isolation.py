@@ -24,6 +24,7 @@ from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
 from marketplace import contract, services, tasks
+from marketplace.device_broker import device_broker_url
 from marketplace.models import Round, Update
 from stack.backing import stack_vhost, stack_vhost_delete
 from tests.conftest import BrokerVhost, broker_vhost_new
@@ -46,7 +47,7 @@ def vhost(platform_settings) -> Iterator[BrokerVhost]:
 
 
 def url_of(node: Node) -> str:
-    return services.device_broker_url(device=node.device)
+    return device_broker_url(device=node.device)
 
 
 def publish(

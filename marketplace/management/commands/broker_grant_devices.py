@@ -4,7 +4,8 @@ stack's vhost was replaced); each keeps the credentials it was given at enrolmen
 from django.core.management.base import BaseCommand, CommandError
 
 from core.errors import FlexError
-from marketplace import lifecycle, services
+from marketplace import lifecycle
+from marketplace.device_broker import device_broker_grant
 
 
 class Command(BaseCommand):
@@ -14,7 +15,7 @@ class Command(BaseCommand):
         devices = list(lifecycle.devices_eligible())
         try:
             for device in devices:
-                services.device_broker_grant(device=device)
+                device_broker_grant(device=device)
         except FlexError as exc:
             raise CommandError(exc.message) from exc
         self.stdout.write(f"{len(devices)} device(s) have their broker users")
