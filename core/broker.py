@@ -60,9 +60,14 @@ def new_vhost_name(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(6)}"
 
 
+def device_user_prefix(vhost: str) -> str:
+    """What the broker users of one vhost's devices are named with ("/" reads "default")."""
+    return f"{vhost.strip('/') or 'default'}.device-"
+
+
 def device_user_name(*, vhost: str, device_id: int) -> str:
     """A device's broker user: named after its stack's vhost, so stacks never share one."""
-    return f"{vhost}.device-{device_id}"
+    return f"{device_user_prefix(vhost)}{device_id}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,7 @@ class BrokerAdmin:
 
     def vhost_delete(self, vhost: str) -> None:
         """The vhost, its queues and messages, and every device user named after it."""
-        prefix = f"{vhost}.device-"
+        prefix = device_user_prefix(vhost)
         for user in self._call("GET", "users").json():
             if user["name"].startswith(prefix):
                 self.user_delete(user["name"])
