@@ -59,7 +59,7 @@ def main() -> int:
         os.environ["DATABASE_URL"] = f"sqlite:///{var / 'db.sqlite3'}"
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
-        with stack(var=var, quiet_web=True) as up:
+        with stack(var=var, quiet_web=True, ephemeral=True) as up:
             summary = follow_task(
                 up,
                 out=var / "e2e",

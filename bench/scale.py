@@ -67,7 +67,11 @@ def main() -> int:
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
         with stack(
-            var=var, quiet_web=True, devices=devices, homes_per_worker=HOMES_PER_WORKER
+            var=var,
+            quiet_web=True,
+            devices=devices,
+            homes_per_worker=HOMES_PER_WORKER,
+            ephemeral=True,
         ) as up:
             summary = follow_task(
                 up,

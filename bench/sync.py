@@ -21,6 +21,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -162,9 +163,10 @@ def prefill(chain: Chain, owner: str, buyer: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- Django, apart from real data
 
 
-def django_setup(redis_db: int) -> str:
-    """Django on a throwaway test database (returns the real one's name); Celery messages
-    and Channels groups apart from any platform running on the same Redis."""
+def django_setup(var: Path) -> str:
+    """Django on a throwaway test database (returns the real one's name); Celery messages in
+    a broker vhost of the bench's own (named in ``var``), Channels groups apart from any
+    platform running on the same Redis."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "flexsite.settings")
     import django
 
@@ -174,6 +176,7 @@ def django_setup(redis_db: int) -> str:
     from django.db import connection
 
     from marketplace import lifecycle
+    from stack.backing import stack_vhost
 
     old_name = connection.settings_dict["NAME"]
     test = connection.settings_dict.setdefault("TEST", {})
@@ -184,8 +187,8 @@ def django_setup(redis_db: int) -> str:
     else:
         test["NAME"] = f"flex_bench_sync_{os.getpid()}"
     connection.creation.create_test_db(verbosity=0, autoclobber=True, keepdb=False)
-    base = settings.REDIS_URL.rsplit("/", 1)[0]
-    lifecycle.celery_app = Celery("flex-bench", broker=f"{base}/{redis_db}", set_as_current=False)
+    broker = stack_vhost(var)["FLEX_BROKER_URL"]
+    lifecycle.celery_app = Celery("flex-bench", broker=broker, set_as_current=False)
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -195,9 +198,12 @@ def django_setup(redis_db: int) -> str:
     return old_name
 
 
-def django_teardown(old_name: str) -> None:
+def django_teardown(old_name: str, var: Path) -> None:
     from django.db import connection
 
+    from stack.backing import stack_vhost_delete
+
+    stack_vhost_delete(var)
     if connection.vendor == "postgresql":
         # Threads of the socket and the watcher may still hold sessions: end them first.
         with connection.cursor() as cursor:
@@ -357,14 +363,14 @@ def table(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sync", description=__doc__)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--redis-db", type=int, default=11, help="for the bench's messages")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
     from chain.client import FlexMarket
     from chain.launcher import LocalChain, dev_accounts
 
-    real_db = django_setup(args.redis_db)
+    broker_home = tempfile.TemporaryDirectory(prefix="flex-bench-sync-")
+    real_db = django_setup(Path(broker_home.name))
     from django.conf import settings
     from django.db import connection
 
@@ -387,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             lag = measure_lag(chain, filled["devices"], buyer)
     finally:
         vendor = connection.vendor
-        django_teardown(real_db)
+        django_teardown(real_db, Path(broker_home.name))
+        broker_home.cleanup()
     results = {
         "events_per_s": throughput["events_per_s"],
         "lag_ms": lag,

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import dj_database_url
 
+from core.broker import DEFAULT_BROKER_API_URL
+from core.queues import DEFAULT_BROKER_URL
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("FLEX_VAR_DIR", BASE_DIR / "var"))
 
@@ -125,7 +128,13 @@ FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
 FLEX_MIN_TRAINER_PRICE_WEI = int(os.environ.get("FLEX_MIN_TRAINER_PRICE_WEI", 10**14))
 FLEX_MIN_AGGREGATOR_PRICE_WEI = int(os.environ.get("FLEX_MIN_AGGREGATOR_PRICE_WEI", 10**14))
 
+# The platform's own Redis: Channels layer, locks and Celery results; never handed to a device.
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# The broker (RabbitMQ): the platform's AMQP URL (its vhost is this stack's namespace), the
+# management API with an administrator's credentials (device users are made and deleted there),
+# and the AMQP address devices are told to use, without credentials (default: the platform's).
+FLEX_BROKER_URL = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
+FLEX_BROKER_API_URL = os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL)
 FLEX_DEVICE_BROKER_URL = os.environ.get("FLEX_DEVICE_BROKER_URL", "")
 
 REST_FRAMEWORK = {

@@ -17,8 +17,9 @@ from web3 import Web3
 
 from chain.client import FlexMarket
 from chain.launcher import DEV_CHAIN_ID, dev_accounts
-from chain.node import connect
+from chain.node import connect, reachable
 from chain.transactions import transfer_eth
+from core import messages
 from core.errors import FlexError
 from marketplace.errors import ContractNotDeployedError
 
@@ -48,6 +49,11 @@ def w3() -> Web3:
 
 def chain_id() -> int:
     return w3().eth.chain_id
+
+
+@functools.cache
+def _chain_id_of(rpc_url: str) -> int:
+    return connect(rpc_url).eth.chain_id
 
 
 def on_dev_chain() -> bool:
@@ -83,6 +89,13 @@ def address() -> str:
             rpc_url=settings.ETH_RPC_URL,
         )
     return record.address
+
+
+def deployment_identity() -> messages.Deployment:
+    """The deployment every message of this platform names: chain id and contract address."""
+    # A node's chain id never changes: asked once per URL and process, as messages go often.
+    with reachable():
+        return messages.Deployment(chain_id=_chain_id_of(settings.ETH_RPC_URL), contract=address())
 
 
 def market() -> FlexMarket:

@@ -9,17 +9,16 @@ and each checks the chain again, under the platform account's lock, before it se
 
 Every step is safe to fire twice: the LifecycleAction row or the chain state stops a second
 one here, and the worker tasks check the chain before acting on a redelivered message.
-Celery tasks are addressed by name and queue only (the worker never imports marketplace);
-``task_id`` in every message is the contract's task id.
+Celery tasks are addressed by name and queue only (the worker never imports marketplace), and
+each takes one typed message (core.messages) naming this deployment; ``task_id`` in every
+message is the contract's task id.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Iterable
-from typing import Any
 
 from celery import Celery, current_app
 from django.db import transaction
@@ -30,22 +29,25 @@ from chain.errors import BiddingOpenError, DeadlineNotPassedError, InvalidTaskSt
 from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time
 from chain.records import TxResult
-from core.errors import FlexError
-from core.queues import PLATFORM_QUEUE, device_queue
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    Message,
+    RoundAggregateRequest,
+    RoundTrainRequest,
+    TaskStep,
+)
+from core.queues import PLATFORM_QUEUE, device_queue, route
 from marketplace import contract
 from marketplace.models import (
     Device,
     LifecycleAction,
     Role,
     Round,
-    RoundReport,
     SelectedNode,
     Task,
     TaskState,
-    Update,
-    UpdateReport,
 )
-from marketplace.sync.push import push_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +58,15 @@ Action = LifecycleAction.Action
 celery_app: Celery | None = None
 
 
-class UpdateNotMirroredError(FlexError):
-    """Chain sync has not mirrored this update yet."""
-
-    code = "update_not_mirrored"
-
-
-class RoundNotMirroredError(FlexError):
-    """Chain sync has not mirrored this round's global model yet."""
-
-    code = "round_not_mirrored"
-
-
 # ---------------------------------------------------------------- plumbing
 
 
-def dispatch(name: str, *, queue: str, kwargs: dict[str, Any]) -> None:
-    """Send the Celery task ``name`` to ``queue`` once the current transaction commits
-    (at once outside one). A broker failure then is logged: the commit stands."""
+def dispatch(name: str, *, queue: str, message: Message) -> None:
+    """Send ``message`` to the Celery task ``name`` on ``queue`` once the current transaction
+    commits (at once outside one). A broker failure then is logged: the commit stands."""
+    send = (celery_app or current_app).send_task
     transaction.on_commit(
-        functools.partial((celery_app or current_app).send_task, name, kwargs=kwargs, queue=queue),
+        functools.partial(send, name, kwargs={"message": message.dump()}, **route(queue)),
         robust=True,
     )
 
@@ -130,7 +121,7 @@ def _time_reached(market: FlexMarket, timestamp: int, *, after: bool = False) ->
 
 @transaction.atomic
 def task_notify_devices(*, task: Task) -> LifecycleAction | None:
-    """Ask every eligible device to bid (worker.place_bid on its own queue); each decides
+    """Ask every eligible device to bid (worker.bid on its own queue); each decides
     from its own policy. Only for tasks whose spec the platform knows."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.NOTIFY_BIDS):
@@ -144,11 +135,14 @@ def task_notify_devices(*, task: Task) -> LifecycleAction | None:
     )
     if action is None:
         return None
+    deployment = contract.deployment_identity()
     for device in devices:
         dispatch(
-            "worker.place_bid",
+            "worker.bid",
             queue=device_queue(device.pk),
-            kwargs={"node_address": device.address, "task_id": task.chain_task_id, "spec": spec},
+            message=BidRequest.of(
+                deployment, node=device.address, task_id=task.chain_task_id, spec=spec
+            ),
         )
     log.info("task %s: %d device(s) asked to bid", task.chain_task_id, len(devices))
     return action
@@ -156,7 +150,7 @@ def task_notify_devices(*, task: Task) -> LifecycleAction | None:
 
 @transaction.atomic
 def task_publish_initial(*, task: Task) -> LifecycleAction | None:
-    """Ask the selected aggregator to publish the round-0 model (worker.publish_initial_model)."""
+    """Ask the selected aggregator to publish the round-0 model (worker.publish_initial)."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.PUBLISH_INITIAL):
         return None
@@ -179,9 +173,14 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
         )
         return action
     dispatch(
-        "worker.publish_initial_model",
+        "worker.publish_initial",
         queue=device_queue(aggregator.pk),
-        kwargs={"node_address": aggregator.address, "task_id": task.chain_task_id, "spec": spec},
+        message=InitialModelRequest.of(
+            contract.deployment_identity(),
+            node=aggregator.address,
+            task_id=task.chain_task_id,
+            spec=spec,
+        ),
     )
     log.info("task %s: aggregator %s asked for the initial model", task.chain_task_id, aggregator)
     return action
@@ -189,8 +188,8 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
 
 @transaction.atomic
 def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None:
-    """Open round ``round_number``: worker.train_round to each selected trainer (fetching the
-    global model from the aggregator's data plane) and worker.aggregate_round to the
+    """Open round ``round_number``: worker.train to each selected trainer (fetching the
+    global model from the aggregator's data plane) and worker.aggregate to the
     aggregator (fetching the updates from the trainers'), which waits for the updates."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.START_ROUND, round_number):
@@ -224,25 +223,28 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
         return action
     trainers = [devices.get(n.device.lower()) for n in nodes if n.role == Role.TRAINER]
     trainers = [d for d in trainers if d is not None]
+    deployment = contract.deployment_identity()
     common = {"task_id": task.chain_task_id, "round_number": round_number, "spec": spec}
     for trainer in trainers:
         dispatch(
-            "worker.train_round",
+            "worker.train",
             queue=device_queue(trainer.pk),
-            kwargs={
-                "node_address": trainer.address,
-                "aggregator_url": aggregator.dataplane_url,
+            message=RoundTrainRequest.of(
+                deployment,
+                node=trainer.address,
+                aggregator_url=aggregator.dataplane_url,
                 **common,
-            },
+            ),
         )
     dispatch(
-        "worker.aggregate_round",
+        "worker.aggregate",
         queue=device_queue(aggregator.pk),
-        kwargs={
-            "node_address": aggregator.address,
-            "trainer_urls": {t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+        message=RoundAggregateRequest.of(
+            deployment,
+            node=aggregator.address,
+            trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
             **common,
-        },
+        ),
     )
     log.info(
         "task %s: round %s opened for %d trainer(s)",
@@ -268,7 +270,7 @@ def task_react(*, task: Task, new_events: Iterable[str]) -> None:
             dispatch(
                 "marketplace.task_finalize",
                 queue=PLATFORM_QUEUE,
-                kwargs={"task_id": task.chain_task_id},
+                message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
             )
 
 
@@ -382,112 +384,6 @@ def deadlines_check() -> dict[str, list[int]]:
             dispatch(
                 f"marketplace.task_{step}",
                 queue=PLATFORM_QUEUE,
-                kwargs={"task_id": task.chain_task_id},
+                message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
             )
     return due
-
-
-# ---------------------------------------------------------------- round metrics
-
-
-def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-@transaction.atomic
-def update_metrics_record(
-    *,
-    task_id: int,
-    round_number: int,
-    trainer: str,
-    model_id: str,
-    tx_hash: str,
-    num_examples: int | None = None,
-    loss: float | None = None,
-    accuracy: float | None = None,
-    train_s: float | None = None,
-) -> UpdateReport | None:
-    """Record what a trainer measured on its own data for its update of ``round_number``.
-
-    As with round metrics, the report must name the update ID and transaction the chain has;
-    a mismatch is logged and dropped. Raises UpdateNotMirroredError until sync has it."""
-    row = (
-        Update.objects.select_for_update()
-        .filter(task__chain_task_id=task_id, round_number=round_number, trainer__iexact=trainer)
-        .first()
-    )
-    if row is None:
-        raise UpdateNotMirroredError(task_id=task_id, round=round_number, trainer=trainer)
-    if (row.model_id.lower(), row.tx_hash.lower()) != (model_id.lower(), tx_hash.lower()):
-        log.warning(
-            "task %s round %s: metrics of %s for update %s do not match the chain; dropped",
-            task_id,
-            round_number,
-            trainer,
-            model_id,
-        )
-        return None
-    report, _ = UpdateReport.objects.update_or_create(
-        update=row,
-        defaults={
-            "model_id": row.model_id,
-            "num_examples": None if num_examples is None else int(num_examples),
-            "loss": _finite(loss),
-            "accuracy": _finite(accuracy),
-            "train_s": _finite(train_s),
-        },
-    )
-    return report
-
-
-@transaction.atomic
-def round_metrics_record(
-    *,
-    task_id: int,
-    round_number: int,
-    model_id: str,
-    tx_hash: str,
-    accuracy: float | None = None,
-    loss: float | None = None,
-    gas_used: int | None = None,
-) -> RoundReport | None:
-    """Record what the aggregator measured for global model ``round_number``.
-
-    The report must name the model ID and transaction the chain has for that round (any
-    broker client could send one); a mismatch is logged and dropped. Raises
-    RoundNotMirroredError while sync has not mirrored the round yet.
-    """
-    row = (
-        Round.objects.select_for_update()
-        .filter(task__chain_task_id=task_id, number=round_number)
-        .first()
-    )
-    if row is None:
-        raise RoundNotMirroredError(task_id=task_id, round=round_number)
-    if (row.global_model_id.lower(), row.tx_hash.lower()) != (model_id.lower(), tx_hash.lower()):
-        log.warning(
-            "task %s round %s: metrics for model %s in %s do not match the chain (%s in %s); "
-            "dropped",
-            task_id,
-            round_number,
-            model_id,
-            tx_hash,
-            row.global_model_id,
-            row.tx_hash,
-        )
-        return None
-    report, _ = RoundReport.objects.update_or_create(
-        round=row,
-        defaults={
-            "model_id": row.global_model_id,
-            "tx_hash": row.tx_hash,
-            "accuracy": _finite(accuracy),
-            "loss": _finite(loss),
-            "gas_used": None if gas_used is None else int(gas_used),
-        },
-    )
-    push_on_commit(chain_task_ids=[task_id])
-    return report

@@ -29,6 +29,7 @@ from chain.records import TxResult
 from chain.transactions import transfer_eth
 from core.enrolment import join_message
 from marketplace import contract, wallets
+from marketplace.device_broker import device_broker_grant, device_broker_remove, device_broker_url
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
     JoinChallengeError,
@@ -147,18 +148,6 @@ def device_enrol(
         )
     if Device.objects.filter(address=claimed).exists():
         raise DeviceAlreadyEnrolledError(address=claimed)
-
-    market = contract.market()
-    with contract.platform_account_lock() as platform:
-        receipt = market.register_device(
-            sender=platform,
-            device=claimed,
-            device_class=ChainDeviceClass[device_class.upper()],
-            can_aggregate=token.may_aggregate,
-        )
-    token.used_at = timezone.now()
-    token.challenge = ""
-    token.save(update_fields=["used_at", "challenge"])
     try:
         device = Device.objects.create(
             name=name,
@@ -170,6 +159,25 @@ def device_enrol(
         )
     except IntegrityError as exc:
         raise DeviceAlreadyEnrolledError(address=claimed) from exc
+    # Broker access first: a broker that refuses leaves nothing registered on chain.
+    device_broker_grant(device=device)
+    try:
+        market = contract.market()
+        with contract.platform_account_lock() as platform:
+            receipt = market.register_device(
+                sender=platform,
+                device=claimed,
+                device_class=ChainDeviceClass[device_class.upper()],
+                can_aggregate=token.may_aggregate,
+            )
+    except BaseException:
+        device_broker_remove(device=device)
+        raise
+    token.used_at = timezone.now()
+    token.challenge = ""
+    token.save(update_fields=["used_at", "challenge"])
+    device.registration_tx = receipt.tx_hash
+    device.save(update_fields=["registration_tx"])
     contract.fund_gas_on_dev_chain(address=claimed)
     logger.info(
         "device %s enrolled as %s (%s) in %s", device.pk, claimed, device_class, receipt.tx_hash
@@ -178,17 +186,14 @@ def device_enrol(
 
 
 def enrolment_config(*, device: Device) -> dict:
-    """What an enrolled device needs to start working: chain, broker and its queues."""
-    from core.queues import AGGREGATE_QUEUE, TRAIN_QUEUES
-
+    """What an enrolled device needs to start working: chain, broker and its queue."""
     return {
         "device_id": device.pk,
         "address": device.address,
         "device_class": device.device_class,
         "may_aggregate": device.may_aggregate,
-        "queues": [device.queue, TRAIN_QUEUES[device.device_class]]
-        + ([AGGREGATE_QUEUE] if device.may_aggregate else []),
-        "broker_url": settings.FLEX_DEVICE_BROKER_URL or settings.REDIS_URL,
+        "queues": [device.queue],
+        "broker_url": device_broker_url(device=device),
         "eth_rpc_url": settings.ETH_RPC_URL,
         "chain_id": contract.chain_id(),
         "contract_address": contract.address(),
@@ -200,8 +205,11 @@ def device_approve(*, device: Device) -> TxResult:
     """Register a known device on chain (again, if it was revoked) with its recorded class and
     aggregation right, from the registrar account; chain sync mirrors its new status.
 
-    Raises the contract's error, e.g. DeviceAlreadyRegisteredError for an active device.
+    Its broker user comes back with the same credentials, so the device's own config works
+    again. Raises BrokerUnavailableError, or the contract's error, e.g.
+    DeviceAlreadyRegisteredError for an active device.
     """
+    device_broker_grant(device=device)
     with contract.platform_account_lock() as platform:
         receipt = contract.market().register_device(
             sender=platform,
@@ -218,9 +226,12 @@ def device_revoke(*, device: Device) -> TxResult:
     """Revoke a device on chain from the registrar account: it can no longer bid, be selected,
     submit or publish; what it already delivered is still paid. Chain sync mirrors the status.
 
-    Raises the contract's error: DeviceRevokedError when already revoked,
-    DeviceNotRegisteredError when it was never registered.
+    Its broker user goes first, with its open connections: from then on the device takes no
+    work and sends no report. Raises BrokerUnavailableError (then nothing changed), or the
+    contract's error: DeviceRevokedError when already revoked, DeviceNotRegisteredError when it
+    was never registered.
     """
+    device_broker_remove(device=device)
     with contract.platform_account_lock() as platform:
         receipt = contract.market().revoke_device(sender=platform, device=device.address)
     receipt.first(DeviceRevoked)

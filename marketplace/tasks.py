@@ -1,45 +1,69 @@
-"""The platform's Celery tasks (queue ``platform``): thin, each calling one service.
+"""The platform's Celery tasks (queue ``platform``): thin, each named after the one service it
+calls, each taking one typed message (core.messages) checked on receipt.
 
-``task_id`` is always the contract's task id. The two beat jobs never retry: the next tick
-is their retry; the platform transactions retry a lost node or a busy platform account.
+A message that does not fit its schema fails once with MessageInvalidError (no retry); one
+for another deployment is dropped with a warning. ``task_id`` is always the contract's task
+id. The two beat jobs take no message and never retry: the next tick is their retry; the
+platform transactions retry a lost node or a busy platform account.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar
 
 from celery import shared_task
 
 from chain.errors import ChainUnavailableError, TransactionRejectedError
-from marketplace import contract, lifecycle
+from core.messages import (
+    Message,
+    MessageInvalidError,
+    ReportSignatureError,
+    RoundReport,
+    TaskStep,
+    UpdateReport,
+)
+from marketplace import contract, lifecycle, reports, sync
 from marketplace.errors import ContractNotDeployedError
-from marketplace.sync import chain_sync
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=Message)
+
 # Nothing to do until the next tick: no node, or no contract deployed yet.
 NOT_NOW = (ChainUnavailableError, ContractNotDeployedError)
+# Refusals, logged without a traceback and never retried.
+REFUSED = (MessageInvalidError, ReportSignatureError, reports.ReportNotYoursError)
 PLATFORM_TX = {
     "acks_late": True,
     "autoretry_for": (ChainUnavailableError, TransactionRejectedError, contract.PlatformBusyError),
     "retry_backoff": 1,
     "retry_backoff_max": 30,
     "max_retries": 8,
+    "throws": REFUSED,
 }
+# A report may beat chain sync to what it is about: wait for the mirror to catch up.
+REPORT = {"bind": True, "acks_late": True, "ignore_result": True, "throws": REFUSED}
 
 
-@shared_task(name="marketplace.sync_chain", ignore_result=True)
-def sync_chain() -> dict:
+def received(kind: type[M], message: Any) -> M | None:
+    """The message as ``kind``, or None when it belongs to another deployment (logged)."""
+    parsed = kind.parse(message)
+    return parsed if parsed.is_for(contract.deployment_identity()) else None
+
+
+@shared_task(name="marketplace.chain_sync", ignore_result=True)
+def chain_sync() -> dict:
     """Beat, every FLEX_SYNC_INTERVAL_S: mirror new events (a busy lock skips the tick)."""
     try:
-        return chain_sync().as_dict()
+        return sync.chain_sync().as_dict()
     except NOT_NOW as exc:
         log.warning("chain sync: %s; retrying next tick", exc.message)
         return {"status": exc.code}
 
 
-@shared_task(name="marketplace.check_deadlines", ignore_result=True)
-def check_deadlines() -> dict:
+@shared_task(name="marketplace.deadlines_check", ignore_result=True)
+def deadlines_check() -> dict:
     """Beat: queue what chain time has made due (selection, abort, finalize)."""
     try:
         return lifecycle.deadlines_check()
@@ -49,87 +73,42 @@ def check_deadlines() -> dict:
 
 
 @shared_task(name="marketplace.task_select_nodes", **PLATFORM_TX)
-def task_select_nodes(*, task_id: int) -> str | None:
-    return lifecycle.task_select_nodes(task_id=task_id)
+def task_select_nodes(message: dict) -> str | None:
+    step = received(TaskStep, message)
+    return step and lifecycle.task_select_nodes(task_id=step.task_id)
 
 
 @shared_task(name="marketplace.task_finalize", **PLATFORM_TX)
-def task_finalize(*, task_id: int) -> str | None:
-    return lifecycle.task_finalize(task_id=task_id)
+def task_finalize(message: dict) -> str | None:
+    step = received(TaskStep, message)
+    return step and lifecycle.task_finalize(task_id=step.task_id)
 
 
 @shared_task(name="marketplace.task_abort", **PLATFORM_TX)
-def task_abort(*, task_id: int) -> str | None:
-    return lifecycle.task_abort(task_id=task_id)
+def task_abort(message: dict) -> str | None:
+    step = received(TaskStep, message)
+    return step and lifecycle.task_abort(task_id=step.task_id)
 
 
-@shared_task(name="marketplace.record_round_metrics", bind=True, acks_late=True, ignore_result=True)
-def record_round_metrics(
-    self,
-    *,
-    task_id: int,
-    round_number: int,
-    model_id: str,
-    tx_hash: str,
-    accuracy: float | None = None,
-    loss: float | None = None,
-    gas_used: int | None = None,
-    updates: int | None = None,
-    aggregate_s: float | None = None,
-) -> None:
-    """Sent by the aggregator, by name, right after it publishes a global model. The
-    report may beat chain sync to the round: then wait for the mirror to catch up. The
-    number of updates aggregated comes from the chain's mask; ``updates`` is only logged."""
-    log.debug(
-        "task %s round %s: %s update(s) aggregated in %ss",
-        task_id,
-        round_number,
-        updates,
-        aggregate_s,
-    )
+@shared_task(name="marketplace.round_report_record", **REPORT)
+def round_report_record(self, message: dict) -> None:
+    """Forwarded by the gateway (marketplace.gateway) from the task's aggregator."""
+    report = received(RoundReport, message)
+    if report is None:
+        return
     try:
-        lifecycle.round_metrics_record(
-            task_id=task_id,
-            round_number=round_number,
-            model_id=model_id,
-            tx_hash=tx_hash,
-            accuracy=accuracy,
-            loss=loss,
-            gas_used=gas_used,
-        )
-    except lifecycle.RoundNotMirroredError as exc:
+        reports.round_report_record(report=report.verify())
+    except reports.RoundNotMirroredError as exc:
         raise self.retry(countdown=0.5, max_retries=240) from exc
 
 
-@shared_task(
-    name="marketplace.record_update_metrics", bind=True, acks_late=True, ignore_result=True
-)
-def record_update_metrics(
-    self,
-    *,
-    task_id: int,
-    round_number: int,
-    trainer: str,
-    model_id: str,
-    tx_hash: str,
-    num_examples: int | None = None,
-    loss: float | None = None,
-    accuracy: float | None = None,
-    train_s: float | None = None,
-) -> None:
-    """Sent by a trainer, by name, right after it submits an update; waits for sync like
-    record_round_metrics."""
+@shared_task(name="marketplace.update_report_record", **REPORT)
+def update_report_record(self, message: dict) -> None:
+    """Forwarded by the gateway from a trainer, about its own update."""
+    report = received(UpdateReport, message)
+    if report is None:
+        return
     try:
-        lifecycle.update_metrics_record(
-            task_id=task_id,
-            round_number=round_number,
-            trainer=trainer,
-            model_id=model_id,
-            tx_hash=tx_hash,
-            num_examples=num_examples,
-            loss=loss,
-            accuracy=accuracy,
-            train_s=train_s,
-        )
-    except lifecycle.UpdateNotMirroredError as exc:
+        reports.update_report_record(report=report.verify())
+    except reports.UpdateNotMirroredError as exc:
         raise self.retry(countdown=0.5, max_retries=240) from exc

@@ -1,10 +1,13 @@
-"""Find or start FLEX's backing services (Redis, the database) and run a command beside them.
+"""Find or start FLEX's backing services (Redis, RabbitMQ, the database) and run a command
+beside them.
 
 `python -m stack.backing [--postgres] -- CMD...` uses REDIS_URL when a server answers there,
-else starts a private redis-server under var/ (installing Debian's package when it is missing
-and this is a root Debian host); it keeps DATABASE_URL when set, else with --postgres uses a
-PostgreSQL on 127.0.0.1:5432 when one answers, else SQLite. It says which it chose, runs CMD
-with that environment, and stops what it started when CMD ends.
+else starts a private redis-server under var/; it uses the RabbitMQ at FLEX_BROKER_URL when
+one answers there (enabling its management plugin when that is off and this is its host's
+root), else starts a private rabbitmq-server under var/ (either installing Debian's package
+when it is missing and this is a root Debian host); it keeps DATABASE_URL when set, else with
+--postgres uses a PostgreSQL on 127.0.0.1:5432 when one answers, else SQLite. It says which
+it chose, runs CMD with that environment, and stops what it started when CMD ends.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import redis
+from kombu import Connection
+
+from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin
+from core.queues import DEFAULT_BROKER_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 VAR = Path(os.environ.get("FLEX_VAR_DIR", ROOT / "var"))
@@ -51,20 +58,31 @@ def postgres_answers(url: str) -> bool:
         return False
 
 
-def redis_server_binary() -> str | None:
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-    )
+def amqp_answers(url: str) -> bool:
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0)
+        return True
+    except Exception:  # any refusal or protocol error means: not a usable broker there
+        return False
+
+
+def installed(binary: str, *, package: str) -> str | None:
+    """Path of ``binary``, installing Debian's ``package`` first when it is missing and this
+    is a root Debian host; None when it is missing and cannot be installed."""
+    found = shutil.which(binary) or (binary if Path(binary).exists() else None)
     if found or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
-    say("no Redis found: installing Debian's redis-server package")
+    say(f"no {Path(binary).name} found: installing Debian's {package} package")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     apt = ["apt-get", "-q", "-y", "-o", "Dpkg::Options::=--force-confold"]
     subprocess.run(["apt-get", "-q", "update"], check=False, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        [*apt, "install", "--no-install-recommends", "redis-server"], env=env, check=True
-    )
-    return shutil.which("redis-server") or "/usr/bin/redis-server"
+    subprocess.run([*apt, "install", "--no-install-recommends", package], env=env, check=True)
+    return shutil.which(binary) or (binary if Path(binary).exists() else None)
+
+
+def redis_server_binary() -> str | None:
+    return installed("/usr/bin/redis-server", package="redis-server")
 
 
 @contextlib.contextmanager
@@ -113,6 +131,131 @@ def local_redis() -> Iterator[str]:
         proc.wait(timeout=10)
 
 
+def wait_until(what: str, check, *, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"error: {what} did not start (see {log})")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def local_rabbitmq() -> Iterator[tuple[str, str]]:
+    """A private RabbitMQ node on free loopback ports, with its management API; its data
+    lives under var/rabbitmq/ and goes with it. Yields its AMQP URL and its API URL."""
+    from chain.launcher import free_port
+
+    # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user; the real script runs
+    # the node as whoever starts it, with its files where it is told.
+    if installed("/usr/sbin/rabbitmq-server", package="rabbitmq-server") is None:
+        raise SystemExit(
+            "error: no RabbitMQ answers at FLEX_BROKER_URL and rabbitmq-server is not "
+            "installed; install it (Debian: apt-get install rabbitmq-server) or set "
+            "FLEX_BROKER_URL and FLEX_BROKER_API_URL"
+        )
+    amqp_port, api_port, dist_port = free_port(), free_port(), free_port()
+    workdir = VAR / "rabbitmq" / str(amqp_port)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+    (workdir / "rabbitmq.conf").write_text(
+        f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+        f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {api_port}\n"
+        # Rounds may run long on a slow device: an unacked delivery is not a dead consumer.
+        "consumer_timeout = 7200000\n"
+    )
+    env = {
+        **os.environ,
+        "HOME": str(workdir),  # the node's Erlang cookie lives here
+        "RABBITMQ_NODENAME": f"flex-{amqp_port}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+        "RABBITMQ_NODE_PORT": str(amqp_port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+        "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(workdir / "log"),
+        "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
+    }
+    log = workdir / "log"
+    log.mkdir(exist_ok=True)
+    with open(log / "stdout.log", "ab") as out:
+        proc = subprocess.Popen(
+            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"amqp://guest:guest@127.0.0.1:{amqp_port}//"
+    api_url = f"http://guest:guest@127.0.0.1:{api_port}/"
+    try:
+        wait_until(
+            "rabbitmq-server",
+            lambda: BrokerAdmin(api_url).answers() and amqp_answers(url),
+            proc=proc,
+            log=log,
+            timeout=120,
+        )
+        say(f"rabbitmq: started a local rabbitmq-server at {url} (management API {api_url})")
+        yield url, api_url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def management_enable(api_url: str) -> bool:
+    """Turn on the management plugin of the RabbitMQ on this host, when we may."""
+    plugins = shutil.which("rabbitmq-plugins")
+    if plugins is None or os.geteuid() != 0:
+        return False
+    say("rabbitmq: its management API is off; enabling the rabbitmq_management plugin")
+    subprocess.run(
+        [plugins, "enable", "rabbitmq_management"],
+        check=False,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if BrokerAdmin(api_url).answers():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def stack_vhost(var: Path) -> dict[str, str]:
+    """This stack's own broker namespace: a vhost named once (FLEX_BROKER_VHOST_PREFIX and a
+    random part, kept in ``var``/broker_vhost) and created when missing, so a restart finds
+    its own work and no other stack's. Returns FLEX_BROKER_URL pointing at it."""
+    from core.broker import new_vhost_name, url_with
+
+    record = var / "broker_vhost"
+    if record.exists():
+        vhost = record.read_text().strip()
+    else:
+        vhost = new_vhost_name(os.environ.get("FLEX_BROKER_VHOST_PREFIX", "flex-"))
+        var.mkdir(parents=True, exist_ok=True)
+        record.write_text(vhost + "\n")
+    BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL)).vhost_create(vhost)
+    base = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
+    return {"FLEX_BROKER_URL": url_with(base, vhost=vhost)}
+
+
+def stack_vhost_delete(var: Path) -> None:
+    """Delete the stack's vhost, its messages and its device users (a stack that is done)."""
+    record = var / "broker_vhost"
+    if record.exists():
+        api = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
+        api.vhost_delete(record.read_text().strip())
+        record.unlink()
+
+
 @contextlib.contextmanager
 def backing_env(*, prefer_postgres: bool) -> Iterator[dict[str, str]]:
     """Environment variables pointing at a working Redis and database."""
@@ -125,6 +268,21 @@ def backing_env(*, prefer_postgres: bool) -> Iterator[dict[str, str]]:
             say(f"redis: nothing answers at {url}")
             url = stack.enter_context(local_redis())
         env["REDIS_URL"] = url
+
+        url = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
+        api_url = os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL)
+        if not amqp_answers(url):
+            say(f"rabbitmq: nothing answers at {url.rpartition('@')[2]}")
+            url, api_url = stack.enter_context(local_rabbitmq())
+        elif BrokerAdmin(api_url).answers() or management_enable(api_url):
+            say(f"rabbitmq: using the server at {url.rpartition('@')[2]}")
+        else:
+            raise SystemExit(
+                f"error: RabbitMQ answers at {url.rpartition('@')[2]} but its management API "
+                "does not at FLEX_BROKER_API_URL: run `rabbitmq-plugins enable "
+                "rabbitmq_management` on its host, or set FLEX_BROKER_API_URL"
+            )
+        env["FLEX_BROKER_URL"], env["FLEX_BROKER_API_URL"] = url, api_url
 
         if os.environ.get("DATABASE_URL"):
             say("database: using DATABASE_URL")

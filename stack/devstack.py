@@ -22,8 +22,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
+
+from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, url_with, vhost_of
+from stack.backing import stack_vhost, stack_vhost_delete
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -203,17 +207,21 @@ def stack(
     quiet_web: bool = False,
     devices: tuple[LocalDevice, ...] = LOCAL_DEVICES,
     homes_per_worker: int = 1,
+    ephemeral: bool = False,
 ) -> Iterator[dict]:
     """Bring the whole platform up; yield what a client needs; tear it all down on exit.
 
     ``homes_per_worker`` > 1 is the simulation mode: one worker process serves several
-    device identities (each with its own key, store and data-plane server).
+    device identities (each with its own key, store and data-plane server). ``ephemeral``
+    deletes the stack's broker vhost at the end (a benchmark's throwaway stack).
     """
     web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
     chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,
+        # Its own broker namespace: no message of another stack reaches this one.
+        **stack_vhost(var),
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
         "ETH_RPC_URL": f"http://127.0.0.1:{chain_port}",
         "FLEX_VAR_DIR": str(var),
@@ -223,6 +231,9 @@ def stack(
         "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
     web_url = f"http://127.0.0.1:{web_port}"
+    vhost = vhost_of(env["FLEX_BROKER_URL"])
+    broker_host = urlsplit(env["FLEX_BROKER_URL"]).netloc.rpartition("@")[2]
+    admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
         say(f"starting the local chain on 127.0.0.1:{chain_port} (state in {var}/chain/)")
@@ -260,6 +271,8 @@ def stack(
             if not enrolled(home):
                 say(f"enrolling device {device.name} ({device.device_class}) with a join token")
                 enrol(device, home=home, web_url=web_url, env=env)
+        # Devices enrolled by an earlier run keep their credentials; the broker may be new.
+        manage("broker_grant_devices", env=env)
         buyer = json.loads(manage("demo_buyer", env=env, capture=True).splitlines()[-1])
         sup.start(
             "beat",
@@ -299,25 +312,26 @@ def stack(
         for i in range(0, len(names), homes_per_worker):
             group = names[i : i + homes_per_worker]
             args = [a for n in group for a in ("--home", str(homes[n]))]
-            # The broker may have moved since enrolment (a private Redis gets a free port).
-            cmd = [PY, "-m", "worker", "start", *args, "--broker-url", env["REDIS_URL"]]
+            # One device, its own broker user (at the broker's address of this run: a private
+            # one gets a free port); several in one process (a simulation), the platform's.
+            url = url_with(_config(homes[group[0]])["broker_url"], host=broker_host)
+            cmd = [PY, "-m", "worker", "start", *args, "--broker-url"]
+            cmd.append(url if len(group) == 1 else env["FLEX_BROKER_URL"])
             sup.start(group[0] if len(group) == 1 else f"devices-{i // homes_per_worker}", cmd)
         # Work posted before the workers listen would wait in the broker past its deadlines.
-        from celery import Celery
-
-        client = Celery("flex-devstack", broker=env["REDIS_URL"], set_as_current=False)
-        expected = len(sup.procs) - 3  # all but the chain, the web server and beat
+        queues = ["platform", *(_config(h)["queues"][0] for h in homes.values())]
         wait_for(
-            f"{expected} Celery workers",
-            lambda: len(client.control.ping(timeout=0.5)) >= expected,
+            f"consumers on {len(queues)} queues",
+            lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
             timeout=180,
             sup=sup,
         )
-        client.close()
         yield {"web_url": web_url, "buyer": buyer, "supervisor": sup, "homes": homes, "env": env}
     finally:
         say("stopping every process")
         sup.stop()
+        if ephemeral:
+            stack_vhost_delete(var)
 
 
 def run(var: Path) -> int:

@@ -1,14 +1,19 @@
-"""Fixtures shared by every test: a real local Ethereum node for the whole session."""
+"""Fixtures shared by every test: a real local Ethereum node for the whole session, and a
+broker vhost of the session's own on the real RabbitMQ."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 from web3 import Web3
 
 from chain.client import FlexMarket
 from chain.launcher import LocalChain, dev_accounts
+from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, new_vhost_name, url_with
+from core.queues import DEFAULT_BROKER_URL
 
 MIN_PRICE_WEI = 10**14
 
@@ -35,10 +40,43 @@ def platform_market(chain_node: LocalChain) -> FlexMarket:
     )
 
 
+@dataclass(frozen=True)
+class BrokerVhost:
+    """A vhost on the real RabbitMQ: the platform's URL into it and the management API."""
+
+    name: str
+    url: str
+    admin: BrokerAdmin
+
+
+def broker_vhost_new(label: str) -> BrokerVhost:
+    """A fresh vhost (FLEX_BROKER_VHOST_PREFIX, ``label``, a random part); delete it after."""
+    prefix = os.environ.get("FLEX_BROKER_VHOST_PREFIX", "flex-") + label + "-"
+    admin = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
+    name = new_vhost_name(prefix)
+    admin.vhost_create(name)
+    base = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
+    return BrokerVhost(name=name, url=url_with(base, vhost=name), admin=admin)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def broker() -> Iterator[BrokerVhost]:
+    """The session's own vhost: what the platform's Celery app sends in a test goes there,
+    and device users made by enrolments live and die with it."""
+    from flexsite.celery import app
+
+    vhost = broker_vhost_new("test")
+    app.conf.broker_url = vhost.url  # before the app's first connection
+    yield vhost
+    vhost.admin.vhost_delete(vhost.name)
+
+
 @pytest.fixture
-def platform_settings(settings, chain_node, platform_market, tmp_path):
-    """Django settings pointing at the session's chain and contract."""
+def platform_settings(settings, chain_node, platform_market, broker, tmp_path):
+    """Django settings pointing at the session's chain, contract and broker vhost."""
     settings.ETH_RPC_URL = chain_node.rpc_url
     settings.FLEX_CONTRACT_ADDRESS = platform_market.address
     settings.FLEX_DEPLOYMENT_FILE = tmp_path / "deployment.json"
+    settings.FLEX_BROKER_URL = broker.url
+    settings.FLEX_BROKER_API_URL = broker.admin.api_url
     return settings

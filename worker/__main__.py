@@ -58,7 +58,11 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--home", type=Path, action="append", required=True)
     start.add_argument("--concurrency", type=int, default=1)
     start.add_argument("--loglevel", default="INFO")
-    start.add_argument("--broker-url", help="override the broker URL the platform gave at join")
+    start.add_argument(
+        "--broker-url",
+        help="override the broker URL the platform gave at join (simulations serving several "
+        "nodes from one process need one whose user may read all their queues)",
+    )
     return p
 
 
@@ -117,10 +121,10 @@ def run(
     brokers = {broker_url or n.config.broker_url for n in loaded}
     if len(brokers) != 1:
         raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
-    app = node_app(broker_url=brokers.pop())
+    queues = sorted({q for n in loaded for q in n.config.queues})
+    app = node_app(broker_url=brokers.pop(), queue=loaded[0].config.queues[0])
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
 
-    queues = sorted({q for n in loaded for q in n.config.queues})
     try:
         for n in loaded:
             n.start_dataplane()
@@ -137,6 +141,7 @@ def run(
                 loglevel,
                 "--without-gossip",
                 "--without-mingle",
+                "--without-heartbeat",
             ]
         )
     finally:

@@ -16,6 +16,7 @@ from eth_account.signers.local import LocalAccount
 from chain.client import FlexMarket
 from chain.node import chain_time, connect
 from core.errors import FlexError
+from core.messages import Deployment
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from training.datasets import Dataset, load_local, load_partition
@@ -55,6 +56,11 @@ class Node:
     @property
     def address(self) -> str:
         return self.account.address
+
+    @property
+    def deployment(self) -> Deployment:
+        """The FlexMarket this node enrolled with: messages for any other are dropped."""
+        return Deployment(chain_id=self.config.chain_id, contract=self.config.contract_address)
 
     def chain_time(self) -> int:
         return chain_time(self.market.w3)

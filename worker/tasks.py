@@ -1,18 +1,39 @@
-"""The node's Celery tasks: thin, addressed to a node by address, safe to run twice."""
+"""The node's Celery tasks: thin, each named after the service it calls, each taking one typed
+message (core.messages) that names the node and the deployment; safe to run twice.
+
+A message that does not fit its schema is refused with MessageInvalidError (logged, never
+retried); one for another deployment is dropped with a warning. What the node measured goes
+back to the platform as a report signed with the node's key, published to the exchange
+``reports`` (the only place a device's broker user may publish besides its own queue).
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar
 
 from celery import current_app, shared_task
 from kombu.exceptions import OperationalError
 
 from chain.errors import ChainUnavailableError
-from core.queues import PLATFORM_QUEUE
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    MessageInvalidError,
+    NodeWork,
+    Report,
+    RoundAggregateRequest,
+    RoundReport,
+    RoundTrainRequest,
+    UpdateReport,
+)
+from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE
 from dataplane.protocol import FetchFailedError, PolicyUnavailableError
 from worker import aggregator, node, trainer
 
 log = logging.getLogger(__name__)
+
+W = TypeVar("W", bound=NodeWork)
 
 # Worth another try later: the chain node or a peer's data plane was briefly unreachable.
 TRANSIENT = (ChainUnavailableError, FetchFailedError, PolicyUnavailableError)
@@ -22,127 +43,140 @@ RETRY = {
     "retry_backoff": 2,
     "retry_backoff_max": 60,
     "max_retries": 6,
+    # Refusals: logged without a traceback, never retried.
+    "throws": (MessageInvalidError, node.UnknownNodeError, trainer.SpecMismatchError),
 }
-# The platform's tasks that store what a round measured. Addressed by name: the worker
-# never imports the marketplace.
-ROUND_METRICS_TASK = "marketplace.record_round_metrics"
-UPDATE_METRICS_TASK = "marketplace.record_update_metrics"
 
 
-def _report(name: str, kwargs: dict) -> None:
-    """Best effort: what is on chain stands whether or not the report arrives."""
+def received(kind: type[W], message: Any) -> tuple[node.Node, W] | None:
+    """The node addressed and the message as ``kind``; None when the message belongs to
+    another deployment (logged). Raises MessageInvalidError, UnknownNodeError."""
+    work = kind.parse(message)
+    served = node.get(work.node)
+    return (served, work) if work.is_for(served.deployment) else None
+
+
+def report_send(report: Report, *, signer: node.Node) -> None:
+    """Sign ``report`` with the node's key and publish it to the platform. Best effort: what
+    is on chain stands whether or not the report arrives."""
+    signed = report.sign(signer.account)
     try:
-        current_app.send_task(name, kwargs=kwargs, queue=PLATFORM_QUEUE)
+        with current_app.producer_or_acquire() as producer:
+            producer.publish(
+                signed.dump(),
+                exchange=REPORTS_EXCHANGE,
+                routing_key=REPORTS_QUEUE,
+                serializer="json",
+                declare=[],  # the platform declares it; a device may not
+                retry=True,
+                retry_policy={"max_retries": 3},
+            )
     except (OperationalError, OSError) as exc:
-        log.warning("task %s: %s not reported: %s", kwargs["task_id"], name, exc)
+        log.warning("task %s: %s not reported: %s", report.task_id, type(report).__name__, exc)
 
 
-def report_round(published: dict | None) -> None:
-    """Tell the platform what the global model just published measured (accuracy, loss,
-    updates, gas)."""
+def report_round(served: node.Node, published: dict | None) -> None:
+    """Tell the platform what the global model just published measured."""
     if not published:
         return
-    _report(
-        ROUND_METRICS_TASK,
-        {
-            "task_id": published["task_id"],
-            "round_number": published["round"],
-            "model_id": published["model_id"],
-            "tx_hash": published["tx_hash"],
-            "gas_used": published.get("gas_used"),
-            "accuracy": published.get("accuracy"),
-            "loss": published.get("loss"),
-            "updates": published.get("updates"),
-            "aggregate_s": published.get("aggregate_s"),
-        },
+    report = RoundReport.of(
+        served.deployment,
+        device=served.address,
+        task_id=published["task_id"],
+        round_number=published["round"],
+        model_id=published["model_id"],
+        tx_hash=published["tx_hash"],
+        gas_used=published.get("gas_used"),
+        accuracy=published.get("accuracy"),
+        loss=published.get("loss"),
+        updates=published.get("updates"),
+        aggregate_s=published.get("aggregate_s"),
     )
+    report_send(report, signer=served)
 
 
-def report_update(trained: dict | None) -> None:
-    """Tell the platform what a trainer measured on its own data for its update."""
+def report_update(served: node.Node, trained: dict | None) -> None:
+    """Tell the platform what the node measured on its own data for its update."""
     if not trained or "metrics" not in trained:
         return
-    _report(
-        UPDATE_METRICS_TASK,
-        {
-            "task_id": trained["task_id"],
-            "round_number": trained["round"],
-            "trainer": trained["device"],
-            "model_id": trained["update_id"],
-            "tx_hash": trained["tx_hash"],
-            "num_examples": trained["num_examples"],
-            "loss": trained["metrics"].get("loss"),
-            "accuracy": trained["metrics"].get("accuracy"),
-            "train_s": trained["train_s"],
-        },
+    report = UpdateReport.of(
+        served.deployment,
+        device=served.address,
+        task_id=trained["task_id"],
+        round_number=trained["round"],
+        model_id=trained["update_id"],
+        tx_hash=trained["tx_hash"],
+        num_examples=trained["num_examples"],
+        loss=trained["metrics"].get("loss"),
+        accuracy=trained["metrics"].get("accuracy"),
+        train_s=trained["train_s"],
     )
+    report_send(report, signer=served)
 
 
-@shared_task(name="worker.place_bid", soft_time_limit=120, time_limit=150, **RETRY)
-def place_bid(*, node_address: str, task_id: int, spec: dict) -> dict | None:
-    decision = trainer.bid(node.get(node_address), task_id=task_id, spec=spec)
-    return (
-        None
-        if decision is None
-        else {
-            "role": decision.role.name.lower(),
-            "price_per_round_wei": str(decision.price_per_round_wei),
-            "samples": decision.samples,
-        }
-    )
+@shared_task(name="worker.bid", soft_time_limit=120, time_limit=150, **RETRY)
+def bid(message: dict) -> dict | None:
+    if (got := received(BidRequest, message)) is None:
+        return None
+    served, work = got
+    decision = trainer.bid(served, task_id=work.task_id, spec=work.spec)
+    if decision is None:
+        return None
+    return {
+        "role": decision.role.name.lower(),
+        "price_per_round_wei": str(decision.price_per_round_wei),
+        "samples": decision.samples,
+    }
 
 
-@shared_task(name="worker.publish_initial_model", soft_time_limit=300, time_limit=330, **RETRY)
-def publish_initial_model(*, node_address: str, task_id: int, spec: dict) -> dict | None:
-    published = aggregator.publish_initial(node.get(node_address), task_id=task_id, spec=spec)
-    report_round(published)
+@shared_task(name="worker.publish_initial", soft_time_limit=300, time_limit=330, **RETRY)
+def publish_initial(message: dict) -> dict | None:
+    if (got := received(InitialModelRequest, message)) is None:
+        return None
+    served, work = got
+    published = aggregator.publish_initial(served, task_id=work.task_id, spec=work.spec)
+    report_round(served, published)
     return published
 
 
-@shared_task(name="worker.train_round", soft_time_limit=1800, time_limit=1860, **RETRY)
-def train_round(
-    *, node_address: str, task_id: int, round_number: int, spec: dict, aggregator_url: str
-) -> dict | None:
+@shared_task(name="worker.train", soft_time_limit=1800, time_limit=1860, **RETRY)
+def train(message: dict) -> dict | None:
+    if (got := received(RoundTrainRequest, message)) is None:
+        return None
+    served, work = got
     trained = trainer.train(
-        node.get(node_address),
-        task_id=task_id,
-        round_number=round_number,
-        spec=spec,
-        aggregator_url=aggregator_url,
+        served,
+        task_id=work.task_id,
+        round_number=work.round_number,
+        spec=work.spec,
+        aggregator_url=work.aggregator_url,
     )
-    report_update(trained)
+    report_update(served, trained)
     return trained
 
 
-@shared_task(
-    name="worker.aggregate_round", bind=True, soft_time_limit=1800, time_limit=1860, **RETRY
-)
-def aggregate_round(
-    self,
-    *,
-    node_address: str,
-    task_id: int,
-    round_number: int,
-    spec: dict,
-    trainer_urls: dict[str, str],
-) -> dict | None:
+@shared_task(name="worker.aggregate", bind=True, soft_time_limit=1800, time_limit=1860, **RETRY)
+def aggregate(self, message: dict) -> dict | None:
     """Aggregates once every trainer submitted or the submission window closed.
 
     Until then it re-queues itself for when the window closes (or sooner, to catch the
     last submission), so it may be sent as soon as the round opens.
     """
+    if (got := received(RoundAggregateRequest, message)) is None:
+        return None
+    served, work = got
     try:
         published = aggregator.aggregate(
-            node.get(node_address),
-            task_id=task_id,
-            round_number=round_number,
-            spec=spec,
-            trainer_urls=trainer_urls,
+            served,
+            task_id=work.task_id,
+            round_number=work.round_number,
+            spec=work.spec,
+            trainer_urls=work.trainer_urls,
         )
     except aggregator.RoundNotReadyError as exc:
         # Look again soon: the last update usually lands well before the deadline. The
         # deadline bounds the retries (past it the round is ready), not a count.
         countdown = min(max(exc.seconds_left, 0.05), 0.1)
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1) from exc
-    report_round(published)
+    report_round(served, published)
     return published

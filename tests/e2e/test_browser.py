@@ -18,7 +18,7 @@ from eth_account.messages import encode_defunct
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
-from marketplace import lifecycle, services
+from marketplace import lifecycle, reports, services
 from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
 from training.serialize import dumps, id_hex, model_id
@@ -67,7 +67,7 @@ def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
     itself, and nothing must be left in a broker queue for another test's worker."""
     sent: list[tuple[str, dict]] = []
     monkeypatch.setattr(
-        lifecycle, "dispatch", lambda name, *, queue, kwargs: sent.append((name, kwargs))
+        lifecycle, "dispatch", lambda name, *, queue, message: sent.append((name, message.dump()))
     )
     return sent
 
@@ -225,7 +225,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
         )
         off_the_loop(chain_sync)
         off_the_loop(
-            lifecycle.round_metrics_record,
+            reports.round_metrics_record,
             task_id=tid,
             round_number=number,
             model_id=global_id,

@@ -7,25 +7,30 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from chain.launcher import free_port
+from stack.backing import stack_vhost_delete
 from stack.devstack import LOCAL_DEVICES
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS, ROUNDS = 3, 3
 
 
+@pytest.fixture
+def var(tmp_path) -> Iterator[Path]:
+    """The demo's state; the broker vhost it makes for itself goes with it."""
+    yield tmp_path
+    stack_vhost_delete(tmp_path)
+
+
 def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """`python -m stack.devstack demo` on free ports, its own Redis database and SQLite."""
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/13"
-    redis.Redis.from_url(url).flushdb()
+    """`python -m stack.devstack demo` on free ports, its own broker vhost and SQLite."""
     env = {
         **os.environ,
-        "REDIS_URL": url,
         "DATABASE_URL": f"sqlite:///{var / 'db.sqlite3'}",
         "FLEX_WEB_PORT": str(free_port()),
         "FLEX_CHAIN_PORT": str(free_port()),
@@ -47,8 +52,8 @@ def _paid(summary: dict) -> dict[str, int]:
     return {a.lower(): int(v) for a, v in summary["payouts_wei"].items()}
 
 
-def test_task_runs_from_budget_to_verified_model(tmp_path):
-    done, summary = _run_demo(tmp_path)
+def test_task_runs_from_budget_to_verified_model(var):
+    done, summary = _run_demo(var)
 
     assert done.returncode == 0, done.stdout[-6000:]
     assert summary["state"] == "finalized"
@@ -64,8 +69,8 @@ def test_task_runs_from_budget_to_verified_model(tmp_path):
     assert "payouts + refund == budget: True" in done.stdout
 
 
-def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(tmp_path):
-    done, summary = _run_demo(tmp_path, "--kill-in-round", "2", "--round-timeout", "12")
+def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(var):
+    done, summary = _run_demo(var, "--kill-in-round", "2", "--round-timeout", "12")
 
     assert done.returncode == 0, done.stdout[-6000:]
     killed = summary["killed_device"].lower()

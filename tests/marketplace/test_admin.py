@@ -18,7 +18,7 @@ from chain.events import DeviceClass, DeviceStatus, Role
 from chain.selection import mask_of
 from core.enrolment import join_message
 from core.units import eth_text
-from marketplace import contract, lifecycle
+from marketplace import contract, reports
 from marketplace.models import (
     Bid,
     ChainCursor,
@@ -146,14 +146,14 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
         market.finalize(sender=contract.registrar(), task_id=task_id)
 
         assert chain_sync().status == "synced"
-        lifecycle.round_metrics_record(
+        reports.round_metrics_record(
             task_id=task_id,
             round_number=1,
             model_id="0x" + "33" * 32,
             tx_hash=published.tx_hash,
             accuracy=0.5,
         )
-        lifecycle.update_metrics_record(
+        reports.update_metrics_record(
             task_id=task_id,
             round_number=0,
             trainer=trainer.address,

@@ -13,9 +13,11 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 
 from chain.events import Role
+from core.messages import RoundReport
 from flexsite.asgi import application
+from marketplace import contract
 from marketplace.consumers import CLOSE_FORBIDDEN
-from marketplace.tasks import record_round_metrics
+from marketplace.tasks import round_report_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
@@ -59,8 +61,10 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
         on_connect = await socket.receive_json_from(timeout=TIMEOUT_S)
         await sync_to_async(sync)()
         mirrored = await socket.receive_json_from(timeout=TIMEOUT_S)
-        # What the aggregator sends by name after publishing, run here in-process.
-        await sync_to_async(record_round_metrics)(
+        # What the aggregator reports after publishing, as the gateway hands it on.
+        report = RoundReport.of(
+            contract.deployment_identity(),
+            device=aggregator.address,
             task_id=task.chain_task_id,
             round_number=0,
             model_id=initial,
@@ -70,7 +74,8 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
             loss=2.3,
             updates=0,
             aggregate_s=0.0,
-        )
+        ).sign(aggregator.account)
+        await sync_to_async(round_report_record)(message=report.dump())
         measured = await socket.receive_json_from(timeout=TIMEOUT_S)
         await socket.disconnect()
         return on_connect, mirrored, measured

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import pytest
 import requests
+from django.conf import settings
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.events import DeviceClass, DeviceStatus
+from core.broker import vhost_of
 from core.enrolment import join_message
 from marketplace.errors import JoinTokenError
 from marketplace.models import Device, JoinToken
@@ -44,7 +48,12 @@ def test_valid_token_enrols_and_registers_on_chain(live_server, tmp_path, platfo
     cfg = _join(live_server, tmp_path, issued.raw, account=account)
 
     assert cfg.address == account.address
-    assert cfg.queues == [f"device.{cfg.device_id}", "train.jetson", "aggregate"]
+    assert cfg.queues == [f"device.{cfg.device_id}"]  # its own queue, nothing shared
+    broker = urlsplit(cfg.broker_url)
+    assert broker.username == f"{vhost_of(settings.FLEX_BROKER_URL)}.device-{cfg.device_id}"
+    assert broker.password
+    assert broker.password not in settings.FLEX_BROKER_URL
+    assert "redis" not in json.dumps(cfg.model_dump())  # the platform's Redis stays its own
     assert device_config.load(tmp_path / "device") == cfg
     info = platform_market.device(device=account.address)
     assert info.status == DeviceStatus.ACTIVE

@@ -16,8 +16,15 @@ from eth_utils import keccak
 from chain.client import FlexMarket
 from chain.events import Role, TaskState
 from core.enrolment import join_message
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    RoundAggregateRequest,
+    RoundTrainRequest,
+    TaskStep,
+)
 from core.queues import device_queue
-from marketplace import lifecycle, services
+from marketplace import contract, lifecycle, reports, services
 from marketplace.models import Device, LifecycleAction, Round, Task, TaskOrder, Update
 from marketplace.sync import ChainSync
 from tests.marketplace.test_sync import SPEC, Broker, mirror_env, register  # noqa: F401
@@ -139,14 +146,13 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     task = mirrored(task)
     assert lifecycle.task_notify_devices(task=task) is None
+    here = contract.deployment_identity()
     for node in (aggregator, *trainers):
-        [(name, kwargs)] = mirror_env.messages(node.queue)
-        assert name == "worker.place_bid"
-        assert kwargs == {
-            "node_address": node.address,
-            "task_id": task.chain_task_id,
-            "spec": SPEC.as_dict(),
-        }
+        [(name, message)] = mirror_env.messages(node.queue)
+        assert name == "worker.bid"
+        assert BidRequest.parse(message) == BidRequest.of(
+            here, node=node.address, task_id=task.chain_task_id, spec=SPEC.as_dict()
+        )
     assert mirror_env.messages(revoked.queue) == []
     task.refresh_from_db()
     assert task.state == "bidding"
@@ -158,9 +164,8 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     assert task.chain_task_id not in lifecycle.deadlines_check()["select_nodes"]
     advance(market, WINDOW_S + 1, mine=False)
     assert task.chain_task_id in lifecycle.deadlines_check()["select_nodes"]
-    assert ("marketplace.task_select_nodes", {"task_id": task.chain_task_id}) in (
-        mirror_env.messages("platform")
-    )
+    step = TaskStep.of(here, task_id=task.chain_task_id).dump()
+    assert ("marketplace.task_select_nodes", step) in mirror_env.messages("platform")
     assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is not None
     assert lifecycle.task_select_nodes(task_id=task.chain_task_id) is None
     assert market.task(task_id=task.chain_task_id).state == TaskState.RUNNING
@@ -169,15 +174,13 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     sync()
     assert lifecycle.task_publish_initial(task=task) is None
-    publish = [m for m in mirror_env.messages(aggregator.queue) if m[0] != "worker.place_bid"]
+    publish = [m for m in mirror_env.messages(aggregator.queue) if m[0] != "worker.bid"]
     assert publish == [
         (
-            "worker.publish_initial_model",
-            {
-                "node_address": aggregator.address,
-                "task_id": task.chain_task_id,
-                "spec": SPEC.as_dict(),
-            },
+            "worker.publish_initial",
+            InitialModelRequest.of(
+                here, node=aggregator.address, task_id=task.chain_task_id, spec=SPEC.as_dict()
+            ).dump(),
         )
     ]
 
@@ -194,26 +197,28 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     for trainer in trainers:
         assert mirror_env.messages(trainer.queue)[1:] == [
             (
-                "worker.train_round",
-                {
-                    "node_address": trainer.address,
-                    "task_id": task.chain_task_id,
-                    "round_number": 0,
-                    "spec": SPEC.as_dict(),
-                    "aggregator_url": aggregator.device.dataplane_url,
-                },
+                "worker.train",
+                RoundTrainRequest.of(
+                    here,
+                    node=trainer.address,
+                    task_id=task.chain_task_id,
+                    round_number=0,
+                    spec=SPEC.as_dict(),
+                    aggregator_url=aggregator.device.dataplane_url,
+                ).dump(),
             )
         ]
     assert mirror_env.messages(aggregator.queue)[2:] == [
         (
-            "worker.aggregate_round",
-            {
-                "node_address": aggregator.address,
-                "task_id": task.chain_task_id,
-                "round_number": 0,
-                "spec": SPEC.as_dict(),
-                "trainer_urls": urls,
-            },
+            "worker.aggregate",
+            RoundAggregateRequest.of(
+                here,
+                node=aggregator.address,
+                task_id=task.chain_task_id,
+                round_number=0,
+                spec=SPEC.as_dict(),
+                trainer_urls=urls,
+            ).dump(),
         )
     ]
 
@@ -234,7 +239,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         aggregated_mask=0b11,
     )
     sync()
-    finalize = ("marketplace.task_finalize", {"task_id": task.chain_task_id})
+    finalize = ("marketplace.task_finalize", TaskStep.of(here, task_id=task.chain_task_id).dump())
     assert mirror_env.messages("platform").count(finalize) == 1
     sync()
     assert mirror_env.messages("platform").count(finalize) == 1
@@ -254,7 +259,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     assert task.refunded_wei == BUDGET - 2 * TRAINER_PRICE - AGGREGATOR_PRICE
 
     # What the aggregator reports is the Round's, if it names the chain's model.
-    lifecycle.round_metrics_record(
+    reports.round_metrics_record(
         task_id=task.chain_task_id,
         round_number=1,
         model_id=final,
@@ -263,7 +268,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         loss=0.3,
         gas_used=published.gas_used,
     )
-    forged = lifecycle.round_metrics_record(
+    forged = reports.round_metrics_record(
         task_id=task.chain_task_id,
         round_number=1,
         model_id=initial,
@@ -283,14 +288,14 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         published.gas_used,
         2,
     )
-    with pytest.raises(lifecycle.RoundNotMirroredError):
-        lifecycle.round_metrics_record(
+    with pytest.raises(reports.RoundNotMirroredError):
+        reports.round_metrics_record(
             task_id=task.chain_task_id, round_number=2, model_id=final, tx_hash=published.tx_hash
         )
 
     # What a trainer reports of its own update is the Update's, if it names the chain's.
     submitted = Update.objects.get(task=task, round_number=0, trainer=trainers[0].address)
-    lifecycle.update_metrics_record(
+    reports.update_metrics_record(
         task_id=task.chain_task_id,
         round_number=0,
         trainer=trainers[0].address,
@@ -301,7 +306,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         accuracy=0.8,
         train_s=0.25,
     )
-    forged_update = lifecycle.update_metrics_record(
+    forged_update = reports.update_metrics_record(
         task_id=task.chain_task_id,
         round_number=0,
         trainer=trainers[0].address,
@@ -317,8 +322,8 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
         0.8,
         0.25,
     )
-    with pytest.raises(lifecycle.UpdateNotMirroredError):
-        lifecycle.update_metrics_record(
+    with pytest.raises(reports.UpdateNotMirroredError):
+        reports.update_metrics_record(
             task_id=task.chain_task_id,
             round_number=1,
             trainer=trainers[0].address,

@@ -3,20 +3,19 @@ and unhurt by a node that goes away mid-run."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
+from amqp.exceptions import NotFound
 from celery import Celery
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
+from kombu import Connection
 from web3 import Web3
 
 from chain.client import FlexMarket
@@ -28,7 +27,8 @@ from marketplace import lifecycle, services
 from marketplace.models import Bid, ChainCursor, ChainEventRecord, Task, TaskState
 from marketplace.selectors import task_view_get
 from marketplace.sync import ChainSync
-from marketplace.tasks import sync_chain
+from marketplace.tasks import chain_sync
+from tests.conftest import broker_vhost_new
 from training.spec import TaskSpec
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,28 +42,32 @@ PRICE = 2 * 10**14
 
 @dataclass
 class Broker:
-    """The Redis database the platform's Celery messages go to in a test; reads them back."""
+    """The vhost the platform's Celery messages go to in a test; reads them back."""
 
     url: str
 
     def messages(self, queue: str) -> list[tuple[str, dict]]:
-        """(task name, kwargs) of every message waiting in ``queue``, oldest first."""
+        """(task name, message) of every message waiting in ``queue``, oldest first; they
+        stay in the queue (taken unacknowledged, then handed back)."""
         found = []
-        for raw in reversed(redis.Redis.from_url(self.url).lrange(queue, 0, -1)):
-            message = json.loads(raw)
-            _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-            found.append((message["headers"]["task"], kwargs))
+        with Connection(self.url) as conn:
+            channel = conn.channel()
+            try:
+                while (raw := channel.basic_get(queue, no_ack=False)) is not None:
+                    _, kwargs, _ = json.loads(raw.body)
+                    found.append((raw.headers["task"], kwargs["message"]))
+            except NotFound:  # nothing was ever sent there
+                return []
+            channel.close()
         return found
 
 
 @pytest.fixture
 def mirror_env(settings, monkeypatch) -> Iterator[Broker]:
-    """Keeps what sync sends apart from any platform running on the same Redis: Celery
-    messages go to a database of their own, Channels groups get a prefix of their own."""
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0]
-    url = f"{base}/12"
-    redis.Redis.from_url(url).flushdb()
-    app = Celery("flex-test", broker=url, set_as_current=False)
+    """Keeps what sync sends apart from any platform running on the same servers: Celery
+    messages go to a vhost of their own, Channels groups get a prefix of their own."""
+    vhost = broker_vhost_new("mirror")
+    app = Celery("flex-test", broker=vhost.url, set_as_current=False)
     app.conf.update(task_serializer="json", accept_content=["json"])
     monkeypatch.setattr(lifecycle, "celery_app", app)
     settings.CHANNEL_LAYERS = {
@@ -72,9 +76,9 @@ def mirror_env(settings, monkeypatch) -> Iterator[Broker]:
             "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": f"flex-test-{uuid.uuid4().hex}"},
         }
     }
-    yield Broker(url)
+    yield Broker(vhost.url)
     app.close()
-    redis.Redis.from_url(url).flushdb()
+    vhost.admin.vhost_delete(vhost.name)
 
 
 def new_device(w3: Web3, label: str) -> LocalAccount:
@@ -168,7 +172,7 @@ def test_running_sync_twice_gives_the_same_rows(platform_market, mirror_env, buy
     first = ChainSync().run()
     rows = mirror_rows(task_id)
     second = ChainSync().run()
-    third = sync_chain()
+    third = chain_sync()
 
     assert first.status == "synced"
     assert first.events >= 6
@@ -378,7 +382,7 @@ def test_a_lost_chain_node_leaves_whole_chunks_and_sync_resumes(
         }
         assert not Task.objects.exists()
         # The beat job logs it and waits for the next tick.
-        assert sync_chain()["status"] == "chain_unavailable"
+        assert chain_sync()["status"] == "chain_unavailable"
 
         node.start()
         resumed = ChainSync(market=FlexMarket(w3=node.w3(), address=market.address)).run()

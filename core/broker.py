@@ -1,0 +1,152 @@
+"""The broker's administration: vhosts (one per stack) and device users, through RabbitMQ's
+management HTTP API, and the broker URLs built from them.
+
+The platform holds the administrator's API URL (FLEX_BROKER_API_URL); a device only ever gets
+an AMQP URL with its own user, whose permissions are ``core.queues.device_permissions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import requests
+
+from core.errors import FlexError
+from core.queues import REPORTS_EXCHANGE
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 30.0
+# The management API of a RabbitMQ on this machine, with its default administrator.
+DEFAULT_BROKER_API_URL = "http://guest:guest@127.0.0.1:15672/"
+
+
+class BrokerUnavailableError(FlexError):
+    """The broker's management API cannot be reached or refused the change."""
+
+    code = "broker_unavailable"
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names ("/" when it names none)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def url_with(
+    url: str,
+    *,
+    vhost: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    host: str | None = None,
+) -> str:
+    """``url`` with its vhost, credentials or host:port replaced."""
+    parts = urlsplit(url)
+    netloc = host or parts.netloc.rpartition("@")[2]
+    old_user, _, old_password = parts.netloc.rpartition("@")[0].partition(":")
+    user = quote(user, safe="") if user is not None else old_user
+    password = quote(password, safe="") if password is not None else old_password
+    if user:
+        netloc = f"{user}:{password}@{netloc}" if password else f"{user}@{netloc}"
+    path = parts.path if vhost is None else "/" + quote(vhost, safe="")
+    return urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+def new_vhost_name(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(6)}"
+
+
+def device_user_prefix(vhost: str) -> str:
+    """What the broker users of one vhost's devices are named with ("/" reads "default")."""
+    return f"{vhost.strip('/') or 'default'}.device-"
+
+
+def device_user_name(*, vhost: str, device_id: int) -> str:
+    """A device's broker user: named after its stack's vhost, so stacks never share one."""
+    return f"{device_user_prefix(vhost)}{device_id}"
+
+
+@dataclass(frozen=True)
+class BrokerAdmin:
+    """RabbitMQ's management API at ``api_url`` (with an administrator's credentials)."""
+
+    api_url: str
+
+    def _call(
+        self, method: str, path: str, *, json: dict | None = None, ok_missing: bool = False
+    ) -> requests.Response:
+        parts = urlsplit(self.api_url)
+        base = urlunsplit(
+            (parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")
+        )
+        user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+        try:
+            response = requests.request(
+                method,
+                f"{base}/api/{path}",
+                json=json,
+                auth=(unquote(user), unquote(password)) if user else None,
+                timeout=TIMEOUT_S,
+            )
+        except requests.RequestException as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the broker's management API: {exc}", api=base
+            ) from exc
+        if response.status_code == 404 and ok_missing:
+            return response
+        if response.status_code >= 400:
+            raise BrokerUnavailableError(
+                f"the broker refused {method} {path}: HTTP {response.status_code} "
+                f"{response.text[:200]}",
+                status=response.status_code,
+            )
+        return response
+
+    @staticmethod
+    def _q(name: str) -> str:
+        return quote(name, safe="")
+
+    def answers(self) -> bool:
+        try:
+            self._call("GET", "overview")
+        except BrokerUnavailableError:
+            return False
+        return True
+
+    def vhost_create(self, vhost: str) -> None:
+        """The vhost, with the exchange devices report to (both idempotent)."""
+        self._call("PUT", f"vhosts/{self._q(vhost)}", json={"description": "FLEX"})
+        self._call(
+            "PUT",
+            f"exchanges/{self._q(vhost)}/{self._q(REPORTS_EXCHANGE)}",
+            json={"type": "direct", "durable": True},
+        )
+
+    def vhost_exists(self, vhost: str) -> bool:
+        return self._call("GET", f"vhosts/{self._q(vhost)}", ok_missing=True).status_code == 200
+
+    def vhost_delete(self, vhost: str) -> None:
+        """The vhost, its queues and messages, and every device user named after it."""
+        prefix = device_user_prefix(vhost)
+        for user in self._call("GET", "users").json():
+            if user["name"].startswith(prefix):
+                self.user_delete(user["name"])
+        self._call("DELETE", f"vhosts/{self._q(vhost)}", ok_missing=True)
+
+    def user_grant(self, *, user: str, password: str, vhost: str, permissions: dict) -> None:
+        """Create (or reset) ``user`` with no tags and only ``permissions`` in ``vhost``."""
+        self._call("PUT", f"users/{self._q(user)}", json={"password": password, "tags": ""})
+        self._call("PUT", f"permissions/{self._q(vhost)}/{self._q(user)}", json=permissions)
+
+    def user_delete(self, user: str) -> None:
+        """Delete ``user`` (idempotent); the broker closes its open connections at once."""
+        self._call("DELETE", f"users/{self._q(user)}", ok_missing=True)
+
+    def queue_consumers(self, *, vhost: str, queue: str) -> int:
+        """How many consumers ``queue`` has (0 when it does not exist yet)."""
+        response = self._call("GET", f"queues/{self._q(vhost)}/{self._q(queue)}", ok_missing=True)
+        return response.json().get("consumers", 0) if response.status_code == 200 else 0

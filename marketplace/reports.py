@@ -1,0 +1,190 @@
+"""What devices report about their own work, stored once the platform knows they did it.
+
+Reports arrive verified (signature and deployment) from the gateway; here a report counts
+only from the device that did the work: round metrics from the task's selected aggregator,
+update metrics from the trainer that submitted the update (the report's signer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from django.db import transaction
+
+from core import messages
+from core.errors import FlexError
+from marketplace.models import Round, RoundReport, Task, Update, UpdateReport
+from marketplace.sync.push import push_on_commit
+
+log = logging.getLogger(__name__)
+
+
+class UpdateNotMirroredError(FlexError):
+    """Chain sync has not mirrored this update yet."""
+
+    code = "update_not_mirrored"
+
+
+class RoundNotMirroredError(FlexError):
+    """Chain sync has not mirrored this round's global model yet."""
+
+    code = "round_not_mirrored"
+
+
+class ReportNotYoursError(FlexError):
+    """A device reported on work that another device did; the report was refused."""
+
+    code = "report_not_yours"
+
+
+def round_report_record(*, report: messages.RoundReport) -> RoundReport | None:
+    """Store the aggregator's metrics of a published global model.
+
+    Raises ReportNotYoursError when the signer is not the task's aggregator, and
+    RoundNotMirroredError while chain sync has not mirrored the selection or the round.
+    """
+    task = Task.objects.filter(chain_task_id=report.task_id).only("aggregator").first()
+    if task is None or not task.aggregator:
+        raise RoundNotMirroredError(task_id=report.task_id, round=report.round_number)
+    if task.aggregator.lower() != report.device.lower():
+        raise ReportNotYoursError(
+            task_id=report.task_id, device=report.device, aggregator=task.aggregator
+        )
+    log.debug(
+        "task %s round %s: %s update(s) aggregated in %ss",
+        report.task_id,
+        report.round_number,
+        report.updates,
+        report.aggregate_s,
+    )
+    return round_metrics_record(
+        task_id=report.task_id,
+        round_number=report.round_number,
+        model_id=report.model_id,
+        tx_hash=report.tx_hash,
+        accuracy=report.accuracy,
+        loss=report.loss,
+        gas_used=report.gas_used,
+    )
+
+
+def update_report_record(*, report: messages.UpdateReport) -> UpdateReport | None:
+    """Store a trainer's metrics of its own update (the signer's update: no other).
+
+    Raises UpdateNotMirroredError while chain sync has not mirrored the update.
+    """
+    return update_metrics_record(
+        task_id=report.task_id,
+        round_number=report.round_number,
+        trainer=report.device,
+        model_id=report.model_id,
+        tx_hash=report.tx_hash,
+        num_examples=report.num_examples,
+        loss=report.loss,
+        accuracy=report.accuracy,
+        train_s=report.train_s,
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@transaction.atomic
+def update_metrics_record(
+    *,
+    task_id: int,
+    round_number: int,
+    trainer: str,
+    model_id: str,
+    tx_hash: str,
+    num_examples: int | None = None,
+    loss: float | None = None,
+    accuracy: float | None = None,
+    train_s: float | None = None,
+) -> UpdateReport | None:
+    """Record what a trainer measured on its own data for its update of ``round_number``.
+
+    As with round metrics, the report must name the update ID and transaction the chain has;
+    a mismatch is logged and dropped. Raises UpdateNotMirroredError until sync has it."""
+    row = (
+        Update.objects.select_for_update()
+        .filter(task__chain_task_id=task_id, round_number=round_number, trainer__iexact=trainer)
+        .first()
+    )
+    if row is None:
+        raise UpdateNotMirroredError(task_id=task_id, round=round_number, trainer=trainer)
+    if (row.model_id.lower(), row.tx_hash.lower()) != (model_id.lower(), tx_hash.lower()):
+        log.warning(
+            "task %s round %s: metrics of %s for update %s do not match the chain; dropped",
+            task_id,
+            round_number,
+            trainer,
+            model_id,
+        )
+        return None
+    report, _ = UpdateReport.objects.update_or_create(
+        update=row,
+        defaults={
+            "model_id": row.model_id,
+            "num_examples": None if num_examples is None else int(num_examples),
+            "loss": _finite(loss),
+            "accuracy": _finite(accuracy),
+            "train_s": _finite(train_s),
+        },
+    )
+    return report
+
+
+@transaction.atomic
+def round_metrics_record(
+    *,
+    task_id: int,
+    round_number: int,
+    model_id: str,
+    tx_hash: str,
+    accuracy: float | None = None,
+    loss: float | None = None,
+    gas_used: int | None = None,
+) -> RoundReport | None:
+    """Record what the aggregator measured for global model ``round_number``.
+
+    The report must name the model ID and transaction the chain has for that round (any
+    broker client could send one); a mismatch is logged and dropped. Raises
+    RoundNotMirroredError while sync has not mirrored the round yet.
+    """
+    row = (
+        Round.objects.select_for_update()
+        .filter(task__chain_task_id=task_id, number=round_number)
+        .first()
+    )
+    if row is None:
+        raise RoundNotMirroredError(task_id=task_id, round=round_number)
+    if (row.global_model_id.lower(), row.tx_hash.lower()) != (model_id.lower(), tx_hash.lower()):
+        log.warning(
+            "task %s round %s: metrics for model %s in %s do not match the chain (%s in %s); "
+            "dropped",
+            task_id,
+            round_number,
+            model_id,
+            tx_hash,
+            row.global_model_id,
+            row.tx_hash,
+        )
+        return None
+    report, _ = RoundReport.objects.update_or_create(
+        round=row,
+        defaults={
+            "model_id": row.global_model_id,
+            "tx_hash": row.tx_hash,
+            "accuracy": _finite(accuracy),
+            "loss": _finite(loss),
+            "gas_used": None if gas_used is None else int(gas_used),
+        },
+    )
+    push_on_commit(chain_task_ids=[task_id])
+    return report

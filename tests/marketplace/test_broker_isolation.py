@@ -1,0 +1,284 @@
+"""Each device sees only its own work, on the real RabbitMQ: a device's broker user reads only
+its own queue and publishes only its reports; its reports count only for its own work; a
+revoked device is cut off at once; messages of another deployment or of no known shape are
+refused while the platform's worker keeps serving."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+from celery.contrib.testing.worker import start_worker
+from eth_account.messages import encode_defunct
+from kombu import Connection
+
+from chain.events import TaskState
+from core.broker import url_with, vhost_of
+from core.messages import Deployment, MessageInvalidError, RoundReport, TaskStep, UpdateReport
+from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE
+from flexsite.celery import app as flexsite_app
+from flexsite.celery import platform_app
+from marketplace import contract, models, services, tasks
+from marketplace.device_broker import device_broker_url
+from stack.backing import stack_vhost, stack_vhost_delete
+from tests.conftest import BrokerVhost, broker_vhost_new
+from tests.marketplace.test_lifecycle import Node, enrol, model_id, selected_task, sync
+from worker.app import node_app
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+REFUSED = (AccessRefused, NotAllowed, ConnectionForced)
+WAIT_S = 60
+
+
+@pytest.fixture
+def vhost(platform_settings) -> Iterator[BrokerVhost]:
+    """A vhost of the test's own, where enrolments make their device users."""
+    vhost = broker_vhost_new("iso")
+    platform_settings.FLEX_BROKER_URL = vhost.url
+    yield vhost
+    vhost.admin.vhost_delete(vhost.name)
+
+
+def url_of(node: Node) -> str:
+    return device_broker_url(device=node.device)
+
+
+def publish(
+    url: str, body, *, exchange: str = REPORTS_EXCHANGE, routing_key=REPORTS_QUEUE, **options
+) -> None:
+    """Publish as the user in ``url`` and wait for the broker's answer (a refusal raises)."""
+    with Connection(url, transport_options={"confirm_publish": True}) as conn:
+        conn.Producer().publish(
+            body, exchange=exchange, routing_key=routing_key, declare=[], **options
+        )
+
+
+def platform_send(vhost: BrokerVhost, queue: str, text: str) -> None:
+    with Connection(vhost.url) as conn, conn.SimpleQueue(queue) as q:
+        q.put({"text": text})
+
+
+def wait_for(check):
+    deadline = time.monotonic() + WAIT_S
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return result
+
+
+def test_a_device_reads_only_its_own_queue(vhost):
+    alice, bob = enrol("alice"), enrol("bob")
+    platform_send(vhost, alice.queue, "for alice")
+    platform_send(vhost, bob.queue, "for bob")
+
+    with Connection(url_of(alice)) as conn, conn.SimpleQueue(alice.queue) as own:
+        assert own.get(timeout=WAIT_S).payload == {"text": "for alice"}
+    with Connection(url_of(alice)) as conn, pytest.raises(AccessRefused):
+        conn.default_channel.basic_get(bob.queue)
+    with Connection(url_of(alice)) as conn, pytest.raises(AccessRefused):
+        conn.default_channel.queue_purge(bob.queue)
+    # Bob's work is still there, for bob.
+    with Connection(url_of(bob)) as conn, conn.SimpleQueue(bob.queue) as own:
+        assert own.get(timeout=WAIT_S).payload == {"text": "for bob"}
+
+
+@pytest.mark.parametrize(
+    ("exchange", "routing_key"),
+    [
+        ("platform", "platform"),  # the platform's own tasks
+        ("", "platform"),  # the default exchange reaches every queue by name
+        ("device.{bob}", "device.{bob}"),  # another device's work
+        ("amq.topic", "#"),
+    ],
+)
+def test_a_device_publishes_nothing_but_its_reports(vhost, exchange, routing_key):
+    alice, bob = enrol("alice"), enrol("bob")
+    platform_send(vhost, bob.queue, "make the exchanges")
+    names = {"bob": bob.device.pk}
+
+    with pytest.raises(AccessRefused):
+        publish(
+            url_of(alice),
+            {"task": "marketplace.task_finalize"},
+            exchange=exchange.format(**names),
+            routing_key=routing_key.format(**names),
+        )
+    publish(url_of(alice), {"allowed": "to the reports exchange"})
+
+
+def test_a_device_reaches_nothing_of_the_platform(vhost, broker):
+    alice = enrol("alice")
+    config = services.enrolment_config(device=alice.device)
+
+    # What it is handed: its own broker user, no Redis (Channels, locks, results), no admin.
+    assert "redis" not in str(config).lower()
+    assert config["queues"] == [alice.queue]
+    assert config["broker_url"] == url_of(alice)
+    parts = urlsplit(config["broker_url"])
+    admin = urlsplit(vhost.admin.api_url)
+    api = f"{admin.scheme}://{admin.hostname}:{admin.port}"
+    overview = requests.get(
+        f"{api}/api/overview", auth=(parts.username, parts.password), timeout=30
+    )
+    assert overview.status_code == 401
+    # The same credentials on another vhost (the test session's) are refused.
+    with pytest.raises(REFUSED), Connection(url_with(config["broker_url"], vhost=broker.name)) as c:
+        c.ensure_connection(max_retries=0)
+    # Its worker keeps no results and takes no remote control.
+    app = node_app(broker_url=config["broker_url"], queue=alice.queue)
+    assert app.conf.result_backend is None
+    assert app.conf.worker_enable_remote_control is False
+    assert app.conf.task_default_queue == alice.queue
+
+
+def test_a_revoked_device_is_cut_off_at_once(vhost):
+    alice = enrol("alice")
+    url = url_of(alice)
+    conn = Connection(url)
+    consumer = conn.SimpleQueue(alice.queue)  # connected and consuming, as its worker is
+
+    services.device_revoke(device=alice.device)
+
+    with pytest.raises(REFUSED):
+        consumer.get(timeout=WAIT_S)
+    conn.release()
+    with pytest.raises(REFUSED), Connection(url) as again:
+        again.ensure_connection(max_retries=0)
+    # Approving it again restores the same credentials.
+    services.device_approve(device=alice.device)
+    with Connection(url) as again:
+        again.ensure_connection(max_retries=0)
+
+
+@pytest.fixture
+def platform_worker(vhost, caplog) -> Iterator[None]:
+    """The platform's worker (queue ``platform`` and the reports gateway) in a thread."""
+    app = platform_app(broker_url=vhost.url, result_backend=None, set_as_current=False)
+    app.conf.worker_hijack_root_logger = False
+    caplog.set_level(logging.INFO)
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
+        yield
+    flexsite_app.set_current()
+    flexsite_app.set_default()
+
+
+def test_reports_count_only_from_the_device_that_did_the_work(
+    vhost, platform_worker, platform_market, caplog
+):
+    market = platform_market
+    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
+    task = selected_task(market, aggregator, [trainer])
+    initial = model_id("initial")
+    published = market.publish_global_model(
+        sender=aggregator.account, task_id=task.chain_task_id, round_number=0, model_id=initial
+    )
+    update = model_id("update")
+    submitted = market.submit_update(
+        sender=trainer.account, task_id=task.chain_task_id, round_number=0, model_id=update
+    )
+    sync()
+    here = contract.deployment_identity()
+    elsewhere = Deployment(chain_id=here.chain_id, contract="0x" + "11" * 20)
+    about_round = {
+        "task_id": task.chain_task_id,
+        "round_number": 0,
+        "model_id": initial,
+        "tx_hash": published.tx_hash,
+    }
+    about_update = {
+        "task_id": task.chain_task_id,
+        "round_number": 0,
+        "model_id": update,
+        "tx_hash": submitted.tx_hash,
+    }
+
+    def signed(report, node: Node) -> dict:
+        """``report`` signed with ``node``'s key, whatever device it names."""
+        signature = node.account.sign_message(encode_defunct(primitive=report.signed_bytes()))
+        return report.model_copy(update={"signature": signature.signature.to_0x_hex()}).dump()
+
+    def round_report(node: Node, *, device: Node, deployment=here, accuracy: float) -> dict:
+        report = RoundReport.of(deployment, device=device.address, accuracy=accuracy, **about_round)
+        return signed(report, node)
+
+    def update_report(node: Node, *, device: Node, accuracy: float) -> dict:
+        report = UpdateReport.of(here, device=device.address, accuracy=accuracy, **about_update)
+        return signed(report, node)
+
+    # The trainer speaks for the aggregator; for itself about the aggregator's round; for
+    # another deployment; in no known shape. The aggregator speaks for the trainer.
+    publish(url_of(trainer), round_report(trainer, device=aggregator, accuracy=0.01))
+    publish(url_of(trainer), round_report(trainer, device=trainer, accuracy=0.02))
+    publish(
+        url_of(aggregator),
+        round_report(aggregator, device=aggregator, accuracy=0.03, deployment=elsewhere),
+    )
+    publish(
+        url_of(trainer),
+        b"\x00 not json",
+        content_type="application/octet-stream",
+        content_encoding="binary",
+    )
+    publish(url_of(trainer), {"kind": "round", "task_id": "all of them"})
+    publish(url_of(aggregator), update_report(aggregator, device=trainer, accuracy=0.04))
+    # Then each device's own report about its own work.
+    publish(url_of(aggregator), round_report(aggregator, device=aggregator, accuracy=0.9))
+    publish(url_of(trainer), update_report(trainer, device=trainer, accuracy=0.8))
+
+    row = wait_for(
+        lambda: models.RoundReport.objects.filter(
+            round__task__chain_task_id=task.chain_task_id, round__number=0, accuracy__isnull=False
+        ).first()
+    )
+    assert row.accuracy == pytest.approx(0.9)
+    mine = wait_for(
+        lambda: models.UpdateReport.objects.filter(
+            update__task__chain_task_id=task.chain_task_id, accuracy__isnull=False
+        ).first()
+    )
+    assert mine.accuracy == pytest.approx(0.8)
+    logged = caplog.text
+    assert logged.count("report refused (report_signature_invalid)") == 2
+    assert logged.count("report refused (message_invalid)") == 2
+    assert "dropped a RoundReport message for chain" in logged
+    assert "ReportNotYoursError" in logged
+    assert market.task(task_id=task.chain_task_id).state == TaskState.RUNNING
+
+
+def test_platform_steps_for_another_deployment_or_of_no_shape_are_refused(platform_market):
+    here = contract.deployment_identity()
+    elsewhere = Deployment(chain_id=here.chain_id + 1, contract=here.contract)
+
+    assert tasks.task_abort(message=TaskStep.of(elsewhere, task_id=0).dump()) is None
+    with pytest.raises(MessageInvalidError) as exc:
+        tasks.task_abort(message={"task_id": 0})
+    assert exc.value.code == "message_invalid"
+    with pytest.raises(MessageInvalidError):
+        tasks.task_finalize(message=TaskStep.of(here, task_id=0).dump() | {"v": 2})
+
+
+def test_each_stack_has_a_namespace_of_its_own(tmp_path):
+    """A message left by one stack (a killed run) is never seen by another; a stack that
+    starts again finds its own."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    try:
+        url = stack_vhost(first)["FLEX_BROKER_URL"]
+        with Connection(url) as conn, conn.SimpleQueue("platform") as queue:
+            queue.put({"left": "behind"})
+        other = stack_vhost(second)["FLEX_BROKER_URL"]
+
+        assert vhost_of(other) != vhost_of(url)
+        with Connection(other) as conn, conn.SimpleQueue("platform") as queue:
+            assert queue.qsize() == 0
+        assert stack_vhost(first)["FLEX_BROKER_URL"] == url
+        with Connection(url) as conn, conn.SimpleQueue("platform") as queue:
+            assert queue.get(timeout=WAIT_S).payload == {"left": "behind"}
+    finally:
+        stack_vhost_delete(first)
+        stack_vhost_delete(second)
