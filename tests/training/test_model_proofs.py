@@ -90,11 +90,10 @@ def test_every_chunk_of_a_model_proves_against_its_id():
         flipped = bytes([chunk[0] ^ 1]) + chunk[1:]
         assert not verify_chunk(**args, index=index, chunk=flipped, proof=proof)
         assert not verify_chunk(**args, index=index, chunk=chunk + bytes(4), proof=proof)
-        assert not verify_chunk(**{**args, "root": keccak(b"x")}, index=index, chunk=chunk,
-                                proof=proof)  # fmt: skip
+        at = {"index": index, "chunk": chunk, "proof": proof}
+        assert not verify_chunk(**{**args, "root": keccak(b"x")}, **at)
         wrong_header = header[:50] + bytes([header[50] ^ 1]) + header[51:]
-        assert not verify_chunk(**{**args, "header": wrong_header}, index=index, chunk=chunk,
-                                proof=proof)  # fmt: skip
+        assert not verify_chunk(**{**args, "header": wrong_header}, **at)
     assert model.chunk(4) == model.values[1][-6:].astype(">i4").tobytes()
 
 
