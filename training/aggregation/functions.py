@@ -16,9 +16,9 @@ from training.errors import WeightsMismatchError
 
 Weights = list[np.ndarray]
 
-# Elements per chunk: a 1 MiB int64 slice of the accumulator plus its scratch stay in a
-# 1-2 MiB L2, so each update streams from memory once and no update-sized temporary is made.
-CHUNK = 1 << 17
+# Elements per chunk: a 256 KiB int64 slice of the accumulator plus its scratch stay in a
+# 1 MiB L2, so each update streams from memory once and no update-sized temporary is made.
+CHUNK = 1 << 15
 # The contract's cap on trainers and on a recorded sample count: with them a weighted sum of
 # int32 values stays within int64 (sum of weights <= 2^31, |sum of w*u| <= 2^62).
 MAX_UPDATES = 128
