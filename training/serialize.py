@@ -15,6 +15,7 @@ two tasks or by two trainers are two models with two IDs.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -246,12 +247,15 @@ class ModelBlob:
         """The values as float32 weights."""
         return dequantize(self.values, scale_bits=self.header.scale_bits)
 
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The values' bytes as the blob holds them (made on first use)."""
+        return b"".join(v.astype(VALUE).tobytes() for v in self.values)
+
     def chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index``, as hashed into its leaf."""
-        size = self.header.chunk_size(index)
-        start = index * self.header.chunk_values
-        flat = np.concatenate([v.reshape(-1) for v in self.values])
-        return flat[start : start + size].astype(VALUE).tobytes()
+        start = 4 * index * self.header.chunk_values
+        return self.data[start : start + 4 * self.header.chunk_size(index)]
 
     def proof(self, index: int) -> list[bytes]:
         """The Merkle proof of chunk ``index`` against ``root``."""
