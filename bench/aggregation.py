@@ -1,9 +1,12 @@
-"""Aggregation benchmark: strategy throughput beside plain memory-copy bandwidth, and a local round.
+"""Aggregation benchmark: the integer strategies' throughput beside plain memory-copy bandwidth,
+the cost of a model's Merkle tree, and a local round.
 
 Run ``python -m bench.aggregation``; prints a table and writes var/bench/aggregation.json.
-Throughput counts each update's bytes once (10 updates of 10 M float32 = 400 MB); memory copy
-counts the bytes of the array copied. Both run in the same process, one after the other, so
-their ratio means something on a shared, noisy machine; the absolute figures are indicative.
+Throughput counts each update's bytes once (10 updates of 10 M int32 values = 400 MB); memory
+copy counts the bytes of the array copied; the Merkle figure is the time to hash a blob's
+chunks and build its tree (what writing or checking a blob costs beyond copying), per MB of
+values. All run in the same process, one after the other, so their ratios mean something on a
+shared, noisy machine; the absolute figures are indicative.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from training import merkle
 from training.aggregation import STRATEGIES, Strategy, Update
+from training.fixedpoint import quantize
+from training.serialize import CHUNK_VALUES, VALUE, leaves_of
 
 MB = 1_000_000
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "var" / "bench" / "aggregation.json"
@@ -38,19 +44,20 @@ def best_seconds(action: Callable[[], Any], *, repeats: int) -> tuple[float, flo
 
 
 def memcpy_mbps(*, nbytes: int, repeats: int) -> float:
-    """MB/s of numpy.copyto over a float32 array of ``nbytes`` (best run, pages pre-touched)."""
-    src = np.ones(nbytes // 4, dtype=np.float32)
+    """MB/s of numpy.copyto over an int32 array of ``nbytes`` (best run, pages pre-touched)."""
+    src = np.ones(nbytes // 4, dtype=np.int32)
     dst = np.zeros_like(src)
     _, best = best_seconds(lambda: np.copyto(dst, src), repeats=repeats)
     return nbytes / best / MB
 
 
 def make_updates(*, params: int, count: int, seed: int = 0) -> list[Update]:
-    """``count`` updates of one float32 layer of ``params`` values, with different counts."""
+    """``count`` updates of one int32 fixed-point layer of ``params`` values (weights drawn
+    from N(0, 0.1), as trained layers hold), with different sample counts."""
     rng = np.random.default_rng(seed)
     return [
         Update(
-            weights=[rng.random(params, dtype=np.float32)],
+            weights=quantize([rng.normal(0.0, 0.1, params).astype(np.float32)]),
             num_examples=100 + i,
             update_id=f"device-{i}",
         )
@@ -65,6 +72,15 @@ def strategy_mbps(
     nbytes = sum(layer.nbytes for update in updates for layer in update.weights)
     first, best = best_seconds(lambda: strategy.aggregate(updates), repeats=repeats)
     return nbytes / first / MB, nbytes / best / MB
+
+
+def merkle_ms_per_mb(*, params: int, repeats: int) -> float:
+    """Milliseconds per MB of values to hash a blob's chunks into leaves and build the tree."""
+    data = np.arange(params, dtype=np.int32).astype(VALUE).tobytes()
+    _, best = best_seconds(
+        lambda: merkle.root(leaves_of(data, chunk_values=CHUNK_VALUES)), repeats=repeats
+    )
+    return best * 1000 / (len(data) / MB)
 
 
 def train_round_seconds(*, repeats: int) -> tuple[float, float]:
@@ -108,6 +124,7 @@ def run(
     results["fedtrimmedavg_MBps"] = by_strategy["fedtrimmedavg"]
     largest = max(sizes, key=sizes.__getitem__)
     results["fedavg_to_memcpy_ratio"] = by_strategy["fedavg"][largest] / results["memcpy_MBps"]
+    results["merkle_ms_per_MB"] = merkle_ms_per_mb(params=sizes[largest], repeats=repeats)
     if train:
         first, best = train_round_seconds(repeats=repeats)
         results["train_round_s"] = best
@@ -135,6 +152,7 @@ def table(results: dict[str, Any]) -> str:
     for label, value in results["fedavg_first_call_MBps"].items():
         rows.append((f"fedavg first call (fresh output), {label}", f"{value:,.0f} MB/s"))
     rows.append(("fedavg / memory copy", f"{results['fedavg_to_memcpy_ratio']:.2f}"))
+    rows.append(("Merkle tree (leaves + nodes) per MB", f"{results['merkle_ms_per_MB']:.1f} ms"))
     if "train_round_s" in results:
         rows.append(("local round, MLP, 1 epoch", f"{results['train_round_s'] * 1000:,.0f} ms"))
         rows.append(

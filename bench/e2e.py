@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from chain.launcher import free_port
 from stack.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
 
@@ -21,8 +23,8 @@ OVERHEAD_TARGET_S = 0.5
 
 
 def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
-    """Seconds per round and final accuracy of FedAvg with every trainer in this process."""
-    from training.aggregation.base import Update
+    """Seconds per round and final accuracy of FedAvg with every trainer in this process, in
+    float32 throughout: the baseline the platform's fixed-point rounds are held to."""
     from training.catalogue import initial_weights
     from training.datasets import load_partition
     from training.evaluate import evaluate
@@ -37,15 +39,17 @@ def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
         for d in LOCAL_DEVICES
         if d.partition is not None
     ]
-    weights, strategy = initial_weights(spec=spec), spec.strategy()
+    weights = initial_weights(spec=spec)
     train_round(spec=spec, weights=weights, data=parts[0])  # TF's first-use cost, as on devices
     times, accuracy = [], 0.0
     for r in range(spec.rounds):
         started = time.perf_counter()
         results = [train_round(spec=spec, weights=weights, data=p, round_number=r) for p in parts]
-        weights = strategy.aggregate(
-            [Update(weights=x.weights, num_examples=x.num_examples) for x in results]
-        )
+        total = sum(x.num_examples for x in results)
+        weights = [
+            sum(x.weights[i] * np.float32(x.num_examples / total) for x in results)
+            for i in range(len(weights))
+        ]
         accuracy = evaluate(spec=spec, weights=weights).accuracy
         times.append(time.perf_counter() - started)
     return times, accuracy

@@ -216,6 +216,11 @@ class RoundReport(Report):
     gas_used: Count | None = None
     updates: Count | None = None
     aggregate_s: Measure = None
+    # Submitted updates the aggregator left out: trainer -> the reason's code (a named rule
+    # of docs/verifiable.md, or that the update could not be fetched).
+    left_out: dict[Address, Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=dict, max_length=128
+    )
 
 
 class UpdateReport(Report):

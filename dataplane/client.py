@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 
 import requests
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 
 from core.errors import FlexError
 from dataplane.protocol import (
@@ -24,8 +23,9 @@ from dataplane.protocol import (
     ModelTooLargeError,
 )
 from dataplane.signing import sign_request
-from training.errors import ModelIdMismatchError
+from training.errors import ModelBlobError
 from training.serialize import id_hex, parse_id
+from training.verifier import BlobVerifier
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ def fetch_model(
     times with exponential back-off; the peer's refusals are raised at once as the server's
     own error class (AuthError subclasses, AccessDeniedError, BlobNotFoundError, ...).
     Raises ModelTooLargeError (over ``max_bytes``), FetchTruncatedError (fewer bytes than
-    Content-Length), ModelIdMismatchError (bytes hash to another ID; both IDs in the error),
+    Content-Length), a ModelBlobError subclass as soon as the streamed bytes show they are
+    not the model: ModelIdMismatchError (header and leaves name another ID; both IDs in the
+    error, raised before any value is read), ChunkMismatchError (a chunk does not match its
+    leaf), BlobHeaderError, BlobTooLongError;
     FetchFailedError (unreachable after all retries), FetchRefusedError (unknown refusals).
     """
     wanted = id_hex(parse_id(model_id))
@@ -146,7 +149,7 @@ def _fetch_once(
         # Count the bytes ourselves: urllib3's own Content-Length check raises without saying
         # how much arrived, and a truncation report should.
         response.raw.enforce_content_length = False
-        hasher = keccak.new(b"")
+        verifier = BlobVerifier(expected_id=model_id)
         buffer = io.BytesIO()
         received = 0
         for chunk in response.iter_content(_CHUNK_BYTES):
@@ -159,7 +162,11 @@ def _fetch_once(
                     limit=max_bytes,
                     url=url,
                 )
-            hasher.update(chunk)
+            try:
+                verifier.feed(chunk)
+            except ModelBlobError as exc:
+                exc.fields.update(url=url, size=received)
+                raise
             buffer.write(chunk)
         if expected is not None and received != expected:
             raise _RetryableError(
@@ -167,9 +174,11 @@ def _fetch_once(
                     url=url, model_id=model_id, expected_bytes=expected, received_bytes=received
                 )
             )
-    actual = "0x" + hasher.digest().hex()
-    if actual != model_id:
-        raise ModelIdMismatchError(expected=model_id, actual=actual, url=url, size=received)
+    try:
+        verifier.finish()
+    except ModelBlobError as exc:
+        exc.fields.update(url=url, size=received)
+        raise
     return buffer.getvalue()
 
 

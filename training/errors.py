@@ -56,9 +56,74 @@ class BlobHeaderError(ModelBlobError):
 
 
 class BlobDtypeError(ModelBlobError):
-    """The model blob holds a tensor of an unsupported dtype."""
+    """Values to write are not the format's int32 fixed-point values."""
 
     code = "model_blob_dtype"
+
+
+class BlobTooLongError(ModelBlobError):
+    """The model blob has bytes after the end its header declares."""
+
+    code = "model_blob_too_long"
+
+
+class ChunkMismatchError(ModelBlobError):
+    """A chunk of the model's values does not hash to its leaf: the data was changed."""
+
+    code = "model_chunk_mismatch"
+
+    def default_message(self, *, index: int = -1, **_: Any) -> str:
+        return f"model blob chunk {index} does not match its leaf hash"
+
+
+class NonFiniteWeightsError(TrainingError):
+    """Weights hold NaN or infinite values, which fixed point cannot represent."""
+
+    code = "weights_non_finite"
+
+    def default_message(self, *, layer: int = -1, **_: Any) -> str:
+        return f"layer {layer} holds NaN or infinite values; such weights are not written"
+
+
+class HeaderMismatchError(ModelBlobError):
+    """A model's header names another model than the one expected (see the subclasses)."""
+
+    code = "model_header_mismatch"
+
+    def default_message(
+        self, *, field: str = "?", expected: Any = "?", actual: Any = "?", **_: Any
+    ) -> str:
+        return f"model header names {field} {actual}, {expected} expected"
+
+
+class WrongKindError(HeaderMismatchError):
+    """A global model handed in as an update, or an update where a global model belongs."""
+
+    code = "model_wrong_kind"
+
+
+class WrongTaskError(HeaderMismatchError):
+    """The header names another chain, contract or task."""
+
+    code = "model_wrong_task"
+
+
+class WrongModelRoundError(HeaderMismatchError):
+    """The header names another round: an old update handed in again, or one from ahead."""
+
+    code = "model_wrong_round"
+
+
+class WrongAuthorError(HeaderMismatchError):
+    """The update names another trainer than the one that submitted it: a copy."""
+
+    code = "update_wrong_author"
+
+
+class WrongLayoutError(HeaderMismatchError):
+    """Fixed-point scale, chunk size or tensor shapes differ from the task's model."""
+
+    code = "model_wrong_layout"
 
 
 class ModelIdMismatchError(ModelBlobError):

@@ -1,71 +1,362 @@
-"""Canonical byte format of a model's weights, and model IDs (keccak256 of those bytes).
+"""The canonical model format v2 and model IDs: fixed-point values in chunks under a Merkle root.
 
-Format, version 1 (all integers little-endian)::
+docs/verifiable.md is the spec. A blob is ``header ‖ leaves ‖ data`` (big-endian)::
 
-    magic      8 bytes   b"FLEXMODL"
-    version    u16       1
-    count      u32       number of tensors, at most MAX_TENSORS
-    count times, in the model's weight order:
-        name_len   u16       1..MAX_NAME bytes
-        name       UTF-8     unique within the blob
-        dtype      2 ASCII   numpy kind and item size: f2 f4 f8 i1 i2 i4 i8 u1 u2 u4 u8
-        ndim       u8        at most MAX_NDIM
-        dims       ndim x u64
-    data: each tensor's elements, little-endian, C order, back to back in header order;
-    nothing after the last tensor.
+    magic FLEXMDL2 · version u16 = 2 · kind u8 · scale_bits u8 · chunk_values u32 ·
+    chain_id u64 · contract 20 bytes · task_id u64 · round u32 · trainer 20 bytes ·
+    count u64 · tensors u16 · per tensor: ndim u8, dims ndim x u32
+    leaves: keccak256(0x00 ‖ chunk_i), 32 bytes each, one per chunk of chunk_values values
+    data:   the count values as int32, tensor after tensor, C order
 
-Every choice is fixed, so the same weights (names, shapes, dtypes, bit patterns) give the same
-bytes and the same ID on any machine. safetensors was considered and not used: its writer's
-tensor order, header key order and padding are implementation choices its spec does not fix
-(they have changed between releases), so two nodes on different versions could disagree on an
-ID.
+and its ID is ``keccak256(0x02 ‖ keccak256(header) ‖ merkle_root(leaves))``. The header names
+the chain, contract, task, round and (for an update) the trainer, so equal weights written for
+two tasks or by two trainers are two models with two IDs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import IntEnum
 
 import numpy as np
 from eth_hash.auto import keccak
+from eth_utils import is_address, to_checksum_address
 
+from training import merkle
 from training.errors import (
     BlobDtypeError,
     BlobHeaderError,
+    BlobTooLongError,
     BlobTruncatedError,
+    ChunkMismatchError,
     ModelBlobError,
     ModelIdMismatchError,
+    WrongAuthorError,
+    WrongKindError,
+    WrongLayoutError,
+    WrongModelRoundError,
+    WrongTaskError,
 )
+from training.fixedpoint import SCALE_BITS, dequantize
 
-MAGIC = b"FLEXMODL"
-VERSION = 1
-MAX_TENSORS = 1 << 16
-MAX_NAME = 255
+MAGIC = b"FLEXMDL2"
+VERSION = 2
+CHUNK_VALUES = 256
+# Readers refuse larger chunks: a streaming check holds one chunk in memory at a time.
+MAX_CHUNK_VALUES = 1 << 16
 MAX_NDIM = 8
-DTYPES: dict[bytes, np.dtype] = {
-    code.encode("ascii"): np.dtype("<" + code)
-    for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
-}
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
-_PREAMBLE = struct.Struct("<8sHI")
-_TENSOR = struct.Struct("<2sB")
+MAX_TENSORS = (1 << 16) - 1
+ZERO_ADDRESS = "0x" + "00" * 20
+ID_PREFIX = b"\x02"
+VALUE = np.dtype(">i4")
+_FIXED = struct.Struct(">8sHBBIQ20sQI20sQH")
+_U64 = 1 << 64
+
+
+class Kind(IntEnum):
+    GLOBAL = 0
+    UPDATE = 1
+
+
+def _address(value: str | bytes, name: str) -> str:
+    if isinstance(value, bytes | bytearray) and len(value) == 20:
+        return to_checksum_address(bytes(value))
+    if isinstance(value, str) and is_address(value):
+        return to_checksum_address(value)
+    raise BlobHeaderError(f"model header {name} is not a 20-byte address: {value!r}")
 
 
 @dataclass(frozen=True)
-class ModelBlob:
-    """A decoded blob: tensor names and weights (read-only views on the blob) and its ID."""
+class Header:
+    """What a model is: kind, chain, contract, task, round, author, fixed-point layout, shapes."""
 
-    names: list[str]
-    weights: list[np.ndarray]
+    kind: Kind
+    chain_id: int
+    contract: str
+    task_id: int
+    round_number: int
+    shapes: tuple[tuple[int, ...], ...]
+    trainer: str = ZERO_ADDRESS
+    scale_bits: int = SCALE_BITS
+    chunk_values: int = CHUNK_VALUES
+    count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        try:
+            set_(self, "kind", Kind(self.kind))
+        except ValueError:
+            raise BlobHeaderError(f"model header kind {self.kind!r}: 0 or 1 expected") from None
+        set_(self, "contract", _address(self.contract, "contract"))
+        set_(self, "trainer", _address(self.trainer, "trainer"))
+        set_(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+        for name, value, bound in (
+            ("chain_id", self.chain_id, _U64),
+            ("task_id", self.task_id, _U64),
+            ("round", self.round_number, 1 << 32),
+            ("scale_bits", self.scale_bits, 1 << 8),
+        ):
+            if not 0 <= value < bound:
+                raise BlobHeaderError(f"model header {name} {value} is out of range")
+        if not 1 <= self.chunk_values <= MAX_CHUNK_VALUES:
+            raise BlobHeaderError(
+                f"model header chunk_values {self.chunk_values}: 1..{MAX_CHUNK_VALUES} expected"
+            )
+        if (self.kind == Kind.UPDATE) == (self.trainer == ZERO_ADDRESS):
+            raise BlobHeaderError(
+                "model header trainer: an update names its author, a global model the zero address"
+            )
+        if not 1 <= len(self.shapes) <= MAX_TENSORS:
+            raise BlobHeaderError(f"model header: {len(self.shapes)} tensors, 1..{MAX_TENSORS}")
+        for shape in self.shapes:
+            if len(shape) > MAX_NDIM or any(not 0 <= d < 1 << 32 for d in shape):
+                raise BlobHeaderError(f"model header: tensor shape {shape} cannot be written")
+        count = sum(math.prod(s) for s in self.shapes)
+        if not 1 <= count < _U64:
+            raise BlobHeaderError(f"model header: {count} values; a model has 1 to 2^64 - 1")
+        set_(self, "count", count)
+
+    @property
+    def leaf_count(self) -> int:
+        """``L``: the number of chunks (and leaves)."""
+        return -(-self.count // self.chunk_values)
+
+    def chunk_size(self, index: int) -> int:
+        """Values in chunk ``index`` (the last may be short)."""
+        if not 0 <= index < self.leaf_count:
+            raise IndexError(f"chunk {index} of {self.leaf_count}")
+        return min(self.chunk_values, self.count - index * self.chunk_values)
+
+    def pack(self) -> bytes:
+        """The header's bytes, exactly as they open the blob."""
+        parts = [
+            _FIXED.pack(
+                MAGIC,
+                VERSION,
+                self.kind,
+                self.scale_bits,
+                self.chunk_values,
+                self.chain_id,
+                bytes.fromhex(self.contract[2:]),
+                self.task_id,
+                self.round_number,
+                bytes.fromhex(self.trainer[2:]),
+                self.count,
+                len(self.shapes),
+            )
+        ]
+        for shape in self.shapes:
+            parts.append(struct.pack(f">B{len(shape)}I", len(shape), *shape))
+        return b"".join(parts)
+
+    def size(self) -> int:
+        """Bytes of the whole blob this header opens."""
+        return len(self.pack()) + 32 * self.leaf_count + 4 * self.count
+
+    def check(self, expected: Header) -> None:
+        """Raise the HeaderMismatchError subclass for the first field that differs from
+        ``expected``: kind, then chain/contract/task, round, author, layout."""
+        checks = (
+            (WrongKindError, "kind", lambda h: h.kind.name.lower()),
+            (WrongTaskError, "chain", lambda h: h.chain_id),
+            (WrongTaskError, "contract", lambda h: h.contract),
+            (WrongTaskError, "task", lambda h: h.task_id),
+            (WrongModelRoundError, "round", lambda h: h.round_number),
+            (WrongAuthorError, "trainer", lambda h: h.trainer),
+            (WrongLayoutError, "scale_bits", lambda h: h.scale_bits),
+            (WrongLayoutError, "chunk_values", lambda h: h.chunk_values),
+            (WrongLayoutError, "shapes", lambda h: h.shapes),
+        )
+        for error, name, get in checks:
+            if get(self) != get(expected):
+                raise error(field=name, expected=get(expected), actual=get(self))
+
+
+def read_header(buffer: bytes | bytearray | memoryview) -> tuple[Header, int] | None:
+    """The header opening ``buffer`` and its length, or None while ``buffer`` is too short to
+    hold it all. A prefix that can already be seen to be wrong raises BlobHeaderError."""
+    view = memoryview(buffer)
+    if bytes(view[:8]) != MAGIC[: min(8, len(view))]:
+        raise BlobHeaderError("malformed model blob header: not a FLEX model blob (bad magic)")
+    if len(view) >= 10 and (version := int.from_bytes(view[8:10], "big")) != VERSION:
+        raise BlobHeaderError(
+            f"malformed model blob header: format version {version}, this node reads {VERSION}"
+        )
+    if len(view) < _FIXED.size:
+        return None
+    fields = _FIXED.unpack(view[: _FIXED.size])
+    offset, shapes = _FIXED.size, []
+    for _ in range(fields[-1]):
+        if len(view) < offset + 1:
+            return None
+        ndim = view[offset]
+        if ndim > MAX_NDIM:
+            raise BlobHeaderError(f"malformed model blob header: a tensor of {ndim} dimensions")
+        if len(view) < offset + 1 + 4 * ndim:
+            return None
+        shapes.append(struct.unpack_from(f">{ndim}I", view, offset + 1))
+        offset += 1 + 4 * ndim
+    _, _, kind, scale, chunk, chain, contract, task, rnd, trainer, count, _ = fields
+    try:
+        header = Header(
+            kind=kind,
+            chain_id=chain,
+            contract=contract,
+            task_id=task,
+            round_number=rnd,
+            shapes=tuple(shapes),
+            trainer=trainer,
+            scale_bits=scale,
+            chunk_values=chunk,
+        )
+    except BlobHeaderError as exc:
+        raise BlobHeaderError(f"malformed model blob header: {exc.message}") from None
+    if header.count != count:
+        raise BlobHeaderError(
+            f"malformed model blob header: count {count}, the shapes hold {header.count}"
+        )
+    return header, offset
+
+
+def id_of(header: bytes, root: bytes) -> bytes:
+    """A model ID from its header's bytes and its Merkle root."""
+    return keccak(ID_PREFIX + keccak(header) + root)
+
+
+def leaves_of(data: bytes | memoryview, *, chunk_values: int) -> list[bytes]:
+    """The leaf hash of each chunk of ``data`` (the values' big-endian bytes)."""
+    view, step = memoryview(data), 4 * chunk_values
+    return [merkle.leaf(view[start : start + step]) for start in range(0, len(view), step)]
+
+
+@dataclass(frozen=True, eq=False)
+class ModelBlob:
+    """A decoded, verified blob: its header, int32 values (read-only), leaves, root and ID."""
+
+    header: Header
+    values: list[np.ndarray]
+    leaves: list[bytes]
+    root: bytes
     model_id: bytes
+
+    def floats(self) -> list[np.ndarray]:
+        """The values as float32 weights."""
+        return dequantize(self.values, scale_bits=self.header.scale_bits)
+
+    @functools.cached_property
+    def data(self) -> bytes:
+        """The values' bytes as the blob holds them (made on first use)."""
+        return b"".join(v.astype(VALUE).tobytes() for v in self.values)
+
+    def chunk(self, index: int) -> bytes:
+        """The bytes of chunk ``index``, as hashed into its leaf."""
+        start = 4 * index * self.header.chunk_values
+        return self.data[start : start + 4 * self.header.chunk_size(index)]
+
+    def proof(self, index: int) -> list[bytes]:
+        """The Merkle proof of chunk ``index`` against ``root``."""
+        return merkle.proof(self.leaves, index)
+
+
+def encode(header: Header, values: Sequence[np.ndarray]) -> bytes:
+    """The canonical bytes of int32 ``values`` under ``header`` (whose shapes they must have)."""
+    arrays = [np.asarray(v) for v in values]
+    for index, array in enumerate(arrays):
+        if array.dtype.kind != "i" or array.dtype.itemsize != 4:
+            raise BlobDtypeError(
+                f"tensor {index} has dtype {array.dtype}; a model blob holds int32 fixed point"
+                " (quantize float weights first)",
+                tensor=index,
+                dtype=str(array.dtype),
+            )
+    shapes = tuple(a.shape for a in arrays)
+    if shapes != header.shapes:
+        raise BlobHeaderError(f"values of shapes {shapes} under a header for {header.shapes}")
+    data = b"".join(a.astype(VALUE, copy=False).tobytes(order="C") for a in arrays)
+    leaves = leaves_of(data, chunk_values=header.chunk_values)
+    return b"".join([header.pack(), *leaves, data])
+
+
+def decode(
+    blob: bytes | bytearray | memoryview, *, expected_id: bytes | str | None = None
+) -> ModelBlob:
+    """Parse and check a whole blob; raises a ModelBlobError subclass saying what is wrong."""
+    view = memoryview(blob)
+    parsed = read_header(view)
+    if parsed is None:
+        raise BlobTruncatedError(
+            f"model blob truncated: ends at byte {len(view)} inside the header", size=len(view)
+        )
+    header, offset = parsed
+    declared = header.size()
+    if len(view) < declared:
+        raise BlobTruncatedError(
+            f"model blob truncated: header declares {declared} bytes, {len(view)} present",
+            declared=declared,
+            available=len(view),
+        )
+    if len(view) > declared:
+        raise BlobTooLongError(
+            f"malformed model blob: {len(view) - declared} bytes after the last value",
+            declared=declared,
+            available=len(view),
+        )
+    data_start = offset + 32 * header.leaf_count
+    # As a streaming check does: the ID from the listed leaves, then each chunk against its leaf.
+    listed = bytes(view[offset:data_start])
+    leaves = [listed[i : i + 32] for i in range(0, len(listed), 32)]
+    root = merkle.root(leaves)
+    actual = id_of(bytes(view[:offset]), root)
+    if expected_id is not None and actual != (expected := parse_id(expected_id)):
+        raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+    hashed = leaves_of(view[data_start:], chunk_values=header.chunk_values)
+    if hashed != leaves:
+        bad = next(i for i, (a, b) in enumerate(zip(hashed, leaves, strict=True)) if a != b)
+        raise ChunkMismatchError(index=bad)
+    values, position = [], data_start
+    for shape in header.shapes:
+        size = math.prod(shape)
+        big = np.frombuffer(view, dtype=VALUE, count=size, offset=position)
+        native = big.astype(np.int32).reshape(shape)
+        native.flags.writeable = False
+        values.append(native)
+        position += 4 * size
+    return ModelBlob(header=header, values=values, leaves=leaves, root=root, model_id=actual)
 
 
 def model_id(blob: bytes | bytearray | memoryview) -> bytes:
-    """keccak256 of the blob: the model's bytes32 ID."""
-    return keccak(bytes(blob) if isinstance(blob, memoryview) else blob)
+    """The bytes32 ID of a well-formed blob (which is checked whole)."""
+    return decode(blob).model_id
+
+
+def verify_chunk(
+    *,
+    model_id: bytes | str,
+    header: bytes,
+    root: bytes,
+    index: int,
+    chunk: bytes,
+    proof: Sequence[bytes],
+) -> bool:
+    """Whether ``chunk`` is chunk ``index`` of the model ``model_id``, given the model's header
+    bytes, Merkle root and the chunk's proof: what a contract checks in a dispute."""
+    parsed = read_header(header)
+    if parsed is None or parsed[1] != len(header) or id_of(header, root) != parse_id(model_id):
+        return False
+    head = parsed[0]
+    if not 0 <= index < head.leaf_count or len(chunk) != 4 * head.chunk_size(index):
+        return False
+    return merkle.verify(
+        leaf_hash=merkle.leaf(chunk),
+        index=index,
+        siblings=proof,
+        root_hash=root,
+        leaf_count=head.leaf_count,
+    )
 
 
 def id_hex(value: bytes) -> str:
@@ -89,134 +380,3 @@ def parse_id(value: bytes | str) -> bytes:
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise ModelBlobError(f"not a model ID (32 bytes or 0x + 64 hex digits): {shown}")
     return raw
-
-
-def _canonical_dtype(array: np.ndarray, name: str) -> tuple[np.dtype, bytes]:
-    dtype = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
-    canonical = np.dtype(f"<{dtype.kind}{dtype.itemsize}")
-    if dtype != canonical or canonical not in _CODES:
-        raise BlobDtypeError(
-            f"tensor {name!r} has dtype {array.dtype}; supported: "
-            + " ".join(code.decode() for code in DTYPES),
-            name=name,
-            dtype=str(array.dtype),
-        )
-    return canonical, _CODES[canonical]
-
-
-def dumps(weights: Sequence[np.ndarray], *, names: Sequence[str] | None = None) -> bytes:
-    """The canonical bytes of ``weights`` (names default to "0", "1", ... by position)."""
-    names = [str(i) for i in range(len(weights))] if names is None else list(names)
-    if len(names) != len(weights):
-        raise BlobHeaderError(f"{len(names)} names for {len(weights)} tensors")
-    if len(weights) > MAX_TENSORS:
-        raise BlobHeaderError(f"{len(weights)} tensors; at most {MAX_TENSORS} fit a blob")
-    if len(set(names)) != len(names):
-        raise BlobHeaderError("tensor names must be unique")
-    parts: list[bytes | memoryview] = [_PREAMBLE.pack(MAGIC, VERSION, len(weights))]
-    data: list[memoryview] = []
-    for name, weight in zip(names, weights, strict=True):
-        array = np.asarray(weight)
-        encoded = name.encode("utf-8")
-        if not 1 <= len(encoded) <= MAX_NAME:
-            raise BlobHeaderError(f"tensor name {name!r} must be 1 to {MAX_NAME} UTF-8 bytes")
-        if array.ndim > MAX_NDIM:
-            raise BlobHeaderError(f"tensor {name!r} has {array.ndim} dimensions; max {MAX_NDIM}")
-        dtype, code = _canonical_dtype(array, name)
-        array = array.astype(dtype, order="C", copy=False)
-        parts += [
-            struct.pack("<H", len(encoded)),
-            encoded,
-            _TENSOR.pack(code, array.ndim),
-            struct.pack(f"<{array.ndim}Q", *array.shape),
-        ]
-        data.append(memoryview(array.reshape(-1).view(np.uint8)))
-    return b"".join([*parts, *data])
-
-
-def decode(blob: bytes, *, expected_id: bytes | str | None = None) -> ModelBlob:
-    """Parse and check a blob; raises a ModelBlobError subclass saying what is wrong with it."""
-    view = memoryview(blob)
-    offset = 0
-
-    def take(size: int, what: str) -> memoryview:
-        nonlocal offset
-        if offset + size > len(view):
-            raise BlobTruncatedError(
-                f"model blob truncated: ends at byte {len(view)} inside the header ({what})",
-                size=len(view),
-            )
-        chunk = view[offset : offset + size]
-        offset += size
-        return chunk
-
-    if len(view) < len(MAGIC) and MAGIC.startswith(bytes(view)):
-        raise BlobTruncatedError(f"model blob truncated: only {len(view)} bytes", size=len(view))
-    if bytes(view[: len(MAGIC)]) != MAGIC:
-        raise BlobHeaderError("malformed model blob header: not a FLEX model blob (bad magic)")
-    _, version, count = _PREAMBLE.unpack(take(_PREAMBLE.size, "preamble"))
-    if version != VERSION:
-        raise BlobHeaderError(
-            f"malformed model blob header: format version {version}, this node reads {VERSION}"
-        )
-    if count > MAX_TENSORS:
-        raise BlobHeaderError(f"malformed model blob header: {count} tensors, max {MAX_TENSORS}")
-    entries: list[tuple[str, np.dtype, tuple[int, ...]]] = []
-    for index in range(count):
-        (name_len,) = struct.unpack("<H", take(2, f"tensor {index} name length"))
-        if not 1 <= name_len <= MAX_NAME:
-            raise BlobHeaderError(
-                f"malformed model blob header: tensor {index} name length {name_len}"
-            )
-        try:
-            name = str(take(name_len, f"tensor {index} name"), "utf-8")
-        except UnicodeDecodeError:
-            raise BlobHeaderError(
-                f"malformed model blob header: tensor {index} name is not UTF-8"
-            ) from None
-        code, ndim = _TENSOR.unpack(take(_TENSOR.size, f"tensor {index} dtype"))
-        if code not in DTYPES:
-            raise BlobDtypeError(
-                f"model blob tensor {name!r} has unsupported dtype code {code!r}",
-                name=name,
-                dtype=code.decode("latin-1"),
-            )
-        if ndim > MAX_NDIM:
-            raise BlobHeaderError(f"malformed model blob header: tensor {name!r} has {ndim} dims")
-        shape = struct.unpack(f"<{ndim}Q", take(8 * ndim, f"tensor {index} shape"))
-        # A tensor with a zero dimension holds no bytes, but numpy must still be able to
-        # represent its shape.
-        if math.prod(d for d in shape if d) * DTYPES[code].itemsize > sys.maxsize:
-            raise BlobHeaderError(
-                f"malformed model blob header: tensor {name!r} has an impossible shape {shape}"
-            )
-        entries.append((name, DTYPES[code], shape))
-    names = [name for name, _, _ in entries]
-    if len(set(names)) != len(names):
-        raise BlobHeaderError("malformed model blob header: duplicate tensor names")
-    declared = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in entries)
-    available = len(view) - offset
-    if available < declared:
-        raise BlobTruncatedError(
-            f"model blob truncated: header declares {declared} data bytes, {available} present",
-            declared=declared,
-            available=available,
-        )
-    if available > declared:
-        raise BlobHeaderError(
-            f"malformed model blob: {available - declared} bytes after the last tensor"
-        )
-    weights: list[np.ndarray] = []
-    for _, dtype, shape in entries:
-        size = math.prod(shape)
-        weights.append(np.frombuffer(blob, dtype=dtype, count=size, offset=offset).reshape(shape))
-        offset += size * dtype.itemsize
-    actual = model_id(blob)
-    if expected_id is not None and actual != (expected := parse_id(expected_id)):
-        raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
-    return ModelBlob(names=names, weights=weights, model_id=actual)
-
-
-def loads(blob: bytes, *, expected_id: bytes | str | None = None) -> list[np.ndarray]:
-    """The weights in a blob (read-only arrays), checked against ``expected_id`` if given."""
-    return decode(blob, expected_id=expected_id).weights

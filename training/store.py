@@ -5,14 +5,19 @@ Layout under the store's root::
     blobs/ab/ab12...ef      one file per blob, named by its ID in hex (no 0x), fanned out by
                             the first byte; never changed once in place
     blobs/ab/.tmp-*         a write in progress (or left by a crash); never read
-    index.sqlite3           id, size, kind, task_id, round, created
+    index.sqlite3           id, size, and what the blob's own header says it is: kind,
+                            chain_id, contract, task_id, round, trainer; created
+
+Only well-formed model blobs (training.serialize) are stored, and the index describes each
+by its header alone: the same bytes cannot be filed under two tasks, rounds or authors.
 
 A blob becomes visible only through os.replace of a complete, fsynced temp file in the same
 directory, so a reader sees a whole blob or none, and a crash loses nothing already stored.
 The files are the truth: ``has``/``get``/``open`` look at them, the index only describes them
 (a crash between the rename and the index insert leaves an unindexed blob, which the next
-``put`` of it or ``reindex()`` fills in). Several processes may share one store: renames are
-atomic, identical content makes racing writers harmless, and SQLite serialises the index.
+``put`` of it or ``reindex()`` fills in from its header). Several processes may share one
+store: renames are atomic, identical content makes racing writers harmless, and SQLite
+serialises the index.
 """
 
 from __future__ import annotations
@@ -28,41 +33,59 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
 
-from training.errors import BlobNotFoundError, BlobTooLargeError, ModelIdMismatchError, StoreError
-from training.serialize import id_hex, model_id, parse_id
+from training.errors import (
+    BlobNotFoundError,
+    BlobTooLargeError,
+    BlobTruncatedError,
+    ModelBlobError,
+    StoreError,
+)
+from training.serialize import Header, Kind, ModelBlob, decode, id_hex, parse_id, read_header
+from training.verifier import BlobVerifier
 
-Kind = Literal["global", "update"]
-KINDS = ("global", "update")
+KindName = Literal["global", "update"]
+KIND_NAMES = {Kind.GLOBAL: "global", Kind.UPDATE: "update"}
 DEFAULT_MAX_BLOB_BYTES = 1 << 30
 CHUNK_BYTES = 1 << 20
 TMP_PREFIX = ".tmp-"
 # A temp file this old belongs to a writer that died; younger ones may still be in progress.
 STALE_TMP_SECONDS = 3600.0
 
+# Bumped when the index's columns change; an older index is rebuilt from the blob files.
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     id TEXT PRIMARY KEY,
     size INTEGER NOT NULL CHECK (size >= 0),
-    kind TEXT CHECK (kind IN ('global', 'update')),
-    task_id INTEGER,
-    round INTEGER CHECK (round >= 0),
+    kind TEXT NOT NULL CHECK (kind IN ('global', 'update')),
+    chain_id TEXT NOT NULL,
+    contract TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    round INTEGER NOT NULL CHECK (round >= 0),
+    trainer TEXT NOT NULL,
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS blobs_task_round ON blobs (task_id, round);
 """
+_COLUMNS = "id, size, kind, chain_id, contract, task_id, round, trainer, created"
+# Enough bytes for any ordinary header; a longer one is read on (reindex only).
+_HEADER_PROBE = 64 * 1024
 
 
 @dataclass(frozen=True)
 class StoredModel:
-    """What the index knows of a blob; kind, task and round are None for a reindexed orphan."""
+    """What the index knows of a blob: its size and what its header says it is."""
 
     model_id: bytes
     size: int
-    kind: str | None
-    task_id: int | None
-    round_number: int | None
+    kind: KindName
+    chain_id: int
+    contract: str
+    task_id: int
+    round_number: int
+    trainer: str
     created: datetime
 
     @property
@@ -82,7 +105,16 @@ class ModelStore:
         with self._db() as db:
             # WAL lets readers in other processes go on while one process writes.
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+            # One process at a time decides whether the index is current, and rebuilds it.
+            db.execute("BEGIN IMMEDIATE")
+            stale = db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION
+            if stale:
+                db.execute("DROP TABLE IF EXISTS blobs")
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if stale:
+            self.reindex(remove_stale_tmp=False)
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -102,87 +134,65 @@ class ModelStore:
     def has(self, model_id: bytes | str) -> bool:
         return self.path(model_id).is_file()
 
-    def put(
-        self,
-        blob: bytes,
-        *,
-        kind: Kind | None = None,
-        task_id: int | None = None,
-        round_number: int | None = None,
-        expected_id: bytes | str | None = None,
-    ) -> bytes:
-        """Store ``blob`` and return its model ID; storing the same blob again is a no-op.
+    def put(self, blob: bytes, *, expected_id: bytes | str | None = None) -> bytes:
+        """Store a model blob and return its ID; storing the same blob again is a no-op.
 
-        Raises BlobTooLargeError over the size limit, ModelIdMismatchError if ``expected_id``
-        is given and the blob does not hash to it.
+        Raises BlobTooLargeError over the size limit, a ModelBlobError subclass for a blob that
+        is malformed or (with ``expected_id``) another model's.
         """
         if len(blob) > self.max_blob_bytes:
             raise BlobTooLargeError(size=len(blob), limit=self.max_blob_bytes)
-        digest = model_id(blob)
-        if expected_id is not None and digest != (expected := parse_id(expected_id)):
-            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(digest))
-        return self._store(
-            [blob], kind=kind, task_id=task_id, round_number=round_number, known_id=digest
-        )
+        model = decode(blob, expected_id=expected_id)
+        return self._store([blob], header=model.header, known_id=model.model_id)
 
     def put_stream(
-        self,
-        chunks: Iterable[bytes],
-        *,
-        kind: Kind | None = None,
-        task_id: int | None = None,
-        round_number: int | None = None,
-        expected_id: bytes | str | None = None,
+        self, chunks: Iterable[bytes], *, expected_id: bytes | str | None = None
     ) -> bytes:
-        """Store a blob arriving in chunks (a peer's download), hashing it on the way in.
+        """Store a blob arriving in pieces (a peer's download), checking it on the way in.
 
-        Nothing is visible until the whole blob is on disk and its ID checked; a size limit
-        breach stops the write as soon as it is seen. With ``expected_id`` of a blob already
-        stored, ``chunks`` is not read at all. Without ``expected_id`` the temp file is written
-        under blobs/incoming/ and renamed into place (same filesystem).
+        Nothing is visible until the whole blob is on disk and checked; a malformed header, a
+        wrong ID, a bad chunk or a size limit breach stops the write as soon as it is seen.
+        With ``expected_id`` of a blob already stored, ``chunks`` is not read at all.
         """
         expected = None if expected_id is None else parse_id(expected_id)
-        return self._store(
-            chunks, kind=kind, task_id=task_id, round_number=round_number, expected=expected
-        )
+        if expected is not None and self.has(expected):
+            self._index_blob(expected)
+            return expected
+        return self._store(chunks, verifier=BlobVerifier(expected_id=expected))
 
     def _store(
         self,
         chunks: Iterable[bytes],
         *,
-        kind: Kind | None,
-        task_id: int | None,
-        round_number: int | None,
-        expected: bytes | None = None,
+        header: Header | None = None,
         known_id: bytes | None = None,
+        verifier: BlobVerifier | None = None,
     ) -> bytes:
-        # ``known_id``: the caller already hashed these exact bytes, so skip a second pass.
-        if kind is not None and kind not in KINDS:
-            raise StoreError(f"kind must be one of {KINDS}, got {kind!r}", kind=kind)
-        target = known_id or expected
-        if target is not None and self.has(target):
-            self._index_blob(target, kind=kind, task_id=task_id, round_number=round_number)
-            return target
-        tmp_dir = self._blobs / "incoming" if target is None else self.path(target).parent
+        # Either ``known_id`` and ``header`` of bytes already checked, or a ``verifier``.
+        if known_id is not None and self.has(known_id):
+            self._index_blob(known_id, header=header)
+            return known_id
+        tmp_dir = self._blobs / "incoming" if known_id is None else self.path(known_id).parent
         tmp_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=tmp_dir)
         tmp = Path(tmp_name)
         try:
-            hasher, size = (None if known_id else keccak.new(b"")), 0
+            size = 0
             with os.fdopen(fd, "wb") as handle:
                 for chunk in chunks:
                     size += len(chunk)
                     if size > self.max_blob_bytes:
                         raise BlobTooLargeError(size=size, limit=self.max_blob_bytes)
-                    if hasher is not None:
-                        hasher.update(chunk)
+                    if verifier is not None:
+                        verifier.feed(chunk)
+                        if verifier.size is not None and verifier.size > self.max_blob_bytes:
+                            raise BlobTooLargeError(size=verifier.size, limit=self.max_blob_bytes)
                     handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
-            digest = known_id or hasher.digest()
-            if expected is not None and digest != expected:
-                raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(digest))
-            final = self.path(digest)
+            if verifier is not None:
+                known_id, header = verifier.finish(), verifier.header
+            final = self.path(known_id)
             final.parent.mkdir(exist_ok=True)
             # Blob files never change once in place; read-only says so to anyone on the host.
             os.chmod(tmp, 0o444)
@@ -191,44 +201,46 @@ class ModelStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        self._index_blob(digest, kind=kind, task_id=task_id, round_number=round_number, size=size)
-        return digest
+        self._index_blob(known_id, header=header, size=size)
+        return known_id
 
     def _index_blob(
-        self,
-        digest: bytes,
-        *,
-        kind: str | None,
-        task_id: int | None,
-        round_number: int | None,
-        size: int | None = None,
+        self, digest: bytes, *, header: Header | None = None, size: int | None = None
     ) -> None:
+        path = self.path(digest)
+        if header is None:
+            header = _read_file_header(path)
         if size is None:
-            size = self.path(digest).stat().st_size
+            size = path.stat().st_size
         with self._db() as db:
-            # The first description of a blob stays; later puts of the same bytes add nothing.
             db.execute(
-                "INSERT OR IGNORE INTO blobs (id, size, kind, task_id, round, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (digest.hex(), size, kind, task_id, round_number, time.time()),
+                f"INSERT OR IGNORE INTO blobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _row(digest, size, header, time.time()),
             )
 
     def get(self, model_id: bytes | str) -> bytes:
-        """The blob's bytes, re-hashed against its ID (ModelIdMismatchError if the disk lies)."""
+        """The blob's bytes, checked whole against its ID (a ModelBlobError if the disk lies)."""
         expected = parse_id(model_id)
         try:
             blob = self.path(expected).read_bytes()
         except FileNotFoundError:
             raise BlobNotFoundError(model_id=id_hex(expected)) from None
-        actual = keccak(blob)
-        if actual != expected:
-            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+        decode(blob, expected_id=expected)
         return blob
+
+    def load(self, model_id: bytes | str) -> ModelBlob:
+        """The decoded blob, checked against its ID."""
+        expected = parse_id(model_id)
+        try:
+            blob = self.path(expected).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFoundError(model_id=id_hex(expected)) from None
+        return decode(blob, expected_id=expected)
 
     def open(self, model_id: bytes | str, *, verify: bool = True) -> BinaryIO:
         """The blob as a binary file positioned at 0, for streaming in chunks.
 
-        With ``verify`` the file is hashed first (one extra read); blob files are never
+        With ``verify`` the file is checked first (one extra read); blob files are never
         rewritten in place, so what was verified is what the handle then reads.
         """
         expected = parse_id(model_id)
@@ -237,12 +249,14 @@ class ModelStore:
         except FileNotFoundError:
             raise BlobNotFoundError(model_id=id_hex(expected)) from None
         if verify:
-            hasher = keccak.new(b"")
-            while chunk := handle.read(CHUNK_BYTES):
-                hasher.update(chunk)
-            if (actual := hasher.digest()) != expected:
+            verifier = BlobVerifier(expected_id=expected)
+            try:
+                while chunk := handle.read(CHUNK_BYTES):
+                    verifier.feed(chunk)
+                verifier.finish()
+            except BaseException:
                 handle.close()
-                raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+                raise
             handle.seek(0)
         return handle
 
@@ -259,8 +273,7 @@ class ModelStore:
         digest = parse_id(model_id)
         with self._db() as db:
             row = db.execute(
-                "SELECT id, size, kind, task_id, round, created FROM blobs WHERE id = ?",
-                (digest.hex(),),
+                f"SELECT {_COLUMNS} FROM blobs WHERE id = ?", (digest.hex(),)
             ).fetchone()
         if row is None or not self.has(digest):
             raise BlobNotFoundError(model_id=id_hex(digest))
@@ -269,56 +282,103 @@ class ModelStore:
     def list(
         self,
         *,
-        kind: Kind | None = None,
+        kind: KindName | None = None,
+        chain_id: int | None = None,
+        contract: str | None = None,
         task_id: int | None = None,
         round_number: int | None = None,
+        trainer: str | None = None,
     ) -> list[StoredModel]:
         """Indexed blobs matching the filters, oldest first."""
-        clauses, params = [], []
-        for column, value in (("kind", kind), ("task_id", task_id), ("round", round_number)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
+        if kind is not None and kind not in KIND_NAMES.values():
+            raise StoreError(f"kind must be 'global' or 'update', got {kind!r}", kind=kind)
+        filters = (
+            ("kind", kind),
+            ("chain_id", None if chain_id is None else str(chain_id)),
+            ("contract", None if contract is None else contract.lower()),
+            ("task_id", None if task_id is None else str(task_id)),
+            ("round", round_number),
+            ("trainer", None if trainer is None else trainer.lower()),
+        )
+        clauses = [f"{column} = ?" for column, value in filters if value is not None]
+        params = [value for _, value in filters if value is not None]
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._db() as db:
             rows = db.execute(
-                "SELECT id, size, kind, task_id, round, created FROM blobs"
-                f"{where} ORDER BY created, id",
-                params,
+                f"SELECT {_COLUMNS} FROM blobs{where} ORDER BY created, id", params
             ).fetchall()
         return [_stored(row) for row in rows]
 
     def reindex(self, *, remove_stale_tmp: bool = True) -> int:
-        """Index blob files the index lacks (after a crash) and drop rows whose file is gone;
-        remove temp files older than STALE_TMP_SECONDS. Returns the number of blobs added."""
-        on_disk: dict[str, int] = {}
+        """Index blob files the index lacks (after a crash), from their headers, and drop rows
+        whose file is gone; files that are not model blobs stay out of the index. Removes temp
+        files older than STALE_TMP_SECONDS. Returns the number of blobs added."""
+        on_disk: dict[str, Path] = {}
         cutoff = time.time() - STALE_TMP_SECONDS
         for path in self._blobs.glob("*/*"):
             if path.name.startswith(TMP_PREFIX):
                 if remove_stale_tmp and path.stat().st_mtime < cutoff:
                     path.unlink(missing_ok=True)
             elif len(path.name) == 64:
-                on_disk[path.name] = path.stat().st_size
+                on_disk[path.name] = path
         with self._db() as db:
             indexed = {row[0] for row in db.execute("SELECT id FROM blobs")}
-            missing = [(h, on_disk[h], time.time()) for h in on_disk.keys() - indexed]
+        added = []
+        for name in on_disk.keys() - indexed:
+            try:
+                header = _read_file_header(on_disk[name])
+            except ModelBlobError:
+                continue
+            size = on_disk[name].stat().st_size
+            added.append(_row(bytes.fromhex(name), size, header, time.time()))
+        with self._db() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO blobs (id, size, created) VALUES (?, ?, ?)", missing
+                f"INSERT OR IGNORE INTO blobs ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                added,
             )
             db.executemany(
                 "DELETE FROM blobs WHERE id = ?", [(h,) for h in indexed - on_disk.keys()]
             )
-        return len(missing)
+        return len(added)
+
+
+def _read_file_header(path: Path) -> Header:
+    """The header of the blob file at ``path``, read without the values."""
+    with path.open("rb") as handle:
+        data = handle.read(_HEADER_PROBE)
+        while (parsed := read_header(data)) is None:
+            more = handle.read(_HEADER_PROBE)
+            if not more:
+                raise BlobTruncatedError(f"{path.name}: the file ends inside the model header")
+            data += more
+    return parsed[0]
+
+
+def _row(digest: bytes, size: int, header: Header, created: float) -> tuple:
+    return (
+        digest.hex(),
+        size,
+        KIND_NAMES[header.kind],
+        str(header.chain_id),
+        header.contract.lower(),
+        str(header.task_id),
+        header.round_number,
+        header.trainer.lower(),
+        created,
+    )
 
 
 def _stored(row: tuple) -> StoredModel:
-    digest, size, kind, task_id, round_number, created = row
+    digest, size, kind, chain_id, contract, task_id, round_number, trainer, created = row
     return StoredModel(
         model_id=bytes.fromhex(digest),
         size=size,
         kind=kind,
-        task_id=task_id,
+        chain_id=int(chain_id),
+        contract=to_checksum_address(contract),
+        task_id=int(task_id),
         round_number=round_number,
+        trainer=to_checksum_address(trainer),
         created=datetime.fromtimestamp(created, tz=UTC),
     )
 

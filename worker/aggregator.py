@@ -9,11 +9,12 @@ from chain.events import TaskState
 from chain.selection import mask_of, positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_model
-from training import serialize
 from training.aggregation.base import Update
 from training.catalogue import initial_weights
+from training.fixedpoint import dequantize, quantize
+from training.serialize import Header, Kind, decode, encode, id_hex
 from worker.node import Node
-from worker.trainer import verified_spec
+from worker.trainer import model_header, verified_spec
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,7 @@ class NothingToAggregateError(FlexError):
 
 
 def _publish(node: Node, *, task_id: int, round_number: int, blob: bytes, mask: int) -> dict:
-    model_id = serialize.id_hex(
-        node.store.put(blob, kind="global", task_id=task_id, round_number=round_number)
-    )
+    model_id = id_hex(node.store.put(blob))
     tx = node.market.publish_global_model(
         sender=node.account,
         task_id=task_id,
@@ -49,35 +48,39 @@ def publish_initial(node: Node, *, task_id: int, spec: dict) -> dict | None:
     parsed = verified_spec(node, task_id=task_id, spec=spec)
     if node.market.global_model(task_id=task_id, round_number=0):
         return None
-    blob = serialize.dumps(initial_weights(spec=parsed))
+    header = model_header(node, spec=parsed, task_id=task_id, round_number=0, kind=Kind.GLOBAL)
+    blob = encode(header, quantize(initial_weights(spec=parsed)))
     published = _publish(node, task_id=task_id, round_number=0, blob=blob, mask=0)
     log.info("task %s: initial model %s published", task_id, published["model_id"])
     return {"task_id": task_id, "round": 0, **published}
 
 
 def _update(
-    node: Node, *, task_id: int, round_number: int, trainer: str, url: str | None, samples: int
+    node: Node, *, update_id: str, expected: Header, url: str | None, samples: int
 ) -> Update | str:
-    """One trainer's verified update, or why it cannot be had."""
-    update_id = node.market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+    """One trainer's update, checked against its ID and against ``expected``, the header an
+    update of this trainer, task and round carries; or why it is left out ("code: message")."""
     try:
         if node.store.has(update_id):
-            blob = node.store.get(update_id)
+            model = node.store.load(update_id)
         elif not url:
-            return "no data-plane address known"
+            return "update_unavailable: no data-plane address known"
         else:
             blob = fetch_model(
                 base_url=url,
                 model_id=update_id,
-                server_address=trainer,
+                server_address=expected.trainer,
                 account=node.account,
                 max_bytes=node.config.max_model_bytes,
             )
-            node.store.put(blob, kind="update", task_id=task_id, round_number=round_number)
-        weights = serialize.loads(blob, expected_id=update_id)
+            model = decode(blob, expected_id=update_id)
+            node.store.put(blob, expected_id=model.model_id)
+        # A copy of another trainer's update, an old one of its own, a global model: the
+        # header says so, whoever holds the bytes.
+        model.header.check(expected)
     except FlexError as exc:
         return f"{exc.code}: {exc.message}"
-    return Update(weights=weights, num_examples=samples, update_id=update_id)
+    return Update(weights=model.values, num_examples=samples, update_id=update_id)
 
 
 def _prefetch(
@@ -96,7 +99,7 @@ def _prefetch(
             max_bytes=node.config.max_model_bytes,
             retries=0,
         )
-        node.store.put(blob, kind="update", task_id=task_id, round_number=round_number)
+        node.store.put(blob, expected_id=update_id)
     except FlexError as exc:
         log.info("task %s: update of %s not fetched yet: %s", task_id, trainer, exc.message)
 
@@ -114,7 +117,9 @@ def aggregate(
 
     With ``wait``, raises RoundNotReadyError (with the seconds left) while trainers may still
     submit. An update that cannot be fetched or does not verify is left out and reported; a
-    trainer that vanished is simply not in the mask, and so not paid for the round.
+    trainer that vanished is simply not in the mask, and so not paid for the round. So is an
+    update whose header does not name its submitter, this task and this round as an update:
+    a copy, a stale update, a global model (docs/verifiable.md).
     """
     from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
 
@@ -151,15 +156,24 @@ def aggregate(
     started = time.perf_counter()
     samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
     updates: list[Update] = []
-    positions: dict[str, int] = {}
+    # Accepted headers name distinct trainers, so their update IDs are distinct too.
+    authors: dict[str, tuple[str, int]] = {}
     rejected: dict[str, str] = {}
     for position in submitted:
         trainer = selection.trainers[position]
-        got = _update(
+        update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+        expected = model_header(
             node,
+            spec=parsed,
             task_id=task_id,
             round_number=round_number,
+            kind=Kind.UPDATE,
             trainer=trainer,
+        )
+        got = _update(
+            node,
+            update_id=update_id,
+            expected=expected,
             url=urls.get(trainer.lower()),
             samples=samples[trainer],
         )
@@ -167,26 +181,27 @@ def aggregate(
             rejected[trainer] = got
             continue
         updates.append(got)
-        positions[got.update_id] = position
-    reference = serialize.loads(
-        node.store.get(market.global_model(task_id=task_id, round_number=round_number))
-    )
+        authors[got.update_id] = (trainer, position)
+    reference = node.store.load(market.global_model(task_id=task_id, round_number=round_number))
     strategy = parsed.strategy()
-    screening = strategy.screen(updates, reference=reference)
+    screening = strategy.screen(updates, reference=reference.values)
     for rejection in screening.rejected:
-        rejected[rejection.update_id] = rejection.reason
+        rejected[authors[rejection.update_id][0]] = f"update_screened_out: {rejection.reason}"
     weights = strategy.aggregate(screening.accepted)
     for who, why in rejected.items():
         log.warning("task %s round %s: left out %s: %s", task_id, round_number, who, why)
     if weights is None:
         raise NothingToAggregateError(task_id=task_id, round=round_number, rejected=rejected)
-    evaluation = evaluate(spec=parsed, weights=weights)
-    mask = mask_of(positions[u.update_id] for u in screening.accepted)
+    evaluation = evaluate(spec=parsed, weights=dequantize(weights))
+    mask = mask_of(authors[u.update_id][1] for u in screening.accepted)
+    header = model_header(
+        node, spec=parsed, task_id=task_id, round_number=round_number + 1, kind=Kind.GLOBAL
+    )
     published = _publish(
         node,
         task_id=task_id,
         round_number=round_number + 1,
-        blob=serialize.dumps(weights),
+        blob=encode(header, weights),
         mask=mask,
     )
     log.info(

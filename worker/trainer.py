@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from chain.events import Role, TaskState
 from core.errors import FlexError
 from dataplane.client import fetch_model
-from training import serialize
 from training.errors import DatasetError
+from training.fixedpoint import quantize
+from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, decode, encode, id_hex
 from training.spec import TaskSpec
 from worker.node import Node
 
@@ -96,21 +97,58 @@ def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
     return decision
 
 
-def global_model_blob(
-    node: Node, *, task_id: int, round_number: int, model_id: str, source_url: str, source: str
-) -> bytes:
-    """Global model ``round_number`` from this node's store, else fetched from ``source``."""
-    if node.store.has(model_id):
-        return node.store.get(model_id)
-    blob = fetch_model(
-        base_url=source_url,
-        model_id=model_id,
-        server_address=source,
-        account=node.account,
-        max_bytes=node.config.max_model_bytes,
+def model_header(
+    node: Node,
+    *,
+    spec: TaskSpec,
+    task_id: int,
+    round_number: int,
+    kind: Kind,
+    trainer: str = ZERO_ADDRESS,
+) -> Header:
+    """The header a model of this node's chain and contract, task ``task_id`` and round
+    ``round_number`` carries (docs/verifiable.md): an update names its ``trainer``."""
+    return Header(
+        kind=kind,
+        chain_id=node.config.chain_id,
+        contract=node.config.contract_address,
+        task_id=task_id,
+        round_number=round_number,
+        trainer=trainer,
+        shapes=tuple(spec.model_entry.weight_shapes()),
     )
-    node.store.put(blob, kind="global", task_id=task_id, round_number=round_number)
-    return blob
+
+
+def global_model(
+    node: Node,
+    *,
+    spec: TaskSpec,
+    task_id: int,
+    round_number: int,
+    model_id: str,
+    source_url: str,
+    source: str,
+) -> ModelBlob:
+    """Global model ``round_number`` from this node's store, else fetched from ``source``;
+    checked against ``model_id`` and against the header of this task's round (a
+    HeaderMismatchError subclass if it names another)."""
+    if node.store.has(model_id):
+        model = node.store.load(model_id)
+    else:
+        blob = fetch_model(
+            base_url=source_url,
+            model_id=model_id,
+            server_address=source,
+            account=node.account,
+            max_bytes=node.config.max_model_bytes,
+        )
+        model = decode(blob, expected_id=model_id)
+        node.store.put(blob, expected_id=model.model_id)
+    expected = model_header(
+        node, spec=spec, task_id=task_id, round_number=round_number, kind=Kind.GLOBAL
+    )
+    model.header.check(expected)
+    return model
 
 
 def train(
@@ -132,7 +170,14 @@ def train(
     if market.update_of(task_id=task_id, round_number=round_number, trainer=node.address):
         log.info("task %s: update for round %s already on chain", task_id, round_number)
         return None
-    stored = node.store.list(kind="update", task_id=task_id, round_number=round_number)
+    stored = node.store.list(
+        kind="update",
+        chain_id=node.config.chain_id,
+        contract=node.config.contract_address,
+        task_id=task_id,
+        round_number=round_number,
+        trainer=node.address,
+    )
     if stored:
         # Trained before but the submission did not land: submit that update, don't retrain.
         tx = market.submit_update(
@@ -151,24 +196,29 @@ def train(
             "gas_used": tx.gas_used,
         }
     global_id = market.global_model(task_id=task_id, round_number=round_number)
-    blob = global_model_blob(
+    model = global_model(
         node,
+        spec=parsed,
         task_id=task_id,
         round_number=round_number,
         model_id=global_id,
         source_url=aggregator_url,
         source=task.aggregator,
     )
-    weights = serialize.loads(blob, expected_id=global_id)
     started = time.perf_counter()
     result = train_round(
-        spec=parsed, weights=weights, data=node.data_for(parsed), round_number=round_number
+        spec=parsed, weights=model.floats(), data=node.data_for(parsed), round_number=round_number
     )
     train_s = time.perf_counter() - started
-    update = serialize.dumps(result.weights)
-    update_id = serialize.id_hex(
-        node.store.put(update, kind="update", task_id=task_id, round_number=round_number)
+    header = model_header(
+        node,
+        spec=parsed,
+        task_id=task_id,
+        round_number=round_number,
+        kind=Kind.UPDATE,
+        trainer=node.address,
     )
+    update_id = id_hex(node.store.put(encode(header, quantize(result.weights))))
     tx = market.submit_update(
         sender=node.account, task_id=task_id, round_number=round_number, model_id=update_id
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 import time
@@ -39,8 +38,9 @@ from dataplane.protocol import (
 )
 from dataplane.server import DataPlaneServer
 from dataplane.signing import sign_request, verify_request
-from training.errors import BlobNotFoundError, ModelIdMismatchError
-from training.serialize import dumps, id_hex, model_id
+from tests.blobs import blob_of
+from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
+from training.serialize import Kind, id_hex, model_id, read_header
 from training.store import ModelStore, StoredModel
 
 SERVER = Account.from_key(b"\x01" * 32)
@@ -64,12 +64,12 @@ def server(store: ModelStore) -> Iterator[DataPlaneServer]:
 @pytest.fixture
 def blob() -> bytes:
     rng = np.random.default_rng(7)
-    return dumps([rng.standard_normal((64, 32)).astype(np.float32), np.arange(10)])
+    return blob_of([rng.standard_normal((64, 32)).astype(np.float32), np.arange(10.0)])
 
 
 @pytest.fixture
 def stored(store: ModelStore, blob: bytes) -> str:
-    return id_hex(store.put(blob, kind="update", task_id=1, round_number=0))
+    return id_hex(store.put(blob))
 
 
 def _fetch(
@@ -100,12 +100,13 @@ def test_one_session_keeps_working_after_refusals_and_blobs(
     server: DataPlaneServer, store: ModelStore, stored: str, blob: bytes
 ) -> None:
     # HTTP/1.1 keep-alive: each answer (JSON error or sendfile body) must be framed exactly.
-    other = store.put(b"second blob", kind="update", task_id=1, round_number=0)
+    second = blob_of([np.ones(5, np.float32)])
+    other = store.put(second)
     with requests.Session() as session:
         with pytest.raises(BlobNotFoundError):
             _fetch(server, "0x" + "ab" * 32, session=session)
         assert _fetch(server, stored, session=session) == blob
-        assert _fetch(server, id_hex(other), session=session) == b"second blob"
+        assert _fetch(server, id_hex(other), session=session) == second
 
 
 def test_errors_keep_their_fields_across_pickling() -> None:
@@ -190,7 +191,7 @@ def test_signature_for_another_server_is_401(server: DataPlaneServer, stored: st
 def test_signature_for_another_path_is_401(
     server: DataPlaneServer, store: ModelStore, stored: str
 ) -> None:
-    other = id_hex(store.put(b"another blob", kind="update", task_id=1, round_number=0))
+    other = id_hex(store.put(blob_of([np.ones(3, np.float32)])))
     headers = sign_request(
         account=REQUESTER, method="GET", path=f"/models/{other}", server_address=SERVER.address
     )
@@ -317,7 +318,7 @@ def test_blob_above_the_client_limit_is_refused(
     assert exc.value.url.startswith(server.url)
 
 
-def test_tampered_blob_on_disk_fails_the_id_check(
+def test_tampered_blob_on_disk_fails_the_chunk_check(
     server: DataPlaneServer, store: ModelStore, stored: str, blob: bytes
 ) -> None:
     path = store.path(stored)
@@ -325,21 +326,55 @@ def test_tampered_blob_on_disk_fails_the_id_check(
     tampered = bytearray(blob)
     tampered[-1] ^= 0xFF
     path.write_bytes(bytes(tampered))
-    with pytest.raises(ModelIdMismatchError) as exc:
+    with pytest.raises(ChunkMismatchError) as exc:
         _fetch(server, stored)
-    assert exc.value.expected == stored
-    assert exc.value.actual == id_hex(model_id(bytes(tampered)))
+    assert exc.value.index == 8  # 2058 values: the last chunk
+    assert exc.value.url.startswith(server.url)
 
 
 def test_rogue_server_bytes_fail_the_id_check(blob: bytes) -> None:
     wanted = id_hex(model_id(blob))
+    another = blob_of([np.zeros((64, 32), np.float32), np.arange(10.0)])
     with (
-        _rogue(lambda handler: _reply(handler, b"not the model")) as rogue,
+        _rogue(lambda handler: _reply(handler, another)) as rogue,
         pytest.raises(ModelIdMismatchError) as exc,
     ):
         _fetch(rogue, wanted)
     assert exc.value.expected == wanted
-    assert exc.value.actual == id_hex(model_id(b"not the model"))
+    assert exc.value.actual == id_hex(model_id(another))
+
+
+def test_a_bad_chunk_stops_the_download_there_and_is_not_retried() -> None:
+    model = blob_of([np.linspace(-1, 1, 750_000, dtype=np.float32)])  # about 3 MB
+    tampered = bytearray(model)
+    flipped = len(model) - 2_900_000  # a value in the first MB of the stream
+    tampered[flipped] ^= 1
+    header, _ = read_header(model)
+    values_start = len(model) - 4 * header.count
+    rest_sent = threading.Event()
+    release = threading.Event()
+
+    def stall_after_the_first_part(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(tampered)))
+        handler.end_headers()
+        handler.wfile.write(tampered[:1_500_000])
+        handler.wfile.flush()
+        # The rest would only come after the client's timeout: it must not be needed.
+        if release.wait(30):
+            return
+        rest_sent.set()
+
+    with _rogue(stall_after_the_first_part) as rogue:
+        try:
+            with pytest.raises(ChunkMismatchError) as exc:
+                _fetch(rogue, id_hex(model_id(model)))
+        finally:
+            release.set()
+    assert exc.value.index == (flipped - values_start) // (4 * header.chunk_values)
+    assert exc.value.url.startswith(rogue.url)
+    assert rogue.hits == 1
+    assert not rest_sent.is_set()
 
 
 def test_truncated_response_is_retried_then_raised(blob: bytes) -> None:
@@ -382,8 +417,11 @@ def test_unreachable_peer_fails_after_retries() -> None:
 
 
 def test_large_blob_is_streamed_without_holding_it_in_memory(store: ModelStore) -> None:
-    size = 50 * 1024 * 1024
-    big = id_hex(store.put(os.urandom(size), kind="global", task_id=1, round_number=2))
+    values = np.arange(12_500_000, dtype=np.int32)
+    blob = blob_of([values], kind=Kind.GLOBAL, round_number=2)
+    size = len(blob)
+    big = id_hex(store.put(blob))
+    del blob
     policy = AllowListPolicy(addresses=[REQUESTER.address])
     with DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane:
         path = f"/models/{big}"
@@ -544,8 +582,11 @@ def _meta(kind: str | None, task_id: int | None) -> StoredModel:
         model_id=b"\x42" * 32,
         size=1,
         kind=kind,
+        chain_id=31337,
+        contract="0x" + "00" * 20,
         task_id=task_id,
         round_number=0,
+        trainer="0x" + "00" * 20,
         created=datetime.now(tz=UTC),
     )
 
@@ -606,13 +647,12 @@ def test_revoked_device_loses_access_once_the_cache_expires(w3: Web3, on_chain: 
 
 
 def test_chain_policy_over_http(store: ModelStore, on_chain: OnChain) -> None:
-    update = store.put(
-        b"trainer update bytes", kind="update", task_id=on_chain.task_id, round_number=0
-    )
     trainer = on_chain.trainers[0]
+    blob = blob_of([np.ones(4, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
+    update = store.put(blob)
     policy = ChainPolicy(market=on_chain.market)
     with DataPlaneServer(store=store, policy=policy, node_address=trainer.address) as plane:
-        assert _fetch(plane, id_hex(update), account=on_chain.aggregator) == b"trainer update bytes"
+        assert _fetch(plane, id_hex(update), account=on_chain.aggregator) == blob
         with pytest.raises(AccessDeniedError) as exc:
             _fetch(plane, id_hex(update), account=on_chain.trainers[1])
     assert exc.value.status == 403
@@ -622,7 +662,7 @@ def test_chain_policy_over_http(store: ModelStore, on_chain: OnChain) -> None:
 def test_unreachable_chain_is_503_not_access(store: ModelStore, on_chain: OnChain) -> None:
     dead = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
     policy = ChainPolicy(market=FlexMarket(w3=dead, address=on_chain.market.address))
-    update = store.put(b"an update", kind="update", task_id=on_chain.task_id, round_number=0)
+    update = store.put(blob_of([np.ones(2, np.float32)], task_id=on_chain.task_id))
     with (
         DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane,
         pytest.raises(PolicyUnavailableError),

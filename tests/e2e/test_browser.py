@@ -21,7 +21,8 @@ from core.enrolment import join_message
 from marketplace import lifecycle, reports, services
 from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
-from training.serialize import dumps, id_hex, model_id
+from tests.blobs import blob_of
+from training.serialize import id_hex, model_id
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -201,7 +202,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
 
     # Rounds: each published model, and the aggregator's metrics, reach the chart.
     rng = np.random.default_rng(0)
-    weights = lambda: dumps([rng.standard_normal((8, 4)).astype(np.float32)])  # noqa: E731
+    weights = lambda: blob_of([rng.standard_normal((8, 4)).astype(np.float32)])  # noqa: E731
     publish = platform_market.publish_global_model(
         sender=aggregator, task_id=tid, round_number=0, model_id=model_id(weights())
     )

@@ -24,7 +24,8 @@ from marketplace import services
 from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
 from marketplace.task_page import page_view
-from training.serialize import dumps, id_hex, model_id
+from tests.blobs import blob_of
+from training.serialize import Kind, id_hex, model_id
 from training.spec import TaskSpec
 from training.store import ModelStore
 
@@ -281,21 +282,34 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
         w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
         platform_market.select_nodes(sender=aggregator, task_id=tid)
         rng = np.random.default_rng(3)
-        initial = dumps([rng.standard_normal((64, 10)).astype(np.float32)])
-        final = dumps([rng.standard_normal((64, 10)).astype(np.float32)])
-        store.put(initial, kind="global", task_id=tid, round_number=0)
+        task_of = {"task_id": tid, "chain_id": w3.eth.chain_id, "contract": platform_market.address}
+        initial, final = (
+            blob_of(
+                [rng.standard_normal((64, 10)).astype(np.float32)],
+                kind=Kind.GLOBAL,
+                round_number=r,
+                **task_of,
+            )
+            for r in (0, 1)
+        )
+        store.put(initial)
         platform_market.publish_global_model(
             sender=aggregator, task_id=tid, round_number=0, model_id=model_id(initial)
         )
         platform_market.submit_update(
-            sender=trainer, task_id=tid, round_number=0, model_id=model_id(dumps([np.ones(3)]))
+            sender=trainer,
+            task_id=tid,
+            round_number=0,
+            model_id=model_id(
+                blob_of([np.ones(3)], round_number=0, trainer=trainer.address, **task_of)
+            ),
         )
         chain_sync()
         yield Trained(
             task=task,
             final_blob=final,
             final_id=id_hex(model_id(final)),
-            store_final=lambda: store.put(final, kind="global", task_id=tid, round_number=1),
+            store_final=lambda: store.put(final),
             publish_final=lambda: platform_market.publish_global_model(
                 sender=aggregator,
                 task_id=tid,

@@ -8,6 +8,7 @@ import pytest
 from training.aggregation import STRATEGIES, Update
 from training.catalogue import initial_weights
 from training.evaluate import evaluate
+from training.fixedpoint import dequantize, quantize
 from training.local import train_round
 
 POISONED = 4  # index of the device that cheats
@@ -22,8 +23,9 @@ def poison(*, weights, global_weights, kind):
 
 
 def federate(*, spec, partitions, strategy_key, attack):
+    """Rounds as the platform runs them: float training, fixed-point updates and aggregates."""
     strategy = STRATEGIES[strategy_key]()
-    global_weights = initial_weights(spec=spec)
+    global_weights = dequantize(quantize(initial_weights(spec=spec)))
     for round_number in range(spec.rounds):
         updates = []
         for index, data in enumerate(partitions):
@@ -34,11 +36,15 @@ def federate(*, spec, partitions, strategy_key, attack):
             if attack and index == POISONED:
                 weights = poison(weights=weights, global_weights=global_weights, kind=attack)
             updates.append(
-                Update(weights=weights, num_examples=result.num_examples, update_id=str(index))
+                Update(
+                    weights=quantize(weights),
+                    num_examples=result.num_examples,
+                    update_id=str(index),
+                )
             )
-        screening = strategy.screen(updates, reference=global_weights)
-        assert not screening.rejected  # the poison is finite and well-shaped: it gets through
-        global_weights = strategy.aggregate(screening.accepted)
+        screening = strategy.screen(updates, reference=quantize(global_weights))
+        assert not screening.rejected  # the poison is well-shaped: it gets through
+        global_weights = dequantize(strategy.aggregate(screening.accepted))
     return evaluate(spec=spec, weights=global_weights).accuracy
 
 

@@ -19,7 +19,9 @@ def test_run_reports_the_agreed_keys(tmp_path):
     )
     assert results["train_round_s"] > 0
     text = aggregation.table(results)
+    assert results["merkle_ms_per_MB"] > 0
     assert "fedavg / memory copy" in text
+    assert "Merkle tree" in text
     assert "local round" in text
     json.loads(json.dumps(results))  # JSON-ready as returned
 
@@ -27,4 +29,4 @@ def test_run_reports_the_agreed_keys(tmp_path):
 def test_updates_differ_in_sample_count():
     updates = aggregation.make_updates(params=10, count=3)
     assert [u.num_examples for u in updates] == [100, 101, 102]
-    assert all(u.weights[0].dtype.name == "float32" for u in updates)
+    assert all(u.weights[0].dtype.name == "int32" for u in updates)

@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 
+from tests.blobs import blob_of
 from training.catalogue import MODELS, SCHEMAS, build_model, get_model, get_schema, initial_weights
 from training.errors import SpecError
-from training.serialize import dumps, id_hex, model_id
+from training.serialize import Kind, id_hex, model_id
 from training.spec import TaskSpec
 
 # Round-0 model of digits-mlp with seed 0. Drawn from raw PCG64 bits, so it must not change
 # with numpy or TF upgrades: every node derives this ID on its own.
-MLP_SEED0_ID = "0xefd6b1349513500c515f096c5a418444fa990a8dec0566e9735e5e3a56b9d14a"
+MLP_SEED0_ID = "0xb8ee7e7900f7fd5659536463ea31dee711df958f906122b7d594d0289def4bc7"
 
 
 def spec_for(model: str, seed: int = 0) -> TaskSpec:
@@ -60,16 +61,21 @@ def test_initial_weights_are_glorot_uniform_and_zero_biases(key):
         assert abs(float(weight.mean())) < 0.1 * limit
 
 
+def initial_blob(spec: TaskSpec) -> bytes:
+    return blob_of(initial_weights(spec=spec), kind=Kind.GLOBAL, round_number=0)
+
+
 def test_initial_weights_depend_on_the_seed_only():
-    first = dumps(initial_weights(spec=spec_for("digits-mlp", seed=0)))
-    again = dumps(initial_weights(spec=spec_for("digits-mlp", seed=0)))
-    other = dumps(initial_weights(spec=spec_for("digits-mlp", seed=1)))
+    first = initial_blob(spec_for("digits-mlp", seed=0))
+    again = initial_blob(spec_for("digits-mlp", seed=0))
+    other = initial_blob(spec_for("digits-mlp", seed=1))
     assert first == again
     assert first != other
 
 
 def test_initial_model_id_is_pinned():
-    assert id_hex(model_id(dumps(initial_weights(spec=spec_for("digits-mlp"))))) == MLP_SEED0_ID
+    # The round-0 model of task 1 on chain 31337, contract 0xc0c0...: quantized, then written.
+    assert id_hex(model_id(initial_blob(spec_for("digits-mlp")))) == MLP_SEED0_ID
 
 
 def test_unknown_keys_are_spec_errors():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -13,22 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eth_utils import keccak
 
+from tests import blobs
 from training.errors import (
+    BlobHeaderError,
     BlobNotFoundError,
     BlobTooLargeError,
+    ChunkMismatchError,
     ModelBlobError,
     ModelIdMismatchError,
     StoreError,
 )
-from training.serialize import dumps, id_hex, model_id
+from training.serialize import Kind, id_hex, model_id
 from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
+OTHER = "0x" + "b2" * 20
 
 
-def blob_of(value: float, size: int = 100) -> bytes:
-    return dumps([np.full(size, value, dtype=np.float32)])
+def blob_of(value: float, size: int = 100, **header) -> bytes:
+    return blobs.blob_of([np.full(size, value, dtype=np.float32)], **header)
 
 
 def temp_files(store: ModelStore) -> list[Path]:
@@ -49,45 +55,67 @@ def store(tmp_path) -> ModelStore:
 
 
 def test_put_get_round_trip(store):
-    blob = blob_of(1.0)
-    digest = store.put(blob, kind="global", task_id=7, round_number=0)
+    blob = blob_of(1.0, kind=Kind.GLOBAL, task_id=2**64 - 1, round_number=0)
+    digest = store.put(blob)
     assert digest == model_id(blob)
     assert store.has(digest)
     assert store.has(id_hex(digest))
     assert store.get(digest) == blob
     assert store.get(id_hex(digest)) == blob
+    assert store.load(digest).model_id == digest
     info = store.info(digest)
-    assert (info.size, info.kind, info.task_id, info.round_number) == (len(blob), "global", 7, 0)
+    assert (info.size, info.kind, info.task_id, info.round_number) == (
+        len(blob),
+        "global",
+        2**64 - 1,
+        0,
+    )
+    assert (info.chain_id, info.contract.lower()) == (blobs.CHAIN_ID, blobs.CONTRACT)
+    assert info.trainer == "0x" + "00" * 20
     assert info.created.tzinfo is UTC
     assert info.id_hex == id_hex(digest)
     assert store.path(digest).name == digest.hex()
 
 
-def test_put_is_idempotent_and_first_description_stays(store):
-    blob = blob_of(2.0)
-    first = store.put(blob, kind="update", task_id=1, round_number=2)
-    second = store.put(blob, kind="global", task_id=9, round_number=5)
-    assert first == second
-    assert len(store.list()) == 1
-    assert len(blob_files(store)) == 1
-    assert store.info(first).kind == "update"
+def test_the_header_files_a_blob_and_equal_weights_of_two_tasks_are_two_blobs(store):
+    first = store.put(blob_of(2.0, kind=Kind.GLOBAL, task_id=1))
+    second = store.put(blob_of(2.0, kind=Kind.GLOBAL, task_id=2))
+    assert first != second
+    assert [m.model_id for m in store.list(task_id=1)] == [first]
+    assert [m.model_id for m in store.list(task_id=2)] == [second]
+    assert store.put(blob_of(2.0, kind=Kind.GLOBAL, task_id=1)) == first  # idempotent
+    assert len(store.list()) == 2
+    assert len(blob_files(store)) == 2
+
+
+def test_bytes_that_are_not_a_model_are_refused(store):
+    with pytest.raises(BlobHeaderError):
+        store.put(b"trainer update bytes")
+    with pytest.raises(BlobHeaderError):
+        store.put_stream([b"trainer ", b"update bytes"])
+    assert store.list() == []
+    assert blob_files(store) == []
+    assert temp_files(store) == []
 
 
 def test_list_filters(store):
-    a = store.put(blob_of(1.0), kind="global", task_id=1, round_number=0)
-    b = store.put(blob_of(2.0), kind="update", task_id=1, round_number=0)
-    c = store.put(blob_of(3.0), kind="update", task_id=1, round_number=1)
-    d = store.put(blob_of(4.0), kind="update", task_id=2, round_number=0)
+    a = store.put(blob_of(1.0, kind=Kind.GLOBAL, task_id=1, round_number=0))
+    b = store.put(blob_of(2.0, task_id=1, round_number=0))
+    c = store.put(blob_of(3.0, task_id=1, round_number=1))
+    d = store.put(blob_of(4.0, task_id=2, round_number=0, trainer=OTHER))
+    e = store.put(blob_of(4.0, task_id=2, round_number=0, trainer=OTHER, chain_id=1))
     ids = lambda **kw: {m.model_id for m in store.list(**kw)}  # noqa: E731
-    assert ids() == {a, b, c, d}
-    assert ids(kind="update") == {b, c, d}
+    assert ids() == {a, b, c, d, e}
+    assert ids(kind="update") == {b, c, d, e}
     assert ids(task_id=1, round_number=0) == {a, b}
     assert ids(task_id=1, kind="update", round_number=1) == {c}
+    assert ids(trainer=OTHER.upper().replace("0X", "0x")) == {d, e}
+    assert ids(trainer=OTHER, chain_id=blobs.CHAIN_ID, contract=blobs.CONTRACT) == {d}
     assert ids(task_id=3) == set()
 
 
 def test_missing_blob(store):
-    absent = model_id(b"nothing")
+    absent = keccak(b"nothing")
     assert not store.has(absent)
     with pytest.raises(BlobNotFoundError) as exc:
         store.get(absent)
@@ -113,16 +141,25 @@ def corrupt(store: ModelStore, digest: bytes) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_get_and_open_verify_the_id(store):
+def test_get_load_and_open_verify_the_blob(store):
     digest = store.put(blob_of(5.0))
     corrupt(store, digest)
-    with pytest.raises(ModelIdMismatchError) as exc:
+    with pytest.raises(ChunkMismatchError) as exc:
         store.get(digest)
-    assert exc.value.expected == id_hex(digest)
-    with pytest.raises(ModelIdMismatchError):
+    assert exc.value.index == 0
+    with pytest.raises(ChunkMismatchError):
+        store.load(digest)
+    with pytest.raises(ChunkMismatchError):
         store.open(digest)
     with store.open(digest, verify=False) as handle:  # an explicit opt-out still reads
-        assert handle.read(8) == b"FLEXMODL"
+        assert handle.read(8) == b"FLEXMDL2"
+    # A blob file under another model's name fails the ID check.
+    other = store.put(blob_of(6.0))
+    store.path(other).chmod(0o644)
+    store.path(other).write_bytes(blob_of(7.0))
+    with pytest.raises(ModelIdMismatchError) as mismatch:
+        store.get(other)
+    assert mismatch.value.expected == id_hex(other)
 
 
 def test_open_streams_in_chunks(store):
@@ -146,8 +183,9 @@ def test_size_limit(tmp_path):
     with pytest.raises(BlobTooLargeError) as exc:
         store.put(blob_of(1.0, size=1000))
     assert exc.value.limit == 500
-    with pytest.raises(BlobTooLargeError):
-        store.put_stream([b"x" * 300, b"x" * 300])
+    big = blob_of(1.0, size=1000)
+    with pytest.raises(BlobTooLargeError):  # the header declares too much: stops at once
+        store.put_stream(big[i : i + 200] for i in range(0, len(big), 200))
     assert len(store.list()) == 1
     assert temp_files(store) == []
 
@@ -155,7 +193,7 @@ def test_size_limit(tmp_path):
 def test_put_with_wrong_expected_id_stores_nothing(store):
     blob = blob_of(1.0)
     with pytest.raises(ModelIdMismatchError):
-        store.put(blob, expected_id=model_id(b"other"))
+        store.put(blob, expected_id=model_id(blob_of(2.0)))
     assert not store.has(model_id(blob))
     assert store.list() == []
 
@@ -163,20 +201,47 @@ def test_put_with_wrong_expected_id_stores_nothing(store):
 def test_put_stream_checks_the_id_before_anything_is_visible(store):
     blob = blob_of(8.0, size=10_000)
     chunks = [blob[i : i + 1000] for i in range(0, len(blob), 1000)]
-    wrong = model_id(b"claimed")
+    wrong = model_id(blob_of(9.0))
     with pytest.raises(ModelIdMismatchError):
         store.put_stream(iter(chunks), expected_id=wrong)
     assert not store.has(wrong)
     assert not store.has(model_id(blob))
     assert temp_files(store) == []
     assert store.put_stream(iter(chunks), expected_id=model_id(blob)) == model_id(blob)
-    assert store.put_stream(iter(chunks)) == model_id(blob)  # no expected ID: hash decides
+    assert store.put_stream(iter(chunks)) == model_id(blob)  # no expected ID: header decides
     assert store.get(model_id(blob)) == blob
 
 
+def test_put_stream_stops_at_a_bad_chunk_and_keeps_nothing(store):
+    blob = bytearray(blob_of(8.0, size=10_000))
+    blob[-5] ^= 1
+    with pytest.raises(ChunkMismatchError):
+        store.put_stream(bytes(blob[i : i + 1000]) for i in range(0, len(blob), 1000))
+    assert store.list() == []
+    assert blob_files(store) == []
+    assert temp_files(store) == []
+
+
 def test_invalid_kind(store):
-    with pytest.raises(StoreError, match="kind must be one of"):
-        store.put(blob_of(1.0), kind="final")
+    with pytest.raises(StoreError, match="kind must be"):
+        store.list(kind="final")
+
+
+def test_an_index_of_an_older_format_is_rebuilt_from_the_blobs(tmp_path):
+    root = tmp_path / "old"
+    (root / "blobs").mkdir(parents=True)
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        db.execute("CREATE TABLE blobs (id TEXT PRIMARY KEY, size INTEGER, kind TEXT)")
+        db.execute("INSERT INTO blobs VALUES ('ab', 1, 'update')")
+    blob = blob_of(1.0, task_id=4)
+    digest = model_id(blob)
+    (root / "blobs" / digest.hex()[:2]).mkdir()
+    (root / "blobs" / digest.hex()[:2] / digest.hex()).write_bytes(blob)
+    v1 = keccak(b"a v1 blob")
+    (root / "blobs" / v1.hex()[:2]).mkdir(exist_ok=True)
+    (root / "blobs" / v1.hex()[:2] / v1.hex()).write_bytes(b"FLEXMODL\x01\x00")
+    store = ModelStore(root)
+    assert [(m.model_id, m.task_id) for m in store.list()] == [(digest, 4)]
 
 
 def test_failure_mid_write_leaves_nothing_visible(store, monkeypatch):
@@ -200,7 +265,7 @@ def child_code(store: ModelStore, body: str) -> str:
     preamble = f"""
         import os
         import numpy as np
-        from training.serialize import dumps
+        from tests.blobs import blob_of
         from training.store import ModelStore
         store = ModelStore({str(store.root)!r})
         """
@@ -218,7 +283,7 @@ def run_child(store: ModelStore, body: str) -> subprocess.CompletedProcess:
 
 
 def test_crash_mid_write_loses_nothing_and_shows_nothing(store):
-    kept = store.put(blob_of(1.0), kind="global")
+    kept = store.put(blob_of(1.0, kind=Kind.GLOBAL))
     # The child dies hard (no cleanup, no finally) after writing the data but before the
     # rename: exactly what a power cut or kill -9 mid-write leaves behind.
     child = run_child(
@@ -227,14 +292,14 @@ def test_crash_mid_write_loses_nothing_and_shows_nothing(store):
         def die(fd):
             os._exit(9)
         os.fsync = die
-        store.put(dumps([np.full(100, 2.0, dtype=np.float32)]))
+        store.put(blob_of([np.full(100, 2.0, dtype=np.float32)]))
         """,
     )
     assert child.returncode == 9, child.stderr
     crashed = model_id(blob_of(2.0))
     assert not store.has(crashed)
     assert [m.model_id for m in store.list()] == [kept]
-    assert store.get(kept) == blob_of(1.0)
+    assert store.get(kept) == blob_of(1.0, kind=Kind.GLOBAL)
     leftovers = temp_files(store)
     assert len(leftovers) == 1  # the half-written file exists, but only under a temp name
     # A young temp file may belong to a live writer: reindex keeps it; an old one goes.
@@ -254,16 +319,18 @@ def test_crash_between_rename_and_index_is_repaired(store):
         def die(*args, **kwargs):
             os._exit(9)
         ModelStore._index_blob = die
-        store.put(dumps([np.full(100, 3.0, dtype=np.float32)]), kind="update")
+        store.put(blob_of([np.full(100, 3.0, dtype=np.float32)], round_number=6))
         """,
     )
     assert child.returncode == 9, child.stderr
-    digest = model_id(blob_of(3.0))
-    assert store.get(digest) == blob_of(3.0)  # the files are the truth
+    blob = blob_of(3.0, round_number=6)
+    digest = model_id(blob)
+    assert store.get(digest) == blob  # the files are the truth
     assert store.list() == []
     assert store.reindex() == 1
     (entry,) = store.list()
-    assert (entry.model_id, entry.size, entry.kind) == (digest, len(blob_of(3.0)), None)
+    assert (entry.model_id, entry.size, entry.kind) == (digest, len(blob), "update")
+    assert entry.round_number == 6  # read from the blob's own header
 
 
 def test_reindex_drops_rows_whose_file_is_gone(store):
@@ -274,10 +341,10 @@ def test_reindex_drops_rows_whose_file_is_gone(store):
 
 
 def test_concurrent_puts_from_threads(store):
-    blobs = [blob_of(float(i % 3)) for i in range(24)]
+    made = [blob_of(float(i % 3)) for i in range(24)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        ids = list(pool.map(lambda b: store.put(b, kind="update"), blobs))
-    assert ids == [model_id(b) for b in blobs]
+        ids = list(pool.map(store.put, made))
+    assert ids == [model_id(b) for b in made]
     assert len(store.list()) == 3
     assert len(blob_files(store)) == 3
     assert temp_files(store) == []
@@ -285,10 +352,10 @@ def test_concurrent_puts_from_threads(store):
 
 def test_concurrent_puts_from_processes(store):
     body = """
-        shared = dumps([np.full(200_000, 9.0, dtype=np.float32)])
+        shared = blob_of([np.full(200_000, 9.0, dtype=np.float32)], kind=0)
         for i in range(20):
-            digest = store.put(shared, kind="global", task_id=1, round_number=0)
-            store.put(dumps([np.full(10, float(i), dtype=np.float32)]), kind="update")
+            digest = store.put(shared)
+            store.put(blob_of([np.full(10, float(i), dtype=np.float32)]))
             assert store.get(digest) == shared
         """
     children = [
@@ -303,7 +370,7 @@ def test_concurrent_puts_from_processes(store):
     for child in children:
         _, err = child.communicate(timeout=120)
         assert child.returncode == 0, err
-    shared = dumps([np.full(200_000, 9.0, dtype=np.float32)])
+    shared = blob_of(9.0, size=200_000, kind=Kind.GLOBAL)
     assert store.get(model_id(shared)) == shared
     assert len(store.list()) == 21
     assert [m.model_id for m in store.list(kind="global")] == [model_id(shared)]
@@ -313,6 +380,6 @@ def test_concurrent_puts_from_processes(store):
 
 def test_two_handles_on_one_store_see_each_other(tmp_path):
     first, second = ModelStore(tmp_path / "s"), ModelStore(tmp_path / "s")
-    digest = first.put(blob_of(1.0), kind="global")
-    assert second.get(digest) == blob_of(1.0)
+    digest = first.put(blob_of(1.0, kind=Kind.GLOBAL))
+    assert second.get(digest) == blob_of(1.0, kind=Kind.GLOBAL)
     assert second.info(digest).kind == "global"

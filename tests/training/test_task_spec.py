@@ -92,7 +92,7 @@ def test_hash_changes_with_any_field():
 
 def test_round_trip_through_json():
     spec = TaskSpec.from_dict(
-        {**MINIMAL, "aggregation": {"strategy": "fedtrimmedavg", "trim_ratio": 0.25}}
+        {**MINIMAL, "aggregation": {"strategy": "fedtrimmedavg", "trim_per_mille": 250}}
     )
     again = TaskSpec.from_json(spec.as_json())
     assert again == spec
@@ -108,10 +108,10 @@ def test_integer_learning_rate_is_the_same_spec_as_float():
 
 def test_aggregation_defaults_are_explicit_in_the_canonical_form():
     spec = TaskSpec.from_dict({**MINIMAL, "aggregation": "fedtrimmedavg"})
-    assert spec.as_dict()["aggregation"] == {"strategy": "fedtrimmedavg", "trim_ratio": 0.2}
+    assert spec.as_dict()["aggregation"] == {"strategy": "fedtrimmedavg", "trim_per_mille": 200}
     strategy = spec.strategy()
     assert isinstance(strategy, FedTrimmedAvg)
-    assert strategy.trim_ratio == 0.2
+    assert strategy.trim_per_mille == 200
 
 
 @pytest.mark.parametrize(
@@ -136,11 +136,16 @@ def test_aggregation_defaults_are_explicit_in_the_canonical_form():
         ({"aggregation": "krum"}, "aggregation.strategy", "unknown strategy"),
         ({"aggregation": 5}, "aggregation", "strategy key"),
         ({"aggregation": {"strategy": ["fedavg"]}}, "aggregation.strategy", "unknown strategy"),
-        ({"aggregation": {"trim_ratio": 0.1}}, "aggregation.strategy", "unknown strategy"),
+        ({"aggregation": {"trim_per_mille": 100}}, "aggregation.strategy", "unknown strategy"),
         (
-            {"aggregation": {"strategy": "fedtrimmedavg", "trim_ratio": 0.5}},
+            {"aggregation": {"strategy": "fedtrimmedavg", "trim_per_mille": 500}},
+            "aggregation.trim_per_mille",
+            "0..499",
+        ),
+        (
+            {"aggregation": {"strategy": "fedtrimmedavg", "trim_ratio": 0.2}},
             "aggregation.trim_ratio",
-            "[0, 0.5)",
+            "trim_per_mille",
         ),
         (
             {"aggregation": {"strategy": "fedtrimmedavg", "trim": 0.1}},
@@ -197,16 +202,16 @@ def test_direct_construction_is_validated_too():
 def test_aggregation_spec_built_directly_is_normalised_too():
     assert AggregationSpec(strategy="fedtrimmedavg").as_dict() == {
         "strategy": "fedtrimmedavg",
-        "trim_ratio": 0.2,
+        "trim_per_mille": 200,
     }
     with pytest.raises(SpecError) as exc:
-        AggregationSpec(strategy="fedavg", params=(("trim_ratio", 0.1),))
-    assert exc.value.field == "aggregation.trim_ratio"
+        AggregationSpec(strategy="fedavg", params=(("trim_per_mille", 100),))
+    assert exc.value.field == "aggregation.trim_per_mille"
 
 
 def test_aggregation_spec_from_value_normalises_params():
-    assert AggregationSpec.from_value({"strategy": "fedtrimmedavg", "trim_ratio": 0}) == (
-        AggregationSpec(strategy="fedtrimmedavg", params=(("trim_ratio", 0.0),))
+    assert AggregationSpec.from_value({"strategy": "fedtrimmedavg", "trim_per_mille": 0}) == (
+        AggregationSpec(strategy="fedtrimmedavg", params=(("trim_per_mille", 0),))
     )
 
 

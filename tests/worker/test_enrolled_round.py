@@ -4,19 +4,7 @@ signed measurements, every model ID on chain verifies, and bad messages are refu
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
-
 import pytest
-from celery import Celery
-from eth_utils import keccak
-from kombu import Connection
 
 from chain.events import Role, TaskCreated, TaskState
 from chain.launcher import dev_accounts
@@ -25,194 +13,30 @@ from core.messages import (
     BidRequest,
     Deployment,
     InitialModelRequest,
-    NodeWork,
     RoundAggregateRequest,
-    RoundReport,
     RoundTrainRequest,
-    UpdateReport,
 )
 from core.queues import device_queue, route
 from dataplane.client import fetch_model
-from marketplace import contract
-from marketplace.gateway import REPORTS, report_accept
-from marketplace.services import join_token_issue
-from tests.conftest import BrokerVhost, broker_vhost_new
+from tests.worker.conftest import (
+    AGGREGATOR_PRICE,
+    TRAINER_PRICE,
+    finished,
+    wait_for,
+)
 from training import serialize
 from training.spec import TaskSpec
 from training.store import ModelStore
-from worker import config as device_config
-from worker.node import STORE_DIR
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROOT = Path(__file__).resolve().parents[2]
-PASSPHRASE = "correct horse battery staple"
-TRAINER_PRICE = 3 * 10**14
-AGGREGATOR_PRICE = 2 * 10**14
-RESULT_TIMEOUT = 180
 SPEC = TaskSpec.from_dict(
     {"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 2, "local_epochs": 2, "seed": 7}
 )
 
 
-@dataclass
-class Enrolled:
-    home: Path
-    config: device_config.DeviceConfig
-    log: Path | None = None
-
-    @property
-    def store(self) -> ModelStore:
-        return ModelStore(self.home / STORE_DIR)
-
-
-@dataclass
-class Platform:
-    """The platform's side of the broker in a test: sends work, reads the devices' reports."""
-
-    vhost: BrokerVhost
-    client: Celery
-    deployment: Deployment
-
-    def send(self, name: str, kind: type[NodeWork], node: Enrolled, **fields) -> str:
-        message = kind.of(self.deployment, node=node.config.address, **fields)
-        return self.send_raw(name, node, message.dump())
-
-    def send_raw(self, name: str, node: Enrolled, message: object) -> str:
-        """Sends work to ``node``'s queue; returns the Celery task id (there are no results:
-        a device reaches nothing but the broker)."""
-        queue = device_queue(node.config.device_id)
-        return self.client.send_task(name, kwargs={"message": message}, **route(queue)).id
-
-    def reports(self, count: int) -> list[RoundReport | UpdateReport]:
-        """The next ``count`` reports the devices published, each checked as the gateway
-        checks it (schema, deployment, signature)."""
-        found = []
-        with Connection(self.vhost.url) as conn, conn.SimpleQueue(REPORTS) as queue:
-            for _ in range(count):
-                message = queue.get(timeout=RESULT_TIMEOUT)
-                found.append(report_accept(message.payload, deployment=self.deployment))
-                message.ack()
-        return found
-
-
-def finished(node: Enrolled, task_id: str) -> str:
-    """Waits until ``node``'s worker has run the task; its outcome line from the log."""
-
-    def outcome() -> str | None:
-        for line in node.log.read_text().splitlines():
-            if f"[{task_id}]" in line and ("succeeded" in line or "raised" in line):
-                return line
-        return None
-
-    return wait_for(outcome)
-
-
-def wait_for(check, timeout: float = RESULT_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
-    return result
-
-
-@pytest.fixture
-def platform(platform_settings, platform_market) -> Iterator[Platform]:
-    """A vhost of its own (no stale message reaches the workers), where devices get their
-    users when they enrol, and the reports queue the platform's gateway would consume."""
-    vhost = broker_vhost_new("worker")
-    platform_settings.FLEX_BROKER_URL = vhost.url
-    client = Celery("flex-test", broker=vhost.url)
-    client.conf.update(task_serializer="json", accept_content=["json"])
-    with Connection(vhost.url) as conn:
-        REPORTS(conn.default_channel).declare()
-    yield Platform(vhost=vhost, client=client, deployment=contract.deployment_identity())
-    client.close()
-    vhost.admin.vhost_delete(vhost.name)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "FLEX_DEVICE_PASSPHRASE": PASSPHRASE, "PYTHONUNBUFFERED": "1"}
-
-
-def _enrol(live_server, home: Path, *args: str, aggregator: bool = False) -> Enrolled:
-    token = join_token_issue(label=home.name, ttl=timedelta(minutes=10), may_aggregate=aggregator)
-    cmd = [sys.executable, "-m", "worker", "join", live_server.url, token.raw, "--home", str(home)]
-    done = subprocess.run(
-        [*cmd, "--no-start", "--light-key", *args],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "enrolled as device" in done.stdout
-    return Enrolled(home=home, config=device_config.load(home))
-
-
-@pytest.fixture
-def nodes(live_server, platform, tmp_path) -> Iterator[dict[str, Enrolled]]:
-    enrolled = {
-        "aggregator": _enrol(
-            live_server,
-            tmp_path / "aggregator",
-            "--class",
-            "gpu",
-            "--price-wei",
-            str(TRAINER_PRICE),
-            "--aggregator-price-wei",
-            str(AGGREGATOR_PRICE),
-            aggregator=True,
-        ),
-        "alice": _enrol(
-            live_server,
-            tmp_path / "alice",
-            "--class",
-            "cpu",
-            "--price-wei",
-            str(TRAINER_PRICE),
-            "--partition",
-            "0/2",
-        ),
-        "bob": _enrol(
-            live_server,
-            tmp_path / "bob",
-            "--class",
-            "jetson",
-            "--price-wei",
-            str(TRAINER_PRICE),
-            "--partition",
-            "1/2",
-        ),
-    }
-    procs = []
-    for name, node in enrolled.items():
-        node.log = tmp_path / f"{name}.log"
-        log = open(node.log, "w")  # noqa: SIM115
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "worker", "start", "--home", str(node.home)],
-                cwd=ROOT,
-                env=_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    yield enrolled
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    for name in enrolled:
-        sys.stderr.write(f"--- {name} ---\n{(tmp_path / f'{name}.log').read_text()[-4000:]}\n")
-
-
 def _stored_id(store: ModelStore, model_id: str) -> str:
-    return "0x" + keccak(store.get(model_id)).hex()
+    return serialize.id_hex(serialize.model_id(store.get(model_id)))
 
 
 def _task(market, *, buyer_index: int, min_trainers: int) -> int:
@@ -336,8 +160,14 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
         server_address=aggregator.config.address,
         account=buyer,
     )
-    assert "0x" + keccak(blob).hex() == final_id
-    assert len(serialize.loads(blob, expected_id=final_id)) == 4
+    final = serialize.decode(blob, expected_id=final_id)
+    assert len(final.values) == 4
+    assert (final.header.kind, final.header.task_id, final.header.round_number) == (
+        serialize.Kind.GLOBAL,
+        task_id,
+        SPEC.rounds,
+    )
+    assert final.header.contract == market.address
 
     market.finalize(sender=platform_account, task_id=task_id)
     paid = {t.config.address: market.credit_of(account=t.config.address) for t in trainers}

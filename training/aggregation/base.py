@@ -9,14 +9,15 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from training.aggregation.functions import Weights, weight_mismatch
+from training.aggregation.functions import MAX_SAMPLES, Weights, weight_mismatch
 from training.errors import SpecError
 
 
 @dataclass(frozen=True, eq=False)
 class Update:
-    """One trainer's result for a round: its weights, how many samples made them, and an ID
-    (the update's model ID as 0x hex, or any label the caller uses to report on it)."""
+    """One trainer's result for a round: its int32 fixed-point weights, how many samples made
+    them (as the contract records it), and an ID (the update's model ID as 0x hex, or any label
+    the caller uses to report on it)."""
 
     weights: Weights
     num_examples: int
@@ -67,17 +68,12 @@ class Strategy(ABC):
         """New global weights, or None when no update is usable."""
 
     def screen(self, updates: Sequence[Update], *, reference: Sequence[np.ndarray]) -> Screening:
-        """Split ``updates`` into usable ones and rejections (shape, dtype, non-finite, count)."""
+        """Split ``updates`` into usable ones and rejections (layers, shapes, dtype, count)."""
         screening = Screening()
         for update in updates:
             reason = weight_mismatch(update.weights, reference=reference)
-            if reason is None and update.num_examples < 1:
-                reason = f"num_examples is {update.num_examples}, at least 1 expected"
-            if reason is None:
-                for index, layer in enumerate(update.weights):
-                    if not np.isfinite(layer).all():
-                        reason = f"layer {index} holds NaN or infinite values"
-                        break
+            if reason is None and not 1 <= update.num_examples <= MAX_SAMPLES:
+                reason = f"num_examples is {update.num_examples}, 1..{MAX_SAMPLES} expected"
             if reason is None:
                 screening.accepted.append(update)
             else:

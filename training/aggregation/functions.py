@@ -1,4 +1,9 @@
-"""Aggregation maths on numpy weight lists: weighted mean, coordinate-wise median, trimmed mean."""
+"""Aggregation maths on int32 fixed-point weight lists, exact to the bit (docs/verifiable.md).
+
+Every rule works coordinate by coordinate in integers: products and sums in int64, division
+rounded towards minus infinity. No float is involved, so any machine, process or numpy build
+computes the same bits.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,13 @@ from training.errors import WeightsMismatchError
 
 Weights = list[np.ndarray]
 
-# Elements per chunk: a 512 KiB float32 slice of the accumulator plus its scratch stay in a
-# 1-2 MiB L2, so each update streams from memory once and no update-sized temporary is made.
-CHUNK = 1 << 17
+# Elements per chunk: a 256 KiB int64 slice of the accumulator plus its scratch stay in a
+# 1 MiB L2, so each update streams from memory once and no update-sized temporary is made.
+CHUNK = 1 << 15
+# The contract's cap on trainers and on a recorded sample count: with them a weighted sum of
+# int32 values stays within int64 (sum of weights <= 2^31, |sum of w*u| <= 2^62).
+MAX_UPDATES = 128
+MAX_SAMPLES = 1 << 24
 
 
 def weight_mismatch(
@@ -31,14 +40,17 @@ def weight_mismatch(
 
 
 def check_compatible(weights_list: Sequence[Sequence[np.ndarray]]) -> None:
-    """Raise WeightsMismatchError unless every entry matches the first and holds floats."""
+    """Raise WeightsMismatchError unless every entry matches the first and holds int32; raise
+    ValueError for none or more than MAX_UPDATES."""
     if not weights_list:
         raise ValueError("nothing to aggregate")
+    if len(weights_list) > MAX_UPDATES:
+        raise ValueError(f"{len(weights_list)} updates; at most {MAX_UPDATES} are aggregated")
     reference = weights_list[0]
     for index, layer in enumerate(reference):
-        if not np.issubdtype(layer.dtype, np.floating):
+        if layer.dtype != np.int32:
             raise WeightsMismatchError(
-                f"aggregation needs floating-point weights; layer {index} is {layer.dtype}"
+                f"aggregation needs int32 fixed-point weights; layer {index} is {layer.dtype}"
             )
     for position, weights in enumerate(weights_list[1:], start=1):
         reason = weight_mismatch(weights, reference=reference)
@@ -52,30 +64,36 @@ def _flat(layer: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(layer).reshape(-1)
 
 
-def weighted_mean(results: Sequence[tuple[Sequence[np.ndarray], float]]) -> Weights:
-    """Mean of the weight lists, each weighted by its (non-negative) count; counts must not sum
-    to zero. Accumulates in place, chunk by chunk, in the layer's dtype (float16 in float32)."""
+def weighted_mean(results: Sequence[tuple[Sequence[np.ndarray], int]]) -> Weights:
+    """``floor(sum(w_k * u_k) / sum(w_k))`` per coordinate, each ``w_k`` an integer in
+    1..MAX_SAMPLES. Accumulates in int64, chunk by chunk, in place."""
     weights_list = [weights for weights, _ in results]
     check_compatible(weights_list)
-    counts = [float(count) for _, count in results]
-    if any(count < 0 for count in counts) or not sum(counts) > 0:
-        raise ValueError(f"weights must be non-negative with a positive sum, got {counts}")
-    total = sum(counts)
-    factors = [count / total for count in counts]
+    counts = [count for _, count in results]
+    for count in counts:
+        if isinstance(count, bool) or not isinstance(count, int | np.integer):
+            raise ValueError(f"sample counts must be integers, got {counts}")
+        if not 1 <= count <= MAX_SAMPLES:
+            raise ValueError(f"sample counts must be in 1..{MAX_SAMPLES}, got {counts}")
+    factors = [np.int64(count) for count in counts]
+    total = np.int64(sum(int(count) for count in counts))
     out: Weights = []
     for index, first in enumerate(weights_list[0]):
-        acc_dtype = np.result_type(first.dtype, np.float32)
-        acc = np.empty(first.size, dtype=acc_dtype)
-        scratch = np.empty(min(CHUNK, first.size), dtype=acc_dtype)
+        result = np.empty(first.size, dtype=np.int32)
+        acc = np.empty(min(CHUNK, first.size), dtype=np.int64)
+        scratch = np.empty_like(acc)
         flats = [_flat(weights[index]) for weights in weights_list]
         for start in range(0, first.size, CHUNK):
             stop = min(start + CHUNK, first.size)
-            dst, tmp = acc[start:stop], scratch[: stop - start]
+            dst, tmp = acc[: stop - start], scratch[: stop - start]
             np.multiply(flats[0][start:stop], factors[0], out=dst)
             for flat, factor in zip(flats[1:], factors[1:], strict=True):
                 np.multiply(flat[start:stop], factor, out=tmp)
                 np.add(dst, tmp, out=dst)
-        out.append(acc.astype(first.dtype, copy=False).reshape(first.shape))
+            # numpy's integer floor_divide rounds towards minus infinity, as the spec says.
+            np.floor_divide(dst, total, out=dst)
+            result[start:stop] = dst
+        out.append(result.reshape(first.shape))
     return out
 
 
@@ -104,7 +122,7 @@ def sorting_network(count: int) -> tuple[tuple[int, int], ...]:
 
 
 def sort_rows(stack: np.ndarray) -> None:
-    """Sort a (k, n) stack along axis 0 in place: each column ascending. Expects no NaN."""
+    """Sort a (k, n) stack along axis 0 in place: each column ascending."""
     count = stack.shape[0]
     if count > NETWORK_MAX:
         stack.sort(axis=0)
@@ -139,31 +157,40 @@ def _sorted_reduce(
 
 
 def coordinate_median(weights_list: Sequence[Sequence[np.ndarray]]) -> Weights:
-    """Coordinate-wise median of the weight lists (unweighted; expects finite values)."""
+    """Coordinate-wise median (unweighted): the middle value, or for an even count
+    ``floor((a + b) / 2)`` of the two middle ones."""
 
     def reduce(stack: np.ndarray, out: np.ndarray) -> None:
         count = stack.shape[0]
         if count % 2:
             out[...] = stack[count // 2]
         else:
-            # Halve before adding: the mean of two huge (poisoned) values must not overflow.
-            np.multiply(stack[count // 2 - 1], 0.5, out=out)
-            out += stack[count // 2] * 0.5
+            pair = np.add(stack[count // 2 - 1], stack[count // 2], dtype=np.int64)
+            out[...] = np.right_shift(pair, 1, out=pair)  # an arithmetic shift is floor(x / 2)
 
     return _sorted_reduce(weights_list, reduce)
 
 
-def trimmed_mean(weights_list: Sequence[Sequence[np.ndarray]], *, trim_ratio: float) -> Weights:
-    """Coordinate-wise mean after dropping the floor(trim_ratio * k) largest and smallest values
-    of each coordinate (unweighted; expects finite values); 0 <= trim_ratio < 0.5 so at least
-    one value remains."""
-    if not 0.0 <= trim_ratio < 0.5:
-        raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
-    cut = int(trim_ratio * len(weights_list))
+def trimmed_mean(weights_list: Sequence[Sequence[np.ndarray]], *, trim_per_mille: int) -> Weights:
+    """Coordinate-wise mean after dropping ``t = floor(trim_per_mille * k / 1000)`` of the
+    largest and of the smallest values of each coordinate: ``floor(sum(kept) / (k - 2t))``
+    (unweighted); 0 <= trim_per_mille <= 499 so at least one value remains."""
+    check_trim(trim_per_mille)
+    cut = trim_per_mille * len(weights_list) // 1000
 
     def reduce(stack: np.ndarray, out: np.ndarray) -> None:
         kept = stack[cut : stack.shape[0] - cut]
-        np.sum(kept, axis=0, out=out)
-        out /= kept.shape[0]
+        total = np.sum(kept, axis=0, dtype=np.int64)
+        out[...] = np.floor_divide(total, kept.shape[0], out=total)
 
     return _sorted_reduce(weights_list, reduce)
+
+
+def check_trim(trim_per_mille: int) -> None:
+    """Raise ValueError unless ``trim_per_mille`` is an integer in 0..499."""
+    if (
+        isinstance(trim_per_mille, bool)
+        or not isinstance(trim_per_mille, int)
+        or not 0 <= trim_per_mille <= 499
+    ):
+        raise ValueError(f"trim_per_mille must be an integer in 0..499, got {trim_per_mille!r}")

@@ -1,0 +1,214 @@
+"""An update belongs to its author: against real nodes, a trainer that hands in a copy of
+another's update, its own update of an earlier round, or the global model's ID is left out
+with a named reason, and the honest updates aggregate to the bit of an independent
+recomputation in plain Python integers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+
+from chain.events import Role, TaskCreated
+from chain.launcher import dev_accounts
+from chain.selection import positions_of
+from core.enrolment import join_message
+from core.messages import (
+    BidRequest,
+    InitialModelRequest,
+    RoundAggregateRequest,
+    RoundTrainRequest,
+)
+from dataplane.access import ChainPolicy
+from dataplane.client import fetch_model
+from dataplane.server import DataPlaneServer
+from marketplace import services
+from tests.worker.conftest import TRAINER_PRICE, wait_for
+from training.serialize import Header, Kind, decode, encode, id_hex, model_id
+from training.spec import TaskSpec
+from training.store import ModelStore
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SPEC = TaskSpec.from_dict(
+    {"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 2, "local_epochs": 1, "seed": 11}
+)
+
+
+@dataclass
+class Cheat:
+    """A selected trainer that trains nothing; it serves what it hands in from its own store."""
+
+    account: LocalAccount
+    store: ModelStore
+    plane: DataPlaneServer
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+
+@pytest.fixture
+def cheats(platform_settings, platform_market, tmp_path) -> Iterator[dict[str, Cheat]]:
+    """Three devices enrolled through the platform's service, each with its own data plane."""
+    with ExitStack() as stack:
+        made = {}
+        for name in ("copier", "stale", "freerider"):
+            account = Account.create()
+            issued = services.join_token_issue(label=name, ttl=timedelta(minutes=10))
+            challenge = services.join_challenge_issue(raw_token=issued.raw).challenge
+            text = join_message(challenge=challenge, address=account.address)
+            signature = account.sign_message(encode_defunct(text=text)).signature
+            services.device_enrol(
+                raw_token=issued.raw,
+                address=account.address,
+                signature="0x" + bytes(signature).hex(),
+                name=name,
+                device_class="cpu",
+            )
+            store = ModelStore(tmp_path / name)
+            plane = DataPlaneServer(
+                store=store,
+                policy=ChainPolicy(market=platform_market, ttl=0),
+                node_address=account.address,
+            )
+            made[name] = Cheat(account=account, store=store, plane=stack.enter_context(plane))
+        yield made
+
+
+def recompute(blobs: list[bytes], weights: list[int], header: Header) -> bytes:
+    """FedAvg as docs/verifiable.md states it, in Python ints: floor(sum(w*u) / sum(w))."""
+    values = [decode(b).values for b in blobs]
+    total = sum(weights)
+    layers = []
+    for index in range(len(header.shapes)):
+        columns = zip(*(v[index].reshape(-1).tolist() for v in values), strict=True)
+        flat = [sum(w * u for w, u in zip(weights, col, strict=True)) // total for col in columns]
+        layers.append(np.array(flat, dtype=np.int32).reshape(header.shapes[index]))
+    return encode(header, layers)
+
+
+def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
+    nodes, cheats, platform, platform_market
+):
+    market, w3 = platform_market, platform_market.w3
+    platform_account, buyer = dev_accounts(1)[0], dev_accounts(1, start=7)[0]
+    aggregator, honest = nodes["aggregator"], [nodes["alice"], nodes["bob"]]
+    copier, stale, freerider = cheats["copier"], cheats["stale"], cheats["freerider"]
+    now = w3.eth.get_block("pending")["timestamp"]
+    task_id = (
+        market.create_task(
+            sender=buyer,
+            spec_hash=SPEC.hash,
+            rounds=SPEC.rounds,
+            min_trainers=5,
+            max_trainers=5,
+            bidding_ends=now + 3600,
+            round_timeout=600,
+            budget_wei=10**16,
+        )
+        .first(TaskCreated)
+        .task_id
+    )
+    spec = SPEC.as_dict()
+    for n in nodes.values():
+        platform.send("worker.bid", BidRequest, n, task_id=task_id, spec=spec)
+    wait_for(lambda: len(market.bids(task_id=task_id)) == len(nodes))
+    for cheat in cheats.values():
+        market.place_bid(
+            sender=cheat.account,
+            task_id=task_id,
+            price_per_round_wei=TRAINER_PRICE,
+            samples=300,
+            role=Role.TRAINER,
+        )
+    w3.provider.make_request("evm_increaseTime", [3601])
+    w3.provider.make_request("evm_mine", [])
+    market.select_nodes(sender=platform_account, task_id=task_id)
+    trainers = market.selection(task_id=task_id).trainers
+    assert len(trainers) == 5
+    platform.send(
+        "worker.publish_initial", InitialModelRequest, aggregator, task_id=task_id, spec=spec
+    )
+    platform.reports(1)
+    urls = {n.config.address: n.config.dataplane_url for n in honest}
+    urls |= {c.address: c.plane.url for c in cheats.values()}
+    samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
+    stale_id = None
+    for round_number in range(SPEC.rounds):
+        at = {"task_id": task_id, "round_number": round_number}
+        for n in honest:
+            platform.send(
+                "worker.train",
+                RoundTrainRequest,
+                n,
+                **at,
+                spec=spec,
+                aggregator_url=aggregator.config.dataplane_url,
+            )
+        platform.reports(len(honest))
+        honest_ids = [market.update_of(**at, trainer=n.config.address) for n in honest]
+        global_id = market.global_model(**at)
+        # The copier hands in Alice's update, and even serves its bytes.
+        copier.store.put(honest[0].store.get(honest_ids[0]))
+        market.submit_update(sender=copier.account, **at, model_id=honest_ids[0])
+        # The free rider fetches the global model, as any selected trainer may, and hands it in.
+        global_blob = fetch_model(
+            base_url=aggregator.config.dataplane_url,
+            model_id=global_id,
+            server_address=aggregator.config.address,
+            account=freerider.account,
+        )
+        freerider.store.put(global_blob)
+        market.submit_update(sender=freerider.account, **at, model_id=global_id)
+        # The stale trainer hands in a well-formed update of its own in round 0, and again
+        # the same one in round 1.
+        if stale_id is None:
+            own = decode(global_blob)
+            header = dataclasses.replace(own.header, kind=Kind.UPDATE, trainer=stale.address)
+            stale_id = id_hex(stale.store.put(encode(header, own.values)))
+        market.submit_update(sender=stale.account, **at, model_id=stale_id)
+
+        platform.send(
+            "worker.aggregate",
+            RoundAggregateRequest,
+            aggregator,
+            **at,
+            spec=spec,
+            trainer_urls=urls,
+        )
+        [summary] = platform.reports(1)
+
+        reasons = summary.left_out
+        expected = {copier.address: "update_wrong_author", freerider.address: "model_wrong_kind"}
+        if round_number == 1:
+            expected[stale.address] = "model_wrong_round"
+        assert reasons == expected
+        accepted = [n.config.address for n in honest] + (
+            [stale.address] if round_number == 0 else []
+        )
+        info = market.round_info(**at)
+        assert positions_of(info.aggregated_mask) == sorted(trainers.index(t) for t in accepted)
+        blobs = [n.store.get(i) for n, i in zip(honest, honest_ids, strict=True)]
+        if round_number == 0:
+            blobs.append(stale.store.get(stale_id))
+        header = Header(
+            kind=Kind.GLOBAL,
+            chain_id=w3.eth.chain_id,
+            contract=market.address,
+            task_id=task_id,
+            round_number=round_number + 1,
+            shapes=decode(blobs[0]).header.shapes,
+        )
+        recomputed = recompute(blobs, [samples[t] for t in accepted], header)
+        published = market.global_model(task_id=task_id, round_number=round_number + 1)
+        assert summary.model_id == published == id_hex(model_id(recomputed))
+        assert aggregator.store.get(published) == recomputed
