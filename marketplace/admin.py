@@ -300,11 +300,14 @@ class DeviceAdmin(admin.ModelAdmin):
                 messages.SUCCESS,
             )
 
-    @admin.action(description="Approve: register the selected devices on chain")
+    # Both send a transaction from the registrar: only for staff who may change devices.
+    @admin.action(
+        description="Approve: register the selected devices on chain", permissions=["change"]
+    )
     def approve_devices(self, request, queryset) -> None:
         self._carry_to_chain(request, queryset, service=device_approve, done="registered")
 
-    @admin.action(description="Revoke the selected devices on chain")
+    @admin.action(description="Revoke the selected devices on chain", permissions=["change"])
     def revoke_devices(self, request, queryset) -> None:
         self._carry_to_chain(request, queryset, service=device_revoke, done="revoked")
 

@@ -38,6 +38,7 @@ from marketplace.services import (
     task_create,
     task_model_download,
 )
+from marketplace.throttles import FlexRateThrottle
 from training.errors import SpecError
 from training.spec import TaskSpec
 
@@ -466,6 +467,8 @@ class AuthTokenObtainApi(ObtainAuthToken):
 
     # No session authentication here, so a browser's session cannot make it demand CSRF.
     authentication_classes: list = []
+    throttle_classes = [FlexRateThrottle]
+    throttle_scope = "token"
 
 
 # ---------------------------------------------------------------- enrolment

@@ -4,11 +4,16 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from marketplace import views
+from marketplace.throttles import throttled
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("signup/", views.signup, name="signup"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path(
+        "login/",
+        throttled("login")(auth_views.LoginView.as_view(redirect_authenticated_user=True)),
+        name="login",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),

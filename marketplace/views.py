@@ -22,6 +22,7 @@ from marketplace import contract, selectors, services, wallets
 from marketplace.forms import SignUpForm, TaskForm
 from marketplace.models import Device, Task, Wallet
 from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
+from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def home(request):
     return render(request, "home.html")
 
 
+@throttled("signup")
 def signup(request):
     if request.user.is_authenticated:
         return redirect("task-list")
@@ -80,6 +82,7 @@ def wallet(request):
 
 @login_required
 @require_POST
+@throttled("faucet")
 def wallet_fund(request):
     try:
         services.wallet_fund(wallet=_wallet(request.user))

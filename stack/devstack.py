@@ -219,6 +219,11 @@ def stack(
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
+        # The local stack, and only it, is a development deployment: debug pages, Anvil's
+        # public keys, the faucet, and data planes on loopback addresses.
+        "FLEX_DEBUG": os.environ.get("FLEX_DEBUG", "true"),
+        "FLEX_DEV_CHAIN": "true",
+        "FLEX_DATAPLANE_ALLOW_PRIVATE": "true",
         # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
         "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
