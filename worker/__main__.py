@@ -2,6 +2,8 @@
 
     python -m worker join SERVER_URL TOKEN --home DIR --class cpu --price-wei N [...]
     python -m worker start --home DIR [--home DIR ...]
+    python -m worker balance --home DIR
+    python -m worker withdraw --home DIR [--to ADDRESS]
 
 The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
 """
@@ -9,6 +11,8 @@ The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -59,7 +63,63 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--concurrency", type=int, default=1)
     start.add_argument("--loglevel", default="INFO")
     start.add_argument("--broker-url", help="override the broker URL the platform gave at join")
+
+    balance = sub.add_parser("balance", help="the device's ETH and its credit in the contract")
+    balance.add_argument("--home", type=Path, required=True)
+    balance.add_argument("--json", action="store_true", help="print one JSON object")
+
+    withdraw = sub.add_parser("withdraw", help="take the device's credit out of the contract")
+    withdraw.add_argument("--home", type=Path, required=True)
+    withdraw.add_argument("--to", help="send it on to this address (default: the device's own)")
+    withdraw.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _market(home: Path):
+    from chain.client import FlexMarket
+    from chain.node import connect
+    from worker import config as config_mod
+
+    cfg = config_mod.load(home)
+    return cfg, FlexMarket(w3=connect(cfg.eth_rpc_url), address=cfg.contract_address)
+
+
+def _json(record) -> str:
+    """A record as one JSON line, wei as strings of digits (exact in any JSON reader)."""
+    fields = dataclasses.asdict(record)
+    return json.dumps({k: str(v) if isinstance(v, int) else v for k, v in fields.items()})
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from chain.withdrawals import balance_of
+    from core.units import wei_to_eth
+
+    cfg, market = _market(args.home)
+    held = balance_of(market=market, address=cfg.address)
+    if args.json:
+        print(_json(held))
+    else:
+        print(f"device {cfg.address}")
+        print(f"  account  {held.wallet_wei} wei ({wei_to_eth(held.wallet_wei)} ETH)")
+        print(f"  credit   {held.credit_wei} wei ({wei_to_eth(held.credit_wei)} ETH), withdrawable")
+    return 0
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    from chain.withdrawals import withdraw_credit
+    from worker import node as nodes
+    from worker.keys import passphrase_read
+
+    node = nodes.load(home=args.home, passphrase=passphrase_read())
+    done = withdraw_credit(market=node.market, sender=node.account, to=args.to)
+    if args.json:
+        print(_json(done))
+    else:
+        print(f"withdrew {done.amount_wei} wei to {done.account} (tx {done.withdraw_tx})")
+        if done.forward_tx:
+            print(f"sent {done.amount_wei} wei on to {done.to} (tx {done.forward_tx})")
+        print(f"gas paid: {done.fee_wei} wei")
+    return 0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -154,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "join":
             return cmd_join(args)
+        if args.command == "balance":
+            return cmd_balance(args)
+        if args.command == "withdraw":
+            return cmd_withdraw(args)
         from worker.keys import passphrase_read
 
         return run(
