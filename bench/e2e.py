@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from chain.launcher import free_port
-from stack.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
+from stack.demo import DEMO_SPEC, follow_task
+from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"

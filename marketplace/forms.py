@@ -9,9 +9,10 @@ from django.contrib.auth.forms import UserCreationForm
 from django.utils import timezone
 
 from chain import errors as chain_errors
+from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
 from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth
-from marketplace import wallets
+from marketplace import contract, wallets
 from training.aggregation import STRATEGIES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
@@ -30,6 +31,27 @@ class SignUpForm(UserCreationForm):
 
     class Meta(UserCreationForm.Meta):
         fields = ("username",)
+
+
+class WithdrawForm(forms.Form):
+    """Where the wallet's credit goes: the wallet itself (``to`` empty) or an address."""
+
+    to = forms.CharField(
+        required=False,
+        max_length=100,
+        label="External address",
+        widget=forms.TextInput(attrs={"placeholder": "0x...", "spellcheck": "false"}),
+    )
+    confirmed = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+    def clean_to(self) -> str:
+        value = self.cleaned_data["to"].strip()
+        if not value:
+            return ""
+        try:
+            return destination(value, market=contract.market())
+        except InvalidAddressError as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
 
 
 class EthAmountField(forms.CharField):

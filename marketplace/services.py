@@ -27,6 +27,7 @@ from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
 from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
 from chain.transactions import transfer_eth
+from chain.withdrawals import Withdrawal, withdraw_credit
 from core.enrolment import join_message
 from marketplace import contract, wallets
 from marketplace.errors import (
@@ -281,6 +282,23 @@ def wallet_fund(*, wallet: Wallet) -> str:
     )
     logger.info("faucet sent %d wei to %s in %s", settings.FLEX_FAUCET_WEI, wallet.address, tx_hash)
     return tx_hash
+
+
+def wallet_withdraw(*, wallet: Wallet, to: str | None = None) -> Withdrawal:
+    """Take the wallet's whole credit out of the contract, into the wallet or on to ``to``,
+    signed with the wallet's key. Raises InvalidAddressError, NothingToWithdrawError,
+    InsufficientGasError (nothing sent) or ForwardFailedError (the credit is in the wallet)."""
+    done = withdraw_credit(
+        market=contract.market(), sender=wallets.wallet_account(wallet=wallet), to=to or None
+    )
+    logger.info(
+        "wallet %s withdrew %d wei to %s (tx %s)",
+        wallet.address,
+        done.amount_wei,
+        done.to,
+        done.forward_tx or done.withdraw_tx,
+    )
+    return done
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
+    path("wallet/withdraw/", views.wallet_withdraw, name="wallet-withdraw"),
     path("tasks/", views.task_list, name="task-list"),
     path("tasks/new/", views.task_create, name="task-create"),
     path("tasks/estimate/", views.task_estimate, name="task-estimate"),

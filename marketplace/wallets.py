@@ -20,6 +20,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from chain.node import reachable
+from chain.withdrawals import Balance, balance_of
 from core.errors import FlexError
 from marketplace import contract
 from marketplace.models import Wallet
@@ -105,6 +106,12 @@ def wallet_balance_wei(*, wallet: Wallet) -> int:
     """The wallet's balance on chain; ChainUnavailableError when the node cannot be reached."""
     with reachable():
         return contract.w3().eth.get_balance(wallet.address)
+
+
+def wallet_holdings(*, wallet: Wallet) -> Balance:
+    """The wallet's ETH and its credit in the contract (pay-outs and refunds not yet
+    withdrawn); ChainUnavailableError when the node cannot be reached."""
+    return balance_of(market=contract.market(), address=wallet.address)
 
 
 def faucet_available() -> bool:

@@ -4,6 +4,7 @@
 the contract, the database, the web server, then enrols the local devices through the real
 join flow the first time), supervises every process with one prefixed log stream, and stops
 them all on Ctrl-C. Everything it creates lives under var/, so a second run reuses it.
+`python -m stack.devstack demo` is `make demo` (stack.demo).
 """
 
 from __future__ import annotations
@@ -343,216 +344,6 @@ def run(var: Path) -> int:
     return 0
 
 
-DEMO_SPEC = {
-    "model": "digits-mlp",
-    "dataset": "digits-8x8",
-    "local_epochs": 5,
-    "batch_size": 32,
-    "learning_rate": 0.2,
-    "seed": 1,
-}
-TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
-
-
-def _progress_bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // max(total, 1)
-    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
-
-
-def follow_task(
-    up: dict,
-    *,
-    out: Path,
-    spec_fields: dict,
-    trainers: int,
-    budget_wei: int,
-    round_timeout_s: int,
-    kill_in_round: int | None = None,
-    timeout_s: float = 600,
-) -> dict:
-    """Post a task as the demo buyer on a running stack and follow it to a downloaded,
-    verified model; returns the summary (also written to ``out``/summary.json).
-
-    ``kill_in_round``: right after one selected trainer submits its update for the round
-    before (1-based rounds), its worker process is killed, so it misses that round; the
-    round closes at its timeout with the updates that arrived.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.update({k: v for k, v in up["env"].items() if k != "PYTHONUNBUFFERED"})
-    import django
-
-    django.setup()
-    from django.contrib.auth import get_user_model
-    from eth_utils import keccak
-
-    from marketplace import contract, services
-    from marketplace.models import Payout, Round, Update
-    from marketplace.models_download import final_model_fetch
-    from marketplace.wallets import wallet_account, wallet_of
-    from training.spec import TaskSpec
-    from training.store import ModelStore
-    from worker.node import STORE_DIR
-
-    buyer = get_user_model().objects.get(username=up["buyer"]["username"])
-    spec = TaskSpec.from_dict(spec_fields)
-    rounds = spec.rounds
-    started = time.monotonic()
-    task = services.task_create(
-        buyer=buyer,
-        title=f"{spec.model}, {trainers} trainers x {rounds} rounds",
-        spec=spec,
-        budget_wei=budget_wei,
-        min_trainers=trainers,
-        max_trainers=trainers,
-        bidding_window_s=8,
-        round_timeout_s=round_timeout_s,
-    )
-    say(f"task {task.chain_task_id} posted: budget {budget_wei} wei, tx {task.created_tx}")
-    names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
-    aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
-    aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
-    seen: dict[int, float] = {}
-    killed = None
-    last = None
-    while time.monotonic() - started < timeout_s:
-        task.refresh_from_db()
-        for r in Round.objects.filter(task=task, number__gte=1):
-            seen.setdefault(r.number, time.monotonic())
-        line = (
-            f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
-        )
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if kill_in_round and killed is None and task.state == "running":
-            # The first trainer to deliver the round before, once the aggregator holds its
-            # update: it is paid for that round and vanishes before it can train the next.
-            before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
-            victim = before.order_by("block_number", "id").first()
-            if victim is not None and aggregator_store.has(victim.model_id):
-                killed = victim.trainer
-                name = names[killed.lower()]
-                say(f"killing device {name} ({killed}) before round {kill_in_round}")
-                up["supervisor"].stop(name, timeout=1)
-        if task.state in TERMINAL:
-            break
-        time.sleep(0.1)
-    task.refresh_from_db()
-    # Reports of what each round and update measured travel apart from the chain and may
-    # land just after the task settles: give them a moment.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (
-        Round.objects.filter(task=task, number__gte=1, accuracy__isnull=True).exists()
-        or Update.objects.filter(task=task, train_s__isnull=True).exists()
-    ):
-        time.sleep(0.2)
-    w3 = contract.w3()
-    rows = []
-    previous = started
-    for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
-        txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
-        gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
-        at = seen.get(r.number, time.monotonic())
-        rows.append(
-            {
-                "round": r.number,
-                "accuracy": r.accuracy,
-                "loss": r.loss,
-                "updates": r.updates_aggregated,
-                "gas": gas,
-                "wall_s": round(at - previous, 3),
-            }
-        )
-        previous = at
-    payouts: dict[str, int] = {}
-    refund = 0
-    for p in Payout.objects.filter(task=task):
-        if p.reason == "refund":
-            refund += p.amount_wei
-        else:
-            payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
-    summary = {
-        "task_id": task.chain_task_id,
-        "state": task.state,
-        "rounds": rows,
-        "final_accuracy": rows[-1]["accuracy"] if rows else None,
-        "budget_wei": str(task.budget_wei),
-        "payouts_wei": {a: str(v) for a, v in payouts.items()},
-        "refund_wei": str(refund),
-        "conserved": sum(payouts.values()) + refund == task.budget_wei,
-        "killed_device": killed,
-        "devices": dict(names),
-        "model_id": None,
-        "model_verified": False,
-    }
-    if task.state == "finalized":
-        account = wallet_account(wallet=wallet_of(user=buyer))
-        model = final_model_fetch(chain_task_id=task.chain_task_id, account=account)
-        (out / model.filename).write_bytes(model.data)
-        summary["model_id"] = model.model_id
-        summary["model_verified"] = "0x" + keccak(model.data).hex() == model.model_id
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def demo(
-    var: Path,
-    *,
-    trainers: int,
-    rounds: int,
-    round_timeout_s: int,
-    kill_in_round: int | None,
-    timeout_s: float,
-    min_accuracy: float,
-) -> int:
-    """`make demo`: the local stack, headless, runs one task end to end and checks it."""
-    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
-    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
-    # Room for every trainer at the highest price, and a refund left over.
-    budget_wei = rounds * (trainers * max(prices) + agg) * 3 // 2
-    with stack(var=var, quiet_web=True) as up:
-        summary = follow_task(
-            up,
-            out=var / "demo",
-            spec_fields={**DEMO_SPEC, "rounds": rounds},
-            trainers=trainers,
-            budget_wei=budget_wei,
-            round_timeout_s=round_timeout_s,
-            kill_in_round=kill_in_round,
-            timeout_s=timeout_s,
-        )
-    _print_summary(summary, names=summary["devices"])
-    problems = []
-    if summary["state"] != "finalized":
-        problems.append(f"the task ended {summary['state']}, not finalized")
-    if not summary["conserved"]:
-        problems.append("payouts + refund != budget")
-    if not summary["model_verified"]:
-        problems.append("the downloaded model does not match its on-chain ID")
-    if (summary["final_accuracy"] or 0) < min_accuracy:
-        problems.append(f"final accuracy {summary['final_accuracy']} is below {min_accuracy}")
-    for problem in problems:
-        say(f"FAILED: {problem}")
-    say(f"summary written to {var / 'demo' / 'summary.json'}")
-    return 1 if problems else 0
-
-
-def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>8} {'updates':>7} {'gas':>9} {'wall_s':>7}")
-    for r in summary["rounds"]:
-        print(
-            f"{r['round']:>5} {r['accuracy'] or 0:>9.4f} {r['loss'] or 0:>8.4f} "
-            f"{r['updates']:>7} {r['gas']:>9} {r['wall_s']:>7.2f}"
-        )
-    print("\npayouts (wei):")
-    for address, wei in summary["payouts_wei"].items():
-        print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei}")
-    print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
-    print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
-    print(f"payouts + refund == budget: {summary['conserved']}")
-    print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack.devstack", description=__doc__)
     parser.add_argument("command", choices=["run", "demo"])
@@ -568,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.var.resolve())
+    from stack.demo import demo
+
     return demo(
         args.var.resolve(),
         trainers=args.trainers,

@@ -62,6 +62,18 @@ def test_task_runs_from_budget_to_verified_model(tmp_path):
     assert int(summary["refund_wei"]) > 0
     assert "round" in done.stdout
     assert "payouts + refund == budget: True" in done.stdout
+    # Then every device paid and the buyer withdraw: each credit back to zero, each account
+    # up by exactly its credit less the gas it paid.
+    withdrawals = {a.lower(): w for a, w in summary["withdrawals"].items()}
+    credited = {a: int(w["credit_wei"]) for a, w in withdrawals.items() if int(w["credit_wei"])}
+    buyer = next(a for a, w in withdrawals.items() if w["name"] == "buyer")
+    assert credited == {**payouts, buyer: int(summary["refund_wei"])}
+    for w in withdrawals.values():
+        assert w["settled"] is True
+        assert w["credit_after_wei"] == "0"
+        assert int(w["withdrawn_wei"]) == int(w["credit_wei"])
+        gained = int(w["wallet_after_wei"]) - int(w["wallet_before_wei"])
+        assert gained == int(w["credit_wei"]) - int(w["fee_wei"])
 
 
 def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(tmp_path):
