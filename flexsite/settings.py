@@ -146,8 +146,9 @@ ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
 FLEX_CONTRACT_ADDRESS = os.environ.get("FLEX_CONTRACT_ADDRESS", "")
 FLEX_DEPLOYMENT_FILE = VAR_DIR / "chain" / "deployment.json"
 
-# The chain URL devices are told at enrolment: the node as they reach it from their hosts.
-FLEX_DEVICE_ETH_RPC_URL = os.environ.get("FLEX_DEVICE_ETH_RPC_URL", "") or ETH_RPC_URL
+# The chain URL devices are told at enrolment, the node as they reach it from their hosts;
+# empty: ETH_RPC_URL.
+FLEX_DEVICE_ETH_RPC_URL = os.environ.get("FLEX_DEVICE_ETH_RPC_URL", "")
 
 # Dev-chain behaviour, only when set: Anvil's public dev keys as registrar and faucet, the
 # faucet button, ETH for a newly enrolled device's gas, the demo buyer, and a wallet key
@@ -158,6 +159,8 @@ FLEX_DEV_CHAIN = _env_bool("FLEX_DEV_CHAIN", False)
 FLEX_REGISTRAR_KEY = os.environ.get("FLEX_REGISTRAR_KEY", "")
 # On the dev chain a newly enrolled device is sent this much ETH for its gas.
 FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
+# How long the web server may spend fetching a task's model for its buyer, all told.
+FLEX_MODEL_DOWNLOAD_DEADLINE_S = float(os.environ.get("FLEX_MODEL_DOWNLOAD_DEADLINE_S", 120))
 # Data-plane URLs on private, loopback or link-local addresses (a one-host or one-LAN
 # deployment); off, a device must advertise a public host.
 FLEX_DATAPLANE_ALLOW_PRIVATE = _env_bool("FLEX_DATAPLANE_ALLOW_PRIVATE", False)

@@ -10,13 +10,13 @@ from django.contrib import admin, messages
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.html import format_html
-from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
 from chain.errors import ContractError
 from chain.node import connect
 from core.errors import FlexError
 from core.units import eth_text
 from marketplace import contract
+from marketplace.forms import DeviceForm
 from marketplace.models import (
     Bid,
     ChainCursor,
@@ -211,23 +211,6 @@ class JoinTokenAdmin(admin.ModelAdmin):
 
 
 # ---------------------------------------------------------------- devices
-
-
-class DeviceForm(forms.ModelForm):
-    # Data-plane servers on a LAN usually speak plain HTTP: a URL typed bare means http.
-    dataplane_url = forms.URLField(required=False, assume_scheme="http")
-
-    class Meta:
-        model = Device
-        fields = ["name", "address", "device_class", "may_aggregate", "dataplane_url"]
-
-    def clean_address(self) -> str:
-        address = self.cleaned_data["address"].strip()
-        if not is_hex_address(address):
-            raise forms.ValidationError("Not a 20-byte hex Ethereum address.")
-        if address != address.lower() and not is_checksum_address(address):
-            raise forms.ValidationError("The address's checksum is wrong.")
-        return to_checksum_address(address)
 
 
 def _chain_error_text(exc: FlexError) -> str:

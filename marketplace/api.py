@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from django.db.models import Count
-from django.http import HttpResponse
+from django.http import FileResponse
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
@@ -439,14 +439,12 @@ class TaskModelDownloadApi(ApiAuthMixin, APIView):
         task = get_object_or_404(Task, pk=pk)
         self.check_object_permissions(request, task)
         model = task_model_download(task=task, user=request.user)
-        return HttpResponse(
-            model.data,
+        return FileResponse(
+            model.file,
+            as_attachment=True,
+            filename=model.filename,
             content_type="application/octet-stream",
-            headers={
-                "Content-Disposition": f'attachment; filename="{model.filename}"',
-                "X-Flex-Model-Id": model.model_id,
-                "X-Flex-Round": str(model.round_number),
-            },
+            headers={"X-Flex-Model-Id": model.model_id, "X-Flex-Round": str(model.round_number)},
         )
 
 
@@ -520,7 +518,13 @@ class JoinCompleteApi(APIView):
         signature = serializers.CharField(max_length=200)
         name = serializers.CharField(max_length=100)
         device_class = serializers.ChoiceField(choices=DeviceClass.choices)
-        dataplane_url = serializers.URLField(required=False, allow_blank=True, default="")
+        # Checked by the service, which names what is wrong (dataplane_url_invalid).
+        dataplane_url = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=300
+        )
+        dataplane_cert_sha256 = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=100
+        )
 
     @extend_schema(
         tags=["enrolment"],
@@ -542,5 +546,6 @@ class JoinCompleteApi(APIView):
             name=v["name"],
             device_class=v["device_class"],
             dataplane_url=v["dataplane_url"],
+            dataplane_cert_sha256=v["dataplane_cert_sha256"],
         )
         return Response(enrolment_config(device=device), status=201)

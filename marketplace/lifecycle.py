@@ -230,6 +230,7 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
             kwargs={
                 "node_address": trainer.address,
                 "aggregator_url": aggregator.dataplane_url,
+                "aggregator_cert_sha256": aggregator.dataplane_cert_sha256,
                 **common,
             },
         )
@@ -239,6 +240,7 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
         kwargs={
             "node_address": aggregator.address,
             "trainer_urls": {t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+            "trainer_certs_sha256": {t.address: t.dataplane_cert_sha256 for t in trainers},
             **common,
         },
     )

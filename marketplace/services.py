@@ -29,6 +29,8 @@ from chain.records import TxResult
 from chain.transactions import transfer_eth
 from chain.withdrawals import Withdrawal, withdraw_credit
 from core.enrolment import join_message
+from dataplane.addresses import dataplane_url_check
+from dataplane.tls import pin_check
 from marketplace import contract, wallets
 from marketplace.errors import (
     DeviceAlreadyEnrolledError,
@@ -122,13 +124,22 @@ def device_enrol(
     name: str,
     device_class: str,
     dataplane_url: str = "",
+    dataplane_cert_sha256: str = "",
 ) -> Device:
-    """Check the token and the signed challenge, register the address on chain, record it.
+    """Check the token, the signed challenge and where the device's data plane is, register
+    the address on chain, record it.
 
-    Nothing is registered unless everything checks out; a failed chain call rolls the
-    enrolment back and leaves the token usable.
+    ``dataplane_url`` must be a plain https URL of a host (DataPlaneUrlError otherwise; private
+    addresses only with FLEX_DATAPLANE_ALLOW_PRIVATE) and comes with the SHA-256 of the TLS
+    certificate peers will pin (CertificatePinError). Nothing is registered unless everything
+    checks out; a failed chain call rolls the enrolment back and leaves the token usable.
     """
     token = _usable_token(raw_token)
+    if dataplane_url or dataplane_cert_sha256:
+        dataplane_url = dataplane_url_check(
+            dataplane_url, allow_private=settings.FLEX_DATAPLANE_ALLOW_PRIVATE
+        )
+        dataplane_cert_sha256 = pin_check(dataplane_cert_sha256)
     if not token.challenge or token.challenge_expires_at <= timezone.now():
         raise JoinChallengeError(reason="expired" if token.challenge else "missing")
     try:
@@ -167,6 +178,7 @@ def device_enrol(
             device_class=device_class,
             may_aggregate=token.may_aggregate,
             dataplane_url=dataplane_url,
+            dataplane_cert_sha256=dataplane_cert_sha256,
             join_token=token,
             registration_tx=receipt.tx_hash,
         )
@@ -189,7 +201,7 @@ def enrolment_config(*, device: Device) -> dict:
         "queues": [device.queue, TRAIN_QUEUES[device.device_class]]
         + ([AGGREGATE_QUEUE] if device.may_aggregate else []),
         "broker_url": settings.FLEX_DEVICE_BROKER_URL or settings.REDIS_URL,
-        "eth_rpc_url": settings.ETH_RPC_URL,
+        "eth_rpc_url": settings.FLEX_DEVICE_ETH_RPC_URL or settings.ETH_RPC_URL,
         "chain_id": contract.chain_id(),
         "contract_address": contract.address(),
         "gas_needed_wei": str(contract.gas_needed_wei()),

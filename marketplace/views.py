@@ -11,7 +11,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -295,9 +295,12 @@ def task_model_download(request, pk: int):
     except FlexError as exc:
         logger.warning("model download for task %s failed: %s", task.pk, exc.message)
         return _download_error(request, task, exc, status=502)
-    response = HttpResponse(model.data, content_type="application/octet-stream")
-    response["Content-Disposition"] = f'attachment; filename="{model.filename}"'
-    response["Content-Length"] = str(len(model.data))
+    response = FileResponse(
+        model.file,
+        as_attachment=True,
+        filename=model.filename,
+        content_type="application/octet-stream",
+    )
     response["X-Flex-Model-Id"] = model.model_id
     response["X-Flex-Round"] = str(model.round_number)
     return response

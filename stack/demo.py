@@ -162,9 +162,11 @@ def follow_task(
     if task.state == "finalized":
         account = wallet_account(wallet=wallet_of(user=buyer))
         model = final_model_fetch(chain_task_id=task.chain_task_id, account=account)
-        (out / model.filename).write_bytes(model.data)
+        with model.file:
+            data = model.file.read()
+        (out / model.filename).write_bytes(data)
         summary["model_id"] = model.model_id
-        summary["model_verified"] = "0x" + keccak(model.data).hex() == model.model_id
+        summary["model_verified"] = "0x" + keccak(data).hex() == model.model_id
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -50,7 +50,19 @@ def parser() -> argparse.ArgumentParser:
     data = join.add_mutually_exclusive_group()
     data.add_argument("--data", help="the device's own .npz or .csv training data")
     data.add_argument("--partition", type=_partition, help="INDEX/COUNT of the bundled digits")
+    join.add_argument(
+        "--dataplane-host",
+        default="127.0.0.1",
+        help="address the data plane listens on (default 127.0.0.1; 0.0.0.0 for every one)",
+    )
     join.add_argument("--dataplane-port", type=int, default=0, help="default: a free port")
+    join.add_argument(
+        "--dataplane-url",
+        help="https://HOST:PORT where peers reach the data plane (default: its host and port)",
+    )
+    join.add_argument(
+        "--eth-rpc-url", help="the chain node's URL from this host (default: the platform's)"
+    )
     join.add_argument("--no-start", action="store_true", help="enrol only; start later")
     join.add_argument(
         "--light-key",
@@ -63,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--concurrency", type=int, default=1)
     start.add_argument("--loglevel", default="INFO")
     start.add_argument("--broker-url", help="override the broker URL the platform gave at join")
+    start.add_argument("--eth-rpc-url", help="override the chain URL the platform gave at join")
+    start.add_argument("--dataplane-host", help="override the address the data plane listens on")
 
     balance = sub.add_parser("balance", help="the device's ETH and its credit in the contract")
     balance.add_argument("--home", type=Path, required=True)
@@ -147,7 +161,10 @@ def cmd_join(args: argparse.Namespace) -> int:
         ),
         data_path=args.data,
         partition=args.partition,
+        dataplane_host=args.dataplane_host,
         dataplane_port=args.dataplane_port,
+        dataplane_url=args.dataplane_url,
+        eth_rpc_url=args.eth_rpc_url,
     )
     print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
     print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
@@ -168,12 +185,16 @@ def run(
     concurrency: int,
     loglevel: str,
     broker_url: str | None = None,
+    eth_rpc_url: str | None = None,
+    dataplane_host: str | None = None,
 ) -> int:
     """Load each node, start its data plane, and consume all their queues until stopped."""
     from worker import node as nodes
     from worker.app import node_app
 
-    loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase)) for h in homes]
+    overrides = {"eth_rpc_url": eth_rpc_url, "dataplane_host": dataplane_host}
+    overrides = {k: v for k, v in overrides.items() if v}
+    loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase, **overrides)) for h in homes]
     brokers = {broker_url or n.config.broker_url for n in loaded}
     if len(brokers) != 1:
         raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
@@ -226,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             loglevel=args.loglevel,
             broker_url=args.broker_url,
+            eth_rpc_url=args.eth_rpc_url,
+            dataplane_host=args.dataplane_host,
         )
     except FlexError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

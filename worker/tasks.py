@@ -101,7 +101,13 @@ def publish_initial_model(*, node_address: str, task_id: int, spec: dict) -> dic
 
 @shared_task(name="worker.train_round", soft_time_limit=1800, time_limit=1860, **RETRY)
 def train_round(
-    *, node_address: str, task_id: int, round_number: int, spec: dict, aggregator_url: str
+    *,
+    node_address: str,
+    task_id: int,
+    round_number: int,
+    spec: dict,
+    aggregator_url: str,
+    aggregator_cert_sha256: str = "",
 ) -> dict | None:
     trained = trainer.train(
         node.get(node_address),
@@ -109,6 +115,7 @@ def train_round(
         round_number=round_number,
         spec=spec,
         aggregator_url=aggregator_url,
+        aggregator_cert=aggregator_cert_sha256,
     )
     report_update(trained)
     return trained
@@ -125,6 +132,7 @@ def aggregate_round(
     round_number: int,
     spec: dict,
     trainer_urls: dict[str, str],
+    trainer_certs_sha256: dict[str, str] | None = None,
 ) -> dict | None:
     """Aggregates once every trainer submitted or the submission window closed.
 
@@ -138,6 +146,7 @@ def aggregate_round(
             round_number=round_number,
             spec=spec,
             trainer_urls=trainer_urls,
+            trainer_certs=trainer_certs_sha256 or {},
         )
     except aggregator.RoundNotReadyError as exc:
         # Look again soon: the last update usually lands well before the deadline. The

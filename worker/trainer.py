@@ -97,13 +97,22 @@ def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
 
 
 def global_model_blob(
-    node: Node, *, task_id: int, round_number: int, model_id: str, source_url: str, source: str
+    node: Node,
+    *,
+    task_id: int,
+    round_number: int,
+    model_id: str,
+    source_url: str,
+    source_cert: str,
+    source: str,
 ) -> bytes:
-    """Global model ``round_number`` from this node's store, else fetched from ``source``."""
+    """Global model ``round_number`` from this node's store, else fetched from ``source``'s
+    data plane at ``source_url``, whose certificate must be ``source_cert``."""
     if node.store.has(model_id):
         return node.store.get(model_id)
     blob = fetch_model(
         base_url=source_url,
+        cert_sha256=source_cert,
         model_id=model_id,
         server_address=source,
         account=node.account,
@@ -114,7 +123,13 @@ def global_model_blob(
 
 
 def train(
-    node: Node, *, task_id: int, round_number: int, spec: dict, aggregator_url: str
+    node: Node,
+    *,
+    task_id: int,
+    round_number: int,
+    spec: dict,
+    aggregator_url: str,
+    aggregator_cert: str,
 ) -> dict | None:
     """Train round ``round_number`` from its global model and submit the update's ID.
 
@@ -157,6 +172,7 @@ def train(
         round_number=round_number,
         model_id=global_id,
         source_url=aggregator_url,
+        source_cert=aggregator_cert,
         source=task.aggregator,
     )
     weights = serialize.loads(blob, expected_id=global_id)

@@ -21,6 +21,7 @@ from chain.launcher import dev_accounts
 from chain.selection import positions_of
 from core.queues import device_queue
 from dataplane.client import fetch_model
+from marketplace.models import Device
 from marketplace.services import join_token_issue
 from training import serialize
 from training.spec import TaskSpec
@@ -202,7 +203,11 @@ def test_enrolled_devices_bid_train_and_aggregate_through_celery(nodes, broker, 
 
     initial = _send(broker, "worker.publish_initial_model", aggregator, task_id=task_id, spec=spec)
     assert initial.get(timeout=RESULT_TIMEOUT)["round"] == 0
-    urls = {t.config.address: t.config.dataplane_url for t in trainers}
+    # What the platform's lifecycle sends: each peer's URL and certificate as registered.
+    devices = {d.address: d for d in Device.objects.all()}
+    urls = {t.config.address: devices[t.config.address].dataplane_url for t in trainers}
+    certs = {t.config.address: devices[t.config.address].dataplane_cert_sha256 for t in trainers}
+    aggregator_cert = devices[aggregator.config.address].dataplane_cert_sha256
     accuracy = []
     for round_number in range(SPEC.rounds):
         aggregated = _send(
@@ -213,6 +218,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_celery(nodes, broker, 
             round_number=round_number,
             spec=spec,
             trainer_urls=urls,
+            trainer_certs_sha256=certs,
         )
         trained = [
             _send(
@@ -223,6 +229,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_celery(nodes, broker, 
                 round_number=round_number,
                 spec=spec,
                 aggregator_url=aggregator.config.dataplane_url,
+                aggregator_cert_sha256=aggregator_cert,
             )
             for t in trainers
         ]
@@ -260,6 +267,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_celery(nodes, broker, 
         round_number=1,
         spec=spec,
         aggregator_url=aggregator.config.dataplane_url,
+        aggregator_cert_sha256=aggregator_cert,
     )
     assert late.get(timeout=RESULT_TIMEOUT) is None
 
@@ -267,6 +275,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_celery(nodes, broker, 
     final_id = market.global_model(task_id=task_id, round_number=SPEC.rounds)
     blob = fetch_model(
         base_url=aggregator.config.dataplane_url,
+        cert_sha256=aggregator_cert,
         model_id=final_id,
         server_address=aggregator.config.address,
         account=buyer,
