@@ -210,13 +210,21 @@ def stack(
     ``homes_per_worker`` > 1 is the simulation mode: one worker process serves several
     device identities (each with its own key, store and data-plane server).
     """
+    # Where the web server and the chain listen, and the URL devices enrol at: loopback unless
+    # the operator sets them (devices on other hosts need an address they can reach).
+    web_host = os.environ.get("FLEX_WEB_HOST", "127.0.0.1")
     web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
+    chain_host = os.environ.get("FLEX_CHAIN_HOST", "127.0.0.1")
     chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
+    local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
+    local_chain = "127.0.0.1" if chain_host in ("0.0.0.0", "::") else chain_host
+    public_url = os.environ.get("FLEX_PUBLIC_URL") or f"http://{local_web}:{web_port}"
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
-        "ETH_RPC_URL": f"http://127.0.0.1:{chain_port}",
+        "ETH_RPC_URL": f"http://{local_chain}:{chain_port}",
+        "FLEX_PUBLIC_URL": public_url,
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
@@ -228,16 +236,18 @@ def stack(
         # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
         "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
-    web_url = f"http://127.0.0.1:{web_port}"
+    web_url = f"http://{local_web}:{web_port}"
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
-        say(f"starting the local chain on 127.0.0.1:{chain_port} (state in {var}/chain/)")
+        say(f"starting the local chain on {chain_host}:{chain_port} (state in {var}/chain/)")
         sup.start(
             "chain",
             [
                 PY,
                 "-m",
                 "chain.launcher",
+                "--host",
+                chain_host,
                 "--port",
                 str(chain_port),
                 "--state",
@@ -251,8 +261,8 @@ def stack(
         say("migrating the database")
         manage("migrate", "--no-input", "-v", "0", env=env)
         manage("deploy_contract", env=env)
-        say(f"starting the web server on {web_url}")
-        web_cmd = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
+        say(f"starting the web server on {web_host}:{web_port}, advertised as {public_url}")
+        web_cmd = [PY, "-m", "daphne", "-b", web_host, "-p", str(web_port)]
         if quiet_web:
             web_cmd += ["--access-log", os.devnull]
         sup.start("web", [*web_cmd, "flexsite.asgi:application"])
@@ -320,7 +330,14 @@ def stack(
             sup=sup,
         )
         client.close()
-        yield {"web_url": web_url, "buyer": buyer, "supervisor": sup, "homes": homes, "env": env}
+        yield {
+            "web_url": web_url,
+            "public_url": public_url,
+            "buyer": buyer,
+            "supervisor": sup,
+            "homes": homes,
+            "env": env,
+        }
     finally:
         say("stopping every process")
         sup.stop()
@@ -331,7 +348,7 @@ def run(var: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with stack(var=var) as up:
-        say(f"FLEX is up: open {up['web_url']}/")
+        say(f"FLEX is up: open {up['public_url']}/")
         say(
             f"log in as {up['buyer']['username']} / {up['buyer']['password']} "
             f"(wallet {up['buyer']['address']}); Ctrl-C stops everything"
