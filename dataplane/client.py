@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from http import HTTPStatus
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import requests
@@ -37,7 +37,7 @@ _CHUNK_BYTES = 256 * 1024
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-def fetch_model(**kwargs) -> bytes:
+def fetch_model(**kwargs: Any) -> bytes:
     """Fetch a model blob into memory and check it against its ID: ``fetch_model_to``'s
     arguments but ``sink``. For nodes, which keep what they fetch in their store anyway."""
     buffer = io.BytesIO()

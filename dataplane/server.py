@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -52,6 +53,15 @@ class _HTTPServer(ThreadingHTTPServer):
             sock, server_side=True, do_handshake_on_connect=False
         ), addr
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A failed handshake (plain HTTP, a scanner, a client that pins another certificate)
+        # or a dropped connection is the peer's business: one line, not a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, ssl.SSLError | OSError):
+            log.info("connection from %s:%s ended: %r", *client_address[:2], error)
+        else:
+            log.exception("data plane failed on a connection from %s", client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     """One connection; GET /health and GET /models/<id>, errors as FLEX's JSON error shape."""
@@ -67,12 +77,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.request.settimeout(self.timeout)
         self.request.do_handshake()
         super().setup()
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (ssl.SSLError, OSError) as exc:
-            log.info("TLS connection from %s ended: %r", self._peer(), exc)
 
     def do_GET(self) -> None:
         self._body_started = False
