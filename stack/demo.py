@@ -26,6 +26,9 @@ DEMO_SPEC = {
     "seed": 1,
 }
 TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
+# Devices load their data when asked to bid, which on a busy shared machine has taken 8 s:
+# the window leaves room for that, so that a slow machine delays the demo, never fails it.
+BIDDING_WINDOW_S = 20
 
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
@@ -78,7 +81,7 @@ def follow_task(
         budget_wei=budget_wei,
         min_trainers=trainers,
         max_trainers=trainers,
-        bidding_window_s=8,
+        bidding_window_s=BIDDING_WINDOW_S,
         round_timeout_s=round_timeout_s,
     )
     say(f"task {task.chain_task_id} posted: budget {budget_wei} wei, tx {task.created_tx}")
