@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BACKING := $(PY) -m stack.backing
 
-.PHONY: setup browser run demo test lint format bench contracts clean
+.PHONY: setup device-setup browser run demo test lint format bench contracts clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -16,6 +16,17 @@ $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+# A device host: only what `python -m worker` needs (no Django, web server or test tools).
+device-setup: $(VENV)/.device-installed
+
+$(VENV)/.device-installed: requirements-device.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "FLEX needs Python 3.11+")'
+	@echo "[flex] setting up a device's virtualenv in $(VENV)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -m pip install --quiet -r requirements-device.txt
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json

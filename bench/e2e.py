@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from chain.launcher import free_port
-from stack.devstack import DEMO_SPEC, LOCAL_DEVICES, TRAINERS, follow_task, stack
+from stack.demo import DEMO_SPEC, follow_task
+from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"

@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 
 from chain.launcher import free_port
-from stack.devstack import DEMO_SPEC, LocalDevice, follow_task, stack
+from stack.demo import DEMO_SPEC, follow_task
+from stack.devstack import LocalDevice, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"

@@ -52,7 +52,8 @@ def free_port() -> int:
 
 
 class LocalChain:
-    """A child Anvil process on 127.0.0.1, funded from DEV_MNEMONIC; stopped cleanly on exit.
+    """A child Anvil process (on 127.0.0.1 unless ``host`` says otherwise), funded from
+    DEV_MNEMONIC; stopped cleanly on exit.
 
     ``state_path`` keeps the chain across restarts (Anvil dumps it on exit and every
     ``state_interval`` seconds); without it every start is a fresh chain.
@@ -68,7 +69,9 @@ class LocalChain:
         state_path: Path | None = None,
         state_interval: int = 5,
         log_path: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.port = port or free_port()
         self.accounts = accounts
         self.balance_eth = balance_eth
@@ -80,13 +83,16 @@ class LocalChain:
 
     @property
     def rpc_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """Where this host reaches the node (loopback when it listens on every interface)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
 
     def command(self) -> list[str]:
         cmd = [
             str(ANVIL),
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             "--mnemonic",
@@ -161,11 +167,12 @@ class LocalChain:
 def main(argv: list[str] | None = None) -> int:
     """Run a local node in the foreground until interrupted (used by `make run`)."""
     parser = argparse.ArgumentParser(prog="python -m chain.launcher", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8545)
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument("--state", type=Path, help="file that keeps the chain across restarts")
     args = parser.parse_args(argv)
-    node = LocalChain(port=args.port, accounts=args.accounts, state_path=args.state)
+    node = LocalChain(host=args.host, port=args.port, accounts=args.accounts, state_path=args.state)
     try:
         node.start()
     except FlexError as exc:

@@ -64,6 +64,8 @@ Address = Annotated[str, AfterValidator(_address)]
 Hash32 = Annotated[str, Field(pattern=r"^0x[0-9a-fA-F]{64}$")]
 Measure = Annotated[float | None, BeforeValidator(_finite)]
 Count = Annotated[int, Field(ge=0, lt=2**256)]
+# A certificate's SHA-256 as 64 hex digits (how a node's data-plane certificate is pinned).
+Fingerprint = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class Deployment(BaseModel):
@@ -148,6 +150,8 @@ class RoundTrainRequest(NodeWork):
 
     round_number: Count
     aggregator_url: str
+    # The SHA-256 of the certificate the aggregator registered: its data plane is pinned to it.
+    aggregator_cert_sha256: Fingerprint
 
 
 class RoundAggregateRequest(NodeWork):
@@ -156,6 +160,7 @@ class RoundAggregateRequest(NodeWork):
 
     round_number: Count
     trainer_urls: dict[Address, str]
+    trainer_certs_sha256: dict[Address, Fingerprint]
 
 
 # ---------------------------------------------------------------- platform -> platform

@@ -1,4 +1,4 @@
-"""Fetching a model blob from a node's data plane, checked against its model ID."""
+"""Fetching a model blob from a node's data plane over pinned TLS, checked against its ID."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from http import HTTPStatus
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import requests
@@ -17,40 +18,59 @@ from dataplane.protocol import (
     DEFAULT_MAX_BYTES,
     MODELS_PATH,
     REMOTE_ERRORS,
+    FetchDeadlineError,
     FetchFailedError,
     FetchRefusedError,
     FetchTruncatedError,
     ModelTooLargeError,
+    PeerCertificateError,
 )
 from dataplane.signing import sign_request
+from dataplane.tls import pin
 from training.errors import ModelBlobError
 from training.serialize import id_hex, parse_id
 from training.verifier import BlobVerifier
 
 log = logging.getLogger(__name__)
 
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 256 * 1024
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
-def fetch_model(
+def fetch_model(**kwargs: Any) -> bytes:
+    """Fetch a model blob into memory and check it against its ID: ``fetch_model_to``'s
+    arguments but ``sink``. For nodes, which keep what they fetch in their store anyway."""
+    buffer = io.BytesIO()
+    fetch_model_to(sink=buffer, **kwargs)
+    return buffer.getvalue()
+
+
+def fetch_model_to(
     *,
+    sink: BinaryIO,
     base_url: str,
+    cert_sha256: str,
     model_id: bytes | str,
     server_address: str,
     account: LocalAccount,
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = 30.0,
+    deadline_s: float | None = None,
     retries: int = 3,
     backoff: float = 0.5,
     session: requests.Session | None = None,
-) -> bytes:
-    """Fetch a model blob from the data plane at ``base_url`` and check it against its ID.
+) -> int:
+    """Fetch a model blob from the data plane at ``base_url`` into ``sink`` (a file, written
+    from its start) and check it against its ID; returns its size.
 
-    ``server_address`` is the serving node's Ethereum address (the request is signed for it
-    alone). Connection errors, truncated bodies and 5xx/429 answers are retried ``retries``
-    times with exponential back-off; the peer's refusals are raised at once as the server's
-    own error class (AuthError subclasses, AccessDeniedError, BlobNotFoundError, ...).
+    The connection is TLS to exactly the certificate ``cert_sha256`` (the fingerprint the node
+    registered); any other is refused before the request is sent (PeerCertificateError, not
+    retried). ``server_address`` is the serving node's Ethereum address: the request is signed
+    for it, for the URL's host and once. Connection errors, truncated bodies and 5xx/429
+    answers are retried ``retries`` times with exponential back-off; the peer's refusals are
+    raised at once as the server's own error class (AuthError subclasses, AccessDeniedError,
+    BlobNotFoundError, ...). ``timeout`` bounds each wait on the socket, ``deadline_s`` the
+    whole fetch, retries included (FetchDeadlineError).
     Raises ModelTooLargeError (over ``max_bytes``), FetchTruncatedError (fewer bytes than
     Content-Length), a ModelBlobError subclass as soon as the streamed bytes show they are
     not the model: ModelIdMismatchError (header and leaves name another ID; both IDs in the
@@ -59,53 +79,73 @@ def fetch_model(
     FetchFailedError (unreachable after all retries), FetchRefusedError (unknown refusals).
     """
     wanted = id_hex(parse_id(model_id))
+    if urlsplit(base_url).scheme != "https":
+        raise FetchRefusedError(
+            f"{base_url} is not an https URL: the data plane speaks TLS only", url=base_url
+        )
     url = base_url.rstrip("/") + MODELS_PATH + wanted
-    path = urlsplit(url).path
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
     own_session = session is None
     http = requests.Session() if session is None else session
+    pin(http, base_url=base_url, sha256=cert_sha256)
     attempts = retries + 1
     try:
         for attempt in range(1, attempts + 1):
             started = time.monotonic()
+            sink.seek(0)
+            sink.truncate()
             try:
-                blob = _fetch_once(
+                size = _fetch_once(
                     http=http,
                     url=url,
-                    path=path,
+                    sink=sink,
                     model_id=wanted,
                     server_address=server_address,
                     account=account,
                     max_bytes=max_bytes,
                     timeout=timeout,
+                    deadline=deadline,
+                    deadline_s=deadline_s,
                 )
+            except requests.exceptions.SSLError as exc:
+                if "fingerprint" in str(exc).lower():
+                    raise PeerCertificateError(
+                        url=base_url, expected=cert_sha256, reason=str(exc)[:300]
+                    ) from exc
+                error: Exception = exc
             except (requests.ConnectionError, requests.Timeout, _RetryableError) as exc:
                 error = exc.error if isinstance(exc, _RetryableError) else exc
-                if attempt == attempts:
-                    if isinstance(error, FlexError):
-                        raise error from None
-                    raise FetchFailedError(
-                        url=url, model_id=wanted, attempts=attempts, reason=repr(error)
-                    ) from error
-                delay = backoff * 2 ** (attempt - 1)
-                log.warning(
-                    "fetch of model %s from %s failed (%s); retry %d of %d in %.2fs",
+            else:
+                log.info(
+                    "fetched model %s (%d bytes) from %s in %.2fs",
                     wanted,
+                    size,
                     url,
-                    getattr(error, "message", None) or repr(error),
-                    attempt,
-                    retries,
-                    delay,
+                    time.monotonic() - started,
                 )
-                time.sleep(delay)
-                continue
-            log.info(
-                "fetched model %s (%d bytes) from %s in %.2fs",
+                return size
+            delay = backoff * 2 ** (attempt - 1)
+            out_of_time = deadline is not None and time.monotonic() + delay >= deadline
+            if attempt == attempts or out_of_time:
+                if isinstance(error, FlexError):
+                    raise error from None
+                if out_of_time:
+                    raise FetchDeadlineError(
+                        url=url, model_id=wanted, deadline_s=deadline_s, reason=repr(error)
+                    ) from error
+                raise FetchFailedError(
+                    url=url, model_id=wanted, attempts=attempt, reason=repr(error)
+                ) from error
+            log.warning(
+                "fetch of model %s from %s failed (%s); retry %d of %d in %.2fs",
                 wanted,
-                len(blob),
                 url,
-                time.monotonic() - started,
+                getattr(error, "message", None) or repr(error),
+                attempt,
+                retries,
+                delay,
             )
-            return blob
+            time.sleep(delay)
     finally:
         if own_session:
             http.close()
@@ -124,18 +164,25 @@ def _fetch_once(
     *,
     http: requests.Session,
     url: str,
-    path: str,
+    sink: BinaryIO,
     model_id: str,
     server_address: str,
     account: LocalAccount,
     max_bytes: int,
     timeout: float,
-) -> bytes:
-    headers = sign_request(account=account, method="GET", path=path, server_address=server_address)
+    deadline: float | None,
+    deadline_s: float | None,
+) -> int:
+    def left() -> float:
+        return timeout if deadline is None else min(timeout, deadline - time.monotonic())
+
+    if left() <= 0:
+        raise FetchDeadlineError(url=url, model_id=model_id, deadline_s=deadline_s)
+    headers = sign_request(account=account, method="GET", url=url, server_address=server_address)
     # Content-Length must count the blob's own bytes: no transfer encoding of the body.
     headers["Accept-Encoding"] = "identity"
     with http.get(
-        url, headers=headers, stream=True, timeout=timeout, allow_redirects=False
+        url, headers=headers, stream=True, timeout=left(), allow_redirects=False, verify=False
     ) as response:
         if response.status_code != HTTPStatus.OK:
             error = _remote_error(response, url=url, model_id=model_id)
@@ -150,9 +197,13 @@ def _fetch_once(
         # how much arrived, and a truncation report should.
         response.raw.enforce_content_length = False
         verifier = BlobVerifier(expected_id=model_id)
-        buffer = io.BytesIO()
         received = 0
-        for chunk in response.iter_content(_CHUNK_BYTES):
+        while True:
+            # read1 returns what one read of the socket brought, so the deadline is checked
+            # after every read however slowly a peer sends.
+            chunk = response.raw.read1(_CHUNK_BYTES)
+            if not chunk:
+                break
             received += len(chunk)
             if received > max_bytes:
                 raise ModelTooLargeError(
@@ -162,12 +213,16 @@ def _fetch_once(
                     limit=max_bytes,
                     url=url,
                 )
+            if deadline is not None and time.monotonic() > deadline:
+                raise FetchDeadlineError(
+                    url=url, model_id=model_id, deadline_s=deadline_s, received_bytes=received
+                )
             try:
                 verifier.feed(chunk)
             except ModelBlobError as exc:
                 exc.fields.update(url=url, size=received)
                 raise
-            buffer.write(chunk)
+            sink.write(chunk)
         if expected is not None and received != expected:
             raise _RetryableError(
                 FetchTruncatedError(
@@ -179,7 +234,8 @@ def _fetch_once(
     except ModelBlobError as exc:
         exc.fields.update(url=url, size=received)
         raise
-    return buffer.getvalue()
+    sink.flush()
+    return received
 
 
 def _remote_error(response: requests.Response, *, url: str, model_id: str) -> FlexError:

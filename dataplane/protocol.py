@@ -12,11 +12,12 @@ from training.errors import BlobNotFoundError
 HEADER_ADDRESS = "X-Flex-Address"
 HEADER_TIMESTAMP = "X-Flex-Timestamp"
 HEADER_SIGNATURE = "X-Flex-Signature"
+HEADER_NONCE = "X-Flex-Nonce"
 # Allowed clock difference between requester and server, both ways. Long enough for devices
 # whose clocks drift, short enough that a captured request is soon worthless.
 DEFAULT_WINDOW_SECONDS = 60
 # Versioned so that a signature over one message shape can never verify under another.
-SCHEME = "FLEX-DATAPLANE-V1"
+SCHEME = "FLEX-DATAPLANE-V2"
 # Refuse to serve or fetch blobs above this by default (as worker.config's max_model_bytes).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MODELS_PATH = "/models/"
@@ -60,7 +61,10 @@ class SignatureMismatchError(AuthError):
     code = "auth_bad_signature"
 
     def default_message(self, *, claimed: str = "?", **_: Any) -> str:
-        return f"signature does not match {claimed} for this method, path, server and timestamp"
+        return (
+            f"signature does not match {claimed} for this method, path, host, server, "
+            "timestamp and nonce"
+        )
 
 
 class SignatureExpiredError(AuthError):
@@ -75,6 +79,38 @@ class SignatureExpiredError(AuthError):
             f"request timestamp {timestamp} is {abs(server_time - timestamp)} s away from the "
             f"server's clock {server_time} (window {window} s); check the clocks"
         )
+
+
+class SignatureReplayedError(AuthError):
+    """The request's nonce was used before: a signed request is good once."""
+
+    code = "auth_replayed"
+
+    def default_message(self, *, nonce: str = "?", **_: Any) -> str:
+        return f"nonce {nonce} was already used: sign each request afresh"
+
+
+class PeerCertificateError(DataPlaneError):
+    """The peer's TLS certificate is not the one pinned for it."""
+
+    code = "peer_certificate_mismatch"
+
+    def default_message(self, *, url: str = "?", expected: str = "?", **_: Any) -> str:
+        return (
+            f"{url} presented another TLS certificate than the one registered for it "
+            f"(SHA-256 {expected}); nothing was sent"
+        )
+
+
+class FetchDeadlineError(DataPlaneError):
+    """The fetch did not finish before its deadline."""
+
+    code = "fetch_deadline"
+
+    def default_message(
+        self, *, url: str = "?", deadline_s: float = 0, received_bytes: int = 0, **_: Any
+    ) -> str:
+        return f"fetching {url} took longer than {deadline_s} s ({received_bytes} bytes received)"
 
 
 class AccessDeniedError(DataPlaneError):
@@ -171,6 +207,7 @@ REMOTE_ERRORS: dict[str, type[FlexError]] = {
         SignatureMalformedError,
         SignatureMismatchError,
         SignatureExpiredError,
+        SignatureReplayedError,
         AccessDeniedError,
         ModelTooLargeError,
         ModelIdMalformedError,

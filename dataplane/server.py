@@ -1,4 +1,4 @@
-"""Each node's data-plane HTTP server for its model blobs."""
+"""Each node's data-plane server for its model blobs: HTTPS with the node's own certificate."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import io
 import json
 import logging
 import os
+import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -17,6 +20,7 @@ from eth_utils import is_hex_address, to_checksum_address
 
 from core.errors import FlexError
 from dataplane.access import Policy
+from dataplane.addresses import authority
 from dataplane.protocol import (
     DEFAULT_MAX_BYTES,
     DEFAULT_WINDOW_SECONDS,
@@ -27,7 +31,8 @@ from dataplane.protocol import (
     PolicyUnavailableError,
     RouteNotFoundError,
 )
-from dataplane.signing import verify_request
+from dataplane.signing import MemoryNonces, verify_request
+from dataplane.tls import NodeCertificate
 from training.errors import BlobNotFoundError
 from training.serialize import id_hex, parse_id
 from training.store import ModelStore
@@ -39,6 +44,23 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
     plane: DataPlaneServer
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # The TLS handshake runs in the connection's own thread (_Handler.setup), under its
+        # timeout: a peer that stalls mid-handshake holds one thread, never the accept loop.
+        sock, addr = self.socket.accept()
+        return self.plane.tls.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False
+        ), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A failed handshake (plain HTTP, a scanner, a client that pins another certificate)
+        # or a dropped connection is the peer's business: one line, not a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, ssl.SSLError | OSError):
+            log.info("connection from %s:%s ended: %r", *client_address[:2], error)
+        else:
+            log.exception("data plane failed on a connection from %s", client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -52,6 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         # A socket timeout bounds how long an idle or stalled peer can hold a server thread.
         self.timeout = self.server.plane.io_timeout
+        self.request.settimeout(self.timeout)
+        self.request.do_handshake()
         super().setup()
 
     def do_GET(self) -> None:
@@ -91,7 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
             headers=self.headers,
             method="GET",
             path=self.path,
+            authority=plane.authority,
             server_address=plane.node_address,
+            nonces=plane.nonces,
             window=plane.auth_window,
         )
         try:
@@ -181,10 +207,12 @@ def _file_size(blob: BinaryIO, *, default: int) -> int:
 
 
 class DataPlaneServer:
-    """The node's data-plane HTTP server, run in a background thread of the worker process.
+    """The node's data-plane HTTPS server, run in a background thread of the worker process.
 
-    ``node_address`` is the node's own Ethereum address: requests must be signed for it, so
-    a request captured by (or sent to) another node cannot be replayed here.
+    ``node_address`` is the node's own Ethereum address and ``public_url`` the URL it is
+    advertised at (by default its own bind address): requests must be signed for both, and
+    each once, so a request captured by (or sent to) another node or host cannot be replayed
+    here. ``certificate`` is the node's own, whose fingerprint its peers pin.
     """
 
     def __init__(
@@ -193,6 +221,8 @@ class DataPlaneServer:
         store: ModelStore,
         policy: Policy,
         node_address: str,
+        certificate: NodeCertificate,
+        public_url: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -209,14 +239,25 @@ class DataPlaneServer:
         self.max_bytes = max_bytes
         self.auth_window = auth_window
         self.io_timeout = io_timeout
+        self.certificate = certificate
+        self.tls = certificate.server_context()
+        self.public_url = public_url
+        self.nonces = MemoryNonces()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        """The base URL peers fetch from, e.g. ``http://127.0.0.1:41234``."""
+        """The base URL peers fetch from: the public URL, else e.g. ``https://127.0.0.1:41234``."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"https://{host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """The ``host:port`` signed requests must name: this server's, as peers address it."""
+        return authority(self.url)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "address": self.node_address, "max_bytes": self.max_bytes}
@@ -237,7 +278,14 @@ class DataPlaneServer:
             daemon=True,
         )
         self._thread.start()
-        log.info("data plane of %s listening on %s", self.node_address, self.url)
+        log.info(
+            "data plane of %s listening on %s:%d (TLS, certificate %s), advertised as %s",
+            self.node_address,
+            self.host,
+            self.port,
+            self.certificate.sha256,
+            self.url,
+        )
         return self
 
     def stop(self) -> None:

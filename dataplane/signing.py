@@ -1,18 +1,31 @@
-"""Signed data-plane requests: EIP-191 over the method, path, serving node and time."""
+"""Signed data-plane requests: EIP-191 over the method, path, host, serving node, time and a
+single-use nonce.
+
+A signature names where the request goes twice over: the host (``host:port``) it was sent
+to and the serving node's Ethereum address, so it cannot be replayed to another host or
+node. It is good for ``window`` seconds either side of the server's clock, and once only:
+the server remembers each nonce until its timestamp leaves the window.
+"""
 
 from __future__ import annotations
 
+import secrets
+import threading
 import time
 from collections.abc import Mapping
+from typing import Protocol
+from urllib.parse import urlsplit
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_hex_address, to_checksum_address
 
+from dataplane.addresses import authority as authority_of
 from dataplane.protocol import (
     DEFAULT_WINDOW_SECONDS,
     HEADER_ADDRESS,
+    HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
     SCHEME,
@@ -20,13 +33,57 @@ from dataplane.protocol import (
     SignatureMalformedError,
     SignatureMismatchError,
     SignatureMissingError,
+    SignatureReplayedError,
 )
 
+NONCE_HEX_DIGITS = 32
 
-def request_message(*, method: str, path: str, server_address: str, timestamp: int) -> str:
+
+class NonceStore(Protocol):
+    """Where a server remembers the nonces it has seen."""
+
+    def claim(self, *, signer: str, nonce: str, expires_at: float) -> bool:
+        """True the first time ``(signer, nonce)`` is claimed before ``expires_at`` (unix
+        time), False for a replay."""
+        ...
+
+
+class MemoryNonces:
+    """Nonces held in this process: for a node's own data-plane server, which is one process.
+    Expired entries are dropped as new ones arrive, so memory follows the request rate."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def claim(self, *, signer: str, nonce: str, expires_at: float) -> bool:
+        now = time.time()
+        key = (signer.lower(), nonce)
+        with self._lock:
+            if now >= self._next_sweep:
+                self._seen = {k: t for k, t in self._seen.items() if t > now}
+                self._next_sweep = now + 10
+            if self._seen.get(key, 0) > now:
+                return False
+            self._seen[key] = expires_at
+            return True
+
+
+def request_message(
+    *, method: str, path: str, authority: str, server_address: str, timestamp: int, nonce: str
+) -> str:
     """The canonical text a requester signs: one field per line, addresses checksummed."""
     return "\n".join(
-        (SCHEME, method.upper(), path, to_checksum_address(server_address), str(int(timestamp)))
+        (
+            SCHEME,
+            method.upper(),
+            path,
+            authority.lower(),
+            to_checksum_address(server_address),
+            str(int(timestamp)),
+            nonce,
+        )
     )
 
 
@@ -34,17 +91,30 @@ def sign_request(
     *,
     account: LocalAccount,
     method: str,
-    path: str,
+    url: str,
     server_address: str,
     timestamp: int | None = None,
+    nonce: str | None = None,
 ) -> dict[str, str]:
-    """Headers that authenticate ``method path`` as ``account`` to the node ``server_address``."""
+    """Headers that authenticate ``method url`` as ``account`` to the node ``server_address``
+    (for the platform's API, the FlexMarket contract's address), once."""
+    parts = urlsplit(url)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
     ts = int(time.time()) if timestamp is None else int(timestamp)
-    text = request_message(method=method, path=path, server_address=server_address, timestamp=ts)
+    nonce = secrets.token_hex(NONCE_HEX_DIGITS // 2) if nonce is None else nonce
+    text = request_message(
+        method=method,
+        path=path,
+        authority=authority_of(url),
+        server_address=server_address,
+        timestamp=ts,
+        nonce=nonce,
+    )
     signed = account.sign_message(encode_defunct(text=text))
     return {
         HEADER_ADDRESS: account.address,
         HEADER_TIMESTAMP: str(ts),
+        HEADER_NONCE: nonce,
         HEADER_SIGNATURE: "0x" + bytes(signed.signature).hex(),
     }
 
@@ -54,18 +124,21 @@ def verify_request(
     headers: Mapping[str, str],
     method: str,
     path: str,
+    authority: str,
     server_address: str,
+    nonces: NonceStore,
     now: float | None = None,
     window: int = DEFAULT_WINDOW_SECONDS,
 ) -> str:
-    """The checksummed address that signed this request to this server.
+    """The checksummed address that signed this request to this host and server, once.
 
-    ``headers`` must look names up case-insensitively (http.server's and requests' do).
-    Raises SignatureMissingError, SignatureMalformedError, SignatureExpiredError,
-    SignatureMismatchError.
+    ``authority`` is this server's own ``host:port`` as clients address it. ``headers`` must
+    look names up case-insensitively (http.server's and Django's do). Raises
+    SignatureMissingError, SignatureMalformedError, SignatureExpiredError,
+    SignatureMismatchError, SignatureReplayedError.
     """
     values = {}
-    for header in (HEADER_ADDRESS, HEADER_TIMESTAMP, HEADER_SIGNATURE):
+    for header in (HEADER_ADDRESS, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE):
         value = headers.get(header)
         if not value:
             raise SignatureMissingError(header=header)
@@ -77,6 +150,11 @@ def verify_request(
     raw_ts = values[HEADER_TIMESTAMP]
     if not raw_ts.isdigit() or len(raw_ts) > 12:
         raise SignatureMalformedError(header=HEADER_TIMESTAMP, reason="not unix seconds")
+    nonce = values[HEADER_NONCE].lower()
+    if len(nonce) != NONCE_HEX_DIGITS or any(c not in "0123456789abcdef" for c in nonce):
+        raise SignatureMalformedError(
+            header=HEADER_NONCE, reason=f"not {NONCE_HEX_DIGITS} hex digits"
+        )
     try:
         signature = bytes.fromhex(values[HEADER_SIGNATURE].removeprefix("0x"))
     except ValueError:
@@ -85,12 +163,19 @@ def verify_request(
         raise SignatureMalformedError(header=HEADER_SIGNATURE, reason="not 65 hex-encoded bytes")
 
     timestamp = int(raw_ts)
-    server_time = int(time.time() if now is None else now)
-    if abs(server_time - timestamp) > window:
-        raise SignatureExpiredError(timestamp=timestamp, server_time=server_time, window=window)
+    server_time = time.time() if now is None else now
+    if abs(int(server_time) - timestamp) > window:
+        raise SignatureExpiredError(
+            timestamp=timestamp, server_time=int(server_time), window=window
+        )
 
     text = request_message(
-        method=method, path=path, server_address=server_address, timestamp=timestamp
+        method=method,
+        path=path,
+        authority=authority,
+        server_address=server_address,
+        timestamp=timestamp,
+        nonce=values[HEADER_NONCE],
     )
     try:
         signer = Account.recover_message(encode_defunct(text=text), signature=signature)
@@ -100,4 +185,7 @@ def verify_request(
         signer = None
     if signer is None or signer.lower() != claimed.lower():
         raise SignatureMismatchError(claimed=to_checksum_address(claimed))
+    # Only a valid signature spends a nonce: nobody can use up another signer's nonces.
+    if not nonces.claim(signer=signer, nonce=nonce, expires_at=timestamp + window + 1):
+        raise SignatureReplayedError(nonce=nonce, signer=signer)
     return to_checksum_address(signer)

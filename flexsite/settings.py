@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from core.broker import DEFAULT_BROKER_API_URL
 from core.queues import DEFAULT_BROKER_URL
@@ -29,9 +31,37 @@ def _local_secret_key() -> str:
     return path.read_text().strip()
 
 
-DEBUG = _env_bool("FLEX_DEBUG", True)
+# Production-safe unless told otherwise: the local stack (make run, make demo) turns DEBUG,
+# the dev chain and private data-plane addresses on; a deployment leaves them off.
+DEBUG = _env_bool("FLEX_DEBUG", False)
 SECRET_KEY = os.environ.get("FLEX_SECRET_KEY") or _local_secret_key()
-ALLOWED_HOSTS = os.environ.get("FLEX_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+
+# The URL users and devices reach the platform at; an https URL turns on HTTPS-only cookies,
+# the redirect to HTTPS and HSTS, and names the origin CSRF trusts.
+FLEX_PUBLIC_URL = os.environ.get("FLEX_PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
+_public = urlsplit(FLEX_PUBLIC_URL)
+if _public.scheme not in ("http", "https") or not _public.hostname:
+    raise ImproperlyConfigured(f"FLEX_PUBLIC_URL must be an http(s) URL, not {FLEX_PUBLIC_URL!r}")
+ALLOWED_HOSTS = [
+    h.strip()
+    for h in os.environ.get(
+        "FLEX_ALLOWED_HOSTS", f"localhost,127.0.0.1,[::1],{_public.hostname}"
+    ).split(",")
+    if h.strip()
+]
+CSRF_TRUSTED_ORIGINS = [f"{_public.scheme}://{_public.netloc}"]
+if _public.scheme == "https":
+    SECURE_SSL_REDIRECT = _env_bool("FLEX_SSL_REDIRECT", True)
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("FLEX_HSTS_SECONDS", 365 * 24 * 3600))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("FLEX_HSTS_INCLUDE_SUBDOMAINS", True)
+    # Preloading is the operator's decision, taken at hstspreload.org and slow to undo;
+    # sending the preload flag by default would let anyone submit the domain.
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
+if _env_bool("FLEX_BEHIND_PROXY", False):
+    # A TLS-terminating proxy in front of the web server says which scheme the client used
+    # and who the client is; trust it only when one is really there.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "daphne",
@@ -119,11 +149,24 @@ ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
 FLEX_CONTRACT_ADDRESS = os.environ.get("FLEX_CONTRACT_ADDRESS", "")
 FLEX_DEPLOYMENT_FILE = VAR_DIR / "chain" / "deployment.json"
 
-# The platform's registrar account registers enrolled devices on chain. On the local dev
-# chain it defaults to dev account 0, which also deploys the contract.
+# The chain URL devices are told at enrolment, the node as they reach it from their hosts;
+# empty: ETH_RPC_URL.
+FLEX_DEVICE_ETH_RPC_URL = os.environ.get("FLEX_DEVICE_ETH_RPC_URL", "")
+
+# Dev-chain behaviour, only when set: Anvil's public dev keys as registrar and faucet, the
+# faucet button, ETH for a newly enrolled device's gas, the demo buyer, and a wallet key
+# derived from SECRET_KEY. Never inferred from the chain id: anyone can run a chain 31337.
+FLEX_DEV_CHAIN = _env_bool("FLEX_DEV_CHAIN", False)
+# The platform's registrar account registers enrolled devices on chain. On the dev chain it
+# defaults to dev account 0, which also deploys the contract.
 FLEX_REGISTRAR_KEY = os.environ.get("FLEX_REGISTRAR_KEY", "")
-# On the local chain a newly enrolled device is sent this much ETH for its gas.
+# On the dev chain a newly enrolled device is sent this much ETH for its gas.
 FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
+# How long the web server may spend fetching a task's model for its buyer, all told.
+FLEX_MODEL_DOWNLOAD_DEADLINE_S = float(os.environ.get("FLEX_MODEL_DOWNLOAD_DEADLINE_S", 120))
+# Data-plane URLs on private, loopback or link-local addresses (a one-host or one-LAN
+# deployment); off, a device must advertise a public host.
+FLEX_DATAPLANE_ALLOW_PRIVATE = _env_bool("FLEX_DATAPLANE_ALLOW_PRIVATE", False)
 # The platform's minimum prices per round, set when the contract is deployed.
 FLEX_MIN_TRAINER_PRICE_WEI = int(os.environ.get("FLEX_MIN_TRAINER_PRICE_WEI", 10**14))
 FLEX_MIN_AGGREGATOR_PRICE_WEI = int(os.environ.get("FLEX_MIN_AGGREGATOR_PRICE_WEI", 10**14))
@@ -147,6 +190,26 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 25,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Client addresses for the throttles: the proxy's X-Forwarded-For entry when one is in
+    # front, else the peer itself (DRF's default, None, believes any X-Forwarded-For).
+    "NUM_PROXIES": 1 if _env_bool("FLEX_BEHIND_PROXY", False) else 0,
+}
+# Requests per client (an address, or the account once logged in), for the throttled doors:
+# marketplace.throttles reads them at each request. "N/s", "N/min", "N/hour" or "N/day".
+FLEX_THROTTLE_RATES = {
+    "login": os.environ.get("FLEX_THROTTLE_LOGIN", "10/min"),
+    "token": os.environ.get("FLEX_THROTTLE_TOKEN", "10/min"),
+    "signup": os.environ.get("FLEX_THROTTLE_SIGNUP", "5/hour"),
+    "faucet": os.environ.get("FLEX_THROTTLE_FAUCET", "5/hour"),
+}
+# The cache behind the throttles and the single-use nonces of device-signed requests: shared
+# by every web process, so it lives in the platform's Redis.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "flex",
+    }
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "FLEX API",
@@ -177,9 +240,10 @@ FLEX_SYNC_CHUNK_BLOCKS = int(os.environ.get("FLEX_SYNC_CHUNK_BLOCKS", 2000))
 FLEX_SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
 
 # Buyers' custodial wallet keys are encrypted at rest with this key (Fernet, urlsafe
-# base64 of 32 bytes); locally it is derived from the secret key.
+# base64 of 32 bytes). Required (a system check and the wallets insist) except on the dev
+# chain, where it is derived from the secret key when unset.
 FLEX_WALLET_KEY = os.environ.get("FLEX_WALLET_KEY", "")
-# On the local chain, the faucet button sends a buyer's wallet this much ETH.
+# On the dev chain, the faucet button sends a buyer's wallet this much ETH.
 FLEX_FAUCET_WEI = int(os.environ.get("FLEX_FAUCET_WEI", 10 * 10**18))
 
 LOGIN_URL = "login"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.http import Http404, HttpResponse
+from django.http import FileResponse, Http404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -38,6 +38,7 @@ from marketplace.services import (
     task_create,
     task_model_download,
 )
+from marketplace.throttles import FlexRateThrottle
 from training.errors import SpecError
 from training.spec import TaskSpec
 
@@ -243,14 +244,12 @@ class TaskModelDownloadApi(ApiAuthMixin, APIView):
         if view is None:
             raise Http404("No such task.")
         model = task_model_download(task=view, user=request.user)
-        return HttpResponse(
-            model.data,
+        return FileResponse(
+            model.file,
+            as_attachment=True,
+            filename=model.filename,
             content_type="application/octet-stream",
-            headers={
-                "Content-Disposition": f'attachment; filename="{model.filename}"',
-                "X-Flex-Model-Id": model.model_id,
-                "X-Flex-Round": str(model.round_number),
-            },
+            headers={"X-Flex-Model-Id": model.model_id, "X-Flex-Round": str(model.round_number)},
         )
 
 
@@ -271,6 +270,8 @@ class AuthTokenObtainApi(ObtainAuthToken):
 
     # No session authentication here, so a browser's session cannot make it demand CSRF.
     authentication_classes: list = []
+    throttle_classes = [FlexRateThrottle]
+    throttle_scope = "token"
 
 
 # ---------------------------------------------------------------- enrolment
@@ -322,7 +323,13 @@ class JoinCompleteApi(APIView):
         signature = serializers.CharField(max_length=200)
         name = serializers.CharField(max_length=100)
         device_class = serializers.ChoiceField(choices=DeviceClass.choices)
-        dataplane_url = serializers.URLField(required=False, allow_blank=True, default="")
+        # Checked by the service, which names what is wrong (dataplane_url_invalid).
+        dataplane_url = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=300
+        )
+        dataplane_cert_sha256 = serializers.CharField(
+            required=False, allow_blank=True, default="", max_length=100
+        )
 
     @extend_schema(
         tags=["enrolment"],
@@ -344,5 +351,6 @@ class JoinCompleteApi(APIView):
             name=v["name"],
             device_class=v["device_class"],
             dataplane_url=v["dataplane_url"],
+            dataplane_cert_sha256=v["dataplane_cert_sha256"],
         )
         return Response(enrolment_config(device=device), status=201)

@@ -3,7 +3,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from marketplace import api
+from marketplace import api, api_wallet
 
 urlpatterns = [
     path("auth/token/", api.AuthTokenObtainApi.as_view(), name="api-auth-token"),
@@ -16,6 +16,8 @@ urlpatterns = [
     path("bids/<int:pk>/", api.BidDetailApi.as_view(), name="api-bid-detail"),
     path("devices/", api.DeviceListApi.as_view(), name="api-device-list"),
     path("devices/<int:pk>/", api.DeviceDetailApi.as_view(), name="api-device-detail"),
+    path("wallet/", api_wallet.WalletApi.as_view(), name="api-wallet"),
+    path("wallet/withdraw/", api_wallet.WalletWithdrawApi.as_view(), name="api-wallet-withdraw"),
     path("join/challenge/", api.JoinChallengeApi.as_view(), name="api-join-challenge"),
     path("join/complete/", api.JoinCompleteApi.as_view(), name="api-join-complete"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -16,7 +16,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import FlexMarket
-from chain.launcher import DEV_CHAIN_ID, dev_accounts
+from chain.launcher import dev_accounts
 from chain.node import connect, reachable
 from chain.transactions import transfer_eth
 from core import messages
@@ -57,7 +57,9 @@ def _chain_id_of(rpc_url: str) -> int:
 
 
 def on_dev_chain() -> bool:
-    return chain_id() == DEV_CHAIN_ID
+    """Whether dev-chain behaviour is on (FLEX_DEV_CHAIN): set explicitly, never guessed from
+    the chain id, since anyone can run a chain with Anvil's id and keys."""
+    return settings.FLEX_DEV_CHAIN
 
 
 def deployment_load(path: Path | None = None) -> Deployment | None:
@@ -103,13 +105,12 @@ def market() -> FlexMarket:
 
 
 def registrar() -> LocalAccount:
-    """The account that registers devices: FLEX_REGISTRAR_KEY, or dev account 0 locally."""
+    """The account that registers devices: FLEX_REGISTRAR_KEY, or dev account 0 on the dev
+    chain."""
     if settings.FLEX_REGISTRAR_KEY:
         return Account.from_key(settings.FLEX_REGISTRAR_KEY)
     if not on_dev_chain():
-        raise ContractNotDeployedError(
-            "FLEX_REGISTRAR_KEY is not set, and this is not the local dev chain."
-        )
+        raise ContractNotDeployedError("FLEX_REGISTRAR_KEY is not set, and FLEX_DEV_CHAIN is off.")
     return dev_accounts(1)[0]
 
 
@@ -148,7 +149,7 @@ def gas_needed_wei() -> int:
 
 
 def fund_gas_on_dev_chain(*, address: str) -> int:
-    """Send a new device ETH for its gas on the local chain; elsewhere its owner funds it."""
+    """Send a new device ETH for its gas on the dev chain; elsewhere its owner funds it."""
     if not on_dev_chain():
         return 0
     amount = settings.FLEX_DEV_DEVICE_FUNDING_WEI

@@ -62,6 +62,8 @@ _STATUS_BY_CODE = {
     "model_unavailable": status.HTTP_502_BAD_GATEWAY,
     "wallet_missing": status.HTTP_409_CONFLICT,
     "insufficient_funds": status.HTTP_409_CONFLICT,
+    "insufficient_gas": status.HTTP_409_CONFLICT,
+    "forward_failed": status.HTTP_502_BAD_GATEWAY,
 }
 
 

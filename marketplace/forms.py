@@ -5,13 +5,19 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.forms import UserCreationForm
 from django.utils import timezone
+from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
 from chain import errors as chain_errors
+from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
 from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth
-from marketplace import wallets
+from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
+from dataplane.tls import CertificatePinError, pin_check
+from marketplace import contract, wallets
+from marketplace.models import Device
 from training.aggregation import STRATEGIES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
@@ -30,6 +36,27 @@ class SignUpForm(UserCreationForm):
 
     class Meta(UserCreationForm.Meta):
         fields = ("username",)
+
+
+class WithdrawForm(forms.Form):
+    """Where the wallet's credit goes: the wallet itself (``to`` empty) or an address."""
+
+    to = forms.CharField(
+        required=False,
+        max_length=100,
+        label="External address",
+        widget=forms.TextInput(attrs={"placeholder": "0x...", "spellcheck": "false"}),
+    )
+    confirmed = forms.BooleanField(required=False, widget=forms.HiddenInput)
+
+    def clean_to(self) -> str:
+        value = self.cleaned_data["to"].strip()
+        if not value:
+            return ""
+        try:
+            return destination(value, market=contract.market())
+        except InvalidAddressError as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
 
 
 class EthAmountField(forms.CharField):
@@ -205,3 +232,46 @@ def explain(exc: FlexError) -> str:
     if isinstance(exc, chain_errors.InvalidBiddingEndError):
         return "Bidding must end in the future by the chain's clock (times are UTC)."
     return exc.message
+
+
+class DeviceForm(forms.ModelForm):
+    # The same rules as at enrolment: a plain https URL of a host, and the pinned certificate.
+    dataplane_url = forms.CharField(required=False, max_length=300)
+    dataplane_cert_sha256 = forms.CharField(
+        required=False, max_length=100, label="Data-plane certificate SHA-256"
+    )
+
+    class Meta:
+        model = Device
+        fields = [
+            "name",
+            "address",
+            "device_class",
+            "may_aggregate",
+            "dataplane_url",
+            "dataplane_cert_sha256",
+        ]
+
+    def clean_dataplane_url(self) -> str:
+        value = self.cleaned_data["dataplane_url"].strip()
+        if not value:
+            return ""
+        try:
+            return dataplane_url_check(value, allow_private=settings.FLEX_DATAPLANE_ALLOW_PRIVATE)
+        except DataPlaneUrlError as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
+
+    def clean_dataplane_cert_sha256(self) -> str:
+        value = self.cleaned_data["dataplane_cert_sha256"].strip()
+        try:
+            return pin_check(value) if value else ""
+        except CertificatePinError as exc:
+            raise forms.ValidationError(exc.message, code=exc.code) from None
+
+    def clean_address(self) -> str:
+        address = self.cleaned_data["address"].strip()
+        if not is_hex_address(address):
+            raise forms.ValidationError("Not a 20-byte hex Ethereum address.")
+        if address != address.lower() and not is_checksum_address(address):
+            raise forms.ValidationError("The address's checksum is wrong.")
+        return to_checksum_address(address)

@@ -218,8 +218,14 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
             round_number,
         )
     aggregator = devices.get(task.aggregator.lower())
-    if aggregator is None:
+    if aggregator is None or not aggregator.dataplane_cert_sha256:
         # Without the aggregator's data plane, trainers cannot fetch the global model.
+        log.warning(
+            "task %s: aggregator %s has no registered data plane; round %s not started",
+            task.chain_task_id,
+            task.aggregator,
+            round_number,
+        )
         return action
     trainers = [devices.get(n.device.lower()) for n in nodes if n.role == Role.TRAINER]
     trainers = [d for d in trainers if d is not None]
@@ -233,6 +239,7 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
                 deployment,
                 node=trainer.address,
                 aggregator_url=aggregator.dataplane_url,
+                aggregator_cert_sha256=aggregator.dataplane_cert_sha256,
                 **common,
             ),
         )
@@ -243,6 +250,9 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
             deployment,
             node=aggregator.address,
             trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+            trainer_certs_sha256={
+                t.address: t.dataplane_cert_sha256 for t in trainers if t.dataplane_cert_sha256
+            },
             **common,
         ),
     )

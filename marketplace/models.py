@@ -111,7 +111,9 @@ class Device(models.Model):
     address = models.CharField(max_length=42, unique=True)
     device_class = models.CharField(max_length=10, choices=DeviceClass.choices)
     may_aggregate = models.BooleanField(default=False)
+    # Where peers fetch the device's blobs, and the SHA-256 of the TLS certificate they pin.
     dataplane_url = models.URLField(blank=True)
+    dataplane_cert_sha256 = models.CharField(max_length=64, blank=True)
     join_token = models.OneToOneField(
         JoinToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="device"
     )

@@ -2,23 +2,35 @@
 
 Devices hold no Django account. An enrolled device authenticates a request by signing it with
 its own Ethereum key in the data plane's format (dataplane.signing: EIP-191 over scheme,
-method, full path, server address and unix time, in the X-Flex-* headers), naming the
-FlexMarket contract's address as the server. A device signs platform requests with the
-helper it already has, ``sign_request(server_address=<contract address>)``; since no node's
-address is a contract's, a signature meant for a data-plane node never verifies here, nor
-one meant for the platform at a node. Signatures are good for 60 seconds either side of the
-server's clock and only from devices enrolled here and not revoked; devices may only read.
+method, full path, host, server address, unix time and a nonce, in the X-Flex-* headers),
+naming the FlexMarket contract's address as the server. A device signs platform requests with
+the helper it already has, ``sign_request(url=..., server_address=<contract address>)``; since
+no node's address is a contract's, a signature meant for a data-plane node never verifies
+here, nor one meant for the platform at a node. Signatures are good for 60 seconds either
+side of the server's clock, once (nonces are remembered in the shared cache, so a replay to
+another web process is refused too), and only from devices enrolled here and not revoked;
+devices may only read.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
+from django.core.cache import cache
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 
-from dataplane.protocol import HEADER_ADDRESS, HEADER_SIGNATURE, HEADER_TIMESTAMP, AuthError
+from dataplane.addresses import authority
+from dataplane.protocol import (
+    HEADER_ADDRESS,
+    HEADER_NONCE,
+    HEADER_SIGNATURE,
+    HEADER_TIMESTAMP,
+    AuthError,
+)
 from dataplane.signing import verify_request
 from marketplace import contract
 from marketplace.models import Device
@@ -39,6 +51,15 @@ class DevicePrincipal:
         return f"device {self.device.address}"
 
 
+class CacheNonces:
+    """Nonces of device-signed requests in Django's cache (the platform's Redis), shared by
+    every web process: ``cache.add`` stores a key only if it is absent, atomically."""
+
+    def claim(self, *, signer: str, nonce: str, expires_at: float) -> bool:
+        ttl = max(1, math.ceil(expires_at - time.time()))
+        return cache.add(f"dataplane-nonce:{signer.lower()}:{nonce}", 1, timeout=ttl)
+
+
 class DeviceSignatureAuthentication(BaseAuthentication):
     """Authenticates a request signed by an enrolled device's key (see the module docstring)."""
 
@@ -50,7 +71,9 @@ class DeviceSignatureAuthentication(BaseAuthentication):
                 headers=request.headers,
                 method=request.method,
                 path=request.get_full_path(),
+                authority=authority(request.build_absolute_uri("/")),
                 server_address=contract.address(),
+                nonces=CacheNonces(),
             )
         except AuthError as exc:
             raise exceptions.AuthenticationFailed(detail=exc.message, code=exc.code) from exc
@@ -77,9 +100,9 @@ class DeviceSignatureScheme(OpenApiAuthenticationExtension):
             "in": "header",
             "name": HEADER_SIGNATURE,
             "description": (
-                "An enrolled device's EIP-191 signature over the request's method, full path "
-                "and unix time, made by dataplane.signing.sign_request with the FlexMarket "
-                f"contract's address as server_address; {HEADER_ADDRESS} and "
-                f"{HEADER_TIMESTAMP} go beside it."
+                "An enrolled device's EIP-191 signature over the request's method, full path, "
+                "host, unix time and a single-use nonce, made by dataplane.signing.sign_request "
+                f"with the FlexMarket contract's address as server_address; {HEADER_ADDRESS}, "
+                f"{HEADER_TIMESTAMP} and {HEADER_NONCE} go beside it."
             ),
         }

@@ -137,7 +137,7 @@ class TaskSummarySerializer(serializers.Serializer):
 
     id = serializers.IntegerField()
     title = serializers.CharField()
-    buyer = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
+    buyer = serializers.SerializerMethodField(help_text="The buyer's user name.")
     state = serializers.ChoiceField(choices=TaskState.choices)
     budget_wei = WeiField()
     rounds = serializers.IntegerField(help_text="Rounds ordered.")
@@ -148,6 +148,9 @@ class TaskSummarySerializer(serializers.Serializer):
     max_trainers = serializers.IntegerField()
     bidding_ends = serializers.DateTimeField()
     created_at = serializers.DateTimeField()
+
+    def get_buyer(self, view) -> str | None:
+        return view.buyer.username if view.buyer is not None else None
 
 
 class TaskSerializer(TaskSummarySerializer):

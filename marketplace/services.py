@@ -24,10 +24,13 @@ from chain.errors import (
 )
 from chain.events import DeviceClass as ChainDeviceClass
 from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
-from chain.node import chain_time, max_fee_per_gas, reachable
+from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
 from chain.transactions import transfer_eth
+from chain.withdrawals import Withdrawal, withdraw_credit
 from core.enrolment import join_message
+from dataplane.addresses import dataplane_url_check
+from dataplane.tls import pin_check
 from marketplace import contract, wallets
 from marketplace.device_broker import device_broker_grant, device_broker_remove, device_broker_url
 from marketplace.errors import (
@@ -122,13 +125,22 @@ def device_enrol(
     name: str,
     device_class: str,
     dataplane_url: str = "",
+    dataplane_cert_sha256: str = "",
 ) -> Device:
-    """Check the token and the signed challenge, register the address on chain, record it.
+    """Check the token, the signed challenge and where the device's data plane is, register
+    the address on chain, record it.
 
-    Nothing is registered unless everything checks out; a failed chain call rolls the
-    enrolment back and leaves the token usable.
+    ``dataplane_url`` must be a plain https URL of a host (DataPlaneUrlError otherwise; private
+    addresses only with FLEX_DATAPLANE_ALLOW_PRIVATE) and comes with the SHA-256 of the TLS
+    certificate peers will pin (CertificatePinError). Nothing is registered unless everything
+    checks out; a failed chain call rolls the enrolment back and leaves the token usable.
     """
     token = _usable_token(raw_token)
+    if dataplane_url or dataplane_cert_sha256:
+        dataplane_url = dataplane_url_check(
+            dataplane_url, allow_private=settings.FLEX_DATAPLANE_ALLOW_PRIVATE
+        )
+        dataplane_cert_sha256 = pin_check(dataplane_cert_sha256)
     if not token.challenge or token.challenge_expires_at <= timezone.now():
         raise JoinChallengeError(reason="expired" if token.challenge else "missing")
     try:
@@ -155,6 +167,7 @@ def device_enrol(
             device_class=device_class,
             may_aggregate=token.may_aggregate,
             dataplane_url=dataplane_url,
+            dataplane_cert_sha256=dataplane_cert_sha256,
             join_token=token,
         )
     except IntegrityError as exc:
@@ -194,7 +207,7 @@ def enrolment_config(*, device: Device) -> dict:
         "may_aggregate": device.may_aggregate,
         "queues": [device.queue],
         "broker_url": device_broker_url(device=device),
-        "eth_rpc_url": settings.ETH_RPC_URL,
+        "eth_rpc_url": settings.FLEX_DEVICE_ETH_RPC_URL or settings.ETH_RPC_URL,
         "chain_id": contract.chain_id(),
         "contract_address": contract.address(),
         "gas_needed_wei": str(contract.gas_needed_wei()),
@@ -272,11 +285,10 @@ def wallet_create(*, user) -> Wallet:
 def wallet_fund(*, wallet: Wallet) -> str:
     """Send the wallet FLEX_FAUCET_WEI from the dev chain's faucet; returns the tx hash.
 
-    Raises FaucetUnavailableError on any other chain: real ETH is never handed out.
+    Raises FaucetUnavailableError unless FLEX_DEV_CHAIN is on: real ETH is never handed out.
     """
-    with reachable():
-        if not contract.on_dev_chain():
-            raise wallets.FaucetUnavailableError(chain_id=contract.chain_id())
+    if not contract.on_dev_chain():
+        raise wallets.FaucetUnavailableError()
     tx_hash = transfer_eth(
         w3=contract.w3(),
         sender=contract.faucet(),
@@ -285,6 +297,23 @@ def wallet_fund(*, wallet: Wallet) -> str:
     )
     logger.info("faucet sent %d wei to %s in %s", settings.FLEX_FAUCET_WEI, wallet.address, tx_hash)
     return tx_hash
+
+
+def wallet_withdraw(*, wallet: Wallet, to: str | None = None) -> Withdrawal:
+    """Take the wallet's whole credit out of the contract, into the wallet or on to ``to``,
+    signed with the wallet's key. Raises InvalidAddressError, NothingToWithdrawError,
+    InsufficientGasError (nothing sent) or ForwardFailedError (the credit is in the wallet)."""
+    done = withdraw_credit(
+        market=contract.market(), sender=wallets.wallet_account(wallet=wallet), to=to or None
+    )
+    logger.info(
+        "wallet %s withdrew %d wei to %s (tx %s)",
+        wallet.address,
+        done.amount_wei,
+        done.to,
+        done.forward_tx or done.withdraw_tx,
+    )
+    return done
 
 
 @dataclass(frozen=True)

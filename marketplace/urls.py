@@ -4,14 +4,20 @@ from django.contrib.auth import views as auth_views
 from django.urls import path
 
 from marketplace import views
+from marketplace.throttles import throttled
 
 urlpatterns = [
     path("", views.home, name="home"),
     path("signup/", views.signup, name="signup"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path(
+        "login/",
+        throttled("login")(auth_views.LoginView.as_view(redirect_authenticated_user=True)),
+        name="login",
+    ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
+    path("wallet/withdraw/", views.wallet_withdraw, name="wallet-withdraw"),
     path("tasks/", views.task_list, name="task-list"),
     path("tasks/new/", views.task_create, name="task-create"),
     path("tasks/estimate/", views.task_estimate, name="task-estimate"),

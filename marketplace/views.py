@@ -9,7 +9,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
@@ -17,11 +17,12 @@ from chain.errors import ChainUnavailableError
 from core.errors import FlexError
 from core.units import wei_to_eth
 from marketplace import contract, selectors, services, wallets
-from marketplace.forms import SignUpForm, TaskForm
+from marketplace.forms import SignUpForm, TaskForm, WithdrawForm
 from marketplace.models import Wallet
 from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
 from marketplace.selectors import TaskView
 from marketplace.task_page import task_update_message
+from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def home(request):
     return render(request, "home.html")
 
 
+@throttled("signup")
 def signup(request):
     if request.user.is_authenticated:
         return redirect("task-list")
@@ -57,29 +59,68 @@ def _wallet(user) -> Wallet:
 
 
 @login_required
-def wallet(request):
+def wallet(request, form: WithdrawForm | None = None, status: int = 200):
     account = _wallet(request.user)
-    balance, chain_id = None, None
+    holdings, chain_id = None, None
     try:
-        balance = wallets.wallet_balance_wei(wallet=account)
+        holdings = wallets.wallet_holdings(wallet=account)
         chain_id = contract.chain_id()
-    except (ChainUnavailableError, OSError):  # chain_id() is a plain web3 read
+    except (FlexError, OSError):  # chain_id() is a plain web3 read
         messages.warning(request, "The chain cannot be reached right now.")
     return render(
         request,
         "marketplace/wallet.html",
         {
             "wallet": account,
-            "balance_wei": balance,
+            "balance_wei": holdings.wallet_wei if holdings else None,
+            "credit_wei": holdings.credit_wei if holdings else None,
             "chain_id": chain_id,
-            "faucet": balance is not None and wallets.faucet_available(),
+            "faucet": holdings is not None and wallets.faucet_available(),
             "faucet_wei": settings.FLEX_FAUCET_WEI,
+            "withdraw_form": form or WithdrawForm(),
         },
+        status=status,
     )
 
 
 @login_required
 @require_POST
+def wallet_withdraw(request):
+    """Withdraw the wallet's credit: into the wallet at once, or to an external address after
+    a confirmation page that shows the amount and the address."""
+    account = _wallet(request.user)
+    form = WithdrawForm(request.POST)
+    if not form.is_valid():
+        return wallet(request, form=form, status=400)
+    to = form.cleaned_data["to"]
+    if to and not form.cleaned_data["confirmed"]:
+        try:
+            credit = wallets.wallet_holdings(wallet=account).credit_wei
+        except FlexError as exc:
+            messages.error(request, exc.message)
+            return redirect("wallet")
+        return render(
+            request,
+            "marketplace/wallet_withdraw_confirm.html",
+            {"wallet": account, "to": to, "credit_wei": credit},
+        )
+    try:
+        done = services.wallet_withdraw(wallet=account, to=to or None)
+    except FlexError as exc:
+        messages.error(request, exc.message)
+        return redirect("wallet")
+    sent = f" and sent to {done.to}" if done.forward_tx else " into your wallet"
+    messages.success(
+        request,
+        f"{wei_to_eth(done.amount_wei)} ETH withdrawn{sent}; "
+        f"gas paid {wei_to_eth(done.fee_wei)} ETH.",
+    )
+    return redirect("wallet")
+
+
+@login_required
+@require_POST
+@throttled("faucet")
 def wallet_fund(request):
     try:
         services.wallet_fund(wallet=_wallet(request.user))
@@ -245,9 +286,12 @@ def task_model_download(request, pk: int):
     except FlexError as exc:
         logger.warning("model download for task %s failed: %s", view.id, exc.message)
         return _download_error(request, view, exc, status=502)
-    response = HttpResponse(model.data, content_type="application/octet-stream")
-    response["Content-Disposition"] = f'attachment; filename="{model.filename}"'
-    response["Content-Length"] = str(len(model.data))
+    response = FileResponse(
+        model.file,
+        as_attachment=True,
+        filename=model.filename,
+        content_type="application/octet-stream",
+    )
     response["X-Flex-Model-Id"] = model.model_id
     response["X-Flex-Round"] = str(model.round_number)
     return response

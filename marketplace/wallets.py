@@ -2,25 +2,25 @@
 
 Keys are encrypted with Fernet (AES-128-CBC + HMAC-SHA256, from ``cryptography``). The
 Fernet key is FLEX_WALLET_KEY (urlsafe base64 of 32 bytes; several comma-separated keys
-allow rotation: the first encrypts, any of them decrypts). When it is unset, a key is derived
-from SECRET_KEY with HKDF-SHA256, so a local checkout works out of the box; in production set
-FLEX_WALLET_KEY so that rotating SECRET_KEY does not lock every wallet.
+allow rotation: the first encrypts, any of them decrypts). It is required, except on the dev
+chain (FLEX_DEV_CHAIN), where a key derived from SECRET_KEY with HKDF-SHA256 stands in when it
+is unset, so a local checkout works out of the box; a deployment holding real ETH never
+encrypts with a key that rotating SECRET_KEY would lose.
 """
 
 from __future__ import annotations
 
 import base64
 
-import requests
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from web3.exceptions import Web3Exception
 
 from chain.node import reachable
+from chain.withdrawals import Balance, balance_of
 from core.errors import FlexError
 from marketplace import contract
 from marketplace.models import Wallet
@@ -49,7 +49,7 @@ class InsufficientFundsError(FlexError):
 
 
 class FaucetUnavailableError(FlexError):
-    """The faucet exists only on the local development chain."""
+    """The faucet exists only on the dev chain (FLEX_DEV_CHAIN)."""
 
     code = "faucet_unavailable"
 
@@ -61,6 +61,11 @@ def _derived_key() -> bytes:
 
 def _cipher() -> MultiFernet:
     configured = [k.strip() for k in settings.FLEX_WALLET_KEY.split(",") if k.strip()]
+    if not configured and not settings.FLEX_DEV_CHAIN:
+        raise WalletKeyError(
+            "FLEX_WALLET_KEY is not set: wallets are encrypted with a key derived from "
+            "SECRET_KEY only on the dev chain (FLEX_DEV_CHAIN)."
+        )
     keys = configured or [_derived_key()]
     try:
         return MultiFernet([Fernet(k) for k in keys])
@@ -103,9 +108,12 @@ def wallet_balance_wei(*, wallet: Wallet) -> int:
         return contract.w3().eth.get_balance(wallet.address)
 
 
+def wallet_holdings(*, wallet: Wallet) -> Balance:
+    """The wallet's ETH and its credit in the contract (pay-outs and refunds not yet
+    withdrawn); ChainUnavailableError when the node cannot be reached."""
+    return balance_of(market=contract.market(), address=wallet.address)
+
+
 def faucet_available() -> bool:
-    """Whether the faucet button is offered: only on the local chain, and only if reachable."""
-    try:
-        return contract.on_dev_chain()
-    except (OSError, requests.RequestException, Web3Exception):
-        return False  # an unreachable node hides the button; the page must still render
+    """Whether the faucet button is offered: only with dev-chain behaviour on."""
+    return contract.on_dev_chain()

@@ -4,6 +4,7 @@
 the contract, the database, the web server, then enrols the local devices through the real
 join flow the first time), supervises every process with one prefixed log stream, and stops
 them all on Ctrl-C. Everything it creates lives under var/, so a second run reuses it.
+`python -m stack.devstack demo` is `make demo` (stack.demo).
 """
 
 from __future__ import annotations
@@ -215,34 +216,49 @@ def stack(
     device identities (each with its own key, store and data-plane server). ``ephemeral``
     deletes the stack's broker vhost at the end (a benchmark's throwaway stack).
     """
+    # Where the web server and the chain listen, and the URL devices enrol at: loopback unless
+    # the operator sets them (devices on other hosts need an address they can reach).
+    web_host = os.environ.get("FLEX_WEB_HOST", "127.0.0.1")
     web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
+    chain_host = os.environ.get("FLEX_CHAIN_HOST", "127.0.0.1")
     chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
+    local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
+    local_chain = "127.0.0.1" if chain_host in ("0.0.0.0", "::") else chain_host
+    public_url = os.environ.get("FLEX_PUBLIC_URL") or f"http://{local_web}:{web_port}"
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,
         # Its own broker namespace: no message of another stack reaches this one.
         **stack_vhost(var),
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
-        "ETH_RPC_URL": f"http://127.0.0.1:{chain_port}",
+        "ETH_RPC_URL": f"http://{local_chain}:{chain_port}",
+        "FLEX_PUBLIC_URL": public_url,
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
+        # The local stack, and only it, is a development deployment: debug pages, Anvil's
+        # public keys, the faucet, and data planes on loopback addresses.
+        "FLEX_DEBUG": os.environ.get("FLEX_DEBUG", "true"),
+        "FLEX_DEV_CHAIN": "true",
+        "FLEX_DATAPLANE_ALLOW_PRIVATE": "true",
         # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
         "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
-    web_url = f"http://127.0.0.1:{web_port}"
+    web_url = f"http://{local_web}:{web_port}"
     vhost = vhost_of(env["FLEX_BROKER_URL"])
     broker_host = urlsplit(env["FLEX_BROKER_URL"]).netloc.rpartition("@")[2]
     admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
-        say(f"starting the local chain on 127.0.0.1:{chain_port} (state in {var}/chain/)")
+        say(f"starting the local chain on {chain_host}:{chain_port} (state in {var}/chain/)")
         sup.start(
             "chain",
             [
                 PY,
                 "-m",
                 "chain.launcher",
+                "--host",
+                chain_host,
                 "--port",
                 str(chain_port),
                 "--state",
@@ -256,8 +272,8 @@ def stack(
         say("migrating the database")
         manage("migrate", "--no-input", "-v", "0", env=env)
         manage("deploy_contract", env=env)
-        say(f"starting the web server on {web_url}")
-        web_cmd = [PY, "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port)]
+        say(f"starting the web server on {web_host}:{web_port}, advertised as {public_url}")
+        web_cmd = [PY, "-m", "daphne", "-b", web_host, "-p", str(web_port)]
         if quiet_web:
             web_cmd += ["--access-log", os.devnull]
         sup.start("web", [*web_cmd, "flexsite.asgi:application"])
@@ -326,7 +342,14 @@ def stack(
             timeout=180,
             sup=sup,
         )
-        yield {"web_url": web_url, "buyer": buyer, "supervisor": sup, "homes": homes, "env": env}
+        yield {
+            "web_url": web_url,
+            "public_url": public_url,
+            "buyer": buyer,
+            "supervisor": sup,
+            "homes": homes,
+            "env": env,
+        }
     finally:
         say("stopping every process")
         sup.stop()
@@ -339,7 +362,7 @@ def run(var: Path) -> int:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     with stack(var=var) as up:
-        say(f"FLEX is up: open {up['web_url']}/")
+        say(f"FLEX is up: open {up['public_url']}/")
         say(
             f"log in as {up['buyer']['username']} / {up['buyer']['password']} "
             f"(wallet {up['buyer']['address']}); Ctrl-C stops everything"
@@ -350,225 +373,6 @@ def run(var: Path) -> int:
                 return 1
             stopping.wait(0.5)
     return 0
-
-
-DEMO_SPEC = {
-    "model": "digits-mlp",
-    "dataset": "digits-8x8",
-    "local_epochs": 5,
-    "batch_size": 32,
-    "learning_rate": 0.2,
-    "seed": 1,
-}
-TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
-# Each device's first bid loads its data (scikit-learn and a partition): seconds on a
-# quiet machine, several times that on a busy one; a shorter window leaves devices out.
-BIDDING_WINDOW_S = 30
-
-
-def _progress_bar(done: int, total: int, width: int = 30) -> str:
-    filled = width * done // max(total, 1)
-    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
-
-
-def follow_task(
-    up: dict,
-    *,
-    out: Path,
-    spec_fields: dict,
-    trainers: int,
-    budget_wei: int,
-    round_timeout_s: int,
-    kill_in_round: int | None = None,
-    timeout_s: float = 600,
-) -> dict:
-    """Post a task as the demo buyer on a running stack and follow it to a downloaded,
-    verified model; returns the summary (also written to ``out``/summary.json).
-
-    ``kill_in_round``: right after one selected trainer submits its update for the round
-    before (1-based rounds), its worker process is killed, so it misses that round; the
-    round closes at its timeout with the updates that arrived.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.update({k: v for k, v in up["env"].items() if k != "PYTHONUNBUFFERED"})
-    import django
-
-    django.setup()
-    from django.contrib.auth import get_user_model
-
-    from marketplace import contract, services
-    from marketplace.models import Payout, Round, Task, Update
-    from marketplace.models_download import final_model_fetch
-    from marketplace.wallets import wallet_account, wallet_of
-    from training.serialize import id_hex, model_id
-    from training.spec import TaskSpec
-    from training.store import ModelStore
-    from worker.node import STORE_DIR
-
-    buyer = get_user_model().objects.get(username=up["buyer"]["username"])
-    spec = TaskSpec.from_dict(spec_fields)
-    rounds = spec.rounds
-    started = time.monotonic()
-    order = services.task_create(
-        buyer=buyer,
-        title=f"{spec.model}, {trainers} trainers x {rounds} rounds",
-        spec=spec,
-        budget_wei=budget_wei,
-        min_trainers=trainers,
-        max_trainers=trainers,
-        bidding_window_s=BIDDING_WINDOW_S,
-        round_timeout_s=round_timeout_s,
-    )
-    say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
-    # The platform's chain sync mirrors the task from its TaskCreated event.
-    while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"task {order.chain_task_id} was never mirrored by chain sync")
-        time.sleep(0.1)
-    names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
-    aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
-    aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
-    seen: dict[int, float] = {}
-    killed = None
-    last = None
-    while time.monotonic() - started < timeout_s:
-        task.refresh_from_db()
-        for r in Round.objects.filter(task=task, number__gte=1):
-            seen.setdefault(r.number, time.monotonic())
-        line = (
-            f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
-        )
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if kill_in_round and killed is None and task.state == "running":
-            # The first trainer to deliver the round before, once the aggregator holds its
-            # update: it is paid for that round and vanishes before it can train the next.
-            before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
-            victim = before.order_by("block_number", "id").first()
-            if victim is not None and aggregator_store.has(victim.model_id):
-                killed = victim.trainer
-                name = names[killed.lower()]
-                say(f"killing device {name} ({killed}) before round {kill_in_round}")
-                up["supervisor"].stop(name, timeout=1)
-        if task.state in TERMINAL:
-            break
-        time.sleep(0.1)
-    task.refresh_from_db()
-    # Reports of what each round and update measured travel apart from the chain and may
-    # land just after the task settles: give them a moment.
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (
-        Round.objects.filter(task=task, number__gte=1, report__isnull=True).exists()
-        or Update.objects.filter(task=task, report__isnull=True).exists()
-    ):
-        time.sleep(0.2)
-    w3 = contract.w3()
-    rows = []
-    previous = started
-    for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
-        txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
-        gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
-        at = seen.get(r.number, time.monotonic())
-        rows.append(
-            {
-                "round": r.number,
-                "accuracy": r.metrics.accuracy if r.metrics else None,
-                "loss": r.metrics.loss if r.metrics else None,
-                "updates": r.updates_aggregated,
-                "gas": gas,
-                "wall_s": round(at - previous, 3),
-            }
-        )
-        previous = at
-    payouts: dict[str, int] = {}
-    refund = 0
-    for p in Payout.objects.filter(task=task):
-        if p.reason == "refund":
-            refund += p.amount_wei
-        else:
-            payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
-    summary = {
-        "task_id": task.chain_task_id,
-        "state": task.state,
-        "rounds": rows,
-        "final_accuracy": rows[-1]["accuracy"] if rows else None,
-        "budget_wei": str(task.budget_wei),
-        "payouts_wei": {a: str(v) for a, v in payouts.items()},
-        "refund_wei": str(refund),
-        "conserved": sum(payouts.values()) + refund == task.budget_wei,
-        "killed_device": killed,
-        "devices": dict(names),
-        "model_id": None,
-        "model_verified": False,
-    }
-    if task.state == "finalized":
-        account = wallet_account(wallet=wallet_of(user=buyer))
-        model = final_model_fetch(chain_task_id=task.chain_task_id, account=account)
-        (out / model.filename).write_bytes(model.data)
-        summary["model_id"] = model.model_id
-        # Checked again here, whole: header, leaves, every chunk, and the ID the chain holds.
-        summary["model_verified"] = id_hex(model_id(model.data)) == model.model_id
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def demo(
-    var: Path,
-    *,
-    trainers: int,
-    rounds: int,
-    round_timeout_s: int,
-    kill_in_round: int | None,
-    timeout_s: float,
-    min_accuracy: float,
-) -> int:
-    """`make demo`: the local stack, headless, runs one task end to end and checks it."""
-    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
-    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
-    # Room for every trainer at the highest price, and a refund left over.
-    budget_wei = rounds * (trainers * max(prices) + agg) * 3 // 2
-    with stack(var=var, quiet_web=True) as up:
-        summary = follow_task(
-            up,
-            out=var / "demo",
-            spec_fields={**DEMO_SPEC, "rounds": rounds},
-            trainers=trainers,
-            budget_wei=budget_wei,
-            round_timeout_s=round_timeout_s,
-            kill_in_round=kill_in_round,
-            timeout_s=timeout_s,
-        )
-    _print_summary(summary, names=summary["devices"])
-    problems = []
-    if summary["state"] != "finalized":
-        problems.append(f"the task ended {summary['state']}, not finalized")
-    if not summary["conserved"]:
-        problems.append("payouts + refund != budget")
-    if not summary["model_verified"]:
-        problems.append("the downloaded model does not match its on-chain ID")
-    if (summary["final_accuracy"] or 0) < min_accuracy:
-        problems.append(f"final accuracy {summary['final_accuracy']} is below {min_accuracy}")
-    for problem in problems:
-        say(f"FAILED: {problem}")
-    say(f"summary written to {var / 'demo' / 'summary.json'}")
-    return 1 if problems else 0
-
-
-def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
-    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>8} {'updates':>7} {'gas':>9} {'wall_s':>7}")
-    for r in summary["rounds"]:
-        print(
-            f"{r['round']:>5} {r['accuracy'] or 0:>9.4f} {r['loss'] or 0:>8.4f} "
-            f"{r['updates']:>7} {r['gas']:>9} {r['wall_s']:>7.2f}"
-        )
-    print("\npayouts (wei):")
-    for address, wei in summary["payouts_wei"].items():
-        print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei}")
-    print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
-    print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
-    print(f"payouts + refund == budget: {summary['conserved']}")
-    print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.var.resolve())
+    from stack.demo import demo
+
     return demo(
         args.var.resolve(),
         trainers=args.trainers,

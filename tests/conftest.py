@@ -73,8 +73,17 @@ def broker() -> Iterator[BrokerVhost]:
 
 @pytest.fixture
 def platform_settings(settings, chain_node, platform_market, broker, tmp_path):
-    """Django settings pointing at the session's chain, contract and broker vhost."""
+    """Django settings pointing at the session's chain, contract and broker vhost, dev-chain
+    behaviour on (Anvil's keys, the faucet, device funding, private data-plane addresses)."""
+    settings.FLEX_DEV_CHAIN = True
+    settings.FLEX_DATAPLANE_ALLOW_PRIVATE = True
     settings.ETH_RPC_URL = chain_node.rpc_url
+    # Throttle counters and nonces in a Redis database of their own, empty for each test.
+    base = settings.REDIS_URL.rsplit("/", 1)[0]
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": f"{base}/11"}}
+    from django.core.cache import cache
+
+    cache.clear()
     settings.FLEX_CONTRACT_ADDRESS = platform_market.address
     settings.FLEX_DEPLOYMENT_FILE = tmp_path / "deployment.json"
     settings.FLEX_BROKER_URL = broker.url

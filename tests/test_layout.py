@@ -12,8 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `(?P<package>\w+)/` \|.*\| (?P<allowed>[^|]+) \|$")
-# The web app takes only the client side of the data plane: it fetches, it never serves.
-MARKETPLACE_DATAPLANE = {"dataplane.client", "dataplane.protocol", "dataplane.signing"}
+# The web app takes only the client side of the data plane: it fetches (over pinned TLS) and
+# checks what devices advertise, it never serves.
+MARKETPLACE_DATAPLANE = {
+    "dataplane.addresses",
+    "dataplane.client",
+    "dataplane.protocol",
+    "dataplane.signing",
+    "dataplane.tls",
+}
 
 
 def layout() -> dict[str, set[str] | None]:

@@ -2,6 +2,8 @@
 
     python -m worker join SERVER_URL TOKEN --home DIR --class cpu --price-wei N [...]
     python -m worker start --home DIR [--home DIR ...]
+    python -m worker balance --home DIR
+    python -m worker withdraw --home DIR [--to ADDRESS]
 
 The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
 """
@@ -9,6 +11,8 @@ The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -46,7 +50,19 @@ def parser() -> argparse.ArgumentParser:
     data = join.add_mutually_exclusive_group()
     data.add_argument("--data", help="the device's own .npz or .csv training data")
     data.add_argument("--partition", type=_partition, help="INDEX/COUNT of the bundled digits")
+    join.add_argument(
+        "--dataplane-host",
+        default="127.0.0.1",
+        help="address the data plane listens on (default 127.0.0.1; 0.0.0.0 for every one)",
+    )
     join.add_argument("--dataplane-port", type=int, default=0, help="default: a free port")
+    join.add_argument(
+        "--dataplane-url",
+        help="https://HOST:PORT where peers reach the data plane (default: its host and port)",
+    )
+    join.add_argument(
+        "--eth-rpc-url", help="the chain node's URL from this host (default: the platform's)"
+    )
     join.add_argument("--no-start", action="store_true", help="enrol only; start later")
     join.add_argument(
         "--light-key",
@@ -63,7 +79,65 @@ def parser() -> argparse.ArgumentParser:
         help="override the broker URL the platform gave at join (simulations serving several "
         "nodes from one process need one whose user may read all their queues)",
     )
+    start.add_argument("--eth-rpc-url", help="override the chain URL the platform gave at join")
+    start.add_argument("--dataplane-host", help="override the address the data plane listens on")
+
+    balance = sub.add_parser("balance", help="the device's ETH and its credit in the contract")
+    balance.add_argument("--home", type=Path, required=True)
+    balance.add_argument("--json", action="store_true", help="print one JSON object")
+
+    withdraw = sub.add_parser("withdraw", help="take the device's credit out of the contract")
+    withdraw.add_argument("--home", type=Path, required=True)
+    withdraw.add_argument("--to", help="send it on to this address (default: the device's own)")
+    withdraw.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def _market(home: Path):
+    from chain.client import FlexMarket
+    from chain.node import connect
+    from worker import config as config_mod
+
+    cfg = config_mod.load(home)
+    return cfg, FlexMarket(w3=connect(cfg.eth_rpc_url), address=cfg.contract_address)
+
+
+def _json(record) -> str:
+    """A record as one JSON line, wei as strings of digits (exact in any JSON reader)."""
+    fields = dataclasses.asdict(record)
+    return json.dumps({k: str(v) if isinstance(v, int) else v for k, v in fields.items()})
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    from chain.withdrawals import balance_of
+    from core.units import wei_to_eth
+
+    cfg, market = _market(args.home)
+    held = balance_of(market=market, address=cfg.address)
+    if args.json:
+        print(_json(held))
+    else:
+        print(f"device {cfg.address}")
+        print(f"  account  {held.wallet_wei} wei ({wei_to_eth(held.wallet_wei)} ETH)")
+        print(f"  credit   {held.credit_wei} wei ({wei_to_eth(held.credit_wei)} ETH), withdrawable")
+    return 0
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    from chain.withdrawals import withdraw_credit
+    from worker import node as nodes
+    from worker.keys import passphrase_read
+
+    node = nodes.load(home=args.home, passphrase=passphrase_read())
+    done = withdraw_credit(market=node.market, sender=node.account, to=args.to)
+    if args.json:
+        print(_json(done))
+    else:
+        print(f"withdrew {done.amount_wei} wei to {done.account} (tx {done.withdraw_tx})")
+        if done.forward_tx:
+            print(f"sent {done.amount_wei} wei on to {done.to} (tx {done.forward_tx})")
+        print(f"gas paid: {done.fee_wei} wei")
+    return 0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -91,7 +165,10 @@ def cmd_join(args: argparse.Namespace) -> int:
         ),
         data_path=args.data,
         partition=args.partition,
+        dataplane_host=args.dataplane_host,
         dataplane_port=args.dataplane_port,
+        dataplane_url=args.dataplane_url,
+        eth_rpc_url=args.eth_rpc_url,
     )
     print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
     print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
@@ -112,12 +189,16 @@ def run(
     concurrency: int,
     loglevel: str,
     broker_url: str | None = None,
+    eth_rpc_url: str | None = None,
+    dataplane_host: str | None = None,
 ) -> int:
     """Load each node, start its data plane, and consume all their queues until stopped."""
     from worker import node as nodes
     from worker.app import node_app
 
-    loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase)) for h in homes]
+    overrides = {"eth_rpc_url": eth_rpc_url, "dataplane_host": dataplane_host}
+    overrides = {k: v for k, v in overrides.items() if v}
+    loaded = [nodes.register(nodes.load(home=h, passphrase=passphrase, **overrides)) for h in homes]
     brokers = {broker_url or n.config.broker_url for n in loaded}
     if len(brokers) != 1:
         raise FlexError("all nodes of one worker must use the same broker", brokers=sorted(brokers))
@@ -159,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "join":
             return cmd_join(args)
+        if args.command == "balance":
+            return cmd_balance(args)
+        if args.command == "withdraw":
+            return cmd_withdraw(args)
         from worker.keys import passphrase_read
 
         return run(
@@ -167,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=args.concurrency,
             loglevel=args.loglevel,
             broker_url=args.broker_url,
+            eth_rpc_url=args.eth_rpc_url,
+            dataplane_host=args.dataplane_host,
         )
     except FlexError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -56,18 +56,24 @@ def publish_initial(node: Node, *, task_id: int, spec: dict) -> dict | None:
 
 
 def _update(
-    node: Node, *, update_id: str, expected: Header, url: str | None, samples: int
+    node: Node,
+    *,
+    update_id: str,
+    expected: Header,
+    peer: tuple[str, str] | None,
+    samples: int,
 ) -> Update | str:
     """One trainer's update, checked against its ID and against ``expected``, the header an
     update of this trainer, task and round carries; or why it is left out ("code: message")."""
     try:
         if node.store.has(update_id):
             model = node.store.load(update_id)
-        elif not url:
+        elif not peer:
             return "update_unavailable: no data-plane address known"
         else:
             blob = fetch_model(
-                base_url=url,
+                base_url=peer[0],
+                cert_sha256=peer[1],
                 model_id=update_id,
                 server_address=expected.trainer,
                 account=node.account,
@@ -84,15 +90,16 @@ def _update(
 
 
 def _prefetch(
-    node: Node, *, task_id: int, round_number: int, trainer: str, url: str | None
+    node: Node, *, task_id: int, round_number: int, trainer: str, peer: tuple[str, str] | None
 ) -> None:
     """Bring a submitted update into this node's store now; failures wait for the round."""
     update_id = node.market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
-    if not url or node.store.has(update_id):
+    if not peer or node.store.has(update_id):
         return
     try:
         blob = fetch_model(
-            base_url=url,
+            base_url=peer[0],
+            cert_sha256=peer[1],
             model_id=update_id,
             server_address=trainer,
             account=node.account,
@@ -111,9 +118,11 @@ def aggregate(
     round_number: int,
     spec: dict,
     trainer_urls: dict[str, str],
+    trainer_certs: dict[str, str],
     wait: bool = True,
 ) -> dict | None:
-    """Aggregate round ``round_number``'s updates into global model ``round_number + 1``.
+    """Aggregate round ``round_number``'s updates into global model ``round_number + 1``,
+    fetching each from its trainer's data plane (URL and pinned certificate by address).
 
     With ``wait``, raises RoundNotReadyError (with the seconds left) while trainers may still
     submit. An update that cannot be fetched or does not verify is left out and reported; a
@@ -133,7 +142,8 @@ def aggregate(
     info = market.round_info(task_id=task_id, round_number=round_number)
     submitted = positions_of(info.submitted_mask)
     left = task.submission_deadline - node.chain_time()
-    urls = {k.lower(): v for k, v in trainer_urls.items()}
+    certs = {k.lower(): v for k, v in trainer_certs.items()}
+    peers = {k.lower(): (v, certs.get(k.lower(), "")) for k, v in trainer_urls.items()}
     if wait and len(submitted) < len(selection.trainers) and left > 0:
         # Fetch what is in already while the rest train: the round then closes sooner, and an
         # update stays usable even if its device vanishes before the round closes.
@@ -144,7 +154,7 @@ def aggregate(
                 task_id=task_id,
                 round_number=round_number,
                 trainer=trainer,
-                url=urls.get(trainer.lower()),
+                peer=peers.get(trainer.lower()),
             )
         raise RoundNotReadyError(
             task_id=task_id,
@@ -174,7 +184,7 @@ def aggregate(
             node,
             update_id=update_id,
             expected=expected,
-            url=urls.get(trainer.lower()),
+            peer=peers.get(trainer.lower()),
             samples=samples[trainer],
         )
         if isinstance(got, str):

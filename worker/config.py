@@ -14,6 +14,8 @@ from core.errors import FlexError
 
 CONFIG_FILE = "device.json"
 KEYSTORE_FILE = "key.json"
+# The data plane's TLS certificate and key (dataplane.tls), made at enrolment.
+TLS_DIR = "tls"
 
 
 class DeviceConfigError(FlexError):
@@ -67,6 +69,7 @@ class DeviceConfig(BaseModel):
     data_path: str | None = None
     partition: Partition | None = None
     policy: BidPolicy
+    # Where the data plane listens, and the URL it is advertised at (the platform has it).
     dataplane_host: str = "127.0.0.1"
     dataplane_port: int = Field(default=0, ge=0, le=65535)
     dataplane_url: str = ""

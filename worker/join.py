@@ -12,8 +12,9 @@ from eth_account.signers.local import LocalAccount
 from chain.launcher import free_port
 from core.enrolment import join_message
 from core.errors import FlexError
+from dataplane.tls import node_certificate
 from worker import config as config_mod
-from worker.config import BidPolicy, DeviceConfig, Partition
+from worker.config import TLS_DIR, BidPolicy, DeviceConfig, Partition
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,32 @@ def join(
     partition: Partition | None = None,
     dataplane_host: str = "127.0.0.1",
     dataplane_port: int = 0,
+    dataplane_url: str | None = None,
+    eth_rpc_url: str | None = None,
     timeout: float = 30.0,
 ) -> DeviceConfig:
-    """Prove possession of ``account``'s key, have the platform register it on chain, and
-    write the device's config under ``home``. Raises JoinError with the platform's reason."""
+    """Prove possession of ``account``'s key, have the platform register it on chain with
+    where its data plane is, and write the device's config under ``home``.
+
+    The data plane listens on ``dataplane_host:dataplane_port`` (a free port by default) and
+    is advertised at ``dataplane_url`` (by default ``https://dataplane_host:port``, which
+    needs a host peers can reach). Its TLS certificate is made here, under ``home``; the
+    platform records its fingerprint for peers to pin. ``eth_rpc_url`` replaces the chain URL
+    the platform advertises, for a device that reaches the node another way. Raises JoinError
+    with the platform's reason.
+    """
     base = server_url.rstrip("/")
     port = dataplane_port or free_port()
-    dataplane_url = f"http://{dataplane_host}:{port}"
+    if dataplane_url is None:
+        if dataplane_host in ("", "0.0.0.0", "::"):
+            raise JoinError(
+                f"the data plane listens on every interface ({dataplane_host or '*'}): say "
+                "where peers reach it with --dataplane-url https://HOST:PORT",
+                dataplane_host=dataplane_host,
+            )
+        shown = f"[{dataplane_host}]" if ":" in dataplane_host else dataplane_host
+        dataplane_url = f"https://{shown}:{port}"
+    certificate = node_certificate(home / TLS_DIR, common_name=account.address)
     challenge = _post(f"{base}/api/join/challenge/", {"token": token}, timeout=timeout)
     text = join_message(challenge=challenge["challenge"], address=account.address)
     signature = account.sign_message(encode_defunct(text=text)).signature
@@ -75,6 +95,7 @@ def join(
             "name": name,
             "device_class": device_class,
             "dataplane_url": dataplane_url,
+            "dataplane_cert_sha256": certificate.sha256,
         },
         timeout=timeout,
     )
@@ -87,7 +108,7 @@ def join(
         may_aggregate=enrolled["may_aggregate"],
         queues=enrolled["queues"],
         broker_url=enrolled["broker_url"],
-        eth_rpc_url=enrolled["eth_rpc_url"],
+        eth_rpc_url=eth_rpc_url or enrolled["eth_rpc_url"],
         chain_id=enrolled["chain_id"],
         contract_address=enrolled["contract_address"],
         data_path=data_path,

@@ -19,12 +19,13 @@ from core.errors import FlexError
 from core.messages import Deployment
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
+from dataplane.tls import node_certificate_load
 from training.datasets import Dataset, load_local, load_partition
 from training.errors import DatasetError
 from training.spec import TaskSpec
 from training.store import ModelStore
 from worker import config as config_mod
-from worker.config import KEYSTORE_FILE, DeviceConfig
+from worker.config import KEYSTORE_FILE, TLS_DIR, DeviceConfig
 from worker.keys import key_load
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Node:
             store=self.store,
             policy=ChainPolicy(market=self.market),
             node_address=self.address,
+            certificate=node_certificate_load(self.home / TLS_DIR),
+            public_url=self.config.dataplane_url or None,
             host=self.config.dataplane_host,
             port=self.config.dataplane_port,
             max_bytes=self.config.max_model_bytes,
@@ -95,9 +98,12 @@ class Node:
 _NODES: dict[str, Node] = {}
 
 
-def load(*, home: Path, passphrase: str) -> Node:
-    """Open a node's home: its config, its decrypted key and its model store."""
+def load(*, home: Path, passphrase: str, **overrides: object) -> Node:
+    """Open a node's home: its config (with ``overrides`` of its fields, for this run only),
+    its decrypted key and its model store."""
     cfg = config_mod.load(home)
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
     account = key_load(path=home / KEYSTORE_FILE, passphrase=passphrase)
     if account.address != cfg.address:
         raise config_mod.DeviceConfigError(

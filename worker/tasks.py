@@ -153,6 +153,7 @@ def train(message: dict) -> dict | None:
         round_number=work.round_number,
         spec=work.spec,
         aggregator_url=work.aggregator_url,
+        aggregator_cert=work.aggregator_cert_sha256,
     )
     report_update(served, trained)
     return trained
@@ -175,6 +176,7 @@ def aggregate(self, message: dict) -> dict | None:
             round_number=work.round_number,
             spec=work.spec,
             trainer_urls=work.trainer_urls,
+            trainer_certs=work.trainer_certs_sha256,
         )
     except aggregator.RoundNotReadyError as exc:
         # Look again soon: the last update usually lands well before the deadline. The

@@ -127,16 +127,19 @@ def global_model(
     round_number: int,
     model_id: str,
     source_url: str,
+    source_cert: str,
     source: str,
 ) -> ModelBlob:
-    """Global model ``round_number`` from this node's store, else fetched from ``source``;
-    checked against ``model_id`` and against the header of this task's round (a
-    HeaderMismatchError subclass if it names another)."""
+    """Global model ``round_number`` from this node's store, else fetched from ``source``'s
+    data plane at ``source_url`` (whose certificate must be ``source_cert``); checked against
+    ``model_id`` and against the header of this task's round (a HeaderMismatchError subclass
+    if it names another)."""
     if node.store.has(model_id):
         model = node.store.load(model_id)
     else:
         blob = fetch_model(
             base_url=source_url,
+            cert_sha256=source_cert,
             model_id=model_id,
             server_address=source,
             account=node.account,
@@ -152,7 +155,13 @@ def global_model(
 
 
 def train(
-    node: Node, *, task_id: int, round_number: int, spec: dict, aggregator_url: str
+    node: Node,
+    *,
+    task_id: int,
+    round_number: int,
+    spec: dict,
+    aggregator_url: str,
+    aggregator_cert: str,
 ) -> dict | None:
     """Train round ``round_number`` from its global model and submit the update's ID.
 
@@ -203,6 +212,7 @@ def train(
         round_number=round_number,
         model_id=global_id,
         source_url=aggregator_url,
+        source_cert=aggregator_cert,
         source=task.aggregator,
     )
     started = time.perf_counter()

@@ -9,12 +9,12 @@ from django.contrib import admin, messages
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.html import format_html
-from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
 from chain.errors import ContractError
 from core.errors import FlexError
 from marketplace import contract
 from marketplace.admin.common import ReadOnlyAdminMixin
+from marketplace.forms import DeviceForm
 from marketplace.models import Device, JoinToken, Wallet
 from marketplace.services import device_approve, device_revoke, join_token_issue, join_token_revoke
 
@@ -161,23 +161,6 @@ class JoinTokenAdmin(admin.ModelAdmin):
 # ---------------------------------------------------------------- devices
 
 
-class DeviceForm(forms.ModelForm):
-    # Data-plane servers on a LAN usually speak plain HTTP: a URL typed bare means http.
-    dataplane_url = forms.URLField(required=False, assume_scheme="http")
-
-    class Meta:
-        model = Device
-        fields = ["name", "address", "device_class", "may_aggregate", "dataplane_url"]
-
-    def clean_address(self) -> str:
-        address = self.cleaned_data["address"].strip()
-        if not is_hex_address(address):
-            raise forms.ValidationError("Not a 20-byte hex Ethereum address.")
-        if address != address.lower() and not is_checksum_address(address):
-            raise forms.ValidationError("The address's checksum is wrong.")
-        return to_checksum_address(address)
-
-
 def _chain_error_text(exc: FlexError) -> str:
     """A revert by its Solidity name (what the contract docs list), other errors by code."""
     name = exc.solidity_name if isinstance(exc, ContractError) and exc.solidity_name else exc.code
@@ -247,11 +230,14 @@ class DeviceAdmin(admin.ModelAdmin):
                 messages.SUCCESS,
             )
 
-    @admin.action(description="Approve: register the selected devices on chain")
+    # Both send a transaction from the registrar: only for staff who may change devices.
+    @admin.action(
+        description="Approve: register the selected devices on chain", permissions=["change"]
+    )
     def approve_devices(self, request, queryset) -> None:
         self._carry_to_chain(request, queryset, service=device_approve, done="registered")
 
-    @admin.action(description="Revoke the selected devices on chain")
+    @admin.action(description="Revoke the selected devices on chain", permissions=["change"])
     def revoke_devices(self, request, queryset) -> None:
         self._carry_to_chain(request, queryset, service=device_revoke, done="revoked")
 

@@ -1,4 +1,5 @@
-"""The data plane over real sockets: signed fetches, refusals, size caps, verification, retries."""
+"""The data plane over real TLS sockets: signed fetches, refusals, size caps, verification,
+retries."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
 
-from chain.client import FlexMarket
-from chain.events import DeviceClass, Role, TaskCreated
-from chain.launcher import dev_accounts, free_port
-from dataplane.access import AllowListPolicy, ChainPolicy
+from chain.launcher import free_port
+from dataplane.access import AllowListPolicy
 from dataplane.client import fetch_model
 from dataplane.protocol import (
     HEADER_ADDRESS,
@@ -37,8 +32,9 @@ from dataplane.protocol import (
     SignatureMismatchError,
 )
 from dataplane.server import DataPlaneServer
-from dataplane.signing import sign_request, verify_request
+from dataplane.signing import MemoryNonces, sign_request, verify_request
 from tests.blobs import blob_of
+from tests.dataplane.conftest import cert_for, pinned
 from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
 from training.serialize import Kind, id_hex, model_id, read_header
 from training.store import ModelStore, StoredModel
@@ -50,14 +46,11 @@ FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ModelStore:
-    return ModelStore(tmp_path / "store")
-
-
-@pytest.fixture
 def server(store: ModelStore) -> Iterator[DataPlaneServer]:
     policy = AllowListPolicy(addresses=[REQUESTER.address])
-    with DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane:
+    with DataPlaneServer(
+        certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+    ) as plane:
         yield plane
 
 
@@ -77,6 +70,7 @@ def _fetch(
 ) -> bytes:
     return fetch_model(
         base_url=plane.url,
+        cert_sha256=kw.pop("cert_sha256", plane.certificate.sha256),
         model_id=mid,
         server_address=kw.pop("server_address", plane.node_address),
         account=account,
@@ -85,7 +79,17 @@ def _fetch(
 
 
 def _get(plane: DataPlaneServer, path: str, headers: dict[str, str]) -> requests.Response:
-    return requests.get(plane.url + path, headers=headers, timeout=5)
+    return pinned(plane).get(plane.url + path, headers=headers, timeout=5, verify=False)
+
+
+def _signed(plane: DataPlaneServer, path: str, account: LocalAccount = REQUESTER, **kw):
+    return sign_request(
+        account=account,
+        method="GET",
+        url=plane.url + path,
+        server_address=kw.pop("server_address", plane.node_address),
+        **kw,
+    )
 
 
 def test_signed_fetch_returns_exactly_the_stored_bytes(
@@ -117,11 +121,14 @@ def test_errors_keep_their_fields_across_pickling() -> None:
 
 def test_server_picks_a_free_port_and_stops(store: ModelStore) -> None:
     plane = DataPlaneServer(
-        store=store, policy=AllowListPolicy(addresses=[]), node_address=SERVER.address
+        certificate=cert_for("server"),
+        store=store,
+        policy=AllowListPolicy(addresses=[]),
+        node_address=SERVER.address,
     )
     plane.start()
     assert plane.port != 0
-    health = requests.get(plane.url + "/health", timeout=5)
+    health = _get(plane, "/health", {})
     plane.stop()
     assert health.json() == {
         "status": "ok",
@@ -129,7 +136,7 @@ def test_server_picks_a_free_port_and_stops(store: ModelStore) -> None:
         "max_bytes": plane.max_bytes,
     }
     with pytest.raises(requests.ConnectionError):
-        requests.get(plane.url + "/health", timeout=5)
+        _get(plane, "/health", {})
 
 
 def test_unsigned_request_is_401_with_json_error(server: DataPlaneServer, stored: str) -> None:
@@ -146,9 +153,7 @@ def test_signature_by_another_key_than_the_claimed_address_is_401(
     server: DataPlaneServer, stored: str
 ) -> None:
     path = f"/models/{stored}"
-    headers = sign_request(
-        account=STRANGER, method="GET", path=path, server_address=server.node_address
-    )
+    headers = _signed(server, path, account=STRANGER)
     headers[HEADER_ADDRESS] = REQUESTER.address
     response = _get(server, path, headers)
     assert response.status_code == 401
@@ -157,13 +162,7 @@ def test_signature_by_another_key_than_the_claimed_address_is_401(
 
 def test_stale_timestamp_is_401(server: DataPlaneServer, stored: str) -> None:
     path = f"/models/{stored}"
-    headers = sign_request(
-        account=REQUESTER,
-        method="GET",
-        path=path,
-        server_address=server.node_address,
-        timestamp=int(time.time()) - 120,
-    )
+    headers = _signed(server, path, timestamp=int(time.time()) - 120)
     response = _get(server, path, headers)
     assert response.status_code == 401
     assert response.json()["code"] == "auth_expired"
@@ -171,13 +170,7 @@ def test_stale_timestamp_is_401(server: DataPlaneServer, stored: str) -> None:
 
 def test_timestamp_inside_the_window_is_accepted(server: DataPlaneServer, stored: str) -> None:
     path = f"/models/{stored}"
-    headers = sign_request(
-        account=REQUESTER,
-        method="GET",
-        path=path,
-        server_address=server.node_address,
-        timestamp=int(time.time()) - 30,
-    )
+    headers = _signed(server, path, timestamp=int(time.time()) - 30)
     assert _get(server, path, headers).status_code == 200
 
 
@@ -192,9 +185,7 @@ def test_signature_for_another_path_is_401(
     server: DataPlaneServer, store: ModelStore, stored: str
 ) -> None:
     other = id_hex(store.put(blob_of([np.ones(3, np.float32)])))
-    headers = sign_request(
-        account=REQUESTER, method="GET", path=f"/models/{other}", server_address=SERVER.address
-    )
+    headers = _signed(server, f"/models/{other}")
     response = _get(server, f"/models/{stored}", headers)
     assert response.status_code == 401
     assert response.json()["code"] == "auth_bad_signature"
@@ -213,9 +204,7 @@ def test_malformed_auth_header_is_401(
     server: DataPlaneServer, stored: str, header: str, value: str
 ) -> None:
     path = f"/models/{stored}"
-    headers = sign_request(
-        account=REQUESTER, method="GET", path=path, server_address=SERVER.address
-    )
+    headers = _signed(server, path)
     headers[header] = value
     response = _get(server, path, headers)
     assert response.status_code == 401
@@ -227,9 +216,7 @@ def test_signature_with_invalid_curve_values_is_401_not_500(
     server: DataPlaneServer, stored: str
 ) -> None:
     path = f"/models/{stored}"
-    headers = sign_request(
-        account=REQUESTER, method="GET", path=path, server_address=SERVER.address
-    )
+    headers = _signed(server, path)
     headers[HEADER_SIGNATURE] = "0x" + "ff" * 65
     response = _get(server, path, headers)
     assert response.status_code == 401
@@ -238,10 +225,18 @@ def test_signature_with_invalid_curve_values_is_401_not_500(
 
 def test_verify_request_returns_the_signer() -> None:
     headers = sign_request(
-        account=REQUESTER, method="GET", path="/x", server_address=SERVER.address
+        account=REQUESTER,
+        method="GET",
+        url="https://Node.Example.org/x?y=1",
+        server_address=SERVER.address,
     )
     signer = verify_request(
-        headers=headers, method="GET", path="/x", server_address=SERVER.address.lower()
+        headers=headers,
+        method="GET",
+        path="/x?y=1",
+        authority="node.example.org:443",
+        server_address=SERVER.address.lower(),
+        nonces=MemoryNonces(),
     )
     assert signer == REQUESTER.address
 
@@ -249,7 +244,9 @@ def test_verify_request_returns_the_signer() -> None:
 def test_policy_refusal_is_403_naming_why_and_not_retried(store: ModelStore, stored: str) -> None:
     policy = _CountingPolicy(AllowListPolicy(addresses=[REQUESTER.address]))
     with (
-        DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane,
+        DataPlaneServer(
+            certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+        ) as plane,
         pytest.raises(AccessDeniedError) as exc,
     ):
         _fetch(plane, stored, account=STRANGER)
@@ -262,7 +259,9 @@ def test_policy_refusal_is_403_naming_why_and_not_retried(store: ModelStore, sto
 def test_policy_that_cannot_decide_is_503_and_retried(store: ModelStore, stored: str) -> None:
     policy = _CountingPolicy(None)
     with (
-        DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane,
+        DataPlaneServer(
+            certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+        ) as plane,
         pytest.raises(PolicyUnavailableError) as exc,
     ):
         _fetch(plane, stored)
@@ -273,7 +272,9 @@ def test_policy_that_cannot_decide_is_503_and_retried(store: ModelStore, stored:
 def test_unknown_id_is_404_and_not_retried(store: ModelStore) -> None:
     policy = _CountingPolicy(AllowListPolicy(addresses=[REQUESTER.address]))
     missing = "0x" + "ab" * 32
-    with DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane:
+    with DataPlaneServer(
+        certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+    ) as plane:
         started = time.monotonic()
         with pytest.raises(BlobNotFoundError) as exc:
             _fetch(plane, missing, backoff=1.0)
@@ -284,14 +285,12 @@ def test_unknown_id_is_404_and_not_retried(store: ModelStore) -> None:
 
 def test_malformed_id_and_unknown_route(server: DataPlaneServer) -> None:
     path = "/models/0x1234"
-    headers = sign_request(
-        account=REQUESTER, method="GET", path=path, server_address=SERVER.address
-    )
+    headers = _signed(server, path)
     response = _get(server, path, headers)
     assert (response.status_code, response.json()["code"]) == (400, "model_id_malformed")
     response = _get(server, "/elsewhere", {})
     assert (response.status_code, response.json()["code"]) == (404, "route_not_found")
-    response = requests.post(server.url + "/health", timeout=5)
+    response = pinned(server).post(server.url + "/health", timeout=5, verify=False)
     assert (response.status_code, response.json()["code"]) == (501, "http_501")
 
 
@@ -300,7 +299,11 @@ def test_blob_above_the_server_limit_is_413(store: ModelStore, stored: str, blob
     small = len(blob) - 1
     with (
         DataPlaneServer(
-            store=store, policy=policy, node_address=SERVER.address, max_bytes=small
+            certificate=cert_for("server"),
+            store=store,
+            policy=policy,
+            node_address=SERVER.address,
+            max_bytes=small,
         ) as plane,
         pytest.raises(ModelTooLargeError) as exc,
     ):
@@ -406,7 +409,8 @@ def test_transient_server_errors_are_retried_until_success(blob: bytes) -> None:
 def test_unreachable_peer_fails_after_retries() -> None:
     with pytest.raises(FetchFailedError) as exc:
         fetch_model(
-            base_url=f"http://127.0.0.1:{free_port()}",
+            base_url=f"https://127.0.0.1:{free_port()}",
+            cert_sha256="00" * 32,
             model_id="0x" + "00" * 32,
             server_address=SERVER.address,
             account=REQUESTER,
@@ -423,15 +427,18 @@ def test_large_blob_is_streamed_without_holding_it_in_memory(store: ModelStore) 
     big = id_hex(store.put(blob))
     del blob
     policy = AllowListPolicy(addresses=[REQUESTER.address])
-    with DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane:
+    with DataPlaneServer(
+        certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+    ) as plane:
         path = f"/models/{big}"
-        headers = sign_request(
-            account=REQUESTER, method="GET", path=path, server_address=SERVER.address
-        )
+        headers = _signed(plane, path)
+        session = pinned(plane)
         tracemalloc.start()
         try:
             received = 0
-            with requests.get(plane.url + path, headers=headers, stream=True, timeout=10) as r:
+            with session.get(
+                plane.url + path, headers=headers, stream=True, timeout=10, verify=False
+            ) as r:
                 assert r.headers["Content-Length"] == str(size)
                 for chunk in r.iter_content(256 * 1024):
                     received += len(chunk)
@@ -458,12 +465,14 @@ class _CountingPolicy:
 
 
 class _RogueServer(ThreadingHTTPServer):
-    """Stands where a peer's data plane should be; counts the GETs it answered."""
+    """Stands where a peer's data plane should be, with the certificate pinned for it (a peer
+    gone bad, not an impostor); counts the GETs it answered."""
 
     daemon_threads = True
     hits = 0
     url = ""
     node_address = SERVER.address
+    certificate = cert_for("rogue")
 
 
 def _reply(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200) -> None:
@@ -475,7 +484,7 @@ def _reply(handler: BaseHTTPRequestHandler, body: bytes, status: int = 200) -> N
 
 @contextmanager
 def _rogue(respond: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[_RogueServer]:
-    """A tiny HTTP server on 127.0.0.1 answering every GET with ``respond(handler)``."""
+    """A tiny HTTPS server on 127.0.0.1 answering every GET with ``respond(handler)``."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -488,7 +497,8 @@ def _rogue(respond: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[_Rogue
             pass
 
     httpd = _RogueServer(("127.0.0.1", 0), Handler)
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.socket = httpd.certificate.server_context().wrap_socket(httpd.socket, server_side=True)
+    httpd.url = f"https://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -497,174 +507,3 @@ def _rogue(respond: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[_Rogue
         httpd.shutdown()
         httpd.server_close()
         thread.join()
-
-
-# ---------------------------------------------------------------- access rules on the real chain
-
-
-@dataclass(frozen=True)
-class OnChain:
-    """A deployed market with task ``task_id`` selected and task ``bidding_id`` still open."""
-
-    market: FlexMarket
-    task_id: int
-    bidding_id: int
-    owner: LocalAccount
-    buyer: LocalAccount
-    aggregator: LocalAccount
-    trainers: tuple[LocalAccount, ...]
-    outsider: LocalAccount
-
-
-def _rpc(w3: Web3, method: str, *params: object) -> object:
-    return w3.provider.make_request(method, list(params))["result"]  # type: ignore[arg-type]
-
-
-@contextmanager
-def _snapshot(w3: Web3) -> Iterator[None]:
-    snapshot = _rpc(w3, "evm_snapshot")
-    try:
-        yield
-    finally:
-        _rpc(w3, "evm_revert", snapshot)
-
-
-@pytest.fixture(scope="module")
-def on_chain(w3: Web3) -> Iterator[OnChain]:
-    owner, buyer, aggregator, t1, t2, outsider = dev_accounts(6, start=13)
-    with _snapshot(w3):
-        market = FlexMarket.deploy(w3=w3, sender=owner)
-        for device, can_aggregate in ((aggregator, True), (t1, False), (t2, False)):
-            market.register_device(
-                sender=owner,
-                device=device.address,
-                device_class=DeviceClass.CPU,
-                can_aggregate=can_aggregate,
-            )
-        ids = []
-        for _ in range(2):
-            now = w3.eth.get_block("latest")["timestamp"]
-            created = market.create_task(
-                sender=buyer,
-                spec_hash=b"\x11" * 32,
-                rounds=2,
-                min_trainers=1,
-                max_trainers=4,
-                bidding_ends=now + 100,
-                round_timeout=600,
-                budget_wei=10**15,
-            )
-            ids.append(created.first(TaskCreated).task_id)
-        task_id, bidding_id = ids
-        market.place_bid(
-            sender=aggregator,
-            task_id=task_id,
-            price_per_round_wei=1,
-            samples=0,
-            role=Role.AGGREGATOR,
-        )
-        for trainer in (t1, t2):
-            market.place_bid(
-                sender=trainer,
-                task_id=task_id,
-                price_per_round_wei=1,
-                samples=100,
-                role=Role.TRAINER,
-            )
-        _rpc(w3, "evm_increaseTime", 200)
-        _rpc(w3, "evm_mine")
-        market.select_nodes(sender=buyer, task_id=task_id)
-        yield OnChain(market, task_id, bidding_id, owner, buyer, aggregator, (t1, t2), outsider)
-
-
-def _meta(kind: str | None, task_id: int | None) -> StoredModel:
-    return StoredModel(
-        model_id=b"\x42" * 32,
-        size=1,
-        kind=kind,
-        chain_id=31337,
-        contract="0x" + "00" * 20,
-        task_id=task_id,
-        round_number=0,
-        trainer="0x" + "00" * 20,
-        created=datetime.now(tz=UTC),
-    )
-
-
-def test_chain_selection_is_what_the_rules_are_tested_against(on_chain: OnChain) -> None:
-    selection = on_chain.market.selection(task_id=on_chain.task_id)
-    assert selection is not None
-    assert selection.aggregator == on_chain.aggregator.address
-    assert set(selection.trainers) == {t.address for t in on_chain.trainers}
-
-
-def test_only_the_aggregator_may_fetch_an_update(on_chain: OnChain) -> None:
-    policy = ChainPolicy(market=on_chain.market)
-    update = _meta("update", on_chain.task_id)
-    policy.authorize_fetch(requester=on_chain.aggregator.address, meta=update)
-    for other in (*on_chain.trainers, on_chain.buyer, on_chain.outsider):
-        with pytest.raises(AccessDeniedError, match=r"only task .* aggregator") as exc:
-            policy.authorize_fetch(requester=other.address, meta=update)
-        assert exc.value.requester == other.address
-        assert exc.value.task_id == on_chain.task_id
-
-
-def test_selected_nodes_and_buyer_may_fetch_a_global_model(on_chain: OnChain) -> None:
-    policy = ChainPolicy(market=on_chain.market)
-    global_model = _meta("global", on_chain.task_id)
-    for party in (on_chain.buyer, on_chain.aggregator, *on_chain.trainers):
-        policy.authorize_fetch(requester=party.address.lower(), meta=global_model)
-    with pytest.raises(AccessDeniedError, match="buyer, aggregator and selected trainers"):
-        policy.authorize_fetch(requester=on_chain.outsider.address, meta=global_model)
-
-
-def test_blobs_of_unselected_or_unknown_tasks_or_no_task_are_refused(on_chain: OnChain) -> None:
-    policy = ChainPolicy(market=on_chain.market)
-    buyer = on_chain.buyer.address
-    with pytest.raises(AccessDeniedError, match=r"no selected nodes \(bidding\)"):
-        policy.authorize_fetch(requester=buyer, meta=_meta("global", on_chain.bidding_id))
-    with pytest.raises(AccessDeniedError, match="does not exist on chain"):
-        policy.authorize_fetch(requester=buyer, meta=_meta("global", 10_000))
-    with pytest.raises(AccessDeniedError, match="not indexed as a task's"):
-        policy.authorize_fetch(requester=buyer, meta=_meta(None, None))
-
-
-def test_revoked_device_loses_access_once_the_cache_expires(w3: Web3, on_chain: OnChain) -> None:
-    now = [1000.0]
-    policy = ChainPolicy(market=on_chain.market, ttl=10.0, clock=lambda: now[0])
-    trainer = on_chain.trainers[0].address
-    global_model = _meta("global", on_chain.task_id)
-    with _snapshot(w3):
-        policy.authorize_fetch(requester=trainer, meta=global_model)
-        on_chain.market.revoke_device(sender=on_chain.owner, device=trainer)
-        now[0] += 9.0
-        policy.authorize_fetch(requester=trainer, meta=global_model)  # answer still cached
-        now[0] += 2.0
-        with pytest.raises(AccessDeniedError, match="revoked"):
-            policy.authorize_fetch(requester=trainer, meta=global_model)
-        # The aggregator's access is untouched by a trainer's revocation.
-        policy.authorize_fetch(requester=on_chain.aggregator.address, meta=global_model)
-
-
-def test_chain_policy_over_http(store: ModelStore, on_chain: OnChain) -> None:
-    trainer = on_chain.trainers[0]
-    blob = blob_of([np.ones(4, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
-    update = store.put(blob)
-    policy = ChainPolicy(market=on_chain.market)
-    with DataPlaneServer(store=store, policy=policy, node_address=trainer.address) as plane:
-        assert _fetch(plane, id_hex(update), account=on_chain.aggregator) == blob
-        with pytest.raises(AccessDeniedError) as exc:
-            _fetch(plane, id_hex(update), account=on_chain.trainers[1])
-    assert exc.value.status == 403
-    assert on_chain.aggregator.address in exc.value.reason
-
-
-def test_unreachable_chain_is_503_not_access(store: ModelStore, on_chain: OnChain) -> None:
-    dead = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
-    policy = ChainPolicy(market=FlexMarket(w3=dead, address=on_chain.market.address))
-    update = store.put(blob_of([np.ones(2, np.float32)], task_id=on_chain.task_id))
-    with (
-        DataPlaneServer(store=store, policy=policy, node_address=SERVER.address) as plane,
-        pytest.raises(PolicyUnavailableError),
-    ):
-        _fetch(plane, id_hex(update), account=on_chain.aggregator, retries=0)

@@ -17,6 +17,7 @@ from dataplane.client import fetch_model
 from dataplane.protocol import AccessDeniedError
 from dataplane.server import DataPlaneServer
 from tests.blobs import blob_of
+from tests.dataplane.conftest import cert_for
 from training.catalogue import initial_weights
 from training.serialize import Kind, id_hex
 from training.spec import TaskSpec
@@ -93,11 +94,17 @@ def test_equal_initial_weights_of_two_tasks_are_two_models_each_served_to_its_ow
         )
     assert len(set(ids.values())) == 2
     policy = ChainPolicy(market=market)
-    with DataPlaneServer(store=store, policy=policy, node_address=aggregator.address) as plane:
+    with DataPlaneServer(
+        certificate=cert_for("aggregator"),
+        store=store,
+        policy=policy,
+        node_address=aggregator.address,
+    ) as plane:
 
         def fetch(task_id: int, trainer) -> bytes:
             return fetch_model(
                 base_url=plane.url,
+                cert_sha256=plane.certificate.sha256,
                 model_id=ids[task_id],
                 server_address=aggregator.address,
                 account=trainer,

@@ -357,9 +357,13 @@ def open_tasks(client) -> list[dict]:
     return found
 
 
-def _signed(device, path: str, market, **kw) -> dict[str, str]:
+def _signed(device, path: str, market, *, host: str = "testserver", **kw) -> dict[str, str]:
     return sign_request(
-        account=device.account, method="GET", path=path, server_address=market.address, **kw
+        account=device.account,
+        method="GET",
+        url=f"http://{host}{path}",
+        server_address=market.address,
+        **kw,
     )
 
 
@@ -392,11 +396,21 @@ def test_device_signatures_are_checked(alice, platform_market):
     other_path = _signed(device, path + "?page=2", platform_market)
     assert_error(client.get(path, headers=other_path), 401, "auth_bad_signature")
     other_server = sign_request(
-        account=device.account, method="GET", path=path, server_address=device.address
+        account=device.account,
+        method="GET",
+        url=f"http://testserver{path}",
+        server_address=device.address,
     )
     assert_error(client.get(path, headers=other_server), 401, "auth_bad_signature")
     stale = _signed(device, path, platform_market, timestamp=int(time.time()) - 600)
     assert_error(client.get(path, headers=stale), 401, "auth_expired")
+    # Signed for another host: a request captured on its way elsewhere is no good here.
+    other_host = _signed(device, path, platform_market, host="flex.example.org")
+    assert_error(client.get(path, headers=other_host), 401, "auth_bad_signature")
+    # A request is good once: replayed, even to the same path, it is refused.
+    once = _signed(device, path, platform_market)
+    assert client.get(path, headers=once).status_code == 200
+    assert_error(client.get(path, headers=once), 401, "auth_replayed")
     # A well-signed request from a key that is not an enrolled device.
     stranger = enrol_device(name="stranger")
     headers = _signed(stranger, path, platform_market)

@@ -15,6 +15,7 @@ from eth_account.messages import encode_defunct
 from chain.events import DeviceClass, DeviceStatus
 from core.broker import vhost_of
 from core.enrolment import join_message
+from dataplane.tls import node_certificate_load
 from marketplace.errors import JoinTokenError
 from marketplace.models import Device, JoinToken
 from marketplace.services import join_token_issue, join_token_revoke
@@ -64,6 +65,9 @@ def test_valid_token_enrols_and_registers_on_chain(live_server, tmp_path, platfo
     assert device.chain_status == "active"
     assert device.registration_tx.startswith("0x")
     assert device.dataplane_url == cfg.dataplane_url
+    assert cfg.dataplane_url.startswith("https://127.0.0.1:")
+    # The device made its TLS certificate; the platform holds its fingerprint for peers.
+    assert device.dataplane_cert_sha256 == node_certificate_load(tmp_path / "device" / "tls").sha256
     issued.token.refresh_from_db()
     assert issued.token.status == "used"
     # On the local chain the platform pays the new device's gas.
@@ -179,3 +183,77 @@ def test_challenge_must_come_first(live_server):
 def test_token_lifetime_must_be_positive():
     with pytest.raises(JoinTokenError):
         join_token_issue(label="never", ttl=timedelta(0))
+
+
+# ---------------------------------------------------------------- where the data plane is
+
+
+def test_a_dataplane_url_with_a_query_is_refused_at_join(live_server, tmp_path, platform_market):
+    issued = join_token_issue(label="sly", ttl=timedelta(hours=1))
+    account = Account.create()
+
+    with pytest.raises(JoinError) as exc:
+        _join(
+            live_server,
+            tmp_path,
+            issued.raw,
+            account=account,
+            dataplane_url="https://device.example.org:8443/?redirect=https://evil.example",
+        )
+
+    assert exc.value.status == 400
+    assert exc.value.remote_code == "dataplane_url_invalid"
+    assert "may hold no query (?) or fragment (#)" in exc.value.message
+    # Nothing was registered; the token can be used again with a proper URL.
+    assert platform_market.device(device=account.address).status == DeviceStatus.NONE
+    assert not Device.objects.exists()
+    issued.token.refresh_from_db()
+    assert issued.token.status == "valid"
+
+
+def test_private_dataplane_addresses_only_when_the_platform_allows_them(
+    live_server, tmp_path, platform_market, settings
+):
+    settings.FLEX_DATAPLANE_ALLOW_PRIVATE = False
+    issued = join_token_issue(label="lan", ttl=timedelta(hours=1))
+
+    with pytest.raises(JoinError) as exc:
+        _join(live_server, tmp_path, issued.raw, dataplane_host="10.20.30.40")
+    assert exc.value.remote_code == "dataplane_url_invalid"
+    assert "private" in exc.value.message
+
+    cfg = _join(
+        live_server, tmp_path, issued.raw, dataplane_url="https://device-7.example.org:8443"
+    )
+    device = Device.objects.get(address=cfg.address)
+    assert device.dataplane_url == "https://device-7.example.org:8443"
+
+
+def test_the_platform_refuses_a_url_without_a_certificate_fingerprint(live_server):
+    issued = join_token_issue(label="nocert", ttl=timedelta(hours=1))
+    account = Account.create()
+    base = live_server.url
+    challenge = requests.post(f"{base}/api/join/challenge/", json={"token": issued.raw}).json()
+    text = join_message(challenge=challenge["challenge"], address=account.address)
+    signature = account.sign_message(encode_defunct(text=text)).signature
+
+    response = requests.post(
+        f"{base}/api/join/complete/",
+        json={
+            "token": issued.raw,
+            "address": account.address,
+            "signature": "0x" + bytes(signature).hex(),
+            "name": "nocert",
+            "device_class": "cpu",
+            "dataplane_url": "https://127.0.0.1:4443",
+        },
+    )
+
+    assert response.status_code == 400
+    assert response.json()["code"] == "cert_fingerprint_invalid"
+
+
+def test_join_on_every_interface_needs_the_advertised_url(live_server, tmp_path):
+    issued = join_token_issue(label="wild", ttl=timedelta(hours=1))
+    with pytest.raises(JoinError, match="--dataplane-url"):
+        _join(live_server, tmp_path, issued.raw, dataplane_host="0.0.0.0")

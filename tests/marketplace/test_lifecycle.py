@@ -3,6 +3,7 @@ sync, the beat or a redelivered message asks for it again."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -68,7 +69,8 @@ def enrol(name: str, *, aggregate: bool = False) -> Node:
         signature=account.sign_message(message).signature.to_0x_hex(),
         name=name,
         device_class="cpu",
-        dataplane_url=f"http://127.0.0.1:9/{name}",
+        dataplane_url=f"https://{name}.devices.example.org:8443",
+        dataplane_cert_sha256=hashlib.sha256(name.encode()).hexdigest(),
     )
     return Node(device=device, account=account)
 
@@ -194,6 +196,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     task.refresh_from_db()
     assert lifecycle.task_round_start(task=task, round_number=0) is None
     urls = {t.address: t.device.dataplane_url for t in trainers}
+    certs = {t.address: t.device.dataplane_cert_sha256 for t in trainers}
     for trainer in trainers:
         assert mirror_env.messages(trainer.queue)[1:] == [
             (
@@ -205,6 +208,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
                     round_number=0,
                     spec=SPEC.as_dict(),
                     aggregator_url=aggregator.device.dataplane_url,
+                    aggregator_cert_sha256=aggregator.device.dataplane_cert_sha256,
                 ).dump(),
             )
         ]
@@ -218,6 +222,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
                 round_number=0,
                 spec=SPEC.as_dict(),
                 trainer_urls=urls,
+                trainer_certs_sha256=certs,
             ).dump(),
         )
     ]

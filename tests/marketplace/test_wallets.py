@@ -9,7 +9,7 @@ from django.urls import reverse
 from eth_account import Account
 
 from chain.launcher import free_port
-from marketplace import contract, services, wallets
+from marketplace import services, wallets
 from marketplace.models import Wallet
 
 pytestmark = pytest.mark.django_db
@@ -91,10 +91,12 @@ def test_faucet_funds_the_wallet_on_the_dev_chain(client, settings):
     assert wallets.wallet_balance_wei(wallet=user.wallet) == before + settings.FLEX_FAUCET_WEI
 
 
-def test_faucet_is_hidden_and_refused_off_the_dev_chain(client, monkeypatch):
+def test_faucet_is_hidden_and_refused_without_the_dev_chain_setting(client, settings):
+    # The session's chain is Anvil (chain id 31337): the setting alone decides.
+    settings.FLEX_WALLET_KEY = Fernet.generate_key().decode()
     user = services.user_signup(username="gus", password=PASSWORD)
     client.force_login(user)
-    monkeypatch.setattr(contract, "on_dev_chain", lambda: False)
+    settings.FLEX_DEV_CHAIN = False
     before = wallets.wallet_balance_wei(wallet=user.wallet)
 
     page = client.get(reverse("wallet"))

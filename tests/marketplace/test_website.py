@@ -20,8 +20,9 @@ from chain.selection import mask_of
 from core.enrolment import join_message
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
+from dataplane.tls import node_certificate
 from marketplace import services
-from marketplace.models import TaskOrder
+from marketplace.models import Device, TaskOrder
 from marketplace.sync import chain_sync
 from marketplace.task_page import page_view
 from tests.blobs import blob_of
@@ -54,7 +55,9 @@ def _task(buyer, *, title="Digits", rounds=1, window_s=600) -> TaskOrder:
     )
 
 
-def _enrol(account, *, name: str, may_aggregate: bool = False, dataplane_url: str = ""):
+def _enrol(
+    account, *, name: str, may_aggregate: bool = False, dataplane_url: str = "", cert: str = ""
+):
     """A device enrolled the way `worker join` does it: token, signed challenge, registration."""
     issued = services.join_token_issue(
         label=name, ttl=timedelta(hours=1), may_aggregate=may_aggregate
@@ -69,6 +72,7 @@ def _enrol(account, *, name: str, may_aggregate: bool = False, dataplane_url: st
         name=name,
         device_class="gpu" if may_aggregate else "cpu",
         dataplane_url=dataplane_url,
+        dataplane_cert_sha256=cert,
     )
 
 
@@ -262,9 +266,18 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
     aggregator, trainer = Account.create(), Account.create()
     store = ModelStore(tmp_path / "aggregator")
     policy = ChainPolicy(market=platform_market, ttl=0)
-    plane = DataPlaneServer(store=store, policy=policy, node_address=aggregator.address)
+    certificate = node_certificate(tmp_path / "tls", common_name="gpu-box")
+    plane = DataPlaneServer(
+        store=store, policy=policy, node_address=aggregator.address, certificate=certificate
+    )
     with plane:
-        _enrol(aggregator, name="gpu-box", may_aggregate=True, dataplane_url=plane.url)
+        _enrol(
+            aggregator,
+            name="gpu-box",
+            may_aggregate=True,
+            dataplane_url=plane.url,
+            cert=certificate.sha256,
+        )
         _enrol(trainer, name="pixel-7")
         task = _task(ada, rounds=1, window_s=10)
         tid = task.chain_task_id
@@ -328,10 +341,24 @@ def test_buyer_downloads_the_final_model_checked_against_the_chain(client, train
     response = client.get(reverse("task-model-download", args=[task.chain_task_id]))
 
     assert response.status_code == 200
-    assert response.content == trained.final_blob
+    assert b"".join(response.streaming_content) == trained.final_blob
+    assert response["Content-Length"] == str(len(trained.final_blob))
     assert response["X-Flex-Model-Id"] == trained.final_id
     assert trained.final_id in response["Content-Disposition"]
     assert response["Content-Type"] == "application/octet-stream"
+
+
+def test_the_download_is_refused_when_the_aggregator_shows_another_certificate(client, trained):
+    # Someone else now answers at the aggregator's registered URL (or the registration was
+    # tampered with): the web server pins the registered certificate and sends nothing.
+    trained.store_final()
+    trained.publish_final()
+    Device.objects.filter(name="gpu-box").update(dataplane_cert_sha256="ab" * 32)
+
+    response = client.get(reverse("task-model-download", args=[trained.task.chain_task_id]))
+
+    assert response.status_code == 502
+    assert "another TLS certificate" in response.content.decode()
 
 
 def test_model_card_names_contributors_and_the_final_model(client, trained):

@@ -18,12 +18,8 @@ from core.messages import (
 )
 from core.queues import device_queue, route
 from dataplane.client import fetch_model
-from tests.worker.conftest import (
-    AGGREGATOR_PRICE,
-    TRAINER_PRICE,
-    finished,
-    wait_for,
-)
+from marketplace.models import Device
+from tests.worker.conftest import AGGREGATOR_PRICE, TRAINER_PRICE, finished, wait_for
 from training import serialize
 from training.spec import TaskSpec
 from training.store import ModelStore
@@ -98,12 +94,21 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
         0,
     )
     assert initial.model_id == market.global_model(task_id=task_id, round_number=0)
-    urls = {t.config.address: t.config.dataplane_url for t in trainers}
+    # What the platform's lifecycle sends: each peer's URL and certificate as registered.
+    devices = {d.address: d for d in Device.objects.all()}
+    urls = {t.config.address: devices[t.config.address].dataplane_url for t in trainers}
+    certs = {t.config.address: devices[t.config.address].dataplane_cert_sha256 for t in trainers}
+    aggregator_cert = devices[aggregator.config.address].dataplane_cert_sha256
     accuracy = []
     for round_number in range(SPEC.rounds):
         common = {"task_id": task_id, "round_number": round_number, "spec": spec}
         platform.send(
-            "worker.aggregate", RoundAggregateRequest, aggregator, trainer_urls=urls, **common
+            "worker.aggregate",
+            RoundAggregateRequest,
+            aggregator,
+            trainer_urls=urls,
+            trainer_certs_sha256=certs,
+            **common,
         )
         for t in trainers:
             platform.send(
@@ -111,6 +116,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
                 RoundTrainRequest,
                 t,
                 aggregator_url=aggregator.config.dataplane_url,
+                aggregator_cert_sha256=aggregator_cert,
                 **common,
             )
         reports = platform.reports(3)
@@ -149,6 +155,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
         round_number=1,
         spec=spec,
         aggregator_url=aggregator.config.dataplane_url,
+        aggregator_cert_sha256=aggregator_cert,
     )
     assert finished(trainers[0], late).endswith("None")
 
@@ -156,6 +163,7 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     final_id = market.global_model(task_id=task_id, round_number=SPEC.rounds)
     blob = fetch_model(
         base_url=aggregator.config.dataplane_url,
+        cert_sha256=aggregator_cert,
         model_id=final_id,
         server_address=aggregator.config.address,
         account=buyer,

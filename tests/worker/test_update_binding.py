@@ -30,7 +30,9 @@ from core.messages import (
 from dataplane.access import ChainPolicy
 from dataplane.client import fetch_model
 from dataplane.server import DataPlaneServer
+from dataplane.tls import node_certificate
 from marketplace import services
+from marketplace.models import Device
 from tests.worker.conftest import TRAINER_PRICE, wait_for
 from training.serialize import Header, Kind, decode, encode, id_hex, model_id
 from training.spec import TaskSpec
@@ -67,20 +69,23 @@ def cheats(platform_settings, platform_market, tmp_path) -> Iterator[dict[str, C
             challenge = services.join_challenge_issue(raw_token=issued.raw).challenge
             text = join_message(challenge=challenge, address=account.address)
             signature = account.sign_message(encode_defunct(text=text)).signature
+            store = ModelStore(tmp_path / name)
+            plane = DataPlaneServer(
+                certificate=node_certificate(tmp_path / f"{name}-tls", common_name=name),
+                store=store,
+                policy=ChainPolicy(market=platform_market, ttl=0),
+                node_address=account.address,
+            )
+            made[name] = Cheat(account=account, store=store, plane=stack.enter_context(plane))
             services.device_enrol(
                 raw_token=issued.raw,
                 address=account.address,
                 signature="0x" + bytes(signature).hex(),
                 name=name,
                 device_class="cpu",
+                dataplane_url=plane.url,
+                dataplane_cert_sha256=plane.certificate.sha256,
             )
-            store = ModelStore(tmp_path / name)
-            plane = DataPlaneServer(
-                store=store,
-                policy=ChainPolicy(market=platform_market, ttl=0),
-                node_address=account.address,
-            )
-            made[name] = Cheat(account=account, store=store, plane=stack.enter_context(plane))
         yield made
 
 
@@ -139,8 +144,12 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
         "worker.publish_initial", InitialModelRequest, aggregator, task_id=task_id, spec=spec
     )
     platform.reports(1)
-    urls = {n.config.address: n.config.dataplane_url for n in honest}
-    urls |= {c.address: c.plane.url for c in cheats.values()}
+    # What the platform's lifecycle sends: each peer's URL and certificate as registered.
+    devices = {d.address: d for d in Device.objects.all()}
+    peers = [*(n.config.address for n in honest), *(c.address for c in cheats.values())]
+    urls = {a: devices[a].dataplane_url for a in peers}
+    certs = {a: devices[a].dataplane_cert_sha256 for a in peers}
+    aggregator_cert = devices[aggregator.config.address].dataplane_cert_sha256
     samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
     stale_id = None
     for round_number in range(SPEC.rounds):
@@ -153,6 +162,7 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
                 **at,
                 spec=spec,
                 aggregator_url=aggregator.config.dataplane_url,
+                aggregator_cert_sha256=aggregator_cert,
             )
         platform.reports(len(honest))
         honest_ids = [market.update_of(**at, trainer=n.config.address) for n in honest]
@@ -163,6 +173,7 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
         # The free rider fetches the global model, as any selected trainer may, and hands it in.
         global_blob = fetch_model(
             base_url=aggregator.config.dataplane_url,
+            cert_sha256=aggregator_cert,
             model_id=global_id,
             server_address=aggregator.config.address,
             account=freerider.account,
@@ -184,6 +195,7 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
             **at,
             spec=spec,
             trainer_urls=urls,
+            trainer_certs_sha256=certs,
         )
         [summary] = platform.reports(1)
 

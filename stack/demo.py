@@ -1,0 +1,296 @@
+"""`make demo`: the local stack, headless, runs one task end to end, then everyone withdraws.
+
+The demo buyer posts a task, devices bid, the contract selects, the rounds run, the task is
+settled and the model downloaded and checked against its on-chain ID; then every device with
+a credit withdraws it through its own CLI and the buyer through the website's service, and
+var/demo/summary.json records each credit back at zero and each account up by its credit
+less the gas it paid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from stack.devstack import LOCAL_DEVICES, PY, _config, say, stack
+
+DEMO_SPEC = {
+    "model": "digits-mlp",
+    "dataset": "digits-8x8",
+    "local_epochs": 5,
+    "batch_size": 32,
+    "learning_rate": 0.2,
+    "seed": 1,
+}
+TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
+# Devices load their data when asked to bid, which on a busy shared machine has taken 8 s:
+# the window leaves room for that, so that a slow machine delays the demo, never fails it.
+BIDDING_WINDOW_S = 30
+
+
+def _progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // max(total, 1)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {done}/{total}"
+
+
+def follow_task(
+    up: dict,
+    *,
+    out: Path,
+    spec_fields: dict,
+    trainers: int,
+    budget_wei: int,
+    round_timeout_s: int,
+    kill_in_round: int | None = None,
+    timeout_s: float = 600,
+) -> dict:
+    """Post a task as the demo buyer on a running stack and follow it to a downloaded,
+    verified model; returns the summary (also written to ``out``/summary.json).
+
+    ``kill_in_round``: right after one selected trainer submits its update for the round
+    before (1-based rounds), its worker process is killed, so it misses that round; the
+    round closes at its timeout with the updates that arrived.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.update({k: v for k, v in up["env"].items() if k != "PYTHONUNBUFFERED"})
+    import django
+
+    django.setup()
+    from django.contrib.auth import get_user_model
+
+    from marketplace import contract, services
+    from marketplace.models import Payout, Round, Task, Update
+    from marketplace.models_download import final_model_fetch
+    from marketplace.wallets import wallet_account, wallet_of
+    from training.serialize import id_hex, model_id
+    from training.spec import TaskSpec
+    from training.store import ModelStore
+    from worker.node import STORE_DIR
+
+    buyer = get_user_model().objects.get(username=up["buyer"]["username"])
+    spec = TaskSpec.from_dict(spec_fields)
+    rounds = spec.rounds
+    started = time.monotonic()
+    order = services.task_create(
+        buyer=buyer,
+        title=f"{spec.model}, {trainers} trainers x {rounds} rounds",
+        spec=spec,
+        budget_wei=budget_wei,
+        min_trainers=trainers,
+        max_trainers=trainers,
+        bidding_window_s=BIDDING_WINDOW_S,
+        round_timeout_s=round_timeout_s,
+    )
+    say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
+    # The platform's chain sync mirrors the task from its TaskCreated event.
+    while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"task {order.chain_task_id} was never mirrored by chain sync")
+        time.sleep(0.1)
+    names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
+    aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
+    aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
+    seen: dict[int, float] = {}
+    killed = None
+    last = None
+    while time.monotonic() - started < timeout_s:
+        task.refresh_from_db()
+        for r in Round.objects.filter(task=task, number__gte=1):
+            seen.setdefault(r.number, time.monotonic())
+        line = (
+            f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
+        )
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if kill_in_round and killed is None and task.state == "running":
+            # The first trainer to deliver the round before, once the aggregator holds its
+            # update: it is paid for that round and vanishes before it can train the next.
+            before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
+            victim = before.order_by("block_number", "id").first()
+            if victim is not None and aggregator_store.has(victim.model_id):
+                killed = victim.trainer
+                name = names[killed.lower()]
+                say(f"killing device {name} ({killed}) before round {kill_in_round}")
+                up["supervisor"].stop(name, timeout=1)
+        if task.state in TERMINAL:
+            break
+        time.sleep(0.1)
+    task.refresh_from_db()
+    # Reports of what each round and update measured travel apart from the chain and may
+    # land just after the task settles: give them a moment.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+        Round.objects.filter(task=task, number__gte=1, report__isnull=True).exists()
+        or Update.objects.filter(task=task, report__isnull=True).exists()
+    ):
+        time.sleep(0.2)
+    w3 = contract.w3()
+    rows = []
+    previous = started
+    for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
+        txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
+        gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
+        at = seen.get(r.number, time.monotonic())
+        rows.append(
+            {
+                "round": r.number,
+                "accuracy": r.metrics.accuracy if r.metrics else None,
+                "loss": r.metrics.loss if r.metrics else None,
+                "updates": r.updates_aggregated,
+                "gas": gas,
+                "wall_s": round(at - previous, 3),
+            }
+        )
+        previous = at
+    payouts: dict[str, int] = {}
+    refund = 0
+    for p in Payout.objects.filter(task=task):
+        if p.reason == "refund":
+            refund += p.amount_wei
+        else:
+            payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
+    summary = {
+        "task_id": task.chain_task_id,
+        "state": task.state,
+        "rounds": rows,
+        "final_accuracy": rows[-1]["accuracy"] if rows else None,
+        "budget_wei": str(task.budget_wei),
+        "payouts_wei": {a: str(v) for a, v in payouts.items()},
+        "refund_wei": str(refund),
+        "conserved": sum(payouts.values()) + refund == task.budget_wei,
+        "killed_device": killed,
+        "devices": dict(names),
+        "model_id": None,
+        "model_verified": False,
+    }
+    if task.state == "finalized":
+        account = wallet_account(wallet=wallet_of(user=buyer))
+        model = final_model_fetch(chain_task_id=task.chain_task_id, account=account)
+        with model.file:
+            data = model.file.read()
+        (out / model.filename).write_bytes(data)
+        summary["model_id"] = model.model_id
+        # Checked again here, whole: header, leaves, every chunk, and the ID the chain holds.
+        summary["model_verified"] = id_hex(model_id(data)) == model.model_id
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def withdraw_all(up: dict, *, buyer_username: str) -> dict:
+    """Every device with a credit withdraws it with `python -m worker withdraw`, the buyer
+    with the website's service; each account's credit and balance before and after."""
+    from django.contrib.auth import get_user_model
+
+    from chain.withdrawals import balance_of
+    from marketplace import contract, services
+
+    market = contract.market()
+    accounts = {_config(h)["address"]: (name, h) for name, h in up["homes"].items()}
+    buyer = get_user_model().objects.get(username=buyer_username)
+    accounts[buyer.wallet.address] = ("buyer", None)
+    result = {}
+    for address, (name, home) in accounts.items():
+        before = balance_of(market=market, address=address)
+        entry = {"name": name, "credit_wei": before.credit_wei, "withdrawn_wei": 0, "fee_wei": 0}
+        if before.credit_wei:
+            if home is None:
+                done = services.wallet_withdraw(wallet=buyer.wallet)
+                entry.update(withdrawn_wei=done.amount_wei, fee_wei=done.fee_wei)
+            else:
+                cli = subprocess.run(
+                    [PY, "-m", "worker", "withdraw", "--home", str(home), "--json"],
+                    env=up["env"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                done = json.loads(cli.stdout.splitlines()[-1])
+                entry.update(withdrawn_wei=int(done["amount_wei"]), fee_wei=int(done["fee_wei"]))
+        after = balance_of(market=market, address=address)
+        entry.update(
+            credit_after_wei=after.credit_wei,
+            wallet_before_wei=before.wallet_wei,
+            wallet_after_wei=after.wallet_wei,
+            # Each account is up by its credit less the gas it paid, to the wei.
+            settled=after.credit_wei == 0
+            and after.wallet_wei == before.wallet_wei + before.credit_wei - entry["fee_wei"],
+        )
+        if entry["withdrawn_wei"]:
+            say(f"{name} withdrew {entry['withdrawn_wei']} wei (gas {entry['fee_wei']} wei)")
+        result[address] = {k: v if isinstance(v, bool | str) else str(v) for k, v in entry.items()}
+    return result
+
+
+def demo(
+    var: Path,
+    *,
+    trainers: int,
+    rounds: int,
+    round_timeout_s: int,
+    kill_in_round: int | None,
+    timeout_s: float,
+    min_accuracy: float,
+) -> int:
+    """`make demo`: the local stack, headless, runs one task end to end and checks it."""
+    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
+    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
+    # Room for every trainer at the highest price, and a refund left over.
+    budget_wei = rounds * (trainers * max(prices) + agg) * 3 // 2
+    with stack(var=var, quiet_web=True) as up:
+        summary = follow_task(
+            up,
+            out=var / "demo",
+            spec_fields={**DEMO_SPEC, "rounds": rounds},
+            trainers=trainers,
+            budget_wei=budget_wei,
+            round_timeout_s=round_timeout_s,
+            kill_in_round=kill_in_round,
+            timeout_s=timeout_s,
+        )
+        if summary["state"] == "finalized":
+            summary["withdrawals"] = withdraw_all(up, buyer_username=up["buyer"]["username"])
+            (var / "demo" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary, names=summary["devices"])
+    problems = []
+    unsettled = [w["name"] for w in summary.get("withdrawals", {}).values() if not w["settled"]]
+    if summary["state"] == "finalized" and (unsettled or not summary.get("withdrawals")):
+        problems.append(f"withdrawals did not settle: {', '.join(unsettled) or 'none ran'}")
+    if summary["state"] != "finalized":
+        problems.append(f"the task ended {summary['state']}, not finalized")
+    if not summary["conserved"]:
+        problems.append("payouts + refund != budget")
+    if not summary["model_verified"]:
+        problems.append("the downloaded model does not match its on-chain ID")
+    if (summary["final_accuracy"] or 0) < min_accuracy:
+        problems.append(f"final accuracy {summary['final_accuracy']} is below {min_accuracy}")
+    for problem in problems:
+        say(f"FAILED: {problem}")
+    say(f"summary written to {var / 'demo' / 'summary.json'}")
+    return 1 if problems else 0
+
+
+def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
+    print(f"\n{'round':>5} {'accuracy':>9} {'loss':>8} {'updates':>7} {'gas':>9} {'wall_s':>7}")
+    for r in summary["rounds"]:
+        print(
+            f"{r['round']:>5} {r['accuracy'] or 0:>9.4f} {r['loss'] or 0:>8.4f} "
+            f"{r['updates']:>7} {r['gas']:>9} {r['wall_s']:>7.2f}"
+        )
+    print("\npayouts (wei):")
+    for address, wei in summary["payouts_wei"].items():
+        print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei}")
+    print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
+    print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
+    print(f"payouts + refund == budget: {summary['conserved']}")
+    print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
+    if withdrawals := summary.get("withdrawals"):
+        print("withdrawals (credit -> 0, account + credit - gas):")
+        for address, w in withdrawals.items():
+            print(
+                f"  {w['name']:<12} {address:<42}  {w['withdrawn_wei']:>20} wei  "
+                f"gas {w['fee_wei']:>16}  {'settled' if w['settled'] else 'NOT SETTLED'}"
+            )

@@ -1,0 +1,197 @@
+"""FlexMarket's access rules for model blobs, read from the real chain and served over TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+
+from chain.client import FlexMarket
+from chain.events import DeviceClass, Role, TaskCreated
+from chain.launcher import dev_accounts, free_port
+from dataplane.access import ChainPolicy
+from dataplane.protocol import AccessDeniedError, PolicyUnavailableError
+from dataplane.server import DataPlaneServer
+from tests.blobs import blob_of
+from tests.dataplane.conftest import cert_for
+from tests.dataplane.test_dataplane import SERVER, _fetch
+from training.serialize import id_hex
+from training.store import ModelStore, StoredModel
+
+
+@dataclass(frozen=True)
+class OnChain:
+    """A deployed market with task ``task_id`` selected and task ``bidding_id`` still open."""
+
+    market: FlexMarket
+    task_id: int
+    bidding_id: int
+    owner: LocalAccount
+    buyer: LocalAccount
+    aggregator: LocalAccount
+    trainers: tuple[LocalAccount, ...]
+    outsider: LocalAccount
+
+
+def _rpc(w3: Web3, method: str, *params: object) -> object:
+    return w3.provider.make_request(method, list(params))["result"]  # type: ignore[arg-type]
+
+
+@contextmanager
+def _snapshot(w3: Web3) -> Iterator[None]:
+    snapshot = _rpc(w3, "evm_snapshot")
+    try:
+        yield
+    finally:
+        _rpc(w3, "evm_revert", snapshot)
+
+
+@pytest.fixture(scope="module")
+def on_chain(w3: Web3) -> Iterator[OnChain]:
+    owner, buyer, aggregator, t1, t2, outsider = dev_accounts(6, start=13)
+    with _snapshot(w3):
+        market = FlexMarket.deploy(w3=w3, sender=owner)
+        for device, can_aggregate in ((aggregator, True), (t1, False), (t2, False)):
+            market.register_device(
+                sender=owner,
+                device=device.address,
+                device_class=DeviceClass.CPU,
+                can_aggregate=can_aggregate,
+            )
+        ids = []
+        for _ in range(2):
+            now = w3.eth.get_block("latest")["timestamp"]
+            created = market.create_task(
+                sender=buyer,
+                spec_hash=b"\x11" * 32,
+                rounds=2,
+                min_trainers=1,
+                max_trainers=4,
+                bidding_ends=now + 100,
+                round_timeout=600,
+                budget_wei=10**15,
+            )
+            ids.append(created.first(TaskCreated).task_id)
+        task_id, bidding_id = ids
+        market.place_bid(
+            sender=aggregator,
+            task_id=task_id,
+            price_per_round_wei=1,
+            samples=0,
+            role=Role.AGGREGATOR,
+        )
+        for trainer in (t1, t2):
+            market.place_bid(
+                sender=trainer,
+                task_id=task_id,
+                price_per_round_wei=1,
+                samples=100,
+                role=Role.TRAINER,
+            )
+        _rpc(w3, "evm_increaseTime", 200)
+        _rpc(w3, "evm_mine")
+        market.select_nodes(sender=buyer, task_id=task_id)
+        yield OnChain(market, task_id, bidding_id, owner, buyer, aggregator, (t1, t2), outsider)
+
+
+def _meta(kind: str | None, task_id: int | None) -> StoredModel:
+    return StoredModel(
+        model_id=b"\x42" * 32,
+        size=1,
+        kind=kind,
+        chain_id=31337,
+        contract="0x" + "00" * 20,
+        task_id=task_id,
+        round_number=0,
+        trainer="0x" + "00" * 20,
+        created=datetime.now(tz=UTC),
+    )
+
+
+def test_chain_selection_is_what_the_rules_are_tested_against(on_chain: OnChain) -> None:
+    selection = on_chain.market.selection(task_id=on_chain.task_id)
+    assert selection is not None
+    assert selection.aggregator == on_chain.aggregator.address
+    assert set(selection.trainers) == {t.address for t in on_chain.trainers}
+
+
+def test_only_the_aggregator_may_fetch_an_update(on_chain: OnChain) -> None:
+    policy = ChainPolicy(market=on_chain.market)
+    update = _meta("update", on_chain.task_id)
+    policy.authorize_fetch(requester=on_chain.aggregator.address, meta=update)
+    for other in (*on_chain.trainers, on_chain.buyer, on_chain.outsider):
+        with pytest.raises(AccessDeniedError, match=r"only task .* aggregator") as exc:
+            policy.authorize_fetch(requester=other.address, meta=update)
+        assert exc.value.requester == other.address
+        assert exc.value.task_id == on_chain.task_id
+
+
+def test_selected_nodes_and_buyer_may_fetch_a_global_model(on_chain: OnChain) -> None:
+    policy = ChainPolicy(market=on_chain.market)
+    global_model = _meta("global", on_chain.task_id)
+    for party in (on_chain.buyer, on_chain.aggregator, *on_chain.trainers):
+        policy.authorize_fetch(requester=party.address.lower(), meta=global_model)
+    with pytest.raises(AccessDeniedError, match="buyer, aggregator and selected trainers"):
+        policy.authorize_fetch(requester=on_chain.outsider.address, meta=global_model)
+
+
+def test_blobs_of_unselected_or_unknown_tasks_or_no_task_are_refused(on_chain: OnChain) -> None:
+    policy = ChainPolicy(market=on_chain.market)
+    buyer = on_chain.buyer.address
+    with pytest.raises(AccessDeniedError, match=r"no selected nodes \(bidding\)"):
+        policy.authorize_fetch(requester=buyer, meta=_meta("global", on_chain.bidding_id))
+    with pytest.raises(AccessDeniedError, match="does not exist on chain"):
+        policy.authorize_fetch(requester=buyer, meta=_meta("global", 10_000))
+    with pytest.raises(AccessDeniedError, match="not indexed as a task's"):
+        policy.authorize_fetch(requester=buyer, meta=_meta(None, None))
+
+
+def test_revoked_device_loses_access_once_the_cache_expires(w3: Web3, on_chain: OnChain) -> None:
+    now = [1000.0]
+    policy = ChainPolicy(market=on_chain.market, ttl=10.0, clock=lambda: now[0])
+    trainer = on_chain.trainers[0].address
+    global_model = _meta("global", on_chain.task_id)
+    with _snapshot(w3):
+        policy.authorize_fetch(requester=trainer, meta=global_model)
+        on_chain.market.revoke_device(sender=on_chain.owner, device=trainer)
+        now[0] += 9.0
+        policy.authorize_fetch(requester=trainer, meta=global_model)  # answer still cached
+        now[0] += 2.0
+        with pytest.raises(AccessDeniedError, match="revoked"):
+            policy.authorize_fetch(requester=trainer, meta=global_model)
+        # The aggregator's access is untouched by a trainer's revocation.
+        policy.authorize_fetch(requester=on_chain.aggregator.address, meta=global_model)
+
+
+def test_chain_policy_over_http(store: ModelStore, on_chain: OnChain) -> None:
+    trainer = on_chain.trainers[0]
+    blob = blob_of([np.ones(4, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
+    update = store.put(blob)
+    policy = ChainPolicy(market=on_chain.market)
+    with DataPlaneServer(
+        certificate=cert_for("server"), store=store, policy=policy, node_address=trainer.address
+    ) as plane:
+        assert _fetch(plane, id_hex(update), account=on_chain.aggregator) == blob
+        with pytest.raises(AccessDeniedError) as exc:
+            _fetch(plane, id_hex(update), account=on_chain.trainers[1])
+    assert exc.value.status == 403
+    assert on_chain.aggregator.address in exc.value.reason
+
+
+def test_unreachable_chain_is_503_not_access(store: ModelStore, on_chain: OnChain) -> None:
+    dead = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
+    policy = ChainPolicy(market=FlexMarket(w3=dead, address=on_chain.market.address))
+    update = store.put(blob_of([np.ones(2, np.float32)], task_id=on_chain.task_id))
+    with (
+        DataPlaneServer(
+            certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+        ) as plane,
+        pytest.raises(PolicyUnavailableError),
+    ):
+        _fetch(plane, id_hex(update), account=on_chain.aggregator, retries=0)
