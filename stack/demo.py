@@ -181,8 +181,9 @@ def follow_task(
 
 
 def withdraw_all(up: dict, *, buyer_username: str) -> dict:
-    """Every device with a credit withdraws it with `python -m worker withdraw`, the buyer
-    with the website's service; each account's credit and balance before and after."""
+    """Every device with a credit withdraws it with `python -m worker withdraw` (on the host it
+    runs on: ``up["hosts"]`` may give a command prefix per device name), the buyer with the
+    website's service; each account's credit and balance before and after."""
     from django.contrib.auth import get_user_model
 
     from chain.withdrawals import balance_of
@@ -201,8 +202,9 @@ def withdraw_all(up: dict, *, buyer_username: str) -> dict:
                 done = services.wallet_withdraw(wallet=buyer.wallet)
                 entry.update(withdrawn_wei=done.amount_wei, fee_wei=done.fee_wei)
             else:
+                on_host = up.get("hosts", {}).get(name, [])
                 cli = subprocess.run(
-                    [PY, "-m", "worker", "withdraw", "--home", str(home), "--json"],
+                    [*on_host, PY, "-m", "worker", "withdraw", "--home", str(home), "--json"],
                     env=up["env"],
                     capture_output=True,
                     text=True,
