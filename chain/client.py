@@ -12,18 +12,20 @@ from web3 import Web3
 
 from chain import events as ev
 from chain.build import load_artifact
+from chain.errors import InvalidHintError
 from chain.events import DeviceClass, Role, TaskState
 from chain.records import (
     BidInfo,
     DeviceInfo,
     Limits,
     MinPrices,
+    ModelOrigin,
     RoundInfo,
     SelectionInfo,
     TaskInfo,
     TxResult,
 )
-from chain.selection import selection_order
+from chain.selection import selection_order, selection_seed
 from chain.transactions import (
     CONTRACT_NAME,
     RECEIPT_TIMEOUT_SECONDS,
@@ -35,6 +37,12 @@ from chain.transactions import (
 )
 
 R = TypeVar("R")
+
+# The most samples a trainer's claim counts for unless the buyer says otherwise.
+DEFAULT_SAMPLE_CAP = 1000
+# selectNodes' tie seed depends on the block it lands in; a hint computed for one block is
+# recomputed when another block came first.
+SELECTION_ATTEMPTS = 5
 
 
 def _bytes32(value: bytes | str) -> bytes:
@@ -143,9 +151,11 @@ class FlexMarket:
         bidding_ends: int,
         round_timeout: int,
         budget_wei: int,
+        sample_cap: int = DEFAULT_SAMPLE_CAP,
     ) -> TxResult:
         """Creates a task with ``budget_wei`` in escrow; ``bidding_ends`` is a unix time,
-        ``round_timeout`` seconds. The new id is ``result.first(TaskCreated).task_id``."""
+        ``round_timeout`` seconds; trainer claims count for at most ``sample_cap`` samples.
+        The new id is ``result.first(TaskCreated).task_id``."""
         return self._transact(
             sender,
             "createTask",
@@ -155,6 +165,7 @@ class FlexMarket:
             max_trainers,
             bidding_ends,
             round_timeout,
+            sample_cap,
             value=budget_wei,
         )
 
@@ -169,9 +180,30 @@ class FlexMarket:
         price_per_round_wei: int,
         samples: int,
         role: Role,
+        deposit_wei: int | None = None,
     ) -> TxResult:
-        """Places, or replaces, ``sender``'s bid on the task."""
-        return self._transact(sender, "placeBid", task_id, price_per_round_wei, samples, int(role))
+        """Places, or replaces, ``sender``'s bid on the task, paying in its stake or bond
+        (``deposit_wei``; by default what the task asks, less what a replaced bid holds)."""
+        if deposit_wei is None:
+            deposit_wei = self.deposit_due(task_id=task_id, device=sender.address, role=role)
+        return self._transact(
+            sender,
+            "placeBid",
+            task_id,
+            price_per_round_wei,
+            samples,
+            int(role),
+            value=deposit_wei,
+        )
+
+    def withdraw_bid(
+        self, *, sender: LocalAccount, task_id: int, device: str | None = None
+    ) -> TxResult:
+        """Withdraws ``device``'s bid (the sender's own by default) and credits its deposit
+        back to it: the bidder while bidding is open (anyone once it is revoked), anyone for
+        a bid that was not selected once bidding is over."""
+        target = to_checksum_address(device or sender.address)
+        return self._transact(sender, "withdrawBid", task_id, target)
 
     def select_nodes(
         self,
@@ -180,10 +212,27 @@ class FlexMarket:
         task_id: int,
         order: Sequence[int] | None = None,
     ) -> TxResult:
-        """Runs selection; without ``order`` the hint is computed from the chain's bids."""
-        if order is None:
-            order = selection_order(self.bids(task_id=task_id))
-        return self._transact(sender, "selectNodes", task_id, list(order))
+        """Runs selection; without ``order`` the hint is computed from the chain's bids for
+        the next block (and again if another block came first)."""
+        if order is not None:
+            return self._transact(sender, "selectNodes", task_id, list(order))
+        bids = self.bids(task_id=task_id)
+        for attempt in range(SELECTION_ATTEMPTS):
+            seed = self.next_selection_seed(task_id=task_id)
+            try:
+                return self._transact(
+                    sender, "selectNodes", task_id, selection_order(bids, seed=seed)
+                )
+            except InvalidHintError:
+                if attempt == SELECTION_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def next_selection_seed(self, *, task_id: int) -> bytes:
+        """The tie seed selectNodes draws if it is mined in the block after the latest."""
+        with rpc():
+            parent = self.w3.eth.get_block("latest")["hash"]
+        return selection_seed(parent_hash=parent, task_id=task_id)
 
     # ------------------------------------------------------------ rounds
 
@@ -290,9 +339,49 @@ class FlexMarket:
         return _optional_id(self._call("globalModel", task_id, round_number))
 
     def update_of(self, *, task_id: int, round_number: int, trainer: str) -> str | None:
-        """The update ID ``trainer`` submitted in the round, None if it did not."""
-        raw = self._call("updateOf", task_id, round_number, to_checksum_address(trainer))
-        return _optional_id(raw)
+        """The update ID ``trainer`` submitted in the round, None if it did not: found in
+        the round's UpdateSubmitted events (from the block its global model was published
+        in) and confirmed by the contract's record of who submitted it."""
+        trainer = to_checksum_address(trainer)
+        global_id = self.global_model(task_id=task_id, round_number=round_number)
+        if global_id is None:
+            return None
+        opened = self.model_origin(model_id=global_id)
+        if opened is None:
+            return None
+        with rpc():
+            logs = self._contract.events.UpdateSubmitted.get_logs(
+                from_block=opened.block_number,
+                argument_filters={"taskId": task_id, "round": round_number, "trainer": trainer},
+            )
+        for log in logs:
+            model_id = "0x" + bytes(log["args"]["modelId"]).hex()
+            origin = self.model_origin(model_id=model_id)
+            if (
+                origin is not None
+                and not origin.is_global
+                and (origin.task_id, origin.round, origin.author)
+                == (task_id, round_number, trainer)
+            ):
+                return model_id
+        return None
+
+    def model_origin(self, *, model_id: bytes | str) -> ModelOrigin | None:
+        """Where the contract first saw ``model_id`` (each ID is accepted once), or None."""
+        found = self._struct_of("modelOrigin", _bytes32(model_id))
+        if not found.pop("known"):
+            return None
+        return ModelOrigin(**found)
+
+    def deposit_due(self, *, task_id: int, device: str, role: Role) -> int:
+        """What ``device``'s bid in ``role`` must pay in now: the task's stake or bond, less
+        the deposit its current bid already holds."""
+        info = self.task(task_id=task_id)
+        held = 0
+        index = self.bid_index_of(task_id=task_id, device=device)
+        if index is not None:
+            held = info.deposit_wei(self.bids(task_id=task_id)[index].role)
+        return max(info.deposit_wei(role) - held, 0)
 
     def round_info(self, *, task_id: int, round_number: int) -> RoundInfo:
         """Round r's global model (None if unpublished), the updates submitted in it, and

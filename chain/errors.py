@@ -296,3 +296,54 @@ class ReentrantCallError(ContractError):
     """The contract was re-entered during a withdrawal."""
 
     code = "reentrant_call"
+
+
+# ---- honest pay: claims, deposits, model IDs, round closing
+
+
+class InvalidSampleCapError(ContractError):
+    """A task's sample cap must be at least 1 (and fit 64 bits)."""
+
+    code = "invalid_sample_cap"
+
+
+class WrongDepositError(ContractError):
+    """A bid must pay in exactly its stake (trainer) or bond (aggregator)."""
+
+    code = "wrong_deposit"
+
+
+class BuyerCannotAggregateError(ContractError):
+    """A task's buyer may not bid to aggregate its own task."""
+
+    code = "buyer_cannot_aggregate"
+
+
+class NoBidError(ContractError):
+    """The device has no bid on the task, or its deposit was already released."""
+
+    code = "no_bid"
+
+
+class NotBidderError(ContractError):
+    """While bidding is open, only the bidder (or anyone, once it is revoked) may withdraw."""
+
+    code = "not_bidder"
+
+
+class BidSelectedError(ContractError):
+    """A selected node's deposit is settled with the task, not withdrawn."""
+
+    code = "bid_selected"
+
+
+class ModelIdUsedError(ContractError):
+    """The model ID was already used (an update, or a global model, of some task)."""
+
+    code = "model_id_used"
+
+
+class RoundStillOpenError(ContractError):
+    """The round's submission window is open and not every trainer has submitted."""
+
+    code = "round_still_open"

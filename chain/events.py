@@ -63,6 +63,8 @@ class CreditReason(enum.IntEnum):
     TRAINER_PAY = 0
     AGGREGATOR_PAY = 1
     REFUND = 2
+    STAKE_RETURNED = 3
+    STAKE_SLASHED = 4
 
 
 ENUMS: dict[str, type[enum.IntEnum]] = {
@@ -172,6 +174,7 @@ class TaskCreated(ChainEvent):
     round_timeout: int
     min_trainer_price_wei: int
     min_aggregator_price_wei: int
+    sample_cap: int
 
 
 @_event
@@ -184,6 +187,16 @@ class BidPlaced(ChainEvent):
     price_per_round_wei: int
     samples: int
     replaced: bool
+    deposit_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class BidWithdrawn(ChainEvent):
+    task_id: int
+    device: str
+    bid_index: int
+    moved_device: str
 
 
 @_event
@@ -194,6 +207,7 @@ class NodesSelected(ChainEvent):
     aggregator_price_wei: int
     trainers: tuple[str, ...]
     trainer_prices_wei: tuple[int, ...]
+    seed: str
 
 
 @_event
@@ -237,6 +251,7 @@ class TaskFinalized(ChainEvent):
     trainers_paid_wei: int
     aggregator_paid_wei: int
     refunded_wei: int
+    slashed_wei: int
 
 
 @_event
@@ -247,6 +262,7 @@ class TaskAborted(ChainEvent):
     trainers_paid_wei: int
     aggregator_paid_wei: int
     refunded_wei: int
+    slashed_wei: int
 
 
 @_event

@@ -84,6 +84,14 @@ class TaskInfo:
     phase_start: int
     submission_deadline: int
     publish_deadline: int
+    sample_cap: int
+    trainer_stake_wei: int
+    aggregator_bond_wei: int
+    stakes_held_wei: int
+
+    def deposit_wei(self, role: Role) -> int:
+        """What a bid in ``role`` pays in: the trainer stake or the aggregator bond."""
+        return self.aggregator_bond_wei if role == Role.AGGREGATOR else self.trainer_stake_wei
 
     @property
     def current_round(self) -> int | None:
@@ -119,6 +127,18 @@ class RoundInfo:
     submitted_mask: int
     aggregated_mask: int
     scores: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """Where a model ID was first used on chain: a task's global model (its author the
+    aggregator) or a trainer's update, in which round and block."""
+
+    is_global: bool
+    task_id: int
+    round: int
+    author: str
+    block_number: int
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 
+from eth_abi import encode as abi_encode
+from eth_utils import keccak
+from hexbytes import HexBytes
+
 from chain.events import FailureReason, Role
 from chain.records import BidInfo, DeviceInfo, SelectionPlan
 
 
-def selection_order(bids: Iterable[BidInfo]) -> list[int]:
+def selection_seed(*, parent_hash: bytes | str, task_id: int) -> bytes:
+    """The seed selectNodes draws in a block whose parent is ``parent_hash``."""
+    return keccak(abi_encode(["bytes32", "uint256"], [bytes(HexBytes(parent_hash)), task_id]))
+
+
+def tie_key(seed: bytes | str, bid_index: int) -> int:
+    """How selection orders bids of equal price (per sample): lower key first."""
+    return int.from_bytes(
+        keccak(abi_encode(["bytes32", "uint256"], [bytes(HexBytes(seed)), bid_index]))
+    )
+
+
+def selection_order(bids: Iterable[BidInfo], *, seed: bytes | str) -> list[int]:
     """The hint selectNodes verifies: every trainer bid index, by price per sample, then
-    index. Fractions compare exactly like the contract's cross-multiplication."""
+    tie key. Fractions compare exactly like the contract's cross-multiplication."""
     trainer_bids = [b for b in bids if b.role == Role.TRAINER]
-    trainer_bids.sort(key=lambda b: (Fraction(b.price_per_round_wei, b.samples), b.index))
+    trainer_bids.sort(
+        key=lambda b: (Fraction(b.price_per_round_wei, b.samples), tie_key(seed, b.index))
+    )
     return [b.index for b in trainer_bids]
 
 
@@ -24,6 +42,7 @@ def plan_selection(
     budget_wei: int,
     min_trainers: int,
     max_trainers: int,
+    seed: bytes | str,
     devices: Mapping[str, DeviceInfo] | None = None,
 ) -> SelectionPlan:
     """The contract's selection rule replayed off chain (for previews and checks).
@@ -42,7 +61,10 @@ def plan_selection(
     for bid in bids:
         if bid.role != Role.AGGREGATOR or not may_aggregate(bid.device):
             continue
-        if aggregator is None or bid.price_per_round_wei < aggregator.price_per_round_wei:
+        if aggregator is None or (bid.price_per_round_wei, tie_key(seed, bid.index)) < (
+            aggregator.price_per_round_wei,
+            tie_key(seed, aggregator.index),
+        ):
             aggregator = bid
     if aggregator is None:
         return SelectionPlan(None, (), FailureReason.NO_AGGREGATOR)
@@ -51,7 +73,7 @@ def plan_selection(
         return SelectionPlan(None, (), FailureReason.AGGREGATOR_OVER_BUDGET)
     by_index = {b.index: b for b in bids}
     chosen: list[int] = []
-    for index in selection_order(bids):
+    for index in selection_order(bids, seed=seed):
         if len(chosen) == max_trainers:
             break
         bid = by_index[index]

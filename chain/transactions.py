@@ -101,15 +101,16 @@ def _is_revert(exc: Exception) -> bool:
 
 
 @contextlib.contextmanager
-def rpc() -> Iterator[None]:
-    """Turns a lost node into ChainUnavailableError and a revert into its typed error."""
+def rpc(**fields: Any) -> Iterator[None]:
+    """Turns a lost node into ChainUnavailableError and a revert into its typed error; a
+    refusal becomes TransactionRejectedError with ``fields`` (say, the sender)."""
     try:
         with reachable():
             yield
     except (ContractLogicError, Web3RPCError) as exc:
         if _is_revert(exc):
             raise decode_revert(_revert_data(exc)) from exc
-        raise TransactionRejectedError(f"the node refused the request: {exc}") from exc
+        raise TransactionRejectedError(f"the node refused the request: {exc}", **fields) from exc
 
 
 # ---------------------------------------------------------------- nonces
@@ -215,7 +216,7 @@ def send(
     transaction that reverts once mined is replayed with eth_call to decode why.
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
-    with rpc():
+    with rpc(sender=sender.address):
         chain_id = w3.eth.chain_id
         with _nonce_lock(sender.address):
             # Against the pending block: its time is the one the transaction will run at, so

@@ -10,8 +10,9 @@ pragma solidity 0.8.30;
  * bytes, kept in the data plane's content-addressed stores. The rules this contract enforces
  * are written down in docs/contract.md.
  *
- * Invariant: `address(this).balance == creditsOwed() + escrowLocked()` (it can only be
- * larger if someone force-sends ether, which the contract never counts as anyone's).
+ * Invariant: `address(this).balance == creditsOwed() + escrowLocked()`, where escrow holds
+ * the budgets and the bidders' stakes of unsettled tasks (it can only be larger if someone
+ * force-sends ether, which the contract never counts as anyone's).
  */
 contract FlexMarket {
     // ------------------------------------------------------------------ types
@@ -59,7 +60,9 @@ contract FlexMarket {
     enum CreditReason {
         TrainerPay,
         AggregatorPay,
-        Refund
+        Refund,
+        StakeReturned,
+        StakeSlashed
     }
 
     struct Device {
@@ -107,6 +110,9 @@ contract FlexMarket {
         uint96 minTrainerPrice;
         // slot 5
         uint96 minAggregatorPrice;
+        uint64 sampleCap;
+        // slot 6: stakes and bonds paid in with bids and not yet returned or slashed
+        uint256 stakesHeld;
     }
 
     /// @dev `masks` packs the round's submitted updates (bits 0..127, one per trainer
@@ -115,6 +121,22 @@ contract FlexMarket {
     struct Round {
         bytes32 globalModel;
         uint256 masks;
+    }
+
+    /// @dev What settlement credits, computed before anything is credited.
+    struct Payout {
+        uint256[] pay;
+        uint256 trainersPaid;
+        uint256 aggregatorPaid;
+        uint256 kept;
+    }
+
+    /// @dev Per-round working arrays of settlement, one per trainer position.
+    struct Scratch {
+        uint256[] prices;
+        uint256[] positions;
+        uint256[] scores;
+        uint256[] shares;
     }
 
     /// @dev Working state of {selectNodes}, kept in memory so the stack stays shallow.
@@ -131,6 +153,7 @@ contract FlexMarket {
         uint256 selected;
         address[] trainers;
         uint256[] prices;
+        bytes32 seed;
     }
 
     /// @notice Everything about a task, as returned by {task}.
@@ -154,6 +177,20 @@ contract FlexMarket {
         uint256 phaseStart;
         uint256 submissionDeadline;
         uint256 publishDeadline;
+        uint256 sampleCap;
+        uint256 trainerStakeWei;
+        uint256 aggregatorBondWei;
+        uint256 stakesHeldWei;
+    }
+
+    /// @notice Where a model ID was used first, as returned by {modelOrigin}.
+    struct ModelOrigin {
+        bool known;
+        bool isGlobal;
+        uint256 taskId;
+        uint256 round;
+        address author;
+        uint256 blockNumber;
     }
 
     /// @notice One round as returned by {roundInfo}.
@@ -180,6 +217,7 @@ contract FlexMarket {
     uint256 private constant _POSITION_SHIFT = 32;
     uint256 private constant _SCORES_PER_WORD = 16;
     uint256 private constant _SCORE_BITS = 16;
+    uint256 private constant _RELEASED = 1 << 40;
 
     // ------------------------------------------------------------------ state
 
@@ -199,8 +237,10 @@ contract FlexMarket {
     mapping(uint256 taskId => mapping(address device => uint256)) private _participants;
     mapping(uint256 taskId => mapping(uint256 position => Trainer)) private _trainers;
     mapping(uint256 taskId => mapping(uint256 round => Round)) private _rounds;
-    mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 position => bytes32)))
-        private _updates;
+    /// @dev Every model ID ever submitted or published, so none is accepted twice: bits 0..7
+    /// the trainer position + 1 (0 for a global model), 8..23 the round, 24..87 the task,
+    /// 88..151 the block. Written once per ID; it also answers who submitted an update.
+    mapping(bytes32 modelId => uint256) private _models;
     /// @dev Scores of round r's aggregated trainers, sixteen uint16 per word in ascending
     /// position order after a marker lane (see _storeScores); unscored rounds have none.
     mapping(uint256 taskId => mapping(uint256 round => mapping(uint256 word => uint256)))
@@ -221,7 +261,8 @@ contract FlexMarket {
     event DeviceRegistered(address indexed device, DeviceClass deviceClass, bool canAggregate);
     /// @notice `device` was revoked: it may no longer bid, submit or publish.
     event DeviceRevoked(address indexed device);
-    /// @notice A task was created with `budget` wei locked in escrow.
+    /// @notice A task was created with `budget` wei locked in escrow; trainer bids' sample
+    /// counts are capped at `sampleCap`.
     event TaskCreated(
         uint256 indexed taskId,
         address indexed buyer,
@@ -233,9 +274,12 @@ contract FlexMarket {
         uint256 biddingEnds,
         uint256 roundTimeout,
         uint256 minTrainerPriceWei,
-        uint256 minAggregatorPriceWei
+        uint256 minAggregatorPriceWei,
+        uint256 sampleCap
     );
-    /// @notice `device` placed (or, when `replaced`, replaced) its bid at `bidIndex`.
+    /// @notice `device` placed (or, when `replaced`, replaced) its bid at `bidIndex`, with
+    /// `samples` already capped by the task and `depositWei` its stake (trainer) or bond
+    /// (aggregator) now held.
     event BidPlaced(
         uint256 indexed taskId,
         address indexed device,
@@ -243,15 +287,26 @@ contract FlexMarket {
         Role role,
         uint256 pricePerRoundWei,
         uint256 samples,
-        bool replaced
+        bool replaced,
+        uint256 depositWei
     );
-    /// @notice Selection succeeded; `trainers[i]` is the trainer at position i.
+    /// @notice `device` withdrew its bid while bidding was open; the bid that was last,
+    /// `movedDevice`'s (zero if none), now sits at `bidIndex`.
+    event BidWithdrawn(
+        uint256 indexed taskId,
+        address indexed device,
+        uint256 bidIndex,
+        address movedDevice
+    );
+    /// @notice Selection succeeded; `trainers[i]` is the trainer at position i; `seed`
+    /// broke ties between bids of equal price (per sample).
     event NodesSelected(
         uint256 indexed taskId,
         address indexed aggregator,
         uint256 aggregatorPriceWei,
         address[] trainers,
-        uint256[] trainerPricesWei
+        uint256[] trainerPricesWei,
+        bytes32 seed
     );
     /// @notice Selection failed; the whole budget is credited back to the buyer.
     event TaskFailed(uint256 indexed taskId, FailureReason reason, uint256 selectableTrainers);
@@ -274,20 +329,24 @@ contract FlexMarket {
         uint256 position,
         bytes32 modelId
     );
-    /// @notice The task was settled after its final round.
+    /// @notice The task was settled after its final round; `slashedWei` is the stakes of
+    /// trainers that missed a round (credited to the buyer).
     event TaskFinalized(
         uint256 indexed taskId,
         uint256 trainersPaidWei,
         uint256 aggregatorPaidWei,
-        uint256 refundedWei
+        uint256 refundedWei,
+        uint256 slashedWei
     );
-    /// @notice The task was aborted after its aggregator missed a deadline.
+    /// @notice The task was aborted after its aggregator missed a deadline; `slashedWei` is
+    /// its bond plus the stakes of trainers that missed a round.
     event TaskAborted(
         uint256 indexed taskId,
         uint256 publishedRounds,
         uint256 trainersPaidWei,
         uint256 aggregatorPaidWei,
-        uint256 refundedWei
+        uint256 refundedWei,
+        uint256 slashedWei
     );
     /// @notice `amount` wei became withdrawable by `account`.
     event PaymentCredited(
@@ -339,6 +398,14 @@ contract FlexMarket {
     error FlexMarketNothingToWithdraw(address account);
     error FlexMarketTransferFailed(address account, uint256 amountWei);
     error FlexMarketReentrantCall();
+    error FlexMarketInvalidSampleCap(uint256 sampleCap);
+    error FlexMarketWrongDeposit(uint256 expectedWei, uint256 gotWei);
+    error FlexMarketBuyerCannotAggregate(uint256 taskId, address account);
+    error FlexMarketNoBid(uint256 taskId, address device);
+    error FlexMarketNotBidder(uint256 taskId, address account);
+    error FlexMarketBidSelected(uint256 taskId, address device);
+    error FlexMarketModelIdUsed(bytes32 modelId);
+    error FlexMarketRoundStillOpen(uint256 taskId, uint256 round, uint256 deadline);
 
     // -------------------------------------------------------------- modifiers
 
@@ -470,11 +537,13 @@ contract FlexMarket {
      * @param maxTrainers Most trainers selection may pick, minTrainers..MAX_TRAINERS.
      * @param biddingEnds Unix time at which bidding closes; must be in the future.
      * @param roundTimeout Seconds trainers have to submit in each round, 1..MAX_ROUND_TIMEOUT.
+     * @param sampleCap Most samples a trainer bid may claim: larger claims are stored as the
+     * cap, so no claim ranks or weighs more than it; at least 1.
      * @return taskId The new task's id (sequential from 1).
      * @dev Emits {TaskCreated}. Reverts with {FlexMarketInvalidRounds},
      * {FlexMarketInvalidTrainerRange}, {FlexMarketInvalidBiddingEnd},
-     * {FlexMarketInvalidRoundTimeout}, {FlexMarketBudgetTooLow} when
-     * `msg.value < rounds * (minTrainers * minTrainerPrice + minAggregatorPrice)`.
+     * {FlexMarketInvalidRoundTimeout}, {FlexMarketInvalidSampleCap}, {FlexMarketBudgetTooLow}
+     * when `msg.value < rounds * (minTrainers * minTrainerPrice + minAggregatorPrice)`.
      */
     function createTask(
         bytes32 specHash,
@@ -482,7 +551,8 @@ contract FlexMarket {
         uint256 minTrainers,
         uint256 maxTrainers,
         uint256 biddingEnds,
-        uint256 roundTimeout
+        uint256 roundTimeout,
+        uint256 sampleCap
     ) external payable returns (uint256 taskId) {
         if (rounds == 0 || rounds > MAX_ROUNDS) revert FlexMarketInvalidRounds(rounds, MAX_ROUNDS);
         if (minTrainers == 0 || minTrainers > maxTrainers || maxTrainers > MAX_TRAINERS) {
@@ -493,6 +563,9 @@ contract FlexMarket {
         }
         if (roundTimeout == 0 || roundTimeout > MAX_ROUND_TIMEOUT) {
             revert FlexMarketInvalidRoundTimeout(roundTimeout, MAX_ROUND_TIMEOUT);
+        }
+        if (sampleCap == 0 || sampleCap > type(uint64).max) {
+            revert FlexMarketInvalidSampleCap(sampleCap);
         }
         uint96 minTrainerPrice = _minTrainerPrice;
         uint96 minAggregatorPrice = _minAggregatorPrice;
@@ -512,19 +585,25 @@ contract FlexMarket {
         t.budget = msg.value;
         t.minTrainerPrice = minTrainerPrice;
         t.minAggregatorPrice = minAggregatorPrice;
+        t.sampleCap = uint64(sampleCap);
         _escrowLocked += msg.value;
+        _emitTaskCreated(taskId, t);
+    }
+
+    function _emitTaskCreated(uint256 taskId, Task storage t) private {
         emit TaskCreated(
             taskId,
-            msg.sender,
-            specHash,
-            msg.value,
-            rounds,
-            minTrainers,
-            maxTrainers,
-            biddingEnds,
-            roundTimeout,
-            minTrainerPrice,
-            minAggregatorPrice
+            t.buyer,
+            t.specHash,
+            t.budget,
+            t.rounds,
+            t.minTrainers,
+            t.maxTrainers,
+            t.biddingEnds,
+            t.roundTimeout,
+            t.minTrainerPrice,
+            t.minAggregatorPrice,
+            t.sampleCap
         );
     }
 
@@ -549,19 +628,25 @@ contract FlexMarket {
     // ---------------------------------------------------------------- bidding
 
     /**
-     * @notice Places the caller's bid on a task, or replaces its earlier bid on that task.
+     * @notice Places the caller's bid on a task, or replaces its earlier bid on that task,
+     * paying in its deposit: a trainer's stake or an aggregator's bond (see {task}). A bid
+     * replacing one of another role pays (or is credited) the difference.
      * @param taskId The task.
      * @param pricePerRoundWei Price asked per round, in wei; at least the task's minimum for
      * `role`.
-     * @param samples Number of local training samples; non-zero for a trainer bid.
-     * @param role Trainer, or Aggregator (only for devices registered as able to aggregate).
-     * @dev Emits {BidPlaced}. Reverts with {FlexMarketUnknownTask},
-     * {FlexMarketInvalidTaskState}, {FlexMarketBiddingClosed}, {FlexMarketDeviceNotRegistered},
-     * {FlexMarketDeviceRevoked}, {FlexMarketCannotAggregate}, {FlexMarketZeroSamples},
-     * {FlexMarketPriceBelowMinimum}, {FlexMarketTooManyBids}.
+     * @param samples Number of local training samples; non-zero for a trainer bid; stored
+     * capped at the task's sampleCap.
+     * @param role Trainer, or Aggregator (only for devices registered as able to aggregate,
+     * never the task's buyer).
+     * @dev Emits {BidPlaced} (and {PaymentCredited} when a replaced bid's deposit shrinks).
+     * Reverts with {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState},
+     * {FlexMarketBiddingClosed}, {FlexMarketDeviceNotRegistered}, {FlexMarketDeviceRevoked},
+     * {FlexMarketCannotAggregate}, {FlexMarketBuyerCannotAggregate}, {FlexMarketZeroSamples},
+     * {FlexMarketPriceBelowMinimum}, {FlexMarketTooManyBids}, {FlexMarketWrongDeposit}.
      */
     function placeBid(uint256 taskId, uint96 pricePerRoundWei, uint64 samples, Role role)
         external
+        payable
     {
         Task storage t = _existingTask(taskId);
         _requireState(taskId, t, TaskState.Bidding);
@@ -571,6 +656,7 @@ contract FlexMarket {
         uint256 minimum;
         if (role == Role.Aggregator) {
             if (!entry.canAggregate) revert FlexMarketCannotAggregate(msg.sender);
+            if (msg.sender == t.buyer) revert FlexMarketBuyerCannotAggregate(taskId, msg.sender);
             minimum = t.minAggregatorPrice;
         } else {
             if (samples == 0) revert FlexMarketZeroSamples();
@@ -579,36 +665,105 @@ contract FlexMarket {
         if (pricePerRoundWei < minimum) {
             revert FlexMarketPriceBelowMinimum(pricePerRoundWei, minimum);
         }
+        if (samples > t.sampleCap) samples = t.sampleCap;
+        (uint256 bidIndex, bool replaced, uint256 held) =
+            _storeBid(taskId, t, Bid(msg.sender, pricePerRoundWei, samples, role));
+        uint256 deposit = _deposit(t, role);
+        emit BidPlaced(
+            taskId, msg.sender, bidIndex, role, pricePerRoundWei, samples, replaced, deposit
+        );
+        uint256 due = deposit > held ? deposit - held : 0;
+        if (msg.value != due) revert FlexMarketWrongDeposit(due, msg.value);
+        if (due != 0) {
+            t.stakesHeld += due;
+            _escrowLocked += due;
+        } else if (held > deposit) {
+            _releaseStake(taskId, t, msg.sender, held - deposit);
+        }
+    }
 
+    /// @dev Stores a new bid or replaces the sender's; returns where, and the deposit the
+    /// replaced bid held.
+    function _storeBid(uint256 taskId, Task storage t, Bid memory bid)
+        private
+        returns (uint256 bidIndex, bool replaced, uint256 held)
+    {
         Bid[] storage taskBids = _bids[taskId];
-        uint256 slot = _participants[taskId][msg.sender] & _BID_SLOT_MASK;
-        bool replaced = slot != 0;
-        uint256 bidIndex;
+        uint256 slot = _participants[taskId][bid.device] & _BID_SLOT_MASK;
+        replaced = slot != 0;
         if (replaced) {
             bidIndex = slot - 1;
-            taskBids[bidIndex] = Bid(msg.sender, pricePerRoundWei, samples, role);
+            held = _deposit(t, taskBids[bidIndex].role);
+            taskBids[bidIndex] = bid;
         } else {
             bidIndex = taskBids.length;
             if (bidIndex >= MAX_BIDS) revert FlexMarketTooManyBids(taskId, MAX_BIDS);
-            taskBids.push(Bid(msg.sender, pricePerRoundWei, samples, role));
-            _participants[taskId][msg.sender] = bidIndex + 1;
+            taskBids.push(bid);
+            _participants[taskId][bid.device] = bidIndex + 1;
         }
-        emit BidPlaced(taskId, msg.sender, bidIndex, role, pricePerRoundWei, samples, replaced);
+    }
+
+    /**
+     * @notice Withdraws `device`'s bid and credits its stake or bond back to it. While the
+     * task is bidding, the device itself may withdraw (anyone, once the device is revoked):
+     * the bid is removed and its slot freed. After bidding (selection done or failed, or the
+     * task cancelled) anyone may release the deposit of a bid that was not selected.
+     * @param taskId The task.
+     * @param device The bidder.
+     * @dev Emits {BidWithdrawn} (while bidding), then {PaymentCredited} (StakeReturned) for a
+     * non-zero deposit. Reverts with {FlexMarketUnknownTask}, {FlexMarketNoBid} (no bid, or
+     * its deposit already released), {FlexMarketNotBidder}, {FlexMarketBidSelected}.
+     */
+    function withdrawBid(uint256 taskId, address device) external {
+        Task storage t = _existingTask(taskId);
+        uint256 word = _participants[taskId][device];
+        uint256 slot = word & _BID_SLOT_MASK;
+        if (slot == 0 || word & _RELEASED != 0) revert FlexMarketNoBid(taskId, device);
+        Bid[] storage taskBids = _bids[taskId];
+        uint256 bidIndex = slot - 1;
+        uint256 deposit = _deposit(t, taskBids[bidIndex].role);
+        if (t.state == TaskState.Bidding) {
+            if (msg.sender != device && _devices[device].status == DeviceStatus.Active) {
+                revert FlexMarketNotBidder(taskId, msg.sender);
+            }
+            uint256 last = taskBids.length - 1;
+            address moved;
+            if (bidIndex != last) {
+                Bid memory lastBid = taskBids[last];
+                moved = lastBid.device;
+                taskBids[bidIndex] = lastBid;
+                _participants[taskId][moved] = bidIndex + 1;
+            }
+            taskBids.pop();
+            delete _participants[taskId][device];
+            emit BidWithdrawn(taskId, device, bidIndex, moved);
+        } else {
+            if (word >> _POSITION_SHIFT != 0 || (device == t.aggregator && device != address(0)))
+            {
+                revert FlexMarketBidSelected(taskId, device);
+            }
+            _participants[taskId][device] = word | _RELEASED;
+        }
+        _releaseStake(taskId, t, device, deposit);
     }
 
     // -------------------------------------------------------------- selection
 
     /**
      * @notice Selects the task's aggregator and trainers once bidding has closed; anyone may
-     * call it. The aggregator is the cheapest eligible aggregator bid (ties: lower bid index).
-     * Trainers are taken greedily by ascending price per sample (ties: lower bid index): a
+     * call it. Ties between bids of equal price (per sample) go to the lower tie key
+     * `keccak256(abi.encode(seed, bidIndex))`, where `seed = keccak256(abi.encode(
+     * blockhash(block.number - 1), taskId))` is fixed only by the block selection runs in, so
+     * bidding first wins nothing. The aggregator is the cheapest eligible aggregator bid.
+     * Trainers are taken greedily by ascending price per sample: a
      * trainer is selected when fewer than maxTrainers are selected, its device is active, and
      * `(aggregatorPrice + sum of selected prices + its price) * rounds <= budget`; otherwise it
      * is skipped and the scan goes on. If no aggregator is eligible or affordable, or fewer
      * than minTrainers are selected, the task fails and the buyer is credited the budget.
      * @param taskId The task.
      * @param order Every trainer bid index, sorted by (price/samples, bid index) ascending:
-     * compute it off chain (chain.client.selection_order). It is checked in one pass.
+     * compute it off chain for the block it will be mined in (chain.selection
+     * .selection_order). It is checked in one pass.
      * @dev Emits {NodesSelected}, or {TaskFailed} then {PaymentCredited}. Reverts with
      * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState}, {FlexMarketBiddingOpen},
      * {FlexMarketInvalidHintLength}, {FlexMarketInvalidHint}.
@@ -619,7 +774,8 @@ contract FlexMarket {
         if (block.timestamp < t.biddingEnds) revert FlexMarketBiddingOpen(taskId, t.biddingEnds);
 
         Bid[] storage taskBids = _bids[taskId];
-        Selection memory s = _findAggregator(taskBids);
+        bytes32 seed = keccak256(abi.encode(blockhash(block.number - 1), taskId));
+        Selection memory s = _findAggregator(taskBids, seed);
         if (order.length != s.trainerBids) {
             revert FlexMarketInvalidHintLength(s.trainerBids, order.length);
         }
@@ -660,7 +816,7 @@ contract FlexMarket {
         t.aggregator = aggregator;
         t.state = TaskState.Running;
         t.phaseStart = uint40(block.timestamp);
-        emit NodesSelected(taskId, aggregator, s.aggregatorPrice, chosen, prices);
+        emit NodesSelected(taskId, aggregator, s.aggregatorPrice, chosen, prices, seed);
     }
 
     // ----------------------------------------------------------------- rounds
@@ -672,15 +828,19 @@ contract FlexMarket {
      * round `rounds` (the final model) ends training.
      * @param taskId The task.
      * @param round The round whose global model this is; must be the next one.
-     * @param modelId keccak256 of the model's canonical bytes; non-zero.
-     * @param aggregatedMask Bit i set = the update of trainer position i in round-1 was used.
+     * A round r >= 1 closes only when its submission window has passed or every selected
+     * trainer has submitted.
+     * @param modelId The model's ID; non-zero, never used before as any model's ID.
+     * @param aggregatedMask Bit i set = the update of trainer position i in round-1 was used;
+     * an update left out earns nothing.
      * @param scores Empty, or one score per set bit in ascending position order (sum > 0);
-     * when given, that round's trainer pay is shared in proportion to the scores.
+     * they share out that round's fixed trainer pool (see {finalize}).
      * @dev Emits {GlobalModelPublished}. Reverts with {FlexMarketUnknownTask},
      * {FlexMarketInvalidTaskState}, {FlexMarketNotAggregator}, {FlexMarketDeviceRevoked},
-     * {FlexMarketZeroModelId}, {FlexMarketWrongRound}, {FlexMarketDeadlinePassed},
-     * {FlexMarketEmptyAggregation}, {FlexMarketUnsubmittedUpdates},
-     * {FlexMarketScoresLengthMismatch}, {FlexMarketZeroScores}.
+     * {FlexMarketZeroModelId}, {FlexMarketModelIdUsed}, {FlexMarketWrongRound},
+     * {FlexMarketDeadlinePassed}, {FlexMarketRoundStillOpen}, {FlexMarketEmptyAggregation},
+     * {FlexMarketUnsubmittedUpdates}, {FlexMarketScoresLengthMismatch},
+     * {FlexMarketZeroScores}.
      */
     function publishGlobalModel(
         uint256 taskId,
@@ -706,11 +866,16 @@ contract FlexMarket {
             if (aggregatedMask == 0) revert FlexMarketEmptyAggregation(taskId, round);
             Round storage previous = _rounds[taskId][round - 1];
             uint256 masks = previous.masks;
+            uint256 closes = uint256(t.phaseStart) + t.roundTimeout;
+            if (block.timestamp <= closes && masks & _LOW_128 != (1 << t.trainerCount) - 1) {
+                revert FlexMarketRoundStillOpen(taskId, round, closes);
+            }
             uint256 missing = aggregatedMask & ~(masks & _LOW_128);
             if (missing != 0) revert FlexMarketUnsubmittedUpdates(taskId, round, missing);
             if (scores.length != 0) _storeScores(taskId, round - 1, aggregatedMask, scores);
             previous.masks = masks | (aggregatedMask << 128);
         }
+        _useModelId(modelId, taskId, round, 0);
         _rounds[taskId][round].globalModel = modelId;
         t.publishedRounds = uint16(round + 1);
         t.phaseStart = uint40(block.timestamp);
@@ -724,11 +889,12 @@ contract FlexMarket {
      * of the round's global model being published; later updates are rejected.
      * @param taskId The task.
      * @param round The current round (the latest published global model's round).
-     * @param modelId keccak256 of the update's canonical bytes; non-zero.
+     * @param modelId The update's ID; non-zero and never used before as any model's ID
+     * (another trainer's update, an old update, a global model), so it names its author.
      * @dev Emits {UpdateSubmitted}. Reverts with {FlexMarketUnknownTask},
      * {FlexMarketInvalidTaskState}, {FlexMarketZeroModelId}, {FlexMarketNotSelectedTrainer},
      * {FlexMarketDeviceRevoked}, {FlexMarketRoundNotOpen}, {FlexMarketWrongRound},
-     * {FlexMarketSubmissionClosed}, {FlexMarketAlreadySubmitted}.
+     * {FlexMarketSubmissionClosed}, {FlexMarketAlreadySubmitted}, {FlexMarketModelIdUsed}.
      */
     function submitUpdate(uint256 taskId, uint256 round, bytes32 modelId) external {
         Task storage t = _existingTask(taskId);
@@ -752,7 +918,7 @@ contract FlexMarket {
         uint256 bit = 1 << position;
         if (masks & bit != 0) revert FlexMarketAlreadySubmitted(taskId, round, msg.sender);
         r.masks = masks | bit;
-        _updates[taskId][round][position] = modelId;
+        _useModelId(modelId, taskId, round, position + 1);
         emit UpdateSubmitted(taskId, round, msg.sender, position, modelId);
     }
 
@@ -760,9 +926,14 @@ contract FlexMarket {
 
     /**
      * @notice Settles a task whose final global model is published; anyone may call it.
-     * Each trainer is credited, for every round its update was aggregated in, its price per
-     * round, or in a scored round its score-weighted share of that round's trainer pay; the
-     * aggregator its price for each of rounds 1..R; the buyer everything else.
+     * For each round r < rounds, the trainers whose updates global model r+1 aggregated
+     * share a fixed pool, half the sum of their prices: unscored, each gets half its price;
+     * scored, each gets `pool * score / sum(scores)` capped at its price, and what the caps
+     * held back goes to the uncapped ones in proportion to their headroom (price - share),
+     * so the whole pool is paid out whatever the scores. An update left out of the mask earns
+     * nothing. The aggregator earns its price for each of rounds 1..R and gets its bond back;
+     * each trainer gets its stake back unless it missed a round (then it goes to the buyer);
+     * the buyer gets the rest of the budget.
      * @param taskId The task.
      * @dev Emits {TaskFinalized}, then {PaymentCredited} per non-zero credit. Reverts with
      * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless the task is Trained.
@@ -771,20 +942,20 @@ contract FlexMarket {
         Task storage t = _existingTask(taskId);
         _requireState(taskId, t, TaskState.Trained);
         uint256 rounds = t.rounds;
-        (uint256[] memory pay, uint256 trainersPaid) = _trainerPay(taskId, t, rounds, false);
-        uint256 aggregatorPaid = uint256(t.aggregatorPrice) * rounds;
-        uint256 refunded = t.budget - trainersPaid - aggregatorPaid;
+        Payout memory out = _trainerPay(taskId, t, rounds, rounds);
+        out.aggregatorPaid = uint256(t.aggregatorPrice) * rounds;
         t.state = TaskState.Finalized;
-        emit TaskFinalized(taskId, trainersPaid, aggregatorPaid, refunded);
-        _settle(taskId, t, pay, aggregatorPaid, refunded);
+        _settle(taskId, t, out, false);
     }
 
     /**
      * @notice Aborts a running task whose aggregator missed its publish deadline; anyone may
-     * call it. Trainers are paid as in {finalize} for the rounds aggregated so far, plus their
-     * price for an update they submitted on time in the open round (the aggregator never
-     * judged it); the aggregator is paid for the rounds >= 1 it published; the rest is
-     * refunded to the buyer.
+     * call it. Trainers are paid as in {finalize} for the rounds aggregated so far; an update
+     * of the open round was never acknowledged and is not paid from the budget. The
+     * aggregator is paid for the rounds >= 1 it published and loses its bond: half of it is
+     * shared equally by the trainers that missed no round (the whole of it goes to the buyer
+     * when there are none), the rest goes to the buyer. Stakes as in {finalize}, the open
+     * round included.
      * @param taskId The task.
      * @dev Emits {TaskAborted}, then {PaymentCredited} per non-zero credit. Reverts with
      * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless Running,
@@ -797,13 +968,10 @@ contract FlexMarket {
         if (block.timestamp <= deadline) revert FlexMarketDeadlineNotPassed(taskId, deadline);
         uint256 published = t.publishedRounds;
         uint256 aggregated = published == 0 ? 0 : published - 1;
-        (uint256[] memory pay, uint256 trainersPaid) =
-            _trainerPay(taskId, t, aggregated, published != 0);
-        uint256 aggregatorPaid = uint256(t.aggregatorPrice) * aggregated;
-        uint256 refunded = t.budget - trainersPaid - aggregatorPaid;
+        Payout memory out = _trainerPay(taskId, t, aggregated, published);
+        out.aggregatorPaid = uint256(t.aggregatorPrice) * aggregated;
         t.state = TaskState.Aborted;
-        emit TaskAborted(taskId, published, trainersPaid, aggregatorPaid, refunded);
-        _settle(taskId, t, pay, aggregatorPaid, refunded);
+        _settle(taskId, t, out, true);
     }
 
     /**
@@ -881,6 +1049,10 @@ contract FlexMarket {
             }
             info.publishDeadline = _publishDeadline(t);
         }
+        info.sampleCap = t.sampleCap;
+        info.trainerStakeWei = _deposit(t, Role.Trainer);
+        info.aggregatorBondWei = _deposit(t, Role.Aggregator);
+        info.stakesHeldWei = t.stakesHeld;
     }
 
     /// @notice Every bid on a task, in bid-index order.
@@ -939,18 +1111,21 @@ contract FlexMarket {
         return _rounds[taskId][round].globalModel;
     }
 
-    /// @notice The update ID `trainer` submitted in `round` (zero if none).
-    /// @param taskId The task.
-    /// @param round The round.
-    /// @param trainer The trainer's device address.
-    function updateOf(uint256 taskId, uint256 round, address trainer)
-        external
-        view
-        returns (bytes32)
-    {
-        uint256 p = (_participants[taskId][trainer] >> _POSITION_SHIFT) & 0xff;
-        if (p == 0) return bytes32(0);
-        return _updates[taskId][round][p - 1];
+    /// @notice Where `modelId` was first used: a global model (author: the aggregator) or a
+    /// trainer's update, of which task and round, in which block. Unknown IDs have known false.
+    /// @param modelId The model ID.
+    function modelOrigin(bytes32 modelId) external view returns (ModelOrigin memory origin) {
+        uint256 word = _models[modelId];
+        if (word == 0) return origin;
+        origin.known = true;
+        uint256 slot = word & 0xff;
+        origin.isGlobal = slot == 0;
+        origin.round = (word >> 8) & 0xffff;
+        origin.taskId = (word >> 24) & type(uint64).max;
+        origin.blockNumber = word >> 88;
+        origin.author = origin.isGlobal
+            ? _tasks[origin.taskId].aggregator
+            : _trainers[origin.taskId][slot - 1].device;
     }
 
     /// @notice A round: its global model, submitted and aggregated updates and scores.
@@ -1016,22 +1191,42 @@ contract FlexMarket {
     }
 
     /// @dev First selection pass over every bid: counts trainer bids and finds the cheapest
-    /// aggregator bid (ties: lower index) whose device is active and may aggregate.
-    function _findAggregator(Bid[] storage taskBids) private view returns (Selection memory s) {
+    /// aggregator bid (ties: lower tie key) whose device is active and may aggregate.
+    function _findAggregator(Bid[] storage taskBids, bytes32 seed)
+        private
+        view
+        returns (Selection memory s)
+    {
+        s.seed = seed;
         uint256 bidCount = taskBids.length;
         for (uint256 i = 0; i < bidCount; ++i) {
             Bid storage b = taskBids[i];
             if (b.role == Role.Trainer) {
                 ++s.trainerBids;
-            } else if (!s.hasAggregator || b.pricePerRoundWei < s.aggregatorPrice) {
-                Device storage d = _devices[b.device];
-                if (d.status == DeviceStatus.Active && d.canAggregate) {
-                    s.hasAggregator = true;
-                    s.aggregatorIndex = i;
-                    s.aggregatorPrice = b.pricePerRoundWei;
-                }
+                continue;
+            }
+            uint256 price = b.pricePerRoundWei;
+            if (
+                s.hasAggregator
+                    && (
+                        price > s.aggregatorPrice
+                            || (
+                                price == s.aggregatorPrice
+                                    && _tieKey(seed, i) > _tieKey(seed, s.aggregatorIndex)
+                            )
+                    )
+            ) continue;
+            Device storage d = _devices[b.device];
+            if (d.status == DeviceStatus.Active && d.canAggregate) {
+                s.hasAggregator = true;
+                s.aggregatorIndex = i;
+                s.aggregatorPrice = price;
             }
         }
+    }
+
+    function _tieKey(bytes32 seed, uint256 bidIndex) private pure returns (uint256) {
+        return uint256(keccak256(abi.encode(seed, bidIndex)));
     }
 
     /// @dev Second pass, over the hint: checks it and picks trainers greedily. Strictly
@@ -1052,7 +1247,10 @@ contract FlexMarket {
             if (b.role != Role.Trainer) revert FlexMarketInvalidHint(k, index);
             uint256 price = b.pricePerRoundWei;
             uint256 samples = b.samples;
-            if (k > 0 && !_ranksAfter(price, samples, index, prevPrice, prevSamples, prevIndex)) {
+            if (
+                k > 0
+                    && !_ranksAfter(s.seed, price, samples, index, prevPrice, prevSamples, prevIndex)
+            ) {
                 revert FlexMarketInvalidHint(k, index);
             }
             (prevPrice, prevSamples, prevIndex) = (price, samples, index);
@@ -1072,8 +1270,9 @@ contract FlexMarket {
     }
 
     /// @dev Whether bid (price, samples, index) comes strictly after the previous one:
-    /// price per sample compared by cross-multiplication (no rounding), then bid index.
+    /// price per sample compared by cross-multiplication (no rounding), then tie key.
     function _ranksAfter(
+        bytes32 seed,
         uint256 price,
         uint256 samples,
         uint256 index,
@@ -1083,7 +1282,7 @@ contract FlexMarket {
     ) private pure returns (bool) {
         uint256 lhs = price * prevSamples;
         uint256 rhs = prevPrice * samples;
-        return lhs > rhs || (lhs == rhs && index > prevIndex);
+        return lhs > rhs || (lhs == rhs && _tieKey(seed, index) > _tieKey(seed, prevIndex));
     }
 
     function _failSelection(
@@ -1133,110 +1332,165 @@ contract FlexMarket {
     }
 
     /// @dev Trainer pay per position for rounds 0..aggregatedRounds-1 (an update of round r
-    /// is paid when the global model of r+1 aggregated it) and, if `payOpenRound`, the
-    /// on-time updates of the round after them. Bounded by MAX_ROUNDS * MAX_TRAINERS steps.
+    /// is paid when the global model of r+1 aggregated it), and which trainers submitted in
+    /// every one of rounds 0..checkedRounds-1. Bounded by MAX_ROUNDS * MAX_TRAINERS steps;
+    /// the scratch arrays are allocated once, so memory stays linear in the trainers.
     function _trainerPay(
         uint256 taskId,
         Task storage t,
         uint256 aggregatedRounds,
-        bool payOpenRound
-    ) private view returns (uint256[] memory pay, uint256 total) {
+        uint256 checkedRounds
+    ) private view returns (Payout memory out) {
         uint256 n = t.trainerCount;
-        pay = new uint256[](n);
-        uint256[] memory prices = new uint256[](n);
+        out.pay = new uint256[](n);
+        Scratch memory s;
+        s.prices = new uint256[](n);
+        s.positions = new uint256[](n);
+        s.scores = new uint256[](n);
+        s.shares = new uint256[](n);
         for (uint256 p = 0; p < n; ++p) {
-            prices[p] = _trainers[taskId][p].pricePerRoundWei;
+            s.prices[p] = _trainers[taskId][p].pricePerRoundWei;
         }
-        for (uint256 r = 0; r < aggregatedRounds; ++r) {
-            uint256 mask = _rounds[taskId][r].masks >> 128;
-            total += _roundPay(taskId, r, mask, prices, pay);
-        }
-        if (payOpenRound) {
-            uint256 submitted = _rounds[taskId][aggregatedRounds].masks & _LOW_128;
-            for (uint256 p = 0; p < n; ++p) {
-                if ((submitted >> p) & 1 == 1) {
-                    pay[p] += prices[p];
-                    total += prices[p];
-                }
+        uint256 kept = (1 << n) - 1;
+        for (uint256 r = 0; r < checkedRounds; ++r) {
+            uint256 masks = _rounds[taskId][r].masks;
+            kept &= masks;
+            if (r < aggregatedRounds) {
+                out.trainersPaid += _roundPay(_scoreWords[taskId][r], masks >> 128, s, out.pay);
             }
         }
+        out.kept = kept;
     }
 
     /// @dev Adds one aggregated round's trainer pay to `pay`; returns the round's total.
-    /// Unscored: each aggregated trainer gets its price. Scored: the round's pool (sum of the
-    /// aggregated trainers' prices) is shared by score, rounding down; the dust stays with
-    /// the buyer's refund. Unchecked: pay is bounded by the budget, pool * score by 2^119.
+    /// Unchecked: the pool is at most 128 prices of 2^96, a score 2^16, so no product
+    /// reaches 2^128; every share is at most its price, so the sums stay within the budget.
     function _roundPay(
-        uint256 taskId,
-        uint256 round,
-        uint256 mask,
-        uint256[] memory prices,
-        uint256[] memory pay
-    ) private view returns (uint256 total) {
-        uint256 n = prices.length;
-        mapping(uint256 word => uint256) storage words = _scoreWords[taskId][round];
-        if (words[0] == 0) {
-            unchecked {
-                for (uint256 p = 0; p < n; ++p) {
-                    if ((mask >> p) & 1 == 1) {
-                        uint256 price = prices[p];
-                        pay[p] += price;
-                        total += price;
-                    }
-                }
-            }
-            return total;
-        }
-        (uint256 pool, uint256 scoreSum) = _poolAndScoreSum(words, mask, prices);
-        unchecked {
-            uint256 lane = 1;
-            uint256 word = words[0];
-            for (uint256 p = 0; p < n; ++p) {
-                if ((mask >> p) & 1 == 1) {
-                    if (lane % _SCORES_PER_WORD == 0) word = words[lane / _SCORES_PER_WORD];
-                    uint256 score = (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
-                    uint256 share = (pool * score) / scoreSum;
-                    pay[p] += share;
-                    total += share;
-                    ++lane;
-                }
-            }
-        }
-    }
-
-    function _poolAndScoreSum(
         mapping(uint256 word => uint256) storage words,
         uint256 mask,
-        uint256[] memory prices
-    ) private view returns (uint256 pool, uint256 scoreSum) {
+        Scratch memory s,
+        uint256[] memory pay
+    ) private view returns (uint256 total) {
+        uint256[] memory prices = s.prices;
         uint256 n = prices.length;
+        uint256 word = words[0];
         unchecked {
-            uint256 lane = 1;
-            uint256 word = words[0];
+            if (word == 0) {
+                for (uint256 p = 0; p < n; ++p) {
+                    if ((mask >> p) & 1 == 1) {
+                        uint256 half = prices[p] / 2;
+                        pay[p] += half;
+                        total += half;
+                    }
+                }
+                return total;
+            }
+            uint256[] memory positions = s.positions;
+            uint256[] memory scores = s.scores;
+            uint256[] memory shares = s.shares;
+            uint256 k;
+            uint256 pool;
+            uint256 scoreSum;
             for (uint256 p = 0; p < n; ++p) {
                 if ((mask >> p) & 1 == 1) {
+                    uint256 lane = k + 1;
                     if (lane % _SCORES_PER_WORD == 0) word = words[lane / _SCORES_PER_WORD];
+                    uint256 score = (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
+                    positions[k] = p;
+                    scores[k] = score;
                     pool += prices[p];
-                    scoreSum += (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
-                    ++lane;
+                    scoreSum += score;
+                    ++k;
                 }
+            }
+            pool /= 2;
+            uint256 headroom;
+            bool capped;
+            for (uint256 j = 0; j < k; ++j) {
+                uint256 price = prices[positions[j]];
+                uint256 share = (pool * scores[j]) / scoreSum;
+                if (share > price) {
+                    share = price;
+                    capped = true;
+                }
+                shares[j] = share;
+                total += share;
+                headroom += price - share;
+            }
+            if (capped) {
+                uint256 rest = pool - total;
+                for (uint256 j = 0; j < k; ++j) {
+                    uint256 extra = (rest * (prices[positions[j]] - shares[j])) / headroom;
+                    shares[j] += extra;
+                    total += extra;
+                }
+            }
+            for (uint256 j = 0; j < k; ++j) {
+                pay[positions[j]] += shares[j];
             }
         }
     }
 
-    function _settle(
-        uint256 taskId,
-        Task storage t,
-        uint256[] memory pay,
-        uint256 aggregatorPaid,
-        uint256 refunded
-    ) private {
-        _escrowLocked -= t.budget;
-        for (uint256 p = 0; p < pay.length; ++p) {
-            _credit(_trainers[taskId][p].device, taskId, pay[p], CreditReason.TrainerPay);
+    /// @dev Releases the task's budget and its selected nodes' deposits from escrow, emits the
+    /// summary event, then credits: trainers (pay, stake back, bond share) by position, the
+    /// aggregator (fee, bond back unless aborted), the buyer (refund, slashed deposits).
+    function _settle(uint256 taskId, Task storage t, Payout memory out, bool aborted) private {
+        uint256 n = out.pay.length;
+        uint256 stake = _deposit(t, Role.Trainer);
+        uint256 bond = _deposit(t, Role.Aggregator);
+        uint256 keptCount = _popcount(out.kept);
+        uint256 slashed = (n - keptCount) * stake;
+        uint256 bondShare;
+        if (aborted) {
+            slashed += bond;
+            if (keptCount != 0) bondShare = bond / 2 / keptCount;
         }
-        _credit(t.aggregator, taskId, aggregatorPaid, CreditReason.AggregatorPay);
+        uint256 refunded = t.budget - out.trainersPaid - out.aggregatorPaid;
+        uint256 deposits = bond + n * stake;
+        t.stakesHeld -= deposits;
+        _escrowLocked -= t.budget + deposits;
+        if (aborted) {
+            emit TaskAborted(
+                taskId, t.publishedRounds, out.trainersPaid, out.aggregatorPaid, refunded, slashed
+            );
+        } else {
+            emit TaskFinalized(taskId, out.trainersPaid, out.aggregatorPaid, refunded, slashed);
+        }
+        for (uint256 p = 0; p < n; ++p) {
+            address device = _trainers[taskId][p].device;
+            _credit(device, taskId, out.pay[p], CreditReason.TrainerPay);
+            if ((out.kept >> p) & 1 == 1) {
+                _credit(device, taskId, stake, CreditReason.StakeReturned);
+                _credit(device, taskId, bondShare, CreditReason.StakeSlashed);
+            }
+        }
+        _credit(t.aggregator, taskId, out.aggregatorPaid, CreditReason.AggregatorPay);
+        if (!aborted) _credit(t.aggregator, taskId, bond, CreditReason.StakeReturned);
         _credit(t.buyer, taskId, refunded, CreditReason.Refund);
+        _credit(t.buyer, taskId, slashed - bondShare * keptCount, CreditReason.StakeSlashed);
+    }
+
+    /// @dev A trainer bid's stake, budget / (2 * rounds * maxTrainers), is about half of one
+    /// round's pay at the task's price level; an aggregator's bond, half the budget, is at
+    /// least every trainer pool it could share out (the pools are half the trainers' prices).
+    function _deposit(Task storage t, Role role) private view returns (uint256) {
+        uint256 budget = t.budget;
+        if (role == Role.Aggregator) return budget / 2;
+        return budget / (2 * uint256(t.rounds) * t.maxTrainers);
+    }
+
+    function _releaseStake(uint256 taskId, Task storage t, address device, uint256 amount)
+        private
+    {
+        t.stakesHeld -= amount;
+        _escrowLocked -= amount;
+        _credit(device, taskId, amount, CreditReason.StakeReturned);
+    }
+
+    /// @dev Records the first use of `modelId` (see _models); a second use reverts.
+    function _useModelId(bytes32 modelId, uint256 taskId, uint256 round, uint256 slot) private {
+        if (_models[modelId] != 0) revert FlexMarketModelIdUsed(modelId);
+        _models[modelId] = slot | (round << 8) | (taskId << 24) | (block.number << 88);
     }
 
     function _credit(address account, uint256 taskId, uint256 amount, CreditReason reason) private {

@@ -9,7 +9,8 @@ interface IFlexMarket {
         uint256 minTrainers,
         uint256 maxTrainers,
         uint256 biddingEnds,
-        uint256 roundTimeout
+        uint256 roundTimeout,
+        uint256 sampleCap
     ) external payable returns (uint256 taskId);
 
     function cancelTask(uint256 taskId) external;
@@ -53,7 +54,7 @@ contract ReentrantReceiver {
         uint256 roundTimeout
     ) external payable returns (uint256) {
         return _market.createTask{value: msg.value}(
-            specHash, rounds, minTrainers, maxTrainers, biddingEnds, roundTimeout
+            specHash, rounds, minTrainers, maxTrainers, biddingEnds, roundTimeout, 1000
         );
     }
 

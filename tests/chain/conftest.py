@@ -211,6 +211,13 @@ class Flow:
                 model_id=model_id(f"{running.task_id}-update-{round_number}-{p}"),
             )
 
+    def close_submissions(self, running: Running) -> None:
+        """Moves the chain past the open round's submission window (a round that not every
+        trainer submitted in can only be published then)."""
+        deadline = self.market.task(task_id=running.task_id).submission_deadline
+        if self.clock.now() <= deadline:
+            self.clock.mine_at(deadline + 1)
+
     def run_round(
         self,
         running: Running,
@@ -223,6 +230,8 @@ class Flow:
         """Trainers submit for ``round_number``, the aggregator publishes round + 1."""
         positions = range(len(running.trainers)) if submit is None else submit
         self.submit(running, round_number, positions)
+        if len(set(positions)) < len(running.trainers):
+            self.close_submissions(running)
         used = positions if aggregate is None else aggregate
         self.publish(running, round_number + 1, mask_of(used), scores)
 

@@ -1,4 +1,6 @@
-"""Escrow is conserved and nobody is paid twice, over random tasks, bids, rounds and timeouts."""
+"""Escrow is conserved and nobody is paid twice, over random tasks, bids, rounds and timeouts:
+payouts + refund + stakes returned + slashed stakes == budget + stakes, each as the plain
+oracle in tests/chain/oracle.py computes it."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ from hypothesis import strategies as st
 
 from chain.client import FlexMarket
 from chain.errors import InvalidTaskStateError, SubmissionClosedError
-from chain.events import DeviceStatus, NodesSelected, PaymentCredited, TaskFailed, TaskState
+from chain.events import (
+    CreditReason,
+    DeviceStatus,
+    NodesSelected,
+    PaymentCredited,
+    TaskFailed,
+    TaskState,
+)
 from chain.selection import mask_of, plan_selection
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
@@ -21,6 +30,7 @@ from tests.chain.conftest import (
     Snapshots,
     model_id,
 )
+from tests.chain.oracle import round_pay, settle
 
 MAX_BIDDERS = 5
 
@@ -120,27 +130,6 @@ class Checker:
         return sum(self.market.credit_of(account=a.address) for a in self.accounts.all())
 
 
-def expected_pay(
-    prices: list[int], aggregated: list[tuple[int, tuple[int, ...] | None]], open_mask: int
-) -> list[int]:
-    """The settlement rule written plainly: per aggregated round, price or score share;
-    plus the price of each on-time update of the open round when the task is aborted."""
-    pay = [0] * len(prices)
-    for mask, scores in aggregated:
-        used = [p for p in range(len(prices)) if mask >> p & 1]
-        if scores is None:
-            for p in used:
-                pay[p] += prices[p]
-        else:
-            pool = sum(prices[p] for p in used)
-            for p, s in zip(used, scores, strict=True):
-                pay[p] += pool * s // sum(scores)
-    for p in range(len(prices)):
-        if open_mask >> p & 1:
-            pay[p] += prices[p]
-    return pay
-
-
 def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock):
     check = Checker(market, accounts)
     owed_before = check.credits_sum()
@@ -161,11 +150,23 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
         market.revoke_device(sender=accounts.owner, device=bidders[scenario.revoked].address)
     check.conserved()
 
+    deposits = market.task(task_id=task_id).stakes_held_wei
+
+    def release_unselected(selected_nodes: set[str]) -> None:
+        """Anyone releases the deposits of bids that were not selected, once each."""
+        for b in market.bids(task_id=task_id):
+            if b.device not in selected_nodes:
+                market.withdraw_bid(sender=accounts.outsider, task_id=task_id, device=b.device)
+        check.conserved()
+
     if scenario.cancel:
         market.cancel_task(sender=buyer, task_id=task_id)
         event("cancelled")
         check.conserved()
         assert check.credits_sum() - owed_before == scenario.budget_wei
+        release_unselected(set())
+        assert check.credits_sum() - owed_before == scenario.budget_wei + deposits
+        assert market.escrow_locked() == 0
         return
 
     flow.close_bidding(task_id)
@@ -177,6 +178,7 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
         budget_wei=scenario.budget_wei,
         min_trainers=scenario.min_trainers,
         max_trainers=scenario.max_trainers,
+        seed=market.next_selection_seed(task_id=task_id),
         devices=devices,
     )
     result = market.select_nodes(sender=accounts.outsider, task_id=task_id)
@@ -186,6 +188,9 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
         assert result.first(TaskFailed).reason == plan.failure
         assert check.credits_sum() - owed_before == scenario.budget_wei
         assert market.credit_of(account=buyer.address) == scenario.budget_wei
+        release_unselected(set())
+        assert check.credits_sum() - owed_before == scenario.budget_wei + deposits
+        assert market.escrow_locked() == 0
         return
     selected = result.first(NodesSelected)
     assert selected.trainers == tuple(bids[i].device for i in plan.trainer_indices)
@@ -207,7 +212,9 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
         )
         check.conserved()
 
+    release_unselected({*selected.trainers, selected.aggregator})
     aggregated: list[tuple[int, tuple[int, ...] | None]] = []
+    submitted_by_round: list[int] = []
     published = 0
     submitted = 0
     stall = scenario.stall_at
@@ -226,6 +233,10 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
             scores = None if play_.scores is None else tuple(play_.scores[p] for p in used)
             if scores is not None and sum(scores) == 0:
                 scores = None
+            if submitted != mask_of(range(n)):
+                clock.mine_at(
+                    max(clock.now(), market.task(task_id=task_id).submission_deadline) + 1
+                )
             publish(round_number, mask, scores or ())
             aggregated.append((mask, scores))
         published = round_number + 1
@@ -242,6 +253,7 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
                     model_id=model_id(f"u-{task_id}-{round_number}-{p}"),
                 )
                 submitted |= 1 << p
+        submitted_by_round.append(submitted)
         late = [p for p in range(n) if play_.late[p] and not play_.on_time[p]]
         if late:
             clock.mine_at(market.task(task_id=task_id).submission_deadline + 1)
@@ -255,40 +267,52 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
                     )
         check.conserved()
 
+    info = market.task(task_id=task_id)
+    stake, bond = info.trainer_stake_wei, info.aggregator_bond_wei
+    put_in = scenario.budget_wei + n * stake + bond
+    owed_before = check.credits_sum()
     if stall is None:
-        assert market.task(task_id=task_id).state == TaskState.TRAINED
+        assert info.state == TaskState.TRAINED
         result = market.finalize(sender=accounts.outsider, task_id=task_id)
         event(f"finalized, scored rounds: {sum(s is not None for _, s in aggregated) > 0}")
-        pay = expected_pay(prices, aggregated, 0)
-        aggregator_pay = selected.aggregator_price_wei * scenario.rounds
     else:
-        clock.mine_at(market.task(task_id=task_id).publish_deadline + 1)
+        clock.mine_at(info.publish_deadline + 1)
         result = market.abort(sender=accounts.outsider, task_id=task_id)
         event(f"aborted after {published} global models")
-        open_mask = submitted if published else 0
-        pay = expected_pay(prices, aggregated, open_mask)
-        aggregator_pay = selected.aggregator_price_wei * max(published - 1, 0)
     check.conserved()
+    expected = settle(
+        budget=scenario.budget_wei,
+        buyer=buyer.address,
+        aggregator=aggregator.address,
+        aggregator_price=selected.aggregator_price_wei,
+        trainers=[t.address for t in trainers],
+        prices=prices,
+        stake=stake,
+        bond=bond,
+        aggregated=aggregated,
+        submitted=submitted_by_round,
+        aborted=stall is not None,
+    )
 
     credited = result.all(PaymentCredited)
-    assert sum(c.amount_wei for c in credited) == scenario.budget_wei
+    assert {(c.account, c.reason): c.amount_wei for c in credited} == expected.credits
     assert len({(c.account, c.reason) for c in credited}) == len(credited)
+    # Conservation: payouts + refund + stakes back + slashed stakes == budget + stakes.
+    assert sum(c.amount_wei for c in credited) == expected.total() == put_in
     for p, trainer in enumerate(trainers):
-        assert market.credit_of(account=trainer.address) == pay[p]
-    assert market.credit_of(account=aggregator.address) == aggregator_pay
-    refund = scenario.budget_wei - sum(pay) - aggregator_pay
-    assert refund >= 0
-    assert market.credit_of(account=buyer.address) == refund
-    assert check.credits_sum() - owed_before == scenario.budget_wei
+        assert expected.credits.get((trainer.address, CreditReason.TRAINER_PAY), 0) <= sum(
+            prices[p] for _ in aggregated
+        )
+    assert check.credits_sum() - owed_before == put_in
     assert market.escrow_locked() == 0
 
     # Settling again is refused and changes nothing.
-    for settle in (market.finalize, market.abort):
+    for settle_again in (market.finalize, market.abort):
         with pytest.raises(InvalidTaskStateError):
-            settle(sender=accounts.outsider, task_id=task_id)
-    assert check.credits_sum() - owed_before == scenario.budget_wei
+            settle_again(sender=accounts.outsider, task_id=task_id)
+    assert check.credits_sum() - owed_before == put_in
 
-    for account in [*trainers, aggregator, buyer]:
+    for account in accounts.all():
         if market.credit_of(account=account.address):
             market.withdraw(sender=account)
             check.conserved()
@@ -317,8 +341,11 @@ def test_escrow_is_conserved_and_paid_once(
         snapshots.revert(snapshot)
 
 
-def test_expected_pay_rule():
+def test_oracle_round_pay_rule():
     prices = [10, 20, 30]
-    pay = expected_pay(prices, [(0b111, None), (0b011, (1, 2)), (0b100, None)], 0b001)
-    # Round 2 shares a pool of 30 as 1:2; position 0's open-round update is paid on abort.
-    assert pay == [10 + 10 + 10, 20 + 20, 30 + 30]
+    assert round_pay(prices, 0b111, None) == [5, 10, 15]  # unscored: half of each price
+    assert round_pay(prices, 0b011, (1, 2)) == [5, 10, 0]  # pool 15 shared 1:2
+    # Pool 30; scores 0:0:1 would give position 2 all 30 = its price: nothing capped.
+    assert round_pay(prices, 0b111, (0, 0, 1)) == [0, 0, 30]
+    # Pool 30 shared 0:1:0 caps position 1 at 20; the 10 held back goes by headroom 10:0:30.
+    assert round_pay(prices, 0b111, (0, 1, 0)) == [2, 20, 7]

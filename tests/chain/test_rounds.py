@@ -126,9 +126,10 @@ def test_publish_before_selection(market: FlexMarket, accounts: Accounts, flow: 
     assert exc.value.state == TaskState.BIDDING
 
 
-def test_publish_with_aggregation_and_scores(market: FlexMarket, running: Running):
+def test_publish_with_aggregation_and_scores(market: FlexMarket, running: Running, flow: Flow):
     submit(market, running, 0, 0)
     submit(market, running, 2, 0)
+    flow.close_submissions(running)
     result = publish(market, running, 1, mask=0b101, scores=[3, 65535])
     event = result.first(GlobalModelPublished)
     assert (event.round, event.aggregated_mask, event.scores) == (1, 0b101, (3, 65535))
@@ -137,8 +138,11 @@ def test_publish_with_aggregation_and_scores(market: FlexMarket, running: Runnin
     assert info.global_model == running.published[0]
 
 
-def test_publish_without_scores_reads_back_unscored(market: FlexMarket, running: Running):
+def test_publish_without_scores_reads_back_unscored(
+    market: FlexMarket, running: Running, flow: Flow
+):
     submit(market, running, 1, 0)
+    flow.close_submissions(running)
     publish(market, running, 1, mask=0b10)
     assert market.round_info(task_id=running.task_id, round_number=0).scores == ()
 
@@ -151,9 +155,10 @@ def test_publish_rejects_empty_aggregation(market: FlexMarket, running: Running)
 
 
 def test_publish_rejects_mask_naming_a_trainer_that_did_not_submit(
-    market: FlexMarket, running: Running
+    market: FlexMarket, running: Running, flow: Flow
 ):
     submit(market, running, 0, 0)
+    flow.close_submissions(running)
     with pytest.raises(UnsubmittedUpdatesError) as exc:
         publish(market, running, 1, mask=0b011)
     assert (exc.value.round, exc.value.missing) == (1, 0b010)
@@ -164,16 +169,20 @@ def test_publish_rejects_mask_naming_a_trainer_that_did_not_submit(
 
 
 @pytest.mark.parametrize("scores", [[1], [1, 2, 3]])
-def test_publish_rejects_wrong_number_of_scores(market: FlexMarket, running: Running, scores):
+def test_publish_rejects_wrong_number_of_scores(
+    market: FlexMarket, running: Running, scores, flow: Flow
+):
     submit(market, running, 0, 0)
     submit(market, running, 1, 0)
+    flow.close_submissions(running)
     with pytest.raises(ScoresLengthMismatchError) as exc:
         publish(market, running, 1, mask=0b11, scores=scores)
     assert (exc.value.expected, exc.value.got) == (2, len(scores))
 
 
-def test_publish_rejects_all_zero_scores(market: FlexMarket, running: Running):
+def test_publish_rejects_all_zero_scores(market: FlexMarket, running: Running, flow: Flow):
     submit(market, running, 0, 0)
+    flow.close_submissions(running)
     with pytest.raises(ZeroScoresError):
         publish(market, running, 1, mask=0b1, scores=[0])
 
@@ -246,8 +255,9 @@ def test_submit_rejects_wrong_round(market: FlexMarket, running: Running):
     assert (exc.value.expected, exc.value.got) == (0, 1)
 
 
-def test_submit_rejects_a_past_round(market: FlexMarket, running: Running):
+def test_submit_rejects_a_past_round(market: FlexMarket, running: Running, flow: Flow):
     submit(market, running, 0, 0)
+    flow.close_submissions(running)
     publish(market, running, 1, mask=1)
     with pytest.raises(WrongRoundError) as exc:
         submit(market, running, 1, 0)

@@ -21,7 +21,7 @@ from chain.events import (
     TaskState,
 )
 from chain.records import BidInfo
-from chain.selection import plan_selection, selection_order
+from chain.selection import plan_selection, selection_order, selection_seed, tie_key
 from tests.chain.conftest import (
     MIN_AGGREGATOR_PRICE_WEI,
     MIN_TRAINER_PRICE_WEI,
@@ -31,6 +31,7 @@ from tests.chain.conftest import (
 )
 
 GWEI = 10**9
+SEED = b"\x5e" * 32
 
 
 def bid(index: int, price: int, samples: int, role: Role = Role.TRAINER) -> BidInfo:
@@ -39,16 +40,20 @@ def bid(index: int, price: int, samples: int, role: Role = Role.TRAINER) -> BidI
     )
 
 
-def test_selection_order_is_price_per_sample_then_index():
+def test_selection_order_is_price_per_sample_then_tie_key():
     bids = [
         bid(0, 3, 1),  # 3 per sample
         bid(1, 10, 0, Role.AGGREGATOR),
         bid(2, 1, 3),  # 1/3
         bid(3, 333_333, 1_000_000),  # just below 1/3
-        bid(4, 2, 6),  # 1/3, tie with 2: later index
+        bid(4, 2, 6),  # 1/3, tie with 2: the seed decides
         bid(5, 2, 2),  # 1
     ]
-    assert selection_order(bids) == [3, 2, 4, 5, 0]
+    tied = sorted([2, 4], key=lambda i: tie_key(SEED, i))
+    assert selection_order(bids, seed=SEED) == [3, *tied, 5, 0]
+    # Another seed may order the tie the other way; bid order never decides it.
+    orders = {tuple(selection_order(bids, seed=bytes([b]) * 32)[1:3]) for b in range(16)}
+    assert orders == {(2, 4), (4, 2)}
 
 
 def test_plan_selection_skips_a_trainer_that_does_not_fit():
@@ -58,7 +63,9 @@ def test_plan_selection_skips_a_trainer_that_does_not_fit():
         bid(2, 3, 100),
         bid(3, 1, 10),
     ]
-    plan = plan_selection(bids=bids, rounds=1, budget_wei=8, min_trainers=1, max_trainers=3)
+    plan = plan_selection(
+        bids=bids, rounds=1, budget_wei=8, min_trainers=1, max_trainers=3, seed=SEED
+    )
     assert plan.aggregator_index == 0
     assert plan.trainer_indices == (1, 3)
     assert plan.failure is None
@@ -111,13 +118,25 @@ def test_select_nodes_picks_cheapest_per_sample(market: FlexMarket, accounts: Ac
     assert selection.trainers == event.trainers
 
 
-def test_select_nodes_cheapest_aggregator_ties_by_index(
-    market: FlexMarket, accounts: Accounts, flow: Flow
+def test_aggregator_tie_goes_by_the_seed_drawn_at_selection_not_by_who_bid_first(
+    market: FlexMarket, accounts: Accounts, flow: Flow, clock
 ):
-    task_id = setup_bids(flow, accounts, [(GWEI, 10)], aggregator_prices=(3 * GWEI, 3 * GWEI))
-    flow.close_bidding(task_id)
-    result = market.select_nodes(sender=accounts.outsider, task_id=task_id)
-    assert result.first(NodesSelected).aggregator == accounts.aggregators[0].address
+    winners = set()
+    for _ in range(8):
+        task_id = setup_bids(flow, accounts, [(GWEI, 10)], aggregator_prices=(3 * GWEI, 3 * GWEI))
+        flow.close_bidding(task_id)
+        clock.advance(1)
+        event = market.select_nodes(sender=accounts.outsider, task_id=task_id).first(NodesSelected)
+        block = market.w3.eth.get_block(event.block_number)
+        seed = event.seed
+        assert bytes.fromhex(seed[2:]) == selection_seed(
+            parent_hash=block["parentHash"], task_id=task_id
+        )
+        first = min((0, 1), key=lambda i: tie_key(seed, i))
+        assert event.aggregator == accounts.aggregators[first].address
+        winners.add(event.aggregator)
+    # Bidding first (index 0) is no way to win: over a few draws both aggregators win.
+    assert winners == {a.address for a in accounts.aggregators}
 
 
 def test_select_nodes_cheaper_aggregator_wins(market: FlexMarket, accounts: Accounts, flow: Flow):
@@ -186,7 +205,8 @@ def test_select_nodes_rejects_a_hint_of_the_wrong_length(
 def test_select_nodes_accepts_the_computed_hint(market: FlexMarket, accounts: Accounts, flow: Flow):
     task_id = setup_bids(flow, accounts, [(GWEI, 100), (GWEI, 10)])
     flow.close_bidding(task_id)
-    order = selection_order(market.bids(task_id=task_id))
+    seed = market.next_selection_seed(task_id=task_id)
+    order = selection_order(market.bids(task_id=task_id), seed=seed)
     assert order == [1, 2]
     market.select_nodes(sender=accounts.outsider, task_id=task_id, order=order)
 
@@ -204,10 +224,16 @@ def assert_failed(market, accounts, result, task_id, reason, selectable, budget)
         budget,
         CreditReason.REFUND,
     )
-    assert market.task(task_id=task_id).state == TaskState.FAILED
-    assert market.escrow_locked() == 0
+    info = market.task(task_id=task_id)
+    assert info.state == TaskState.FAILED
+    # The bidders' deposits stay in escrow until each bid is withdrawn.
+    assert market.escrow_locked() == info.stakes_held_wei
     assert market.credit_of(account=accounts.buyer.address) == budget
-    assert market.balance_wei() == budget
+    assert market.balance_wei() == budget + info.stakes_held_wei
+    for b in market.bids(task_id=task_id):
+        market.withdraw_bid(sender=accounts.outsider, task_id=task_id, device=b.device)
+    assert market.escrow_locked() == 0
+    assert market.balance_wei() == market.credits_owed()
 
 
 def test_selection_fails_without_aggregator(market: FlexMarket, accounts: Accounts, flow: Flow):
@@ -293,7 +319,9 @@ def test_select_nodes_matches_the_off_chain_plan(
     task_id = setup_bids(flow, accounts, prices, rounds=3, max_trainers=4, budget_wei=budget)
     flow.close_bidding(task_id)
     bids = market.bids(task_id=task_id)
-    plan = plan_selection(bids=bids, rounds=3, budget_wei=budget, min_trainers=1, max_trainers=4)
     event = market.select_nodes(sender=accounts.outsider, task_id=task_id).first(NodesSelected)
+    plan = plan_selection(
+        bids=bids, rounds=3, budget_wei=budget, min_trainers=1, max_trainers=4, seed=event.seed
+    )
     assert event.aggregator == bids[plan.aggregator_index].device
     assert event.trainers == tuple(bids[i].device for i in plan.trainer_indices)

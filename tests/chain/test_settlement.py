@@ -37,6 +37,7 @@ from tests.chain.conftest import (
     Running,
     model_id,
 )
+from tests.chain.oracle import round_pay
 
 GWEI = 10**9
 
@@ -56,39 +57,48 @@ def test_full_lifecycle_exact_payouts(market: FlexMarket, accounts: Accounts, fl
     budget = running.budget_wei
     assert budget == 3 * (sum(p) + agg) + 12_345
     assert running.prices_wei == p
+    info = market.task(task_id=running.task_id)
+    stake, bond = info.trainer_stake_wei, info.aggregator_bond_wei
+    assert (stake, bond) == (budget // (2 * 3 * 3), budget // 2)
+    assert info.stakes_held_wei == 3 * stake + bond
     t0, t1, t2 = (t.address for t in running.trainers)
 
-    flow.run_round(running, 0)  # everyone aggregated, unscored: each its price
-    flow.run_round(running, 1, submit=[0, 1], scores=[2, 7])  # pool 3 gwei shared 2:7
+    flow.run_round(running, 0)  # everyone aggregated, unscored: each half its price
+    flow.run_round(running, 1, submit=[0, 1], scores=[2, 7])  # pool 1.5 gwei shared 2:7
     flow.run_round(running, 2, aggregate=[1, 2])  # t0 submitted but was left out
     assert_conserved(market)
 
-    share0 = 3 * GWEI * 2 // 9  # 666_666_666
-    share1 = 3 * GWEI * 7 // 9  # 2_333_333_333; one wei of dust stays with the buyer
+    share0 = (3 * GWEI // 2) * 2 // 9  # 333_333_333
+    share1 = (3 * GWEI // 2) * 7 // 9  # 1_166_666_666; one wei of dust stays with the buyer
     expected = {
-        (t0, CreditReason.TRAINER_PAY): p[0] + share0,
-        (t1, CreditReason.TRAINER_PAY): p[1] + share1 + p[1],
-        (t2, CreditReason.TRAINER_PAY): p[2] + p[2],
+        (t0, CreditReason.TRAINER_PAY): p[0] // 2 + share0,
+        (t1, CreditReason.TRAINER_PAY): p[1] // 2 + share1 + p[1] // 2,
+        (t2, CreditReason.TRAINER_PAY): p[2] // 2 + p[2] // 2,
         (running.aggregator.address, CreditReason.AGGREGATOR_PAY): 3 * agg,
+        (t0, CreditReason.STAKE_RETURNED): stake,
+        (t1, CreditReason.STAKE_RETURNED): stake,
+        (running.aggregator.address, CreditReason.STAKE_RETURNED): bond,
+        # t2 missed round 1: its stake goes to the buyer.
+        (accounts.buyer.address, CreditReason.STAKE_SLASHED): stake,
     }
     trainers_paid = sum(v for (_, r), v in expected.items() if r == CreditReason.TRAINER_PAY)
     refund = budget - trainers_paid - 3 * agg
-    # What was not delivered (t2 in round 1, t0 in round 2), the dust, the unspent margin.
-    assert refund == p[2] + p[0] + 1 + 12_345
     expected[(accounts.buyer.address, CreditReason.REFUND)] = refund
 
     result = market.finalize(sender=accounts.outsider, task_id=running.task_id)
     final = result.first(TaskFinalized)
-    assert (final.trainers_paid_wei, final.aggregator_paid_wei, final.refunded_wei) == (
-        trainers_paid,
-        3 * agg,
-        refund,
-    )
+    assert (
+        final.trainers_paid_wei,
+        final.aggregator_paid_wei,
+        final.refunded_wei,
+        final.slashed_wei,
+    ) == (trainers_paid, 3 * agg, refund, stake)
     assert credits_by_account(result.events) == expected
-    assert sum(expected.values()) == budget
+    assert sum(expected.values()) == budget + 3 * stake + bond
     assert market.task(task_id=running.task_id).state == TaskState.FINALIZED
+    assert market.task(task_id=running.task_id).stakes_held_wei == 0
     assert market.escrow_locked() == 0
-    assert market.credits_owed() == budget
+    assert market.credits_owed() == budget + 3 * stake + bond
     assert_conserved(market)
 
     for account in [*running.trainers, running.aggregator, accounts.buyer]:
@@ -124,7 +134,9 @@ def test_finalize_twice_pays_once(
     assert exc.value.state == TaskState.FINALIZED
     with pytest.raises(InvalidTaskStateError):
         market.abort(sender=accounts.outsider, task_id=running.task_id)
-    assert market.credits_owed() == owed == running.budget_wei
+    info = market.task(task_id=running.task_id)
+    deposits = info.trainer_count * info.trainer_stake_wei + info.aggregator_bond_wei
+    assert market.credits_owed() == owed == running.budget_wei + deposits
 
 
 def test_abort_before_the_deadline(market: FlexMarket, accounts: Accounts, running: Running):
@@ -134,15 +146,17 @@ def test_abort_before_the_deadline(market: FlexMarket, accounts: Accounts, runni
     assert (exc.value.task_id, exc.value.deadline) == (running.task_id, deadline)
 
 
-def test_abort_pays_what_was_delivered(
+def test_abort_pays_what_was_aggregated_and_slashes_the_late_aggregator(
     market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock
 ):
     p = [GWEI, 2 * GWEI, 3 * GWEI]
     agg = MIN_AGGREGATOR_PRICE_WEI
     running = flow.start(rounds=3, trainer_prices_wei=p, aggregator_price_wei=agg)
+    info = market.task(task_id=running.task_id)
+    stake, bond = info.trainer_stake_wei, info.aggregator_bond_wei
     t0, t1, t2 = (t.address for t in running.trainers)
     flow.run_round(running, 0, aggregate=[0, 1])  # t2's round-0 update not used
-    flow.submit(running, 1, [0, 2])  # on time in the open round; never aggregated
+    flow.submit(running, 1, [0, 2])  # on time in the open round; never acknowledged
     deadline = market.task(task_id=running.task_id).publish_deadline
     clock.mine_at(deadline)
     with pytest.raises(DeadlineNotPassedError):
@@ -150,21 +164,29 @@ def test_abort_pays_what_was_delivered(
     clock.mine_at(deadline + 1)
 
     result = market.abort(sender=accounts.outsider, task_id=running.task_id)
-    trainers_paid = (p[0] + p[1]) + (p[0] + p[2])
+    trainers_paid = p[0] // 2 + p[1] // 2
     refund = running.budget_wei - trainers_paid - agg
+    # t1 missed the open round; t0 and t2 share half the bond, the buyer gets the rest.
+    bond_share = bond // 2 // 2
+    slashed = stake + bond
     aborted = result.first(TaskAborted)
     assert (aborted.task_id, aborted.published_rounds) == (running.task_id, 2)
-    assert (aborted.trainers_paid_wei, aborted.aggregator_paid_wei, aborted.refunded_wei) == (
-        trainers_paid,
-        agg,
-        refund,
-    )
+    assert (
+        aborted.trainers_paid_wei,
+        aborted.aggregator_paid_wei,
+        aborted.refunded_wei,
+        aborted.slashed_wei,
+    ) == (trainers_paid, agg, refund, slashed)
     assert credits_by_account(result.events) == {
-        (t0, CreditReason.TRAINER_PAY): 2 * p[0],
-        (t1, CreditReason.TRAINER_PAY): p[1],
-        (t2, CreditReason.TRAINER_PAY): p[2],
+        (t0, CreditReason.TRAINER_PAY): p[0] // 2,
+        (t1, CreditReason.TRAINER_PAY): p[1] // 2,
+        (t0, CreditReason.STAKE_RETURNED): stake,
+        (t2, CreditReason.STAKE_RETURNED): stake,
+        (t0, CreditReason.STAKE_SLASHED): bond_share,
+        (t2, CreditReason.STAKE_SLASHED): bond_share,
         (running.aggregator.address, CreditReason.AGGREGATOR_PAY): agg,
         (accounts.buyer.address, CreditReason.REFUND): refund,
+        (accounts.buyer.address, CreditReason.STAKE_SLASHED): slashed - 2 * bond_share,
     }
     assert market.task(task_id=running.task_id).state == TaskState.ABORTED
     assert market.escrow_locked() == 0
@@ -174,15 +196,23 @@ def test_abort_pays_what_was_delivered(
     assert exc.value.state == TaskState.ABORTED
 
 
-def test_abort_when_round_zero_never_came(
+def test_no_show_aggregator_bond_goes_to_the_buyer_and_the_trainers(
     market: FlexMarket, accounts: Accounts, flow: Flow, clock: Clock
 ):
     running = flow.start(publish_round_zero=False)
+    info = market.task(task_id=running.task_id)
+    stake, bond = info.trainer_stake_wei, info.aggregator_bond_wei
     clock.advance(ROUND_TIMEOUT + 1)
     result = market.abort(sender=accounts.trainers[0], task_id=running.task_id)
-    assert credits_by_account(result.events) == {
-        (accounts.buyer.address, CreditReason.REFUND): running.budget_wei
-    }
+    share = bond // 2 // 3
+    expected = {(accounts.buyer.address, CreditReason.REFUND): running.budget_wei}
+    for trainer in running.trainers:
+        expected[(trainer.address, CreditReason.STAKE_RETURNED)] = stake
+        expected[(trainer.address, CreditReason.STAKE_SLASHED)] = share
+    expected[(accounts.buyer.address, CreditReason.STAKE_SLASHED)] = bond - 3 * share
+    assert credits_by_account(result.events) == expected
+    assert market.credit_of(account=running.aggregator.address) == 0
+    assert_conserved(market)
 
 
 def test_abort_is_not_for_trained_tasks(
@@ -205,7 +235,10 @@ def test_revoked_trainer_is_still_paid_for_what_it_delivered(
     flow.run_round(running, 1, submit=[1, 2])
     result = market.finalize(sender=accounts.outsider, task_id=running.task_id)
     paid = credits_by_account(result.events)
-    assert paid[(running.trainers[0].address, CreditReason.TRAINER_PAY)] == running.prices_wei[0]
+    revoked = running.trainers[0].address
+    assert paid[(revoked, CreditReason.TRAINER_PAY)] == running.prices_wei[0] // 2
+    # It could not submit in round 1 once revoked: its stake went to the buyer.
+    assert (revoked, CreditReason.STAKE_RETURNED) not in paid
 
 
 def test_withdraw_with_nothing_owed(market: FlexMarket, accounts: Accounts):
@@ -344,8 +377,10 @@ def test_scores_across_several_words_pay_exact_shares(
         scores=scores,
     )
     assert market.round_info(task_id=task_id, round_number=0).scores == tuple(scores)
-    market.finalize(sender=accounts.outsider, task_id=task_id)
-    pool = sum(selection.trainer_prices_wei)
+    result = market.finalize(sender=accounts.outsider, task_id=task_id)
+    pay = round_pay(selection.trainer_prices_wei, mask_of(range(len(positioned))), scores)
+    paid = credits_by_account(result.events)
     for p, trainer in enumerate(positioned):
-        assert market.credit_of(account=trainer.address) == pool * scores[p] // sum(scores)
+        assert paid.get((trainer.address, CreditReason.TRAINER_PAY), 0) == pay[p]
+        assert pay[p] <= selection.trainer_prices_wei[p]
     assert_conserved(market)

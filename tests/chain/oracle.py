@@ -1,0 +1,92 @@
+"""The contract's settlement rule written plainly, for tests to compare the chain against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from chain.events import CreditReason
+
+
+def round_pay(prices: Sequence[int], mask: int, scores: Sequence[int] | None) -> list[int]:
+    """One aggregated round: the trainers in ``mask`` share a pool of half their prices.
+    Unscored, each gets half its price; scored, each its score's share capped at its price,
+    and what the caps held back goes to the others in proportion to their headroom."""
+    pay = [0] * len(prices)
+    used = [p for p in range(len(prices)) if mask >> p & 1]
+    if scores is None:
+        for p in used:
+            pay[p] = prices[p] // 2
+        return pay
+    pool = sum(prices[p] for p in used) // 2
+    total = sum(scores)
+    shares = {p: min(prices[p], pool * s // total) for p, s in zip(used, scores, strict=True)}
+    capped = any(pool * s // total > prices[p] for p, s in zip(used, scores, strict=True))
+    if capped:
+        rest = pool - sum(shares.values())
+        headroom = sum(prices[p] - shares[p] for p in used)
+        shares = {p: shares[p] + rest * (prices[p] - shares[p]) // headroom for p in used}
+    for p in used:
+        pay[p] = shares[p]
+    return pay
+
+
+@dataclass
+class Settlement:
+    """Who is credited what (by account and reason) when a task is settled."""
+
+    credits: dict[tuple[str, CreditReason], int] = field(default_factory=dict)
+
+    def add(self, account: str, reason: CreditReason, amount: int) -> None:
+        if amount:
+            key = (account, reason)
+            self.credits[key] = self.credits.get(key, 0) + amount
+
+    def total(self) -> int:
+        return sum(self.credits.values())
+
+    def of(self, account: str) -> int:
+        return sum(v for (a, _), v in self.credits.items() if a == account)
+
+
+def settle(
+    *,
+    budget: int,
+    buyer: str,
+    aggregator: str,
+    aggregator_price: int,
+    trainers: Sequence[str],
+    prices: Sequence[int],
+    stake: int,
+    bond: int,
+    aggregated: Sequence[tuple[int, Sequence[int] | None]],
+    submitted: Sequence[int],
+    aborted: bool,
+) -> Settlement:
+    """``aggregated``: per round whose updates a later global model used, the mask and
+    scores; ``submitted``: per round whose submission window is over, who submitted."""
+    n = len(trainers)
+    pay = [0] * n
+    for mask, scores in aggregated:
+        for p, amount in enumerate(round_pay(prices, mask, scores)):
+            pay[p] += amount
+    kept = [all(m >> p & 1 for m in submitted) for p in range(n)]
+    aggregator_pay = aggregator_price * len(aggregated)
+    out = Settlement()
+    slashed = sum(stake for p in range(n) if not kept[p])
+    bond_share = 0
+    if aborted:
+        slashed += bond
+        if any(kept):
+            bond_share = bond // 2 // sum(kept)
+    for p, trainer in enumerate(trainers):
+        out.add(trainer, CreditReason.TRAINER_PAY, pay[p])
+        if kept[p]:
+            out.add(trainer, CreditReason.STAKE_RETURNED, stake)
+            out.add(trainer, CreditReason.STAKE_SLASHED, bond_share)
+    out.add(aggregator, CreditReason.AGGREGATOR_PAY, aggregator_pay)
+    if not aborted:
+        out.add(aggregator, CreditReason.STAKE_RETURNED, bond)
+    out.add(buyer, CreditReason.REFUND, budget - sum(pay) - aggregator_pay)
+    out.add(buyer, CreditReason.STAKE_SLASHED, slashed - bond_share * sum(kept))
+    return out
