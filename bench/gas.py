@@ -18,6 +18,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
+from chain.build import BUILD, load_artifact
 from chain.client import FlexMarket
 from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import LocalChain, dev_accounts
@@ -28,10 +29,12 @@ OUT = ROOT / "var" / "bench" / "gas.json"
 
 TARGETS = {
     "submitUpdate": 80_000,
-    "publishGlobalModel": 120_000,
+    "publishGlobalModel": 130_000,
     "selectNodes500": 15_000_000,
     # EIP-7825's per-transaction gas cap: the caps' worst cases must fit one transaction.
     "worstCase": 2**24,
+    # EIP-170: the most deployed code a contract may have.
+    "codeSize": 24_576,
 }
 MIN_TRAINER_PRICE_WEI = 10**9
 MIN_AGGREGATOR_PRICE_WEI = 2 * 10**9
@@ -111,6 +114,59 @@ def place_bids(
         )
         gas.append(result.gas_used)
     return gas
+
+
+def measure_deposits(
+    bench: Bench, aggregator: LocalAccount, devices: Sequence[LocalAccount]
+) -> dict[str, int]:
+    """What stakes and bonds cost: a trainer bid paying its stake, an aggregator bid paying
+    its bond, a bid withdrawn while bidding, and an unselected bid's stake released."""
+    task_id, _ = create_task(bench, rounds=5, max_trainers=1)
+    bond = bench.market.place_bid(
+        sender=aggregator,
+        task_id=task_id,
+        price_per_round_wei=MIN_AGGREGATOR_PRICE_WEI,
+        samples=0,
+        role=Role.AGGREGATOR,
+    ).gas_used
+    stake = [
+        bench.market.place_bid(
+            sender=d,
+            task_id=task_id,
+            price_per_round_wei=MIN_TRAINER_PRICE_WEI,
+            samples=100 + i,
+            role=Role.TRAINER,
+        ).gas_used
+        for i, d in enumerate(devices[:4])
+    ]
+    withdraw_bid = bench.market.withdraw_bid(sender=devices[0], task_id=task_id).gas_used
+    bench.advance(10_001)
+    bench.market.select_nodes(sender=bench.owner, task_id=task_id)
+    selected = bench.market.selection(task_id=task_id)
+    assert selected is not None
+    loser = next(d for d in devices[1:4] if d.address not in selected.trainers)
+    release = bench.market.withdraw_bid(
+        sender=bench.owner, task_id=task_id, device=loser.address
+    ).gas_used
+    return {
+        "placeBidWithBond": bond,
+        "placeBidWithStake": int(statistics.median(stake)),
+        "withdrawBidWhileBidding": withdraw_bid,
+        "withdrawBidUnselected": release,
+    }
+
+
+def code_sizes(w3: Web3, market: FlexMarket) -> dict[str, int]:
+    """Deployed code size in bytes of every compiled contract (FlexMarket's read from the
+    chain, the others from their artefacts)."""
+    sizes = {}
+    for path in sorted(BUILD.glob("*.json")):
+        artefact = load_artifact(path.stem) if path.stem != "build-info" else {}
+        code = bytes.fromhex((artefact.get("deployedBytecode") or "").removeprefix("0x"))
+        if code:  # an interface has none
+            sizes[path.stem] = len(code)
+    sizes["FlexMarket"] = len(w3.eth.get_code(market.address))
+    return sizes
 
 
 def measure_selection(
@@ -275,13 +331,16 @@ def run(*, seed: int = 7, worst: bool = False) -> dict[str, Any]:
         create_gas = create_task(bench, rounds=5, max_trainers=10)[1]
         bid_task, _ = create_task(bench, rounds=5, max_trainers=10)
         bid_gas = place_bids(bench, bid_task, aggregator, devices[:10])
+        deposits = measure_deposits(bench, aggregator, devices[10:14])
         selection = measure_selection(bench, aggregator, devices)
+        sizes = code_sizes(w3, market)
         rounds = measure_rounds(bench, aggregator, devices[:ROUND_TRAINERS])
         worst_case = measure_worst(bench, aggregator) if worst else None
 
     results: dict[str, Any] = {
         "createTask": create_gas,
         "placeBid": int(statistics.median(bid_gas[1:])),
+        "deposits": deposits,
         "selectNodes": selection,
         # The worst case: the first update of a round also starts the round's bitmask slot.
         "submitUpdate": {name: g["max"] for name, g in rounds["submit"].items()},
@@ -296,6 +355,7 @@ def run(*, seed: int = 7, worst: bool = False) -> dict[str, Any]:
             "selectNodesMaxTrainers": {str(k): v for k, v in SELECTION_SIZES.items()},
             "seconds": round(time.monotonic() - started, 1),
         },
+        "codeSize": sizes,
         "targets": TARGETS,
     }
     if worst_case is not None:
@@ -305,6 +365,7 @@ def run(*, seed: int = 7, worst: bool = False) -> dict[str, Any]:
         "publishGlobalModel": max(results["publishGlobalModel"].values())
         < TARGETS["publishGlobalModel"],
         "selectNodes500": selection["500"] < TARGETS["selectNodes500"],
+        "codeSize": max(sizes.values()) < TARGETS["codeSize"],
     }
     if worst_case is not None:
         worst_gas = max(worst_case["selectNodes"], worst_case["finalize"])
@@ -314,6 +375,7 @@ def run(*, seed: int = 7, worst: bool = False) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
     rows = [("createTask", results["createTask"]), ("placeBid", results["placeBid"])]
+    rows += list(results["deposits"].items())
     rows += [(f"selectNodes {n} bids", g) for n, g in results["selectNodes"].items()]
     rows += [(f"submitUpdate {n}", g) for n, g in results["submitUpdate"].items()]
     rows += [(f"publishGlobalModel {n}", g) for n, g in results["publishGlobalModel"].items()]
@@ -331,6 +393,10 @@ def table(results: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"{'call':<{width}}  {'gas':>11}", f"{'-' * width}  {'-' * 11}"]
     lines += [f"{name:<{width}}  {gas:>11,}" for name, gas in rows]
+    lines += [""] + [
+        f"{f'{name} deployed code':<{width}}  {size:>11,} bytes"
+        for name, size in results["codeSize"].items()
+    ]
     for target, ok in results["pass"].items():
         lines.append(f"target {target} < {TARGETS[target]:,}: {'pass' if ok else 'MISSED'}")
     return "\n".join(lines)

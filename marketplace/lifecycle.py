@@ -16,6 +16,7 @@ message is the contract's task id.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterable
@@ -25,7 +26,12 @@ from django.db import transaction
 from django.db.models import QuerySet
 
 from chain.client import FlexMarket
-from chain.errors import BiddingOpenError, DeadlineNotPassedError, InvalidTaskStateError
+from chain.errors import (
+    BiddingOpenError,
+    DeadlineNotPassedError,
+    InvalidTaskStateError,
+    NoBidError,
+)
 from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time
 from chain.records import TxResult
@@ -315,9 +321,22 @@ def task_select_nodes(*, task_id: int) -> str | None:
         except (InvalidTaskStateError, BiddingOpenError) as exc:
             log.info("task %s: selection not run: %s", task_id, exc.message)
             return None
+        _release_unselected(market, platform, task_id=task_id)
     _record(task_id, Action.SELECT_NODES, tx)
     log.info("task %s: node selection run in %s", task_id, tx.tx_hash)
     return tx.tx_hash
+
+
+def _release_unselected(market: FlexMarket, platform, *, task_id: int) -> None:
+    """Credit every bidder that was not selected its stake or bond back (anyone may; the
+    platform does it at once so that no deposit waits on its device)."""
+    chosen = market.selection(task_id=task_id)
+    keep = set() if chosen is None else {chosen.aggregator, *chosen.trainers}
+    for bid in market.bids(task_id=task_id):
+        if bid.device in keep:
+            continue
+        with contextlib.suppress(NoBidError):  # released already
+            market.withdraw_bid(sender=platform, task_id=task_id, device=bid.device)
 
 
 def task_finalize(*, task_id: int) -> str | None:

@@ -26,7 +26,13 @@ def token_digest(raw: str) -> str:
 
 
 class WeiField(models.DecimalField):
-    """An amount of wei: an exact integer up to 2**256 in the database, ``int`` in Python."""
+    """An amount of wei: an exact integer up to 2**256 in the database, ``int`` in Python.
+
+    PostgreSQL keeps it as numeric(78, 0). SQLite has no such type: a column it calls numeric
+    turns integers above 2**63 into floats, so there the field is text holding the decimal
+    digits (a comparison with a number literal is then a text comparison, which orders
+    non-negative amounts without leading zeros correctly against 0, all the checks need).
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("max_digits", 78)
@@ -38,6 +44,17 @@ class WeiField(models.DecimalField):
         kwargs.pop("max_digits", None)
         kwargs.pop("decimal_places", None)
         return name, path, args, kwargs
+
+    def db_type(self, connection):
+        if connection.vendor == "sqlite":
+            return "text"
+        return super().db_type(connection)
+
+    def get_db_prep_value(self, value, connection, prepared=False):
+        if connection.vendor == "sqlite":
+            value = self.to_python(value)
+            return None if value is None else str(value)
+        return super().get_db_prep_value(value, connection, prepared)
 
     def from_db_value(self, value, expression, connection):
         return None if value is None else int(value)
@@ -271,12 +288,14 @@ class Task(models.Model):
     max_trainers = models.PositiveIntegerField()
     bidding_ends = models.DateTimeField()
     round_timeout_s = models.PositiveIntegerField()
+    sample_cap = models.PositiveBigIntegerField(default=1000)
     aggregator = models.CharField(max_length=42, blank=True)
     aggregator_price_wei = WeiField(null=True, blank=True)
     published_rounds = models.PositiveIntegerField(default=0)
     trainers_paid_wei = WeiField(null=True, blank=True)
     aggregator_paid_wei = WeiField(null=True, blank=True)
     refunded_wei = WeiField(null=True, blank=True)
+    slashed_wei = WeiField(null=True, blank=True)
     failure_reason = models.CharField(max_length=40, blank=True)
     created_tx = models.CharField(max_length=66, db_index=True)
     created_block = models.PositiveBigIntegerField()
@@ -317,6 +336,7 @@ class Bid(ChainRecord):
     role = models.CharField(max_length=10, choices=Role.choices)
     price_per_round_wei = WeiField()
     samples = models.PositiveBigIntegerField()
+    deposit_wei = WeiField(default=0)
 
     class Meta:
         ordering = ["task", "bid_index"]
@@ -446,6 +466,8 @@ class PayoutReason(models.TextChoices):
     TRAINER_PAY = "trainer", "Trainer pay"
     AGGREGATOR_PAY = "aggregator", "Aggregator pay"
     REFUND = "refund", "Refund"
+    STAKE_RETURNED = "stake", "Stake returned"
+    STAKE_SLASHED = "slash", "Slashed stake"
 
 
 class Payout(ChainRecord):

@@ -15,11 +15,13 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
 
+from chain.client import DEFAULT_SAMPLE_CAP
 from chain.errors import (
     BudgetTooLowError,
     InvalidBiddingEndError,
     InvalidRoundsError,
     InvalidRoundTimeoutError,
+    InvalidSampleCapError,
     InvalidTrainerRangeError,
 )
 from chain.events import DeviceClass as ChainDeviceClass
@@ -402,17 +404,19 @@ def task_create(
     budget_wei: int,
     bidding_ends: datetime | None = None,
     bidding_window_s: int | None = None,
+    sample_cap: int = DEFAULT_SAMPLE_CAP,
 ) -> TaskOrder:
     """Post a task on chain from the buyer's custodial wallet and record the buyer's order.
 
     Bidding closes at ``bidding_ends``, or ``bidding_window_s`` seconds from the chain's
-    time (give one). Every rule the contract enforces is checked first, with the contract's
-    own error classes and fields, so a bad task costs no gas; a revert that still happens
-    (the chain moved in between) raises the same classes. Chain sync mirrors the task itself
-    when it sees TaskCreated (Task, linked to the order by the creating transaction).
-    Raises WalletMissingError, InvalidRoundsError, InvalidTrainerRangeError,
-    InvalidRoundTimeoutError, InvalidBiddingEndError, BudgetTooLowError,
-    InsufficientFundsError, any other ContractError, ChainUnavailableError.
+    time (give one). No trainer's claim counts for more than ``sample_cap`` samples. Every rule
+    the contract enforces is checked first, with the contract's own error classes and fields, so
+    a bad task costs no gas; a revert that still happens (the chain moved in between) raises the
+    same classes. Chain sync mirrors the task itself when it sees TaskCreated (Task, linked to
+    the order by the creating transaction). Raises WalletMissingError, InvalidRoundsError,
+    InvalidTrainerRangeError, InvalidRoundTimeoutError, InvalidBiddingEndError,
+    InvalidSampleCapError, BudgetTooLowError, InsufficientFundsError, any other ContractError,
+    ChainUnavailableError.
     """
     wallet = wallets.wallet_of(user=buyer)
     market = contract.market()
@@ -428,6 +432,8 @@ def task_create(
         raise InvalidRoundTimeoutError(
             round_timeout=round_timeout_s, max_round_timeout=limits.max_round_timeout
         )
+    if not 1 <= sample_cap < 2**64:
+        raise InvalidSampleCapError(sample_cap=sample_cap)
     if (bidding_ends is None) == (bidding_window_s is None):
         raise TypeError("give exactly one of bidding_ends and bidding_window_s")
     now = chain_time(contract.w3())
@@ -456,6 +462,7 @@ def task_create(
         bidding_ends=ends,
         round_timeout=round_timeout_s,
         budget_wei=budget_wei,
+        sample_cap=sample_cap,
     )
     created = receipt.first(TaskCreated)
     order = TaskOrder.objects.create(

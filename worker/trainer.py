@@ -51,8 +51,12 @@ def decide_bid(node: Node, *, task_id: int, spec: TaskSpec) -> BidDecision | Non
         log.info("task %s: budget %s wei is below this node's minimum", task_id, task.budget_wei)
         return None
     if node.config.may_aggregate and policy.aggregator_price_per_round_wei is not None:
+        if not _affords(node, task_id=task_id, deposit_wei=task.aggregator_bond_wei):
+            return None
         price = max(policy.aggregator_price_per_round_wei, task.min_aggregator_price_wei)
         return BidDecision(role=Role.AGGREGATOR, price_per_round_wei=price, samples=1)
+    if not _affords(node, task_id=task_id, deposit_wei=task.trainer_stake_wei):
+        return None
     try:
         data = node.data_for(spec)
     except DatasetError as exc:
@@ -65,8 +69,23 @@ def decide_bid(node: Node, *, task_id: int, spec: TaskSpec) -> BidDecision | Non
     return BidDecision(role=Role.TRAINER, price_per_round_wei=price, samples=len(data))
 
 
+def _affords(node: Node, *, task_id: int, deposit_wei: int) -> bool:
+    """Whether this node's account holds the bid's deposit (its gas comes on top)."""
+    balance = node.market.w3.eth.get_balance(node.address)
+    if balance < deposit_wei:
+        log.info(
+            "task %s: the deposit of %s wei is more than this node's %s wei",
+            task_id,
+            deposit_wei,
+            balance,
+        )
+        return False
+    return True
+
+
 def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
-    """Decide and place (or keep) this node's bid; safe to run twice."""
+    """Decide and place (or keep) this node's bid, paying in the task's stake (or bond, to
+    aggregate); safe to run twice."""
     parsed = verified_spec(node, task_id=task_id, spec=spec)
     decision = decide_bid(node, task_id=task_id, spec=parsed)
     if decision is None:
@@ -74,10 +93,12 @@ def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
     index = node.market.bid_index_of(task_id=task_id, device=node.address)
     if index is not None:
         placed = node.market.bids(task_id=task_id)[index]
+        # The chain keeps a claim capped at the task's sample cap.
+        cap = node.market.task(task_id=task_id).sample_cap
         if (placed.role, placed.price_per_round_wei, placed.samples) == (
             decision.role,
             decision.price_per_round_wei,
-            decision.samples,
+            min(decision.samples, cap),
         ):
             return decision
     node.market.place_bid(

@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 
 # Rows per query when looking rows up or writing them in bulk (SQLite caps query parameters).
 BATCH = 500
-BID_FIELDS = ["bid_index", "role", "price_per_round_wei", "samples", "tx_hash", "block_number"]
+BID_FIELDS = [
+    "bid_index",
+    "role",
+    "price_per_round_wei",
+    "samples",
+    "deposit_wei",
+    "tx_hash",
+    "block_number",
+]
 
 
 class Mirror:
@@ -161,6 +169,7 @@ def task_rederive(mirror: Mirror, chain_task_id: int) -> None:
     task.aggregator, task.aggregator_price_wei = "", None
     task.published_rounds = 0
     task.trainers_paid_wei = task.aggregator_paid_wei = task.refunded_wei = None
+    task.slashed_wei = None
     task.failure_reason = ""
     mirror.tasks[chain_task_id] = task
     for record in records:

@@ -9,6 +9,8 @@ _CREDIT_REASONS = {
     "trainer_pay": PayoutReason.TRAINER_PAY,
     "aggregator_pay": PayoutReason.AGGREGATOR_PAY,
     "refund": PayoutReason.REFUND,
+    "stake_returned": PayoutReason.STAKE_RETURNED,
+    "stake_slashed": PayoutReason.STAKE_SLASHED,
 }
 
 

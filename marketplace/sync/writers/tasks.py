@@ -20,6 +20,7 @@ def task_created(mirror, e: MirrorEvent) -> None:
     task.max_trainers = a["max_trainers"]
     task.bidding_ends = when(a["bidding_ends"])
     task.round_timeout_s = a["round_timeout"]
+    task.sample_cap = a["sample_cap"]
     task.created_tx = e.tx_hash
     task.created_block = e.block_number
     task.state = TaskState.BIDDING
@@ -86,6 +87,7 @@ def task_settled(mirror, e: MirrorEvent) -> None:
     task.trainers_paid_wei = int(a["trainers_paid_wei"])
     task.aggregator_paid_wei = int(a["aggregator_paid_wei"])
     task.refunded_wei = int(a["refunded_wei"])
+    task.slashed_wei = int(a["slashed_wei"])
     if "published_rounds" in a:
         task.published_rounds = a["published_rounds"]
     mirror.changed(task)
