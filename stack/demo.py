@@ -62,7 +62,7 @@ def follow_task(
     from django.contrib.auth import get_user_model
 
     from marketplace import contract, services
-    from marketplace.models import Payout, Round, Task, Update
+    from marketplace.models import Bid, Payout, PayoutReason, Round, Task, Update
     from marketplace.models_download import final_model_fetch
     from marketplace.wallets import wallet_account, wallet_of
     from training.serialize import id_hex, model_id
@@ -146,13 +146,20 @@ def follow_task(
             }
         )
         previous = at
+    # Pay for work, the refund, and the deposits: stakes and the bond returned, or slashed
+    # (credited to the buyer and, when the aggregator is late, the trainers).
     payouts: dict[str, int] = {}
+    returned: dict[str, int] = {}
+    slashed: dict[str, int] = {}
     refund = 0
     for p in Payout.objects.filter(task=task):
-        if p.reason == "refund":
+        if p.reason == PayoutReason.REFUND:
             refund += p.amount_wei
         else:
-            payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
+            into = {PayoutReason.STAKE_RETURNED: returned, PayoutReason.STAKE_SLASHED: slashed}
+            kind = into.get(p.reason, payouts)
+            kind[p.account] = kind.get(p.account, 0) + p.amount_wei
+    deposits = {b.device: b.deposit_wei for b in Bid.objects.filter(task=task) if b.deposit_wei}
     summary = {
         "task_id": task.chain_task_id,
         "state": task.state,
@@ -161,7 +168,12 @@ def follow_task(
         "budget_wei": str(task.budget_wei),
         "payouts_wei": {a: str(v) for a, v in payouts.items()},
         "refund_wei": str(refund),
-        "conserved": sum(payouts.values()) + refund == task.budget_wei,
+        "stakes_wei": {a: str(v) for a, v in deposits.items()},
+        "stakes_returned_wei": {a: str(v) for a, v in returned.items()},
+        "stakes_slashed_wei": {a: str(v) for a, v in slashed.items()},
+        # payouts + refund + stakes returned + slashed == budget + stakes
+        "conserved": sum(payouts.values()) + refund + sum(returned.values()) + sum(slashed.values())
+        == task.budget_wei + sum(deposits.values()),
         "killed_device": killed,
         "devices": dict(names),
         "model_id": None,
@@ -264,7 +276,7 @@ def demo(
     if summary["state"] != "finalized":
         problems.append(f"the task ended {summary['state']}, not finalized")
     if not summary["conserved"]:
-        problems.append("payouts + refund != budget")
+        problems.append("payouts + refund + stakes back + slashed != budget + stakes")
     if not summary["model_verified"]:
         problems.append("the downloaded model does not match its on-chain ID")
     if (summary["final_accuracy"] or 0) < min_accuracy:
@@ -287,7 +299,12 @@ def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
         print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei}")
     print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
     print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
-    print(f"payouts + refund == budget: {summary['conserved']}")
+    print("stakes and bond (wei): paid in / returned / slashed")
+    for address, wei in summary["stakes_wei"].items():
+        back = summary["stakes_returned_wei"].get(address, "0")
+        lost = summary["stakes_slashed_wei"].get(address, "0")
+        print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei} / {back} / {lost}")
+    print(f"payouts + refund + stakes back + slashed == budget + stakes: {summary['conserved']}")
     print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
     if withdrawals := summary.get("withdrawals"):
         print("withdrawals (credit -> 0, account + credit - gas):")
