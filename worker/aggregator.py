@@ -144,7 +144,8 @@ def aggregate(
     left = task.submission_deadline - node.chain_time()
     certs = {k.lower(): v for k, v in trainer_certs.items()}
     peers = {k.lower(): (v, certs.get(k.lower(), "")) for k, v in trainer_urls.items()}
-    if wait and len(submitted) < len(selection.trainers) and left > 0:
+    # The contract takes a partial round only after its window: at the deadline it is open.
+    if wait and len(submitted) < len(selection.trainers) and left >= 0:
         # Fetch what is in already while the rest train: the round then closes sooner, and an
         # update stays usable even if its device vanishes before the round closes.
         for position in submitted:
