@@ -137,18 +137,29 @@ def prefill(chain: Chain, owner: str, buyer: str) -> dict[str, Any]:
                 10,  # max trainers
                 now + 86_400,  # bidding ends
                 600,  # round timeout
+                1000,  # sample cap
                 value=10**18,
             )
             for i in range(TASKS)
         ]
     )
     first_task = chain.market.task_count() - TASKS + 1
+    stake = chain.market.task(task_id=first_task).trainer_stake_wei
     bids = []
     for i in range(TASKS * BIDS_PER_TASK):
         task_id = first_task + i // BIDS_PER_TASK
         price = MIN_PRICE_WEI * (1 + i % 7)
         bids.append(
-            chain.call(devices[i], 0, "placeBid", task_id, price, 100 + i % 50, int(Role.TRAINER))
+            chain.call(
+                devices[i],
+                0,
+                "placeBid",
+                task_id,
+                price,
+                100 + i % 50,
+                int(Role.TRAINER),
+                value=stake,
+            )
         )
     blocks += chain.send_and_mine(bids)
     chain.w3.provider.make_request("evm_setAutomine", [True])
@@ -296,8 +307,12 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
     headers = [(b"origin", b"http://localhost"), (b"cookie", cookie.encode())]
     rng = random.Random(7)
 
+    stake = chain.market.task(task_id=task_id).trainer_stake_wei
+
     def bid(device: str) -> tuple[str, float]:
-        tx = chain.call(device, 1, "placeBid", task_id, MIN_PRICE_WEI, 10, int(Role.TRAINER))
+        tx = chain.call(
+            device, 1, "placeBid", task_id, MIN_PRICE_WEI, 10, int(Role.TRAINER), value=stake
+        )
         [tx_hash] = chain.rpc([("eth_sendTransaction", [tx])])
         # Automine: the block is mined by the time the node answers.
         return tx_hash, time.perf_counter()

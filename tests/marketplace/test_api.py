@@ -230,8 +230,10 @@ def test_task_detail_carries_the_mirrored_trade(alice, finished):
     assert detail["rounds_published"][1]["global_model_id"] == "0x" + "33" * 32
     assert detail["rounds_published"][1]["accuracy"] == 0.5  # as the aggregator reported it
     assert [u["train_s"] for u in detail["updates"]] == [1.0]  # as the trainer reported it
-    # Escrow is conserved: trainer pay, aggregator fee and refund add up to the budget.
-    assert sum(int(p["amount_wei"]) for p in detail["payouts"]) == int(detail["budget_wei"])
+    # Escrow is conserved: trainer pay, aggregator fee and refund add up to the budget (the
+    # stakes and bond come back beside them).
+    spent = [p for p in detail["payouts"] if p["reason"] in {"trainer", "aggregator", "refund"}]
+    assert sum(int(p["amount_wei"]) for p in spent) == int(detail["budget_wei"])
     assert {p["reason"] for p in detail["payouts"]} >= {"trainer", "aggregator"}
     listed = client_for(alice).get("/api/open-tasks/").json()["results"]
     assert task.chain_task_id not in [t["id"] for t in listed]

@@ -255,13 +255,20 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     task.refresh_from_db()
     assert task.state == "finalized"
-    paid = {p.account: p.amount_wei for p in task.payouts.exclude(reason="refund")}
+    # Unscored, each valid update earns half its price; stakes and the bond come back.
+    paid = {
+        p.account: p.amount_wei for p in task.payouts.filter(reason__in=["trainer", "aggregator"])
+    }
     assert paid == {
-        trainers[0].address: TRAINER_PRICE,
-        trainers[1].address: TRAINER_PRICE,
+        trainers[0].address: TRAINER_PRICE // 2,
+        trainers[1].address: TRAINER_PRICE // 2,
         aggregator.address: AGGREGATOR_PRICE,
     }
-    assert task.refunded_wei == BUDGET - 2 * TRAINER_PRICE - AGGREGATOR_PRICE
+    assert task.refunded_wei == BUDGET - TRAINER_PRICE - AGGREGATOR_PRICE
+    deposits = {b.device: b.deposit_wei for b in task.bids.all()}
+    returned = {p.account: p.amount_wei for p in task.payouts.filter(reason="stake")}
+    assert returned == deposits
+    assert task.slashed_wei == 0
 
     # What the aggregator reports is the Round's, if it names the chain's model.
     reports.round_metrics_record(

@@ -24,7 +24,15 @@ from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import LocalChain, dev_accounts
 from chain.records import TxResult
 from marketplace import lifecycle, services
-from marketplace.models import Bid, ChainCursor, ChainEventRecord, Task, TaskState
+from marketplace.models import (
+    Bid,
+    ChainCursor,
+    ChainEventRecord,
+    Payout,
+    PayoutReason,
+    Task,
+    TaskState,
+)
 from marketplace.selectors import task_view_get
 from marketplace.sync import ChainSync
 from marketplace.tasks import chain_sync
@@ -197,6 +205,38 @@ def test_running_sync_twice_gives_the_same_rows(platform_market, mirror_env, buy
     assert cursor.block_number == w3.eth.block_number
     assert cursor.block_hash == w3.eth.get_block(cursor.block_number)["hash"].to_0x_hex()
     assert cursor.last_lag_ms is not None
+
+
+def test_withdrawn_and_capped_bids_and_deposits_are_mirrored(platform_market, mirror_env, buyer):
+    market, w3 = platform_market, platform_market.w3
+    first, second, third = (new_device(w3, f"bidder-{i}") for i in range(3))
+    for device in (first, second, third):
+        register(market, device)
+    task_id = create_task(market, buyer)
+    stake = market.task(task_id=task_id).trainer_stake_wei
+    for device in (first, second, third):
+        market.place_bid(
+            sender=device,
+            task_id=task_id,
+            price_per_round_wei=PRICE,
+            samples=2**64 - 1,
+            role=Role.TRAINER,
+        )
+    ChainSync().run()  # the withdrawal below is in a later chunk than the bids
+    market.withdraw_bid(sender=first, task_id=task_id)
+    ChainSync().run()
+
+    task = Task.objects.get(chain_task_id=task_id)
+    assert task.sample_cap == 1000
+    bids = {b.device: b for b in task.bids.all()}
+    assert set(bids) == {second.address, third.address}
+    # The last bid moved into the withdrawn one's index, as on chain.
+    assert bids[third.address].bid_index == 0
+    assert bids[second.address].bid_index == 1
+    assert {b.samples for b in bids.values()} == {1000}
+    assert {b.deposit_wei for b in bids.values()} == {stake}
+    refund = Payout.objects.get(task=task, account=first.address)
+    assert (refund.amount_wei, refund.reason) == (stake, PayoutReason.STAKE_RETURNED)
 
 
 def test_a_new_sync_continues_from_the_cursor(platform_market, mirror_env, buyer):

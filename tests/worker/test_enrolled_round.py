@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from chain.events import Role, TaskCreated, TaskState
+from chain.events import CreditReason, PaymentCredited, Role, TaskCreated, TaskState
 from chain.launcher import dev_accounts
 from chain.selection import positions_of
 from core.messages import (
@@ -177,10 +177,22 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     )
     assert final.header.contract == market.address
 
-    market.finalize(sender=platform_account, task_id=task_id)
-    paid = {t.config.address: market.credit_of(account=t.config.address) for t in trainers}
-    assert paid == {t.config.address: TRAINER_PRICE * SPEC.rounds for t in trainers}
-    assert market.credit_of(account=aggregator.config.address) == AGGREGATOR_PRICE * SPEC.rounds
+    settled = market.finalize(sender=platform_account, task_id=task_id)
+    pay = {(e.account, e.reason): e.amount_wei for e in settled.all(PaymentCredited)}
+    # Each round's pool, half the two trainers' prices, is shared by score, none above its price.
+    earned = [pay.get((t.config.address, CreditReason.TRAINER_PAY), 0) for t in trainers]
+    assert TRAINER_PRICE * SPEC.rounds - 2 * SPEC.rounds <= sum(earned)
+    assert sum(earned) <= TRAINER_PRICE * SPEC.rounds
+    assert all(e <= TRAINER_PRICE * SPEC.rounds for e in earned)
+    assert pay[(aggregator.config.address, CreditReason.AGGREGATOR_PAY)] == (
+        AGGREGATOR_PRICE * SPEC.rounds
+    )
+    info = market.task(task_id=task_id)
+    for t in trainers:
+        assert pay[(t.config.address, CreditReason.STAKE_RETURNED)] == info.trainer_stake_wei
+    assert pay[(aggregator.config.address, CreditReason.STAKE_RETURNED)] == (
+        info.aggregator_bond_wei
+    )
 
 
 def test_bad_messages_are_refused_and_the_device_keeps_serving(nodes, platform, platform_market):

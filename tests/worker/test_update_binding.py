@@ -1,5 +1,6 @@
 """An update belongs to its author: against real nodes, a trainer that hands in a copy of
-another's update, its own update of an earlier round, or the global model's ID is left out
+another's update, its own update of an earlier round, or the global model's ID is refused by the
+contract, and an altered copy of one (a new ID, the wrong header) is left out
 with a named reason, and the honest updates aggregate to the bit of an independent
 recomputation in plain Python integers."""
 
@@ -17,6 +18,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 
+from chain.errors import ModelIdUsedError
 from chain.events import Role, TaskCreated
 from chain.launcher import dev_accounts
 from chain.selection import positions_of
@@ -87,6 +89,14 @@ def cheats(platform_settings, platform_market, tmp_path) -> Iterator[dict[str, C
                 dataplane_cert_sha256=plane.certificate.sha256,
             )
         yield made
+
+
+def altered(blob: bytes) -> bytes:
+    """The same model under the same header with one value changed: a new ID."""
+    model = decode(blob)
+    values = [np.array(v, copy=True) for v in model.values]
+    values[0].flat[0] += 1
+    return encode(model.header, values)
 
 
 def recompute(blobs: list[bytes], weights: list[int], header: Header) -> bytes:
@@ -167,10 +177,14 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
         platform.reports(len(honest))
         honest_ids = [market.update_of(**at, trainer=n.config.address) for n in honest]
         global_id = market.global_model(**at)
-        # The copier hands in Alice's update, and even serves its bytes.
-        copier.store.put(honest[0].store.get(honest_ids[0]))
-        market.submit_update(sender=copier.account, **at, model_id=honest_ids[0])
-        # The free rider fetches the global model, as any selected trainer may, and hands it in.
+        # The copier hands in Alice's update: the contract refuses an ID used before. So it
+        # hands in a copy with one value changed (a new ID, Alice's header), and serves it.
+        with pytest.raises(ModelIdUsedError):
+            market.submit_update(sender=copier.account, **at, model_id=honest_ids[0])
+        copy = altered(honest[0].store.get(honest_ids[0]))
+        market.submit_update(sender=copier.account, **at, model_id=id_hex(copier.store.put(copy)))
+        # The free rider fetches the global model, as any selected trainer may, and hands it in:
+        # refused on chain as well; an altered global model gets past the contract only.
         global_blob = fetch_model(
             base_url=aggregator.config.dataplane_url,
             cert_sha256=aggregator_cert,
@@ -178,15 +192,22 @@ def test_copy_stale_update_and_global_model_are_left_out_and_the_rest_is_exact(
             server_address=aggregator.config.address,
             account=freerider.account,
         )
-        freerider.store.put(global_blob)
-        market.submit_update(sender=freerider.account, **at, model_id=global_id)
-        # The stale trainer hands in a well-formed update of its own in round 0, and again
-        # the same one in round 1.
+        with pytest.raises(ModelIdUsedError):
+            market.submit_update(sender=freerider.account, **at, model_id=global_id)
+        ride = id_hex(freerider.store.put(altered(global_blob)))
+        market.submit_update(sender=freerider.account, **at, model_id=ride)
+        # The stale trainer hands in a well-formed update of its own in round 0; in round 1
+        # the same one is refused on chain, and an altered copy of it names round 0.
         if stale_id is None:
             own = decode(global_blob)
             header = dataclasses.replace(own.header, kind=Kind.UPDATE, trainer=stale.address)
             stale_id = id_hex(stale.store.put(encode(header, own.values)))
-        market.submit_update(sender=stale.account, **at, model_id=stale_id)
+            market.submit_update(sender=stale.account, **at, model_id=stale_id)
+        else:
+            with pytest.raises(ModelIdUsedError):
+                market.submit_update(sender=stale.account, **at, model_id=stale_id)
+            again = id_hex(stale.store.put(altered(stale.store.get(stale_id))))
+            market.submit_update(sender=stale.account, **at, model_id=again)
 
         platform.send(
             "worker.aggregate",
