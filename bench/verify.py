@@ -22,11 +22,20 @@ from typing import Any
 
 import numpy as np
 
-from chain.fraud import Challenge, FlexVerifier, Included, Opening, RoundContext, Strategy
+from chain.fraud import Challenge, FlexVerifier, Included, RoundContext, Strategy
 from chain.launcher import LocalChain, dev_accounts
 from training import merkle
 from training.aggregation import FedAvg, Update
-from training.serialize import CHUNK_VALUES, Header, Kind, decode, encode, id_hex, id_of
+from training.serialize import (
+    CHUNK_VALUES,
+    ChunkOpening,
+    Header,
+    Kind,
+    decode,
+    encode,
+    id_hex,
+    id_of,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "verify.json"
@@ -38,16 +47,15 @@ CHAIN_ID, TASK, ROUND = 31337, 1, 3
 RECOMPUTE = ((10, 10_000), (10, 1_000_000))
 
 
-def _opening(header: Header, values: np.ndarray, siblings: list[bytes]) -> tuple[Opening, str]:
+def _opening(header: Header, values: np.ndarray, siblings: list[bytes]) -> tuple[ChunkOpening, str]:
     """Chunk 0 of a model whose other chunks sit behind ``siblings``, and the model's ID."""
     raw = values.astype(">i4").tobytes()
     h = merkle.leaf(raw)
     for sibling in siblings:
         h = merkle.node(h, sibling)
     packed = header.pack()
-    return Opening(header=packed, root=h, values=raw, siblings=tuple(siblings)), id_hex(
-        id_of(packed, h)
-    )
+    opened = ChunkOpening(index=0, header=packed, root=h, values=raw, siblings=tuple(siblings))
+    return opened, id_hex(id_of(packed, h))
 
 
 def challenge_of(trainers: int, parameters: int, rng: np.random.Generator) -> Challenge:

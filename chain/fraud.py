@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, Protocol
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
@@ -50,18 +50,19 @@ class Verdict(IntEnum):
     INVALID_GLOBAL = 3
 
 
-@dataclass(frozen=True)
-class Opening:
-    """One chunk of one model with what ties it to the model's ID: the header's bytes, the
-    Merkle root, the chunk's values (int32, big-endian) and its path to the root."""
+class Opened(Protocol):
+    """One chunk of one model with what ties it to the model's ID (the model format's
+    ChunkOpening): the header's bytes, the Merkle root, the chunk's values (int32,
+    big-endian) and its path to the root."""
 
     header: bytes
     root: bytes
     values: bytes
     siblings: tuple[bytes, ...]
 
-    def encoded(self) -> tuple[bytes, bytes, bytes, list[bytes]]:
-        return (self.header, self.root, self.values, list(self.siblings))
+
+def _opening(opened: Opened) -> tuple[bytes, bytes, bytes, list[bytes]]:
+    return (opened.header, opened.root, opened.values, list(opened.siblings))
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,8 @@ class Challenge:
     included: tuple[Included, ...]
     chunk: int
     offset: int
-    global_opening: Opening
-    updates: tuple[Opening, ...]
+    global_opening: Opened
+    updates: tuple[Opened, ...]
 
     def args(self) -> list[Any]:
         return [
@@ -117,8 +118,8 @@ class Challenge:
                 for u in self.included
             ],
             (self.chunk, self.offset),
-            self.global_opening.encoded(),
-            [u.encoded() for u in self.updates],
+            _opening(self.global_opening),
+            [_opening(u) for u in self.updates],
         ]
 
 

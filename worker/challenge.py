@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from chain.fraud import Challenge, Included, Opening, RoundContext, Strategy
+from chain.fraud import Challenge, Included, RoundContext, Strategy
 from training.aggregation import STRATEGIES, Update
 from training.serialize import ModelBlob, id_hex
 
@@ -24,16 +24,6 @@ class IncludedBlob:
     blob: ModelBlob
     trainer: str
     weight: int
-
-
-def opening(blob: ModelBlob, chunk: int) -> Opening:
-    """Chunk ``chunk`` of ``blob`` with its header, root and Merkle path."""
-    return Opening(
-        header=blob.header.pack(),
-        root=blob.root,
-        values=blob.chunk(chunk),
-        siblings=tuple(blob.proof(chunk)),
-    )
 
 
 def recompute(
@@ -75,8 +65,8 @@ def challenge(
         ),
         chunk=chunk,
         offset=offset,
-        global_opening=opening(published, chunk),
-        updates=tuple(opening(u.blob, chunk) for u in included),
+        global_opening=published.opening(chunk),
+        updates=tuple(u.blob.opening(chunk) for u in included),
     )
 
 
