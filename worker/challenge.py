@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
 from training.aggregation import STRATEGIES, Update
 from training.serialize import ModelBlob, id_hex
@@ -24,6 +25,12 @@ class IncludedBlob:
     blob: ModelBlob
     trainer: str
     weight: int
+
+
+def recorded_weights(market: FlexMarket, *, task_id: int) -> dict[str, int]:
+    """Each bidder's FedAvg weight as the contract records it (its bid's sample count), by
+    checksummed address: what the aggregator weighs with and a challenge is checked by."""
+    return {b.device: b.samples for b in market.bids(task_id=task_id)}
 
 
 def recompute(

@@ -24,7 +24,14 @@ from training.fixedpoint import quantize
 from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, encode, id_hex, model_id
 from training.spec import TaskSpec
 from training.store import ModelStore
-from worker.challenge import IncludedBlob, challenge, context_of, first_difference, recompute
+from worker.challenge import (
+    IncludedBlob,
+    challenge,
+    context_of,
+    first_difference,
+    recompute,
+    recorded_weights,
+)
 from worker.node import STORE_DIR
 
 Blobs = Callable[[str], ModelBlob | None]
@@ -119,7 +126,7 @@ def _round(
         if position not in aggregated:
             out.left_out.append(entry)
             continue
-        entry |= {"weight": weights[trainer.lower()], "score": scores.get(position)}
+        entry |= {"weight": weights[trainer], "score": scores.get(position)}
         out.updates.append(entry)
         blob = blobs(update_id)
         if blob is None:
@@ -177,7 +184,7 @@ def provenance(market: FlexMarket, *, task_id: int, spec: dict, blobs: Blobs) ->
         raise SpecHashMismatchError(task_id=task_id, on_chain=task.spec_hash, given=parsed.hash_hex)
     selection = market.selection(task_id=task_id)
     trainers = selection.trainers if selection else ()
-    weights = {b.device.lower(): b.samples for b in market.bids(task_id=task_id)}
+    weights = recorded_weights(market, task_id=task_id)
     rounds = [_initial(market, spec=parsed, task_id=task_id)]
     published = market.task(task_id=task_id).published_rounds
     for r in range(max(published - 1, 0)):

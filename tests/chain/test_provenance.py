@@ -32,9 +32,12 @@ SAMPLES = (100, 250, 40)
 LIE_AT = 300  # chunk 1, value 44
 
 
-def run_task(flow: Flow, accounts: Accounts, store: ModelStore, *, lie: bool) -> int:
+def run_task(
+    flow: Flow, accounts: Accounts, store: ModelStore, *, lie: bool, stale: bool = False
+) -> int:
     """One round of a real spec's task on chain, the blobs kept in ``store``; the aggregator
-    publishes the exact FedAvg, or with one value off by one."""
+    publishes the exact FedAvg, or with one value off by one. With ``stale`` the last trainer
+    hands in an update whose header names another round, and the aggregator includes it."""
     market = flow.market
     task_id = (
         market.create_task(
@@ -84,9 +87,10 @@ def run_task(flow: Flow, accounts: Accounts, store: ModelStore, *, lie: bool) ->
     by_address = {t.address: t for t in accounts.trainers}
     samples = {t.address: s for t, s in zip(accounts.trainers, SAMPLES, strict=False)}
     included = []
-    for trainer in trainers:
+    for k, trainer in enumerate(trainers):
         values = [v + rng.integers(-500, 500, v.shape, dtype=np.int32) for v in initial]
-        update = store.put(encode(header(Kind.UPDATE, 0, trainer), values))
+        made_in = 5 if stale and k == len(trainers) - 1 else 0
+        update = store.put(encode(header(Kind.UPDATE, made_in, trainer), values))
         market.submit_update(
             sender=by_address[trainer], task_id=task_id, round_number=0, model_id=id_hex(update)
         )
