@@ -48,8 +48,18 @@ def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
     return done, json.loads(summary_path.read_text())
 
 
-def _paid(summary: dict) -> dict[str, int]:
-    return {a.lower(): int(v) for a, v in summary["payouts_wei"].items()}
+def _paid(summary: dict, key: str = "payouts_wei") -> dict[str, int]:
+    return {a.lower(): int(v) for a, v in summary[key].items()}
+
+
+def _conserved(summary: dict) -> bool:
+    """Payouts + refund + stakes returned + slashed == budget + stakes, to the wei."""
+    out = sum(
+        sum(_paid(summary, key).values())
+        for key in ("payouts_wei", "stakes_returned_wei", "stakes_slashed_wei")
+    )
+    put_in = int(summary["budget_wei"]) + sum(_paid(summary, "stakes_wei").values())
+    return out + int(summary["refund_wei"]) == put_in
 
 
 def test_task_runs_from_budget_to_verified_model(var):
@@ -63,16 +73,21 @@ def test_task_runs_from_budget_to_verified_model(var):
     assert summary["model_verified"] is True
     payouts = _paid(summary)
     assert len(payouts) == TRAINERS + 1  # the trainers and the aggregator
-    assert sum(payouts.values()) + int(summary["refund_wei"]) == int(summary["budget_wei"])
+    assert _conserved(summary)
     assert int(summary["refund_wei"]) > 0
+    # Every selected node delivered: each stake and the bond came back.
+    returned = _paid(summary, "stakes_returned_wei")
+    assert set(returned) == set(payouts)
+    assert returned == {a: v for a, v in _paid(summary, "stakes_wei").items() if a in payouts}
     assert "round" in done.stdout
-    assert "payouts + refund == budget: True" in done.stdout
+    assert "payouts + refund + stakes back + slashed == budget + stakes: True" in done.stdout
     # Then every device paid and the buyer withdraw: each credit back to zero, each account
     # up by exactly its credit less the gas it paid.
     withdrawals = {a.lower(): w for a, w in summary["withdrawals"].items()}
     credited = {a: int(w["credit_wei"]) for a, w in withdrawals.items() if int(w["credit_wei"])}
     buyer = next(a for a, w in withdrawals.items() if w["name"] == "buyer")
-    assert credited == {**payouts, buyer: int(summary["refund_wei"])}
+    everything = {a: payouts.get(a, 0) + returned.get(a, 0) for a in {*payouts, *returned}}
+    assert credited == {**everything, buyer: int(summary["refund_wei"])}
     for w in withdrawals.values():
         assert w["settled"] is True
         assert w["credit_after_wei"] == "0"
@@ -92,12 +107,17 @@ def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(var):
     assert updates == [TRAINERS, TRAINERS - 1, TRAINERS - 1]
     payouts = _paid(summary)
     price = {d.name: d.aggregator_price_wei or d.price_wei for d in LOCAL_DEVICES}
-    rounds_paid = {
-        address: payouts[address] // price[summary["devices"][address]] for address in payouts
-    }
-    # The dead device delivered the first round only; everyone else all three.
-    assert rounds_paid.pop(killed) == 1
-    assert set(rounds_paid.values()) == {ROUNDS}
-    assert sum(payouts.values()) + int(summary["refund_wei"]) == int(summary["budget_wei"])
+    name = summary["devices"]
+    # The dead device delivered the first round only: no share is above its price, so it
+    # earned at most one round's price, and it lost its stake to the buyer.
+    assert 0 < payouts[killed] <= price[name[killed]]
+    returned = _paid(summary, "stakes_returned_wei")
+    assert killed not in returned
+    assert set(returned) == set(payouts) - {killed}
+    slashed = sum(_paid(summary, "stakes_slashed_wei").values())
+    assert slashed == _paid(summary, "stakes_wei")[killed]
+    aggregator = next(a for a in payouts if name[a] == "aggregator")
+    assert payouts[aggregator] == price["aggregator"] * ROUNDS
+    assert _conserved(summary)
     assert summary["state"] == "finalized"
     assert summary["model_verified"] is True
