@@ -75,10 +75,11 @@ def test_task_runs_from_budget_to_verified_model(var):
     assert len(payouts) == TRAINERS + 1  # the trainers and the aggregator
     assert _conserved(summary)
     assert int(summary["refund_wei"]) > 0
-    # Every selected node delivered: each stake and the bond came back.
+    # Every selected node delivered and the platform released the other bids: every stake
+    # and the bond came back.
     returned = _paid(summary, "stakes_returned_wei")
-    assert set(returned) == set(payouts)
-    assert returned == {a: v for a, v in _paid(summary, "stakes_wei").items() if a in payouts}
+    assert set(payouts) <= set(returned)
+    assert returned == _paid(summary, "stakes_wei")
     assert "round" in done.stdout
     assert "payouts + refund + stakes back + slashed == budget + stakes: True" in done.stdout
     # Then every device paid and the buyer withdraw: each credit back to zero, each account
@@ -112,10 +113,10 @@ def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(var):
     # earned at most one round's price, and it lost its stake to the buyer.
     assert 0 < payouts[killed] <= price[name[killed]]
     returned = _paid(summary, "stakes_returned_wei")
-    assert killed not in returned
-    assert set(returned) == set(payouts) - {killed}
+    stakes = _paid(summary, "stakes_wei")
+    assert returned == {a: v for a, v in stakes.items() if a != killed}
     slashed = sum(_paid(summary, "stakes_slashed_wei").values())
-    assert slashed == _paid(summary, "stakes_wei")[killed]
+    assert slashed == stakes[killed]
     aggregator = next(a for a in payouts if name[a] == "aggregator")
     assert payouts[aggregator] == price["aggregator"] * ROUNDS
     assert _conserved(summary)
