@@ -129,10 +129,15 @@ def test_an_honest_task_is_recomputed_to_the_bit(flow, accounts, tmp_path):
     weights = dict(zip([t.address for t in accounts.trainers], SAMPLES, strict=False))
     assert [u["weight"] for u in one["updates"]] == [weights[t] for t in trainers]
     # What the contract credited for the task, from its events: each trainer and the
-    # aggregator were paid, the rest refunded to the buyer; together, the budget.
+    # aggregator were paid, the rest refunded to the buyer; together, the budget. Their
+    # stakes and the bond came back beside it.
     paid = report["payments"]
     assert set(paid) == {*trainers, accounts.aggregators[0].address, accounts.buyer.address}
-    assert sum(sum(r.values()) for r in paid.values()) == 10**15
+    spent = ("trainer_pay", "aggregator_pay", "refund")
+    assert sum(r.get(k, 0) for r in paid.values() for k in spent) == 10**15
+    info = market.task(task_id=task_id)
+    deposits = 3 * info.trainer_stake_wei + info.aggregator_bond_wei
+    assert sum(r.get("stake_returned", 0) for r in paid.values()) == deposits
 
 
 def test_a_lying_aggregator_is_named_with_the_value_and_the_challenge_holds(
