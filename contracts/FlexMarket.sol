@@ -131,12 +131,12 @@ contract FlexMarket {
         uint256 kept;
     }
 
-    /// @dev Per-round working arrays of settlement, one per trainer position.
+    /// @dev Per-round working arrays of settlement: one entry per trainer position, and the
+    /// round's score words.
     struct Scratch {
         uint256[] prices;
-        uint256[] positions;
-        uint256[] scores;
         uint256[] shares;
+        uint256[] words;
     }
 
     /// @dev Working state of {selectNodes}, kept in memory so the stack stays shallow.
@@ -1345,9 +1345,8 @@ contract FlexMarket {
         out.pay = new uint256[](n);
         Scratch memory s;
         s.prices = new uint256[](n);
-        s.positions = new uint256[](n);
-        s.scores = new uint256[](n);
         s.shares = new uint256[](n);
+        s.words = new uint256[](MAX_TRAINERS / _SCORES_PER_WORD + 1);
         for (uint256 p = 0; p < n; ++p) {
             s.prices[p] = _trainers[taskId][p].pricePerRoundWei;
         }
@@ -1362,9 +1361,12 @@ contract FlexMarket {
         out.kept = kept;
     }
 
-    /// @dev Adds one aggregated round's trainer pay to `pay`; returns the round's total.
-    /// Unchecked: the pool is at most 128 prices of 2^96, a score 2^16, so no product
-    /// reaches 2^128; every share is at most its price, so the sums stay within the budget.
+    /// @dev Adds one aggregated round's trainer pay to `pay`; returns the round's total (the
+    /// rule is {finalize}'s). The scored path is the settlement's inner loop, up to
+    /// MAX_ROUNDS * MAX_TRAINERS times, so it runs in assembly over the scratch arrays: no
+    /// bounds checks (every index is a position below n), each score word read from storage
+    /// once. No overflow: the pool is at most 128 prices of 2^96 and a score 2^16; every share
+    /// is at most its price, so the sums stay within the budget.
     function _roundPay(
         mapping(uint256 word => uint256) storage words,
         uint256 mask,
@@ -1373,9 +1375,8 @@ contract FlexMarket {
     ) private view returns (uint256 total) {
         uint256[] memory prices = s.prices;
         uint256 n = prices.length;
-        uint256 word = words[0];
-        unchecked {
-            if (word == 0) {
+        if (words[0] == 0) {
+            unchecked {
                 for (uint256 p = 0; p < n; ++p) {
                     if ((mask >> p) & 1 == 1) {
                         uint256 half = prices[p] / 2;
@@ -1383,50 +1384,97 @@ contract FlexMarket {
                         total += half;
                     }
                 }
-                return total;
             }
-            uint256[] memory positions = s.positions;
-            uint256[] memory scores = s.scores;
-            uint256[] memory shares = s.shares;
-            uint256 k;
-            uint256 pool;
-            uint256 scoreSum;
-            for (uint256 p = 0; p < n; ++p) {
-                if ((mask >> p) & 1 == 1) {
-                    uint256 lane = k + 1;
-                    if (lane % _SCORES_PER_WORD == 0) word = words[lane / _SCORES_PER_WORD];
-                    uint256 score = (word >> (_SCORE_BITS * (lane % _SCORES_PER_WORD))) & 0xffff;
-                    positions[k] = p;
-                    scores[k] = score;
-                    pool += prices[p];
-                    scoreSum += score;
-                    ++k;
+            return total;
+        }
+        (uint256 pool, uint256 scoreSum) = _poolAndScoreSum(words, mask, prices, s.words);
+        return _shareOut(mask, pool, scoreSum, s, pay);
+    }
+
+    /// @dev Pass 1 of a scored round: the pool (half the valid prices) and the score sum;
+    /// lane k + 1 of the words holds the score of the k-th valid update (lane 0 is the
+    /// marker). Each word is read from storage once, into `cache`.
+    function _poolAndScoreSum(
+        mapping(uint256 word => uint256) storage words,
+        uint256 mask,
+        uint256[] memory prices,
+        uint256[] memory cache
+    ) private view returns (uint256 pool, uint256 scoreSum) {
+        uint256 n = prices.length;
+        assembly ("memory-safe") {
+            let priceAt := add(prices, 0x20)
+            let wordAt := add(cache, 0x20)
+            mstore(0x00, 0)
+            mstore(0x20, words.slot)
+            let word := sload(keccak256(0x00, 0x40))
+            mstore(wordAt, word)
+            let lane := 1
+            for { let p := 0 } lt(p, n) { p := add(p, 1) } {
+                if and(shr(p, mask), 1) {
+                    if iszero(and(lane, 15)) {
+                        mstore(0x00, shr(4, lane))
+                        word := sload(keccak256(0x00, 0x40))
+                        mstore(add(wordAt, shl(5, shr(4, lane))), word)
+                    }
+                    scoreSum := add(scoreSum, and(shr(shl(4, and(lane, 15)), word), 0xffff))
+                    pool := add(pool, mload(add(priceAt, shl(5, p))))
+                    lane := add(lane, 1)
                 }
             }
-            pool /= 2;
-            uint256 headroom;
-            bool capped;
-            for (uint256 j = 0; j < k; ++j) {
-                uint256 price = prices[positions[j]];
-                uint256 share = (pool * scores[j]) / scoreSum;
-                if (share > price) {
-                    share = price;
-                    capped = true;
+            pool := shr(1, pool)
+        }
+    }
+
+    /// @dev Passes 2 and 3 of a scored round: each share of the pool by score, capped at its
+    /// price, added to `pay`; then, if a cap held something back, the rest by headroom.
+    function _shareOut(
+        uint256 mask,
+        uint256 pool,
+        uint256 scoreSum,
+        Scratch memory s,
+        uint256[] memory pay
+    ) private pure returns (uint256 total) {
+        uint256[] memory prices = s.prices;
+        uint256[] memory shares = s.shares;
+        uint256[] memory cache = s.words;
+        uint256 headroom;
+        bool capped;
+        assembly ("memory-safe") {
+            let n := mload(prices)
+            let lane := 1
+            for { let p := 0 } lt(p, n) { p := add(p, 1) } {
+                if and(shr(p, mask), 1) {
+                    let word := mload(add(add(cache, 0x20), shl(5, shr(4, lane))))
+                    let share := div(mul(pool, and(shr(shl(4, and(lane, 15)), word), 0xffff)), scoreSum)
+                    let price := mload(add(add(prices, 0x20), shl(5, p)))
+                    if gt(share, price) {
+                        share := price
+                        capped := 1
+                    }
+                    mstore(add(add(shares, 0x20), shl(5, p)), share)
+                    let at := add(add(pay, 0x20), shl(5, p))
+                    mstore(at, add(mload(at), share))
+                    total := add(total, share)
+                    headroom := add(headroom, sub(price, share))
+                    lane := add(lane, 1)
                 }
-                shares[j] = share;
-                total += share;
-                headroom += price - share;
             }
-            if (capped) {
-                uint256 rest = pool - total;
-                for (uint256 j = 0; j < k; ++j) {
-                    uint256 extra = (rest * (prices[positions[j]] - shares[j])) / headroom;
-                    shares[j] += extra;
-                    total += extra;
+        }
+        if (!capped) return total;
+        uint256 rest = pool - total;
+        assembly ("memory-safe") {
+            let n := mload(prices)
+            for { let p := 0 } lt(p, n) { p := add(p, 1) } {
+                if and(shr(p, mask), 1) {
+                    let at := shl(5, p)
+                    let room := sub(
+                        mload(add(add(prices, 0x20), at)), mload(add(add(shares, 0x20), at))
+                    )
+                    let extra := div(mul(rest, room), headroom)
+                    let payAt := add(add(pay, 0x20), at)
+                    mstore(payAt, add(mload(payAt), extra))
+                    total := add(total, extra)
                 }
-            }
-            for (uint256 j = 0; j < k; ++j) {
-                pay[positions[j]] += shares[j];
             }
         }
     }
