@@ -55,6 +55,7 @@ from marketplace.models_download import (
     final_model_fetch,
 )
 from marketplace.selectors import TaskView
+from marketplace.validation import task_spec_validated
 from training.spec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -412,8 +413,10 @@ def task_create(
     when it sees TaskCreated (Task, linked to the order by the creating transaction).
     Raises WalletMissingError, InvalidRoundsError, InvalidTrainerRangeError,
     InvalidRoundTimeoutError, InvalidBiddingEndError, BudgetTooLowError,
-    InsufficientFundsError, any other ContractError, ChainUnavailableError.
+    InsufficientFundsError, any other ContractError, ChainUnavailableError, and
+    ValidationSetUnknownError (a spec without a validation set gets its schema's bundled one).
     """
+    spec = task_spec_validated(spec=spec)
     wallet = wallets.wallet_of(user=buyer)
     market = contract.market()
     limits = market.limits()

@@ -142,6 +142,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
             round_number=1,
             model_id="0x" + "33" * 32,
             aggregated_mask=mask_of([0]),
+            scores=[7],
         )
         market.finalize(sender=contract.registrar(), task_id=task_id)
 
@@ -165,6 +166,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
         task = Task.objects.get(created_tx=order.created_tx)
         assert task.state == "finalized"
         rows = {Task: task, TaskOrder: order, ChainCursor: ChainCursor.objects.get()}
+        rows["aggregator"], rows["trainer"] = aggregator, trainer
         for model_class in MIRROR_MODELS + REPORTED_MODELS:
             rows.setdefault(model_class, model_class.objects.first())
             assert rows[model_class] is not None, model_class
