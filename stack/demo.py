@@ -64,6 +64,7 @@ def follow_task(
     from marketplace import contract, services
     from marketplace.models import Payout, Round, Task, Update
     from marketplace.models_download import final_model_fetch
+    from marketplace.selectors import TaskView
     from marketplace.wallets import wallet_account, wallet_of
     from training.serialize import id_hex, model_id
     from training.spec import TaskSpec
@@ -153,6 +154,16 @@ def follow_task(
             refund += p.amount_wei
         else:
             payouts[p.account] = payouts.get(p.account, 0) + p.amount_wei
+    # Each trainer's score per round (None: left out) and its pay, as the chain recorded them.
+    contributions = {
+        c["trainer"]: {
+            "name": names.get(c["trainer"].lower(), "?"),
+            "scores": [r["score"] if r["aggregated"] else None for r in c["rounds"]],
+            "aggregated": [r["aggregated"] for r in c["rounds"]],
+            "paid_wei": str(payouts.get(c["trainer"], 0)),
+        }
+        for c in TaskView(task=task, order=None).contributions
+    }
     summary = {
         "task_id": task.chain_task_id,
         "state": task.state,
@@ -161,6 +172,7 @@ def follow_task(
         "budget_wei": str(task.budget_wei),
         "payouts_wei": {a: str(v) for a, v in payouts.items()},
         "refund_wei": str(refund),
+        "contributions": contributions,
         "conserved": sum(payouts.values()) + refund == task.budget_wei,
         "killed_device": killed,
         "devices": dict(names),
@@ -288,6 +300,14 @@ def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
     print(f"  {'refund':<12} {'(buyer)':<42}  {summary['refund_wei']}")
     print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
     print(f"payouts + refund == budget: {summary['conserved']}")
+    if contributions := summary.get("contributions"):
+        print("\ncontribution scores per round (uint16; '-' left out, 'n/a' unscored), pay (wei):")
+        for address, c in contributions.items():
+            cells = " ".join(
+                f"{'-' if not a else 'n/a' if s is None else s:>5}"
+                for s, a in zip(c["scores"], c["aggregated"], strict=True)
+            )
+            print(f"  {c['name']:<12} {address}  {cells}  {c['paid_wei']:>20}")
     print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
     if withdrawals := summary.get("withdrawals"):
         print("withdrawals (credit -> 0, account + credit - gas):")
