@@ -39,6 +39,14 @@ class WeiField(models.DecimalField):
         kwargs.pop("decimal_places", None)
         return name, path, args, kwargs
 
+    def get_internal_type(self) -> str:
+        # Not "DecimalField": SQLite's backend reads those through a 15-digit float context,
+        # which drops the last wei of any amount from 10**15 up (a score-weighted share).
+        return "WeiField"
+
+    def db_type(self, connection) -> str:
+        return models.DecimalField(max_digits=78, decimal_places=0).db_type(connection)
+
     def from_db_value(self, value, expression, connection):
         return None if value is None else int(value)
 
