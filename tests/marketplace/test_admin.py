@@ -34,6 +34,7 @@ from marketplace.models import (
     TaskOrder,
     Update,
     UpdateReport,
+    ValidationSet,
     token_digest,
 )
 from marketplace.services import (
@@ -63,7 +64,7 @@ MIRROR_MODELS = [
     LifecycleAction,
 ]
 # Rows the website and the nodes record beside the mirror: shown, never edited by hand either.
-REPORTED_MODELS = [TaskOrder, RoundReport, UpdateReport]
+REPORTED_MODELS = [TaskOrder, RoundReport, UpdateReport, ValidationSet]
 
 
 def enrol_with(raw_token: str, *, name: str = "box", device_class: str = "cpu") -> Device:
