@@ -51,9 +51,10 @@ def validation_set_upload(*, data: bytes, filename: str, dataset: str) -> Valida
 
 
 def task_spec_validated(*, spec: TaskSpec) -> TaskSpec:
-    """``spec`` committed to a validation set this platform holds: the one it names, or else
-    the bundled held-out split of its schema. Raises ValidationSetUnknownError for a set not
-    uploaded here or of another schema, and when the schema has no bundled split to default to."""
+    """``spec`` committed to a validation set this platform holds: the one it names (an upload,
+    or the bundled split by its ID), or else the bundled held-out split of its schema. Raises
+    ValidationSetUnknownError for a set not uploaded here or of another schema, and when the
+    schema has no bundled split to default to."""
     if spec.validation is None:
         try:
             blob = validation.bundled(schema=spec.dataset)
@@ -66,7 +67,14 @@ def task_spec_validated(*, spec: TaskSpec) -> TaskSpec:
         return dataclasses.replace(spec, validation=row.content_id)
     row = ValidationSet.objects.filter(content_id=spec.validation).only("dataset").first()
     if row is None:
-        raise ValidationSetUnknownError(content_id=spec.validation)
+        try:
+            blob = validation.bundled(schema=spec.dataset)
+        except DatasetError:
+            blob = b""
+        if validation.validation_id(blob) != spec.validation:
+            raise ValidationSetUnknownError(content_id=spec.validation)
+        # The bundled split, named outright: the platform holds it without an upload.
+        row = validation_set_store(blob=blob, dataset=spec.dataset)
     if row.dataset != spec.dataset:
         raise ValidationSetUnknownError(
             content_id=spec.validation,

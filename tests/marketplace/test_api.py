@@ -603,3 +603,22 @@ def test_docs_page_renders_swagger_ui_from_local_assets():
     assert "cdn" not in " ".join(assets)
     for asset in assets:
         assert finders.find(asset), f"{asset} is not served from the installed sidecar"
+
+
+def test_a_spec_may_name_the_bundled_split_by_its_id(alice, platform_market):
+    bundled = validation_id(validation.bundled(schema="digits-8x8"))
+    response = client_for(alice).post(
+        "/api/tasks/create/",
+        {
+            "spec": {**SPEC, "validation": bundled},
+            "budget_wei": str(BUDGET_WEI),
+            "min_trainers": 1,
+            "max_trainers": 2,
+            "bidding_window_s": 3600,
+            "round_timeout_s": 600,
+        },
+        format="json",
+    )
+    assert response.status_code == 201, response.content
+    assert response.json()["spec"]["validation"] == bundled
+    assert ValidationSet.objects.get().content_id == bundled
