@@ -17,6 +17,7 @@ from training.fixedpoint import dequantize, quantize
 from training.scoring import junk, shapley, values_digest
 from training.serialize import Header, Kind, decode, encode, id_hex
 from training.spec import TaskSpec
+from worker.challenge import recorded_weights
 from worker.node import Node
 from worker.trainer import model_header, verified_spec
 from worker.validation import ValidationUnavailableError, validation_set
@@ -237,7 +238,7 @@ def aggregate(
             seconds_left=left,
         )
     started = time.perf_counter()
-    samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
+    samples = recorded_weights(market, task_id=task_id)
     updates: list[Update] = []
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
