@@ -202,7 +202,9 @@ def aggregate(
     submit. An update that cannot be fetched or does not verify is left out and reported; a
     trainer that vanished is simply not in the mask, and so not paid for the round. So is an
     update whose header does not name its submitter, this task and this round as an update:
-    a copy, a stale update, a global model (docs/verifiable.md).
+    a copy, a stale update, a global model (docs/verifiable.md); and one whose values copy a
+    model this node already holds for the task. The rest are scored on the task's validation
+    set and the scores published with the mask (docs/scoring.md).
     """
     from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
 
