@@ -167,6 +167,8 @@ def follow_task(
     }
     summary = {
         "task_id": task.chain_task_id,
+        # As the chain committed to it (the platform fills in the validation set).
+        "spec": order.spec,
         "state": task.state,
         "rounds": rows,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
@@ -300,7 +302,7 @@ def demo(
             summary["provenance"] = provenance_check(
                 up,
                 task_id=summary["task_id"],
-                spec=TaskSpec.from_dict({**DEMO_SPEC, "rounds": rounds}).as_dict(),
+                spec=summary["spec"],
                 out=var / "demo",
             )
             summary["withdrawals"] = withdraw_all(up, buyer_username=up["buyer"]["username"])
