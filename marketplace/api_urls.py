@@ -3,7 +3,7 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from marketplace import api, api_wallet
+from marketplace import api, api_validation, api_wallet
 
 urlpatterns = [
     path("auth/token/", api.AuthTokenObtainApi.as_view(), name="api-auth-token"),
@@ -11,6 +11,16 @@ urlpatterns = [
     path("tasks/create/", api.TaskCreateApi.as_view(), name="api-task-create"),
     path("tasks/<int:pk>/", api.TaskDetailApi.as_view(), name="api-task-detail"),
     path("tasks/<int:pk>/model/", api.TaskModelDownloadApi.as_view(), name="api-task-model"),
+    path(
+        "tasks/<int:pk>/validation/",
+        api_validation.TaskValidationApi.as_view(),
+        name="api-task-validation",
+    ),
+    path(
+        "validation-sets/",
+        api_validation.ValidationSetUploadApi.as_view(),
+        name="api-validation-set-upload",
+    ),
     path("open-tasks/", api.OpenTaskListApi.as_view(), name="api-open-task-list"),
     path("bids/", api.BidListApi.as_view(), name="api-bid-list"),
     path("bids/<int:pk>/", api.BidDetailApi.as_view(), name="api-bid-detail"),

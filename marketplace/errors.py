@@ -64,6 +64,7 @@ _STATUS_BY_CODE = {
     "insufficient_funds": status.HTTP_409_CONFLICT,
     "insufficient_gas": status.HTTP_409_CONFLICT,
     "forward_failed": status.HTTP_502_BAD_GATEWAY,
+    "not_task_aggregator": status.HTTP_403_FORBIDDEN,
 }
 
 

@@ -18,6 +18,8 @@ from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
 from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
 from marketplace.models import Device
+from marketplace.validation import validation_set_upload
+from training import validation
 from training.aggregation import STRATEGIES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
@@ -119,6 +121,16 @@ class TaskForm(forms.Form):
         choices=[(key, key) for key in STRATEGIES], initial="fedavg", label="Aggregation"
     )
     seed = forms.IntegerField(min_value=LIMITS["seed"][0], max_value=LIMITS["seed"][1], initial=0)
+    validation_file = forms.FileField(
+        required=False,
+        label="Validation set",
+        help_text=(
+            "Updates are scored, and trainers paid, by what they add on it: .npz (arrays x, y) "
+            f"or .csv (label column first), {validation.MIN_SAMPLES} to "
+            f"{validation.MAX_SAMPLES} samples. Empty: the dataset's bundled held-out split."
+        ),
+        widget=forms.ClearableFileInput(attrs={"accept": ".npz,.csv"}),
+    )
 
     # Where an error about a spec field or a contract argument is shown.
     SPEC_FIELDS = {"aggregation.strategy": "aggregation", "$": None, "version": None}
@@ -164,6 +176,7 @@ class TaskForm(forms.Form):
                     params={"low": low},
                 ),
             )
+        content_id = self._validation_set(data)
         spec_inputs = ("model", "dataset", "rounds", "local_epochs", "batch_size")
         if all(data.get(name) is not None for name in (*spec_inputs, "learning_rate", "seed")):
             try:
@@ -176,10 +189,27 @@ class TaskForm(forms.Form):
                     learning_rate=data["learning_rate"],
                     aggregation=AggregationSpec(strategy=data["aggregation"]),
                     seed=data["seed"],
+                    validation=content_id,
                 )
             except SpecError as exc:
                 self.add_flex_error(exc)
         return data
+
+    def _validation_set(self, data) -> str | None:
+        """The uploaded validation set's content ID (stored), or None when none was given."""
+        upload = data.get("validation_file")
+        if not upload or not data.get("dataset"):
+            return None
+        try:
+            row = validation_set_upload(
+                data=upload.read(validation.MAX_UPLOAD_BYTES + 1),
+                filename=upload.name,
+                dataset=data["dataset"],
+            )
+        except FlexError as exc:
+            self.add_error("validation_file", forms.ValidationError(exc.message, code=exc.code))
+            return None
+        return row.content_id
 
     def service_kwargs(self) -> dict:
         """task_create's arguments from the cleaned form."""

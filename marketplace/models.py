@@ -45,10 +45,15 @@ class WeiField(models.DecimalField):
         kwargs.pop("decimal_places", None)
         return name, path, args, kwargs
 
-    def db_type(self, connection):
+    def get_internal_type(self) -> str:
+        # Not "DecimalField": SQLite's backend reads those through a 15-digit float context,
+        # which drops the last wei of any amount from 10**15 up (a score-weighted share).
+        return "WeiField"
+
+    def db_type(self, connection) -> str:
         if connection.vendor == "sqlite":
             return "text"
-        return super().db_type(connection)
+        return models.DecimalField(max_digits=78, decimal_places=0).db_type(connection)
 
     def get_db_prep_value(self, value, connection, prepared=False):
         if connection.vendor == "sqlite":
@@ -375,6 +380,9 @@ class Round(ChainRecord):
     global_model_id = models.CharField(max_length=66)
     aggregated_mask = models.CharField(max_length=80, default="0", help_text="Decimal bitmask.")
     updates_aggregated = models.PositiveIntegerField(default=0)
+    # Of the previous round's aggregated updates, one per set bit of the mask, in position
+    # order; empty when that round was unscored (every aggregated trainer paid its price).
+    scores = models.JSONField(default=list, blank=True)
     published_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -524,3 +532,17 @@ class LifecycleAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} (round {self.round_number}) of {self.task}"
+
+
+class ValidationSet(models.Model):
+    """A buyer's validation set in its canonical bytes (training.validation), kept under its
+    content ID, which task specs commit to; the aggregator of such a task fetches it here."""
+
+    content_id = models.CharField(max_length=66, unique=True)
+    dataset = models.CharField(max_length=40, help_text="The schema its samples fit.")
+    samples = models.PositiveIntegerField()
+    data = models.BinaryField()
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    def __str__(self) -> str:
+        return f"validation set {self.content_id} ({self.samples} samples of {self.dataset})"

@@ -155,6 +155,48 @@ class TaskView:
         records = ChainEventRecord.objects.filter(task_id=self.task.chain_task_id)
         return list(records.order_by("block_number", "log_index"))
 
+    @functools.cached_property
+    def contributions(self) -> list[dict[str, Any]]:
+        """Each selected trainer's score and share in every round that its aggregator closed
+        (from the GlobalModelPublished masks and scores) and the pay credited to it (from
+        PaymentCredited; None before settlement). The pay rule itself is the contract's."""
+        trainers = [n for n in self.selected if n.position is not None]
+        paid: dict[str, int] = {}
+        for p in self.payouts:
+            if p.reason == PayoutReason.TRAINER_PAY:
+                paid[p.account.lower()] = paid.get(p.account.lower(), 0) + p.amount_wei
+        settled = self.state in (TaskState.FINALIZED, TaskState.ABORTED)
+        closed = [r for r in self.rounds_published if r.number >= 1]
+        out = []
+        for node in trainers:
+            rounds = []
+            for row in closed:
+                mask = int(row.aggregated_mask)
+                aggregated = bool(mask >> node.position & 1)
+                score = share = None
+                if aggregated and row.scores:
+                    # Scores follow the mask's set bits in position order.
+                    score = row.scores[(mask & ((1 << node.position) - 1)).bit_count()]
+                    share = score * 10_000 // max(sum(row.scores), 1)
+                rounds.append(
+                    {
+                        "round": row.number - 1,
+                        "aggregated": aggregated,
+                        "score": score,
+                        "share_bp": share,
+                    }
+                )
+            out.append(
+                {
+                    "trainer": node.device,
+                    "position": node.position,
+                    "price_per_round_wei": node.price_per_round_wei,
+                    "rounds": rounds,
+                    "paid_wei": paid.get(node.device.lower(), 0) if settled else None,
+                }
+            )
+        return out
+
     @property
     def bid_count(self) -> int:
         return 0 if self.task is None else self.task.bids.count()

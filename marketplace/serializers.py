@@ -88,6 +88,11 @@ class RoundSerializer(serializers.Serializer):
     global_model_id = serializers.CharField()
     updates_aggregated = serializers.IntegerField()
     aggregated_mask = serializers.CharField(help_text="Decimal bitmask of trainer positions.")
+    scores = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="The previous round's scores, one per aggregated update in position order; "
+        "empty when unscored.",
+    )
     accuracy = serializers.FloatField(source="metrics.accuracy", allow_null=True)
     loss = serializers.FloatField(source="metrics.loss", allow_null=True)
     gas_used = serializers.IntegerField(source="metrics.gas_used", allow_null=True)
@@ -119,6 +124,25 @@ class TransactionSerializer(serializers.Serializer):
     block_number = serializers.IntegerField()
     log_index = serializers.IntegerField()
     args = serializers.DictField()
+
+
+class RoundScoreSerializer(serializers.Serializer):
+    round = serializers.IntegerField(help_text="The round whose update was scored.")
+    aggregated = serializers.BooleanField(help_text="False: left out, paid nothing that round.")
+    score = serializers.IntegerField(allow_null=True, help_text="uint16; None when unscored.")
+    share_bp = serializers.IntegerField(
+        allow_null=True, help_text="The score's share of the round's scores, in basis points."
+    )
+
+
+class ContributionSerializer(serializers.Serializer):
+    """A trainer's measured contribution per round and the pay the contract credited it."""
+
+    trainer = serializers.CharField()
+    position = serializers.IntegerField()
+    price_per_round_wei = WeiField()
+    rounds = RoundScoreSerializer(many=True)
+    paid_wei = WeiField(allow_null=True, help_text="None before the task is settled.")
 
 
 class PayoutSerializer(serializers.Serializer):
@@ -179,6 +203,7 @@ class TaskSerializer(TaskSummarySerializer):
     updates = UpdateSerializer(many=True)
     transactions = TransactionSerializer(many=True)
     payouts = PayoutSerializer(many=True)
+    contributions = ContributionSerializer(many=True)
 
 
 class OpenTaskSerializer(serializers.Serializer):

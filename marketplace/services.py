@@ -57,6 +57,7 @@ from marketplace.models_download import (
     final_model_fetch,
 )
 from marketplace.selectors import TaskView
+from marketplace.validation import task_spec_validated
 from training.spec import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -416,8 +417,10 @@ def task_create(
     the order by the creating transaction). Raises WalletMissingError, InvalidRoundsError,
     InvalidTrainerRangeError, InvalidRoundTimeoutError, InvalidBiddingEndError,
     InvalidSampleCapError, BudgetTooLowError, InsufficientFundsError, any other ContractError,
-    ChainUnavailableError.
+    ChainUnavailableError, and ValidationSetUnknownError (a spec without a validation set gets
+    its schema's bundled one).
     """
+    spec = task_spec_validated(spec=spec)
     wallet = wallets.wallet_of(user=buyer)
     market = contract.market()
     limits = market.limits()

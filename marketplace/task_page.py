@@ -76,7 +76,39 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         "model_ready": state in ("trained", "finalized"),
         "refunded": refund is not None and int(refund) > 0,
         "device_names": device_names(snapshot),
+        "contribution_rounds": contribution_rounds(snapshot),
+        "contribution_rows": contribution_rows(snapshot),
+        "pay_note": PAY_NOTE,
     }
+
+
+PAY_NOTE = (
+    "Each round the contract shares the pool of the aggregated trainers' prices in proportion "
+    "to these scores, each update's Shapley value on your validation set (no share above the "
+    "trainer's price); a left-out update earns nothing that round."
+)
+
+
+def contribution_rounds(snapshot: dict) -> list[int]:
+    """The rounds whose updates have been judged (their next global model is out)."""
+    return [r["number"] - 1 for r in snapshot["rounds_published"] if r["number"] >= 1]
+
+
+def contribution_rows(snapshot: dict) -> list[dict]:
+    """Per trainer, one cell per judged round (its share of the round's scores, "left out",
+    or "paid its price" when the round was unscored) and the pay credited to it."""
+    rows = []
+    for c in snapshot["contributions"]:
+        cells = []
+        for r in c["rounds"]:
+            if not r["aggregated"]:
+                cells.append("left out")
+            elif r["score"] is None:
+                cells.append("unscored")
+            else:
+                cells.append(f"{r['share_bp'] // 100}.{r['share_bp'] % 100:02d} % ({r['score']})")
+        rows.append({"trainer": c["trainer"], "cells": cells, "paid_wei": c["paid_wei"]})
+    return rows
 
 
 def event_label(name: str) -> str:

@@ -150,7 +150,7 @@ def _estimate_or_none(*, rounds: int, min_trainers: int, max_trainers: int):
 
 @login_required
 def task_create(request):
-    form = TaskForm(request.POST or None)
+    form = TaskForm(request.POST or None, request.FILES or None)
     account = _wallet(request.user)
     if request.method == "POST" and form.is_valid():
         try:

@@ -66,6 +66,7 @@ def follow_task(
     from marketplace import contract, services
     from marketplace.models import Bid, Payout, PayoutReason, Round, Task, Update
     from marketplace.models_download import final_model_fetch
+    from marketplace.selectors import TaskView
     from marketplace.wallets import wallet_account, wallet_of
     from training.serialize import id_hex, model_id
     from training.store import ModelStore
@@ -161,14 +162,27 @@ def follow_task(
             kind = into.get(p.reason, payouts)
             kind[p.account] = kind.get(p.account, 0) + p.amount_wei
     deposits = {b.device: b.deposit_wei for b in Bid.objects.filter(task=task) if b.deposit_wei}
+    # Each trainer's score per round (None: left out) and its pay, as the chain recorded them.
+    contributions = {
+        c["trainer"]: {
+            "name": names.get(c["trainer"].lower(), "?"),
+            "scores": [r["score"] if r["aggregated"] else None for r in c["rounds"]],
+            "aggregated": [r["aggregated"] for r in c["rounds"]],
+            "paid_wei": str(payouts.get(c["trainer"], 0)),
+        }
+        for c in TaskView(task=task, order=None).contributions
+    }
     summary = {
         "task_id": task.chain_task_id,
+        # As the chain committed to it (the platform fills in the validation set).
+        "spec": order.spec,
         "state": task.state,
         "rounds": rows,
         "final_accuracy": rows[-1]["accuracy"] if rows else None,
         "budget_wei": str(task.budget_wei),
         "payouts_wei": {a: str(v) for a, v in payouts.items()},
         "refund_wei": str(refund),
+        "contributions": contributions,
         "stakes_wei": {a: str(v) for a, v in deposits.items()},
         "stakes_returned_wei": {a: str(v) for a, v in returned.items()},
         "stakes_slashed_wei": {a: str(v) for a, v in slashed.items()},
@@ -300,7 +314,7 @@ def demo(
             summary["provenance"] = provenance_check(
                 up,
                 task_id=summary["task_id"],
-                spec=TaskSpec.from_dict({**DEMO_SPEC, "rounds": rounds}).as_dict(),
+                spec=summary["spec"],
                 out=var / "demo",
             )
             summary["withdrawals"] = withdraw_all(up, buyer_username=up["buyer"]["username"])
@@ -344,6 +358,14 @@ def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
         lost = summary["stakes_slashed_wei"].get(address, "0")
         print(f"  {names.get(address.lower(), '?'):<12} {address}  {wei} / {back} / {lost}")
     print(f"payouts + refund + stakes back + slashed == budget + stakes: {summary['conserved']}")
+    if contributions := summary.get("contributions"):
+        print("\ncontribution scores per round (uint16; '-' left out, 'n/a' unscored), pay (wei):")
+        for address, c in contributions.items():
+            cells = " ".join(
+                f"{'-' if not a else 'n/a' if s is None else s:>5}"
+                for s, a in zip(c["scores"], c["aggregated"], strict=True)
+            )
+            print(f"  {c['name']:<12} {address}  {cells}  {c['paid_wei']:>20}")
     print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
     if provenance := summary.get("provenance"):
         print(

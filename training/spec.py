@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,6 +28,7 @@ LIMITS: dict[str, tuple[int, int]] = {
 }
 MAX_LEARNING_RATE = 10.0
 REQUIRED = ("model", "dataset", "rounds")
+_CONTENT_ID = re.compile(r"0x[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,9 @@ class TaskSpec:
     learning_rate: float = 0.05
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     seed: int = 0
+    # The content ID (training.validation) of the buyer's validation set, on which the
+    # aggregator scores each update; None: updates are not scored (docs/scoring.md).
+    validation: str | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -126,6 +131,14 @@ class TaskSpec:
         object.__setattr__(self, "learning_rate", float(rate))
         if not isinstance(self.aggregation, AggregationSpec):
             raise SpecError(field="aggregation", reason="must be an AggregationSpec")
+        if self.validation is not None:
+            if not (isinstance(self.validation, str) and _CONTENT_ID.fullmatch(self.validation)):
+                raise SpecError(
+                    field="validation",
+                    reason="must be a validation set's content ID, 0x and 64 hex digits, "
+                    f"got {self.validation!r}",
+                )
+            object.__setattr__(self, "validation", self.validation.lower())
 
     @classmethod
     def from_dict(cls, data: Any) -> TaskSpec:
@@ -166,7 +179,7 @@ class TaskSpec:
 
     def as_dict(self) -> dict[str, Any]:
         """The spec as a JSON object, every field present."""
-        return {
+        data = {
             "version": self.version,
             "model": self.model,
             "dataset": self.dataset,
@@ -177,6 +190,10 @@ class TaskSpec:
             "aggregation": self.aggregation.as_dict(),
             "seed": self.seed,
         }
+        # Absent rather than null when unset, so specs written before it keep their hashes.
+        if self.validation is not None:
+            data["validation"] = self.validation
+        return data
 
     def canonical_bytes(self) -> bytes:
         """The RFC 8785 (JCS) encoding of ``as_dict()``: sorted keys, no spaces, shortest floats."""

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 from chain.events import TaskState
 from chain.selection import mask_of, positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_model
 from training.aggregation.base import Update
+from training.aggregation.functions import Weights
 from training.catalogue import initial_weights
 from training.fixedpoint import dequantize, quantize
+from training.scoring import junk, shapley, values_digest
 from training.serialize import Header, Kind, decode, encode, id_hex
+from training.spec import TaskSpec
 from worker.challenge import recorded_weights
 from worker.node import Node
 from worker.trainer import model_header, verified_spec
+from worker.validation import ValidationUnavailableError, validation_set
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +37,15 @@ class NothingToAggregateError(FlexError):
     code = "nothing_to_aggregate"
 
 
-def _publish(node: Node, *, task_id: int, round_number: int, blob: bytes, mask: int) -> dict:
+def _publish(
+    node: Node,
+    *,
+    task_id: int,
+    round_number: int,
+    blob: bytes,
+    mask: int,
+    scores: Sequence[int] = (),
+) -> dict:
     model_id = id_hex(node.store.put(blob))
     tx = node.market.publish_global_model(
         sender=node.account,
@@ -40,6 +53,7 @@ def _publish(node: Node, *, task_id: int, round_number: int, blob: bytes, mask: 
         round_number=round_number,
         model_id=model_id,
         aggregated_mask=mask,
+        scores=scores,
     )
     return {"model_id": model_id, "tx_hash": tx.tx_hash, "gas_used": tx.gas_used}
 
@@ -112,6 +126,65 @@ def _prefetch(
         log.info("task %s: update of %s not fetched yet: %s", task_id, trainer, exc.message)
 
 
+# Values digests of blobs by model ID: IDs are content addresses, so an entry never goes stale.
+_DIGESTS: dict[str, bytes] = {}
+
+
+def _known_models(node: Node, *, task_id: int, round_number: int) -> dict[bytes, str]:
+    """Values digest -> name of every model of this task the store holds that an update of
+    ``round_number`` must not copy: every global model so far and every earlier update."""
+    known: dict[bytes, str] = {}
+    for meta in node.store.list(
+        chain_id=node.config.chain_id, contract=node.config.contract_address, task_id=task_id
+    ):
+        if meta.kind == "update" and meta.round_number >= round_number:
+            continue
+        if meta.kind == "global" and meta.round_number > round_number:
+            continue
+        if meta.id_hex not in _DIGESTS:
+            _DIGESTS[meta.id_hex] = values_digest(node.store.load(meta.model_id).values)
+        what = "global model" if meta.kind == "global" else f"{meta.trainer}'s update"
+        known.setdefault(_DIGESTS[meta.id_hex], f"round {meta.round_number}'s {what}")
+    return known
+
+
+def _scores(
+    node: Node,
+    *,
+    spec: TaskSpec,
+    task_id: int,
+    round_number: int,
+    updates: list[Update],
+    reference: Weights,
+) -> dict[str, int]:
+    """Each update's uint16 Shapley score on the task's validation set (update ID -> score),
+    or nothing when the task names no validation set or it cannot be had."""
+    from training.evaluate import evaluate
+
+    if spec.validation is None or not updates:
+        return {}
+    try:
+        data = validation_set(node, spec=spec, task_id=task_id)
+    except ValidationUnavailableError as exc:
+        log.warning("task %s: updates not scored: %s", task_id, exc.message)
+        return {}
+    scored = shapley(
+        updates,
+        strategy=spec.strategy(),
+        reference=reference,
+        loss_of=lambda w: evaluate(spec=spec, weights=dequantize(w), data=data).loss,
+        seed=(spec.seed, task_id, round_number),
+    )
+    log.info(
+        "task %s round %s: scored %d update(s) by %d evaluation(s)",
+        task_id,
+        round_number,
+        len(updates),
+        scored.evaluations,
+    )
+    return scored.scores
+
+
 def aggregate(
     node: Node,
     *,
@@ -129,7 +202,9 @@ def aggregate(
     submit. An update that cannot be fetched or does not verify is left out and reported; a
     trainer that vanished is simply not in the mask, and so not paid for the round. So is an
     update whose header does not name its submitter, this task and this round as an update:
-    a copy, a stale update, a global model (docs/verifiable.md).
+    a copy, a stale update, a global model (docs/verifiable.md); and one whose values copy a
+    model this node already holds for the task. The rest are scored on the task's validation
+    set and the scores published with the mask (docs/scoring.md).
     """
     from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
 
@@ -199,13 +274,27 @@ def aggregate(
     screening = strategy.screen(updates, reference=reference.values)
     for rejection in screening.rejected:
         rejected[authors[rejection.update_id][0]] = f"update_screened_out: {rejection.reason}"
-    weights = strategy.aggregate(screening.accepted)
+    # Ascending position order: the order the contract takes the scores in.
+    candidates = sorted(screening.accepted, key=lambda u: authors[u.update_id][1])
+    copies = junk(candidates, known=_known_models(node, task_id=task_id, round_number=round_number))
+    for rejection in copies.rejected:
+        rejected[authors[rejection.update_id][0]] = f"update_copied: {rejection.reason}"
+    accepted = copies.kept
+    weights = strategy.aggregate(accepted)
     for who, why in rejected.items():
         log.warning("task %s round %s: left out %s: %s", task_id, round_number, who, why)
     if weights is None:
         raise NothingToAggregateError(task_id=task_id, round=round_number, rejected=rejected)
     evaluation = evaluate(spec=parsed, weights=dequantize(weights))
-    mask = mask_of(authors[u.update_id][1] for u in screening.accepted)
+    mask = mask_of(authors[u.update_id][1] for u in accepted)
+    scores = _scores(
+        node,
+        spec=parsed,
+        task_id=task_id,
+        round_number=round_number,
+        updates=accepted,
+        reference=reference.values,
+    )
     header = model_header(
         node, spec=parsed, task_id=task_id, round_number=round_number + 1, kind=Kind.GLOBAL
     )
@@ -215,12 +304,13 @@ def aggregate(
         round_number=round_number + 1,
         blob=encode(header, weights),
         mask=mask,
+        scores=[scores[u.update_id] for u in accepted] if scores else (),
     )
     log.info(
         "task %s: round %s aggregated %d update(s) into %s (accuracy %.4f, loss %.4f)",
         task_id,
         round_number,
-        len(screening.accepted),
+        len(accepted),
         published["model_id"],
         evaluation.accuracy,
         evaluation.loss,
@@ -228,8 +318,9 @@ def aggregate(
     return {
         "task_id": task_id,
         "round": round_number + 1,
-        "updates": len(screening.accepted),
+        "updates": len(accepted),
         "rejected": rejected,
+        "scores": {authors[u][0]: s for u, s in scores.items()},
         "accuracy": evaluation.accuracy,
         "loss": evaluation.loss,
         "aggregate_s": time.perf_counter() - started,

@@ -21,6 +21,7 @@ from marketplace.models import (
     TaskOrder,
     Update,
     UpdateReport,
+    ValidationSet,
 )
 
 # The admin asks the node for its head while rendering; a lost node must not hang the page.
@@ -194,6 +195,15 @@ class SelectedNodeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     search_fields = ["device", "tx_hash", "=task__chain_task_id"]
     list_select_related = ["task"]
     price = wei_column("price_per_round_wei", "price per round")
+
+
+@admin.register(ValidationSet)
+class ValidationSetAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Buyers' validation sets, by the content ID task specs commit to (bytes not shown)."""
+
+    list_display = ["content_id", "dataset", "samples", "created_at"]
+    search_fields = ["content_id"]
+    fields = ["content_id", "dataset", "samples", "created_at"]
 
 
 @admin.register(Round)

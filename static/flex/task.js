@@ -149,6 +149,12 @@
     rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
     rows("selected-body", s.selected, (d) => `<tr><td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td></tr>`, "Selected when bidding closes.", 3);
     rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true)}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
+    const head = $("contrib-head");
+    if (head) {
+      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Paid</th></tr>`;
+    }
+    rows("contrib-body", v.contribution_rows || [], (c) => `<tr><td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td></tr>`, "Scored as rounds close.", 2);
+    setText("pay-note", v.pay_note || "");
     rows("payouts-body", s.payouts, (p) => `<tr><td>${p.account === s.buyer_address ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td></tr>`, "Paid when the task is settled.", 3);
     const refund = $("refund-note");
     if (refund) {

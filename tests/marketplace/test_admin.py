@@ -34,6 +34,7 @@ from marketplace.models import (
     TaskOrder,
     Update,
     UpdateReport,
+    ValidationSet,
     token_digest,
 )
 from marketplace.services import (
@@ -63,7 +64,7 @@ MIRROR_MODELS = [
     LifecycleAction,
 ]
 # Rows the website and the nodes record beside the mirror: shown, never edited by hand either.
-REPORTED_MODELS = [TaskOrder, RoundReport, UpdateReport]
+REPORTED_MODELS = [TaskOrder, RoundReport, UpdateReport, ValidationSet]
 
 
 def enrol_with(raw_token: str, *, name: str = "box", device_class: str = "cpu") -> Device:
@@ -142,6 +143,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
             round_number=1,
             model_id="0x" + "33" * 32,
             aggregated_mask=mask_of([0]),
+            scores=[7],
         )
         market.finalize(sender=contract.registrar(), task_id=task_id)
 
@@ -165,6 +167,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
         task = Task.objects.get(created_tx=order.created_tx)
         assert task.state == "finalized"
         rows = {Task: task, TaskOrder: order, ChainCursor: ChainCursor.objects.get()}
+        rows["aggregator"], rows["trainer"] = aggregator, trainer
         for model_class in MIRROR_MODELS + REPORTED_MODELS:
             rows.setdefault(model_class, model_class.objects.first())
             assert rows[model_class] is not None, model_class

@@ -37,11 +37,21 @@ from marketplace.selectors import task_view_get
 from marketplace.sync import ChainSync
 from marketplace.tasks import chain_sync
 from tests.conftest import broker_vhost_new
+from training import validation
 from training.spec import TaskSpec
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-SPEC = TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 1, "seed": 3})
+# With the bundled held-out split as its validation set, as the website fills it in.
+SPEC = TaskSpec.from_dict(
+    {
+        "model": "digits-mlp",
+        "dataset": "digits-8x8",
+        "rounds": 1,
+        "seed": 3,
+        "validation": validation.validation_id(validation.bundled(schema="digits-8x8")),
+    }
+)
 PRICE = 2 * 10**14
 
 

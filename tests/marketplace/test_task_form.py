@@ -3,9 +3,12 @@ to the chain, the cost estimate, and task_create against the real contract."""
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 
+import numpy as np
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from django.utils import timezone
 from hypothesis import given
@@ -18,8 +21,10 @@ from chain.node import chain_time, max_fee_per_gas
 from chain.records import MinPrices
 from core.units import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
 from marketplace import contract, lifecycle, services, wallets
-from marketplace.models import Bid, Device, Task, TaskOrder
+from marketplace.models import Bid, Device, Task, TaskOrder, ValidationSet
 from marketplace.sync import chain_sync
+from training import validation
+from training.datasets import load_test
 from training.spec import AggregationSpec, TaskSpec
 
 pytestmark = pytest.mark.django_db
@@ -287,7 +292,8 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
     assert on_chain.state == TaskState.BIDDING
     assert on_chain.buyer == buyer.wallet.address == order.buyer_address
     assert on_chain.budget_wei == 12_345_678_900_000_000
-    spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2)
+    bundled = validation.validation_id(validation.bundled(schema="digits-8x8"))
+    spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2, validation=bundled)
     assert on_chain.spec_hash == order.spec_hash == spec.hash_hex
     assert TaskSpec.from_dict(order.spec) == spec
     assert (on_chain.rounds, on_chain.min_trainers, on_chain.max_trainers) == (2, 1, 3)
@@ -337,7 +343,8 @@ def test_an_order_meets_a_task_sync_mirrored_first(buyer, platform_market, monke
         order.created_tx,
     )
     assert task.order == order
-    assert lifecycle.task_spec(task) == spec.as_dict()
+    assert lifecycle.task_spec(task) == order.spec
+    assert {**spec.as_dict(), "validation": order.spec["validation"]} == order.spec
 
 
 def test_a_spec_that_does_not_hash_to_the_chains_is_never_sent(buyer, platform_market):
@@ -414,6 +421,55 @@ def test_hyper_parameters_reach_the_spec(logged_in, platform_market):
     assert (spec.local_epochs, spec.batch_size, spec.learning_rate, spec.seed) == (3, 16, 0.1, 42)
     assert spec.aggregation == AggregationSpec(strategy="fedmedian")
     assert platform_market.task(task_id=task.chain_task_id).spec_hash == spec.hash_hex
+
+
+def validation_upload(name: str, x, y) -> SimpleUploadedFile:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    return SimpleUploadedFile(name, buffer.getvalue(), content_type="application/octet-stream")
+
+
+def test_an_uploaded_validation_set_is_stored_and_committed_in_the_spec(logged_in, platform_market):
+    test = load_test(schema="digits-8x8")
+    upload = validation_upload("mine.npz", test.x[:40], test.y[:40])
+
+    response = logged_in.post(reverse("task-create"), {**form_data(), "validation_file": upload})
+
+    assert response.status_code == 302
+    order = TaskOrder.objects.get()
+    stored = ValidationSet.objects.get()
+    assert stored.samples == 40
+    assert validation.validation_id(bytes(stored.data)) == stored.content_id
+    assert order.spec["validation"] == stored.content_id
+    assert platform_market.task(task_id=order.chain_task_id).spec_hash == order.spec_hash
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "needle"),
+    [
+        ("mine.npz", lambda x, y: (x[:, :4, :4], y), "expects (8, 8, 1)"),
+        ("mine.npz", lambda x, y: (x, y + 10), "classes 0 to 9"),
+        ("mine.npz", lambda x, y: (x[:3], y[:3]), "holds 3 samples"),
+        ("mine.json", lambda x, y: (x, y), "unsupported file type"),
+    ],
+)
+def test_a_bad_validation_set_is_refused_beside_its_field_and_nothing_is_sent(
+    logged_in, watch, name, make, needle
+):
+    test = load_test(schema="digits-8x8")
+    upload = validation_upload(name, *make(test.x[:40], test.y[:40]))
+
+    response = logged_in.post(reverse("task-create"), {**form_data(), "validation_file": upload})
+
+    assert response.status_code == 200
+    errors = field_errors(response, "validation_file")
+    assert [code for code, _ in errors] == ["validation_set_invalid"]
+    assert needle in errors[0][1]
+    assert name in errors[0][1]
+    assert b"errors-validation_file" in response.content
+    assert watch.unchanged()
+    assert not TaskOrder.objects.exists()
+    assert not ValidationSet.objects.exists()
 
 
 # ---------------------------------------------------------------- the estimate

@@ -18,14 +18,16 @@ from eth_account.messages import encode_defunct
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
+from core.units import wei_to_eth
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from dataplane.tls import node_certificate
 from marketplace import services
-from marketplace.models import Device, TaskOrder
+from marketplace.models import Device, Payout, Task, TaskOrder
 from marketplace.sync import chain_sync
 from marketplace.task_page import page_view
 from tests.blobs import blob_of
+from tests.marketplace.test_admin import task_run_to_the_end
 from training.serialize import Kind, id_hex, model_id
 from training.spec import TaskSpec
 from training.store import ModelStore
@@ -204,6 +206,23 @@ def test_task_page_renders_the_mirror(client, ada, platform_market):
     assert api == json.loads(json.dumps(message["snapshot"]))
 
 
+def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_market):
+    with task_run_to_the_end(platform_market, platform_market.w3, buyer=ada) as rows:
+        trainer = rows["trainer"]
+        Device.objects.filter(address=trainer.address).update(name="<b>pixel</b>")
+        path = reverse("task-detail", args=[rows[Task].chain_task_id])
+
+        html = client.get(path).content.decode()
+
+        assert "Contribution and pay" in html
+        assert "100.00 % (7)" in html  # its share of round 0's scores, and the score
+        assert "shares the pool of the aggregated trainers" in html
+        assert "&lt;b&gt;pixel&lt;/b&gt;" in html
+        assert "<b>pixel</b>" not in html
+        paid = Payout.objects.get(account=trainer.address, reason="trainer").amount_wei
+        assert f"{wei_to_eth(paid)} ETH" in html
+
+
 def test_task_page_view_model():
     snapshot = {
         "state": "running",
@@ -225,6 +244,24 @@ def test_task_page_view_model():
         "bids": [],
         "selected": [],
         "payouts": [],
+        "contributions": [
+            {
+                "trainer": "0xT0",
+                "rounds": [
+                    {"round": 0, "aggregated": True, "score": None, "share_bp": None},
+                    {"round": 1, "aggregated": True, "score": 65535, "share_bp": 9845},
+                ],
+                "paid_wei": None,
+            },
+            {
+                "trainer": "0xT1",
+                "rounds": [
+                    {"round": 0, "aggregated": False, "score": None, "share_bp": None},
+                    {"round": 1, "aggregated": True, "score": 1023, "share_bp": 155},
+                ],
+                "paid_wei": "5",
+            },
+        ],
     }
 
     page = page_view(snapshot)
@@ -238,6 +275,12 @@ def test_task_page_view_model():
         ("0xb", "Task finalized · 2\u00d7 payment credited"),
     ]
     assert not page["refunded"]
+    assert page["contribution_rounds"] == [0, 1]
+    assert page["contribution_rows"] == [
+        {"trainer": "0xT0", "cells": ["unscored", "98.45 % (65535)"], "paid_wei": None},
+        {"trainer": "0xT1", "cells": ["left out", "1.55 % (1023)"], "paid_wei": "5"},
+    ]
+    assert "shares" in page["pay_note"]
     cancelled = page_view(
         {**snapshot, "state": "cancelled", "current_round": None, "refund_wei": "10"}
     )

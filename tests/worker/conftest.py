@@ -9,17 +9,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from celery import Celery
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
 from kombu import Connection
 
+from core.enrolment import join_message
 from core.messages import Deployment, NodeWork, RoundReport, UpdateReport
 from core.queues import device_queue, route
-from marketplace import contract
+from dataplane.access import ChainPolicy
+from dataplane.server import DataPlaneServer
+from dataplane.tls import node_certificate
+from marketplace import contract, services
 from marketplace.gateway import REPORTS, report_accept
 from marketplace.services import join_token_issue
 from tests.conftest import BrokerVhost, broker_vhost_new
@@ -93,6 +101,56 @@ def wait_for(check, timeout: float = RESULT_TIMEOUT):
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
     return result
+
+
+@dataclass
+class Cheat:
+    """A selected trainer that trains nothing honestly; it serves what it hands in from its
+    own store."""
+
+    account: LocalAccount
+    store: ModelStore
+    plane: DataPlaneServer
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+
+@pytest.fixture
+def cheat_devices(platform_settings, platform_market, tmp_path):
+    """``make(*names)``: devices enrolled through the platform's service, each with its own
+    data plane, driven by the test itself."""
+    with ExitStack() as stack:
+
+        def make(*names: str) -> dict[str, Cheat]:
+            made = {}
+            for name in names:
+                account = Account.create()
+                issued = services.join_token_issue(label=name, ttl=timedelta(minutes=10))
+                challenge = services.join_challenge_issue(raw_token=issued.raw).challenge
+                text = join_message(challenge=challenge, address=account.address)
+                signature = account.sign_message(encode_defunct(text=text)).signature
+                store = ModelStore(tmp_path / name)
+                plane = DataPlaneServer(
+                    certificate=node_certificate(tmp_path / f"{name}-tls", common_name=name),
+                    store=store,
+                    policy=ChainPolicy(market=platform_market, ttl=0),
+                    node_address=account.address,
+                )
+                made[name] = Cheat(account=account, store=store, plane=stack.enter_context(plane))
+                services.device_enrol(
+                    raw_token=issued.raw,
+                    address=account.address,
+                    signature="0x" + bytes(signature).hex(),
+                    name=name,
+                    device_class="cpu",
+                    dataplane_url=plane.url,
+                    dataplane_cert_sha256=plane.certificate.sha256,
+                )
+            return made
+
+        yield make
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ def global_model_published(mirror, e: MirrorEvent) -> None:
     row.global_model_id = a["model_id"]
     row.aggregated_mask = str(mask)
     row.updates_aggregated = mask.bit_count()
+    row.scores = [int(score) for score in a.get("scores", ())]
     row.tx_hash, row.block_number = e.tx_hash, e.block_number
     row.published_at = when(mirror.block_times.get(e.block_number)) or row.published_at
     row.save()

@@ -1,0 +1,156 @@
+"""Contribution scores: what each update of a round adds to the global model, measured on the
+buyer's validation set, as the uint16 scores the contract shares a round's pay by.
+
+The method (docs/scoring.md) is the round-wise Shapley value of each update (Shapley 1953;
+for FL rounds, Song, Tong and Wei, "Profit Allocation for Federated Learning", IEEE Big
+Data 2019, and Liu et al., "GTG-Shapley", ACM TIST 2022): the value of a set of updates is
+how far the validation loss of their aggregate falls below that of the round's own global
+model, and each update gets its mean marginal value over the orders of arrival. Unlike
+leave-one-out, an update whose data no other trainer has still earns when another update
+overlaps it. Aggregation is bit-exact (training.aggregation), so every model scored is the
+same on every machine; the loss is taken by ``loss_of``, which the caller keeps
+deterministic (training.evaluate), and scores are quantised once, at the end.
+
+Before scoring, updates that are provably not their author's work are set aside (``junk``):
+values equal to a model the aggregator already knows (the round's global model, an earlier
+global model, an earlier update) or to another update of the round. They score zero and are
+left out of the aggregate and its mask. Every other update that the strategy accepts scores
+at least FLOOR, so the round's pool is shared among all valid updates rather than withheld.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from eth_hash.auto import keccak
+
+from training.aggregation.base import Rejection, Strategy, Update
+from training.aggregation.functions import Weights
+
+FULL_SCALE = 0xFFFF
+# A valid update that adds nothing measurable (or even hurts, as unusual data may on the
+# buyer's set) still gets 1/64 of what the round's best update scores.
+FLOOR = FULL_SCALE // 64
+# Up to this many updates every subset is evaluated (2^n aggregates); above, orders are sampled.
+EXACT_MAX = 10
+PERMUTATIONS = 32
+TRUNCATION = 0.01
+
+
+def values_digest(weights: Sequence) -> bytes:
+    """keccak256 of a model's int32 values alone (not its header): equal weights, equal digest."""
+    return keccak(b"".join(np.asarray(layer).astype("<i4").tobytes() for layer in weights))
+
+
+@dataclass(frozen=True)
+class Junk:
+    """Updates split into those that may be scored and those that copy known weights."""
+
+    kept: list[Update] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def junk(updates: Sequence[Update], *, known: Mapping[bytes, str]) -> Junk:
+    """Set aside each update whose values equal a model in ``known`` (values digest -> what
+    it is, e.g. "the round's global model") or an earlier update in ``updates`` (the first of
+    equal updates, in the given order, is kept)."""
+    out = Junk()
+    seen: dict[bytes, str] = dict(known)
+    for update in updates:
+        digest = values_digest(update.weights)
+        if digest in seen:
+            out.rejected.append(
+                Rejection(update_id=update.update_id, reason=f"a copy of {seen[digest]}")
+            )
+            continue
+        seen[digest] = f"update {update.update_id}"
+        out.kept.append(update)
+    return out
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Each update's Shapley value (validation loss decrease it accounts for) and uint16 score."""
+
+    gains: dict[str, float]
+    scores: dict[str, int]
+    loss: float  # of the aggregate of every update
+    evaluations: int  # distinct coalitions evaluated
+
+
+def quantize_gains(gains: Sequence[float]) -> list[int]:
+    """uint16 scores from gains: FLOOR plus a share of the rest proportional to the positive
+    gain over the best gain; every score FLOOR when no gain is positive."""
+    best = max((g for g in gains if g > 0), default=0.0)
+    if best <= 0:
+        return [FLOOR] * len(gains)
+    return [FLOOR + int((FULL_SCALE - FLOOR) * (max(g, 0.0) / best)) for g in gains]
+
+
+def _permutations(count: int, *, n: int, seed: Sequence[int]) -> Iterator[list[int]]:
+    """``count`` permutations of range(n) by Fisher-Yates over raw PCG64 output, which (unlike a
+    Generator's methods) no numpy release changes: every node draws the same ones."""
+    bits = np.random.PCG64(np.random.SeedSequence(list(seed)))
+    for _ in range(count):
+        order = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = int(bits.random_raw()) % (i + 1)
+            order[i], order[j] = order[j], order[i]
+        yield order
+
+
+def shapley(
+    updates: Sequence[Update],
+    *,
+    strategy: Strategy,
+    reference: Weights,
+    loss_of: Callable[[Weights], float],
+    seed: Sequence[int] = (0,),
+) -> Scores:
+    """Round-wise Shapley values of ``updates`` (distinct IDs, already screened) under
+    ``strategy``: the value of a set of updates is how far the validation loss of their
+    aggregate falls below that of ``reference``, the round's global model (the aggregate of
+    none). Exact over every subset up to EXACT_MAX updates; beyond, the mean marginal gain
+    over PERMUTATIONS orders drawn from ``seed``, each cut short once the rest of the round's
+    gain is under TRUNCATION of it (GTG-Shapley's within-round truncation)."""
+    n = len(updates)
+    base = loss_of(reference)
+    values: dict[int, float] = {0: 0.0}
+
+    def value(members: int) -> float:
+        if members not in values:
+            chosen = [u for i, u in enumerate(updates) if members >> i & 1]
+            aggregate = strategy.aggregate(chosen)
+            values[members] = base - loss_of(aggregate) if aggregate is not None else 0.0
+        return values[members]
+
+    everyone = (1 << n) - 1
+    total = value(everyone)
+    phi = [0.0] * n
+    if n <= EXACT_MAX:
+        weights = [
+            math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)
+        ]
+        for members in range(everyone + 1):
+            size = members.bit_count()
+            for i in range(n):
+                if not members >> i & 1:
+                    phi[i] += weights[size] * (value(members | 1 << i) - value(members))
+    else:
+        for order in _permutations(PERMUTATIONS, n=n, seed=seed):
+            members = 0
+            for i in order:
+                if abs(total - value(members)) <= TRUNCATION * abs(total):
+                    break
+                phi[i] += (value(members | 1 << i) - value(members)) / PERMUTATIONS
+                members |= 1 << i
+    ids = [u.update_id for u in updates]
+    return Scores(
+        gains=dict(zip(ids, phi, strict=True)),
+        scores=dict(zip(ids, quantize_gains(phi), strict=True)),
+        loss=base - total,
+        evaluations=len(values) - 1,
+    )
