@@ -158,9 +158,9 @@ def test_no_request_makes_the_api_answer_5xx(api_schema, auth):
             )
             def call(case) -> None:
                 response = case.call(headers=auth)
-                answered.setdefault(operation.label, set()).add(response.status_code)
+                answered.setdefault(case.operation.label, set()).add(response.status_code)
                 assert response.status_code < 500, (
-                    f"{operation.label} answered {response.status_code}: "
+                    f"{case.operation.label} answered {response.status_code}: "
                     f"{response.text[:300]}\n{case.as_curl_command()}"
                 )
 
