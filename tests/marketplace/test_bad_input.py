@@ -15,6 +15,7 @@ from schemathesis import GenerationMode
 
 from chain.launcher import free_port
 from marketplace import api_urls
+from marketplace.contract import Deployment, deployment_save
 from marketplace.models import TaskOrder
 from tests.marketplace.test_api import SPEC, assert_error, client_for, make_buyer
 from tests.marketplace.test_task_form import form_data
@@ -86,9 +87,16 @@ def test_a_bidding_end_past_the_contract_range_is_refused_before_any_gas(alice, 
     assert platform_market.w3.eth.get_transaction_count(alice.wallet.address) == nonce
 
 
+@pytest.mark.parametrize("address_from", ["settings", "deployment file"])
 def test_the_task_form_says_the_chain_is_down_and_keeps_what_was_typed(
-    client, alice, platform_settings
+    client, alice, platform_settings, platform_market, address_from
 ):
+    if address_from == "deployment file":  # as `make run` finds its contract
+        deployment_save(
+            Deployment(chain_id=31337, address=platform_market.address, block=0),
+            platform_settings.FLEX_DEPLOYMENT_FILE,
+        )
+        platform_settings.FLEX_CONTRACT_ADDRESS = ""
     platform_settings.ETH_RPC_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens
     client.force_login(alice)
 
