@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
+from web3 import Web3
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
@@ -96,9 +97,12 @@ class Node:
             except DatasetError:
                 continue  # no data in this schema here: the node does not bid on its tasks
             loaded.append(f"{len(data)} samples of {key}")
+        # A client of its own, never used again: the worker's pool forks after this, and a
+        # child must not inherit the node's client with a connection the parent opened.
+        w3 = Web3(Web3.HTTPProvider(self.config.eth_rpc_url))
         try:
-            self.chain_time()
-            self.market.task_count()
+            chain_time(w3)
+            FlexMarket(w3=w3, address=self.config.contract_address).task_count()
         except ChainUnavailableError as exc:  # it may come up later; the work retries then
             log.warning("node %s: %s", self.address, exc.message)
         # Signing's first use imports its curve code: do it now on a transaction never sent.
