@@ -9,6 +9,7 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
+    extend_schema_field,
     extend_schema_serializer,
     inline_serializer,
 )
@@ -32,6 +33,7 @@ from marketplace.serializers import (
     WeiField,
 )
 from marketplace.services import (
+    MAX_BIDDING_END,
     device_enrol,
     enrolment_config,
     join_challenge_issue,
@@ -39,8 +41,10 @@ from marketplace.services import (
     task_model_download,
 )
 from marketplace.throttles import FlexRateThrottle
+from training.aggregation import STRATEGIES
+from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
-from training.spec import TaskSpec
+from training.spec import LIMITS, MAX_LEARNING_RATE, REQUIRED, SPEC_VERSION, TaskSpec
 
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
 ERROR_SHAPE = inline_serializer(
@@ -171,6 +175,49 @@ class OpenTaskListApi(generics.ListAPIView):
 # ---------------------------------------------------------------- writes
 
 
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": "The task spec (training.spec.TaskSpec).",
+        "properties": {
+            "model": {"type": "string", "enum": sorted(MODELS)},
+            "dataset": {"type": "string", "enum": sorted(SCHEMAS)},
+            **{
+                name: {"type": "integer", "minimum": low, "maximum": high}
+                for name, (low, high) in LIMITS.items()
+            },
+            "learning_rate": {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMinimum": True,  # OpenAPI 3.0's form
+                "maximum": MAX_LEARNING_RATE,
+            },
+            "aggregation": {
+                "oneOf": [
+                    {"type": "string", "enum": sorted(STRATEGIES)},
+                    {
+                        "type": "object",
+                        "properties": {"strategy": {"type": "string", "enum": sorted(STRATEGIES)}},
+                        "required": ["strategy"],
+                    },
+                ]
+            },
+            "version": {"type": "integer", "enum": [SPEC_VERSION]},
+        },
+        "required": list(REQUIRED),
+        "additionalProperties": False,
+    }
+)
+class TaskSpecField(serializers.JSONField):
+    """A task spec, checked field by field by TaskSpec; its schema says what it takes."""
+
+    def to_internal_value(self, data) -> TaskSpec:
+        try:
+            return TaskSpec.from_dict(super().to_internal_value(data))
+        except SpecError as exc:
+            raise serializers.ValidationError(exc.message, code=exc.code) from exc
+
+
 @extend_schema(tags=["tasks"])
 class TaskCreateApi(ApiAuthMixin, APIView):
     """Post a task on chain from your wallet, with its budget in escrow."""
@@ -178,21 +225,18 @@ class TaskCreateApi(ApiAuthMixin, APIView):
     @extend_schema_serializer(component_name="TaskCreateInput")
     class InputSerializer(serializers.Serializer):
         title = serializers.CharField(max_length=120, required=False, allow_blank=True, default="")
-        spec = serializers.JSONField(help_text="The task spec (training.spec.TaskSpec) as JSON.")
+        spec = TaskSpecField()
         budget_wei = WeiField(min_value=1)
         min_trainers = serializers.IntegerField(min_value=1)
         max_trainers = serializers.IntegerField(min_value=1)
         bidding_ends = serializers.DateTimeField(required=False, help_text="Give this...")
         bidding_window_s = serializers.IntegerField(
-            min_value=1, required=False, help_text="...or this: seconds of bidding from now."
+            min_value=1,
+            max_value=MAX_BIDDING_END,
+            required=False,
+            help_text="...or this: seconds of bidding from now.",
         )
         round_timeout_s = serializers.IntegerField(min_value=1)
-
-        def validate_spec(self, value) -> TaskSpec:
-            try:
-                return TaskSpec.from_dict(value)
-            except SpecError as exc:
-                raise serializers.ValidationError(exc.message, code=exc.code) from exc
 
         def validate_bidding_ends(self, value):
             if value <= timezone.now():

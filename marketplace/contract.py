@@ -48,7 +48,8 @@ def w3() -> Web3:
 
 
 def chain_id() -> int:
-    return w3().eth.chain_id
+    with reachable():
+        return w3().eth.chain_id
 
 
 @functools.cache
@@ -68,8 +69,9 @@ def deployment_load(path: Path | None = None) -> Deployment | None:
     if not path.exists():
         return None
     record = Deployment(**json.loads(path.read_text()))
-    if record.chain_id != chain_id() or not w3().eth.get_code(record.address):
-        return None
+    with reachable():
+        if record.chain_id != chain_id() or not w3().eth.get_code(record.address):
+            return None
     return record
 
 

@@ -263,6 +263,8 @@ CREATE_TASK_GAS = 260_000
 # Bidding must stay open at least this long after the transaction is sent, or the contract
 # may see the deadline pass before the block that carries it.
 MIN_BIDDING_WINDOW_S = 5
+# The latest bidding end the contract stores (a uint40 of Unix time).
+MAX_BIDDING_END = 2**40 - 1
 
 
 @transaction.atomic
@@ -441,7 +443,7 @@ def task_create(
         raise TypeError("give exactly one of bidding_ends and bidding_window_s")
     now = chain_time(contract.w3())
     ends = int(bidding_ends.timestamp()) if bidding_ends else now + bidding_window_s
-    if ends < now + MIN_BIDDING_WINDOW_S:
+    if not now + MIN_BIDDING_WINDOW_S <= ends <= MAX_BIDDING_END:
         raise InvalidBiddingEndError(bidding_ends=ends, now_timestamp=now)
     prices = market.min_prices()
     minimum = rounds * (

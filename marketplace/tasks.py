@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from celery import shared_task
 
-from chain.errors import ChainUnavailableError, TransactionRejectedError
+from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
 from core.messages import (
     Message,
     MessageInvalidError,
@@ -72,22 +72,37 @@ def deadlines_check() -> dict:
         return {"status": exc.code}
 
 
+def step_run(service, message: Any) -> str | None:
+    """Run a lifecycle ``service`` for the task the step names; None for a step of another
+    deployment, or for a task this chain does not have: a step left in the broker by a stack
+    whose chain is gone, whose contract a fresh chain redeployed at the same address."""
+    step = received(TaskStep, message)
+    if step is None:
+        return None
+    try:
+        return service(task_id=step.task_id)
+    except UnknownTaskError:
+        log.warning(
+            "dropped a step for task %s: this chain has no such task (a message left by an "
+            "earlier chain)",
+            step.task_id,
+        )
+        return None
+
+
 @shared_task(name="marketplace.task_select_nodes", **PLATFORM_TX)
 def task_select_nodes(message: dict) -> str | None:
-    step = received(TaskStep, message)
-    return step and lifecycle.task_select_nodes(task_id=step.task_id)
+    return step_run(lifecycle.task_select_nodes, message)
 
 
 @shared_task(name="marketplace.task_finalize", **PLATFORM_TX)
 def task_finalize(message: dict) -> str | None:
-    step = received(TaskStep, message)
-    return step and lifecycle.task_finalize(task_id=step.task_id)
+    return step_run(lifecycle.task_finalize, message)
 
 
 @shared_task(name="marketplace.task_abort", **PLATFORM_TX)
 def task_abort(message: dict) -> str | None:
-    step = received(TaskStep, message)
-    return step and lifecycle.task_abort(task_id=step.task_id)
+    return step_run(lifecycle.task_abort, message)
 
 
 @shared_task(name="marketplace.round_report_record", **REPORT)

@@ -139,74 +139,101 @@ def wait_until(what: str, check, *, proc: subprocess.Popen, log: Path, timeout: 
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def local_rabbitmq() -> Iterator[tuple[str, str]]:
-    """A private RabbitMQ node on free loopback ports, with its management API; its data
-    lives under var/rabbitmq/ and goes with it. Yields its AMQP URL and its API URL."""
-    from chain.launcher import free_port
+class LocalRabbitMQ:
+    """A private RabbitMQ node on free loopback ports, with its management API; its data lives
+    under var/rabbitmq/ until ``remove``. ``restart`` stops the node and starts it again on
+    the same ports and data: users, vhosts, durable queues and their messages survive."""
 
-    # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user; the real script runs
-    # the node as whoever starts it, with its files where it is told.
-    if installed("/usr/sbin/rabbitmq-server", package="rabbitmq-server") is None:
-        raise SystemExit(
-            "error: no RabbitMQ answers at FLEX_BROKER_URL and rabbitmq-server is not "
-            "installed; install it (Debian: apt-get install rabbitmq-server) or set "
-            "FLEX_BROKER_URL and FLEX_BROKER_API_URL"
+    def __init__(self) -> None:
+        from chain.launcher import free_port
+
+        # Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user; the real script
+        # runs the node as whoever starts it, with its files where it is told.
+        if installed("/usr/sbin/rabbitmq-server", package="rabbitmq-server") is None:
+            raise SystemExit(
+                "error: no RabbitMQ answers at FLEX_BROKER_URL and rabbitmq-server is not "
+                "installed; install it (Debian: apt-get install rabbitmq-server) or set "
+                "FLEX_BROKER_URL and FLEX_BROKER_API_URL"
+            )
+        amqp_port, api_port, dist_port = free_port(), free_port(), free_port()
+        self.workdir = VAR / "rabbitmq" / str(amqp_port)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "enabled_plugins").write_text("[rabbitmq_management].\n")
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {api_port}\n"
+            # Rounds may run long on a slow device: an unacked delivery is not a dead consumer.
+            "consumer_timeout = 7200000\n"
         )
-    amqp_port, api_port, dist_port = free_port(), free_port(), free_port()
-    workdir = VAR / "rabbitmq" / str(amqp_port)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "enabled_plugins").write_text("[rabbitmq_management].\n")
-    (workdir / "rabbitmq.conf").write_text(
-        f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
-        f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {api_port}\n"
-        # Rounds may run long on a slow device: an unacked delivery is not a dead consumer.
-        "consumer_timeout = 7200000\n"
-    )
-    env = {
-        **os.environ,
-        "HOME": str(workdir),  # the node's Erlang cookie lives here
-        "RABBITMQ_NODENAME": f"flex-{amqp_port}@localhost",
-        "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-        "RABBITMQ_NODE_PORT": str(amqp_port),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
-        "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(workdir / "log"),
-        "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"),
-    }
-    log = workdir / "log"
-    log.mkdir(exist_ok=True)
-    with open(log / "stdout.log", "ab") as out:
-        proc = subprocess.Popen(
-            ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"amqp://guest:guest@127.0.0.1:{amqp_port}//"
-    api_url = f"http://guest:guest@127.0.0.1:{api_port}/"
-    try:
+        self.env = {
+            **os.environ,
+            "HOME": str(self.workdir),  # the node's Erlang cookie lives here
+            "RABBITMQ_NODENAME": f"flex-{amqp_port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(amqp_port),
+            "RABBITMQ_DIST_PORT": str(dist_port),
+            "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
+            "RABBITMQ_PID_FILE": str(self.workdir / "rabbitmq.pid"),
+        }
+        self.url = f"amqp://guest:guest@127.0.0.1:{amqp_port}//"
+        self.api_url = f"http://guest:guest@127.0.0.1:{api_port}/"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LocalRabbitMQ:
+        log = self.workdir / "log"
+        log.mkdir(exist_ok=True)
+        with open(log / "stdout.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         wait_until(
             "rabbitmq-server",
-            lambda: BrokerAdmin(api_url).answers() and amqp_answers(url),
-            proc=proc,
+            lambda: BrokerAdmin(self.api_url).answers() and amqp_answers(self.url),
+            proc=self.proc,
             log=log,
             timeout=120,
         )
-        say(f"rabbitmq: started a local rabbitmq-server at {url} (management API {api_url})")
-        yield url, api_url
-    finally:
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_rabbitmq() -> Iterator[tuple[str, str]]:
+    """A private RabbitMQ node (LocalRabbitMQ), gone with its data when the block ends.
+    Yields its AMQP URL and its API URL."""
+    node = LocalRabbitMQ()
+    try:
+        node.start()
+        say(f"rabbitmq: started a local rabbitmq-server at {node.url} (API {node.api_url})")
+        yield node.url, node.api_url
+    finally:
+        node.remove()
 
 
 def management_enable(api_url: str) -> bool:

@@ -28,8 +28,9 @@ DEMO_SPEC = {
     "seed": 1,
 }
 TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
-# Devices load their data when asked to bid, which on a busy shared machine has taken 8 s:
-# the window leaves room for that, so that a slow machine delays the demo, never fails it.
+# Devices load their data and libraries before they take work and bid within about a second
+# of the notice; the window leaves a wide margin over that (chain sync, the notice and the bid
+# all slow down on a busy machine), so that a slow machine delays the demo, never fails it.
 BIDDING_WINDOW_S = 30
 
 
@@ -87,6 +88,10 @@ def follow_task(
         round_timeout_s=round_timeout_s,
     )
     say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
+    say(
+        f"bidding is open for {BIDDING_WINDOW_S} s: devices bid within about a second, the "
+        "rest is margin for a busy machine"
+    )
     # The platform's chain sync mirrors the task from its TaskCreated event.
     while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
         if time.monotonic() - started > timeout_s:

@@ -74,6 +74,7 @@ class Supervisor:
         self.env = env
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
         self._width = 12
         self._lock = threading.Lock()
 
@@ -87,6 +88,7 @@ class Supervisor:
             start_new_session=True,
         )
         self.procs[name] = proc
+        self.commands[name] = (cmd, env)
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
 
     def _pump(self, name: str, proc: subprocess.Popen[bytes]) -> None:
@@ -98,6 +100,13 @@ class Supervisor:
                 with self._lock:
                     sys.stdout.write(f"{name:<{self._width}}| {line.decode(errors='replace')}")
                     sys.stdout.flush()
+
+    def restart(self, name: str, *, timeout: float = 15.0) -> None:
+        """Stop process ``name`` (SIGTERM, then SIGKILL after ``timeout``) and start it again
+        with the same command."""
+        cmd, env = self.commands[name]
+        self.stop(name, timeout=timeout)
+        self.start(name, cmd, env=env)
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]

@@ -122,13 +122,18 @@ class TaskSpec:
         rate = self.learning_rate
         if isinstance(rate, bool) or not isinstance(rate, int | float):
             raise SpecError(field="learning_rate", reason=f"must be a number, got {rate!r}")
+        try:
+            # One float representation whatever the input (1 and 1.0 are the same rate).
+            rate = float(rate)
+        except OverflowError:  # an integer past float's range
+            rate = math.inf
         if not (math.isfinite(rate) and 0.0 < rate <= MAX_LEARNING_RATE):
+            shown = f"{rate}" if math.isfinite(rate) else "a number out of range"
             raise SpecError(
                 field="learning_rate",
-                reason=f"must be greater than 0 and at most {MAX_LEARNING_RATE}, got {rate}",
+                reason=f"must be greater than 0 and at most {MAX_LEARNING_RATE}, got {shown}",
             )
-        # One float representation whatever the input (1 and 1.0 are the same rate).
-        object.__setattr__(self, "learning_rate", float(rate))
+        object.__setattr__(self, "learning_rate", rate)
         if not isinstance(self.aggregation, AggregationSpec):
             raise SpecError(field="aggregation", reason="must be an AggregationSpec")
         if self.validation is not None:

@@ -245,6 +245,8 @@ def run(
     app = node_app(broker_url=brokers.pop(), queue=loaded[0].config.queues[0])
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
 
+    for n in loaded:
+        n.warm()  # before it listens: a bid must not wait for data or libraries to load
     try:
         for n in loaded:
             n.start_dataplane()

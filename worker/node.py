@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
+from web3 import Web3
 
 from chain.client import FlexMarket
+from chain.errors import ChainUnavailableError
 from chain.node import chain_time, connect
 from core.errors import FlexError
 from core.messages import Deployment
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from dataplane.tls import node_certificate_load
+from training.catalogue import SCHEMAS, import_keras
 from training.datasets import Dataset, load_local, load_partition
 from training.errors import DatasetError
-from training.spec import TaskSpec
 from training.store import ModelStore
 from worker import config as config_mod
 from worker.config import KEYSTORE_FILE, TLS_DIR, DeviceConfig
@@ -66,9 +69,9 @@ class Node:
     def chain_time(self) -> int:
         return chain_time(self.market.w3)
 
-    def data_for(self, spec: TaskSpec) -> Dataset:
-        """The node's own training data in the task's schema; DatasetError when it has none."""
-        key = spec.dataset
+    def data_for(self, dataset: str) -> Dataset:
+        """The node's own training data in schema ``dataset``; DatasetError when it has none."""
+        key = dataset
         if key not in self._data:
             if self.config.data_path:
                 self._data[key] = load_local(path=self.config.data_path, schema=key)
@@ -80,6 +83,40 @@ class Node:
             else:
                 raise DatasetError(source=str(self.home), reason="this node has no data configured")
         return self._data[key]
+
+    def warm(self) -> None:
+        """Load, before the node takes work, what deciding a bid and training would otherwise
+        load inside a bidding window: its data in every schema it has, the chain client and
+        the signing code, and TensorFlow. On a busy machine with a cold disk cache that first
+        load has taken longer than a bidding window. Safe to call again."""
+        started = time.perf_counter()
+        loaded = []
+        for key in SCHEMAS:
+            try:
+                data = self.data_for(key)
+            except DatasetError:
+                continue  # no data in this schema here: the node does not bid on its tasks
+            loaded.append(f"{len(data)} samples of {key}")
+        # A client of its own, never used again: the worker's pool forks after this, and a
+        # child must not inherit the node's client with a connection the parent opened.
+        w3 = Web3(Web3.HTTPProvider(self.config.eth_rpc_url))
+        try:
+            chain_time(w3)
+            FlexMarket(w3=w3, address=self.config.contract_address).task_count()
+        except ChainUnavailableError as exc:  # it may come up later; the work retries then
+            log.warning("node %s: %s", self.address, exc.message)
+        # Signing's first use imports its curve code: do it now on a transaction never sent.
+        self.account.sign_transaction(
+            {"to": self.address, "value": 0, "gas": 21000, "gasPrice": 1, "nonce": 0, "chainId": 1}
+        )
+        import_keras()
+        log.info(
+            "node %s ready to bid in %.1f s: %s, chain %s, TensorFlow loaded",
+            self.address,
+            time.perf_counter() - started,
+            ", ".join(loaded) or "no training data (aggregator only)",
+            self.config.chain_id,
+        )
 
     def start_dataplane(self) -> DataPlaneServer:
         self.server = DataPlaneServer(

@@ -37,6 +37,8 @@ W = TypeVar("W", bound=NodeWork)
 
 # Worth another try later: the chain node or a peer's data plane was briefly unreachable.
 TRANSIENT = (ChainUnavailableError, FetchFailedError, PolicyUnavailableError)
+# How soon an aggregation tries again after such a failure (a restarting node is back soon).
+AGGREGATE_TRANSIENT_RETRY_S = 2.0
 RETRY = {
     "acks_late": True,
     "autoretry_for": TRANSIENT,
@@ -181,5 +183,13 @@ def aggregate(self, message: dict) -> dict | None:
         # deadline bounds the retries (past it the round is ready), not a count.
         countdown = min(max(exc.seconds_left, 0.05), 0.1)
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1) from exc
+    except TRANSIENT as exc:
+        # Looking again above uses up Celery's count of retries, so a chain node or a peer
+        # lost meanwhile (restarting) is retried on its own terms: until it is back, and the
+        # contract refuses a publish that comes too late.
+        log.warning("task %s round %s: %s; retrying", work.task_id, work.round_number, exc)
+        raise self.retry(
+            exc=exc, countdown=AGGREGATE_TRANSIENT_RETRY_S, max_retries=self.request.retries + 1
+        ) from exc
     report_round(served, published)
     return published

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from chain.errors import BiddingClosedError, InvalidTaskStateError
 from chain.events import Role, TaskState
 from core.errors import FlexError
 from dataplane.client import fetch_model
@@ -58,7 +59,7 @@ def decide_bid(node: Node, *, task_id: int, spec: TaskSpec) -> BidDecision | Non
     if not _affords(node, task_id=task_id, deposit_wei=task.trainer_stake_wei):
         return None
     try:
-        data = node.data_for(spec)
+        data = node.data_for(spec.dataset)
     except DatasetError as exc:
         log.info("task %s: no data in schema %s here: %s", task_id, spec.dataset, exc.message)
         return None
@@ -101,13 +102,18 @@ def bid(node: Node, *, task_id: int, spec: dict) -> BidDecision | None:
             min(decision.samples, cap),
         ):
             return decision
-    node.market.place_bid(
-        sender=node.account,
-        task_id=task_id,
-        price_per_round_wei=decision.price_per_round_wei,
-        samples=decision.samples,
-        role=decision.role,
-    )
+    try:
+        node.market.place_bid(
+            sender=node.account,
+            task_id=task_id,
+            price_per_round_wei=decision.price_per_round_wei,
+            samples=decision.samples,
+            role=decision.role,
+        )
+    except (BiddingClosedError, InvalidTaskStateError) as exc:
+        # Bidding closed between the decision and the transaction: too late, nothing wrong.
+        log.info("task %s: bid not placed, bidding closed first (%s)", task_id, exc.code)
+        return None
     log.info(
         "task %s: bid %s wei/round as %s with %s samples",
         task_id,
@@ -238,7 +244,10 @@ def train(
     )
     started = time.perf_counter()
     result = train_round(
-        spec=parsed, weights=model.floats(), data=node.data_for(parsed), round_number=round_number
+        spec=parsed,
+        weights=model.floats(),
+        data=node.data_for(parsed.dataset),
+        round_number=round_number,
     )
     train_s = time.perf_counter() - started
     header = model_header(

@@ -17,17 +17,27 @@ from celery.contrib.testing.worker import start_worker
 from eth_account.messages import encode_defunct
 from kombu import Connection
 
-from chain.events import TaskState
+from chain.events import Role, TaskState
 from core.broker import url_with, vhost_of
 from core.messages import Deployment, MessageInvalidError, RoundReport, TaskStep, UpdateReport
-from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE
+from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE, route
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
 from marketplace import contract, models, services, tasks
 from marketplace.device_broker import device_broker_url
 from stack.backing import stack_vhost, stack_vhost_delete
 from tests.conftest import BrokerVhost, broker_vhost_new
-from tests.marketplace.test_lifecycle import Node, enrol, model_id, selected_task, sync
+from tests.marketplace.test_lifecycle import (
+    WINDOW_S,
+    Node,
+    advance,
+    bid,
+    enrol,
+    model_id,
+    post_task,
+    selected_task,
+    sync,
+)
 from worker.app import node_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -261,6 +271,57 @@ def test_platform_steps_for_another_deployment_or_of_no_shape_are_refused(platfo
     assert exc.value.code == "message_invalid"
     with pytest.raises(MessageInvalidError):
         tasks.task_finalize(message=TaskStep.of(here, task_id=0).dump() | {"v": 2})
+
+
+def test_steps_left_in_the_broker_by_another_deployment_are_dropped_and_work_goes_on(
+    vhost, platform_market, caplog
+):
+    """Steps a killed run left in the platform's queue: one for another contract, one for a
+    task this chain never had (a chain started afresh, its contract at the same address).
+    The worker started afterwards drops both with a warning and acts on the next step."""
+    market = platform_market
+    here = contract.deployment_identity()
+    elsewhere = Deployment(chain_id=here.chain_id, contract="0x" + "22" * 20)
+    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
+    task = post_task(min_trainers=1)
+    bid(market, aggregator, task, role=Role.AGGREGATOR)
+    bid(market, trainer, task)
+    advance(market, WINDOW_S + 1)  # bidding is over: selection is due
+    app = platform_app(broker_url=vhost.url, result_backend=None, set_as_current=False)
+    app.conf.worker_hijack_root_logger = False
+    caplog.set_level(logging.INFO)
+    leftovers = [
+        TaskStep.of(elsewhere, task_id=task.chain_task_id),
+        TaskStep.of(here, task_id=market.task_count() + 1000),
+    ]
+    for step in leftovers:
+        app.send_task(
+            "marketplace.task_select_nodes", kwargs={"message": step.dump()}, **route("platform")
+        )
+    assert market.task(task_id=task.chain_task_id).state == TaskState.BIDDING
+
+    # The worker's start configures logging anew (Django's LOGGING) and drops the root
+    # logger's handlers: listen on the loggers that speak here.
+    speakers = [logging.getLogger(name) for name in ("marketplace.tasks", "core.messages")]
+    for logger in speakers:
+        logger.addHandler(caplog.handler)
+    try:
+        with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
+            wait_for(lambda: "this chain has no such task" in caplog.text)
+            wait_for(lambda: "dropped a TaskStep message for chain" in caplog.text)
+            assert market.task(task_id=task.chain_task_id).state == TaskState.BIDDING
+            # The same step for this deployment's task is acted on.
+            app.send_task(
+                "marketplace.task_select_nodes",
+                kwargs={"message": TaskStep.of(here, task_id=task.chain_task_id).dump()},
+                **route("platform"),
+            )
+            wait_for(lambda: market.task(task_id=task.chain_task_id).state == TaskState.RUNNING)
+    finally:
+        for logger in speakers:
+            logger.removeHandler(caplog.handler)
+        flexsite_app.set_current()
+        flexsite_app.set_default()
 
 
 def test_each_stack_has_a_namespace_of_its_own(tmp_path):

@@ -59,6 +59,12 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     aggregator, trainers = nodes["aggregator"], [nodes["alice"], nodes["bob"]]
     task_id = _task(market, buyer_index=5, min_trainers=2)
     spec = SPEC.as_dict()
+    # Each node loaded its data and TensorFlow before it took work, not inside a bidding window.
+    for n in nodes.values():
+        log = wait_for(lambda n=n: "ready." in (text := n.log.read_text()) and text)
+        assert log.index("ready to bid") < log.index("ready.")
+    for trainer in trainers:
+        assert "samples of digits-8x8" in trainer.log.read_text()
 
     for n in nodes.values():
         platform.send("worker.bid", BidRequest, n, task_id=task_id, spec=spec)
@@ -80,6 +86,10 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     w3.provider.make_request("evm_increaseTime", [3601])
     w3.provider.make_request("evm_mine", [])
     market.select_nodes(sender=platform_account, task_id=task_id)
+    # A notice that arrives after bidding closed is an info line, not a failure.
+    closed = platform.send("worker.bid", BidRequest, trainers[1], task_id=task_id, spec=spec)
+    assert finished(trainers[1], closed).endswith("None")
+    assert f"task {task_id}: bidding is closed" in trainers[1].log.read_text()
     selection = market.selection(task_id=task_id)
     assert selection.aggregator == aggregator.config.address
     assert set(selection.trainers) == {t.config.address for t in trainers}
