@@ -105,6 +105,43 @@
     return svg + "</svg>";
   }
 
+  // ---------------------------------------------------------------- a late round
+
+  // What the page says of a round running late, from view.round_wait (task_page.round_wait):
+  // time passes without a message, so this is worked out here, against the chain's clock.
+  function waitNote(w) {
+    if (!w) return "";
+    const offset = Number(w.clock_offset_s || 0);
+    const now = Date.now() / 1000 + offset;
+    const at = (t) => new Date((t - offset) * 1000).toLocaleTimeString();
+    const who = (list) => list.map((a) => names[a] || short(a)).join(", ");
+    const late = Number(w.expected_by) - Number(w.started_at);
+    if (w.missing.length && now >= w.deadline) {
+      return `Round ${w.round}: the deadline passed at ${at(w.deadline)} without an update from `
+        + `${who(w.missing)}. The aggregator closes the round with the updates that arrived; `
+        + "a trainer without one is not paid for this round.";
+    }
+    if (w.missing.length && now >= w.expected_by) {
+      return `Round ${w.round} is waiting on ${who(w.missing)}: no update `
+        + `${Math.round(now - w.started_at)} s after the round began (expected within ${Math.round(late)} s). `
+        + `At ${at(w.deadline)} the round closes with the updates that arrived; `
+        + "a trainer without one is not paid for this round.";
+    }
+    if (!w.missing.length && now >= Number(w.deadline) + late) {
+      return `Round ${w.round}: every update is in, but the aggregator ${who([w.aggregator])} has `
+        + `not published the new model yet. It is due by ${at(w.publish_due)}; after that the task `
+        + "is aborted and what was not earned is refunded.";
+    }
+    return "";
+  }
+  function drawWait(w) {
+    const el = $("round-wait");
+    if (!el) return;
+    const text = waitNote(w);
+    el.classList.toggle("hidden", !text);
+    if (el.textContent !== text) el.textContent = text;
+  }
+
   // ---------------------------------------------------------------- the page
 
   function drawChart(rounds) {
@@ -144,6 +181,7 @@
     setText("stat-bids", `${s.bids.length} bid${s.bids.length === 1 ? "" : "s"} · ${s.min_trainers}–${s.max_trainers} trainers wanted`);
 
     drawChart(s.rounds_published);
+    drawWait(v.round_wait);
 
     rows("rounds-body", s.rounds_published, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
     rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
@@ -193,6 +231,8 @@
   const initial = $("task-data");
   if (initial) last = JSON.parse(initial.textContent);
   if (last) drawChart(last.snapshot.rounds_published);
+  if (last) names = last.view.device_names || {};
+  setInterval(() => { if (last) drawWait(last.view.round_wait); }, 2000);
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);

@@ -24,7 +24,7 @@ from dataplane.tls import node_certificate
 from marketplace import services
 from marketplace.models import Device, TaskOrder
 from marketplace.sync import chain_sync
-from marketplace.task_page import page_view
+from marketplace.task_page import page_view, round_wait
 from tests.blobs import blob_of
 from training.serialize import Kind, id_hex, model_id
 from training.spec import TaskSpec
@@ -244,6 +244,46 @@ def test_task_page_view_model():
     assert cancelled["refunded"]
     assert [s["status"] for s in cancelled["steps"]] == ["done", "bad", "", "", ""]
     assert cancelled["steps"][1]["label"] == "Cancelled"
+
+
+def test_round_wait_names_the_selected_trainers_without_an_update():
+    snapshot = {
+        "state": "running",
+        "current_round": 1,
+        "round_timeout_s": 60,
+        "aggregator": "0xA",
+        "rounds_published": [
+            {"number": 0, "published_at": "2026-01-01T00:00:00Z"},
+            {"number": 1, "published_at": "2026-01-01T00:01:00Z"},
+        ],
+        "selected": [
+            {"device": "0xA", "role": "aggregator"},
+            {"device": "0xT0", "role": "trainer"},
+            {"device": "0xT1", "role": "trainer"},
+        ],
+        "updates": [
+            {"round": 0, "trainer": "0xT1"},  # last round's: does not count
+            {"round": 1, "trainer": "0xT0"},
+        ],
+    }
+    start = 1767225660.0  # 2026-01-01T00:01:00Z
+
+    wait = round_wait(snapshot)
+
+    assert wait == {
+        "round": 2,
+        "started_at": start,
+        "expected_by": start + 30,
+        "deadline": start + 60,
+        "publish_due": start + 120,
+        "aggregator": "0xA",
+        "missing": ["0xT1"],
+    }
+    assert round_wait({**snapshot, "state": "trained"}) is None
+    done = round_wait(
+        {**snapshot, "updates": [*snapshot["updates"], {"round": 1, "trainer": "0xT1"}]}
+    )
+    assert done["missing"] == []
 
 
 # ---------------------------------------------------------------- the model
