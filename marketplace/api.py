@@ -228,8 +228,15 @@ class TaskCreateApi(ApiAuthMixin, APIView):
     tags=["tasks"],
     description=(
         "The task's final global model, fetched from its aggregator's store with the buyer's "
-        "key and checked against the model ID on chain: the task's buyer only."
+        "key and checked against the model ID on chain: the task's buyer only. ``as`` "
+        "flexmodel (default) is the canonical blob whose ID is on chain; keras and npz are "
+        "made from it, read back and re-encoded to that ID (the X-Flex-Check header says so)."
     ),
+    parameters=[
+        OpenApiParameter(
+            "as", str, enum=["flexmodel", "keras", "npz"], required=False, default="flexmodel"
+        )
+    ],
     responses={
         (200, "application/octet-stream"): OpenApiTypes.BINARY,
         403: ERROR_SHAPE,
@@ -243,13 +250,19 @@ class TaskModelDownloadApi(ApiAuthMixin, APIView):
         view = task_view_get(user=request.user, task_id=pk)
         if view is None:
             raise Http404("No such task.")
-        model = task_model_download(task=view, user=request.user)
+        model = task_model_download(
+            task=view, user=request.user, fmt=request.query_params.get("as", "flexmodel")
+        )
         return FileResponse(
             model.file,
             as_attachment=True,
             filename=model.filename,
             content_type="application/octet-stream",
-            headers={"X-Flex-Model-Id": model.model_id, "X-Flex-Round": str(model.round_number)},
+            headers={
+                "X-Flex-Model-Id": model.model_id,
+                "X-Flex-Round": str(model.round_number),
+                "X-Flex-Check": model.check,
+            },
         )
 
 

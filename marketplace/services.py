@@ -49,9 +49,12 @@ from marketplace.models import (
     token_digest,
 )
 from marketplace.models_download import (
+    FORMATS,
     FinalModel,
     ModelNotReadyError,
     NotTaskBuyerError,
+    UnknownFormatError,
+    final_model_export,
     final_model_fetch,
 )
 from marketplace.selectors import TaskView
@@ -482,14 +485,19 @@ def task_create(
     return order
 
 
-def task_model_download(*, task: TaskView, user) -> FinalModel:
+def task_model_download(*, task: TaskView, user, fmt: str = "flexmodel") -> FinalModel:
     """The task's final model, fetched for its buyer from the aggregator's store and checked
-    against the model ID on chain. Raises NotTaskBuyerError for anyone but the buyer (it is
-    fetched with the buyer's key), and ModelNotReadyError, ModelUnavailableError or the data
-    plane's errors."""
+    against the model ID on chain: the canonical blob (``fmt`` "flexmodel") or a standard
+    format made from it ("keras", "npz"). Raises NotTaskBuyerError for anyone but the buyer
+    (it is fetched with the buyer's key), UnknownFormatError, ModelNotReadyError,
+    ModelUnavailableError, ModelExportError or the data plane's errors."""
+    if fmt not in FORMATS:
+        raise UnknownFormatError(format=fmt, formats=list(FORMATS))
     if task.buyer is None or task.buyer.pk != user.pk:
         raise NotTaskBuyerError(task_id=task.id)
     if task.task is None:
         raise ModelNotReadyError("The task is not mirrored from the chain yet.", state=task.state)
     account = wallets.wallet_account(wallet=wallets.wallet_of(user=user))
-    return final_model_fetch(chain_task_id=task.id, account=account)
+    if fmt == "flexmodel":
+        return final_model_fetch(chain_task_id=task.id, account=account)
+    return final_model_export(chain_task_id=task.id, account=account, spec=task.spec, fmt=fmt)

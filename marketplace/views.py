@@ -19,7 +19,12 @@ from core.units import wei_to_eth
 from marketplace import contract, selectors, services, wallets
 from marketplace.forms import SignUpForm, TaskForm, WithdrawForm
 from marketplace.models import Wallet
-from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
+from marketplace.models_download import (
+    ModelNotReadyError,
+    NotTaskBuyerError,
+    UnknownFormatError,
+    export_record,
+)
 from marketplace.selectors import TaskView
 from marketplace.task_page import task_update_message
 from marketplace.throttles import throttled
@@ -276,11 +281,16 @@ def task_model(request, pk: int):
 
 @login_required
 def task_model_download(request, pk: int):
+    """The final model: ``?as=`` flexmodel (the canonical blob, default), keras or npz."""
     view = _task_view(request, pk)
     try:
-        model = services.task_model_download(task=view, user=request.user)
+        model = services.task_model_download(
+            task=view, user=request.user, fmt=request.GET.get("as", "flexmodel")
+        )
     except NotTaskBuyerError as exc:
         raise Http404 from exc
+    except UnknownFormatError as exc:
+        return _download_error(request, view, exc, status=400)
     except ModelNotReadyError as exc:
         return _download_error(request, view, exc, status=409)
     except FlexError as exc:
@@ -294,6 +304,7 @@ def task_model_download(request, pk: int):
     )
     response["X-Flex-Model-Id"] = model.model_id
     response["X-Flex-Round"] = str(model.round_number)
+    response["X-Flex-Check"] = model.check
     return response
 
 
@@ -330,9 +341,16 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
         ("Aggregation", aggregation.get("strategy")),
         ("Seed", spec.get("seed")),
     ]
+    exported = export_record(model_id=final["global_model_id"]) if final else None
+    stem = (
+        f"flex-task-{view.id}-round-{final['number']}-{final['global_model_id']}" if final else ""
+    )
     return {
         "ready": ready,
         "final": final,
+        "exported": exported,
+        "keras_name": f"{stem}.keras",
+        "npz_name": f"{stem}.npz",
         "rounds": rounds,
         "contributors": contributors,
         "paid_total_wei": sum(paid.values()),
