@@ -12,13 +12,14 @@ from drf_spectacular.utils import (
     extend_schema_serializer,
     inline_serializer,
 )
-from rest_framework import generics, serializers
+from rest_framework import exceptions, generics, serializers
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from marketplace.devices import device_status
 from marketplace.models import Bid, Device, DeviceClass, Task, TaskState
 from marketplace.permissions import DeviceSignatureAuthentication
 from marketplace.selectors import TaskViewList, task_view_get, task_views_of, task_visible
@@ -26,6 +27,7 @@ from marketplace.serializers import (
     BidSerializer,
     DevicePublicSerializer,
     DeviceStaffSerializer,
+    DeviceStatusSerializer,
     OpenTaskSerializer,
     TaskSerializer,
     TaskSummarySerializer,
@@ -166,6 +168,26 @@ class OpenTaskListApi(generics.ListAPIView):
             state=TaskState.BIDDING, bidding_ends__gt=timezone.now()
         ).order_by("bidding_ends", "chain_task_id")
         return task_views_of(tasks)
+
+
+@extend_schema(
+    tags=["devices"],
+    description=(
+        "The signing device's own status: its bids, the tasks it was selected for, rounds "
+        "done or missed, what it earned, its credit and its data plane as the platform "
+        "reaches it (what `python -m worker status` prints)."
+    ),
+    responses=DeviceStatusSerializer,
+)
+class DeviceStatusApi(APIView):
+    authentication_classes = [DeviceSignatureAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    def get(self, request):
+        device = getattr(request.user, "device", None)
+        if device is None:
+            raise exceptions.PermissionDenied("Only a device may ask for its own status.")
+        return Response(DeviceStatusSerializer(device_status(device=device)).data)
 
 
 # ---------------------------------------------------------------- writes

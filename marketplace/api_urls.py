@@ -16,6 +16,7 @@ urlpatterns = [
     path("bids/<int:pk>/", api.BidDetailApi.as_view(), name="api-bid-detail"),
     path("devices/", api.DeviceListApi.as_view(), name="api-device-list"),
     path("devices/<int:pk>/", api.DeviceDetailApi.as_view(), name="api-device-detail"),
+    path("devices/me/", api.DeviceStatusApi.as_view(), name="api-device-status"),
     path("wallet/", api_wallet.WalletApi.as_view(), name="api-wallet"),
     path("wallet/withdraw/", api_wallet.WalletWithdrawApi.as_view(), name="api-wallet-withdraw"),
     path("join/challenge/", api.JoinChallengeApi.as_view(), name="api-join-challenge"),

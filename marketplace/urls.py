@@ -24,4 +24,6 @@ urlpatterns = [
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
     path("tasks/<int:pk>/model/", views.task_model, name="task-model"),
     path("tasks/<int:pk>/model/download/", views.task_model_download, name="task-model-download"),
+    path("devices/owner/", views.device_owner_pass, name="device-owner-pass"),
+    path("devices/<str:address>/", views.device_page, name="device-page"),
 ]

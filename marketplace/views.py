@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.contrib import messages
@@ -16,9 +17,9 @@ from django.views.decorators.http import require_GET, require_POST
 from chain.errors import ChainUnavailableError
 from core.errors import FlexError
 from core.units import wei_to_eth
-from marketplace import contract, selectors, services, wallets
+from marketplace import contract, devices, selectors, services, wallets
 from marketplace.forms import SignUpForm, TaskForm, WithdrawForm
-from marketplace.models import Wallet
+from marketplace.models import Device, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
     NotTaskBuyerError,
@@ -234,6 +235,33 @@ def estimate_basis(estimate: services.CostEstimate) -> str:
         f"From the latest prices of {trainers} trainer{'s' if trainers != 1 else ''} and "
         f"{aggregators} aggregator{'s' if aggregators != 1 else ''} on the platform."
     )
+
+
+def device_owner_pass(request):
+    """Opens a device's page from a link its key signed (`python -m worker status` prints it):
+    this browser may then see that device's page until the link's expiry."""
+    try:
+        device = devices.owner_pass_check(
+            address=request.GET.get("address", ""),
+            expires=request.GET.get("expires", ""),
+            signature=request.GET.get("signature", ""),
+        )
+    except devices.OwnerPassError as exc:
+        return render(request, "marketplace/device_pass_error.html", {"error": exc}, status=403)
+    owned = dict(request.session.get(devices.OWNED_SESSION_KEY, {}))
+    owned[device.address] = int(request.GET["expires"])
+    request.session[devices.OWNED_SESSION_KEY] = owned
+    return redirect("device-page", address=device.address)
+
+
+def device_page(request, address: str):
+    """A device's work and pay, for its owner (a signed link) and staff; 404 for anyone else,
+    so others cannot tell which devices are enrolled."""
+    device = Device.objects.filter(address__iexact=address).first()
+    until = request.session.get(devices.OWNED_SESSION_KEY, {}).get(device.address if device else "")
+    if device is None or not (request.user.is_staff or (until and until > time.time())):
+        raise Http404("No such device.")
+    return render(request, "marketplace/device.html", {"st": devices.device_status(device=device)})
 
 
 def _task_view(request, pk: int) -> TaskView:

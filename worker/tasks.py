@@ -91,9 +91,7 @@ def report_round(served: node.Node, published: dict | None) -> None:
         loss=published.get("loss"),
         updates=published.get("updates"),
         aggregate_s=published.get("aggregate_s"),
-        left_out={
-            who: why.split(":", 1)[0] for who, why in published.get("rejected", {}).items()
-        },
+        left_out={who: why.split(":", 1)[0] for who, why in published.get("rejected", {}).items()},
     )
     report_send(report, signer=served)
 

@@ -93,7 +93,7 @@ def test_markup_in_what_a_buyer_typed_shows_as_text(client, ada):
 
 
 @pytest.mark.parametrize("name", ["task-detail", "task-model", "task-model-download"])
-def test_another_buyer_cannot_see_atask_post(client, ada, name):
+def test_another_buyer_cannot_see_a_task(client, ada, name):
     theirs = task_post(buyer_signup("bob"), title="Secret")
 
     response = client.get(reverse(name, args=[theirs.chain_task_id]))
