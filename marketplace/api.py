@@ -365,6 +365,9 @@ class JoinCompleteApi(APIView):
         dataplane_cert_sha256 = serializers.CharField(
             required=False, allow_blank=True, default="", max_length=100
         )
+        # What the device will ask per round: shown in buyers' cost estimates until it bids.
+        price_per_round_wei = WeiField(required=False, allow_null=True, default=None)
+        aggregator_price_per_round_wei = WeiField(required=False, allow_null=True, default=None)
 
     @extend_schema(
         tags=["enrolment"],
@@ -387,5 +390,7 @@ class JoinCompleteApi(APIView):
             device_class=v["device_class"],
             dataplane_url=v["dataplane_url"],
             dataplane_cert_sha256=v["dataplane_cert_sha256"],
+            price_per_round_wei=v["price_per_round_wei"],
+            aggregator_price_per_round_wei=v["aggregator_price_per_round_wei"],
         )
         return Response(enrolment_config(device=device), status=201)

@@ -13,7 +13,7 @@ from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 from chain import errors as chain_errors
 from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
-from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth
+from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
 from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
 from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
@@ -156,14 +156,7 @@ class TaskForm(forms.Form):
         data = super().clean()
         low, high = data.get("min_trainers"), data.get("max_trainers")
         if low is not None and high is not None and low > high:
-            self.add_error(
-                "max_trainers",
-                forms.ValidationError(
-                    "Must be at least the minimum number of trainers (%(low)s).",
-                    code="trainer_range_invalid",
-                    params={"low": low},
-                ),
-            )
+            self.add_error("max_trainers", trainer_range_error(low))
         spec_inputs = ("model", "dataset", "rounds", "local_epochs", "batch_size")
         if all(data.get(name) is not None for name in (*spec_inputs, "learning_rate", "seed")):
             try:
@@ -207,6 +200,29 @@ class TaskForm(forms.Form):
         self.add_error(field, forms.ValidationError(message, code=exc.code))
 
 
+class EstimateForm(forms.Form):
+    """The task's shape, for the live cost estimate: the task form's own fields and rules."""
+
+    rounds = TaskForm.base_fields["rounds"]
+    min_trainers = TaskForm.base_fields["min_trainers"]
+    max_trainers = TaskForm.base_fields["max_trainers"]
+
+    def clean(self):
+        data = super().clean()
+        low, high = data.get("min_trainers"), data.get("max_trainers")
+        if low is not None and high is not None and low > high:
+            self.add_error("max_trainers", trainer_range_error(low))
+        return data
+
+
+def trainer_range_error(low: int) -> forms.ValidationError:
+    return forms.ValidationError(
+        "Must be at least the minimum number of trainers (%(low)s).",
+        code="trainer_range_invalid",
+        params={"low": low},
+    )
+
+
 def explain(exc: FlexError) -> str:
     """A sentence for a buyer, from the error's fields (the same for a check and a revert)."""
     f = exc.fields
@@ -217,9 +233,11 @@ def explain(exc: FlexError) -> str:
             "prices, for every round."
         )
     if isinstance(exc, wallets.InsufficientFundsError):
+        gas = f["needed_wei"] - f["budget_wei"]
         return (
-            f"Your wallet holds {wei_to_eth(f['balance_wei'])} ETH; this task needs "
-            f"{wei_to_eth(f['needed_wei'])} ETH with gas. Fund your wallet first."
+            f"Your wallet holds {wei_to_eth_approx(f['balance_wei'])} ETH; this task needs "
+            f"{wei_to_eth(f['budget_wei'])} ETH and about {wei_to_eth_approx(gas)} ETH of gas."
+            " Fund your wallet first."
         )
     if isinstance(exc, chain_errors.InvalidTrainerRangeError):
         if f["max_trainers"] > f["cap"]:

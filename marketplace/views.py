@@ -14,11 +14,12 @@ from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from chain.errors import ChainUnavailableError
+from chain.errors import ChainUnavailableError, InvalidRoundsError, InvalidTrainerRangeError
 from core.errors import FlexError
 from core.units import wei_to_eth
-from marketplace import contract, devices, selectors, services, wallets
-from marketplace.forms import SignUpForm, TaskForm, WithdrawForm
+from marketplace import contract, devices, estimates, selectors, services, wallets
+from marketplace.estimates import CostEstimate
+from marketplace.forms import EstimateForm, SignUpForm, TaskForm, WithdrawForm, explain
 from marketplace.models import Device, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
@@ -32,9 +33,10 @@ from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
 
-# What the form's estimate starts from before the buyer types anything.
-_ESTIMATE_DEFAULTS = {"rounds": 5, "min_trainers": 2, "max_trainers": 4}
-_ESTIMATE_CAP = 10_000
+# What the form's estimate starts from before the buyer types anything: the form's defaults.
+_ESTIMATE_DEFAULTS = {
+    name: TaskForm.base_fields[name].initial for name in ("rounds", "min_trainers", "max_trainers")
+}
 
 
 def home(request):
@@ -145,13 +147,19 @@ def task_list(request):
     return render(request, "marketplace/task_list.html", {"tasks": tasks})
 
 
-def _estimate_or_none(*, rounds: int, min_trainers: int, max_trainers: int):
+def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:
+    """The estimate for the shape in ``data`` (checked by the task form's rules and the
+    contract's), or None with the errors by field ("__all__": the chain is unreachable)."""
+    form = EstimateForm(data)
+    if not form.is_valid():
+        return None, {k: [str(m) for m in v] for k, v in form.errors.items()}
     try:
-        return services.cost_estimate(
-            rounds=rounds, min_trainers=min_trainers, max_trainers=max_trainers
-        )
+        return estimates.cost_estimate(**form.cleaned_data), {}
+    except (InvalidRoundsError, InvalidTrainerRangeError) as exc:
+        field = "rounds" if isinstance(exc, InvalidRoundsError) else "max_trainers"
+        return None, {field: [explain(exc)]}
     except (FlexError, OSError):  # no estimate without the chain; the page still renders
-        return None
+        return None, {"__all__": ["The chain cannot be reached, so no estimate right now."]}
 
 
 @login_required
@@ -168,11 +176,7 @@ def task_create(request):
         else:
             messages.success(request, "Your task is on chain. Devices can bid now.")
             return redirect("task-detail", pk=order.chain_task_id)
-    shape = {
-        k: _int(form.data.get(k) if form.is_bound else None, default, _ESTIMATE_CAP)
-        for k, default in _ESTIMATE_DEFAULTS.items()
-    }
-    estimate = _estimate_or_none(**shape)
+    estimate, problems = _estimate(form.data if form.is_bound else _ESTIMATE_DEFAULTS)
     try:
         balance = wallets.wallet_balance_wei(wallet=account)
     except ChainUnavailableError:
@@ -183,57 +187,46 @@ def task_create(request):
         {
             "form": form,
             "estimate": estimate,
-            "estimate_basis": estimate_basis(estimate) if estimate else "",
+            "estimate_problem": " ".join(m for ms in problems.values() for m in ms),
             "balance_wei": balance,
             "wallet": account,
         },
     )
 
 
-def _int(raw, default: int, cap: int) -> int:
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        return default
-    return min(max(value, 1), cap)
-
-
 @login_required
 @require_GET
 def task_estimate(request):
     """The cost estimate as JSON for the task form's live panel: wei as strings (exact), shown
-    in ETH by static/flex/units.js."""
-    shape = {
-        k: _int(request.GET.get(k), default, _ESTIMATE_CAP)
-        for k, default in _ESTIMATE_DEFAULTS.items()
-    }
-    shape["max_trainers"] = max(shape["max_trainers"], shape["min_trainers"])
-    estimate = _estimate_or_none(**shape)
+    in ETH by static/flex/units.js; 400 with the errors by field for a shape the form
+    refuses, 503 without the chain."""
+    estimate, problems = _estimate(request.GET)
     if estimate is None:
-        return JsonResponse({"code": "chain_unavailable"}, status=503)
+        unavailable = "__all__" in problems
+        return JsonResponse(
+            {
+                "code": "chain_unavailable" if unavailable else "invalid",
+                "message": " ".join(m for ms in problems.values() for m in ms),
+                "fields": problems,
+            },
+            status=503 if unavailable else 400,
+        )
     return JsonResponse(
         {
-            **shape,
+            "rounds": estimate.rounds,
+            "min_trainers": estimate.min_trainers,
+            "max_trainers": estimate.max_trainers,
             "minimum_wei": str(estimate.minimum_wei),
             "low_wei": str(estimate.low_wei),
             "high_wei": str(estimate.high_wei),
             "gas_wei": str(estimate.gas_wei),
             "gas_units": estimate.gas_units,
+            "task_gas_wei": str(estimate.task_gas_wei),
+            "task_gas_units": estimate.task_gas_units,
             "trainer_offers": len(estimate.trainer_prices_wei),
             "aggregator_offers": len(estimate.aggregator_prices_wei),
-            "basis": estimate_basis(estimate),
+            "basis": estimate.basis,
         }
-    )
-
-
-def estimate_basis(estimate: services.CostEstimate) -> str:
-    """Which prices the estimate comes from, in a sentence."""
-    trainers, aggregators = len(estimate.trainer_prices_wei), len(estimate.aggregator_prices_wei)
-    if not trainers and not aggregators:
-        return "No device has asked a price yet: this uses the platform's minimum prices."
-    return (
-        f"From the latest prices of {trainers} trainer{'s' if trainers != 1 else ''} and "
-        f"{aggregators} aggregator{'s' if aggregators != 1 else ''} on the platform."
     )
 
 

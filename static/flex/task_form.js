@@ -20,12 +20,17 @@
     const mine = ++seq;
     try {
       const res = await fetch(url + "?" + params.toString(), { headers: { Accept: "application/json" } });
-      if (!res.ok || mine !== seq) return;
+      if (mine !== seq) return;
       const est = await res.json();
+      // A shape the form refuses gets no estimate: say why instead.
+      document.getElementById("est-body").classList.toggle("hidden", !res.ok);
+      document.getElementById("est-problem").classList.toggle("hidden", res.ok);
+      if (!res.ok) { out("est-problem", est.message || "No estimate right now."); return; }
       out("est-low", FlexUnits.eth(est.low_wei));
       out("est-high", FlexUnits.eth(est.high_wei));
       out("est-minimum", FlexUnits.eth(est.minimum_wei));
       out("est-gas", FlexUnits.ethApprox(est.gas_wei));
+      out("est-task-gas", FlexUnits.ethApprox(est.task_gas_wei));
       out("est-basis", est.basis);
     } catch (e) { /* keep the last estimate; the server checks the budget anyway */ }
   }

@@ -35,7 +35,13 @@ def task_post(buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=
 
 
 def device_enrol(
-    account, *, name: str, may_aggregate: bool = False, dataplane_url: str = "", cert: str = ""
+    account,
+    *,
+    name: str,
+    may_aggregate: bool = False,
+    dataplane_url: str = "",
+    cert: str = "",
+    **prices: int,
 ):
     """A device enrolled the way `worker join` does it: token, signed challenge, registration."""
     issued = services.join_token_issue(
@@ -52,4 +58,5 @@ def device_enrol(
         device_class="gpu" if may_aggregate else "cpu",
         dataplane_url=dataplane_url,
         dataplane_cert_sha256=cert,
+        **prices,
     )
