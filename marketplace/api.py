@@ -37,6 +37,7 @@ from marketplace.services import (
     device_enrol,
     enrolment_config,
     join_challenge_issue,
+    task_cancel,
     task_create,
     task_model_download,
 )
@@ -191,6 +192,39 @@ class DeviceStatusApi(APIView):
 
 
 # ---------------------------------------------------------------- writes
+
+
+@extend_schema(
+    tags=["tasks"],
+    description=(
+        "Cancel your task while it is still bidding: the contract credits its whole budget "
+        "back to your wallet (withdraw it with POST /api/wallet/withdraw/). Refused with "
+        "invalid_task_state once nodes are selected."
+    ),
+    request=None,
+    responses={
+        200: inline_serializer(
+            name="TaskCancelled",
+            fields={
+                "task_id": serializers.IntegerField(),
+                "tx_hash": serializers.CharField(),
+                "refund_wei": WeiField(),
+            },
+        ),
+        403: ERROR_SHAPE,
+        404: ERROR_SHAPE,
+        409: ERROR_SHAPE,
+    },
+)
+class TaskCancelApi(ApiAuthMixin, APIView):
+    def post(self, request, pk: int):
+        view = task_view_get(user=request.user, task_id=pk)
+        if view is None:
+            raise Http404("No such task.")
+        receipt = task_cancel(task=view, user=request.user)
+        return Response(
+            {"task_id": pk, "tx_hash": receipt.tx_hash, "refund_wei": str(view.budget_wei)}
+        )
 
 
 @extend_schema(tags=["tasks"])

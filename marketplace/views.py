@@ -284,6 +284,26 @@ def task_detail(request, pk: int):
 
 
 @login_required
+@require_POST
+def task_cancel(request, pk: int):
+    """Cancel the buyer's task while it is bidding; the budget comes back as wallet credit."""
+    view = _task_view(request, pk)
+    try:
+        receipt = services.task_cancel(task=view, user=request.user)
+    except NotTaskBuyerError as exc:
+        raise Http404 from exc
+    except FlexError as exc:
+        messages.error(request, f"Not cancelled: {exc.message}")
+    else:
+        messages.success(
+            request,
+            f"Task cancelled in {receipt.tx_hash}: its budget of {wei_to_eth(view.budget_wei)} "
+            "ETH is credited back to you; withdraw it from your wallet page.",
+        )
+    return redirect("task-detail", pk=pk)
+
+
+@login_required
 def task_model(request, pk: int):
     """The model card: the spec, how training went, who contributed and what each was paid."""
     view = _task_view(request, pk)

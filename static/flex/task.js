@@ -166,6 +166,8 @@
     setText("task-chain-id", "#" + s.id);
     const link = $("model-link");
     if (link) link.classList.toggle("hidden", !v.model_ready);
+    const cancel = $("cancel-task");
+    if (cancel) cancel.classList.toggle("hidden", state !== "bidding" && state !== "pending");
 
     const progress = $("progress");
     if (progress && v.steps) {
