@@ -13,7 +13,14 @@ from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 from chain import errors as chain_errors
 from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
-from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
+from core.units import (
+    MAX_AMOUNT_CHARS,
+    AmountError,
+    eth_to_wei,
+    wei_to_eth,
+    wei_to_eth_approx,
+    wei_to_eth_short,
+)
 from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
 from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
@@ -84,7 +91,9 @@ def _choices(entries) -> list[tuple[str, str]]:
 class TaskForm(forms.Form):
     """Everything a buyer orders: the spec, the market terms and the budget."""
 
-    title = forms.CharField(max_length=120, help_text="For you: shown in your task list.")
+    title = forms.CharField(
+        max_length=120, help_text="For you: shown in your task list; up to 120 characters."
+    )
     dataset = forms.ChoiceField(choices=_choices(SCHEMAS), help_text="What the devices' data is.")
     model = forms.ChoiceField(choices=_choices(MODELS))
     rounds = forms.IntegerField(
@@ -133,6 +142,8 @@ class TaskForm(forms.Form):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # A browser would cut a longer title silently; the form says what the limit is.
+        self.fields["title"].widget.attrs.pop("maxlength", None)
         if not self.is_bound:
             ends = timezone.now() + DEFAULT_BIDDING_WINDOW
             self.initial.setdefault("bidding_ends", ends.replace(second=0, microsecond=0))
@@ -235,7 +246,7 @@ def explain(exc: FlexError) -> str:
     if isinstance(exc, wallets.InsufficientFundsError):
         gas = f["needed_wei"] - f["budget_wei"]
         return (
-            f"Your wallet holds {wei_to_eth_approx(f['balance_wei'])} ETH; this task needs "
+            f"Your wallet holds {wei_to_eth_short(f['balance_wei'])} ETH; this task needs "
             f"{wei_to_eth(f['budget_wei'])} ETH and about {wei_to_eth_approx(gas)} ETH of gas."
             " Fund your wallet first."
         )

@@ -20,7 +20,7 @@ _STEPS = (
     ("bidding", "Bidding"),
     ("training", "Training"),
     ("trained", "Trained"),
-    ("settled", "Settled"),
+    ("settled", "Finalized"),
 )
 # state -> (index of the step it is at, whether that step ended badly, its label there)
 _AT = {
@@ -87,6 +87,8 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         "refunded": refund is not None and int(refund) > 0,
         "device_names": device_names(snapshot),
         "round_wait": round_wait(snapshot),
+        # The aggregator is selected too, but buyers count trainers.
+        "trainers_selected": sum(1 for n in snapshot["selected"] if n["role"] == "trainer"),
     }
 
 

@@ -279,6 +279,7 @@ def task_detail(request, pk: int):
             "v": message["view"],
             "message": message,
             "ws_path": f"/ws/tasks/{view.id}/",
+            "explorer": settings.FLEX_EXPLORER_URL,
         },
     )
 

@@ -6,7 +6,7 @@ from django import template
 from django.conf import settings
 from django.utils.html import format_html
 
-from core.units import wei_to_eth, wei_to_eth_approx
+from core.units import wei_to_eth, wei_to_eth_approx, wei_to_eth_short
 
 register = template.Library()
 
@@ -25,6 +25,15 @@ def eth_approx(wei) -> str:
     """Wei as ETH rounded up to three significant digits (estimates only)."""
     try:
         return wei_to_eth_approx(wei)
+    except (TypeError, ValueError):
+        return ""
+
+
+@register.filter
+def eth_short(wei) -> str:
+    """A balance at a glance: ETH cut to six decimals (put the exact amount beside it)."""
+    try:
+        return wei_to_eth_short(wei)
     except (TypeError, ValueError):
         return ""
 

@@ -35,8 +35,15 @@
       ? `<span class="dev" title="${esc(address)}"><strong>${esc(name)}</strong><span class="hash muted">${esc(short(address))}</span></span>`
       : hash(address);
   }
-  function hash(value, full) {
-    return `<span class="hash" title="${esc(value)}">${esc(full ? value : short(value))}</span>`;
+  // A hash with a copy button, and a block-explorer link for transactions when one is set
+  // (the same markup as the chain_ref template tag).
+  const explorer = root.dataset.explorer || "";
+  function hash(value, full, kind) {
+    const link = explorer && (kind === "tx" || kind === "address")
+      ? ` <a class="explorer" href="${esc(explorer)}/${kind}/${esc(value)}" target="_blank" rel="noopener noreferrer" title="Open in the block explorer">explorer</a>`
+      : "";
+    return `<span class="ref"><span class="hash" title="${esc(value)}">${esc(full ? value : short(value))}</span>`
+      + `<button type="button" class="copy" data-copy="${esc(value)}" aria-label="Copy ${esc(value)}">copy</button>${link}</span>`;
   }
   function rows(tbody, items, render, emptyText, cols) {
     const el = $(tbody);
@@ -179,16 +186,16 @@
     setText("stat-round-sub", v.round_note || "");
     setText("stat-accuracy", pct(v.latest_accuracy));
     setText("stat-loss", v.latest_loss === null || v.latest_loss === undefined ? "after the first round" : "loss " + num(v.latest_loss, 4));
-    setHTML("stat-devices", `${esc(s.selected.length)} <small>selected</small>`);
-    setText("stat-bids", `${s.bids.length} bid${s.bids.length === 1 ? "" : "s"} · ${s.min_trainers}–${s.max_trainers} trainers wanted`);
+    setHTML("stat-devices", `${esc(v.trainers_selected)} <small>selected</small>`);
+    setText("stat-bids", `${s.min_trainers}–${s.max_trainers} wanted · ${s.bids.length} bid${s.bids.length === 1 ? "" : "s"}${s.aggregator ? " · plus the aggregator" : ""}`);
 
     drawChart(s.rounds_published);
     drawWait(v.round_wait);
 
     rows("rounds-body", s.rounds_published, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
-    rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
+    rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num wide">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
     rows("selected-body", s.selected, (d) => `<tr><td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td></tr>`, "Selected when bidding closes.", 3);
-    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true)}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
+    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
     rows("payouts-body", s.payouts, (p) => `<tr><td>${p.reason === "refund" ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td></tr>`, "Paid when the task is settled.", 3);
     const refund = $("refund-note");
     if (refund) {
@@ -234,7 +241,19 @@
   if (initial) last = JSON.parse(initial.textContent);
   if (last) drawChart(last.snapshot.rounds_published);
   if (last) names = last.view.device_names || {};
-  setInterval(() => { if (last) drawWait(last.view.round_wait); }, 2000);
+  // Time passes without messages: the late-round warning and "posted … ago" follow it here.
+  function postedAgo() {
+    const el = $("posted");
+    if (!el) return;
+    const minutes = Math.max(0, Math.floor((Date.now() - Date.parse(el.getAttribute("datetime"))) / 60000));
+    const text = minutes < 1 ? "just now" : minutes < 60 ? `${minutes} minute${minutes === 1 ? "" : "s"} ago`
+      : minutes < 2880 ? `${Math.floor(minutes / 60)} hour${minutes < 120 ? "" : "s"} ago`
+      : `${Math.floor(minutes / 1440)} days ago`;
+    if (el.textContent !== text) el.textContent = text;
+  }
+  postedAgo();
+  if (last) drawWait(last.view.round_wait);
+  setInterval(() => { if (last) drawWait(last.view.round_wait); postedAgo(); }, 2000);
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);
