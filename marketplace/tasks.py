@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 from celery import shared_task
 
-from chain.errors import ChainUnavailableError, TransactionRejectedError
+from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
+from core.errors import dropped
 from core.messages import (
     Message,
     MessageInvalidError,
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
+# A step for a task this chain does not have: a job left in the broker by an earlier run.
+GONE = dropped(UnknownTaskError, log=log, why="a job left by an earlier run of this stack?")
 # Nothing to do until the next tick: no node, or no contract deployed yet.
 NOT_NOW = (ChainUnavailableError, ContractNotDeployedError)
 # Refusals, logged without a traceback and never retried.
@@ -73,18 +76,21 @@ def deadlines_check() -> dict:
 
 
 @shared_task(name="marketplace.task_select_nodes", **PLATFORM_TX)
+@GONE
 def task_select_nodes(message: dict) -> str | None:
     step = received(TaskStep, message)
     return step and lifecycle.task_select_nodes(task_id=step.task_id)
 
 
 @shared_task(name="marketplace.task_finalize", **PLATFORM_TX)
+@GONE
 def task_finalize(message: dict) -> str | None:
     step = received(TaskStep, message)
     return step and lifecycle.task_finalize(task_id=step.task_id)
 
 
 @shared_task(name="marketplace.task_abort", **PLATFORM_TX)
+@GONE
 def task_abort(message: dict) -> str | None:
     step = received(TaskStep, message)
     return step and lifecycle.task_abort(task_id=step.task_id)
