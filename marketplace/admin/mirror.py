@@ -41,13 +41,17 @@ class SelectedNodeInline(ReadOnlyInline):
     price = wei_column("price_per_round_wei", "price per round")
 
 
+# How a reported figure reads: accuracy as a percentage, loss to four decimals.
+_FORMATS = {"accuracy": "{:.1%}", "loss": "{:.4f}"}
+
+
 def _reported(field: str, description: str):
     """A column with what the node reported for the row (``metrics``), "-" if nothing."""
 
     @admin.display(description=description)
     def column(self, obj) -> str:
         value = getattr(obj.metrics, field) if obj.metrics is not None else None
-        return "-" if value is None else str(value)
+        return "-" if value is None else _FORMATS.get(field, "{}").format(value)
 
     column.__name__ = f"reported_{field}"
     return column
@@ -92,8 +96,7 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "buyer",
         "state",
         "budget",
-        "rounds",
-        "published_rounds",
+        "rounds_done",
         "bidding_ends",
         "created_at",
     ]
@@ -135,7 +138,7 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 "fields": [
                     "aggregator",
                     "aggregator_price",
-                    "published_rounds",
+                    "rounds_done",
                     "trainers_paid",
                     "aggregator_paid",
                     "refunded",
@@ -145,6 +148,11 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             },
         ),
     ]
+
+    @admin.display(description="rounds done", ordering="published_rounds")
+    def rounds_done(self, obj: Task) -> str:
+        # Round 0's global model is the initial one: it is published, not trained.
+        return f"{max(obj.published_rounds - 1, 0)} of {obj.rounds}"
 
     @admin.display(description="title (the buyer's order)")
     def title(self, obj: Task) -> str:
@@ -268,16 +276,8 @@ class LifecycleActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The chain-sync status: how far the mirror is behind the chain."""
 
-    list_display = [
-        "contract_address",
-        "chain_id",
-        "block_number",
-        "head_block",
-        "lag_blocks",
-        "last_lag_ms",
-        "synced_at",
-        "live_head",
-    ]
+    # Few, short columns: the page must fit a laptop's screen.
+    list_display = ["chain_id", "block_number", "lag_blocks", "lag", "synced_at", "live_head"]
     fields = [
         "contract_address",
         "chain_id",
@@ -286,7 +286,7 @@ class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "block_hash",
         "head_block",
         "lag_blocks",
-        "last_lag_ms",
+        "lag",
         "synced_at",
         "live_head",
     ]
@@ -297,11 +297,19 @@ class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             request, extra_context={"title": "Chain sync status", **(extra_context or {})}
         )
 
-    @admin.display(description="lag (blocks)")
-    def lag_blocks(self, obj: ChainCursor) -> int:
-        return max(obj.head_block - obj.block_number, 0)
+    @admin.display(description="behind")
+    def lag_blocks(self, obj: ChainCursor) -> str:
+        behind = max(obj.head_block - obj.block_number, 0)
+        return f"{behind} block{'s' if behind != 1 else ''}"
 
-    @admin.display(description="chain head now")
+    @admin.display(description="last lag", ordering="last_lag_ms")
+    def lag(self, obj: ChainCursor) -> str:
+        if obj.last_lag_ms is None:
+            return "-"
+        ms = obj.last_lag_ms
+        return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+    @admin.display(description="head now")
     def live_head(self, obj: ChainCursor) -> str:
         try:
             head = connect(settings.ETH_RPC_URL, timeout=LIVE_RPC_TIMEOUT_S).eth.block_number

@@ -179,15 +179,33 @@ def mirror_rows(platform_settings, platform_market, w3):
         yield rows
 
 
-def run_action(client, model: str, action: str, pks) -> list[tuple[str, str]]:
-    """POST an admin action; the (level, text) of each message it left."""
+def run_action(client, model: str, action: str, pks, **extra: str) -> list[tuple[str, str]]:
+    """POST an admin action (a revocation confirmed); the (level, text) of each message."""
+    if action == "revoke_devices":
+        extra.setdefault("confirmed", "yes")
     response = client.post(
         reverse(f"admin:marketplace_{model}_changelist"),
-        {"action": action, "_selected_action": [str(pk) for pk in pks]},
+        {"action": action, "_selected_action": [str(pk) for pk in pks], **extra},
         follow=True,
     )
     assert response.status_code == 200
     return [(m.level_tag, str(m)) for m in get_messages(response.wsgi_request)]
+
+
+def test_revoke_asks_first_and_nothing_happens_until_confirmed(admin_client, platform_market):
+    device = enrol_device(name="phone-8")
+
+    asked = admin_client.post(
+        reverse("admin:marketplace_device_changelist"),
+        {"action": "revoke_devices", "_selected_action": [str(device.pk)]},
+    )
+
+    assert asked.status_code == 200
+    html = asked.content.decode()
+    assert "Revoke 1 device on chain?" in html
+    assert device.address in html
+    assert 'name="confirmed" value="yes"' in html
+    assert platform_market.device(device=device.address).status == DeviceStatus.ACTIVE
 
 
 def test_revoke_is_carried_to_the_chain_and_a_second_revoke_shows_the_revert(
@@ -390,8 +408,10 @@ def test_chain_sync_status_page_shows_cursor_head_and_lag(admin_client, mirror_r
     assert page.status_code == 200
     html = page.content.decode()
     assert "Chain sync status" in html
-    assert cursor.contract_address in html
-    assert f'<td class="field-lag_blocks">{cursor.head_block - cursor.block_number}</td>' in html
+    behind = cursor.head_block - cursor.block_number
+    assert f'<td class="field-lag_blocks">{behind} block{"s" if behind != 1 else ""}</td>' in html
+    if cursor.last_lag_ms is not None:  # whole milliseconds, not a raw float
+        assert re.search(r'<td class="field-lag">\d+(\.\d)? m?s</td>', html)
     head = w3.eth.block_number
     assert re.search(rf"{head} \(\d+ behind\)", html)
 
@@ -402,6 +422,29 @@ def test_task_page_shows_wei_exactly_and_in_eth(admin_client, mirror_rows):
     html = page.content.decode()
     assert eth_text(task.budget_wei) in html
     assert str(task.budget_wei) in html
+
+
+def test_tasks_show_rounds_done_and_reported_figures_for_people(admin_client, mirror_rows):
+    task = mirror_rows[Task]
+
+    listing = admin_client.get(reverse("admin:marketplace_task_changelist")).content.decode()
+    page = admin_client.get(reverse("admin:marketplace_task_change", args=[task.pk]))
+
+    done = f"{max(task.published_rounds - 1, 0)} of {task.rounds}"
+    assert f'<td class="field-rounds_done">{done}</td>' in listing
+    html = page.content.decode()
+    assert "50.0%" in html  # the reported accuracy 0.5
+    assert "0.5<" not in html
+
+
+def test_wallets_show_their_balance_and_credit(admin_client):
+    user = user_signup(username="wallet-owner", password="a-long-test-passphrase")
+
+    page = admin_client.get(reverse("admin:marketplace_wallet_changelist")).content.decode()
+
+    assert user.wallet.address in page
+    assert '<td class="field-balance">0 ETH (0 wei)</td>' in page
+    assert '<td class="field-credit">0 ETH (0 wei)</td>' in page
 
 
 def test_eth_text_is_exact_for_any_uint256():
