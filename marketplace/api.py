@@ -13,7 +13,11 @@ from drf_spectacular.utils import (
     inline_serializer,
 )
 from rest_framework import exceptions, generics, serializers
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import (
+    SessionAuthentication,
+    TokenAuthentication,
+    get_authorization_header,
+)
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
@@ -59,11 +63,24 @@ ERROR_SHAPE = inline_serializer(
 # ---------------------------------------------------------------- reads
 
 
+class TokenOrBearerAuthentication(TokenAuthentication):
+    """``Authorization: Token <key>``, or ``Bearer <key>`` as many HTTP clients send it."""
+
+    def authenticate(self, request):
+        parts = get_authorization_header(request).split()
+        if len(parts) == 2 and parts[0].lower() == b"bearer":
+            try:
+                return self.authenticate_credentials(parts[1].decode("ascii"))
+            except UnicodeDecodeError:
+                raise exceptions.AuthenticationFailed("The token is not ASCII.") from None
+        return super().authenticate(request)
+
+
 class ApiAuthMixin:
     """Token first, so that an unauthenticated call gets 401 with ``WWW-Authenticate: Token``
     (session first would answer 403); the session serves the browsable API and the site."""
 
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    authentication_classes = [TokenOrBearerAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
 
 
