@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from django import forms
@@ -84,6 +85,11 @@ class EthAmountField(forms.CharField):
             raise forms.ValidationError(str(exc), code=exc.code) from None
 
 
+# Each catalogue model's hyper-parameters, for the form's defaults and its model choice.
+PRESETS = {key: dataclasses.asdict(entry.preset) for key, entry in MODELS.items()}
+DEFAULT_PRESET = next(iter(MODELS.values())).preset
+
+
 def _choices(entries) -> list[tuple[str, str]]:
     return [(key, f"{entry.title}") for key, entry in entries.items()]
 
@@ -117,17 +123,39 @@ class TaskForm(forms.Form):
         label="Budget (ETH)",
         help_text="Held in escrow by the contract; what is not earned is refunded.",
     )
+    # The hyper-parameters start at the preset of the first catalogue model; choosing another
+    # model fills in its own (static/flex/task_form.js, from PRESETS).
     local_epochs = forms.IntegerField(
-        min_value=LIMITS["local_epochs"][0], max_value=LIMITS["local_epochs"][1], initial=1
+        min_value=LIMITS["local_epochs"][0],
+        max_value=LIMITS["local_epochs"][1],
+        initial=DEFAULT_PRESET.local_epochs,
+        help_text="Passes each device makes over its own data per round.",
     )
     batch_size = forms.IntegerField(
-        min_value=LIMITS["batch_size"][0], max_value=LIMITS["batch_size"][1], initial=32
+        min_value=LIMITS["batch_size"][0],
+        max_value=LIMITS["batch_size"][1],
+        initial=DEFAULT_PRESET.batch_size,
+        help_text="Samples per gradient step on a device: smaller steps more often.",
     )
-    learning_rate = forms.FloatField(min_value=0, max_value=MAX_LEARNING_RATE, initial=0.05)
+    learning_rate = forms.FloatField(
+        min_value=0,
+        max_value=MAX_LEARNING_RATE,
+        initial=DEFAULT_PRESET.learning_rate,
+        help_text="How far each step moves the weights: too high diverges, too low crawls.",
+    )
     aggregation = forms.ChoiceField(
-        choices=[(key, key) for key in STRATEGIES], initial="fedavg", label="Aggregation"
+        choices=[(key, key) for key in STRATEGIES],
+        initial="fedavg",
+        label="Aggregation",
+        help_text="fedavg averages updates by samples; the median and trimmed mean resist "
+        "outliers.",
     )
-    seed = forms.IntegerField(min_value=LIMITS["seed"][0], max_value=LIMITS["seed"][1], initial=0)
+    seed = forms.IntegerField(
+        min_value=LIMITS["seed"][0],
+        max_value=LIMITS["seed"][1],
+        initial=0,
+        help_text="Fixes the initial weights and batch order, so the run can be repeated.",
+    )
 
     # Where an error about a spec field or a contract argument is shown.
     SPEC_FIELDS = {"aggregation.strategy": "aggregation", "$": None, "version": None}

@@ -19,7 +19,7 @@ from core.errors import FlexError
 from core.units import wei_to_eth
 from marketplace import contract, devices, estimates, selectors, services, wallets
 from marketplace.estimates import CostEstimate
-from marketplace.forms import EstimateForm, SignUpForm, TaskForm, WithdrawForm, explain
+from marketplace.forms import PRESETS, EstimateForm, SignUpForm, TaskForm, WithdrawForm, explain
 from marketplace.models import Device, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
@@ -188,6 +188,7 @@ def task_create(request):
             "form": form,
             "estimate": estimate,
             "estimate_problem": " ".join(m for ms in problems.values() for m in ms),
+            "presets": PRESETS,
             "balance_wei": balance,
             "wallet": account,
         },

@@ -40,6 +40,19 @@
     if (input) input.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(refresh, 250); });
   }
 
+  // Each catalogue model has hyper-parameters that train it well: choosing it sets them.
+  const presets = JSON.parse((document.getElementById("model-presets") || {}).textContent || "{}");
+  const model = form.elements.model;
+  if (model) {
+    model.addEventListener("change", () => {
+      const preset = presets[model.value];
+      if (!preset) return;
+      for (const [name, value] of Object.entries(preset)) {
+        if (form.elements[name]) form.elements[name].value = value;
+      }
+    });
+  }
+
   // One click, one transaction: the chain call takes a moment.
   form.addEventListener("submit", () => {
     const button = document.getElementById("submit-task");

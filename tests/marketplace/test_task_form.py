@@ -22,6 +22,7 @@ from marketplace import lifecycle, services, wallets
 from marketplace.estimates import CREATE_TASK_GAS
 from marketplace.models import Task, TaskOrder
 from marketplace.sync import chain_sync
+from training.catalogue import MODELS
 from training.spec import AggregationSpec, TaskSpec
 
 pytestmark = pytest.mark.django_db
@@ -429,3 +430,19 @@ def test_form_page_shows_the_estimate_and_balance(logged_in, buyer):
     # Every catalogue model is offered.
     assert "digits-mlp" in html
     assert "digits-cnn" in html
+
+
+def test_the_form_starts_at_the_first_models_preset_and_explains_each_hyper_parameter(
+    logged_in,
+):
+    first = next(iter(MODELS.values()))
+    form = logged_in.get(reverse("task-create")).context["form"]
+
+    assert form["rounds"].initial == 5
+    for name in ("local_epochs", "batch_size", "learning_rate"):
+        assert form[name].initial == getattr(first.preset, name)
+    for name in ("local_epochs", "batch_size", "learning_rate", "aggregation", "seed"):
+        help_text = form.fields[name].help_text
+        assert help_text, name
+        assert "\n" not in help_text, name
+        assert len(help_text) < 100, name
