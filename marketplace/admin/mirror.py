@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from django.conf import settings
 from django.contrib import admin
 from django.utils.html import format_html
 
 from chain.node import connect
+from marketplace import contract
 from marketplace.admin.common import ReadOnlyAdminMixin, ReadOnlyInline, wei_column
 from marketplace.models import (
     Bid,
@@ -14,14 +17,17 @@ from marketplace.models import (
     ChainEventRecord,
     LifecycleAction,
     Payout,
+    Role,
     Round,
     RoundReport,
     SelectedNode,
     Task,
     TaskOrder,
+    TaskState,
     Update,
     UpdateReport,
 )
+from marketplace.task_page import LATE_AFTER
 
 # The admin asks the node for its head while rendering; a lost node must not hang the page.
 LIVE_RPC_TIMEOUT_S = 2
@@ -97,6 +103,7 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "state",
         "budget",
         "rounds_done",
+        "current_round",
         "bidding_ends",
         "created_at",
     ]
@@ -153,6 +160,22 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     def rounds_done(self, obj: Task) -> str:
         # Round 0's global model is the initial one: it is published, not trained.
         return f"{max(obj.published_rounds - 1, 0)} of {obj.rounds}"
+
+    @admin.display(description="round now")
+    def current_round(self, obj: Task) -> str:
+        """While it runs: the updates in for the current round, flagged once the round is
+        late (the task page's rule: half its timeout gone with updates missing)."""
+        if obj.state != TaskState.RUNNING or obj.published_rounds == 0:
+            return "-"
+        number = obj.published_rounds - 1
+        trainers = obj.selected.filter(role=Role.TRAINER).count()
+        sent = obj.updates.filter(round_number=number).count()
+        text = f"{number + 1}: {sent} of {trainers} updates"
+        began = obj.round_set.filter(number=number).values_list("published_at", flat=True).first()
+        now = time.time() + contract.chain_clock_offset()
+        if sent < trainers and began and now > began.timestamp() + obj.round_timeout_s * LATE_AFTER:
+            return format_html('<strong title="past half its timeout">{} · late</strong>', text)
+        return text
 
     @admin.display(description="title (the buyer's order)")
     def title(self, obj: Task) -> str:

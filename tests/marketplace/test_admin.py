@@ -47,6 +47,7 @@ from marketplace.services import (
 from marketplace.sync import chain_sync
 from marketplace.wallets import wallet_of
 from tests.conftest import MIN_PRICE_WEI
+from tests.marketplace import people
 from training.spec import TaskSpec
 
 pytestmark = pytest.mark.django_db
@@ -466,3 +467,40 @@ def test_every_admin_page_renders(admin_client, mirror_rows):
             change = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
             assert admin_client.get(change).status_code == 200, change
     assert admin_client.get(reverse("admin:index")).status_code == 200
+
+
+def test_the_task_list_flags_a_round_waiting_on_a_silent_trainer(admin_client, platform_market, w3):
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    try:
+        aggregator, quick, silent = (Account.create() for _ in range(3))
+        people.device_enrol(aggregator, name="agg", may_aggregate=True)
+        people.device_enrol(quick, name="quick")
+        people.device_enrol(silent, name="silent")
+        order = people.task_post(people.buyer_signup("admin-view"), window_s=10, round_timeout_s=4)
+        tid = order.chain_task_id
+        for device, role in (
+            (aggregator, Role.AGGREGATOR),
+            (quick, Role.TRAINER),
+            (silent, Role.TRAINER),
+        ):
+            platform_market.place_bid(
+                sender=device, task_id=tid, price_per_round_wei=10**14, samples=100, role=role
+            )
+        w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
+        platform_market.select_nodes(sender=aggregator, task_id=tid)
+        platform_market.publish_global_model(
+            sender=aggregator, task_id=tid, round_number=0, model_id="0x" + "44" * 32
+        )
+        platform_market.submit_update(
+            sender=quick, task_id=tid, round_number=0, model_id="0x" + "55" * 32
+        )
+        chain_sync()
+        listing = reverse("admin:marketplace_task_changelist")
+        assert "1: 1 of 2 updates<" in admin_client.get(listing).content.decode()
+
+        w3.provider.make_request("evm_increaseTime", [5])
+        w3.provider.make_request("evm_mine", [])
+
+        assert "1: 1 of 2 updates · late" in admin_client.get(listing).content.decode()
+    finally:
+        w3.provider.make_request("evm_revert", [snapshot])
