@@ -227,3 +227,18 @@ def test_round_wait_names_the_selected_trainers_without_an_update():
         {**snapshot, "updates": [*snapshot["updates"], {"round": 1, "trainer": "0xT1"}]}
     )
     assert done["missing"] == []
+
+
+def test_hashes_copy_and_link_to_the_block_explorer_a_setting_names(client, ada, settings):
+    task = task_post(ada)
+    chain_sync()
+    path = reverse("task-detail", args=[task.chain_task_id])
+
+    plain = client.get(path).content.decode()
+    settings.FLEX_EXPLORER_URL = "https://explorer.example"
+    linked = client.get(path).content.decode()
+
+    assert f'data-copy="{task.created_tx}"' in plain
+    assert "explorer.example" not in plain  # a local chain has no explorer
+    assert f'href="https://explorer.example/tx/{task.created_tx}"' in linked
+    assert 'data-explorer="https://explorer.example"' in linked  # for rows pushed live
