@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("gas", "aggregation", "sync", "web", "e2e", "scale")
+PARTS = ("gas", "verify", "aggregation", "sync", "web", "e2e", "scale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,12 +73,14 @@ def main() -> int:
                 budget_wei=10**17,
                 round_timeout_s=60,
             )
-            from marketplace.models import Update
+            from marketplace.models import UpdateReport
 
             slowest = {}
-            for u in Update.objects.filter(task__chain_task_id=summary["task_id"]):
-                if u.train_s is not None:
-                    slowest[u.round_number] = max(slowest.get(u.round_number, 0.0), u.train_s)
+            reports = UpdateReport.objects.filter(update__task__chain_task_id=summary["task_id"])
+            for report in reports.select_related("update"):
+                if report.train_s is not None:
+                    number = report.update.round_number
+                    slowest[number] = max(slowest.get(number, 0.0), report.train_s)
     if summary["state"] != "finalized":
         print(f"platform run ended {summary['state']}", file=sys.stderr)
         return 1

@@ -45,11 +45,12 @@ _PANIC_SELECTOR = keccak(text="Panic(uint256)")[:4]
 
 @functools.cache
 def _error_abis() -> dict[bytes, Mapping[str, Any]]:
-    """4-byte selector -> custom error ABI, from the compiled artefact."""
-    abi = load_artifact(CONTRACT_NAME)["abi"]
+    """4-byte selector -> custom error ABI, from the compiled artefacts (the market's, and
+    the verifier's, whose reverts a challenge passes on)."""
     return {
         keccak(text=f"{e['name']}({','.join(i['type'] for i in e['inputs'])})")[:4]: e
-        for e in abi
+        for name in (CONTRACT_NAME, "FlexVerifier")
+        for e in load_artifact(name)["abi"]
         if e["type"] == "error"
     }
 
@@ -67,7 +68,7 @@ def decode_revert(data: bytes | str | None) -> ContractError:
         }
         cls = CONTRACT_ERRORS.get(entry["name"])
         if cls is None:
-            return ContractError(f"FlexMarket reverted with {entry['name']}", **found)
+            return ContractError(f"the contract reverted with {entry['name']}", **found)
         return cls(**found)
     if selector == _ERROR_STRING_SELECTOR:
         (reason,) = abi_decode(["string"], payload)

@@ -25,6 +25,10 @@ class Policy(Protocol):
         """Return if ``requester`` (checksummed) may fetch the blob; raise AccessDeniedError."""
         ...
 
+    def authorize_opening(self, *, requester: str, meta: StoredModel) -> None:
+        """Return if ``requester`` may fetch single chunks of the blob (with their proofs)."""
+        ...
+
 
 class AllowListPolicy:
     """A fixed set of addresses may fetch every blob: for tests and single-owner setups."""
@@ -37,6 +41,8 @@ class AllowListPolicy:
             raise AccessDeniedError(
                 requester=requester, model_id=id_hex(meta.model_id), reason="not on the allow list"
             )
+
+    authorize_opening = authorize_fetch
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,15 @@ class _Parties:
 class ChainPolicy:
     """FlexMarket's access rules for model blobs, read from the chain.
 
-    A device's UPDATE goes only to its task's selected aggregator; a task's GLOBAL models go
-    to its buyer, its aggregator and its selected trainers. A selected device must also still
-    be active in the device registry. Chain answers are reused for ``ttl`` seconds, so a
-    revoked device loses access at most ``ttl`` seconds after its revocation is mined (and a
-    newly selected one gains it as late). An unreadable chain raises ChainUnavailableError:
-    the server then answers 503 and refuses the blob (fail closed).
+    A device's UPDATE goes whole only to its task's selected aggregator; a task's GLOBAL
+    models go to its buyer, its aggregator and its selected trainers. Single chunks of an
+    update, with their proofs, go to the same parties as the global models: that is what they
+    need to check an aggregate, a chunk at a time, and to prove it wrong on chain. A selected
+    device must also still be active in the device registry. Chain answers are reused for
+    ``ttl`` seconds, so a revoked device loses access at most ``ttl`` seconds after its
+    revocation is mined (and a newly selected one gains it as late). An unreadable chain
+    raises ChainUnavailableError: the server then answers 503 and refuses the blob (fail
+    closed).
     """
 
     def __init__(
@@ -76,6 +85,12 @@ class ChainPolicy:
         self._devices: dict[str, tuple[float, bool]] = {}
 
     def authorize_fetch(self, *, requester: str, meta: StoredModel) -> None:
+        self._authorize(requester=requester, meta=meta, whole=True)
+
+    def authorize_opening(self, *, requester: str, meta: StoredModel) -> None:
+        self._authorize(requester=requester, meta=meta, whole=False)
+
+    def _authorize(self, *, requester: str, meta: StoredModel, whole: bool) -> None:
         requester = to_checksum_address(requester)
         task_id = meta.task_id
 
@@ -95,7 +110,7 @@ class ChainPolicy:
             raise deny(f"task {task_id} does not exist on chain")
         if parties.aggregator is None:
             raise deny(f"task {task_id} has no selected nodes ({parties.state.name.lower()})")
-        if meta.kind == "update":
+        if meta.kind == "update" and whole:
             if requester != parties.aggregator:
                 raise deny(
                     f"only task {task_id}'s aggregator {parties.aggregator} may fetch its updates"
@@ -103,9 +118,9 @@ class ChainPolicy:
         elif requester == parties.buyer:
             return
         elif requester != parties.aggregator and requester not in parties.trainers:
+            what = "its global models" if meta.kind == "global" else "chunks of its updates"
             raise deny(
-                f"only task {task_id}'s buyer, aggregator and selected trainers may fetch "
-                "its global models"
+                f"only task {task_id}'s buyer, aggregator and selected trainers may fetch {what}"
             )
         if not self._active(requester):
             raise deny(f"device {requester} is revoked in the device registry")

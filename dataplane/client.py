@@ -6,8 +6,9 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -15,6 +16,7 @@ from eth_account.signers.local import LocalAccount
 
 from core.errors import FlexError
 from dataplane.protocol import (
+    CHUNKS_SEGMENT,
     DEFAULT_MAX_BYTES,
     MODELS_PATH,
     REMOTE_ERRORS,
@@ -23,17 +25,22 @@ from dataplane.protocol import (
     FetchRefusedError,
     FetchTruncatedError,
     ModelTooLargeError,
+    OpeningMalformedError,
     PeerCertificateError,
 )
 from dataplane.signing import sign_request
 from dataplane.tls import pin
-from training.errors import ModelBlobError
-from training.serialize import id_hex, parse_id
+from training.errors import ChunkMismatchError, ModelBlobError
+from training.serialize import ChunkOpening, id_hex, parse_id
 from training.verifier import BlobVerifier
 
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 256 * 1024
+# An opening: a chunk of at most 65,536 values, a header and a path of at most 64 hashes,
+# in hex inside JSON.
+_MAX_OPENING_BYTES = 1 << 20
+R = TypeVar("R")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -79,34 +86,145 @@ def fetch_model_to(
     FetchFailedError (unreachable after all retries), FetchRefusedError (unknown refusals).
     """
     wanted = id_hex(parse_id(model_id))
+    _require_https(base_url)
+    url = base_url.rstrip("/") + MODELS_PATH + wanted
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+
+    def once(http: requests.Session) -> int:
+        sink.seek(0)
+        sink.truncate()
+        return _fetch_once(
+            http=http,
+            url=url,
+            sink=sink,
+            model_id=wanted,
+            server_address=server_address,
+            account=account,
+            max_bytes=max_bytes,
+            timeout=timeout,
+            deadline=deadline,
+            deadline_s=deadline_s,
+        )
+
+    started = time.monotonic()
+    size = _retrying(
+        once,
+        base_url=base_url,
+        cert_sha256=cert_sha256,
+        url=url,
+        model_id=wanted,
+        retries=retries,
+        backoff=backoff,
+        deadline=deadline,
+        deadline_s=deadline_s,
+        session=session,
+    )
+    log.info(
+        "fetched model %s (%d bytes) from %s in %.2fs",
+        wanted,
+        size,
+        url,
+        time.monotonic() - started,
+    )
+    return size
+
+
+def fetch_opening(
+    *,
+    base_url: str,
+    cert_sha256: str,
+    model_id: bytes | str,
+    index: int,
+    server_address: str,
+    account: LocalAccount,
+    timeout: float = 30.0,
+    retries: int = 3,
+    backoff: float = 0.5,
+    session: requests.Session | None = None,
+) -> ChunkOpening:
+    """Chunk ``index`` of a model from the data plane at ``base_url``, with its header, root
+    and Merkle path, checked against the model's ID before it is returned: a peer cannot
+    hand over a chunk of any other model or a changed one (ModelIdMismatchError,
+    ChunkMismatchError). Signed, pinned and retried as ``fetch_model_to``; a body that is not
+    an opening is OpeningMalformedError, a chunk past the model's last ChunkIndexError."""
+    wanted = id_hex(parse_id(model_id))
+    _require_https(base_url)
+    url = f"{base_url.rstrip('/')}{MODELS_PATH}{wanted}{CHUNKS_SEGMENT}{index}"
+
+    def once(http: requests.Session) -> bytes:
+        headers = sign_request(
+            account=account, method="GET", url=url, server_address=server_address
+        )
+        with http.get(
+            url, headers=headers, stream=True, timeout=timeout, allow_redirects=False, verify=False
+        ) as response:
+            if response.status_code != HTTPStatus.OK:
+                error = _remote_error(response, url=url, model_id=wanted)
+                if response.status_code in _RETRY_STATUSES:
+                    raise _RetryableError(error)
+                raise error
+            return response.raw.read(_MAX_OPENING_BYTES + 1, decode_content=True)
+
+    body = _retrying(
+        once,
+        base_url=base_url,
+        cert_sha256=cert_sha256,
+        url=url,
+        model_id=wanted,
+        retries=retries,
+        backoff=backoff,
+        session=session,
+    )
+    try:
+        if len(body) > _MAX_OPENING_BYTES:
+            raise ValueError(f"more than {_MAX_OPENING_BYTES} bytes")
+        parsed = json.loads(body)
+        opened = ChunkOpening(
+            index=int(parsed["index"]),
+            header=bytes.fromhex(parsed["header"]),
+            root=bytes.fromhex(parsed["root"]),
+            values=bytes.fromhex(parsed["values"]),
+            siblings=tuple(bytes.fromhex(h) for h in parsed["siblings"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise OpeningMalformedError(url=url, model_id=wanted, reason=str(exc)[:200]) from None
+    if opened.index != index:
+        raise ChunkMismatchError(index=index, url=url)
+    opened.check(wanted)
+    return opened
+
+
+def _require_https(base_url: str) -> None:
     if urlsplit(base_url).scheme != "https":
         raise FetchRefusedError(
             f"{base_url} is not an https URL: the data plane speaks TLS only", url=base_url
         )
-    url = base_url.rstrip("/") + MODELS_PATH + wanted
-    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+
+
+def _retrying(
+    attempt_once: Callable[[requests.Session], R],
+    *,
+    base_url: str,
+    cert_sha256: str,
+    url: str,
+    model_id: str,
+    retries: int,
+    backoff: float,
+    deadline: float | None = None,
+    deadline_s: float | None = None,
+    session: requests.Session | None = None,
+) -> R:
+    """``attempt_once`` over a session pinned to ``cert_sha256``, again on connection errors,
+    truncations and 5xx/429 answers, with exponential back-off, ``retries`` times or until
+    ``deadline``; the peer's refusals and a wrong certificate are raised at once."""
     own_session = session is None
     http = requests.Session() if session is None else session
     pin(http, base_url=base_url, sha256=cert_sha256)
     attempts = retries + 1
     try:
         for attempt in range(1, attempts + 1):
-            started = time.monotonic()
-            sink.seek(0)
-            sink.truncate()
             try:
-                size = _fetch_once(
-                    http=http,
-                    url=url,
-                    sink=sink,
-                    model_id=wanted,
-                    server_address=server_address,
-                    account=account,
-                    max_bytes=max_bytes,
-                    timeout=timeout,
-                    deadline=deadline,
-                    deadline_s=deadline_s,
-                )
+                return attempt_once(http)
             except requests.exceptions.SSLError as exc:
                 if "fingerprint" in str(exc).lower():
                     raise PeerCertificateError(
@@ -115,15 +233,6 @@ def fetch_model_to(
                 error: Exception = exc
             except (requests.ConnectionError, requests.Timeout, _RetryableError) as exc:
                 error = exc.error if isinstance(exc, _RetryableError) else exc
-            else:
-                log.info(
-                    "fetched model %s (%d bytes) from %s in %.2fs",
-                    wanted,
-                    size,
-                    url,
-                    time.monotonic() - started,
-                )
-                return size
             delay = backoff * 2 ** (attempt - 1)
             out_of_time = deadline is not None and time.monotonic() + delay >= deadline
             if attempt == attempts or out_of_time:
@@ -131,14 +240,14 @@ def fetch_model_to(
                     raise error from None
                 if out_of_time:
                     raise FetchDeadlineError(
-                        url=url, model_id=wanted, deadline_s=deadline_s, reason=repr(error)
+                        url=url, model_id=model_id, deadline_s=deadline_s, reason=repr(error)
                     ) from error
                 raise FetchFailedError(
-                    url=url, model_id=wanted, attempts=attempt, reason=repr(error)
+                    url=url, model_id=model_id, attempts=attempt, reason=repr(error)
                 ) from error
             log.warning(
                 "fetch of model %s from %s failed (%s); retry %d of %d in %.2fs",
-                wanted,
+                model_id,
                 url,
                 getattr(error, "message", None) or repr(error),
                 attempt,

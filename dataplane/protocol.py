@@ -21,6 +21,8 @@ SCHEME = "FLEX-DATAPLANE-V2"
 # Refuse to serve or fetch blobs above this by default (as worker.config's max_model_bytes).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MODELS_PATH = "/models/"
+# GET /models/<id>/chunks/<index>: one chunk with its header, root and Merkle path (JSON).
+CHUNKS_SEGMENT = "/chunks/"
 
 
 class DataPlaneError(FlexError):
@@ -157,6 +159,16 @@ class RouteNotFoundError(DataPlaneError):
         return f"no data-plane route {path}; try GET {MODELS_PATH}<0x model id> or GET /health"
 
 
+class ChunkIndexError(DataPlaneError):
+    """The request names no chunk of the model: not a number, or past the last chunk."""
+
+    code = "chunk_index_invalid"
+    status = 404
+
+    def default_message(self, *, model_id: str = "?", index: str = "?", **_: Any) -> str:
+        return f"model {model_id} has no chunk {index}"
+
+
 class PolicyUnavailableError(DataPlaneError):
     """The access policy could not decide right now (e.g. the chain is unreachable)."""
 
@@ -189,6 +201,15 @@ class FetchFailedError(DataPlaneError):
         return f"fetching {url} failed after {attempts} attempt(s): {reason}"
 
 
+class OpeningMalformedError(DataPlaneError):
+    """A peer's answer to a chunk request is not a chunk opening."""
+
+    code = "opening_malformed"
+
+    def default_message(self, *, url: str = "?", reason: str = "?", **_: Any) -> str:
+        return f"{url} did not answer with a chunk opening: {reason}"
+
+
 class FetchRefusedError(DataPlaneError):
     """The peer refused the request with an answer this client does not know."""
 
@@ -212,6 +233,7 @@ REMOTE_ERRORS: dict[str, type[FlexError]] = {
         ModelTooLargeError,
         ModelIdMalformedError,
         RouteNotFoundError,
+        ChunkIndexError,
         PolicyUnavailableError,
         BlobNotFoundError,
     )

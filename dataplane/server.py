@@ -22,9 +22,11 @@ from core.errors import FlexError
 from dataplane.access import Policy
 from dataplane.addresses import authority
 from dataplane.protocol import (
+    CHUNKS_SEGMENT,
     DEFAULT_MAX_BYTES,
     DEFAULT_WINDOW_SECONDS,
     MODELS_PATH,
+    ChunkIndexError,
     DataPlaneError,
     ModelIdMalformedError,
     ModelTooLargeError,
@@ -84,6 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
             path = self.path.split("?", 1)[0]
             if path == "/health":
                 self._send_json(HTTPStatus.OK, self.server.plane.health())
+            elif path.startswith(MODELS_PATH) and CHUNKS_SEGMENT in path:
+                raw_id, _, index = path.removeprefix(MODELS_PATH).partition(CHUNKS_SEGMENT)
+                self._get_opening(raw_id, index)
             elif path.startswith(MODELS_PATH):
                 self._get_model(path.removeprefix(MODELS_PATH))
             else:
@@ -107,9 +112,32 @@ class _Handler(BaseHTTPRequestHandler):
                     {"code": "internal_error", "message": "internal server error", "fields": {}},
                 )
 
-    def _get_model(self, raw_id: str) -> None:
+    def _get_opening(self, raw_id: str, raw_index: str) -> None:
         plane = self.server.plane
-        started = time.monotonic()
+        requester, model_id, meta = self._authorized(raw_id, plane.policy.authorize_opening)
+        shown = id_hex(model_id)
+        if not raw_index.isdigit() or len(raw_index) > 12:
+            raise ChunkIndexError(model_id=shown, index=raw_index[:20])
+        try:
+            opened = plane.store.opening(model_id, int(raw_index))
+        except IndexError:
+            raise ChunkIndexError(model_id=shown, index=raw_index) from None
+        self._send_json(
+            HTTPStatus.OK,
+            {
+                "index": opened.index,
+                "header": opened.header.hex(),
+                "root": opened.root.hex(),
+                "values": opened.values.hex(),
+                "siblings": [h.hex() for h in opened.siblings],
+            },
+        )
+        log.info("served chunk %s of model %s (%s) to %s", raw_index, shown, meta.kind, requester)
+
+    def _authorized(self, raw_id: str, authorize: Any) -> tuple[str, bytes, Any]:
+        """The signed requester, the model ID and its index entry, once ``authorize`` lets the
+        requester have it; raises the DataPlaneError to answer with otherwise."""
+        plane = self.server.plane
         # Authenticate before anything else so that unsigned callers learn nothing.
         requester = verify_request(
             headers=self.headers,
@@ -127,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
         shown = id_hex(model_id)
         meta = plane.store.info(model_id)
         try:
-            plane.policy.authorize_fetch(requester=requester, meta=meta)
+            authorize(requester=requester, meta=meta)
         except DataPlaneError:
             raise
         except Exception as exc:
@@ -141,6 +169,13 @@ class _Handler(BaseHTTPRequestHandler):
                 f"cannot check access to model {shown} right now: {type(exc).__name__}",
                 model_id=shown,
             ) from exc
+        return requester, model_id, meta
+
+    def _get_model(self, raw_id: str) -> None:
+        plane = self.server.plane
+        started = time.monotonic()
+        requester, model_id, meta = self._authorized(raw_id, plane.policy.authorize_fetch)
+        shown = id_hex(model_id)
         if meta.size > plane.max_bytes:
             raise ModelTooLargeError(model_id=shown, size=meta.size, limit=plane.max_bytes)
         # No re-hash before serving: every requester checks the bytes against the on-chain ID

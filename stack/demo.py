@@ -1,10 +1,11 @@
 """`make demo`: the local stack, headless, runs one task end to end, then everyone withdraws.
 
 The demo buyer posts a task, devices bid, the contract selects, the rounds run, the task is
-settled and the model downloaded and checked against its on-chain ID; then every device with
-a credit withdraws it through its own CLI and the buyer through the website's service, and
-var/demo/summary.json records each credit back at zero and each account up by its credit
-less the gas it paid.
+settled and the model downloaded and checked against its on-chain ID, and every global model
+recomputed by `python -m worker provenance` from the chain and the aggregator's blobs; then
+every device with a credit withdraws it through its own CLI and the buyer through the
+website's service, and var/demo/summary.json records each credit back at zero and each
+account up by its credit less the gas it paid.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from stack.devstack import LOCAL_DEVICES, PY, _config, say, stack
+from training.spec import TaskSpec
 
 DEMO_SPEC = {
     "model": "digits-mlp",
@@ -66,7 +68,6 @@ def follow_task(
     from marketplace.models_download import final_model_fetch
     from marketplace.wallets import wallet_account, wallet_of
     from training.serialize import id_hex, model_id
-    from training.spec import TaskSpec
     from training.store import ModelStore
     from worker.node import STORE_DIR
 
@@ -227,6 +228,36 @@ def withdraw_all(up: dict, *, buyer_username: str) -> dict:
     return result
 
 
+def provenance_check(up: dict, *, task_id: int, spec: dict, out: Path) -> dict:
+    """`python -m worker provenance` on the finished task, as anyone could run it: the chain,
+    the contract and the aggregator's blobs, no platform database."""
+    home = next(h for h in up["homes"].values() if _config(h)["may_aggregate"])
+    config = _config(home)
+    spec_file, report_file = out / "spec.json", out / "provenance.json"
+    spec_file.write_text(json.dumps(spec, indent=2) + "\n")
+    report_file.unlink(missing_ok=True)
+    cli = subprocess.run(
+        [
+            PY, "-m", "worker", "provenance",
+            "--rpc", config["eth_rpc_url"],
+            "--contract", config["contract_address"],
+            "--task", str(task_id),
+            "--spec", str(spec_file),
+            "--blobs", str(home),
+            "--json", str(report_file),
+        ],
+        env=up["env"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    print(cli.stdout, end="", flush=True)
+    if not report_file.exists():
+        say(f"provenance failed: {cli.stderr.strip()}")
+        return {"verified": False, "rounds": 0}
+    report = json.loads(report_file.read_text())
+    return {"verified": report["verified"], "rounds": len(report["rounds"]) - 1}
+
+
 def demo(
     var: Path,
     *,
@@ -254,6 +285,12 @@ def demo(
             timeout_s=timeout_s,
         )
         if summary["state"] == "finalized":
+            summary["provenance"] = provenance_check(
+                up,
+                task_id=summary["task_id"],
+                spec=TaskSpec.from_dict({**DEMO_SPEC, "rounds": rounds}).as_dict(),
+                out=var / "demo",
+            )
             summary["withdrawals"] = withdraw_all(up, buyer_username=up["buyer"]["username"])
             (var / "demo" / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, names=summary["devices"])
@@ -265,6 +302,8 @@ def demo(
         problems.append(f"the task ended {summary['state']}, not finalized")
     if not summary["conserved"]:
         problems.append("payouts + refund != budget")
+    if summary["state"] == "finalized" and not summary.get("provenance", {}).get("verified"):
+        problems.append("the task's models were not all recomputed to their on-chain IDs")
     if not summary["model_verified"]:
         problems.append("the downloaded model does not match its on-chain ID")
     if (summary["final_accuracy"] or 0) < min_accuracy:
@@ -289,6 +328,11 @@ def _print_summary(summary: dict, *, names: dict[str, str]) -> None:
     print(f"  {'budget':<12} {'':<42}  {summary['budget_wei']}")
     print(f"payouts + refund == budget: {summary['conserved']}")
     print(f"model {summary['model_id']} verified against the chain: {summary['model_verified']}")
+    if provenance := summary.get("provenance"):
+        print(
+            f"provenance: {provenance['rounds']} round(s) recomputed from the chain and the "
+            f"blobs: {'verified' if provenance['verified'] else 'NOT VERIFIED'}"
+        )
     if withdrawals := summary.get("withdrawals"):
         print("withdrawals (credit -> 0, account + credit - gas):")
         for address, w in withdrawals.items():

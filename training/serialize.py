@@ -261,6 +261,53 @@ class ModelBlob:
         """The Merkle proof of chunk ``index`` against ``root``."""
         return merkle.proof(self.leaves, index)
 
+    def opening(self, index: int) -> ChunkOpening:
+        """Chunk ``index`` with what ties it to this model's ID."""
+        return ChunkOpening(
+            index=index,
+            header=self.header.pack(),
+            root=self.root,
+            values=self.chunk(index),
+            siblings=tuple(self.proof(index)),
+        )
+
+
+@dataclass(frozen=True)
+class ChunkOpening:
+    """One chunk of a model with what ties it to the model's ID: the header's bytes, the
+    Merkle root, the chunk's values (int32, big-endian) and its path to the root. What a
+    watcher fetches instead of a whole model, and what a fraud proof sends the contract."""
+
+    index: int
+    header: bytes
+    root: bytes
+    values: bytes
+    siblings: tuple[bytes, ...]
+
+    def check(self, model_id: bytes | str) -> Header:
+        """The model's header, once the opening is shown to be chunk ``index`` of
+        ``model_id``; ModelIdMismatchError or ChunkMismatchError otherwise."""
+        parsed = read_header(self.header)
+        if parsed is None or parsed[1] != len(self.header):
+            raise BlobHeaderError("malformed model blob header in a chunk opening")
+        actual, expected = id_of(self.header, self.root), parse_id(model_id)
+        if actual != expected:
+            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+        if not verify_chunk(
+            model_id=expected,
+            header=self.header,
+            root=self.root,
+            index=self.index,
+            chunk=self.values,
+            proof=self.siblings,
+        ):
+            raise ChunkMismatchError(index=self.index)
+        return parsed[0]
+
+    def array(self) -> np.ndarray:
+        """The chunk's values as int32."""
+        return np.frombuffer(self.values, dtype=VALUE).astype(np.int32)
+
 
 def encode(header: Header, values: Sequence[np.ndarray]) -> bytes:
     """The canonical bytes of int32 ``values`` under ``header`` (whose shapes they must have)."""

@@ -35,6 +35,7 @@ from typing import BinaryIO, Literal
 
 from eth_utils import to_checksum_address
 
+from training import merkle
 from training.errors import (
     BlobNotFoundError,
     BlobTooLargeError,
@@ -42,7 +43,16 @@ from training.errors import (
     ModelBlobError,
     StoreError,
 )
-from training.serialize import Header, Kind, ModelBlob, decode, id_hex, parse_id, read_header
+from training.serialize import (
+    ChunkOpening,
+    Header,
+    Kind,
+    ModelBlob,
+    decode,
+    id_hex,
+    parse_id,
+    read_header,
+)
 from training.verifier import BlobVerifier
 
 KindName = Literal["global", "update"]
@@ -267,6 +277,36 @@ class ModelStore:
         with self.open(model_id) as handle:
             while chunk := handle.read(chunk_bytes):
                 yield chunk
+
+    def opening(self, model_id: bytes | str, index: int) -> ChunkOpening:
+        """Chunk ``index`` of a stored blob with its header, root and Merkle path, read without
+        loading the rest of the values; IndexError for a chunk past the last."""
+        expected = parse_id(model_id)
+        with self.open(expected, verify=False) as handle:
+            head = handle.read(_HEADER_PROBE)
+            while (parsed := read_header(head)) is None:
+                more = handle.read(_HEADER_PROBE)
+                if not more:
+                    raise BlobTruncatedError(f"model blob {id_hex(expected)} ends in its header")
+                head += more
+            header, length = parsed
+            if not 0 <= index < header.leaf_count:
+                raise IndexError(f"chunk {index} of {header.leaf_count}")
+            handle.seek(length)
+            listed = handle.read(32 * header.leaf_count)
+            leaves = [listed[i : i + 32] for i in range(0, len(listed), 32)]
+            handle.seek(length + len(listed) + 4 * index * header.chunk_values)
+            values = handle.read(4 * header.chunk_size(index))
+        opened = ChunkOpening(
+            index=index,
+            header=head[:length],
+            root=merkle.root(leaves),
+            values=values,
+            siblings=tuple(merkle.proof(leaves, index)),
+        )
+        # The file is not trusted: what it yields must open the ID it is stored under.
+        opened.check(expected)
+        return opened
 
     def info(self, model_id: bytes | str) -> StoredModel:
         """The index entry of a stored blob; BlobNotFoundError if the store has none."""

@@ -5,6 +5,7 @@
     python -m worker status --home DIR
     python -m worker balance --home DIR
     python -m worker withdraw --home DIR [--to ADDRESS]
+    python -m worker provenance --rpc URL --contract ADDRESS --task N --spec FILE --blobs DIR
 
 The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
 """
@@ -97,6 +98,24 @@ def parser() -> argparse.ArgumentParser:
     withdraw.add_argument("--home", type=Path, required=True)
     withdraw.add_argument("--to", help="send it on to this address (default: the device's own)")
     withdraw.add_argument("--json", action="store_true", help="print one JSON object")
+
+    prov = sub.add_parser(
+        "provenance",
+        help="recompute every global model of a task from the chain and its blobs alone",
+    )
+    prov.add_argument("--rpc", required=True, help="the chain's JSON-RPC URL")
+    prov.add_argument("--contract", required=True, help="the FlexMarket contract's address")
+    prov.add_argument("--task", type=int, required=True, help="the task's id on chain")
+    prov.add_argument("--spec", type=Path, required=True, help="the task's spec (JSON file)")
+    prov.add_argument(
+        "--blobs",
+        type=Path,
+        action="append",
+        required=True,
+        help="a model store or a device's home holding the task's blobs (repeatable)",
+    )
+    prov.add_argument("--from-block", type=int, default=0, help="scan payments from this block")
+    prov.add_argument("--json", type=Path, help="also write the report here")
     return p
 
 
@@ -160,6 +179,26 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
             print(f"sent {done.amount_wei} wei on to {done.to} (tx {done.forward_tx})")
         print(f"gas paid: {done.fee_wei} wei")
     return 0
+
+
+def cmd_provenance(args: argparse.Namespace) -> int:
+    from chain.client import FlexMarket
+    from chain.node import connect
+    from worker.provenance import folder_blobs, provenance, table
+
+    market = FlexMarket(w3=connect(args.rpc), address=args.contract, deploy_block=args.from_block)
+    try:
+        spec = json.loads(args.spec.read_text())
+        blobs = folder_blobs(args.blobs)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = provenance(market, task_id=args.task, spec=spec, blobs=blobs)
+    print(table(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["verified"] else 1
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -272,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "withdraw":
             return cmd_withdraw(args)
+        if args.command == "provenance":
+            return cmd_provenance(args)
         from worker.keys import passphrase_read
 
         return run(

@@ -13,6 +13,7 @@ from training.aggregation.base import Update
 from training.catalogue import initial_weights
 from training.fixedpoint import dequantize, quantize
 from training.serialize import Header, Kind, decode, encode, id_hex
+from worker.challenge import recorded_weights
 from worker.node import Node
 from worker.trainer import model_header, verified_spec
 
@@ -164,7 +165,7 @@ def aggregate(
             seconds_left=left,
         )
     started = time.perf_counter()
-    samples = {b.device: b.samples for b in market.bids(task_id=task_id)}
+    samples = recorded_weights(market, task_id=task_id)
     updates: list[Update] = []
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}

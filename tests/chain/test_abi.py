@@ -10,6 +10,7 @@ import pytest
 from eth_abi import encode as abi_encode
 from eth_utils import keccak
 
+import chain.fraud  # noqa: F401  (registers the verifier's errors)
 from chain.build import load_artifact
 from chain.errors import CONTRACT_ERRORS, ContractError
 from chain.events import ENUMS, EVENT_TYPES, event_fields, snake_case
@@ -18,12 +19,14 @@ from chain.transactions import decode_revert
 from core.errors import FlexError
 
 ABI = load_artifact("FlexMarket")["abi"]
+# The verifier's errors reach callers through the market's challenge, so they decode too.
+ERROR_ABI = ABI + [e for e in load_artifact("FlexVerifier")["abi"] if e["type"] == "error"]
 SOURCE = (Path(__file__).resolve().parents[2] / "contracts" / "FlexMarket.sol").read_text()
 SAMPLE = {"uint256": 7, "uint8": 2, "address": "0x" + "ab" * 20, "bytes32": b"\x01" * 32}
 
 
 def abi_entries(kind: str) -> dict[str, dict]:
-    return {e["name"]: e for e in ABI if e["type"] == kind}
+    return {e["name"]: e for e in (ERROR_ABI if kind == "error" else ABI) if e["type"] == kind}
 
 
 def test_every_contract_error_has_its_class_and_back():
@@ -48,7 +51,10 @@ def test_error_codes_are_stable_snake_case_and_unique():
     codes = [cls.code for cls in CONTRACT_ERRORS.values()]
     assert len(set(codes)) == len(codes)
     for name, cls in CONTRACT_ERRORS.items():
-        assert cls.code == snake_case(name.removeprefix("FlexMarket"))
+        if name.startswith("FlexVerifier"):
+            assert cls.code == "challenge_" + snake_case(name.removeprefix("FlexVerifier"))
+        else:
+            assert cls.code == snake_case(name.removeprefix("FlexMarket"))
 
 
 def test_unknown_and_string_and_panic_reverts():

@@ -16,11 +16,13 @@ from chain.client import FlexMarket
 from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts, free_port
 from dataplane.access import ChainPolicy
-from dataplane.protocol import AccessDeniedError, PolicyUnavailableError
+from dataplane.client import fetch_opening
+from dataplane.protocol import AccessDeniedError, ChunkIndexError, PolicyUnavailableError
 from dataplane.server import DataPlaneServer
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for
 from tests.dataplane.test_dataplane import SERVER, _fetch
+from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
 from training.serialize import id_hex
 from training.store import ModelStore, StoredModel
 
@@ -195,3 +197,79 @@ def test_unreachable_chain_is_503_not_access(store: ModelStore, on_chain: OnChai
         pytest.raises(PolicyUnavailableError),
     ):
         _fetch(plane, id_hex(update), account=on_chain.aggregator, retries=0)
+
+
+def test_chunks_of_an_update_go_to_the_tasks_parties_whole_updates_only_to_the_aggregator(
+    store: ModelStore, on_chain: OnChain
+) -> None:
+    """Watchers check an aggregate a chunk at a time: the buyer and the selected trainers
+    may open single chunks of an update, checked against its ID; an outsider may not."""
+    trainer = on_chain.trainers[0]
+    values = [np.arange(600, dtype=np.float32) / 7]
+    blob = blob_of(values, task_id=on_chain.task_id, trainer=trainer.address, chunk_values=256)
+    update = id_hex(store.put(blob))
+    with DataPlaneServer(
+        certificate=cert_for("server"),
+        store=store,
+        policy=ChainPolicy(market=on_chain.market),
+        node_address=on_chain.aggregator.address,
+    ) as plane:
+
+        def opening(account: LocalAccount, index: int, **kw: object):
+            return fetch_opening(
+                base_url=plane.url,
+                cert_sha256=plane.certificate.sha256,
+                model_id=kw.pop("model_id", update),
+                index=index,
+                server_address=plane.node_address,
+                account=account,
+                retries=0,
+            )
+
+        whole = store.load(update)
+        for party in (on_chain.buyer, *on_chain.trainers):
+            assert opening(party, 2) == whole.opening(2)  # the short last chunk
+        with pytest.raises(AccessDeniedError, match="chunks of its updates"):
+            opening(on_chain.outsider, 0)
+        with pytest.raises(AccessDeniedError, match="aggregator"):
+            _fetch(plane, update, account=on_chain.trainers[1])
+        with pytest.raises(ChunkIndexError) as exc:
+            opening(on_chain.buyer, 3)
+        assert exc.value.status == 404
+        missing = "0x" + "ab" * 32
+        with pytest.raises(BlobNotFoundError):
+            opening(on_chain.buyer, 0, model_id=missing)
+
+
+def test_a_node_that_serves_another_chunk_or_model_is_caught(
+    store: ModelStore, on_chain: OnChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = on_chain.trainers[0]
+    blob = blob_of([np.ones(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
+    other = blob_of([np.zeros(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
+    update, decoy = id_hex(store.put(blob)), id_hex(store.put(other))
+    real = ModelStore.opening
+    with DataPlaneServer(
+        certificate=cert_for("server"),
+        store=store,
+        policy=ChainPolicy(market=on_chain.market),
+        node_address=on_chain.aggregator.address,
+    ) as plane:
+
+        def fetch(index: int):
+            return fetch_opening(
+                base_url=plane.url,
+                cert_sha256=plane.certificate.sha256,
+                model_id=update,
+                index=index,
+                server_address=plane.node_address,
+                account=on_chain.buyer,
+                retries=0,
+            )
+
+        monkeypatch.setattr(ModelStore, "opening", lambda self, _id, i: real(self, decoy, i))
+        with pytest.raises(ModelIdMismatchError):
+            fetch(0)
+        monkeypatch.setattr(ModelStore, "opening", lambda self, mid, i: real(self, mid, i + 1))
+        with pytest.raises(ChunkMismatchError):
+            fetch(0)

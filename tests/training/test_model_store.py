@@ -172,6 +172,32 @@ def test_open_streams_in_chunks(store):
         assert handle.read() == blob
 
 
+def test_one_chunk_opens_against_the_id_without_the_rest(store):
+    rng = np.random.default_rng(3)
+    raw = blobs.blob_of([rng.normal(size=(40, 33)).astype(np.float32)], chunk_values=64)
+    digest = store.put(raw)
+    whole = store.load(digest)
+    for index in (0, 7, whole.header.leaf_count - 1):
+        opened = store.opening(digest, index)
+        assert opened == whole.opening(index)
+        assert opened.check(digest) == whole.header
+        assert np.array_equal(opened.array(), whole.values[0].reshape(-1)[64 * index :][:64])
+    with pytest.raises(IndexError):
+        store.opening(digest, whole.header.leaf_count)
+    # An opening is checked against the ID it is asked for: a changed file, a chunk under
+    # another index or another model's ID are all refused.
+    other = store.put(blob_of(1.0))
+    with pytest.raises(ModelIdMismatchError):
+        store.opening(digest, 0).check(other)
+    moved = store.opening(digest, 1)
+    with pytest.raises(ChunkMismatchError):
+        type(moved)(**{**moved.__dict__, "index": 2}).check(digest)
+    corrupt(store, digest)  # the last value's byte
+    store.opening(digest, 0)  # the other chunks still open
+    with pytest.raises(ChunkMismatchError):
+        store.opening(digest, whole.header.leaf_count - 1)
+
+
 def test_blob_files_are_read_only(store):
     digest = store.put(blob_of(7.0))
     assert store.path(digest).stat().st_mode & 0o222 == 0

@@ -1,0 +1,226 @@
+"""The fraud proof of a global model: the typed client of FlexVerifier (docs/verifiable.md).
+
+A challenge opens one chunk of the global model and of every update it includes and names
+one coordinate of that chunk; the contract checks each opening against its model ID and
+recomputes the coordinate by the task's strategy. Openings are plain bytes here: building
+them from model blobs is the data plane's and the worker's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Protocol
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
+
+from chain.build import load_artifact
+from chain.errors import CONTRACT_ERRORS, ContractError
+from chain.events import snake_case
+from chain.transactions import deploy_artifact, rpc
+
+VERIFIER_NAME = "FlexVerifier"
+
+
+class Strategy(IntEnum):
+    """The aggregation strategies the contract recomputes, by the task spec's names."""
+
+    FEDAVG = 0
+    FEDMEDIAN = 1
+    FEDTRIMMEDAVG = 2
+
+    @classmethod
+    def of(cls, name: str) -> Strategy:
+        """The strategy a task spec names (``fedavg``, ``fedmedian``, ``fedtrimmedavg``)."""
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"no fraud proof for strategy {name!r}") from None
+
+
+class Verdict(IntEnum):
+    """What a challenge showed (FlexVerifier.Verdict)."""
+
+    CORRECT = 0
+    WRONG_VALUE = 1
+    INVALID_UPDATE = 2
+    INVALID_GLOBAL = 3
+
+
+class Opened(Protocol):
+    """One chunk of one model with what ties it to the model's ID (the model format's
+    ChunkOpening): the header's bytes, the Merkle root, the chunk's values (int32,
+    big-endian) and its path to the root."""
+
+    header: bytes
+    root: bytes
+    values: bytes
+    siblings: tuple[bytes, ...]
+
+
+def _opening(opened: Opened) -> tuple[bytes, bytes, bytes, list[bytes]]:
+    return (opened.header, opened.root, opened.values, list(opened.siblings))
+
+
+@dataclass(frozen=True)
+class Included:
+    """An update a global model includes: its ID, its author and its FedAvg weight."""
+
+    model_id: str
+    trainer: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """The round a global model closes: the updates of ``round_number`` make global
+    ``round_number + 1`` of ``task_id`` on ``market``."""
+
+    chain_id: int
+    market: str
+    task_id: int
+    round_number: int
+    strategy: Strategy
+    trim_per_mille: int = 0
+
+    def encoded(self) -> tuple[Any, ...]:
+        return (
+            self.chain_id,
+            to_checksum_address(self.market),
+            self.task_id,
+            self.round_number,
+            int(self.strategy),
+            self.trim_per_mille,
+        )
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Everything one challenge sends: the coordinate, the global model and its updates."""
+
+    context: RoundContext
+    global_id: str
+    included: tuple[Included, ...]
+    chunk: int
+    offset: int
+    global_opening: Opened
+    updates: tuple[Opened, ...]
+
+    def args(self) -> list[Any]:
+        return [
+            self.context.encoded(),
+            bytes(HexBytes(self.global_id)),
+            [
+                (bytes(HexBytes(u.model_id)), to_checksum_address(u.trainer), u.weight)
+                for u in self.included
+            ],
+            (self.chunk, self.offset),
+            _opening(self.global_opening),
+            [_opening(u) for u in self.updates],
+        ]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The contract's answer to a challenge: the verdict, the update it names (for
+    INVALID_UPDATE) and, for a value, the global model's and the recomputed one."""
+
+    verdict: Verdict
+    which: int
+    claimed: int
+    expected: int
+
+    @property
+    def fraud(self) -> bool:
+        return self.verdict != Verdict.CORRECT
+
+
+class FlexVerifierError(ContractError):
+    """FlexVerifier refused a challenge that proves nothing; the Solidity error's name is the
+    class's ``solidity_name`` and its arguments are the fields (``which``: 0 for the global
+    model's opening, k + 1 for update k's)."""
+
+    code = "challenge_refused"
+
+
+class LengthMismatchError(FlexVerifierError):
+    """The challenge opens a different number of updates than it includes."""
+
+
+class TooManyUpdatesError(FlexVerifierError):
+    """A challenge includes no update, or more than the market's 128 trainers."""
+
+
+class IdMismatchError(FlexVerifierError):
+    """An opening's header and root do not give the model's ID."""
+
+
+class ChunkOutOfRangeError(FlexVerifierError):
+    """The challenged chunk is past the model's last."""
+
+
+class OffsetOutOfRangeError(FlexVerifierError):
+    """The challenged value is past the chunk's last."""
+
+
+class BadChunkError(FlexVerifierError):
+    """An opened chunk holds a different number of bytes than the model's layout gives."""
+
+
+class BadProofError(FlexVerifierError):
+    """An opened chunk is not under its model's Merkle root by the path given."""
+
+
+class BadTrimError(FlexVerifierError):
+    """A trimmed mean's per-mille trim is outside 0..499."""
+
+
+def _register_errors() -> None:
+    """Map each custom error of the compiled verifier to its class (``FlexVerifier<What>`` to
+    ``<What>Error``, code ``challenge_<what>``) so that reverts decode to them."""
+    classes = {cls.__name__: cls for cls in FlexVerifierError.__subclasses__()}
+    for entry in load_artifact(VERIFIER_NAME)["abi"]:
+        if entry["type"] == "error":
+            name = entry["name"]
+            what = name.removeprefix(VERIFIER_NAME)
+            cls = classes[f"{what}Error"]
+            cls.solidity_name, cls.code = name, f"challenge_{snake_case(what)}"
+            CONTRACT_ERRORS[name] = cls
+
+
+_register_errors()
+
+
+class FlexVerifier:
+    """One deployed FlexVerifier."""
+
+    def __init__(self, *, w3: Web3, address: str) -> None:
+        self.w3 = w3
+        self.address = to_checksum_address(address)
+        self._contract = w3.eth.contract(
+            address=self.address, abi=load_artifact(VERIFIER_NAME)["abi"]
+        )
+
+    @classmethod
+    def deploy(cls, *, w3: Web3, sender: LocalAccount) -> FlexVerifier:
+        deployed = deploy_artifact(w3=w3, sender=sender, name=VERIFIER_NAME)
+        return cls(w3=w3, address=deployed.address)
+
+    def check(self, challenge: Challenge) -> Finding:
+        """The contract's finding; raises a FlexVerifierError subclass (a revert naming what
+        did not hold: an ID, a proof, a chunk or offset out of range) for a bad challenge."""
+        with rpc():
+            verdict, which, claimed, expected = self._contract.functions.check(
+                *challenge.args()
+            ).call()
+        return Finding(Verdict(verdict), which, claimed, expected)
+
+    def gas(self, challenge: Challenge, *, sender: str) -> int:
+        """Gas of sending the challenge in a transaction from ``sender``."""
+        with rpc():
+            return self._contract.functions.check(*challenge.args()).estimate_gas(
+                {"from": to_checksum_address(sender)}
+            )

@@ -1,0 +1,80 @@
+"""A trainer's watch on the real chain and a real data plane: it checks a round chunk by
+chunk from the aggregator's openings, finds nothing in an honest round, and in a lying one
+builds the challenge the verifier contract upholds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from chain.fraud import FlexVerifier, Verdict
+from dataplane.access import ChainPolicy
+from dataplane.server import DataPlaneServer
+from tests.chain.test_provenance import LIE_AT, SPEC, run_task
+from tests.dataplane.conftest import cert_for
+from training.store import ModelStore
+from worker.watcher import Aggregator, check_round, sample_chunks
+
+
+@pytest.fixture
+def watch(flow, accounts, tmp_path):
+    """Run a task with the given behaviour, then watch its round as its first trainer."""
+
+    def run(**behaviour):
+        market = flow.market
+        held = ModelStore(tmp_path / "aggregator")
+        task_id = run_task(flow, accounts, held, **behaviour)
+        aggregator = accounts.aggregators[0]
+        first = market.selection(task_id=task_id).trainers[0]
+        trainer = next(t for t in accounts.trainers if t.address == first)
+        own = ModelStore(tmp_path / "trainer")
+        own.put(held.get(market.update_of(task_id=task_id, round_number=0, trainer=first)))
+        published = held.load(market.global_model(task_id=task_id, round_number=1))
+        with DataPlaneServer(
+            certificate=cert_for("aggregator"),
+            store=held,
+            policy=ChainPolicy(market=market, ttl=0),
+            node_address=aggregator.address,
+        ) as plane:
+            return check_round(
+                market=market,
+                store=own,
+                account=trainer,
+                spec=SPEC,
+                task_id=task_id,
+                round_number=0,
+                published=published,
+                aggregator=Aggregator(aggregator.address, plane.url, plane.certificate.sha256),
+            )
+
+    return run
+
+
+def test_an_honest_round_checks_out_on_every_chunk(watch):
+    found = watch(lie=False)
+    assert found.correct
+    assert found.chunks_checked == tuple(range(found.chunks))
+
+
+def test_a_wrong_value_is_found_and_the_challenge_holds(watch, w3, accounts):
+    found = watch(lie=True)
+    assert not found.correct
+    sent = found.challenge
+    assert (sent.chunk, sent.offset) == divmod(LIE_AT, 256)
+    finding = FlexVerifier.deploy(w3=w3, sender=accounts.owner).check(sent)
+    assert finding.verdict == Verdict.WRONG_VALUE
+
+
+def test_an_included_update_of_another_round_is_found(watch, w3, accounts):
+    found = watch(lie=False, stale=True)
+    assert found.challenge is not None
+    finding = FlexVerifier.deploy(w3=w3, sender=accounts.owner).check(found.challenge)
+    assert (finding.verdict, finding.which) == (Verdict.INVALID_UPDATE, 2)
+
+
+def test_large_models_are_sampled_where_the_aggregator_cannot_guess():
+    assert sample_chunks(5, limit=64, rng=random.Random(1)) == [0, 1, 2, 3, 4]
+    picks = {tuple(sample_chunks(40_000, limit=64, rng=random.Random(s))) for s in range(5)}
+    assert len(picks) == 5
+    assert all(len(p) == 64 == len(set(p)) and max(p) < 40_000 for p in picks)
