@@ -7,9 +7,11 @@ import logging
 import threading
 from collections.abc import Sequence
 
+from eth_utils import to_checksum_address
+
 from chain.errors import ChainUnavailableError
 from chain.events import PaymentCredited, decode_logs, event_topics
-from chain.node import reachable
+from chain.node import connect, reachable
 from core.units import wei_to_eth
 from worker.node import Node
 
@@ -25,13 +27,17 @@ class PaymentWatcher:
     def __init__(self, nodes: Sequence[Node], *, interval: float = POLL_S) -> None:
         self.nodes = {n.address.lower(): n for n in nodes}
         self.interval = interval
+        first = next(iter(self.nodes.values()))
+        # A connection of its own: the node's tasks run in forked children, and a connection
+        # shared with this thread could be copied mid-request.
+        self._w3 = connect(first.config.eth_rpc_url)
+        self._market = to_checksum_address(first.config.contract_address)
         self._next: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def poll(self) -> list[PaymentCredited]:
-        node = next(iter(self.nodes.values()))
-        w3, market = node.market.w3, node.market.address
+        w3, market = self._w3, self._market
         with reachable():
             head = w3.eth.block_number
             if self._next is None:
