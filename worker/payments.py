@@ -89,4 +89,11 @@ class PaymentWatcher:
         return self
 
     def stop(self) -> None:
+        """Stop polling, after a last look: a payment mined just before shutdown is logged."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.interval + 30)
+        try:
+            self.poll()
+        except ChainUnavailableError as exc:
+            log.warning("payments not read this time: %s", exc.message)
