@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     node = nodes.load(home=args.home, passphrase=passphrase_read())
     status = status_fetch(node)
-    local, link = dataplane_problem(node), owner_link(node)
+    local, link = dataplane_problem(node), owner_link(account=node.account, config=node.config)
     if args.json:
         print(json.dumps({**status, "local_dataplane_problem": local, "owner_link": link}))
     else:
@@ -233,6 +233,12 @@ def cmd_join(args: argparse.Namespace) -> int:
     )
     print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
     print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
+    from worker.status import owner_link
+
+    print(
+        "its page on the website (for an hour; `python -m worker status` makes a new link): "
+        + owner_link(account=account, config=cfg)
+    )
     from chain.node import connect
 
     balance = connect(cfg.eth_rpc_url).eth.get_balance(cfg.address)

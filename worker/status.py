@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 import requests
 from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
 
 from core.enrolment import owner_message
 from core.errors import FlexError
@@ -17,7 +18,7 @@ from core.units import wei_to_eth
 from dataplane.client import health_check
 from dataplane.signing import sign_request
 from dataplane.tls import node_certificate_load
-from worker.config import TLS_DIR
+from worker.config import TLS_DIR, DeviceConfig
 from worker.node import Node
 
 STATUS_PATH = "/api/devices/me/"
@@ -65,20 +66,20 @@ def dataplane_problem(node: Node) -> str | None:
     return problem
 
 
-def owner_link(node: Node, *, hours: float = 1.0) -> str:
+def owner_link(*, account: LocalAccount, config: DeviceConfig, hours: float = 1.0) -> str:
     """A link that opens this device's page on the website for ``hours``, signed by its key."""
     expires = int(time.time() + hours * 3600)
     text = owner_message(
-        address=node.address,
-        chain_id=node.config.chain_id,
-        contract=node.config.contract_address,
+        address=account.address,
+        chain_id=config.chain_id,
+        contract=config.contract_address,
         expires=expires,
     )
-    signature = node.account.sign_message(encode_defunct(text=text)).signature
+    signature = account.sign_message(encode_defunct(text=text)).signature
     query = urlencode(
-        {"address": node.address, "expires": expires, "signature": "0x" + bytes(signature).hex()}
+        {"address": account.address, "expires": expires, "signature": "0x" + bytes(signature).hex()}
     )
-    return f"{node.config.server_url.rstrip('/')}{OWNER_PATH}?{query}"
+    return f"{config.server_url.rstrip('/')}{OWNER_PATH}?{query}"
 
 
 def _health(local: str | None, remote: str | None) -> str:

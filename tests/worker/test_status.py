@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -90,6 +91,9 @@ def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
     page = client.get(opened.url)
     assert page.status_code == 200
     assert page.context["st"]["tasks"][0]["task_id"] == task_id
+    # `worker join` linked the owner to the same page.
+    [joined_link] = re.findall(r"https?://\S+/devices/owner/\S+", node.joined)
+    assert client.get(joined_link.removeprefix(live_server.url)).status_code == 302
 
 
 def test_status_says_what_is_wrong_when_the_platform_refuses(live_server, platform, tmp_path):
