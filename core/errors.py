@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, ClassVar
 
 
@@ -35,3 +36,23 @@ class FlexError(Exception):
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Keep the fields when the error crosses a process boundary (Celery pickles it).
         return (functools.partial(type(self), self.message, **self.fields), ())
+
+
+def dropped(*kinds: type[FlexError], log: logging.Logger, why: str):
+    """A Celery task body that drops its job with one warning line when it raises one of
+    ``kinds`` (an expected condition, such as a job naming a task this chain does not have,
+    left in the broker by an earlier run): no traceback, no retry, returns None."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except kinds as exc:
+                fields = ", ".join(f"{k}={v}" for k, v in exc.fields.items())
+                log.warning("%s dropped: %s (%s); %s", fn.__name__, exc.message, fields, why)
+                return None
+
+        return run
+
+    return wrap

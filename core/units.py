@@ -80,6 +80,17 @@ def wei_to_eth_approx(wei: int | str | None, *, digits: int = 3) -> str:
     return wei_to_eth(-(-wei // unit) * unit)
 
 
+def wei_to_eth_short(wei: int | str | None, *, decimals: int = 6) -> str:
+    """ETH cut (toward zero) to ``decimals`` places, for reading a balance at a glance; the
+    exact amount goes beside it: "9999791234567890123" -> "9.999791"."""
+    if wei is None or wei == "":
+        return ""
+    wei = int(wei)
+    unit = 10 ** max(18 - decimals, 0)
+    sign = -1 if wei < 0 else 1
+    return wei_to_eth(sign * (abs(wei) // unit) * unit)
+
+
 def eth_text(wei: int | None) -> str:
     """``wei`` exactly, and in ETH for reading: ``1.5 ETH (1500000000000000000 wei)``."""
     if wei is None:

@@ -375,3 +375,24 @@ def _remote_error(response: requests.Response, *, url: str, model_id: str) -> Fl
             **fields,
         )
     return cls(f"{url}: {message}" if isinstance(message, str) else None, **fields)
+
+
+def health_check(*, base_url: str, cert_sha256: str, timeout: float = 10.0) -> str | None:
+    """None when the data plane at ``base_url`` answers ``/health`` over TLS with the pinned
+    certificate, else why not, in a sentence (a report for people: never raises)."""
+    url = base_url.rstrip("/") + "/health"
+    try:
+        with requests.Session() as http:
+            pin(http, base_url=base_url, sha256=cert_sha256)
+            response = http.get(url, timeout=timeout, allow_redirects=False, verify=False)
+    except requests.exceptions.SSLError as exc:
+        if "fingerprint" in str(exc).lower():
+            return f"{base_url} shows another TLS certificate than the one registered"
+        return f"TLS to {base_url} failed: {str(exc)[:200]}"
+    except requests.Timeout:
+        return f"{base_url} did not answer within {timeout:g} s"
+    except (requests.RequestException, FlexError) as exc:
+        return f"{base_url} cannot be reached: {getattr(exc, 'message', None) or str(exc)[:200]}"
+    if response.status_code != HTTPStatus.OK:
+        return f"{url} answered HTTP {response.status_code}"
+    return None

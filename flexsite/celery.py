@@ -9,6 +9,7 @@ go to the platform's own Redis. Nodes build their own app (worker.app) from the 
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
@@ -17,6 +18,26 @@ from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings
 
 # Read from the same variable as settings.FLEX_SYNC_INTERVAL_S: this module needs no Django.
 SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
+
+
+# Beat's heartbeats run every second: Celery's own lines for each (sent, received, succeeded)
+# would be most of the log. What they do is logged by them, and only when something changed.
+HEARTBEATS = ("marketplace.chain_sync", "marketplace.deadlines_check")
+
+
+class QuietHeartbeats(logging.Filter):
+    """Drops Celery's routine INFO lines about the beat's heartbeat tasks; keeps the rest,
+    and anything about them at WARNING or above."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        message = record.getMessage()
+        return not any(name in message for name in HEARTBEATS)
+
+
+for _logger in ("celery.beat", "celery.worker.strategy", "celery.app.trace"):
+    logging.getLogger(_logger).addFilter(QuietHeartbeats())
 
 
 def platform_app(*, broker_url: str, result_backend: str | None, **options) -> Celery:

@@ -166,6 +166,11 @@ FLEX_REGISTRAR_KEY = os.environ.get("FLEX_REGISTRAR_KEY", "")
 FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
 # How long the web server may spend fetching a task's model for its buyer, all told.
 FLEX_MODEL_DOWNLOAD_DEADLINE_S = float(os.environ.get("FLEX_MODEL_DOWNLOAD_DEADLINE_S", 120))
+# A block explorer's base URL (…/tx/<hash>, …/address/<address>): hashes and addresses link to
+# it when set; a local chain has none.
+FLEX_EXPLORER_URL = os.environ.get("FLEX_EXPLORER_URL", "").rstrip("/")
+# Final models converted to .keras and .npz, one directory per model ID.
+FLEX_MODEL_EXPORT_DIR = Path(os.environ.get("FLEX_MODEL_EXPORT_DIR", VAR_DIR / "models"))
 # Data-plane URLs on private, loopback or link-local addresses (a one-host or one-LAN
 # deployment); off, a device must advertise a public host.
 FLEX_DATAPLANE_ALLOW_PRIVATE = _env_bool("FLEX_DATAPLANE_ALLOW_PRIVATE", False)

@@ -13,13 +13,18 @@ from drf_spectacular.utils import (
     extend_schema_serializer,
     inline_serializer,
 )
-from rest_framework import generics, serializers
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework import exceptions, generics, serializers
+from rest_framework.authentication import (
+    SessionAuthentication,
+    TokenAuthentication,
+    get_authorization_header,
+)
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from marketplace.devices import device_status
 from marketplace.models import Bid, Device, DeviceClass, Task, TaskState
 from marketplace.permissions import DeviceSignatureAuthentication
 from marketplace.selectors import TaskViewList, task_view_get, task_views_of, task_visible
@@ -27,6 +32,7 @@ from marketplace.serializers import (
     BidSerializer,
     DevicePublicSerializer,
     DeviceStaffSerializer,
+    DeviceStatusSerializer,
     OpenTaskSerializer,
     TaskSerializer,
     TaskSummarySerializer,
@@ -37,6 +43,7 @@ from marketplace.services import (
     device_enrol,
     enrolment_config,
     join_challenge_issue,
+    task_cancel,
     task_create,
     task_model_download,
 )
@@ -60,11 +67,24 @@ ERROR_SHAPE = inline_serializer(
 # ---------------------------------------------------------------- reads
 
 
+class TokenOrBearerAuthentication(TokenAuthentication):
+    """``Authorization: Token <key>``, or ``Bearer <key>`` as many HTTP clients send it."""
+
+    def authenticate(self, request):
+        parts = get_authorization_header(request).split()
+        if len(parts) == 2 and parts[0].lower() == b"bearer":
+            try:
+                return self.authenticate_credentials(parts[1].decode("ascii"))
+            except UnicodeDecodeError:
+                raise exceptions.AuthenticationFailed("The token is not ASCII.") from None
+        return super().authenticate(request)
+
+
 class ApiAuthMixin:
     """Token first, so that an unauthenticated call gets 401 with ``WWW-Authenticate: Token``
     (session first would answer 403); the session serves the browsable API and the site."""
 
-    authentication_classes = [TokenAuthentication, SessionAuthentication]
+    authentication_classes = [TokenOrBearerAuthentication, SessionAuthentication]
     permission_classes = [IsAuthenticated]
 
 
@@ -172,6 +192,26 @@ class OpenTaskListApi(generics.ListAPIView):
         return task_views_of(tasks)
 
 
+@extend_schema(
+    tags=["devices"],
+    description=(
+        "The signing device's own status: its bids, the tasks it was selected for, rounds "
+        "done or missed, what it earned, its credit and its data plane as the platform "
+        "reaches it (what `python -m worker status` prints)."
+    ),
+    responses=DeviceStatusSerializer,
+)
+class DeviceStatusApi(APIView):
+    authentication_classes = [DeviceSignatureAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    def get(self, request):
+        device = getattr(request.user, "device", None)
+        if device is None:
+            raise exceptions.PermissionDenied("Only a device may ask for its own status.")
+        return Response(DeviceStatusSerializer(device_status(device=device)).data)
+
+
 # ---------------------------------------------------------------- writes
 
 
@@ -216,6 +256,39 @@ class TaskSpecField(serializers.JSONField):
             return TaskSpec.from_dict(super().to_internal_value(data))
         except SpecError as exc:
             raise serializers.ValidationError(exc.message, code=exc.code) from exc
+
+
+@extend_schema(
+    tags=["tasks"],
+    description=(
+        "Cancel your task while it is still bidding: the contract credits its whole budget "
+        "back to your wallet (withdraw it with POST /api/wallet/withdraw/). Refused with "
+        "invalid_task_state once nodes are selected."
+    ),
+    request=None,
+    responses={
+        200: inline_serializer(
+            name="TaskCancelled",
+            fields={
+                "task_id": serializers.IntegerField(),
+                "tx_hash": serializers.CharField(),
+                "refund_wei": WeiField(),
+            },
+        ),
+        403: ERROR_SHAPE,
+        404: ERROR_SHAPE,
+        409: ERROR_SHAPE,
+    },
+)
+class TaskCancelApi(ApiAuthMixin, APIView):
+    def post(self, request, pk: int):
+        view = task_view_get(user=request.user, task_id=pk)
+        if view is None:
+            raise Http404("No such task.")
+        receipt = task_cancel(task=view, user=request.user)
+        return Response(
+            {"task_id": pk, "tx_hash": receipt.tx_hash, "refund_wei": str(view.budget_wei)}
+        )
 
 
 @extend_schema(tags=["tasks"])
@@ -272,8 +345,15 @@ class TaskCreateApi(ApiAuthMixin, APIView):
     tags=["tasks"],
     description=(
         "The task's final global model, fetched from its aggregator's store with the buyer's "
-        "key and checked against the model ID on chain: the task's buyer only."
+        "key and checked against the model ID on chain: the task's buyer only. ``as`` "
+        "flexmodel (default) is the canonical blob whose ID is on chain; keras and npz are "
+        "made from it, read back and re-encoded to that ID (the X-Flex-Check header says so)."
     ),
+    parameters=[
+        OpenApiParameter(
+            "as", str, enum=["flexmodel", "keras", "npz"], required=False, default="flexmodel"
+        )
+    ],
     responses={
         (200, "application/octet-stream"): OpenApiTypes.BINARY,
         403: ERROR_SHAPE,
@@ -287,13 +367,19 @@ class TaskModelDownloadApi(ApiAuthMixin, APIView):
         view = task_view_get(user=request.user, task_id=pk)
         if view is None:
             raise Http404("No such task.")
-        model = task_model_download(task=view, user=request.user)
+        model = task_model_download(
+            task=view, user=request.user, fmt=request.query_params.get("as", "flexmodel")
+        )
         return FileResponse(
             model.file,
             as_attachment=True,
             filename=model.filename,
             content_type="application/octet-stream",
-            headers={"X-Flex-Model-Id": model.model_id, "X-Flex-Round": str(model.round_number)},
+            headers={
+                "X-Flex-Model-Id": model.model_id,
+                "X-Flex-Round": str(model.round_number),
+                "X-Flex-Check": model.check,
+            },
         )
 
 
@@ -374,6 +460,9 @@ class JoinCompleteApi(APIView):
         dataplane_cert_sha256 = serializers.CharField(
             required=False, allow_blank=True, default="", max_length=100
         )
+        # What the device will ask per round: shown in buyers' cost estimates until it bids.
+        price_per_round_wei = WeiField(required=False, allow_null=True, default=None)
+        aggregator_price_per_round_wei = WeiField(required=False, allow_null=True, default=None)
 
     @extend_schema(
         tags=["enrolment"],
@@ -396,5 +485,7 @@ class JoinCompleteApi(APIView):
             device_class=v["device_class"],
             dataplane_url=v["dataplane_url"],
             dataplane_cert_sha256=v["dataplane_cert_sha256"],
+            price_per_round_wei=v["price_per_round_wei"],
+            aggregator_price_per_round_wei=v["aggregator_price_per_round_wei"],
         )
         return Response(enrolment_config(device=device), status=201)

@@ -10,6 +10,7 @@ urlpatterns = [
     path("tasks/", api.TaskListApi.as_view(), name="api-task-list"),
     path("tasks/create/", api.TaskCreateApi.as_view(), name="api-task-create"),
     path("tasks/<int:pk>/", api.TaskDetailApi.as_view(), name="api-task-detail"),
+    path("tasks/<int:pk>/cancel/", api.TaskCancelApi.as_view(), name="api-task-cancel"),
     path("tasks/<int:pk>/model/", api.TaskModelDownloadApi.as_view(), name="api-task-model"),
     path(
         "tasks/<int:pk>/validation/",
@@ -26,6 +27,7 @@ urlpatterns = [
     path("bids/<int:pk>/", api.BidDetailApi.as_view(), name="api-bid-detail"),
     path("devices/", api.DeviceListApi.as_view(), name="api-device-list"),
     path("devices/<int:pk>/", api.DeviceDetailApi.as_view(), name="api-device-detail"),
+    path("devices/me/", api.DeviceStatusApi.as_view(), name="api-device-status"),
     path("wallet/", api_wallet.WalletApi.as_view(), name="api-wallet"),
     path("wallet/withdraw/", api_wallet.WalletWithdrawApi.as_view(), name="api-wallet-withdraw"),
     path("join/challenge/", api.JoinChallengeApi.as_view(), name="api-join-challenge"),

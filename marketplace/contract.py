@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import FlexMarket
+from chain.errors import ChainUnavailableError
 from chain.launcher import dev_accounts
-from chain.node import connect, reachable
+from chain.node import chain_time, connect, reachable
 from chain.transactions import transfer_eth
 from core import messages
 from core.errors import FlexError
@@ -50,6 +52,18 @@ def w3() -> Web3:
 def chain_id() -> int:
     with reachable():
         return w3().eth.chain_id
+
+
+def chain_clock_offset() -> float:
+    """Seconds the chain's clock is ahead of this host's: 0 on a chain that keeps time, more on
+    a dev chain moved by evm_increaseTime; 0 when the chain cannot be read (a guess beats no
+    page)."""
+    try:
+        offset = chain_time(w3()) - time.time()
+    except ChainUnavailableError:
+        return 0.0
+    # Block times are whole seconds: only a shift beyond their rounding counts.
+    return offset if abs(offset) > 2 else 0.0
 
 
 @functools.cache

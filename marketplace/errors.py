@@ -60,6 +60,7 @@ _STATUS_BY_CODE = {
     "not_task_buyer": status.HTTP_403_FORBIDDEN,
     "model_not_ready": status.HTTP_409_CONFLICT,
     "model_unavailable": status.HTTP_502_BAD_GATEWAY,
+    "model_export_failed": status.HTTP_502_BAD_GATEWAY,
     "wallet_missing": status.HTTP_409_CONFLICT,
     "insufficient_funds": status.HTTP_409_CONFLICT,
     "insufficient_gas": status.HTTP_409_CONFLICT,

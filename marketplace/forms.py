@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 from django import forms
@@ -13,7 +14,14 @@ from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 from chain import errors as chain_errors
 from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
-from core.units import MAX_AMOUNT_CHARS, AmountError, eth_to_wei, wei_to_eth
+from core.units import (
+    MAX_AMOUNT_CHARS,
+    AmountError,
+    eth_to_wei,
+    wei_to_eth,
+    wei_to_eth_approx,
+    wei_to_eth_short,
+)
 from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
 from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
@@ -79,6 +87,11 @@ class EthAmountField(forms.CharField):
             raise forms.ValidationError(str(exc), code=exc.code) from None
 
 
+# Each catalogue model's hyper-parameters, for the form's defaults and its model choice.
+PRESETS = {key: dataclasses.asdict(entry.preset) for key, entry in MODELS.items()}
+DEFAULT_PRESET = next(iter(MODELS.values())).preset
+
+
 def _choices(entries) -> list[tuple[str, str]]:
     return [(key, f"{entry.title}") for key, entry in entries.items()]
 
@@ -86,7 +99,9 @@ def _choices(entries) -> list[tuple[str, str]]:
 class TaskForm(forms.Form):
     """Everything a buyer orders: the spec, the market terms and the budget."""
 
-    title = forms.CharField(max_length=120, help_text="For you: shown in your task list.")
+    title = forms.CharField(
+        max_length=120, help_text="For you: shown in your task list; up to 120 characters."
+    )
     dataset = forms.ChoiceField(choices=_choices(SCHEMAS), help_text="What the devices' data is.")
     model = forms.ChoiceField(choices=_choices(MODELS))
     rounds = forms.IntegerField(
@@ -110,17 +125,39 @@ class TaskForm(forms.Form):
         label="Budget (ETH)",
         help_text="Held in escrow by the contract; what is not earned is refunded.",
     )
+    # The hyper-parameters start at the preset of the first catalogue model; choosing another
+    # model fills in its own (static/flex/task_form.js, from PRESETS).
     local_epochs = forms.IntegerField(
-        min_value=LIMITS["local_epochs"][0], max_value=LIMITS["local_epochs"][1], initial=1
+        min_value=LIMITS["local_epochs"][0],
+        max_value=LIMITS["local_epochs"][1],
+        initial=DEFAULT_PRESET.local_epochs,
+        help_text="Passes each device makes over its own data per round.",
     )
     batch_size = forms.IntegerField(
-        min_value=LIMITS["batch_size"][0], max_value=LIMITS["batch_size"][1], initial=32
+        min_value=LIMITS["batch_size"][0],
+        max_value=LIMITS["batch_size"][1],
+        initial=DEFAULT_PRESET.batch_size,
+        help_text="Samples per gradient step on a device: smaller steps more often.",
     )
-    learning_rate = forms.FloatField(min_value=0, max_value=MAX_LEARNING_RATE, initial=0.05)
+    learning_rate = forms.FloatField(
+        min_value=0,
+        max_value=MAX_LEARNING_RATE,
+        initial=DEFAULT_PRESET.learning_rate,
+        help_text="How far each step moves the weights: too high diverges, too low crawls.",
+    )
     aggregation = forms.ChoiceField(
-        choices=[(key, key) for key in STRATEGIES], initial="fedavg", label="Aggregation"
+        choices=[(key, key) for key in STRATEGIES],
+        initial="fedavg",
+        label="Aggregation",
+        help_text="fedavg averages updates by samples; the median and trimmed mean resist "
+        "outliers.",
     )
-    seed = forms.IntegerField(min_value=LIMITS["seed"][0], max_value=LIMITS["seed"][1], initial=0)
+    seed = forms.IntegerField(
+        min_value=LIMITS["seed"][0],
+        max_value=LIMITS["seed"][1],
+        initial=0,
+        help_text="Fixes the initial weights and batch order, so the run can be repeated.",
+    )
     validation_file = forms.FileField(
         required=False,
         label="Validation set",
@@ -145,6 +182,8 @@ class TaskForm(forms.Form):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # A browser would cut a longer title silently; the form says what the limit is.
+        self.fields["title"].widget.attrs.pop("maxlength", None)
         if not self.is_bound:
             ends = timezone.now() + DEFAULT_BIDDING_WINDOW
             self.initial.setdefault("bidding_ends", ends.replace(second=0, microsecond=0))
@@ -168,14 +207,7 @@ class TaskForm(forms.Form):
         data = super().clean()
         low, high = data.get("min_trainers"), data.get("max_trainers")
         if low is not None and high is not None and low > high:
-            self.add_error(
-                "max_trainers",
-                forms.ValidationError(
-                    "Must be at least the minimum number of trainers (%(low)s).",
-                    code="trainer_range_invalid",
-                    params={"low": low},
-                ),
-            )
+            self.add_error("max_trainers", trainer_range_error(low))
         content_id = self._validation_set(data)
         spec_inputs = ("model", "dataset", "rounds", "local_epochs", "batch_size")
         if all(data.get(name) is not None for name in (*spec_inputs, "learning_rate", "seed")):
@@ -237,6 +269,29 @@ class TaskForm(forms.Form):
         self.add_error(field, forms.ValidationError(message, code=exc.code))
 
 
+class EstimateForm(forms.Form):
+    """The task's shape, for the live cost estimate: the task form's own fields and rules."""
+
+    rounds = TaskForm.base_fields["rounds"]
+    min_trainers = TaskForm.base_fields["min_trainers"]
+    max_trainers = TaskForm.base_fields["max_trainers"]
+
+    def clean(self):
+        data = super().clean()
+        low, high = data.get("min_trainers"), data.get("max_trainers")
+        if low is not None and high is not None and low > high:
+            self.add_error("max_trainers", trainer_range_error(low))
+        return data
+
+
+def trainer_range_error(low: int) -> forms.ValidationError:
+    return forms.ValidationError(
+        "Must be at least the minimum number of trainers (%(low)s).",
+        code="trainer_range_invalid",
+        params={"low": low},
+    )
+
+
 def explain(exc: FlexError) -> str:
     """A sentence for a buyer, from the error's fields (the same for a check and a revert)."""
     f = exc.fields
@@ -247,9 +302,11 @@ def explain(exc: FlexError) -> str:
             "prices, for every round."
         )
     if isinstance(exc, wallets.InsufficientFundsError):
+        gas = f["needed_wei"] - f["budget_wei"]
         return (
-            f"Your wallet holds {wei_to_eth(f['balance_wei'])} ETH; this task needs "
-            f"{wei_to_eth(f['needed_wei'])} ETH with gas. Fund your wallet first."
+            f"Your wallet holds {wei_to_eth_short(f['balance_wei'])} ETH; this task needs "
+            f"{wei_to_eth(f['budget_wei'])} ETH and about {wei_to_eth_approx(gas)} ETH of gas."
+            " Fund your wallet first."
         )
     if isinstance(exc, chain_errors.InvalidTrainerRangeError):
         if f["max_trainers"] > f["cap"]:

@@ -136,6 +136,9 @@ class Device(models.Model):
     # Where peers fetch the device's blobs, and the SHA-256 of the TLS certificate they pin.
     dataplane_url = models.URLField(blank=True)
     dataplane_cert_sha256 = models.CharField(max_length=64, blank=True)
+    # The prices it declared at enrolment, for cost estimates until it bids (its bids then).
+    price_per_round_wei = WeiField(null=True, blank=True)
+    aggregator_price_per_round_wei = WeiField(null=True, blank=True)
     join_token = models.OneToOneField(
         JoinToken, null=True, blank=True, on_delete=models.SET_NULL, related_name="device"
     )

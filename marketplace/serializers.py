@@ -243,3 +243,41 @@ class DeviceStaffSerializer(serializers.ModelSerializer):
             "enrolled_at",
             "registration_tx",
         ]
+
+
+class DeviceTaskSerializer(serializers.Serializer):
+    """A task the device bid on: its bid, whether it was selected, its rounds and its pay."""
+
+    task_id = serializers.IntegerField()
+    state = serializers.CharField()
+    role = serializers.CharField()
+    price_per_round_wei = WeiField()
+    samples = serializers.IntegerField()
+    selected = serializers.BooleanField()
+    position = serializers.IntegerField(allow_null=True)
+    rounds = serializers.IntegerField()
+    rounds_done = serializers.IntegerField(help_text="Closed rounds it delivered.")
+    rounds_missed = serializers.IntegerField(help_text="Closed rounds it did not deliver.")
+    paid_wei = WeiField()
+
+
+class DeviceStatusSerializer(serializers.Serializer):
+    """What a device's owner sees of it (marketplace.devices.device_status)."""
+
+    address = serializers.CharField()
+    name = serializers.CharField()
+    device_class = serializers.CharField()
+    may_aggregate = serializers.BooleanField()
+    chain_status = serializers.CharField()
+    enrolled_at = serializers.DateTimeField()
+    dataplane_url = serializers.CharField(allow_blank=True)
+    dataplane_problem = serializers.CharField(
+        allow_null=True, help_text="None when the platform reaches the data plane."
+    )
+    bids = serializers.IntegerField()
+    selected = serializers.IntegerField()
+    rounds_done = serializers.IntegerField()
+    rounds_missed = serializers.IntegerField()
+    earned_wei = WeiField()
+    credit_wei = WeiField(allow_null=True, help_text="None when the chain cannot be read.")
+    tasks = DeviceTaskSerializer(many=True)

@@ -19,13 +19,13 @@ from chain.client import DEFAULT_SAMPLE_CAP
 from chain.errors import (
     BudgetTooLowError,
     InvalidBiddingEndError,
-    InvalidRoundsError,
     InvalidRoundTimeoutError,
     InvalidSampleCapError,
-    InvalidTrainerRangeError,
+    InvalidTaskStateError,
 )
 from chain.events import DeviceClass as ChainDeviceClass
-from chain.events import DeviceRegistered, DeviceRevoked, TaskCreated
+from chain.events import DeviceRegistered, DeviceRevoked, TaskCancelled, TaskCreated
+from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
 from chain.transactions import transfer_eth
@@ -41,19 +41,21 @@ from marketplace.errors import (
     JoinSignatureError,
     JoinTokenError,
 )
+from marketplace.estimates import CREATE_TASK_GAS, task_shape_check
 from marketplace.models import (
-    Bid,
     Device,
     JoinToken,
-    Role,
     TaskOrder,
     Wallet,
     token_digest,
 )
 from marketplace.models_download import (
+    FORMATS,
     FinalModel,
     ModelNotReadyError,
     NotTaskBuyerError,
+    UnknownFormatError,
+    final_model_export,
     final_model_fetch,
 )
 from marketplace.selectors import TaskView
@@ -129,9 +131,11 @@ def device_enrol(
     device_class: str,
     dataplane_url: str = "",
     dataplane_cert_sha256: str = "",
+    price_per_round_wei: int | None = None,
+    aggregator_price_per_round_wei: int | None = None,
 ) -> Device:
     """Check the token, the signed challenge and where the device's data plane is, register
-    the address on chain, record it.
+    the address on chain, record it (with the prices it declares, for cost estimates).
 
     ``dataplane_url`` must be a plain https URL of a host (DataPlaneUrlError otherwise; private
     addresses only with FLEX_DATAPLANE_ALLOW_PRIVATE) and comes with the SHA-256 of the TLS
@@ -171,6 +175,10 @@ def device_enrol(
             may_aggregate=token.may_aggregate,
             dataplane_url=dataplane_url,
             dataplane_cert_sha256=dataplane_cert_sha256,
+            price_per_round_wei=price_per_round_wei,
+            aggregator_price_per_round_wei=(
+                aggregator_price_per_round_wei if token.may_aggregate else None
+            ),
             join_token=token,
         )
     except IntegrityError as exc:
@@ -257,9 +265,6 @@ def device_revoke(*, device: Device) -> TxResult:
 
 # ---------------------------------------------------------------- buyers: wallets and tasks
 
-# Gas limit assumed for createTask when estimating and checking a buyer's balance: the first
-# task on a fresh contract uses about 211k (cold storage), plus the client's 20% margin.
-CREATE_TASK_GAS = 260_000
 # Bidding must stay open at least this long after the transaction is sent, or the contract
 # may see the deadline pass before the block that carries it.
 MIN_BIDDING_WINDOW_S = 5
@@ -321,81 +326,6 @@ def wallet_withdraw(*, wallet: Wallet, to: str | None = None) -> Withdrawal:
     return done
 
 
-@dataclass(frozen=True)
-class CostEstimate:
-    """What a task of this shape should cost, from the prices devices ask today.
-
-    ``low_wei`` pays the minimum number of trainers at the cheapest prices asked, ``high_wei``
-    the maximum number at the dearest; neither is below ``minimum_wei``, the least the
-    contract accepts. A price is a usable device's latest bid; with fewer prices than trainers,
-    the low end counts the rest at the platform minimum, the high end at the dearest price.
-    """
-
-    rounds: int
-    min_trainers: int
-    max_trainers: int
-    minimum_wei: int
-    low_wei: int
-    high_wei: int
-    gas_units: int
-    gas_wei: int
-    trainer_prices_wei: tuple[int, ...]
-    aggregator_prices_wei: tuple[int, ...]
-    min_trainer_price_wei: int
-    min_aggregator_price_wei: int
-
-    @property
-    def from_bids(self) -> bool:
-        return bool(self.trainer_prices_wei or self.aggregator_prices_wei)
-
-
-def _offered_prices(*, floor_trainer: int, floor_aggregator: int) -> tuple[list[int], list[int]]:
-    """Each usable device's latest asking price per round, trainers and aggregators apart."""
-    devices = Device.objects.exclude(chain_status="revoked")
-    aggregators = {d.address for d in devices if d.may_aggregate}
-    latest: dict[tuple[str, str], int] = {}
-    for bid in Bid.objects.filter(device__in=[d.address for d in devices]).order_by(
-        "device", "role", "-block_number"
-    ):
-        latest.setdefault((bid.device, bid.role), bid.price_per_round_wei)
-    trainers, aggregating = [], []
-    for (device, role), price in latest.items():
-        if role == Role.AGGREGATOR and device in aggregators:
-            aggregating.append(max(price, floor_aggregator))
-        elif role == Role.TRAINER:
-            trainers.append(max(price, floor_trainer))
-    return sorted(trainers), sorted(aggregating)
-
-
-def cost_estimate(*, rounds: int, min_trainers: int, max_trainers: int) -> CostEstimate:
-    """The budget range and gas a task of this shape implies (see CostEstimate)."""
-    market = contract.market()
-    floors = market.min_prices()
-    t_floor, a_floor = floors.min_trainer_price_wei, floors.min_aggregator_price_wei
-    trainers, aggregators = _offered_prices(floor_trainer=t_floor, floor_aggregator=a_floor)
-    cheapest = (trainers + [t_floor] * min_trainers)[:min_trainers]
-    dear = max(trainers, default=t_floor)
-    dearest = (trainers[::-1] + [dear] * max_trainers)[:max_trainers]
-    minimum = rounds * (min_trainers * t_floor + a_floor)
-    low = rounds * (sum(cheapest) + min(aggregators, default=a_floor))
-    high = rounds * (sum(dearest) + max(aggregators, default=a_floor))
-    gas_price = max_fee_per_gas(contract.w3())
-    return CostEstimate(
-        rounds=rounds,
-        min_trainers=min_trainers,
-        max_trainers=max_trainers,
-        minimum_wei=minimum,
-        low_wei=max(low, minimum),
-        high_wei=max(high, low, minimum),
-        gas_units=CREATE_TASK_GAS,
-        gas_wei=CREATE_TASK_GAS * gas_price,
-        trainer_prices_wei=tuple(trainers),
-        aggregator_prices_wei=tuple(aggregators),
-        min_trainer_price_wei=t_floor,
-        min_aggregator_price_wei=a_floor,
-    )
-
-
 def task_create(
     *,
     buyer,
@@ -427,12 +357,9 @@ def task_create(
     market = contract.market()
     limits = market.limits()
     rounds = spec.rounds
-    if not 1 <= rounds <= limits.max_rounds:
-        raise InvalidRoundsError(rounds=rounds, max_rounds=limits.max_rounds)
-    if not 1 <= min_trainers <= max_trainers <= limits.max_trainers:
-        raise InvalidTrainerRangeError(
-            min_trainers=min_trainers, max_trainers=max_trainers, cap=limits.max_trainers
-        )
+    task_shape_check(
+        limits=limits, rounds=rounds, min_trainers=min_trainers, max_trainers=max_trainers
+    )
     if not 1 <= round_timeout_s <= limits.max_round_timeout:
         raise InvalidRoundTimeoutError(
             round_timeout=round_timeout_s, max_round_timeout=limits.max_round_timeout
@@ -494,14 +421,41 @@ def task_create(
     return order
 
 
-def task_model_download(*, task: TaskView, user) -> FinalModel:
+def task_cancel(*, task: TaskView, user) -> TxResult:
+    """Cancel the buyer's task while it is still bidding, from the buyer's wallet: the contract
+    credits the whole budget back to it (withdrawn from the wallet page). Raises
+    NotTaskBuyerError for anyone but the buyer, InvalidTaskStateError once nodes are selected
+    or the task is over, ChainUnavailableError."""
+    if task.buyer is None or task.buyer.pk != user.pk:
+        raise NotTaskBuyerError(task_id=task.id)
+    market = contract.market()
+    state = market.task(task_id=task.id).state
+    if state != ChainTaskState.BIDDING:
+        raise InvalidTaskStateError(
+            f"The task is {state.name.lower()}: only a task still bidding can be cancelled.",
+            task_id=task.id,
+            state=state.name.lower(),
+        )
+    account = wallets.wallet_account(wallet=wallets.wallet_of(user=user))
+    receipt = market.cancel_task(sender=account, task_id=task.id)
+    receipt.first(TaskCancelled)
+    logger.info("task %s cancelled by its buyer in %s", task.id, receipt.tx_hash)
+    return receipt
+
+
+def task_model_download(*, task: TaskView, user, fmt: str = "flexmodel") -> FinalModel:
     """The task's final model, fetched for its buyer from the aggregator's store and checked
-    against the model ID on chain. Raises NotTaskBuyerError for anyone but the buyer (it is
-    fetched with the buyer's key), and ModelNotReadyError, ModelUnavailableError or the data
-    plane's errors."""
+    against the model ID on chain: the canonical blob (``fmt`` "flexmodel") or a standard
+    format made from it ("keras", "npz"). Raises NotTaskBuyerError for anyone but the buyer
+    (it is fetched with the buyer's key), UnknownFormatError, ModelNotReadyError,
+    ModelUnavailableError, ModelExportError or the data plane's errors."""
+    if fmt not in FORMATS:
+        raise UnknownFormatError(format=fmt, formats=list(FORMATS))
     if task.buyer is None or task.buyer.pk != user.pk:
         raise NotTaskBuyerError(task_id=task.id)
     if task.task is None:
         raise ModelNotReadyError("The task is not mirrored from the chain yet.", state=task.state)
     account = wallets.wallet_account(wallet=wallets.wallet_of(user=user))
-    return final_model_fetch(chain_task_id=task.id, account=account)
+    if fmt == "flexmodel":
+        return final_model_fetch(chain_task_id=task.id, account=account)
+    return final_model_export(chain_task_id=task.id, account=account, spec=task.spec, fmt=fmt)

@@ -8,6 +8,9 @@ import time
 from collections import Counter
 from typing import Any
 
+from django.utils.dateparse import parse_datetime
+
+from marketplace import contract
 from marketplace.models import Device
 from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
@@ -17,7 +20,7 @@ _STEPS = (
     ("bidding", "Bidding"),
     ("training", "Training"),
     ("trained", "Trained"),
-    ("settled", "Settled"),
+    ("settled", "Finalized"),
 )
 # state -> (index of the step it is at, whether that step ended badly, its label there)
 _AT = {
@@ -30,6 +33,9 @@ _AT = {
     "failed": (2, True, "Selection failed"),
     "aborted": (2, True, "Aborted"),
 }
+# A selected trainer is late once this share of the round's timeout has passed without its
+# update; at the timeout the aggregator closes the round with the updates that arrived.
+LATE_AFTER = 0.5
 
 
 def task_update_message(view: TaskView) -> dict[str, Any]:
@@ -38,11 +44,15 @@ def task_update_message(view: TaskView) -> dict[str, Any]:
     and ``view`` what the page derives from it (``page_view``). ``as_of`` is the unix time it
     was taken: a page keeps the newest."""
     snapshot = TaskSerializer(view).data
+    page = page_view(snapshot)
+    if page["round_wait"] is not None:
+        # Round deadlines run on the chain's clock; the page compares them with its own.
+        page["round_wait"]["clock_offset_s"] = contract.chain_clock_offset()
     return {
         "type": "task.update",
         "as_of": time.time(),
         "snapshot": snapshot,
-        "view": page_view(snapshot),
+        "view": page,
     }
 
 
@@ -79,6 +89,40 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         "contribution_rounds": contribution_rounds(snapshot),
         "contribution_rows": contribution_rows(snapshot),
         "pay_note": PAY_NOTE,
+        "round_wait": round_wait(snapshot),
+        # The aggregator is selected too, but buyers count trainers.
+        "trainers_selected": sum(1 for n in snapshot["selected"] if n["role"] == "trainer"),
+    }
+
+
+def round_wait(snapshot: dict) -> dict[str, Any] | None:
+    """The round the trainers work on now, while the task runs: when it began (its global
+    model's block time, unix seconds), when updates are expected and due, and which selected
+    trainers have sent none yet. The page warns once ``expected_by`` has passed with trainers
+    ``missing``, and when the aggregator has not published by half its own time after the
+    ``deadline`` (the contract wants the next model by ``publish_due``, else it aborts)."""
+    number = snapshot["current_round"]
+    if snapshot["state"] != "running" or number is None:
+        return None
+    model = next((r for r in snapshot["rounds_published"] if r["number"] == number), None)
+    began = parse_datetime(model["published_at"]) if model and model.get("published_at") else None
+    if began is None:
+        return None
+    started = began.timestamp()
+    timeout = snapshot["round_timeout_s"]
+    sent = {u["trainer"] for u in snapshot["updates"] if u["round"] == number}
+    return {
+        "round": number + 1,
+        "started_at": started,
+        "expected_by": started + timeout * LATE_AFTER,
+        "deadline": started + timeout,
+        "publish_due": started + 2 * timeout,
+        "aggregator": snapshot["aggregator"],
+        "missing": [
+            n["device"]
+            for n in snapshot["selected"]
+            if n["role"] == "trainer" and n["device"] not in sent
+        ],
     }
 
 

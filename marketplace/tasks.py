@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from celery import shared_task
 
 from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
+from core.errors import dropped
 from core.messages import (
     Message,
     MessageInvalidError,
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
+# A step for a task this chain does not have: a job left in the broker by an earlier run.
+GONE = dropped(UnknownTaskError, log=log, why="a job left by an earlier run of this stack?")
 # Nothing to do until the next tick: no node, or no contract deployed yet.
 NOT_NOW = (ChainUnavailableError, ContractNotDeployedError)
 # Refusals, logged without a traceback and never retried.
@@ -74,33 +77,26 @@ def deadlines_check() -> dict:
 
 def step_run(service, message: Any) -> str | None:
     """Run a lifecycle ``service`` for the task the step names; None for a step of another
-    deployment, or for a task this chain does not have: a step left in the broker by a stack
-    whose chain is gone, whose contract a fresh chain redeployed at the same address."""
+    deployment. (A step for a task this chain does not have, left in the broker by a stack
+    whose chain is gone, is dropped by GONE.)"""
     step = received(TaskStep, message)
-    if step is None:
-        return None
-    try:
-        return service(task_id=step.task_id)
-    except UnknownTaskError:
-        log.warning(
-            "dropped a step for task %s: this chain has no such task (a message left by an "
-            "earlier chain)",
-            step.task_id,
-        )
-        return None
+    return None if step is None else service(task_id=step.task_id)
 
 
 @shared_task(name="marketplace.task_select_nodes", **PLATFORM_TX)
+@GONE
 def task_select_nodes(message: dict) -> str | None:
     return step_run(lifecycle.task_select_nodes, message)
 
 
 @shared_task(name="marketplace.task_finalize", **PLATFORM_TX)
+@GONE
 def task_finalize(message: dict) -> str | None:
     return step_run(lifecycle.task_finalize, message)
 
 
 @shared_task(name="marketplace.task_abort", **PLATFORM_TX)
+@GONE
 def task_abort(message: dict) -> str | None:
     return step_run(lifecycle.task_abort, message)
 

@@ -22,6 +22,9 @@ urlpatterns = [
     path("tasks/new/", views.task_create, name="task-create"),
     path("tasks/estimate/", views.task_estimate, name="task-estimate"),
     path("tasks/<int:pk>/", views.task_detail, name="task-detail"),
+    path("tasks/<int:pk>/cancel/", views.task_cancel, name="task-cancel"),
     path("tasks/<int:pk>/model/", views.task_model, name="task-model"),
     path("tasks/<int:pk>/model/download/", views.task_model_download, name="task-model-download"),
+    path("devices/owner/", views.device_owner_pass, name="device-owner-pass"),
+    path("devices/<str:address>/", views.device_page, name="device-page"),
 ]

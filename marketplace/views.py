@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.contrib import messages
@@ -13,22 +14,29 @@ from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from chain.errors import ChainUnavailableError
+from chain.errors import ChainUnavailableError, InvalidRoundsError, InvalidTrainerRangeError
 from core.errors import FlexError
 from core.units import wei_to_eth
-from marketplace import contract, selectors, services, wallets
-from marketplace.forms import SignUpForm, TaskForm, WithdrawForm
-from marketplace.models import Wallet
-from marketplace.models_download import ModelNotReadyError, NotTaskBuyerError
+from marketplace import contract, devices, estimates, selectors, services, wallets
+from marketplace.estimates import CostEstimate
+from marketplace.forms import PRESETS, EstimateForm, SignUpForm, TaskForm, WithdrawForm, explain
+from marketplace.models import Device, Wallet
+from marketplace.models_download import (
+    ModelNotReadyError,
+    NotTaskBuyerError,
+    UnknownFormatError,
+    export_record,
+)
 from marketplace.selectors import TaskView
 from marketplace.task_page import task_update_message
 from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
 
-# What the form's estimate starts from before the buyer types anything.
-_ESTIMATE_DEFAULTS = {"rounds": 5, "min_trainers": 2, "max_trainers": 4}
-_ESTIMATE_CAP = 10_000
+# What the form's estimate starts from before the buyer types anything: the form's defaults.
+_ESTIMATE_DEFAULTS = {
+    name: TaskForm.base_fields[name].initial for name in ("rounds", "min_trainers", "max_trainers")
+}
 
 
 def home(request):
@@ -139,13 +147,19 @@ def task_list(request):
     return render(request, "marketplace/task_list.html", {"tasks": tasks})
 
 
-def _estimate_or_none(*, rounds: int, min_trainers: int, max_trainers: int):
+def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:
+    """The estimate for the shape in ``data`` (checked by the task form's rules and the
+    contract's), or None with the errors by field ("__all__": the chain is unreachable)."""
+    form = EstimateForm(data)
+    if not form.is_valid():
+        return None, {k: [str(m) for m in v] for k, v in form.errors.items()}
     try:
-        return services.cost_estimate(
-            rounds=rounds, min_trainers=min_trainers, max_trainers=max_trainers
-        )
+        return estimates.cost_estimate(**form.cleaned_data), {}
+    except (InvalidRoundsError, InvalidTrainerRangeError) as exc:
+        field = "rounds" if isinstance(exc, InvalidRoundsError) else "max_trainers"
+        return None, {field: [explain(exc)]}
     except (FlexError, OSError):  # no estimate without the chain; the page still renders
-        return None
+        return None, {"__all__": ["The chain cannot be reached, so no estimate right now."]}
 
 
 @login_required
@@ -162,11 +176,7 @@ def task_create(request):
         else:
             messages.success(request, "Your task is on chain. Devices can bid now.")
             return redirect("task-detail", pk=order.chain_task_id)
-    shape = {
-        k: _int(form.data.get(k) if form.is_bound else None, default, _ESTIMATE_CAP)
-        for k, default in _ESTIMATE_DEFAULTS.items()
-    }
-    estimate = _estimate_or_none(**shape)
+    estimate, problems = _estimate(form.data if form.is_bound else _ESTIMATE_DEFAULTS)
     try:
         balance = wallets.wallet_balance_wei(wallet=account)
     except ChainUnavailableError:
@@ -177,58 +187,75 @@ def task_create(request):
         {
             "form": form,
             "estimate": estimate,
-            "estimate_basis": estimate_basis(estimate) if estimate else "",
+            "estimate_problem": " ".join(m for ms in problems.values() for m in ms),
+            "presets": PRESETS,
             "balance_wei": balance,
             "wallet": account,
         },
     )
 
 
-def _int(raw, default: int, cap: int) -> int:
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        return default
-    return min(max(value, 1), cap)
-
-
 @login_required
 @require_GET
 def task_estimate(request):
     """The cost estimate as JSON for the task form's live panel: wei as strings (exact), shown
-    in ETH by static/flex/units.js."""
-    shape = {
-        k: _int(request.GET.get(k), default, _ESTIMATE_CAP)
-        for k, default in _ESTIMATE_DEFAULTS.items()
-    }
-    shape["max_trainers"] = max(shape["max_trainers"], shape["min_trainers"])
-    estimate = _estimate_or_none(**shape)
+    in ETH by static/flex/units.js; 400 with the errors by field for a shape the form
+    refuses, 503 without the chain."""
+    estimate, problems = _estimate(request.GET)
     if estimate is None:
-        return JsonResponse({"code": "chain_unavailable"}, status=503)
+        unavailable = "__all__" in problems
+        return JsonResponse(
+            {
+                "code": "chain_unavailable" if unavailable else "invalid",
+                "message": " ".join(m for ms in problems.values() for m in ms),
+                "fields": problems,
+            },
+            status=503 if unavailable else 400,
+        )
     return JsonResponse(
         {
-            **shape,
+            "rounds": estimate.rounds,
+            "min_trainers": estimate.min_trainers,
+            "max_trainers": estimate.max_trainers,
             "minimum_wei": str(estimate.minimum_wei),
             "low_wei": str(estimate.low_wei),
             "high_wei": str(estimate.high_wei),
             "gas_wei": str(estimate.gas_wei),
             "gas_units": estimate.gas_units,
+            "task_gas_wei": str(estimate.task_gas_wei),
+            "task_gas_units": estimate.task_gas_units,
             "trainer_offers": len(estimate.trainer_prices_wei),
             "aggregator_offers": len(estimate.aggregator_prices_wei),
-            "basis": estimate_basis(estimate),
+            "basis": estimate.basis,
         }
     )
 
 
-def estimate_basis(estimate: services.CostEstimate) -> str:
-    """Which prices the estimate comes from, in a sentence."""
-    trainers, aggregators = len(estimate.trainer_prices_wei), len(estimate.aggregator_prices_wei)
-    if not trainers and not aggregators:
-        return "No device has asked a price yet: this uses the platform's minimum prices."
-    return (
-        f"From the latest prices of {trainers} trainer{'s' if trainers != 1 else ''} and "
-        f"{aggregators} aggregator{'s' if aggregators != 1 else ''} on the platform."
-    )
+def device_owner_pass(request):
+    """Opens a device's page from a link its key signed (`python -m worker status` prints it):
+    this browser may then see that device's page until the link's expiry."""
+    try:
+        device = devices.owner_pass_check(
+            address=request.GET.get("address", ""),
+            expires=request.GET.get("expires", ""),
+            signature=request.GET.get("signature", ""),
+        )
+    except devices.OwnerPassError as exc:
+        return render(request, "marketplace/device_pass_error.html", {"error": exc}, status=403)
+    owned = dict(request.session.get(devices.OWNED_SESSION_KEY, {}))
+    owned[device.address] = int(request.GET["expires"])
+    request.session[devices.OWNED_SESSION_KEY] = owned
+    return redirect("device-page", address=device.address)
+
+
+def device_page(request, address: str):
+    """A device's work and pay, for its owner (a signed link) and staff; 404 for anyone else,
+    so others cannot tell which devices are enrolled."""
+    device = Device.objects.filter(address__iexact=address).first()
+    until = request.session.get(devices.OWNED_SESSION_KEY, {}).get(device.address if device else "")
+    if device is None or not (request.user.is_staff or (until and until > time.time())):
+        raise Http404("No such device.")
+    return render(request, "marketplace/device.html", {"st": devices.device_status(device=device)})
 
 
 def _task_view(request, pk: int) -> TaskView:
@@ -253,8 +280,29 @@ def task_detail(request, pk: int):
             "v": message["view"],
             "message": message,
             "ws_path": f"/ws/tasks/{view.id}/",
+            "explorer": settings.FLEX_EXPLORER_URL,
         },
     )
+
+
+@login_required
+@require_POST
+def task_cancel(request, pk: int):
+    """Cancel the buyer's task while it is bidding; the budget comes back as wallet credit."""
+    view = _task_view(request, pk)
+    try:
+        receipt = services.task_cancel(task=view, user=request.user)
+    except NotTaskBuyerError as exc:
+        raise Http404 from exc
+    except FlexError as exc:
+        messages.error(request, f"Not cancelled: {exc.message}")
+    else:
+        messages.success(
+            request,
+            f"Task cancelled in {receipt.tx_hash}: its budget of {wei_to_eth(view.budget_wei)} "
+            "ETH is credited back to you; withdraw it from your wallet page.",
+        )
+    return redirect("task-detail", pk=pk)
 
 
 @login_required
@@ -276,11 +324,16 @@ def task_model(request, pk: int):
 
 @login_required
 def task_model_download(request, pk: int):
+    """The final model: ``?as=`` flexmodel (the canonical blob, default), keras or npz."""
     view = _task_view(request, pk)
     try:
-        model = services.task_model_download(task=view, user=request.user)
+        model = services.task_model_download(
+            task=view, user=request.user, fmt=request.GET.get("as", "flexmodel")
+        )
     except NotTaskBuyerError as exc:
         raise Http404 from exc
+    except UnknownFormatError as exc:
+        return _download_error(request, view, exc, status=400)
     except ModelNotReadyError as exc:
         return _download_error(request, view, exc, status=409)
     except FlexError as exc:
@@ -294,6 +347,7 @@ def task_model_download(request, pk: int):
     )
     response["X-Flex-Model-Id"] = model.model_id
     response["X-Flex-Round"] = str(model.round_number)
+    response["X-Flex-Check"] = model.check
     return response
 
 
@@ -330,9 +384,16 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
         ("Aggregation", aggregation.get("strategy")),
         ("Seed", spec.get("seed")),
     ]
+    exported = export_record(model_id=final["global_model_id"]) if final else None
+    stem = (
+        f"flex-task-{view.id}-round-{final['number']}-{final['global_model_id']}" if final else ""
+    )
     return {
         "ready": ready,
         "final": final,
+        "exported": exported,
+        "keras_name": f"{stem}.keras",
+        "npz_name": f"{stem}.npz",
         "rounds": rounds,
         "contributors": contributors,
         "paid_total_wei": sum(paid.values()),

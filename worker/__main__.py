@@ -2,6 +2,7 @@
 
     python -m worker join SERVER_URL TOKEN --home DIR --class cpu --price-wei N [...]
     python -m worker start --home DIR [--home DIR ...]
+    python -m worker status --home DIR
     python -m worker balance --home DIR
     python -m worker withdraw --home DIR [--to ADDRESS]
     python -m worker provenance --rpc URL --contract ADDRESS --task N --spec FILE --blobs DIR
@@ -83,6 +84,12 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--eth-rpc-url", help="override the chain URL the platform gave at join")
     start.add_argument("--dataplane-host", help="override the address the data plane listens on")
 
+    status = sub.add_parser(
+        "status", help="bids, selected tasks, rounds, earnings, credit and data-plane health"
+    )
+    status.add_argument("--home", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+
     balance = sub.add_parser("balance", help="the device's ETH and its credit in the contract")
     balance.add_argument("--home", type=Path, required=True)
     balance.add_argument("--json", action="store_true", help="print one JSON object")
@@ -139,6 +146,21 @@ def cmd_balance(args: argparse.Namespace) -> int:
         print(f"device {cfg.address}")
         print(f"  account  {held.wallet_wei} wei ({wei_to_eth(held.wallet_wei)} ETH)")
         print(f"  credit   {held.credit_wei} wei ({wei_to_eth(held.credit_wei)} ETH), withdrawable")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from worker import node as nodes
+    from worker.keys import passphrase_read
+    from worker.status import dataplane_problem, owner_link, render, status_fetch
+
+    node = nodes.load(home=args.home, passphrase=passphrase_read())
+    status = status_fetch(node)
+    local, link = dataplane_problem(node), owner_link(account=node.account, config=node.config)
+    if args.json:
+        print(json.dumps({**status, "local_dataplane_problem": local, "owner_link": link}))
+    else:
+        print(render(status, local_problem=local, link=link))
     return 0
 
 
@@ -211,6 +233,12 @@ def cmd_join(args: argparse.Namespace) -> int:
     )
     print(f"enrolled as device {cfg.device_id}: {cfg.address} ({cfg.device_class})")
     print(f"queues {', '.join(cfg.queues)}; config in {args.home}")
+    from worker.status import owner_link
+
+    print(
+        "its page on the website (for an hour; `python -m worker status` makes a new link): "
+        + owner_link(account=account, config=cfg)
+    )
     from chain.node import connect
 
     balance = connect(cfg.eth_rpc_url).eth.get_balance(cfg.address)
@@ -244,12 +272,15 @@ def run(
     queues = sorted({q for n in loaded for q in n.config.queues})
     app = node_app(broker_url=brokers.pop(), queue=loaded[0].config.queues[0])
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
+    from worker.payments import PaymentWatcher
 
+    watcher = PaymentWatcher(loaded)
     for n in loaded:
         n.warm()  # before it listens: a bid must not wait for data or libraries to load
     try:
         for n in loaded:
             n.start_dataplane()
+        watcher.start()
         app.worker_main(
             [
                 "worker",
@@ -267,6 +298,7 @@ def run(
             ]
         )
     finally:
+        watcher.stop()
         for n in loaded:
             if n.server:
                 n.server.stop()
@@ -283,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_join(args)
         if args.command == "balance":
             return cmd_balance(args)
+        if args.command == "status":
+            return cmd_status(args)
         if args.command == "withdraw":
             return cmd_withdraw(args)
         if args.command == "provenance":

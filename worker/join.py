@@ -96,6 +96,13 @@ def join(
             "device_class": device_class,
             "dataplane_url": dataplane_url,
             "dataplane_cert_sha256": certificate.sha256,
+            # For buyers' cost estimates until the device bids (wei as exact strings).
+            "price_per_round_wei": str(policy.price_per_round_wei),
+            "aggregator_price_per_round_wei": (
+                None
+                if policy.aggregator_price_per_round_wei is None
+                else str(policy.aggregator_price_per_round_wei)
+            ),
         },
         timeout=timeout,
     )

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from celery import current_app, shared_task
 from kombu.exceptions import OperationalError
 
-from chain.errors import ChainUnavailableError
+from chain.errors import ChainUnavailableError, UnknownTaskError
+from core.errors import dropped
 from core.messages import (
     BidRequest,
     InitialModelRequest,
@@ -48,6 +49,10 @@ RETRY = {
     # Refusals: logged without a traceback, never retried.
     "throws": (MessageInvalidError, node.UnknownNodeError, trainer.SpecMismatchError),
 }
+
+
+# Work for a task this chain does not have: a job left in the broker by an earlier run.
+GONE = dropped(UnknownTaskError, log=log, why="a job left by an earlier run of this stack?")
 
 
 def received(kind: type[W], message: Any) -> tuple[node.Node, W] | None:
@@ -118,6 +123,7 @@ def report_update(served: node.Node, trained: dict | None) -> None:
 
 
 @shared_task(name="worker.bid", soft_time_limit=120, time_limit=150, **RETRY)
+@GONE
 def bid(message: dict) -> dict | None:
     if (got := received(BidRequest, message)) is None:
         return None
@@ -133,6 +139,7 @@ def bid(message: dict) -> dict | None:
 
 
 @shared_task(name="worker.publish_initial", soft_time_limit=300, time_limit=330, **RETRY)
+@GONE
 def publish_initial(message: dict) -> dict | None:
     if (got := received(InitialModelRequest, message)) is None:
         return None
@@ -143,6 +150,7 @@ def publish_initial(message: dict) -> dict | None:
 
 
 @shared_task(name="worker.train", soft_time_limit=1800, time_limit=1860, **RETRY)
+@GONE
 def train(message: dict) -> dict | None:
     if (got := received(RoundTrainRequest, message)) is None:
         return None
@@ -160,6 +168,7 @@ def train(message: dict) -> dict | None:
 
 
 @shared_task(name="worker.aggregate", bind=True, soft_time_limit=1800, time_limit=1860, **RETRY)
+@GONE
 def aggregate(self, message: dict) -> dict | None:
     """Aggregates once every trainer submitted or the submission window closed.
 

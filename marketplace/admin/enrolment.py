@@ -7,16 +7,19 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Q
+from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.html import format_html
 
 from chain.errors import ContractError
 from core.errors import FlexError
+from core.units import eth_text
 from marketplace import contract
 from marketplace.admin.common import ReadOnlyAdminMixin
 from marketplace.forms import DeviceForm
 from marketplace.models import Device, JoinToken, Wallet
 from marketplace.services import device_approve, device_revoke, join_token_issue, join_token_revoke
+from marketplace.wallets import wallet_holdings
 
 # ---------------------------------------------------------------- join tokens
 
@@ -172,7 +175,7 @@ class DeviceAdmin(admin.ModelAdmin):
     form = DeviceForm
     list_display = [
         "name",
-        "address",
+        "short_address",
         "device_class",
         "may_aggregate",
         "chain_status",
@@ -198,6 +201,12 @@ class DeviceAdmin(admin.ModelAdmin):
     # Revoke instead: bids, selections and payouts name the device's address.
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    @admin.display(description="address", ordering="address")
+    def short_address(self, obj: Device) -> str:
+        return format_html(
+            '<span title="{}">{}…{}</span>', obj.address, obj.address[:8], obj.address[-4:]
+        )
 
     @admin.display(description="on chain now")
     def chain_live(self, obj: Device) -> str:
@@ -237,13 +246,38 @@ class DeviceAdmin(admin.ModelAdmin):
     def approve_devices(self, request, queryset) -> None:
         self._carry_to_chain(request, queryset, service=device_approve, done="registered")
 
-    @admin.action(description="Revoke the selected devices on chain", permissions=["change"])
-    def revoke_devices(self, request, queryset) -> None:
+    @admin.action(description="Revoke the selected devices on chain…", permissions=["change"])
+    def revoke_devices(self, request, queryset):
+        """Asks first (a revocation cannot be undone by approving again), then revokes."""
+        if request.POST.get("confirmed") != "yes":
+            return TemplateResponse(
+                request,
+                "admin/marketplace/device/revoke_confirmation.html",
+                {**self.admin_site.each_context(request), "devices": list(queryset)},
+            )
         self._carry_to_chain(request, queryset, service=device_revoke, done="revoked")
+        return None
 
 
 @admin.register(Wallet)
 class WalletAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["user", "address", "created_at"]
+    list_display = ["user", "address", "balance", "credit", "created_at"]
     search_fields = ["user__username", "address"]
-    fields = ["user", "address", "created_at"]  # never the encrypted key
+    fields = ["user", "address", "balance", "credit", "created_at"]  # never the encrypted key
+
+    @admin.display(description="balance")
+    def balance(self, obj: Wallet) -> str:
+        return self._holding(obj, "wallet_wei")
+
+    @admin.display(description="credit in the contract")
+    def credit(self, obj: Wallet) -> str:
+        return self._holding(obj, "credit_wei")
+
+    def _holding(self, obj: Wallet, field: str) -> str:
+        # One read of the chain per row for both columns.
+        if not hasattr(obj, "_held"):
+            try:
+                obj._held = wallet_holdings(wallet=obj)
+            except (FlexError, OSError):
+                obj._held = None
+        return "chain unreachable" if obj._held is None else eth_text(getattr(obj._held, field))

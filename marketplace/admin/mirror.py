@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 from django.conf import settings
 from django.contrib import admin
 from django.utils.html import format_html
 
 from chain.node import connect
+from marketplace import contract
 from marketplace.admin.common import ReadOnlyAdminMixin, ReadOnlyInline, wei_column
 from marketplace.models import (
     Bid,
@@ -14,15 +17,18 @@ from marketplace.models import (
     ChainEventRecord,
     LifecycleAction,
     Payout,
+    Role,
     Round,
     RoundReport,
     SelectedNode,
     Task,
     TaskOrder,
+    TaskState,
     Update,
     UpdateReport,
     ValidationSet,
 )
+from marketplace.task_page import LATE_AFTER
 
 # The admin asks the node for its head while rendering; a lost node must not hang the page.
 LIVE_RPC_TIMEOUT_S = 2
@@ -42,13 +48,17 @@ class SelectedNodeInline(ReadOnlyInline):
     price = wei_column("price_per_round_wei", "price per round")
 
 
+# How a reported figure reads: accuracy as a percentage, loss to four decimals.
+_FORMATS = {"accuracy": "{:.1%}", "loss": "{:.4f}"}
+
+
 def _reported(field: str, description: str):
     """A column with what the node reported for the row (``metrics``), "-" if nothing."""
 
     @admin.display(description=description)
     def column(self, obj) -> str:
         value = getattr(obj.metrics, field) if obj.metrics is not None else None
-        return "-" if value is None else str(value)
+        return "-" if value is None else _FORMATS.get(field, "{}").format(value)
 
     column.__name__ = f"reported_{field}"
     return column
@@ -93,8 +103,8 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "buyer",
         "state",
         "budget",
-        "rounds",
-        "published_rounds",
+        "rounds_done",
+        "current_round",
         "bidding_ends",
         "created_at",
     ]
@@ -136,7 +146,7 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 "fields": [
                     "aggregator",
                     "aggregator_price",
-                    "published_rounds",
+                    "rounds_done",
                     "trainers_paid",
                     "aggregator_paid",
                     "refunded",
@@ -146,6 +156,27 @@ class TaskAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             },
         ),
     ]
+
+    @admin.display(description="rounds done", ordering="published_rounds")
+    def rounds_done(self, obj: Task) -> str:
+        # Round 0's global model is the initial one: it is published, not trained.
+        return f"{max(obj.published_rounds - 1, 0)} of {obj.rounds}"
+
+    @admin.display(description="round now")
+    def current_round(self, obj: Task) -> str:
+        """While it runs: the updates in for the current round, flagged once the round is
+        late (the task page's rule: half its timeout gone with updates missing)."""
+        if obj.state != TaskState.RUNNING or obj.published_rounds == 0:
+            return "-"
+        number = obj.published_rounds - 1
+        trainers = obj.selected.filter(role=Role.TRAINER).count()
+        sent = obj.updates.filter(round_number=number).count()
+        text = f"{number + 1}: {sent} of {trainers} updates"
+        began = obj.round_set.filter(number=number).values_list("published_at", flat=True).first()
+        now = time.time() + contract.chain_clock_offset()
+        if sent < trainers and began and now > began.timestamp() + obj.round_timeout_s * LATE_AFTER:
+            return format_html('<strong title="past half its timeout">{} · late</strong>', text)
+        return text
 
     @admin.display(description="title (the buyer's order)")
     def title(self, obj: Task) -> str:
@@ -278,16 +309,8 @@ class LifecycleActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """The chain-sync status: how far the mirror is behind the chain."""
 
-    list_display = [
-        "contract_address",
-        "chain_id",
-        "block_number",
-        "head_block",
-        "lag_blocks",
-        "last_lag_ms",
-        "synced_at",
-        "live_head",
-    ]
+    # Few, short columns: the page must fit a laptop's screen.
+    list_display = ["chain_id", "block_number", "lag_blocks", "lag", "synced_at", "live_head"]
     fields = [
         "contract_address",
         "chain_id",
@@ -296,7 +319,7 @@ class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "block_hash",
         "head_block",
         "lag_blocks",
-        "last_lag_ms",
+        "lag",
         "synced_at",
         "live_head",
     ]
@@ -307,11 +330,19 @@ class ChainCursorAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             request, extra_context={"title": "Chain sync status", **(extra_context or {})}
         )
 
-    @admin.display(description="lag (blocks)")
-    def lag_blocks(self, obj: ChainCursor) -> int:
-        return max(obj.head_block - obj.block_number, 0)
+    @admin.display(description="behind")
+    def lag_blocks(self, obj: ChainCursor) -> str:
+        behind = max(obj.head_block - obj.block_number, 0)
+        return f"{behind} block{'s' if behind != 1 else ''}"
 
-    @admin.display(description="chain head now")
+    @admin.display(description="last lag", ordering="last_lag_ms")
+    def lag(self, obj: ChainCursor) -> str:
+        if obj.last_lag_ms is None:
+            return "-"
+        ms = obj.last_lag_ms
+        return f"{ms:.0f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+    @admin.display(description="head now")
     def live_head(self, obj: ChainCursor) -> str:
         try:
             head = connect(settings.ETH_RPC_URL, timeout=LIVE_RPC_TIMEOUT_S).eth.block_number

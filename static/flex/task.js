@@ -35,8 +35,15 @@
       ? `<span class="dev" title="${esc(address)}"><strong>${esc(name)}</strong><span class="hash muted">${esc(short(address))}</span></span>`
       : hash(address);
   }
-  function hash(value, full) {
-    return `<span class="hash" title="${esc(value)}">${esc(full ? value : short(value))}</span>`;
+  // A hash with a copy button, and a block-explorer link for transactions when one is set
+  // (the same markup as the chain_ref template tag).
+  const explorer = root.dataset.explorer || "";
+  function hash(value, full, kind) {
+    const link = explorer && (kind === "tx" || kind === "address")
+      ? ` <a class="explorer" href="${esc(explorer)}/${kind}/${esc(value)}" target="_blank" rel="noopener noreferrer" title="Open in the block explorer">explorer</a>`
+      : "";
+    return `<span class="ref"><span class="hash" title="${esc(value)}">${esc(full ? value : short(value))}</span>`
+      + `<button type="button" class="copy" data-copy="${esc(value)}" aria-label="Copy ${esc(value)}">copy</button>${link}</span>`;
   }
   function rows(tbody, items, render, emptyText, cols) {
     const el = $(tbody);
@@ -105,6 +112,43 @@
     return svg + "</svg>";
   }
 
+  // ---------------------------------------------------------------- a late round
+
+  // What the page says of a round running late, from view.round_wait (task_page.round_wait):
+  // time passes without a message, so this is worked out here, against the chain's clock.
+  function waitNote(w) {
+    if (!w) return "";
+    const offset = Number(w.clock_offset_s || 0);
+    const now = Date.now() / 1000 + offset;
+    const at = (t) => new Date((t - offset) * 1000).toLocaleTimeString();
+    const who = (list) => list.map((a) => names[a] || short(a)).join(", ");
+    const late = Number(w.expected_by) - Number(w.started_at);
+    if (w.missing.length && now >= w.deadline) {
+      return `Round ${w.round}: the deadline passed at ${at(w.deadline)} without an update from `
+        + `${who(w.missing)}. The aggregator closes the round with the updates that arrived; `
+        + "a trainer without one is not paid for this round.";
+    }
+    if (w.missing.length && now >= w.expected_by) {
+      return `Round ${w.round} is waiting on ${who(w.missing)}: no update `
+        + `${Math.round(now - w.started_at)} s after the round began (expected within ${Math.round(late)} s). `
+        + `At ${at(w.deadline)} the round closes with the updates that arrived; `
+        + "a trainer without one is not paid for this round.";
+    }
+    if (!w.missing.length && now >= Number(w.deadline) + late) {
+      return `Round ${w.round}: every update is in, but the aggregator ${who([w.aggregator])} has `
+        + `not published the new model yet. It is due by ${at(w.publish_due)}; after that the task `
+        + "is aborted and what was not earned is refunded.";
+    }
+    return "";
+  }
+  function drawWait(w) {
+    const el = $("round-wait");
+    if (!el) return;
+    const text = waitNote(w);
+    el.classList.toggle("hidden", !text);
+    if (el.textContent !== text) el.textContent = text;
+  }
+
   // ---------------------------------------------------------------- the page
 
   function drawChart(rounds) {
@@ -129,6 +173,8 @@
     setText("task-chain-id", "#" + s.id);
     const link = $("model-link");
     if (link) link.classList.toggle("hidden", !v.model_ready);
+    const cancel = $("cancel-task");
+    if (cancel) cancel.classList.toggle("hidden", state !== "bidding" && state !== "pending");
 
     const progress = $("progress");
     if (progress && v.steps) {
@@ -140,15 +186,16 @@
     setText("stat-round-sub", v.round_note || "");
     setText("stat-accuracy", pct(v.latest_accuracy));
     setText("stat-loss", v.latest_loss === null || v.latest_loss === undefined ? "after the first round" : "loss " + num(v.latest_loss, 4));
-    setHTML("stat-devices", `${esc(s.selected.length)} <small>selected</small>`);
-    setText("stat-bids", `${s.bids.length} bid${s.bids.length === 1 ? "" : "s"} · ${s.min_trainers}–${s.max_trainers} trainers wanted`);
+    setHTML("stat-devices", `${esc(v.trainers_selected)} <small>selected</small>`);
+    setText("stat-bids", `${s.min_trainers}–${s.max_trainers} wanted · ${s.bids.length} bid${s.bids.length === 1 ? "" : "s"}${s.aggregator ? " · plus the aggregator" : ""}`);
 
     drawChart(s.rounds_published);
+    drawWait(v.round_wait);
 
     rows("rounds-body", s.rounds_published, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
-    rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
+    rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num wide">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
     rows("selected-body", s.selected, (d) => `<tr><td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td></tr>`, "Selected when bidding closes.", 3);
-    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true)}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
+    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
     const head = $("contrib-head");
     if (head) {
       head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Paid</th></tr>`;
@@ -199,6 +246,20 @@
   const initial = $("task-data");
   if (initial) last = JSON.parse(initial.textContent);
   if (last) drawChart(last.snapshot.rounds_published);
+  if (last) names = last.view.device_names || {};
+  // Time passes without messages: the late-round warning and "posted … ago" follow it here.
+  function postedAgo() {
+    const el = $("posted");
+    if (!el) return;
+    const minutes = Math.max(0, Math.floor((Date.now() - Date.parse(el.getAttribute("datetime"))) / 60000));
+    const text = minutes < 1 ? "just now" : minutes < 60 ? `${minutes} minute${minutes === 1 ? "" : "s"} ago`
+      : minutes < 2880 ? `${Math.floor(minutes / 60)} hour${minutes < 120 ? "" : "s"} ago`
+      : `${Math.floor(minutes / 1440)} days ago`;
+    if (el.textContent !== text) el.textContent = text;
+  }
+  postedAgo();
+  if (last) drawWait(last.view.round_wait);
+  setInterval(() => { if (last) drawWait(last.view.round_wait); postedAgo(); }, 2000);
   let resizing = null;
   window.addEventListener("resize", () => {
     clearTimeout(resizing);

@@ -84,3 +84,25 @@ def browser() -> Iterator[object]:
 def screenshots() -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
+
+
+@pytest.fixture
+def chain_rewound(w3) -> Iterator[None]:
+    """The test moves chain time past the bidding deadline: put the chain back afterwards, so
+    later tests see the chain's clock where the wall clock is."""
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    yield
+    w3.provider.make_request("evm_revert", [snapshot])
+
+
+@pytest.fixture
+def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
+    """The platform's messages to devices are kept, not queued: this test plays the devices
+    itself, and nothing must be left in a broker queue for another test's worker."""
+    from marketplace import lifecycle
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        lifecycle, "dispatch", lambda name, *, queue, message: sent.append((name, message.dump()))
+    )
+    return sent

@@ -5,23 +5,21 @@ text the page shows (the buyer's title, a device's name, any field pushed) stays
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.db import connections
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
-from marketplace import lifecycle, reports, services
+from marketplace import reports, services
 from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
+from tests.e2e.pages import off_the_loop
 from training.serialize import id_hex, model_id
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,41 +49,6 @@ POISON_JS = """(markup) => {
   window.FlexTask.render(bad);
   return document.querySelectorAll("#task-page img, #task-page script").length;
 }"""
-
-
-@pytest.fixture
-def chain_rewound(w3) -> Iterator[None]:
-    """The test moves chain time past the bidding deadline: put the chain back afterwards, so
-    later tests see the chain's clock where the wall clock is."""
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
-
-
-@pytest.fixture
-def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
-    """The platform's messages to devices are kept, not queued: this test plays the devices
-    itself, and nothing must be left in a broker queue for another test's worker."""
-    sent: list[tuple[str, dict]] = []
-    monkeypatch.setattr(
-        lifecycle, "dispatch", lambda name, *, queue, message: sent.append((name, message.dump()))
-    )
-    return sent
-
-
-def off_the_loop(fn, /, *args, **kwargs):
-    """``fn(*args, **kwargs)`` in a plain thread: Playwright's sync API keeps an event loop
-    running in the test's thread, where asgiref's async_to_sync (the channel-layer push after
-    each mirror change) refuses to run."""
-
-    def call():
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            connections.close_all()  # this thread's connections only
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(call).result()
 
 
 def _enrol(account, *, name: str, may_aggregate: bool = False) -> None:

@@ -48,6 +48,7 @@ from marketplace.services import (
 from marketplace.sync import chain_sync
 from marketplace.wallets import wallet_of
 from tests.conftest import MIN_PRICE_WEI
+from tests.marketplace import people
 from training.spec import TaskSpec
 
 pytestmark = pytest.mark.django_db
@@ -182,15 +183,33 @@ def mirror_rows(platform_settings, platform_market, w3):
         yield rows
 
 
-def run_action(client, model: str, action: str, pks) -> list[tuple[str, str]]:
-    """POST an admin action; the (level, text) of each message it left."""
+def run_action(client, model: str, action: str, pks, **extra: str) -> list[tuple[str, str]]:
+    """POST an admin action (a revocation confirmed); the (level, text) of each message."""
+    if action == "revoke_devices":
+        extra.setdefault("confirmed", "yes")
     response = client.post(
         reverse(f"admin:marketplace_{model}_changelist"),
-        {"action": action, "_selected_action": [str(pk) for pk in pks]},
+        {"action": action, "_selected_action": [str(pk) for pk in pks], **extra},
         follow=True,
     )
     assert response.status_code == 200
     return [(m.level_tag, str(m)) for m in get_messages(response.wsgi_request)]
+
+
+def test_revoke_asks_first_and_nothing_happens_until_confirmed(admin_client, platform_market):
+    device = enrol_device(name="phone-8")
+
+    asked = admin_client.post(
+        reverse("admin:marketplace_device_changelist"),
+        {"action": "revoke_devices", "_selected_action": [str(device.pk)]},
+    )
+
+    assert asked.status_code == 200
+    html = asked.content.decode()
+    assert "Revoke 1 device on chain?" in html
+    assert device.address in html
+    assert 'name="confirmed" value="yes"' in html
+    assert platform_market.device(device=device.address).status == DeviceStatus.ACTIVE
 
 
 def test_revoke_is_carried_to_the_chain_and_a_second_revoke_shows_the_revert(
@@ -393,8 +412,10 @@ def test_chain_sync_status_page_shows_cursor_head_and_lag(admin_client, mirror_r
     assert page.status_code == 200
     html = page.content.decode()
     assert "Chain sync status" in html
-    assert cursor.contract_address in html
-    assert f'<td class="field-lag_blocks">{cursor.head_block - cursor.block_number}</td>' in html
+    behind = cursor.head_block - cursor.block_number
+    assert f'<td class="field-lag_blocks">{behind} block{"s" if behind != 1 else ""}</td>' in html
+    if cursor.last_lag_ms is not None:  # whole milliseconds, not a raw float
+        assert re.search(r'<td class="field-lag">\d+(\.\d)? m?s</td>', html)
     head = w3.eth.block_number
     assert re.search(rf"{head} \(\d+ behind\)", html)
 
@@ -405,6 +426,29 @@ def test_task_page_shows_wei_exactly_and_in_eth(admin_client, mirror_rows):
     html = page.content.decode()
     assert eth_text(task.budget_wei) in html
     assert str(task.budget_wei) in html
+
+
+def test_tasks_show_rounds_done_and_reported_figures_for_people(admin_client, mirror_rows):
+    task = mirror_rows[Task]
+
+    listing = admin_client.get(reverse("admin:marketplace_task_changelist")).content.decode()
+    page = admin_client.get(reverse("admin:marketplace_task_change", args=[task.pk]))
+
+    done = f"{max(task.published_rounds - 1, 0)} of {task.rounds}"
+    assert f'<td class="field-rounds_done">{done}</td>' in listing
+    html = page.content.decode()
+    assert "50.0%" in html  # the reported accuracy 0.5
+    assert "0.5<" not in html
+
+
+def test_wallets_show_their_balance_and_credit(admin_client):
+    user = user_signup(username="wallet-owner", password="a-long-test-passphrase")
+
+    page = admin_client.get(reverse("admin:marketplace_wallet_changelist")).content.decode()
+
+    assert user.wallet.address in page
+    assert '<td class="field-balance">0 ETH (0 wei)</td>' in page
+    assert '<td class="field-credit">0 ETH (0 wei)</td>' in page
 
 
 def test_eth_text_is_exact_for_any_uint256():
@@ -426,3 +470,40 @@ def test_every_admin_page_renders(admin_client, mirror_rows):
             change = reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk])
             assert admin_client.get(change).status_code == 200, change
     assert admin_client.get(reverse("admin:index")).status_code == 200
+
+
+def test_the_task_list_flags_a_round_waiting_on_a_silent_trainer(admin_client, platform_market, w3):
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    try:
+        aggregator, quick, silent = (Account.create() for _ in range(3))
+        people.device_enrol(aggregator, name="agg", may_aggregate=True)
+        people.device_enrol(quick, name="quick")
+        people.device_enrol(silent, name="silent")
+        order = people.task_post(people.buyer_signup("admin-view"), window_s=10, round_timeout_s=4)
+        tid = order.chain_task_id
+        for device, role in (
+            (aggregator, Role.AGGREGATOR),
+            (quick, Role.TRAINER),
+            (silent, Role.TRAINER),
+        ):
+            platform_market.place_bid(
+                sender=device, task_id=tid, price_per_round_wei=10**14, samples=100, role=role
+            )
+        w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
+        platform_market.select_nodes(sender=aggregator, task_id=tid)
+        platform_market.publish_global_model(
+            sender=aggregator, task_id=tid, round_number=0, model_id="0x" + "44" * 32
+        )
+        platform_market.submit_update(
+            sender=quick, task_id=tid, round_number=0, model_id="0x" + "55" * 32
+        )
+        chain_sync()
+        listing = reverse("admin:marketplace_task_changelist")
+        assert "1: 1 of 2 updates<" in admin_client.get(listing).content.decode()
+
+        w3.provider.make_request("evm_increaseTime", [5])
+        w3.provider.make_request("evm_mine", [])
+
+        assert "1: 1 of 2 updates · late" in admin_client.get(listing).content.decode()
+    finally:
+        w3.provider.make_request("evm_revert", [snapshot])

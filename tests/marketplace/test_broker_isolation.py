@@ -307,7 +307,7 @@ def test_steps_left_in_the_broker_by_another_deployment_are_dropped_and_work_goe
         logger.addHandler(caplog.handler)
     try:
         with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
-            wait_for(lambda: "this chain has no such task" in caplog.text)
+            wait_for(lambda: "a job left by an earlier run" in caplog.text)
             wait_for(lambda: "dropped a TaskStep message for chain" in caplog.text)
             assert market.task(task_id=task.chain_task_id).state == TaskState.BIDDING
             # The same step for this deployment's task is acted on.

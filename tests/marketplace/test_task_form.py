@@ -1,9 +1,10 @@
 """The task form: exact ETH amounts, every bad input refused beside its field with nothing sent
-to the chain, the cost estimate, and task_create against the real contract."""
+to the chain, and task_create against the real contract."""
 
 from __future__ import annotations
 
 import io
+import re
 from datetime import timedelta
 
 import numpy as np
@@ -17,13 +18,15 @@ from hypothesis import strategies as st
 from chain.client import FlexMarket
 from chain.events import TaskState
 from chain.launcher import free_port
-from chain.node import chain_time, max_fee_per_gas
+from chain.node import chain_time
 from chain.records import MinPrices
 from core.units import AmountError, eth_to_wei, wei_to_eth, wei_to_eth_approx
-from marketplace import contract, lifecycle, services, wallets
-from marketplace.models import Bid, Device, Task, TaskOrder, ValidationSet
+from marketplace import lifecycle, services, wallets
+from marketplace.estimates import CREATE_TASK_GAS
+from marketplace.models import Task, TaskOrder, ValidationSet
 from marketplace.sync import chain_sync
 from training import validation
+from training.catalogue import MODELS
 from training.datasets import load_test
 from training.spec import AggregationSpec, TaskSpec
 
@@ -237,7 +240,8 @@ def test_budget_above_the_wallet_balance_is_refused(logged_in, watch, buyer):
 
     [(code, message)] = field_errors(response, "budget")
     assert code == "insufficient_funds"
-    assert wei_to_eth(balance) in message
+    assert f"needs {wei_to_eth(balance)} ETH and about " in message
+    assert not re.search(r"\d\.\d{7,}", message)  # gas as an estimate, not to the wei
     assert watch.unchanged()
 
 
@@ -307,7 +311,7 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
     assert (task.chain_task_id, task.created_block) == (order.chain_task_id, receipt["blockNumber"])
     assert (task.order, task.buyer, task.state) == (order, buyer, "bidding")
     # The gas the estimate and the balance check assume covers what createTask needs.
-    assert receipt["gasUsed"] * 12 // 10 <= services.CREATE_TASK_GAS
+    assert receipt["gasUsed"] * 12 // 10 <= CREATE_TASK_GAS
 
 
 def test_an_order_meets_a_task_sync_mirrored_first(buyer, platform_market, monkeypatch):
@@ -472,81 +476,6 @@ def test_a_bad_validation_set_is_refused_beside_its_field_and_nothing_is_sent(
     assert not ValidationSet.objects.exists()
 
 
-# ---------------------------------------------------------------- the estimate
-
-
-def test_estimate_without_devices_uses_the_contract_minimums():
-    estimate = services.cost_estimate(rounds=3, min_trainers=2, max_trainers=4)
-
-    assert estimate.minimum_wei == 3 * (2 + 1) * MIN_PRICE_WEI
-    assert estimate.low_wei == estimate.minimum_wei
-    assert estimate.high_wei == 3 * (4 + 1) * MIN_PRICE_WEI
-    assert not estimate.from_bids
-    assert estimate.gas_wei == estimate.gas_units * max_fee_per_gas(contract.w3()) > 0
-
-
-def _device_with_bid(address: str, price: int, *, role="trainer", revoked=False) -> None:
-    # Mirror rows stand in for what chain sync writes from DeviceRegistered and BidPlaced.
-    Device.objects.create(
-        name=address[-4:],
-        address=address,
-        device_class="cpu",
-        may_aggregate=role == "aggregator",
-        chain_status="revoked" if revoked else "active",
-    )
-    task = Task.objects.first() or Task.objects.create(
-        chain_task_id=10_000,
-        buyer_address=address,
-        spec_hash="0x" + "00" * 32,
-        created_tx="0x" + "cd" * 32,
-        created_block=1,
-        budget_wei=1,
-        rounds=1,
-        min_trainers=1,
-        max_trainers=1,
-        bidding_ends=timezone.now(),
-        round_timeout_s=60,
-    )
-    Bid.objects.create(
-        task=task,
-        device=address,
-        bid_index=Bid.objects.count(),
-        role=role,
-        price_per_round_wei=price,
-        samples=100,
-        tx_hash="0x" + "ab" * 32,
-        block_number=1,
-    )
-
-
-def test_estimate_follows_the_prices_devices_ask():
-    _device_with_bid("0x" + "11" * 20, 3 * MIN_PRICE_WEI)
-    _device_with_bid("0x" + "22" * 20, 2 * MIN_PRICE_WEI)
-    _device_with_bid("0x" + "33" * 20, 5 * MIN_PRICE_WEI)
-    _device_with_bid("0x" + "44" * 20, 9 * MIN_PRICE_WEI, revoked=True)  # cannot be selected
-    _device_with_bid("0x" + "55" * 20, 4 * MIN_PRICE_WEI, role="aggregator")
-    _device_with_bid("0x" + "66" * 20, MIN_PRICE_WEI // 2)  # below the floor: counts at it
-
-    estimate = services.cost_estimate(rounds=2, min_trainers=2, max_trainers=4)
-
-    assert estimate.trainer_prices_wei == tuple(p * MIN_PRICE_WEI for p in (1, 2, 3, 5))
-    assert estimate.low_wei == 2 * (1 + 2 + 4) * MIN_PRICE_WEI
-    assert estimate.high_wei == 2 * (5 + 3 + 2 + 1 + 4) * MIN_PRICE_WEI
-    assert estimate.minimum_wei == 2 * (2 + 1) * MIN_PRICE_WEI
-
-
-def test_estimate_endpoint_gives_exact_strings(logged_in):
-    response = logged_in.get(
-        reverse("task-estimate"), {"rounds": 4, "min_trainers": 3, "max_trainers": 2}
-    )
-
-    body = response.json()
-    assert response.status_code == 200
-    assert body["max_trainers"] == 3  # never below the minimum
-    assert body["minimum_wei"] == str(4 * 4 * MIN_PRICE_WEI)  # in ETH by units.js
-    assert int(body["gas_wei"]) > 0
-
-
 def test_form_page_shows_the_estimate_and_balance(logged_in, buyer):
     response = logged_in.get(reverse("task-create"))
 
@@ -557,3 +486,19 @@ def test_form_page_shows_the_estimate_and_balance(logged_in, buyer):
     # Every catalogue model is offered.
     assert "digits-mlp" in html
     assert "digits-cnn" in html
+
+
+def test_the_form_starts_at_the_first_models_preset_and_explains_each_hyper_parameter(
+    logged_in,
+):
+    first = next(iter(MODELS.values()))
+    form = logged_in.get(reverse("task-create")).context["form"]
+
+    assert form["rounds"].initial == 5
+    for name in ("local_epochs", "batch_size", "learning_rate"):
+        assert form[name].initial == getattr(first.preset, name)
+    for name in ("local_epochs", "batch_size", "learning_rate", "aggregation", "seed"):
+        help_text = form.fields[name].help_text
+        assert help_text, name
+        assert "\n" not in help_text, name
+        assert len(help_text) < 100, name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -63,8 +64,12 @@ def test_wallet_page_shows_the_credit_beside_the_balance(client):
 
     page = client.get(reverse("wallet")).content.decode()
 
-    assert 'id="wallet-credit">0.004 <small>ETH' in page
-    assert 'id="wallet-balance">' in page
+    assert 'id="wallet-credit"><span title="0.004 ETH exactly">0.004</span> <small>ETH' in page
+    # The balance (gas spent to the wei) at a glance, exact beside it.
+    balance = re.search(r'id="wallet-balance"><span title="([0-9.]+) ETH exactly">([0-9.]+)<', page)
+    exact, shown = balance.groups()
+    assert exact.startswith(shown)
+    assert len(shown.partition(".")[2]) <= 6
     assert 'id="withdraw-to-wallet"' in page
     assert 'id="withdraw-to-address"' in page
 

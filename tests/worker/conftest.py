@@ -47,6 +47,7 @@ class Enrolled:
     home: Path
     config: device_config.DeviceConfig
     log: Path | None = None
+    joined: str = ""  # what `worker join` printed
 
     @property
     def store(self) -> ModelStore:
@@ -185,7 +186,7 @@ def enrol(live_server, home: Path, *args: str, aggregator: bool = False) -> Enro
     )
     assert done.returncode == 0, done.stderr
     assert "enrolled as device" in done.stdout
-    return Enrolled(home=home, config=device_config.load(home))
+    return Enrolled(home=home, config=device_config.load(home), joined=done.stdout)
 
 
 @pytest.fixture

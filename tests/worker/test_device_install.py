@@ -26,6 +26,8 @@ NODE_MODULES = [
     "worker.tasks",
     "worker.trainer",
     "worker.aggregator",
+    "worker.status",
+    "worker.payments",
     "chain.withdrawals",
     "training.local",
     "training.evaluate",

@@ -139,3 +139,59 @@ def test_withdraw_needs_the_device_key(device_home, platform_market):
     assert done.returncode == 1
     assert "error:" in done.stderr
     assert platform_market.credit_of(account=_address(device_home)) == CREDIT
+
+
+def test_the_worker_logs_each_payment_credited_to_it(device_home, platform_market, w3, caplog):
+    from worker import node as nodes
+    from worker.payments import PaymentWatcher
+
+    node = nodes.load(home=device_home, passphrase=PASSPHRASE)
+    watcher = PaymentWatcher([node])
+    assert watcher.poll() == []  # starts at the head: earlier credits are not news
+    created = platform_market.create_task(
+        sender=node.account,
+        spec_hash=b"\x03" * 32,
+        rounds=1,
+        min_trainers=1,
+        max_trainers=1,
+        bidding_ends=chain_time(w3) + 600,
+        round_timeout=600,
+        budget_wei=CREDIT,
+    )
+    task_id = created.first(TaskCreated).task_id
+    platform_market.cancel_task(sender=node.account, task_id=task_id)
+
+    with caplog.at_level("INFO", logger="worker.payments"):
+        [paid] = watcher.poll()
+
+    assert (paid.account, paid.task_id, paid.amount_wei) == (node.address, task_id, CREDIT)
+    assert watcher.poll() == []  # each payment once
+    [line] = [r.getMessage() for r in caplog.records if r.name == "worker.payments"]
+    assert f"owner-box was paid 0.003 ETH ({CREDIT} wei, refund) for task {task_id}" in line
+    assert "python -m worker withdraw" in line
+
+
+def test_a_payment_mined_just_before_the_worker_stops_is_logged(
+    device_home, platform_market, w3, caplog
+):
+    from worker import node as nodes
+    from worker.payments import PaymentWatcher
+
+    node = nodes.load(home=device_home, passphrase=PASSPHRASE)
+    watcher = PaymentWatcher([node], interval=3600).start()  # its thread will not poll again
+    created = platform_market.create_task(
+        sender=node.account,
+        spec_hash=b"\x04" * 32,
+        rounds=1,
+        min_trainers=1,
+        max_trainers=1,
+        bidding_ends=chain_time(w3) + 600,
+        round_timeout=600,
+        budget_wei=CREDIT,
+    )
+    platform_market.cancel_task(sender=node.account, task_id=created.first(TaskCreated).task_id)
+
+    with caplog.at_level("INFO", logger="worker.payments"):
+        watcher.stop()
+
+    assert any("was paid 0.003 ETH" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,62 @@
+"""People of the website in tests: buyers with funded wallets, their tasks, and devices
+enrolled the way `worker join` does it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from eth_account.messages import encode_defunct
+
+from core.enrolment import join_message
+from marketplace import services
+from marketplace.models import TaskOrder
+from training.spec import TaskSpec
+
+PASSWORD = "a-long-enough-passphrase-42"
+
+
+def buyer_signup(username: str):
+    user = services.user_signup(username=username, password=PASSWORD)
+    services.wallet_fund(wallet=user.wallet)
+    return user
+
+
+def task_post(buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=600) -> TaskOrder:
+    return services.task_create(
+        buyer=buyer,
+        title=title,
+        spec=TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=rounds),
+        min_trainers=1,
+        max_trainers=2,
+        bidding_window_s=window_s,
+        round_timeout_s=round_timeout_s,
+        budget_wei=10**16,
+    )
+
+
+def device_enrol(
+    account,
+    *,
+    name: str,
+    may_aggregate: bool = False,
+    dataplane_url: str = "",
+    cert: str = "",
+    **prices: int,
+):
+    """A device enrolled the way `worker join` does it: token, signed challenge, registration."""
+    issued = services.join_token_issue(
+        label=name, ttl=timedelta(hours=1), may_aggregate=may_aggregate
+    )
+    token = services.join_challenge_issue(raw_token=issued.raw)
+    text = join_message(challenge=token.challenge, address=account.address)
+    signature = account.sign_message(encode_defunct(text=text)).signature
+    return services.device_enrol(
+        raw_token=issued.raw,
+        address=account.address,
+        signature="0x" + bytes(signature).hex(),
+        name=name,
+        device_class="gpu" if may_aggregate else "cpu",
+        dataplane_url=dataplane_url,
+        dataplane_cert_sha256=cert,
+        **prices,
+    )

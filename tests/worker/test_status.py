@@ -1,0 +1,109 @@
+"""`python -m worker status` against the real platform: what the device bid on, its data
+plane from both sides, and a signed link that opens its page on the website."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from chain.events import Role, TaskCreated
+from chain.launcher import dev_accounts
+from chain.node import chain_time
+from marketplace.models import Device
+from marketplace.sync import chain_sync
+from tests.worker.conftest import PASSPHRASE, ROOT, TRAINER_PRICE, enrol
+from worker.config import KEYSTORE_FILE
+from worker.keys import key_load
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def worker_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=ROOT,
+        env={**os.environ, "FLEX_DEVICE_PASSPHRASE": PASSPHRASE},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
+    live_server, platform, platform_market, tmp_path, client
+):
+    market = platform_market
+    node = enrol(
+        live_server, tmp_path / "phone", "--class", "cpu", "--price-wei", str(TRAINER_PRICE)
+    )
+    device = key_load(path=node.home / KEYSTORE_FILE, passphrase=PASSPHRASE)
+    task_id = (
+        market.create_task(
+            sender=dev_accounts(1, start=8)[0],
+            spec_hash=b"\x02" * 32,
+            rounds=2,
+            min_trainers=1,
+            max_trainers=2,
+            bidding_ends=chain_time(market.w3) + 3600,
+            round_timeout=600,
+            budget_wei=10**16,
+        )
+        .first(TaskCreated)
+        .task_id
+    )
+    market.place_bid(
+        sender=device,
+        task_id=task_id,
+        price_per_round_wei=TRAINER_PRICE,
+        samples=321,
+        role=Role.TRAINER,
+    )
+    chain_sync()
+
+    done = worker_cli("status", "--home", str(node.home), "--json")
+
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["address"] == device.address
+    assert (status["bids"], status["selected"], status["rounds_done"]) == (1, 0, 0)
+    [task] = status["tasks"]
+    assert (task["task_id"], task["state"], task["samples"]) == (task_id, "bidding", 321)
+    assert task["price_per_round_wei"] == str(TRAINER_PRICE)
+    assert status["credit_wei"] == "0"
+    # Its worker is not running: its data plane answers neither here nor to the platform.
+    assert "worker start" in status["local_dataplane_problem"]
+    assert "cannot be reached" in status["dataplane_problem"]
+
+    text = worker_cli("status", "--home", str(node.home)).stdout
+    assert "bids       1, selected for 0" in text
+    assert f"#{task_id:<4} bidding" in text
+    assert "0.0003 ETH" in text
+
+    link = status["owner_link"]
+    assert link.startswith(live_server.url + "/devices/owner/?")
+    opened = client.get(link.removeprefix(live_server.url))
+    assert opened.status_code == 302
+    page = client.get(opened.url)
+    assert page.status_code == 200
+    assert page.context["st"]["tasks"][0]["task_id"] == task_id
+    # `worker join` linked the owner to the same page.
+    [joined_link] = re.findall(r"https?://\S+/devices/owner/\S+", node.joined)
+    assert client.get(joined_link.removeprefix(live_server.url)).status_code == 302
+
+
+def test_status_says_what_is_wrong_when_the_platform_refuses(live_server, platform, tmp_path):
+    node = enrol(
+        live_server, tmp_path / "gone", "--class", "cpu", "--price-wei", str(TRAINER_PRICE)
+    )
+    Device.objects.filter(address=node.config.address).delete()  # no longer enrolled here
+
+    done = worker_cli("status", "--home", str(node.home))
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: the platform refused: ")
+    assert "not an enrolled, unrevoked device" in done.stderr
