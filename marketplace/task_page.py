@@ -127,9 +127,9 @@ def round_wait(snapshot: dict) -> dict[str, Any] | None:
 
 
 PAY_NOTE = (
-    "Each round the contract shares the pool of the aggregated trainers' prices in proportion "
-    "to these scores, each update's Shapley value on your validation set (no share above the "
-    "trainer's price); a left-out update earns nothing that round."
+    "Each round the contract shares a pool of half the aggregated trainers' prices in "
+    "proportion to these scores, each update's Shapley value on your validation set (no share "
+    "above the trainer's price); a left-out update earns nothing that round."
 )
 
 

@@ -160,7 +160,7 @@ def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_marke
 
         assert "Contribution and pay" in html
         assert "100.00 % (7)" in html  # its share of round 0's scores, and the score
-        assert "shares the pool of the aggregated trainers" in html
+        assert "shares a pool of half the aggregated trainers" in html
         assert "&lt;b&gt;pixel&lt;/b&gt;" in html
         assert "<b>pixel</b>" not in html
         paid = Payout.objects.get(account=trainer.address, reason="trainer").amount_wei
