@@ -45,10 +45,15 @@ class WeiField(models.DecimalField):
         kwargs.pop("decimal_places", None)
         return name, path, args, kwargs
 
+    def get_internal_type(self):
+        # Not "DecimalField": SQLite's backend would convert what it reads through a float.
+        # The column type and the values sent are this field's own (db_type, get_db_prep_value).
+        return "TextField"
+
     def db_type(self, connection):
         if connection.vendor == "sqlite":
             return "text"
-        return super().db_type(connection)
+        return f"numeric({self.max_digits}, {self.decimal_places})"
 
     def get_db_prep_value(self, value, connection, prepared=False):
         if connection.vendor == "sqlite":
