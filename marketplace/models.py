@@ -45,15 +45,15 @@ class WeiField(models.DecimalField):
         kwargs.pop("decimal_places", None)
         return name, path, args, kwargs
 
-    def get_internal_type(self) -> str:
-        # Not "DecimalField": SQLite's backend reads those through a 15-digit float context,
-        # which drops the last wei of any amount from 10**15 up (a score-weighted share).
-        return "WeiField"
+    def get_internal_type(self):
+        # Not "DecimalField": SQLite's backend would convert what it reads through a float.
+        # The column type and the values sent are this field's own (db_type, get_db_prep_value).
+        return "TextField"
 
-    def db_type(self, connection) -> str:
+    def db_type(self, connection):
         if connection.vendor == "sqlite":
             return "text"
-        return models.DecimalField(max_digits=78, decimal_places=0).db_type(connection)
+        return f"numeric({self.max_digits}, {self.decimal_places})"
 
     def get_db_prep_value(self, value, connection, prepared=False):
         if connection.vendor == "sqlite":

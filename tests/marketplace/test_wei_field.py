@@ -74,3 +74,16 @@ def test_the_test_database_keeps_huge_payouts_exactly():
     field = Payout._meta.get_field("amount_wei")
     for amount in AMOUNTS:
         assert _round_trip(connection, field, amount) == amount
+
+
+@pytest.mark.parametrize("amount", AMOUNTS)
+def test_sqlite_reads_wei_back_through_the_orms_converters(sqlite, amount):
+    # What a query does with a value read from SQLite: the backend's converters for the
+    # field's type, then the field's own. None may pass it through a float.
+    field = Payout._meta.get_field("amount_wei")
+    column = field.get_col(Payout._meta.db_table)
+    value = _round_trip(sqlite, field, amount)
+    stored = field.get_db_prep_value(value, sqlite)
+    for convert in [*sqlite.ops.get_db_converters(column), *field.get_db_converters(sqlite)]:
+        stored = convert(stored, column, sqlite)
+    assert stored == amount
