@@ -83,9 +83,9 @@ def page_view(snapshot: dict) -> dict[str, Any]:
 
 
 PAY_NOTE = (
-    "Each round the contract shares the pool of the aggregated trainers' prices in proportion "
-    "to these scores, each update's Shapley value on your validation set (no share above the "
-    "trainer's price); a left-out update earns nothing that round."
+    "Each round the contract shares the pool of the aggregated trainers' prices by these "
+    "scores, each update's Shapley value on your validation set, under its pay rule; a "
+    "left-out update earns nothing that round."
 )
 
 
