@@ -35,7 +35,7 @@ FULL_SCALE = 0xFFFF
 # buyer's set) still gets 1/64 of what the round's best update scores.
 FLOOR = FULL_SCALE // 64
 # Up to this many updates every subset is evaluated (2^n aggregates); above, orders are sampled.
-EXACT_MAX = 10
+EXACT_MAX = 8
 PERMUTATIONS = 32
 TRUNCATION = 0.01
 

@@ -59,8 +59,11 @@ def validation_set(node: Node, *, spec: TaskSpec, task_id: int) -> Dataset:
     content_id = spec.validation
     path = node.home / VALIDATION_DIR / f"{content_id}.bin"
     if path.is_file():
-        return validation.decode(path.read_bytes(), schema=spec.schema, expected_id=content_id)
-    blob = None
+        try:
+            return validation.decode(path.read_bytes(), schema=spec.schema, expected_id=content_id)
+        except DatasetError as exc:
+            log.warning("task %s: kept validation set dropped: %s", task_id, exc.message)
+            path.unlink()
     try:
         bundled = validation.bundled(schema=spec.schema)
     except DatasetError:

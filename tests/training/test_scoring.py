@@ -4,6 +4,7 @@ scores are the same in another process."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from training import scoring
 from training.aggregation import STRATEGIES, Update
@@ -191,3 +194,17 @@ def test_many_updates_are_scored_by_sampled_orders_the_same_every_time():
         updates, strategy=STRATEGIES["fedavg"](), reference=reference, loss_of=loss_of, seed=(6,)
     )
     assert other.scores != runs[0].scores  # the orders come from the seed
+
+
+@given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), max_size=40))
+def test_quantized_scores_are_bounded_ordered_and_never_zero(gains):
+    scores = quantize_gains(gains)
+    assert len(scores) == len(gains)
+    assert all(FLOOR <= s <= FULL_SCALE for s in scores)
+    for (g1, s1), (g2, s2) in itertools.combinations(zip(gains, scores, strict=True), 2):
+        if g1 >= g2:
+            assert s1 >= s2
+        if g1 <= g2:
+            assert s1 <= s2
+    if any(g > 0 for g in gains):
+        assert max(scores) == FULL_SCALE
