@@ -10,73 +10,30 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from django.contrib.staticfiles import finders
-from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
 from dataplane.signing import sign_request
-from marketplace.models import Bid, Task, TaskOrder, ValidationSet
-from marketplace.services import device_revoke, task_create, user_signup, wallet_fund
+from marketplace.models import Bid, Task, TaskOrder
+from marketplace.services import device_revoke
 from marketplace.sync import chain_sync
 from marketplace.wallets import wallet_of
 from tests.conftest import MIN_PRICE_WEI
-from tests.marketplace.test_admin import enrol_device, task_run_to_the_end
+from tests.marketplace.buyers import (
+    BUDGET_WEI,
+    PASSWORD,
+    SPEC,
+    assert_error,
+    client_for,
+    make_task,
+)
+from tests.marketplace.test_admin import enrol_device
 from training import validation
-from training.datasets import load_test
 from training.spec import TaskSpec
 from training.validation import validation_id
 
 pytestmark = pytest.mark.django_db
-
-PASSWORD = "a-long-test-passphrase"
-SPEC = {"model": "digits-mlp", "dataset": "digits-8x8", "rounds": 2}
-BUDGET_WEI = 10**16
-
-
-def make_buyer(username: str):
-    user = user_signup(username=username, password=PASSWORD)
-    wallet_fund(wallet=wallet_of(user=user))
-    return user
-
-
-def make_task(buyer, *, title: str = "digits", window_s: int = 3600) -> TaskOrder:
-    return task_create(
-        buyer=buyer,
-        title=title,
-        spec=TaskSpec.from_dict(SPEC),
-        min_trainers=1,
-        max_trainers=3,
-        round_timeout_s=600,
-        budget_wei=BUDGET_WEI,
-        bidding_window_s=window_s,
-    )
-
-
-def client_for(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    return client
-
-
-def assert_error(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.content[:500]
-    body = response.json()
-    assert set(body) == {"code", "message", "fields"}
-    assert body["code"] == code
-    assert body["message"]
-    return body
-
-
-@pytest.fixture
-def alice(platform_settings):
-    return make_buyer("alice")
-
-
-@pytest.fixture
-def bob(platform_settings):
-    return make_buyer("bob")
 
 
 # ---------------------------------------------------------------- authentication
@@ -221,13 +178,6 @@ def test_task_list_is_paginated(alice):
     assert [t["title"] for t in second["results"]] == ["t1", "t0"]
 
 
-@pytest.fixture
-def finished(alice, platform_market, w3):
-    """Alice's task, run to the end on chain and mirrored by chain sync."""
-    with task_run_to_the_end(platform_market, w3, buyer=alice) as rows:
-        yield rows
-
-
 def test_task_detail_carries_the_mirrored_trade(alice, finished):
     task = finished[Task]
 
@@ -260,106 +210,10 @@ def test_task_detail_carries_the_mirrored_trade(alice, finished):
     }
 
 
-def test_the_tasks_aggregator_alone_fetches_its_validation_set(
-    alice, bob, finished, platform_market
-):
-    task, aggregator = finished[Task], finished["aggregator"]
-    path = f"/api/tasks/{task.chain_task_id}/validation/"
-
-    response = APIClient().get(path, headers=_signed(aggregator, path, platform_market))
-
-    assert response.status_code == 200
-    content_id = finished[TaskOrder].spec["validation"]
-    assert response["X-Flex-Validation-Id"] == content_id
-    assert validation_id(response.content) == content_id
-    assert validation.decode(response.content, schema="digits-8x8", expected_id=content_id)
-    trainer = finished["trainer"]
-    assert_error(
-        APIClient().get(path, headers=_signed(trainer, path, platform_market)),
-        403,
-        "not_task_aggregator",
-    )
-    assert APIClient().get(path).status_code in (401, 403)
-    # A buyer, even the task's own, is not a device.
-    assert client_for(alice).get(path).status_code in (401, 403)
-
-
 def _npz(x, y) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, x=x, y=y)
     return buffer.getvalue()
-
-
-def test_a_buyer_uploads_a_validation_set_and_names_it_in_a_spec(alice, platform_market):
-    test = load_test(schema="digits-8x8")
-    upload = SimpleUploadedFile("held-out.npz", _npz(test.x[:30], test.y[:30]))
-
-    response = client_for(alice).post(
-        "/api/validation-sets/", {"dataset": "digits-8x8", "file": upload}, format="multipart"
-    )
-
-    assert response.status_code == 201, response.content
-    body = response.json()
-    assert body["samples"] == 30
-    assert body["dataset"] == "digits-8x8"
-    created = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": body["id"]},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
-    assert created.status_code == 201, created.content
-    assert created.json()["spec"]["validation"] == body["id"]
-    on_chain = platform_market.task(task_id=created.json()["id"]).spec_hash
-    assert on_chain == TaskSpec.from_dict({**SPEC, "validation": body["id"]}).hash_hex
-
-
-@pytest.mark.parametrize(
-    ("name", "content", "needle"),
-    [
-        ("v.npz", b"PK not really", "not a readable .npz"),
-        ("v.exe", b"MZ", "unsupported file type"),
-        ("v.csv", b"label,a,b\n1,0.5,0.5\n", "expects (8, 8, 1)"),
-    ],
-)
-def test_a_bad_validation_upload_is_refused_naming_the_fault(alice, name, content, needle):
-    response = client_for(alice).post(
-        "/api/validation-sets/",
-        {"dataset": "digits-8x8", "file": SimpleUploadedFile(name, content)},
-        format="multipart",
-    )
-    body = assert_error(response, 400, "validation_set_invalid")
-    assert needle in body["message"]
-    assert name in body["message"]
-    assert not ValidationSet.objects.exists()
-
-
-def test_a_spec_naming_a_validation_set_not_uploaded_is_refused(alice, platform_market):
-    before = platform_market.task_count()
-    response = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": "0x" + "ab" * 32},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
-    body = assert_error(response, 400, "validation_set_unknown")
-    assert "0x" + "ab" * 32 in body["message"]
-    assert platform_market.task_count() == before
-    assert (
-        client_for(alice).post("/api/validation-sets/", {}, format="multipart").status_code == 400
-    )
 
 
 def test_bids_are_shown_to_the_tasks_buyer_and_staff(alice, bob, admin_user, finished):
@@ -605,22 +459,3 @@ def test_docs_page_renders_swagger_ui_from_local_assets():
     assert "cdn" not in " ".join(assets)
     for asset in assets:
         assert finders.find(asset), f"{asset} is not served from the installed sidecar"
-
-
-def test_a_spec_may_name_the_bundled_split_by_its_id(alice, platform_market):
-    bundled = validation_id(validation.bundled(schema="digits-8x8"))
-    response = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": bundled},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
-    assert response.status_code == 201, response.content
-    assert response.json()["spec"]["validation"] == bundled
-    assert ValidationSet.objects.get().content_id == bundled

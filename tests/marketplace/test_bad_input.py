@@ -17,7 +17,7 @@ from chain.launcher import free_port
 from marketplace import api_urls
 from marketplace.contract import Deployment, deployment_save
 from marketplace.models import TaskOrder
-from tests.marketplace.test_api import SPEC, assert_error, client_for, make_buyer
+from tests.marketplace.buyers import SPEC, assert_error, client_for, make_buyer
 from tests.marketplace.test_task_form import form_data
 
 pytestmark = pytest.mark.django_db
