@@ -78,7 +78,8 @@ def owner_pass_check(*, address: str, expires: str, signature: str) -> Device:
 
 
 def device_status(*, device: Device, check_dataplane: bool = True) -> dict[str, Any]:
-    """The device's work and pay, from the mirror; its credit from the chain (None when the
+    """The device's work and pay (for work: stakes and bonds coming back are not earnings),
+    from the mirror; its credit from the chain (None when the
     chain cannot be read); its data plane as the platform reaches it (``dataplane_problem``
     None when healthy). Wei as ints."""
     address = device.address
@@ -96,7 +97,7 @@ def device_status(*, device: Device, check_dataplane: bool = True) -> dict[str, 
     paid: dict[int, int] = defaultdict(int)
     for task_id, amount in (
         Payout.objects.filter(account=address)
-        .exclude(reason=PayoutReason.REFUND)
+        .filter(reason__in=(PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY))
         .values_list("task_id", "amount_wei")
     ):
         paid[task_id] += int(amount)

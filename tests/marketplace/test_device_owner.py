@@ -117,13 +117,15 @@ def test_the_owner_opens_the_device_page_with_a_link_its_key_signed(
     status = page.context["st"]
     assert (status["bids"], status["selected"]) == (1, 1)
     assert (status["rounds_done"], status["rounds_missed"]) == (1, 1)
-    assert status["earned_wei"] == PRICE_WEI  # paid for the one round it delivered
+    # Paid for the one round it delivered: half its price, its share of the unscored round's
+    # pool (docs/contract.md); its stake, lost for the missed round, is no earning.
+    assert status["earned_wei"] == PRICE_WEI // 2
     assert status["credit_wei"] == platform_market.credit_of(account=flaky.address)
     [task] = status["tasks"]
     assert (task["task_id"], task["state"], task["paid_wei"]) == (
         worked["task_id"],
         "finalized",
-        PRICE_WEI,
+        PRICE_WEI // 2,
     )
     text = page.content.decode()
     assert "flaky-phone" in text
@@ -219,8 +221,9 @@ def test_a_device_reads_its_own_status_through_the_api(client, worked, platform_
     body = response.json()
     assert body["address"] == steady.address
     assert (body["rounds_done"], body["rounds_missed"]) == (2, 0)
-    assert body["earned_wei"] == str(2 * PRICE_WEI)  # exact: wei as a string of digits
-    assert body["tasks"][0]["paid_wei"] == str(2 * PRICE_WEI)
+    # Half its price in each of two rounds; exact: wei as a string of digits.
+    assert body["earned_wei"] == str(PRICE_WEI)
+    assert body["tasks"][0]["paid_wei"] == str(PRICE_WEI)
     # The same signature again is a replay; no signature is no device.
     assert client.get(path, headers=headers).status_code == 401
     assert client.get(path).status_code == 401
