@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 
+from training.catalogue import SCHEMAS
 from training.datasets import Dataset
 from training.serialize import Kind, encode, id_hex
-from training.spec import TaskSpec
 from worker import trainer
 from worker.__main__ import main
 from worker.node import Node
@@ -69,8 +69,8 @@ def freeride(
     }
 
 
-def noise_data(self: Node, spec: TaskSpec) -> Dataset:
-    schema = spec.schema
+def noise_data(self: Node, dataset: str) -> Dataset:
+    schema = SCHEMAS[dataset]
     rng = np.random.default_rng(int(self.address, 16) % 2**32)
     x = rng.random((NOISE_SAMPLES, *schema.input_shape), dtype=np.float32)
     return Dataset(x=x, y=rng.integers(0, schema.num_classes, NOISE_SAMPLES))

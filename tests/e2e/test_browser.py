@@ -211,9 +211,8 @@ def test_buyer_posts_a_task_and_watches_it_live(
     page.wait_for_function(
         "document.getElementById('refund-note').textContent.includes('Refunded')"
     )
-    assert (
-        len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1
-    )  # aggregator, 2 trainers, refund
+    # Pay of the aggregator and 2 trainers, the refund, and the bond and 2 stakes returned.
+    assert len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1 + 1 + 2
     tx_text = page.inner_text("#tx-body")
     assert task.created_tx in tx_text
     assert publish.tx_hash in tx_text

@@ -29,6 +29,7 @@ import requests
 
 from chain.client import FlexMarket
 from chain.events import (
+    BidPlaced,
     CreditReason,
     GlobalModelPublished,
     NodesSelected,
@@ -348,16 +349,15 @@ def test_task_survives_a_restart_of_each_part_mid_round(platform, browser, tmp_p
     assert sorted(e.round for e in of(GlobalModelPublished)) == list(range(ROUNDS + 1))
     submitted = Counter((e.round, e.trainer) for e in of(UpdateSubmitted))
     assert set(submitted.values()) == {1}
-    # Nobody was paid twice, and the budget is all accounted for, to the wei.
+    # Nobody was paid twice, and the budget and the deposits are all accounted for, to the
+    # wei: pay, refund, deposits returned and slashed.
     credits = Counter((e.account, e.reason) for e in of(PaymentCredited))
     assert set(credits.values()) == {1}
     [final] = of(TaskFinalized)
     paid = sum(e.amount_wei for e in of(PaymentCredited))
-    assert (
-        paid
-        == BUDGET_WEI
-        == (final.trainers_paid_wei + final.aggregator_paid_wei + final.refunded_wei)
-    )
+    deposits = sum(e.deposit_wei for e in of(BidPlaced))
+    assert paid == BUDGET_WEI + deposits
+    assert final.trainers_paid_wei + final.aggregator_paid_wei + final.refunded_wei == BUDGET_WEI
     assert sum(e.amount_wei for e in of(PaymentCredited) if e.reason == CreditReason.REFUND) == (
         final.refunded_wei
     )
