@@ -22,7 +22,7 @@ def test_the_admins_lists_fit_a_laptop_screen(
     off_the_loop(chain_sync)
     context = browser.new_context(**DESKTOP)
     page = context.new_page()
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(120_000)  # a busy machine is waited for, never timed
     page.goto(asgi_server + "/admin/login/")
     page.fill("#id_username", "root")
     page.fill("#id_password", PASSWORD)

@@ -29,7 +29,9 @@ PRICE_WEI = 10**15
 ROUNDS = 3
 # What the aggregator reports for rounds 1..3: a plausible learning curve.
 METRICS = [(0.62, 1.31), (0.81, 0.74), (0.9, 0.41)]
-UPDATE_TIMEOUT_MS = 15_000
+# Generous: on a busy machine posting a task (a mined transaction) can take a while; a live
+# page is waited for, never timed.
+UPDATE_TIMEOUT_MS = 120_000
 # Text that would run script if a page ever put it into HTML unescaped.
 MARKUP = "<img src=x onerror=alert(1)>"
 TITLE = f"Digits on three phones {MARKUP}"

@@ -317,7 +317,7 @@ def test_a_device_owner_opens_the_device_page_from_its_signed_link(
     context = browser.new_context(**SIZES[size])
     context.grant_permissions(["clipboard-read", "clipboard-write"])
     page = context.new_page()
-    page.set_default_timeout(15_000)
+    page.set_default_timeout(120_000)  # a busy machine is waited for, never timed
 
     page.goto(
         f"{asgi_server}/devices/owner/?address={device.address}&expires={expires}"
