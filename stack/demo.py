@@ -171,6 +171,8 @@ def follow_task(
     contributions = {
         c["trainer"]: {
             "name": names.get(c["trainer"].lower(), "?"),
+            "position": c["position"],
+            "price_wei": str(c["price_per_round_wei"]),
             "scores": [r["score"] if r["aggregated"] else None for r in c["rounds"]],
             "aggregated": [r["aggregated"] for r in c["rounds"]],
             "paid_wei": str(payouts.get(c["trainer"], 0)),

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from chain.launcher import free_port
+from chain.selection import mask_of
 from stack.backing import stack_vhost_delete
+from tests.chain.oracle import round_pay
 from training.scoring import FLOOR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,20 +77,21 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
     for a in honest:
         assert sum(s > FLOOR for s in contributions[a]["scores"]) >= ROUNDS - 1, contributions
         assert paid[a] > 5 * paid[noisy], (paid, contributions)
-    # Every round aggregates the same trainers, so the pools match and a larger sum of score
-    # shares never earns less (a cap at the price keeps that order too).
-    totals = [
-        sum(round_scores)
-        for round_scores in zip(
-            *(c["scores"] for c in contributions.values() if c["aggregated"][0]), strict=True
-        )
-    ]
-    weight = {
-        a: sum(s / t for s, t in zip(contributions[a]["scores"], totals, strict=True))
-        for a in honest
-    }
-    ranked = sorted(honest, key=weight.get)
-    assert [paid[a] for a in ranked] == sorted(paid[a] for a in ranked)
+    # Each is paid exactly what the contract's rule gives for its rounds' masks and scores
+    # (tests/chain/oracle.py: a pool of half the prices, shared by score, each share capped
+    # at its price, what the caps hold back going to the others by headroom).
+    by_position = sorted(contributions, key=lambda a: contributions[a]["position"])
+    assert [contributions[a]["position"] for a in by_position] == list(range(len(by_position)))
+    line = [int(contributions[a]["price_wei"]) for a in by_position]  # as selected on chain
+    expected = dict.fromkeys(by_position, 0)
+    for r in range(ROUNDS):
+        used = [a for a in by_position if contributions[a]["aggregated"][r]]
+        mask = mask_of(contributions[a]["position"] for a in used)
+        scores = [contributions[a]["scores"][r] for a in used]
+        scores = None if None in scores else scores  # an unscored round
+        for a, wei in zip(by_position, round_pay(line, mask, scores), strict=True):
+            expected[a] += wei
+    assert paid == expected
     # The model is no worse than the honest trainers' alone.
     final = summary["final_accuracy"]
     assert final >= summary["baseline_accuracy"] - ACCURACY_SLACK, (
