@@ -40,6 +40,17 @@ PERMUTATIONS = 32
 TRUNCATION = 0.01
 
 
+def fedavg_weight(samples: int, score: int | None) -> int:
+    """An aggregated update's FedAvg weight: its sample count as the contract records it,
+    scaled by its score when the round is scored (``samples * score // FULL_SCALE``, at least
+    1). The round's best update weighs its samples; one at FLOOR, 1/64 of them: what the
+    buyer's validation set shows adds nothing barely moves the model. Integer arithmetic, the
+    same in the contract, the aggregator, a watcher and the provenance command."""
+    if score is None:
+        return samples
+    return max(1, samples * score // FULL_SCALE)
+
+
 def values_digest(weights: Sequence) -> bytes:
     """keccak256 of a model's int32 values alone (not its header): equal weights, equal digest."""
     return keccak(b"".join(np.asarray(layer).astype("<i4").tobytes() for layer in weights))

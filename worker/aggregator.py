@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -14,10 +15,10 @@ from training.aggregation.base import Update
 from training.aggregation.functions import Weights
 from training.catalogue import initial_weights
 from training.fixedpoint import dequantize, quantize
-from training.scoring import junk, shapley, values_digest
+from training.scoring import fedavg_weight, junk, shapley, values_digest
 from training.serialize import Header, Kind, decode, encode, id_hex
 from training.spec import TaskSpec
-from worker.challenge import recorded_weights
+from worker.challenge import recorded_samples
 from worker.node import Node
 from worker.trainer import model_header, verified_spec
 from worker.validation import ValidationUnavailableError, validation_set
@@ -241,7 +242,7 @@ def aggregate(
             seconds_left=left,
         )
     started = time.perf_counter()
-    samples = recorded_weights(market, task_id=task_id)
+    samples = recorded_samples(market, task_id=task_id)
     updates: list[Update] = []
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
@@ -280,13 +281,10 @@ def aggregate(
     for rejection in copies.rejected:
         rejected[authors[rejection.update_id][0]] = f"update_copied: {rejection.reason}"
     accepted = copies.kept
-    weights = strategy.aggregate(accepted)
     for who, why in rejected.items():
         log.warning("task %s round %s: left out %s: %s", task_id, round_number, who, why)
-    if weights is None:
+    if not accepted:
         raise NothingToAggregateError(task_id=task_id, round=round_number, rejected=rejected)
-    evaluation = evaluate(spec=parsed, weights=dequantize(weights))
-    mask = mask_of(authors[u.update_id][1] for u in accepted)
     scores = _scores(
         node,
         spec=parsed,
@@ -295,6 +293,19 @@ def aggregate(
         updates=accepted,
         reference=reference.values,
     )
+    # Each update weighs its samples scaled by its score (training.scoring.fedavg_weight).
+    weights = strategy.aggregate(
+        [
+            dataclasses.replace(
+                u, num_examples=fedavg_weight(u.num_examples, scores.get(u.update_id))
+            )
+            for u in accepted
+        ]
+    )
+    if weights is None:
+        raise NothingToAggregateError(task_id=task_id, round=round_number, rejected=rejected)
+    evaluation = evaluate(spec=parsed, weights=dequantize(weights))
+    mask = mask_of(authors[u.update_id][1] for u in accepted)
     header = model_header(
         node, spec=parsed, task_id=task_id, round_number=round_number + 1, kind=Kind.GLOBAL
     )

@@ -14,7 +14,9 @@ import numpy as np
 
 from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
+from chain.selection import positions_of
 from training.aggregation import STRATEGIES, Update
+from training.scoring import fedavg_weight
 from training.serialize import ModelBlob, id_hex
 
 
@@ -27,10 +29,24 @@ class IncludedBlob:
     weight: int
 
 
-def recorded_weights(market: FlexMarket, *, task_id: int) -> dict[str, int]:
-    """Each bidder's FedAvg weight as the contract records it (its bid's sample count), by
-    checksummed address: what the aggregator weighs with and a challenge is checked by."""
+def recorded_samples(market: FlexMarket, *, task_id: int) -> dict[str, int]:
+    """Each bidder's sample count as the contract records it (its bid's, capped at the
+    task's sample cap), by checksummed address."""
     return {b.device: b.samples for b in market.bids(task_id=task_id)}
+
+
+def round_weights(
+    market: FlexMarket, *, task_id: int, round_number: int, trainers: Sequence[str]
+) -> dict[str, int]:
+    """The FedAvg weight of each update global model ``round_number + 1`` aggregated, by
+    trainer: its recorded samples scaled by its score on chain (training.scoring.fedavg_weight):
+    what the aggregator weighs with and a challenge is checked by. ``trainers`` is the
+    task's selection, in position order."""
+    info = market.round_info(task_id=task_id, round_number=round_number)
+    samples = recorded_samples(market, task_id=task_id)
+    positions = positions_of(info.aggregated_mask)
+    scores = dict(zip(positions, info.scores, strict=True)) if info.scores else {}
+    return {trainers[p]: fedavg_weight(samples[trainers[p]], scores.get(p)) for p in positions}
 
 
 def recompute(

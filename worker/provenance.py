@@ -30,7 +30,7 @@ from worker.challenge import (
     context_of,
     first_difference,
     recompute,
-    recorded_weights,
+    round_weights,
 )
 from worker.node import STORE_DIR
 
@@ -109,7 +109,6 @@ def _round(
     task_id: int,
     round_number: int,
     trainers: Sequence[str],
-    weights: dict[str, int],
     blobs: Blobs,
 ) -> RoundProvenance:
     """Global model ``round_number + 1`` against the updates of ``round_number``."""
@@ -118,6 +117,7 @@ def _round(
     out = RoundProvenance(round=round_number + 1, global_model=published)
     aggregated = positions_of(info.aggregated_mask)
     scores = dict(zip(aggregated, info.scores, strict=False))
+    weights = round_weights(market, task_id=task_id, round_number=round_number, trainers=trainers)
     included: list[IncludedBlob] = []
     for position in positions_of(info.submitted_mask):
         trainer = trainers[position]
@@ -184,7 +184,6 @@ def provenance(market: FlexMarket, *, task_id: int, spec: dict, blobs: Blobs) ->
         raise SpecHashMismatchError(task_id=task_id, on_chain=task.spec_hash, given=parsed.hash_hex)
     selection = market.selection(task_id=task_id)
     trainers = selection.trainers if selection else ()
-    weights = recorded_weights(market, task_id=task_id)
     rounds = [_initial(market, spec=parsed, task_id=task_id)]
     published = market.task(task_id=task_id).published_rounds
     for r in range(max(published - 1, 0)):
@@ -195,7 +194,6 @@ def provenance(market: FlexMarket, *, task_id: int, spec: dict, blobs: Blobs) ->
                 task_id=task_id,
                 round_number=r,
                 trainers=trainers,
-                weights=weights,
                 blobs=blobs,
             )
         )

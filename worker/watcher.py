@@ -28,7 +28,7 @@ from training.aggregation.functions import MAX_SAMPLES
 from training.serialize import ChunkOpening, Header, Kind, ModelBlob, id_hex
 from training.spec import TaskSpec
 from training.store import ModelStore
-from worker.challenge import context_of, recorded_weights
+from worker.challenge import context_of, round_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def check_round(
     the aggregator's data plane (a DataPlaneError when it will not serve them)."""
     info = market.round_info(task_id=task_id, round_number=round_number)
     selection = market.selection(task_id=task_id)
-    weights = recorded_weights(market, task_id=task_id)
+    weights = round_weights(
+        market, task_id=task_id, round_number=round_number, trainers=selection.trainers
+    )
     included = []
     for position in positions_of(info.aggregated_mask):
         trainer = selection.trainers[position]

@@ -22,10 +22,6 @@ from training.scoring import FLOOR
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
-# The noise is a valid update: it is averaged in at its sample count (scored at the floor)
-# and costs the model about two points here; leaving it out by its score would leave out
-# honest non-IID updates too, which score as low on the buyer's set (docs/scoring.md).
-ACCURACY_SLACK = 0.03
 
 
 @pytest.fixture
@@ -34,6 +30,7 @@ def var(tmp_path) -> Iterator[Path]:
     stack_vhost_delete(tmp_path)
 
 
+@pytest.mark.timeout(2700)
 def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_by_score(var):
     env = {
         **os.environ,
@@ -92,9 +89,10 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
         for a, wei in zip(by_position, round_pay(line, mask, scores), strict=True):
             expected[a] += wei
     assert paid == expected
-    # The model is no worse than the honest trainers' alone.
+    # The model is no worse than the honest trainers' alone: the noise is aggregated, but at
+    # its score's weight (training.scoring.fedavg_weight), 1/64 of its samples.
     final = summary["final_accuracy"]
-    assert final >= summary["baseline_accuracy"] - ACCURACY_SLACK, (
+    assert final >= summary["baseline_accuracy"], (
         final,
         summary["baseline_accuracy"],
     )

@@ -22,7 +22,15 @@ from training.datasets import Dataset, load_test
 from training.evaluate import evaluate
 from training.fixedpoint import dequantize, quantize
 from training.local import train_round
-from training.scoring import FLOOR, FULL_SCALE, junk, quantize_gains, shapley, values_digest
+from training.scoring import (
+    FLOOR,
+    FULL_SCALE,
+    fedavg_weight,
+    junk,
+    quantize_gains,
+    shapley,
+    values_digest,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,6 +67,38 @@ def round_updates(spec, partitions) -> tuple[list, list[Update]]:
 def loss_on_test(spec):
     data = load_test(schema=spec.schema)
     return lambda weights: evaluate(spec=spec, weights=dequantize(weights), data=data).loss
+
+
+def test_weighing_updates_by_score_keeps_noise_out_of_the_model(spec, partitions):
+    """The round's aggregate with each update weighted by samples and score (as the
+    aggregator publishes it) is better on the test set than the plain FedAvg of the same
+    updates, which takes the noise in at its sample count."""
+    reference, updates = round_updates(spec, partitions)
+    loss = loss_on_test(spec)
+    scored = shapley(updates, strategy=STRATEGIES["fedavg"](), reference=reference, loss_of=loss)
+    by_score = STRATEGIES["fedavg"]().aggregate(
+        [
+            Update(
+                weights=u.weights,
+                num_examples=fedavg_weight(u.num_examples, scored.scores[u.update_id]),
+            )
+            for u in updates
+        ]
+    )
+    by_samples = STRATEGIES["fedavg"]().aggregate(updates)
+    assert loss(by_score) < loss(by_samples)
+
+
+@given(st.integers(1, 2**24), st.integers(FLOOR, FULL_SCALE))
+def test_a_scored_update_weighs_at_most_its_samples_and_never_zero(samples, score):
+    weight = fedavg_weight(samples, score)
+    assert isinstance(weight, int)
+    assert 1 <= weight <= samples
+    assert weight == max(1, samples * score // FULL_SCALE)
+    assert fedavg_weight(samples, FULL_SCALE) == samples
+    assert fedavg_weight(samples, None) == samples  # an unscored round: samples alone
+    # A higher score never weighs less.
+    assert fedavg_weight(samples, min(score + 1, FULL_SCALE)) >= weight
 
 
 @pytest.mark.parametrize("strategy_key", ["fedavg", "fedtrimmedavg"])
