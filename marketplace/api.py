@@ -24,6 +24,7 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from chain.client import DEFAULT_SAMPLE_CAP
 from marketplace.devices import device_status
 from marketplace.models import Bid, Device, DeviceClass, Task, TaskState
 from marketplace.permissions import DeviceSignatureAuthentication
@@ -49,6 +50,7 @@ from marketplace.services import (
 )
 from marketplace.throttles import FlexRateThrottle
 from training.aggregation import STRATEGIES
+from training.aggregation.functions import MAX_SAMPLES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
 from training.spec import LIMITS, MAX_LEARNING_RATE, REQUIRED, SPEC_VERSION, TaskSpec
@@ -310,6 +312,12 @@ class TaskCreateApi(ApiAuthMixin, APIView):
             help_text="...or this: seconds of bidding from now.",
         )
         round_timeout_s = serializers.IntegerField(min_value=1)
+        sample_cap = serializers.IntegerField(
+            min_value=1,
+            max_value=MAX_SAMPLES,
+            default=DEFAULT_SAMPLE_CAP,
+            help_text="Most samples a trainer's bid counts for, in selection and in FedAvg.",
+        )
 
         def validate_bidding_ends(self, value):
             if value <= timezone.now():

@@ -12,6 +12,7 @@ from django.utils import timezone
 from eth_utils import is_checksum_address, is_hex_address, to_checksum_address
 
 from chain import errors as chain_errors
+from chain.client import DEFAULT_SAMPLE_CAP
 from chain.withdrawals import InvalidAddressError, destination
 from core.errors import FlexError
 from core.units import (
@@ -29,6 +30,7 @@ from marketplace.models import Device
 from marketplace.validation import validation_set_upload
 from training import validation
 from training.aggregation import STRATEGIES
+from training.aggregation.functions import MAX_SAMPLES
 from training.catalogue import MODELS, SCHEMAS
 from training.errors import SpecError
 from training.spec import LIMITS, MAX_LEARNING_RATE, AggregationSpec, TaskSpec
@@ -120,6 +122,17 @@ class TaskForm(forms.Form):
         max_value=MAX_ROUND_TIMEOUT_MIN,
         initial=DEFAULT_ROUND_TIMEOUT_MIN,
         help_text="How long trainers and the aggregator get per round.",
+    )
+    sample_cap = forms.IntegerField(
+        label="Samples counted per trainer",
+        min_value=1,
+        max_value=MAX_SAMPLES,
+        initial=DEFAULT_SAMPLE_CAP,
+        help_text=(
+            "A device's claim of how many samples it holds counts for at most this many, in "
+            "selection and in its weight in the model: no device can buy its way in by "
+            "claiming more."
+        ),
     )
     budget = EthAmountField(
         label="Budget (ETH)",
@@ -253,6 +266,7 @@ class TaskForm(forms.Form):
             "max_trainers": data["max_trainers"],
             "bidding_ends": data["bidding_ends"],
             "round_timeout_s": data["round_timeout_minutes"] * 60,
+            "sample_cap": data["sample_cap"],
             "budget_wei": data["budget"],
         }
 

@@ -100,6 +100,7 @@ class TaskView:
     max_trainers = property(lambda self: self._terms("max_trainers"))
     bidding_ends = property(lambda self: self._terms("bidding_ends"))
     round_timeout_s = property(lambda self: self._terms("round_timeout_s"))
+    sample_cap = property(lambda self: self._chain("sample_cap"))
     created_tx = property(lambda self: self._terms("created_tx"))
     created_block = property(lambda self: self._chain("created_block"))
     published_rounds = property(lambda self: self._chain("published_rounds", 0))

@@ -185,6 +185,9 @@ class TaskSerializer(TaskSummarySerializer):
     spec = serializers.JSONField(allow_null=True, help_text="None if posted outside the site.")
     spec_hash = serializers.CharField()
     round_timeout_s = serializers.IntegerField()
+    sample_cap = serializers.IntegerField(
+        allow_null=True, help_text="Most samples a trainer's bid counts for; None while pending."
+    )
     current_round = serializers.IntegerField(
         allow_null=True, help_text="The round trainers work on now, while running."
     )

@@ -259,7 +259,18 @@ def test_task_create_posts_the_task_on_chain(alice, platform_market):
     on_chain = platform_market.task(task_id=body["id"])
     assert on_chain.budget_wei == BUDGET_WEI
     assert on_chain.buyer == wallet_of(user=alice).address
+    assert on_chain.sample_cap == 1000  # the default when none is given
     assert "0x" + on_chain.spec_hash.removeprefix("0x") == body["spec_hash"]
+
+
+def test_a_buyer_caps_the_samples_a_trainer_claim_counts_for(alice, platform_market):
+    response = client_for(alice).post(
+        "/api/tasks/create/", _create_body(sample_cap=64), format="json"
+    )
+
+    assert response.status_code == 201, response.content
+    assert response.json()["sample_cap"] is None  # known once sync mirrors the task
+    assert platform_market.task(task_id=response.json()["id"]).sample_cap == 64
 
 
 @pytest.mark.parametrize(
@@ -274,6 +285,8 @@ def test_task_create_posts_the_task_on_chain(alice, platform_market):
         ({"min_trainers": 3, "max_trainers": 2}, "max_trainers"),
         ({"bidding_window_s": None}, "bidding_window_s"),
         ({"round_timeout_s": 0}, "round_timeout_s"),
+        ({"sample_cap": 0}, "sample_cap"),
+        ({"sample_cap": 2**24 + 1}, "sample_cap"),
     ],
 )
 def test_task_create_names_the_bad_field(alice, overrides, field):

@@ -129,6 +129,7 @@ def form_data(**overrides) -> dict[str, str]:
         "max_trainers": "3",
         "bidding_ends": ends.strftime("%Y-%m-%dT%H:%M"),
         "round_timeout_minutes": "10",
+        "sample_cap": "250",
         "budget": "0.01",
         "local_epochs": "1",
         "batch_size": "32",
@@ -180,6 +181,8 @@ def field_errors(response, field: str) -> list[tuple[str, str]]:
         ({"learning_rate": "0"}, "learning_rate", "learning_rate_invalid"),
         ({"rounds": "x"}, "rounds", "invalid"),
         ({"model": "gpt-5"}, "model", "invalid_choice"),
+        ({"sample_cap": "0"}, "sample_cap", "min_value"),
+        ({"sample_cap": str(2**24 + 1)}, "sample_cap", "max_value"),
     ],
 )
 def test_form_refuses_bad_input_beside_the_field(logged_in, watch, overrides, field, code):
@@ -302,6 +305,7 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
     assert TaskSpec.from_dict(order.spec) == spec
     assert (on_chain.rounds, on_chain.min_trainers, on_chain.max_trainers) == (2, 1, 3)
     assert on_chain.round_timeout == 600
+    assert on_chain.sample_cap == 250
     assert on_chain.bidding_ends == int(order.bidding_ends.timestamp())
     receipt = platform_market.w3.eth.get_transaction_receipt(order.created_tx)
     # The website records the order only; chain sync mirrors the task from its event.
