@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 VAR = Path(os.environ.get("FLEX_VAR_DIR", ROOT / "var"))
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/test"
+
+
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd``, run so that the kernel sends it SIGTERM when the thread that starts it ends,
+    however its process ends (a SIGKILL included): a killed run leaves no server behind
+    holding its ports or burning CPU, and the next run starts clean. Linux's ``setpriv``
+    (util-linux) sets the parent-death signal and execs the command, so the pid and process
+    group stay the command's. Started from another thread than the main one, or where
+    setpriv is missing, the command runs as it is (the signal follows the starting thread,
+    and a pool thread ends long before the stack does)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return cmd
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
 
 
 def say(message: str) -> None:
@@ -100,21 +115,23 @@ def local_redis() -> Iterator[str]:
     workdir = VAR / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--logfile",
-            str(workdir / "redis.log"),
-        ],
+        die_with_parent(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+                "--logfile",
+                str(workdir / "redis.log"),
+            ]
+        ),
         start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -187,7 +204,7 @@ class LocalRabbitMQ:
         log.mkdir(exist_ok=True)
         with open(log / "stdout.log", "ab") as out:
             self.proc = subprocess.Popen(
-                ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
+                die_with_parent(["/usr/lib/rabbitmq/bin/rabbitmq-server"]),
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

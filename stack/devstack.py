@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import requests
 
 from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, url_with, vhost_of
-from stack.backing import stack_vhost, stack_vhost_delete
+from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -80,7 +80,7 @@ class Supervisor:
 
     def start(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None) -> None:
         proc = subprocess.Popen(
-            cmd,
+            die_with_parent(cmd),
             cwd=ROOT,
             env={**self.env, **(env or {})},
             stdout=subprocess.PIPE,
