@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from eth_utils import is_hex_address, to_checksum_address
 
@@ -45,7 +46,10 @@ def task_visible(*, user) -> QuerySet[Task]:
 def _orders_pending(*, user) -> QuerySet[TaskOrder]:
     """Orders the viewer may see (by the same rule) whose task is not mirrored yet."""
     staff, pk = _viewer(user)
-    orders = TaskOrder.objects.exclude(created_tx__in=Task.objects.values("created_tx"))
+    # NOT EXISTS: an anti-join on the task's created_tx index, not a scan of every task.
+    orders = TaskOrder.objects.filter(
+        ~Exists(Task.objects.filter(created_tx=OuterRef("created_tx")))
+    )
     if staff:
         return orders
     return orders.filter(buyer_id=pk) if pk is not None else TaskOrder.objects.none()
@@ -335,7 +339,11 @@ def task_view_list(*, user, state: str | None = None, sort: str = "newest") -> T
 def open_task_list() -> TaskViewPages:
     """Tasks open for bids now, soonest deadline first, each with its number of bids."""
     tasks = Task.objects.filter(state=TaskState.BIDDING, bidding_ends__gt=timezone.now())
-    tasks = tasks.annotate(bid_total=Count("bids")).order_by("bidding_ends", "chain_task_id")
+    # A subquery per listed task, run for the page's rows only (a join would count the bids
+    # of every open task, and the page's count() leaves an unused subquery out).
+    bids = Bid.objects.filter(task=OuterRef("pk")).order_by().values("task")
+    counted = Coalesce(Subquery(bids.annotate(n=Count("pk")).values("n")), 0)
+    tasks = tasks.annotate(bid_total=counted).order_by("bidding_ends", "chain_task_id")
     return TaskViewPages(tasks)
 
 
