@@ -2,10 +2,13 @@
 
 `python -m bench.web` makes a throwaway database (a new PostgreSQL database beside
 DATABASE_URL when that is PostgreSQL, else a temporary SQLite file), seeds one buyer with
-200 tasks, serves FLEX with daphne on a free loopback port, and drives each URL from a
-separate process over keep-alive connections (aiohttp, 16 at a time, bounded in requests
-and seconds), signed in as that buyer: the session cookie for the page, the API token for
-the API. Only 127.0.0.1 is used. Figures are indicative: the machines are shared and noisy.
+1,000 tasks and 10,000 bids on them from 100 devices (bulk_create), counts the queries one
+request for each URL makes (in this process, with Django's test client; ``--explain``
+prints their plans on PostgreSQL), serves FLEX with daphne on a free loopback port, and
+drives each URL from a separate process over keep-alive connections (aiohttp, 16 at a time,
+bounded in requests and seconds), signed in as that buyer: the session cookie for the page,
+the API token for the API. Only 127.0.0.1 is used. Figures are indicative: the machines are
+shared and noisy.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "web.json"
 HOST = "127.0.0.1"
-TASKS = 200
+TASKS = 1000
+BIDS = 10_000
+DEVICES = 100
 CONCURRENCY = 16
 MAX_REQUESTS = 3000
 MAX_SECONDS = 15.0
@@ -68,7 +73,7 @@ async def _drive(
                     await response.read()
                     ok = response.status == 200
                     status = str(response.status)
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 ok, status = False, type(exc).__name__
             if ok:
                 latencies.append(time.perf_counter() - started)
@@ -82,8 +87,10 @@ async def _drive(
     ) as session:
         # Warm-up (not measured): connections opened, Django's first-request work done.
         async def fetch() -> None:
-            async with session.get(url, allow_redirects=False) as response:
-                await response.read()
+            # A page too slow for the client's timeout shows as failures below, not a crash.
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url, allow_redirects=False) as response:
+                    await response.read()
 
         for _ in range(WARMUP_REQUESTS // concurrency + 1):
             await asyncio.gather(*(fetch() for _ in range(concurrency)))
@@ -174,11 +181,13 @@ def throwaway_database() -> Iterator[str]:
             yield f"sqlite:///{tmp}/bench.sqlite3"
 
 
-def seed(*, tasks: int) -> dict[str, str]:
-    """Migrate, then one buyer with ``tasks`` mirrored tasks; that buyer's session and token.
+def seed(*, tasks: int, bids: int, devices: int) -> dict[str, str]:
+    """Migrate, then one buyer with ``tasks`` mirrored tasks and ``bids`` bids on them from
+    ``devices`` enrolled devices, all written with bulk_create; that buyer's session and token.
 
-    The tasks are written as chain sync would mirror them (states, budgets, chain ids) but
-    without a chain: this measures serving pages, not posting transactions.
+    The rows are written as chain sync would mirror them (states, budgets, chain ids, one bid
+    per device and task) but without a chain: this measures serving pages, not posting
+    transactions.
     """
     from datetime import timedelta
 
@@ -190,11 +199,12 @@ def seed(*, tasks: int) -> dict[str, str]:
     )
     from django.contrib.sessions.backends.db import SessionStore
     from django.core.management import call_command
+    from django.db import connection
     from django.utils import timezone
     from eth_account import Account
     from rest_framework.authtoken.models import Token
 
-    from marketplace.models import Task, TaskOrder, TaskState, Wallet
+    from marketplace.models import Bid, Device, Role, Task, TaskOrder, TaskState, Wallet
     from training.spec import TaskSpec
 
     call_command("migrate", verbosity=0, interactive=False)
@@ -242,8 +252,36 @@ def seed(*, tasks: int) -> dict[str, str]:
                 created_at=now - timedelta(minutes=tasks - i),
             )
         )
-    TaskOrder.objects.bulk_create(orders)
-    Task.objects.bulk_create(rows)
+    TaskOrder.objects.bulk_create(orders, batch_size=500)
+    tasks_made = Task.objects.bulk_create(rows, batch_size=500)
+    addresses = [Account.create().address for _ in range(devices)]
+    Device.objects.bulk_create(
+        Device(name=f"bench-device-{n}", address=a, device_class="cpu", chain_status="active")
+        for n, a in enumerate(addresses)
+    )
+    per_task = -(-bids // max(tasks, 1))
+    if per_task > devices:
+        raise SystemExit(f"{bids} bids on {tasks} tasks need at least {per_task} devices")
+    made = []
+    for i, task in enumerate(tasks_made):
+        for j in range(min(per_task, bids - len(made))):
+            made.append(
+                Bid(
+                    task=task,
+                    device=addresses[(i * per_task + j) % devices],
+                    bid_index=j,
+                    role=Role.AGGREGATOR if j == 0 else Role.TRAINER,
+                    price_per_round_wei=10**14 + j,
+                    samples=100 + j,
+                    tx_hash=f"0x{len(made) + 1:064x}",
+                    block_number=task.created_block + 1,
+                )
+            )
+    Bid.objects.bulk_create(made, batch_size=2000)
+    if connection.vendor == "postgresql":
+        # What autovacuum does soon after a bulk load: the planner's statistics of the rows.
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)
     session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
@@ -251,6 +289,35 @@ def seed(*, tasks: int) -> dict[str, str]:
     session.create()
     token = Token.objects.create(user=user)
     return {"session": session.session_key, "token": token.key}
+
+
+def queries_per_request(
+    path: str, headers: dict[str, str], *, explain: bool = False
+) -> dict[str, Any]:
+    """The database queries one request for ``path`` makes, counted in this process with
+    Django's test client (a warm second request); with ``explain``, each query's plan on
+    PostgreSQL (EXPLAIN ANALYZE) printed."""
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext
+
+    client = Client(headers=headers, SERVER_NAME=HOST)
+    client.get(path)
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path)
+    if response.status_code != 200:
+        raise RuntimeError(f"{path} answered {response.status_code} in process")
+    sqls = [q["sql"] for q in captured.captured_queries]
+    if explain and connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            for sql in sqls:
+                cursor.execute("EXPLAIN ANALYZE " + sql)
+                plan = "\n    ".join(row[0] for row in cursor.fetchall())
+                print(f"\n{path}: {sql[:300]}\n    {plan}")
+    return {
+        "queries": len(sqls),
+        "query_ms": round(sum(float(q["time"]) for q in captured.captured_queries) * 1000, 2),
+    }
 
 
 def wait_for_port(port: int, server: subprocess.Popen, timeout: float) -> None:
@@ -297,13 +364,14 @@ def daphne(env: dict[str, str], port: int, log: Path) -> Iterator[None]:
                 server.wait()
 
 
-def check(url: str, headers: dict[str, str], expected: str) -> None:
+def check(url: str, headers: dict[str, str], expected: str) -> str:
     """One request first: a login page or an empty list would make the figures meaningless."""
     request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         body = response.read().decode()
     if response.status != 200 or expected not in body:
         raise RuntimeError(f"{url} did not answer as the seeded buyer (no {expected!r})")
+    return body
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,8 +391,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from django.db import connections
         from django.urls import reverse
 
-        login = seed(tasks=args.tasks)
-        page_path = reverse("task-list")
+        login = seed(tasks=args.tasks, bids=args.bids, devices=args.devices)
+        page_path, api_path = reverse("task-list"), "/api/tasks/"
+        page_headers = {"Cookie": f"sessionid={login['session']}"}
+        api_headers = {"Authorization": f"Token {login['token']}"}
+        counted = {
+            "task_list": queries_per_request(page_path, page_headers, explain=args.explain),
+            "api_tasks": queries_per_request(api_path, api_headers, explain=args.explain),
+        }
         connections.close_all()  # the throwaway database is dropped at the end
 
         port = free_port()
@@ -332,48 +406,55 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log = OUT.parent / "web-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with daphne(env, port, log):
-            check(base + page_path, {"Cookie": f"sessionid={login['session']}"}, "bench task")
-            check(
-                base + "/api/tasks/",
-                {"Authorization": f"Token {login['token']}"},
-                f'"count":{args.tasks}',
-            )
-            page = drive(base + page_path, {"Cookie": f"sessionid={login['session']}"}, args)
-            api = drive(base + "/api/tasks/", {"Authorization": f"Token {login['token']}"}, args)
+            check(base + page_path, page_headers, "bench task")
+            listed = check(base + api_path, api_headers, f'"count":{args.tasks}')
+            page = drive(base + page_path, page_headers, args)
+            api = drive(base + api_path, api_headers, args)
     engine = "postgresql" if database_url.startswith("postgres") else "sqlite"
     return {
-        "task_list": page,
-        "api_tasks": api,
+        "task_list": {**page, **counted["task_list"]},
+        "api_tasks": {**api, **counted["api_tasks"]},
         "setup": {
             "server": "daphne",
             "database": engine,
             "tasks": args.tasks,
+            "bids": args.bids,
+            "devices": args.devices,
             "page": page_path,
-            "api": "/api/tasks/",
-            "api_page_size": 25,
+            "api": api_path,
+            "page_size": len(json.loads(listed)["results"]),
         },
     }
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print(f"{'target':<10} {'requests':>8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6}")
+    print(
+        f"{'target':<10} {'requests':>8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
+        f"{'queries':>7}"
+    )
     for name in ("task_list", "api_tasks"):
         r = result[name]
         failed = sum(r["failures"].values())
         print(
             f"{name:<10} {r['requests']:>8} {r['rps']:>8.1f} {r['p50_ms'] or 0:>8.2f} "
-            f"{r['p99_ms'] or 0:>8.2f} {failed:>6}"
+            f"{r['p99_ms'] or 0:>8.2f} {failed:>6} {r['queries']:>7}"
         )
     setup = result["setup"]
     print(
-        f"({setup['tasks']} tasks, {setup['database']}, {setup['server']}, "
-        f"{result['task_list']['concurrency']} concurrent keep-alive connections)"
+        f"({setup['tasks']} tasks, {setup['bids']} bids, {setup['database']}, "
+        f"{setup['server']}, {result['task_list']['concurrency']} concurrent keep-alive "
+        "connections)"
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__)
     parser.add_argument("--tasks", type=int, default=TASKS)
+    parser.add_argument("--bids", type=int, default=BIDS)
+    parser.add_argument("--devices", type=int, default=DEVICES)
+    parser.add_argument(
+        "--explain", action="store_true", help="print each counted query's plan (PostgreSQL)"
+    )
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--requests", type=int, default=MAX_REQUESTS, help="per target, at most")
     parser.add_argument("--seconds", type=float, default=MAX_SECONDS, help="per target, at most")

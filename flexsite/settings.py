@@ -194,8 +194,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
-    "PAGE_SIZE": 25,
+    # Every list: ?page= and a ?page_size= bounded by marketplace.pagination.MAX_PAGE_SIZE.
+    "DEFAULT_PAGINATION_CLASS": "marketplace.pagination.FlexPagination",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # Client addresses for the throttles: the proxy's X-Forwarded-For entry when one is in
     # front, else the peer itself (DRF's default, None, believes any X-Forwarded-For).

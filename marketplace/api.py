@@ -25,10 +25,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from chain.client import DEFAULT_SAMPLE_CAP
+from marketplace import selectors
 from marketplace.devices import device_status
-from marketplace.models import Bid, Device, DeviceClass, Task, TaskState
+from marketplace.models import DeviceClass, TaskState
 from marketplace.permissions import DeviceSignatureAuthentication
-from marketplace.selectors import TaskViewList, task_view_get, task_views_of, task_visible
+from marketplace.selectors import TASK_LIST_SORTS, task_view_get
 from marketplace.serializers import (
     BidSerializer,
     DevicePublicSerializer,
@@ -93,19 +94,29 @@ class ApiAuthMixin:
 @extend_schema(
     tags=["tasks"],
     description=(
-        "Your own tasks, newest first (staff: every task); orders not yet mirrored from the "
-        "chain first, as state pending."
+        "Your own tasks (staff: every task), newest first unless ``sort`` says otherwise; "
+        "orders not yet mirrored from the chain first (last when oldest first), as state "
+        "pending."
     ),
-    parameters=[OpenApiParameter("state", enum=TaskState.values, required=False)],
+    parameters=[
+        OpenApiParameter("state", enum=TaskState.values, required=False),
+        OpenApiParameter("sort", enum=list(TASK_LIST_SORTS), required=False, default="newest"),
+    ],
 )
 class TaskListApi(ApiAuthMixin, generics.ListAPIView):
     serializer_class = TaskSummarySerializer
 
     def get_queryset(self):
         state = self.request.query_params.get("state")
+        sort = self.request.query_params.get("sort", "newest")
+        problems = {}
         if state is not None and state not in TaskState.values:
-            raise serializers.ValidationError({"state": [f"Must be one of {TaskState.values}."]})
-        return TaskViewList(user=self.request.user, state=state)
+            problems["state"] = [f"Must be one of {TaskState.values}."]
+        if sort not in TASK_LIST_SORTS:
+            problems["sort"] = [f"Must be one of {list(TASK_LIST_SORTS)}."]
+        if problems:
+            raise serializers.ValidationError(problems)
+        return selectors.task_view_list(user=self.request.user, state=state, sort=sort)
 
 
 @extend_schema(
@@ -136,13 +147,12 @@ class BidListApi(ApiAuthMixin, generics.ListAPIView):
     serializer_class = BidSerializer
 
     def get_queryset(self):
-        bids = Bid.objects.filter(task__in=task_visible(user=self.request.user))
         task = self.request.query_params.get("task")
-        if task is not None:
-            if not task.isdigit():
-                raise serializers.ValidationError({"task": ["Must be a task's id."]})
-            bids = bids.filter(task__chain_task_id=int(task))
-        return bids.select_related("task")
+        if task is not None and not (task.isascii() and task.isdigit()):
+            raise serializers.ValidationError({"task": ["Must be a task's id."]})
+        return selectors.bid_list(
+            user=self.request.user, task_id=int(task) if task is not None else None
+        )
 
 
 @extend_schema(tags=["bids"], responses={200: BidSerializer, 404: ERROR_SHAPE})
@@ -150,9 +160,7 @@ class BidDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
     serializer_class = BidSerializer
 
     def get_queryset(self):
-        return Bid.objects.filter(task__in=task_visible(user=self.request.user)).select_related(
-            "task"
-        )
+        return selectors.bid_get_queryset(user=self.request.user)
 
 
 class _DeviceSerializerMixin:
@@ -168,12 +176,14 @@ class _DeviceSerializerMixin:
     responses=DeviceStaffSerializer,
 )
 class DeviceListApi(ApiAuthMixin, _DeviceSerializerMixin, generics.ListAPIView):
-    queryset = Device.objects.select_related("join_token")
+    def get_queryset(self):
+        return selectors.device_list()
 
 
 @extend_schema(tags=["devices"], responses=DeviceStaffSerializer)
 class DeviceDetailApi(ApiAuthMixin, _DeviceSerializerMixin, generics.RetrieveAPIView):
-    queryset = Device.objects.select_related("join_token")
+    def get_queryset(self):
+        return selectors.device_list()
 
 
 @extend_schema(
@@ -188,10 +198,7 @@ class OpenTaskListApi(generics.ListAPIView):
     authentication_classes = [DeviceSignatureAuthentication, *ApiAuthMixin.authentication_classes]
 
     def get_queryset(self):
-        tasks = Task.objects.filter(
-            state=TaskState.BIDDING, bidding_ends__gt=timezone.now()
-        ).order_by("bidding_ends", "chain_task_id")
-        return task_views_of(tasks)
+        return selectors.open_task_list()
 
 
 @extend_schema(

@@ -86,18 +86,18 @@ def device_status(*, device: Device, check_dataplane: bool = True) -> dict[str, 
     bids = list(
         Bid.objects.filter(device=address).select_related("task").order_by("-task__chain_task_id")
     )
-    selected = {
-        s.task_id: s for s in SelectedNode.objects.filter(device=address).select_related("task")
-    }
+    # Rows read into dicts: no ordering, so no join to the task just to sort by it.
+    selected = {s.task_id: s for s in SelectedNode.objects.filter(device=address).order_by()}
     sent: dict[int, set[int]] = defaultdict(set)
-    for task_id, number in Update.objects.filter(trainer=address).values_list(
-        "task_id", "round_number"
+    for task_id, number in (
+        Update.objects.filter(trainer=address).order_by().values_list("task_id", "round_number")
     ):
         sent[task_id].add(number)
     paid: dict[int, int] = defaultdict(int)
     for task_id, amount in (
         Payout.objects.filter(account=address)
         .filter(reason__in=(PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY))
+        .order_by()
         .values_list("task_id", "amount_wei")
     ):
         paid[task_id] += int(amount)

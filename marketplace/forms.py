@@ -1,4 +1,5 @@
-"""The buyer website's forms: sign-up and the task form, with exact ETH amounts."""
+"""The buyer website's forms: sign-up and the task form, with exact ETH amounts, and the
+query strings of the pages that list."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from core.units import (
 from dataplane.addresses import DataPlaneUrlError, dataplane_url_check
 from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
-from marketplace.models import Device
+from marketplace.models import Device, TaskState
+from marketplace.selectors import TASK_LIST_SORTS
 from marketplace.validation import validation_set_upload
 from training import validation
 from training.aggregation import STRATEGIES
@@ -41,6 +43,40 @@ DEFAULT_BIDDING_WINDOW = timedelta(minutes=15)
 # only keep the inputs in a range the form can render.
 MAX_TRAINERS_INPUT = 10_000
 MAX_ROUND_TIMEOUT_MIN = 30 * 24 * 60
+
+
+# The task list's sorts as the page offers them, in selectors.TASK_LIST_SORTS's order.
+_SORT_LABELS = {
+    "newest": "Newest first",
+    "oldest": "Oldest first",
+    "bidding_ends": "Bidding ends soonest",
+}
+TASK_LIST_SORT_CHOICES = [(key, _SORT_LABELS.get(key, key)) for key in TASK_LIST_SORTS]
+
+
+class PageForm(forms.Form):
+    """A list page's number, from its query string (``?page=``; 1 when absent)."""
+
+    page = forms.IntegerField(required=False, min_value=1)
+
+    def page_number(self) -> int:
+        return self.cleaned_data["page"] or 1
+
+
+class TaskListFilterForm(PageForm):
+    """The task list's state filter, sort and page: what the page's links carry along."""
+
+    state = forms.ChoiceField(
+        required=False, choices=[("", "Any state"), *TaskState.choices], label="State"
+    )
+    sort = forms.ChoiceField(required=False, choices=TASK_LIST_SORT_CHOICES, label="Sort")
+
+    def selection(self) -> dict[str, str | None]:
+        """The selector's arguments (selectors.task_view_list)."""
+        return {
+            "state": self.cleaned_data["state"] or None,
+            "sort": self.cleaned_data["sort"] or "newest",
+        }
 
 
 class SignUpForm(UserCreationForm):

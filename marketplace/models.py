@@ -320,6 +320,17 @@ class Task(models.Model):
             models.CheckConstraint(condition=Q(rounds__gte=1), name="task_rounds_positive"),
             models.CheckConstraint(condition=Q(budget_wei__gt=0), name="task_budget_positive"),
         ]
+        indexes = [
+            # A buyer's task list, a page at a time by chain id (either way), all or by state.
+            models.Index(fields=["buyer", "chain_task_id"], name="task_buyer_by_id"),
+            models.Index(fields=["buyer", "state", "chain_task_id"], name="task_buyer_state_by_id"),
+            # The tasks open for bids, soonest deadline first (devices poll it).
+            models.Index(
+                fields=["bidding_ends", "chain_task_id"],
+                condition=Q(state="bidding"),
+                name="task_open_by_deadline",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Task {self.chain_task_id}"
@@ -351,6 +362,8 @@ class Bid(ChainRecord):
         constraints = [
             models.UniqueConstraint(fields=["task", "device"], name="bid_one_per_device")
         ]
+        # A device's page and status read its bids across every task.
+        indexes = [models.Index(fields=["device"], name="bid_by_device")]
 
     def __str__(self) -> str:
         return f"{self.role} bid by {self.device} on {self.task}"
@@ -370,6 +383,7 @@ class SelectedNode(ChainRecord):
         constraints = [
             models.UniqueConstraint(fields=["task", "device"], name="selected_once_per_task")
         ]
+        indexes = [models.Index(fields=["device"], name="selected_by_device")]
 
     def __str__(self) -> str:
         return f"{self.role} {self.device} of {self.task}"
@@ -419,6 +433,7 @@ class Update(ChainRecord):
                 fields=["task", "round_number", "trainer"], name="update_once_per_round"
             )
         ]
+        indexes = [models.Index(fields=["trainer"], name="update_by_trainer")]
 
     def __str__(self) -> str:
         return f"update of {self.trainer} in {self.task} round {self.round_number}"

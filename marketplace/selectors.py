@@ -1,4 +1,5 @@
-"""Marketplace reads: who may see a task, a task as the website shows it, and sync status."""
+"""Marketplace reads: who may see a task, a task as the website shows it, lists of tasks, bids
+and devices a page at a time, and sync status."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+from eth_utils import is_hex_address, to_checksum_address
 
 from marketplace.models import (
+    Bid,
     ChainCursor,
     ChainEventRecord,
+    Device,
     PayoutReason,
     Task,
     TaskOrder,
@@ -40,7 +46,10 @@ def task_visible(*, user) -> QuerySet[Task]:
 def _orders_pending(*, user) -> QuerySet[TaskOrder]:
     """Orders the viewer may see (by the same rule) whose task is not mirrored yet."""
     staff, pk = _viewer(user)
-    orders = TaskOrder.objects.exclude(created_tx__in=Task.objects.values("created_tx"))
+    # NOT EXISTS: an anti-join on the task's created_tx index, not a scan of every task.
+    orders = TaskOrder.objects.filter(
+        ~Exists(Task.objects.filter(created_tx=OuterRef("created_tx")))
+    )
     if staff:
         return orders
     return orders.filter(buyer_id=pk) if pk is not None else TaskOrder.objects.none()
@@ -200,7 +209,10 @@ class TaskView:
 
     @property
     def bid_count(self) -> int:
-        return 0 if self.task is None else self.task.bids.count()
+        if self.task is None:
+            return 0
+        counted = getattr(self.task, "bid_total", None)  # annotated by open_task_list
+        return counted if counted is not None else self.task.bids.count()
 
     @property
     def refund_wei(self) -> int | None:
@@ -242,33 +254,127 @@ def task_views_by_id(*, chain_task_ids: Iterable[int]) -> list[TaskView]:
     return views
 
 
-class TaskViewList(Sequence):
-    """The tasks a user may see as TaskViews, newest first, for a paginator: the orders not
-    mirrored yet (few, and the newest), then the mirrored tasks, read one page at a time."""
+# How a task list may be sorted: the key a page or API call names -> the mirrored tasks'
+# ordering. Orders not mirrored yet are the newest: first, except oldest first.
+TASK_LIST_SORTS: dict[str, tuple[str, ...]] = {
+    "newest": ("-chain_task_id",),
+    "oldest": ("chain_task_id",),
+    "bidding_ends": ("bidding_ends", "chain_task_id"),
+}
 
-    def __init__(self, *, user, state: str | None = None) -> None:
-        self.pending: list[TaskOrder] = []
-        if state in (None, TaskState.PENDING):
-            self.pending = list(_orders_pending(user=user).order_by("-created_at"))
-        tasks = task_visible(user=user).select_related("buyer").order_by("-chain_task_id")
-        if state == TaskState.PENDING:
-            tasks = tasks.none()
-        elif state is not None:
-            tasks = tasks.filter(state=state)
-        self.tasks = tasks
+
+class TaskViewPages(Sequence):
+    """Tasks of a queryset as TaskViews, read one slice at a time (a paginator's page): a
+    count, then per slice the tasks with their buyers and their orders, two queries."""
+
+    def __init__(self, tasks: QuerySet[Task]) -> None:
+        self.tasks = tasks.select_related("buyer")
+
+    @functools.cached_property
+    def _count(self) -> int:
+        return self.tasks.count()
 
     def __len__(self) -> int:
-        return len(self.pending) + self.tasks.count()
+        return self._count
 
     def __getitem__(self, index):
         if not isinstance(index, slice):
             return self[index : index + 1][0]
         start, stop, _ = index.indices(len(self))
-        views = [TaskView(task=None, order=o) for o in self.pending[start:stop]]
-        first, last = max(start - len(self.pending), 0), max(stop - len(self.pending), 0)
-        if last > first:
-            views += task_views_of(self.tasks[first:last])
+        return task_views_of(self.tasks[start:stop]) if stop > start else []
+
+
+class TaskViewList(Sequence):
+    """The tasks a user may see as TaskViews, for a paginator: the orders not mirrored yet
+    (few, and the newest: first, or last when sorted oldest first) beside the mirrored tasks,
+    which are read one page at a time."""
+
+    def __init__(self, *, user, state: str | None = None, sort: str = "newest") -> None:
+        self.pending: list[TaskOrder] = []
+        if state in (None, TaskState.PENDING):
+            newest_first = sort != "oldest"
+            orders = _orders_pending(user=user).select_related("buyer")
+            self.pending = list(
+                orders.order_by("-created_at" if newest_first else "created_at", "-pk")
+            )
+        tasks = task_visible(user=user).order_by(*TASK_LIST_SORTS[sort])
+        if state == TaskState.PENDING:
+            tasks = tasks.none()
+        elif state is not None:
+            tasks = tasks.filter(state=state)
+        self.mirrored = TaskViewPages(tasks)
+        self.pending_first = sort != "oldest"
+
+    def __len__(self) -> int:
+        return len(self.pending) + len(self.mirrored)
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice):
+            return self[index : index + 1][0]
+        start, stop, _ = index.indices(len(self))
+        # The two parts one after the other: each is sliced at the offset of the first.
+        parts = [
+            [TaskView(task=None, order=o) for o in self.pending],
+            self.mirrored,
+        ]
+        if not self.pending_first:
+            parts.reverse()
+        views: list[TaskView] = []
+        offset = 0
+        for part in parts:
+            first, last = max(start - offset, 0), min(max(stop - offset, 0), len(part))
+            if last > first:
+                views += part[first:last]
+            offset += len(part)
         return views
+
+
+def task_view_list(*, user, state: str | None = None, sort: str = "newest") -> TaskViewList:
+    """The tasks ``user`` may see (task_visible), optionally in one state, sorted by one of
+    TASK_LIST_SORTS; sliced by a paginator, each page costs a fixed number of queries."""
+    if sort not in TASK_LIST_SORTS:
+        raise ValueError(f"sort must be one of {sorted(TASK_LIST_SORTS)}, not {sort!r}")
+    return TaskViewList(user=user, state=state, sort=sort)
+
+
+def open_task_list() -> TaskViewPages:
+    """Tasks open for bids now, soonest deadline first, each with its number of bids."""
+    tasks = Task.objects.filter(state=TaskState.BIDDING, bidding_ends__gt=timezone.now())
+    # A subquery per listed task, run for the page's rows only (a join would count the bids
+    # of every open task, and the page's count() leaves an unused subquery out).
+    bids = Bid.objects.filter(task=OuterRef("pk")).order_by().values("task")
+    counted = Coalesce(Subquery(bids.annotate(n=Count("pk")).values("n")), 0)
+    tasks = tasks.annotate(bid_total=counted).order_by("bidding_ends", "chain_task_id")
+    return TaskViewPages(tasks)
+
+
+# ---------------------------------------------------------------- bids and devices
+
+
+def bid_list(*, user, task_id: int | None = None) -> QuerySet[Bid]:
+    """Bids on the tasks ``user`` may see (task_visible), optionally on one task (its id on
+    chain), newest task first and in bid order within a task."""
+    bids = Bid.objects.filter(task__in=task_visible(user=user))
+    if task_id is not None:
+        bids = bids.filter(task__chain_task_id=task_id)
+    return bids.select_related("task").order_by("-task__chain_task_id", "bid_index")
+
+
+def bid_get_queryset(*, user) -> QuerySet[Bid]:
+    """The bids ``user`` may see one by one (by primary key)."""
+    return Bid.objects.filter(task__in=task_visible(user=user)).select_related("task")
+
+
+def device_list() -> QuerySet[Device]:
+    """Enrolled devices in enrolment order, with the join token each used."""
+    return Device.objects.select_related("join_token").order_by("id")
+
+
+def device_get(*, address: str) -> Device | None:
+    """The enrolled device at ``address`` (any letter case), or None."""
+    if not is_hex_address(address):
+        return None
+    return Device.objects.filter(address=to_checksum_address(address)).first()
 
 
 def chain_cursor_get(*, contract_address: str) -> ChainCursor | None:

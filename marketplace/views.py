@@ -10,6 +10,7 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -19,8 +20,17 @@ from core.errors import FlexError
 from core.units import wei_to_eth
 from marketplace import contract, devices, estimates, selectors, services, wallets
 from marketplace.estimates import CostEstimate
-from marketplace.forms import PRESETS, EstimateForm, SignUpForm, TaskForm, WithdrawForm, explain
-from marketplace.models import Device, Wallet
+from marketplace.forms import (
+    PRESETS,
+    EstimateForm,
+    PageForm,
+    SignUpForm,
+    TaskForm,
+    TaskListFilterForm,
+    WithdrawForm,
+    explain,
+)
+from marketplace.models import Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
     NotTaskBuyerError,
@@ -33,6 +43,8 @@ from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
 
+# Rows per page of the website's lists (the task list, a device's tasks).
+LIST_PAGE_SIZE = 25
 # What the form's estimate starts from before the buyer types anything: the form's defaults.
 _ESTIMATE_DEFAULTS = {
     name: TaskForm.base_fields[name].initial for name in ("rounds", "min_trainers", "max_trainers")
@@ -141,10 +153,42 @@ def wallet_fund(request):
     return redirect("wallet")
 
 
+def _page(request, template: str, items, filters, context: dict):
+    """Render ``template`` with one page of ``items`` (the page ``filters`` names) as
+    ``tasks``, the page as ``page_obj`` and its numbered links as ``page_range``; 404 naming
+    the last page for one past it."""
+    paginator = Paginator(items, LIST_PAGE_SIZE)
+    number = filters.page_number()
+    if number > paginator.num_pages:
+        filters.add_error(
+            "page",
+            f"There is no page {number}: the last is page {paginator.num_pages}.",
+        )
+        return render(request, template, {**context, "filters": filters}, status=404)
+    page = paginator.page(number)
+    return render(
+        request,
+        template,
+        {
+            **context,
+            "filters": filters,
+            "page_obj": page,
+            "tasks": page.object_list,
+            "page_range": paginator.get_elided_page_range(number, on_each_side=2, on_ends=1),
+        },
+    )
+
+
 @login_required
 def task_list(request):
-    tasks = selectors.TaskViewList(user=request.user)[:]
-    return render(request, "marketplace/task_list.html", {"tasks": tasks})
+    """The tasks the user may see, a page at a time, by state and in the sort asked for; the
+    page links keep both in the query string."""
+    filters = TaskListFilterForm(request.GET)
+    if not filters.is_valid():
+        return render(request, "marketplace/task_list.html", {"filters": filters}, status=400)
+    tasks = selectors.task_view_list(user=request.user, **filters.selection())
+    filtered = filters.selection() != {"state": None, "sort": "newest"}
+    return _page(request, "marketplace/task_list.html", tasks, filters, {"filtered": filtered})
 
 
 def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:
@@ -251,11 +295,16 @@ def device_owner_pass(request):
 def device_page(request, address: str):
     """A device's work and pay, for its owner (a signed link) and staff; 404 for anyone else,
     so others cannot tell which devices are enrolled."""
-    device = Device.objects.filter(address__iexact=address).first()
+    device = selectors.device_get(address=address)
     until = request.session.get(devices.OWNED_SESSION_KEY, {}).get(device.address if device else "")
     if device is None or not (request.user.is_staff or (until and until > time.time())):
         raise Http404("No such device.")
-    return render(request, "marketplace/device.html", {"st": devices.device_status(device=device)})
+    status = devices.device_status(device=device)
+    filters = PageForm(request.GET)
+    if not filters.is_valid():
+        context = {"st": status, "filters": filters}
+        return render(request, "marketplace/device.html", context, status=400)
+    return _page(request, "marketplace/device.html", status["tasks"], filters, {"st": status})
 
 
 def _task_view(request, pk: int) -> TaskView:

@@ -1,0 +1,118 @@
+"""Pages and API reads cost the same number of database queries with 3 tasks as with 30, and
+with 1 bid per task as with 3: every list is read a page at a time, nothing row by row."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from eth_account import Account
+
+from chain.events import Role
+from marketplace.sync import chain_sync
+from tests.conftest import MIN_PRICE_WEI
+from tests.marketplace.buyers import client_for
+from tests.marketplace.people import buyer_signup, device_enrol, task_post
+
+pytestmark = pytest.mark.django_db
+
+
+class Market:
+    """A buyer's tasks and devices' bids on them, made through the services and the chain and
+    mirrored by chain sync, with one order more that sync has not seen (state pending)."""
+
+    def __init__(self, market) -> None:
+        self.market = market
+        self.buyer = buyer_signup("ada")
+        self.aggregator = Account.create()
+        device_enrol(self.aggregator, name="gpu-box", may_aggregate=True)
+        self.trainers = [Account.create() for _ in range(2)]
+        for i, account in enumerate(self.trainers):
+            device_enrol(account, name=f"phone-{i}")
+        self.task_ids: list[int] = []
+        self.bids: set[tuple[int, str]] = set()
+        self.pending: int | None = None
+
+    def grow(self, *, tasks: int, bidders: int) -> None:
+        """``tasks`` mirrored tasks (the order left pending last time among them), each with
+        bids from the first ``bidders`` devices, the aggregator first; then one order more."""
+        if self.pending is not None:
+            self.task_ids.append(self.pending)
+        while len(self.task_ids) < tasks:
+            self.task_ids.append(task_post(self.buyer, title="posted").chain_task_id)
+        devices = [(self.aggregator, Role.AGGREGATOR)] + [(t, Role.TRAINER) for t in self.trainers]
+        for task_id in self.task_ids:
+            for account, role in devices[:bidders]:
+                if (task_id, account.address) not in self.bids:
+                    self.market.place_bid(
+                        sender=account,
+                        task_id=task_id,
+                        price_per_round_wei=MIN_PRICE_WEI,
+                        samples=100,
+                        role=role,
+                    )
+                    self.bids.add((task_id, account.address))
+        assert chain_sync().status == "synced"
+        self.pending = task_post(self.buyer, title="not mirrored yet").chain_task_id
+
+
+def queries(client, path: str, **params) -> int:
+    """The number of queries one request for ``path`` makes (it must answer 200)."""
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path, params)
+    assert response.status_code == 200, (path, response.content[:300])
+    return len(captured.captured_queries)
+
+
+def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
+    platform_market, chain_rewound, admin_user
+):
+    world = Market(platform_market)
+    buyer_page, staff_page = Client(), Client()
+    buyer_page.force_login(world.buyer)
+    staff_page.force_login(admin_user)
+    buyer_api, staff_api = client_for(world.buyer), client_for(admin_user)
+
+    def measure() -> dict[str, int]:
+        newest = world.task_ids[-1]
+        device = world.aggregator.address
+        reads = {
+            "task list page": (buyer_page, reverse("task-list"), {}),
+            "task list page, filtered and sorted": (
+                buyer_page,
+                reverse("task-list"),
+                {"state": "bidding", "sort": "oldest"},
+            ),
+            "task detail page": (buyer_page, reverse("task-detail", args=[newest]), {}),
+            "model card": (buyer_page, reverse("task-model", args=[newest]), {}),
+            "device page": (staff_page, reverse("device-page", args=[device]), {}),
+            "API task list": (buyer_api, "/api/tasks/", {}),
+            "API task detail": (buyer_api, f"/api/tasks/{newest}/", {}),
+            "API bid list": (buyer_api, "/api/bids/", {}),
+            "API bids of a task": (buyer_api, "/api/bids/", {"task": newest}),
+            "API open tasks": (buyer_api, "/api/open-tasks/", {}),
+            "API devices": (staff_api, "/api/devices/", {}),
+        }
+        for client, path, params in reads.values():  # first requests fill Django's caches
+            queries(client, path, **params)
+        return {name: queries(c, path, **params) for name, (c, path, params) in reads.items()}
+
+    world.grow(tasks=3, bidders=1)
+    small = measure()
+    world.grow(tasks=30, bidders=3)
+    large = measure()
+
+    assert large == small
+    # The large world really is larger where it is read: full pages, more bids per task.
+    listed = buyer_api.get("/api/tasks/").json()
+    assert (listed["count"], len(listed["results"])) == (31, 25)
+    assert len(buyer_api.get(f"/api/tasks/{world.task_ids[-1]}/").json()["bids"]) == 3
+    assert buyer_api.get("/api/bids/").json()["count"] == 90
+    device_page = reverse("device-page", args=[world.aggregator.address])
+    assert staff_page.get(device_page).context["st"]["bids"] == 30
+    # The second page of each list costs what the first does.
+    assert queries(buyer_page, reverse("task-list"), page=2) == small["task list page"]
+    assert queries(buyer_api, "/api/tasks/", page=2) == small["API task list"]
+    assert queries(staff_page, device_page, page=2) == small["device page"]
