@@ -43,12 +43,9 @@ def scale_plot(tasks: Sequence[dict], path: Path, *, devices: int):
     trainers = [t["trainers"] for t in tasks]
     fig = Figure(figsize=(9, 4), layout="constrained")
     time_ax, gas_ax = fig.subplots(1, 2)
-    time_ax.plot(trainers, [t["round_s"] for t in tasks], "o-", label="steady round")
-    time_ax.plot(
-        trainers, [t["posted_to_round_1_s"] for t in tasks], "s--", label="posted to round 1"
-    )
-    time_ax.set(xlabel="trainers", ylabel="seconds per round", title="Round time")
-    time_ax.legend()
+    # Steady rounds only: the time to round 1 is mostly the bidding window, sized to the fleet.
+    time_ax.plot(trainers, [t["round_s"] for t in tasks], "o-")
+    time_ax.set(xlabel="trainers", ylabel="seconds per round", title="Round time (steady)")
     gas_ax.plot(trainers, [t["gas_per_round"] / 1e6 for t in tasks], "o-", color="tab:red")
     gas_ax.set(xlabel="trainers", ylabel="million gas per round", title="Gas per round")
     for ax in (time_ax, gas_ax):
