@@ -323,7 +323,9 @@ def stack(
         wait_for(
             f"consumers on {len(queues)} queues",
             lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
-            timeout=180,
+            # Each home loads its key, data and data plane first: a simulated fleet of a
+            # thousand takes minutes on a busy machine.
+            timeout=180 + 2 * len(homes),
             sup=sup,
         )
         yield {
