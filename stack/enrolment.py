@@ -27,7 +27,7 @@ from worker.keys import LIGHT_SCRYPT_N, key_load_or_create
 ROOT = Path(__file__).resolve().parent.parent
 # Enough requests in flight to keep the web server and the chain busy on two cores; more only
 # queue up behind the platform's one registrar account.
-ENROL_THREADS = 8
+ENROL_THREADS = 4
 # Data-plane ports live below Linux's ephemeral range (32768+), which the kernel never hands
 # out for outgoing connections: a device keeps its port across restarts of the stack.
 PORTS = range(20000, 32000)

@@ -4,19 +4,24 @@ web server, registration on chain) run in one process for many homes side by sid
 from __future__ import annotations
 
 import io
+import logging
+import threading
+import time
 from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from eth_account import Account
 
 from chain.events import DeviceClass, DeviceStatus
+from marketplace import contract
 from marketplace.models import Device, JoinToken, token_digest
 from marketplace.services import join_token_issue, join_token_revoke
 from marketplace.sync import chain_sync
 from stack.enrolment import PORTS, LocalDevice, PortPicker, enrol_all
 from worker import config as device_config
-from worker.config import KEYSTORE_FILE, Partition
-from worker.join import JoinError
+from worker.config import KEYSTORE_FILE, BidPolicy, Partition
+from worker.join import JoinError, join
 from worker.keys import key_load
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -108,6 +113,39 @@ def test_a_refused_token_fails_the_enrolment_with_the_platform_reason(
     address = key_load(path=devices[refused] / KEYSTORE_FILE, passphrase=PASSPHRASE).address
     assert platform_market.device(device=address).status == DeviceStatus.NONE
     assert not Device.objects.filter(name=refused.name).exists()
+
+
+def test_a_busy_platform_is_asked_again_until_it_registers_the_device(
+    live_server, tmp_path, platform_market, caplog
+):
+    caplog.set_level(logging.INFO, logger="worker.join")
+    issued = join_token_issue(label="late", ttl=timedelta(minutes=10))
+    account, joined = Account.create(), {}
+
+    def enrol():
+        joined["config"] = join(
+            server_url=live_server.url,
+            token=issued.raw,
+            account=account,
+            home=tmp_path / "late",
+            name="late",
+            device_class="cpu",
+            policy=BidPolicy(price_per_round_wei=2 * 10**14),
+        )
+
+    # Another platform transaction holds the registrar until the platform has answered busy.
+    with contract.platform_account_lock():
+        device = threading.Thread(target=enrol)
+        device.start()
+        deadline = time.monotonic() + 300
+        while "busy registering other devices" not in caplog.text:
+            assert device.is_alive(), "the join ended before the platform was busy"
+            assert time.monotonic() < deadline, "the platform never answered busy"
+            time.sleep(0.5)
+    device.join(timeout=300)
+
+    assert joined["config"].address == account.address
+    assert platform_market.device(device=account.address).status == DeviceStatus.ACTIVE
 
 
 def test_port_picker_never_hands_out_a_port_twice_nor_one_a_device_holds():
