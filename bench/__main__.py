@@ -1,6 +1,7 @@
 """`make bench`: run every benchmark, each in its own process, and print where results went.
 
-Each part writes var/bench/<part>.json and prints its own table; a part that misses its
+Each part writes var/bench/<part>.json and prints its own table (options after a single
+part's name go to it: `python -m bench scale --quick`); a part that misses its
 target or fails makes the whole run exit non-zero, after the other parts have run.
 """
 
@@ -19,7 +20,9 @@ PARTS = ("gas", "verify", "aggregation", "sync", "web", "e2e", "scale", "load")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)}")
-    args = parser.parse_args(argv)
+    args, options = parser.parse_known_args(argv)
+    if options and len(args.parts) != 1:
+        parser.error(f"options {' '.join(options)} go to one part: name exactly one")
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         parser.error(f"unknown part(s): {', '.join(unknown)}")
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in parts:
         print(f"\n=== bench: {part} ===", flush=True)
         started = time.monotonic()
-        code = subprocess.call([sys.executable, "-m", f"bench.{part}"], cwd=ROOT)
+        code = subprocess.call([sys.executable, "-m", f"bench.{part}", *options], cwd=ROOT)
         results.append((part, code, time.monotonic() - started))
     print("\n=== bench summary ===")
     print(f"{'part':<12} {'result':<8} {'seconds':>8}  file")

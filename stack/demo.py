@@ -49,6 +49,7 @@ def follow_task(
     round_timeout_s: int,
     kill_in_round: int | None = None,
     timeout_s: float = 600,
+    bidding_window_s: int = BIDDING_WINDOW_S,
 ) -> dict:
     """Post a task as the demo buyer on a running stack and follow it to a downloaded,
     verified model; returns the summary (also written to ``out``/summary.json).
@@ -84,12 +85,12 @@ def follow_task(
         budget_wei=budget_wei,
         min_trainers=trainers,
         max_trainers=trainers,
-        bidding_window_s=BIDDING_WINDOW_S,
+        bidding_window_s=bidding_window_s,
         round_timeout_s=round_timeout_s,
     )
     say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
     say(
-        f"bidding is open for {BIDDING_WINDOW_S} s: devices bid within about a second, the "
+        f"bidding is open for {bidding_window_s} s: devices bid within about a second, the "
         "rest is margin for a busy machine"
     )
     # The platform's chain sync mirrors the task from its TaskCreated event.

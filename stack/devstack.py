@@ -13,15 +13,12 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,27 +26,19 @@ import requests
 
 from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, url_with, vhost_of
 from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
+from stack.enrolment import (
+    Enrolment,
+    LocalDevice,
+    PortPicker,
+    enrol_all,
+    ports_held,
+    tokens_issue,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # The local devices' keystores share one passphrase: this stack is a development platform.
 LOCAL_PASSPHRASE = "flex-local-devices"
-
-
-@dataclass(frozen=True)
-class LocalDevice:
-    """One of the local stack's devices: its class, prices and slice of the digits set."""
-
-    name: str
-    device_class: str
-    price_wei: int
-    partition: int | None = None
-    aggregator_price_wei: int | None = None
-    partitions: int = 5
-
-    @property
-    def aggregator(self) -> bool:
-        return self.aggregator_price_wei is not None
 
 
 TRAINERS = 5
@@ -165,49 +154,14 @@ def enrolled(home: Path) -> bool:
     return (home / "device.json").exists()
 
 
-def listening_port() -> int:
-    """A free port below Linux's ephemeral range (32768+), which the kernel never hands out
-    for outgoing connections: a device keeps it across restarts of the stack."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise SystemExit("error: no free port between 20000 and 32000 for a device's data plane")
+def _names(devices: Sequence[LocalDevice], most: int = 6) -> str:
+    shown = ", ".join(d.name for d in devices[:most])
+    return shown + (f" and {len(devices) - most} more" if len(devices) > most else "")
 
 
 def enrol(device: LocalDevice, *, home: Path, web_url: str, env: dict[str, str]) -> None:
-    args = [device.name, "--hours", "1"] + (["--aggregator"] if device.aggregator else [])
-    token = manage("issue_join_token", *args, env=env, capture=True).splitlines()[-1]
-    cmd = [
-        PY,
-        "-m",
-        "worker",
-        "join",
-        web_url,
-        token,
-        "--home",
-        str(home),
-        "--name",
-        device.name,
-        "--class",
-        device.device_class,
-        "--price-wei",
-        str(device.price_wei),
-        "--no-start",
-        "--light-key",
-        "--dataplane-port",
-        str(listening_port()),
-    ]
-    if device.aggregator:
-        cmd += ["--aggregator-price-wei", str(device.aggregator_price_wei)]
-    if device.partition is not None:
-        cmd += ["--partition", f"{device.partition}/{device.partitions}"]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    """Enrol one device through the real join flow (a join token, then `worker join`'s steps)."""
+    enrol_all({device: home}, web_url=web_url, env=env)
 
 
 @contextlib.contextmanager
@@ -218,12 +172,18 @@ def stack(
     devices: tuple[LocalDevice, ...] = LOCAL_DEVICES,
     homes_per_worker: int = 1,
     ephemeral: bool = False,
+    enrol_waves: Sequence[int] = (),
 ) -> Iterator[dict]:
     """Bring the whole platform up; yield what a client needs; tear it all down on exit.
 
     ``homes_per_worker`` > 1 is the simulation mode: one worker process serves several
     device identities (each with its own key, store and data-plane server). ``ephemeral``
     deletes the stack's broker vhost at the end (a benchmark's throwaway stack).
+
+    Devices not enrolled yet are enrolled in this process, several at a time, through the
+    web server and the chain; ``enrol_waves`` (say 10, 100) enrols that many first, one wave
+    after the other, then the rest, and ``up["enrolments"]`` says how long each wave took
+    (their join tokens are issued before, all at once: ``up["join_tokens"]``).
     """
     # Where the web server and the chain listen, and the URL devices enrol at: loopback unless
     # the operator sets them (devices on other hosts need an address they can reach).
@@ -289,13 +249,24 @@ def stack(
         wait_for(
             "the web server", lambda: requests.get(web_url, timeout=2).status_code < 500, sup=sup
         )
-        homes = {}
-        for device in devices:
-            home = var / "devices" / device.name
-            homes[device.name] = home
-            if not enrolled(home):
-                say(f"enrolling device {device.name} ({device.device_class}) with a join token")
-                enrol(device, home=home, web_url=web_url, env=env)
+        homes = {d.name: var / "devices" / d.name for d in devices}
+        todo = [d for d in devices if not enrolled(homes[d.name])]
+        enrolments: list[Enrolment] = []
+        ports = PortPicker(ports_held(homes.values()))
+        started = time.perf_counter()
+        tokens = tokens_issue(todo, env=env) if todo else {}
+        issued = Enrolment(devices=len(tokens), seconds=time.perf_counter() - started)
+        if tokens:
+            say(f"issued {issued.devices} join tokens in {issued.seconds:.1f} s")
+        for size in [*enrol_waves, len(todo)]:
+            wave, todo = todo[:size], todo[size:]
+            if not wave:
+                continue
+            say(f"enrolling {len(wave)} device(s) with join tokens: {_names(wave)}")
+            wave_homes = {d: homes[d.name] for d in wave}
+            done = enrol_all(wave_homes, web_url=web_url, env=env, ports=ports, tokens=tokens)
+            say(f"enrolled {done.devices} in {done.seconds:.1f} s ({done.per_device_s:.3f} s each)")
+            enrolments.append(done)
         # Devices enrolled by an earlier run keep their credentials; the broker may be new.
         manage("broker_grant_devices", env=env)
         buyer = json.loads(manage("demo_buyer", env=env, capture=True).splitlines()[-1])
@@ -333,22 +304,28 @@ def stack(
                 "INFO",
             ],
         )
-        names = list(homes)
-        for i in range(0, len(names), homes_per_worker):
-            group = names[i : i + homes_per_worker]
+        # An aggregator has a process of its own: in a simulation its round's work must not
+        # queue behind the training of the devices it would share a process with.
+        trainers = [d.name for d in devices if not d.aggregator]
+        groups = [[d.name] for d in devices if d.aggregator] + [
+            trainers[i : i + homes_per_worker] for i in range(0, len(trainers), homes_per_worker)
+        ]
+        for i, group in enumerate(groups):
             args = [a for n in group for a in ("--home", str(homes[n]))]
             # One device, its own broker user (at the broker's address of this run: a private
             # one gets a free port); several in one process (a simulation), the platform's.
             url = url_with(_config(homes[group[0]])["broker_url"], host=broker_host)
             cmd = [PY, "-m", "worker", "start", *args, "--broker-url"]
             cmd.append(url if len(group) == 1 else env["FLEX_BROKER_URL"])
-            sup.start(group[0] if len(group) == 1 else f"devices-{i // homes_per_worker}", cmd)
+            sup.start(group[0] if len(group) == 1 else f"devices-{i}", cmd)
         # Work posted before the workers listen would wait in the broker past its deadlines.
         queues = ["platform", *(_config(h)["queues"][0] for h in homes.values())]
         wait_for(
             f"consumers on {len(queues)} queues",
             lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
-            timeout=180,
+            # Each home loads its key, data and data plane first: a simulated fleet of a
+            # thousand takes minutes on a busy machine.
+            timeout=180 + 2 * len(homes),
             sup=sup,
         )
         yield {
@@ -358,6 +335,8 @@ def stack(
             "supervisor": sup,
             "homes": homes,
             "env": env,
+            "enrolments": enrolments,
+            "join_tokens": issued,
         }
     finally:
         say("stopping every process")

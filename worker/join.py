@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import requests
@@ -17,6 +18,9 @@ from worker import config as config_mod
 from worker.config import TLS_DIR, BidPolicy, DeviceConfig, Partition
 
 log = logging.getLogger(__name__)
+
+# The platform's code for "another platform transaction is in flight; try again shortly".
+PLATFORM_BUSY = "platform_busy"
 
 
 class JoinError(FlexError):
@@ -44,6 +48,23 @@ def _post(url: str, payload: dict, *, timeout: float) -> dict:
     return body
 
 
+def _enrol(base: str, *, token: str, account: LocalAccount, timeout: float, fields: dict) -> dict:
+    """One round of the join protocol: a challenge for the token, signed, then registration."""
+    challenge = _post(f"{base}/api/join/challenge/", {"token": token}, timeout=timeout)
+    text = join_message(challenge=challenge["challenge"], address=account.address)
+    signature = account.sign_message(encode_defunct(text=text)).signature
+    return _post(
+        f"{base}/api/join/complete/",
+        {
+            "token": token,
+            "address": account.address,
+            "signature": "0x" + bytes(signature).hex(),
+            **fields,
+        },
+        timeout=timeout,
+    )
+
+
 def join(
     *,
     server_url: str,
@@ -59,7 +80,9 @@ def join(
     dataplane_port: int = 0,
     dataplane_url: str | None = None,
     eth_rpc_url: str | None = None,
-    timeout: float = 30.0,
+    # Longer than the platform waits for its registrar account (30 s) before answering busy.
+    timeout: float = 90.0,
+    busy_retries: int = 8,
 ) -> DeviceConfig:
     """Prove possession of ``account``'s key, have the platform register it on chain with
     where its data plane is, and write the device's config under ``home``.
@@ -68,8 +91,9 @@ def join(
     is advertised at ``dataplane_url`` (by default ``https://dataplane_host:port``, which
     needs a host peers can reach). Its TLS certificate is made here, under ``home``; the
     platform records its fingerprint for peers to pin. ``eth_rpc_url`` replaces the chain URL
-    the platform advertises, for a device that reaches the node another way. Raises JoinError
-    with the platform's reason.
+    the platform advertises, for a device that reaches the node another way. While the
+    platform answers that it is busy registering other devices, it is asked again up to
+    ``busy_retries`` times. Raises JoinError with the platform's reason.
     """
     base = server_url.rstrip("/")
     port = dataplane_port or free_port()
@@ -83,29 +107,30 @@ def join(
         shown = f"[{dataplane_host}]" if ":" in dataplane_host else dataplane_host
         dataplane_url = f"https://{shown}:{port}"
     certificate = node_certificate(home / TLS_DIR, common_name=account.address)
-    challenge = _post(f"{base}/api/join/challenge/", {"token": token}, timeout=timeout)
-    text = join_message(challenge=challenge["challenge"], address=account.address)
-    signature = account.sign_message(encode_defunct(text=text)).signature
-    enrolled = _post(
-        f"{base}/api/join/complete/",
-        {
-            "token": token,
-            "address": account.address,
-            "signature": "0x" + bytes(signature).hex(),
-            "name": name,
-            "device_class": device_class,
-            "dataplane_url": dataplane_url,
-            "dataplane_cert_sha256": certificate.sha256,
-            # For buyers' cost estimates until the device bids (wei as exact strings).
-            "price_per_round_wei": str(policy.price_per_round_wei),
-            "aggregator_price_per_round_wei": (
-                None
-                if policy.aggregator_price_per_round_wei is None
-                else str(policy.aggregator_price_per_round_wei)
-            ),
-        },
-        timeout=timeout,
-    )
+    fields = {
+        "name": name,
+        "device_class": device_class,
+        "dataplane_url": dataplane_url,
+        "dataplane_cert_sha256": certificate.sha256,
+        # For buyers' cost estimates until the device bids (wei as exact strings).
+        "price_per_round_wei": str(policy.price_per_round_wei),
+        "aggregator_price_per_round_wei": (
+            None
+            if policy.aggregator_price_per_round_wei is None
+            else str(policy.aggregator_price_per_round_wei)
+        ),
+    }
+    # The platform registers devices from one account, one transaction at a time; when many
+    # enrol at once it may answer "busy": the token is still good, so ask again a little later.
+    for attempt in range(busy_retries + 1):
+        try:
+            enrolled = _enrol(base, token=token, account=account, timeout=timeout, fields=fields)
+            break
+        except JoinError as exc:
+            if exc.fields.get("remote_code") != PLATFORM_BUSY or attempt == busy_retries:
+                raise
+            log.info("the platform is busy registering other devices; asking again")
+            time.sleep(min(2**attempt, 10))
     cfg = DeviceConfig(
         server_url=base,
         name=name,
