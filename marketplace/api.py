@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from django.http import FileResponse, Http404
-from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
-    extend_schema_field,
     extend_schema_serializer,
     inline_serializer,
 )
@@ -24,7 +22,6 @@ from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from chain.client import DEFAULT_SAMPLE_CAP
 from marketplace import selectors
 from marketplace.devices import device_status
 from marketplace.models import DeviceClass, TaskState
@@ -36,12 +33,12 @@ from marketplace.serializers import (
     DeviceStaffSerializer,
     DeviceStatusSerializer,
     OpenTaskSerializer,
+    TaskCreateInputSerializer,
     TaskSerializer,
     TaskSummarySerializer,
     WeiField,
 )
 from marketplace.services import (
-    MAX_BIDDING_END,
     device_enrol,
     enrolment_config,
     join_challenge_issue,
@@ -50,11 +47,6 @@ from marketplace.services import (
     task_model_download,
 )
 from marketplace.throttles import FlexRateThrottle
-from training.aggregation import STRATEGIES
-from training.aggregation.functions import MAX_SAMPLES
-from training.catalogue import MODELS, SCHEMAS
-from training.errors import SpecError
-from training.spec import LIMITS, MAX_LEARNING_RATE, REQUIRED, SPEC_VERSION, TaskSpec
 
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
 ERROR_SHAPE = inline_serializer(
@@ -224,49 +216,6 @@ class DeviceStatusApi(APIView):
 # ---------------------------------------------------------------- writes
 
 
-@extend_schema_field(
-    {
-        "type": "object",
-        "description": "The task spec (training.spec.TaskSpec).",
-        "properties": {
-            "model": {"type": "string", "enum": sorted(MODELS)},
-            "dataset": {"type": "string", "enum": sorted(SCHEMAS)},
-            **{
-                name: {"type": "integer", "minimum": low, "maximum": high}
-                for name, (low, high) in LIMITS.items()
-            },
-            "learning_rate": {
-                "type": "number",
-                "minimum": 0,
-                "exclusiveMinimum": True,  # OpenAPI 3.0's form
-                "maximum": MAX_LEARNING_RATE,
-            },
-            "aggregation": {
-                "oneOf": [
-                    {"type": "string", "enum": sorted(STRATEGIES)},
-                    {
-                        "type": "object",
-                        "properties": {"strategy": {"type": "string", "enum": sorted(STRATEGIES)}},
-                        "required": ["strategy"],
-                    },
-                ]
-            },
-            "version": {"type": "integer", "enum": [SPEC_VERSION]},
-        },
-        "required": list(REQUIRED),
-        "additionalProperties": False,
-    }
-)
-class TaskSpecField(serializers.JSONField):
-    """A task spec, checked field by field by TaskSpec; its schema says what it takes."""
-
-    def to_internal_value(self, data) -> TaskSpec:
-        try:
-            return TaskSpec.from_dict(super().to_internal_value(data))
-        except SpecError as exc:
-            raise serializers.ValidationError(exc.message, code=exc.code) from exc
-
-
 @extend_schema(
     tags=["tasks"],
     description=(
@@ -304,52 +253,13 @@ class TaskCancelApi(ApiAuthMixin, APIView):
 class TaskCreateApi(ApiAuthMixin, APIView):
     """Post a task on chain from your wallet, with its budget in escrow."""
 
-    @extend_schema_serializer(component_name="TaskCreateInput")
-    class InputSerializer(serializers.Serializer):
-        title = serializers.CharField(max_length=120, required=False, allow_blank=True, default="")
-        spec = TaskSpecField()
-        budget_wei = WeiField(min_value=1)
-        min_trainers = serializers.IntegerField(min_value=1)
-        max_trainers = serializers.IntegerField(min_value=1)
-        bidding_ends = serializers.DateTimeField(required=False, help_text="Give this...")
-        bidding_window_s = serializers.IntegerField(
-            min_value=1,
-            max_value=MAX_BIDDING_END,
-            required=False,
-            help_text="...or this: seconds of bidding from now.",
-        )
-        round_timeout_s = serializers.IntegerField(min_value=1)
-        sample_cap = serializers.IntegerField(
-            min_value=1,
-            max_value=MAX_SAMPLES,
-            default=DEFAULT_SAMPLE_CAP,
-            help_text="Most samples a trainer's bid counts for, in selection and in FedAvg.",
-        )
-
-        def validate_bidding_ends(self, value):
-            if value <= timezone.now():
-                raise serializers.ValidationError("Must be in the future.", code="past")
-            return value
-
-        def validate(self, attrs):
-            if ("bidding_ends" in attrs) == ("bidding_window_s" in attrs):
-                raise serializers.ValidationError(
-                    {"bidding_ends": "Give bidding_ends or bidding_window_s, not both or neither."},
-                    code="bidding_end",
-                )
-            if attrs["max_trainers"] < attrs["min_trainers"]:
-                raise serializers.ValidationError(
-                    {"max_trainers": "Must be at least min_trainers."}, code="trainer_range"
-                )
-            return attrs
-
     @extend_schema(
         operation_id="tasks_create",
-        request=InputSerializer,
+        request=TaskCreateInputSerializer,
         responses={201: TaskSerializer, 400: ERROR_SHAPE, 409: ERROR_SHAPE},
     )
     def post(self, request):
-        data = self.InputSerializer(data=request.data)
+        data = TaskCreateInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         order = task_create(buyer=request.user, **data.validated_data)
         view = task_view_get(user=request.user, task_id=order.chain_task_id)

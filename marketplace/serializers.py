@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import re
 
-from drf_spectacular.utils import extend_schema_field
+from django.utils import timezone
+from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
+from chain.client import DEFAULT_SAMPLE_CAP
 from marketplace.models import Bid, Device, TaskState
+from marketplace.services import MAX_BIDDING_END
+from training.aggregation import STRATEGIES
+from training.aggregation.functions import MAX_SAMPLES
+from training.catalogue import MODELS, SCHEMAS
+from training.errors import SpecError
+from training.spec import LIMITS, MAX_LEARNING_RATE, REQUIRED, SPEC_VERSION, TaskSpec
 
 _DIGITS = re.compile(r"-?[0-9]{1,80}")
 MAX_WEI = 2**256 - 1
@@ -284,3 +292,88 @@ class DeviceStatusSerializer(serializers.Serializer):
     earned_wei = WeiField()
     credit_wei = WeiField(allow_null=True, help_text="None when the chain cannot be read.")
     tasks = DeviceTaskSerializer(many=True)
+
+
+@extend_schema_field(
+    {
+        "type": "object",
+        "description": "The task spec (training.spec.TaskSpec).",
+        "properties": {
+            "model": {"type": "string", "enum": sorted(MODELS)},
+            "dataset": {"type": "string", "enum": sorted(SCHEMAS)},
+            **{
+                name: {"type": "integer", "minimum": low, "maximum": high}
+                for name, (low, high) in LIMITS.items()
+            },
+            "learning_rate": {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMinimum": True,  # OpenAPI 3.0's form
+                "maximum": MAX_LEARNING_RATE,
+            },
+            "aggregation": {
+                "oneOf": [
+                    {"type": "string", "enum": sorted(STRATEGIES)},
+                    {
+                        "type": "object",
+                        "properties": {"strategy": {"type": "string", "enum": sorted(STRATEGIES)}},
+                        "required": ["strategy"],
+                    },
+                ]
+            },
+            "version": {"type": "integer", "enum": [SPEC_VERSION]},
+        },
+        "required": list(REQUIRED),
+        "additionalProperties": False,
+    }
+)
+class TaskSpecField(serializers.JSONField):
+    """A task spec, checked field by field by TaskSpec; its schema says what it takes."""
+
+    def to_internal_value(self, data) -> TaskSpec:
+        try:
+            return TaskSpec.from_dict(super().to_internal_value(data))
+        except SpecError as exc:
+            raise serializers.ValidationError(exc.message, code=exc.code) from exc
+
+
+@extend_schema_serializer(component_name="TaskCreateInput")
+class TaskCreateInputSerializer(serializers.Serializer):
+    """What POST /api/tasks/create/ takes: the spec, the market terms and the budget."""
+
+    title = serializers.CharField(max_length=120, required=False, allow_blank=True, default="")
+    spec = TaskSpecField()
+    budget_wei = WeiField(min_value=1)
+    min_trainers = serializers.IntegerField(min_value=1)
+    max_trainers = serializers.IntegerField(min_value=1)
+    bidding_ends = serializers.DateTimeField(required=False, help_text="Give this...")
+    bidding_window_s = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_BIDDING_END,
+        required=False,
+        help_text="...or this: seconds of bidding from now.",
+    )
+    round_timeout_s = serializers.IntegerField(min_value=1)
+    sample_cap = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_SAMPLES,
+        default=DEFAULT_SAMPLE_CAP,
+        help_text="Most samples a trainer's bid counts for, in selection and in FedAvg.",
+    )
+
+    def validate_bidding_ends(self, value):
+        if value <= timezone.now():
+            raise serializers.ValidationError("Must be in the future.", code="past")
+        return value
+
+    def validate(self, attrs):
+        if ("bidding_ends" in attrs) == ("bidding_window_s" in attrs):
+            raise serializers.ValidationError(
+                {"bidding_ends": "Give bidding_ends or bidding_window_s, not both or neither."},
+                code="bidding_end",
+            )
+        if attrs["max_trainers"] < attrs["min_trainers"]:
+            raise serializers.ValidationError(
+                {"max_trainers": "Must be at least min_trainers."}, code="trainer_range"
+            )
+        return attrs
