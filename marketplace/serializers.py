@@ -151,6 +151,7 @@ class PayoutSerializer(serializers.Serializer):
     amount_wei = WeiField()
     tx_hash = serializers.CharField()
     block_number = serializers.IntegerField()
+    log_index = serializers.IntegerField()
 
 
 # ---------------------------------------------------------------- the task
