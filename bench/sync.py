@@ -320,7 +320,7 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
         socket = WebsocketCommunicator(
             application, f"/ws/tasks/{task.chain_task_id}/", headers=headers
         )
-        connected, _ = await socket.connect()
+        connected, _ = await socket.connect(timeout=LAG_TIMEOUT_S)
         if not connected:
             raise RuntimeError("the buyer's socket was refused")
         await socket.receive_json_from(timeout=LAG_TIMEOUT_S)

@@ -133,7 +133,7 @@ def measure_push(market: Any, owner: LocalAccount, buyer: LocalAccount) -> dict[
 
     async def follow() -> tuple[list[int], list[int]]:
         socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
-        connected, _ = await socket.connect()
+        connected, _ = await socket.connect(timeout=TIMEOUT_S)
         if not connected:
             raise RuntimeError("the buyer's socket was refused")
         await socket.receive_from(timeout=TIMEOUT_S)

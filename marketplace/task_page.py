@@ -120,19 +120,15 @@ def task_delta_message(
     # The page's scalars need a little context beyond the change: every selected node, the
     # round under way and its updates, the latest measured round, the refunds.
     current = view.current_round
+    with_report = task.round_set.select_related("report")
+    measured = with_report.filter(number__gte=1, report__accuracy__isnull=False)
+    under_way = with_report.filter(number=current) if current is not None else []
+    context_rounds = {r.number: r for r in (*measured.order_by("-number")[:3], *under_way)}
     context = _view_with(
         view,
         bids=[],
         selected=selected,
-        rounds_published=sorted(
-            [
-                *task.round_set.select_related("report")
-                .filter(number__gte=1, report__accuracy__isnull=False)
-                .order_by("-number")[:3],
-                *task.round_set.select_related("report").filter(number=current),
-            ],
-            key=lambda r: r.number,
-        ),
+        rounds_published=[context_rounds[n] for n in sorted(context_rounds)],
         updates=list(task.updates.filter(round_number=current)) if current is not None else [],
         transactions=[],
         payouts=list(task.payouts.filter(reason=PayoutReason.REFUND)),

@@ -8,7 +8,6 @@ that sees a number missing asks for a snapshot (marketplace.consumers).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,7 +71,13 @@ def push_on_commit(*, changes: Mapping[int, TaskChange]) -> None:
         for chain_task_id in sorted(changes)
     }
     if numbered:
-        transaction.on_commit(functools.partial(task_changes_push, numbered=numbered), robust=True)
+
+        def push() -> None:
+            # A named function, not a partial: Django names the callback when it logs a
+            # failure (Redis away), and a partial has no name to give.
+            task_changes_push(numbered=numbered)
+
+        transaction.on_commit(push, robust=True)
 
 
 def task_change_message(*, chain_task_id: int, seq: int, change: TaskChange) -> dict | None:

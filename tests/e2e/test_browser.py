@@ -87,11 +87,14 @@ def test_buyer_posts_a_task_and_watches_it_live(
     devices_played_by_the_test,
 ):
     # The task's live group apart from any other run on the same Redis (its pushes name
-    # the same task ids).
+    # the same task ids); reads wait as long as a socket idles, as in flexsite.settings.
     platform_settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": f"flex-test-{uuid.uuid4().hex}"},
+            "CONFIG": {
+                "hosts": [{"address": settings.REDIS_URL, "socket_timeout": None}],
+                "prefix": f"flex-test-{uuid.uuid4().hex}",
+            },
         }
     }
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -227,6 +230,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
             f"document.querySelectorAll('#chart circle.acc-dot').length === {number}"
         )
         assert page.inner_text("#stat-accuracy") == f"{accuracy * 100:.1f}%"
+    # Each round's contributions arrived as a column of the live table, one row per trainer.
+    page.wait_for_function("document.querySelectorAll('#contrib-head th').length === 2 + 3")
+    assert len(page.query_selector_all("#contrib-body tr")) == 2
     assert page.get_attribute("#task-state", "data-state") == "trained"
     assert page.is_visible("#model-link")
 
@@ -236,6 +242,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
     page.wait_for_function(
         "document.getElementById('refund-note').textContent.includes('Refunded')"
     )
+    page.wait_for_function("document.getElementById('contrib-body').textContent.includes('ETH')")
     # Pay of the aggregator and 2 trainers, the refund, and the bond and 2 stakes returned.
     assert len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1 + 1 + 2
     tx_text = page.inner_text("#tx-body")

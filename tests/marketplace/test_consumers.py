@@ -26,7 +26,8 @@ from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TIMEOUT_S = 10
+# Generous: on a busy machine a socket or a sync can take a while; waited for, never timed.
+TIMEOUT_S = 120
 
 
 def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
@@ -45,7 +46,7 @@ def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, b
 async def watch(task_id: int, headers: list) -> tuple[WebsocketCommunicator, dict]:
     """The task's live socket, open, and the snapshot it sent first."""
     socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
-    connected, _ = await socket.connect()
+    connected, _ = await socket.connect(timeout=TIMEOUT_S)
     assert connected
     return socket, await socket.receive_json_from(timeout=TIMEOUT_S)
 
@@ -226,7 +227,7 @@ def test_only_the_buyer_and_staff_may_watch(platform_market, mirror_env):  # noq
 
     async def attempt(path: str, headers: list) -> tuple[bool, object]:
         socket = WebsocketCommunicator(application, path, headers=headers)
-        connected, code = await socket.connect()
+        connected, code = await socket.connect(timeout=TIMEOUT_S)
         first = await socket.receive_json_from(timeout=TIMEOUT_S) if connected else code
         await socket.disconnect()
         return connected, first

@@ -15,7 +15,7 @@ from channels.testing import WebsocketCommunicator
 from chain.events import Role
 from chain.selection import mask_of
 from flexsite.asgi import application
-from marketplace import lifecycle, reports, services
+from marketplace import reports, services
 from tests.marketplace.test_consumers import TIMEOUT_S, _headers
 from tests.marketplace.test_lifecycle import WINDOW_S, advance, bid, enrol, model_id, sync
 from tests.marketplace.test_sync import SPEC, mirror_env  # noqa: F401
@@ -50,7 +50,7 @@ def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
     for trainer in trainers:
         bid(market, trainer, order)
     advance(market, WINDOW_S + 1)
-    lifecycle.task_select_nodes(task_id=order.chain_task_id)
+    market.select_nodes(sender=aggregator.account, task_id=order.chain_task_id)
     task_id = order.chain_task_id
     market.publish_global_model(
         sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("r0")
@@ -95,7 +95,7 @@ def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
 
     async def follow() -> tuple[str, list[list[str]], str]:
         socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
-        connected, _ = await socket.connect()
+        connected, _ = await socket.connect(timeout=TIMEOUT_S)
         assert connected
         first = await socket.receive_from(timeout=TIMEOUT_S)
         per_round = []
