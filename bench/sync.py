@@ -9,7 +9,8 @@ database beside DATABASE_URL, else a SQLite file under var/bench/) and times it.
 `sync_chain --watch`'s loop running, a buyer's browser (a Channels WebSocket client through
 the real ASGI stack and Redis channel layer) watches a task while devices bid on it; each
 lag is from the moment the bid's block is mined to the moment its update reaches the
-socket. Only 127.0.0.1 is used; figures are indicative (shared, noisy machines).
+socket. Push: the bytes that socket receives per round of a task with many rounds
+(bench.sync_push). Only 127.0.0.1 is used; figures are indicative (shared, noisy machines).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from typing import Any
 import requests
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
+
+from bench.sync_push import buyer_headers, measure_push
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "sync.json"
@@ -203,7 +206,11 @@ def django_setup(var: Path) -> str:
     settings.CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [settings.REDIS_URL], "prefix": f"flex-bench-{uuid.uuid4().hex}"},
+            "CONFIG": {
+                # No read timeout: a socket waits on a busy machine (as in flexsite.settings).
+                "hosts": [{"address": settings.REDIS_URL, "socket_timeout": None}],
+                "prefix": f"flex-bench-{uuid.uuid4().hex}",
+            },
         }
     }
     return old_name
@@ -261,18 +268,14 @@ def _quantile(values: list[float], q: float) -> float:
 
 def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
     from channels.testing import WebsocketCommunicator
-    from django.conf import settings
-    from django.contrib.auth import get_user_model
-    from django.test import Client
 
     from chain.events import Role, TaskCreated
     from chain.node import chain_time
     from flexsite.asgi import application
-    from marketplace.models import Task, Wallet
+    from marketplace.models import Task
     from marketplace.sync import ChainSync, chain_sync_watch
 
-    user = get_user_model().objects.create_user(username="bench-buyer", password="-")
-    Wallet.objects.create(user=user, address=buyer.address, encrypted_key="-")
+    headers = buyer_headers(buyer)
     now = chain_time(chain.w3)
     task_id = (
         chain.market.create_task(
@@ -296,15 +299,11 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
     )
     watcher.start()
     deadline = time.monotonic() + 30
-    while not Task.objects.filter(chain_task_id=task_id, buyer=user).exists():
+    while not Task.objects.filter(chain_task_id=task_id, buyer__username="bench-buyer").exists():
         if time.monotonic() > deadline:
             raise RuntimeError("the lag task was never mirrored")
         time.sleep(0.05)
     task = Task.objects.get(chain_task_id=task_id)
-    client = Client()
-    client.force_login(user)
-    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
-    headers = [(b"origin", b"http://localhost"), (b"cookie", cookie.encode())]
     rng = random.Random(7)
 
     stake = chain.market.task(task_id=task_id).trainer_stake_wei
@@ -321,7 +320,7 @@ def measure_lag(chain: Chain, devices: list[str], buyer: LocalAccount) -> dict:
         socket = WebsocketCommunicator(
             application, f"/ws/tasks/{task.chain_task_id}/", headers=headers
         )
-        connected, _ = await socket.connect()
+        connected, _ = await socket.connect(timeout=LAG_TIMEOUT_S)
         if not connected:
             raise RuntimeError("the buyer's socket was refused")
         await socket.receive_json_from(timeout=LAG_TIMEOUT_S)
@@ -361,7 +360,7 @@ def _watch(loop: Any, sync: Any, stop: threading.Event) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    t, lag = results["throughput"], results["lag_ms"]
+    t, lag, push = results["throughput"], results["lag_ms"], results["push"]
     rows = [
         ("events mirrored", f"{t['events']} in {t['blocks']} blocks, {t['chunks']} chunk(s)"),
         ("sync throughput", f"{results['events_per_s']:.0f} events/s ({t['sync_s']:.2f} s)"),
@@ -369,6 +368,12 @@ def table(results: dict[str, Any]) -> str:
         ("idle sync pass", f"{t['idle_pass_ms']:.1f} ms"),
         ("lag median", f"{lag['median']:.0f} ms (block mined -> WebSocket message)"),
         ("lag p99", f"{lag['p99']:.0f} ms (max {lag['max']:.0f}, {lag['samples']} events)"),
+        (
+            "push per round",
+            f"{push['bytes_round_2']} B at round 2, {push['bytes_round_last_but_one']} B at round "
+            f"{push['rounds'] - 1} ({push['growth_bytes_per_round']:+.0f} B/round; snapshot "
+            f"{push['snapshot_bytes_at_end']} B; {push['trainers']} trainers)",
+        ),
         ("database", results["database"]),
     ]
     width = max(len(r[0]) for r in rows)
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pre-filled {filled['blocks']} blocks in {filled['seconds']:.1f} s", flush=True)
             throughput = measure_throughput(market)
             lag = measure_lag(chain, filled["devices"], buyer)
+            push = measure_push(market, owner, buyer)
     finally:
         vendor = connection.vendor
         django_teardown(real_db, Path(broker_home.name))
@@ -415,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "lag_ms": lag,
         "lag_target_ms": LAG_TARGET_MS,
         "throughput": throughput,
+        "push": push,
         "prefill_s": round(filled["seconds"], 1),
         "database": vendor,
         "seconds": round(time.monotonic() - started, 1),

@@ -1,11 +1,16 @@
 """Live task pages over WebSockets: ``/ws/tasks/<id>/``, where ``id`` is the task's id on chain.
 
-A task's group is ``task.<id>`` (marketplace.sync.push); every change sends the page's whole
-message (task_page.task_update_message), which the socket forwards as it is.
+A task's group is ``task.<id>`` (marketplace.sync.push). The socket first sends the whole task
+(``task.snapshot``, with the number ``seq`` of the last change it includes), then each change
+as it is pushed (``task.delta``, numbered ``seq + 1``, ``seq + 2``, ...; a change that cannot be
+told as a delta comes as a new ``task.snapshot``). A page that sees a number missing (changes
+come from several processes, so they may cross) sends ``{"type": "resync"}`` and receives a
+fresh snapshot; anything else it sends is answered with a ``task.error`` naming what was wrong.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -13,58 +18,95 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from marketplace.selectors import task_view_get
-from marketplace.sync.push import task_group
-from marketplace.task_page import task_update_message
+from marketplace.sync.push import task_group, task_push_seq
+from marketplace.task_page import task_snapshot_message
 
 log = logging.getLogger(__name__)
 
 # WebSocket close code for "not yours" (4000-4999 are the application's own).
 CLOSE_FORBIDDEN = 4403
+RESYNC = "resync"
+ERROR = "task.error"
 
 
-def _message_for(*, user, task_id: int) -> dict[str, Any] | None:
+def _snapshot_for(*, user, task_id: int) -> dict[str, Any] | None:
+    # The number first, then the task: the snapshot holds at least the changes up to it.
+    seq = task_push_seq(chain_task_id=task_id)
     view = task_view_get(user=user, task_id=task_id)
-    return None if view is None else task_update_message(view)
+    return None if view is None else task_snapshot_message(view, seq=seq)
 
 
 class TaskConsumer(AsyncJsonWebsocketConsumer):
-    """The task's message on connect, then every update; read-only.
+    """The task's snapshot on connect and on request, and every change in between.
 
     Only those who may see the task (selectors.task_visible) may subscribe; anyone else is
     refused at the handshake (close code 4403), so a stranger cannot even learn that the task
-    exists.
+    exists. A right lost later (a staff account demoted) ends the socket at the next snapshot.
     """
 
     group: str | None = None
-    as_of: float = 0.0
+    task_id: int = 0
+    seq: int = -1  # the number of the last change sent
 
     async def connect(self) -> None:
-        task_id = self.scope["url_route"]["kwargs"]["task_id"]
-        # Join before reading the message, so no change falls between the two.
-        group = task_group(task_id)
+        self.task_id = self.scope["url_route"]["kwargs"]["task_id"]
+        # Join before reading the snapshot, so no change falls between the two.
+        group = task_group(self.task_id)
         await self.channel_layer.group_add(group, self.channel_name)
-        message = await database_sync_to_async(_message_for)(
-            user=self.scope.get("user"), task_id=task_id
-        )
+        message = await self._snapshot()
         if message is None:
             await self.channel_layer.group_discard(group, self.channel_name)
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.group = group
         await self.accept()
-        await self.task_update(message)
+        await self._send(message, fresh=True)
 
     async def disconnect(self, code: int) -> None:
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 
-    async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        """The page only listens; anything it sends is ignored."""
-
-    async def task_update(self, event: dict[str, Any]) -> None:
-        # A message taken before the one already sent may arrive after it: skip it.
-        as_of = event.get("as_of", 0.0)
-        if as_of < self.as_of:
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        try:
+            content = json.loads(text_data if text_data is not None else bytes_data or b"")
+        except (TypeError, ValueError, UnicodeDecodeError):
+            await self._error('not JSON: send {"type": "resync"} for a fresh snapshot')
             return
-        self.as_of = as_of
-        await self.send_json(event)
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """The page asks for a fresh snapshot with ``{"type": "resync"}``; nothing else."""
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind != RESYNC:
+            await self._error(
+                f'unknown message type {kind!r}: send {{"type": "resync"}} for a fresh snapshot'
+            )
+            return
+        message = await self._snapshot()
+        if message is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self._send(message, fresh=True)
+
+    async def task_delta(self, event: dict[str, Any]) -> None:
+        await self._send(event)
+
+    async def task_snapshot(self, event: dict[str, Any]) -> None:
+        await self._send(event)
+
+    async def _snapshot(self) -> dict[str, Any] | None:
+        return await database_sync_to_async(_snapshot_for)(
+            user=self.scope.get("user"), task_id=self.task_id
+        )
+
+    async def _send(self, message: dict[str, Any], *, fresh: bool = False) -> None:
+        # A pushed change that the page already has (its snapshot was read after the change
+        # committed) is dropped here; a ``fresh`` snapshot, read for this page, always goes.
+        seq = message["seq"]
+        if not fresh and seq <= self.seq:
+            return
+        self.seq = max(self.seq, seq)
+        await self.send_json(message)
+
+    async def _error(self, text: str) -> None:
+        await self.send_json({"type": ERROR, "code": "message_invalid", "message": text})

@@ -92,3 +92,17 @@ class ValidationSet(models.Model):
 
     def __str__(self) -> str:
         return f"validation set {self.content_id} ({self.samples} samples of {self.dataset})"
+
+
+class TaskPush(models.Model):
+    """How many changes of a task have been pushed to its live pages: the sequence number of
+    the last one (marketplace.sync.push). Raised in the transaction that makes the change,
+    by whichever process makes it (chain sync, a node's report), so numbers never repeat and a
+    page that misses one sees the gap. Keyed by the task's id on chain, which a buyer's order
+    has before the mirror does, and kept when a re-org removes the task."""
+
+    chain_task_id = models.PositiveBigIntegerField(primary_key=True)
+    seq = models.PositiveBigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"task {self.chain_task_id} pushed up to {self.seq}"

@@ -15,7 +15,7 @@ from django.db import transaction
 from core import messages
 from core.errors import FlexError
 from marketplace.models import Round, RoundReport, Task, Update, UpdateReport
-from marketplace.sync.push import push_on_commit
+from marketplace.sync.push import TaskChange, push_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -186,5 +186,5 @@ def round_metrics_record(
             "gas_used": None if gas_used is None else int(gas_used),
         },
     )
-    push_on_commit(chain_task_ids=[task_id])
+    push_on_commit(changes={task_id: TaskChange(rounds={round_number})})
     return report

@@ -159,6 +159,7 @@ class PayoutSerializer(serializers.Serializer):
     amount_wei = WeiField()
     tx_hash = serializers.CharField()
     block_number = serializers.IntegerField()
+    log_index = serializers.IntegerField()
 
 
 # ---------------------------------------------------------------- the task

@@ -1,17 +1,23 @@
 """The live task page's model: the task's representation and what the page shows of it,
-computed here once, sent whole on every change; static/flex/task.js only renders it."""
+computed here once; static/flex/task.js only renders it.
+
+A page's socket first receives the whole task (``task_snapshot_message``), then one delta per
+change (``task_delta_message``): the task's scalars and the page's, which are small, and only
+the rows of the lists that the change added or changed, which the page merges by key. So what
+is pushed for a round does not grow with the rounds before it.
+"""
 
 from __future__ import annotations
 
 import re
-import time
 from collections import Counter
 from typing import Any
 
+from django.db.models import Q
 from django.utils.dateparse import parse_datetime
 
 from marketplace import contract
-from marketplace.models import Device
+from marketplace.models import ChainEventRecord, Device, PayoutReason, TaskState
 from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
 
@@ -37,23 +43,120 @@ _AT = {
 # update; at the timeout the aggregator closes the round with the updates that arrived.
 LATE_AFTER = 0.5
 
+SNAPSHOT = "task.snapshot"
+DELTA = "task.delta"
+# The task's lists that grow with its history: a delta carries only their changed rows.
+LIST_FIELDS = ("bids", "selected", "rounds_published", "updates", "transactions", "payouts")
+# The page's lists derived from them, likewise (the rest of the page's view is scalars).
+VIEW_LIST_FIELDS = ("tx_rows", "device_names", "contribution_rounds", "contribution_rows")
+# What never changes once the page has a snapshot, left out of deltas.
+FIXED_FIELDS = ("spec", "pay_note")
+
+
+def task_snapshot_message(view: TaskView, *, seq: int | None) -> dict[str, Any]:
+    """The whole task: ``{"type": "task.snapshot", "seq", "snapshot", "view"}``, the snapshot
+    being the task's one representation (serializers.TaskSerializer) and ``view`` what the page
+    derives from it (``page_view``). ``seq`` is the number of the last change it includes
+    (models_platform.TaskPush; read before the task, so the snapshot holds at least that)."""
+    snapshot = TaskSerializer(view).data
+    return _message(SNAPSHOT, seq, snapshot, page_view(snapshot))
+
 
 def task_update_message(view: TaskView) -> dict[str, Any]:
-    """What the page's socket receives: ``{"type": "task.update", "as_of", "snapshot",
-    "view"}``, the snapshot being the task's one representation (serializers.TaskSerializer)
-    and ``view`` what the page derives from it (``page_view``). ``as_of`` is the unix time it
-    was taken: a page keeps the newest."""
-    snapshot = TaskSerializer(view).data
-    page = page_view(snapshot)
+    """The snapshot as the page is first rendered on the server, without a sequence number:
+    the socket's first message brings the numbered one."""
+    return task_snapshot_message(view, seq=None)
+
+
+def task_delta_message(
+    view: TaskView, *, seq: int, blocks: set[int], rounds: set[int]
+) -> dict[str, Any]:
+    """Change ``seq`` of a mirrored task: ``{"type": "task.delta", "seq", "snapshot", "view"}``
+    shaped as a snapshot, whose scalars are the task's now and whose lists hold only the rows
+    that the chain events in ``blocks`` wrote and the ``rounds`` whose reports arrived (keyed:
+    a bid or a selected node by device, a round by number, an update by round and trainer, a
+    transaction or a payout by transaction and log index, a transaction row by transaction, a
+    contribution row by trainer with cells for the delta's ``contribution_rounds``), less
+    what never changes (``FIXED_FIELDS``)."""
+    task = view.task
+    at = Q(block_number__in=sorted(blocks))
+    selected = list(task.selected.order_by("role", "position"))
+    changed_rounds = list(
+        task.round_set.select_related("report")
+        .filter(at | Q(number__in=sorted(rounds)))
+        .order_by("number")
+    )
+    payouts = list(task.payouts.filter(at).order_by("block_number", "log_index"))
+    changed = _view_with(
+        view,
+        bids=list(task.bids.filter(at).order_by("bid_index")),
+        selected=[n for n in selected if n.block_number in blocks],
+        rounds_published=changed_rounds,
+        updates=list(
+            task.updates.select_related("report").filter(at).order_by("round_number", "position")
+        ),
+        transactions=list(
+            ChainEventRecord.objects.filter(
+                task_id=view.id, block_number__in=sorted(blocks)
+            ).order_by("block_number", "log_index")
+        ),
+        payouts=payouts,
+    )
+    # Contributions: every selected trainer's cells for the rounds this change judged, and its
+    # pay once the task is settled (TaskView.contributions, over just those rows).
+    settled = view.state in (TaskState.FINALIZED, TaskState.ABORTED)
+    judged = [r for r in changed_rounds if r.number >= 1]
+    changed.__dict__["contributions"] = (
+        _view_with(
+            view,
+            selected=selected,
+            rounds_published=judged,
+            payouts=list(task.payouts.filter(reason=PayoutReason.TRAINER_PAY)) if settled else [],
+        ).contributions
+        if judged or (settled and payouts)
+        else []
+    )
+    rows = TaskSerializer(changed).data
+    # The page's scalars need a little context beyond the change: every selected node, the
+    # round under way and its updates, the latest measured round, the refunds.
+    current = view.current_round
+    with_report = task.round_set.select_related("report")
+    measured = with_report.filter(number__gte=1, report__accuracy__isnull=False)
+    under_way = with_report.filter(number=current) if current is not None else []
+    context_rounds = {r.number: r for r in (*measured.order_by("-number")[:3], *under_way)}
+    context = _view_with(
+        view,
+        bids=[],
+        selected=selected,
+        rounds_published=[context_rounds[n] for n in sorted(context_rounds)],
+        updates=list(task.updates.filter(round_number=current)) if current is not None else [],
+        transactions=[],
+        payouts=list(task.payouts.filter(reason=PayoutReason.REFUND)),
+        contributions=[],
+    )
+    scalars = TaskSerializer(context).data
+    snapshot = {**scalars, **{name: rows[name] for name in (*LIST_FIELDS, "contributions")}}
+    page = page_view(scalars)
+    rows_view = page_view(snapshot)
+    page.update({name: rows_view[name] for name in VIEW_LIST_FIELDS})
+    for name in FIXED_FIELDS:
+        snapshot.pop(name, None)
+        page.pop(name, None)
+    return _message(DELTA, seq, snapshot, page)
+
+
+def _view_with(view: TaskView, **rows: list) -> TaskView:
+    """``view`` with these rows as its lists (TaskView's cached properties, filled in)."""
+    part = TaskView(task=view.task, order=view.order)
+    part.__dict__.update(rows)
+    return part
+
+
+def _message(kind: str, seq: int | None, snapshot: dict, page: dict) -> dict[str, Any]:
     if page["round_wait"] is not None:
         # Round deadlines run on the chain's clock; the page compares them with its own.
         page["round_wait"]["clock_offset_s"] = contract.chain_clock_offset()
-    return {
-        "type": "task.update",
-        "as_of": time.time(),
-        "snapshot": snapshot,
-        "view": page,
-    }
+    return {"type": kind, "seq": seq, "snapshot": snapshot, "view": page}
 
 
 def page_view(snapshot: dict) -> dict[str, Any]:

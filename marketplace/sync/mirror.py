@@ -23,7 +23,7 @@ from marketplace.models import (
     TaskState,
     Update,
 )
-from marketplace.sync.push import push_on_commit
+from marketplace.sync.push import TaskChange, push_on_commit
 from marketplace.sync.records import MirrorEvent
 from marketplace.sync.writers import WRITERS
 from marketplace.sync.writers.devices import device_chain_state
@@ -59,6 +59,7 @@ class Mirror:
         # address -> (chain status, its latest DeviceRegistered transaction or None if unseen)
         self.devices: dict[str, tuple[str, str | None]] = {}
         self.new_events: dict[int, set[str]] = defaultdict(set)
+        self.new_blocks: dict[int, set[int]] = defaultdict(set)  # where each task's new events are
         self.touched: set[int] = set()  # chain task ids whose page changed
 
     def task(self, chain_task_id: int) -> Task | None:
@@ -89,6 +90,7 @@ class Mirror:
             writer(self, event)
         if new and event.task_id is not None:
             self.new_events[event.task_id].add(event.name)
+            self.new_blocks[event.task_id].add(event.block_number)
 
     def flush(self) -> None:
         self._flush_bids()
@@ -107,7 +109,15 @@ class Mirror:
                 lifecycle.task_react(task=task, new_events=names)
 
     def push_on_commit(self) -> None:
-        push_on_commit(chain_task_ids=self.touched)
+        push_on_commit(
+            changes={
+                chain_task_id: TaskChange.of_events(
+                    names=self.new_events.get(chain_task_id, ()),
+                    blocks=self.new_blocks.get(chain_task_id, ()),
+                )
+                for chain_task_id in self.touched
+            }
+        )
 
     def _flush_bids(self) -> None:
         if not self.bids:

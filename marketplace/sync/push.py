@@ -1,16 +1,45 @@
-"""The push to browsers: each changed task's representation to its live pages' group."""
+"""The push to browsers: each change of a task, numbered, to its live pages' group.
+
+A change is numbered in the transaction that makes it (models_platform.TaskPush, whichever
+process makes it: chain sync or a node's report), and sent once that commits: as a delta
+(task_page.task_delta_message) when it can be told as one, else as a fresh snapshot. A page
+that sees a number missing asks for a snapshot (marketplace.consumers).
+"""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
 
+from marketplace.models_platform import TaskPush
 from marketplace.selectors import task_views_by_id
-from marketplace.task_page import task_update_message
+from marketplace.task_page import task_delta_message, task_snapshot_message
+
+# Events that remove or renumber rows, which a delta (rows added or changed) cannot tell.
+SNAPSHOT_EVENTS = frozenset({"BidWithdrawn"})
+
+
+@dataclass
+class TaskChange:
+    """What one transaction changed in a task: the blocks of the new chain events it mirrored,
+    the rounds whose reports it recorded; ``whole`` when history was rewritten (a re-org) or
+    rows went away, so only a snapshot tells it."""
+
+    blocks: set[int] = field(default_factory=set)
+    rounds: set[int] = field(default_factory=set)
+    whole: bool = False
+
+    @classmethod
+    def of_events(cls, *, names: Iterable[str], blocks: Iterable[int]) -> TaskChange:
+        """The change that mirroring these new events made; none new (the task re-derived
+        from its records) or one that removes rows: the whole task."""
+        names, blocks = set(names), set(blocks)
+        return cls(blocks=blocks, whole=not blocks or bool(names & SNAPSHOT_EVENTS))
 
 
 def task_group(chain_task_id: int) -> str:
@@ -18,16 +47,64 @@ def task_group(chain_task_id: int) -> str:
     return f"task.{chain_task_id}"
 
 
-def task_updates_push(*, chain_task_ids: Iterable[int]) -> int:
-    """Send each task's fresh message (task_page.task_update_message) to its group; returns
-    how many went. A task the mirror no longer has is sent as its buyer's order, if any."""
+def task_push_seq(*, chain_task_id: int) -> int:
+    """The number of the task's last change (0 before its first)."""
+    row = TaskPush.objects.filter(chain_task_id=chain_task_id).first()
+    return 0 if row is None else row.seq
+
+
+def task_push_next(*, chain_task_id: int) -> int:
+    """Number the task's next change, in the current transaction."""
+    # The row lock orders the processes that change one task; the number commits with the
+    # change, or neither does.
+    row, _ = TaskPush.objects.select_for_update().get_or_create(chain_task_id=chain_task_id)
+    row.seq += 1
+    row.save(update_fields=["seq"])
+    return row.seq
+
+
+def push_on_commit(*, changes: Mapping[int, TaskChange]) -> None:
+    """Number these changes (by the task's id on chain) in the current transaction and push
+    them once it commits (not at all if it rolls back)."""
+    numbered = {
+        chain_task_id: (task_push_next(chain_task_id=chain_task_id), changes[chain_task_id])
+        for chain_task_id in sorted(changes)
+    }
+    if numbered:
+
+        def push() -> None:
+            # A named function, not a partial: Django names the callback when it logs a
+            # failure (Redis away), and a partial has no name to give.
+            task_changes_push(numbered=numbered)
+
+        transaction.on_commit(push, robust=True)
+
+
+def task_change_message(*, chain_task_id: int, seq: int, change: TaskChange) -> dict | None:
+    """Change ``seq`` as its pages receive it: a delta, or a snapshot when the change is
+    ``whole`` or the mirror does not have the task (its buyer's order, pending); None when
+    neither exists."""
+    views = task_views_by_id(chain_task_ids=[chain_task_id])
+    if not views:
+        return None
+    [view] = views
+    if change.whole or view.task is None:
+        return task_snapshot_message(view, seq=seq)
+    return task_delta_message(view, seq=seq, blocks=change.blocks, rounds=change.rounds)
+
+
+def task_changes_push(*, numbered: Mapping[int, tuple[int, TaskChange]]) -> list[dict[str, Any]]:
+    """Send each numbered change to its task's group; returns the messages sent. Each is read
+    after its change committed, so it holds at least that change (maybe a later one too, whose
+    own message repeats it: a page merges rows by key, so that is harmless)."""
     layer = get_channel_layer()
     if layer is None:
-        return 0
-    messages = [
-        (task_group(view.id), task_update_message(view))
-        for view in task_views_by_id(chain_task_ids=chain_task_ids)
-    ]
+        return []
+    messages = []
+    for chain_task_id, (seq, change) in sorted(numbered.items()):
+        message = task_change_message(chain_task_id=chain_task_id, seq=seq, change=change)
+        if message is not None:
+            messages.append((task_group(chain_task_id), message))
 
     async def send_all() -> None:
         for group, message in messages:
@@ -35,11 +112,4 @@ def task_updates_push(*, chain_task_ids: Iterable[int]) -> int:
 
     if messages:
         async_to_sync(send_all)()
-    return len(messages)
-
-
-def push_on_commit(*, chain_task_ids: Iterable[int]) -> None:
-    """Push these tasks once the current transaction commits (not at all if it rolls back)."""
-    ids = sorted(set(chain_task_ids))
-    if ids:
-        transaction.on_commit(functools.partial(task_updates_push, chain_task_ids=ids), robust=True)
+    return [message for _, message in messages]

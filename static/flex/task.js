@@ -1,6 +1,7 @@
-// The live task page: renders each task.update message from the WebSocket in place. The
-// server computes everything shown (marketplace/task_page.py: the snapshot and its view);
-// this only renders it, escaping every value. The server renders the first message too, so
+// The live task page: renders the task's snapshot from the WebSocket, then applies each
+// numbered delta in place (asking for a fresh snapshot when a number is missing). The server
+// computes everything shown (marketplace/task_page.py); this only renders it and merges
+// deltas' rows by key, escaping every value. The server renders the first message too, so
 // the page works (statically) without this.
 (function () {
   "use strict";
@@ -44,13 +45,6 @@
       : "";
     return `<span class="ref"><span class="hash" title="${esc(value)}">${esc(full ? value : short(value))}</span>`
       + `<button type="button" class="copy" data-copy="${esc(value)}" aria-label="Copy ${esc(value)}">copy</button>${link}</span>`;
-  }
-  function rows(tbody, items, render, emptyText, cols) {
-    const el = $(tbody);
-    if (!el) return;
-    el.innerHTML = items.length
-      ? items.map(render).join("")
-      : `<tr><td colspan="${cols}" class="empty">${esc(emptyText)}</td></tr>`;
   }
   function setText(id, text) { const el = $(id); if (el && el.textContent !== String(text)) { el.textContent = text; flash(el); } }
   function setHTML(id, html) { const el = $(id); if (el && el.innerHTML !== html) { el.innerHTML = html; flash(el); } }
@@ -156,12 +150,77 @@
     if (el) el.innerHTML = chart(rounds, el.clientWidth);
   }
 
-  let last = null;
-  function render(msg) {
-    last = msg;
+  // The tables, each a list of the message keyed as the server keys a delta's rows
+  // (task_page.task_delta_message); a row is rendered the same way whole or in place.
+  const TABLES = [
+    {
+      body: "rounds-body", list: (m) => m.snapshot.rounds_published, key: (r) => r.number, cols: 6,
+      empty: "No global model yet.",
+      cells: (r) => `<td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td>`,
+    },
+    {
+      body: "bids-body", list: (m) => m.snapshot.bids, key: (b) => b.device, cols: 4,
+      empty: "No bids yet. Devices that fit the task bid while bidding is open.",
+      cells: (b) => `<td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num wide">${esc(b.samples)}</td>`,
+    },
+    {
+      body: "selected-body", list: (m) => m.snapshot.selected, key: (d) => d.role + ":" + d.device, cols: 3,
+      empty: "Selected when bidding closes.",
+      cells: (d) => `<td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td>`,
+    },
+    {
+      body: "tx-body", list: (m) => m.view.tx_rows, key: (t) => t.tx_hash, cols: 3,
+      empty: "No transactions seen yet.",
+      cells: (t) => `<td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td>`,
+    },
+    {
+      body: "payouts-body", list: (m) => m.snapshot.payouts, key: (p) => p.tx_hash + ":" + p.log_index, cols: 3,
+      empty: "Paid when the task is settled.",
+      cells: (p) => `<td>${p.account === last.snapshot.buyer_address ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td>`,
+    },
+  ];
+  const row = (table, item) => `<tr data-key="${esc(table.key(item))}">${table.cells(item)}</tr>`;
+  function fill(table, items) {
+    const el = $(table.body);
+    if (!el) return;
+    el.innerHTML = items.length
+      ? items.map((item) => row(table, item)).join("")
+      : `<tr><td colspan="${table.cols}" class="empty">${esc(table.empty)}</td></tr>`;
+  }
+  // A delta's rows replace the rows with their keys, or are added after the others (a delta
+  // adds rows in the lists' own order: bids, rounds, transactions, payouts as they come).
+  function upsert(table, items) {
+    const el = $(table.body);
+    if (!el || !items.length) return;
+    const empty = el.querySelector("td.empty");
+    if (empty) empty.closest("tr").remove();
+    const rowsByKey = new Map(Array.from(el.children, (tr) => [tr.dataset.key, tr]));
+    const holder = document.createElement("tbody");
+    for (const item of items) {
+      holder.innerHTML = row(table, item);
+      const fresh = holder.firstElementChild;
+      const old = rowsByKey.get(fresh.dataset.key);
+      if (!old) el.appendChild(fresh);
+      else if (old.innerHTML !== fresh.innerHTML) old.replaceWith(fresh);
+      rowsByKey.set(fresh.dataset.key, fresh);
+    }
+    flash(el);
+  }
+  function drawContributions(v) {
+    const head = $("contrib-head");
+    if (head) {
+      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Paid</th></tr>`;
+    }
+    fill({
+      body: "contrib-body", key: (c) => c.trainer, cols: 2, empty: "Scored as rounds close.",
+      cells: (c) => `<td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td>`,
+    }, v.contribution_rows || []);
+  }
+
+  // Everything but the tables: state, steps, figures, the chart, the notes.
+  function drawTask(msg) {
     const s = msg.snapshot;
     const v = msg.view;
-    names = v.device_names || {};
     const state = s.state;
     const badge = $("task-state");
     if (badge && badge.dataset.state !== state) {
@@ -191,24 +250,96 @@
 
     drawChart(s.rounds_published);
     drawWait(v.round_wait);
-
-    rows("rounds-body", s.rounds_published, (r) => `<tr><td>${esc(r.number)}</td><td class="num">${pct(r.accuracy)}</td><td class="num">${num(r.loss, 4)}</td><td class="num">${esc(r.updates_aggregated)}</td><td class="wide">${hash(r.global_model_id)}</td><td class="num wide">${esc(r.gas_used ?? "–")}</td></tr>`, "No global model yet.", 6);
-    rows("bids-body", s.bids, (b) => `<tr><td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num wide">${esc(b.samples)}</td></tr>`, "No bids yet. Devices that fit the task bid while bidding is open.", 4);
-    rows("selected-body", s.selected, (d) => `<tr><td>${device(d.device)}</td><td><span class="badge role">${esc(d.role)}${d.position === null || d.position === undefined ? "" : " #" + esc(d.position)}</span></td><td class="num">${eth(d.price_per_round_wei)} ETH</td></tr>`, "Selected when bidding closes.", 3);
-    rows("tx-body", v.tx_rows, (t) => `<tr><td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td></tr>`, "No transactions seen yet.", 3);
-    const head = $("contrib-head");
-    if (head) {
-      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Paid</th></tr>`;
-    }
-    rows("contrib-body", v.contribution_rows || [], (c) => `<tr><td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td></tr>`, "Scored as rounds close.", 2);
     setText("pay-note", v.pay_note || "");
-    rows("payouts-body", s.payouts, (p) => `<tr><td>${p.account === s.buyer_address ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td></tr>`, "Paid when the task is settled.", 3);
     const refund = $("refund-note");
     if (refund) {
       refund.innerHTML = v.refunded
         ? `Refunded to you: <strong>${eth(s.refund_wei)} ETH</strong>.`
         : "What is not earned comes back to your wallet.";
     }
+  }
+
+  let last = null;
+  // The whole task: a snapshot, or the page's first render.
+  function render(msg) {
+    last = msg;
+    names = msg.view.device_names || {};
+    drawTask(msg);
+    for (const table of TABLES) fill(table, table.list(msg) || []);
+    drawContributions(msg.view);
+  }
+
+  // ---------------------------------------------------------------- a delta
+
+  // How a delta's rows are merged into the page's copy of the task, by the server's keys.
+  const SNAPSHOT_KEYS = {
+    bids: (b) => b.device,
+    selected: (d) => d.role + ":" + d.device,
+    rounds_published: (r) => String(r.number),
+    updates: (u) => u.round + ":" + u.trainer,
+    transactions: (t) => t.tx_hash + ":" + t.log_index,
+    payouts: (p) => p.tx_hash + ":" + p.log_index,
+  };
+  function mergeRows(list, items, key) {
+    const at = new Map(list.map((item, i) => [key(item), i]));
+    for (const item of items) {
+      const k = key(item);
+      if (at.has(k)) list[at.get(k)] = item;
+      else { at.set(k, list.length); list.push(item); }
+    }
+  }
+  function mergeContributions(into, rows) {
+    const byTrainer = new Map(into.map((c) => [c.trainer, c]));
+    for (const c of rows) {
+      const old = byTrainer.get(c.trainer);
+      if (!old) { into.push(c); byTrainer.set(c.trainer, c); continue; }
+      mergeRows(old.rounds, c.rounds, (r) => String(r.round));
+      old.rounds.sort((a, b) => a.round - b.round);
+      old.paid_wei = c.paid_wei;
+    }
+  }
+  // The contribution table's rows hold one cell per round of contribution_rounds.
+  function mergeContributionRows(v, d) {
+    const rounds = Array.from(new Set([...(v.contribution_rounds || []), ...d.contribution_rounds])).sort((a, b) => a - b);
+    const cells = new Map();
+    const paid = new Map();
+    for (const [view, list] of [[v, v.contribution_rows || []], [d, d.contribution_rows]]) {
+      for (const c of list) {
+        const byRound = cells.get(c.trainer) || new Map();
+        (view.contribution_rounds || []).forEach((r, i) => byRound.set(r, c.cells[i]));
+        cells.set(c.trainer, byRound);
+        paid.set(c.trainer, c.paid_wei);
+      }
+    }
+    v.contribution_rounds = rounds;
+    v.contribution_rows = Array.from(cells, ([trainer, byRound]) => ({
+      trainer, cells: rounds.map((r) => byRound.get(r) ?? ""), paid_wei: paid.get(trainer),
+    }));
+  }
+  function merge(msg, delta) {
+    const s = msg.snapshot;
+    const v = msg.view;
+    for (const [name, value] of Object.entries(delta.snapshot)) {
+      if (SNAPSHOT_KEYS[name]) mergeRows(s[name] = s[name] || [], value, SNAPSHOT_KEYS[name]);
+      else if (name === "contributions") mergeContributions(s.contributions = s.contributions || [], value);
+      else s[name] = value;
+    }
+    s.rounds_published.sort((a, b) => a.number - b.number);
+    const d = delta.view;
+    mergeRows(v.tx_rows = v.tx_rows || [], d.tx_rows || [], (t) => t.tx_hash);
+    Object.assign(v.device_names = v.device_names || {}, d.device_names || {});
+    mergeContributionRows(v, { contribution_rounds: d.contribution_rounds || [], contribution_rows: d.contribution_rows || [] });
+    for (const [name, value] of Object.entries(d)) {
+      if (!["tx_rows", "device_names", "contribution_rounds", "contribution_rows"].includes(name)) v[name] = value;
+    }
+  }
+  // A change in place: the page's copy merges it, the tables take its rows.
+  function apply(delta) {
+    merge(last, delta);
+    names = last.view.device_names;
+    drawTask(last);
+    for (const table of TABLES) upsert(table, table.list(delta) || []);
+    if ((delta.view.contribution_rows || []).length) drawContributions(last.view);
   }
 
   // ---------------------------------------------------------------- the socket
@@ -223,6 +354,9 @@
   }
 
   let delay = 500;
+  let seq = null; // the number of the last change shown; none until the socket's snapshot
+  let resyncing = false;
+  function counted() { root.dataset.updates = String(Number(root.dataset.updates || 0) + 1); }
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
     const ws = new WebSocket(scheme + location.host + root.dataset.wsPath);
@@ -230,12 +364,27 @@
     ws.onmessage = (event) => {
       let msg;
       try { msg = JSON.parse(event.data); } catch (e) { return; }
-      if (msg.type === "task.update" && msg.snapshot && msg.view) {
+      if (!msg || !msg.snapshot || !msg.view) return;
+      if (msg.type === "task.snapshot") {
+        seq = msg.seq;
+        resyncing = false;
         render(msg);
-        root.dataset.updates = String(Number(root.dataset.updates || 0) + 1);
+        counted();
+      } else if (msg.type === "task.delta" && seq !== null && !resyncing && msg.seq > seq) {
+        if (msg.seq !== seq + 1) {
+          // A change went missing (or crossed another): ask for the whole task again.
+          resyncing = true;
+          root.dataset.resyncs = String(Number(root.dataset.resyncs || 0) + 1);
+          ws.send(JSON.stringify({ type: "resync" }));
+          return;
+        }
+        seq = msg.seq;
+        apply(msg);
+        counted();
       }
     };
     ws.onclose = () => {
+      seq = null;
       status(false, "reconnecting…");
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 10000);
@@ -265,6 +414,6 @@
     clearTimeout(resizing);
     resizing = setTimeout(() => { if (last) drawChart(last.snapshot.rounds_published); }, 150);
   });
-  window.FlexTask = { render, chart };
+  window.FlexTask = { render, apply, chart };
   connect();
 })();

@@ -5,10 +5,13 @@ text the page shows (the buyer's title, a device's name, any field pushed) stays
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import timedelta
 
 import numpy as np
 import pytest
+from django.conf import settings
+from django.db import transaction
 from eth_account import Account
 from eth_account.messages import encode_defunct
 
@@ -18,6 +21,7 @@ from core.enrolment import join_message
 from marketplace import reports, services
 from marketplace.models import TaskOrder
 from marketplace.sync import chain_sync
+from marketplace.sync.push import task_push_next
 from tests.blobs import blob_of
 from tests.e2e.pages import off_the_loop
 from training.serialize import id_hex, model_id
@@ -35,8 +39,8 @@ UPDATE_TIMEOUT_MS = 120_000
 # Text that would run script if a page ever put it into HTML unescaped.
 MARKUP = "<img src=x onerror=alert(1)>"
 TITLE = f"Digits on three phones {MARKUP}"
-# Replaces every string of a task.update message with MARKUP, renders it, and counts what
-# markup became elements in the page (none may).
+# Replaces every string of a task's message with MARKUP, renders it whole and applies it as a
+# delta, and counts what markup became elements in the page (none may).
 POISON_JS = """(markup) => {
   const msg = JSON.parse(document.getElementById("task-data").textContent);
   const poison = (v) => typeof v === "string" ? markup
@@ -49,6 +53,10 @@ POISON_JS = """(markup) => {
   bad.view.device_names = Object.fromEntries(addresses.map((a) => [a, markup]));
   bad.snapshot.bids = msg.snapshot.bids.map((b) => ({ ...poison(b), device: b.device }));
   window.FlexTask.render(bad);
+  // The same strings arriving as a delta, whose rows are merged and drawn in place.
+  const delta = poison({ ...msg, type: "task.delta" });
+  delta.view.device_names = bad.view.device_names;
+  window.FlexTask.apply(delta);
   return document.querySelectorAll("#task-page img, #task-page script").length;
 }"""
 
@@ -78,11 +86,24 @@ def test_buyer_posts_a_task_and_watches_it_live(
     chain_rewound,
     devices_played_by_the_test,
 ):
+    # The task's live group apart from any other run on the same Redis (its pushes name
+    # the same task ids); reads wait as long as a socket idles, as in flexsite.settings.
+    platform_settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [{"address": settings.REDIS_URL, "socket_timeout": None}],
+                "prefix": f"flex-test-{uuid.uuid4().hex}",
+            },
+        }
+    }
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UPDATE_TIMEOUT_MS)
     dialogs: list[str] = []  # an alert() would mean markup ran as script
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    errors: list[str] = []  # the page's own script failing on a message
+    page.on("pageerror", lambda error: errors.append(str(error)))
 
     # Sign up: the wallet comes with the account.
     page.goto(asgi_server + "/")
@@ -155,7 +176,12 @@ def test_buyer_posts_a_task_and_watches_it_live(
             samples=400 + 100 * i,
             role=Role.TRAINER,
         )
+    # A change that another process numbered and committed but never sent (it died): the
+    # page sees the gap at the next change, asks again and shows the whole task.
+    with transaction.atomic():
+        task_push_next(chain_task_id=tid)
     sync_and_wait("document.querySelectorAll('#bids-body tr').length === 4")
+    assert page.get_attribute("#task-page", "data-resyncs") == "1"
     page.wait_for_function("document.getElementById('bids-body').textContent.includes('pixel-3')")
     assert MARKUP in page.inner_text("#bids-body")  # the device's name arrived live: as text
 
@@ -204,6 +230,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
             f"document.querySelectorAll('#chart circle.acc-dot').length === {number}"
         )
         assert page.inner_text("#stat-accuracy") == f"{accuracy * 100:.1f}%"
+    # Each round's contributions arrived as a column of the live table, one row per trainer.
+    page.wait_for_function("document.querySelectorAll('#contrib-head th').length === 2 + 3")
+    assert len(page.query_selector_all("#contrib-body tr")) == 2
     assert page.get_attribute("#task-state", "data-state") == "trained"
     assert page.is_visible("#model-link")
 
@@ -213,6 +242,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
     page.wait_for_function(
         "document.getElementById('refund-note').textContent.includes('Refunded')"
     )
+    page.wait_for_function("document.getElementById('contrib-body').textContent.includes('ETH')")
     # Pay of the aggregator and 2 trainers, the refund, and the bond and 2 stakes returned.
     assert len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1 + 1 + 2
     tx_text = page.inner_text("#tx-body")
@@ -261,4 +291,5 @@ def test_buyer_posts_a_task_and_watches_it_live(
     assert page.evaluate(POISON_JS, MARKUP) == 0
     assert MARKUP in page.inner_text("#bids-body")
     assert dialogs == []
+    assert errors == []
     context.close()

@@ -1,5 +1,6 @@
 """The live task page's WebSocket, through the real ASGI stack and Redis channel layer: the
-buyer gets the snapshot, then each round as it is mirrored; nobody else gets anything."""
+buyer gets the snapshot, then each change as a numbered delta, and a fresh snapshot when it
+misses one; nobody else gets anything."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.test import Client
 
 from chain.events import Role
@@ -17,13 +19,15 @@ from core.messages import RoundReport
 from flexsite.asgi import application
 from marketplace import contract
 from marketplace.consumers import CLOSE_FORBIDDEN
+from marketplace.sync.push import task_push_next
 from marketplace.tasks import round_report_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-TIMEOUT_S = 10
+# Generous: on a busy machine a socket or a sync can take a while; waited for, never timed.
+TIMEOUT_S = 120
 
 
 def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
@@ -39,7 +43,15 @@ def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, b
     return headers
 
 
-def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env):  # noqa: F811
+async def watch(task_id: int, headers: list) -> tuple[WebsocketCommunicator, dict]:
+    """The task's live socket, open, and the snapshot it sent first."""
+    socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
+    connected, _ = await socket.connect(timeout=TIMEOUT_S)
+    assert connected
+    return socket, await socket.receive_json_from(timeout=TIMEOUT_S)
+
+
+def test_the_buyer_sees_the_snapshot_then_each_change_as_a_delta(platform_market, mirror_env):  # noqa: F811
     market = platform_market
     aggregator = enrol("aggregator", aggregate=True)
     trainer = enrol("dave")
@@ -53,12 +65,7 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
     headers = _headers(task.buyer)
 
     async def follow() -> tuple[dict, dict, dict]:
-        socket = WebsocketCommunicator(
-            application, f"/ws/tasks/{task.chain_task_id}/", headers=headers
-        )
-        connected, _ = await socket.connect()
-        assert connected
-        on_connect = await socket.receive_json_from(timeout=TIMEOUT_S)
+        socket, on_connect = await watch(task.chain_task_id, headers)
         await sync_to_async(sync)()
         mirrored = await socket.receive_json_from(timeout=TIMEOUT_S)
         # What the aggregator reports after publishing, as the gateway hands it on.
@@ -82,7 +89,7 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
 
     on_connect, mirrored, measured = async_to_sync(follow)()
 
-    assert on_connect["type"] == "task.update"
+    assert on_connect["type"] == "task.snapshot"
     snapshot = on_connect["snapshot"]
     assert (snapshot["id"], snapshot["state"], snapshot["rounds_published"]) == (
         task.chain_task_id,
@@ -109,19 +116,104 @@ def test_the_buyer_sees_the_snapshot_then_each_round(platform_market, mirror_env
     ]
     assert snapshot["budget_wei"] == str(task.budget_wei)
 
-    [round_0] = mirrored["snapshot"]["rounds_published"]
-    assert round_0["number"] == 0
-    assert round_0["global_model_id"] == initial
+    # The published model comes as the next change: the task as it is now, and only the rows
+    # the change wrote.
+    assert (mirrored["type"], mirrored["seq"]) == ("task.delta", on_connect["seq"] + 1)
+    delta = mirrored["snapshot"]
+    assert (delta["state"], delta["published_rounds"], delta["current_round"]) == ("running", 1, 0)
+    [round_0] = delta["rounds_published"]
+    assert (round_0["number"], round_0["global_model_id"]) == (0, initial)
     assert round_0["tx_hash"] == published.tx_hash
     assert round_0["accuracy"] is None
-    assert mirrored["snapshot"]["transactions"][-1]["name"] == "GlobalModelPublished"
+    assert [t["name"] for t in delta["transactions"]] == ["GlobalModelPublished"]
+    assert [r["tx_hash"] for r in mirrored["view"]["tx_rows"]] == [published.tx_hash]
+    assert (delta["bids"], delta["selected"], delta["payouts"], delta["updates"]) == (
+        [],
+        [],
+        [],
+        [],
+    )
+    # The page's own scalars still see the whole task: the round waits on dave.
+    wait = mirrored["view"]["round_wait"]
+    assert (wait["round"], wait["missing"]) == (1, [trainer.address])
+    assert mirrored["view"]["trainers_selected"] == 1
 
+    # The aggregator's report, recorded by a worker, is numbered after sync's change.
+    assert (measured["type"], measured["seq"]) == ("task.delta", mirrored["seq"] + 1)
     [round_0] = measured["snapshot"]["rounds_published"]
     assert (round_0["accuracy"], round_0["loss"], round_0["gas_used"]) == (
         0.1,
         2.3,
         published.gas_used,
     )
+    assert measured["snapshot"]["transactions"] == []
+
+
+def test_a_page_that_missed_a_change_asks_again_and_gets_a_fresh_snapshot(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    market = platform_market
+    aggregator = enrol("aggregator", aggregate=True)
+    trainer = enrol("frank")
+    task = selected_task(market, aggregator, [trainer])
+    sync()
+    headers = _headers(task.buyer)
+
+    def lost_change() -> None:
+        """A process numbers a change and commits it, then dies before sending it."""
+        with transaction.atomic():
+            task_push_next(chain_task_id=task.chain_task_id)
+
+    async def follow() -> tuple[dict, dict, dict]:
+        socket, on_connect = await watch(task.chain_task_id, headers)
+        await sync_to_async(lost_change)()
+        await sync_to_async(market.publish_global_model)(
+            sender=aggregator.account,
+            task_id=task.chain_task_id,
+            round_number=0,
+            model_id=model_id("initial"),
+        )
+        await sync_to_async(sync)()
+        after_gap = await socket.receive_json_from(timeout=TIMEOUT_S)
+        await socket.send_json_to({"type": "resync"})
+        fresh = await socket.receive_json_from(timeout=TIMEOUT_S)
+        await socket.disconnect()
+        return on_connect, after_gap, fresh
+
+    on_connect, after_gap, fresh = async_to_sync(follow)()
+    # The page sees the number jump by two ...
+    assert after_gap["seq"] == on_connect["seq"] + 2
+    # ... asks again, and gets the whole task as of at least that change.
+    assert fresh["type"] == "task.snapshot"
+    assert fresh["seq"] == after_gap["seq"]
+    assert [r["number"] for r in fresh["snapshot"]["rounds_published"]] == [0]
+    assert [t["name"] for t in fresh["snapshot"]["transactions"]][-1] == "GlobalModelPublished"
+
+
+def test_the_socket_names_what_it_does_not_understand(platform_market, mirror_env):  # noqa: F811
+    aggregator = enrol("aggregator", aggregate=True)
+    task = selected_task(platform_market, aggregator, [enrol("gina")])
+    headers = _headers(task.buyer)
+
+    async def talk() -> list[dict]:
+        socket, _ = await watch(task.chain_task_id, headers)
+        answers = []
+        for text in ('{"type": "subscribe", "task": 1}', "not json", "[1, 2]"):
+            await socket.send_to(text_data=text)
+            answers.append(await socket.receive_json_from(timeout=TIMEOUT_S))
+        # Still open and serving: a resync after the bad input is answered.
+        await socket.send_json_to({"type": "resync"})
+        answers.append(await socket.receive_json_from(timeout=TIMEOUT_S))
+        await socket.disconnect()
+        return answers
+
+    subscribe, not_json, a_list, resync = async_to_sync(talk)()
+    assert (subscribe["type"], subscribe["code"]) == ("task.error", "message_invalid")
+    assert "'subscribe'" in subscribe["message"]
+    assert "not JSON" in not_json["message"]
+    assert "None" in a_list["message"]
+    assert (resync["type"], resync["snapshot"]["id"]) == ("task.snapshot", task.chain_task_id)
 
 
 def test_only_the_buyer_and_staff_may_watch(platform_market, mirror_env):  # noqa: F811
@@ -135,7 +227,7 @@ def test_only_the_buyer_and_staff_may_watch(platform_market, mirror_env):  # noq
 
     async def attempt(path: str, headers: list) -> tuple[bool, object]:
         socket = WebsocketCommunicator(application, path, headers=headers)
-        connected, code = await socket.connect()
+        connected, code = await socket.connect(timeout=TIMEOUT_S)
         first = await socket.receive_json_from(timeout=TIMEOUT_S) if connected else code
         await socket.disconnect()
         return connected, first

@@ -1,0 +1,143 @@
+"""What the live push sends per round, through the real sync, ASGI stack and Redis channel
+layer: a round's messages carry that round's rows, so their size does not grow with the
+rounds before it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+
+import pytest
+from asgiref.sync import async_to_sync, sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from chain.events import Role
+from chain.selection import mask_of
+from flexsite.asgi import application
+from marketplace import reports, services
+from tests.marketplace.test_consumers import TIMEOUT_S, _headers
+from tests.marketplace.test_lifecycle import WINDOW_S, advance, bid, enrol, model_id, sync
+from tests.marketplace.test_sync import SPEC, mirror_env  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROUNDS = 10
+# A round's messages differ only in the digits of its numbers (round, block, gas, seq).
+DIGITS_SLACK_BYTES = 48
+
+
+def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    market = platform_market
+    buyer = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
+    services.wallet_fund(wallet=buyer.wallet)
+    order = services.task_create(
+        buyer=buyer,
+        title="many rounds",
+        spec=dataclasses.replace(SPEC, rounds=ROUNDS),
+        min_trainers=2,
+        max_trainers=2,
+        round_timeout_s=600,
+        budget_wei=10**17,
+        bidding_window_s=WINDOW_S,
+    )
+    aggregator = enrol("aggregator", aggregate=True)
+    trainers = [enrol("hal"), enrol("ida")]
+    bid(market, aggregator, order, role=Role.AGGREGATOR)
+    for trainer in trainers:
+        bid(market, trainer, order)
+    advance(market, WINDOW_S + 1)
+    market.select_nodes(sender=aggregator.account, task_id=order.chain_task_id)
+    task_id = order.chain_task_id
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("r0")
+    )
+    sync()
+    by_address = {t.address: t for t in trainers}
+    trainer_order = market.selection(task_id=task_id).trainers
+
+    def accuracy(number: int) -> float:
+        return 0.25 + number / 32  # short and exact in binary: sizes differ by digits only
+
+    def play_round(number: int) -> None:
+        """Trainers send their updates for the round, the aggregator publishes the next
+        global model and reports its metrics; sync mirrors it on the way."""
+        for address in trainer_order:
+            market.submit_update(
+                sender=by_address[address].account,
+                task_id=task_id,
+                round_number=number - 1,
+                model_id=model_id(f"u{number}-{address}"),
+            )
+        global_id = model_id(f"r{number}")
+        published = market.publish_global_model(
+            sender=aggregator.account,
+            task_id=task_id,
+            round_number=number,
+            model_id=global_id,
+            aggregated_mask=mask_of(range(len(trainer_order))),
+        )
+        sync()
+        reports.round_metrics_record(
+            task_id=task_id,
+            round_number=number,
+            model_id=global_id,
+            tx_hash=published.tx_hash,
+            accuracy=accuracy(number),
+            loss=1 - accuracy(number),
+            gas_used=published.gas_used,
+        )
+
+    headers = _headers(order.buyer)
+
+    async def follow() -> tuple[str, list[list[str]], str]:
+        socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
+        connected, _ = await socket.connect(timeout=TIMEOUT_S)
+        assert connected
+        first = await socket.receive_from(timeout=TIMEOUT_S)
+        per_round = []
+        for number in range(1, ROUNDS + 1):
+            await sync_to_async(play_round)(number)
+            # The mirrored round, then its metrics.
+            per_round.append([await socket.receive_from(timeout=TIMEOUT_S) for _ in range(2)])
+        await socket.send_json_to({"type": "resync"})
+        last = await socket.receive_from(timeout=TIMEOUT_S)
+        await socket.disconnect()
+        return first, per_round, last
+
+    first, per_round, last = async_to_sync(follow)()
+
+    messages = [[json.loads(text) for text in texts] for texts in per_round]
+    seqs = [m["seq"] for pair in messages for m in pair]
+    assert seqs == list(
+        range(json.loads(first)["seq"] + 1, json.loads(first)["seq"] + 1 + 2 * ROUNDS)
+    )
+    for number, (mirrored, measured) in enumerate(messages, start=1):
+        assert (mirrored["type"], measured["type"]) == ("task.delta", "task.delta")
+        # Each round's own rows: two updates, its global model, and the round they judged.
+        rows = mirrored["snapshot"]
+        assert [t["name"] for t in rows["transactions"]] == [
+            "UpdateSubmitted",
+            "UpdateSubmitted",
+            "GlobalModelPublished",
+        ]
+        assert [r["number"] for r in rows["rounds_published"]] == [number]
+        assert {u["round"] for u in rows["updates"]} == {number - 1}
+        assert mirrored["view"]["contribution_rounds"] == [number - 1]
+        assert [len(c["cells"]) for c in mirrored["view"]["contribution_rows"]] == [1, 1]
+        assert measured["snapshot"]["rounds_published"][0]["accuracy"] == accuracy(number)
+        assert measured["view"]["latest_accuracy"] == accuracy(number)
+
+    sizes = [sum(len(text.encode()) for text in texts) for texts in per_round]
+    # The first round has no earlier one to be compared with, the last ends the training (no
+    # round waits any more); in between, the size stays put while the task's history (what a
+    # snapshot carries) keeps growing.
+    assert max(sizes[1:-1]) - min(sizes[1:-1]) <= DIGITS_SLACK_BYTES, sizes
+    assert sizes[-1] <= max(sizes[1:-1]), sizes
+    # Pushing the snapshot instead would have grown by far more than the slack each round.
+    history_per_round = (len(last.encode()) - len(first.encode())) / ROUNDS
+    assert history_per_round > 10 * DIGITS_SLACK_BYTES, (history_per_round, sizes)
+    assert json.loads(last)["snapshot"]["published_rounds"] == ROUNDS + 1
