@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("marketplace", "0008_device_asking_prices"),
+        ("marketplace", "0009_list_indexes"),
     ]
 
     operations = [
