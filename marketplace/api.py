@@ -310,6 +310,12 @@ class TaskCreateApi(ApiAuthMixin, APIView):
             help_text="...or this: seconds of bidding from now.",
         )
         round_timeout_s = serializers.IntegerField(min_value=1)
+        dispute_window_s = serializers.IntegerField(
+            min_value=0,
+            required=False,
+            help_text="Seconds after each global model in which anyone may prove it wrong "
+            "(default: the round timeout; 0: no disputes).",
+        )
 
         def validate_bidding_ends(self, value):
             if value <= timezone.now():

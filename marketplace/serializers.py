@@ -195,6 +195,16 @@ class TaskSerializer(TaskSummarySerializer):
     refunded_wei = WeiField(allow_null=True)
     refund_wei = WeiField(allow_null=True, help_text="Everything credited back to the buyer.")
     failure_reason = serializers.CharField(allow_blank=True)
+    dispute_window_s = serializers.IntegerField(
+        help_text="Seconds after each global model in which anyone may prove it wrong."
+    )
+    challenged_round = serializers.IntegerField(
+        allow_null=True,
+        help_text="The global model a challenge proved wrong: the aggregator's bond was "
+        "slashed and the task aborted.",
+    )
+    challenged_by = serializers.CharField(allow_blank=True)
+    challenge_bounty_wei = WeiField(allow_null=True)
     created_tx = serializers.CharField()
     created_block = serializers.IntegerField(allow_null=True)
     bids = BidSerializer(many=True)
