@@ -140,7 +140,7 @@ def prefill(chain: Chain, owner: str, buyer: str) -> dict[str, Any]:
                 10,  # max trainers
                 now + 86_400,  # bidding ends
                 600,  # round timeout
-                1000,  # sample cap
+                (1000, 0, 0, 0),  # sample cap, no dispute window, FedAvg
                 value=10**18,
             )
             for i in range(TASKS)

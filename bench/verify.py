@@ -95,7 +95,7 @@ def challenge_of(trainers: int, parameters: int, rng: np.random.Generator) -> Ch
     )
     global_opening, global_id = _opening(header, honest, siblings)
     return Challenge(
-        context=RoundContext(CHAIN_ID, MARKET, TASK, ROUND, Strategy.FEDAVG),
+        context=RoundContext(CHAIN_ID, MARKET, TASK, ROUND, Strategy.FED_AVG),
         global_id=global_id,
         included=tuple(included),
         chunk=0,

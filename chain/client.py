@@ -13,7 +13,8 @@ from web3 import Web3
 from chain import events as ev
 from chain.build import load_artifact
 from chain.errors import InvalidHintError
-from chain.events import DeviceClass, Role, TaskState
+from chain.events import DeviceClass, Role, Strategy, TaskState
+from chain.fraud import VERIFIER_NAME, Challenge
 from chain.records import (
     BidInfo,
     DeviceInfo,
@@ -89,13 +90,17 @@ class FlexMarket:
         sender: LocalAccount,
         min_trainer_price_wei: int = 0,
         min_aggregator_price_wei: int = 0,
+        verifier: str | None = None,
     ) -> FlexMarket:
-        """Deploys a new market owned by ``sender`` (also its first registrar)."""
+        """Deploys a new market owned by ``sender`` (also its first registrar), checking
+        challenges with the FlexVerifier at ``verifier`` (by default one deployed first)."""
+        if verifier is None:
+            verifier = deploy_artifact(w3=w3, sender=sender, name=VERIFIER_NAME).address
         deployed = deploy_artifact(
             w3=w3,
             sender=sender,
             name=CONTRACT_NAME,
-            args=(min_trainer_price_wei, min_aggregator_price_wei),
+            args=(min_trainer_price_wei, min_aggregator_price_wei, to_checksum_address(verifier)),
         )
         return cls(w3=w3, address=deployed.address, deploy_block=deployed.block_number)
 
@@ -152,10 +157,15 @@ class FlexMarket:
         round_timeout: int,
         budget_wei: int,
         sample_cap: int = DEFAULT_SAMPLE_CAP,
+        dispute_window: int = 0,
+        strategy: Strategy = Strategy.FED_AVG,
+        trim_per_mille: int = 0,
     ) -> TxResult:
         """Creates a task with ``budget_wei`` in escrow; ``bidding_ends`` is a unix time,
         ``round_timeout`` seconds; trainer claims count for at most ``sample_cap`` samples.
-        The new id is ``result.first(TaskCreated).task_id``."""
+        Each global model may be challenged for ``dispute_window`` seconds after it is
+        published (0: never), recomputed by ``strategy`` (``trim_per_mille`` for a trimmed
+        mean). The new id is ``result.first(TaskCreated).task_id``."""
         return self._transact(
             sender,
             "createTask",
@@ -165,7 +175,7 @@ class FlexMarket:
             max_trainers,
             bidding_ends,
             round_timeout,
-            sample_cap,
+            (sample_cap, dispute_window, int(strategy), trim_per_mille),
             value=budget_wei,
         )
 
@@ -270,6 +280,15 @@ class FlexMarket:
 
     # ------------------------------------------------------------ settlement
 
+    def challenge(
+        self, *, sender: LocalAccount, task_id: int, round_number: int, challenge: Challenge
+    ) -> TxResult:
+        """Proves global model ``round_number`` wrong by ``challenge`` (chain.fraud): the
+        aggregator's bond is slashed and the task aborted, or the call reverts with
+        ChallengeFailedError (the value is right), a FlexVerifier error (an opening that does
+        not hold), DisputeWindowClosedError, NotIncludedError, ..."""
+        return self._transact(sender, "challenge", task_id, round_number, challenge.dispute())
+
     def finalize(self, *, sender: LocalAccount, task_id: int) -> TxResult:
         return self._transact(sender, "finalize", task_id)
 
@@ -297,6 +316,7 @@ class FlexMarket:
             max_rounds=self._call("MAX_ROUNDS"),
             max_bids=self._call("MAX_BIDS"),
             max_round_timeout=self._call("MAX_ROUND_TIMEOUT"),
+            max_dispute_window=self._call("MAX_DISPUTE_WINDOW"),
         )
 
     def device(self, *, device: str) -> DeviceInfo:
@@ -333,6 +353,14 @@ class FlexMarket:
     def trainer_position(self, *, task_id: int, device: str) -> int | None:
         selected, position = self._call("trainerPosition", task_id, to_checksum_address(device))
         return position if selected else None
+
+    def verifier(self) -> str:
+        """The FlexVerifier the market checks challenges with."""
+        return self._call("verifier")
+
+    def dispute_closes_at(self, *, task_id: int, round_number: int) -> int:
+        """When global model ``round_number``'s dispute window closes (0: not published)."""
+        return self._call("disputeClosesAt", task_id, round_number)
 
     def global_model(self, *, task_id: int, round_number: int) -> str | None:
         """The global model ID of the round as ``0x`` hex, None if not published."""

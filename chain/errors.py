@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from core.errors import FlexError
@@ -30,13 +31,18 @@ class ContractError(FlexError):
     code = "contract_error"
     # The Solidity custom error this class stands for; empty for the base class.
     solidity_name: ClassVar[str] = ""
+    # The contract whose errors a subclass stands for: ``<prefix><What>`` is ``<What>Error``.
+    solidity_prefix: ClassVar[str] = "FlexMarket"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         # Only this module's classes stand for Solidity errors; a subclass elsewhere (say a
         # service's narrower error) must not take over the selector of its parent.
-        if cls.__module__ == __name__:
-            cls.solidity_name = "FlexMarket" + cls.__name__.removesuffix("Error")
+        if cls.__module__ == __name__ and not cls.__dict__.get("abstract", False):
+            what = cls.__name__.removesuffix("Error")
+            cls.solidity_name = cls.solidity_prefix + what
+            if cls.solidity_prefix != "FlexMarket":
+                cls.code = "challenge_" + re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", what).lower()
             CONTRACT_ERRORS[cls.solidity_name] = cls
 
     def default_message(self, **fields: Any) -> str:
@@ -347,3 +353,93 @@ class RoundStillOpenError(ContractError):
     """The round's submission window is open and not every trainer has submitted."""
 
     code = "round_still_open"
+
+
+# ---- disputes
+
+
+class InvalidDisputeTermsError(ContractError):
+    """A dispute window over the limit, or a trim outside 0..499 (only a trimmed mean trims)."""
+
+    code = "invalid_dispute_terms"
+
+
+class NoAggregateError(ContractError):
+    """Only a published global model of round 1 or later can be challenged."""
+
+    code = "no_aggregate"
+
+
+class DisputeWindowClosedError(ContractError):
+    """The global model's dispute window is over (or the task has none)."""
+
+    code = "dispute_window_closed"
+
+
+class DisputeWindowOpenError(ContractError):
+    """The final model may still be challenged: the task settles after its window."""
+
+    code = "dispute_window_open"
+
+
+class NotIncludedError(ContractError):
+    """A challenge's update IDs are not the aggregated updates, in trainer-position order."""
+
+    code = "not_included"
+
+
+class ChallengeFailedError(ContractError):
+    """The challenged value is what the task's strategy gives: the aggregate stands."""
+
+    code = "challenge_failed"
+
+
+class AggregatorCannotChallengeError(ContractError):
+    """The aggregator may not challenge its own models (the bounty would be its own bond)."""
+
+    code = "aggregator_cannot_challenge"
+
+
+# ---- FlexVerifier's errors: a challenge whose openings prove nothing
+
+
+class FlexVerifierError(ContractError):
+    """FlexVerifier refused a challenge that proves nothing; the Solidity error's name is the
+    class's ``solidity_name`` and its arguments are the fields (``which``: 0 for the global
+    model's opening, k + 1 for update k's)."""
+
+    code = "challenge_refused"
+    solidity_prefix = "FlexVerifier"
+    abstract = True
+
+
+class LengthMismatchError(FlexVerifierError):
+    """The challenge opens a different number of updates than it includes."""
+
+
+class TooManyUpdatesError(FlexVerifierError):
+    """A challenge includes no update, or more than the market's 128 trainers."""
+
+
+class IdMismatchError(FlexVerifierError):
+    """An opening's header and root do not give the model's ID."""
+
+
+class ChunkOutOfRangeError(FlexVerifierError):
+    """The challenged chunk is past the model's last."""
+
+
+class OffsetOutOfRangeError(FlexVerifierError):
+    """The challenged value is past the chunk's last."""
+
+
+class BadChunkError(FlexVerifierError):
+    """An opened chunk holds a different number of bytes than the model's layout gives."""
+
+
+class BadProofError(FlexVerifierError):
+    """An opened chunk is not under its model's Merkle root by the path given."""
+
+
+class BadTrimError(FlexVerifierError):
+    """A trimmed mean's per-mille trim is outside 0..499."""

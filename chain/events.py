@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import functools
 import re
 import time
@@ -17,60 +16,19 @@ from web3 import Web3
 from web3.exceptions import Web3RPCError
 
 from chain.build import load_artifact
+from chain.enums import (  # noqa: F401  (the enums events carry, importable from here too)
+    ENUMS,
+    CreditReason,
+    DeviceClass,
+    DeviceStatus,
+    FailureReason,
+    Role,
+    Strategy,
+    TaskState,
+    Verdict,
+)
 from chain.errors import ChainUnavailableError
 from chain.node import UNREACHABLE, reachable
-
-# ---------------------------------------------------------------- the contract's enums
-# They mirror the Solidity enums member for member (tests compare them with the ABI's
-# internal types); IntEnum so that they compare equal to the raw uint8 too.
-
-
-class DeviceClass(enum.IntEnum):
-    CPU = 0
-    GPU = 1
-    JETSON = 2
-
-
-class DeviceStatus(enum.IntEnum):
-    NONE = 0
-    ACTIVE = 1
-    REVOKED = 2
-
-
-class Role(enum.IntEnum):
-    TRAINER = 0
-    AGGREGATOR = 1
-
-
-class TaskState(enum.IntEnum):
-    NONE = 0
-    BIDDING = 1
-    RUNNING = 2
-    TRAINED = 3
-    FINALIZED = 4
-    FAILED = 5
-    CANCELLED = 6
-    ABORTED = 7
-
-
-class FailureReason(enum.IntEnum):
-    NO_AGGREGATOR = 0
-    AGGREGATOR_OVER_BUDGET = 1
-    TOO_FEW_TRAINERS = 2
-
-
-class CreditReason(enum.IntEnum):
-    TRAINER_PAY = 0
-    AGGREGATOR_PAY = 1
-    REFUND = 2
-    STAKE_RETURNED = 3
-    STAKE_SLASHED = 4
-
-
-ENUMS: dict[str, type[enum.IntEnum]] = {
-    e.__name__: e for e in (DeviceClass, DeviceStatus, Role, TaskState, FailureReason, CreditReason)
-}
-
 
 # ---------------------------------------------------------------- ABI value conversion
 
@@ -179,6 +137,15 @@ class TaskCreated(ChainEvent):
 
 @_event
 @dataclass(frozen=True, kw_only=True)
+class DisputeTermsSet(ChainEvent):
+    task_id: int
+    dispute_window: int
+    strategy: Strategy
+    trim_per_mille: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
 class BidPlaced(ChainEvent):
     task_id: int
     device: str
@@ -263,6 +230,18 @@ class TaskAborted(ChainEvent):
     aggregator_paid_wei: int
     refunded_wei: int
     slashed_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class AggregateChallenged(ChainEvent):
+    task_id: int
+    round: int
+    challenger: str
+    verdict: Verdict
+    chunk: int
+    offset: int
+    bounty_wei: int
 
 
 @_event

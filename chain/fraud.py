@@ -9,7 +9,6 @@ them from model blobs is the data plane's and the worker's business.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Protocol
 
 from eth_account.signers.local import LocalAccount
@@ -18,36 +17,21 @@ from hexbytes import HexBytes
 from web3 import Web3
 
 from chain.build import load_artifact
-from chain.errors import CONTRACT_ERRORS, ContractError
-from chain.events import snake_case
+from chain.errors import (  # noqa: F401  (the verifier's errors, re-exported for its callers)
+    BadChunkError,
+    BadProofError,
+    BadTrimError,
+    ChunkOutOfRangeError,
+    FlexVerifierError,
+    IdMismatchError,
+    LengthMismatchError,
+    OffsetOutOfRangeError,
+    TooManyUpdatesError,
+)
+from chain.events import Strategy, Verdict
 from chain.transactions import deploy_artifact, rpc
 
 VERIFIER_NAME = "FlexVerifier"
-
-
-class Strategy(IntEnum):
-    """The aggregation strategies the contract recomputes, by the task spec's names."""
-
-    FEDAVG = 0
-    FEDMEDIAN = 1
-    FEDTRIMMEDAVG = 2
-
-    @classmethod
-    def of(cls, name: str) -> Strategy:
-        """The strategy a task spec names (``fedavg``, ``fedmedian``, ``fedtrimmedavg``)."""
-        try:
-            return cls[name.upper()]
-        except KeyError:
-            raise ValueError(f"no fraud proof for strategy {name!r}") from None
-
-
-class Verdict(IntEnum):
-    """What a challenge showed (FlexVerifier.Verdict)."""
-
-    CORRECT = 0
-    WRONG_VALUE = 1
-    INVALID_UPDATE = 2
-    INVALID_GLOBAL = 3
 
 
 class Opened(Protocol):
@@ -122,6 +106,16 @@ class Challenge:
             [_opening(u) for u in self.updates],
         ]
 
+    def dispute(self) -> tuple[Any, ...]:
+        """What FlexMarket.challenge takes: the market supplies the context, the global ID,
+        the trainers and the weights from its own storage."""
+        return (
+            [bytes(HexBytes(u.model_id)) for u in self.included],
+            (self.chunk, self.offset),
+            _opening(self.global_opening),
+            [_opening(u) for u in self.updates],
+        )
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -136,62 +130,6 @@ class Finding:
     @property
     def fraud(self) -> bool:
         return self.verdict != Verdict.CORRECT
-
-
-class FlexVerifierError(ContractError):
-    """FlexVerifier refused a challenge that proves nothing; the Solidity error's name is the
-    class's ``solidity_name`` and its arguments are the fields (``which``: 0 for the global
-    model's opening, k + 1 for update k's)."""
-
-    code = "challenge_refused"
-
-
-class LengthMismatchError(FlexVerifierError):
-    """The challenge opens a different number of updates than it includes."""
-
-
-class TooManyUpdatesError(FlexVerifierError):
-    """A challenge includes no update, or more than the market's 128 trainers."""
-
-
-class IdMismatchError(FlexVerifierError):
-    """An opening's header and root do not give the model's ID."""
-
-
-class ChunkOutOfRangeError(FlexVerifierError):
-    """The challenged chunk is past the model's last."""
-
-
-class OffsetOutOfRangeError(FlexVerifierError):
-    """The challenged value is past the chunk's last."""
-
-
-class BadChunkError(FlexVerifierError):
-    """An opened chunk holds a different number of bytes than the model's layout gives."""
-
-
-class BadProofError(FlexVerifierError):
-    """An opened chunk is not under its model's Merkle root by the path given."""
-
-
-class BadTrimError(FlexVerifierError):
-    """A trimmed mean's per-mille trim is outside 0..499."""
-
-
-def _register_errors() -> None:
-    """Map each custom error of the compiled verifier to its class (``FlexVerifier<What>`` to
-    ``<What>Error``, code ``challenge_<what>``) so that reverts decode to them."""
-    classes = {cls.__name__: cls for cls in FlexVerifierError.__subclasses__()}
-    for entry in load_artifact(VERIFIER_NAME)["abi"]:
-        if entry["type"] == "error":
-            name = entry["name"]
-            what = name.removeprefix(VERIFIER_NAME)
-            cls = classes[f"{what}Error"]
-            cls.solidity_name, cls.code = name, f"challenge_{snake_case(what)}"
-            CONTRACT_ERRORS[name] = cls
-
-
-_register_errors()
 
 
 class FlexVerifier:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
-from chain.events import ChainEvent, DeviceClass, DeviceStatus, FailureReason, Role, TaskState
+from chain.events import (
+    ChainEvent,
+    DeviceClass,
+    DeviceStatus,
+    FailureReason,
+    Role,
+    Strategy,
+    TaskState,
+)
 
 E = TypeVar("E", bound=ChainEvent)
 
@@ -48,6 +56,7 @@ class Limits:
     max_rounds: int
     max_bids: int
     max_round_timeout: int
+    max_dispute_window: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,10 @@ class TaskInfo:
     trainer_stake_wei: int
     aggregator_bond_wei: int
     stakes_held_wei: int
+    dispute_window: int
+    strategy: Strategy
+    trim_per_mille: int
+    dispute_closes_at: int
 
     def deposit_wei(self, role: Role) -> int:
         """What a bid in ``role`` pays in: the trainer stake or the aggregator bond."""

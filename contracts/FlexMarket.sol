@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.30;
 
+import {FlexVerifier} from "./FlexVerifier.sol";
+
 /**
  * @title FlexMarket
  * @notice Control plane of the FLEX federated-learning marketplace: task escrow, device
@@ -62,7 +64,8 @@ contract FlexMarket {
         AggregatorPay,
         Refund,
         StakeReturned,
-        StakeSlashed
+        StakeSlashed,
+        ChallengeBounty
     }
 
     struct Device {
@@ -111,6 +114,9 @@ contract FlexMarket {
         // slot 5
         uint96 minAggregatorPrice;
         uint64 sampleCap;
+        uint32 disputeWindow;
+        FlexVerifier.Strategy strategy;
+        uint16 trimPerMille;
         // slot 6: stakes and bonds paid in with bids and not yet returned or slashed
         uint256 stakesHeld;
     }
@@ -181,6 +187,27 @@ contract FlexMarket {
         uint256 trainerStakeWei;
         uint256 aggregatorBondWei;
         uint256 stakesHeldWei;
+        uint256 disputeWindow;
+        FlexVerifier.Strategy strategy;
+        uint256 trimPerMille;
+        uint256 disputeClosesAt;
+    }
+
+    /// @notice How a task's global models are computed and may be disputed (see {createTask}).
+    struct Terms {
+        uint256 sampleCap;
+        uint256 disputeWindow;
+        FlexVerifier.Strategy strategy;
+        uint256 trimPerMille;
+    }
+
+    /// @notice What a challenge of one global model opens: the IDs of the updates the model
+    /// aggregated (ascending trainer position), the coordinate, and one chunk of each model.
+    struct Dispute {
+        bytes32[] updateIds;
+        FlexVerifier.Point at;
+        FlexVerifier.Opening global;
+        FlexVerifier.Opening[] updates;
     }
 
     /// @notice Where a model ID was used first, as returned by {modelOrigin}.
@@ -211,6 +238,11 @@ contract FlexMarket {
     uint256 public constant MAX_BIDS = 1000;
     /// @notice Longest round timeout a task may ask for.
     uint256 public constant MAX_ROUND_TIMEOUT = 30 days;
+    /// @notice Longest dispute window a task may ask for.
+    uint256 public constant MAX_DISPUTE_WINDOW = 30 days;
+    /// @notice Share of a slashed bond that goes to the challenger who proved the aggregate
+    /// wrong, in per mille (a quarter).
+    uint256 public constant CHALLENGE_BOUNTY_PER_MILLE = 250;
 
     uint256 private constant _LOW_128 = type(uint128).max;
     uint256 private constant _BID_SLOT_MASK = 0xffffffff;
@@ -218,9 +250,11 @@ contract FlexMarket {
     uint256 private constant _SCORES_PER_WORD = 16;
     uint256 private constant _SCORE_BITS = 16;
     uint256 private constant _RELEASED = 1 << 40;
+    uint256 private constant _PUBLISHED_AT_SHIFT = 152;
 
     // ------------------------------------------------------------------ state
 
+    FlexVerifier private immutable _verifier;
     address private _owner;
     address private _registrar;
     uint96 private _minTrainerPrice;
@@ -239,7 +273,8 @@ contract FlexMarket {
     mapping(uint256 taskId => mapping(uint256 round => Round)) private _rounds;
     /// @dev Every model ID ever submitted or published, so none is accepted twice: bits 0..7
     /// the trainer position + 1 (0 for a global model), 8..23 the round, 24..87 the task,
-    /// 88..151 the block. Written once per ID; it also answers who submitted an update.
+    /// 88..151 the block, 152..191 the block's timestamp. Written once per ID; it also answers
+    /// who submitted an update and when a global model's dispute window opened.
     mapping(bytes32 modelId => uint256) private _models;
     /// @dev Scores of round r's aggregated trainers, sixteen uint16 per word in ascending
     /// position order after a marker lane (see _storeScores); unscored rounds have none.
@@ -276,6 +311,14 @@ contract FlexMarket {
         uint256 minTrainerPriceWei,
         uint256 minAggregatorPriceWei,
         uint256 sampleCap
+    );
+    /// @notice The task's global models may be challenged for `disputeWindow` seconds after
+    /// each is published, and are recomputed by `strategy` (with `trimPerMille`).
+    event DisputeTermsSet(
+        uint256 indexed taskId,
+        uint256 disputeWindow,
+        FlexVerifier.Strategy strategy,
+        uint256 trimPerMille
     );
     /// @notice `device` placed (or, when `replaced`, replaced) its bid at `bidIndex`, with
     /// `samples` already capped by the task and `depositWei` its stake (trainer) or bond
@@ -348,6 +391,18 @@ contract FlexMarket {
         uint256 refundedWei,
         uint256 slashedWei
     );
+    /// @notice `challenger` proved global model `round` wrong (`verdict`, at value `offset` of
+    /// chunk `chunk`) within its dispute window: the aggregator's bond is slashed, `bountyWei`
+    /// of it to the challenger, and the task ends aborted ({TaskAborted} follows).
+    event AggregateChallenged(
+        uint256 indexed taskId,
+        uint256 indexed round,
+        address indexed challenger,
+        FlexVerifier.Verdict verdict,
+        uint256 chunk,
+        uint256 offset,
+        uint256 bountyWei
+    );
     /// @notice `amount` wei became withdrawable by `account`.
     event PaymentCredited(
         address indexed account,
@@ -406,6 +461,13 @@ contract FlexMarket {
     error FlexMarketBidSelected(uint256 taskId, address device);
     error FlexMarketModelIdUsed(bytes32 modelId);
     error FlexMarketRoundStillOpen(uint256 taskId, uint256 round, uint256 deadline);
+    error FlexMarketInvalidDisputeTerms(uint256 disputeWindow, uint8 strategy, uint256 trimPerMille);
+    error FlexMarketNoAggregate(uint256 taskId, uint256 round);
+    error FlexMarketDisputeWindowClosed(uint256 taskId, uint256 round, uint256 closedAt);
+    error FlexMarketDisputeWindowOpen(uint256 taskId, uint256 closesAt);
+    error FlexMarketNotIncluded(uint256 index, bytes32 modelId);
+    error FlexMarketChallengeFailed(uint256 taskId, uint256 round);
+    error FlexMarketAggregatorCannotChallenge(uint256 taskId, address account);
 
     // -------------------------------------------------------------- modifiers
 
@@ -432,10 +494,14 @@ contract FlexMarket {
      * @notice Deploys the market; the deployer becomes owner and registrar.
      * @param minTrainerPriceWei Platform minimum trainer price per round, in wei.
      * @param minAggregatorPriceWei Platform minimum aggregator price per round, in wei.
+     * @param verifier_ The FlexVerifier that checks challenges (stateless; its code is fixed).
      * @dev Emits {OwnershipTransferred}, {RegistrarChanged} and {MinPricesChanged} so an
-     * event mirror starts from the same state as the contract.
+     * event mirror starts from the same state as the contract. Reverts with
+     * {FlexMarketZeroAddress} for a zero verifier.
      */
-    constructor(uint96 minTrainerPriceWei, uint96 minAggregatorPriceWei) {
+    constructor(uint96 minTrainerPriceWei, uint96 minAggregatorPriceWei, FlexVerifier verifier_) {
+        if (address(verifier_) == address(0)) revert FlexMarketZeroAddress();
+        _verifier = verifier_;
         _owner = msg.sender;
         emit OwnershipTransferred(address(0), msg.sender);
         _registrar = msg.sender;
@@ -537,12 +603,17 @@ contract FlexMarket {
      * @param maxTrainers Most trainers selection may pick, minTrainers..MAX_TRAINERS.
      * @param biddingEnds Unix time at which bidding closes; must be in the future.
      * @param roundTimeout Seconds trainers have to submit in each round, 1..MAX_ROUND_TIMEOUT.
-     * @param sampleCap Most samples a trainer bid may claim: larger claims are stored as the
-     * cap, so no claim ranks or weighs more than it; at least 1.
+     * @param terms `sampleCap`: most samples a trainer bid may claim (larger claims are
+     * stored as the cap, so no claim ranks or weighs more than it), at least 1;
+     * `disputeWindow`: seconds after each global model's publication in which anyone may
+     * {challenge} it, 0..MAX_DISPUTE_WINDOW (0: no disputes); `strategy` and `trimPerMille`
+     * (0..499, FedTrimmedAvg only): the aggregation rule the spec names, which a challenge
+     * recomputes.
      * @return taskId The new task's id (sequential from 1).
-     * @dev Emits {TaskCreated}. Reverts with {FlexMarketInvalidRounds},
+     * @dev Emits {TaskCreated} then {DisputeTermsSet}. Reverts with {FlexMarketInvalidRounds},
      * {FlexMarketInvalidTrainerRange}, {FlexMarketInvalidBiddingEnd},
-     * {FlexMarketInvalidRoundTimeout}, {FlexMarketInvalidSampleCap}, {FlexMarketBudgetTooLow}
+     * {FlexMarketInvalidRoundTimeout}, {FlexMarketInvalidSampleCap},
+     * {FlexMarketInvalidDisputeTerms}, {FlexMarketBudgetTooLow}
      * when `msg.value < rounds * (minTrainers * minTrainerPrice + minAggregatorPrice)`.
      */
     function createTask(
@@ -552,8 +623,9 @@ contract FlexMarket {
         uint256 maxTrainers,
         uint256 biddingEnds,
         uint256 roundTimeout,
-        uint256 sampleCap
+        Terms calldata terms
     ) external payable returns (uint256 taskId) {
+        uint256 sampleCap = terms.sampleCap;
         if (rounds == 0 || rounds > MAX_ROUNDS) revert FlexMarketInvalidRounds(rounds, MAX_ROUNDS);
         if (minTrainers == 0 || minTrainers > maxTrainers || maxTrainers > MAX_TRAINERS) {
             revert FlexMarketInvalidTrainerRange(minTrainers, maxTrainers, MAX_TRAINERS);
@@ -567,6 +639,7 @@ contract FlexMarket {
         if (sampleCap == 0 || sampleCap > type(uint64).max) {
             revert FlexMarketInvalidSampleCap(sampleCap);
         }
+        _checkTerms(terms);
         uint96 minTrainerPrice = _minTrainerPrice;
         uint96 minAggregatorPrice = _minAggregatorPrice;
         uint256 minimum = rounds * (minTrainers * minTrainerPrice + minAggregatorPrice);
@@ -586,8 +659,24 @@ contract FlexMarket {
         t.minTrainerPrice = minTrainerPrice;
         t.minAggregatorPrice = minAggregatorPrice;
         t.sampleCap = uint64(sampleCap);
+        t.disputeWindow = uint32(terms.disputeWindow);
+        t.strategy = terms.strategy;
+        t.trimPerMille = uint16(terms.trimPerMille);
         _escrowLocked += msg.value;
         _emitTaskCreated(taskId, t);
+        emit DisputeTermsSet(taskId, terms.disputeWindow, terms.strategy, terms.trimPerMille);
+    }
+
+    function _checkTerms(Terms calldata terms) private pure {
+        bool trims = terms.strategy == FlexVerifier.Strategy.FedTrimmedAvg;
+        if (
+            terms.disputeWindow > MAX_DISPUTE_WINDOW || terms.trimPerMille > 499
+                || (!trims && terms.trimPerMille != 0)
+        ) {
+            revert FlexMarketInvalidDisputeTerms(
+                terms.disputeWindow, uint8(terms.strategy), terms.trimPerMille
+            );
+        }
     }
 
     function _emitTaskCreated(uint256 taskId, Task storage t) private {
@@ -933,19 +1022,25 @@ contract FlexMarket {
      * so the whole pool is paid out whatever the scores. An update left out of the mask earns
      * nothing. The aggregator earns its price for each of rounds 1..R and gets its bond back;
      * each trainer gets its stake back unless it missed a round (then it goes to the buyer);
-     * the buyer gets the rest of the budget.
+     * the buyer gets the rest of the budget. Only once the final model's dispute window
+     * has passed.
      * @param taskId The task.
      * @dev Emits {TaskFinalized}, then {PaymentCredited} per non-zero credit. Reverts with
-     * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless the task is Trained.
+     * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless the task is Trained,
+     * {FlexMarketDisputeWindowOpen} while the final model may still be challenged.
      */
     function finalize(uint256 taskId) external {
         Task storage t = _existingTask(taskId);
         _requireState(taskId, t, TaskState.Trained);
+        uint256 closes = uint256(t.phaseStart) + t.disputeWindow;
+        if (block.timestamp <= closes && t.disputeWindow != 0) {
+            revert FlexMarketDisputeWindowOpen(taskId, closes);
+        }
         uint256 rounds = t.rounds;
         Payout memory out = _trainerPay(taskId, t, rounds, rounds);
         out.aggregatorPaid = uint256(t.aggregatorPrice) * rounds;
         t.state = TaskState.Finalized;
-        _settle(taskId, t, out, false);
+        _settle(taskId, t, out, false, address(0));
     }
 
     /**
@@ -955,7 +1050,7 @@ contract FlexMarket {
      * aggregator is paid for the rounds >= 1 it published and loses its bond: half of it is
      * shared equally by the trainers that missed no round (the whole of it goes to the buyer
      * when there are none), the rest goes to the buyer. Stakes as in {finalize}, the open
-     * round included.
+     * round included unless nobody submitted in it (its model may have been withheld).
      * @param taskId The task.
      * @dev Emits {TaskAborted}, then {PaymentCredited} per non-zero credit. Reverts with
      * {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless Running,
@@ -968,10 +1063,104 @@ contract FlexMarket {
         if (block.timestamp <= deadline) revert FlexMarketDeadlineNotPassed(taskId, deadline);
         uint256 published = t.publishedRounds;
         uint256 aggregated = published == 0 ? 0 : published - 1;
-        Payout memory out = _trainerPay(taskId, t, aggregated, published);
+        // An open round nobody submitted in counts against no stake: its global model may
+        // have been withheld, and a trainer that could not fetch it cannot train.
+        uint256 checked = published;
+        if (published != 0 && _rounds[taskId][aggregated].masks & _LOW_128 == 0) {
+            checked = aggregated;
+        }
+        Payout memory out = _trainerPay(taskId, t, aggregated, checked);
         out.aggregatorPaid = uint256(t.aggregatorPrice) * aggregated;
         t.state = TaskState.Aborted;
-        _settle(taskId, t, out, true);
+        _settle(taskId, t, out, true, address(0));
+    }
+
+    // -------------------------------------------------------------- disputes
+
+    /**
+     * @notice Proves global model `round` (>= 1) of a running or trained task wrong, within
+     * its dispute window, by opening one chunk of it and of every update it aggregated (see
+     * FlexVerifier.check, which recomputes one value by the task's strategy). On a wrong
+     * value, a global model that is not this task's, or an included update the aggregator
+     * had to leave out, the task ends aborted: the aggregator's bond is slashed, a quarter
+     * (CHALLENGE_BOUNTY_PER_MILLE) to the caller, half of the rest shared equally by the
+     * trainers that missed no closed round, the remainder to the buyer; trainers are paid as
+     * in {finalize} for every round whose updates a published model aggregated; the
+     * aggregator is paid for the rounds before `round`; the buyer gets the rest of the budget.
+     * Anyone but the aggregator may challenge; a challenge that shows nothing reverts.
+     * @param taskId The task.
+     * @param round The global model's round.
+     * @param dispute The IDs of the updates global `round` aggregated (ascending position),
+     * the coordinate, and the openings.
+     * @dev Emits {AggregateChallenged}, {TaskAborted}, then {PaymentCredited} per non-zero
+     * credit. Reverts with {FlexMarketUnknownTask}, {FlexMarketInvalidTaskState} unless
+     * Running or Trained, {FlexMarketAggregatorCannotChallenge}, {FlexMarketNoAggregate} for
+     * round 0 or an unpublished round, {FlexMarketDisputeWindowClosed},
+     * {FlexMarketNotIncluded} when `updateIds` are not the aggregated updates in position
+     * order, any FlexVerifier error for an opening that does not hold, and
+     * {FlexMarketChallengeFailed} when the value is correct.
+     */
+    function challenge(uint256 taskId, uint256 round, Dispute calldata dispute) external {
+        Task storage t = _existingTask(taskId);
+        TaskState state = t.state;
+        if (state != TaskState.Running && state != TaskState.Trained) {
+            revert FlexMarketInvalidTaskState(taskId, state);
+        }
+        if (msg.sender == t.aggregator) {
+            revert FlexMarketAggregatorCannotChallenge(taskId, msg.sender);
+        }
+        uint256 published = t.publishedRounds;
+        if (round == 0 || round >= published) revert FlexMarketNoAggregate(taskId, round);
+        bytes32 globalId = _rounds[taskId][round].globalModel;
+        uint256 closes = (_models[globalId] >> _PUBLISHED_AT_SHIFT) + t.disputeWindow;
+        if (block.timestamp > closes || t.disputeWindow == 0) {
+            revert FlexMarketDisputeWindowClosed(taskId, round, closes);
+        }
+        (FlexVerifier.Verdict verdict,,,) = _verifier.check(
+            FlexVerifier.Round(
+                uint64(block.chainid), address(this), uint64(taskId), uint32(round - 1),
+                t.strategy, t.trimPerMille
+            ),
+            globalId,
+            _included(taskId, round - 1, dispute.updateIds),
+            dispute.at,
+            dispute.global,
+            dispute.updates
+        );
+        if (verdict == FlexVerifier.Verdict.Correct) revert FlexMarketChallengeFailed(taskId, round);
+
+        uint256 bounty = _deposit(t, Role.Aggregator) * CHALLENGE_BOUNTY_PER_MILLE / 1000;
+        emit AggregateChallenged(
+            taskId, round, msg.sender, verdict, dispute.at.chunk, dispute.at.offset, bounty
+        );
+        Payout memory out = _trainerPay(taskId, t, published - 1, published - 1);
+        out.aggregatorPaid = uint256(t.aggregatorPrice) * (round - 1);
+        t.state = TaskState.Aborted;
+        _settle(taskId, t, out, true, msg.sender);
+    }
+
+    /// @dev The updates of `round` that its successor aggregated, from their IDs: each must
+    /// be the submitted update of the next aggregated position, with its author and weight.
+    function _included(uint256 taskId, uint256 round, bytes32[] calldata ids)
+        private
+        view
+        returns (FlexVerifier.Included[] memory included)
+    {
+        uint256 mask = _rounds[taskId][round].masks >> 128;
+        included = new FlexVerifier.Included[](ids.length);
+        for (uint256 k = 0; k < ids.length; ++k) {
+            uint256 word = _models[ids[k]];
+            uint256 slot = word & 0xff;
+            if (
+                slot == 0 || (mask >> (slot - 1)) & 1 == 0 || (mask & ((1 << (slot - 1)) - 1)) != 0
+                    || (word >> 8) & 0xffff != round || (word >> 24) & type(uint64).max != taskId
+            ) revert FlexMarketNotIncluded(k, ids[k]);
+            mask &= ~(uint256(1) << (slot - 1));
+            address device = _trainers[taskId][slot - 1].device;
+            uint256 bidIndex = (_participants[taskId][device] & _BID_SLOT_MASK) - 1;
+            included[k] = FlexVerifier.Included(ids[k], device, _bids[taskId][bidIndex].samples);
+        }
+        if (mask != 0) revert FlexMarketNotIncluded(ids.length, bytes32(0));
     }
 
     /**
@@ -1053,6 +1242,26 @@ contract FlexMarket {
         info.trainerStakeWei = _deposit(t, Role.Trainer);
         info.aggregatorBondWei = _deposit(t, Role.Aggregator);
         info.stakesHeldWei = t.stakesHeld;
+        info.disputeWindow = t.disputeWindow;
+        info.strategy = t.strategy;
+        info.trimPerMille = t.trimPerMille;
+        if (t.state == TaskState.Trained) {
+            info.disputeClosesAt = uint256(t.phaseStart) + t.disputeWindow;
+        }
+    }
+
+    /// @notice The FlexVerifier that checks challenges.
+    function verifier() external view returns (address) {
+        return address(_verifier);
+    }
+
+    /// @notice When the dispute window of global model `round` closes (0 if unpublished).
+    /// @param taskId The task.
+    /// @param round The round.
+    function disputeClosesAt(uint256 taskId, uint256 round) external view returns (uint256) {
+        bytes32 id = _rounds[taskId][round].globalModel;
+        if (id == 0) return 0;
+        return (_models[id] >> _PUBLISHED_AT_SHIFT) + _tasks[taskId].disputeWindow;
     }
 
     /// @notice Every bid on a task, in bid-index order.
@@ -1122,7 +1331,7 @@ contract FlexMarket {
         origin.isGlobal = slot == 0;
         origin.round = (word >> 8) & 0xffff;
         origin.taskId = (word >> 24) & type(uint64).max;
-        origin.blockNumber = word >> 88;
+        origin.blockNumber = (word >> 88) & type(uint64).max;
         origin.author = origin.isGlobal
             ? _tasks[origin.taskId].aggregator
             : _trainers[origin.taskId][slot - 1].device;
@@ -1481,22 +1690,29 @@ contract FlexMarket {
 
     /// @dev Releases the task's budget and its selected nodes' deposits from escrow, emits the
     /// summary event, then credits: trainers (pay, stake back, bond share) by position, the
-    /// aggregator (fee, bond back unless aborted), the buyer (refund, slashed deposits).
-    function _settle(uint256 taskId, Task storage t, Payout memory out, bool aborted) private {
+    /// aggregator (fee, bond back unless aborted), the challenger that proved the aggregate
+    /// wrong (its bounty, when not zero), the buyer (refund, slashed deposits).
+    function _settle(
+        uint256 taskId,
+        Task storage t,
+        Payout memory out,
+        bool aborted,
+        address challenger
+    ) private {
         uint256 n = out.pay.length;
         uint256 stake = _deposit(t, Role.Trainer);
         uint256 bond = _deposit(t, Role.Aggregator);
         uint256 keptCount = _popcount(out.kept);
         uint256 slashed = (n - keptCount) * stake;
+        uint256 bounty = challenger == address(0) ? 0 : bond * CHALLENGE_BOUNTY_PER_MILLE / 1000;
         uint256 bondShare;
         if (aborted) {
             slashed += bond;
-            if (keptCount != 0) bondShare = bond / 2 / keptCount;
+            if (keptCount != 0) bondShare = (bond - bounty) / 2 / keptCount;
         }
         uint256 refunded = t.budget - out.trainersPaid - out.aggregatorPaid;
-        uint256 deposits = bond + n * stake;
-        t.stakesHeld -= deposits;
-        _escrowLocked -= t.budget + deposits;
+        t.stakesHeld -= bond + n * stake;
+        _escrowLocked -= t.budget + bond + n * stake;
         if (aborted) {
             emit TaskAborted(
                 taskId, t.publishedRounds, out.trainersPaid, out.aggregatorPaid, refunded, slashed
@@ -1504,7 +1720,22 @@ contract FlexMarket {
         } else {
             emit TaskFinalized(taskId, out.trainersPaid, out.aggregatorPaid, refunded, slashed);
         }
-        for (uint256 p = 0; p < n; ++p) {
+        _creditTrainers(taskId, out, stake, bondShare);
+        _credit(t.aggregator, taskId, out.aggregatorPaid, CreditReason.AggregatorPay);
+        if (!aborted) _credit(t.aggregator, taskId, bond, CreditReason.StakeReturned);
+        _credit(challenger, taskId, bounty, CreditReason.ChallengeBounty);
+        _credit(t.buyer, taskId, refunded, CreditReason.Refund);
+        _credit(
+            t.buyer, taskId, slashed - bondShare * keptCount - bounty, CreditReason.StakeSlashed
+        );
+    }
+
+    /// @dev Each trainer's pay, and its stake back with its share of a slashed bond when it
+    /// missed no round.
+    function _creditTrainers(uint256 taskId, Payout memory out, uint256 stake, uint256 bondShare)
+        private
+    {
+        for (uint256 p = 0; p < out.pay.length; ++p) {
             address device = _trainers[taskId][p].device;
             _credit(device, taskId, out.pay[p], CreditReason.TrainerPay);
             if ((out.kept >> p) & 1 == 1) {
@@ -1512,10 +1743,6 @@ contract FlexMarket {
                 _credit(device, taskId, bondShare, CreditReason.StakeSlashed);
             }
         }
-        _credit(t.aggregator, taskId, out.aggregatorPaid, CreditReason.AggregatorPay);
-        if (!aborted) _credit(t.aggregator, taskId, bond, CreditReason.StakeReturned);
-        _credit(t.buyer, taskId, refunded, CreditReason.Refund);
-        _credit(t.buyer, taskId, slashed - bondShare * keptCount, CreditReason.StakeSlashed);
     }
 
     /// @dev A trainer bid's stake, budget / (2 * rounds * maxTrainers), is about half of one
@@ -1538,7 +1765,8 @@ contract FlexMarket {
     /// @dev Records the first use of `modelId` (see _models); a second use reverts.
     function _useModelId(bytes32 modelId, uint256 taskId, uint256 round, uint256 slot) private {
         if (_models[modelId] != 0) revert FlexMarketModelIdUsed(modelId);
-        _models[modelId] = slot | (round << 8) | (taskId << 24) | (block.number << 88);
+        _models[modelId] = slot | (round << 8) | (taskId << 24) | (block.number << 88)
+            | (block.timestamp << _PUBLISHED_AT_SHIFT);
     }
 
     function _credit(address account, uint256 taskId, uint256 amount, CreditReason reason) private {

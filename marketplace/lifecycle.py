@@ -29,6 +29,7 @@ from chain.client import FlexMarket
 from chain.errors import (
     BiddingOpenError,
     DeadlineNotPassedError,
+    DisputeWindowOpenError,
     InvalidTaskStateError,
     NoBidError,
 )
@@ -347,7 +348,8 @@ def task_finalize(*, task_id: int) -> str | None:
             return None
         try:
             tx = market.finalize(sender=platform, task_id=task_id)
-        except InvalidTaskStateError as exc:
+        except (InvalidTaskStateError, DisputeWindowOpenError) as exc:
+            # A final model still open to challenge is settled by a later beat tick.
             log.info("task %s: not finalized: %s", task_id, exc.message)
             return None
     _record(task_id, Action.FINALIZE, tx)

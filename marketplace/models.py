@@ -305,6 +305,14 @@ class Task(models.Model):
     refunded_wei = WeiField(null=True, blank=True)
     slashed_wei = WeiField(null=True, blank=True)
     failure_reason = models.CharField(max_length=40, blank=True)
+    # Seconds after each global model in which anyone may prove it wrong (DisputeTermsSet).
+    dispute_window_s = models.PositiveIntegerField(default=0)
+    # The global model a challenge proved wrong, who proved it and its bounty
+    # (AggregateChallenged); the task is then aborted and its aggregator's bond slashed.
+    challenged_round = models.PositiveIntegerField(null=True, blank=True)
+    challenged_by = models.CharField(max_length=42, blank=True)
+    challenge_bounty_wei = WeiField(null=True, blank=True)
+    challenge_tx = models.CharField(max_length=66, blank=True)
     created_tx = models.CharField(max_length=66, db_index=True)
     created_block = models.PositiveBigIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
@@ -459,6 +467,7 @@ class PayoutReason(models.TextChoices):
     REFUND = "refund", "Refund"
     STAKE_RETURNED = "stake", "Stake returned"
     STAKE_SLASHED = "slash", "Slashed stake"
+    CHALLENGE_BOUNTY = "bounty", "Challenge bounty"
 
 
 class Payout(ChainRecord):

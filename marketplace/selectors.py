@@ -119,6 +119,10 @@ class TaskView:
     aggregator_paid_wei = property(lambda self: self._chain("aggregator_paid_wei"))
     refunded_wei = property(lambda self: self._chain("refunded_wei"))
     failure_reason = property(lambda self: self._chain("failure_reason", ""))
+    dispute_window_s = property(lambda self: self._chain("dispute_window_s", 0))
+    challenged_round = property(lambda self: self._chain("challenged_round"))
+    challenged_by = property(lambda self: self._chain("challenged_by", ""))
+    challenge_bounty_wei = property(lambda self: self._chain("challenge_bounty_wei"))
 
     @property
     def created_at(self):

@@ -207,6 +207,16 @@ class TaskSerializer(TaskSummarySerializer):
     refunded_wei = WeiField(allow_null=True)
     refund_wei = WeiField(allow_null=True, help_text="Everything credited back to the buyer.")
     failure_reason = serializers.CharField(allow_blank=True)
+    dispute_window_s = serializers.IntegerField(
+        help_text="Seconds after each global model in which anyone may prove it wrong."
+    )
+    challenged_round = serializers.IntegerField(
+        allow_null=True,
+        help_text="The global model a challenge proved wrong: the aggregator's bond was "
+        "slashed and the task aborted.",
+    )
+    challenged_by = serializers.CharField(allow_blank=True)
+    challenge_bounty_wei = WeiField(allow_null=True)
     created_tx = serializers.CharField()
     created_block = serializers.IntegerField(allow_null=True)
     bids = BidSerializer(many=True)
@@ -360,6 +370,12 @@ class TaskCreateInputSerializer(serializers.Serializer):
         max_value=MAX_SAMPLES,
         default=DEFAULT_SAMPLE_CAP,
         help_text="Most samples a trainer's bid counts for, in selection and in FedAvg.",
+    )
+    dispute_window_s = serializers.IntegerField(
+        min_value=0,
+        required=False,
+        help_text="Seconds after each global model in which anyone may prove it wrong "
+        "(default: the round timeout; 0: no disputes).",
     )
 
     def validate_bidding_ends(self, value):

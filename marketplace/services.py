@@ -19,12 +19,13 @@ from chain.client import DEFAULT_SAMPLE_CAP
 from chain.errors import (
     BudgetTooLowError,
     InvalidBiddingEndError,
+    InvalidDisputeTermsError,
     InvalidRoundTimeoutError,
     InvalidSampleCapError,
     InvalidTaskStateError,
 )
 from chain.events import DeviceClass as ChainDeviceClass
-from chain.events import DeviceRegistered, DeviceRevoked, TaskCancelled, TaskCreated
+from chain.events import DeviceRegistered, DeviceRevoked, Strategy, TaskCancelled, TaskCreated
 from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
@@ -338,19 +339,22 @@ def task_create(
     bidding_ends: datetime | None = None,
     bidding_window_s: int | None = None,
     sample_cap: int = DEFAULT_SAMPLE_CAP,
+    dispute_window_s: int | None = None,
 ) -> TaskOrder:
     """Post a task on chain from the buyer's custodial wallet and record the buyer's order.
 
     Bidding closes at ``bidding_ends``, or ``bidding_window_s`` seconds from the chain's
-    time (give one). No trainer's claim counts for more than ``sample_cap`` samples. Every rule
+    time (give one). No trainer's claim counts for more than ``sample_cap`` samples. Each
+    global model may be challenged for ``dispute_window_s`` seconds after it is published
+    (default: the round timeout), recomputed by the spec's strategy. Every rule
     the contract enforces is checked first, with the contract's own error classes and fields, so
     a bad task costs no gas; a revert that still happens (the chain moved in between) raises the
     same classes. Chain sync mirrors the task itself when it sees TaskCreated (Task, linked to
     the order by the creating transaction). Raises WalletMissingError, InvalidRoundsError,
     InvalidTrainerRangeError, InvalidRoundTimeoutError, InvalidBiddingEndError,
-    InvalidSampleCapError, BudgetTooLowError, InsufficientFundsError, any other ContractError,
-    ChainUnavailableError, and ValidationSetUnknownError (a spec without a validation set gets
-    its schema's bundled one).
+    InvalidSampleCapError, InvalidDisputeTermsError, BudgetTooLowError, InsufficientFundsError,
+    any other ContractError, ChainUnavailableError, and ValidationSetUnknownError (a spec
+    without a validation set gets its schema's bundled one).
     """
     spec = task_spec_validated(spec=spec)
     wallet = wallets.wallet_of(user=buyer)
@@ -366,6 +370,14 @@ def task_create(
         )
     if not 1 <= sample_cap < 2**64:
         raise InvalidSampleCapError(sample_cap=sample_cap)
+    if dispute_window_s is None:
+        dispute_window_s = round_timeout_s
+    strategy = Strategy.of(spec.aggregation.strategy)
+    trim = int(dict(spec.aggregation.params).get("trim_per_mille", 0))
+    if not 0 <= dispute_window_s <= limits.max_dispute_window:
+        raise InvalidDisputeTermsError(
+            dispute_window=dispute_window_s, strategy=int(strategy), trim_per_mille=trim
+        )
     if (bidding_ends is None) == (bidding_window_s is None):
         raise TypeError("give exactly one of bidding_ends and bidding_window_s")
     now = chain_time(contract.w3())
@@ -395,6 +407,9 @@ def task_create(
         round_timeout=round_timeout_s,
         budget_wei=budget_wei,
         sample_cap=sample_cap,
+        dispute_window=dispute_window_s,
+        strategy=strategy,
+        trim_per_mille=trim,
     )
     created = receipt.first(TaskCreated)
     order = TaskOrder.objects.create(

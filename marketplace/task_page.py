@@ -178,6 +178,11 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         note = "all rounds done"
     else:
         note = ""
+    challenged = snapshot.get("challenged_round")
+    if challenged is not None:
+        # A challenge proved a global model wrong: say so where the page says what happened.
+        steps[at]["label"] = "Aggregate challenged"
+        note = f"aggregate of round {challenged} challenged: aggregator slashed"
     refund = snapshot["refund_wei"]
     return {
         "steps": steps,

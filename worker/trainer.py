@@ -15,6 +15,7 @@ from training.fixedpoint import quantize
 from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, decode, encode, id_hex
 from training.spec import TaskSpec
 from worker.node import Node
+from worker.watcher import Aggregator, watch_round
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,24 @@ def train(
         source_cert=aggregator_cert,
         source=task.aggregator,
     )
+    if round_number >= 1 and market.update_of(
+        task_id=task_id, round_number=round_number - 1, trainer=node.address
+    ):
+        # This node's update went into (or was left out of) this model: check the aggregate.
+        watch = watch_round(
+            market=market,
+            store=node.store,
+            account=node.account,
+            spec=parsed,
+            task_id=task_id,
+            round_number=round_number - 1,
+            published=model,
+            aggregator=Aggregator(
+                address=task.aggregator, url=aggregator_url, cert_sha256=aggregator_cert
+            ),
+        )
+        if watch is not None and not watch.correct:
+            return {"task_id": task_id, "round": round_number, "challenged": watch.global_model}
     started = time.perf_counter()
     result = train_round(
         spec=parsed,

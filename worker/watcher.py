@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
+from chain.errors import ContractError
 from chain.fraud import Challenge, Included
 from chain.selection import positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_opening
+from dataplane.protocol import DataPlaneError
 from training.aggregation import STRATEGIES, Update
 from training.aggregation.functions import MAX_SAMPLES
 from training.serialize import ChunkOpening, Header, Kind, ModelBlob, id_hex
@@ -201,3 +203,70 @@ def _invalid(
         except FlexError:
             return 0
     return None
+
+
+def watch_round(
+    *,
+    market: FlexMarket,
+    store: ModelStore,
+    account: LocalAccount,
+    spec: TaskSpec,
+    task_id: int,
+    round_number: int,
+    published: ModelBlob,
+    aggregator: Aggregator,
+) -> Watch | None:
+    """A trainer's watch over global model ``round_number + 1``, which it fetched to train
+    from: check it and, when it is wrong, send the challenge that proves it (the bond's
+    bounty comes to this node). None when the check could not be made (an update's chunk
+    not served): the round then stays unproven either way, and that is logged."""
+    try:
+        watch = check_round(
+            market=market,
+            store=store,
+            account=account,
+            spec=spec,
+            task_id=task_id,
+            round_number=round_number,
+            published=published,
+            aggregator=aggregator,
+        )
+    except DataPlaneError as exc:
+        log.warning(
+            "task %s: cannot check global model of round %s: %s (%s)",
+            task_id,
+            round_number + 1,
+            exc.message,
+            exc.code,
+        )
+        return None
+    if watch.challenge is None:
+        return watch
+    try:
+        tx = market.challenge(
+            sender=account,
+            task_id=task_id,
+            round_number=round_number + 1,
+            challenge=watch.challenge,
+        )
+    except ContractError as exc:
+        # Someone else's challenge came first, or the window closed: nothing left to prove.
+        log.warning(
+            "task %s: challenge of round %s refused: %s (%s)",
+            task_id,
+            round_number + 1,
+            exc.message,
+            exc.code,
+        )
+        return watch
+    log.warning(
+        "task %s: challenged global model %s of round %s at chunk %s, value %s in %s: "
+        "aggregator slashed",
+        task_id,
+        watch.global_model,
+        round_number + 1,
+        watch.challenge.chunk,
+        watch.challenge.offset,
+        tx.tx_hash,
+    )
+    return watch

@@ -1,6 +1,14 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.30;
 
+/// @dev FlexMarket's task terms: sample cap, dispute window, strategy (FedAvg = 0), trim.
+struct Terms {
+    uint256 sampleCap;
+    uint256 disputeWindow;
+    uint8 strategy;
+    uint256 trimPerMille;
+}
+
 /// @dev The parts of FlexMarket the attacker drives.
 interface IFlexMarket {
     function createTask(
@@ -10,7 +18,7 @@ interface IFlexMarket {
         uint256 maxTrainers,
         uint256 biddingEnds,
         uint256 roundTimeout,
-        uint256 sampleCap
+        Terms calldata terms
     ) external payable returns (uint256 taskId);
 
     function cancelTask(uint256 taskId) external;
@@ -54,7 +62,8 @@ contract ReentrantReceiver {
         uint256 roundTimeout
     ) external payable returns (uint256) {
         return _market.createTask{value: msg.value}(
-            specHash, rounds, minTrainers, maxTrainers, biddingEnds, roundTimeout, 1000
+            specHash, rounds, minTrainers, maxTrainers, biddingEnds, roundTimeout,
+            Terms(1000, 0, 0, 0)
         );
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
@@ -98,7 +99,9 @@ class Flow:
         budget_wei: int | None = None,
         round_timeout: int = ROUND_TIMEOUT,
         bidding_window: int = BIDDING_WINDOW,
+        **terms: Any,
     ) -> int:
+        """A task bidding now; ``terms`` are create_task's dispute window and strategy."""
         if budget_wei is None:
             budget_wei = (
                 10 * rounds * (max_trainers * MIN_TRAINER_PRICE_WEI + MIN_AGGREGATOR_PRICE_WEI)
@@ -112,6 +115,7 @@ class Flow:
             bidding_ends=self.clock.now() + bidding_window,
             round_timeout=round_timeout,
             budget_wei=budget_wei,
+            **terms,
         )
         return result.first(TaskCreated).task_id
 
@@ -153,8 +157,11 @@ class Flow:
         budget_wei: int | None = None,
         round_timeout: int = ROUND_TIMEOUT,
         publish_round_zero: bool = True,
+        samples: Sequence[int] | None = None,
+        **terms: Any,
     ) -> Running:
-        """A task whose trainers all get selected (equal samples: cheapest first)."""
+        """A task whose trainers all get selected (by default equal samples: cheapest
+        first); ``terms`` as in create_task."""
         n = len(trainer_prices_wei)
         if budget_wei is None:
             budget_wei = rounds * (sum(trainer_prices_wei) + aggregator_price_wei) + 12_345
@@ -164,11 +171,15 @@ class Flow:
             max_trainers=n,
             budget_wei=budget_wei,
             round_timeout=round_timeout,
+            **terms,
         )
         aggregator = self.accounts.aggregators[0]
         self.bid_aggregator(task_id, aggregator, aggregator_price_wei)
-        for trainer, price in zip(self.accounts.trainers, trainer_prices_wei, strict=False):
-            self.bid_trainer(task_id, trainer, price)
+        counts = [100] * n if samples is None else samples
+        for trainer, price, count in zip(
+            self.accounts.trainers, trainer_prices_wei, counts, strict=False
+        ):
+            self.bid_trainer(task_id, trainer, price, count)
         self.close_bidding(task_id)
         self.market.select_nodes(sender=self.accounts.outsider, task_id=task_id)
         selection = self.market.selection(task_id=task_id)

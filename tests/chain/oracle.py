@@ -62,23 +62,35 @@ def settle(
     aggregated: Sequence[tuple[int, Sequence[int] | None]],
     submitted: Sequence[int],
     aborted: bool,
+    challenger: str | None = None,
+    aggregator_rounds: int | None = None,
 ) -> Settlement:
     """``aggregated``: per round whose updates a later global model used, the mask and
-    scores; ``submitted``: per round whose submission window is over, who submitted."""
+    scores; ``submitted``: per round whose submission window is over, who submitted (at an
+    abort the open round counts only if someone submitted in it). A
+    ``challenger`` that proved an aggregate wrong gets a quarter of the bond, and half of
+    the rest goes to the trainers; the aggregator is paid for ``aggregator_rounds`` rounds
+    (by default every aggregated one)."""
     n = len(trainers)
+    if aborted and not challenger and submitted and submitted[-1] == 0:
+        # An open round nobody submitted in (its model may have been withheld) costs no stake.
+        submitted = submitted[:-1]
     pay = [0] * n
     for mask, scores in aggregated:
         for p, amount in enumerate(round_pay(prices, mask, scores)):
             pay[p] += amount
     kept = [all(m >> p & 1 for m in submitted) for p in range(n)]
-    aggregator_pay = aggregator_price * len(aggregated)
+    if aggregator_rounds is None:
+        aggregator_rounds = len(aggregated)
+    aggregator_pay = aggregator_price * aggregator_rounds
     out = Settlement()
     slashed = sum(stake for p in range(n) if not kept[p])
     bond_share = 0
+    bounty = bond * 250 // 1000 if challenger else 0
     if aborted:
         slashed += bond
         if any(kept):
-            bond_share = bond // 2 // sum(kept)
+            bond_share = (bond - bounty) // 2 // sum(kept)
     for p, trainer in enumerate(trainers):
         out.add(trainer, CreditReason.TRAINER_PAY, pay[p])
         if kept[p]:
@@ -87,6 +99,8 @@ def settle(
     out.add(aggregator, CreditReason.AGGREGATOR_PAY, aggregator_pay)
     if not aborted:
         out.add(aggregator, CreditReason.STAKE_RETURNED, bond)
+    if challenger:
+        out.add(challenger, CreditReason.CHALLENGE_BOUNTY, bounty)
     out.add(buyer, CreditReason.REFUND, budget - sum(pay) - aggregator_pay)
-    out.add(buyer, CreditReason.STAKE_SLASHED, slashed - bond_share * sum(kept))
+    out.add(buyer, CreditReason.STAKE_SLASHED, slashed - bond_share * sum(kept) - bounty)
     return out

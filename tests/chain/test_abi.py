@@ -21,7 +21,8 @@ from core.errors import FlexError
 ABI = load_artifact("FlexMarket")["abi"]
 # The verifier's errors reach callers through the market's challenge, so they decode too.
 ERROR_ABI = ABI + [e for e in load_artifact("FlexVerifier")["abi"] if e["type"] == "error"]
-SOURCE = (Path(__file__).resolve().parents[2] / "contracts" / "FlexMarket.sol").read_text()
+CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"
+SOURCE = "\n".join((CONTRACTS / n).read_text() for n in ("FlexMarket.sol", "FlexVerifier.sol"))
 SAMPLE = {"uint256": 7, "uint8": 2, "address": "0x" + "ab" * 20, "bytes32": b"\x01" * 32}
 
 

@@ -33,7 +33,13 @@ LIE_AT = 300  # chunk 1, value 44
 
 
 def run_task(
-    flow: Flow, accounts: Accounts, store: ModelStore, *, lie: bool, stale: bool = False
+    flow: Flow,
+    accounts: Accounts,
+    store: ModelStore,
+    *,
+    lie: bool,
+    stale: bool = False,
+    dispute_window: int = 0,
 ) -> int:
     """One round of a real spec's task on chain, the blobs kept in ``store``; the aggregator
     publishes the exact FedAvg, or with one value off by one. With ``stale`` the last trainer
@@ -49,6 +55,7 @@ def run_task(
             bidding_ends=flow.clock.now() + 1000,
             round_timeout=600,
             budget_wei=10**15,
+            dispute_window=dispute_window,
         )
         .first(TaskCreated)
         .task_id

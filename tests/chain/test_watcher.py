@@ -8,20 +8,22 @@ import random
 
 import pytest
 
+from chain.events import AggregateChallenged, TaskState
 from chain.fraud import FlexVerifier, Verdict
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from tests.chain.test_provenance import LIE_AT, SPEC, run_task
 from tests.dataplane.conftest import cert_for
 from training.store import ModelStore
-from worker.watcher import Aggregator, check_round, sample_chunks
+from worker.watcher import Aggregator, check_round, sample_chunks, watch_round
 
 
 @pytest.fixture
 def watch(flow, accounts, tmp_path):
     """Run a task with the given behaviour, then watch its round as its first trainer."""
 
-    def run(**behaviour):
+    def run(*, send: bool = False, **behaviour):
+        """``send``: the worker's watch, which challenges what it finds wrong."""
         market = flow.market
         held = ModelStore(tmp_path / "aggregator")
         task_id = run_task(flow, accounts, held, **behaviour)
@@ -37,7 +39,7 @@ def watch(flow, accounts, tmp_path):
             policy=ChainPolicy(market=market, ttl=0),
             node_address=aggregator.address,
         ) as plane:
-            return check_round(
+            return (watch_round if send else check_round)(
                 market=market,
                 store=own,
                 account=trainer,
@@ -78,3 +80,35 @@ def test_large_models_are_sampled_where_the_aggregator_cannot_guess():
     picks = {tuple(sample_chunks(40_000, limit=64, rng=random.Random(s))) for s in range(5)}
     assert len(picks) == 5
     assert all(len(p) == 64 == len(set(p)) and max(p) < 40_000 for p in picks)
+
+
+def test_the_workers_watch_challenges_a_wrong_round_itself(watch, flow, caplog):
+    market = flow.market
+    found = watch(lie=True, send=True, dispute_window=600)
+    assert not found.correct
+    task_id = found.task_id
+    assert market.task(task_id=task_id).state == TaskState.ABORTED
+    [event] = [
+        e
+        for chunk in market.scan(to_block=market.w3.eth.block_number)
+        for e in chunk.events
+        if isinstance(e, AggregateChallenged) and e.task_id == task_id
+    ]
+    assert (event.round, event.verdict) == (1, Verdict.WRONG_VALUE)
+    assert event.challenger == market.selection(task_id=task_id).trainers[0]
+    assert "aggregator slashed" in caplog.text
+
+
+def test_the_workers_watch_lets_an_honest_round_stand(watch, flow):
+    found = watch(lie=False, send=True, dispute_window=600)
+    assert found.correct
+    assert flow.market.task(task_id=found.task_id).state == TaskState.TRAINED
+
+
+def test_a_challenge_too_late_is_logged_not_raised(watch, flow, caplog):
+    """A task without a window: the wrong round is found, the contract refuses the
+    challenge, and the worker says so and goes on."""
+    found = watch(lie=True, send=True)
+    assert not found.correct
+    assert flow.market.task(task_id=found.task_id).state == TaskState.TRAINED
+    assert "dispute_window_closed" in caplog.text

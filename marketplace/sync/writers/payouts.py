@@ -11,6 +11,7 @@ _CREDIT_REASONS = {
     "refund": PayoutReason.REFUND,
     "stake_returned": PayoutReason.STAKE_RETURNED,
     "stake_slashed": PayoutReason.STAKE_SLASHED,
+    "challenge_bounty": PayoutReason.CHALLENGE_BOUNTY,
 }
 
 

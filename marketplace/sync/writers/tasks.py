@@ -93,8 +93,29 @@ def task_settled(mirror, e: MirrorEvent) -> None:
     mirror.changed(task)
 
 
+def dispute_terms_set(mirror, e: MirrorEvent) -> None:
+    task = mirror.task_of(e)
+    if task is not None:
+        task.dispute_window_s = e.args["dispute_window"]
+        mirror.changed(task)
+
+
+def aggregate_challenged(mirror, e: MirrorEvent) -> None:
+    task = mirror.task_of(e)
+    if task is None:
+        return
+    a = e.args
+    task.challenged_round = a["round"]
+    task.challenged_by = a["challenger"]
+    task.challenge_bounty_wei = int(a["bounty_wei"])
+    task.challenge_tx = e.tx_hash
+    mirror.changed(task)
+
+
 WRITERS = {
     "TaskCreated": task_created,
+    "DisputeTermsSet": dispute_terms_set,
+    "AggregateChallenged": aggregate_challenged,
     "NodesSelected": nodes_selected,
     "TaskFailed": task_failed,
     "TaskCancelled": task_cancelled,
