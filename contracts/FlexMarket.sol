@@ -1140,13 +1140,16 @@ contract FlexMarket {
     }
 
     /// @dev The updates of `round` that its successor aggregated, from their IDs: each must
-    /// be the submitted update of the next aggregated position, with its author and weight.
+    /// be the submitted update of the next aggregated position, with its author and weight:
+    /// its capped sample count, scaled by its score in a scored round
+    /// (`max(1, samples * score / 65535)`, docs/verifiable.md).
     function _included(uint256 taskId, uint256 round, bytes32[] calldata ids)
         private
         view
         returns (FlexVerifier.Included[] memory included)
     {
         uint256 mask = _rounds[taskId][round].masks >> 128;
+        bool scored = _scoreWords[taskId][round][0] != 0;
         included = new FlexVerifier.Included[](ids.length);
         for (uint256 k = 0; k < ids.length; ++k) {
             uint256 word = _models[ids[k]];
@@ -1158,7 +1161,12 @@ contract FlexMarket {
             mask &= ~(uint256(1) << (slot - 1));
             address device = _trainers[taskId][slot - 1].device;
             uint256 bidIndex = (_participants[taskId][device] & _BID_SLOT_MASK) - 1;
-            included[k] = FlexVerifier.Included(ids[k], device, _bids[taskId][bidIndex].samples);
+            uint256 weight = _bids[taskId][bidIndex].samples;
+            if (scored) {
+                weight = weight * _scoreAt(taskId, round, k) / type(uint16).max;
+                if (weight == 0) weight = 1;
+            }
+            included[k] = FlexVerifier.Included(ids[k], device, weight);
         }
         if (mask != 0) revert FlexMarketNotIncluded(ids.length, bytes32(0));
     }

@@ -47,6 +47,7 @@ from tests.chain.conftest import (
     Snapshots,
 )
 from tests.chain.oracle import settle
+from training.scoring import FLOOR, fedavg_weight
 from training.serialize import Kind, ModelBlob, decode, id_hex
 from worker.challenge import IncludedBlob, challenge, context_of, first_difference, recompute
 
@@ -128,7 +129,9 @@ def submit_updates(
     return included
 
 
-def publish(market: FlexMarket, running: Running, values, round_number: int = 1) -> ModelBlob:
+def publish(
+    market: FlexMarket, running: Running, values, round_number: int = 1, scores=()
+) -> ModelBlob:
     blob = decode(
         blob_of(
             list(values),
@@ -146,6 +149,7 @@ def publish(market: FlexMarket, running: Running, values, round_number: int = 1)
         round_number=round_number,
         model_id=id_hex(blob.model_id),
         aggregated_mask=mask_of(range(len(running.trainers))),
+        scores=scores,
     )
     running.published.append(id_hex(blob.model_id))
     return blob
@@ -289,6 +293,57 @@ def test_a_wrong_aggregate_is_always_slashed_and_every_wei_accounted_for(
         assert market.balance_wei() == held_before == market.credits_owed() + market.escrow_locked()
     finally:
         snapshots.revert(snapshot)
+
+
+def test_a_scored_round_is_checked_with_each_update_weighed_by_its_score(
+    flow: Flow, market: FlexMarket, accounts: Accounts, snapshots: Snapshots
+):
+    """In a scored round the contract weighs each update by its samples scaled by its score,
+    as the aggregator must (training.scoring.fedavg_weight): that aggregate stands, and one
+    weighed by samples alone is proven wrong."""
+    scores = [65535, FLOOR, 30000]
+    for weighed_by_score in (True, False):
+        snapshot = snapshots.take()
+        try:
+            running = start(flow, market, samples=(300, 200, 100))
+            included = submit_updates(market, running, small_values())
+            by_score = [
+                dataclasses.replace(u, weight=fedavg_weight(u.weight, s))
+                for u, s in zip(included, scores, strict=True)
+            ]
+            right, samples_only = (
+                recompute(by_score, strategy="fedavg"),
+                recompute(included, strategy="fedavg"),
+            )
+            index = first_difference(right, samples_only)
+            assert index is not None
+            shown = right if weighed_by_score else samples_only
+            published = publish(market, running, shown, scores=scores)
+            proof = challenge(
+                context=context_of(published, strategy="fedavg"),
+                published=published,
+                included=by_score,
+                index=index,
+            )
+            if weighed_by_score:
+                with pytest.raises(ChallengeFailedError):
+                    market.challenge(
+                        sender=accounts.outsider,
+                        task_id=running.task_id,
+                        round_number=1,
+                        challenge=proof,
+                    )
+                assert market.task(task_id=running.task_id).state == TaskState.RUNNING
+            else:
+                result = market.challenge(
+                    sender=accounts.outsider,
+                    task_id=running.task_id,
+                    round_number=1,
+                    challenge=proof,
+                )
+                assert result.first(AggregateChallenged).verdict == Verdict.WRONG_VALUE
+        finally:
+            snapshots.revert(snapshot)
 
 
 # ---- who may challenge, and when
