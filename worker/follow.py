@@ -140,8 +140,7 @@ class RoundFollower:
                 if event.round >= int(order.spec.get("rounds", 0)):
                     del self._train[key]  # the final model: nothing left to train
                     continue
-                self._train[key] = order.model_copy(update={"round_number": event.round})
-                due.append(self._train[key])
+                due.append((key, order.model_copy(update={"round_number": event.round})))
             for key, order in list(self._aggregate.items()):
                 if key[1] == event.task_id and event.round >= int(order.spec.get("rounds", 0)):
                     del self._aggregate[key]
@@ -149,8 +148,12 @@ class RoundFollower:
                 k for k in self._submitted if k[0] == event.task_id and k[1] < event.round
             ]:
                 del self._submitted[done]
-        for order in due:
+        for key, order in due:
             self._send(TRAIN, order)
+            # Only once sent: a broker that refused it leaves the round to the next look.
+            with self._lock:
+                if key in self._train and self._train[key].round_number < order.round_number:
+                    self._train[key] = order
 
     def _update(self, event: UpdateSubmitted) -> None:
         """An update is on chain: aggregate once the round has every one, else fetch it now
