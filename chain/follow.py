@@ -11,6 +11,7 @@ has no websocket at all (a slow poll instead of a push).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -69,6 +70,7 @@ class Doorbell:
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ws: Any = None
 
     def start(self) -> Doorbell:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -77,6 +79,10 @@ class Doorbell:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):  # wakes a wait on the socket now
+                ws.close()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 
@@ -123,6 +129,7 @@ class Doorbell:
         while not self._stop.is_set():
             try:
                 with connect(self.url, open_timeout=5, close_timeout=1, max_size=2**22) as ws:
+                    self._ws = ws
                     self._subscribe(ws)
                     self.connected.set()
                     if warned:
@@ -133,6 +140,8 @@ class Doorbell:
             except (OSError, TimeoutError, WebSocketException, InvalidURI, InvalidHandshake,
                     SubscriptionRefusedError, ValueError) as exc:  # fmt: skip
                 self.connected.clear()
+                if self._stop.is_set():
+                    break
                 if not warned:
                     log.warning(
                         "%s: no subscription at %s (%s); looking every %.1f s until there is",

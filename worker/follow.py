@@ -227,5 +227,5 @@ class RoundFollower:
 
     def stop(self) -> None:
         self.bell.stop()
-        self._fetcher.shutdown(wait=True, cancel_futures=True)
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
         task_received.disconnect(self._on_task_received)

@@ -139,3 +139,14 @@ def test_a_failing_look_does_not_stop_the_doorbell(node):
         assert bell.connected.is_set()
     finally:
         bell.stop()
+
+
+def test_stopping_wakes_a_doorbell_waiting_on_a_quiet_node(node):
+    rings = Rings()
+    # Nothing would ring for an hour: stopping must not wait for that.
+    bell = Doorbell(url=node.rpc_url, ring=rings, idle_s=3600).start()
+    assert bell.connected.wait(WAIT_S)
+    settle(rings)
+    bell.stop(timeout=WAIT_S)
+    assert not bell._thread.is_alive()
+    assert not bell.connected.is_set()
