@@ -20,7 +20,10 @@ from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
 ROUNDS = 10
-OVERHEAD_TARGET_S = 0.5
+# Less control-plane overhead per round than Flower's warm simulation on a quiet development
+# machine, and, since seconds differ between machines, a platform round at most 1.5 plain ones.
+OVERHEAD_TARGET_S = 0.25
+RATIO_TARGET = 1.5
 
 
 def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
@@ -101,7 +104,11 @@ def main() -> int:
         "platform_first_round_s": rounds[0]["wall_s"],
         "rounds": ROUNDS,
         "trainers": TRAINERS,
-        "targets": {"overhead_round_s": OVERHEAD_TARGET_S, "accuracy_gap": 0.01},
+        "targets": {
+            "overhead_round_s": OVERHEAD_TARGET_S,
+            "ratio": RATIO_TARGET,
+            "accuracy_gap": 0.01,
+        },
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -112,7 +119,11 @@ def main() -> int:
         f"ratio {result['ratio']}; control-plane overhead per round {result['overhead_round_s']} s"
     )
     gap = abs(summary["final_accuracy"] - plain_accuracy)
-    ok = result["overhead_round_s"] < OVERHEAD_TARGET_S and gap <= 0.01
+    ok = (
+        result["overhead_round_s"] < OVERHEAD_TARGET_S
+        and result["ratio"] <= RATIO_TARGET
+        and gap <= 0.01
+    )
     print("targets met" if ok else "TARGET MISSED")
     return 0 if ok else 1
 

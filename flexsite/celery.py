@@ -3,8 +3,11 @@ that takes devices' reports.
 
 The platform's worker and beat run with DJANGO_SETTINGS_MODULE set, which makes Celery's
 Django fix-up set Django up; beat runs the chain sync and the lifecycle's deadline check
-(``beat_schedule``). The broker is FLEX_BROKER_URL (RabbitMQ, this stack's vhost); results
-go to the platform's own Redis. Nodes build their own app (worker.app) from the same settings.
+(``beat_schedule``). Beat also sends the chain sync the moment the node announces a new block
+(a websocket subscription, ``follow_the_chain``), so its own chain-sync tick is only the slow
+safety net, every FLEX_SYNC_INTERVAL_S. The broker is FLEX_BROKER_URL (RabbitMQ, this stack's
+vhost); results go to the platform's own Redis. Nodes build their own app (worker.app) from
+the same settings.
 """
 
 from __future__ import annotations
@@ -13,14 +16,20 @@ import logging
 import os
 
 from celery import Celery
+from celery.signals import beat_init
 
-from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings
+from chain.follow import Doorbell
+from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings, route
 
-# Read from the same variable as settings.FLEX_SYNC_INTERVAL_S: this module needs no Django.
-SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 1.0))
+# Read from the same variables as settings.FLEX_SYNC_INTERVAL_S and ETH_RPC_URL: this module
+# needs no Django. New blocks send the sync as they come; this tick catches what they missed.
+SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
+# Deadlines are in whole seconds of chain time: a look every second is as soon as any is due.
+DEADLINES_INTERVAL_S = float(os.environ.get("FLEX_DEADLINES_INTERVAL_S", 1.0))
+ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
 
 
-# Beat's heartbeats run every second: Celery's own lines for each (sent, received, succeeded)
+# Beat's heartbeats run every second or so: Celery's own lines for each (sent, received, succeeded)
 # would be most of the log. What they do is logged by them, and only when something changed.
 HEARTBEATS = ("marketplace.chain_sync", "marketplace.deadlines_check")
 
@@ -54,8 +63,8 @@ def platform_app(*, broker_url: str, result_backend: str | None, **options) -> C
         },
         "lifecycle-deadlines": {
             "task": "marketplace.deadlines_check",
-            "schedule": SYNC_INTERVAL_S,
-            "options": {"queue": PLATFORM_QUEUE, "expires": max(SYNC_INTERVAL_S * 5, 5.0)},
+            "schedule": DEADLINES_INTERVAL_S,
+            "options": {"queue": PLATFORM_QUEUE, "expires": max(DEADLINES_INTERVAL_S * 5, 5.0)},
         },
     }
     if os.environ.get("DJANGO_SETTINGS_MODULE"):
@@ -65,6 +74,24 @@ def platform_app(*, broker_url: str, result_backend: str | None, **options) -> C
         # Devices' reports reach the platform only through the gateway, never as Celery tasks.
         app.steps["consumer"].add(ReportsGateway)
     return app
+
+
+def follow_the_chain(app: Celery, *, rpc_url: str = ETH_RPC_URL) -> Doorbell:
+    """Send the chain sync to the platform worker each time the node announces a block (and
+    when beat starts): a published global model is mirrored, and the next step sent, without
+    waiting for a tick. A sync asked for while one runs is run after it (ChainSync.run)."""
+
+    def ring() -> None:
+        app.send_task(
+            "marketplace.chain_sync", **route(PLATFORM_QUEUE), expires=max(SYNC_INTERVAL_S, 5.0)
+        )
+
+    return Doorbell(url=rpc_url, ring=ring, idle_s=SYNC_INTERVAL_S, name="beat-chain").start()
+
+
+@beat_init.connect
+def _beat_follows_the_chain(sender=None, **_) -> None:
+    follow_the_chain(sender.app)
 
 
 app = platform_app(

@@ -210,8 +210,6 @@ def stack(
         "FLEX_DEBUG": os.environ.get("FLEX_DEBUG", "true"),
         "FLEX_DEV_CHAIN": "true",
         "FLEX_DATAPLANE_ALLOW_PRIVATE": "true",
-        # A local chain answers in milliseconds: sync often, so rounds follow each other fast.
-        "FLEX_SYNC_INTERVAL_S": os.environ.get("FLEX_SYNC_INTERVAL_S", "0.1"),
     }
     web_url = f"http://{local_web}:{web_port}"
     vhost = vhost_of(env["FLEX_BROKER_URL"])

@@ -272,15 +272,18 @@ def run(
     queues = sorted({q for n in loaded for q in n.config.queues})
     app = node_app(broker_url=brokers.pop(), queue=loaded[0].config.queues[0])
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
+    from worker.follow import RoundFollower
     from worker.payments import PaymentWatcher
 
     watcher = PaymentWatcher(loaded)
+    follower = RoundFollower(loaded, app=app)
     for n in loaded:
         n.warm()  # before it listens: a bid must not wait for data or libraries to load
     try:
         for n in loaded:
             n.start_dataplane()
         watcher.start()
+        follower.start()
         app.worker_main(
             [
                 "worker",
@@ -298,6 +301,7 @@ def run(
             ]
         )
     finally:
+        follower.stop()
         watcher.stop()
         for n in loaded:
             if n.server:

@@ -209,9 +209,9 @@ def aggregate(
     """
     from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
 
-    parsed = verified_spec(node, task_id=task_id, spec=spec)
     market = node.market
     task = market.task(task_id=task_id)
+    parsed = verified_spec(node, task_id=task_id, spec=spec, task=task)
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
         return None

@@ -40,6 +40,10 @@ W = TypeVar("W", bound=NodeWork)
 TRANSIENT = (ChainUnavailableError, FetchFailedError, PolicyUnavailableError)
 # How soon an aggregation tries again after such a failure (a restarting node is back soon).
 AGGREGATE_TRANSIENT_RETRY_S = 2.0
+# How often an aggregation waiting for updates looks again by itself. The node's round
+# follower (worker.follow) sends it on as soon as the last update is mined; this look is for
+# a round that closes at its deadline short of updates, or events the follower missed.
+AGGREGATE_LOOK_S = 5.0
 RETRY = {
     "acks_late": True,
     "autoretry_for": TRANSIENT,
@@ -172,8 +176,9 @@ def train(message: dict) -> dict | None:
 def aggregate(self, message: dict) -> dict | None:
     """Aggregates once every trainer submitted or the submission window closed.
 
-    Until then it re-queues itself for when the window closes (or sooner, to catch the
-    last submission), so it may be sent as soon as the round opens.
+    Until then it re-queues itself for when the window closes (or sooner, every
+    AGGREGATE_LOOK_S, in case the follower missed the last submission), so it may be sent as
+    soon as the round opens.
     """
     if (got := received(RoundAggregateRequest, message)) is None:
         return None
@@ -188,9 +193,9 @@ def aggregate(self, message: dict) -> dict | None:
             trainer_certs=work.trainer_certs_sha256,
         )
     except aggregator.RoundNotReadyError as exc:
-        # Look again soon: the last update usually lands well before the deadline. The
-        # deadline bounds the retries (past it the round is ready), not a count.
-        countdown = min(max(exc.seconds_left, 0.05), 0.1)
+        # The follower brings the round back the moment its last update is mined; this is
+        # the slow look. The deadline bounds the retries (past it the round is ready).
+        countdown = min(max(exc.seconds_left, 0.05), AGGREGATE_LOOK_S)
         raise self.retry(countdown=countdown, max_retries=self.request.retries + 1) from exc
     except TRANSIENT as exc:
         # Looking again above uses up Celery's count of retries, so a chain node or a peer

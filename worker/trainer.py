@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from chain.errors import BiddingClosedError, InvalidTaskStateError
 from chain.events import Role, TaskState
+from chain.records import TaskInfo
 from core.errors import FlexError
 from dataplane.client import fetch_model
 from training.errors import DatasetError
@@ -33,10 +34,13 @@ class BidDecision:
     samples: int
 
 
-def verified_spec(node: Node, *, task_id: int, spec: dict) -> TaskSpec:
-    """The task's spec, after checking it against the hash the buyer put on chain."""
+def verified_spec(
+    node: Node, *, task_id: int, spec: dict, task: TaskInfo | None = None
+) -> TaskSpec:
+    """The task's spec, after checking it against the hash the buyer put on chain (in
+    ``task``, the task as just read, when the caller has it)."""
     parsed = TaskSpec.from_dict(spec)
-    on_chain = node.market.task(task_id=task_id).spec_hash
+    on_chain = (task or node.market.task(task_id=task_id)).spec_hash
     if parsed.hash_hex.lower() != on_chain.lower():
         raise SpecMismatchError(task_id=task_id, on_chain=on_chain, received=parsed.hash_hex)
     return parsed
@@ -198,9 +202,9 @@ def train(
     """
     from training.local import train_round  # TensorFlow loads only where training happens
 
-    parsed = verified_spec(node, task_id=task_id, spec=spec)
     market = node.market
     task = market.task(task_id=task_id)
+    parsed = verified_spec(node, task_id=task_id, spec=spec, task=task)
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
         return None

@@ -41,7 +41,7 @@ from web3.exceptions import BlockNotFound
 
 from chain import events as ev
 from chain.client import FlexMarket
-from chain.errors import ChainUnavailableError
+from chain.follow import Doorbell
 from chain.node import chain_time, reachable
 from marketplace import contract
 from marketplace.models import ChainCursor, ChainEventRecord, LifecycleAction
@@ -57,6 +57,8 @@ T = TypeVar("T")
 LOCK_TTL_S = 120
 # Rewinds one run may do before leaving the rest to the next tick (a chain re-orging non-stop).
 MAX_REWINDS = 3
+# Syncs one run may do for requests that came while it held the lock (then the next ring's).
+MAX_RUNS = 5
 
 
 @functools.cache
@@ -154,16 +156,28 @@ class ChainSync:
 
     def run(self) -> SyncResult:
         """Mirror everything up to the safe head; ChainUnavailableError if the node is gone
-        (whatever was committed before stays, nothing is half-written)."""
+        (whatever was committed before stays, nothing is half-written).
+
+        A run asked for while another holds the lock ("busy") is not lost: it leaves a
+        request that the holder finds once it lets go, and then it syncs again. So a block
+        that rang for a sync while one was running is mirrored without waiting for a tick."""
         started = time.monotonic()
-        with self.lock() as held:
-            if not held:
-                return SyncResult(status="busy")
-            try:
-                result = self._run()
-            except _CursorMoved:
-                log.warning("chain sync: another run moved the cursor; leaving it to that one")
-                return SyncResult(status="busy")
+        requests = _redis(settings.REDIS_URL)
+        wanted = f"{self.lock_name}:wanted"
+        requests.set(wanted, 1, ex=LOCK_TTL_S)
+        result = SyncResult(status="busy")
+        for _ in range(MAX_RUNS):
+            with self.lock() as held:
+                if not held:
+                    break
+                requests.delete(wanted)
+                try:
+                    result = self._run()
+                except _CursorMoved:
+                    log.warning("chain sync: another run moved the cursor; leaving it to that one")
+                    return SyncResult(status="busy")
+            if not requests.exists(wanted):
+                break
         result.seconds = time.monotonic() - started
         return result
 
@@ -433,36 +447,32 @@ def chain_sync() -> SyncResult:
 
 def chain_sync_watch(
     *,
-    poll_s: float = 0.1,
+    poll_s: float | None = None,
     stop: threading.Event | None = None,
     sync: ChainSync | None = None,
     on_result: Callable[[SyncResult], None] | None = None,
 ) -> None:
-    """Sync whenever the chain's head moves (polled every ``poll_s``), and at least every
-    FLEX_SYNC_INTERVAL_S, until ``stop`` is set. A lost node is logged and retried."""
+    """Sync whenever the node announces a new block (its websocket's newHeads, chain.follow),
+    and at least every ``poll_s`` (default FLEX_SYNC_INTERVAL_S) whether or not it does,
+    until ``stop`` is set. A lost node is logged and looked at again as it comes back."""
     stop = stop or threading.Event()
     sync = sync or ChainSync()
-    interval = settings.FLEX_SYNC_INTERVAL_S
-    last_head, last_run = None, 0.0
-    while not stop.is_set():
+
+    def ring() -> None:
         try:
-            head = _rpc(lambda: sync.market.w3.eth.block_number)
-            if head != last_head or time.monotonic() - last_run >= interval:
-                result = sync.run()
-                last_run = time.monotonic()
-                if result.status == "synced":
-                    last_head = head
-                if on_result is not None:
-                    on_result(result)
-        except ChainUnavailableError as exc:
-            log.warning("chain sync: %s; retrying", exc.message)
-            last_head = None
-            stop.wait(max(interval, poll_s))
-            continue
-        except Exception:
-            # A watcher outlives a database hiccup the way the beat job does: next tick.
-            log.exception("chain sync failed; retrying")
-            last_head = None
-            stop.wait(max(interval, poll_s))
-            continue
-        stop.wait(poll_s)
+            result = sync.run()
+        finally:
+            connection.close()  # the doorbell's thread keeps no connection between rings
+        if on_result is not None:
+            on_result(result)
+
+    bell = Doorbell(
+        url=sync.market.w3.provider.endpoint_uri,
+        ring=ring,
+        idle_s=settings.FLEX_SYNC_INTERVAL_S if poll_s is None else poll_s,
+        name="chain-sync",
+    ).start()
+    try:
+        stop.wait()
+    finally:
+        bell.stop()

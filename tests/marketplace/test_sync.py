@@ -388,6 +388,41 @@ def test_only_one_sync_runs_at_a_time(platform_market, mirror_env, buyer):
     assert ChainSync().run().status == "synced"
 
 
+class _AskedForAgainMidRun(ChainSync):
+    """While its first sync runs, ``meanwhile`` happens: a new block, whose ring asks for a
+    sync of its own and finds this one holding the lock."""
+
+    def __init__(self, *, meanwhile, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.meanwhile = meanwhile
+        self.runs = 0
+        self.asked = None
+
+    def _run(self):
+        self.runs += 1
+        result = super()._run()
+        if self.runs == 1:
+            self.asked = self.meanwhile()
+        return result
+
+
+def test_a_sync_asked_for_while_one_runs_is_run_after_it(platform_market, mirror_env, buyer):
+    first = create_task(platform_market, buyer)
+    created = []
+
+    def new_block_rings() -> object:
+        created.append(create_task(platform_market, buyer))
+        return ChainSync().run()
+
+    sync = _AskedForAgainMidRun(meanwhile=new_block_rings)
+    sync.run()
+
+    assert sync.asked.status == "busy"
+    # The block that rang during the first run is mirrored by the second, not a tick later.
+    assert sync.runs == 2
+    assert Task.objects.filter(chain_task_id__in=[first, *created]).count() == 2
+
+
 class _StopsTheChainAfterOneChunk(ChainSync):
     """Takes the node down right after the first chunk is stored, as a crash would."""
 

@@ -28,13 +28,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--watch",
             action="store_true",
-            help="keep syncing whenever the chain's head moves, until interrupted",
+            help="keep syncing whenever the node announces a new block, until interrupted",
         )
         parser.add_argument(
             "--poll",
             type=float,
-            default=0.1,
-            help="with --watch: seconds between looks at the chain's head (default 0.1)",
+            default=None,
+            help="with --watch: look at least this often (seconds) even when the node announces "
+            "nothing (default FLEX_SYNC_INTERVAL_S)",
         )
 
     def handle(self, *args, watch, poll, **options):
@@ -53,5 +54,5 @@ class Command(BaseCommand):
             if result.events or result.rewinds:
                 self.stdout.write(_line(result))
 
-        self.stdout.write(f"watching the chain every {poll}s (Ctrl-C stops)")
+        self.stdout.write("watching the chain for new blocks (Ctrl-C stops)")
         chain_sync_watch(poll_s=poll, stop=stop, on_result=report)

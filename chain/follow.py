@@ -1,0 +1,158 @@
+"""Following the chain as it grows: a websocket subscription rings a doorbell when the node has
+something new, and the caller reads what is new over JSON-RPC as usual (eth_getLogs from the
+last block it handled).
+
+The subscription only says *when* to look, never *what* happened: a ring missed while the
+node restarted, or the websocket was down, is caught up by the next look, which starts from
+the caller's own cursor. So the doorbell also rings on every (re)connection and at least every
+``idle_s`` seconds whatever the node says, and keeps ringing at that pace through a node that
+has no websocket at all (a slow poll instead of a push).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
+from websockets.sync.client import connect
+
+from chain.errors import ChainUnavailableError
+
+log = logging.getLogger(__name__)
+
+# Reconnection back-off: a restarting node is back within seconds.
+RECONNECT_MIN_S = 0.1
+RECONNECT_MAX_S = 2.0
+# How long a subscription request may take to be answered.
+SUBSCRIBE_TIMEOUT_S = 10.0
+
+
+class SubscriptionRefusedError(Exception):
+    """The node answered eth_subscribe with an error (it has no such subscription)."""
+
+
+def ws_url(rpc_url: str) -> str:
+    """The websocket URL of a JSON-RPC node served at ``rpc_url`` on the same host and port,
+    as Anvil and geth serve both (http -> ws, https -> wss; a ws URL is kept)."""
+    parts = urlsplit(rpc_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+
+class Doorbell:
+    """Calls ``ring()`` from a thread of its own after each new block (``logs`` None: the
+    node's newHeads) or each new log matching ``logs`` (eth_subscribe's log filter: address,
+    topics), on every (re)connection, and at least every ``idle_s`` seconds. Rings that arrive
+    while ``ring()`` runs are answered by one more call, never by two calls at once. An
+    exception from ``ring()`` is logged and the doorbell goes on.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        ring: Callable[[], Any],
+        logs: dict[str, Any] | None = None,
+        idle_s: float = 5.0,
+        name: str = "flex-chain-doorbell",
+    ) -> None:
+        self.url = ws_url(url)
+        self.ring = ring
+        self.logs = logs
+        self.idle_s = idle_s
+        self.name = name
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ws: Any = None
+
+    def start(self) -> Doorbell:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):  # wakes a wait on the socket now
+                ws.close()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    # ------------------------------------------------------------ the thread
+
+    def _call(self) -> None:
+        try:
+            self.ring()
+        except ChainUnavailableError as exc:
+            log.warning("%s: %s; looking again on the next ring", self.name, exc.message)
+        except Exception:
+            log.exception(
+                "%s: looking at the chain failed; looking again on the next ring", self.name
+            )
+
+    def _subscribe(self, ws: Any) -> None:
+        params: list[Any] = ["newHeads"] if self.logs is None else ["logs", self.logs]
+        ws.send(
+            json.dumps({"jsonrpc": "2.0", "id": 1, "method": "eth_subscribe", "params": params})
+        )
+        answer = json.loads(ws.recv(timeout=SUBSCRIBE_TIMEOUT_S))
+        if "error" in answer or "result" not in answer:
+            raise SubscriptionRefusedError(str(answer.get("error", answer))[:200])
+
+    def _listen(self, ws: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                ws.recv(timeout=self.idle_s)
+            except TimeoutError:
+                pass  # nothing pushed for a while: look anyway (a ring may have been lost)
+            else:
+                # Rings queued while the last look ran are all answered by the next one.
+                try:
+                    while True:
+                        ws.recv(timeout=0)
+                except TimeoutError:
+                    pass
+            if not self._stop.is_set():
+                self._call()
+
+    def _run(self) -> None:
+        delay = RECONNECT_MIN_S
+        warned = False
+        while not self._stop.is_set():
+            try:
+                with connect(self.url, open_timeout=5, close_timeout=1, max_size=2**22) as ws:
+                    self._ws = ws
+                    self._subscribe(ws)
+                    self.connected.set()
+                    if warned:
+                        log.info("%s: subscribed again at %s", self.name, self.url)
+                    delay, warned = RECONNECT_MIN_S, False
+                    self._call()  # whatever was mined while nobody listened
+                    self._listen(ws)
+            except (OSError, TimeoutError, WebSocketException, InvalidURI, InvalidHandshake,
+                    SubscriptionRefusedError, ValueError) as exc:  # fmt: skip
+                self.connected.clear()
+                if self._stop.is_set():
+                    break
+                if not warned:
+                    log.warning(
+                        "%s: no subscription at %s (%s); looking every %.1f s until there is",
+                        self.name,
+                        self.url,
+                        exc,
+                        RECONNECT_MAX_S,
+                    )
+                    warned = True
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                self._call()
+        self.connected.clear()

@@ -1,0 +1,152 @@
+"""The doorbell that tells FLEX's processes the chain moved: pushed by the node's websocket,
+through a restart of the node, and a slow poll where the node has no websocket."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from chain.follow import Doorbell, ws_url
+from chain.launcher import LocalChain, free_port
+
+# Waits are generous (a busy machine is waited for), never asserted as durations.
+WAIT_S = 120
+
+
+class Rings:
+    """Counts the doorbell's calls and lets a test wait for the next ones."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait_beyond(self, count: int) -> int:
+        deadline = time.monotonic() + WAIT_S
+        with self._changed:
+            while self.count <= count:
+                left = deadline - time.monotonic()
+                assert left > 0, f"no ring beyond {count} in {WAIT_S} s"
+                self._changed.wait(left)
+            return self.count
+
+
+@pytest.fixture
+def node(tmp_path) -> Iterator[LocalChain]:
+    chain = LocalChain(state_path=tmp_path / "state.json", state_interval=1).start()
+    yield chain
+    chain.stop()
+
+
+def mine(chain: LocalChain) -> None:
+    chain.w3().provider.make_request("evm_mine", [])
+
+
+def settle(rings: Rings) -> int:
+    """The count once the doorbell is quiet (its first ring, on connecting, is in)."""
+    count = rings.wait_beyond(0)
+    time.sleep(0.5)
+    return max(count, rings.count)
+
+
+def test_ws_url_follows_the_rpc_url():
+    assert ws_url("http://127.0.0.1:8545") == "ws://127.0.0.1:8545"
+    assert ws_url("https://node.example:443/rpc") == "wss://node.example:443/rpc"
+    assert ws_url("ws://127.0.0.1:8545") == "ws://127.0.0.1:8545"
+
+
+def test_a_new_block_rings_without_polling(node):
+    rings = Rings()
+    # No idle look for the test's whole length: only the node's push can ring.
+    bell = Doorbell(url=node.rpc_url, ring=rings, idle_s=3600).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(rings)
+        mine(node)
+        rings.wait_beyond(quiet)
+    finally:
+        bell.stop()
+
+
+def test_the_doorbell_survives_a_restart_of_the_node(node):
+    rings = Rings()
+    bell = Doorbell(url=node.rpc_url, ring=rings, idle_s=3600).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        settle(rings)
+        node.stop()
+        deadline = time.monotonic() + WAIT_S
+        while bell.connected.is_set():
+            assert time.monotonic() < deadline, "the doorbell never saw the node go"
+            time.sleep(0.05)
+        node.start()  # same port, same state
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(rings)
+        mine(node)
+        rings.wait_beyond(quiet)  # pushed by the new subscription
+    finally:
+        bell.stop()
+
+
+def test_a_log_filter_rings_only_for_matching_logs(node):
+    rings = Rings()
+    # A filter on a contract that does not exist: new blocks carry no log of it.
+    nobody = "0x" + "ab" * 20
+    bell = Doorbell(url=node.rpc_url, ring=rings, logs={"address": nobody}, idle_s=3600).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(rings)
+        for _ in range(3):
+            mine(node)
+        time.sleep(1.0)
+        assert rings.count == quiet
+    finally:
+        bell.stop()
+
+
+def test_without_a_websocket_it_still_rings_at_a_slow_pace():
+    rings = Rings()
+    # Nothing listens there: every connection fails, and the doorbell keeps looking.
+    bell = Doorbell(url=f"http://127.0.0.1:{free_port()}", ring=rings, idle_s=3600).start()
+    try:
+        count = rings.wait_beyond(0)
+        rings.wait_beyond(count)
+        assert not bell.connected.is_set()
+    finally:
+        bell.stop()
+
+
+def test_a_failing_look_does_not_stop_the_doorbell(node):
+    calls = Rings()
+
+    def ring() -> None:
+        calls()
+        raise RuntimeError("the caller's look failed")
+
+    bell = Doorbell(url=node.rpc_url, ring=ring, idle_s=3600).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(calls)
+        mine(node)
+        calls.wait_beyond(quiet)
+        assert bell.connected.is_set()
+    finally:
+        bell.stop()
+
+
+def test_stopping_wakes_a_doorbell_waiting_on_a_quiet_node(node):
+    rings = Rings()
+    # Nothing would ring for an hour: stopping must not wait for that.
+    bell = Doorbell(url=node.rpc_url, ring=rings, idle_s=3600).start()
+    assert bell.connected.wait(WAIT_S)
+    settle(rings)
+    bell.stop(timeout=WAIT_S)
+    assert not bell._thread.is_alive()
+    assert not bell.connected.is_set()
