@@ -343,6 +343,11 @@ def _release_unselected(market: FlexMarket, platform, *, task_id: int) -> None:
 def task_finalize(*, task_id: int) -> str | None:
     """Settle a task whose final global model is published; None if it is not trained."""
     market = contract.market()
+    task = market.task(task_id=task_id)
+    if task.state != ChainTaskState.TRAINED:
+        return None
+    if chain_time(market.w3) <= task.dispute_closes_at:
+        return None  # the final model may still be challenged: a later tick settles it
     with contract.platform_account_lock() as platform:
         if market.task(task_id=task_id).state != ChainTaskState.TRAINED:
             return None

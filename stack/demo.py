@@ -32,6 +32,10 @@ TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
 # of the notice; the window leaves a wide margin over that (chain sync, the notice and the bid
 # all slow down on a busy machine), so that a slow machine delays the demo, never fails it.
 BIDDING_WINDOW_S = 30
+# Each global model may be proven wrong for this long after it is published; the local stack
+# keeps it short (a trainer checks a model as soon as it fetches it) so a task settles soon
+# after its last round. A buyer's task defaults to its round timeout (services.task_create).
+DISPUTE_WINDOW_S = 60
 
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
@@ -50,6 +54,7 @@ def follow_task(
     kill_in_round: int | None = None,
     timeout_s: float = 600,
     bidding_window_s: int = BIDDING_WINDOW_S,
+    dispute_window_s: int = DISPUTE_WINDOW_S,
 ) -> dict:
     """Post a task as the demo buyer on a running stack and follow it to a downloaded,
     verified model; returns the summary (also written to ``out``/summary.json).
@@ -87,11 +92,16 @@ def follow_task(
         max_trainers=trainers,
         bidding_window_s=bidding_window_s,
         round_timeout_s=round_timeout_s,
+        dispute_window_s=dispute_window_s,
     )
     say(f"task {order.chain_task_id} posted: budget {budget_wei} wei, tx {order.created_tx}")
     say(
         f"bidding is open for {bidding_window_s} s: devices bid within about a second, the "
         "rest is margin for a busy machine"
+    )
+    say(
+        f"each global model may be challenged for {dispute_window_s} s after it is published; "
+        "the task settles once the last model's window has closed"
     )
     # The platform's chain sync mirrors the task from its TaskCreated event.
     while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:

@@ -147,6 +147,9 @@ def run(var: Path) -> dict:
             trainers=len(TRAINERS),
             budget_wei=budget,
             round_timeout_s=ROUND_TIMEOUT_S,
+            # As long as a round: the watcher has all of it to check and challenge on a
+            # machine of any speed.
+            dispute_window_s=ROUND_TIMEOUT_S,
             timeout_s=1500,
         )
         task_id = summary["task_id"]

@@ -287,6 +287,7 @@ def test_task_survives_a_restart_of_each_part_mid_round(platform, browser, tmp_p
             "max_trainers": TRAINERS,
             "bidding_window_s": 30,
             "round_timeout_s": ROUND_TIMEOUT_S,
+            "dispute_window_s": 60,
         },
         timeout=120,
     )
