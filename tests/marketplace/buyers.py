@@ -29,6 +29,8 @@ def make_task(buyer, *, title: str = "digits", window_s: int = 3600) -> TaskOrde
         min_trainers=1,
         max_trainers=3,
         round_timeout_s=600,
+        # No disputes unless a test is about them: it may finalize right after the last round.
+        dispute_window_s=0,
         budget_wei=BUDGET_WEI,
         bidding_window_s=window_s,
     )

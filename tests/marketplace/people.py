@@ -30,6 +30,8 @@ def task_post(buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=
         max_trainers=2,
         bidding_window_s=window_s,
         round_timeout_s=round_timeout_s,
+        # No disputes unless a test is about them: it may finalize right after the last round.
+        dispute_window_s=0,
         budget_wei=10**16,
     )
 

@@ -111,6 +111,7 @@ def task_run_to_the_end(market, w3, *, buyer=None) -> Iterator[dict]:
             min_trainers=1,
             max_trainers=1,
             round_timeout_s=600,
+            dispute_window_s=0,
             budget_wei=10**16,
             bidding_window_s=60,
         )

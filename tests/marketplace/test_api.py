@@ -129,7 +129,7 @@ def test_another_buyers_task_is_refused_and_staff_see_it(alice, bob, admin_user)
         "bidding",
         "digits",
     )
-    assert [t["name"] for t in mirrored["transactions"]] == ["TaskCreated"]
+    assert [t["name"] for t in mirrored["transactions"]] == ["TaskCreated", "DisputeTermsSet"]
     assert_error(client_for(bob).get(path), 404, "not_found")
     assert client_for(alice).get("/api/tasks/?state=pending").json()["count"] == 0
     assert client_for(alice).get("/api/tasks/?state=bidding").json()["count"] == 1

@@ -87,6 +87,7 @@ def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> TaskOrder:
         min_trainers=min_trainers,
         max_trainers=2,
         round_timeout_s=ROUND_TIMEOUT_S,
+        dispute_window_s=0,
         budget_wei=BUDGET,
         bidding_window_s=WINDOW_S,
     )

@@ -41,6 +41,7 @@ def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
         min_trainers=2,
         max_trainers=2,
         round_timeout_s=600,
+        dispute_window_s=0,
         budget_wei=10**17,
         bidding_window_s=WINDOW_S,
     )

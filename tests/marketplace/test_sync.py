@@ -317,6 +317,7 @@ def test_a_task_whose_creation_a_reorg_orphans_leaves_the_buyers_order(platform_
         min_trainers=1,
         max_trainers=1,
         round_timeout_s=600,
+        dispute_window_s=0,
         budget_wei=10**16,
         bidding_window_s=600,
     )
