@@ -236,7 +236,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
     assert page.get_attribute("#task-state", "data-state") == "trained"
     assert page.is_visible("#model-link")
 
-    # Settlement: payouts and the refund appear.
+    # Settlement once the final model's dispute window has closed: payouts and the refund appear.
+    closes_at = platform_market.task(task_id=tid).dispute_closes_at
+    platform_market.w3.provider.make_request("evm_mine", [closes_at + 1])
     platform_market.finalize(sender=aggregator, task_id=tid)
     sync_and_wait("document.getElementById('task-state').dataset.state === 'finalized'")
     page.wait_for_function(

@@ -74,6 +74,7 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
         min_trainers=4,
         max_trainers=4,
         round_timeout_s=600,
+        dispute_window_s=0,  # settled right after its last round
         budget_wei=10**16,
         bidding_window_s=3600,
     )
