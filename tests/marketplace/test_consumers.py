@@ -110,6 +110,7 @@ def test_the_buyer_sees_the_snapshot_then_each_change_as_a_delta(platform_market
     assert [n["device"] for n in snapshot["selected"]] == [aggregator.address, trainer.address]
     assert [t["name"] for t in snapshot["transactions"]] == [
         "TaskCreated",
+        "DisputeTermsSet",
         "BidPlaced",
         "BidPlaced",
         "NodesSelected",

@@ -209,7 +209,11 @@ def test_running_sync_twice_gives_the_same_rows(platform_market, mirror_env, buy
     assert bids[trainer.address].samples == 60
     assert bids[trainer.address].bid_index == 0
     assert bids[aggregator.address].role == Role.AGGREGATOR.name.lower()
-    assert [e["name"] for e in rows["events"]] == ["TaskCreated", *["BidPlaced"] * 3]
+    assert [e["name"] for e in rows["events"]] == [
+        "TaskCreated",
+        "DisputeTermsSet",
+        *["BidPlaced"] * 3,
+    ]
     assert rows["events"][0]["args"]["budget_wei"] == str(10**16)
     cursor = ChainCursor.objects.get(contract_address=market.address)
     assert cursor.block_number == w3.eth.block_number
@@ -260,7 +264,8 @@ def test_a_new_sync_continues_from_the_cursor(platform_market, mirror_env, buyer
     market.cancel_task(sender=buyer, task_id=second_task)
     restarted = ChainSync().run()  # a new object, as after a restart of the process
 
-    assert restarted.events == 3  # TaskCreated, TaskCancelled, PaymentCredited (the refund)
+    # TaskCreated, DisputeTermsSet, TaskCancelled, PaymentCredited (the refund)
+    assert restarted.events == 4
     assert restarted.from_block == cursor.block_number + 1
     assert mirror_rows(first_task) == before
     cancelled = Task.objects.get(chain_task_id=second_task)
@@ -297,7 +302,10 @@ def test_a_reorg_replaces_the_orphaned_rows(platform_market, mirror_env, buyer):
     assert task.budget_wei == 2 * 10**16
     assert task.bids.count() == 0
     assert not ChainEventRecord.objects.filter(tx_hash__in=orphaned_txs).exists()
-    assert [e.name for e in ChainEventRecord.objects.filter(task_id=task_id)] == ["TaskCreated"]
+    assert [e.name for e in ChainEventRecord.objects.filter(task_id=task_id)] == [
+        "TaskCreated",
+        "DisputeTermsSet",
+    ]
     cursor = ChainCursor.objects.get(contract_address=market.address)
     assert cursor.block_hash == w3.eth.get_block(cursor.block_number)["hash"].to_0x_hex()
     assert ChainSync().run().rewinds == 0
@@ -477,7 +485,8 @@ def test_a_lost_chain_node_leaves_whole_chunks_and_sync_resumes(
         assert resumed.rewinds == 0
         assert Task.objects.filter(state=TaskState.BIDDING).count() == 3
         keys = list(ChainEventRecord.objects.values_list("tx_hash", "log_index"))
-        assert len(keys) == len(set(keys)) == 3 + 3  # the constructor's three, three tasks
+        # The constructor's three, and two for each of three tasks (created, its terms).
+        assert len(keys) == len(set(keys)) == 3 + 3 * 2
         # Lag: from the newest event's block time to its row (whole seconds on chain).
         assert 0 <= resumed.lag_ms < 60_000
         assert ChainCursor.objects.get().last_lag_ms == resumed.lag_ms
