@@ -18,6 +18,7 @@ from django.db import transaction
 
 from marketplace.models_platform import TaskPush
 from marketplace.selectors import task_views_by_id
+from marketplace.task_lists import task_lists_changed
 from marketplace.task_page import task_delta_message, task_snapshot_message
 
 # Events that remove or renumber rows, which a delta (rows added or changed) cannot tell.
@@ -65,12 +66,14 @@ def task_push_next(*, chain_task_id: int) -> int:
 
 def push_on_commit(*, changes: Mapping[int, TaskChange]) -> None:
     """Number these changes (by the task's id on chain) in the current transaction and push
-    them once it commits (not at all if it rolls back)."""
+    them once it commits (not at all if it rolls back); the lists that show the tasks are
+    renewed then too."""
     numbered = {
         chain_task_id: (task_push_next(chain_task_id=chain_task_id), changes[chain_task_id])
         for chain_task_id in sorted(changes)
     }
     if numbered:
+        task_lists_changed(chain_task_ids=numbered)
 
         def push() -> None:
             # A named function, not a partial: Django names the callback when it logs a
