@@ -8,13 +8,14 @@ that sees a number missing asks for a snapshot (marketplace.consumers).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import connection, transaction
 
 from marketplace.models_platform import TaskPush
 from marketplace.selectors import task_views_by_id
@@ -44,8 +45,11 @@ class TaskChange:
 
 
 def task_group(chain_task_id: int) -> str:
-    """The Channels group of a task's live pages, named by the task's id on chain."""
-    return f"task.{chain_task_id}"
+    """The Channels group of a task's live pages: the task's id on chain, within this
+    platform's database, so that stacks sharing one Redis (each with its own chain, whose
+    task ids start at 1 too) never reach each other's pages."""
+    space = hashlib.sha256(str(connection.settings_dict["NAME"]).encode()).hexdigest()[:16]
+    return f"task.{space}.{chain_task_id}"
 
 
 def task_push_seq(*, chain_task_id: int) -> int:
