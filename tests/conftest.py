@@ -16,9 +16,9 @@ from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, new_vhost_name, url
 from core.queues import DEFAULT_BROKER_URL
 
 MIN_PRICE_WEI = 10**14
-# Redis databases CACHE_DB.. (one per test worker) hold the tests' caches; Redis has 16.
+# Redis databases 11 to 14, one per test worker, hold the tests' caches (README).
 CACHE_DB = 11
-MAX_WORKERS = 16 - CACHE_DB
+MAX_WORKERS = 4
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
