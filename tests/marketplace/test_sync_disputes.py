@@ -9,6 +9,7 @@ import pytest
 
 from chain.events import Role, Strategy, TaskCreated
 from chain.selection import mask_of
+from dataplane.audit import IncludedBlob, challenge, context_of, recompute
 from marketplace.models import Payout, PayoutReason, Task, TaskState
 from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
@@ -24,7 +25,6 @@ from tests.marketplace.test_sync import (
     register,
 )
 from training.serialize import Kind, decode, id_hex
-from worker.challenge import IncludedBlob, challenge, context_of, recompute
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
