@@ -2,7 +2,7 @@
 and within its dispute window the reason can be contested. A reason that holds (or cannot be
 checked: not fetchable) stands with its named error; a missing or false one slashes the
 aggregator as a wrong aggregate does, with every wei accounted for; after the window nothing
-can be contested."""
+can be contested. The excluded trainer's own watch contests a false reason by itself."""
 
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from chain.events import (
 )
 from chain.fraud import ZERO_ID, Contest, Exclusion
 from chain.selection import mask_of
-from dataplane.audit import IncludedBlob, recompute
+from dataplane.audit import Aggregator, IncludedBlob, recompute
 from tests.blobs import blob_of
 from tests.chain.conftest import Accounts, Clock, Flow, Running
 from tests.chain.oracle import settle
 from tests.chain.test_disputes import PER_CHUNK, WINDOW, credited, small_values, start
-from training.serialize import Kind, ModelBlob, decode, id_hex
+from training.serialize import Kind, ModelBlob, decode, encode, id_hex
+from training.store import ModelStore
+from worker.watcher import watch_exclusion
 
 KEPT = (0, 1)  # the positions the global model aggregates; position 2 is left out
 
@@ -282,3 +284,38 @@ def test_a_contest_must_use_the_published_statement_and_an_excluded_update(
             contest=included,
         )
     assert exc.value.position == 0
+
+
+@pytest.mark.parametrize(
+    ("stated", "author", "slashed"),
+    [
+        (Reason.WRONG_AUTHOR, 2, True),  # false: the header names its own trainer
+        (Reason.WRONG_AUTHOR, 0, False),  # true: it names trainer 0
+        (Reason.NOT_FETCHABLE, 2, False),  # cannot be checked: only logged
+    ],
+    ids=["false", "true", "not-fetchable"],
+)
+def test_the_excluded_trainers_watch_contests_a_false_reason_itself(
+    flow: Flow, market: FlexMarket, tmp_path, caplog, stated, author, slashed
+):
+    running, blobs = round_with(flow, market, third=small_values(2)[0], third_author=author)
+    published = publish_without_third(market, running, blobs, exclusions=[Exclusion(2, stated)])
+    own = ModelStore(tmp_path / "trainer")
+    own.put(encode(blobs[2].header, blobs[2].values))
+    contested = watch_exclusion(
+        market=market,
+        store=own,
+        account=running.trainers[2],
+        task_id=running.task_id,
+        round_number=0,
+        published=published,
+        aggregator=Aggregator(running.aggregator.address, "https://127.0.0.1:9", "00" * 32),
+    )
+    state = market.task(task_id=running.task_id).state
+    if slashed:
+        assert (contested.position, contested.reason) == (2, stated)
+        assert state == TaskState.ABORTED
+    else:
+        assert contested is None
+        assert state == TaskState.RUNNING
+        assert ("rightly left out" if author == 0 else "not fetchable") in caplog.text
