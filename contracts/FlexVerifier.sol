@@ -54,6 +54,12 @@ interface IFlexMarketRecords {
  * An opening that does not match its ID, or a chunk or offset outside the model, reverts with
  * a named error: such a challenge proves nothing. The contract is stateless; the market
  * supplies the IDs, trainers and weights from its own storage.
+ *
+ * It also judges the reason an aggregator stated for leaving an update out
+ * (`contestExclusion`, docs/verifiable.md "Exclusions"): from the headers and roots of the
+ * update, the global model and any model the update is said to copy, it shows the stated
+ * rule false (or no reason given) and hands the verdict to the market, which accepts it from
+ * this verifier only and slashes the aggregator as for a wrong aggregate.
  */
 contract FlexVerifier {
     /// @notice Aggregation strategies, as the task spec names them (fedavg, fedmedian, fedtrimmedavg).
