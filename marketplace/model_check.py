@@ -21,11 +21,12 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from chain.errors import ChainUnavailableError
 from chain.events import TaskState as ChainTaskState
 from core.errors import FlexError
 from core.messages import TaskStep
 from core.queues import PLATFORM_QUEUE
-from dataplane.audit import Aggregator, check_round
+from dataplane.audit import Aggregator, Watch, check_round
 from dataplane.client import fetch_model
 from marketplace import contract
 from marketplace.lifecycle import dispatch
@@ -80,6 +81,8 @@ def model_check(*, task_id: int) -> ModelCheck | None:
         return None
     try:
         watch = _watch(task)
+    except ChainUnavailableError:
+        raise  # the Celery task retries: the chain, not the model, is missing
     except FlexError as exc:
         check.state, check.detail = ModelCheck.State.UNCHECKED, f"{exc.code}: {exc.message}"[:300]
     else:
@@ -98,7 +101,7 @@ def model_check(*, task_id: int) -> ModelCheck | None:
     return check
 
 
-def _watch(task: Task):
+def _watch(task: Task) -> Watch:
     market = contract.market()
     info = market.task(task_id=task.chain_task_id)
     if info.state not in (ChainTaskState.TRAINED, ChainTaskState.FINALIZED):
