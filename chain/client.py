@@ -14,7 +14,7 @@ from chain import events as ev
 from chain.build import load_artifact
 from chain.errors import InvalidHintError
 from chain.events import DeviceClass, Role, Strategy, TaskState
-from chain.fraud import VERIFIER_NAME, Challenge
+from chain.fraud import VERIFIER_NAME, Challenge, Contest, Exclusion
 from chain.records import (
     BidInfo,
     DeviceInfo,
@@ -255,9 +255,11 @@ class FlexMarket:
         model_id: bytes | str,
         aggregated_mask: int = 0,
         scores: Sequence[int] = (),
+        exclusions: Sequence[Exclusion] = (),
     ) -> TxResult:
         """Publishes global model ``round_number``; for rounds >= 1, ``aggregated_mask``
-        (see mask_of) names the round-1 updates used, ``scores`` one per set bit or none."""
+        (see mask_of) names the round-1 updates used, ``scores`` one per set bit or none,
+        ``exclusions`` why each submitted update outside the mask was left out."""
         return self._transact(
             sender,
             "publishGlobalModel",
@@ -266,6 +268,7 @@ class FlexMarket:
             _bytes32(model_id),
             aggregated_mask,
             list(scores),
+            Exclusion.encode_all(exclusions),
         )
 
     def submit_update(
@@ -288,6 +291,35 @@ class FlexMarket:
         ChallengeFailedError (the value is right), a FlexVerifier error (an opening that does
         not hold), DisputeWindowClosedError, NotIncludedError, ..."""
         return self._transact(sender, "challenge", task_id, round_number, challenge.dispute())
+
+    def contest_exclusion(
+        self,
+        *,
+        sender: LocalAccount,
+        task_id: int,
+        round_number: int,
+        statement: bytes,
+        contest: Contest,
+    ) -> TxResult:
+        """Shows that global model ``round_number`` left ``contest.update_id`` out for no
+        stated reason or a false one (``statement``: the one published with the model, see
+        exclusions_of): sent to the market's FlexVerifier, which judges it and has the market
+        slash the aggregator; or reverts with ExclusionHoldsError, UncheckableError,
+        DisputeWindowClosedError, StatementMismatchError, NotExcludedError, ..."""
+        verifier = self.w3.eth.contract(
+            address=to_checksum_address(self.verifier()), abi=load_artifact(VERIFIER_NAME)["abi"]
+        )
+        data = verifier.encode_abi(
+            "contestExclusion",
+            args=[self.address, task_id, round_number, statement, contest.encoded()],
+        )
+        receipt = send(
+            self.w3,
+            sender,
+            {"to": verifier.address, "data": data, "value": 0},
+            receipt_timeout=self.receipt_timeout,
+        )
+        return tx_result(receipt, market=self.address)
 
     def finalize(self, *, sender: LocalAccount, task_id: int) -> TxResult:
         return self._transact(sender, "finalize", task_id)
@@ -393,6 +425,22 @@ class FlexMarket:
             ):
                 return model_id
         return None
+
+    def exclusions_of(self, *, task_id: int, round_number: int) -> bytes:
+        """The statement published with global model ``round_number`` of why it left out
+        round-1 updates (decode with Exclusion.decode_all); empty when it gave none or the
+        model is not published."""
+        model_id = self.global_model(task_id=task_id, round_number=round_number)
+        origin = self.model_origin(model_id=model_id) if model_id else None
+        if origin is None or round_number == 0:
+            return b""
+        with rpc():
+            logs = self._contract.events.UpdatesExcluded.get_logs(
+                from_block=origin.block_number,
+                to_block=origin.block_number,
+                argument_filters={"taskId": task_id, "round": round_number},
+            )
+        return bytes(logs[0]["args"]["statement"]) if logs else b""
 
     def model_origin(self, *, model_id: bytes | str) -> ModelOrigin | None:
         """Where the contract first saw ``model_id`` (each ID is accepted once), or None."""

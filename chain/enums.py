@@ -76,6 +76,26 @@ class Verdict(enum.IntEnum):
     INVALID_GLOBAL = 3
 
 
+class Reason(enum.IntEnum):
+    """Why an aggregator left a submitted update out of a round (FlexVerifier.Reason); the
+    codes are stable (docs/verifiable.md, "Exclusions")."""
+
+    UNSTATED = 0
+    NOT_FETCHABLE = 1
+    WRONG_KIND = 2
+    WRONG_TASK = 3
+    WRONG_ROUND = 4
+    WRONG_AUTHOR = 5
+    WRONG_LAYOUT = 6
+    SAMPLES_OUT_OF_RANGE = 7
+    COPIED = 8
+
+    @property
+    def checkable(self) -> bool:
+        """Whether a contest can show the reason false on chain (all but NOT_FETCHABLE)."""
+        return self != Reason.NOT_FETCHABLE
+
+
 ENUMS: dict[str, type[enum.IntEnum]] = {
     e.__name__: e
     for e in (
@@ -87,5 +107,6 @@ ENUMS: dict[str, type[enum.IntEnum]] = {
         CreditReason,
         Strategy,
         Verdict,
+        Reason,
     )
 }

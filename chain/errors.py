@@ -400,6 +400,25 @@ class AggregatorCannotChallengeError(ContractError):
     code = "aggregator_cannot_challenge"
 
 
+class StatementMismatchError(ContractError):
+    """The exclusions given are not the statement published with the global model (or a
+    round-0 model was published with one)."""
+
+    code = "statement_mismatch"
+
+
+class NotExcludedError(ContractError):
+    """The global model aggregated the update a contest says it left out."""
+
+    code = "not_excluded"
+
+
+class NotVerifierError(ContractError):
+    """Only the market's FlexVerifier may hand it the verdict of a contested exclusion."""
+
+    code = "not_verifier"
+
+
 # ---- FlexVerifier's errors: a challenge whose openings prove nothing
 
 
@@ -443,3 +462,15 @@ class BadProofError(FlexVerifierError):
 
 class BadTrimError(FlexVerifierError):
     """A trimmed mean's per-mille trim is outside 0..499."""
+
+
+class ExclusionHoldsError(FlexVerifierError):
+    """The excluded update does fail the rule the aggregator stated: the exclusion stands."""
+
+
+class UncheckableError(FlexVerifierError):
+    """The stated reason (not fetchable) cannot be checked on chain, so it cannot be contested."""
+
+
+class NotRoundUpdateError(FlexVerifierError):
+    """The contested ID is not an update of the round the global model closed."""

@@ -22,6 +22,7 @@ from chain.enums import (  # noqa: F401  (the enums events carry, importable fro
     DeviceClass,
     DeviceStatus,
     FailureReason,
+    Reason,
     Role,
     Strategy,
     TaskState,
@@ -203,6 +204,17 @@ class GlobalModelPublished(ChainEvent):
 
 @_event
 @dataclass(frozen=True, kw_only=True)
+class UpdatesExcluded(ChainEvent):
+    """Why global model ``round`` left out round-1 updates: the statement's bytes (see
+    chain.fraud.Exclusion.decode_all)."""
+
+    task_id: int
+    round: int
+    statement: str
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
 class UpdateSubmitted(ChainEvent):
     task_id: int
     round: int
@@ -241,6 +253,17 @@ class AggregateChallenged(ChainEvent):
     verdict: Verdict
     chunk: int
     offset: int
+    bounty_wei: int
+
+
+@_event
+@dataclass(frozen=True, kw_only=True)
+class ExclusionContested(ChainEvent):
+    task_id: int
+    round: int
+    challenger: str
+    position: int
+    reason: Reason
     bounty_wei: int
 
 

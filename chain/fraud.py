@@ -8,6 +8,7 @@ them from model blobs is the data plane's and the worker's business.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +29,7 @@ from chain.errors import (  # noqa: F401  (the verifier's errors, re-exported fo
     OffsetOutOfRangeError,
     TooManyUpdatesError,
 )
-from chain.events import Strategy, Verdict
+from chain.events import Reason, Strategy, Verdict
 from chain.transactions import deploy_artifact, rpc
 
 VERIFIER_NAME = "FlexVerifier"
@@ -114,6 +115,87 @@ class Challenge:
             (self.chunk, self.offset),
             _opening(self.global_opening),
             [_opening(u) for u in self.updates],
+        )
+
+
+# One statement entry: position (1 byte), reason (1 byte), evidence model ID (32 bytes).
+STATEMENT_ENTRY_BYTES = 34
+ZERO_ID = "0x" + "00" * 32
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """Why a global model left out the update of trainer ``position``: a Reason and, for
+    COPIED, the ID of the earlier model of the task whose values it repeats."""
+
+    position: int
+    reason: Reason
+    evidence: str = ZERO_ID
+
+    @staticmethod
+    def encode_all(exclusions: Sequence[Exclusion]) -> bytes:
+        """The statement publishGlobalModel takes and UpdatesExcluded carries."""
+        return b"".join(
+            bytes([e.position, int(e.reason)]) + bytes(HexBytes(e.evidence)).rjust(32, b"\0")
+            for e in exclusions
+        )
+
+    @staticmethod
+    def decode_all(statement: bytes | str) -> tuple[Exclusion, ...]:
+        """The exclusions a statement gives, first entry per position; a statement of a
+        length the contract reads as stating nothing gives none."""
+        raw = bytes(HexBytes(statement))
+        if len(raw) % STATEMENT_ENTRY_BYTES:
+            return ()
+        found: dict[int, Exclusion] = {}
+        for at in range(0, len(raw), STATEMENT_ENTRY_BYTES):
+            position, code = raw[at], raw[at + 1]
+            reason = Reason(code) if code in Reason._value2member_map_ else Reason.UNSTATED
+            evidence = "0x" + raw[at + 2 : at + STATEMENT_ENTRY_BYTES].hex()
+            found.setdefault(position, Exclusion(position, reason, evidence))
+        return tuple(found.values())
+
+
+@dataclass(frozen=True)
+class Contest:
+    """What contesting an exclusion opens: the header and Merkle root of the excluded update,
+    of the global model that left it out and, for COPIED, of the model it is said to copy."""
+
+    update_id: str
+    update: tuple[bytes, bytes]
+    global_model: tuple[bytes, bytes]
+    evidence_id: str = ZERO_ID
+    evidence: tuple[bytes, bytes] = (b"", b"\0" * 32)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        update_id: str,
+        update: Opened,
+        global_model: Opened,
+        evidence_id: str = ZERO_ID,
+        evidence: Opened | None = None,
+    ) -> Contest:
+        """The contest from any chunk's opening of each model (only header and root count)."""
+        return cls(
+            update_id=update_id,
+            update=(update.header, update.root),
+            global_model=(global_model.header, global_model.root),
+            evidence_id=evidence_id,
+            evidence=(evidence.header, evidence.root) if evidence else (b"", b"\0" * 32),
+        )
+
+    def encoded(self) -> tuple[Any, ...]:
+        return (
+            bytes(HexBytes(self.update_id)),
+            self.update[0],
+            self.update[1],
+            self.global_model[0],
+            self.global_model[1],
+            bytes(HexBytes(self.evidence_id)),
+            self.evidence[0],
+            self.evidence[1],
         )
 
 

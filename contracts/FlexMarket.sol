@@ -123,10 +123,12 @@ contract FlexMarket {
 
     /// @dev `masks` packs the round's submitted updates (bits 0..127, one per trainer
     /// position) and the ones the aggregator used for the next round (bits 128..255), so a
-    /// submission and the aggregation that checks it touch one slot.
+    /// submission and the aggregation that checks it touch one slot. `exclusions` is the
+    /// keccak256 of the statement of why the next round left updates out (0: none stated).
     struct Round {
         bytes32 globalModel;
         uint256 masks;
+        bytes32 exclusions;
     }
 
     /// @dev What settlement credits, computed before anything is credited.
@@ -364,6 +366,20 @@ contract FlexMarket {
         uint256 aggregatedMask,
         uint16[] scores
     );
+    /// @notice Global model `round` left round-1 updates out, for the reasons `statement`
+    /// gives: 34 bytes per position (position ‖ FlexVerifier.Reason ‖ evidence model ID).
+    event UpdatesExcluded(uint256 indexed taskId, uint256 indexed round, bytes statement);
+    /// @notice `challenger` showed that global model `round` left out the update of trainer
+    /// `position` for a false or missing `reason`: the aggregator's bond is slashed as for a
+    /// wrong aggregate, `bountyWei` of it to the challenger ({TaskAborted} follows).
+    event ExclusionContested(
+        uint256 indexed taskId,
+        uint256 indexed round,
+        address indexed challenger,
+        uint256 position,
+        FlexVerifier.Reason reason,
+        uint256 bountyWei
+    );
     /// @notice The trainer at `position` submitted its update for `round`.
     event UpdateSubmitted(
         uint256 indexed taskId,
@@ -468,6 +484,9 @@ contract FlexMarket {
     error FlexMarketNotIncluded(uint256 index, bytes32 modelId);
     error FlexMarketChallengeFailed(uint256 taskId, uint256 round);
     error FlexMarketAggregatorCannotChallenge(uint256 taskId, address account);
+    error FlexMarketStatementMismatch(uint256 taskId, uint256 round);
+    error FlexMarketNotExcluded(uint256 taskId, uint256 round, uint256 position);
+    error FlexMarketNotVerifier(address account);
 
     // -------------------------------------------------------------- modifiers
 
@@ -924,19 +943,24 @@ contract FlexMarket {
      * an update left out earns nothing.
      * @param scores Empty, or one score per set bit in ascending position order (sum > 0);
      * they share out that round's fixed trainer pool (see {finalize}).
-     * @dev Emits {GlobalModelPublished}. Reverts with {FlexMarketUnknownTask},
+     * @param exclusions Why each submitted update left out of the mask was left out: 34 bytes
+     * per position (position ‖ FlexVerifier.Reason ‖ evidence), empty when none was (and for
+     * round 0). Not checked here: an exclusion with no or a false checkable reason is
+     * slashed by {contestExclusion}.
+     * @dev Emits {UpdatesExcluded} when `exclusions` is not empty, then {GlobalModelPublished}. Reverts with {FlexMarketUnknownTask},
      * {FlexMarketInvalidTaskState}, {FlexMarketNotAggregator}, {FlexMarketDeviceRevoked},
      * {FlexMarketZeroModelId}, {FlexMarketModelIdUsed}, {FlexMarketWrongRound},
      * {FlexMarketDeadlinePassed}, {FlexMarketRoundStillOpen}, {FlexMarketEmptyAggregation},
      * {FlexMarketUnsubmittedUpdates}, {FlexMarketScoresLengthMismatch},
-     * {FlexMarketZeroScores}.
+     * {FlexMarketZeroScores}, {FlexMarketStatementMismatch} for exclusions in round 0.
      */
     function publishGlobalModel(
         uint256 taskId,
         uint256 round,
         bytes32 modelId,
         uint256 aggregatedMask,
-        uint16[] calldata scores
+        uint16[] calldata scores,
+        bytes calldata exclusions
     ) external {
         Task storage t = _existingTask(taskId);
         _requireState(taskId, t, TaskState.Running);
@@ -951,18 +975,9 @@ contract FlexMarket {
         if (round == 0) {
             if (aggregatedMask != 0) revert FlexMarketUnsubmittedUpdates(taskId, 0, aggregatedMask);
             if (scores.length != 0) revert FlexMarketScoresLengthMismatch(0, scores.length);
+            if (exclusions.length != 0) revert FlexMarketStatementMismatch(taskId, 0);
         } else {
-            if (aggregatedMask == 0) revert FlexMarketEmptyAggregation(taskId, round);
-            Round storage previous = _rounds[taskId][round - 1];
-            uint256 masks = previous.masks;
-            uint256 closes = uint256(t.phaseStart) + t.roundTimeout;
-            if (block.timestamp <= closes && masks & _LOW_128 != (1 << t.trainerCount) - 1) {
-                revert FlexMarketRoundStillOpen(taskId, round, closes);
-            }
-            uint256 missing = aggregatedMask & ~(masks & _LOW_128);
-            if (missing != 0) revert FlexMarketUnsubmittedUpdates(taskId, round, missing);
-            if (scores.length != 0) _storeScores(taskId, round - 1, aggregatedMask, scores);
-            previous.masks = masks | (aggregatedMask << 128);
+            _closeRound(taskId, t, round, aggregatedMask, scores, exclusions);
         }
         _useModelId(modelId, taskId, round, 0);
         _rounds[taskId][round].globalModel = modelId;
@@ -970,6 +985,32 @@ contract FlexMarket {
         t.phaseStart = uint40(block.timestamp);
         if (round == t.rounds) t.state = TaskState.Trained;
         emit GlobalModelPublished(taskId, round, modelId, aggregatedMask, scores);
+    }
+
+    /// @dev Round `round - 1` closes by the rules with the updates `aggregatedMask` names.
+    function _closeRound(
+        uint256 taskId,
+        Task storage t,
+        uint256 round,
+        uint256 aggregatedMask,
+        uint16[] calldata scores,
+        bytes calldata exclusions
+    ) private {
+        if (aggregatedMask == 0) revert FlexMarketEmptyAggregation(taskId, round);
+        Round storage previous = _rounds[taskId][round - 1];
+        uint256 masks = previous.masks;
+        uint256 closes = uint256(t.phaseStart) + t.roundTimeout;
+        if (block.timestamp <= closes && masks & _LOW_128 != (1 << t.trainerCount) - 1) {
+            revert FlexMarketRoundStillOpen(taskId, round, closes);
+        }
+        uint256 missing = aggregatedMask & ~(masks & _LOW_128);
+        if (missing != 0) revert FlexMarketUnsubmittedUpdates(taskId, round, missing);
+        if (scores.length != 0) _storeScores(taskId, round - 1, aggregatedMask, scores);
+        previous.masks = masks | (aggregatedMask << 128);
+        if (exclusions.length != 0) {
+            previous.exclusions = keccak256(exclusions);
+            emit UpdatesExcluded(taskId, round, exclusions);
+        }
     }
 
     /**
@@ -1101,26 +1142,9 @@ contract FlexMarket {
      * {FlexMarketChallengeFailed} when the value is correct.
      */
     function challenge(uint256 taskId, uint256 round, Dispute calldata dispute) external {
-        Task storage t = _existingTask(taskId);
-        TaskState state = t.state;
-        if (state != TaskState.Running && state != TaskState.Trained) {
-            revert FlexMarketInvalidTaskState(taskId, state);
-        }
-        if (msg.sender == t.aggregator) {
-            revert FlexMarketAggregatorCannotChallenge(taskId, msg.sender);
-        }
-        uint256 published = t.publishedRounds;
-        if (round == 0 || round >= published) revert FlexMarketNoAggregate(taskId, round);
-        bytes32 globalId = _rounds[taskId][round].globalModel;
-        uint256 closes = (_models[globalId] >> _PUBLISHED_AT_SHIFT) + t.disputeWindow;
-        if (block.timestamp > closes || t.disputeWindow == 0) {
-            revert FlexMarketDisputeWindowClosed(taskId, round, closes);
-        }
+        (Task storage t, bytes32 globalId) = _disputable(taskId, round, msg.sender);
         (FlexVerifier.Verdict verdict,,,) = _verifier.check(
-            FlexVerifier.Round(
-                uint64(block.chainid), address(this), uint64(taskId), uint32(round - 1),
-                t.strategy, t.trimPerMille
-            ),
+            _roundOf(taskId, t, round),
             globalId,
             _included(taskId, round - 1, dispute.updateIds),
             dispute.at,
@@ -1128,15 +1152,89 @@ contract FlexMarket {
             dispute.updates
         );
         if (verdict == FlexVerifier.Verdict.Correct) revert FlexMarketChallengeFailed(taskId, round);
-
-        uint256 bounty = _deposit(t, Role.Aggregator) * CHALLENGE_BOUNTY_PER_MILLE / 1000;
         emit AggregateChallenged(
-            taskId, round, msg.sender, verdict, dispute.at.chunk, dispute.at.offset, bounty
+            taskId, round, msg.sender, verdict, dispute.at.chunk, dispute.at.offset, _bounty(t)
         );
+        _slash(taskId, t, round, msg.sender);
+    }
+
+    /**
+     * @notice Called by the verifier once it has judged a contest of an exclusion
+     * ({FlexVerifier.contestExclusion}): global model `round` (>= 1) left out the update of
+     * trainer `position` for no stated reason or a false one. Ends the task as a successful
+     * {challenge} does: the aggregator's bond is slashed, a quarter to `challenger`.
+     * @param taskId The task.
+     * @param round The global model that left the update out.
+     * @param challenger Who contested (anyone but the aggregator).
+     * @param position The excluded update's trainer position in round `round - 1`.
+     * @param statementHash keccak256 of the statement the contest was judged on (0 for none).
+     * @param reason The stated reason that was shown false (`Unstated` when there was none).
+     * @dev Emits {ExclusionContested}, {TaskAborted}, then {PaymentCredited} per non-zero
+     * credit. Reverts with {FlexMarketNotVerifier} unless called by the verifier, as
+     * {challenge} does for the task, challenger, round and window,
+     * {FlexMarketStatementMismatch} when the statement is not the one published with the
+     * model, {FlexMarketNotExcluded} when the model aggregated that position.
+     */
+    function exclusionContested(
+        uint256 taskId,
+        uint256 round,
+        address challenger,
+        uint256 position,
+        bytes32 statementHash,
+        FlexVerifier.Reason reason
+    ) external {
+        if (msg.sender != address(_verifier)) revert FlexMarketNotVerifier(msg.sender);
+        (Task storage t,) = _disputable(taskId, round, challenger);
+        Round storage r = _rounds[taskId][round - 1];
+        if (statementHash != r.exclusions) revert FlexMarketStatementMismatch(taskId, round);
+        if ((r.masks >> (128 + position)) & 1 == 1) revert FlexMarketNotExcluded(taskId, round, position);
+        emit ExclusionContested(taskId, round, challenger, position, reason, _bounty(t));
+        _slash(taskId, t, round, challenger);
+    }
+
+    /// @dev The task and global model `round`, when `challenger` may still dispute it.
+    function _disputable(uint256 taskId, uint256 round, address challenger)
+        private
+        view
+        returns (Task storage t, bytes32 globalId)
+    {
+        t = _existingTask(taskId);
+        TaskState state = t.state;
+        if (state != TaskState.Running && state != TaskState.Trained) {
+            revert FlexMarketInvalidTaskState(taskId, state);
+        }
+        if (challenger == t.aggregator) revert FlexMarketAggregatorCannotChallenge(taskId, challenger);
+        if (round == 0 || round >= t.publishedRounds) revert FlexMarketNoAggregate(taskId, round);
+        globalId = _rounds[taskId][round].globalModel;
+        uint256 closes = (_models[globalId] >> _PUBLISHED_AT_SHIFT) + t.disputeWindow;
+        if (block.timestamp > closes || t.disputeWindow == 0) {
+            revert FlexMarketDisputeWindowClosed(taskId, round, closes);
+        }
+    }
+
+    function _roundOf(uint256 taskId, Task storage t, uint256 round)
+        private
+        view
+        returns (FlexVerifier.Round memory)
+    {
+        return FlexVerifier.Round(
+            uint64(block.chainid), address(this), uint64(taskId), uint32(round - 1), t.strategy, t.trimPerMille
+        );
+    }
+
+    function _bounty(Task storage t) private view returns (uint256) {
+        return _deposit(t, Role.Aggregator) * CHALLENGE_BOUNTY_PER_MILLE / 1000;
+    }
+
+    /// @dev Ends a task whose global model `round` was proven wrong: trainers paid for every
+    /// aggregated round, the aggregator for the rounds before `round`, its bond slashed with
+    /// the bounty to `challenger`.
+    function _slash(uint256 taskId, Task storage t, uint256 round, address challenger) private {
+        uint256 published = t.publishedRounds;
         Payout memory out = _trainerPay(taskId, t, published - 1, published - 1);
         out.aggregatorPaid = uint256(t.aggregatorPrice) * (round - 1);
         t.state = TaskState.Aborted;
-        _settle(taskId, t, out, true, msg.sender);
+        _settle(taskId, t, out, true, challenger);
     }
 
     /// @dev The updates of `round` that its successor aggregated, from their IDs: each must

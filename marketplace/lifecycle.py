@@ -197,7 +197,8 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
 def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None:
     """Open round ``round_number``: worker.train to each selected trainer (fetching the
     global model from the aggregator's data plane) and worker.aggregate to the
-    aggregator (fetching the updates from the trainers'), which waits for the updates."""
+    aggregator (fetching the updates from the trainers'), which waits for the updates.
+    For the final model the trainers only check it and the aggregator has nothing to do."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.START_ROUND, round_number):
         return None
@@ -250,19 +251,20 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
                 **common,
             ),
         )
-    dispatch(
-        "worker.aggregate",
-        queue=device_queue(aggregator.pk),
-        message=RoundAggregateRequest.of(
-            deployment,
-            node=aggregator.address,
-            trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
-            trainer_certs_sha256={
-                t.address: t.dataplane_cert_sha256 for t in trainers if t.dataplane_cert_sha256
-            },
-            **common,
-        ),
-    )
+    if round_number < task.rounds:
+        dispatch(
+            "worker.aggregate",
+            queue=device_queue(aggregator.pk),
+            message=RoundAggregateRequest.of(
+                deployment,
+                node=aggregator.address,
+                trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+                trainer_certs_sha256={
+                    t.address: t.dataplane_cert_sha256 for t in trainers if t.dataplane_cert_sha256
+                },
+                **common,
+            ),
+        )
     log.info(
         "task %s: round %s opened for %d trainer(s)",
         task.chain_task_id,
@@ -284,6 +286,15 @@ def task_react(*, task: Task, new_events: Iterable[str]) -> None:
         if task.state == TaskState.RUNNING and 1 <= task.published_rounds <= task.rounds:
             task_round_start(task=task, round_number=task.published_rounds - 1)
         elif task.state == TaskState.TRAINED:
+            # The trainers check the final model within its window (worker.train of round
+            # R only watches); finalize waits for the window on chain.
+            task_round_start(task=task, round_number=task.rounds)
+            # The buyer's own check of the final model, before the card calls it verified.
+            dispatch(
+                "marketplace.model_check",
+                queue=PLATFORM_QUEUE,
+                message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
+            )
             dispatch(
                 "marketplace.task_finalize",
                 queue=PLATFORM_QUEUE,

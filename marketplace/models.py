@@ -425,14 +425,32 @@ class Round(ChainRecord):
         return _report_on(self, self.global_model_id)
 
 
+class ExclusionReason(models.TextChoices):
+    """Why the next global model left an update out, as its aggregator stated on chain
+    (chain.events.Reason by name; docs/verifiable.md, "Exclusions")."""
+
+    NOT_FETCHABLE = "not_fetchable", "not fetchable"
+    WRONG_KIND = "wrong_kind", "not an update"
+    WRONG_TASK = "wrong_task", "made for another task"
+    WRONG_ROUND = "wrong_round", "made in another round"
+    WRONG_AUTHOR = "wrong_author", "names another trainer"
+    WRONG_LAYOUT = "wrong_layout", "wrong layout"
+    SAMPLES_OUT_OF_RANGE = "samples_out_of_range", "sample count out of range"
+    COPIED = "copied", "copies an earlier model"
+    UNSTATED = "unstated", "no reason stated"
+
+
 class Update(ChainRecord):
-    """A trainer's update ID for a round (the weights stay on the device)."""
+    """A trainer's update ID for a round (the weights stay on the device), and why the next
+    global model left it out when it did (blank: no reason stated, or not left out)."""
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="updates")
     round_number = models.PositiveIntegerField()
     trainer = models.CharField(max_length=42)
     position = models.PositiveIntegerField()
     model_id = models.CharField(max_length=66)
+    exclusion_reason = models.CharField(max_length=24, blank=True, choices=ExclusionReason)
+    exclusion_evidence = models.CharField(max_length=66, blank=True)  # the model it copies
 
     class Meta:
         ordering = ["task", "round_number", "position"]
@@ -494,6 +512,7 @@ class Payout(ChainRecord):
 # so that Django (and every caller) finds all of the app's models in marketplace.models.
 from marketplace.models_platform import (  # noqa: E402, F401
     LifecycleAction,
+    ModelCheck,
     RoundReport,
     UpdateReport,
     ValidationSet,

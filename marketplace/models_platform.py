@@ -106,3 +106,26 @@ class TaskPush(models.Model):
 
     def __str__(self) -> str:
         return f"task {self.chain_task_id} pushed up to {self.seq}"
+
+
+class ModelCheck(models.Model):
+    """The platform's check of a task's final model against the chain, on the buyer's
+    behalf (marketplace.model_check): recomputed from the last round's updates and the
+    weights on chain, chunk by chunk, and compared with the model ID. The model card calls
+    the model verified only when this says so."""
+
+    class State(models.TextChoices):
+        CHECKING = "checking", "Checking"
+        VERIFIED = "verified", "Verified"
+        WRONG = "wrong", "Not verified: the aggregate differs"
+        UNCHECKED = "unchecked", "Not verified: could not be checked"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="model_checks")
+    model_id = models.CharField(max_length=66, unique=True)
+    state = models.CharField(max_length=10, choices=State, default=State.CHECKING)
+    detail = models.CharField(max_length=300, blank=True)
+    chunks_checked = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"check of {self.model_id}: {self.state}"

@@ -18,10 +18,12 @@ from marketplace.models import (
     ChainCursor,
     ChainEventRecord,
     Device,
+    ExclusionReason,
     PayoutReason,
     Task,
     TaskOrder,
     TaskState,
+    Update,
 )
 
 # ---------------------------------------------------------------- who may see a task
@@ -181,6 +183,14 @@ class TaskView:
                 paid[p.account.lower()] = paid.get(p.account.lower(), 0) + p.amount_wei
         settled = self.state in (TaskState.FINALIZED, TaskState.ABORTED)
         closed = [r for r in self.rounds_published if r.number >= 1]
+        # Submitted updates a closed round left out, with the reason stated on chain.
+        submitted = {
+            (u.round_number, u.position): u.get_exclusion_reason_display()
+            or ExclusionReason.UNSTATED.label
+            for u in Update.objects.filter(
+                task=self.task, round_number__in=[r.number - 1 for r in closed]
+            )
+        }
         out = []
         for node in trainers:
             rounds = []
@@ -196,6 +206,9 @@ class TaskView:
                     {
                         "round": row.number - 1,
                         "aggregated": aggregated,
+                        "left_out": None
+                        if aggregated
+                        else submitted.get((row.number - 1, node.position)),
                         "score": score,
                         "share_bp": share,
                     }

@@ -122,6 +122,9 @@ class UpdateSerializer(serializers.Serializer):
     loss = serializers.FloatField(source="metrics.loss", allow_null=True)
     accuracy = serializers.FloatField(source="metrics.accuracy", allow_null=True)
     train_s = serializers.FloatField(source="metrics.train_s", allow_null=True)
+    exclusion_reason = serializers.CharField(
+        help_text="Why the next global model left it out, as stated on chain; blank if none."
+    )
 
 
 class TransactionSerializer(serializers.Serializer):
@@ -137,6 +140,11 @@ class TransactionSerializer(serializers.Serializer):
 class RoundScoreSerializer(serializers.Serializer):
     round = serializers.IntegerField(help_text="The round whose update was scored.")
     aggregated = serializers.BooleanField(help_text="False: left out, paid nothing that round.")
+    left_out = serializers.CharField(
+        allow_null=True,
+        help_text="For a submitted update left out, the reason its aggregator stated on chain "
+        "(or 'no reason stated'); None when aggregated or nothing was submitted.",
+    )
     score = serializers.IntegerField(allow_null=True, help_text="uint16; None when unscored.")
     share_bp = serializers.IntegerField(
         allow_null=True, help_text="The score's share of the round's scores, in basis points."

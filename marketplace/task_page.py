@@ -247,14 +247,15 @@ def contribution_rounds(snapshot: dict) -> list[int]:
 
 
 def contribution_rows(snapshot: dict) -> list[dict]:
-    """Per trainer, one cell per judged round (its share of the round's scores, "left out",
-    or "paid its price" when the round was unscored) and the pay credited to it."""
+    """Per trainer, one cell per judged round (its share of the round's scores, "left out"
+    with the reason stated on chain for a submitted update, or "unscored") and the pay
+    credited to it."""
     rows = []
     for c in snapshot["contributions"]:
         cells = []
         for r in c["rounds"]:
             if not r["aggregated"]:
-                cells.append("left out")
+                cells.append(f"left out: {r['left_out']}" if r.get("left_out") else "left out")
             elif r["score"] is None:
                 cells.append("unscored")
             else:

@@ -25,6 +25,7 @@ from core.messages import (
     UpdateReport,
 )
 from marketplace import contract, lifecycle, reports, sync
+from marketplace import model_check as model_checks
 from marketplace.errors import ContractNotDeployedError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,21 @@ def task_select_nodes(message: dict) -> str | None:
 @GONE
 def task_finalize(message: dict) -> str | None:
     return step_run(lifecycle.task_finalize, message)
+
+
+@shared_task(
+    name="marketplace.model_check",
+    acks_late=True,
+    autoretry_for=(ChainUnavailableError,),
+    retry_backoff=1,
+    max_retries=5,
+    ignore_result=True,
+)
+@GONE
+def model_check(message: dict) -> str | None:
+    """The buyer's check of a task's final model (marketplace.model_check), off the web."""
+    check = step_run(model_checks.model_check, message)
+    return None if check is None else check.state
 
 
 @shared_task(name="marketplace.task_abort", **PLATFORM_TX)

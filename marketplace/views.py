@@ -33,6 +33,7 @@ from marketplace.forms import (
     WithdrawForm,
     explain,
 )
+from marketplace.model_check import model_check_request
 from marketplace.models import Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
@@ -381,15 +382,14 @@ def task_model(request, pk: int):
     """The model card: the spec, how training went, who contributed and what each was paid."""
     view = _task_view(request, pk)
     message = task_update_message(view)
+    card = _model_card(view, message["snapshot"])
+    # The model is called verified only once the platform's own check (off this request,
+    # in the platform worker) recomputed it from the last round's updates.
+    card["check"] = model_check_request(task=view.task) if view.task is not None else None
     return render(
         request,
         "marketplace/model_card.html",
-        {
-            "task": view,
-            "s": message["snapshot"],
-            "v": message["view"],
-            "card": _model_card(view, message["snapshot"]),
-        },
+        {"task": view, "s": message["snapshot"], "v": message["view"], "card": card},
     )
 
 

@@ -13,9 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `(?P<package>\w+)/` \|.*\| (?P<allowed>[^|]+) \|$")
 # The web app takes only the client side of the data plane: it fetches (over pinned TLS) and
-# checks what devices advertise, it never serves.
+# checks what devices advertise (and, for a buyer, a model against its updates), it never
+# serves.
 MARKETPLACE_DATAPLANE = {
     "dataplane.addresses",
+    "dataplane.audit",
     "dataplane.client",
     "dataplane.protocol",
     "dataplane.signing",

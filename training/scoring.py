@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from eth_hash.auto import keccak
 
-from training.aggregation.base import Rejection, Strategy, Update
+from training.aggregation.base import RULE_COPY, Rejection, Strategy, Update
 from training.aggregation.functions import Weights
 
 FULL_SCALE = 0xFFFF
@@ -64,20 +64,33 @@ class Junk:
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def junk(updates: Sequence[Update], *, known: Mapping[bytes, str]) -> Junk:
+def junk(
+    updates: Sequence[Update],
+    *,
+    known: Mapping[bytes, str],
+    known_ids: Mapping[bytes, str] | None = None,
+) -> Junk:
     """Set aside each update whose values equal a model in ``known`` (values digest -> what
-    it is, e.g. "the round's global model") or an earlier update in ``updates`` (the first of
-    equal updates, in the given order, is kept)."""
+    it is, e.g. "the round's global model"; ``known_ids``: digest -> its model ID) or an
+    earlier update in ``updates`` (the first of equal updates, in the given order, is kept).
+    Each rejection names the copied model's ID as its evidence, where known."""
     out = Junk()
     seen: dict[bytes, str] = dict(known)
+    ids: dict[bytes, str] = dict(known_ids or {})
     for update in updates:
         digest = values_digest(update.weights)
         if digest in seen:
             out.rejected.append(
-                Rejection(update_id=update.update_id, reason=f"a copy of {seen[digest]}")
+                Rejection(
+                    update_id=update.update_id,
+                    reason=f"a copy of {seen[digest]}",
+                    rule=RULE_COPY,
+                    evidence=ids.get(digest, ""),
+                )
             )
             continue
         seen[digest] = f"update {update.update_id}"
+        ids[digest] = update.update_id
         out.kept.append(update)
     return out
 

@@ -7,18 +7,26 @@ import logging
 import time
 from collections.abc import Sequence
 
-from chain.events import TaskState
+from chain.events import Reason, TaskState
+from chain.fraud import ZERO_ID, Exclusion
 from chain.selection import mask_of, positions_of
 from core.errors import FlexError
+from dataplane.audit import recorded_samples
 from dataplane.client import fetch_model
-from training.aggregation.base import Update
+from training.aggregation.base import RULE_COPY, RULE_LAYOUT, RULE_SAMPLES, Rejection, Update
 from training.aggregation.functions import Weights
 from training.catalogue import initial_weights
+from training.errors import (
+    WrongAuthorError,
+    WrongKindError,
+    WrongLayoutError,
+    WrongModelRoundError,
+    WrongTaskError,
+)
 from training.fixedpoint import dequantize, quantize
 from training.scoring import fedavg_weight, junk, shapley, values_digest
 from training.serialize import Header, Kind, decode, encode, id_hex
 from training.spec import TaskSpec
-from worker.challenge import recorded_samples
 from worker.node import Node
 from worker.trainer import model_header, verified_spec
 from worker.validation import ValidationUnavailableError, validation_set
@@ -30,6 +38,35 @@ class RoundNotReadyError(FlexError):
     """Not every selected trainer has submitted yet and the submission window is open."""
 
     code = "round_not_ready"
+
+
+# The reason stated on chain for each way an update is left out (docs/verifiable.md,
+# "Exclusions"); any other failure to fetch or decode it is NOT_FETCHABLE.
+HEADER_REASONS: dict[type[FlexError], Reason] = {
+    WrongKindError: Reason.WRONG_KIND,
+    WrongTaskError: Reason.WRONG_TASK,
+    WrongModelRoundError: Reason.WRONG_ROUND,
+    WrongAuthorError: Reason.WRONG_AUTHOR,
+    WrongLayoutError: Reason.WRONG_LAYOUT,
+}
+RULE_REASONS = {
+    RULE_LAYOUT: Reason.WRONG_LAYOUT,
+    RULE_SAMPLES: Reason.SAMPLES_OUT_OF_RANGE,
+    RULE_COPY: Reason.COPIED,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Left:
+    """Why an update is left out: for the log ("code: message") and for the chain."""
+
+    why: str
+    reason: Reason
+    evidence: str = ""
+
+    @classmethod
+    def of(cls, rejection: Rejection, *, code: str) -> Left:
+        return cls(f"{code}: {rejection.reason}", RULE_REASONS[rejection.rule], rejection.evidence)
 
 
 class NothingToAggregateError(FlexError):
@@ -46,6 +83,7 @@ def _publish(
     blob: bytes,
     mask: int,
     scores: Sequence[int] = (),
+    exclusions: Sequence[Exclusion] = (),
 ) -> dict:
     model_id = id_hex(node.store.put(blob))
     tx = node.market.publish_global_model(
@@ -55,6 +93,7 @@ def _publish(
         model_id=model_id,
         aggregated_mask=mask,
         scores=scores,
+        exclusions=exclusions,
     )
     return {"model_id": model_id, "tx_hash": tx.tx_hash, "gas_used": tx.gas_used}
 
@@ -78,14 +117,14 @@ def _update(
     expected: Header,
     peer: tuple[str, str] | None,
     samples: int,
-) -> Update | str:
+) -> Update | Left:
     """One trainer's update, checked against its ID and against ``expected``, the header an
-    update of this trainer, task and round carries; or why it is left out ("code: message")."""
+    update of this trainer, task and round carries; or why it is left out."""
     try:
         if node.store.has(update_id):
             model = node.store.load(update_id)
         elif not peer:
-            return "update_unavailable: no data-plane address known"
+            return Left("update_unavailable: no data-plane address known", Reason.NOT_FETCHABLE)
         else:
             blob = fetch_model(
                 base_url=peer[0],
@@ -101,7 +140,8 @@ def _update(
         # header says so, whoever holds the bytes.
         model.header.check(expected)
     except FlexError as exc:
-        return f"{exc.code}: {exc.message}"
+        reason = HEADER_REASONS.get(type(exc), Reason.NOT_FETCHABLE)
+        return Left(f"{exc.code}: {exc.message}", reason)
     return Update(weights=model.values, num_examples=samples, update_id=update_id)
 
 
@@ -131,10 +171,14 @@ def _prefetch(
 _DIGESTS: dict[str, bytes] = {}
 
 
-def _known_models(node: Node, *, task_id: int, round_number: int) -> dict[bytes, str]:
-    """Values digest -> name of every model of this task the store holds that an update of
-    ``round_number`` must not copy: every global model so far and every earlier update."""
+def _known_models(
+    node: Node, *, task_id: int, round_number: int
+) -> tuple[dict[bytes, str], dict[bytes, str]]:
+    """Values digest -> name, and digest -> model ID, of every model of this task the store
+    holds that an update of ``round_number`` must not copy: every global model so far and
+    every earlier update."""
     known: dict[bytes, str] = {}
+    ids: dict[bytes, str] = {}
     for meta in node.store.list(
         chain_id=node.config.chain_id, contract=node.config.contract_address, task_id=task_id
     ):
@@ -146,7 +190,8 @@ def _known_models(node: Node, *, task_id: int, round_number: int) -> dict[bytes,
             _DIGESTS[meta.id_hex] = values_digest(node.store.load(meta.model_id).values)
         what = "global model" if meta.kind == "global" else f"{meta.trainer}'s update"
         known.setdefault(_DIGESTS[meta.id_hex], f"round {meta.round_number}'s {what}")
-    return known
+        ids.setdefault(_DIGESTS[meta.id_hex], meta.id_hex)
+    return known, ids
 
 
 def _scores(
@@ -246,7 +291,7 @@ def aggregate(
     updates: list[Update] = []
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
-    rejected: dict[str, str] = {}
+    left: dict[str, Left] = {}
     for position in submitted:
         trainer = selection.trainers[position]
         update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
@@ -265,8 +310,8 @@ def aggregate(
             peer=peers.get(trainer.lower()),
             samples=samples[trainer],
         )
-        if isinstance(got, str):
-            rejected[trainer] = got
+        if isinstance(got, Left):
+            left[trainer] = got
             continue
         updates.append(got)
         authors[got.update_id] = (trainer, position)
@@ -274,13 +319,15 @@ def aggregate(
     strategy = parsed.strategy()
     screening = strategy.screen(updates, reference=reference.values)
     for rejection in screening.rejected:
-        rejected[authors[rejection.update_id][0]] = f"update_screened_out: {rejection.reason}"
+        left[authors[rejection.update_id][0]] = Left.of(rejection, code="update_screened_out")
     # Ascending position order: the order the contract takes the scores in.
     candidates = sorted(screening.accepted, key=lambda u: authors[u.update_id][1])
-    copies = junk(candidates, known=_known_models(node, task_id=task_id, round_number=round_number))
+    known, known_ids = _known_models(node, task_id=task_id, round_number=round_number)
+    copies = junk(candidates, known=known, known_ids=known_ids)
     for rejection in copies.rejected:
-        rejected[authors[rejection.update_id][0]] = f"update_copied: {rejection.reason}"
+        left[authors[rejection.update_id][0]] = Left.of(rejection, code="update_copied")
     accepted = copies.kept
+    rejected = {who: out.why for who, out in left.items()}
     for who, why in rejected.items():
         log.warning("task %s round %s: left out %s: %s", task_id, round_number, who, why)
     if not accepted:
@@ -316,6 +363,11 @@ def aggregate(
         blob=encode(header, weights),
         mask=mask,
         scores=[scores[u.update_id] for u in accepted] if scores else (),
+        exclusions=[
+            Exclusion(p, left[t].reason, left[t].evidence or ZERO_ID)
+            for p, t in enumerate(selection.trainers)
+            if t in left
+        ],
     )
     log.info(
         "task %s: round %s aggregated %d update(s) into %s (accuracy %.4f, loss %.4f)",

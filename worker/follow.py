@@ -137,10 +137,10 @@ class RoundFollower:
             for key, order in list(self._train.items()):
                 if key[1] != event.task_id or order.round_number >= event.round:
                     continue
-                if event.round >= int(order.spec.get("rounds", 0)):
-                    del self._train[key]  # the final model: nothing left to train
-                    continue
                 due.append((key, order.model_copy(update={"round_number": event.round})))
+                if event.round >= int(order.spec.get("rounds", 0)):
+                    # The final model: nothing left to train, only the model to check.
+                    del self._train[key]
             for key, order in list(self._aggregate.items()):
                 if key[1] == event.task_id and event.round >= int(order.spec.get("rounds", 0)):
                     del self._aggregate[key]

@@ -19,12 +19,7 @@ from chain.client import FlexMarket
 from chain.events import PaymentCredited
 from chain.selection import positions_of
 from core.errors import FlexError
-from training.catalogue import initial_weights
-from training.fixedpoint import quantize
-from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, encode, id_hex, model_id
-from training.spec import TaskSpec
-from training.store import ModelStore
-from worker.challenge import (
+from dataplane.audit import (
     IncludedBlob,
     challenge,
     context_of,
@@ -32,6 +27,11 @@ from worker.challenge import (
     recompute,
     round_weights,
 )
+from training.catalogue import initial_weights
+from training.fixedpoint import quantize
+from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, encode, id_hex, model_id
+from training.spec import TaskSpec
+from training.store import ModelStore
 from worker.node import STORE_DIR
 
 Blobs = Callable[[str], ModelBlob | None]

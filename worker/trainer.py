@@ -10,13 +10,14 @@ from chain.errors import BiddingClosedError, InvalidTaskStateError
 from chain.events import Role, TaskState
 from chain.records import TaskInfo
 from core.errors import FlexError
+from dataplane.audit import Aggregator
 from dataplane.client import fetch_model
 from training.errors import DatasetError
 from training.fixedpoint import quantize
 from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, decode, encode, id_hex
 from training.spec import TaskSpec
 from worker.node import Node
-from worker.watcher import Aggregator, watch_round
+from worker.watcher import watch_exclusion, watch_round
 
 log = logging.getLogger(__name__)
 
@@ -195,16 +196,32 @@ def train(
     aggregator_url: str,
     aggregator_cert: str,
 ) -> dict | None:
-    """Train round ``round_number`` from its global model and submit the update's ID.
+    """Train round ``round_number`` from its global model and submit the update's ID, after
+    checking that model against this node's update of the round before (see _watch).
 
     Does nothing when the round is not the task's current one or this node's update for it
-    is already on chain, so a redelivered message changes nothing.
+    is already on chain, so a redelivered message changes nothing. For the final model
+    (``round_number`` = the task's rounds, the task Trained) there is nothing to train: the
+    node only checks it, within its dispute window.
     """
-    from training.local import train_round  # TensorFlow loads only where training happens
-
     market = node.market
     task = market.task(task_id=task_id)
     parsed = verified_spec(node, task_id=task_id, spec=spec, task=task)
+    aggregator = Aggregator(
+        address=task.aggregator, url=aggregator_url, cert_sha256=aggregator_cert
+    )
+    if task.state == TaskState.TRAINED and round_number == task.rounds:
+        final = global_model(
+            node,
+            spec=parsed,
+            task_id=task_id,
+            round_number=round_number,
+            model_id=market.global_model(task_id=task_id, round_number=round_number),
+            source_url=aggregator_url,
+            source_cert=aggregator_cert,
+            source=task.aggregator,
+        )
+        return _watch(node, spec=parsed, task_id=task_id, model=final, aggregator=aggregator)
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
         return None
@@ -247,24 +264,11 @@ def train(
         source_cert=aggregator_cert,
         source=task.aggregator,
     )
-    if round_number >= 1 and market.update_of(
-        task_id=task_id, round_number=round_number - 1, trainer=node.address
-    ):
-        # This node's update went into (or was left out of) this model: check the aggregate.
-        watch = watch_round(
-            market=market,
-            store=node.store,
-            account=node.account,
-            spec=parsed,
-            task_id=task_id,
-            round_number=round_number - 1,
-            published=model,
-            aggregator=Aggregator(
-                address=task.aggregator, url=aggregator_url, cert_sha256=aggregator_cert
-            ),
-        )
-        if watch is not None and not watch.correct:
-            return {"task_id": task_id, "round": round_number, "challenged": watch.global_model}
+    disputed = _watch(node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator)
+    if disputed is not None:
+        return disputed
+    from training.local import train_round  # TensorFlow loads only where training happens
+
     started = time.perf_counter()
     result = train_round(
         spec=parsed,
@@ -308,3 +312,33 @@ def train(
         "tx_hash": tx.tx_hash,
         "gas_used": tx.gas_used,
     }
+
+
+def _watch(
+    node: Node, *, spec: TaskSpec, task_id: int, model: ModelBlob, aggregator: Aggregator
+) -> dict | None:
+    """When this node submitted an update to the round global model ``model`` closes, check
+    the aggregate (worker.watcher.watch_round) and, if its update was left out, the reason
+    (watch_exclusion); each sends its own proof. The result when the aggregator was shown
+    wrong, else None."""
+    closed = model.header.round_number - 1
+    if closed < 0 or not node.market.update_of(
+        task_id=task_id, round_number=closed, trainer=node.address
+    ):
+        return None
+    common = {
+        "market": node.market,
+        "store": node.store,
+        "account": node.account,
+        "task_id": task_id,
+        "round_number": closed,
+        "published": model,
+        "aggregator": aggregator,
+    }
+    watch = watch_round(spec=spec, **common)
+    if watch is not None and not watch.correct:
+        return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
+    contested = watch_exclusion(**common)
+    if contested is not None:
+        return {"task_id": task_id, "round": closed + 1, "contested": contested.tx_hash}
+    return None

@@ -38,6 +38,7 @@ from chain.events import (
 )
 from chain.fraud import Challenge
 from chain.selection import mask_of
+from dataplane.audit import IncludedBlob, challenge, context_of, first_difference, recompute
 from tests.blobs import blob_of
 from tests.chain.conftest import (
     Accounts,
@@ -49,7 +50,6 @@ from tests.chain.conftest import (
 from tests.chain.oracle import settle
 from training.scoring import FLOOR, fedavg_weight
 from training.serialize import Kind, ModelBlob, decode, id_hex
-from worker.challenge import IncludedBlob, challenge, context_of, first_difference, recompute
 
 WINDOW = 300
 PER_CHUNK = 4

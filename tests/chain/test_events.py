@@ -86,7 +86,7 @@ def test_scan_of_an_empty_range(market: FlexMarket, w3: Web3):
 def test_decode_log_ignores_other_events():
     assert decode_log({"topics": ["0x" + "11" * 32], "data": "0x"}) is None
     assert decode_log({"topics": [], "data": "0x"}) is None
-    assert len(event_topics()) == 19
+    assert len(event_topics()) == 21
 
 
 def test_scan_with_the_node_gone(market: FlexMarket):

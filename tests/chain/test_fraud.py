@@ -21,10 +21,10 @@ from chain.fraud import (
     OffsetOutOfRangeError,
     Verdict,
 )
+from dataplane.audit import IncludedBlob, challenge, context_of, first_difference, recompute
 from tests.blobs import CONTRACT, blob_of
 from tests.chain.conftest import Accounts
 from training.serialize import Kind, decode, id_hex
-from worker.challenge import IncludedBlob, challenge, context_of, first_difference, recompute
 
 TASK, ROUND, PER_CHUNK = 7, 2, 4
 TRAINERS = ["0x" + f"{k + 1:02x}" * 20 for k in range(8)]

@@ -16,13 +16,13 @@ from chain.events import TaskCreated
 from chain.fraud import FlexVerifier, Verdict
 from chain.launcher import LocalChain
 from chain.selection import mask_of
+from dataplane.audit import IncludedBlob, challenge, context_of, recompute
 from tests.chain.conftest import Accounts, Flow
 from training.catalogue import initial_weights
 from training.fixedpoint import quantize
 from training.serialize import ZERO_ADDRESS, Header, Kind, encode, id_hex
 from training.spec import TaskSpec
 from training.store import ModelStore
-from worker.challenge import IncludedBlob, challenge, context_of, recompute
 from worker.provenance import SpecHashMismatchError, folder_blobs, provenance
 
 SPEC = TaskSpec.from_dict(

@@ -1,6 +1,6 @@
 """A trainer's watch on the real chain and a real data plane: it checks a round chunk by
 chunk from the aggregator's openings, finds nothing in an honest round, and in a lying one
-builds the challenge the verifier contract upholds."""
+builds the challenge the verifier contract upholds; the final round is watched too."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import random
 
 import pytest
 
+from chain.errors import DisputeWindowOpenError, InvalidTaskStateError
 from chain.events import AggregateChallenged, TaskState
 from chain.fraud import FlexVerifier, Verdict
 from dataplane.access import ChainPolicy
+from dataplane.audit import Aggregator, check_round, sample_chunks
 from dataplane.server import DataPlaneServer
 from tests.chain.test_provenance import LIE_AT, SPEC, run_task
 from tests.dataplane.conftest import cert_for
 from training.store import ModelStore
-from worker.watcher import Aggregator, check_round, sample_chunks, watch_round
+from worker.config import BidPolicy, DeviceConfig
+from worker.node import Node
+from worker.trainer import train
+from worker.watcher import watch_round
 
 
 @pytest.fixture
@@ -112,3 +117,69 @@ def test_a_challenge_too_late_is_logged_not_raised(watch, flow, caplog):
     assert not found.correct
     assert flow.market.task(task_id=found.task_id).state == TaskState.TRAINED
     assert "dispute_window_closed" in caplog.text
+
+
+@pytest.mark.parametrize("lie", [True, False], ids=["lying", "honest"])
+def test_the_final_model_is_watched_before_the_task_can_settle(
+    flow, accounts, tmp_path, caplog, lie
+):
+    """The final round has nothing to train, yet its trainers' workers get it (worker.train
+    of round R) and check it within its window: a lie is challenged before finalize could
+    settle the task; an honest model stands and settles once the window closes."""
+    market = flow.market
+    held = ModelStore(tmp_path / "aggregator")
+    task_id = run_task(flow, accounts, held, lie=lie, dispute_window=600)
+    assert market.task(task_id=task_id).state == TaskState.TRAINED
+    first = market.selection(task_id=task_id).trainers[0]
+    trainer = next(t for t in accounts.trainers if t.address == first)
+    own = ModelStore(tmp_path / "trainer")
+    own.put(held.get(market.update_of(task_id=task_id, round_number=0, trainer=first)))
+    node = trainer_node(tmp_path / "node", trainer, market, own)
+    aggregator = accounts.aggregators[0]
+    with DataPlaneServer(
+        certificate=cert_for("aggregator"),
+        store=held,
+        policy=ChainPolicy(market=market, ttl=0),
+        node_address=aggregator.address,
+    ) as plane:
+        done = train(
+            node,
+            task_id=task_id,
+            round_number=1,
+            spec=SPEC.as_dict(),
+            aggregator_url=plane.url,
+            aggregator_cert=plane.certificate.sha256,
+        )
+    if lie:
+        assert done["challenged"] == market.global_model(task_id=task_id, round_number=1)
+        assert market.task(task_id=task_id).state == TaskState.ABORTED
+        with pytest.raises(InvalidTaskStateError):
+            market.finalize(sender=accounts.outsider, task_id=task_id)
+    else:
+        assert done is None
+        assert "checked on" in caplog.text
+        with pytest.raises(DisputeWindowOpenError):
+            market.finalize(sender=accounts.outsider, task_id=task_id)
+        flow.clock.advance(601)
+        market.finalize(sender=accounts.outsider, task_id=task_id)
+        assert market.task(task_id=task_id).state == TaskState.FINALIZED
+
+
+def trainer_node(home, account, market, store) -> Node:
+    """A trainer's node on this chain, without a worker process around it."""
+    config = DeviceConfig(
+        server_url="http://127.0.0.1:9",
+        name="pixel",
+        device_id=1,
+        address=account.address,
+        device_class="cpu",
+        queues=["device.1"],
+        broker_url="redis://127.0.0.1:9/0",
+        eth_rpc_url="http://127.0.0.1:9",
+        chain_id=market.w3.eth.chain_id,
+        contract_address=market.address,
+        policy=BidPolicy(price_per_round_wei=1),
+    )
+    node = Node(home=home, config=config, account=account, store=store)
+    node.__dict__["market"] = market  # the test's client (Node.market is a cached property)
+    return node

@@ -42,7 +42,7 @@ def lie() -> None:
 
     honest_publish = aggregator._publish
 
-    def publish(node, *, task_id, round_number, blob, mask, scores=()):
+    def publish(node, *, task_id, round_number, blob, mask, scores=(), exclusions=()):
         if round_number == LIE_IN_ROUND:
             model = decode(blob)
             values = [np.array(v, copy=True) for v in model.values]
@@ -53,7 +53,13 @@ def lie() -> None:
                 "task %s: publishing a wrong global model for round %s", task_id, round_number
             )
         return honest_publish(
-            node, task_id=task_id, round_number=round_number, blob=blob, mask=mask, scores=scores
+            node,
+            task_id=task_id,
+            round_number=round_number,
+            blob=blob,
+            mask=mask,
+            scores=scores,
+            exclusions=exclusions,
         )
 
     aggregator._publish = publish

@@ -18,6 +18,8 @@ from core.enrolment import owner_message
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from dataplane.tls import node_certificate
+from marketplace.model_check import model_check
+from marketplace.models import ModelCheck
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
 from tests.e2e.pages import SIZES, fits_the_width, off_the_loop, signed_in, tables_cut
@@ -224,19 +226,15 @@ def test_the_model_card_verifies_and_serves_keras_and_npz(
         rng = np.random.default_rng(5)
         header = {"task_id": tid, "chain_id": w3.eth.chain_id, "contract": platform_market.address}
         spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=1)
-        initial, final = (
-            blob_of(
-                [
-                    w + rng.normal(0, 0.1, w.shape).astype(np.float32)
-                    for w in initial_weights(spec=spec)
-                ],
-                kind=Kind.GLOBAL,
-                round_number=r,
-                **header,
-            )
-            for r in (0, 1)
+        # The final model is the FedAvg of the one update, so it holds that update's values.
+        initial, trained = (
+            [w + rng.normal(0, 0.1, w.shape).astype(np.float32) for w in initial_weights(spec=spec)]
+            for _ in range(2)
         )
-        for blob in (initial, final):
+        initial = blob_of(initial, kind=Kind.GLOBAL, round_number=0, **header)
+        final = blob_of(trained, kind=Kind.GLOBAL, round_number=1, **header)
+        update = blob_of(trained, round_number=0, trainer=trainer.address, **header)
+        for blob in (initial, final, update):
             store.put(blob)
         platform_market.publish_global_model(
             sender=aggregator, task_id=tid, round_number=0, model_id=model_id(initial)
@@ -245,9 +243,7 @@ def test_the_model_card_verifies_and_serves_keras_and_npz(
             sender=trainer,
             task_id=tid,
             round_number=0,
-            model_id=model_id(
-                blob_of([np.ones(3)], round_number=0, trainer=trainer.address, **header)
-            ),
+            model_id=model_id(update),
         )
         platform_market.publish_global_model(
             sender=aggregator,
@@ -260,6 +256,10 @@ def test_the_model_card_verifies_and_serves_keras_and_npz(
         final_id = id_hex(model_id(final))
         page = signed_in(browser, asgi_server, username=buyer.username, size=size)
         page.goto(asgi_server + f"/tasks/{tid}/model/")
+        assert page.text_content("#verified-badge") == "Checking"
+        # What the platform worker does (marketplace.model_check): recompute it for the buyer.
+        assert off_the_loop(model_check, task_id=tid).state == ModelCheck.State.VERIFIED
+        page.reload()
         assert page.text_content("#verified-badge") == "Checked on download"
         assert "keras.saving.load_model" in page.inner_text("#snippet")
         assert fits_the_width(page)

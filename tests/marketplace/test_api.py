@@ -205,7 +205,9 @@ def test_task_detail_carries_the_mirrored_trade(alice, finished):
         "trainer": finished["trainer"].address,
         "position": 0,
         "price_per_round_wei": str(MIN_PRICE_WEI),
-        "rounds": [{"round": 0, "aggregated": True, "score": 7, "share_bp": 10_000}],
+        "rounds": [
+            {"round": 0, "aggregated": True, "left_out": None, "score": 7, "share_bp": 10_000}
+        ],
         "paid_wei": paid[0]["amount_wei"],
     }
 

@@ -247,6 +247,12 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     sync()
     finalize = ("marketplace.task_finalize", TaskStep.of(here, task_id=task.chain_task_id).dump())
     assert mirror_env.messages("platform").count(finalize) == 1
+    # ... and its trainers are sent it to check, and the platform checks it for the buyer.
+    check = ("marketplace.model_check", TaskStep.of(here, task_id=task.chain_task_id).dump())
+    assert mirror_env.messages("platform").count(check) == 1
+    for trainer in trainers:
+        [(name, message)] = mirror_env.messages(trainer.queue)[2:]
+        assert (name, RoundTrainRequest.parse(message).round_number) == ("worker.train", 1)
     sync()
     assert mirror_env.messages("platform").count(finalize) == 1
     task.refresh_from_db()
@@ -351,6 +357,7 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
             (Action.SELECT_NODES, 0),
             (Action.PUBLISH_INITIAL, 0),
             (Action.START_ROUND, 0),
+            (Action.START_ROUND, 1),  # the final model: the trainers only check it
             (Action.FINALIZE, 0),
         ]
     )

@@ -24,7 +24,8 @@ from chain.selection import mask_of
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from dataplane.tls import node_certificate
-from marketplace.models import Device, TaskOrder
+from marketplace.model_check import model_check
+from marketplace.models import Device, ModelCheck, TaskOrder
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
 from tests.marketplace.people import buyer_signup, device_enrol, task_post
@@ -95,19 +96,16 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
         platform_market.select_nodes(sender=aggregator, task_id=tid)
         rng = np.random.default_rng(3)
         task_of = {"task_id": tid, "chain_id": w3.eth.chain_id, "contract": platform_market.address}
-        # Weights of the task's model (digits-mlp), as training might have left them.
-        initial, final = (
-            blob_of(
-                [
-                    w + rng.normal(0, 0.1, w.shape).astype(np.float32)
-                    for w in initial_weights(spec=SPEC)
-                ],
-                kind=Kind.GLOBAL,
-                round_number=r,
-                **task_of,
-            )
-            for r in (0, 1)
+        # Weights of the task's model (digits-mlp), as training might have left them; the
+        # final model is the FedAvg of the one update, so it is that update's values.
+        initial, trained_values = (
+            [w + rng.normal(0, 0.1, w.shape).astype(np.float32) for w in initial_weights(spec=SPEC)]
+            for _ in range(2)
         )
+        initial = blob_of(initial, kind=Kind.GLOBAL, round_number=0, **task_of)
+        final = blob_of(trained_values, kind=Kind.GLOBAL, round_number=1, **task_of)
+        update = blob_of(trained_values, round_number=0, trainer=trainer.address, **task_of)
+        store.put(update)
         store.put(initial)
         platform_market.publish_global_model(
             sender=aggregator, task_id=tid, round_number=0, model_id=model_id(initial)
@@ -116,9 +114,7 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
             sender=trainer,
             task_id=tid,
             round_number=0,
-            model_id=model_id(
-                blob_of([np.ones(3)], round_number=0, trainer=trainer.address, **task_of)
-            ),
+            model_id=model_id(update),
         )
         chain_sync()
         yield Trained(
@@ -321,6 +317,9 @@ def test_converted_files_are_kept_by_model_id_and_shown_verified_on_the_card(cli
     trained.publish_final()
     chain_sync()
     card_url = reverse("task-model", args=[trained.task.chain_task_id])
+    assert 'id="verified-badge">Checking<' in client.get(card_url).content.decode()
+    # The platform worker's check (marketplace.model_check) recomputes it from its update.
+    assert model_check(task_id=trained.task.chain_task_id).state == ModelCheck.State.VERIFIED
     assert "Checked on download" in client.get(card_url).content.decode()
 
     assert _download(client, trained.task, "npz").status_code == 200

@@ -11,7 +11,8 @@ import io
 import numpy as np
 import pytest
 
-from chain.events import CreditReason, PaymentCredited, Role
+from chain.events import CreditReason, PaymentCredited, Reason, Role
+from chain.fraud import Exclusion
 from chain.selection import positions_of
 from core.messages import BidRequest, InitialModelRequest, RoundAggregateRequest, RoundTrainRequest
 from dataplane.client import fetch_model
@@ -153,6 +154,11 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
         [summary] = platform.reports(1)
 
         assert summary.left_out == {freerider.address: "update_copied"}
+        # ... and the aggregator said so on chain, naming the model copied: a contest fails.
+        statement = market.exclusions_of(task_id=task_id, round_number=round_number + 1)
+        copied = market.global_model(**at)
+        position = trainers.index(freerider.address)
+        assert Exclusion.decode_all(statement) == (Exclusion(position, Reason.COPIED, copied),)
         info = market.round_info(**at)
         scored = [trainers[p] for p in positions_of(info.aggregated_mask)]
         assert set(scored) == {noisy.address, *(n.config.address for n in honest)}

@@ -24,12 +24,22 @@ class Update:
     update_id: str = ""
 
 
+# The deterministic screening rules, by stable name: what an aggregator states on chain
+# when a rule leaves an update out (docs/verifiable.md, "Exclusions").
+RULE_LAYOUT = "layout"  # layers, shapes or dtype differ from the global model's
+RULE_SAMPLES = "samples"  # the recorded sample count is outside 1..MAX_SAMPLES
+RULE_COPY = "copy"  # the values repeat a known model's or an earlier update's
+
+
 @dataclass(frozen=True)
 class Rejection:
-    """An update left out of aggregation and why."""
+    """An update left out of aggregation, why, the rule that left it out and, for a copy,
+    the ID of the model it repeats."""
 
     update_id: str
     reason: str
+    rule: str = ""
+    evidence: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,11 +81,14 @@ class Strategy(ABC):
         """Split ``updates`` into usable ones and rejections (layers, shapes, dtype, count)."""
         screening = Screening()
         for update in updates:
-            reason = weight_mismatch(update.weights, reference=reference)
+            reason, rule = weight_mismatch(update.weights, reference=reference), RULE_LAYOUT
             if reason is None and not 1 <= update.num_examples <= MAX_SAMPLES:
                 reason = f"num_examples is {update.num_examples}, 1..{MAX_SAMPLES} expected"
+                rule = RULE_SAMPLES
             if reason is None:
                 screening.accepted.append(update)
             else:
-                screening.rejected.append(Rejection(update_id=update.update_id, reason=reason))
+                screening.rejected.append(
+                    Rejection(update_id=update.update_id, reason=reason, rule=rule)
+                )
         return screening

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from chain.fraud import ZERO_ID, Exclusion
 from marketplace.models import Round, TaskState, Update
 from marketplace.sync.records import MirrorEvent, when
 
@@ -45,4 +46,23 @@ def update_submitted(mirror, e: MirrorEvent) -> None:
     mirror.touched.add(task.chain_task_id)
 
 
-WRITERS = {"GlobalModelPublished": global_model_published, "UpdateSubmitted": update_submitted}
+def updates_excluded(mirror, e: MirrorEvent) -> None:
+    """Global model ``round`` left round-1 updates out: each one's row says why."""
+    task = mirror.task_of(e)
+    if task is None:
+        return
+    for left in Exclusion.decode_all(e.args["statement"]):
+        Update.objects.filter(
+            task=task, round_number=e.args["round"] - 1, position=left.position
+        ).update(
+            exclusion_reason=left.reason.name.lower(),
+            exclusion_evidence="" if left.evidence == ZERO_ID else left.evidence,
+        )
+    mirror.touched.add(task.chain_task_id)
+
+
+WRITERS = {
+    "GlobalModelPublished": global_model_published,
+    "UpdateSubmitted": update_submitted,
+    "UpdatesExcluded": updates_excluded,
+}

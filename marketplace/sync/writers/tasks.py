@@ -116,6 +116,8 @@ WRITERS = {
     "TaskCreated": task_created,
     "DisputeTermsSet": dispute_terms_set,
     "AggregateChallenged": aggregate_challenged,
+    # A contested exclusion ends the task as a wrong aggregate does: same fields.
+    "ExclusionContested": aggregate_challenged,
     "NodesSelected": nodes_selected,
     "TaskFailed": task_failed,
     "TaskCancelled": task_cancelled,

@@ -1,0 +1,300 @@
+"""Check a global model against its updates and, where it differs, build the fraud proof.
+
+Anyone holding the blobs can do this (docs/verifiable.md): the aggregate is exact integer
+arithmetic, so a recomputation equals the published model to the bit or the aggregator lied.
+The challenge names the first coordinate that differs and opens its chunk in every model.
+A party without the blobs (a trainer, the buyer) checks chunk by chunk instead
+(``check_round``): one chunk of each included update at a time, fetched with its proof from
+the aggregator's data plane, so a check costs (chunks x updates) small requests, never a
+whole update. Nothing here sends a transaction: a trainer's worker and the platform act on
+what it finds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from eth_account.signers.local import LocalAccount
+
+from chain.client import FlexMarket
+from chain.fraud import Challenge, Included, RoundContext, Strategy
+from chain.selection import positions_of
+from core.errors import FlexError
+from dataplane.client import fetch_opening
+from training.aggregation import STRATEGIES, Update
+from training.aggregation.functions import MAX_SAMPLES
+from training.scoring import fedavg_weight
+from training.serialize import ChunkOpening, Header, Kind, ModelBlob, id_hex
+from training.spec import TaskSpec
+from training.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IncludedBlob:
+    """An update the global model includes, with its bytes and its weight on chain."""
+
+    blob: ModelBlob
+    trainer: str
+    weight: int
+
+
+def recorded_samples(market: FlexMarket, *, task_id: int) -> dict[str, int]:
+    """Each bidder's sample count as the contract records it (its bid's, capped at the
+    task's sample cap), by checksummed address."""
+    return {b.device: b.samples for b in market.bids(task_id=task_id)}
+
+
+def round_weights(
+    market: FlexMarket, *, task_id: int, round_number: int, trainers: Sequence[str]
+) -> dict[str, int]:
+    """The FedAvg weight of each update global model ``round_number + 1`` aggregated, by
+    trainer: its recorded samples scaled by its score on chain (training.scoring.fedavg_weight):
+    what the aggregator weighs with and a challenge is checked by. ``trainers`` is the
+    task's selection, in position order."""
+    info = market.round_info(task_id=task_id, round_number=round_number)
+    samples = recorded_samples(market, task_id=task_id)
+    positions = positions_of(info.aggregated_mask)
+    scores = dict(zip(positions, info.scores, strict=True)) if info.scores else {}
+    return {trainers[p]: fedavg_weight(samples[trainers[p]], scores.get(p)) for p in positions}
+
+
+def recompute(
+    included: Sequence[IncludedBlob], *, strategy: str, params: dict | None = None
+) -> list[np.ndarray]:
+    """The aggregate the task's strategy gives over ``included``, in their order."""
+    rule = STRATEGIES[strategy].from_params(dict(params or {}))
+    updates = [Update(weights=u.blob.values, num_examples=u.weight) for u in included]
+    return rule.aggregate(updates)
+
+
+def first_difference(published: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> int | None:
+    """The flat index of the first value where two models differ, or None when they are equal."""
+    offset = 0
+    for a, b in zip(published, expected, strict=True):
+        unequal = np.flatnonzero(np.ravel(a) != np.ravel(b))
+        if unequal.size:
+            return offset + int(unequal[0])
+        offset += int(np.size(a))
+    return None
+
+
+def challenge(
+    *,
+    context: RoundContext,
+    published: ModelBlob,
+    included: Sequence[IncludedBlob],
+    index: int,
+) -> Challenge:
+    """The challenge of value ``index`` (flat) of ``published`` against ``included``."""
+    per_chunk = published.header.chunk_values
+    chunk, offset = divmod(index, per_chunk)
+    return Challenge(
+        context=context,
+        global_id=id_hex(published.model_id),
+        included=tuple(
+            Included(model_id=id_hex(u.blob.model_id), trainer=u.trainer, weight=u.weight)
+            for u in included
+        ),
+        chunk=chunk,
+        offset=offset,
+        global_opening=published.opening(chunk),
+        updates=tuple(u.blob.opening(chunk) for u in included),
+    )
+
+
+def context_of(published: ModelBlob, *, strategy: str, params: dict | None = None) -> RoundContext:
+    """The round ``published`` closes, as its header names it, under the task's strategy."""
+    header = published.header
+    params = STRATEGIES[strategy].from_params(dict(params or {})).params()
+    return RoundContext(
+        chain_id=header.chain_id,
+        market=header.contract,
+        task_id=header.task_id,
+        round_number=header.round_number - 1,
+        strategy=Strategy.of(strategy),
+        trim_per_mille=int(params.get("trim_per_mille", 0)),
+    )
+
+
+# Chunks checked per round: every chunk of a model up to this many, a random sample beyond.
+WATCH_CHUNKS = 64
+
+
+@dataclass(frozen=True)
+class Aggregator:
+    """Where the aggregator's data plane is: its address, URL and pinned certificate."""
+
+    address: str
+    url: str
+    cert_sha256: str
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What checking global model ``round_number + 1`` found: the chunks checked (of how
+    many) and, when the aggregate is wrong, the challenge that shows it."""
+
+    task_id: int
+    round_number: int
+    global_model: str
+    chunks_checked: tuple[int, ...]
+    chunks: int
+    challenge: Challenge | None
+
+    @property
+    def correct(self) -> bool:
+        return self.challenge is None
+
+
+def sample_chunks(count: int, *, limit: int, rng: random.Random) -> list[int]:
+    """Every chunk index when there are at most ``limit``, else ``limit`` distinct ones drawn
+    by ``rng`` (an aggregator cannot know which a watcher will check)."""
+    if count <= limit:
+        return list(range(count))
+    return sorted(rng.sample(range(count), limit))
+
+
+def check_round(
+    *,
+    market: FlexMarket,
+    store: ModelStore | None,
+    account: LocalAccount,
+    spec: TaskSpec,
+    task_id: int,
+    round_number: int,
+    published: ModelBlob,
+    aggregator: Aggregator,
+    limit: int = WATCH_CHUNKS,
+    rng: random.Random | None = None,
+) -> Watch:
+    """Check ``published`` (global model ``round_number + 1``) against the updates its mask
+    names; chunks of updates this node holds are read from ``store`` (None: none), the rest
+    fetched from the aggregator's data plane (a DataPlaneError when it will not serve them).
+    ``limit`` chunks at most are checked (every chunk when the model has no more)."""
+    info = market.round_info(task_id=task_id, round_number=round_number)
+    selection = market.selection(task_id=task_id)
+    weights = round_weights(
+        market, task_id=task_id, round_number=round_number, trainers=selection.trainers
+    )
+    included = []
+    for position in positions_of(info.aggregated_mask):
+        trainer = selection.trainers[position]
+        update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+        included.append(Included(model_id=update_id, trainer=trainer, weight=weights[trainer]))
+    header = published.header
+    params = dict(spec.aggregation.params)
+    context = context_of(published, strategy=spec.aggregation.strategy, params=params)
+    rule = STRATEGIES[spec.aggregation.strategy].from_params(params)
+    chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
+    global_id = id_hex(published.model_id)
+    for chunk in chunks:
+        openings = [opening(store, account, aggregator, u.model_id, chunk) for u in included]
+        claimed = published.opening(chunk)
+        found = _invalid(openings, included, header, round_number)
+        if found is None:
+            computed = rule.aggregate(
+                [
+                    Update(weights=[o.array()], num_examples=u.weight)
+                    for o, u in zip(openings, included, strict=True)
+                ]
+            )[0]
+            differs = (claimed.array() != computed).nonzero()[0]
+            found = int(differs[0]) if differs.size else None
+        if found is not None:
+            log.warning(
+                "task %s: global model %s of round %s is wrong at chunk %s, value %s",
+                task_id,
+                global_id,
+                round_number + 1,
+                chunk,
+                found,
+            )
+            return Watch(
+                task_id=task_id,
+                round_number=round_number,
+                global_model=global_id,
+                chunks_checked=tuple(chunks[: chunks.index(chunk) + 1]),
+                chunks=header.leaf_count,
+                challenge=Challenge(
+                    context=context,
+                    global_id=global_id,
+                    included=tuple(included),
+                    chunk=chunk,
+                    offset=found,
+                    global_opening=claimed,
+                    updates=tuple(openings),
+                ),
+            )
+    log.info(
+        "task %s: global model %s of round %s checked on %d of %d chunk(s)",
+        task_id,
+        global_id,
+        round_number + 1,
+        len(chunks),
+        header.leaf_count,
+    )
+    return Watch(
+        task_id=task_id,
+        round_number=round_number,
+        global_model=global_id,
+        chunks_checked=tuple(chunks),
+        chunks=header.leaf_count,
+        challenge=None,
+    )
+
+
+def opening(
+    store: ModelStore | None,
+    account: LocalAccount,
+    aggregator: Aggregator,
+    model_id: str,
+    chunk: int,
+) -> ChunkOpening:
+    """Chunk ``chunk`` of ``model_id`` with its proof: from ``store`` when it holds the model,
+    else from the aggregator's data plane (checked against the ID there)."""
+    if store is not None and store.has(model_id):
+        return store.opening(model_id, chunk)
+    return fetch_opening(
+        base_url=aggregator.url,
+        cert_sha256=aggregator.cert_sha256,
+        model_id=model_id,
+        index=chunk,
+        server_address=aggregator.address,
+        account=account,
+    )
+
+
+def _invalid(
+    openings: Sequence[ChunkOpening],
+    included: Sequence[Included],
+    published: Header,
+    round_number: int,
+) -> int | None:
+    """Offset 0 when an included update is not one the aggregator may include (its header
+    names another trainer, task, round, kind or layout, or its weight is outside the range
+    the contract records): the contract then shows which. Else None."""
+    for opened, update in zip(openings, included, strict=True):
+        if not 1 <= update.weight <= MAX_SAMPLES:
+            return 0
+        expected = Header(
+            kind=Kind.UPDATE,
+            chain_id=published.chain_id,
+            contract=published.contract,
+            task_id=published.task_id,
+            round_number=round_number,
+            trainer=update.trainer,
+            shapes=published.shapes,
+            scale_bits=published.scale_bits,
+            chunk_values=published.chunk_values,
+        )
+        try:
+            opened.check(update.model_id).check(expected)
+        except FlexError:
+            return 0
+    return None
