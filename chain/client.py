@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
@@ -30,10 +31,11 @@ from chain.selection import selection_order, selection_seed
 from chain.transactions import (
     CONTRACT_NAME,
     RECEIPT_TIMEOUT_SECONDS,
+    PendingTx,
     deploy_artifact,
     rpc,
-    send,
     struct_of,
+    submit,
     tx_result,
 )
 
@@ -55,6 +57,23 @@ def _bytes32(value: bytes | str) -> bytes:
 
 def _optional_id(raw: bytes) -> str | None:
     return None if raw == bytes(32) else "0x" + bytes(raw).hex()
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A FlexMarket transaction the node has taken, not yet known to be mined."""
+
+    pending: PendingTx
+    market: str
+    timeout: float
+
+    @property
+    def tx_hash(self) -> str:
+        return "0x" + bytes(self.pending.tx_hash).hex()
+
+    def result(self) -> TxResult:
+        """Waits until it is mined; raises the contract's error if it reverted there."""
+        return tx_result(self.pending.receipt(timeout=self.timeout), market=self.market)
 
 
 class FlexMarket:
@@ -132,7 +151,21 @@ class FlexMarket:
         device_class: DeviceClass,
         can_aggregate: bool,
     ) -> TxResult:
-        return self._transact(
+        return self.register_device_submit(
+            sender=sender, device=device, device_class=device_class, can_aggregate=can_aggregate
+        ).result()
+
+    def register_device_submit(
+        self,
+        *,
+        sender: LocalAccount,
+        device: str,
+        device_class: DeviceClass,
+        can_aggregate: bool,
+    ) -> PendingCall:
+        """Hands the registration to the node and returns without waiting for it to be
+        mined: a registrar may send the next one at once (see PendingCall.result)."""
+        return self._submit(
             sender,
             "registerDevice",
             to_checksum_address(device),
@@ -453,11 +486,9 @@ class FlexMarket:
         return cls(**self._struct_of(name, *args))
 
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
+        return self._submit(sender, name, *args, value=value).result()
+
+    def _submit(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> PendingCall:
         data = self._contract.encode_abi(name, args=list(args))
-        receipt = send(
-            self.w3,
-            sender,
-            {"to": self.address, "data": data, "value": value},
-            receipt_timeout=self.receipt_timeout,
-        )
-        return tx_result(receipt, market=self.address)
+        pending = submit(self.w3, sender, {"to": self.address, "data": data, "value": value})
+        return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)

@@ -20,8 +20,19 @@ UNREACHABLE = (requests.RequestException, ProviderConnectionError, OSError)
 
 @functools.cache
 def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> Web3:
-    """A Web3 client of the JSON-RPC node at ``url`` (one per URL and timeout, per process)."""
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    """A Web3 client of the JSON-RPC node at ``url`` (one per URL and timeout, per process).
+
+    The node's chain id is asked once (web3 checks it before every estimate and send: three
+    requests a transaction otherwise); a node never changes it.
+    """
+    return Web3(
+        Web3.HTTPProvider(
+            url,
+            request_kwargs={"timeout": timeout},
+            cache_allowed_requests=True,
+            cacheable_requests={"eth_chainId"},
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -40,9 +51,10 @@ def chain_time(w3: Web3) -> int:
         return int(w3.eth.get_block("pending")["timestamp"])
 
 
-def max_fee_per_gas(w3: Web3) -> int:
-    """The fee cap per gas FLEX signs with: twice the latest base fee plus the node's tip, so
-    a transaction stays includable through a few blocks of rising fees."""
+def max_fee_per_gas(w3: Web3, *, tip_wei: int | None = None) -> int:
+    """The fee cap per gas FLEX signs with: twice the latest base fee plus the node's tip (or
+    ``tip_wei``, when already asked), so a transaction stays includable through a few blocks
+    of rising fees."""
     with reachable():
         base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
-        return 2 * base_fee + w3.eth.max_priority_fee
+        return 2 * base_fee + (w3.eth.max_priority_fee if tip_wei is None else tip_wei)

@@ -204,21 +204,43 @@ def struct_of(components: Sequence[Mapping[str, Any]], values: Sequence[Any]) ->
     }
 
 
-def send(
-    w3: Web3,
-    sender: LocalAccount,
-    call: dict[str, Any],
-    *,
-    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
-) -> Any:
-    """Estimates, signs with ``sender``'s key, sends raw and waits for the receipt.
+@dataclass(frozen=True)
+class PendingTx:
+    """A signed transaction the node has taken; ``receipt`` waits until it is mined."""
 
-    A revert found by the estimate raises its typed error before anything is sent; a
-    transaction that reverts once mined is replayed with eth_call to decode why.
+    w3: Web3
+    tx: Mapping[str, Any]
+    tx_hash: bytes
+
+    def receipt(self, *, timeout: float = RECEIPT_TIMEOUT_SECONDS) -> Any:
+        """The receipt once mined; a transaction that reverted there is replayed with
+        eth_call to raise why. ChainUnavailableError when it is not mined in ``timeout``."""
+        with rpc(sender=self.tx["from"]):
+            try:
+                receipt = self.w3.eth.wait_for_transaction_receipt(
+                    self.tx_hash, timeout=timeout, poll_latency=0.05
+                )
+            except TimeExhausted as exc:
+                raise ChainUnavailableError(
+                    "transaction was not mined in time", tx_hash="0x" + bytes(self.tx_hash).hex()
+                ) from exc
+            if receipt["status"] != 1:
+                _raise_mined_revert(self.w3, self.tx, receipt)
+        return receipt
+
+
+def submit(w3: Web3, sender: LocalAccount, call: dict[str, Any]) -> PendingTx:
+    """Estimates, signs with ``sender``'s key and hands the transaction to the node, without
+    waiting for it to be mined: the next transaction from ``sender`` may follow at once.
+
+    A revert found by the estimate raises its typed error before anything is sent.
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
         chain_id = w3.eth.chain_id
+        # Fees do not depend on the nonce: read before taking it, to hold its lock less.
+        tip = w3.eth.max_priority_fee
+        max_fee = max_fee_per_gas(w3, tip_wei=tip)
         with _nonce_lock(sender.address):
             # Against the pending block: its time is the one the transaction will run at, so
             # a deadline that has passed by the chain's clock has passed for the estimate too.
@@ -227,21 +249,22 @@ def send(
             tx.update(
                 chainId=chain_id,
                 gas=min(estimate + margin, MAX_TX_GAS),
-                maxPriorityFeePerGas=w3.eth.max_priority_fee,
-                maxFeePerGas=max_fee_per_gas(w3),
+                maxPriorityFeePerGas=tip,
+                maxFeePerGas=max_fee,
             )
             tx_hash = _send_with_fresh_nonce(w3, sender, tx)
-        try:
-            receipt = w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=receipt_timeout, poll_latency=0.05
-            )
-        except TimeExhausted as exc:
-            raise ChainUnavailableError(
-                "transaction was not mined in time", tx_hash="0x" + bytes(tx_hash).hex()
-            ) from exc
-        if receipt["status"] != 1:
-            _raise_mined_revert(w3, tx, receipt)
-    return receipt
+    return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash)
+
+
+def send(
+    w3: Web3,
+    sender: LocalAccount,
+    call: dict[str, Any],
+    *,
+    receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
+) -> Any:
+    """Submits the transaction (see submit) and waits for its receipt (PendingTx.receipt)."""
+    return submit(w3, sender, call).receipt(timeout=receipt_timeout)
 
 
 def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:

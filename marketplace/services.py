@@ -188,13 +188,16 @@ def device_enrol(
     device_broker_grant(device=device)
     try:
         market = contract.market()
+        # The registrar is needed only to take a nonce and send: devices enrolling together
+        # wait for their blocks side by side, not one after the other.
         with contract.platform_account_lock() as platform:
-            receipt = market.register_device(
+            pending = market.register_device_submit(
                 sender=platform,
                 device=claimed,
                 device_class=ChainDeviceClass[device_class.upper()],
                 can_aggregate=token.may_aggregate,
             )
+        receipt = pending.result()
     except BaseException:
         device_broker_remove(device=device)
         raise
