@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,10 +67,6 @@ class PendingCall:
     pending: PendingTx
     market: str
     timeout: float
-
-    @property
-    def tx_hash(self) -> str:
-        return "0x" + bytes(self.pending.tx_hash).hex()
 
     def result(self) -> TxResult:
         """Waits until it is mined; raises the contract's error if it reverted there."""
@@ -162,15 +159,17 @@ class FlexMarket:
         device: str,
         device_class: DeviceClass,
         can_aggregate: bool,
+        sending: AbstractContextManager[Any] | None = None,
     ) -> PendingCall:
-        """Hands the registration to the node and returns without waiting for it to be
-        mined: a registrar may send the next one at once (see PendingCall.result)."""
+        """Sends the registration without waiting for it to be mined (PendingCall.result
+        waits); ``sending`` is held only while the nonce is taken and the transaction sent."""
         return self._submit(
             sender,
             "registerDevice",
             to_checksum_address(device),
             int(device_class),
             can_aggregate,
+            sending=sending,
         )
 
     def revoke_device(self, *, sender: LocalAccount, device: str) -> TxResult:
@@ -488,7 +487,15 @@ class FlexMarket:
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
         return self._submit(sender, name, *args, value=value).result()
 
-    def _submit(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> PendingCall:
+    def _submit(
+        self,
+        sender: LocalAccount,
+        name: str,
+        *args: Any,
+        value: int = 0,
+        sending: AbstractContextManager[Any] | None = None,
+    ) -> PendingCall:
         data = self._contract.encode_abi(name, args=list(args))
-        pending = submit(self.w3, sender, {"to": self.address, "data": data, "value": value})
+        call = {"to": self.address, "data": data, "value": value}
+        pending = submit(self.w3, sender, call, sending=sending)
         return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)

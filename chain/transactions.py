@@ -229,29 +229,36 @@ class PendingTx:
         return receipt
 
 
-def submit(w3: Web3, sender: LocalAccount, call: dict[str, Any]) -> PendingTx:
+def submit(
+    w3: Web3,
+    sender: LocalAccount,
+    call: dict[str, Any],
+    *,
+    sending: contextlib.AbstractContextManager[Any] | None = None,
+) -> PendingTx:
     """Estimates, signs with ``sender``'s key and hands the transaction to the node, without
     waiting for it to be mined: the next transaction from ``sender`` may follow at once.
 
-    A revert found by the estimate raises its typed error before anything is sent.
+    Only taking the nonce and sending are done one transaction of ``sender`` at a time, under
+    this process's lock for it and ``sending`` (say, a lock the processes signing with the
+    same key share). A revert found by the estimate raises its typed error before anything
+    is sent.
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
         chain_id = w3.eth.chain_id
-        # Fees do not depend on the nonce: read before taking it, to hold its lock less.
         tip = w3.eth.max_priority_fee
-        max_fee = max_fee_per_gas(w3, tip_wei=tip)
-        with _nonce_lock(sender.address):
-            # Against the pending block: its time is the one the transaction will run at, so
-            # a deadline that has passed by the chain's clock has passed for the estimate too.
-            estimate = w3.eth.estimate_gas(tx, "pending")
-            margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
-            tx.update(
-                chainId=chain_id,
-                gas=min(estimate + margin, MAX_TX_GAS),
-                maxPriorityFeePerGas=tip,
-                maxFeePerGas=max_fee,
-            )
+        # Against the pending block: its time is the one the transaction will run at, so a
+        # deadline that has passed by the chain's clock has passed for the estimate too.
+        estimate = w3.eth.estimate_gas(tx, "pending")
+        margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
+        tx.update(
+            chainId=chain_id,
+            gas=min(estimate + margin, MAX_TX_GAS),
+            maxPriorityFeePerGas=tip,
+            maxFeePerGas=max_fee_per_gas(w3, tip_wei=tip),
+        )
+        with _nonce_lock(sender.address), sending or contextlib.nullcontext():
             tx_hash = _send_with_fresh_nonce(w3, sender, tx)
     return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash)
 

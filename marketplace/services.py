@@ -187,16 +187,15 @@ def device_enrol(
     # Broker access first: a broker that refuses leaves nothing registered on chain.
     device_broker_grant(device=device)
     try:
-        market = contract.market()
-        # The registrar is needed only to take a nonce and send: devices enrolling together
-        # wait for their blocks side by side, not one after the other.
-        with contract.platform_account_lock() as platform:
-            pending = market.register_device_submit(
-                sender=platform,
-                device=claimed,
-                device_class=ChainDeviceClass[device_class.upper()],
-                can_aggregate=token.may_aggregate,
-            )
+        # The registrar's lock is held only while its nonce is taken and the registration
+        # sent: devices enrolling together are estimated and mined side by side.
+        pending = contract.market().register_device_submit(
+            sender=contract.registrar(),
+            device=claimed,
+            device_class=ChainDeviceClass[device_class.upper()],
+            can_aggregate=token.may_aggregate,
+            sending=contract.platform_account_lock(),
+        )
         receipt = pending.result()
     except BaseException:
         device_broker_remove(device=device)
