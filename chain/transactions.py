@@ -27,7 +27,7 @@ from chain.errors import (
     TransactionRejectedError,
 )
 from chain.events import snake_case, to_python
-from chain.node import max_fee_per_gas, reachable
+from chain.node import chain_id, max_fee_per_gas, reachable
 from chain.records import TxResult
 
 CONTRACT_NAME = "FlexMarket"
@@ -246,14 +246,13 @@ def submit(
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
-        chain_id = w3.eth.chain_id
         tip = w3.eth.max_priority_fee
         # Against the pending block: its time is the one the transaction will run at, so a
         # deadline that has passed by the chain's clock has passed for the estimate too.
         estimate = w3.eth.estimate_gas(tx, "pending")
         margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
         tx.update(
-            chainId=chain_id,
+            chainId=chain_id(w3),
             gas=min(estimate + margin, MAX_TX_GAS),
             maxPriorityFeePerGas=tip,
             maxFeePerGas=max_fee_per_gas(w3, tip_wei=tip),
