@@ -4,11 +4,14 @@
 DATABASE_URL when that is PostgreSQL, else a temporary SQLite file), seeds one buyer with
 1,000 tasks and 10,000 bids on them from 100 devices (bulk_create), counts the queries one
 request for each URL makes (in this process, with Django's test client; ``--explain``
-prints their plans on PostgreSQL), serves FLEX with daphne on a free loopback port, and
+prints their plans on PostgreSQL), serves FLEX as the local stack does (uvicorn, one worker
+process per CPU unless FLEX_WEB_WORKERS says otherwise) on a free loopback port, and
 drives each URL from a separate process over keep-alive connections (aiohttp, 16 at a time,
 bounded in requests and seconds), signed in as that buyer: the session cookie for the page,
 the API token for the API. Only 127.0.0.1 is used. Figures are indicative: the machines are
-shared and noisy.
+shared and noisy; the server's CPU time per request ("cpu ms", all its processes) depends
+much less on the other load than the rate does. "queries" counts those of a request served
+from the task-list cache, "changed" those of one right after the buyer's tasks changed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -29,6 +33,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from stack.devstack import web_command, web_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "web.json"
@@ -295,28 +301,39 @@ def queries_per_request(
     path: str, headers: dict[str, str], *, explain: bool = False
 ) -> dict[str, Any]:
     """The database queries one request for ``path`` makes, counted in this process with
-    Django's test client (a warm second request); with ``explain``, each query's plan on
-    PostgreSQL (EXPLAIN ANALYZE) printed."""
+    Django's test client: a warm request (the list served from the cache) and one right after
+    the buyer's tasks changed (the list read from the database); with ``explain``, the latter's
+    plans on PostgreSQL (EXPLAIN ANALYZE) printed."""
+    from django.contrib.auth import get_user_model
     from django.db import connection
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
+    from marketplace.task_lists import task_lists_changed
+
     client = Client(headers=headers, SERVER_NAME=HOST)
+
+    def captured() -> list[dict[str, str]]:
+        with CaptureQueriesContext(connection) as context:
+            response = client.get(path)
+        if response.status_code != 200:
+            raise RuntimeError(f"{path} answered {response.status_code} in process")
+        return context.captured_queries
+
     client.get(path)
-    with CaptureQueriesContext(connection) as captured:
-        response = client.get(path)
-    if response.status_code != 200:
-        raise RuntimeError(f"{path} answered {response.status_code} in process")
-    sqls = [q["sql"] for q in captured.captured_queries]
+    warm = captured()
+    task_lists_changed(buyer_ids=get_user_model().objects.values_list("pk", flat=True))
+    changed = captured()
     if explain and connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            for sql in sqls:
+            for sql in (q["sql"] for q in changed):
                 cursor.execute("EXPLAIN ANALYZE " + sql)
                 plan = "\n    ".join(row[0] for row in cursor.fetchall())
                 print(f"\n{path}: {sql[:300]}\n    {plan}")
     return {
-        "queries": len(sqls),
-        "query_ms": round(sum(float(q["time"]) for q in captured.captured_queries) * 1000, 2),
+        "queries": len(warm),
+        "queries_after_change": len(changed),
+        "query_ms_after_change": round(sum(float(q["time"]) for q in changed) * 1000, 2),
     }
 
 
@@ -324,44 +341,59 @@ def wait_for_port(port: int, server: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"daphne exited with {server.returncode} before serving")
+            raise RuntimeError(f"the web server exited with {server.returncode} before serving")
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
             return
         time.sleep(0.1)
-    raise RuntimeError(f"daphne did not listen on {HOST}:{port} within {timeout:.0f} s")
+    raise RuntimeError(f"the web server did not listen on {HOST}:{port} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
-def daphne(env: dict[str, str], port: int, log: Path) -> Iterator[None]:
+def web_server(env: dict[str, str], port: int, log: Path) -> Iterator[int]:
+    """FLEX's web server as the local stack runs it (stack.devstack.web_command); yields its
+    process group."""
     with log.open("w") as out:
         server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                HOST,
-                "-p",
-                str(port),
-                "-v",
-                "0",
-                "flexsite.asgi:application",
-            ],
+            web_command(host=HOST, port=port, quiet=True),
             cwd=ROOT,
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             wait_for_port(port, server, SERVER_START_TIMEOUT_S)
-            yield
+            yield server.pid
         finally:
-            server.terminate()
+            # The whole group: the server's worker processes too.
+            os.killpg(server.pid, signal.SIGTERM)
             try:
-                server.wait(timeout=10)
+                server.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                server.kill()
+                os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user and system) the processes of group ``pgid`` have used (Linux /proc)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # pgrp; then utime and stime, in clock ticks
+                ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def served(url: str, headers: dict[str, str], args: argparse.Namespace, server: int) -> dict:
+    """drive(), with the server's CPU time per request: on a shared machine the rate depends on
+    the other load, the CPU a request costs much less."""
+    before = group_cpu_s(server)
+    result = drive(url, headers, args)
+    sent = result["requests"] + sum(result["failures"].values())
+    sent += (WARMUP_REQUESTS // args.concurrency + 1) * args.concurrency
+    result["server_cpu_ms_per_request"] = round(1000 * (group_cpu_s(server) - before) / sent, 2)
+    return result
 
 
 def check(url: str, headers: dict[str, str], expected: str) -> str:
@@ -405,17 +437,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base = f"http://{HOST}:{port}"
         log = OUT.parent / "web-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        with daphne(env, port, log):
+        with web_server(env, port, log) as server:
             check(base + page_path, page_headers, "bench task")
             listed = check(base + api_path, api_headers, f'"count":{args.tasks}')
-            page = drive(base + page_path, page_headers, args)
-            api = drive(base + api_path, api_headers, args)
+            page = served(base + page_path, page_headers, args, server)
+            api = served(base + api_path, api_headers, args, server)
     engine = "postgresql" if database_url.startswith("postgres") else "sqlite"
     return {
         "task_list": {**page, **counted["task_list"]},
         "api_tasks": {**api, **counted["api_tasks"]},
         "setup": {
-            "server": "daphne",
+            "server": f"uvicorn x {web_workers()}",
             "database": engine,
             "tasks": args.tasks,
             "bids": args.bids,
@@ -430,14 +462,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(
         f"{'target':<10} {'requests':>8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
-        f"{'queries':>7}"
+        f"{'cpu ms':>7} {'queries':>7} {'changed':>7}"
     )
     for name in ("task_list", "api_tasks"):
         r = result[name]
         failed = sum(r["failures"].values())
         print(
             f"{name:<10} {r['requests']:>8} {r['rps']:>8.1f} {r['p50_ms'] or 0:>8.2f} "
-            f"{r['p99_ms'] or 0:>8.2f} {failed:>6} {r['queries']:>7}"
+            f"{r['p99_ms'] or 0:>8.2f} {failed:>6} {r['server_cpu_ms_per_request']:>7.2f} "
+            f"{r['queries']:>7} {r['queries_after_change']:>7}"
         )
     setup = result["setup"]
     print(

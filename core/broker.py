@@ -7,12 +7,15 @@ an AMQP URL with its own user, whose permissions are ``core.queues.device_permis
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from core.errors import FlexError
 from core.queues import REPORTS_EXCHANGE
@@ -22,6 +25,18 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = 30.0
 # The management API of a RabbitMQ on this machine, with its default administrator.
 DEFAULT_BROKER_API_URL = "http://guest:guest@127.0.0.1:15672/"
+
+
+@functools.cache
+def _http() -> requests.Session:
+    """Calls to the management API; every one FLEX makes is idempotent (GET, PUT, DELETE),
+    so one the broker failed with a 5xx (seen while other clients add and remove users) is
+    sent again a few times, backing off, before it counts as refused."""
+    session = requests.Session()
+    retry = Retry(total=4, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504))
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    session.mount("https://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 class BrokerUnavailableError(FlexError):
@@ -85,13 +100,17 @@ class BrokerAdmin:
         )
         user, _, password = parts.netloc.rpartition("@")[0].partition(":")
         try:
-            response = requests.request(
+            response = _http().request(
                 method,
                 f"{base}/api/{path}",
                 json=json,
                 auth=(unquote(user), unquote(password)) if user else None,
                 timeout=TIMEOUT_S,
             )
+        except requests.exceptions.RetryError as exc:
+            raise BrokerUnavailableError(
+                f"the broker refused {method} {path}: {exc}", api=base
+            ) from exc
         except requests.RequestException as exc:
             raise BrokerUnavailableError(
                 f"cannot reach the broker's management API: {exc}", api=base
@@ -132,9 +151,10 @@ class BrokerAdmin:
     def vhost_delete(self, vhost: str) -> None:
         """The vhost, its queues and messages, and every device user named after it."""
         prefix = device_user_prefix(vhost)
-        for user in self._call("GET", "users").json():
-            if user["name"].startswith(prefix):
-                self.user_delete(user["name"])
+        granted = self._call("GET", f"vhosts/{self._q(vhost)}/permissions", ok_missing=True)
+        for permission in granted.json() if granted.status_code == 200 else ():
+            if permission["user"].startswith(prefix):
+                self.user_delete(permission["user"])
         self._call("DELETE", f"vhosts/{self._q(vhost)}", ok_missing=True)
 
     def user_grant(self, *, user: str, password: str, vhost: str, permissions: dict) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+
+from django.core.cache import cache
 from django.http import FileResponse, Http404
+from django.utils.cache import get_conditional_response, patch_cache_control
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -46,6 +50,7 @@ from marketplace.services import (
     task_create,
     task_model_download,
 )
+from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
 from marketplace.throttles import FlexRateThrottle
 
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
@@ -96,7 +101,29 @@ class ApiAuthMixin:
     ],
 )
 class TaskListApi(ApiAuthMixin, generics.ListAPIView):
+    """Pages are cached until the caller's tasks change (marketplace.task_lists); in JSON each
+    carries an ETag, and a request whose If-None-Match names it is answered 304."""
+
     serializer_class = TaskSummarySerializer
+
+    def list(self, request, *args, **kwargs):
+        key = task_list_cache_key(user=request.user, kind="api", url=request.build_absolute_uri())
+        # The browsable API ("api") embeds a CSRF token: only JSON may be reused by clients.
+        etag = None
+        if request.accepted_renderer.format == "json":
+            etag = '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
+        response = get_conditional_response(request, etag=etag) if etag else None
+        if response is None:
+            data = cache.get(key)
+            if data is None:
+                data = super().list(request, *args, **kwargs).data
+                cache.set(key, data, LIST_CACHE_S)
+            response = Response(data)
+        if etag:
+            response["ETag"] = etag
+        # A user's own list: for no shared cache, and checked again (with its ETag) each time.
+        patch_cache_control(response, private=True, no_cache=True)
+        return response
 
     def get_queryset(self):
         state = self.request.query_params.get("state")

@@ -346,7 +346,7 @@ def task_finalize(*, task_id: int) -> str | None:
     task = market.task(task_id=task_id)
     if task.state != ChainTaskState.TRAINED:
         return None
-    if chain_time(market.w3) <= task.dispute_closes_at:
+    if task.dispute_window and chain_time(market.w3) <= task.dispute_closes_at:
         return None  # the final model may still be challenged: a later tick settles it
     with contract.platform_account_lock() as platform:
         if market.task(task_id=task_id).state != ChainTaskState.TRAINED:

@@ -27,7 +27,7 @@ from marketplace.models import (
 # ---------------------------------------------------------------- who may see a task
 
 
-def _viewer(user) -> tuple[bool, int | None]:
+def viewer(user) -> tuple[bool, int | None]:
     """(is staff, account pk) of a signed-in account; (False, None) for anyone else, a
     device-signed request included (it has no account, so it owns no task)."""
     if user is None or not user.is_authenticated or getattr(user, "pk", None) is None:
@@ -37,7 +37,7 @@ def _viewer(user) -> tuple[bool, int | None]:
 
 def task_visible(*, user) -> QuerySet[Task]:
     """The one rule for who may see a task: the account whose wallet posted it, and staff."""
-    staff, pk = _viewer(user)
+    staff, pk = viewer(user)
     if staff:
         return Task.objects.all()
     return Task.objects.filter(buyer_id=pk) if pk is not None else Task.objects.none()
@@ -45,7 +45,7 @@ def task_visible(*, user) -> QuerySet[Task]:
 
 def _orders_pending(*, user) -> QuerySet[TaskOrder]:
     """Orders the viewer may see (by the same rule) whose task is not mirrored yet."""
-    staff, pk = _viewer(user)
+    staff, pk = viewer(user)
     # NOT EXISTS: an anti-join on the task's created_tx index, not a scan of every task.
     orders = TaskOrder.objects.filter(
         ~Exists(Task.objects.filter(created_tx=OuterRef("created_tx")))

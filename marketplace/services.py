@@ -60,6 +60,7 @@ from marketplace.models_download import (
     final_model_fetch,
 )
 from marketplace.selectors import TaskView
+from marketplace.task_lists import task_lists_changed
 from marketplace.validation import task_spec_validated
 from training.spec import TaskSpec
 
@@ -428,6 +429,7 @@ def task_create(
         created_tx=receipt.tx_hash,
         chain_task_id=created.task_id,
     )
+    task_lists_changed(buyer_ids=[buyer.pk])
     logger.info(
         "task %s created on chain by %s in %s (budget %d wei)",
         created.task_id,

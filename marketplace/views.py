@@ -9,10 +9,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
+from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_POST
 
 from chain.errors import ChainUnavailableError, InvalidRoundsError, InvalidTrainerRangeError
@@ -38,6 +41,7 @@ from marketplace.models_download import (
     export_record,
 )
 from marketplace.selectors import TaskView
+from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
 from marketplace.task_page import task_update_message
 from marketplace.throttles import throttled
 
@@ -45,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # Rows per page of the website's lists (the task list, a device's tasks).
 LIST_PAGE_SIZE = 25
+# The task list itself, without the page around it (the part that is cached).
+TASK_LIST = "marketplace/_task_list.html"
 # What the form's estimate starts from before the buyer types anything: the form's defaults.
 _ESTIMATE_DEFAULTS = {
     name: TaskForm.base_fields[name].initial for name in ("rounds", "min_trainers", "max_trainers")
@@ -153,9 +159,9 @@ def wallet_fund(request):
     return redirect("wallet")
 
 
-def _page(request, template: str, items, filters, context: dict):
-    """Render ``template`` with one page of ``items`` (the page ``filters`` names) as
-    ``tasks``, the page as ``page_obj`` and its numbered links as ``page_range``; 404 naming
+def _page_context(items, filters, context: dict) -> tuple[dict, int]:
+    """The context of one page of ``items`` (the page ``filters`` names) as ``tasks``, the
+    page as ``page_obj`` and its numbered links as ``page_range``, and the status: 404 naming
     the last page for one past it."""
     paginator = Paginator(items, LIST_PAGE_SIZE)
     number = filters.page_number()
@@ -164,31 +170,47 @@ def _page(request, template: str, items, filters, context: dict):
             "page",
             f"There is no page {number}: the last is page {paginator.num_pages}.",
         )
-        return render(request, template, {**context, "filters": filters}, status=404)
+        return {**context, "filters": filters}, 404
     page = paginator.page(number)
-    return render(
-        request,
-        template,
-        {
-            **context,
-            "filters": filters,
-            "page_obj": page,
-            "tasks": page.object_list,
-            "page_range": paginator.get_elided_page_range(number, on_each_side=2, on_ends=1),
-        },
-    )
+    return {
+        **context,
+        "filters": filters,
+        "page_obj": page,
+        "tasks": page.object_list,
+        "page_range": paginator.get_elided_page_range(number, on_each_side=2, on_ends=1),
+    }, 200
+
+
+def _page(request, template: str, items, filters, context: dict):
+    """Render ``template`` with one page of ``items`` (_page_context)."""
+    page_context, status = _page_context(items, filters, context)
+    return render(request, template, page_context, status=status)
 
 
 @login_required
 def task_list(request):
     """The tasks the user may see, a page at a time, by state and in the sort asked for; the
-    page links keep both in the query string."""
+    page links keep both in the query string. The list is rendered once per change of the
+    user's tasks (marketplace.task_lists), the page around it at each request."""
     filters = TaskListFilterForm(request.GET)
     if not filters.is_valid():
-        return render(request, "marketplace/task_list.html", {"filters": filters}, status=400)
-    tasks = selectors.task_view_list(user=request.user, **filters.selection())
-    filtered = filters.selection() != {"state": None, "sort": "newest"}
-    return _page(request, "marketplace/task_list.html", tasks, filters, {"filtered": filtered})
+        html = render_to_string(TASK_LIST, {"filters": filters}, request=request)
+        return _task_list_page(request, html, status=400)
+    key = task_list_cache_key(user=request.user, kind="page", url=request.get_full_path())
+    cached = cache.get(key)
+    if cached is None:
+        tasks = selectors.task_view_list(user=request.user, **filters.selection())
+        filtered = filters.selection() != {"state": None, "sort": "newest"}
+        context, status = _page_context(tasks, filters, {"filtered": filtered})
+        cached = (render_to_string(TASK_LIST, context, request=request), status)
+        cache.set(key, cached, LIST_CACHE_S)
+    html, status = cached
+    return _task_list_page(request, html, status=status)
+
+
+def _task_list_page(request, html: str, *, status: int):
+    # ``html`` is the list as TASK_LIST rendered it, every value in it escaped.
+    return render(request, "marketplace/task_list.html", {"list": mark_safe(html)}, status=status)
 
 
 def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:

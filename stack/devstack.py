@@ -122,6 +122,44 @@ class Supervisor:
                 self.procs.pop(n, None)
 
 
+def web_workers() -> int:
+    """How many web server processes: FLEX_WEB_WORKERS, else one per CPU this may run on."""
+    configured = os.environ.get("FLEX_WEB_WORKERS", "").strip()
+    if configured:
+        if not (configured.isascii() and configured.isdigit() and int(configured) >= 1):
+            raise SystemExit(
+                f"error: FLEX_WEB_WORKERS must be a whole number from 1, not {configured!r}"
+            )
+        return int(configured)
+    return len(os.sched_getaffinity(0))
+
+
+def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
+    """The web server: FLEX's ASGI application (HTTP and WebSockets) under uvicorn, in
+    web_workers() processes that share the port."""
+    return [
+        PY,
+        "-m",
+        "uvicorn",
+        "flexsite.asgi:application",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(web_workers()),
+        # Django alone reads X-Forwarded-* (FLEX_BEHIND_PROXY), not the server as well.
+        "--no-proxy-headers",
+        # Django's ASGI handler has no startup or shutdown events.
+        "--lifespan",
+        "off",
+        # Open live pages must not hold a restart up: they reconnect.
+        "--timeout-graceful-shutdown",
+        "5",
+        *(["--no-access-log"] if quiet else []),
+    ]
+
+
 def wait_for(what: str, check, *, timeout: float = 60.0, sup: Supervisor | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -242,10 +280,7 @@ def stack(
         manage("migrate", "--no-input", "-v", "0", env=env)
         manage("deploy_contract", env=env)
         say(f"starting the web server on {web_host}:{web_port}, advertised as {public_url}")
-        web_cmd = [PY, "-m", "daphne", "-b", web_host, "-p", str(web_port)]
-        if quiet_web:
-            web_cmd += ["--access-log", os.devnull]
-        sup.start("web", [*web_cmd, "flexsite.asgi:application"])
+        sup.start("web", web_command(host=web_host, port=web_port, quiet=quiet_web))
         wait_for(
             "the web server", lambda: requests.get(web_url, timeout=2).status_code < 500, sup=sup
         )

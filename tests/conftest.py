@@ -16,6 +16,15 @@ from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, new_vhost_name, url
 from core.queues import DEFAULT_BROKER_URL
 
 MIN_PRICE_WEI = 10**14
+# Redis databases 11 to 14, one per test worker, hold the tests' caches (README).
+CACHE_DB = 11
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one test worker per CPU this may run on, within MAX_WORKERS. Each has its
+    own chain node, test database and broker vhost."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 @pytest.fixture(scope="session")
@@ -78,9 +87,11 @@ def platform_settings(settings, chain_node, platform_market, broker, tmp_path):
     settings.FLEX_DEV_CHAIN = True
     settings.FLEX_DATAPLANE_ALLOW_PRIVATE = True
     settings.ETH_RPC_URL = chain_node.rpc_url
-    # Throttle counters and nonces in a Redis database of their own, empty for each test.
+    # Throttle counters and nonces in a Redis database of their own (one per test worker),
+    # empty for each test.
     base = settings.REDIS_URL.rsplit("/", 1)[0]
-    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": f"{base}/11"}}
+    db = CACHE_DB + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": f"{base}/{db}"}}
     from django.core.cache import cache
 
     cache.clear()

@@ -8,16 +8,18 @@ that sees a number missing asks for a snapshot (marketplace.consumers).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import connection, transaction
 
 from marketplace.models_platform import TaskPush
 from marketplace.selectors import task_views_by_id
+from marketplace.task_lists import task_lists_changed
 from marketplace.task_page import task_delta_message, task_snapshot_message
 
 # Events that remove or renumber rows, which a delta (rows added or changed) cannot tell.
@@ -43,8 +45,11 @@ class TaskChange:
 
 
 def task_group(chain_task_id: int) -> str:
-    """The Channels group of a task's live pages, named by the task's id on chain."""
-    return f"task.{chain_task_id}"
+    """The Channels group of a task's live pages: the task's id on chain, within this
+    platform's database, so that stacks sharing one Redis (each with its own chain, whose
+    task ids start at 1 too) never reach each other's pages."""
+    space = hashlib.sha256(str(connection.settings_dict["NAME"]).encode()).hexdigest()[:16]
+    return f"task.{space}.{chain_task_id}"
 
 
 def task_push_seq(*, chain_task_id: int) -> int:
@@ -65,12 +70,14 @@ def task_push_next(*, chain_task_id: int) -> int:
 
 def push_on_commit(*, changes: Mapping[int, TaskChange]) -> None:
     """Number these changes (by the task's id on chain) in the current transaction and push
-    them once it commits (not at all if it rolls back)."""
+    them once it commits (not at all if it rolls back); the lists that show the tasks are
+    renewed then too."""
     numbered = {
         chain_task_id: (task_push_next(chain_task_id=chain_task_id), changes[chain_task_id])
         for chain_task_id in sorted(changes)
     }
     if numbered:
+        task_lists_changed(chain_task_ids=numbered)
 
         def push() -> None:
             # A named function, not a partial: Django names the callback when it logs a

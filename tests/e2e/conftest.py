@@ -1,18 +1,19 @@
-"""Browser-test fixtures: the real ASGI application served by daphne, and Debian's Chromium.
+"""Browser-test fixtures: the real ASGI application served by uvicorn, and Debian's Chromium.
 
 pytest-django's live_server is WSGI only, so it cannot carry the task page's WebSocket.
-Daphne runs here in a thread of the test process instead of a subprocess: it then uses the
-very test database pytest-django set up (PostgreSQL, or SQLite's shared in-memory database,
-which another process could not open), and the settings each test overrides (the session's
-chain and contract). Twisted's reactor cannot be restarted, so the server lives for the
-whole session; DB access from it is allowed whenever the running test has it
-(``transactional_db``: a test's own transaction would hide its rows from the server).
+Uvicorn, the local stack's web server, runs here in a thread of the test process instead of a
+subprocess: it then uses the very test database pytest-django set up (PostgreSQL, or SQLite's
+shared in-memory database, which another process could not open), and the settings each test
+overrides (the session's chain and contract). The server lives for the whole session; DB
+access from it is allowed whenever the running test has it (``transactional_db``: a test's
+own transaction would hide its rows from the server).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,30 +27,31 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
 
 @pytest.fixture(scope="session")
 def asgi_server(django_db_setup) -> Iterator[str]:
-    """Base URL of flexsite.asgi.application (HTTP, static files and WebSockets) on daphne."""
-    # Daphne installs Twisted's asyncio reactor when imported: import it only when needed.
+    """Base URL of flexsite.asgi.application (HTTP, static files and WebSockets) on uvicorn."""
+    import uvicorn
     from channels.routing import get_default_application
-    from daphne.endpoints import build_endpoint_description_strings
-    from daphne.server import Server
     from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-    from twisted.internet import reactor
 
     port = free_port()
-    ready = threading.Event()
-    server = Server(
-        # Static files as runserver serves them; everything else goes to the real app.
-        application=ASGIStaticFilesHandler(get_default_application()),
-        endpoints=build_endpoint_description_strings(host="127.0.0.1", port=port),
-        signal_handlers=False,
-        verbosity=0,
-        ready_callable=ready.set,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            # Static files as the local stack serves them; everything else goes to the real app.
+            ASGIStaticFilesHandler(get_default_application()),
+            host="127.0.0.1",
+            port=port,
+            lifespan="off",
+            log_level="warning",
+        )
     )
-    thread = threading.Thread(target=server.run, name="daphne", daemon=True)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    if not ready.wait(30):
-        pytest.fail("daphne did not start listening within 30 s")
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start listening within 30 s")
+        time.sleep(0.05)
     yield f"http://127.0.0.1:{port}"
-    reactor.callFromThread(reactor.stop)
+    server.should_exit = True
     thread.join(10)
 
 

@@ -5,12 +5,10 @@ text the page shows (the buyer's title, a device's name, any field pushed) stays
 from __future__ import annotations
 
 import re
-import uuid
 from datetime import timedelta
 
 import numpy as np
 import pytest
-from django.conf import settings
 from django.db import transaction
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -86,17 +84,6 @@ def test_buyer_posts_a_task_and_watches_it_live(
     chain_rewound,
     devices_played_by_the_test,
 ):
-    # The task's live group apart from any other run on the same Redis (its pushes name
-    # the same task ids); reads wait as long as a socket idles, as in flexsite.settings.
-    platform_settings.CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                "hosts": [{"address": settings.REDIS_URL, "socket_timeout": None}],
-                "prefix": f"flex-test-{uuid.uuid4().hex}",
-            },
-        }
-    }
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UPDATE_TIMEOUT_MS)

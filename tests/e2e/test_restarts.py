@@ -137,9 +137,6 @@ def platform(tmp_path, monkeypatch, database, broker) -> Iterator[dict]:
             "FLEX_WEB_PORT": str(free_port()),
             "FLEX_CHAIN_PORT": str(free_port()),
             "FLEX_SYNC_INTERVAL_S": "0.5",
-            # Connections kept between requests and tasks, as a production deployment keeps
-            # them: the ones the database's restart cuts must be noticed and replaced.
-            "FLEX_DB_CONN_MAX_AGE": "600",
         }.items():
             monkeypatch.setenv(key, value)
         var = tmp_path / "var"

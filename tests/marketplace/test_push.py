@@ -10,12 +10,14 @@ import uuid
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 
 from chain.events import Role
 from chain.selection import mask_of
 from flexsite.asgi import application
 from marketplace import reports, services
+from marketplace.sync.push import task_group
 from tests.marketplace.test_consumers import TIMEOUT_S, _headers
 from tests.marketplace.test_lifecycle import WINDOW_S, advance, bid, enrol, model_id, sync
 from tests.marketplace.test_sync import SPEC, mirror_env  # noqa: F401
@@ -142,3 +144,28 @@ def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
     history_per_round = (len(last.encode()) - len(first.encode())) / ROUNDS
     assert history_per_round > 10 * DIGITS_SLACK_BYTES, (history_per_round, sizes)
     assert json.loads(last)["snapshot"]["published_rounds"] == ROUNDS + 1
+
+
+def test_another_platform_on_the_same_redis_does_not_reach_this_ones_pages(monkeypatch):
+    """Two platforms share one Redis, each with its own database and chain, whose task ids both
+    start at 1: the other's push for its task 1 never reaches a live page of this one's."""
+    from django.db import connection
+
+    layer = get_channel_layer()
+    ours = task_group(1)
+    with monkeypatch.context() as other:
+        other.setitem(connection.settings_dict, "NAME", f"other-{uuid.uuid4().hex}")
+        theirs = task_group(1)
+
+    async def first_message() -> dict:
+        page = await layer.new_channel()
+        await layer.group_add(ours, page)
+        try:
+            await layer.group_send(theirs, {"type": "task.push", "text": "theirs"})
+            await layer.group_send(ours, {"type": "task.push", "text": "ours"})
+            return await layer.receive(page)
+        finally:
+            await layer.group_discard(ours, page)
+
+    assert ours != theirs
+    assert async_to_sync(first_message)()["text"] == "ours"

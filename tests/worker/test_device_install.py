@@ -16,7 +16,7 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 # Installed by venv itself, and left out of pip's freeze in requirements.txt too.
 BOOTSTRAP = {"pip", "setuptools", "wheel"}
-NOT_ON_DEVICES = {"django", "daphne", "channels", "djangorestframework", "playwright", "pytest"}
+NOT_ON_DEVICES = {"django", "uvicorn", "channels", "djangorestframework", "playwright", "pytest"}
 # What `python -m worker join/start/balance/withdraw` and the work it does load.
 NODE_MODULES = [
     "worker.__main__",
