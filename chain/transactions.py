@@ -282,7 +282,10 @@ def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -
         try:
             return w3.eth.send_raw_transaction(signed.raw_transaction)
         except Web3RPCError as exc:
-            clash = "nonce" in str(exc).lower() or "already known" in str(exc).lower()
+            text = str(exc).lower()
+            # The nonce was taken meanwhile: already mined (too low), or sent and still
+            # waiting in the pool (geth and Anvil: a "replacement" that pays no more).
+            clash = any(s in text for s in ("nonce", "already known", "replacement transaction"))
             if not clash or attempt == NONCE_ATTEMPTS - 1:
                 raise TransactionRejectedError(
                     f"the node refused the transaction: {exc}", sender=sender.address
@@ -317,7 +320,16 @@ def _raise_mined_revert(w3: Web3, tx: Mapping[str, Any], receipt: Any) -> None:
     raise ContractError("transaction reverted (out of gas?)", tx_hash=tx_hash)
 
 
-def transfer_eth(*, w3: Web3, sender: LocalAccount, to: str, value_wei: int) -> str:
-    """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash."""
-    receipt = send(w3, sender, {"to": to_checksum_address(to), "value": value_wei})
+def transfer_eth(
+    *,
+    w3: Web3,
+    sender: LocalAccount,
+    to: str,
+    value_wei: int,
+    sending: contextlib.AbstractContextManager[Any] | None = None,
+) -> str:
+    """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash.
+    ``sending`` as in submit."""
+    call = {"to": to_checksum_address(to), "value": value_wei}
+    receipt = submit(w3, sender, call, sending=sending).receipt()
     return "0x" + bytes(receipt["transactionHash"]).hex()

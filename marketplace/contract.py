@@ -140,6 +140,13 @@ def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[L
     that two platform transactions never race for one nonce. PlatformBusyError after
     ``wait_s``."""
     account = registrar()
+    with _account_lock(account, wait_s=wait_s):
+        yield account
+
+
+@contextlib.contextmanager
+def _account_lock(account: LocalAccount, *, wait_s: float) -> Iterator[None]:
+    """One sender at a time across the platform's processes for ``account``'s nonce."""
     lock = _redis(settings.REDIS_URL).lock(
         f"flex:platform-tx:{account.address}",
         timeout=PLATFORM_LOCK_TTL_S,
@@ -148,7 +155,7 @@ def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[L
     if not lock.acquire():
         raise PlatformBusyError(account=account.address)
     try:
-        yield account
+        yield
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
@@ -168,5 +175,18 @@ def fund_gas_on_dev_chain(*, address: str) -> int:
     if not on_dev_chain():
         return 0
     amount = settings.FLEX_DEV_DEVICE_FUNDING_WEI
-    transfer_eth(w3=w3(), sender=faucet(), to=address, value_wei=amount)
+    faucet_transfer(to=address, value_wei=amount)
     return amount
+
+
+def faucet_transfer(*, to: str, value_wei: int) -> str:
+    """Sends dev-chain ETH from the faucet; returns the tx hash. The web server's processes
+    all send from the faucet: they take its nonce one at a time."""
+    account = faucet()
+    return transfer_eth(
+        w3=w3(),
+        sender=account,
+        to=to,
+        value_wei=value_wei,
+        sending=_account_lock(account, wait_s=PLATFORM_LOCK_WAIT_S),
+    )

@@ -29,7 +29,6 @@ from chain.events import DeviceRegistered, DeviceRevoked, Strategy, TaskCancelle
 from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
-from chain.transactions import transfer_eth
 from chain.withdrawals import Withdrawal, withdraw_credit
 from core.enrolment import join_message
 from dataplane.addresses import dataplane_url_check
@@ -303,12 +302,7 @@ def wallet_fund(*, wallet: Wallet) -> str:
     """
     if not contract.on_dev_chain():
         raise wallets.FaucetUnavailableError()
-    tx_hash = transfer_eth(
-        w3=contract.w3(),
-        sender=contract.faucet(),
-        to=wallet.address,
-        value_wei=settings.FLEX_FAUCET_WEI,
-    )
+    tx_hash = contract.faucet_transfer(to=wallet.address, value_wei=settings.FLEX_FAUCET_WEI)
     logger.info("faucet sent %d wei to %s in %s", settings.FLEX_FAUCET_WEI, wallet.address, tx_hash)
     return tx_hash
 
