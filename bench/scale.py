@@ -94,6 +94,41 @@ def _selection_gas(task_id: int) -> int | None:
     return action.detail.get("gas_used") if action else None
 
 
+def enrol_run(*, devices: int) -> dict:
+    """Enrolment alone: a stack brought up to its enrolled fleet, no tasks."""
+    with (
+        tempfile.TemporaryDirectory(prefix="flex-enrol-") as tmp,
+        throwaway_database() as database_url,
+    ):
+        os.environ["DATABASE_URL"] = database_url
+        os.environ["FLEX_WEB_PORT"] = str(free_port())
+        os.environ["FLEX_CHAIN_PORT"] = str(free_port())
+        waves = tuple(w for w in ENROL_WAVES if w < devices)
+        with stack(
+            var=Path(tmp),
+            quiet_web=True,
+            devices=fleet(devices),
+            ephemeral=True,
+            enrol_waves=waves,
+            enrol_only=True,
+        ) as up:
+            issued, enrolments = up["join_tokens"], up["enrolments"]
+    return {
+        "devices": devices,
+        "database": urlsplit(database_url).scheme,
+        "join_tokens": {"devices": issued.devices, "seconds": round(issued.seconds, 2)},
+        "enrolment": [_enrolment_figures(e) for e in enrolments],
+    }
+
+
+def _enrolment_figures(e) -> dict:
+    return {
+        "devices": e.devices,
+        "seconds": round(e.seconds, 2),
+        "per_device_s": round(e.per_device_s, 3),
+    }
+
+
 def run(*, devices: int, trainer_counts: list[int], rounds: int, homes_per_worker: int) -> dict:
     fleet_ = fleet(devices)
     # Every device bids on every task: the window grows with the fleet, a slow machine
@@ -121,14 +156,7 @@ def run(*, devices: int, trainer_counts: list[int], rounds: int, homes_per_worke
         ) as up:
             issued = up["join_tokens"]
             tokens = {"devices": issued.devices, "seconds": round(issued.seconds, 2)}
-            enrolments = [
-                {
-                    "devices": e.devices,
-                    "seconds": round(e.seconds, 2),
-                    "per_device_s": round(e.per_device_s, 3),
-                }
-                for e in up["enrolments"]
-            ]
+            enrolments = [_enrolment_figures(e) for e in up["enrolments"]]
             for trainers in trainer_counts:
                 summary = follow_task(
                     up,
@@ -198,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--homes-per-worker", type=int, default=250, help="devices per process")
     p.add_argument("--quick", action="store_true", help="120 devices, 16 and 4 trainers, 2 rounds")
+    p.add_argument(
+        "--enrol-only",
+        action="store_true",
+        help="enrol the devices and stop: writes var/bench/enrolment.json",
+    )
     return p
 
 
@@ -208,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         args.devices, args.trainers, args.rounds, args.homes_per_worker = 120, [16, 4], 2, 40
     if not 2 <= args.devices <= MAX_BIDS:
         p.error(f"--devices must be between 2 and the contract's {MAX_BIDS} bids per task")
+    if args.enrol_only:
+        result = enrol_run(devices=args.devices)
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "enrolment.json").write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(enrolment_lines(result)))
+        print(f"wrote {OUT / 'enrolment.json'}")
+        return 0
     if max(args.trainers) > args.devices - 1:
         p.error(f"{max(args.trainers)} trainers need at least {max(args.trainers) + 1} devices")
     if not 1 <= args.rounds <= 100:
@@ -235,12 +275,17 @@ def write(result: dict, *, complete: bool) -> None:
     scale_plot(result["tasks"], OUT / "scale.png", devices=result["devices"])
 
 
-def table(result: dict) -> str:
-    lines = [f"{result['devices']} devices in {result['worker_processes']} worker processes"]
+def enrolment_lines(result: dict) -> list[str]:
     issued = result["join_tokens"]
-    lines.append(f"  {issued['devices']} join tokens issued in {issued['seconds']:.1f} s")
+    lines = [f"  {issued['devices']} join tokens issued in {issued['seconds']:.1f} s"]
     for e in result["enrolment"]:
         lines.append(f"  enrolled {e['devices']:>4} devices: {e['per_device_s']:.3f} s each")
+    return lines
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['devices']} devices in {result['worker_processes']} worker processes"]
+    lines += enrolment_lines(result)
     lines.append(
         f"{'trainers':>8} {'bids':>5} {'round s':>8} {'to r1 s':>7} {'gas/round':>10} "
         f"{'selection gas':>14}"

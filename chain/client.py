@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from eth_account.signers.local import LocalAccount
@@ -30,10 +32,11 @@ from chain.selection import selection_order, selection_seed
 from chain.transactions import (
     CONTRACT_NAME,
     RECEIPT_TIMEOUT_SECONDS,
+    PendingTx,
     deploy_artifact,
     rpc,
-    send,
     struct_of,
+    submit,
     tx_result,
 )
 
@@ -55,6 +58,19 @@ def _bytes32(value: bytes | str) -> bytes:
 
 def _optional_id(raw: bytes) -> str | None:
     return None if raw == bytes(32) else "0x" + bytes(raw).hex()
+
+
+@dataclass(frozen=True)
+class PendingCall:
+    """A FlexMarket transaction the node has taken, not yet known to be mined."""
+
+    pending: PendingTx
+    market: str
+    timeout: float
+
+    def result(self) -> TxResult:
+        """Waits until it is mined; raises the contract's error if it reverted there."""
+        return tx_result(self.pending.receipt(timeout=self.timeout), market=self.market)
 
 
 class FlexMarket:
@@ -132,12 +148,28 @@ class FlexMarket:
         device_class: DeviceClass,
         can_aggregate: bool,
     ) -> TxResult:
-        return self._transact(
+        return self.register_device_submit(
+            sender=sender, device=device, device_class=device_class, can_aggregate=can_aggregate
+        ).result()
+
+    def register_device_submit(
+        self,
+        *,
+        sender: LocalAccount,
+        device: str,
+        device_class: DeviceClass,
+        can_aggregate: bool,
+        sending: AbstractContextManager[Any] | None = None,
+    ) -> PendingCall:
+        """Sends the registration without waiting for it to be mined (PendingCall.result
+        waits); ``sending`` is held only while the nonce is taken and the transaction sent."""
+        return self._submit(
             sender,
             "registerDevice",
             to_checksum_address(device),
             int(device_class),
             can_aggregate,
+            sending=sending,
         )
 
     def revoke_device(self, *, sender: LocalAccount, device: str) -> TxResult:
@@ -501,11 +533,17 @@ class FlexMarket:
         return cls(**self._struct_of(name, *args))
 
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
+        return self._submit(sender, name, *args, value=value).result()
+
+    def _submit(
+        self,
+        sender: LocalAccount,
+        name: str,
+        *args: Any,
+        value: int = 0,
+        sending: AbstractContextManager[Any] | None = None,
+    ) -> PendingCall:
         data = self._contract.encode_abi(name, args=list(args))
-        receipt = send(
-            self.w3,
-            sender,
-            {"to": self.address, "data": data, "value": value},
-            receipt_timeout=self.receipt_timeout,
-        )
-        return tx_result(receipt, market=self.address)
+        call = {"to": self.address, "data": data, "value": value}
+        pending = submit(self.w3, sender, call, sending=sending)
+        return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -38,10 +39,13 @@ class ChainLaunchError(FlexError):
 
 def dev_accounts(n: int, *, start: int = 0) -> list[LocalAccount]:
     """The first ``n`` accounts of the dev mnemonic (BIP-44 path m/44'/60'/0'/0/i)."""
-    return [
-        Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
-        for i in range(start, start + n)
-    ]
+    return [_dev_account(i) for i in range(start, start + n)]
+
+
+@functools.cache
+def _dev_account(index: int) -> LocalAccount:
+    # Derived once per process: a derivation is some 10 ms of key stretching.
+    return Account.from_mnemonic(DEV_MNEMONIC, account_path=f"m/44'/60'/0'/0/{index}")
 
 
 def free_port() -> int:

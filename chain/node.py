@@ -5,23 +5,62 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 
 import requests
+from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies
 from web3 import Web3
 from web3.exceptions import ProviderConnectionError
 
 from chain.errors import ChainUnavailableError
 
 DEFAULT_TIMEOUT_S = 30.0
+# Connections kept open to the node, shared by the threads of a process.
+SESSION_POOL_SIZE = 32
 # What a lost, refusing or stalled node raises from web3's HTTP provider.
 UNREACHABLE = (requests.RequestException, ProviderConnectionError, OSError)
 
 
 @functools.cache
 def connect(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> Web3:
-    """A Web3 client of the JSON-RPC node at ``url`` (one per URL and timeout, per process)."""
-    return Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+    """A Web3 client of the JSON-RPC node at ``url`` (one per URL and timeout, per process).
+
+    Without web3's validation middleware: it asks the node its chain id before every call
+    and estimate (once per thread, and a web server runs each request in a thread of its
+    own) to compare it with the chainId of a transaction, which FLEX sets from chain_id.
+    """
+    w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}, session=_session(url)))
+    w3.middleware_onion.remove("validation")
+    return w3
+
+
+def _session(url: str) -> requests.Session:
+    """One HTTP session for every thread (web3 makes one per thread otherwise: a new
+    connection for each request a web server runs), with the environment's proxies and CA
+    bundle read once, not before every request (requests scans the whole environment then)."""
+    session = requests.Session()
+    session.proxies = get_environ_proxies(url)
+    session.verify = (
+        os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    )
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_maxsize=SESSION_POOL_SIZE)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def chain_id(w3: Web3) -> int:
+    """The node's chain id, asked once per URL and process: a node never changes it."""
+    return _chain_id_of(str(w3.provider.endpoint_uri))  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _chain_id_of(url: str) -> int:
+    with reachable():
+        return connect(url).eth.chain_id
 
 
 @contextlib.contextmanager
@@ -40,9 +79,10 @@ def chain_time(w3: Web3) -> int:
         return int(w3.eth.get_block("pending")["timestamp"])
 
 
-def max_fee_per_gas(w3: Web3) -> int:
-    """The fee cap per gas FLEX signs with: twice the latest base fee plus the node's tip, so
-    a transaction stays includable through a few blocks of rising fees."""
+def max_fee_per_gas(w3: Web3, *, tip_wei: int | None = None) -> int:
+    """The fee cap per gas FLEX signs with: twice the latest base fee plus the node's tip (or
+    ``tip_wei``, when already asked), so a transaction stays includable through a few blocks
+    of rising fees."""
     with reachable():
         base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
-        return 2 * base_fee + w3.eth.max_priority_fee
+        return 2 * base_fee + (w3.eth.max_priority_fee if tip_wei is None else tip_wei)

@@ -27,7 +27,7 @@ from chain.errors import (
     TransactionRejectedError,
 )
 from chain.events import snake_case, to_python
-from chain.node import max_fee_per_gas, reachable
+from chain.node import chain_id, max_fee_per_gas, reachable
 from chain.records import TxResult
 
 CONTRACT_NAME = "FlexMarket"
@@ -204,6 +204,64 @@ def struct_of(components: Sequence[Mapping[str, Any]], values: Sequence[Any]) ->
     }
 
 
+@dataclass(frozen=True)
+class PendingTx:
+    """A signed transaction the node has taken; ``receipt`` waits until it is mined."""
+
+    w3: Web3
+    tx: Mapping[str, Any]
+    tx_hash: bytes
+
+    def receipt(self, *, timeout: float = RECEIPT_TIMEOUT_SECONDS) -> Any:
+        """The receipt once mined; a transaction that reverted there is replayed with
+        eth_call to raise why. ChainUnavailableError when it is not mined in ``timeout``."""
+        with rpc(sender=self.tx["from"]):
+            try:
+                receipt = self.w3.eth.wait_for_transaction_receipt(
+                    self.tx_hash, timeout=timeout, poll_latency=0.05
+                )
+            except TimeExhausted as exc:
+                raise ChainUnavailableError(
+                    "transaction was not mined in time", tx_hash="0x" + bytes(self.tx_hash).hex()
+                ) from exc
+            if receipt["status"] != 1:
+                _raise_mined_revert(self.w3, self.tx, receipt)
+        return receipt
+
+
+def submit(
+    w3: Web3,
+    sender: LocalAccount,
+    call: dict[str, Any],
+    *,
+    sending: contextlib.AbstractContextManager[Any] | None = None,
+) -> PendingTx:
+    """Estimates, signs with ``sender``'s key and hands the transaction to the node, without
+    waiting for it to be mined: the next transaction from ``sender`` may follow at once.
+
+    Only taking the nonce and sending are done one transaction of ``sender`` at a time, under
+    this process's lock for it and ``sending`` (say, a lock the processes signing with the
+    same key share). A revert found by the estimate raises its typed error before anything
+    is sent.
+    """
+    tx: dict[str, Any] = {"from": sender.address, **call}
+    with rpc(sender=sender.address):
+        tip = w3.eth.max_priority_fee
+        # Against the pending block: its time is the one the transaction will run at, so a
+        # deadline that has passed by the chain's clock has passed for the estimate too.
+        estimate = w3.eth.estimate_gas(tx, "pending")
+        margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
+        tx.update(
+            chainId=chain_id(w3),
+            gas=min(estimate + margin, MAX_TX_GAS),
+            maxPriorityFeePerGas=tip,
+            maxFeePerGas=max_fee_per_gas(w3, tip_wei=tip),
+        )
+        with _nonce_lock(sender.address), sending or contextlib.nullcontext():
+            tx_hash = _send_with_fresh_nonce(w3, sender, tx)
+    return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash)
+
+
 def send(
     w3: Web3,
     sender: LocalAccount,
@@ -211,37 +269,8 @@ def send(
     *,
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
 ) -> Any:
-    """Estimates, signs with ``sender``'s key, sends raw and waits for the receipt.
-
-    A revert found by the estimate raises its typed error before anything is sent; a
-    transaction that reverts once mined is replayed with eth_call to decode why.
-    """
-    tx: dict[str, Any] = {"from": sender.address, **call}
-    with rpc(sender=sender.address):
-        chain_id = w3.eth.chain_id
-        with _nonce_lock(sender.address):
-            # Against the pending block: its time is the one the transaction will run at, so
-            # a deadline that has passed by the chain's clock has passed for the estimate too.
-            estimate = w3.eth.estimate_gas(tx, "pending")
-            margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
-            tx.update(
-                chainId=chain_id,
-                gas=min(estimate + margin, MAX_TX_GAS),
-                maxPriorityFeePerGas=w3.eth.max_priority_fee,
-                maxFeePerGas=max_fee_per_gas(w3),
-            )
-            tx_hash = _send_with_fresh_nonce(w3, sender, tx)
-        try:
-            receipt = w3.eth.wait_for_transaction_receipt(
-                tx_hash, timeout=receipt_timeout, poll_latency=0.05
-            )
-        except TimeExhausted as exc:
-            raise ChainUnavailableError(
-                "transaction was not mined in time", tx_hash="0x" + bytes(tx_hash).hex()
-            ) from exc
-        if receipt["status"] != 1:
-            _raise_mined_revert(w3, tx, receipt)
-    return receipt
+    """Submits the transaction (see submit) and waits for its receipt (PendingTx.receipt)."""
+    return submit(w3, sender, call).receipt(timeout=receipt_timeout)
 
 
 def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:
@@ -253,7 +282,10 @@ def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -
         try:
             return w3.eth.send_raw_transaction(signed.raw_transaction)
         except Web3RPCError as exc:
-            clash = "nonce" in str(exc).lower() or "already known" in str(exc).lower()
+            text = str(exc).lower()
+            # The nonce was taken meanwhile: already mined (too low), or sent and still
+            # waiting in the pool (geth and Anvil: a "replacement" that pays no more).
+            clash = any(s in text for s in ("nonce", "already known", "replacement transaction"))
             if not clash or attempt == NONCE_ATTEMPTS - 1:
                 raise TransactionRejectedError(
                     f"the node refused the transaction: {exc}", sender=sender.address
@@ -288,7 +320,16 @@ def _raise_mined_revert(w3: Web3, tx: Mapping[str, Any], receipt: Any) -> None:
     raise ContractError("transaction reverted (out of gas?)", tx_hash=tx_hash)
 
 
-def transfer_eth(*, w3: Web3, sender: LocalAccount, to: str, value_wei: int) -> str:
-    """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash."""
-    receipt = send(w3, sender, {"to": to_checksum_address(to), "value": value_wei})
+def transfer_eth(
+    *,
+    w3: Web3,
+    sender: LocalAccount,
+    to: str,
+    value_wei: int,
+    sending: contextlib.AbstractContextManager[Any] | None = None,
+) -> str:
+    """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash.
+    ``sending`` as in submit."""
+    call = {"to": to_checksum_address(to), "value": value_wei}
+    receipt = submit(w3, sender, call, sending=sending).receipt()
     return "0x" + bytes(receipt["transactionHash"]).hex()

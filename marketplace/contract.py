@@ -19,6 +19,7 @@ from web3 import Web3
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
 from chain.launcher import dev_accounts
+from chain.node import chain_id as node_chain_id
 from chain.node import chain_time, connect, reachable
 from chain.transactions import transfer_eth
 from core import messages
@@ -50,8 +51,7 @@ def w3() -> Web3:
 
 
 def chain_id() -> int:
-    with reachable():
-        return w3().eth.chain_id
+    return node_chain_id(w3())
 
 
 def chain_clock_offset() -> float:
@@ -64,11 +64,6 @@ def chain_clock_offset() -> float:
         return 0.0
     # Block times are whole seconds: only a shift beyond their rounding counts.
     return offset if abs(offset) > 2 else 0.0
-
-
-@functools.cache
-def _chain_id_of(rpc_url: str) -> int:
-    return connect(rpc_url).eth.chain_id
 
 
 def on_dev_chain() -> bool:
@@ -111,13 +106,17 @@ def address() -> str:
 
 def deployment_identity() -> messages.Deployment:
     """The deployment every message of this platform names: chain id and contract address."""
-    # A node's chain id never changes: asked once per URL and process, as messages go often.
-    with reachable():
-        return messages.Deployment(chain_id=_chain_id_of(settings.ETH_RPC_URL), contract=address())
+    return messages.Deployment(chain_id=chain_id(), contract=address())
 
 
 def market() -> FlexMarket:
-    return FlexMarket(w3=w3(), address=address())
+    return _market(settings.ETH_RPC_URL, address())
+
+
+@functools.cache
+def _market(rpc_url: str, address: str) -> FlexMarket:
+    # One client per node and contract: building one decodes the whole ABI (some 40 ms).
+    return FlexMarket(w3=connect(rpc_url), address=address)
 
 
 def registrar() -> LocalAccount:
@@ -141,6 +140,13 @@ def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[L
     that two platform transactions never race for one nonce. PlatformBusyError after
     ``wait_s``."""
     account = registrar()
+    with _account_lock(account, wait_s=wait_s):
+        yield account
+
+
+@contextlib.contextmanager
+def _account_lock(account: LocalAccount, *, wait_s: float) -> Iterator[None]:
+    """One sender at a time across the platform's processes for ``account``'s nonce."""
     lock = _redis(settings.REDIS_URL).lock(
         f"flex:platform-tx:{account.address}",
         timeout=PLATFORM_LOCK_TTL_S,
@@ -149,7 +155,7 @@ def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[L
     if not lock.acquire():
         raise PlatformBusyError(account=account.address)
     try:
-        yield account
+        yield
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
@@ -169,5 +175,18 @@ def fund_gas_on_dev_chain(*, address: str) -> int:
     if not on_dev_chain():
         return 0
     amount = settings.FLEX_DEV_DEVICE_FUNDING_WEI
-    transfer_eth(w3=w3(), sender=faucet(), to=address, value_wei=amount)
+    faucet_transfer(to=address, value_wei=amount)
     return amount
+
+
+def faucet_transfer(*, to: str, value_wei: int) -> str:
+    """Sends dev-chain ETH from the faucet; returns the tx hash. The web server's processes
+    all send from the faucet: they take its nonce one at a time."""
+    account = faucet()
+    return transfer_eth(
+        w3=w3(),
+        sender=account,
+        to=to,
+        value_wei=value_wei,
+        sending=_account_lock(account, wait_s=PLATFORM_LOCK_WAIT_S),
+    )

@@ -29,7 +29,6 @@ from chain.events import DeviceRegistered, DeviceRevoked, Strategy, TaskCancelle
 from chain.events import TaskState as ChainTaskState
 from chain.node import chain_time, max_fee_per_gas
 from chain.records import TxResult
-from chain.transactions import transfer_eth
 from chain.withdrawals import Withdrawal, withdraw_credit
 from core.enrolment import join_message
 from dataplane.addresses import dataplane_url_check
@@ -188,14 +187,16 @@ def device_enrol(
     # Broker access first: a broker that refuses leaves nothing registered on chain.
     device_broker_grant(device=device)
     try:
-        market = contract.market()
-        with contract.platform_account_lock() as platform:
-            receipt = market.register_device(
-                sender=platform,
-                device=claimed,
-                device_class=ChainDeviceClass[device_class.upper()],
-                can_aggregate=token.may_aggregate,
-            )
+        # The registrar's lock is held only while its nonce is taken and the registration
+        # sent: devices enrolling together are estimated and mined side by side.
+        pending = contract.market().register_device_submit(
+            sender=contract.registrar(),
+            device=claimed,
+            device_class=ChainDeviceClass[device_class.upper()],
+            can_aggregate=token.may_aggregate,
+            sending=contract.platform_account_lock(),
+        )
+        receipt = pending.result()
     except BaseException:
         device_broker_remove(device=device)
         raise
@@ -301,12 +302,7 @@ def wallet_fund(*, wallet: Wallet) -> str:
     """
     if not contract.on_dev_chain():
         raise wallets.FaucetUnavailableError()
-    tx_hash = transfer_eth(
-        w3=contract.w3(),
-        sender=contract.faucet(),
-        to=wallet.address,
-        value_wei=settings.FLEX_FAUCET_WEI,
-    )
+    tx_hash = contract.faucet_transfer(to=wallet.address, value_wei=settings.FLEX_FAUCET_WEI)
     logger.info("faucet sent %d wei to %s in %s", settings.FLEX_FAUCET_WEI, wallet.address, tx_hash)
     return tx_hash
 

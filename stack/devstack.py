@@ -211,6 +211,7 @@ def stack(
     homes_per_worker: int = 1,
     ephemeral: bool = False,
     enrol_waves: Sequence[int] = (),
+    enrol_only: bool = False,
 ) -> Iterator[dict]:
     """Bring the whole platform up; yield what a client needs; tear it all down on exit.
 
@@ -222,6 +223,7 @@ def stack(
     web server and the chain; ``enrol_waves`` (say 10, 100) enrols that many first, one wave
     after the other, then the rest, and ``up["enrolments"]`` says how long each wave took
     (their join tokens are issued before, all at once: ``up["join_tokens"]``).
+    ``enrol_only`` stops there: no workers, beat or buyer (a bench of enrolment alone).
     """
     # Where the web server and the chain listen, and the URL devices enrol at: loopback unless
     # the operator sets them (devices on other hosts need an address they can reach).
@@ -300,6 +302,15 @@ def stack(
             done = enrol_all(wave_homes, web_url=web_url, env=env, ports=ports, tokens=tokens)
             say(f"enrolled {done.devices} in {done.seconds:.1f} s ({done.per_device_s:.3f} s each)")
             enrolments.append(done)
+        if enrol_only:
+            yield {
+                "supervisor": sup,
+                "homes": homes,
+                "env": env,
+                "enrolments": enrolments,
+                "join_tokens": issued,
+            }
+            return
         # Devices enrolled by an earlier run keep their credentials; the broker may be new.
         manage("broker_grant_devices", env=env)
         buyer = json.loads(manage("demo_buyer", env=env, capture=True).splitlines()[-1])

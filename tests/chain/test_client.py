@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from eth_account import Account
@@ -14,6 +17,8 @@ from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreate
 from chain.launcher import free_port
 from chain.records import TxResult
 from tests.chain.conftest import Accounts, Flow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_one_account_sends_many_transactions_at_once(market: FlexMarket, accounts: Accounts):
@@ -78,3 +83,40 @@ def test_sender_without_funds_is_rejected_typed(
     assert exc.value.code == "transaction_rejected"
     assert exc.value.sender == broke.address
     assert w3.eth.get_transaction_count(broke.address) == 0
+
+
+SENDER_SCRIPT = """
+import contextlib, fcntl, sys
+from eth_account import Account
+from chain.node import connect
+from chain.transactions import transfer_eth
+w3, key, lock_path = connect(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+@contextlib.contextmanager
+def shared_lock():
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+for to in sys.argv[4:]:
+    transfer_eth(w3=w3, sender=Account.from_key(key), to=to, value_wei=1, sending=shared_lock())
+"""
+
+
+def test_processes_sharing_a_lock_for_one_key_all_get_their_transactions_in(
+    market: FlexMarket, accounts: Accounts, w3: Web3, tmp_path
+):
+    # As the web server's worker processes all fund new devices from the one faucet key:
+    # the lock they share is held only while a nonce is taken and its transaction sent.
+    sender = accounts.spare[0]
+    payees = [[Account.create().address for _ in range(8)] for _ in range(3)]
+    url = str(w3.provider.endpoint_uri)
+    key = "0x" + bytes(sender.key).hex()
+    lock = str(tmp_path / "nonce.lock")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SENDER_SCRIPT, url, key, lock, *batch], cwd=ROOT)
+        for batch in payees
+    ]
+
+    assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
+    assert all(w3.eth.get_balance(a) == 1 for batch in payees for a in batch)

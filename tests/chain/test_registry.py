@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from eth_account import Account
+from eth_utils import keccak
 
 from chain.client import FlexMarket
 from chain.errors import (
@@ -127,6 +129,32 @@ def test_register_device(market: FlexMarket, accounts: Accounts):
     assert info.status == DeviceStatus.ACTIVE
     assert info.device_class == DeviceClass.JETSON
     assert info.can_aggregate is True
+
+
+def test_a_registrar_sends_the_next_registration_before_the_first_is_mined(
+    market: FlexMarket, accounts: Accounts
+):
+    devices = [Account.from_key(keccak(text=f"unmined-{i}")).address for i in range(3)]
+    w3 = market.w3
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        pending = [
+            market.register_device_submit(
+                sender=accounts.owner, device=d, device_class=DeviceClass.GPU, can_aggregate=False
+            )
+            for d in devices
+        ]
+        # Handed to the node, none mined: nothing registered yet.
+        assert {market.device(device=d).status for d in devices} == {DeviceStatus.NONE}
+        w3.provider.make_request("evm_mine", [])
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+
+    results = [p.result() for p in pending]
+
+    assert [r.first(DeviceRegistered).device for r in results] == devices
+    assert len({r.block_number for r in results}) == 1
+    assert {market.device(device=d).status for d in devices} == {DeviceStatus.ACTIVE}
 
 
 def test_register_device_rejects_non_registrar(market: FlexMarket, accounts: Accounts):

@@ -184,3 +184,45 @@ def test_the_command_refuses_a_lifetime_that_is_not_positive_and_issues_nothing(
     with pytest.raises(CommandError, match="lifetime must be positive"):
         call_command("issue_join_token", "a", "b", "--hours", "0", stdout=io.StringIO())
     assert not JoinToken.objects.exists()
+
+
+def test_the_registrar_is_free_while_a_registration_waits_for_its_block(
+    live_server, tmp_path, platform_market
+):
+    issued = join_token_issue(label="slow-block", ttl=timedelta(minutes=10))
+    account, joined = Account.create(), {}
+    w3 = platform_market.w3
+    # A chain that mines only when told, as a real one mines every few seconds.
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        device = threading.Thread(
+            target=lambda: joined.update(
+                config=join(
+                    server_url=live_server.url,
+                    token=issued.raw,
+                    account=account,
+                    home=tmp_path / "slow-block",
+                    name="slow-block",
+                    device_class="cpu",
+                    policy=BidPolicy(price_per_round_wei=2 * 10**14),
+                )
+            )
+        )
+        device.start()
+        deadline = time.monotonic() + 300
+        while not w3.eth.get_block("pending")["transactions"]:
+            assert device.is_alive(), "the join ended before its registration was sent"
+            assert time.monotonic() < deadline, "the registration was never sent"
+            time.sleep(0.2)
+        # Sent and not mined: another platform transaction may take the registrar now.
+        with contract.platform_account_lock(wait_s=1) as registrar:
+            assert registrar.address == platform_market.registrar()
+        assert platform_market.device(device=account.address).status == DeviceStatus.NONE
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request("evm_mine", [])
+    device.join(timeout=300)
+
+    assert joined["config"].address == account.address
+    assert platform_market.device(device=account.address).status == DeviceStatus.ACTIVE
+    assert Device.objects.get(address=account.address).registration_tx
