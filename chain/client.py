@@ -345,13 +345,10 @@ class FlexMarket:
             "contestExclusion",
             args=[self.address, task_id, round_number, statement, contest.encoded()],
         )
-        receipt = send(
-            self.w3,
-            sender,
-            {"to": verifier.address, "data": data, "value": 0},
-            receipt_timeout=self.receipt_timeout,
-        )
-        return tx_result(receipt, market=self.address)
+        pending = submit(self.w3, sender, {"to": verifier.address, "data": data, "value": 0})
+        return PendingCall(
+            pending=pending, market=self.address, timeout=self.receipt_timeout
+        ).result()
 
     def finalize(self, *, sender: LocalAccount, task_id: int) -> TxResult:
         return self._transact(sender, "finalize", task_id)
