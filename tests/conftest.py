@@ -27,6 +27,13 @@ def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first (the test workers take one test at a time: pyproject.toml), so
+    they start side by side at once and the many short ones fill in around them, instead
+    of one worker ending the run alone on a long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def chain_node() -> Iterator[LocalChain]:
     with LocalChain(accounts=20) as node:

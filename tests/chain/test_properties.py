@@ -319,6 +319,7 @@ def play(scenario: Scenario, market: FlexMarket, accounts: Accounts, flow: Flow,
     assert market.balance_wei() == 0
 
 
+@pytest.mark.slow
 @settings(
     max_examples=40,
     deadline=None,

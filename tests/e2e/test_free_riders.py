@@ -20,6 +20,8 @@ from stack.backing import stack_vhost_delete
 from tests.chain.oracle import round_pay
 from training.scoring import FLOOR
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 3
 

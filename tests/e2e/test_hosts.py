@@ -16,6 +16,8 @@ import pytest
 
 from stack.backing import stack_vhost_delete
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

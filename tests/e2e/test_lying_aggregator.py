@@ -18,6 +18,8 @@ from chain.launcher import free_port
 from stack.backing import stack_vhost_delete
 from tests.e2e.lying_aggregator import LIE_IN_ROUND
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

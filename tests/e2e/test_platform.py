@@ -16,6 +16,8 @@ from chain.launcher import free_port
 from stack.backing import stack_vhost_delete
 from stack.devstack import LOCAL_DEVICES
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS, ROUNDS = 3, 3
 

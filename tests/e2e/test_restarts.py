@@ -46,6 +46,8 @@ from stack.backing import LOCAL_POSTGRES_URL, LocalRabbitMQ, local_redis, postgr
 from stack.demo import DEMO_SPEC
 from stack.devstack import LOCAL_DEVICES, stack
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS = 2
 DEVICES = LOCAL_DEVICES[: TRAINERS + 1]  # the aggregator and two trainers
