@@ -1,5 +1,5 @@
 """Two tasks whose initial weights are equal: two initial models with two IDs, each served by
-the one aggregator to its own task's trainers only (the stall of issue 15, item 1)."""
+the one aggregator to its own task's trainers only: neither task waits on the other's model."""
 
 from __future__ import annotations
 
