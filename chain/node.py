@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 from collections.abc import Iterator
 
 import requests
@@ -46,10 +47,32 @@ def _session(url: str) -> requests.Session:
         os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     )
     session.trust_env = False
+    _pool_new(session)
+    _SESSIONS.add(session)
+    return session
+
+
+def _pool_new(session: requests.Session) -> None:
     adapter = HTTPAdapter(pool_maxsize=SESSION_POOL_SIZE)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-    return session
+
+
+# Every session made in this process, so that a forked child drops their connections.
+_SESSIONS: weakref.WeakSet[requests.Session] = weakref.WeakSet()
+
+
+def _drop_inherited_connections() -> None:
+    """In a forked child (a Celery pool process): the sessions' open connections are its
+    parent's sockets too, and two processes writing one socket garble each other's requests
+    (the node answers "Invalid request" or hangs up). The child gets pools of its own; the
+    inherited ones are left untouched (a lock a parent's thread held at the fork would stay
+    held in the child)."""
+    for session in list(_SESSIONS):
+        _pool_new(session)
+
+
+os.register_at_fork(after_in_child=_drop_inherited_connections)
 
 
 def chain_id(w3: Web3) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -27,11 +28,16 @@ TIMEOUT_S = 30.0
 DEFAULT_BROKER_API_URL = "http://guest:guest@127.0.0.1:15672/"
 
 
-@functools.cache
 def _http() -> requests.Session:
     """Calls to the management API; every one FLEX makes is idempotent (GET, PUT, DELETE),
     so one the broker failed with a 5xx (seen while other clients add and remove users) is
-    sent again a few times, backing off, before it counts as refused."""
+    sent again a few times, backing off, before it counts as refused. One session per
+    process: a forked child must not share its parent's connections."""
+    return _http_of(os.getpid())
+
+
+@functools.cache
+def _http_of(pid: int) -> requests.Session:
     session = requests.Session()
     retry = Retry(total=4, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504))
     session.mount("http://", HTTPAdapter(max_retries=retry))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
 from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
 from chain.launcher import free_port
+from chain.node import connect
 from chain.records import TxResult
 from tests.chain.conftest import Accounts, Flow
 
@@ -120,3 +122,24 @@ def test_processes_sharing_a_lock_for_one_key_all_get_their_transactions_in(
 
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
     assert all(w3.eth.get_balance(a) == 1 for batch in payees for a in batch)
+
+
+def _ask_the_node(url: str, times: int) -> None:
+    w3 = connect(url)
+    for _ in range(times):
+        assert w3.eth.block_number >= 0
+
+
+def test_a_forked_process_and_its_parent_ask_the_node_side_by_side(chain_node):
+    """A Celery pool process is forked from a worker that already talks to the node: each
+    must have connections of its own, or their requests garble each other's on one socket."""
+    url = chain_node.rpc_url
+    _ask_the_node(url, 1)  # the parent holds an open connection to the node now
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=_ask_the_node, args=(url, 300)) for _ in range(2)]
+    for child in children:
+        child.start()
+    _ask_the_node(url, 300)
+    for child in children:
+        child.join()
+    assert [child.exitcode for child in children] == [0, 0]
