@@ -7,12 +7,15 @@ from datetime import timedelta
 
 from eth_account.messages import encode_defunct
 
+from chain.events import Role
 from core.enrolment import join_message
 from marketplace import services
 from marketplace.models import TaskOrder
 from training.spec import TaskSpec
 
 PASSWORD = "a-long-enough-passphrase-42"
+# What the devices of one_round_selected bid per round.
+PRICE_WEI = 2 * 10**14
 
 
 def buyer_signup(username: str):
@@ -62,3 +65,21 @@ def device_enrol(
         dataplane_cert_sha256=cert,
         **prices,
     )
+
+
+def one_round_selected(
+    buyer, market, w3, *, aggregator, trainer, plane_url: str, cert: str, window_s: int
+) -> TaskOrder:
+    """A one-round task of ``buyer``, ``aggregator`` (serving its data
+    plane at ``plane_url``) and ``trainer`` enrolled, bid at PRICE_WEI and selected."""
+    device_enrol(aggregator, name="gpu-box", may_aggregate=True, dataplane_url=plane_url, cert=cert)
+    device_enrol(trainer, name="pixel-7")
+    task = task_post(buyer, rounds=1, window_s=window_s)
+    tid = task.chain_task_id
+    for device, role, samples in ((aggregator, Role.AGGREGATOR, 0), (trainer, Role.TRAINER, 500)):
+        market.place_bid(
+            sender=device, task_id=tid, price_per_round_wei=PRICE_WEI, samples=samples, role=role
+        )
+    w3.provider.make_request("evm_mine", [market.task(task_id=tid).bidding_ends])
+    market.select_nodes(sender=aggregator, task_id=tid)
+    return task

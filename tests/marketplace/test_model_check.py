@@ -14,7 +14,6 @@ import pytest
 from django.urls import reverse
 from eth_account import Account
 
-from chain.events import Role
 from chain.selection import mask_of
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
@@ -23,8 +22,8 @@ from marketplace.model_check import model_check
 from marketplace.models import ModelCheck, TaskOrder
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
-from tests.marketplace.people import buyer_signup, device_enrol, task_post
-from tests.marketplace.test_model_download import PRICE_WEI, SPEC
+from tests.marketplace.people import buyer_signup, one_round_selected
+from tests.marketplace.test_model_download import SPEC
 from training.catalogue import initial_weights
 from training.fixedpoint import quantize
 from training.serialize import Kind, ModelBlob, decode, model_id
@@ -61,29 +60,17 @@ def one_round(ada, platform_market, w3, tmp_path: Path) -> Iterator[Round]:
         certificate=certificate,
     )
     with plane:
-        device_enrol(
-            aggregator,
-            name="gpu-box",
-            may_aggregate=True,
-            dataplane_url=plane.url,
+        task = one_round_selected(
+            ada,
+            platform_market,
+            w3,
+            aggregator=aggregator,
+            trainer=trainer,
+            plane_url=plane.url,
             cert=certificate.sha256,
+            window_s=600,
         )
-        device_enrol(trainer, name="pixel-7")
-        task = task_post(ada, rounds=1, window_s=600)
         tid = task.chain_task_id
-        for device, role, samples in (
-            (aggregator, Role.AGGREGATOR, 0),
-            (trainer, Role.TRAINER, 500),
-        ):
-            platform_market.place_bid(
-                sender=device,
-                task_id=tid,
-                price_per_round_wei=PRICE_WEI,
-                samples=samples,
-                role=role,
-            )
-        w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
-        platform_market.select_nodes(sender=aggregator, task_id=tid)
         of_task = {"task_id": tid, "chain_id": w3.eth.chain_id, "contract": platform_market.address}
         initial = quantize(initial_weights(spec=SPEC))
         store.put(initial_blob := blob_of(initial, kind=Kind.GLOBAL, round_number=0, **of_task))

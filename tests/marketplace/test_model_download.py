@@ -19,7 +19,6 @@ import pytest
 from django.urls import reverse
 from eth_account import Account
 
-from chain.events import Role
 from chain.selection import mask_of
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
@@ -28,7 +27,7 @@ from marketplace.model_check import model_check
 from marketplace.models import Device, ModelCheck, TaskOrder
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
-from tests.marketplace.people import buyer_signup, device_enrol, task_post
+from tests.marketplace.people import buyer_signup, one_round_selected, task_post
 from training.catalogue import initial_weights
 from training.datasets import load_test
 from training.export import reencoded_id
@@ -38,7 +37,6 @@ from training.store import ModelStore
 
 pytestmark = pytest.mark.django_db
 
-PRICE_WEI = 2 * 10**14
 SPEC = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=1)  # what task_post orders
 
 
@@ -71,29 +69,17 @@ def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
         store=store, policy=policy, node_address=aggregator.address, certificate=certificate
     )
     with plane:
-        device_enrol(
-            aggregator,
-            name="gpu-box",
-            may_aggregate=True,
-            dataplane_url=plane.url,
+        task = one_round_selected(
+            ada,
+            platform_market,
+            w3,
+            aggregator=aggregator,
+            trainer=trainer,
+            plane_url=plane.url,
             cert=certificate.sha256,
+            window_s=10,
         )
-        device_enrol(trainer, name="pixel-7")
-        task = task_post(ada, rounds=1, window_s=10)
         tid = task.chain_task_id
-        for device, role, samples in (
-            (aggregator, Role.AGGREGATOR, 0),
-            (trainer, Role.TRAINER, 500),
-        ):
-            platform_market.place_bid(
-                sender=device,
-                task_id=tid,
-                price_per_round_wei=PRICE_WEI,
-                samples=samples,
-                role=role,
-            )
-        w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
-        platform_market.select_nodes(sender=aggregator, task_id=tid)
         rng = np.random.default_rng(3)
         task_of = {"task_id": tid, "chain_id": w3.eth.chain_id, "contract": platform_market.address}
         # Weights of the task's model (digits-mlp), as training might have left them; the
