@@ -146,9 +146,11 @@ def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[L
 
 @contextlib.contextmanager
 def _account_lock(account: LocalAccount, *, wait_s: float) -> Iterator[None]:
-    """One sender at a time across the platform's processes for ``account``'s nonce."""
+    """One sender at a time across the platform's processes for ``account``'s nonce on its
+    chain node: stacks that share a Redis but not a chain (each local stack, bench and test
+    worker has its own node, all with the same dev accounts) never wait on each other."""
     lock = _redis(settings.REDIS_URL).lock(
-        f"flex:platform-tx:{account.address}",
+        f"flex:platform-tx:{settings.ETH_RPC_URL}:{account.address}",
         timeout=PLATFORM_LOCK_TTL_S,
         blocking_timeout=wait_s,
     )
