@@ -45,6 +45,16 @@ def w3(chain_node: LocalChain) -> Web3:
     return chain_node.w3()
 
 
+@pytest.fixture
+def chain_rewound(w3) -> Iterator[None]:
+    """The session's chain put back as it was after the test: its state, and its clock, which
+    a test that mines past a deadline moves ahead of the wall clock (later tests order tasks
+    whose deadlines are wall-clock times)."""
+    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
+    yield
+    w3.provider.make_request("evm_revert", [snapshot])
+
+
 @pytest.fixture(scope="session")
 def platform_market(chain_node: LocalChain) -> FlexMarket:
     """A FlexMarket deployed once for the session by dev account 0, the platform's registrar."""

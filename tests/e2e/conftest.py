@@ -89,15 +89,6 @@ def screenshots() -> Path:
 
 
 @pytest.fixture
-def chain_rewound(w3) -> Iterator[None]:
-    """The test moves chain time past the bidding deadline: put the chain back afterwards, so
-    later tests see the chain's clock where the wall clock is."""
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
-
-
-@pytest.fixture
 def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
     """The platform's messages to devices are kept, not queued: this test plays the devices
     itself, and nothing must be left in a broker queue for another test's worker."""

@@ -28,11 +28,3 @@ def finished(alice, platform_market, w3):
     """Alice's task, run to the end on chain and mirrored by chain sync."""
     with task_run_to_the_end(platform_market, w3, buyer=alice) as rows:
         yield rows
-
-
-@pytest.fixture
-def chain_rewound(w3):
-    """The session's chain put back as it was after the test."""
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])

@@ -19,13 +19,6 @@ BUDGET_WEI = 10**16  # what people.task_post orders
 
 
 @pytest.fixture
-def chain_rewound(w3):
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
-
-
-@pytest.fixture
 def ada(client):
     user = buyer_signup("ada")
     client.force_login(user)

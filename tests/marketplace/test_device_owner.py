@@ -28,13 +28,6 @@ AGGREGATOR_PRICE_WEI = 2 * 10**14
 
 
 @pytest.fixture
-def chain_rewound(w3):
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
-
-
-@pytest.fixture
 def worked(platform_market, w3, chain_rewound):
     """Two rounds with two trainers, settled: ``steady`` delivered both, ``flaky`` the first
     only (round 2 closed at its timeout without it)."""

@@ -49,7 +49,7 @@ def ada(client):
 
 
 @pytest.fixture
-def one_round(ada, platform_market, w3, tmp_path: Path) -> Iterator[Round]:
+def one_round(ada, platform_market, w3, chain_rewound, tmp_path: Path) -> Iterator[Round]:
     aggregator, trainer = Account.create(), Account.create()
     store = ModelStore(tmp_path / "aggregator")
     certificate = node_certificate(tmp_path / "tls", common_name="gpu-box")

@@ -60,7 +60,7 @@ class Trained:
 
 
 @pytest.fixture
-def trained(ada, platform_market, w3, tmp_path: Path) -> Iterator[Trained]:
+def trained(ada, platform_market, w3, chain_rewound, tmp_path: Path) -> Iterator[Trained]:
     aggregator, trainer = Account.create(), Account.create()
     store = ModelStore(tmp_path / "aggregator")
     policy = ChainPolicy(market=platform_market, ttl=0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from django.urls import reverse
@@ -13,17 +12,10 @@ from chain.events import TaskCreated
 from chain.node import chain_time
 from marketplace import contract, services, wallets
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("chain_rewound")]
 
 PASSWORD = "a-long-enough-passphrase-42"
 REFUND = 4 * 10**15
-
-
-@pytest.fixture(autouse=True)
-def chain_rewound(w3) -> Iterator[None]:
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
 
 
 def buyer_with_refund(name: str):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,6 @@ from worker.keys import LIGHT_SCRYPT_N, key_create
 ROOT = Path(__file__).resolve().parents[2]
 PASSPHRASE = "device-owner-passphrase"
 CREDIT = 3 * 10**15
-
-
-@pytest.fixture
-def chain_rewound(w3) -> Iterator[None]:
-    snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
-    yield
-    w3.provider.make_request("evm_revert", [snapshot])
 
 
 @pytest.fixture
