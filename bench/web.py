@@ -1,17 +1,17 @@
 """Load the task list page and the tasks API from a second process; write var/bench/web.json.
 
-`python -m bench.web` makes a throwaway database (a new PostgreSQL database beside
-DATABASE_URL when that is PostgreSQL, else a temporary SQLite file), seeds one buyer with
-1,000 tasks and 10,000 bids on them from 100 devices (bulk_create), counts the queries one
-request for each URL makes (in this process, with Django's test client; ``--explain``
-prints their plans on PostgreSQL), serves FLEX as the local stack does (uvicorn, one worker
-process per CPU unless FLEX_WEB_WORKERS says otherwise) on a free loopback port, and
-drives each URL from a separate process over keep-alive connections (aiohttp, 16 at a time,
-bounded in requests and seconds), signed in as that buyer: the session cookie for the page,
-the API token for the API. Only 127.0.0.1 is used. Figures are indicative: the machines are
-shared and noisy; the server's CPU time per request ("cpu ms", all its processes) depends
-much less on the other load than the rate does. "queries" counts those of a request served
-from the task-list cache, "changed" those of one right after the buyer's tasks changed.
+`python -m bench.web` makes a throwaway database (a new PostgreSQL database beside DATABASE_URL
+when that is PostgreSQL, else a temporary SQLite file), seeds one buyer with 1,000 tasks and
+10,000 bids on them from 100 devices (bulk_create), counts the queries one request for each URL
+makes (in this process, with Django's test client; ``--explain`` prints their plans on
+PostgreSQL), serves FLEX as the local stack does (gunicorn, one worker process per CPU unless
+FLEX_WEB_WORKERS says otherwise, WEB_THREADS threads each) on a free loopback port, and drives
+each URL from a separate process over keep-alive connections (aiohttp, 16 at a time, bounded in
+requests and seconds), signed in as that buyer: the session cookie for the page, the API token
+for the API. Only 127.0.0.1 is used. Figures are indicative: the machines are shared and noisy;
+the server's CPU time per request ("cpu ms", all its processes) depends much less on the other
+load than the rate does. "queries" counts those of a request served from the task-list cache,
+"changed" those of one right after the buyer's tasks changed.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stack.devstack import web_command, web_workers
+from stack.devstack import WEB_THREADS, web_command, web_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "web.json"
@@ -48,6 +48,9 @@ MAX_SECONDS = 15.0
 WARMUP_REQUESTS = 50
 SERVER_START_TIMEOUT_S = 60.0
 BUYER = "bench-buyer"
+# Goals at the default sizes: requests per second of each URL, and the slowest 1 % under.
+TARGET_RPS = {"task_list": 200, "api_tasks": 300}
+TARGET_P99_MS = 250
 
 
 def free_port() -> int:
@@ -447,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "task_list": {**page, **counted["task_list"]},
         "api_tasks": {**api, **counted["api_tasks"]},
         "setup": {
-            "server": f"uvicorn x {web_workers()}",
+            "server": f"gunicorn x {web_workers()} x {WEB_THREADS} threads",
             "database": engine,
             "tasks": args.tasks,
             "bids": args.bids,
@@ -507,8 +510,14 @@ def main(argv: list[str] | None = None) -> int:
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
     print(f"wrote {OUT.relative_to(ROOT)}")
-    failed = any(sum(result[k]["failures"].values()) for k in ("task_list", "api_tasks"))
-    return 1 if failed else 0
+    failed = any(sum(result[k]["failures"].values()) for k in TARGET_RPS)
+    missed = [
+        f"{name} {result[name]['rps']:.0f} req/s (goal {rps}), p99 {result[name]['p99_ms']} ms"
+        for name, rps in TARGET_RPS.items()
+        if result[name]["rps"] < rps or (result[name]["p99_ms"] or 0) >= TARGET_P99_MS
+    ]
+    print(f"TARGET MISSED: {'; '.join(missed)}" if missed else "targets met")
+    return 1 if failed or missed else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""ASGI entry point for FLEX's web server: HTTP through Django, WebSockets through Channels."""
+"""ASGI entry point for FLEX's live pages: WebSockets through Channels, and HTTP through Django
+as well, so that this application alone is a whole site (the browser tests serve it so). The
+local stack serves HTTP from flexsite.wsgi under gunicorn, which costs a quarter of the CPU per
+request: Django runs synchronous code, and ASGI hands each request and middleware to a thread."""
 
 import os
 

@@ -105,7 +105,7 @@ TEMPLATES = [
     },
 ]
 
-WSGI_APPLICATION = None
+WSGI_APPLICATION = "flexsite.wsgi.application"
 ASGI_APPLICATION = "flexsite.asgi.application"
 
 # SQLite by default; PostgreSQL (or any database Django supports) from DATABASE_URL.
@@ -117,9 +117,10 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # Under ASGI each request runs in a thread of its own, so a connection kept per thread
-    # (CONN_MAX_AGE) is never used again, and opening one costs PostgreSQL a new backend
-    # process (~10 ms of CPU). A pool per process hands the same few to every thread.
+    # Opening a connection costs PostgreSQL a new backend process (~10 ms of CPU), and under
+    # ASGI each request runs in a thread of its own, so a connection kept per thread
+    # (CONN_MAX_AGE) would not be used again. A pool per process hands the same few to every
+    # thread (gunicorn's, ASGI's, Celery's).
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
         "max_size": int(os.environ.get("FLEX_DB_POOL_SIZE", 10)),
@@ -175,6 +176,12 @@ FLEX_MODEL_DOWNLOAD_DEADLINE_S = float(os.environ.get("FLEX_MODEL_DOWNLOAD_DEADL
 # A block explorer's base URL (…/tx/<hash>, …/address/<address>): hashes and addresses link to
 # it when set; a local chain has none.
 FLEX_EXPLORER_URL = os.environ.get("FLEX_EXPLORER_URL", "").rstrip("/")
+# The port on the page's own host where live task pages open their WebSocket (the local
+# stack's ASGI server beside gunicorn). Unset, the socket goes to the page's origin: one
+# ASGI server for everything, or a proxy that routes /ws/ to it.
+FLEX_LIVE_PORT = os.environ.get("FLEX_LIVE_PORT", "").strip()
+if FLEX_LIVE_PORT and not (FLEX_LIVE_PORT.isdigit() and 0 < int(FLEX_LIVE_PORT) < 65536):
+    raise ImproperlyConfigured(f"FLEX_LIVE_PORT must be a port number, not {FLEX_LIVE_PORT!r}")
 # Final models converted to .keras and .npz, one directory per model ID.
 FLEX_MODEL_EXPORT_DIR = Path(os.environ.get("FLEX_MODEL_EXPORT_DIR", VAR_DIR / "models"))
 # Data-plane URLs on private, loopback or link-local addresses (a one-host or one-LAN

@@ -352,6 +352,7 @@ def task_detail(request, pk: int):
             "v": message["view"],
             "message": message,
             "ws_path": f"/ws/tasks/{view.id}/",
+            "ws_port": settings.FLEX_LIVE_PORT,
             "explorer": settings.FLEX_EXPLORER_URL,
         },
     )

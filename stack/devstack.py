@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from chain.launcher import free_port
 from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, url_with, vhost_of
 from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
 from stack.enrolment import (
@@ -122,6 +123,11 @@ class Supervisor:
                 self.procs.pop(n, None)
 
 
+# Threads per web process: requests waiting on the database or the chain do not hold the
+# others up. FLEX_DB_POOL_SIZE (10) keeps a connection for each.
+WEB_THREADS = 8
+
+
 def web_workers() -> int:
     """How many web server processes: FLEX_WEB_WORKERS, else one per CPU this may run on."""
     configured = os.environ.get("FLEX_WEB_WORKERS", "").strip()
@@ -135,8 +141,35 @@ def web_workers() -> int:
 
 
 def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
-    """The web server: FLEX's ASGI application (HTTP and WebSockets) under uvicorn, in
-    web_workers() processes that share the port."""
+    """The web server: every HTTP request through FLEX's WSGI application under gunicorn, in
+    web_workers() processes of WEB_THREADS threads that share the port."""
+    return [
+        PY,
+        "-m",
+        "gunicorn",
+        "flexsite.wsgi:application",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(web_workers()),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(WEB_THREADS),
+        # Django alone reads X-Forwarded-* (FLEX_BEHIND_PROXY), not the server as well.
+        "--forwarded-allow-ips",
+        "",
+        # Several stacks run side by side on one machine: no shared control socket.
+        "--no-control-socket",
+        # A restart must not wait long on slow clients: a page simply loads again.
+        "--graceful-timeout",
+        "5",
+        *([] if quiet else ["--access-logfile", "-"]),
+    ]
+
+
+def live_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
+    """The live server: the task pages' WebSockets (flexsite.asgi, Channels) under uvicorn."""
     return [
         PY,
         "-m",
@@ -146,9 +179,6 @@ def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
         host,
         "--port",
         str(port),
-        "--workers",
-        str(web_workers()),
-        # Django alone reads X-Forwarded-* (FLEX_BEHIND_PROXY), not the server as well.
         "--no-proxy-headers",
         # Django's ASGI handler has no startup or shutdown events.
         "--lifespan",
@@ -229,6 +259,8 @@ def stack(
     # the operator sets them (devices on other hosts need an address they can reach).
     web_host = os.environ.get("FLEX_WEB_HOST", "127.0.0.1")
     web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
+    # Live pages' sockets: a port of their own on the same host (any free one unless set).
+    live_port = int(os.environ.get("FLEX_LIVE_PORT") or free_port())
     chain_host = os.environ.get("FLEX_CHAIN_HOST", "127.0.0.1")
     chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
     local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
@@ -242,6 +274,7 @@ def stack(
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
         "ETH_RPC_URL": f"http://{local_chain}:{chain_port}",
         "FLEX_PUBLIC_URL": public_url,
+        "FLEX_LIVE_PORT": str(live_port),
         "FLEX_VAR_DIR": str(var),
         "FLEX_DEVICE_PASSPHRASE": os.environ.get("FLEX_DEVICE_PASSPHRASE", LOCAL_PASSPHRASE),
         "PYTHONUNBUFFERED": "1",
@@ -281,8 +314,16 @@ def stack(
         manage("deploy_contract", env=env)
         say(f"starting the web server on {web_host}:{web_port}, advertised as {public_url}")
         sup.start("web", web_command(host=web_host, port=web_port, quiet=quiet_web))
+        say(f"starting the live pages' server on {web_host}:{live_port}")
+        sup.start("live", live_command(host=web_host, port=live_port, quiet=quiet_web))
         wait_for(
             "the web server", lambda: requests.get(web_url, timeout=2).status_code < 500, sup=sup
+        )
+        live_url = f"http://{local_web}:{live_port}"
+        wait_for(
+            "the live pages' server",
+            lambda: requests.get(live_url, timeout=2).status_code < 500,
+            sup=sup,
         )
         homes = {d.name: var / "devices" / d.name for d in devices}
         todo = [d for d in devices if not enrolled(homes[d.name])]

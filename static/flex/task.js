@@ -359,7 +359,10 @@
   function counted() { root.dataset.updates = String(Number(root.dataset.updates || 0) + 1); }
   function connect() {
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    const ws = new WebSocket(scheme + location.host + root.dataset.wsPath);
+    // The live server's own port on this host when it has one, else this page's origin.
+    const port = root.dataset.wsPort;
+    const host = port ? location.hostname + ":" + port : location.host;
+    const ws = new WebSocket(scheme + host + root.dataset.wsPath);
     ws.onopen = () => { delay = 500; status(true, "live"); };
     ws.onmessage = (event) => {
       let msg;

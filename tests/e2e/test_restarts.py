@@ -303,9 +303,11 @@ def test_task_survives_a_restart_of_each_part_mid_round(platform, browser, tmp_p
             up=up,
         )
         if part == "web":
-            sup.stop("web", timeout=0)  # SIGKILL at once
+            for server in ("web", "live"):  # the pages' server and the sockets' one
+                sup.stop(server, timeout=0)  # SIGKILL at once
             page.wait_for_selector("#live.off")  # the page saw its socket go
-            sup.start("web", sup.commands["web"][0])
+            for server in ("web", "live"):
+                sup.start(server, sup.commands[server][0])
             page.wait_for_selector("#live.on")  # and reconnected by itself
         elif part in ("beat", "platform"):
             sup.restart(part, timeout=0)  # killed, not asked to stop

@@ -140,6 +140,7 @@ def test_task_page_renders_the_mirror(client, ada, platform_market):
     assert "pixel-7" in html  # the bid, by the device's name
     assert "0.0002 ETH" in html  # its price per round
     assert f'data-ws-path="/ws/tasks/{task.chain_task_id}/"' in html
+    assert 'data-ws-port=""' in html  # no live server of its own: the page's origin
     assert 'id="task-data"' in html  # what the page script starts from
     message = response.context["message"]
     assert [b["device"] for b in message["snapshot"]["bids"]] == [trainer.address]
@@ -148,6 +149,15 @@ def test_task_page_renders_the_mirror(client, ada, platform_market):
     # The page and the API show one representation of the task.
     api = client.get(f"/api/tasks/{task.chain_task_id}/").json()
     assert api == json.loads(json.dumps(message["snapshot"]))
+
+
+def test_task_page_opens_its_socket_on_the_live_servers_port(client, ada, settings):
+    task = task_post(ada, title="Digits MLP")
+    settings.FLEX_LIVE_PORT = "8123"
+
+    html = client.get(reverse("task-detail", args=[task.chain_task_id])).content.decode()
+
+    assert 'data-ws-port="8123"' in html
 
 
 def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_market):

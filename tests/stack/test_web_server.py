@@ -1,5 +1,5 @@
-"""The local stack's web server runs one worker process per CPU, or as many as
-FLEX_WEB_WORKERS says, all serving the one port; a bad count is refused by name."""
+"""The local stack's web server (gunicorn, WSGI) runs one worker process per CPU, or as many
+as FLEX_WEB_WORKERS says, all serving the one port; a bad count is refused by name."""
 
 from __future__ import annotations
 
@@ -20,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def workers_of(pid: int) -> list[int]:
-    """The worker processes server ``pid`` started (multiprocessing's spawned children)."""
+    """The worker processes server ``pid`` started (its forked children)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != pid:
-                continue
-            if b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 found.append(int(stat.parent.name))
     return found
 
