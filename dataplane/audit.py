@@ -18,13 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import requests
 from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
 from chain.selection import positions_of
 from core.errors import FlexError
-from dataplane.client import fetch_opening
+from dataplane.client import fetch_openings
+from dataplane.protocol import MAX_OPENINGS
 from training.aggregation import STRATEGIES, Update
 from training.aggregation.functions import MAX_SAMPLES
 from training.scoring import fedavg_weight
@@ -193,15 +195,21 @@ def check_round(
     rule = STRATEGIES[spec.aggregation.strategy].from_params(params)
     chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     global_id = id_hex(published.model_id)
-    for chunk in chunks:
-        openings = [opening(store, account, aggregator, u.model_id, chunk) for u in included]
+    # Every sampled chunk of an update in one request, all over one kept-alive connection.
+    with requests.Session() as session:
+        fetched = [
+            openings(store, account, aggregator, u.model_id, chunks, session=session)
+            for u in included
+        ]
+    for position, chunk in enumerate(chunks):
+        opened = [of_update[position] for of_update in fetched]
         claimed = published.opening(chunk)
-        found = _invalid(openings, included, header, round_number)
+        found = _invalid(opened, included, header, round_number)
         if found is None:
             computed = rule.aggregate(
                 [
                     Update(weights=[o.array()], num_examples=u.weight)
-                    for o, u in zip(openings, included, strict=True)
+                    for o, u in zip(opened, included, strict=True)
                 ]
             )[0]
             differs = (claimed.array() != computed).nonzero()[0]
@@ -228,7 +236,7 @@ def check_round(
                     chunk=chunk,
                     offset=found,
                     global_opening=claimed,
-                    updates=tuple(openings),
+                    updates=tuple(opened),
                 ),
             )
     log.info(
@@ -249,25 +257,32 @@ def check_round(
     )
 
 
-def opening(
+def openings(
     store: ModelStore | None,
     account: LocalAccount,
     aggregator: Aggregator,
     model_id: str,
-    chunk: int,
-) -> ChunkOpening:
-    """Chunk ``chunk`` of ``model_id`` with its proof: from ``store`` when it holds the model,
-    else from the aggregator's data plane (checked against the ID there)."""
+    chunks: Sequence[int],
+    *,
+    session: requests.Session | None = None,
+) -> list[ChunkOpening]:
+    """Chunks ``chunks`` of ``model_id`` with their proofs: from ``store`` when it holds the
+    model, else from the aggregator's data plane, MAX_OPENINGS a request (checked against
+    the ID there), over ``session`` when given (its connection kept for the next)."""
     if store is not None and store.has(model_id):
-        return store.opening(model_id, chunk)
-    return fetch_opening(
-        base_url=aggregator.url,
-        cert_sha256=aggregator.cert_sha256,
-        model_id=model_id,
-        index=chunk,
-        server_address=aggregator.address,
-        account=account,
-    )
+        return [store.opening(model_id, chunk) for chunk in chunks]
+    fetched: list[ChunkOpening] = []
+    for start in range(0, len(chunks), MAX_OPENINGS):
+        fetched += fetch_openings(
+            base_url=aggregator.url,
+            cert_sha256=aggregator.cert_sha256,
+            model_id=model_id,
+            indexes=chunks[start : start + MAX_OPENINGS],
+            server_address=aggregator.address,
+            account=account,
+            session=session,
+        )
+    return fetched
 
 
 def _invalid(

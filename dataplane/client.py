@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ from core.errors import FlexError
 from dataplane.protocol import (
     CHUNKS_SEGMENT,
     DEFAULT_MAX_BYTES,
+    MAX_OPENINGS,
     MODELS_PATH,
     REMOTE_ERRORS,
     FetchDeadlineError,
@@ -129,27 +130,33 @@ def fetch_model_to(
     return size
 
 
-def fetch_opening(
+def fetch_openings(
     *,
     base_url: str,
     cert_sha256: str,
     model_id: bytes | str,
-    index: int,
+    indexes: Sequence[int],
     server_address: str,
     account: LocalAccount,
     timeout: float = 30.0,
     retries: int = 3,
     backoff: float = 0.5,
     session: requests.Session | None = None,
-) -> ChunkOpening:
-    """Chunk ``index`` of a model from the data plane at ``base_url``, with its header, root
-    and Merkle path, checked against the model's ID before it is returned: a peer cannot
-    hand over a chunk of any other model or a changed one (ModelIdMismatchError,
-    ChunkMismatchError). Signed, pinned and retried as ``fetch_model_to``; a body that is not
-    an opening is OpeningMalformedError, a chunk past the model's last ChunkIndexError."""
+) -> list[ChunkOpening]:
+    """Chunks ``indexes`` of a model (1 to MAX_OPENINGS of them, in one request) from the data
+    plane at ``base_url``, each with the model's header and root and its Merkle path, and
+    each checked against the model's ID before they are returned: a peer cannot hand over a
+    chunk of any other model or a changed one (ModelIdMismatchError, ChunkMismatchError).
+    Signed, pinned and retried as ``fetch_model_to``; a body that is not the openings asked
+    for is OpeningMalformedError, a chunk past the model's last ChunkIndexError."""
     wanted = id_hex(parse_id(model_id))
+    asked = [int(i) for i in indexes]
+    if not 1 <= len(asked) <= MAX_OPENINGS:
+        raise ValueError(f"ask for 1 to {MAX_OPENINGS} chunks at once, not {len(asked)}")
     _require_https(base_url)
-    url = f"{base_url.rstrip('/')}{MODELS_PATH}{wanted}{CHUNKS_SEGMENT}{index}"
+    listed = ",".join(map(str, asked))
+    url = f"{base_url.rstrip('/')}{MODELS_PATH}{wanted}{CHUNKS_SEGMENT}{listed}"
+    limit = _MAX_OPENING_BYTES * len(asked)
 
     def once(http: requests.Session) -> bytes:
         headers = sign_request(
@@ -163,7 +170,7 @@ def fetch_opening(
                 if response.status_code in _RETRY_STATUSES:
                     raise _RetryableError(error)
                 raise error
-            return response.raw.read(_MAX_OPENING_BYTES + 1, decode_content=True)
+            return response.raw.read(limit + 1, decode_content=True)
 
     body = _retrying(
         once,
@@ -176,21 +183,28 @@ def fetch_opening(
         session=session,
     )
     try:
-        if len(body) > _MAX_OPENING_BYTES:
-            raise ValueError(f"more than {_MAX_OPENING_BYTES} bytes")
-        parsed = json.loads(body)
-        opened = ChunkOpening(
-            index=int(parsed["index"]),
-            header=bytes.fromhex(parsed["header"]),
-            root=bytes.fromhex(parsed["root"]),
-            values=bytes.fromhex(parsed["values"]),
-            siblings=tuple(bytes.fromhex(h) for h in parsed["siblings"]),
-        )
+        if len(body) > limit:
+            raise ValueError(f"more than {limit} bytes")
+        opened = [
+            ChunkOpening(
+                index=int(one["index"]),
+                header=bytes.fromhex(one["header"]),
+                root=bytes.fromhex(one["root"]),
+                values=bytes.fromhex(one["values"]),
+                siblings=tuple(bytes.fromhex(h) for h in one["siblings"]),
+            )
+            for one in json.loads(body)["openings"]
+        ]
     except (ValueError, KeyError, TypeError) as exc:
         raise OpeningMalformedError(url=url, model_id=wanted, reason=str(exc)[:200]) from None
-    if opened.index != index:
-        raise ChunkMismatchError(index=index, url=url)
-    opened.check(wanted)
+    if len(opened) != len(asked):
+        raise OpeningMalformedError(
+            url=url, model_id=wanted, reason=f"{len(opened)} openings for {len(asked)} chunks"
+        )
+    for index, one in zip(asked, opened, strict=True):
+        if one.index != index:
+            raise ChunkMismatchError(index=index, url=url)
+        one.check(wanted)
     return opened
 
 

@@ -21,8 +21,11 @@ SCHEME = "FLEX-DATAPLANE-V2"
 # Refuse to serve or fetch blobs above this by default (as worker.config's max_model_bytes).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MODELS_PATH = "/models/"
-# GET /models/<id>/chunks/<index>: one chunk with its header, root and Merkle path (JSON).
+# GET /models/<id>/chunks/<index>[,<index>...]: chunks with the model's header and root and
+# each chunk's Merkle path (JSON: {"openings": [...]}, in the order asked), at most
+# MAX_OPENINGS per request.
 CHUNKS_SEGMENT = "/chunks/"
+MAX_OPENINGS = 64
 
 
 class DataPlaneError(FlexError):
@@ -166,7 +169,10 @@ class ChunkIndexError(DataPlaneError):
     status = 404
 
     def default_message(self, *, model_id: str = "?", index: str = "?", **_: Any) -> str:
-        return f"model {model_id} has no chunk {index}"
+        return (
+            f"model {model_id} has no chunk {index} (ask for 1 to {MAX_OPENINGS} chunk numbers, "
+            "separated by commas)"
+        )
 
 
 class PolicyUnavailableError(DataPlaneError):

@@ -128,15 +128,19 @@ class _PinnedAdapter(HTTPAdapter):
     right after the handshake, before a byte of the request is sent)."""
 
     def __init__(self, sha256: str) -> None:
-        self._sha256 = sha256
+        self.sha256 = sha256
         super().__init__(max_retries=0)
 
     def init_poolmanager(self, *args, **kwargs) -> None:
-        kwargs["assert_fingerprint"] = self._sha256
+        kwargs["assert_fingerprint"] = self.sha256
         super().init_poolmanager(*args, **kwargs)
 
 
 def pin(session: requests.Session, *, base_url: str, sha256: str) -> None:
     """Make ``session`` accept, for URLs under ``base_url``, only the pinned certificate.
-    Requests through it must pass ``verify=False``: the pin replaces the CA check."""
-    session.mount(base_url.rstrip("/") + "/", _PinnedAdapter(pin_check(sha256)))
+    Requests through it must pass ``verify=False``: the pin replaces the CA check. Pinning
+    again to the same certificate keeps the adapter, and so its open connections."""
+    prefix, fingerprint = base_url.rstrip("/") + "/", pin_check(sha256)
+    mounted = session.adapters.get(prefix)
+    if not (isinstance(mounted, _PinnedAdapter) and mounted.sha256 == fingerprint):
+        session.mount(prefix, _PinnedAdapter(fingerprint))

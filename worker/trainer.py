@@ -196,8 +196,10 @@ def train(
     aggregator_url: str,
     aggregator_cert: str,
 ) -> dict | None:
-    """Train round ``round_number`` from its global model and submit the update's ID, after
-    checking that model against this node's update of the round before (see _watch).
+    """Train round ``round_number`` from its global model and submit the update's ID, then
+    check that model against this node's update of the round before (see _watch): the round
+    goes on without waiting for the check, and a wrong aggregate is still challenged within
+    its dispute window (the result then also names it).
 
     Does nothing when the round is not the task's current one or this node's update for it
     is already on chain, so a redelivered message changes nothing. For the final model
@@ -264,9 +266,6 @@ def train(
         source_cert=aggregator_cert,
         source=task.aggregator,
     )
-    disputed = _watch(node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator)
-    if disputed is not None:
-        return disputed
     from training.local import train_round  # TensorFlow loads only where training happens
 
     started = time.perf_counter()
@@ -301,7 +300,7 @@ def train(
         update_id,
         tx.tx_hash,
     )
-    return {
+    trained = {
         "task_id": task_id,
         "round": round_number,
         "device": node.address,
@@ -312,6 +311,8 @@ def train(
         "tx_hash": tx.tx_hash,
         "gas_used": tx.gas_used,
     }
+    disputed = _watch(node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator)
+    return trained if disputed is None else {**trained, **disputed}
 
 
 def _watch(

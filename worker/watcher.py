@@ -18,7 +18,7 @@ from chain.client import FlexMarket
 from chain.errors import ContractError, ExclusionHoldsError
 from chain.events import ExclusionContested, Reason
 from chain.fraud import ZERO_ID, Contest, Exclusion
-from dataplane.audit import Aggregator, Watch, check_round, opening
+from dataplane.audit import Aggregator, Watch, check_round, openings
 from dataplane.protocol import DataPlaneError
 from training.serialize import ModelBlob
 from training.spec import TaskSpec
@@ -131,7 +131,7 @@ def watch_exclusion(
     evidence = None
     if stated and reason == Reason.COPIED and market.model_origin(model_id=stated.evidence):
         try:
-            evidence = opening(store, account, aggregator, stated.evidence, 0)
+            [evidence] = openings(store, account, aggregator, stated.evidence, [0])
         except DataPlaneError as exc:
             log.warning("task %s: copied model %s not served: %s", task_id, stated.evidence, exc)
     contest = Contest.of(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+import requests
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
@@ -16,8 +17,13 @@ from chain.client import FlexMarket
 from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts, free_port
 from dataplane.access import ChainPolicy
-from dataplane.client import fetch_opening
-from dataplane.protocol import AccessDeniedError, ChunkIndexError, PolicyUnavailableError
+from dataplane.client import fetch_openings
+from dataplane.protocol import (
+    AccessDeniedError,
+    ChunkIndexError,
+    PeerCertificateError,
+    PolicyUnavailableError,
+)
 from dataplane.server import DataPlaneServer
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for
@@ -216,15 +222,15 @@ def test_chunks_of_an_update_go_to_the_tasks_parties_whole_updates_only_to_the_a
     ) as plane:
 
         def opening(account: LocalAccount, index: int, **kw: object):
-            return fetch_opening(
+            return fetch_openings(
                 base_url=plane.url,
                 cert_sha256=plane.certificate.sha256,
                 model_id=kw.pop("model_id", update),
-                index=index,
+                indexes=[index],
                 server_address=plane.node_address,
                 account=account,
                 retries=0,
-            )
+            )[0]
 
         whole = store.load(update)
         for party in (on_chain.buyer, *on_chain.trainers):
@@ -239,6 +245,53 @@ def test_chunks_of_an_update_go_to_the_tasks_parties_whole_updates_only_to_the_a
         missing = "0x" + "ab" * 32
         with pytest.raises(BlobNotFoundError):
             opening(on_chain.buyer, 0, model_id=missing)
+
+
+def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connection(
+    store: ModelStore, on_chain: OnChain
+) -> None:
+    """A watcher opens every sampled chunk of every update of a round: one request per update
+    brings them all, in the order asked, and one session keeps one TLS connection for every
+    request, still pinned to the server's certificate."""
+    trainer = on_chain.trainers[0]
+    values = [np.arange(600, dtype=np.float32)]
+    blob = blob_of(values, task_id=on_chain.task_id, trainer=trainer.address, chunk_values=256)
+    update = id_hex(store.put(blob))
+    with (
+        DataPlaneServer(
+            certificate=cert_for("server"),
+            store=store,
+            policy=ChainPolicy(market=on_chain.market),
+            node_address=on_chain.aggregator.address,
+        ) as plane,
+        requests.Session() as session,
+    ):
+
+        def openings(indexes: list[int], *, cert_sha256: str = plane.certificate.sha256):
+            return fetch_openings(
+                base_url=plane.url,
+                cert_sha256=cert_sha256,
+                model_id=update,
+                indexes=indexes,
+                server_address=plane.node_address,
+                account=on_chain.buyer,
+                retries=0,
+                session=session,
+            )
+
+        whole = store.load(update)
+        assert openings([2, 0, 1]) == [whole.opening(i) for i in (2, 0, 1)]
+        adapter = session.get_adapter(plane.url + "/")
+        assert openings([1]) == [whole.opening(1)]
+        assert session.get_adapter(plane.url + "/") is adapter
+        pools = adapter.poolmanager.pools  # urllib3's container: keys(), no iteration
+        assert [pools[key].num_connections for key in pools.keys()] == [1]  # noqa: SIM118
+        with pytest.raises(ChunkIndexError, match="no chunk 3"):
+            openings([0, 3])  # one past the last: the whole request is refused
+        with pytest.raises(ValueError, match="1 to 64 chunks"):
+            openings(list(range(65)))
+        with pytest.raises(PeerCertificateError):
+            openings([0], cert_sha256=cert_for("other").sha256)
 
 
 def test_a_node_that_serves_another_chunk_or_model_is_caught(
@@ -257,15 +310,15 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
     ) as plane:
 
         def fetch(index: int):
-            return fetch_opening(
+            return fetch_openings(
                 base_url=plane.url,
                 cert_sha256=plane.certificate.sha256,
                 model_id=update,
-                index=index,
+                indexes=[index],
                 server_address=plane.node_address,
                 account=on_chain.buyer,
                 retries=0,
-            )
+            )[0]
 
         monkeypatch.setattr(ModelStore, "opening", lambda self, _id, i: real(self, decoy, i))
         with pytest.raises(ModelIdMismatchError):
