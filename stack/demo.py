@@ -33,7 +33,7 @@ TERMINAL = {"finalized", "aborted", "failed", "cancelled"}
 # all slow down on a busy machine), so that a slow machine delays the demo, never fails it.
 BIDDING_WINDOW_S = 30
 # Each global model may be proven wrong for this long after it is published; the local stack
-# keeps it short (a trainer checks a model as soon as it fetches it) so a task settles soon
+# keeps it short (a trainer checks a model right after training from it) so a task settles soon
 # after its last round. A buyer's task defaults to its round timeout (services.task_create).
 DISPUTE_WINDOW_S = 60
 
