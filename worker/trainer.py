@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from chain.errors import BiddingClosedError, InvalidTaskStateError
+from chain.errors import BiddingClosedError, InvalidTaskStateError, SubmissionClosedError
 from chain.events import Role, TaskState
 from chain.records import TaskInfo
 from core.errors import FlexError
@@ -240,12 +240,9 @@ def train(
     )
     if stored:
         # Trained before but the submission did not land: submit that update, don't retrain.
-        tx = market.submit_update(
-            sender=node.account,
-            task_id=task_id,
-            round_number=round_number,
-            model_id=stored[0].id_hex,
-        )
+        tx = _submit(node, task_id=task_id, round_number=round_number, update_id=stored[0].id_hex)
+        if tx is None:
+            return None
         log.info("task %s: resubmitted stored update %s", task_id, stored[0].id_hex)
         return {
             "task_id": task_id,
@@ -285,9 +282,9 @@ def train(
         trainer=node.address,
     )
     update_id = id_hex(node.store.put(encode(header, quantize(result.weights))))
-    tx = market.submit_update(
-        sender=node.account, task_id=task_id, round_number=round_number, model_id=update_id
-    )
+    tx = _submit(node, task_id=task_id, round_number=round_number, update_id=update_id)
+    if tx is None:
+        return None
     log.info(
         "task %s: round %s trained in %.2fs on %s samples (loss %.4f, accuracy %.4f); "
         "update %s submitted in %s",
@@ -313,6 +310,24 @@ def train(
     }
     disputed = _watch(node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator)
     return trained if disputed is None else {**trained, **disputed}
+
+
+def _submit(node: Node, *, task_id: int, round_number: int, update_id: str):
+    """Send the update's ID; None when the round closed first (a late update: the round went
+    on without it, nothing to retry), else the transaction."""
+    try:
+        return node.market.submit_update(
+            sender=node.account, task_id=task_id, round_number=round_number, model_id=update_id
+        )
+    except (SubmissionClosedError, InvalidTaskStateError) as exc:
+        log.info(
+            "task %s: update %s for round %s not submitted, the round closed first (%s)",
+            task_id,
+            update_id,
+            round_number,
+            exc.code,
+        )
+        return None
 
 
 def _watch(
