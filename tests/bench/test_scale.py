@@ -77,6 +77,10 @@ def test_the_default_fleet_bids_up_to_the_contracts_limit():
     trainers = [d for d in fleet if not d.aggregator]
     assert {d.partition for d in trainers} == set(range(scale.SLICES))
     assert {d.device_class for d in trainers} == {"cpu", "gpu", "jetson"}
+    # Selection takes the cheapest: the largest task's trainers all hold different data,
+    # or the aggregator would leave their identical updates out as copies.
+    cheapest = sorted(trainers, key=lambda d: d.price_wei)[: scale.MAX_TRAINERS]
+    assert len({d.partition for d in cheapest}) == scale.MAX_TRAINERS
 
 
 def test_a_budget_pays_every_trainer_asked_for_at_the_dearest_price():
