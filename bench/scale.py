@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
 # The contract's limits (FlexMarket.MAX_BIDS, MAX_TRAINERS): the default run meets both.
 MAX_BIDS, MAX_TRAINERS = 1000, 128
-# Trainers share this many non-IID slices of the digits set (about 14 samples each): as many
-# as a task's most trainers, so that no two trainers of a task hold the same data. Two that
-# did would hand in the same update, and the aggregator would leave the copy out.
+# Trainers share this many non-IID slices of the digits set (about 14 samples each), as many
+# as a task's most trainers. Two trainers of a task that hold the same slice hand in the
+# same update, and the aggregator leaves the copy out (scale.json's updates_per_round).
 SLICES = MAX_TRAINERS
 ENROL_WAVES = (10, 100)
 TRAINER_PRICES = tuple(10**14 + step * 10**13 for step in range(10))
@@ -42,8 +42,8 @@ AGGREGATOR_PRICE = 2 * 10**14
 
 def fleet(devices: int) -> tuple[LocalDevice, ...]:
     """One aggregator and ``devices`` - 1 trainers, spread over prices, classes and slices:
-    each SLICES trainers in a row ask one price, so the cheapest, whom selection takes first,
-    hold different slices."""
+    each SLICES trainers in a row ask one price and hold different slices. (Selection goes by
+    price per sample, so a dearer trainer with a larger slice may still be taken.)"""
     trainers = tuple(
         LocalDevice(
             f"sim-{i:04d}",

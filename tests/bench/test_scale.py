@@ -77,8 +77,8 @@ def test_the_default_fleet_bids_up_to_the_contracts_limit():
     trainers = [d for d in fleet if not d.aggregator]
     assert {d.partition for d in trainers} == set(range(scale.SLICES))
     assert {d.device_class for d in trainers} == {"cpu", "gpu", "jetson"}
-    # Selection takes the cheapest: the largest task's trainers all hold different data,
-    # or the aggregator would leave their identical updates out as copies.
+    # The cheapest trainers hold different data: identical updates would be left out as
+    # copies.
     cheapest = sorted(trainers, key=lambda d: d.price_wei)[: scale.MAX_TRAINERS]
     assert len({d.partition for d in cheapest}) == scale.MAX_TRAINERS
 
