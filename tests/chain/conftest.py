@@ -99,6 +99,7 @@ class Flow:
         budget_wei: int | None = None,
         round_timeout: int = ROUND_TIMEOUT,
         bidding_window: int = BIDDING_WINDOW,
+        spec_hash: bytes | str = SPEC_HASH,
         **terms: Any,
     ) -> int:
         """A task bidding now; ``terms`` are create_task's dispute window and strategy."""
@@ -108,7 +109,7 @@ class Flow:
             )
         result = self.market.create_task(
             sender=buyer or self.accounts.buyer,
-            spec_hash=SPEC_HASH,
+            spec_hash=spec_hash,
             rounds=rounds,
             min_trainers=min_trainers,
             max_trainers=max_trainers,

@@ -10,11 +10,12 @@ import random
 import pytest
 
 from chain.errors import DisputeWindowOpenError, InvalidTaskStateError
-from chain.events import AggregateChallenged, TaskCreated, TaskState
+from chain.events import AggregateChallenged, TaskState
 from chain.fraud import FlexVerifier, Verdict
 from dataplane.access import ChainPolicy
 from dataplane.audit import Aggregator, check_round, sample_chunks
 from dataplane.server import DataPlaneServer
+from tests.chain.conftest import MIN_TRAINER_PRICE_WEI, ROUND_TIMEOUT
 from tests.chain.test_provenance import LIE_AT, SPEC, run_task
 from tests.dataplane.conftest import cert_for
 from training.catalogue import initial_weights
@@ -164,45 +165,18 @@ def test_the_final_model_is_watched_before_the_task_can_settle(
         assert "checked on" in caplog.text
         with pytest.raises(DisputeWindowOpenError):
             market.finalize(sender=accounts.outsider, task_id=task_id)
-        flow.clock.advance(601)
+        flow.clock.advance(ROUND_TIMEOUT + 1)
         market.finalize(sender=accounts.outsider, task_id=task_id)
         assert market.task(task_id=task_id).state == TaskState.FINALIZED
 
 
-def test_an_update_ready_after_its_round_closed_is_logged_not_raised(
-    flow, accounts, tmp_path, caplog
-):
+def test_an_update_ready_after_its_round_closed_is_logged_not_raised(flow, tmp_path, caplog):
     """A trainer's update that is ready only once the round's submission window has closed
     (a message left from before a restart, a very slow device) is refused by the contract:
     the worker says so in one line and goes on; nothing lands on chain, nothing is retried."""
     market = flow.market
-    task_id = (
-        market.create_task(
-            sender=accounts.buyer,
-            spec_hash=SPEC.hash,
-            rounds=1,
-            min_trainers=1,
-            max_trainers=1,
-            bidding_ends=flow.clock.now() + 1000,
-            round_timeout=600,
-            budget_wei=10**15,
-        )
-        .first(TaskCreated)
-        .task_id
-    )
-    aggregator, trainer = accounts.aggregators[0], accounts.trainers[0]
-    flow.bid_aggregator(task_id, aggregator, 2_000_000_000)
-    flow.bid_trainer(task_id, trainer, 1_000_000_000)
-    flow.close_bidding(task_id)
-    market.select_nodes(sender=accounts.outsider, task_id=task_id)
-    market.publish_global_model(
-        sender=aggregator,
-        task_id=task_id,
-        round_number=0,
-        model_id="0x" + "11" * 32,
-        aggregated_mask=0,
-        scores=[],
-    )
+    running = flow.start(rounds=1, trainer_prices_wei=(MIN_TRAINER_PRICE_WEI,), spec_hash=SPEC.hash)
+    task_id, trainer = running.task_id, running.trainers[0]
     # Trained before the restart; the round's window closes before it is sent.
     own = ModelStore(tmp_path / "trainer")
     header = Header(
@@ -215,7 +189,7 @@ def test_an_update_ready_after_its_round_closed_is_logged_not_raised(
         shapes=tuple(SPEC.model_entry.weight_shapes()),
     )
     own.put(encode(header, quantize(initial_weights(spec=SPEC))))
-    flow.clock.advance(601)
+    flow.clock.advance(ROUND_TIMEOUT + 1)
     node = trainer_node(tmp_path / "node", trainer, market, own)
 
     with caplog.at_level(logging.INFO, logger="worker.trainer"):
