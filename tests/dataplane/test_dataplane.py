@@ -294,6 +294,23 @@ def test_malformed_id_and_unknown_route(server: DataPlaneServer) -> None:
     assert (response.status_code, response.json()["code"]) == (501, "http_501")
 
 
+@pytest.mark.parametrize(
+    "chunks", ["", "0,x", "0,,1", "-1", "1" * 13, ",".join(["0"] * 65)], ids=repr
+)
+def test_a_malformed_list_of_chunks_is_404_naming_it(
+    server: DataPlaneServer, stored: str, chunks: str
+) -> None:
+    """Openings are asked for as 1 to 64 chunk numbers separated by commas; anything else is
+    refused whole, by name, and the server goes on serving."""
+    path = f"/models/{stored}/chunks/{chunks}"
+    response = _get(server, path, _signed(server, path))
+    assert (response.status_code, response.json()["code"]) == (404, "chunk_index_invalid")
+    assert "separated by commas" in response.json()["message"]
+    good = f"/models/{stored}/chunks/1,0"
+    served = _get(server, good, _signed(server, good)).json()["openings"]
+    assert [o["index"] for o in served] == [1, 0]
+
+
 def test_blob_above_the_server_limit_is_413(store: ModelStore, stored: str, blob: bytes) -> None:
     policy = AllowListPolicy(addresses=[REQUESTER.address])
     small = len(blob) - 1
