@@ -184,11 +184,13 @@ def check_round(
     weights = round_weights(
         market, task_id=task_id, round_number=round_number, trainers=selection.trainers
     )
+    update_ids = market.updates_of(task_id=task_id, round_number=round_number)
     included = []
     for position in positions_of(info.aggregated_mask):
         trainer = selection.trainers[position]
-        update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
-        included.append(Included(model_id=update_id, trainer=trainer, weight=weights[trainer]))
+        included.append(
+            Included(model_id=update_ids.get(trainer), trainer=trainer, weight=weights[trainer])
+        )
     header = published.header
     params = dict(spec.aggregation.params)
     context = context_of(published, strategy=spec.aggregation.strategy, params=params)
@@ -270,7 +272,7 @@ def openings(
     model, else from the aggregator's data plane, MAX_OPENINGS a request (checked against
     the ID there), over ``session`` when given (its connection kept for the next)."""
     if store is not None and store.has(model_id):
-        return [store.opening(model_id, chunk) for chunk in chunks]
+        return store.openings(model_id, chunks)
     fetched: list[ChunkOpening] = []
     for start in range(0, len(chunks), MAX_OPENINGS):
         fetched += fetch_openings(

@@ -38,7 +38,7 @@ from dataplane.signing import MemoryNonces, verify_request
 from dataplane.tls import NodeCertificate
 from training.errors import BlobNotFoundError
 from training.serialize import id_hex, parse_id
-from training.store import ModelStore
+from training.store import ChunkOutOfRangeError, ModelStore
 
 log = logging.getLogger(__name__)
 
@@ -125,21 +125,20 @@ class _Handler(BaseHTTPRequestHandler):
             i.isdigit() and len(i) <= 12 for i in indexes
         ):
             raise ChunkIndexError(model_id=shown, index=raw_indexes[:40])
-        openings = []
-        for index in indexes:
-            try:
-                opened = plane.store.opening(model_id, int(index))
-            except IndexError:
-                raise ChunkIndexError(model_id=shown, index=index) from None
-            openings.append(
-                {
-                    "index": opened.index,
-                    "header": opened.header.hex(),
-                    "root": opened.root.hex(),
-                    "values": opened.values.hex(),
-                    "siblings": [h.hex() for h in opened.siblings],
-                }
-            )
+        try:
+            opened = plane.store.openings(model_id, [int(i) for i in indexes])
+        except ChunkOutOfRangeError as exc:
+            raise ChunkIndexError(model_id=shown, index=str(exc.index)) from None
+        openings = [
+            {
+                "index": o.index,
+                "header": o.header.hex(),
+                "root": o.root.hex(),
+                "values": o.values.hex(),
+                "siblings": [h.hex() for h in o.siblings],
+            }
+            for o in opened
+        ]
         self._send_json(HTTPStatus.OK, {"openings": openings})
         log.info(
             "served chunks %s of model %s (%s) to %s", raw_indexes, shown, meta.kind, requester

@@ -55,10 +55,15 @@ def root(leaves: Sequence[bytes]) -> bytes:
 
 def proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """The sibling hashes from leaf ``index`` up to the root."""
-    if not 0 <= index < len(leaves):
-        raise IndexError(f"leaf {index} of {len(leaves)}")
+    return proof_in(levels(leaves), index)
+
+
+def proof_in(tree: Sequence[Sequence[bytes]], index: int) -> list[bytes]:
+    """``proof`` from the tree's ``levels``, made once for every proof of a model."""
+    if not 0 <= index < len(tree[0]):
+        raise IndexError(f"leaf {index} of {len(tree[0])}")
     siblings, empty = [], EMPTY
-    for level in levels(leaves)[:-1]:
+    for level in tree[:-1]:
         sibling = index ^ 1
         siblings.append(level[sibling] if sibling < len(level) else empty)
         empty = node(empty, empty)

@@ -27,7 +27,7 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,9 @@ from training.errors import (
     BlobNotFoundError,
     BlobTooLargeError,
     BlobTruncatedError,
+    ChunkMismatchError,
     ModelBlobError,
+    ModelIdMismatchError,
     StoreError,
 )
 from training.serialize import (
@@ -50,6 +52,7 @@ from training.serialize import (
     ModelBlob,
     decode,
     id_hex,
+    id_of,
     parse_id,
     read_header,
 )
@@ -101,6 +104,14 @@ class StoredModel:
     @property
     def id_hex(self) -> str:
         return id_hex(self.model_id)
+
+
+class ChunkOutOfRangeError(IndexError):
+    """A chunk past a model's last."""
+
+    def __init__(self, index: int, count: int) -> None:
+        super().__init__(f"chunk {index} of {count}")
+        self.index = index
 
 
 class ModelStore:
@@ -280,7 +291,12 @@ class ModelStore:
 
     def opening(self, model_id: bytes | str, index: int) -> ChunkOpening:
         """Chunk ``index`` of a stored blob with its header, root and Merkle path, read without
-        loading the rest of the values; IndexError for a chunk past the last."""
+        loading the rest of the values; ChunkOutOfRangeError for a chunk past the last."""
+        return self.openings(model_id, [index])[0]
+
+    def openings(self, model_id: bytes | str, indexes: Sequence[int]) -> list[ChunkOpening]:
+        """``opening`` of each chunk in ``indexes``, in that order, from one read of the
+        header and leaves and one Merkle tree; ChunkOutOfRangeError for a chunk past the last."""
         expected = parse_id(model_id)
         with self.open(expected, verify=False) as handle:
             head = handle.read(_HEADER_PROBE)
@@ -290,22 +306,35 @@ class ModelStore:
                     raise BlobTruncatedError(f"model blob {id_hex(expected)} ends in its header")
                 head += more
             header, length = parsed
-            if not 0 <= index < header.leaf_count:
-                raise IndexError(f"chunk {index} of {header.leaf_count}")
+            for index in indexes:
+                if not 0 <= index < header.leaf_count:
+                    raise ChunkOutOfRangeError(index, header.leaf_count)
             handle.seek(length)
             listed = handle.read(32 * header.leaf_count)
             leaves = [listed[i : i + 32] for i in range(0, len(listed), 32)]
-            handle.seek(length + len(listed) + 4 * index * header.chunk_values)
-            values = handle.read(4 * header.chunk_size(index))
-        opened = ChunkOpening(
-            index=index,
-            header=head[:length],
-            root=merkle.root(leaves),
-            values=values,
-            siblings=tuple(merkle.proof(leaves, index)),
-        )
-        # The file is not trusted: what it yields must open the ID it is stored under.
-        opened.check(expected)
+            chunks = []
+            for index in indexes:
+                handle.seek(length + len(listed) + 4 * index * header.chunk_values)
+                chunks.append(handle.read(4 * header.chunk_size(index)))
+        tree = merkle.levels(leaves)
+        root = tree[-1][0]
+        # The file is not trusted: its leaves must make the ID it is stored under, and each
+        # chunk read must be its leaf's.
+        if (actual := id_of(head[:length], root)) != expected:
+            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+        opened = []
+        for index, values in zip(indexes, chunks, strict=True):
+            if merkle.leaf(values) != leaves[index]:
+                raise ChunkMismatchError(index=index)
+            opened.append(
+                ChunkOpening(
+                    index=index,
+                    header=head[:length],
+                    root=root,
+                    values=values,
+                    siblings=tuple(merkle.proof_in(tree, index)),
+                )
+            )
         return opened
 
     def info(self, model_id: bytes | str) -> StoredModel:

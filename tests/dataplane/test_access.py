@@ -301,7 +301,7 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
     blob = blob_of([np.ones(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
     other = blob_of([np.zeros(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
     update, decoy = id_hex(store.put(blob)), id_hex(store.put(other))
-    real = ModelStore.opening
+    real = ModelStore.openings
     with DataPlaneServer(
         certificate=cert_for("server"),
         store=store,
@@ -320,9 +320,11 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
                 retries=0,
             )[0]
 
-        monkeypatch.setattr(ModelStore, "opening", lambda self, _id, i: real(self, decoy, i))
+        monkeypatch.setattr(ModelStore, "openings", lambda self, _id, ii: real(self, decoy, ii))
         with pytest.raises(ModelIdMismatchError):
             fetch(0)
-        monkeypatch.setattr(ModelStore, "opening", lambda self, mid, i: real(self, mid, i + 1))
+        monkeypatch.setattr(
+            ModelStore, "openings", lambda self, mid, ii: real(self, mid, [i + 1 for i in ii])
+        )
         with pytest.raises(ChunkMismatchError):
             fetch(0)

@@ -27,7 +27,7 @@ from training.errors import (
     StoreError,
 )
 from training.serialize import Kind, id_hex, model_id
-from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ModelStore
+from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ChunkOutOfRangeError, ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
 OTHER = "0x" + "b2" * 20
@@ -182,8 +182,12 @@ def test_one_chunk_opens_against_the_id_without_the_rest(store):
         assert opened == whole.opening(index)
         assert opened.check(digest) == whole.header
         assert np.array_equal(opened.array(), whole.values[0].reshape(-1)[64 * index :][:64])
-    with pytest.raises(IndexError):
-        store.opening(digest, whole.header.leaf_count)
+    # Several at once, in the order asked, from one read of the leaves.
+    last = whole.header.leaf_count - 1
+    assert store.openings(digest, [last, 0, last]) == [whole.opening(i) for i in (last, 0, last)]
+    with pytest.raises(ChunkOutOfRangeError) as past:
+        store.openings(digest, [0, whole.header.leaf_count])
+    assert past.value.index == whole.header.leaf_count
     # An opening is checked against the ID it is asked for: a changed file, a chunk under
     # another index or another model's ID are all refused.
     other = store.put(blob_of(1.0))
@@ -196,6 +200,8 @@ def test_one_chunk_opens_against_the_id_without_the_rest(store):
     store.opening(digest, 0)  # the other chunks still open
     with pytest.raises(ChunkMismatchError):
         store.opening(digest, whole.header.leaf_count - 1)
+    with pytest.raises(ChunkMismatchError):
+        store.openings(digest, [0, whole.header.leaf_count - 1])
 
 
 def test_blob_files_are_read_only(store):
