@@ -156,8 +156,10 @@ class RoundFollower:
                     self._train[key] = order
 
     def _update(self, event: UpdateSubmitted) -> None:
-        """An update is on chain: aggregate once the round has every one, else fetch it now
-        (in the background: handing on the round's last update never waits for a fetch)."""
+        """An update is on chain: fetch it now, in the background, and once the round has
+        every one, aggregate. The aggregation is handed on by the fetching thread after the
+        fetches queued before it, so it finds the updates in the store and fetches none a
+        second time beside them."""
         with self._lock:
             orders = [o for (_, t), o in self._aggregate.items() if t == event.task_id]
         for template in orders:
@@ -166,10 +168,17 @@ class RoundFollower:
                 seen = self._submitted.setdefault((event.task_id, event.round), set())
                 seen.add(event.trainer.lower())
                 complete = len(seen) >= self._trainer_count(event.task_id)
+            self._fetcher.submit(self._prefetch, order, event)
             if complete:
-                self._send(AGGREGATE, order)
-            else:
-                self._fetcher.submit(self._prefetch, order, event)
+                self._fetcher.submit(self._hand_on, order)
+
+    def _hand_on(self, order: RoundAggregateRequest) -> None:
+        try:
+            self._send(AGGREGATE, order)
+        except Exception as exc:  # a thread of its own: the platform's message still comes
+            log.warning(
+                "task %s: round %s not handed on: %s", order.task_id, order.round_number, exc
+            )
 
     def _trainer_count(self, task_id: int) -> int:
         if task_id not in self._trainers:
