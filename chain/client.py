@@ -428,32 +428,46 @@ class FlexMarket:
         return _optional_id(self._call("globalModel", task_id, round_number))
 
     def update_of(self, *, task_id: int, round_number: int, trainer: str) -> str | None:
-        """The update ID ``trainer`` submitted in the round, None if it did not: found in
-        the round's UpdateSubmitted events (from the block its global model was published
-        in) and confirmed by the contract's record of who submitted it."""
+        """The update ID ``trainer`` submitted in the round, None if it did not (updates_of)."""
         trainer = to_checksum_address(trainer)
+        return self.updates_of(task_id=task_id, round_number=round_number, trainer=trainer).get(
+            trainer
+        )
+
+    def updates_of(
+        self, *, task_id: int, round_number: int, trainer: str | None = None
+    ) -> dict[str, str]:
+        """The update IDs submitted in the round, by checksummed trainer address (only
+        ``trainer``'s when given): found in the round's UpdateSubmitted events (from the block
+        its global model was published in) and each confirmed by the contract's record of
+        who submitted it. One read of the events for a whole round."""
         global_id = self.global_model(task_id=task_id, round_number=round_number)
         if global_id is None:
-            return None
+            return {}
         opened = self.model_origin(model_id=global_id)
         if opened is None:
-            return None
+            return {}
+        filters: dict[str, Any] = {"taskId": task_id, "round": round_number}
+        if trainer is not None:
+            filters["trainer"] = to_checksum_address(trainer)
         with rpc():
             logs = self._contract.events.UpdateSubmitted.get_logs(
-                from_block=opened.block_number,
-                argument_filters={"taskId": task_id, "round": round_number, "trainer": trainer},
+                from_block=opened.block_number, argument_filters=filters
             )
+        found: dict[str, str] = {}
         for log in logs:
+            author = to_checksum_address(log["args"]["trainer"])
             model_id = "0x" + bytes(log["args"]["modelId"]).hex()
+            if author in found:
+                continue
             origin = self.model_origin(model_id=model_id)
             if (
                 origin is not None
                 and not origin.is_global
-                and (origin.task_id, origin.round, origin.author)
-                == (task_id, round_number, trainer)
+                and (origin.task_id, origin.round, origin.author) == (task_id, round_number, author)
             ):
-                return model_id
-        return None
+                found[author] = model_id
+        return found
 
     def exclusions_of(self, *, task_id: int, round_number: int) -> bytes:
         """The statement published with global model ``round_number`` of why it left out

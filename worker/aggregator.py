@@ -292,9 +292,10 @@ def aggregate(
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
     left: dict[str, Left] = {}
+    update_ids = market.updates_of(task_id=task_id, round_number=round_number)
     for position in submitted:
         trainer = selection.trainers[position]
-        update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+        update_id = update_ids.get(trainer)
         expected = model_header(
             node,
             spec=parsed,

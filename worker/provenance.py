@@ -119,9 +119,10 @@ def _round(
     scores = dict(zip(aggregated, info.scores, strict=False))
     weights = round_weights(market, task_id=task_id, round_number=round_number, trainers=trainers)
     included: list[IncludedBlob] = []
+    submitted = market.updates_of(task_id=task_id, round_number=round_number)
     for position in positions_of(info.submitted_mask):
         trainer = trainers[position]
-        update_id = market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
+        update_id = submitted.get(trainer)
         entry = {"trainer": trainer, "position": position, "update_id": update_id}
         if position not in aggregated:
             out.left_out.append(entry)
