@@ -102,23 +102,26 @@ class Supervisor:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
     def stop(self, name: str | None = None, *, timeout: float = 15.0) -> None:
+        """Stop process ``name`` (default: all, newest first). SIGTERM goes to each process
+        alone, so that it stops its own children in order (a Celery worker lets its pool
+        finish the tasks in hand, a web server its workers' requests); whatever is left of
+        its process group when it has exited, or after ``timeout``, is killed."""
         names = [name] if name else list(reversed(self.procs))
         for n in names:
             proc = self.procs.get(n)
             if proc and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+                    os.kill(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for n in names:
             proc = self.procs.get(n)
             if proc is None:
                 continue
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             if name:
                 self.procs.pop(n, None)
 

@@ -1,5 +1,6 @@
 """A run that is killed leaves nothing behind: every process the stack's supervisor started
-is sent SIGTERM by the kernel when the supervisor dies, however it dies."""
+is sent SIGTERM by the kernel when the supervisor dies, however it dies. A run that is
+stopped stops in order: each process stops its own children, then nothing of it is left."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from stack.devstack import Supervisor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,3 +62,40 @@ def test_processes_of_a_killed_supervisor_stop_with_it(tmp_path):
     if alive(child):
         os.kill(child, signal.SIGKILL)
         pytest.fail(f"the supervisor's child {child} outlived it")
+
+
+# A worker in the manner of Celery's: on SIGTERM it lets the task in hand (a child in its
+# process group) finish, then exits; a second child it never waits for stays behind.
+WORKER = """
+import signal, subprocess, sys, time
+task = subprocess.Popen([sys.executable, "-c",
+    "import sys, time; time.sleep(2); open(sys.argv[1], 'w').write('done')", sys.argv[1]])
+straggler = subprocess.Popen(["sleep", "600"])
+
+def stop(*_):
+    task.wait()
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+print(straggler.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_stopping_lets_a_worker_finish_its_task_then_clears_its_group(tmp_path):
+    done = tmp_path / "done"
+    sup = Supervisor(env=dict(os.environ), log_dir=tmp_path / "logs")
+    sup.start("worker", [sys.executable, "-c", WORKER, str(done)])
+    log = tmp_path / "logs" / "worker.log"
+    deadline = time.monotonic() + 300  # waited for, never timed
+    while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    straggler = int(log.read_text().split()[0])
+
+    sup.stop(timeout=300)
+
+    # The task in hand was not killed with its worker: it finished.
+    assert done.read_text() == "done"
+    while alive(straggler) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(straggler), "a process left in the worker's group outlived the stop"
