@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -72,15 +73,29 @@ def on_dev_chain() -> bool:
     return settings.FLEX_DEV_CHAIN
 
 
+# Every chain read and every message of the platform names the contract: a recorded
+# deployment, once its code is confirmed on the chain, is kept for this long (a changed
+# record is confirmed again at once). Reading the code back, some 24 kB, on each use cost
+# more than most of the reads it was for.
+DEPLOYMENT_CONFIRMED_S = 30.0
+_confirmed: dict[tuple[str, int], float] = {}
+
+
 def deployment_load(path: Path | None = None) -> Deployment | None:
     """The recorded deployment for the chain we are connected to, if its code is there."""
     path = path or Path(settings.FLEX_DEPLOYMENT_FILE)
-    if not path.exists():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    record = Deployment(**json.loads(path.read_text()))
+    record, key = Deployment(**json.loads(text)), (text, chain_id())
+    if time.monotonic() - _confirmed.get(key, -math.inf) < DEPLOYMENT_CONFIRMED_S:
+        return record
+    _confirmed.pop(key, None)
     with reachable():
-        if record.chain_id != chain_id() or not w3().eth.get_code(record.address):
+        if record.chain_id != key[1] or not w3().eth.get_code(record.address):
             return None
+    _confirmed[key] = time.monotonic()
     return record
 
 
