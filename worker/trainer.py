@@ -338,9 +338,10 @@ def _watch(
     (watch_exclusion); each sends its own proof. The result when the aggregator was shown
     wrong, else None."""
     closed = model.header.round_number - 1
-    if closed < 0 or not node.market.update_of(
+    own = closed >= 0 and node.market.update_of(
         task_id=task_id, round_number=closed, trainer=node.address
-    ):
+    )
+    if not own:
         return None
     common = {
         "market": node.market,
@@ -354,7 +355,7 @@ def _watch(
     watch = watch_round(spec=spec, **common)
     if watch is not None and not watch.correct:
         return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
-    contested = watch_exclusion(**common)
+    contested = watch_exclusion(**common, own=own)
     if contested is not None:
         return {"task_id": task_id, "round": closed + 1, "contested": contested.tx_hash}
     return None
