@@ -21,6 +21,7 @@ from dataplane.client import fetch_openings
 from dataplane.protocol import (
     AccessDeniedError,
     ChunkIndexError,
+    OpeningMalformedError,
     PeerCertificateError,
     PolicyUnavailableError,
 )
@@ -309,16 +310,16 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
         node_address=on_chain.aggregator.address,
     ) as plane:
 
-        def fetch(index: int):
+        def fetch(*indexes: int):
             return fetch_openings(
                 base_url=plane.url,
                 cert_sha256=plane.certificate.sha256,
                 model_id=update,
-                indexes=[index],
+                indexes=indexes,
                 server_address=plane.node_address,
                 account=on_chain.buyer,
                 retries=0,
-            )[0]
+            )
 
         monkeypatch.setattr(ModelStore, "openings", lambda self, _id, ii: real(self, decoy, ii))
         with pytest.raises(ModelIdMismatchError):
@@ -328,3 +329,9 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
         )
         with pytest.raises(ChunkMismatchError):
             fetch(0)
+        # Fewer openings than asked: the body is not the answer to the request.
+        monkeypatch.setattr(ModelStore, "openings", lambda self, mid, ii: real(self, mid, ii[1:]))
+        with pytest.raises(OpeningMalformedError, match="1 openings for 2 chunks"):
+            fetch(0, 1)
+        monkeypatch.setattr(ModelStore, "openings", real)
+        assert [o.index for o in fetch(1, 0)] == [1, 0]

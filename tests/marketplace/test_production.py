@@ -100,6 +100,21 @@ def test_debug_and_dev_chain_are_off_unless_set():
     assert done.stdout.split() == ["False", "False", "False"], done.stderr
 
 
+@pytest.mark.parametrize("value", ["80a", "0", "65536"])
+def test_a_live_port_that_is_not_a_port_stops_start_up_naming_it(value):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("FLEX_")}
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env={**clean, "DJANGO_SETTINGS_MODULE": "flexsite.settings", "FLEX_LIVE_PORT": value},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert f"FLEX_LIVE_PORT must be a port number, not {value!r}" in done.stderr
+
+
 # ---------------------------------------------------------------- dev chain only when set
 
 
