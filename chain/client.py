@@ -438,9 +438,10 @@ class FlexMarket:
         self, *, task_id: int, round_number: int, trainer: str | None = None
     ) -> dict[str, str]:
         """The update IDs submitted in the round, by checksummed trainer address (only
-        ``trainer``'s when given): found in the round's UpdateSubmitted events (from the block
-        its global model was published in) and each confirmed by the contract's record of
-        who submitted it. One read of the events for a whole round."""
+        ``trainer``'s when given), from the round's UpdateSubmitted events (from the block its
+        global model was published in). The contract emits one only for a selected trainer's
+        first update of the round under a model ID never used before, so each names its
+        author: one read of the events answers for the whole round."""
         global_id = self.global_model(task_id=task_id, round_number=round_number)
         if global_id is None:
             return {}
@@ -454,20 +455,10 @@ class FlexMarket:
             logs = self._contract.events.UpdateSubmitted.get_logs(
                 from_block=opened.block_number, argument_filters=filters
             )
-        found: dict[str, str] = {}
-        for log in logs:
-            author = to_checksum_address(log["args"]["trainer"])
-            model_id = "0x" + bytes(log["args"]["modelId"]).hex()
-            if author in found:
-                continue
-            origin = self.model_origin(model_id=model_id)
-            if (
-                origin is not None
-                and not origin.is_global
-                and (origin.task_id, origin.round, origin.author) == (task_id, round_number, author)
-            ):
-                found[author] = model_id
-        return found
+        return {
+            to_checksum_address(log["args"]["trainer"]): "0x" + bytes(log["args"]["modelId"]).hex()
+            for log in logs
+        }
 
     def exclusions_of(self, *, task_id: int, round_number: int) -> bytes:
         """The statement published with global model ``round_number`` of why it left out
