@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from chain.errors import BiddingClosedError, InvalidTaskStateError, SubmissionClosedError
 from chain.events import Role, TaskState
-from chain.records import TaskInfo
+from chain.records import RoundInfo, TaskInfo
 from core.errors import FlexError
 from dataplane.audit import Aggregator
 from dataplane.client import fetch_model
@@ -227,7 +227,8 @@ def train(
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
         return None
-    if market.update_of(task_id=task_id, round_number=round_number, trainer=node.address):
+    info = market.round_info(task_id=task_id, round_number=round_number)
+    if _submitted(node, task_id=task_id, info=info):
         log.info("task %s: update for round %s already on chain", task_id, round_number)
         return None
     stored = node.store.list(
@@ -252,13 +253,12 @@ def train(
             "tx_hash": tx.tx_hash,
             "gas_used": tx.gas_used,
         }
-    global_id = market.global_model(task_id=task_id, round_number=round_number)
     model = global_model(
         node,
         spec=parsed,
         task_id=task_id,
         round_number=round_number,
-        model_id=global_id,
+        model_id=info.global_model,
         source_url=aggregator_url,
         source_cert=aggregator_cert,
         source=task.aggregator,
@@ -330,6 +330,12 @@ def _submit(node: Node, *, task_id: int, round_number: int, update_id: str):
         return None
 
 
+def _submitted(node: Node, *, task_id: int, info: RoundInfo) -> bool:
+    """Whether this node's update is among those ``info`` (a round of the task) records."""
+    position = node.market.trainer_position(task_id=task_id, device=node.address)
+    return position is not None and bool(info.submitted_mask >> position & 1)
+
+
 def _watch(
     node: Node, *, spec: TaskSpec, task_id: int, model: ModelBlob, aggregator: Aggregator
 ) -> dict | None:
@@ -338,10 +344,9 @@ def _watch(
     (watch_exclusion); each sends its own proof. The result when the aggregator was shown
     wrong, else None."""
     closed = model.header.round_number - 1
-    own = closed >= 0 and node.market.update_of(
-        task_id=task_id, round_number=closed, trainer=node.address
-    )
-    if not own:
+    if closed < 0 or not _submitted(
+        node, task_id=task_id, info=node.market.round_info(task_id=task_id, round_number=closed)
+    ):
         return None
     common = {
         "market": node.market,
@@ -355,7 +360,7 @@ def _watch(
     watch = watch_round(spec=spec, **common)
     if watch is not None and not watch.correct:
         return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
-    contested = watch_exclusion(**common, own=own)
+    contested = watch_exclusion(**common)
     if contested is not None:
         return {"task_id": task_id, "round": closed + 1, "contested": contested.tx_hash}
     return None

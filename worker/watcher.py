@@ -103,23 +103,21 @@ def watch_exclusion(
     round_number: int,
     published: ModelBlob,
     aggregator: Aggregator,
-    own: str | None = None,
 ) -> ExclusionContested | None:
     """A trainer's watch over the reason global model ``round_number + 1`` (``published``)
     gives for leaving out its update of ``round_number``: when it was left out for no reason
     or a checkable one, contest it. The chain judges: the contest is estimated first, so one
     whose reason holds reverts (ExclusionHoldsError) before anything is sent. NOT_FETCHABLE
     cannot be checked on chain and is only logged. Returns the contest's event when it
-    slashed the aggregator, else None. ``own``: the node's update of the round, when the
-    caller has already read it from the chain."""
-    own = own or market.update_of(
-        task_id=task_id, round_number=round_number, trainer=account.address
-    )
+    slashed the aggregator, else None."""
     position = market.trainer_position(task_id=task_id, device=account.address)
-    if own is None or position is None or not store.has(own):
+    if position is None:
         return None
     info = market.round_info(task_id=task_id, round_number=round_number)
     if (info.aggregated_mask >> position) & 1:
+        return None
+    own = market.update_of(task_id=task_id, round_number=round_number, trainer=account.address)
+    if own is None or not store.has(own):
         return None
     statement = market.exclusions_of(task_id=task_id, round_number=round_number + 1)
     stated = {e.position: e for e in Exclusion.decode_all(statement)}.get(position)
