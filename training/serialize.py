@@ -64,10 +64,16 @@ class Kind(IntEnum):
 
 def _address(value: str | bytes, name: str) -> str:
     if isinstance(value, bytes | bytearray) and len(value) == 20:
-        return to_checksum_address(bytes(value))
+        return _checksummed(bytes(value))
     if isinstance(value, str) and is_address(value):
-        return to_checksum_address(value)
+        return _checksummed(value)
     raise BlobHeaderError(f"model header {name} is not a 20-byte address: {value!r}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _checksummed(value: str | bytes) -> str:
+    # A node reads the same few addresses in every header it checks: a keccak each time.
+    return to_checksum_address(value)
 
 
 @dataclass(frozen=True)
@@ -293,13 +299,8 @@ class ChunkOpening:
         actual, expected = id_of(self.header, self.root), parse_id(model_id)
         if actual != expected:
             raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
-        if not verify_chunk(
-            model_id=expected,
-            header=self.header,
-            root=self.root,
-            index=self.index,
-            chunk=self.values,
-            proof=self.siblings,
+        if not _chunk_holds(
+            parsed[0], root=self.root, index=self.index, chunk=self.values, proof=self.siblings
         ):
             raise ChunkMismatchError(index=self.index)
         return parsed[0]
@@ -394,7 +395,13 @@ def verify_chunk(
     parsed = read_header(header)
     if parsed is None or parsed[1] != len(header) or id_of(header, root) != parse_id(model_id):
         return False
-    head = parsed[0]
+    return _chunk_holds(parsed[0], root=root, index=index, chunk=chunk, proof=proof)
+
+
+def _chunk_holds(
+    head: Header, *, root: bytes, index: int, chunk: bytes, proof: Sequence[bytes]
+) -> bool:
+    """Whether ``chunk`` is chunk ``index`` of a model of header ``head`` and Merkle ``root``."""
     if not 0 <= index < head.leaf_count or len(chunk) != 4 * head.chunk_size(index):
         return False
     return merkle.verify(
