@@ -26,6 +26,12 @@ def node(left: bytes, right: bytes) -> bytes:
     return keccak(NODE + left + right)
 
 
+# The hash of an all-padding subtree at each height: the same in every tree.
+_EMPTIES = [EMPTY]
+for _ in range(64):
+    _EMPTIES.append(node(_EMPTIES[-1], _EMPTIES[-1]))
+
+
 def depth(leaf_count: int) -> int:
     """``log2(P)``: levels above the leaves, with ``P`` the least power of two >= leaf_count."""
     if leaf_count < 1:
@@ -37,13 +43,12 @@ def levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
     """Every level of the tree, leaves first and the root alone last; padding is implicit
     (a missing right child is the empty hash of its level)."""
     depth(len(leaves))  # at least one leaf
-    level, out, empty = list(leaves), [], EMPTY
+    level, out = list(leaves), []
     out.append(level)
     while len(level) > 1:
         if len(level) % 2:
-            level = [*level, empty]
+            level = [*level, _EMPTIES[len(out) - 1]]
         level = [node(level[i], level[i + 1]) for i in range(0, len(level), 2)]
-        empty = node(empty, empty)
         out.append(level)
     return out
 
@@ -62,11 +67,10 @@ def proof_in(tree: Sequence[Sequence[bytes]], index: int) -> list[bytes]:
     """``proof`` from the tree's ``levels``, made once for every proof of a model."""
     if not 0 <= index < len(tree[0]):
         raise IndexError(f"leaf {index} of {len(tree[0])}")
-    siblings, empty = [], EMPTY
-    for level in tree[:-1]:
+    siblings = []
+    for height, level in enumerate(tree[:-1]):
         sibling = index ^ 1
-        siblings.append(level[sibling] if sibling < len(level) else empty)
-        empty = node(empty, empty)
+        siblings.append(level[sibling] if sibling < len(level) else _EMPTIES[height])
         index >>= 1
     return siblings
 
