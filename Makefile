@@ -64,7 +64,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup
-	$(BACKING) -- $(PY) -m bench
+	$(BACKING) -- $(PY) -m bench $(PARTS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis
