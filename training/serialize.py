@@ -293,21 +293,29 @@ class ChunkOpening:
     def check(self, model_id: bytes | str) -> Header:
         """The model's header, once the opening is shown to be chunk ``index`` of
         ``model_id``; ModelIdMismatchError or ChunkMismatchError otherwise."""
-        parsed = read_header(self.header)
-        if parsed is None or parsed[1] != len(self.header):
-            raise BlobHeaderError("malformed model blob header in a chunk opening")
-        actual, expected = id_of(self.header, self.root), parse_id(model_id)
+        head, actual = _opened_model(self.header, self.root)
+        expected = parse_id(model_id)
         if actual != expected:
             raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
         if not _chunk_holds(
-            parsed[0], root=self.root, index=self.index, chunk=self.values, proof=self.siblings
+            head, root=self.root, index=self.index, chunk=self.values, proof=self.siblings
         ):
             raise ChunkMismatchError(index=self.index)
-        return parsed[0]
+        return head
 
     def array(self) -> np.ndarray:
         """The chunk's values as int32."""
         return np.frombuffer(self.values, dtype=VALUE).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=1024)
+def _opened_model(header: bytes, root: bytes) -> tuple[Header, bytes]:
+    """The header and ID that an opening's header bytes and root make: the same for every
+    chunk of a model, which a watcher checks by the dozen."""
+    parsed = read_header(header)
+    if parsed is None or parsed[1] != len(header):
+        raise BlobHeaderError("malformed model blob header in a chunk opening")
+    return parsed[0], id_of(header, root)
 
 
 def encode(header: Header, values: Sequence[np.ndarray]) -> bytes:
