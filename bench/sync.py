@@ -201,7 +201,7 @@ def django_setup(var: Path) -> str:
     else:
         test["NAME"] = f"flex_bench_sync_{os.getpid()}"
     connection.creation.create_test_db(verbosity=0, autoclobber=True, keepdb=False)
-    broker = stack_vhost(var)["FLEX_BROKER_URL"]
+    broker = stack_vhost(var, throwaway=True)["FLEX_BROKER_URL"]
     lifecycle.celery_app = Celery("flex-bench", broker=broker, set_as_current=False)
     settings.CHANNEL_LAYERS = {
         "default": {

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -75,6 +76,20 @@ def url_with(
         netloc = f"{user}:{password}@{netloc}" if password else f"{user}@{netloc}"
     path = parts.path if vhost is None else "/" + quote(vhost, safe="")
     return urlunsplit((parts.scheme, netloc, path, "", ""))
+
+
+# How a throwaway vhost's description starts: "FLEX throwaway <host> <pid>".
+THROWAWAY = "FLEX throwaway"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def new_vhost_name(prefix: str) -> str:
@@ -142,14 +157,34 @@ class BrokerAdmin:
             return False
         return True
 
-    def vhost_create(self, vhost: str) -> None:
-        """The vhost, with the exchange devices report to (both idempotent)."""
-        self._call("PUT", f"vhosts/{self._q(vhost)}", json={"description": "FLEX"})
+    def vhost_create(self, vhost: str, *, throwaway: bool = False) -> None:
+        """The vhost, with the exchange devices report to (both idempotent). A ``throwaway``
+        one (a benchmark's or a test run's, deleted by its owner at the end) is marked with
+        this host and process, so that once they are gone (a killed run) sweep_throwaway
+        can delete it."""
+        description = f"{THROWAWAY} {socket.gethostname()} {os.getpid()}" if throwaway else "FLEX"
+        self._call("PUT", f"vhosts/{self._q(vhost)}", json={"description": description})
         self._call(
             "PUT",
             f"exchanges/{self._q(vhost)}/{self._q(REPORTS_EXCHANGE)}",
             json={"type": "direct", "durable": True},
         )
+
+    def sweep_throwaway(self) -> list[str]:
+        """Delete the throwaway vhosts of this host whose process is gone (a run killed before
+        it could delete its own), with their messages and device users; returns their names.
+        A vhost of another host, of a live process, or not throwaway is never touched."""
+        swept = []
+        for entry in self._call("GET", "vhosts").json():
+            marker, _, owner = (entry.get("description") or "").rpartition(" ")
+            mine = marker == f"{THROWAWAY} {socket.gethostname()}" and owner.isdigit()
+            if not mine or _alive(int(owner)):
+                continue
+            self.vhost_delete(entry["name"])
+            swept.append(entry["name"])
+        if swept:
+            log.info("deleted %d broker vhost(s) left by killed runs: %s", len(swept), swept)
+        return swept
 
     def vhost_exists(self, vhost: str) -> bool:
         return self._call("GET", f"vhosts/{self._q(vhost)}", ok_missing=True).status_code == 200

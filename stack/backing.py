@@ -273,10 +273,12 @@ def management_enable(api_url: str) -> bool:
     return False
 
 
-def stack_vhost(var: Path) -> dict[str, str]:
+def stack_vhost(var: Path, *, throwaway: bool = False) -> dict[str, str]:
     """This stack's own broker namespace: a vhost named once (FLEX_BROKER_VHOST_PREFIX and a
     random part, kept in ``var``/broker_vhost) and created when missing, so a restart finds
-    its own work and no other stack's. Returns FLEX_BROKER_URL pointing at it."""
+    its own work and no other stack's. Returns FLEX_BROKER_URL pointing at it. A
+    ``throwaway`` stack (a benchmark's, deleted at its end) first deletes what throwaway
+    stacks killed before their end left on the broker (BrokerAdmin.sweep_throwaway)."""
     from core.broker import new_vhost_name, url_with
 
     record = var / "broker_vhost"
@@ -286,7 +288,10 @@ def stack_vhost(var: Path) -> dict[str, str]:
         vhost = new_vhost_name(os.environ.get("FLEX_BROKER_VHOST_PREFIX", "flex-"))
         var.mkdir(parents=True, exist_ok=True)
         record.write_text(vhost + "\n")
-    BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL)).vhost_create(vhost)
+    admin = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
+    if throwaway:
+        admin.sweep_throwaway()
+    admin.vhost_create(vhost, throwaway=throwaway)
     base = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
     return {"FLEX_BROKER_URL": url_with(base, vhost=vhost)}
 

@@ -273,7 +273,7 @@ def stack(
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,
         # Its own broker namespace: no message of another stack reaches this one.
-        **stack_vhost(var),
+        **stack_vhost(var, throwaway=ephemeral),
         "DJANGO_SETTINGS_MODULE": "flexsite.settings",
         "ETH_RPC_URL": f"http://{local_chain}:{chain_port}",
         "FLEX_PUBLIC_URL": public_url,

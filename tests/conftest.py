@@ -80,7 +80,8 @@ def broker_vhost_new(label: str) -> BrokerVhost:
     prefix = os.environ.get("FLEX_BROKER_VHOST_PREFIX", "flex-") + label + "-"
     admin = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
     name = new_vhost_name(prefix)
-    admin.vhost_create(name)
+    admin.sweep_throwaway()
+    admin.vhost_create(name, throwaway=True)
     base = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
     return BrokerVhost(name=name, url=url_with(base, vhost=name), admin=admin)
 

@@ -6,6 +6,9 @@ refused while the platform's worker keeps serving."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -18,14 +21,21 @@ from eth_account.messages import encode_defunct
 from kombu import Connection
 
 from chain.events import Role, TaskState
-from core.broker import url_with, vhost_of
+from core.broker import (
+    DEFAULT_BROKER_API_URL,
+    THROWAWAY,
+    BrokerAdmin,
+    new_vhost_name,
+    url_with,
+    vhost_of,
+)
 from core.messages import Deployment, MessageInvalidError, RoundReport, TaskStep, UpdateReport
-from core.queues import REPORTS_EXCHANGE, REPORTS_QUEUE, route
+from core.queues import DEFAULT_BROKER_URL, REPORTS_EXCHANGE, REPORTS_QUEUE, route
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
 from marketplace import contract, models, services, tasks
 from marketplace.device_broker import device_broker_url
-from stack.backing import stack_vhost, stack_vhost_delete
+from stack.backing import ROOT, stack_vhost, stack_vhost_delete
 from tests.conftest import BrokerVhost, broker_vhost_new
 from tests.marketplace.test_lifecycle import (
     WINDOW_S,
@@ -343,3 +353,47 @@ def test_each_stack_has_a_namespace_of_its_own(tmp_path):
     finally:
         stack_vhost_delete(first)
         stack_vhost_delete(second)
+
+
+# A throwaway vhost made by a process that then ends without deleting it: a killed run.
+ORPHAN = """
+import sys
+from core.broker import BrokerAdmin
+admin = BrokerAdmin(sys.argv[2])
+admin.vhost_create(sys.argv[1], throwaway=True)
+admin.user_grant(user=sys.argv[1] + ".device-1", password="x", vhost=sys.argv[1],
+                 permissions={"configure": "", "write": "", "read": ""})
+"""
+
+
+def test_what_a_killed_throwaway_run_left_is_swept_and_nothing_else(tmp_path):
+    admin = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
+    orphan, live, elsewhere = (new_vhost_name("flex-sweep-") for _ in range(3))
+    persistent = tmp_path / "make-run"
+    try:
+        subprocess.run([sys.executable, "-c", ORPHAN, orphan, admin.api_url], cwd=ROOT, check=True)
+        with (
+            Connection(
+                url_with(os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL), vhost=orphan)
+            ) as conn,
+            conn.SimpleQueue("platform") as queue,
+        ):
+            queue.put({"left": "behind"})
+        admin.vhost_create(live, throwaway=True)  # this process: alive
+        admin.vhost_create(elsewhere)
+        admin._call(  # another host's throwaway vhost, its owner unknown here
+            "PUT", f"vhosts/{elsewhere}", json={"description": f"{THROWAWAY} other-host 1"}
+        )
+        kept = vhost_of(stack_vhost(persistent)["FLEX_BROKER_URL"])  # make run's: not throwaway
+
+        swept = admin.sweep_throwaway()
+
+        assert orphan in swept
+        assert not admin.vhost_exists(orphan)
+        users = [u["name"] for u in admin._call("GET", "users").json()]
+        assert f"{orphan}.device-1" not in users
+        assert all(admin.vhost_exists(v) for v in (live, elsewhere, kept))
+    finally:
+        for name in (orphan, live, elsewhere):
+            admin.vhost_delete(name)
+        stack_vhost_delete(persistent)
