@@ -289,8 +289,8 @@ def stack_vhost(var: Path, *, throwaway: bool = False) -> dict[str, str]:
         var.mkdir(parents=True, exist_ok=True)
         record.write_text(vhost + "\n")
     admin = BrokerAdmin(os.environ.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
-    if throwaway:
-        admin.sweep_throwaway()
+    if throwaway and (swept := admin.sweep_throwaway()):
+        say(f"rabbitmq: deleted {len(swept)} vhost(s) that killed runs left: {', '.join(swept)}")
     admin.vhost_create(vhost, throwaway=throwaway)
     base = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
     return {"FLEX_BROKER_URL": url_with(base, vhost=vhost)}
