@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -89,9 +88,9 @@ def deployment_load(path: Path | None = None) -> Deployment | None:
     except FileNotFoundError:
         return None
     record, key = Deployment(**json.loads(text)), (text, chain_id())
-    if time.monotonic() - _confirmed.get(key, -math.inf) < DEPLOYMENT_CONFIRMED_S:
+    confirmed = _confirmed.get(key)
+    if confirmed is not None and time.monotonic() - confirmed < DEPLOYMENT_CONFIRMED_S:
         return record
-    _confirmed.pop(key, None)
     with reachable():
         if record.chain_id != key[1] or not w3().eth.get_code(record.address):
             return None
