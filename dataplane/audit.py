@@ -23,6 +23,7 @@ from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
+from chain.records import RoundInfo
 from chain.selection import positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_openings
@@ -53,13 +54,12 @@ def recorded_samples(market: FlexMarket, *, task_id: int) -> dict[str, int]:
 
 
 def round_weights(
-    market: FlexMarket, *, task_id: int, round_number: int, trainers: Sequence[str]
+    market: FlexMarket, *, task_id: int, info: RoundInfo, trainers: Sequence[str]
 ) -> dict[str, int]:
-    """The FedAvg weight of each update global model ``round_number + 1`` aggregated, by
-    trainer: its recorded samples scaled by its score on chain (training.scoring.fedavg_weight):
-    what the aggregator weighs with and a challenge is checked by. ``trainers`` is the
-    task's selection, in position order."""
-    info = market.round_info(task_id=task_id, round_number=round_number)
+    """The FedAvg weight of each update global model r + 1 aggregated (``info`` is round r's),
+    by trainer: its recorded samples scaled by its score on chain (training.scoring
+    .fedavg_weight): what the aggregator weighs with and a challenge is checked by.
+    ``trainers`` is the task's selection, in position order."""
     samples = recorded_samples(market, task_id=task_id)
     positions = positions_of(info.aggregated_mask)
     scores = dict(zip(positions, info.scores, strict=True)) if info.scores else {}
@@ -174,16 +174,17 @@ def check_round(
     aggregator: Aggregator,
     limit: int = WATCH_CHUNKS,
     rng: random.Random | None = None,
+    info: RoundInfo | None = None,
 ) -> Watch:
     """Check ``published`` (global model ``round_number + 1``) against the updates its mask
     names; chunks of updates this node holds are read from ``store`` (None: none), the rest
     fetched from the aggregator's data plane (a DataPlaneError when it will not serve them).
-    ``limit`` chunks at most are checked (every chunk when the model has no more)."""
-    info = market.round_info(task_id=task_id, round_number=round_number)
+    ``limit`` chunks at most are checked (every chunk when the model has no more). ``info``
+    is round ``round_number`` as the caller just read it (else it is read here)."""
+    if info is None:
+        info = market.round_info(task_id=task_id, round_number=round_number)
     selection = market.selection(task_id=task_id)
-    weights = round_weights(
-        market, task_id=task_id, round_number=round_number, trainers=selection.trainers
-    )
+    weights = round_weights(market, task_id=task_id, info=info, trainers=selection.trainers)
     update_ids = market.updates_of(task_id=task_id, round_number=round_number)
     included = []
     for position in positions_of(info.aggregated_mask):

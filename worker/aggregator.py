@@ -316,7 +316,7 @@ def aggregate(
             continue
         updates.append(got)
         authors[got.update_id] = (trainer, position)
-    reference = node.store.load(market.global_model(task_id=task_id, round_number=round_number))
+    reference = node.store.load(info.global_model)
     strategy = parsed.strategy()
     screening = strategy.screen(updates, reference=reference.values)
     for rejection in screening.rejected:

@@ -117,7 +117,7 @@ def _round(
     out = RoundProvenance(round=round_number + 1, global_model=published)
     aggregated = positions_of(info.aggregated_mask)
     scores = dict(zip(aggregated, info.scores, strict=False))
-    weights = round_weights(market, task_id=task_id, round_number=round_number, trainers=trainers)
+    weights = round_weights(market, task_id=task_id, info=info, trainers=trainers)
     included: list[IncludedBlob] = []
     submitted = market.updates_of(task_id=task_id, round_number=round_number)
     for position in positions_of(info.submitted_mask):

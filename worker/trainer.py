@@ -223,12 +223,21 @@ def train(
             source_cert=aggregator_cert,
             source=task.aggregator,
         )
-        return _watch(node, spec=parsed, task_id=task_id, model=final, aggregator=aggregator)
+        position = market.trainer_position(task_id=task_id, device=node.address)
+        return _watch(
+            node,
+            spec=parsed,
+            task_id=task_id,
+            model=final,
+            aggregator=aggregator,
+            position=position,
+        )
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
         return None
     info = market.round_info(task_id=task_id, round_number=round_number)
-    if _submitted(node, task_id=task_id, info=info):
+    position = market.trainer_position(task_id=task_id, device=node.address)
+    if _submitted(position, info):
         log.info("task %s: update for round %s already on chain", task_id, round_number)
         return None
     stored = node.store.list(
@@ -308,7 +317,9 @@ def train(
         "tx_hash": tx.tx_hash,
         "gas_used": tx.gas_used,
     }
-    disputed = _watch(node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator)
+    disputed = _watch(
+        node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator, position=position
+    )
     return trained if disputed is None else {**trained, **disputed}
 
 
@@ -330,23 +341,31 @@ def _submit(node: Node, *, task_id: int, round_number: int, update_id: str):
         return None
 
 
-def _submitted(node: Node, *, task_id: int, info: RoundInfo) -> bool:
-    """Whether this node's update is among those ``info`` (a round of the task) records."""
-    position = node.market.trainer_position(task_id=task_id, device=node.address)
+def _submitted(position: int | None, info: RoundInfo) -> bool:
+    """Whether the trainer at selection ``position`` (None: not selected) has its update
+    among those ``info`` (a round of the task) records."""
     return position is not None and bool(info.submitted_mask >> position & 1)
 
 
 def _watch(
-    node: Node, *, spec: TaskSpec, task_id: int, model: ModelBlob, aggregator: Aggregator
+    node: Node,
+    *,
+    spec: TaskSpec,
+    task_id: int,
+    model: ModelBlob,
+    aggregator: Aggregator,
+    position: int | None,
 ) -> dict | None:
-    """When this node submitted an update to the round global model ``model`` closes, check
-    the aggregate (worker.watcher.watch_round) and, if its update was left out, the reason
-    (watch_exclusion); each sends its own proof. The result when the aggregator was shown
-    wrong, else None."""
+    """When this node (at selection ``position``) submitted an update to the round global
+    model ``model`` closes, check the aggregate (worker.watcher.watch_round) and, if its
+    update was left out, the reason (watch_exclusion); each sends its own proof. The round
+    is read from the chain once for both. The result when the aggregator was shown wrong,
+    else None."""
     closed = model.header.round_number - 1
-    if closed < 0 or not _submitted(
-        node, task_id=task_id, info=node.market.round_info(task_id=task_id, round_number=closed)
-    ):
+    if closed < 0 or position is None:
+        return None
+    info = node.market.round_info(task_id=task_id, round_number=closed)
+    if not _submitted(position, info):
         return None
     common = {
         "market": node.market,
@@ -356,11 +375,12 @@ def _watch(
         "round_number": closed,
         "published": model,
         "aggregator": aggregator,
+        "info": info,
     }
     watch = watch_round(spec=spec, **common)
     if watch is not None and not watch.correct:
         return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
-    contested = watch_exclusion(**common)
+    contested = watch_exclusion(position=position, **common)
     if contested is not None:
         return {"task_id": task_id, "round": closed + 1, "contested": contested.tx_hash}
     return None

@@ -18,6 +18,7 @@ from chain.client import FlexMarket
 from chain.errors import ContractError, ExclusionHoldsError
 from chain.events import ExclusionContested, Reason
 from chain.fraud import ZERO_ID, Contest, Exclusion
+from chain.records import RoundInfo
 from dataplane.audit import Aggregator, Watch, check_round, openings
 from dataplane.protocol import DataPlaneError
 from training.serialize import ModelBlob
@@ -37,13 +38,16 @@ def watch_round(
     round_number: int,
     published: ModelBlob,
     aggregator: Aggregator,
+    info: RoundInfo,
 ) -> Watch | None:
     """A trainer's watch over global model ``round_number + 1``, which it fetched to train
-    from: check it and, when it is wrong, send the challenge that proves it (the bond's
-    bounty comes to this node). None when the check could not be made (an update's chunk
-    not served): the round then stays unproven either way, and that is logged."""
+    from (``info``: round ``round_number`` on chain): check it and, when it is wrong, send
+    the challenge that proves it (the bond's bounty comes to this node). None when the
+    check could not be made (an update's chunk not served): the round then stays unproven
+    either way, and that is logged."""
     try:
         watch = check_round(
+            info=info,
             market=market,
             store=store,
             account=account,
@@ -103,17 +107,16 @@ def watch_exclusion(
     round_number: int,
     published: ModelBlob,
     aggregator: Aggregator,
+    info: RoundInfo,
+    position: int,
 ) -> ExclusionContested | None:
-    """A trainer's watch over the reason global model ``round_number + 1`` (``published``)
-    gives for leaving out its update of ``round_number``: when it was left out for no reason
-    or a checkable one, contest it. The chain judges: the contest is estimated first, so one
-    whose reason holds reverts (ExclusionHoldsError) before anything is sent. NOT_FETCHABLE
-    cannot be checked on chain and is only logged. Returns the contest's event when it
-    slashed the aggregator, else None."""
-    position = market.trainer_position(task_id=task_id, device=account.address)
-    if position is None:
-        return None
-    info = market.round_info(task_id=task_id, round_number=round_number)
+    """A trainer's (at selection ``position``) watch over the reason global model
+    ``round_number + 1`` (``published``) gives for leaving out its update of ``round_number``
+    (``info``: that round on chain): when it was left out for no reason or a checkable one,
+    contest it. The chain judges: the contest is estimated first, so one whose reason holds
+    reverts (ExclusionHoldsError) before anything is sent. NOT_FETCHABLE cannot be checked
+    on chain and is only logged. Returns the contest's event when it slashed the
+    aggregator, else None."""
     if (info.aggregated_mask >> position) & 1:
         return None
     own = market.update_of(task_id=task_id, round_number=round_number, trainer=account.address)

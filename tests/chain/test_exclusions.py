@@ -310,6 +310,8 @@ def test_the_excluded_trainers_watch_contests_a_false_reason_itself(
         round_number=0,
         published=published,
         aggregator=Aggregator(running.aggregator.address, "https://127.0.0.1:9", "00" * 32),
+        info=market.round_info(task_id=running.task_id, round_number=0),
+        position=2,
     )
     state = market.task(task_id=running.task_id).state
     if slashed:

@@ -58,6 +58,7 @@ def watch(flow, accounts, tmp_path):
                 round_number=0,
                 published=published,
                 aggregator=Aggregator(aggregator.address, plane.url, plane.certificate.sha256),
+                info=market.round_info(task_id=task_id, round_number=0),
             )
 
     return run
