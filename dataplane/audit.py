@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import requests
 from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
@@ -198,12 +197,9 @@ def check_round(
     rule = STRATEGIES[spec.aggregation.strategy].from_params(params)
     chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     global_id = id_hex(published.model_id)
-    # Every sampled chunk of an update in one request, all over one kept-alive connection.
-    with requests.Session() as session:
-        fetched = [
-            openings(store, account, aggregator, u.model_id, chunks, session=session)
-            for u in included
-        ]
+    # Every sampled chunk of an update in one request, all over this thread's kept-alive
+    # connection to the aggregator (dataplane.client.kept_session).
+    fetched = [openings(store, account, aggregator, u.model_id, chunks) for u in included]
     for position, chunk in enumerate(chunks):
         opened = [of_update[position] for of_update in fetched]
         claimed = published.opening(chunk)
@@ -266,12 +262,10 @@ def openings(
     aggregator: Aggregator,
     model_id: str,
     chunks: Sequence[int],
-    *,
-    session: requests.Session | None = None,
 ) -> list[ChunkOpening]:
     """Chunks ``chunks`` of ``model_id`` with their proofs: from ``store`` when it holds the
     model, else from the aggregator's data plane, MAX_OPENINGS a request (checked against
-    the ID there), over ``session`` when given (its connection kept for the next)."""
+    the ID there), over this thread's kept connection to it."""
     if store is not None and store.has(model_id):
         return store.openings(model_id, chunks)
     fetched: list[ChunkOpening] = []
@@ -283,7 +277,6 @@ def openings(
             indexes=chunks[start : start + MAX_OPENINGS],
             server_address=aggregator.address,
             account=account,
-            session=session,
         )
     return fetched
 

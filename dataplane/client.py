@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from http import HTTPStatus
@@ -43,6 +45,18 @@ _CHUNK_BYTES = 256 * 1024
 _MAX_OPENING_BYTES = 1 << 20
 R = TypeVar("R")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_kept = threading.local()
+
+
+def kept_session() -> requests.Session:
+    """This thread's session, kept from one fetch to the next: a node that fetches from the
+    same peer round after round keeps its TLS connection (pinned per URL, tls.pin) instead of
+    making a new handshake on both sides each time. One per thread, since a session is not
+    safe to share between threads, and one per process: a forked child never writes to a
+    connection its parent holds."""
+    if getattr(_kept, "pid", None) != os.getpid():
+        _kept.session, _kept.pid = requests.Session(), os.getpid()
+    return _kept.session
 
 
 def fetch_model(**kwargs: Any) -> bytes:
@@ -228,50 +242,46 @@ def _retrying(
     deadline_s: float | None = None,
     session: requests.Session | None = None,
 ) -> R:
-    """``attempt_once`` over a session pinned to ``cert_sha256``, again on connection errors,
-    truncations and 5xx/429 answers, with exponential back-off, ``retries`` times or until
-    ``deadline``; the peer's refusals and a wrong certificate are raised at once."""
-    own_session = session is None
-    http = requests.Session() if session is None else session
+    """``attempt_once`` over ``session`` (else this thread's kept_session) pinned to
+    ``cert_sha256``, again on connection errors, truncations and 5xx/429 answers, with
+    exponential back-off, ``retries`` times or until ``deadline``; the peer's refusals and a
+    wrong certificate are raised at once."""
+    http = kept_session() if session is None else session
     pin(http, base_url=base_url, sha256=cert_sha256)
     attempts = retries + 1
-    try:
-        for attempt in range(1, attempts + 1):
-            try:
-                return attempt_once(http)
-            except requests.exceptions.SSLError as exc:
-                if "fingerprint" in str(exc).lower():
-                    raise PeerCertificateError(
-                        url=base_url, expected=cert_sha256, reason=str(exc)[:300]
-                    ) from exc
-                error: Exception = exc
-            except (requests.ConnectionError, requests.Timeout, _RetryableError) as exc:
-                error = exc.error if isinstance(exc, _RetryableError) else exc
-            delay = backoff * 2 ** (attempt - 1)
-            out_of_time = deadline is not None and time.monotonic() + delay >= deadline
-            if attempt == attempts or out_of_time:
-                if isinstance(error, FlexError):
-                    raise error from None
-                if out_of_time:
-                    raise FetchDeadlineError(
-                        url=url, model_id=model_id, deadline_s=deadline_s, reason=repr(error)
-                    ) from error
-                raise FetchFailedError(
-                    url=url, model_id=model_id, attempts=attempt, reason=repr(error)
+    for attempt in range(1, attempts + 1):
+        try:
+            return attempt_once(http)
+        except requests.exceptions.SSLError as exc:
+            if "fingerprint" in str(exc).lower():
+                raise PeerCertificateError(
+                    url=base_url, expected=cert_sha256, reason=str(exc)[:300]
+                ) from exc
+            error: Exception = exc
+        except (requests.ConnectionError, requests.Timeout, _RetryableError) as exc:
+            error = exc.error if isinstance(exc, _RetryableError) else exc
+        delay = backoff * 2 ** (attempt - 1)
+        out_of_time = deadline is not None and time.monotonic() + delay >= deadline
+        if attempt == attempts or out_of_time:
+            if isinstance(error, FlexError):
+                raise error from None
+            if out_of_time:
+                raise FetchDeadlineError(
+                    url=url, model_id=model_id, deadline_s=deadline_s, reason=repr(error)
                 ) from error
-            log.warning(
-                "fetch of model %s from %s failed (%s); retry %d of %d in %.2fs",
-                model_id,
-                url,
-                getattr(error, "message", None) or repr(error),
-                attempt,
-                retries,
-                delay,
-            )
-            time.sleep(delay)
-    finally:
-        if own_session:
-            http.close()
+            raise FetchFailedError(
+                url=url, model_id=model_id, attempts=attempt, reason=repr(error)
+            ) from error
+        log.warning(
+            "fetch of model %s from %s failed (%s); retry %d of %d in %.2fs",
+            model_id,
+            url,
+            getattr(error, "message", None) or repr(error),
+            attempt,
+            retries,
+            delay,
+        )
+        time.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
 
 

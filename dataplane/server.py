@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -52,9 +53,13 @@ class _HTTPServer(ThreadingHTTPServer):
         # The TLS handshake runs in the connection's own thread (_Handler.setup), under its
         # timeout: a peer that stalls mid-handshake holds one thread, never the accept loop.
         sock, addr = self.socket.accept()
-        return self.plane.tls.wrap_socket(
-            sock, server_side=True, do_handshake_on_connect=False
-        ), addr
+        wrapped = self.plane.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.plane.connections.add(wrapped)
+        return wrapped, addr
+
+    def shutdown_request(self, request: Any) -> None:
+        self.plane.connections.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A failed handshake (plain HTTP, a scanner, a client that pins another certificate)
@@ -85,6 +90,10 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
 
     def do_GET(self) -> None:
+        if not self.server.plane.serving:
+            # Stopped: a request that came over a connection kept open is not answered.
+            self.close_connection = True
+            return
         self._body_started = False
         try:
             path = self.path.split("?", 1)[0]
@@ -290,6 +299,9 @@ class DataPlaneServer:
         self.nonces = MemoryNonces()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Open connections: a peer keeps its connection between requests (HTTP/1.1).
+        self.connections: set[socket.socket] = set()
+        self.serving = False
 
     @property
     def url(self) -> str:
@@ -322,6 +334,7 @@ class DataPlaneServer:
             name=f"flex-dataplane-{self.port}",
             daemon=True,
         )
+        self.serving = True
         self._thread.start()
         log.info(
             "data plane of %s listening on %s:%d (TLS, certificate %s), advertised as %s",
@@ -334,11 +347,18 @@ class DataPlaneServer:
         return self
 
     def stop(self) -> None:
-        """Stop accepting requests and close the socket; transfers in flight finish alone."""
+        """Stop accepting connections and requests: the listening socket closes, and so does
+        each open connection once its transfer in flight (if any) has finished."""
         if self._httpd is None:
             return
+        self.serving = False
         self._httpd.shutdown()
         self._httpd.server_close()
+        for connection in set(self.connections):
+            # Only the reading half of the plain socket (SSLSocket.shutdown would end TLS under
+            # a response being sent): the connection's thread reads no further request.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(connection, socket.SHUT_RD)
         if self._thread is not None:
             self._thread.join()
         self._httpd = self._thread = None

@@ -149,4 +149,6 @@ def pin(session: requests.Session, *, base_url: str, sha256: str) -> None:
     prefix, fingerprint = base_url.rstrip("/") + "/", pin_check(sha256)
     mounted = session.adapters.get(prefix)
     if not (isinstance(mounted, _PinnedAdapter) and mounted.sha256 == fingerprint):
+        if mounted is not None:
+            mounted.close()  # its connections were made to the certificate pinned before
         session.mount(prefix, _PinnedAdapter(fingerprint))

@@ -3,6 +3,7 @@ retries."""
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import threading
 import time
@@ -17,9 +18,10 @@ import requests
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+import dataplane.client
 from chain.launcher import free_port
 from dataplane.access import AllowListPolicy
-from dataplane.client import fetch_model
+from dataplane.client import fetch_model, kept_session
 from dataplane.protocol import (
     HEADER_ADDRESS,
     HEADER_SIGNATURE,
@@ -28,6 +30,7 @@ from dataplane.protocol import (
     FetchFailedError,
     FetchTruncatedError,
     ModelTooLargeError,
+    PeerCertificateError,
     PolicyUnavailableError,
     SignatureMismatchError,
 )
@@ -111,6 +114,54 @@ def test_one_session_keeps_working_after_refusals_and_blobs(
             _fetch(server, "0x" + "ab" * 32, session=session)
         assert _fetch(server, stored, session=session) == blob
         assert _fetch(server, id_hex(other), session=session) == second
+
+
+def _connections(plane: DataPlaneServer) -> list[int]:
+    """How many connections this thread's kept session holds to ``plane``."""
+    pools = kept_session().get_adapter(plane.url + "/").poolmanager.pools
+    return [pools[key].num_connections for key in pools.keys()]  # noqa: SIM118
+
+
+def test_a_node_keeps_one_connection_to_a_peer_from_fetch_to_fetch(
+    server: DataPlaneServer, stored: str, blob: bytes
+) -> None:
+    """Round after round a node fetches from the same peers: one TLS handshake, not one a
+    fetch. The connection stays pinned: another certificate at the same URL is refused."""
+    assert _fetch(server, stored) == blob
+    assert _fetch(server, stored) == blob
+    assert _connections(server) == [1]
+    assert len(server.connections) == 1
+    with pytest.raises(PeerCertificateError):
+        _fetch(server, stored, cert_sha256=cert_for("other").sha256, retries=0)
+    assert _fetch(server, stored) == blob
+
+
+def test_a_stopped_server_serves_no_connection_kept_open_to_it(
+    store: ModelStore, stored: str, blob: bytes
+) -> None:
+    policy = AllowListPolicy(addresses=[REQUESTER.address])
+    plane = DataPlaneServer(
+        certificate=cert_for("server"), store=store, policy=policy, node_address=SERVER.address
+    )
+    with plane:
+        assert _fetch(plane, stored) == blob
+    with pytest.raises(FetchFailedError):
+        _fetch(plane, stored, retries=0)
+
+
+def _fresh_in_child() -> bool:
+    inherited = dataplane.client._kept.session  # what the fork copied from the parent
+    return kept_session() is not inherited
+
+
+def test_a_forked_worker_does_not_write_to_its_parents_connections(
+    server: DataPlaneServer, stored: str, blob: bytes
+) -> None:
+    assert _fetch(server, stored) == blob
+    parent = kept_session()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply(_fresh_in_child) is True
+    assert kept_session() is parent
 
 
 def test_errors_keep_their_fields_across_pickling() -> None:
