@@ -67,6 +67,9 @@ class ChainEvent:
     tx_hash: str
     log_index: int
     address: str
+    # The block's timestamp, where the node puts it in the log (Anvil and Geth do; the
+    # JSON-RPC spec leaves it out): one eth_getBlockByNumber less for whoever needs it.
+    block_time: int | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -328,6 +331,11 @@ def event_topics() -> dict[str, str]:
     return {e.name: "0x" + topic.hex() for topic, e in _event_abis().items()}
 
 
+def _quantity(value: str | int | None) -> int | None:
+    """A JSON-RPC quantity as web3 hands it over: hex text where it has no formatter."""
+    return int(value, 16) if isinstance(value, str) else value
+
+
 def decode_log(log: Mapping[str, Any]) -> ChainEvent | None:
     """The typed record of a FlexMarket log, or None for a log of some other event."""
     topics = [HexBytes(t) for t in log["topics"]]
@@ -355,6 +363,7 @@ def decode_log(log: Mapping[str, Any]) -> ChainEvent | None:
         tx_hash=_hex(log["transactionHash"]),
         log_index=int(log["logIndex"]),
         address=to_checksum_address(log["address"]),
+        block_time=_quantity(log.get("blockTimestamp")),
         **args,
     )
 

@@ -401,7 +401,9 @@ class ChainSync:
         wanted = {e.block_number for e in new if e.name == "GlobalModelPublished"}
         if new:
             wanted.add(new[-1].block_number)
-        times = self._block_times(wanted)
+        stamped = {e.block_number: e.block_time for e in chunk.events if e.block_time}
+        times = {n: stamped[n] for n in wanted & stamped.keys()}
+        times |= self._block_times(wanted - stamped.keys())
         if new:
             self._chain_now()  # reads the chain's clock now, not inside the transaction
         with transaction.atomic():

@@ -76,6 +76,9 @@ def test_events_carry_what_a_mirror_needs(
     receipt = w3.eth.get_transaction_receipt(final.tx_hash)
     assert receipt["blockNumber"] == final.block_number
     assert final.address == market.address
+    # The block's time comes with each log from this node: the mirror dates rounds by it.
+    for event in (selected, *published, final):
+        assert event.block_time == w3.eth.get_block(event.block_number)["timestamp"]
 
 
 def test_scan_of_an_empty_range(market: FlexMarket, w3: Web3):

@@ -17,6 +17,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from kombu import Connection
 from web3 import Web3
+from web3.middleware import Web3Middleware
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
@@ -251,6 +252,33 @@ def test_withdrawn_and_capped_bids_and_deposits_are_mirrored(platform_market, mi
     assert {b.deposit_wei for b in bids.values()} == {stake}
     refund = Payout.objects.get(task=task, account=first.address)
     assert (refund.amount_wei, refund.reason) == (stake, PayoutReason.STAKE_RETURNED)
+
+
+class _LogsWithoutBlockTimes(Web3Middleware):
+    """A node that leaves blockTimestamp out of its logs, as the JSON-RPC spec allows."""
+
+    def response_processor(self, method, response):
+        if method == "eth_getLogs" and isinstance(response.get("result"), list):
+            logs = [
+                {k: v for k, v in log.items() if k != "blockTimestamp"}
+                for log in response["result"]
+            ]
+            return {**response, "result": logs}
+        return response
+
+
+def test_a_node_whose_logs_carry_no_block_time_is_mirrored_by_block_times(
+    platform_market, mirror_env, buyer
+):
+    market = platform_market
+    task_id = create_task(market, buyer)
+    w3 = Web3(market.w3.provider)
+    w3.middleware_onion.add(_LogsWithoutBlockTimes)
+    sync = ChainSync(market=FlexMarket(w3=w3, address=market.address))
+    assert sync.run().events >= 2
+    cursor = ChainCursor.objects.get(contract_address=market.address)
+    assert cursor.last_lag_ms is not None  # dated by the block itself: the logs say nothing
+    assert Task.objects.get(chain_task_id=task_id).state == TaskState.BIDDING
 
 
 def test_a_new_sync_continues_from_the_cursor(platform_market, mirror_env, buyer):
