@@ -1,1 +1,10 @@
 """Benchmarks that write machine-readable results under var/bench/."""
+
+# A part's exit status when it ran to the end and wrote its figures, but a figure missed its
+# target (1 is a run that failed: no figures, or figures of a run that went wrong).
+TARGET_MISSED = 2
+
+
+def verdict(ok: bool) -> int:
+    """A finished part's exit status: 0 when every target was met, else TARGET_MISSED."""
+    return 0 if ok else TARGET_MISSED

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import verdict
 from chain.launcher import free_port
 from stack.demo import DEMO_SPEC, follow_task
 from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
@@ -125,7 +126,7 @@ def main() -> int:
         and gap <= 0.01
     )
     print("targets met" if ok else "TARGET MISSED")
-    return 0 if ok else 1
+    return verdict(ok)
 
 
 if __name__ == "__main__":

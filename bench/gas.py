@@ -18,6 +18,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from web3 import Web3
 
+from bench import verdict
 from bench.batch import Call, transact_many
 from chain.build import BUILD, load_artifact
 from chain.client import FlexMarket
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"wrote {args.out} in {results['details']['seconds']}s")
-    return 0 if all(results["pass"].values()) else 1
+    return verdict(all(results["pass"].values()))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench import verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
 ROUNDS = 10
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         and loaded["bid_latency_p99_s"] < BID_P99_TARGET_S
     )
     print("targets met" if ok else "TARGET MISSED")
-    return 0 if ok else 1
+    return verdict(ok)
 
 
 if __name__ == "__main__":

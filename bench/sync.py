@@ -34,6 +34,7 @@ import requests
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
+from bench import verdict
 from bench.sync_push import buyer_headers, measure_push
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"wrote {args.out}")
-    return 0 if lag["p99"] < LAG_TARGET_MS else 1
+    return verdict(lag["p99"] < LAG_TARGET_MS)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import verdict
 from chain.fraud import Challenge, FlexVerifier, Included, RoundContext, Strategy
 from chain.launcher import LocalChain, dev_accounts
 from training import merkle
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"wrote {args.out} in {results['seconds']}s")
-    return 0 if all(results["pass"].values()) else 1
+    return verdict(all(results["pass"].values()))
 
 
 if __name__ == "__main__":
