@@ -102,11 +102,21 @@ class Supervisor:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
     def stop(self, name: str | None = None, *, timeout: float = 15.0) -> None:
-        """Stop process ``name`` (default: all, newest first). SIGTERM goes to each process
-        alone, so that it stops its own children in order (a Celery worker lets its pool
-        finish the tasks in hand, a web server its workers' requests); whatever is left of
-        its process group when it has exited, or after ``timeout``, is killed."""
-        names = [name] if name else list(reversed(self.procs))
+        """Stop process ``name`` (default: all, newest first, and the first started, the
+        chain every other one talks to, only once the rest have stopped, so that none loses
+        it on its way out). SIGTERM goes to each process alone, so that it stops its own
+        children in order (a Celery worker lets its pool finish the tasks in hand, a web
+        server its workers' requests); whatever is left of its process group when it has
+        exited, or after ``timeout``, is killed."""
+        if name:
+            self._stop([name], timeout=timeout)
+            self.procs.pop(name, None)
+            return
+        newest_first = list(reversed(self.procs))
+        self._stop(newest_first[:-1], timeout=timeout)
+        self._stop(newest_first[-1:], timeout=timeout)
+
+    def _stop(self, names: list[str], *, timeout: float) -> None:
         for n in names:
             proc = self.procs.get(n)
             if proc and proc.poll() is None:
@@ -122,8 +132,6 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            if name:
-                self.procs.pop(n, None)
 
 
 # Threads per web process: requests waiting on the database or the chain do not hold the

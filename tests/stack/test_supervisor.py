@@ -99,3 +99,41 @@ def test_stopping_lets_a_worker_finish_its_task_then_clears_its_group(tmp_path):
     while alive(straggler) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(straggler), "a process left in the worker's group outlived the stop"
+
+
+# A process that, on SIGTERM, waits ``delay`` seconds, notes its name in a file and exits.
+NOTES_ITS_STOP = """
+import signal, sys, time
+name, notes, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+def stop(*_):
+    time.sleep(delay)
+    with open(notes, "a") as f:
+        f.write(name + "\\n")
+    sys.exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_first_process_started_stops_after_all_the_others(tmp_path):
+    """The chain starts first and every other process talks to it: stopping the stack
+    stops it last, so that no device logs losing it on its way out (even one that is slow
+    to stop)."""
+    notes = tmp_path / "stopped"
+    sup = Supervisor(env=dict(os.environ), log_dir=tmp_path / "logs")
+    for name, delay in (("chain", "0"), ("web", "0"), ("device", "1")):
+        sup.start(name, [sys.executable, "-c", NOTES_ITS_STOP, name, str(notes), delay])
+    deadline = time.monotonic() + 300  # waited for, never timed
+    for name in ("chain", "web", "device"):
+        log = tmp_path / "logs" / f"{name}.log"
+        while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    sup.stop(timeout=300)
+
+    stopped = notes.read_text().split()
+    assert sorted(stopped[:2]) == ["device", "web"]
+    assert stopped[2] == "chain"
