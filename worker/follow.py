@@ -10,8 +10,9 @@ same typed message the platform sends; the platform's own message still comes, a
 work done (every task checks the chain first). Nothing here is needed for a round to finish:
 it only makes one finish sooner.
 
-A websocket subscription to the contract's GlobalModelPublished and UpdateSubmitted logs rings
-(chain.follow); the logs themselves are read with eth_getLogs from the last block handled.
+A websocket subscription to the contract's GlobalModelPublished logs, and UpdateSubmitted ones
+where a node of the process may aggregate, rings (chain.follow); the logs themselves are read
+with eth_getLogs from the last block handled.
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ class RoundFollower:
         self._w3 = Web3(Web3.HTTPProvider(first.config.eth_rpc_url, request_kwargs={"timeout": 30}))
         self._address = to_checksum_address(first.config.contract_address)
         self._market = FlexMarket(w3=self._w3, address=self._address)
+        # A process of trainers only is told of published models; updates ring only where a
+        # node may aggregate (a round brings one of those and as many updates as trainers).
+        followed = ["GlobalModelPublished"]
+        if any(n.config.may_aggregate for n in nodes):
+            followed.append("UpdateSubmitted")
         topics = event_topics()
-        self._topics = [[topics["GlobalModelPublished"], topics["UpdateSubmitted"]]]
+        self._topics = [[topics[name] for name in followed]]
         self._lock = threading.Lock()
         # The last message of each kind per (node, task): what the next round's message repeats.
         self._train: dict[tuple[str, int], RoundTrainRequest] = {}

@@ -8,9 +8,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from celery import Celery
 
+from chain.events import decode_logs
 from chain.follow import Doorbell, ws_url
 from chain.launcher import LocalChain, free_port
+from tests.chain.test_events import lifecycle
+from tests.chain.test_watcher import trainer_node
+from training.store import ModelStore
+from worker.follow import RoundFollower
 
 # Waits are generous (a busy machine is waited for), never asserted as durations.
 WAIT_S = 120
@@ -150,3 +156,22 @@ def test_stopping_wakes_a_doorbell_waiting_on_a_quiet_node(node):
     bell.stop(timeout=WAIT_S)
     assert not bell._thread.is_alive()
     assert not bell.connected.is_set()
+
+
+def test_a_trainers_process_is_rung_by_published_models_and_an_aggregators_by_updates_too(
+    market, accounts, flow, running, w3, tmp_path
+):
+    """What each follower asks the node to push: a process of trainers only has nothing to do
+    with each update a round brings (as many as trainers), so it is not told of them."""
+    lifecycle(market, accounts, flow, running)
+
+    def pushed(*, may_aggregate: bool) -> set[str]:
+        home = tmp_path / str(may_aggregate)
+        node = trainer_node(home, accounts.trainers[0], market, ModelStore(home / "models"))
+        node.config = node.config.model_copy(update={"may_aggregate": may_aggregate})
+        follower = RoundFollower([node], app=Celery(set_as_current=False))
+        logs = w3.eth.get_logs({**follower.bell.logs, "fromBlock": 0, "toBlock": "latest"})
+        return {e.name for e in decode_logs(logs, address=market.address)}
+
+    assert pushed(may_aggregate=False) == {"GlobalModelPublished"}
+    assert pushed(may_aggregate=True) == {"GlobalModelPublished", "UpdateSubmitted"}
