@@ -36,18 +36,29 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 LOCAL_POSTGRES_URL = "postgres://postgres@127.0.0.1:5432/test"
 
 
-def die_with_parent(cmd: list[str]) -> list[str]:
-    """``cmd``, run so that the kernel sends it SIGTERM when the thread that starts it ends,
+def die_with_parent(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Start ``cmd`` so that the kernel sends it SIGTERM when the thread that starts it ends,
     however its process ends (a SIGKILL included): a killed run leaves no server behind
     holding its ports or burning CPU, and the next run starts clean. Linux's ``setpriv``
     (util-linux) sets the parent-death signal and execs the command, so the pid and process
-    group stay the command's. Started from another thread than the main one, or where
-    setpriv is missing, the command runs as it is (the signal follows the starting thread,
-    and a pool thread ends long before the stack does)."""
+    group stay the command's; this returns once it has, so that a parent killed the moment
+    after is already one its child dies with. Started from another thread than the main one,
+    or where setpriv is missing, the command runs as it is (the signal follows the starting
+    thread, and a pool thread ends long before the stack does)."""
     setpriv = shutil.which("setpriv")
     if setpriv is None or threading.current_thread() is not threading.main_thread():
-        return cmd
-    return [setpriv, "--pdeathsig", "TERM", "--", *cmd]
+        return subprocess.Popen(cmd, **popen_kwargs)
+    proc = subprocess.Popen([setpriv, "--pdeathsig", "TERM", "--", *cmd], **popen_kwargs)
+    setpriv = os.path.realpath(setpriv)
+    exe = f"/proc/{proc.pid}/exe"
+    while proc.poll() is None:
+        try:
+            if os.readlink(exe) != setpriv:
+                break
+        except OSError:  # it has exited between the two looks
+            break
+        time.sleep(0.001)
+    return proc
 
 
 def say(message: str) -> None:
@@ -114,24 +125,22 @@ def local_redis() -> Iterator[str]:
     port = free_port()
     workdir = VAR / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        die_with_parent(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-                "--logfile",
-                str(workdir / "redis.log"),
-            ]
-        ),
+    proc = die_with_parent(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--logfile",
+            str(workdir / "redis.log"),
+        ],
         start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
@@ -203,8 +212,8 @@ class LocalRabbitMQ:
         log = self.workdir / "log"
         log.mkdir(exist_ok=True)
         with open(log / "stdout.log", "ab") as out:
-            self.proc = subprocess.Popen(
-                die_with_parent(["/usr/lib/rabbitmq/bin/rabbitmq-server"]),
+            self.proc = die_with_parent(
+                ["/usr/lib/rabbitmq/bin/rabbitmq-server"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

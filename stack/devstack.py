@@ -69,8 +69,8 @@ class Supervisor:
         self._lock = threading.Lock()
 
     def start(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None) -> None:
-        proc = subprocess.Popen(
-            die_with_parent(cmd),
+        proc = die_with_parent(
+            cmd,
             cwd=ROOT,
             env={**self.env, **(env or {})},
             stdout=subprocess.PIPE,
