@@ -311,6 +311,8 @@ def demo(
     kill_in_round: int | None,
     timeout_s: float,
     min_accuracy: float,
+    bidding_window_s: int,
+    dispute_window_s: int,
 ) -> int:
     """`make demo`: the local stack, headless, runs one task end to end and checks it."""
     prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
@@ -327,6 +329,8 @@ def demo(
             round_timeout_s=round_timeout_s,
             kill_in_round=kill_in_round,
             timeout_s=timeout_s,
+            bidding_window_s=bidding_window_s,
+            dispute_window_s=dispute_window_s,
         )
         if summary["state"] == "finalized":
             summary["provenance"] = provenance_check(

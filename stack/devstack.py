@@ -465,6 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trainers", type=int, default=TRAINERS)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--round-timeout", type=int, default=60, help="seconds")
+    parser.add_argument(
+        "--bidding-window", type=int, help="seconds devices may bid (demo default: 30)"
+    )
+    parser.add_argument(
+        "--dispute-window",
+        type=int,
+        help="seconds each global model may be challenged (demo default: 60)",
+    )
     parser.add_argument("--kill-in-round", type=int, help="kill one trainer before this round")
     parser.add_argument("--timeout", type=float, default=600, help="give up after (seconds)")
     parser.add_argument("--min-accuracy", type=float, default=0.93)
@@ -474,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(args.var.resolve())
-    from stack.demo import demo
+    from stack.demo import BIDDING_WINDOW_S, DISPUTE_WINDOW_S, demo
 
     return demo(
         args.var.resolve(),
@@ -484,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         kill_in_round=args.kill_in_round,
         timeout_s=args.timeout,
         min_accuracy=args.min_accuracy,
+        bidding_window_s=BIDDING_WINDOW_S if args.bidding_window is None else args.bidding_window,
+        dispute_window_s=DISPUTE_WINDOW_S if args.dispute_window is None else args.dispute_window,
     )
 
 

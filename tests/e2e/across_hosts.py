@@ -24,6 +24,7 @@ from core.broker import BrokerAdmin, vhost_of
 from stack.backing import DEFAULT_BROKER_API_URL
 from stack.demo import DEMO_SPEC, follow_task, withdraw_all
 from stack.devstack import PY, ROOT, _config, manage, say, stack, wait_for
+from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
 from tests.e2e.hosts import VirtualNetwork, tcp_forward
 
 DATAPLANE_PORT = 8443
@@ -120,6 +121,8 @@ def run(var: Path) -> dict:
                 trainers=trainers,
                 budget_wei=budget,
                 round_timeout_s=120,
+                bidding_window_s=BIDDING_WINDOW_S,
+                dispute_window_s=DISPUTE_WINDOW_S,
                 timeout_s=900,
             )
             if summary["state"] == "finalized":

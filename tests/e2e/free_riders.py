@@ -21,6 +21,7 @@ from core.broker import BrokerAdmin, url_with, vhost_of
 from stack.backing import DEFAULT_BROKER_API_URL
 from stack.demo import DEMO_SPEC, follow_task
 from stack.devstack import LOCAL_DEVICES, PY, LocalDevice, _config, enrol, say, stack, wait_for
+from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
 
 HONEST = LOCAL_DEVICES[:4]  # the aggregator and three trainers, partitions 0..2 of 5
 CHEATS = (
@@ -104,6 +105,8 @@ def run(var: Path, *, rounds: int) -> dict:
             trainers=trainers,
             budget_wei=budget,
             round_timeout_s=300,
+            bidding_window_s=BIDDING_WINDOW_S,
+            dispute_window_s=DISPUTE_WINDOW_S,
             timeout_s=1500,
         )
         summary["cheats"] = {d.name: _config(up["homes"][d.name])["address"] for d in CHEATS}

@@ -15,11 +15,13 @@ import pytest
 from chain.launcher import free_port
 from stack.backing import stack_vhost_delete
 from stack.devstack import LOCAL_DEVICES
+from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS, ROUNDS = 3, 3
+WINDOWS = ("--bidding-window", str(BIDDING_WINDOW_S), "--dispute-window", str(DISPUTE_WINDOW_S))
 
 
 @pytest.fixture
@@ -41,7 +43,7 @@ def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]
     cmd = [
         sys.executable, "-m", "stack.devstack", "demo", "--var", str(var),
         "--trainers", str(TRAINERS), "--rounds", str(ROUNDS), "--timeout", "300",
-        "--min-accuracy", "0.5", *args,
+        "--min-accuracy", "0.5", *WINDOWS, *args,
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     summary_path = var / "demo" / "summary.json"

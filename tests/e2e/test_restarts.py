@@ -45,6 +45,7 @@ from core.queues import PLATFORM_QUEUE
 from stack.backing import LOCAL_POSTGRES_URL, LocalRabbitMQ, local_redis, postgres_answers
 from stack.demo import DEMO_SPEC
 from stack.devstack import LOCAL_DEVICES, stack
+from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
 
 pytestmark = pytest.mark.slow
 
@@ -284,9 +285,9 @@ def test_task_survives_a_restart_of_each_part_mid_round(platform, browser, tmp_p
             "budget_wei": str(BUDGET_WEI),
             "min_trainers": TRAINERS,
             "max_trainers": TRAINERS,
-            "bidding_window_s": 30,
+            "bidding_window_s": BIDDING_WINDOW_S,
             "round_timeout_s": ROUND_TIMEOUT_S,
-            "dispute_window_s": 60,
+            "dispute_window_s": DISPUTE_WINDOW_S,
         },
         timeout=120,
     )
