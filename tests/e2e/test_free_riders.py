@@ -18,7 +18,7 @@ from chain.launcher import free_port
 from chain.selection import mask_of
 from stack.backing import stack_vhost_delete
 from tests.chain.oracle import round_pay
-from training.scoring import FLOOR
+from training.scoring import FLOOR, FULL_SCALE
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,13 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
     # The free rider's copy is left out of every round and earns nothing.
     assert contributions[freerider]["aggregated"] == [False] * ROUNDS
     assert paid[freerider] == 0
-    # The noise is aggregated (it is a valid update) at the floor score, and earns a sliver.
-    assert contributions[noisy]["scores"] == [FLOOR] * ROUNDS
+    # The noise is aggregated (it is a valid update) and scored at the floor, and earns a
+    # sliver. Its draw (seeded by its address, new each run) may still lower the validation
+    # loss a little in a round by chance: then it scores just above the floor, far below the
+    # round's best.
+    noise_scores = contributions[noisy]["scores"]
+    assert sum(s == FLOOR for s in noise_scores) >= ROUNDS - 1, noise_scores
+    assert max(noise_scores) < FULL_SCALE // 8, noise_scores
     assert 0 < paid[noisy] < ROUNDS * prices[noisy] // 10
     # Honest trainers are scored above the floor (a non-IID one may sink to it in a round
     # where its data adds nothing on the buyer's set) and paid by those scores.
