@@ -20,6 +20,7 @@ from celery.signals import beat_init
 
 from chain.follow import Doorbell
 from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings, route
+from core.worker_steps import stop_promptly
 
 # Read from the same variables as settings.FLEX_SYNC_INTERVAL_S and ETH_RPC_URL: this module
 # needs no Django. New blocks send the sync as they come; this tick catches what they missed.
@@ -73,7 +74,7 @@ def platform_app(*, broker_url: str, result_backend: str | None, **options) -> C
         app.autodiscover_tasks(["marketplace"])
         # Devices' reports reach the platform only through the gateway, never as Celery tasks.
         app.steps["consumer"].add(ReportsGateway)
-    return app
+    return stop_promptly(app)
 
 
 def follow_the_chain(app: Celery, *, rpc_url: str = ETH_RPC_URL) -> Doorbell:

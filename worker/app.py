@@ -7,6 +7,7 @@ from __future__ import annotations
 from celery import Celery
 
 from core.queues import celery_settings
+from core.worker_steps import stop_promptly
 
 
 def node_app(*, broker_url: str, queue: str) -> Celery:
@@ -22,4 +23,4 @@ def node_app(*, broker_url: str, queue: str) -> Celery:
         worker_send_task_events=False,
         task_send_sent_event=False,
     )
-    return app
+    return stop_promptly(app)
