@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -279,6 +280,11 @@ def run(
     follower = RoundFollower(loaded, app=app)
     for n in loaded:
         n.warm()  # before it listens: a bid must not wait for data or libraries to load
+    # What is loaded now (TensorFlow, Keras, the data) lives as long as the process: out of the
+    # collector's sight, a full collection takes microseconds instead of a quarter second, the
+    # pool's forked children share those pages instead of copying them as the collector writes
+    # to them, and the process exits at once instead of collecting them on the way out.
+    gc.freeze()
     try:
         for n in loaded:
             n.start_dataplane()
