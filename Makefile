@@ -50,7 +50,7 @@ run: setup
 	$(BACKING) -- $(PY) -m stack.devstack run
 
 demo: setup
-	$(BACKING) -- $(PY) -m stack.devstack demo
+	$(BACKING) -- $(PY) -m stack.devstack demo $(DEMO_ARGS)
 
 test: setup browser
 	$(BACKING) --postgres -- $(PY) -m pytest $(PYTEST_ARGS)
