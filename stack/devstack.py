@@ -459,6 +459,13 @@ def run(var: Path) -> int:
     return 0
 
 
+def _seconds(text: str) -> int:
+    """A window's length on the command line: a whole number of seconds, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack.devstack", description=__doc__)
     parser.add_argument("command", choices=["run", "demo"])
@@ -466,11 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--round-timeout", type=int, default=60, help="seconds")
     parser.add_argument(
-        "--bidding-window", type=int, help="seconds devices may bid (demo default: 30)"
+        "--bidding-window", type=_seconds, help="seconds devices may bid (demo default: 30)"
     )
     parser.add_argument(
         "--dispute-window",
-        type=int,
+        type=_seconds,
         help="seconds each global model may be challenged (demo default: 60)",
     )
     parser.add_argument("--kill-in-round", type=int, help="kill one trainer before this round")
