@@ -10,6 +10,8 @@ fresh snapshot; anything else it sends is answered with a ``task.error`` naming 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -18,7 +20,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from marketplace.selectors import task_view_get
-from marketplace.sync.push import task_group, task_push_seq
+from marketplace.sync.push import WATCH_RENEW_S, task_group, task_push_seq, task_watch_mark
 from marketplace.task_page import task_snapshot_message
 
 log = logging.getLogger(__name__)
@@ -47,24 +49,41 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
     task_id: int = 0
     seq: int = -1  # the number of the last change sent
+    _renewal: asyncio.Task | None = None
 
     async def connect(self) -> None:
         self.task_id = self.scope["url_route"]["kwargs"]["task_id"]
-        # Join before reading the snapshot, so no change falls between the two.
+        # Join and mark the task watched before reading the snapshot, so no change falls
+        # between the two.
         group = task_group(self.task_id)
         await self.channel_layer.group_add(group, self.channel_name)
+        await task_watch_mark(group)
         message = await self._snapshot()
         if message is None:
             await self.channel_layer.group_discard(group, self.channel_name)
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.group = group
+        self._renewal = asyncio.create_task(self._renew(group))
         await self.accept()
         await self._send(message, fresh=True)
 
     async def disconnect(self, code: int) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewal
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def _renew(self, group: str) -> None:
+        """Keep the task marked watched while this page is open."""
+        while True:
+            await asyncio.sleep(WATCH_RENEW_S)
+            try:
+                await task_watch_mark(group)
+            except Exception as exc:  # Redis away: the next renewal tries again
+                log.warning("live page of task %s: watch not renewed: %s", self.task_id, exc)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         try:

@@ -4,6 +4,11 @@ A change is numbered in the transaction that makes it (models_platform.TaskPush,
 process makes it: chain sync or a node's report), and sent once that commits: as a delta
 (task_page.task_delta_message) when it can be told as one, else as a fresh snapshot. A page
 that sees a number missing asks for a snapshot (marketplace.consumers).
+
+Only a watched task's changes are built and sent: an open page marks its task as watched and
+renews the mark while it stays open (``task_watch_mark``). A change of a task nobody watches is
+numbered all the same, so a page opened later starts from a snapshot that holds it and follows
+on from its number.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.core.cache import cache
 from django.db import connection, transaction
 
 from marketplace.models_platform import TaskPush
@@ -50,6 +56,26 @@ def task_group(chain_task_id: int) -> str:
     task ids start at 1 too) never reach each other's pages."""
     space = hashlib.sha256(str(connection.settings_dict["NAME"]).encode()).hexdigest()[:16]
     return f"task.{space}.{chain_task_id}"
+
+
+# How long a page's mark outlives its last renewal (a page that vanished without closing its
+# socket), and how often an open page renews it.
+WATCHED_S = 60
+WATCH_RENEW_S = 20
+
+
+def _watched_key(group: str) -> str:
+    return f"live-watched:{group}"
+
+
+async def task_watch_mark(group: str) -> None:
+    """Mark the task of ``group`` as watched by an open page for the next WATCHED_S."""
+    await cache.aset(_watched_key(group), 1, timeout=WATCHED_S)
+
+
+def task_watched(group: str) -> bool:
+    """Whether a page has the task of ``group`` open (marked it within WATCHED_S)."""
+    return cache.get(_watched_key(group)) is not None
 
 
 def task_push_seq(*, chain_task_id: int) -> int:
@@ -101,17 +127,22 @@ def task_change_message(*, chain_task_id: int, seq: int, change: TaskChange) -> 
 
 
 def task_changes_push(*, numbered: Mapping[int, tuple[int, TaskChange]]) -> list[dict[str, Any]]:
-    """Send each numbered change to its task's group; returns the messages sent. Each is read
-    after its change committed, so it holds at least that change (maybe a later one too, whose
-    own message repeats it: a page merges rows by key, so that is harmless)."""
+    """Send each numbered change of a watched task to its task's group; returns the messages
+    sent. Each is read after its change committed, so it holds at least that change (maybe a
+    later one too, whose own message repeats it: a page merges rows by key, so that is
+    harmless). A page marks its task before it reads its snapshot, so a change this skips as
+    unwatched committed before that read and is in the snapshot."""
     layer = get_channel_layer()
     if layer is None:
         return []
     messages = []
     for chain_task_id, (seq, change) in sorted(numbered.items()):
+        group = task_group(chain_task_id)
+        if not task_watched(group):
+            continue
         message = task_change_message(chain_task_id=chain_task_id, seq=seq, change=change)
         if message is not None:
-            messages.append((task_group(chain_task_id), message))
+            messages.append((group, message))
 
     async def send_all() -> None:
         for group, message in messages:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
+from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -19,7 +20,7 @@ from core.messages import RoundReport
 from flexsite.asgi import application
 from marketplace import contract
 from marketplace.consumers import CLOSE_FORBIDDEN
-from marketplace.sync.push import task_push_next
+from marketplace.sync.push import task_group, task_push_next, task_push_seq
 from marketplace.tasks import round_report_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
@@ -190,6 +191,70 @@ def test_a_page_that_missed_a_change_asks_again_and_gets_a_fresh_snapshot(
     assert fresh["seq"] == after_gap["seq"]
     assert [r["number"] for r in fresh["snapshot"]["rounds_published"]] == [0]
     assert [t["name"] for t in fresh["snapshot"]["transactions"]][-1] == "GlobalModelPublished"
+
+
+def test_a_task_nobody_watches_is_numbered_not_pushed_and_a_page_opened_later_follows_on(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    market = platform_market
+    aggregator = enrol("aggregator", aggregate=True)
+    trainer = enrol("gina")
+    task = selected_task(market, aggregator, [trainer])
+    sync()
+    group = task_group(task.chain_task_id)
+    layer = get_channel_layer()
+    initial = model_id("initial")
+    headers = _headers(task.buyer)
+
+    def report_round_0(published) -> None:
+        report = RoundReport.of(
+            contract.deployment_identity(),
+            device=aggregator.address,
+            task_id=task.chain_task_id,
+            round_number=0,
+            model_id=initial,
+            tx_hash=published.tx_hash,
+            gas_used=published.gas_used,
+            accuracy=0.1,
+            loss=2.3,
+            updates=0,
+            aggregate_s=0.0,
+        ).sign(aggregator.account)
+        round_report_record(message=report.dump())
+
+    async def follow() -> tuple[int, dict, dict, dict]:
+        # A listener in the group that is not a page: it hears whatever is sent, and marks
+        # nothing watched.
+        listener = await layer.new_channel()
+        await layer.group_add(group, listener)
+        try:
+            # Nobody watches: the model's mirror is a numbered change, and nothing is sent.
+            published = await sync_to_async(market.publish_global_model)(
+                sender=aggregator.account,
+                task_id=task.chain_task_id,
+                round_number=0,
+                model_id=initial,
+            )
+            await sync_to_async(sync)()
+            unwatched = await sync_to_async(task_push_seq)(chain_task_id=task.chain_task_id)
+            # A page opens: its snapshot holds that change, and the next change follows on.
+            socket, on_connect = await watch(task.chain_task_id, headers)
+            await sync_to_async(report_round_0)(published)
+            delta = await socket.receive_json_from(timeout=TIMEOUT_S)
+            await socket.disconnect()
+            heard = await layer.receive(listener)
+        finally:
+            await layer.group_discard(group, listener)
+        return unwatched, on_connect, delta, heard
+
+    unwatched, on_connect, delta, heard = async_to_sync(follow)()
+    assert on_connect["seq"] == unwatched
+    assert [r["number"] for r in on_connect["snapshot"]["rounds_published"]] == [0]
+    assert (delta["type"], delta["seq"]) == ("task.delta", unwatched + 1)
+    # The first message the group ever carried is the watched change: the unwatched one was
+    # never built or sent.
+    assert heard["seq"] == unwatched + 1
 
 
 def test_the_socket_names_what_it_does_not_understand(platform_market, mirror_env):  # noqa: F811
