@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import verdict
+from bench.procs import cpu_seconds
 from chain.launcher import free_port
 from stack.demo import DEMO_SPEC, follow_task
 from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
@@ -68,7 +69,17 @@ def main() -> int:
         os.environ["DATABASE_URL"] = f"sqlite:///{var / 'db.sqlite3'}"
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
+        # Production settings: no per-query debug bookkeeping in the platform's processes.
+        os.environ["FLEX_DEBUG"] = "0"
         with stack(var=var, quiet_web=True, ephemeral=True) as up:
+            # Each process's CPU as the first and the last round show up: what a steady round
+            # costs each part of the stack, on a machine whose seconds vary from run to run.
+            cpu_at: dict[int, dict[str, float]] = {}
+
+            def on_round(number: int) -> None:
+                if number in (1, ROUNDS):
+                    cpu_at[number] = cpu_seconds(up["supervisor"].procs)
+
             summary = follow_task(
                 up,
                 out=var / "e2e",
@@ -76,6 +87,7 @@ def main() -> int:
                 trainers=TRAINERS,
                 budget_wei=10**17,
                 round_timeout_s=60,
+                on_round=on_round,
             )
             from marketplace.models import UpdateReport
 
@@ -93,6 +105,11 @@ def main() -> int:
     steady = rounds[1:]
     platform_round_s = sum(r["wall_s"] for r in steady) / len(steady)
     training_s = sum(slowest.get(r["round"] - 1, 0.0) for r in steady) / len(steady)
+    cpu_per_round = {
+        name: round((cpu_at[ROUNDS][name] - cpu_at[1][name]) / len(steady), 3)
+        for name in cpu_at.get(ROUNDS, {})
+        if name in cpu_at.get(1, {})
+    }
     plain_times, plain_accuracy = plain_loop(spec_fields)
     plain_round_s = sum(plain_times) / len(plain_times)
     result = {
@@ -103,6 +120,10 @@ def main() -> int:
         "slowest_training_round_s": round(training_s, 3),
         "accuracy": {"platform": summary["final_accuracy"], "plain": plain_accuracy},
         "platform_first_round_s": rounds[0]["wall_s"],
+        # CPU seconds per steady round, by process (with its children): the stack shares the
+        # machine's cores with the training itself.
+        "cpu_s_per_round": cpu_per_round,
+        "cpu_s_per_round_total": round(sum(cpu_per_round.values()), 3),
         "rounds": ROUNDS,
         "trainers": TRAINERS,
         "targets": {
@@ -118,6 +139,10 @@ def main() -> int:
     print(f"{'final accuracy':<28} {summary['final_accuracy']:>10.4f} {plain_accuracy:>10.4f}")
     print(
         f"ratio {result['ratio']}; control-plane overhead per round {result['overhead_round_s']} s"
+    )
+    print(
+        f"CPU per steady round {result['cpu_s_per_round_total']} s on {os.cpu_count()} cores: "
+        + ", ".join(f"{n} {c}" for n, c in sorted(cpu_per_round.items(), key=lambda x: -x[1]))
     )
     gap = abs(summary["final_accuracy"] - plain_accuracy)
     ok = (

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.procs import peak_rss_mb
 from bench.scale_plot import scale_plot, task_figures
 from bench.web import throwaway_database
 from chain.launcher import free_port
@@ -64,30 +65,6 @@ def budget_wei(*, trainers: int, rounds: int) -> int:
     return rounds * (AGGREGATOR_PRICE + trainers * max(TRAINER_PRICES)) * 3 // 2
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident memory of ``pid`` and, separately counted, its children (a Celery worker's
-    pool): the largest of them, in MiB."""
-    peaks = []
-    for one in _with_children([pid]):
-        try:
-            status = Path(f"/proc/{one}/status").read_text()
-        except OSError:
-            continue
-        peaks += [int(line.split()[1]) / 1024 for line in status.splitlines() if "VmHWM" in line]
-    return round(max(peaks, default=0.0), 1)
-
-
-def _with_children(pids: list[int]) -> list[int]:
-    found = list(pids)
-    for pid in pids:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            continue
-        found += _with_children([int(c) for c in children])
-    return found
-
-
 def _selection_gas(task_id: int) -> int | None:
     from marketplace.models_platform import LifecycleAction
 
@@ -106,6 +83,7 @@ def enrol_run(*, devices: int) -> dict:
         os.environ["DATABASE_URL"] = database_url
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
+        os.environ["FLEX_DEBUG"] = "0"  # production settings: no per-query debug bookkeeping
         waves = tuple(w for w in ENROL_WAVES if w < devices)
         with stack(
             var=Path(tmp),
@@ -148,6 +126,7 @@ def run(*, devices: int, trainer_counts: list[int], rounds: int, homes_per_worke
         os.environ["DATABASE_URL"] = database_url
         os.environ["FLEX_WEB_PORT"] = str(free_port())
         os.environ["FLEX_CHAIN_PORT"] = str(free_port())
+        os.environ["FLEX_DEBUG"] = "0"  # production settings: no per-query debug bookkeeping
         waves = tuple(w for w in ENROL_WAVES if w < devices)
         with stack(
             var=var,

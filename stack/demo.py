@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from stack.devstack import LOCAL_DEVICES, PY, _config, say, stack
@@ -55,9 +56,11 @@ def follow_task(
     timeout_s: float = 600,
     bidding_window_s: int = BIDDING_WINDOW_S,
     dispute_window_s: int = DISPUTE_WINDOW_S,
+    on_round: Callable[[int], None] | None = None,
 ) -> dict:
     """Post a task as the demo buyer on a running stack and follow it to a downloaded,
     verified model; returns the summary (also written to ``out``/summary.json).
+    ``on_round`` is called with each published round's number as the mirror first shows it.
 
     ``kill_in_round``: right after one selected trainer submits its update for the round
     before (1-based rounds), its worker process is killed, so it misses that round; the
@@ -116,8 +119,11 @@ def follow_task(
     last = None
     while time.monotonic() - started < timeout_s:
         task.refresh_from_db()
-        for r in Round.objects.filter(task=task, number__gte=1):
-            seen.setdefault(r.number, time.monotonic())
+        for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
+            if r.number not in seen:
+                seen[r.number] = time.monotonic()
+                if on_round is not None:
+                    on_round(r.number)
         line = (
             f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
         )
