@@ -25,8 +25,8 @@ from chain.fraud import Challenge, Included, RoundContext, Strategy
 from chain.records import RoundInfo
 from chain.selection import positions_of
 from core.errors import FlexError
-from dataplane.client import fetch_openings
-from dataplane.protocol import MAX_OPENINGS
+from dataplane.client import fetch_openings, opening_bytes
+from dataplane.protocol import MAX_OPENED_MODELS, MAX_OPENINGS
 from training.aggregation import STRATEGIES, Update
 from training.aggregation.functions import MAX_SAMPLES
 from training.scoring import fedavg_weight
@@ -125,6 +125,9 @@ def context_of(published: ModelBlob, *, strategy: str, params: dict | None = Non
 
 # Chunks checked per round: every chunk of a model up to this many, a random sample beyond.
 WATCH_CHUNKS = 64
+# About how many values one request for openings brings back: the chunks of as many updates
+# as fit (a round of a small model in a request or two, one update of a large one).
+OPENINGS_REQUEST_VALUES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -197,9 +200,16 @@ def check_round(
     rule = STRATEGIES[spec.aggregation.strategy].from_params(params)
     chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     global_id = id_hex(published.model_id)
-    # Every sampled chunk of an update in one request, all over this thread's kept-alive
+    # Every sampled chunk of many updates in one request, all over this thread's kept-alive
     # connection to the aggregator (dataplane.client.kept_session).
-    fetched = [openings(store, account, aggregator, u.model_id, chunks) for u in included]
+    fetched = openings(
+        store,
+        account,
+        aggregator,
+        [u.model_id for u in included],
+        chunks,
+        chunk_values=header.chunk_values,
+    )
     for position, chunk in enumerate(chunks):
         opened = [of_update[position] for of_update in fetched]
         claimed = published.opening(chunk)
@@ -260,25 +270,40 @@ def openings(
     store: ModelStore | None,
     account: LocalAccount,
     aggregator: Aggregator,
-    model_id: str,
+    model_ids: Sequence[str],
     chunks: Sequence[int],
-) -> list[ChunkOpening]:
-    """Chunks ``chunks`` of ``model_id`` with their proofs: from ``store`` when it holds the
-    model, else from the aggregator's data plane, MAX_OPENINGS a request (checked against
-    the ID there), over this thread's kept connection to it."""
-    if store is not None and store.has(model_id):
-        return store.openings(model_id, chunks)
-    fetched: list[ChunkOpening] = []
-    for start in range(0, len(chunks), MAX_OPENINGS):
-        fetched += fetch_openings(
-            base_url=aggregator.url,
-            cert_sha256=aggregator.cert_sha256,
-            model_id=model_id,
-            indexes=chunks[start : start + MAX_OPENINGS],
-            server_address=aggregator.address,
-            account=account,
-        )
-    return fetched
+    *,
+    chunk_values: int = 1 << 16,
+) -> list[list[ChunkOpening]]:
+    """Chunks ``chunks`` of each of ``model_ids`` with their proofs, model by model: from
+    ``store`` for the models it holds, the rest from the aggregator's data plane (checked
+    against their IDs there), as many models to a request as keep its answer near
+    OPENINGS_REQUEST_VALUES for chunks of ``chunk_values`` values, over this thread's kept
+    connection to it."""
+    found: dict[str, list[ChunkOpening]] = {}
+    remote = []
+    for model_id in dict.fromkeys(model_ids):
+        if store is not None and store.has(model_id):
+            found[model_id] = store.openings(model_id, chunks)
+        else:
+            remote.append(model_id)
+    per_request = OPENINGS_REQUEST_VALUES // (len(chunks) * chunk_values)
+    per_request = max(1, min(MAX_OPENED_MODELS, per_request))
+    for first in range(0, len(remote), per_request):
+        batch = remote[first : first + per_request]
+        for start in range(0, len(chunks), MAX_OPENINGS):
+            fetched = fetch_openings(
+                base_url=aggregator.url,
+                cert_sha256=aggregator.cert_sha256,
+                model_ids=batch,
+                indexes=chunks[start : start + MAX_OPENINGS],
+                server_address=aggregator.address,
+                account=account,
+                opening_bytes=opening_bytes(chunk_values),
+            )
+            for model_id, of_model in zip(batch, fetched, strict=True):
+                found.setdefault(model_id, []).extend(of_model)
+    return [found[m] for m in model_ids]
 
 
 def _invalid(

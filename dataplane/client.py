@@ -20,6 +20,7 @@ from core.errors import FlexError
 from dataplane.protocol import (
     CHUNKS_SEGMENT,
     DEFAULT_MAX_BYTES,
+    MAX_OPENED_MODELS,
     MAX_OPENINGS,
     MODELS_PATH,
     REMOTE_ERRORS,
@@ -43,6 +44,14 @@ _CHUNK_BYTES = 256 * 1024
 # An opening: a chunk of at most 65,536 values, a header and a path of at most 64 hashes,
 # in hex inside JSON.
 _MAX_OPENING_BYTES = 1 << 20
+
+
+def opening_bytes(chunk_values: int) -> int:
+    """The most an opening of a chunk of ``chunk_values`` values takes in an answer: the values
+    and a path of at most 64 hashes in hex, and a header of up to 32 KiB."""
+    return min(_MAX_OPENING_BYTES, 2 * (4 * chunk_values + 64 * 32 + (32 << 10)) + 1024)
+
+
 R = TypeVar("R")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _kept = threading.local()
@@ -148,7 +157,7 @@ def fetch_openings(
     *,
     base_url: str,
     cert_sha256: str,
-    model_id: bytes | str,
+    model_ids: Sequence[bytes | str],
     indexes: Sequence[int],
     server_address: str,
     account: LocalAccount,
@@ -156,21 +165,27 @@ def fetch_openings(
     retries: int = 3,
     backoff: float = 0.5,
     session: requests.Session | None = None,
-) -> list[ChunkOpening]:
-    """Chunks ``indexes`` of a model (1 to MAX_OPENINGS of them, in one request) from the data
-    plane at ``base_url``, each with the model's header and root and its Merkle path, and
-    each checked against the model's ID before they are returned: a peer cannot hand over a
-    chunk of any other model or a changed one (ModelIdMismatchError, ChunkMismatchError).
-    Signed, pinned and retried as ``fetch_model_to``; a body that is not the openings asked
-    for is OpeningMalformedError, a chunk past the model's last ChunkIndexError."""
-    wanted = id_hex(parse_id(model_id))
+    opening_bytes: int = _MAX_OPENING_BYTES,
+) -> list[list[ChunkOpening]]:
+    """Chunks ``indexes`` (1 to MAX_OPENINGS of them) of each of ``model_ids`` (1 to
+    MAX_OPENED_MODELS), in one request, from the data plane at ``base_url``: for each model in
+    that order, its chunks in the order asked, each with the model's header and root and its
+    Merkle path, and each checked against its model's ID before they are returned: a peer
+    cannot hand over a chunk of any other model or a changed one (ModelIdMismatchError,
+    ChunkMismatchError). Signed, pinned and retried as ``fetch_model_to``; a body that is not
+    the openings asked for (or longer than ``opening_bytes`` an opening) is
+    OpeningMalformedError, a chunk past a model's last ChunkIndexError."""
+    wanted = [id_hex(parse_id(m)) for m in model_ids]
     asked = [int(i) for i in indexes]
     if not 1 <= len(asked) <= MAX_OPENINGS:
         raise ValueError(f"ask for 1 to {MAX_OPENINGS} chunks at once, not {len(asked)}")
+    if not 1 <= len(wanted) <= MAX_OPENED_MODELS:
+        raise ValueError(f"ask for 1 to {MAX_OPENED_MODELS} models at once, not {len(wanted)}")
     _require_https(base_url)
     listed = ",".join(map(str, asked))
-    url = f"{base_url.rstrip('/')}{MODELS_PATH}{wanted}{CHUNKS_SEGMENT}{listed}"
-    limit = _MAX_OPENING_BYTES * len(asked)
+    url = f"{base_url.rstrip('/')}{MODELS_PATH}{','.join(wanted)}{CHUNKS_SEGMENT}{listed}"
+    limit = min(opening_bytes, _MAX_OPENING_BYTES) * len(asked) * len(wanted)
+    shown = wanted[0] if len(wanted) == 1 else f"{wanted[0]} and {len(wanted) - 1} more"
 
     def once(http: requests.Session) -> bytes:
         headers = sign_request(
@@ -180,7 +195,7 @@ def fetch_openings(
             url, headers=headers, stream=True, timeout=timeout, allow_redirects=False, verify=False
         ) as response:
             if response.status_code != HTTPStatus.OK:
-                error = _remote_error(response, url=url, model_id=wanted)
+                error = _remote_error(response, url=url, model_id=shown)
                 if response.status_code in _RETRY_STATUSES:
                     raise _RetryableError(error)
                 raise error
@@ -191,7 +206,7 @@ def fetch_openings(
         base_url=base_url,
         cert_sha256=cert_sha256,
         url=url,
-        model_id=wanted,
+        model_id=shown,
         retries=retries,
         backoff=backoff,
         session=session,
@@ -210,16 +225,20 @@ def fetch_openings(
             for one in json.loads(body)["openings"]
         ]
     except (ValueError, KeyError, TypeError) as exc:
-        raise OpeningMalformedError(url=url, model_id=wanted, reason=str(exc)[:200]) from None
-    if len(opened) != len(asked):
+        raise OpeningMalformedError(url=url, model_id=shown, reason=str(exc)[:200]) from None
+    if len(opened) != len(asked) * len(wanted):
         raise OpeningMalformedError(
-            url=url, model_id=wanted, reason=f"{len(opened)} openings for {len(asked)} chunks"
+            url=url,
+            model_id=shown,
+            reason=f"{len(opened)} openings for {len(asked)} chunks of {len(wanted)} model(s)",
         )
-    for index, one in zip(asked, opened, strict=True):
-        if one.index != index:
-            raise ChunkMismatchError(index=index, url=url)
-        one.check(wanted)
-    return opened
+    by_model = [opened[k * len(asked) : (k + 1) * len(asked)] for k in range(len(wanted))]
+    for model_id, of_model in zip(wanted, by_model, strict=True):
+        for index, one in zip(asked, of_model, strict=True):
+            if one.index != index:
+                raise ChunkMismatchError(index=index, url=url)
+            one.check(model_id)
+    return by_model
 
 
 def _require_https(base_url: str) -> None:

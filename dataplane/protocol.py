@@ -21,11 +21,13 @@ SCHEME = "FLEX-DATAPLANE-V2"
 # Refuse to serve or fetch blobs above this by default (as worker.config's max_model_bytes).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MODELS_PATH = "/models/"
-# GET /models/<id>/chunks/<index>[,<index>...]: chunks with the model's header and root and
-# each chunk's Merkle path (JSON: {"openings": [...]}, in the order asked), at most
-# MAX_OPENINGS per request.
+# GET /models/<id>[,<id>...]/chunks/<index>[,<index>...]: those chunks of each model, with its
+# header and root and each chunk's Merkle path (JSON: {"openings": [...]}, model by model and
+# chunk by chunk in the order asked), at most MAX_OPENINGS chunks of MAX_OPENED_MODELS models
+# per request: a watcher opens one chunk of every update of a round at once.
 CHUNKS_SEGMENT = "/chunks/"
 MAX_OPENINGS = 64
+MAX_OPENED_MODELS = 32
 
 
 class DataPlaneError(FlexError):
@@ -152,6 +154,19 @@ class ModelIdMalformedError(DataPlaneError):
         return f"not a model ID (0x + 64 hex digits): {value!r}"
 
 
+class ModelListError(DataPlaneError):
+    """A chunk request names no models, or more than one request may open."""
+
+    code = "model_list_invalid"
+    status = 400
+
+    def default_message(self, *, count: str = "?", **_: Any) -> str:
+        return (
+            f"ask for the chunks of 1 to {MAX_OPENED_MODELS} models at once, separated by "
+            f"commas, not {count}"
+        )
+
+
 class RouteNotFoundError(DataPlaneError):
     """The data plane has no such route."""
 
@@ -238,6 +253,7 @@ REMOTE_ERRORS: dict[str, type[FlexError]] = {
         AccessDeniedError,
         ModelTooLargeError,
         ModelIdMalformedError,
+        ModelListError,
         RouteNotFoundError,
         ChunkIndexError,
         PolicyUnavailableError,

@@ -26,11 +26,13 @@ from dataplane.protocol import (
     CHUNKS_SEGMENT,
     DEFAULT_MAX_BYTES,
     DEFAULT_WINDOW_SECONDS,
+    MAX_OPENED_MODELS,
     MAX_OPENINGS,
     MODELS_PATH,
     ChunkIndexError,
     DataPlaneError,
     ModelIdMalformedError,
+    ModelListError,
     ModelTooLargeError,
     PolicyUnavailableError,
     RouteNotFoundError,
@@ -125,40 +127,52 @@ class _Handler(BaseHTTPRequestHandler):
                     {"code": "internal_error", "message": "internal server error", "fields": {}},
                 )
 
-    def _get_opening(self, raw_id: str, raw_indexes: str) -> None:
+    def _get_opening(self, raw_ids: str, raw_indexes: str) -> None:
         plane = self.server.plane
-        requester, model_id, meta = self._authorized(raw_id, plane.policy.authorize_opening)
-        shown = id_hex(model_id)
+        requester = self._requester()
+        listed = raw_ids.split(",")
+        if not 1 <= len(listed) <= MAX_OPENED_MODELS:
+            raise ModelListError(count=str(len(listed)))
+        # Every model is checked before any is read: one the requester may not open refuses
+        # the whole request, naming it.
+        models = [
+            self._allowed(raw, requester, plane.policy.authorize_opening)[0] for raw in listed
+        ]
         indexes = raw_indexes.split(",")
         if not 1 <= len(indexes) <= MAX_OPENINGS or not all(
             i.isdigit() and len(i) <= 12 for i in indexes
         ):
-            raise ChunkIndexError(model_id=shown, index=raw_indexes[:40])
-        try:
-            opened = plane.store.openings(model_id, [int(i) for i in indexes])
-        except ChunkOutOfRangeError as exc:
-            raise ChunkIndexError(model_id=shown, index=str(exc.index)) from None
-        openings = [
-            {
-                "index": o.index,
-                "header": o.header.hex(),
-                "root": o.root.hex(),
-                "values": o.values.hex(),
-                "siblings": [h.hex() for h in o.siblings],
-            }
-            for o in opened
-        ]
+            raise ChunkIndexError(model_id=id_hex(models[0]), index=raw_indexes[:40])
+        asked = [int(i) for i in indexes]
+        openings = []
+        for model_id in models:
+            try:
+                opened = plane.store.openings(model_id, asked)
+            except ChunkOutOfRangeError as exc:
+                raise ChunkIndexError(model_id=id_hex(model_id), index=str(exc.index)) from None
+            openings += [
+                {
+                    "index": o.index,
+                    "header": o.header.hex(),
+                    "root": o.root.hex(),
+                    "values": o.values.hex(),
+                    "siblings": [h.hex() for h in o.siblings],
+                }
+                for o in opened
+            ]
         self._send_json(HTTPStatus.OK, {"openings": openings})
         log.info(
-            "served chunks %s of model %s (%s) to %s", raw_indexes, shown, meta.kind, requester
+            "served chunks %s of %s to %s",
+            raw_indexes,
+            id_hex(models[0]) if len(models) == 1 else f"{len(models)} models",
+            requester,
         )
 
-    def _authorized(self, raw_id: str, authorize: Any) -> tuple[str, bytes, Any]:
-        """The signed requester, the model ID and its index entry, once ``authorize`` lets the
-        requester have it; raises the DataPlaneError to answer with otherwise."""
+    def _requester(self) -> str:
+        """The signed requester; raises the AuthError to answer with otherwise."""
         plane = self.server.plane
         # Authenticate before anything else so that unsigned callers learn nothing.
-        requester = verify_request(
+        return verify_request(
             headers=self.headers,
             method="GET",
             path=self.path,
@@ -167,6 +181,11 @@ class _Handler(BaseHTTPRequestHandler):
             nonces=plane.nonces,
             window=plane.auth_window,
         )
+
+    def _allowed(self, raw_id: str, requester: str, authorize: Any) -> tuple[bytes, Any]:
+        """The ID of model ``raw_id`` and its index entry, once ``authorize`` lets
+        ``requester`` have it; raises the DataPlaneError to answer with otherwise."""
+        plane = self.server.plane
         try:
             model_id = parse_id(raw_id)
         except FlexError:
@@ -188,12 +207,13 @@ class _Handler(BaseHTTPRequestHandler):
                 f"cannot check access to model {shown} right now: {type(exc).__name__}",
                 model_id=shown,
             ) from exc
-        return requester, model_id, meta
+        return model_id, meta
 
     def _get_model(self, raw_id: str) -> None:
         plane = self.server.plane
         started = time.monotonic()
-        requester, model_id, meta = self._authorized(raw_id, plane.policy.authorize_fetch)
+        requester = self._requester()
+        model_id, meta = self._allowed(raw_id, requester, plane.policy.authorize_fetch)
         shown = id_hex(model_id)
         if meta.size > plane.max_bytes:
             raise ModelTooLargeError(model_id=shown, size=meta.size, limit=plane.max_bytes)

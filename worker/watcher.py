@@ -136,7 +136,7 @@ def watch_exclusion(
     evidence = None
     if stated and reason == Reason.COPIED and market.model_origin(model_id=stated.evidence):
         try:
-            [evidence] = openings(store, account, aggregator, stated.evidence, [0])
+            [[evidence]] = openings(store, account, aggregator, [stated.evidence], [0])
         except DataPlaneError as exc:
             log.warning("task %s: copied model %s not served: %s", task_id, stated.evidence, exc)
     contest = Contest.of(

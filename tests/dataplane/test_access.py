@@ -16,11 +16,13 @@ from web3 import Web3
 from chain.client import FlexMarket
 from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts, free_port
+from dataplane import audit
 from dataplane.access import ChainPolicy
 from dataplane.client import fetch_openings
 from dataplane.protocol import (
     AccessDeniedError,
     ChunkIndexError,
+    ModelListError,
     OpeningMalformedError,
     PeerCertificateError,
     PolicyUnavailableError,
@@ -28,7 +30,7 @@ from dataplane.protocol import (
 from dataplane.server import DataPlaneServer
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for
-from tests.dataplane.test_dataplane import SERVER, _fetch
+from tests.dataplane.test_dataplane import SERVER, _fetch, _get, _signed
 from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
 from training.serialize import id_hex
 from training.store import ModelStore, StoredModel
@@ -226,12 +228,12 @@ def test_chunks_of_an_update_go_to_the_tasks_parties_whole_updates_only_to_the_a
             return fetch_openings(
                 base_url=plane.url,
                 cert_sha256=plane.certificate.sha256,
-                model_id=kw.pop("model_id", update),
+                model_ids=[kw.pop("model_id", update)],
                 indexes=[index],
                 server_address=plane.node_address,
                 account=account,
                 retries=0,
-            )[0]
+            )[0][0]
 
         whole = store.load(update)
         for party in (on_chain.buyer, *on_chain.trainers):
@@ -269,16 +271,17 @@ def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connectio
     ):
 
         def openings(indexes: list[int], *, cert_sha256: str = plane.certificate.sha256):
-            return fetch_openings(
+            [of_update] = fetch_openings(
                 base_url=plane.url,
                 cert_sha256=cert_sha256,
-                model_id=update,
+                model_ids=[update],
                 indexes=indexes,
                 server_address=plane.node_address,
                 account=on_chain.buyer,
                 retries=0,
                 session=session,
             )
+            return of_update
 
         whole = store.load(update)
         assert openings([2, 0, 1]) == [whole.opening(i) for i in (2, 0, 1)]
@@ -293,6 +296,118 @@ def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connectio
             openings(list(range(65)))
         with pytest.raises(PeerCertificateError):
             openings([0], cert_sha256=cert_for("other").sha256)
+
+
+def test_a_watcher_opens_a_chunk_of_many_updates_in_one_request(
+    store: ModelStore, on_chain: OnChain
+) -> None:
+    """A round's check needs the same chunks of every update: one request brings them, model
+    by model in the order asked, each checked against its own ID; one model the requester
+    may not open, or one too many, refuses the whole request and says which or how many."""
+    updates = [
+        id_hex(
+            store.put(
+                blob_of(
+                    [np.arange(600, dtype=np.float32) * (k + 1)],
+                    task_id=on_chain.task_id,
+                    trainer=trainer.address,
+                    chunk_values=256,
+                )
+            )
+        )
+        for k, trainer in enumerate(on_chain.trainers)
+    ]
+    # An update of the task still bidding, which has nobody selected to open it.
+    stranger = id_hex(
+        store.put(
+            blob_of(
+                [np.ones(600, np.float32)],
+                task_id=on_chain.bidding_id,
+                trainer=on_chain.trainers[0].address,
+            )
+        )
+    )
+    with DataPlaneServer(
+        certificate=cert_for("server"),
+        store=store,
+        policy=ChainPolicy(market=on_chain.market),
+        node_address=on_chain.aggregator.address,
+    ) as plane:
+
+        def openings(model_ids: list[str], indexes: list[int]):
+            return fetch_openings(
+                base_url=plane.url,
+                cert_sha256=plane.certificate.sha256,
+                model_ids=model_ids,
+                indexes=indexes,
+                server_address=plane.node_address,
+                account=on_chain.trainers[0],
+                retries=0,
+            )
+
+        asked = list(reversed(updates))
+        got = openings(asked, [2, 0])
+        assert got == [[store.load(u).opening(i) for i in (2, 0)] for u in asked]
+        with pytest.raises(AccessDeniedError, match=f"model {stranger}: task"):
+            openings([*updates, stranger], [0])
+        with pytest.raises(ChunkIndexError, match="no chunk 3"):
+            openings(updates, [0, 3])
+        with pytest.raises(ValueError, match="1 to 32 models"):
+            openings([updates[0]] * 33, [0])
+        # Past the limit the server refuses too, and says why, whoever the client is.
+        path = f"/models/{','.join([updates[0]] * 33)}/chunks/0"
+        refused = _get(plane, path, _signed(plane, path, account=on_chain.trainers[0]))
+        assert refused.status_code == 400
+        assert refused.json()["code"] == ModelListError.code
+        assert "1 to 32 models at once, separated by commas, not 33" in refused.json()["message"]
+
+
+def test_a_round_too_large_for_one_request_is_opened_over_several_and_put_back_in_order(
+    store: ModelStore, on_chain: OnChain, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More chunks than a request takes (65 of 64), and a model whose chunks fill an answer:
+    the watcher asks in parts and gets every model's chunks back in the order asked, its own
+    update from its own store."""
+    chunks = list(range(65))
+    blobs = [
+        blob_of(
+            [np.arange(65 * 16, dtype=np.float32) + k],
+            task_id=on_chain.task_id,
+            trainer=trainer.address,
+            chunk_values=16,
+        )
+        for k, trainer in enumerate(on_chain.trainers)
+    ]
+    theirs, mine = (id_hex(store.put(b)) for b in blobs)
+    own = ModelStore(tmp_path / "own")
+    own.put(blobs[1])
+    # One model's chunks are as many values as an answer may carry: one model a request.
+    monkeypatch.setattr(audit, "OPENINGS_REQUEST_VALUES", 65 * 16)
+    asked = []
+    real = fetch_openings
+
+    def counted(**kw):
+        asked.append((kw["model_ids"], kw["indexes"]))
+        return real(**kw)
+
+    monkeypatch.setattr(audit, "fetch_openings", counted)
+    with DataPlaneServer(
+        certificate=cert_for("server"),
+        store=store,
+        policy=ChainPolicy(market=on_chain.market),
+        node_address=on_chain.aggregator.address,
+    ) as plane:
+        aggregator = audit.Aggregator(
+            address=on_chain.aggregator.address,
+            url=plane.url,
+            cert_sha256=plane.certificate.sha256,
+        )
+        got = audit.openings(
+            own, on_chain.trainers[1], aggregator, [mine, theirs, theirs], chunks, chunk_values=16
+        )
+    assert got == [[store.load(m).opening(i) for i in chunks] for m in (mine, theirs, theirs)]
+    # Only the other's update is asked for, once, in two parts of at most 64 chunks.
+    assert asked == [([theirs], chunks[:64]), ([theirs], chunks[64:])]
 
 
 def test_a_node_that_serves_another_chunk_or_model_is_caught(
@@ -311,15 +426,16 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
     ) as plane:
 
         def fetch(*indexes: int):
-            return fetch_openings(
+            [of_update] = fetch_openings(
                 base_url=plane.url,
                 cert_sha256=plane.certificate.sha256,
-                model_id=update,
+                model_ids=[update],
                 indexes=indexes,
                 server_address=plane.node_address,
                 account=on_chain.buyer,
                 retries=0,
             )
+            return of_update
 
         monkeypatch.setattr(ModelStore, "openings", lambda self, _id, ii: real(self, decoy, ii))
         with pytest.raises(ModelIdMismatchError):
@@ -331,7 +447,7 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
             fetch(0)
         # Fewer openings than asked: the body is not the answer to the request.
         monkeypatch.setattr(ModelStore, "openings", lambda self, mid, ii: real(self, mid, ii[1:]))
-        with pytest.raises(OpeningMalformedError, match="1 openings for 2 chunks"):
+        with pytest.raises(OpeningMalformedError, match="1 openings for 2 chunks of 1 model"):
             fetch(0, 1)
         monkeypatch.setattr(ModelStore, "openings", real)
         assert [o.index for o in fetch(1, 0)] == [1, 0]
