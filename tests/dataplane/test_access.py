@@ -125,6 +125,16 @@ def _meta(kind: str | None, task_id: int | None) -> StoredModel:
     )
 
 
+def _aggregators_plane(store: ModelStore, on_chain: OnChain) -> DataPlaneServer:
+    """The task's aggregator's data plane over ``store``, under the chain's access policy."""
+    return DataPlaneServer(
+        certificate=cert_for("server"),
+        store=store,
+        policy=ChainPolicy(market=on_chain.market),
+        node_address=on_chain.aggregator.address,
+    )
+
+
 def test_chain_selection_is_what_the_rules_are_tested_against(on_chain: OnChain) -> None:
     selection = on_chain.market.selection(task_id=on_chain.task_id)
     assert selection is not None
@@ -217,12 +227,7 @@ def test_chunks_of_an_update_go_to_the_tasks_parties_whole_updates_only_to_the_a
     values = [np.arange(600, dtype=np.float32) / 7]
     blob = blob_of(values, task_id=on_chain.task_id, trainer=trainer.address, chunk_values=256)
     update = id_hex(store.put(blob))
-    with DataPlaneServer(
-        certificate=cert_for("server"),
-        store=store,
-        policy=ChainPolicy(market=on_chain.market),
-        node_address=on_chain.aggregator.address,
-    ) as plane:
+    with _aggregators_plane(store, on_chain) as plane:
 
         def opening(account: LocalAccount, index: int, **kw: object):
             return fetch_openings(
@@ -261,12 +266,7 @@ def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connectio
     blob = blob_of(values, task_id=on_chain.task_id, trainer=trainer.address, chunk_values=256)
     update = id_hex(store.put(blob))
     with (
-        DataPlaneServer(
-            certificate=cert_for("server"),
-            store=store,
-            policy=ChainPolicy(market=on_chain.market),
-            node_address=on_chain.aggregator.address,
-        ) as plane,
+        _aggregators_plane(store, on_chain) as plane,
         requests.Session() as session,
     ):
 
@@ -327,12 +327,7 @@ def test_a_watcher_opens_a_chunk_of_many_updates_in_one_request(
             )
         )
     )
-    with DataPlaneServer(
-        certificate=cert_for("server"),
-        store=store,
-        policy=ChainPolicy(market=on_chain.market),
-        node_address=on_chain.aggregator.address,
-    ) as plane:
+    with _aggregators_plane(store, on_chain) as plane:
 
         def openings(model_ids: list[str], indexes: list[int]):
             return fetch_openings(
@@ -391,12 +386,7 @@ def test_a_round_too_large_for_one_request_is_opened_over_several_and_put_back_i
         return real(**kw)
 
     monkeypatch.setattr(audit, "fetch_openings", counted)
-    with DataPlaneServer(
-        certificate=cert_for("server"),
-        store=store,
-        policy=ChainPolicy(market=on_chain.market),
-        node_address=on_chain.aggregator.address,
-    ) as plane:
+    with _aggregators_plane(store, on_chain) as plane:
         aggregator = audit.Aggregator(
             address=on_chain.aggregator.address,
             url=plane.url,
@@ -418,12 +408,7 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
     other = blob_of([np.zeros(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
     update, decoy = id_hex(store.put(blob)), id_hex(store.put(other))
     real = ModelStore.openings
-    with DataPlaneServer(
-        certificate=cert_for("server"),
-        store=store,
-        policy=ChainPolicy(market=on_chain.market),
-        node_address=on_chain.aggregator.address,
-    ) as plane:
+    with _aggregators_plane(store, on_chain) as plane:
 
         def fetch(*indexes: int):
             [of_update] = fetch_openings(

@@ -52,6 +52,25 @@ async def watch(task_id: int, headers: list) -> tuple[WebsocketCommunicator, dic
     return socket, await socket.receive_json_from(timeout=TIMEOUT_S)
 
 
+def report_round_0(task, aggregator, published, initial: str) -> None:
+    """The aggregator's report of ``task``'s initial model, ``published``, as the platform's
+    gateway hands it on."""
+    report = RoundReport.of(
+        contract.deployment_identity(),
+        device=aggregator.address,
+        task_id=task.chain_task_id,
+        round_number=0,
+        model_id=initial,
+        tx_hash=published.tx_hash,
+        gas_used=published.gas_used,
+        accuracy=0.1,
+        loss=2.3,
+        updates=0,
+        aggregate_s=0.0,
+    ).sign(aggregator.account)
+    round_report_record(message=report.dump())
+
+
 def test_the_buyer_sees_the_snapshot_then_each_change_as_a_delta(platform_market, mirror_env):  # noqa: F811
     market = platform_market
     aggregator = enrol("aggregator", aggregate=True)
@@ -70,20 +89,7 @@ def test_the_buyer_sees_the_snapshot_then_each_change_as_a_delta(platform_market
         await sync_to_async(sync)()
         mirrored = await socket.receive_json_from(timeout=TIMEOUT_S)
         # What the aggregator reports after publishing, as the gateway hands it on.
-        report = RoundReport.of(
-            contract.deployment_identity(),
-            device=aggregator.address,
-            task_id=task.chain_task_id,
-            round_number=0,
-            model_id=initial,
-            tx_hash=published.tx_hash,
-            gas_used=published.gas_used,
-            accuracy=0.1,
-            loss=2.3,
-            updates=0,
-            aggregate_s=0.0,
-        ).sign(aggregator.account)
-        await sync_to_async(round_report_record)(message=report.dump())
+        await sync_to_async(report_round_0)(task, aggregator, published, initial)
         measured = await socket.receive_json_from(timeout=TIMEOUT_S)
         await socket.disconnect()
         return on_connect, mirrored, measured
@@ -207,22 +213,6 @@ def test_a_task_nobody_watches_is_numbered_not_pushed_and_a_page_opened_later_fo
     initial = model_id("initial")
     headers = _headers(task.buyer)
 
-    def report_round_0(published) -> None:
-        report = RoundReport.of(
-            contract.deployment_identity(),
-            device=aggregator.address,
-            task_id=task.chain_task_id,
-            round_number=0,
-            model_id=initial,
-            tx_hash=published.tx_hash,
-            gas_used=published.gas_used,
-            accuracy=0.1,
-            loss=2.3,
-            updates=0,
-            aggregate_s=0.0,
-        ).sign(aggregator.account)
-        round_report_record(message=report.dump())
-
     async def follow() -> tuple[int, dict, dict, dict]:
         # A listener in the group that is not a page: it hears whatever is sent, and marks
         # nothing watched.
@@ -240,7 +230,7 @@ def test_a_task_nobody_watches_is_numbered_not_pushed_and_a_page_opened_later_fo
             unwatched = await sync_to_async(task_push_seq)(chain_task_id=task.chain_task_id)
             # A page opens: its snapshot holds that change, and the next change follows on.
             socket, on_connect = await watch(task.chain_task_id, headers)
-            await sync_to_async(report_round_0)(published)
+            await sync_to_async(report_round_0)(task, aggregator, published, initial)
             delta = await socket.receive_json_from(timeout=TIMEOUT_S)
             await socket.disconnect()
             heard = await layer.receive(listener)
