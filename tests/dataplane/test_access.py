@@ -436,3 +436,16 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
             fetch(0, 1)
         monkeypatch.setattr(ModelStore, "openings", real)
         assert [o.index for o in fetch(1, 0)] == [1, 0]
+        # An answer longer than openings of the chunk size the watcher expects is refused
+        # before it is parsed: a lying node cannot make it read a megabyte an opening.
+        with pytest.raises(OpeningMalformedError, match="more than"):
+            fetch_openings(
+                base_url=plane.url,
+                cert_sha256=plane.certificate.sha256,
+                model_ids=[update],
+                indexes=[0, 1],
+                server_address=plane.node_address,
+                account=on_chain.buyer,
+                retries=0,
+                opening_bytes=64,
+            )
