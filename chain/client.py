@@ -33,6 +33,7 @@ from chain.transactions import (
     CONTRACT_NAME,
     RECEIPT_TIMEOUT_SECONDS,
     PendingTx,
+    abi_functions,
     deploy_artifact,
     rpc,
     struct_of,
@@ -92,6 +93,7 @@ class FlexMarket:
         self.abi: list[dict[str, Any]] = artefact["abi"]
         self._contract = w3.eth.contract(address=self.address, abi=self.abi)
         self._outputs = {e["name"]: e["outputs"] for e in self.abi if e["type"] == "function"}
+        self._functions = abi_functions(self.abi)
 
     def __repr__(self) -> str:
         return f"FlexMarket(address={self.address!r})"
@@ -525,8 +527,10 @@ class FlexMarket:
     # ------------------------------------------------------------ plumbing
 
     def _call(self, name: str, *args: Any) -> Any:
+        function = self._functions[name]
         with rpc():
-            return getattr(self._contract.functions, name)(*args).call()
+            answer = self.w3.eth.call({"to": self.address, "data": function.encode(args)})
+        return function.decode(answer)
 
     def _struct_of(self, name: str, *args: Any) -> dict[str, Any]:
         return struct_of(self._outputs[name][0]["components"], self._call(name, *args))
@@ -545,7 +549,6 @@ class FlexMarket:
         value: int = 0,
         sending: AbstractContextManager[Any] | None = None,
     ) -> PendingCall:
-        data = self._contract.encode_abi(name, args=list(args))
-        call = {"to": self.address, "data": data, "value": value}
+        call = {"to": self.address, "data": self._functions[name].encode(args), "value": value}
         pending = submit(self.w3, sender, call, sending=sending)
         return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)

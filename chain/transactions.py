@@ -12,8 +12,16 @@ from typing import Any
 
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
+from eth_abi.grammar import ABIType, BasicType, TupleType
+from eth_abi.grammar import parse as parse_abi_type
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak, to_checksum_address
+from eth_utils import (
+    function_abi_to_4byte_selector,
+    get_abi_input_types,
+    get_abi_output_types,
+    keccak,
+    to_checksum_address,
+)
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
@@ -202,6 +210,53 @@ def struct_of(components: Sequence[Mapping[str, Any]], values: Sequence[Any]) ->
         snake_case(c["name"]): to_python(v, c["type"], c.get("internalType"))
         for c, v in zip(components, values, strict=True)
     }
+
+
+@dataclass(frozen=True)
+class AbiFunction:
+    """One function of a contract's ABI, its calls encoded and its answers decoded with
+    eth_abi. A web3 contract function looks itself up among the whole ABI on every call
+    (hashing each entry's signature again: some fifty keccaks for FlexMarket), which costs
+    more than the node takes to answer; this is done once, here."""
+
+    selector: bytes
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    parsed_outputs: tuple[ABIType, ...]
+
+    @classmethod
+    def of(cls, entry: Mapping[str, Any]) -> AbiFunction:
+        outputs = tuple(get_abi_output_types(entry))
+        return cls(
+            selector=function_abi_to_4byte_selector(entry),
+            inputs=tuple(get_abi_input_types(entry)),
+            outputs=outputs,
+            parsed_outputs=tuple(parse_abi_type(t) for t in outputs),
+        )
+
+    def encode(self, args: Sequence[Any]) -> bytes:
+        return self.selector + abi_encode(self.inputs, args)
+
+    def decode(self, data: bytes) -> Any:
+        """The call's answer as web3 gives it: addresses checksummed, a lone output bare."""
+        decoded = abi_decode(self.outputs, data)
+        values = tuple(map(_checksummed, decoded, self.parsed_outputs))
+        return values[0] if len(values) == 1 else values
+
+
+def abi_functions(abi: Sequence[Mapping[str, Any]]) -> dict[str, AbiFunction]:
+    """Each function of ``abi`` by name (FLEX's contracts overload none)."""
+    return {e["name"]: AbiFunction.of(e) for e in abi if e["type"] == "function"}
+
+
+def _checksummed(value: Any, abi_type: ABIType) -> Any:
+    if abi_type.is_array:
+        return tuple(_checksummed(v, abi_type.item_type) for v in value)
+    if isinstance(abi_type, TupleType):
+        return tuple(_checksummed(v, t) for v, t in zip(value, abi_type.components, strict=True))
+    if isinstance(abi_type, BasicType) and abi_type.base == "address":
+        return to_checksum_address(value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -5,17 +5,22 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_abi import encode as abi_encode
-from eth_utils import keccak
+from eth_abi.grammar import ABIType, TupleType
+from eth_abi.grammar import parse as parse_abi_type
+from eth_utils import keccak, to_checksum_address
+from hexbytes import HexBytes
+from web3 import Web3
 
 import chain.fraud  # noqa: F401  (registers the verifier's errors)
 from chain.build import load_artifact
 from chain.errors import CONTRACT_ERRORS, ContractError
 from chain.events import ENUMS, EVENT_TYPES, event_fields, snake_case
 from chain.records import BidInfo, DeviceInfo, RoundInfo, TaskInfo
-from chain.transactions import decode_revert
+from chain.transactions import abi_functions, decode_revert
 from core.errors import FlexError
 
 ABI = load_artifact("FlexMarket")["abi"]
@@ -105,3 +110,36 @@ def test_view_records_match_the_abi_structs(record, function, extra):
     (output,) = abi_entries("function")[function]["outputs"]
     names = [snake_case(c["name"]) for c in output["components"]]
     assert [f.name for f in fields(record) if f.name not in extra] == names
+
+
+def sample_of(abi_type: ABIType, address: str) -> Any:
+    """A value of ``abi_type`` whose addresses are all ``address``."""
+    if abi_type.is_array:
+        return (sample_of(abi_type.item_type, address),) * 2
+    if isinstance(abi_type, TupleType):
+        return tuple(sample_of(c, address) for c in abi_type.components)
+    base, sub = abi_type.base, abi_type.sub
+    return {
+        "address": address,
+        "bool": True,
+        "string": "flex",
+        "bytes": b"\x01" * (sub or 3),
+    }.get(base, 7)
+
+
+@pytest.mark.parametrize("name", sorted(abi_entries("function")))
+def test_each_function_is_called_as_web3_calls_it_and_its_addresses_come_back_checksummed(
+    name: str,
+):
+    entry = abi_entries("function")[name]
+    function = abi_functions(ABI)[name]
+    checksummed = to_checksum_address("0x" + "ab" * 20)
+    args = [sample_of(parse_abi_type(t), checksummed) for t in function.inputs]
+    web3_contract = Web3().eth.contract(abi=[entry])
+    assert function.encode(args) == bytes(HexBytes(web3_contract.encode_abi(name, args=args)))
+    # An answer as the node sends it, addresses in lower case: they come back checksummed,
+    # however deep in a struct or array they sit, and a lone output comes back bare.
+    lower = [sample_of(parse_abi_type(t), checksummed.lower()) for t in function.outputs]
+    expected = tuple(sample_of(parse_abi_type(t), checksummed) for t in function.outputs)
+    decoded = function.decode(abi_encode(list(function.outputs), lower))
+    assert decoded == (expected[0] if len(expected) == 1 else expected)
