@@ -26,6 +26,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class ModelStore:
         self._blobs = self.root / "blobs"
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._index = self.root / "index.sqlite3"
+        self._connections: dict[int, tuple[threading.Lock, sqlite3.Connection]] = {}
         with self._db() as db:
             # WAL lets readers in other processes go on while one process writes.
             db.execute("PRAGMA journal_mode=WAL")
@@ -139,13 +141,19 @@ class ModelStore:
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        # A connection per operation: safe across threads and forks, and cheap next to a blob.
-        db = sqlite3.connect(self._index, timeout=30.0)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+        """The index in a transaction of its own (committed on the way out), over this
+        process's connection: opened once, not per operation, since closing the last one
+        checkpoints the write-ahead log into the index and deletes it, and the next opening
+        creates it again. The process's threads take turns on it; a forked child opens its
+        own (a connection must not cross a fork) and leaves its parent's alone."""
+        pid = os.getpid()
+        held = self._connections.get(pid)
+        if held is None:
+            connection = sqlite3.connect(self._index, timeout=30.0, check_same_thread=False)
+            held = self._connections[pid] = (threading.Lock(), connection)
+        lock, db = held
+        with lock, db:
+            yield db
 
     def path(self, model_id: bytes | str) -> Path:
         """Where the blob with this ID lives (whether or not it is there)."""

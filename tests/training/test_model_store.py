@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -415,3 +416,32 @@ def test_two_handles_on_one_store_see_each_other(tmp_path):
     digest = first.put(blob_of(1.0, kind=Kind.GLOBAL))
     assert second.get(digest) == blob_of(1.0, kind=Kind.GLOBAL)
     assert second.info(digest).kind == "global"
+
+
+def _forked_child_puts(store: ModelStore, value: float, seen: multiprocessing.Queue) -> None:
+    store.put(blob_of(value))
+    seen.put(sorted(m.id_hex for m in store.list()))
+
+
+def test_a_forked_child_writes_through_its_parents_store_and_the_parent_goes_on(store):
+    # A worker's pool forks after the node opened its store: parent and child index blobs
+    # in the same file, each over a connection of its own, and neither breaks the other.
+    before = store.put(blob_of(1.0))
+    context = multiprocessing.get_context("fork")
+    seen = context.Queue()
+    child = context.Process(target=_forked_child_puts, args=(store, 2.0, seen))
+    child.start()
+    during = store.put(blob_of(3.0))
+    in_child = seen.get(timeout=120)
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert id_hex(before) in in_child
+    assert id_hex(model_id(blob_of(2.0))) in in_child
+    after = store.put(blob_of(4.0))
+    assert {m.model_id for m in store.list()} == {
+        before,
+        during,
+        model_id(blob_of(2.0)),
+        after,
+    }
+    assert ModelStore(store.root).info(after).size == len(blob_of(4.0))
