@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -49,8 +51,10 @@ class Doorbell:
     """Calls ``ring()`` from a thread of its own after each new block (``logs`` None: the
     node's newHeads) or each new log matching ``logs`` (eth_subscribe's log filter: address,
     topics), on every (re)connection, and at least every ``idle_s`` seconds. Rings that arrive
-    while ``ring()`` runs are answered by one more call, never by two calls at once. An
-    exception from ``ring()`` is logged and the doorbell goes on.
+    while ``ring()`` runs are answered by one more call, never by two calls at once, and so
+    are those that arrive within ``spacing_s`` of the last call's start: a burst of blocks is
+    looked at once, at most ``spacing_s`` late. An exception from ``ring()`` is logged and
+    the doorbell goes on.
     """
 
     def __init__(
@@ -60,13 +64,16 @@ class Doorbell:
         ring: Callable[[], Any],
         logs: dict[str, Any] | None = None,
         idle_s: float = 5.0,
+        spacing_s: float = 0.0,
         name: str = "flex-chain-doorbell",
     ) -> None:
         self.url = ws_url(url)
         self.ring = ring
         self.logs = logs
         self.idle_s = idle_s
+        self.spacing_s = spacing_s
         self.name = name
+        self._last_call = -math.inf
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -89,6 +96,7 @@ class Doorbell:
     # ------------------------------------------------------------ the thread
 
     def _call(self) -> None:
+        self._last_call = time.monotonic()
         try:
             self.ring()
         except ChainUnavailableError as exc:
@@ -114,7 +122,11 @@ class Doorbell:
             except TimeoutError:
                 pass  # nothing pushed for a while: look anyway (a ring may have been lost)
             else:
-                # Rings queued while the last look ran are all answered by the next one.
+                # Rings queued while the last look ran, or within its spacing, are all
+                # answered by the next one.
+                early = self._last_call + self.spacing_s - time.monotonic()
+                if early > 0 and self._stop.wait(early):
+                    break
                 try:
                     while True:
                         ws.recv(timeout=0)

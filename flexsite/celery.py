@@ -25,6 +25,8 @@ from core.worker_steps import stop_promptly
 # Read from the same variables as settings.FLEX_SYNC_INTERVAL_S and ETH_RPC_URL: this module
 # needs no Django. New blocks send the sync as they come; this tick catches what they missed.
 SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
+# The shortest time between two syncs the node's new blocks ask for.
+SYNC_SPACING_S = float(os.environ.get("FLEX_SYNC_SPACING_S", 0.25))
 # Deadlines are in whole seconds of chain time: a look every second is as soon as any is due.
 DEADLINES_INTERVAL_S = float(os.environ.get("FLEX_DEADLINES_INTERVAL_S", 1.0))
 ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
@@ -80,14 +82,19 @@ def platform_app(*, broker_url: str, result_backend: str | None, **options) -> C
 def follow_the_chain(app: Celery, *, rpc_url: str = ETH_RPC_URL) -> Doorbell:
     """Send the chain sync to the platform worker each time the node announces a block (and
     when beat starts): a published global model is mirrored, and the next step sent, without
-    waiting for a tick. A sync asked for while one runs is run after it (ChainSync.run)."""
+    waiting for a tick. A sync asked for while one runs is run after it (ChainSync.run), and
+    the blocks of a busy moment (a round's updates land together) are synced together, at
+    most SYNC_SPACING_S apart: devices hand rounds on by themselves (worker.follow), the
+    platform's mirror and messages are the record and the safety net."""
 
     def ring() -> None:
         app.send_task(
             "marketplace.chain_sync", **route(PLATFORM_QUEUE), expires=max(SYNC_INTERVAL_S, 5.0)
         )
 
-    return Doorbell(url=rpc_url, ring=ring, idle_s=SYNC_INTERVAL_S, name="beat-chain").start()
+    return Doorbell(
+        url=rpc_url, ring=ring, idle_s=SYNC_INTERVAL_S, spacing_s=SYNC_SPACING_S, name="beat-chain"
+    ).start()
 
 
 @beat_init.connect

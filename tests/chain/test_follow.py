@@ -175,3 +175,23 @@ def test_a_trainers_process_is_rung_by_published_models_and_an_aggregators_by_up
 
     assert pushed(may_aggregate=False) == {"GlobalModelPublished"}
     assert pushed(may_aggregate=True) == {"GlobalModelPublished", "UpdateSubmitted"}
+
+
+def test_blocks_within_the_spacing_are_rung_for_once_when_it_is_over(node):
+    rings = Rings()
+    # A sync for every block of a busy moment would be a sync per update of a round: the
+    # platform's doorbell answers the blocks that come within its spacing with one ring.
+    bell = Doorbell(url=node.rpc_url, ring=rings, idle_s=3600, spacing_s=15).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(rings)
+        for _ in range(3):
+            mine(node)
+        time.sleep(1.0)
+        assert rings.count == quiet  # held back: the connection's ring was just now
+        assert rings.wait_beyond(quiet) == quiet + 1
+        time.sleep(1.0)
+        assert rings.count == quiet + 1  # the three blocks, in one look
+    finally:
+        bell.stop(timeout=WAIT_S)
+    assert not bell._thread.is_alive()
