@@ -17,7 +17,7 @@ from training.fixedpoint import quantize
 from training.serialize import ZERO_ADDRESS, Header, Kind, ModelBlob, decode, encode, id_hex
 from training.spec import TaskSpec
 from worker.node import Node
-from worker.watcher import watch_exclusion, watch_round
+from worker.watcher import watch_exclusion, watch_round, yielding
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,23 @@ def _watch(
     model ``model`` closes, check the aggregate (worker.watcher.watch_round) and, if its
     update was left out, the reason (watch_exclusion); each sends its own proof. The round
     is read from the chain once for both. The result when the aggregator was shown wrong,
-    else None."""
+    else None. Runs below the priority of training and aggregation (watcher.yielding)."""
+    return yielding(
+        lambda: _check(
+            node, spec=spec, task_id=task_id, model=model, aggregator=aggregator, position=position
+        )
+    )
+
+
+def _check(
+    node: Node,
+    *,
+    spec: TaskSpec,
+    task_id: int,
+    model: ModelBlob,
+    aggregator: Aggregator,
+    position: int | None,
+) -> dict | None:
     closed = model.header.round_number - 1
     if closed < 0 or position is None:
         return None

@@ -10,7 +10,13 @@ a false checkable one makes the contest that shows it (docs/verifiable.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from eth_account.signers.local import LocalAccount
 
@@ -26,6 +32,42 @@ from training.spec import TaskSpec
 from training.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How much lower than training and aggregation a check runs (Linux nice levels, for the
+# checking thread alone): it has the dispute window to finish in, while the round in
+# progress waits for its slowest trainer and for the aggregator, on whatever cores they
+# share with it.
+CHECK_NICENESS = 10
+
+_checker: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def yielding(work: Callable[[], T]) -> T:
+    """``work()``, run and waited for in this process's checking thread, which yields the
+    CPU to everything else the host runs at normal priority. One thread per process, kept:
+    the data plane keeps its connection to the aggregator per thread (a forked child makes
+    its own)."""
+    global _checker
+    if _checker is None or _checker[0] != os.getpid():
+        _checker = (
+            os.getpid(),
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="flex-check", initializer=_lower_priority
+            ),
+        )
+    return _checker[1].submit(work).result()
+
+
+def _lower_priority() -> None:
+    # On Linux a thread has a nice level of its own, set through its thread ID; elsewhere
+    # the check runs at the process's priority.
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + CHECK_NICENESS
+        )
 
 
 def watch_round(
