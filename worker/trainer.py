@@ -347,6 +347,7 @@ def _submitted(position: int | None, info: RoundInfo) -> bool:
     return position is not None and bool(info.submitted_mask >> position & 1)
 
 
+@yielding
 def _watch(
     node: Node,
     *,
@@ -361,22 +362,6 @@ def _watch(
     update was left out, the reason (watch_exclusion); each sends its own proof. The round
     is read from the chain once for both. The result when the aggregator was shown wrong,
     else None. Runs below the priority of training and aggregation (watcher.yielding)."""
-    return yielding(
-        lambda: _check(
-            node, spec=spec, task_id=task_id, model=model, aggregator=aggregator, position=position
-        )
-    )
-
-
-def _check(
-    node: Node,
-    *,
-    spec: TaskSpec,
-    task_id: int,
-    model: ModelBlob,
-    aggregator: Aggregator,
-    position: int | None,
-) -> dict | None:
     closed = model.header.round_number - 1
     if closed < 0 or position is None:
         return None

@@ -11,12 +11,13 @@ a false checkable one makes the contest that shows it (docs/verifiable.md).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from eth_account.signers.local import LocalAccount
 
@@ -33,6 +34,7 @@ from training.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 # How much lower than training and aggregation a check runs (Linux nice levels, for the
@@ -44,20 +46,25 @@ CHECK_NICENESS = 10
 _checker: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def yielding(work: Callable[[], T]) -> T:
-    """``work()``, run and waited for in this process's checking thread, which yields the
+def yielding(check: Callable[P, T]) -> Callable[P, T]:
+    """``check``, run and waited for in this process's checking thread, which yields the
     CPU to everything else the host runs at normal priority. One thread per process, kept:
     the data plane keeps its connection to the aggregator per thread (a forked child makes
     its own)."""
-    global _checker
-    if _checker is None or _checker[0] != os.getpid():
-        _checker = (
-            os.getpid(),
-            ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="flex-check", initializer=_lower_priority
-            ),
-        )
-    return _checker[1].submit(work).result()
+
+    @functools.wraps(check)
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        global _checker
+        if _checker is None or _checker[0] != os.getpid():
+            _checker = (
+                os.getpid(),
+                ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="flex-check", initializer=_lower_priority
+                ),
+            )
+        return _checker[1].submit(check, *args, **kwargs).result()
+
+    return run
 
 
 def _lower_priority() -> None:

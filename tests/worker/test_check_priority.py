@@ -19,7 +19,7 @@ def niceness() -> int:
 
 def test_a_check_runs_below_the_callers_priority_and_the_caller_keeps_its_own():
     mine = niceness()
-    assert yielding(niceness) == min(mine + CHECK_NICENESS, 19)
+    assert yielding(niceness)() == min(mine + CHECK_NICENESS, 19)
     assert niceness() == mine
 
 
@@ -28,16 +28,16 @@ def test_what_a_check_raises_reaches_its_caller():
         raise ValueError("the aggregator's opening does not match")
 
     with pytest.raises(ValueError, match="does not match"):
-        yielding(broken)
-    assert yielding(lambda: "checked") == "checked"  # the checking thread goes on
+        yielding(broken)()
+    assert yielding(lambda: "checked")() == "checked"  # the checking thread goes on
 
 
 def _in_child(answer: multiprocessing.Queue) -> None:
-    answer.put(yielding(threading.get_native_id) != threading.get_native_id())
+    answer.put(yielding(threading.get_native_id)() != threading.get_native_id())
 
 
 def test_a_forked_child_checks_in_a_thread_of_its_own():
-    yielding(niceness)  # the parent's checking thread exists before the fork
+    yielding(niceness)()  # the parent's checking thread exists before the fork
     context = multiprocessing.get_context("fork")
     answer = context.Queue()
     child = context.Process(target=_in_child, args=(answer,))
