@@ -62,6 +62,14 @@ def settle(rings: Rings) -> int:
     return max(count, rings.count)
 
 
+def rings_after_blocks(node: LocalChain, rings: Rings, blocks: int = 3) -> int:
+    """The count a second after mining ``blocks`` blocks in a row."""
+    for _ in range(blocks):
+        mine(node)
+    time.sleep(1.0)
+    return rings.count
+
+
 def test_ws_url_follows_the_rpc_url():
     assert ws_url("http://127.0.0.1:8545") == "ws://127.0.0.1:8545"
     assert ws_url("https://node.example:443/rpc") == "wss://node.example:443/rpc"
@@ -109,10 +117,7 @@ def test_a_log_filter_rings_only_for_matching_logs(node):
     try:
         assert bell.connected.wait(WAIT_S)
         quiet = settle(rings)
-        for _ in range(3):
-            mine(node)
-        time.sleep(1.0)
-        assert rings.count == quiet
+        assert rings_after_blocks(node, rings) == quiet
     finally:
         bell.stop()
 
@@ -185,10 +190,8 @@ def test_blocks_within_the_spacing_are_rung_for_once_when_it_is_over(node):
     try:
         assert bell.connected.wait(WAIT_S)
         quiet = settle(rings)
-        for _ in range(3):
-            mine(node)
-        time.sleep(1.0)
-        assert rings.count == quiet  # held back: the connection's ring was just now
+        # Held back: the connection's ring was just now.
+        assert rings_after_blocks(node, rings) == quiet
         assert rings.wait_beyond(quiet) == quiet + 1
         time.sleep(1.0)
         assert rings.count == quiet + 1  # the three blocks, in one look
