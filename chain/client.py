@@ -14,7 +14,7 @@ from web3 import Web3
 
 from chain import events as ev
 from chain.build import load_artifact
-from chain.errors import InvalidHintError
+from chain.errors import InvalidHintError, NoContractError
 from chain.events import DeviceClass, Role, Strategy, TaskState
 from chain.fraud import VERIFIER_NAME, Challenge, Contest, Exclusion
 from chain.records import (
@@ -530,6 +530,9 @@ class FlexMarket:
         function = self._functions[name]
         with rpc():
             answer = self.w3.eth.call({"to": self.address, "data": function.encode(args)})
+        if not answer and function.outputs:
+            # No code there: the node runs the call against an empty account.
+            raise NoContractError(address=self.address, function=name)
         return function.decode(answer)
 
     def _struct_of(self, name: str, *args: Any) -> dict[str, Any]:

@@ -20,6 +20,12 @@ class TransactionRejectedError(FlexError):
     code = "transaction_rejected"
 
 
+class NoContractError(FlexError):
+    """Nothing at the address answers as the contract: a wrong address, or another chain."""
+
+    code = "no_contract"
+
+
 class ContractError(FlexError):
     """The FlexMarket contract rejected the call.
 

@@ -13,7 +13,12 @@ from eth_account import Account
 from web3 import Web3
 
 from chain.client import FlexMarket
-from chain.errors import ChainUnavailableError, TransactionRejectedError, UnknownTaskError
+from chain.errors import (
+    ChainUnavailableError,
+    NoContractError,
+    TransactionRejectedError,
+    UnknownTaskError,
+)
 from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
 from chain.launcher import free_port
 from chain.node import connect
@@ -51,6 +56,19 @@ def test_lost_node_is_chain_unavailable(market: FlexMarket, accounts: Accounts):
     assert exc.value.code == "chain_unavailable"
     with pytest.raises(ChainUnavailableError):
         offline.withdraw(sender=accounts.buyer)
+
+
+def test_a_market_address_with_no_contract_is_named_not_misread(
+    market: FlexMarket, accounts: Accounts
+):
+    # A config naming another chain's market, or an account: every read says so.
+    nothing = FlexMarket(w3=market.w3, address=accounts.buyer.address)
+    with pytest.raises(NoContractError) as exc:
+        nothing.task_count()
+    assert exc.value.code == "no_contract"
+    assert exc.value.fields["address"] == accounts.buyer.address
+    with pytest.raises(NoContractError):
+        nothing.task(task_id=1)
 
 
 def test_view_reverts_are_typed(market: FlexMarket):
