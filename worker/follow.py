@@ -26,13 +26,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_received
 from eth_utils import to_checksum_address
-from web3 import Web3
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
 from chain.events import GlobalModelPublished, UpdateSubmitted, decode_logs, event_topics
 from chain.follow import Doorbell
-from chain.node import reachable
+from chain.node import client, reachable
 from core.errors import FlexError
 from core.messages import RoundAggregateRequest, RoundTrainRequest
 from core.queues import route
@@ -58,7 +57,7 @@ class RoundFollower:
         self.app = app
         first = next(iter(self.nodes.values()))
         # A client of its own: the node's tasks run in forked children.
-        self._w3 = Web3(Web3.HTTPProvider(first.config.eth_rpc_url, request_kwargs={"timeout": 30}))
+        self._w3 = client(first.config.eth_rpc_url)
         self._address = to_checksum_address(first.config.contract_address)
         self._market = FlexMarket(w3=self._w3, address=self._address)
         # A process of trainers only is told of published models; updates ring only where a

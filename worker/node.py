@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
-from web3 import Web3
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
-from chain.node import chain_time, connect
+from chain.node import chain_time, client, connect
 from core.errors import FlexError
 from core.messages import Deployment
 from dataplane.access import ChainPolicy
@@ -99,7 +98,7 @@ class Node:
             loaded.append(f"{len(data)} samples of {key}")
         # A client of its own, never used again: the worker's pool forks after this, and a
         # child must not inherit the node's client with a connection the parent opened.
-        w3 = Web3(Web3.HTTPProvider(self.config.eth_rpc_url))
+        w3 = client(self.config.eth_rpc_url)
         try:
             chain_time(w3)
             FlexMarket(w3=w3, address=self.config.contract_address).task_count()

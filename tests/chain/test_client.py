@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import multiprocessing
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from chain.errors import (
 )
 from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
 from chain.launcher import free_port
-from chain.node import connect
+from chain.node import client, connect
 from chain.records import TxResult
 from tests.chain.conftest import Accounts, Flow
 
@@ -49,13 +51,45 @@ def test_transactions_in_a_row_from_one_account(market: FlexMarket, flow: Flow):
 
 
 def test_lost_node_is_chain_unavailable(market: FlexMarket, accounts: Accounts):
-    dead = Web3(Web3.HTTPProvider(f"http://127.0.0.1:{free_port()}", request_kwargs={"timeout": 2}))
+    dead = client(f"http://127.0.0.1:{free_port()}", timeout=2)
     offline = FlexMarket(w3=dead, address=market.address)
     with pytest.raises(ChainUnavailableError) as exc:
         offline.task_count()
     assert exc.value.code == "chain_unavailable"
     with pytest.raises(ChainUnavailableError):
         offline.withdraw(sender=accounts.buyer)
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of a node that is down: every request gets 503."""
+
+    def do_POST(self) -> None:
+        self.server.posts += 1  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_error(503)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
+    market: FlexMarket,
+):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    server.posts = 0  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        refused = FlexMarket(
+            w3=client(f"http://127.0.0.1:{server.server_port}"), address=market.address
+        )
+        # As web3's own provider: five tries of a call safe to repeat, then an error that
+        # names the status.
+        with pytest.raises(ChainUnavailableError, match="HTTP 503"):
+            refused.task_count()
+        assert server.posts == 5
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_market_address_with_no_contract_is_named_not_misread(
@@ -108,7 +142,7 @@ def test_sender_without_funds_is_rejected_typed(
 SENDER_SCRIPT = """
 import contextlib, fcntl, sys
 from eth_account import Account
-from chain.node import connect
+from chain.node import client, connect
 from chain.transactions import transfer_eth
 w3, key, lock_path = connect(sys.argv[1]), sys.argv[2], sys.argv[3]
 
