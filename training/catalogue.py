@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -238,4 +239,36 @@ def compiled_model(*, spec: TaskSpec) -> Any:
             loss="sparse_categorical_crossentropy",
         )
         cache[spec.model] = model
+    return cache[spec.model]
+
+
+def forward(*, spec: TaskSpec) -> Callable[[Sequence[np.ndarray], np.ndarray], np.ndarray]:
+    """The spec's model as a function of its weights: ``(weights, x)`` gives the model's
+    outputs on the batch ``x``, the weights left out of any model. One per model and thread,
+    traced once.
+
+    Evaluating weights by setting them into a model first costs more than the forward pass
+    on a small test set (Keras assigns variable by variable), and a round's scoring
+    evaluates dozens of aggregates; the outputs are those of the model holding the weights.
+    """
+    cache: dict[str, Any] = _compiled.__dict__.setdefault("forwards", {})
+    if spec.model not in cache:
+        import tensorflow as tf
+
+        model = compiled_model(spec=spec)
+        at = {id(v): i for i, v in enumerate(model.weights)}  # get_weights()'s order
+        trainable = [at[id(v)] for v in model.trainable_variables]
+        fixed = [at[id(v)] for v in model.non_trainable_variables]
+
+        @tf.function(reduce_retracing=True)
+        def outputs(weights: list[Any], x: Any) -> Any:
+            out, _ = model.stateless_call(
+                [weights[i] for i in trainable], [weights[i] for i in fixed], x, training=False
+            )
+            return out
+
+        def run(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
+            return outputs([tf.constant(w, dtype=tf.float32) for w in weights], x).numpy()
+
+        cache[spec.model] = run
     return cache[spec.model]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from training.catalogue import compiled_model
+from training.catalogue import forward
 from training.datasets import Dataset, load_test
 from training.errors import DatasetError, WeightsMismatchError
 
@@ -56,10 +56,16 @@ def check_data(*, spec: TaskSpec, data: Dataset) -> None:
 
 def measure(*, model: Any, data: Dataset) -> Evaluation:
     """Evaluate a Keras model as it stands on ``data``."""
+    return _tally(model.predict_on_batch, data)
+
+
+def _tally(outputs: Callable[[np.ndarray], Any], data: Dataset) -> Evaluation:
+    """Mean cross-entropy and accuracy of the class probabilities ``outputs`` gives for each
+    batch of ``data``."""
     losses, hits = 0.0, 0
     for start in range(0, len(data), PREDICT_BATCH):
         x, y = data.x[start : start + PREDICT_BATCH], data.y[start : start + PREDICT_BATCH]
-        probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+        probs = np.asarray(outputs(x), dtype=np.float64)
         picked = np.clip(probs[np.arange(len(y)), y], EPSILON, 1.0 - EPSILON)
         losses += float(-np.log(picked).sum())
         hits += int((probs.argmax(axis=1) == y).sum())
@@ -73,6 +79,5 @@ def evaluate(
     data = load_test(schema=spec.schema) if data is None else data
     check_weights(spec=spec, weights=weights)
     check_data(spec=spec, data=data)
-    model = compiled_model(spec=spec)
-    model.set_weights(list(weights))
-    return measure(model=model, data=data)
+    run = forward(spec=spec)
+    return _tally(lambda x: run(weights, x), data)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from eth_utils import keccak
 
-from training.catalogue import initial_weights
+from training.catalogue import build_model, initial_weights
 from training.datasets import Dataset
 from training.errors import DatasetError, WeightsMismatchError
-from training.evaluate import evaluate
+from training.evaluate import PREDICT_BATCH, evaluate, measure
 from training.local import train_round
 from training.spec import TaskSpec
 
@@ -48,7 +48,7 @@ def test_a_round_repeats_exactly(spec, partitions):
 
 
 ROUND_IN_CHILD = """
-from training.catalogue import initial_weights
+from training.catalogue import build_model, initial_weights
 from training.datasets import load_partition
 from training.local import train_round
 from training.spec import TaskSpec
@@ -109,6 +109,24 @@ def test_wrong_data_is_refused(spec):
     empty = Dataset(x=np.zeros((0, 8, 8, 1), np.float32), y=np.zeros(0, np.int64))
     with pytest.raises(DatasetError):
         evaluate(spec=spec, weights=initial_weights(spec=spec), data=empty)
+
+
+@pytest.mark.parametrize("model", ["digits-mlp", "digits-cnn"])
+def test_evaluating_weights_measures_what_a_model_holding_them_measures(model, partitions):
+    # Scores and reports evaluate weights without setting them into a model: the numbers
+    # are the model's own, over more samples than one batch of predictions.
+    spec = TaskSpec(model=model, dataset="digits-8x8", rounds=1, seed=3)
+    data = Dataset(
+        x=np.concatenate([p.x for p in partitions]), y=np.concatenate([p.y for p in partitions])
+    )
+    assert len(data) > PREDICT_BATCH
+    rng = np.random.default_rng(0)
+    start = initial_weights(spec=spec)
+    trained = [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in start]
+    holding = build_model(spec=spec)
+    for weights in (trained, start, trained):
+        holding.set_weights(weights)
+        assert evaluate(spec=spec, weights=weights, data=data) == measure(model=holding, data=data)
 
 
 def test_evaluate_defaults_to_the_held_out_split(spec):
