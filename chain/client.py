@@ -42,6 +42,7 @@ from chain.transactions import (
 )
 
 R = TypeVar("R")
+E = TypeVar("E", bound=ev.ChainEvent)
 
 # The most samples a trainer's claim counts for unless the buyer says otherwise.
 DEFAULT_SAMPLE_CAP = 1000
@@ -450,17 +451,14 @@ class FlexMarket:
         opened = self.model_origin(model_id=global_id)
         if opened is None:
             return {}
-        filters: dict[str, Any] = {"taskId": task_id, "round": round_number}
-        if trainer is not None:
-            filters["trainer"] = to_checksum_address(trainer)
-        with rpc():
-            logs = self._contract.events.UpdateSubmitted.get_logs(
-                from_block=opened.block_number, argument_filters=filters
-            )
-        return {
-            to_checksum_address(log["args"]["trainer"]): "0x" + bytes(log["args"]["modelId"]).hex()
-            for log in logs
-        }
+        found = self._events(
+            ev.UpdateSubmitted,
+            task_id,
+            round_number,
+            None if trainer is None else to_checksum_address(trainer),
+            from_block=opened.block_number,
+        )
+        return {e.trainer: e.model_id for e in found}
 
     def exclusions_of(self, *, task_id: int, round_number: int) -> bytes:
         """The statement published with global model ``round_number`` of why it left out
@@ -470,13 +468,37 @@ class FlexMarket:
         origin = self.model_origin(model_id=model_id) if model_id else None
         if origin is None or round_number == 0:
             return b""
+        found = self._events(
+            ev.UpdatesExcluded,
+            task_id,
+            round_number,
+            from_block=origin.block_number,
+            to_block=origin.block_number,
+        )
+        return bytes(HexBytes(found[0].statement)) if found else b""
+
+    def _events(
+        self,
+        kind: type[E],
+        *indexed: int | str | None,
+        from_block: int,
+        to_block: int | str = "latest",
+    ) -> list[E]:
+        """This market's ``kind`` events in the blocks given whose indexed arguments, in
+        order, are ``indexed`` (None: any): read with eth_getLogs and decoded here, not
+        through web3's contract events (which look the event up in the ABI on every read)."""
+        topics: list[str | None] = [ev.event_topics()[kind.__name__]]
+        topics += [None if v is None else "0x" + _topic(v).hex() for v in indexed]
         with rpc():
-            logs = self._contract.events.UpdatesExcluded.get_logs(
-                from_block=origin.block_number,
-                to_block=origin.block_number,
-                argument_filters={"taskId": task_id, "round": round_number},
+            logs = self.w3.eth.get_logs(
+                {
+                    "address": self.address,
+                    "fromBlock": from_block,
+                    "toBlock": to_block,
+                    "topics": topics,
+                }
             )
-        return bytes(logs[0]["args"]["statement"]) if logs else b""
+        return [e for e in ev.decode_logs(logs, address=self.address) if isinstance(e, kind)]
 
     def model_origin(self, *, model_id: bytes | str) -> ModelOrigin | None:
         """Where the contract first saw ``model_id`` (each ID is accepted once), or None."""
@@ -555,3 +577,10 @@ class FlexMarket:
         call = {"to": self.address, "data": self._functions[name].encode(args), "value": value}
         pending = submit(self.w3, sender, call, sending=sending)
         return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)
+
+
+def _topic(value: int | str) -> bytes:
+    """An indexed uint256 or address argument as its 32-byte log topic."""
+    if isinstance(value, str):
+        return bytes(12) + bytes(HexBytes(value))
+    return value.to_bytes(32, "big")

@@ -249,6 +249,31 @@ def test_submit_update(market: FlexMarket, running: Running):
     assert market.round_info(task_id=running.task_id, round_number=0).submitted_mask == 0b10
 
 
+def test_a_rounds_updates_are_read_by_trainer_and_no_other_rounds_or_tasks(
+    market: FlexMarket, flow: Flow
+):
+    # Two tasks side by side, each two rounds in: a watcher of one round reads that round's
+    # updates alone, by their authors.
+    first = flow.start()
+    flow.run_round(first, 0)
+    flow.submit(first, 1, [0, 2])
+    other = flow.start()
+    flow.run_round(other, 0)
+    flow.submit(other, 1, [0, 1, 2])
+    trainers = [t.address for t in first.trainers]
+
+    round_one = market.updates_of(task_id=first.task_id, round_number=1)
+    assert round_one == {trainers[p]: model_id(f"{first.task_id}-update-1-{p}") for p in (0, 2)}
+    assert market.updates_of(task_id=first.task_id, round_number=0) == {
+        t: model_id(f"{first.task_id}-update-0-{p}") for p, t in enumerate(trainers)
+    }
+    assert market.updates_of(task_id=first.task_id, round_number=1, trainer=trainers[2]) == {
+        trainers[2]: round_one[trainers[2]]
+    }
+    assert market.updates_of(task_id=first.task_id, round_number=1, trainer=trainers[1]) == {}
+    assert market.updates_of(task_id=first.task_id, round_number=2) == {}  # not open
+
+
 def test_submit_rejects_wrong_round(market: FlexMarket, running: Running):
     with pytest.raises(WrongRoundError) as exc:
         submit(market, running, 0, 1)
