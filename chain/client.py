@@ -11,6 +11,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
+from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 
 from chain import events as ev
 from chain.build import load_artifact
@@ -550,8 +551,17 @@ class FlexMarket:
 
     def _call(self, name: str, *args: Any) -> Any:
         function = self._functions[name]
+        call = {"to": self.address, "data": "0x" + function.encode(args).hex()}
         with rpc():
-            answer = self.w3.eth.call({"to": self.address, "data": function.encode(args)})
+            # Past web3's own eth.call, whose request formatters walk the call's fields
+            # through the ABI again; a revert still raises web3's typed error for rpc().
+            answer = HexBytes(
+                self.w3.manager.request_blocking(
+                    "eth_call",
+                    [call, "latest"],
+                    error_formatters=raise_contract_logic_error_on_revert,
+                )
+            )
         if not answer and function.outputs:
             # No code there: the node runs the call against an empty account.
             raise NoContractError(address=self.address, function=name)

@@ -255,8 +255,14 @@ def _checksummed(value: Any, abi_type: ABIType) -> Any:
     if isinstance(abi_type, TupleType):
         return tuple(_checksummed(v, t) for v, t in zip(value, abi_type.components, strict=True))
     if isinstance(abi_type, BasicType) and abi_type.base == "address":
-        return to_checksum_address(value)
+        return _checksum(value)
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _checksum(address: str) -> str:
+    """The checksummed form (a keccak each): a round reads the same few addresses again."""
+    return to_checksum_address(address)
 
 
 @dataclass(frozen=True)
