@@ -93,7 +93,6 @@ class FlexMarket:
         self.deploy_block = deploy_block
         self.receipt_timeout = receipt_timeout
         self.abi: list[dict[str, Any]] = artefact["abi"]
-        self._contract = w3.eth.contract(address=self.address, abi=self.abi)
         self._outputs = {e["name"]: e["outputs"] for e in self.abi if e["type"] == "function"}
         self._functions = abi_functions(self.abi)
 
