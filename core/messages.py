@@ -172,6 +172,12 @@ class TaskStep(Message):
     task_id: Count
 
 
+class RoundStep(TaskStep):
+    """A step due for one round of a task (the reminder of a round its nodes did not start)."""
+
+    round_number: Count
+
+
 # ---------------------------------------------------------------- node -> platform
 
 

@@ -258,6 +258,10 @@ FLEX_SYNC_CONFIRMATIONS = int(os.environ.get("FLEX_SYNC_CONFIRMATIONS", 0))
 FLEX_SYNC_REORG_DEPTH = int(os.environ.get("FLEX_SYNC_REORG_DEPTH", 12))
 FLEX_SYNC_CHUNK_BLOCKS = int(os.environ.get("FLEX_SYNC_CHUNK_BLOCKS", 2000))
 FLEX_SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
+# Nodes start each round after the first by themselves, the moment the chain has its global
+# model (worker.follow); the platform's round messages go this long after the round opened,
+# and only to the nodes that have not acted on it by then.
+FLEX_ROUND_REMIND_S = float(os.environ.get("FLEX_ROUND_REMIND_S", 5.0))
 
 # Buyers' custodial wallet keys are encrypted at rest with this key (Fernet, urlsafe
 # base64 of 32 bytes). Required (a system check and the wallets insist) except on the dev

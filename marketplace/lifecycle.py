@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 
 from celery import Celery, current_app
+from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 
@@ -41,6 +42,7 @@ from core.messages import (
     InitialModelRequest,
     Message,
     RoundAggregateRequest,
+    RoundStep,
     RoundTrainRequest,
     TaskStep,
 )
@@ -54,6 +56,7 @@ from marketplace.models import (
     SelectedNode,
     Task,
     TaskState,
+    Update,
 )
 
 log = logging.getLogger(__name__)
@@ -68,12 +71,14 @@ celery_app: Celery | None = None
 # ---------------------------------------------------------------- plumbing
 
 
-def dispatch(name: str, *, queue: str, message: Message) -> None:
+def dispatch(name: str, *, queue: str, message: Message, countdown: float | None = None) -> None:
     """Send ``message`` to the Celery task ``name`` on ``queue`` once the current transaction
-    commits (at once outside one). A broker failure then is logged: the commit stands."""
+    commits (at once outside one), to run ``countdown`` seconds after that when given. A
+    broker failure then is logged: the commit stands."""
     send = (celery_app or current_app).send_task
+    options = route(queue) if countdown is None else {**route(queue), "countdown": countdown}
     transaction.on_commit(
-        functools.partial(send, name, kwargs={"message": message.dump()}, **route(queue)),
+        functools.partial(send, name, kwargs={"message": message.dump()}, **options),
         robust=True,
     )
 
@@ -196,9 +201,15 @@ def task_publish_initial(*, task: Task) -> LifecycleAction | None:
 @transaction.atomic
 def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None:
     """Open round ``round_number``: worker.train to each selected trainer (fetching the
-    global model from the aggregator's data plane) and worker.aggregate to the
-    aggregator (fetching the updates from the trainers'), which waits for the updates.
-    For the final model the trainers only check it and the aggregator has nothing to do."""
+    global model from the aggregator's data plane) and worker.aggregate to the aggregator
+    (fetching the updates from the trainers'), which waits for the updates. For the final
+    model the trainers only check it and the aggregator has nothing to do.
+
+    The first round's messages, and the final model's, go at once: they tell each node the
+    task it follows. A later round the nodes start by themselves as soon as the chain has its
+    global model (worker.follow), so its messages wait FLEX_ROUND_REMIND_S and then go only
+    to the nodes that have not acted on it (``task_round_remind``): a node whose follower
+    missed the round, or was restarted and knows no task yet."""
     spec = task_spec(task)
     if spec is None or _fired(task, Action.START_ROUND, round_number):
         return None
@@ -225,6 +236,69 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
             address,
             round_number,
         )
+    if 1 <= round_number < task.rounds:
+        dispatch(
+            "marketplace.round_remind",
+            queue=PLATFORM_QUEUE,
+            message=RoundStep.of(
+                contract.deployment_identity(),
+                task_id=task.chain_task_id,
+                round_number=round_number,
+            ),
+            countdown=settings.FLEX_ROUND_REMIND_S,
+        )
+        return action
+    told = _round_messages(task, spec=spec, round_number=round_number, nodes=nodes, devices=devices)
+    log.info("task %s: round %s opened for %d node(s)", task.chain_task_id, round_number, len(told))
+    return action
+
+
+def task_round_remind(*, task_id: int, round_number: int) -> list[str] | None:
+    """Round ``round_number``'s messages, to the nodes that have not acted on it: each
+    selected trainer whose update the mirror does not have, and the aggregator while the
+    round is open (it waits for the updates, and closes a round a trainer left at its
+    deadline). None when the round is no longer open; else the addresses told."""
+    task = Task.objects.filter(chain_task_id=task_id).first()
+    if task is None or task.state != TaskState.RUNNING:
+        return None
+    if task.published_rounds != round_number + 1:
+        return None  # the round's global model is not mirrored, or the next one is
+    spec = task_spec(task)
+    if spec is None:
+        return None
+    submitted = {
+        t.lower()
+        for t in Update.objects.filter(task=task, round_number=round_number).values_list(
+            "trainer", flat=True
+        )
+    }
+    nodes = [
+        n
+        for n in SelectedNode.objects.filter(task=task).order_by("position")
+        if n.role == Role.AGGREGATOR or n.device.lower() not in submitted
+    ]
+    devices = _devices_by_address(n.device for n in SelectedNode.objects.filter(task=task))
+    told = _round_messages(task, spec=spec, round_number=round_number, nodes=nodes, devices=devices)
+    if told:
+        log.info(
+            "task %s: round %s not started by %s on their own; reminded",
+            task_id,
+            round_number,
+            ", ".join(told),
+        )
+    return told
+
+
+def _round_messages(
+    task: Task,
+    *,
+    spec: dict,
+    round_number: int,
+    nodes: list[SelectedNode],
+    devices: dict[str, Device],
+) -> list[str]:
+    """Send round ``round_number``'s message to each of ``nodes`` that is an enrolled device
+    (``devices``, every selected one's by lowercase address); the addresses told."""
     aggregator = devices.get(task.aggregator.lower())
     if aggregator is None or not aggregator.dataplane_cert_sha256:
         # Without the aggregator's data plane, trainers cannot fetch the global model.
@@ -234,11 +308,14 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
             task.aggregator,
             round_number,
         )
-        return action
-    trainers = [devices.get(n.device.lower()) for n in nodes if n.role == Role.TRAINER]
-    trainers = [d for d in trainers if d is not None]
+        return []
+    selected = SelectedNode.objects.filter(task=task, role=Role.TRAINER).order_by("position")
+    everyone = [devices[n.device.lower()] for n in selected if n.device.lower() in devices]
+    told_trainers = {n.device.lower() for n in nodes if n.role == Role.TRAINER}
+    trainers = [d for d in everyone if d.address.lower() in told_trainers]
     deployment = contract.deployment_identity()
     common = {"task_id": task.chain_task_id, "round_number": round_number, "spec": spec}
+    told = []
     for trainer in trainers:
         dispatch(
             "worker.train",
@@ -251,27 +328,23 @@ def task_round_start(*, task: Task, round_number: int) -> LifecycleAction | None
                 **common,
             ),
         )
-    if round_number < task.rounds:
+        told.append(trainer.address)
+    if round_number < task.rounds and any(n.role == Role.AGGREGATOR for n in nodes):
         dispatch(
             "worker.aggregate",
             queue=device_queue(aggregator.pk),
             message=RoundAggregateRequest.of(
                 deployment,
                 node=aggregator.address,
-                trainer_urls={t.address: t.dataplane_url for t in trainers if t.dataplane_url},
+                trainer_urls={t.address: t.dataplane_url for t in everyone if t.dataplane_url},
                 trainer_certs_sha256={
-                    t.address: t.dataplane_cert_sha256 for t in trainers if t.dataplane_cert_sha256
+                    t.address: t.dataplane_cert_sha256 for t in everyone if t.dataplane_cert_sha256
                 },
                 **common,
             ),
         )
-    log.info(
-        "task %s: round %s opened for %d trainer(s)",
-        task.chain_task_id,
-        round_number,
-        len(trainers),
-    )
-    return action
+        told.append(aggregator.address)
+    return told
 
 
 def task_react(*, task: Task, new_events: Iterable[str]) -> None:

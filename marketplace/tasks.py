@@ -21,6 +21,7 @@ from core.messages import (
     MessageInvalidError,
     ReportSignatureError,
     RoundReport,
+    RoundStep,
     TaskStep,
     UpdateReport,
 )
@@ -115,6 +116,16 @@ def model_check(message: dict) -> str | None:
 @GONE
 def task_abort(message: dict) -> str | None:
     return step_run(lifecycle.task_abort, message)
+
+
+@shared_task(name="marketplace.round_remind", acks_late=True, ignore_result=True, throws=REFUSED)
+def round_remind(message: dict) -> list[str] | None:
+    """Sent by the lifecycle as a round opens, to run FLEX_ROUND_REMIND_S later: the round's
+    messages for the nodes that did not start it on their own."""
+    step = received(RoundStep, message)
+    if step is None:
+        return None
+    return lifecycle.task_round_remind(task_id=step.task_id, round_number=step.round_number)
 
 
 @shared_task(name="marketplace.round_report_record", **REPORT)

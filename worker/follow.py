@@ -1,14 +1,15 @@
 """The node's own watch on its rounds: work handed on as soon as the chain confirms it.
 
-The platform opens every round with a message (worker.train to each trainer, worker.aggregate
-to the aggregator) once its chain sync has mirrored the global model. The chain has that news
-first, so the worker process also follows it itself, from the messages it has received: a
-trainer starts round r as soon as global model r is published, and an aggregator fetches each
-update as its submission is mined and aggregates as soon as the last one is in. It sends that
-work to the node's own queue (the one queue a device may write to besides its reports) as the
-same typed message the platform sends; the platform's own message still comes, and finds the
-work done (every task checks the chain first). Nothing here is needed for a round to finish:
-it only makes one finish sooner.
+The platform opens a task's first round with a message (worker.train to each trainer,
+worker.aggregate to the aggregator) once its chain sync has mirrored the global model. The
+chain has each later round's news first, so the worker process follows it itself, from the
+messages it has received: a trainer starts round r as soon as global model r is published,
+and an aggregator fetches each update as its submission is mined and aggregates as soon as
+the last one is in. It sends that work to the node's own queue (the one queue a device may
+write to besides its reports) as the same typed message the platform sends. The platform
+sends a later round's message only FLEX_ROUND_REMIND_S after the round opened, to a node that
+has not acted on it by then (a task checks the chain first, so one that finds the work done
+does nothing): nothing here is needed for a round to finish, it makes one finish sooner.
 
 A websocket subscription to the contract's GlobalModelPublished logs, and UpdateSubmitted ones
 where a node of the process may aggregate, rings (chain.follow); the logs themselves are read
@@ -41,7 +42,7 @@ from worker.node import Node
 log = logging.getLogger("worker.follow")
 
 # Without a push from the node, look this often anyway (a missed ring, a node without a
-# websocket): the platform's messages are the other safety net.
+# websocket): the platform's reminders are the other safety net.
 IDLE_S = 5.0
 # A prefetch that does not answer in this long is left to the aggregation itself.
 PREFETCH_TIMEOUT_S = 10.0
@@ -180,7 +181,7 @@ class RoundFollower:
     def _hand_on(self, order: RoundAggregateRequest) -> None:
         try:
             self._send(AGGREGATE, order)
-        except Exception as exc:  # a thread of its own: the platform's message still comes
+        except Exception as exc:  # a thread of its own: the platform's reminder still comes
             log.warning(
                 "task %s: round %s not handed on: %s", order.task_id, order.round_number, exc
             )

@@ -96,6 +96,8 @@ def devices_played_by_the_test(monkeypatch) -> list[tuple[str, dict]]:
 
     sent: list[tuple[str, dict]] = []
     monkeypatch.setattr(
-        lifecycle, "dispatch", lambda name, *, queue, message: sent.append((name, message.dump()))
+        lifecycle,
+        "dispatch",
+        lambda name, *, queue, message, countdown=None: sent.append((name, message.dump())),
     )
     return sent

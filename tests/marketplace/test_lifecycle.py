@@ -4,6 +4,7 @@ sync, the beat or a redelivered message asks for it again."""
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,6 +14,7 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
+from kombu import Connection
 
 from chain.client import FlexMarket
 from chain.events import Role, TaskState
@@ -21,6 +23,7 @@ from core.messages import (
     BidRequest,
     InitialModelRequest,
     RoundAggregateRequest,
+    RoundStep,
     RoundTrainRequest,
     TaskStep,
 )
@@ -396,3 +399,103 @@ def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
     assert task.state == "aborted"
     assert task.refunded_wei == BUDGET
     assert LifecycleAction.objects.filter(task=task, action=Action.ABORT).count() == 1
+
+
+def waiting(broker: Broker, queue: str) -> list[tuple[str, dict, str | None]]:
+    """(task name, message, ETA) of every message waiting in ``queue``, left in it."""
+    found = []
+    with Connection(broker.url) as conn:
+        channel = conn.channel()
+        while (raw := channel.basic_get(queue, no_ack=False)) is not None:
+            _, kwargs, _ = json.loads(raw.body)
+            found.append((raw.headers["task"], kwargs["message"], raw.headers.get("eta")))
+        channel.close()
+    return found
+
+
+def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    """Nodes start a round after the first on their own as its global model lands (worker
+    .follow): the platform tells nobody at once, and FLEX_ROUND_REMIND_S later tells only a
+    trainer whose update is not in and the aggregator, and only while the round is open."""
+    market = platform_market
+    here = contract.deployment_identity()
+    aggregator = enrol("round-aggregator", aggregate=True)
+    trainers = [enrol("round-ann"), enrol("round-ben")]
+    three_rounds = TaskSpec.from_dict({**SPEC.as_dict(), "rounds": 3})
+    order = post_task(spec=three_rounds)
+    bid(market, aggregator, order, role=Role.AGGREGATOR)
+    for trainer in trainers:
+        bid(market, trainer, order)
+    advance(market, WINDOW_S + 1)
+    assert lifecycle.task_select_nodes(task_id=order.chain_task_id) is not None
+    sync()
+    task_id = order.chain_task_id
+
+    def publish(round_number: int, mask: int = 0) -> None:
+        market.publish_global_model(
+            sender=aggregator.account,
+            task_id=task_id,
+            round_number=round_number,
+            model_id=model_id(f"global-{round_number}"),
+            aggregated_mask=mask,
+        )
+        sync()
+
+    def submit(trainer: Node, round_number: int) -> None:
+        market.submit_update(
+            sender=trainer.account,
+            task_id=task_id,
+            round_number=round_number,
+            model_id=model_id(f"{trainer.address}-{round_number}"),
+        )
+        sync()
+
+    def told(node: Node, round_number: int) -> list[str]:
+        return [
+            name
+            for name, message, _ in waiting(mirror_env, node.queue)
+            if name in ("worker.train", "worker.aggregate")
+            and message["round_number"] == round_number
+        ]
+
+    # Round 0 tells every node at once: it is how a node learns the task it then follows.
+    publish(0)
+    assert [told(t, 0) for t in trainers] == [["worker.train"], ["worker.train"]]
+    assert told(aggregator, 0) == ["worker.aggregate"]
+    for trainer in trainers:
+        submit(trainer, 0)
+    publish(1, mask=0b11)
+
+    # Round 1: no node is told now; a reminder waits on the platform's queue.
+    assert [told(n, 1) for n in (*trainers, aggregator)] == [[], [], []]
+    reminders = [m for m in waiting(mirror_env, "platform") if m[0] == "marketplace.round_remind"]
+    assert [
+        (RoundStep.parse(m).task_id, RoundStep.parse(m).round_number) for _, m, _ in reminders
+    ] == [(task_id, 1)]
+    assert reminders[0][2] is not None  # to run later, not now
+    assert RoundStep.parse(reminders[0][1]).is_for(here)
+
+    # Ann started on her own and her update is in; Ben's follower missed the round.
+    submit(trainers[0], 1)
+    reminded = lifecycle.task_round_remind(task_id=task_id, round_number=1)
+    assert reminded == [trainers[1].address, aggregator.address]
+    assert told(trainers[0], 1) == []
+    assert told(trainers[1], 1) == ["worker.train"]
+    [(_, aggregate, _)] = [
+        m
+        for m in waiting(mirror_env, aggregator.queue)
+        if m[0] == "worker.aggregate" and m[1]["round_number"] == 1
+    ]
+    assert RoundAggregateRequest.parse(aggregate).trainer_urls == {
+        t.address: t.device.dataplane_url for t in trainers
+    }
+
+    # Once the round's global model is out, a late reminder tells nobody.
+    submit(trainers[1], 1)
+    publish(2, mask=0b11)
+    before = {n.address: waiting(mirror_env, n.queue) for n in (*trainers, aggregator)}
+    assert lifecycle.task_round_remind(task_id=task_id, round_number=1) is None
+    assert {n.address: waiting(mirror_env, n.queue) for n in (*trainers, aggregator)} == before
