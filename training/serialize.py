@@ -263,9 +263,14 @@ class ModelBlob:
         start = 4 * index * self.header.chunk_values
         return self.data[start : start + 4 * self.header.chunk_size(index)]
 
+    @functools.cached_property
+    def tree(self) -> list[list[bytes]]:
+        """Every level of the model's Merkle tree (made on first use, once for all proofs)."""
+        return merkle.levels(self.leaves)
+
     def proof(self, index: int) -> list[bytes]:
         """The Merkle proof of chunk ``index`` against ``root``."""
-        return merkle.proof(self.leaves, index)
+        return merkle.proof_in(self.tree, index)
 
     def opening(self, index: int) -> ChunkOpening:
         """Chunk ``index`` with what ties it to this model's ID."""
