@@ -242,14 +242,18 @@ def compiled_model(*, spec: TaskSpec) -> Any:
     return cache[spec.model]
 
 
-def forward(*, spec: TaskSpec) -> Callable[[Sequence[np.ndarray], np.ndarray], np.ndarray]:
-    """The spec's model as a function of its weights: ``(weights, x)`` gives the model's
-    outputs on the batch ``x``, the weights left out of any model. One per model and thread,
-    traced once.
+def forward(
+    *, spec: TaskSpec
+) -> Callable[[Sequence[Sequence[np.ndarray]], np.ndarray], np.ndarray]:
+    """The spec's model as a function of its weights: ``(weight_sets, x)`` gives the model's
+    outputs on the batch ``x`` for each set of weights, stacked (sets first), the weights left
+    out of any model. One per model and thread, traced once.
 
     Evaluating weights by setting them into a model first costs more than the forward pass
     on a small test set (Keras assigns variable by variable), and a round's scoring
-    evaluates dozens of aggregates; the outputs are those of the model holding the weights.
+    evaluates dozens of aggregates. The sets run one after another inside one call
+    (tf.map_fn), through the same kernels as one model holding each set: the outputs are
+    those of that model, bit for bit, and one call's overhead is paid for all of them.
     """
     cache: dict[str, Any] = _compiled.__dict__.setdefault("forwards", {})
     if spec.model not in cache:
@@ -260,15 +264,22 @@ def forward(*, spec: TaskSpec) -> Callable[[Sequence[np.ndarray], np.ndarray], n
         trainable = [at[id(v)] for v in model.trainable_variables]
         fixed = [at[id(v)] for v in model.non_trainable_variables]
 
-        @tf.function(reduce_retracing=True)
-        def outputs(weights: list[Any], x: Any) -> Any:
+        def one(weights: list[Any], x: Any) -> Any:
             out, _ = model.stateless_call(
                 [weights[i] for i in trainable], [weights[i] for i in fixed], x, training=False
             )
             return out
 
-        def run(weights: Sequence[np.ndarray], x: np.ndarray) -> np.ndarray:
-            return outputs([tf.constant(w, dtype=tf.float32) for w in weights], x).numpy()
+        @tf.function(reduce_retracing=True)
+        def outputs(stacked: list[Any], x: Any) -> Any:
+            return tf.map_fn(lambda w: one(w, x), stacked, fn_output_signature=tf.float32)
+
+        def run(weight_sets: Sequence[Sequence[np.ndarray]], x: np.ndarray) -> np.ndarray:
+            stacked = [
+                tf.constant(np.stack([s[i] for s in weight_sets]), dtype=tf.float32)
+                for i in range(len(weight_sets[0]))
+            ]
+            return outputs(stacked, x).numpy()
 
         cache[spec.model] = run
     return cache[spec.model]

@@ -56,28 +56,45 @@ def check_data(*, spec: TaskSpec, data: Dataset) -> None:
 
 def measure(*, model: Any, data: Dataset) -> Evaluation:
     """Evaluate a Keras model as it stands on ``data``."""
-    return _tally(model.predict_on_batch, data)
+    return _tallies(lambda x: [model.predict_on_batch(x)], data, sets=1)[0]
 
 
-def _tally(outputs: Callable[[np.ndarray], Any], data: Dataset) -> Evaluation:
-    """Mean cross-entropy and accuracy of the class probabilities ``outputs`` gives for each
-    batch of ``data``."""
-    losses, hits = 0.0, 0
+def _tallies(
+    outputs: Callable[[np.ndarray], Sequence[Any]], data: Dataset, *, sets: int
+) -> list[Evaluation]:
+    """Mean cross-entropy and accuracy of each of ``sets`` models, whose class probabilities
+    on a batch of ``data`` ``outputs`` gives (one array per model)."""
+    losses, hits = [0.0] * sets, [0] * sets
     for start in range(0, len(data), PREDICT_BATCH):
         x, y = data.x[start : start + PREDICT_BATCH], data.y[start : start + PREDICT_BATCH]
-        probs = np.asarray(outputs(x), dtype=np.float64)
-        picked = np.clip(probs[np.arange(len(y)), y], EPSILON, 1.0 - EPSILON)
-        losses += float(-np.log(picked).sum())
-        hits += int((probs.argmax(axis=1) == y).sum())
-    return Evaluation(loss=losses / len(data), accuracy=hits / len(data), num_examples=len(data))
+        for k, of_set in enumerate(outputs(x)):
+            probs = np.asarray(of_set, dtype=np.float64)
+            picked = np.clip(probs[np.arange(len(y)), y], EPSILON, 1.0 - EPSILON)
+            losses[k] += float(-np.log(picked).sum())
+            hits[k] += int((probs.argmax(axis=1) == y).sum())
+    return [
+        Evaluation(loss=loss / len(data), accuracy=hit / len(data), num_examples=len(data))
+        for loss, hit in zip(losses, hits, strict=True)
+    ]
 
 
 def evaluate(
     *, spec: TaskSpec, weights: Sequence[np.ndarray], data: Dataset | None = None
 ) -> Evaluation:
     """Loss and accuracy of ``weights`` on ``data`` (default: the schema's held-out test split)."""
+    return evaluate_many(spec=spec, weight_sets=[weights], data=data)[0]
+
+
+def evaluate_many(
+    *, spec: TaskSpec, weight_sets: Sequence[Sequence[np.ndarray]], data: Dataset | None = None
+) -> list[Evaluation]:
+    """``evaluate`` of each set of weights, in one pass over ``data``: the same numbers, for
+    a fraction of the calls (a round's scoring evaluates dozens of aggregates)."""
     data = load_test(schema=spec.schema) if data is None else data
-    check_weights(spec=spec, weights=weights)
+    for weights in weight_sets:
+        check_weights(spec=spec, weights=weights)
     check_data(spec=spec, data=data)
+    if not weight_sets:
+        return []
     run = forward(spec=spec)
-    return _tally(lambda x: run(weights, x), data)
+    return _tallies(lambda x: run(weight_sets, x), data, sets=len(weight_sets))

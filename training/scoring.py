@@ -8,7 +8,7 @@ how far the validation loss of their aggregate falls below that of the round's o
 model, and each update gets its mean marginal value over the orders of arrival. Unlike
 leave-one-out, an update whose data no other trainer has still earns when another update
 overlaps it. Aggregation is bit-exact (training.aggregation), so every model scored is the
-same on every machine; the loss is taken by ``loss_of``, which the caller keeps
+same on every machine; the losses are taken by ``losses_of``, which the caller keeps
 deterministic (training.evaluate), and scores are quantised once, at the end.
 
 Before scoring, updates that are provably not their author's work are set aside (``junk``):
@@ -36,6 +36,10 @@ FULL_SCALE = 0xFFFF
 FLOOR = FULL_SCALE // 64
 # Up to this many updates every subset is evaluated (2^n aggregates); above, orders are sampled.
 EXACT_MAX = 8
+# The exact method's aggregates go to ``losses_of`` this many values' worth at a time (at
+# most every subset at once): a batched evaluation costs far fewer calls, and this bounds
+# the memory the batch holds.
+BATCH_VALUES = 1 << 22
 PERMUTATIONS = 32
 TRUNCATION = 0.01
 
@@ -131,30 +135,49 @@ def shapley(
     *,
     strategy: Strategy,
     reference: Weights,
-    loss_of: Callable[[Weights], float],
+    losses_of: Callable[[Sequence[Weights]], Sequence[float]],
     seed: Sequence[int] = (0,),
 ) -> Scores:
     """Round-wise Shapley values of ``updates`` (distinct IDs, already screened) under
     ``strategy``: the value of a set of updates is how far the validation loss of their
     aggregate falls below that of ``reference``, the round's global model (the aggregate of
-    none). Exact over every subset up to EXACT_MAX updates; beyond, the mean marginal gain
-    over PERMUTATIONS orders drawn from ``seed``, each cut short once the rest of the round's
-    gain is under TRUNCATION of it (GTG-Shapley's within-round truncation)."""
+    none); ``losses_of`` gives the loss of each of several weight sets. Exact over every
+    subset up to EXACT_MAX updates; beyond, the mean marginal gain over PERMUTATIONS orders
+    drawn from ``seed``, each cut short once the rest of the round's gain is under
+    TRUNCATION of it (GTG-Shapley's within-round truncation)."""
     n = len(updates)
-    base = loss_of(reference)
+    [base] = losses_of([reference])
     values: dict[int, float] = {0: 0.0}
+
+    def measure(subsets: Sequence[int]) -> None:
+        aggregates: dict[int, Weights] = {}
+        for members in subsets:
+            if members in values:
+                continue
+            chosen = [u for i, u in enumerate(updates) if members >> i & 1]
+            aggregate = strategy.aggregate(chosen)
+            if aggregate is None:
+                values[members] = 0.0
+            else:
+                aggregates[members] = aggregate
+        if aggregates:
+            losses = losses_of(list(aggregates.values()))
+            for members, loss in zip(aggregates, losses, strict=True):
+                values[members] = base - loss
 
     def value(members: int) -> float:
         if members not in values:
-            chosen = [u for i, u in enumerate(updates) if members >> i & 1]
-            aggregate = strategy.aggregate(chosen)
-            values[members] = base - loss_of(aggregate) if aggregate is not None else 0.0
+            measure([members])
         return values[members]
 
     everyone = (1 << n) - 1
     total = value(everyone)
     phi = [0.0] * n
     if n <= EXACT_MAX:
+        batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
+        subsets = list(range(1, everyone + 1))
+        for start in range(0, len(subsets), batch):
+            measure(subsets[start : start + batch])
         weights = [
             math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)
         ]

@@ -205,7 +205,7 @@ def _scores(
 ) -> dict[str, int]:
     """Each update's uint16 Shapley score on the task's validation set (update ID -> score),
     or nothing when the task names no validation set or it cannot be had."""
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate_many
 
     if spec.validation is None or not updates:
         return {}
@@ -218,7 +218,10 @@ def _scores(
         updates,
         strategy=spec.strategy(),
         reference=reference,
-        loss_of=lambda w: evaluate(spec=spec, weights=dequantize(w), data=data).loss,
+        losses_of=lambda sets: [
+            e.loss
+            for e in evaluate_many(spec=spec, weight_sets=[dequantize(w) for w in sets], data=data)
+        ],
         seed=(spec.seed, task_id, round_number),
     )
     log.info(

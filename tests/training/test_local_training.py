@@ -13,7 +13,7 @@ from eth_utils import keccak
 from training.catalogue import build_model, initial_weights
 from training.datasets import Dataset
 from training.errors import DatasetError, WeightsMismatchError
-from training.evaluate import PREDICT_BATCH, evaluate, measure
+from training.evaluate import PREDICT_BATCH, evaluate, evaluate_many, measure
 from training.local import train_round
 from training.spec import TaskSpec
 
@@ -124,9 +124,14 @@ def test_evaluating_weights_measures_what_a_model_holding_them_measures(model, p
     start = initial_weights(spec=spec)
     trained = [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in start]
     holding = build_model(spec=spec)
+    held = []
     for weights in (trained, start, trained):
         holding.set_weights(weights)
-        assert evaluate(spec=spec, weights=weights, data=data) == measure(model=holding, data=data)
+        held.append(measure(model=holding, data=data))
+        assert evaluate(spec=spec, weights=weights, data=data) == held[-1]
+    # Many sets in one call (a round's scoring): each the same numbers, to the bit.
+    assert evaluate_many(spec=spec, weight_sets=[trained, start, trained], data=data) == held
+    assert evaluate_many(spec=spec, weight_sets=[], data=data) == []
 
 
 def test_evaluate_defaults_to_the_held_out_split(spec):

@@ -19,7 +19,7 @@ from training import scoring
 from training.aggregation import STRATEGIES, Update
 from training.catalogue import initial_weights
 from training.datasets import Dataset, load_test
-from training.evaluate import evaluate
+from training.evaluate import evaluate, evaluate_many
 from training.fixedpoint import dequantize, quantize
 from training.local import train_round
 from training.scoring import (
@@ -69,13 +69,28 @@ def loss_on_test(spec):
     return lambda weights: evaluate(spec=spec, weights=dequantize(weights), data=data).loss
 
 
+def losses_on_test(spec):
+    """The aggregator's batched losses (worker.aggregator._scores) on the test split."""
+    data = load_test(schema=spec.schema)
+    return lambda sets: [
+        e.loss
+        for e in evaluate_many(spec=spec, weight_sets=[dequantize(w) for w in sets], data=data)
+    ]
+
+
+def one_at_a_time(loss_of):
+    return lambda sets: [loss_of(w) for w in sets]
+
+
 def test_weighing_updates_by_score_keeps_noise_out_of_the_model(spec, partitions):
     """The round's aggregate with each update weighted by samples and score (as the
     aggregator publishes it) is better on the test set than the plain FedAvg of the same
     updates, which takes the noise in at its sample count."""
     reference, updates = round_updates(spec, partitions)
     loss = loss_on_test(spec)
-    scored = shapley(updates, strategy=STRATEGIES["fedavg"](), reference=reference, loss_of=loss)
+    scored = shapley(
+        updates, strategy=STRATEGIES["fedavg"](), reference=reference, losses_of=one_at_a_time(loss)
+    )
     by_score = STRATEGIES["fedavg"]().aggregate(
         [
             Update(
@@ -108,7 +123,7 @@ def test_honest_updates_outscore_noise_which_gets_the_floor(spec, partitions, st
         updates,
         strategy=STRATEGIES[strategy_key](),
         reference=reference,
-        loss_of=loss_on_test(spec),
+        losses_of=losses_on_test(spec),
     )
     honest = [scored.scores[f"u{i}"] for i in range(3)]
     assert scored.scores["u3"] == FLOOR
@@ -124,7 +139,7 @@ def test_scores_are_the_same_in_another_process(spec, partitions, tmp_path):
         updates,
         strategy=STRATEGIES["fedavg"](),
         reference=reference,
-        loss_of=loss_on_test(spec),
+        losses_of=losses_on_test(spec),
     )
     np.savez(tmp_path / "round.npz", *reference, *(w for u in updates for w in u.weights))
     layers = len(reference)
@@ -133,7 +148,7 @@ import json, numpy as np
 from training import scoring
 from training.aggregation import STRATEGIES, Update
 from training.datasets import load_test
-from training.evaluate import evaluate
+from training.evaluate import evaluate_many
 from training.fixedpoint import dequantize
 from training.scoring import shapley
 from training.spec import TaskSpec
@@ -146,7 +161,8 @@ updates = [Update(weights=rest[i:i + {layers}], num_examples=n, update_id=f"u{{k
                                           {[u.num_examples for u in updates]!r}))]
 data = load_test(schema=spec.schema)
 scored = shapley(updates, strategy=STRATEGIES["fedavg"](), reference=reference,
-    loss_of=lambda w: evaluate(spec=spec, weights=dequantize(w), data=data).loss)
+    losses_of=lambda sets: [e.loss for e in evaluate_many(
+        spec=spec, weight_sets=[dequantize(w) for w in sets], data=data)])
 print(json.dumps(scored.scores))
 """
     done = subprocess.run(
@@ -195,7 +211,10 @@ def test_a_single_update_is_scored_against_the_round_s_global_model(spec, partit
     reference, updates = round_updates(spec, partitions)
     loss_of = loss_on_test(spec)
     scored = shapley(
-        updates[:1], strategy=STRATEGIES["fedavg"](), reference=reference, loss_of=loss_of
+        updates[:1],
+        strategy=STRATEGIES["fedavg"](),
+        reference=reference,
+        losses_of=one_at_a_time(loss_of),
     )
     assert scored.gains["u0"] == pytest.approx(loss_of(reference) - loss_of(updates[0].weights))
     assert scored.scores == {"u0": FULL_SCALE if scored.gains["u0"] > 0 else FLOOR}
@@ -221,7 +240,7 @@ def test_many_updates_are_scored_by_sampled_orders_the_same_every_time():
             updates,
             strategy=STRATEGIES["fedavg"](),
             reference=reference,
-            loss_of=loss_of,
+            losses_of=one_at_a_time(loss_of),
             seed=(5, 1, 2),
         )
         for _ in range(2)
@@ -231,7 +250,11 @@ def test_many_updates_are_scored_by_sampled_orders_the_same_every_time():
     assert runs[0].scores["u4"] == runs[0].scores["u9"] == FLOOR
     assert all(s > FLOOR for k, s in runs[0].scores.items() if k not in ("u4", "u9"))
     other = shapley(
-        updates, strategy=STRATEGIES["fedavg"](), reference=reference, loss_of=loss_of, seed=(6,)
+        updates,
+        strategy=STRATEGIES["fedavg"](),
+        reference=reference,
+        losses_of=one_at_a_time(loss_of),
+        seed=(6,),
     )
     assert other.scores != runs[0].scores  # the orders come from the seed
 
@@ -248,3 +271,32 @@ def test_quantized_scores_are_bounded_ordered_and_never_zero(gains):
             assert s1 <= s2
     if any(g > 0 for g in gains):
         assert max(scores) == FULL_SCALE
+
+
+def test_scores_from_batched_losses_are_those_of_one_evaluation_at_a_time(
+    spec, partitions, monkeypatch
+):
+    """The aggregator hands a round's subsets to the evaluation in batches, as many as
+    BATCH_VALUES allows; every gain, and so every score, is what evaluating each aggregate
+    on its own gives."""
+    reference, updates = round_updates(spec, partitions)
+    fedavg = STRATEGIES["fedavg"]()
+    losses, sizes = losses_on_test(spec), []
+
+    def recorded(sets):
+        sizes.append(len(sets))
+        return losses(sets)
+
+    alone = shapley(
+        updates, strategy=fedavg, reference=reference, losses_of=one_at_a_time(loss_on_test(spec))
+    )
+    batched = shapley(updates, strategy=fedavg, reference=reference, losses_of=recorded)
+    assert batched == alone
+    assert batched.evaluations == sum(sizes) - 1 == 2 ** len(updates) - 1
+    assert max(sizes) == 2 ** len(updates) - 2  # every subset but the whole, known first
+    # A model too large for that many copies at once: batches of three.
+    sizes.clear()
+    values = sum(w.size for w in reference)
+    monkeypatch.setattr(scoring, "BATCH_VALUES", 3 * values)
+    assert shapley(updates, strategy=fedavg, reference=reference, losses_of=recorded) == alone
+    assert max(sizes) == 3
