@@ -266,19 +266,19 @@ def task_round_remind(*, task_id: int, round_number: int) -> list[str] | None:
     spec = task_spec(task)
     if spec is None:
         return None
-    submitted = {
-        t.lower()
-        for t in Update.objects.filter(task=task, round_number=round_number).values_list(
-            "trainer", flat=True
-        )
-    }
-    nodes = [
-        n
-        for n in SelectedNode.objects.filter(task=task).order_by("position")
-        if n.role == Role.AGGREGATOR or n.device.lower() not in submitted
-    ]
-    devices = _devices_by_address(n.device for n in SelectedNode.objects.filter(task=task))
-    told = _round_messages(task, spec=spec, round_number=round_number, nodes=nodes, devices=devices)
+    submitted = Update.objects.filter(task=task, round_number=round_number).values_list(
+        "trainer", flat=True
+    )
+    nodes = list(SelectedNode.objects.filter(task=task).order_by("position"))
+    pending = {n.device.lower() for n in nodes} - {t.lower() for t in submitted}
+    told = _round_messages(
+        task,
+        spec=spec,
+        round_number=round_number,
+        nodes=nodes,
+        devices=_devices_by_address(n.device for n in nodes),
+        only=pending,
+    )
     if told:
         log.info(
             "task %s: round %s not started by %s on their own; reminded",
@@ -296,9 +296,11 @@ def _round_messages(
     round_number: int,
     nodes: list[SelectedNode],
     devices: dict[str, Device],
+    only: set[str] | None = None,
 ) -> list[str]:
-    """Send round ``round_number``'s message to each of ``nodes`` that is an enrolled device
-    (``devices``, every selected one's by lowercase address); the addresses told."""
+    """Send round ``round_number``'s message to each of the task's selected ``nodes`` that is
+    an enrolled device (``devices``, by lowercase address), only those whose lowercase
+    address is in ``only`` when given; the addresses told."""
     aggregator = devices.get(task.aggregator.lower())
     if aggregator is None or not aggregator.dataplane_cert_sha256:
         # Without the aggregator's data plane, trainers cannot fetch the global model.
@@ -309,10 +311,12 @@ def _round_messages(
             round_number,
         )
         return []
-    selected = SelectedNode.objects.filter(task=task, role=Role.TRAINER).order_by("position")
-    everyone = [devices[n.device.lower()] for n in selected if n.device.lower() in devices]
-    told_trainers = {n.device.lower() for n in nodes if n.role == Role.TRAINER}
-    trainers = [d for d in everyone if d.address.lower() in told_trainers]
+    everyone = [
+        devices[n.device.lower()]
+        for n in nodes
+        if n.role == Role.TRAINER and n.device.lower() in devices
+    ]
+    trainers = [d for d in everyone if only is None or d.address.lower() in only]
     deployment = contract.deployment_identity()
     common = {"task_id": task.chain_task_id, "round_number": round_number, "spec": spec}
     told = []
@@ -329,7 +333,7 @@ def _round_messages(
             ),
         )
         told.append(trainer.address)
-    if round_number < task.rounds and any(n.role == Role.AGGREGATOR for n in nodes):
+    if round_number < task.rounds and (only is None or aggregator.address.lower() in only):
         dispatch(
             "worker.aggregate",
             queue=device_queue(aggregator.pk),

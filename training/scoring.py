@@ -171,13 +171,13 @@ def shapley(
         return values[members]
 
     everyone = (1 << n) - 1
+    if n <= EXACT_MAX:
+        batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
+        for start in range(1, everyone + 1, batch):
+            measure(range(start, min(start + batch, everyone + 1)))
     total = value(everyone)
     phi = [0.0] * n
     if n <= EXACT_MAX:
-        batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
-        subsets = list(range(1, everyone + 1))
-        for start in range(0, len(subsets), batch):
-            measure(subsets[start : start + batch])
         weights = [
             math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n) for k in range(n)
         ]

@@ -29,7 +29,14 @@ from core.broker import (
     url_with,
     vhost_of,
 )
-from core.messages import Deployment, MessageInvalidError, RoundReport, TaskStep, UpdateReport
+from core.messages import (
+    Deployment,
+    MessageInvalidError,
+    RoundReport,
+    RoundStep,
+    TaskStep,
+    UpdateReport,
+)
 from core.queues import DEFAULT_BROKER_URL, REPORTS_EXCHANGE, REPORTS_QUEUE, route
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
@@ -281,6 +288,17 @@ def test_platform_steps_for_another_deployment_or_of_no_shape_are_refused(platfo
     assert exc.value.code == "message_invalid"
     with pytest.raises(MessageInvalidError):
         tasks.task_finalize(message=TaskStep.of(here, task_id=0).dump() | {"v": 2})
+    # A round's reminder: for another deployment dropped, without its round refused, and
+    # for a task the mirror does not have, nobody told.
+    assert (
+        tasks.round_remind(message=RoundStep.of(elsewhere, task_id=0, round_number=1).dump())
+        is None
+    )
+    with pytest.raises(MessageInvalidError):
+        tasks.round_remind(message=TaskStep.of(here, task_id=0).dump())
+    assert (
+        tasks.round_remind(message=RoundStep.of(here, task_id=10**9, round_number=1).dump()) is None
+    )
 
 
 def test_steps_left_in_the_broker_by_another_deployment_are_dropped_and_work_goes_on(

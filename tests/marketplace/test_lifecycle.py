@@ -4,7 +4,6 @@ sync, the beat or a redelivered message asks for it again."""
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +13,6 @@ from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
-from kombu import Connection
 
 from chain.client import FlexMarket
 from chain.events import Role, TaskState
@@ -401,18 +399,6 @@ def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
     assert LifecycleAction.objects.filter(task=task, action=Action.ABORT).count() == 1
 
 
-def waiting(broker: Broker, queue: str) -> list[tuple[str, dict, str | None]]:
-    """(task name, message, ETA) of every message waiting in ``queue``, left in it."""
-    found = []
-    with Connection(broker.url) as conn:
-        channel = conn.channel()
-        while (raw := channel.basic_get(queue, no_ack=False)) is not None:
-            _, kwargs, _ = json.loads(raw.body)
-            found.append((raw.headers["task"], kwargs["message"], raw.headers.get("eta")))
-        channel.close()
-    return found
-
-
 def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
     platform_market,
     mirror_env: Broker,  # noqa: F811
@@ -456,7 +442,7 @@ def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
     def told(node: Node, round_number: int) -> list[str]:
         return [
             name
-            for name, message, _ in waiting(mirror_env, node.queue)
+            for name, message, _ in mirror_env.waiting(node.queue)
             if name in ("worker.train", "worker.aggregate")
             and message["round_number"] == round_number
         ]
@@ -471,7 +457,7 @@ def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
 
     # Round 1: no node is told now; a reminder waits on the platform's queue.
     assert [told(n, 1) for n in (*trainers, aggregator)] == [[], [], []]
-    reminders = [m for m in waiting(mirror_env, "platform") if m[0] == "marketplace.round_remind"]
+    reminders = [m for m in mirror_env.waiting("platform") if m[0] == "marketplace.round_remind"]
     assert [
         (RoundStep.parse(m).task_id, RoundStep.parse(m).round_number) for _, m, _ in reminders
     ] == [(task_id, 1)]
@@ -486,7 +472,7 @@ def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
     assert told(trainers[1], 1) == ["worker.train"]
     [(_, aggregate, _)] = [
         m
-        for m in waiting(mirror_env, aggregator.queue)
+        for m in mirror_env.waiting(aggregator.queue)
         if m[0] == "worker.aggregate" and m[1]["round_number"] == 1
     ]
     assert RoundAggregateRequest.parse(aggregate).trainer_urls == {
@@ -496,6 +482,6 @@ def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
     # Once the round's global model is out, a late reminder tells nobody.
     submit(trainers[1], 1)
     publish(2, mask=0b11)
-    before = {n.address: waiting(mirror_env, n.queue) for n in (*trainers, aggregator)}
+    before = {n.address: mirror_env.waiting(n.queue) for n in (*trainers, aggregator)}
     assert lifecycle.task_round_remind(task_id=task_id, round_number=1) is None
-    assert {n.address: waiting(mirror_env, n.queue) for n in (*trainers, aggregator)} == before
+    assert {n.address: mirror_env.waiting(n.queue) for n in (*trainers, aggregator)} == before

@@ -68,13 +68,17 @@ class Broker:
     def messages(self, queue: str) -> list[tuple[str, dict]]:
         """(task name, message) of every message waiting in ``queue``, oldest first; they
         stay in the queue (taken unacknowledged, then handed back)."""
+        return [(name, message) for name, message, _ in self.waiting(queue)]
+
+    def waiting(self, queue: str) -> list[tuple[str, dict, str | None]]:
+        """``messages`` with the time each is to run at (Celery's ETA; None: at once)."""
         found = []
         with Connection(self.url) as conn:
             channel = conn.channel()
             try:
                 while (raw := channel.basic_get(queue, no_ack=False)) is not None:
                     _, kwargs, _ = json.loads(raw.body)
-                    found.append((raw.headers["task"], kwargs["message"]))
+                    found.append((raw.headers["task"], kwargs["message"], raw.headers.get("eta")))
             except NotFound:  # nothing was ever sent there
                 return []
             channel.close()

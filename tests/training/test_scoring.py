@@ -293,7 +293,7 @@ def test_scores_from_batched_losses_are_those_of_one_evaluation_at_a_time(
     batched = shapley(updates, strategy=fedavg, reference=reference, losses_of=recorded)
     assert batched == alone
     assert batched.evaluations == sum(sizes) - 1 == 2 ** len(updates) - 1
-    assert max(sizes) == 2 ** len(updates) - 2  # every subset but the whole, known first
+    assert max(sizes) == 2 ** len(updates) - 1  # every subset at once
     # A model too large for that many copies at once: batches of three.
     sizes.clear()
     values = sum(w.size for w in reference)
