@@ -406,12 +406,13 @@ class FlexMarket:
         info = self.task(task_id=task_id)
         if info.state in (TaskState.BIDDING, TaskState.CANCELLED) or info.trainer_count == 0:
             return None
-        devices, prices = self._call("trainers", task_id)
+        devices, prices, samples = self._call("trainers", task_id)
         return SelectionInfo(
             aggregator=info.aggregator,
             aggregator_price_wei=info.aggregator_price_wei,
             trainers=tuple(to_checksum_address(d) for d in devices),
             trainer_prices_wei=tuple(prices),
+            trainer_samples=tuple(samples),
         )
 
     def trainer_position(self, *, task_id: int, device: str) -> int | None:

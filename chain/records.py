@@ -123,12 +123,20 @@ class BidInfo:
 
 @dataclass(frozen=True)
 class SelectionInfo:
-    """Who a task selected; ``trainers[i]`` is trainer position i (its bit in the masks)."""
+    """Who a task selected; ``trainers[i]`` is trainer position i (its bit in the masks),
+    ``trainer_samples[i]`` its bid's sample count as the contract weighs its updates (capped
+    at the task's sample cap)."""
 
     aggregator: str
     aggregator_price_wei: int
     trainers: tuple[str, ...]
     trainer_prices_wei: tuple[int, ...]
+    trainer_samples: tuple[int, ...]
+
+    @property
+    def samples(self) -> dict[str, int]:
+        """Each selected trainer's recorded sample count, by checksummed address."""
+        return dict(zip(self.trainers, self.trainer_samples, strict=True))
 
 
 @dataclass(frozen=True)

@@ -1389,21 +1389,26 @@ contract FlexMarket {
         return (slot != 0, slot == 0 ? 0 : slot - 1);
     }
 
-    /// @notice The selected trainers in position order with their prices per round.
+    /// @notice The selected trainers in position order with their prices per round and
+    /// their bids' (capped) sample counts, which weigh their updates: what a round's checks
+    /// need, without reading every bid of the task.
     /// @param taskId The task; empty before selection.
     function trainers(uint256 taskId)
         external
         view
-        returns (address[] memory devices, uint256[] memory pricesWei)
+        returns (address[] memory devices, uint256[] memory pricesWei, uint256[] memory samples)
     {
         Task storage t = _existingTask(taskId);
         uint256 n = t.trainerCount;
         devices = new address[](n);
         pricesWei = new uint256[](n);
+        samples = new uint256[](n);
         for (uint256 p = 0; p < n; ++p) {
             Trainer storage tr = _trainers[taskId][p];
             devices[p] = tr.device;
             pricesWei[p] = tr.pricePerRoundWei;
+            uint256 bidIndex = (_participants[taskId][tr.device] & _BID_SLOT_MASK) - 1;
+            samples[p] = _bids[taskId][bidIndex].samples;
         }
     }
 

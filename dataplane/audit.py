@@ -22,7 +22,7 @@ from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
-from chain.records import RoundInfo
+from chain.records import RoundInfo, SelectionInfo
 from chain.selection import positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_openings, opening_bytes
@@ -46,23 +46,17 @@ class IncludedBlob:
     weight: int
 
 
-def recorded_samples(market: FlexMarket, *, task_id: int) -> dict[str, int]:
-    """Each bidder's sample count as the contract records it (its bid's, capped at the
-    task's sample cap), by checksummed address."""
-    return {b.device: b.samples for b in market.bids(task_id=task_id)}
-
-
-def round_weights(
-    market: FlexMarket, *, task_id: int, info: RoundInfo, trainers: Sequence[str]
-) -> dict[str, int]:
+def round_weights(selection: SelectionInfo, info: RoundInfo) -> dict[str, int]:
     """The FedAvg weight of each update global model r + 1 aggregated (``info`` is round r's),
-    by trainer: its recorded samples scaled by its score on chain (training.scoring
-    .fedavg_weight): what the aggregator weighs with and a challenge is checked by.
-    ``trainers`` is the task's selection, in position order."""
-    samples = recorded_samples(market, task_id=task_id)
+    by trainer: its recorded samples (``selection``'s) scaled by its score on chain
+    (training.scoring.fedavg_weight): what the aggregator weighs with and a challenge is
+    checked by."""
     positions = positions_of(info.aggregated_mask)
     scores = dict(zip(positions, info.scores, strict=True)) if info.scores else {}
-    return {trainers[p]: fedavg_weight(samples[trainers[p]], scores.get(p)) for p in positions}
+    return {
+        selection.trainers[p]: fedavg_weight(selection.trainer_samples[p], scores.get(p))
+        for p in positions
+    }
 
 
 def recompute(
@@ -186,7 +180,7 @@ def check_round(
     if info is None:
         info = market.round_info(task_id=task_id, round_number=round_number)
     selection = market.selection(task_id=task_id)
-    weights = round_weights(market, task_id=task_id, info=info, trainers=selection.trainers)
+    weights = round_weights(selection, info)
     update_ids = market.updates_of(task_id=task_id, round_number=round_number)
     included = []
     for position in positions_of(info.aggregated_mask):

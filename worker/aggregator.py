@@ -11,7 +11,6 @@ from chain.events import Reason, TaskState
 from chain.fraud import ZERO_ID, Exclusion
 from chain.selection import mask_of, positions_of
 from core.errors import FlexError
-from dataplane.audit import recorded_samples
 from dataplane.client import fetch_model
 from training.aggregation.base import RULE_COPY, RULE_LAYOUT, RULE_SAMPLES, Rejection, Update
 from training.aggregation.functions import Weights
@@ -290,7 +289,7 @@ def aggregate(
             seconds_left=left,
         )
     started = time.perf_counter()
-    samples = recorded_samples(market, task_id=task_id)
+    samples = selection.samples
     updates: list[Update] = []
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}

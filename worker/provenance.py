@@ -17,6 +17,7 @@ from typing import Any
 
 from chain.client import FlexMarket
 from chain.events import PaymentCredited
+from chain.records import SelectionInfo
 from chain.selection import positions_of
 from core.errors import FlexError
 from dataplane.audit import (
@@ -108,7 +109,7 @@ def _round(
     spec: TaskSpec,
     task_id: int,
     round_number: int,
-    trainers: Sequence[str],
+    selection: SelectionInfo,
     blobs: Blobs,
 ) -> RoundProvenance:
     """Global model ``round_number + 1`` against the updates of ``round_number``."""
@@ -117,11 +118,11 @@ def _round(
     out = RoundProvenance(round=round_number + 1, global_model=published)
     aggregated = positions_of(info.aggregated_mask)
     scores = dict(zip(aggregated, info.scores, strict=False))
-    weights = round_weights(market, task_id=task_id, info=info, trainers=trainers)
+    weights = round_weights(selection, info)
     included: list[IncludedBlob] = []
     submitted = market.updates_of(task_id=task_id, round_number=round_number)
     for position in positions_of(info.submitted_mask):
-        trainer = trainers[position]
+        trainer = selection.trainers[position]
         update_id = submitted.get(trainer)
         entry = {"trainer": trainer, "position": position, "update_id": update_id}
         if position not in aggregated:
@@ -184,17 +185,16 @@ def provenance(market: FlexMarket, *, task_id: int, spec: dict, blobs: Blobs) ->
     if parsed.hash_hex.lower() != task.spec_hash.lower():
         raise SpecHashMismatchError(task_id=task_id, on_chain=task.spec_hash, given=parsed.hash_hex)
     selection = market.selection(task_id=task_id)
-    trainers = selection.trainers if selection else ()
     rounds = [_initial(market, spec=parsed, task_id=task_id)]
     published = market.task(task_id=task_id).published_rounds
-    for r in range(max(published - 1, 0)):
+    for r in range(max(published - 1, 0) if selection else 0):
         rounds.append(
             _round(
                 market,
                 spec=parsed,
                 task_id=task_id,
                 round_number=r,
-                trainers=trainers,
+                selection=selection,
                 blobs=blobs,
             )
         )

@@ -116,6 +116,26 @@ def test_select_nodes_picks_cheapest_per_sample(market: FlexMarket, accounts: Ac
     selection = market.selection(task_id=task_id)
     assert selection is not None
     assert selection.trainers == event.trainers
+    assert selection.trainer_prices_wei == event.trainer_prices_wei
+    assert selection.trainer_samples == (1000, 100, 100)
+
+
+def test_the_selection_weighs_each_trainer_by_its_claim_capped_at_the_tasks_cap(
+    market: FlexMarket, accounts: Accounts, flow: Flow
+):
+    # What every round's weights (the aggregator's, a watcher's, a challenge's) are read from:
+    # a trainer that claims more samples than the task allows weighs no more than the cap.
+    task_id = setup_bids(
+        flow, accounts, [(GWEI, 5000), (GWEI, 40)], sample_cap=300, budget_wei=10**18
+    )
+    flow.close_bidding(task_id)
+    market.select_nodes(sender=accounts.outsider, task_id=task_id)
+    selection = market.selection(task_id=task_id)
+    t = accounts.trainers
+    assert selection.samples == {t[0].address: 300, t[1].address: 40}
+    assert selection.samples == {
+        b.device: b.samples for b in market.bids(task_id=task_id) if b.device in selection.trainers
+    }
 
 
 def test_aggregator_tie_goes_by_the_seed_drawn_at_selection_not_by_who_bid_first(
