@@ -28,6 +28,7 @@ from core.errors import FlexError
 from dataplane.client import fetch_openings, opening_bytes
 from dataplane.protocol import MAX_OPENED_MODELS, MAX_OPENINGS
 from training.aggregation import STRATEGIES, Update
+from training.aggregation import Strategy as Rule
 from training.aggregation.functions import MAX_SAMPLES
 from training.scoring import fedavg_weight
 from training.serialize import ChunkOpening, Header, Kind, ModelBlob, id_hex
@@ -204,44 +205,34 @@ def check_round(
         chunks,
         chunk_values=header.chunk_values,
     )
-    for position, chunk in enumerate(chunks):
-        opened = [of_update[position] for of_update in fetched]
-        claimed = published.opening(chunk)
-        found = _invalid(opened, included, header, round_number)
-        if found is None:
-            computed = rule.aggregate(
-                [
-                    Update(weights=[o.array()], num_examples=u.weight)
-                    for o, u in zip(opened, included, strict=True)
-                ]
-            )[0]
-            differs = (claimed.array() != computed).nonzero()[0]
-            found = int(differs[0]) if differs.size else None
-        if found is not None:
-            log.warning(
-                "task %s: global model %s of round %s is wrong at chunk %s, value %s",
-                task_id,
-                global_id,
-                round_number + 1,
-                chunk,
-                found,
-            )
-            return Watch(
-                task_id=task_id,
-                round_number=round_number,
-                global_model=global_id,
-                chunks_checked=tuple(chunks[: chunks.index(chunk) + 1]),
-                chunks=header.leaf_count,
-                challenge=Challenge(
-                    context=context,
-                    global_id=global_id,
-                    included=tuple(included),
-                    chunk=chunk,
-                    offset=found,
-                    global_opening=claimed,
-                    updates=tuple(opened),
-                ),
-            )
+    wrong = _first_wrong(fetched, published, chunks, included, rule, round_number)
+    if wrong is not None:
+        at, found = wrong
+        chunk = chunks[at]
+        log.warning(
+            "task %s: global model %s of round %s is wrong at chunk %s, value %s",
+            task_id,
+            global_id,
+            round_number + 1,
+            chunk,
+            found,
+        )
+        return Watch(
+            task_id=task_id,
+            round_number=round_number,
+            global_model=global_id,
+            chunks_checked=tuple(chunks[: at + 1]),
+            chunks=header.leaf_count,
+            challenge=Challenge(
+                context=context,
+                global_id=global_id,
+                included=tuple(included),
+                chunk=chunk,
+                offset=found,
+                global_opening=published.opening(chunk),
+                updates=tuple(of_update[at] for of_update in fetched),
+            ),
+        )
     log.info(
         "task %s: global model %s of round %s checked on %d of %d chunk(s)",
         task_id,
@@ -300,18 +291,51 @@ def openings(
     return [found[m] for m in model_ids]
 
 
+def _first_wrong(
+    fetched: Sequence[Sequence[ChunkOpening]],
+    published: ModelBlob,
+    chunks: Sequence[int],
+    included: Sequence[Included],
+    rule: Rule,
+    round_number: int,
+) -> tuple[int, int] | None:
+    """Where ``published`` first differs from what ``rule`` makes of the included updates'
+    openings (``fetched[k][i]``: update k's opening of ``chunks[i]``): (i, offset in that
+    chunk), offset 0 of the first chunk when an update may not be included at all; None
+    when every sampled value holds. The strategies are coordinate-wise, so the sampled
+    chunks are aggregated together, in one call."""
+    if _invalid(fetched, included, published.header, round_number):
+        return (0, 0)
+    computed = rule.aggregate(
+        [
+            Update(weights=[np.concatenate([o.array() for o in of_update])], num_examples=u.weight)
+            for of_update, u in zip(fetched, included, strict=True)
+        ]
+    )[0]
+    claimed = np.concatenate([published.opening(c).array() for c in chunks])
+    differs = (claimed != computed).nonzero()[0]
+    if not differs.size:
+        return None
+    first = int(differs[0])
+    ends = np.cumsum([published.header.chunk_size(c) for c in chunks])
+    at = int(np.searchsorted(ends, first, side="right"))
+    return at, first - (int(ends[at - 1]) if at else 0)
+
+
 def _invalid(
-    openings: Sequence[ChunkOpening],
+    fetched: Sequence[Sequence[ChunkOpening]],
     included: Sequence[Included],
     published: Header,
     round_number: int,
-) -> int | None:
-    """Offset 0 when an included update is not one the aggregator may include (its header
-    names another trainer, task, round, kind or layout, or its weight is outside the range
-    the contract records): the contract then shows which. Else None."""
-    for opened, update in zip(openings, included, strict=True):
+) -> bool:
+    """Whether an included update is not one the aggregator may include (its header names
+    another trainer, task, round, kind or layout, or its weight is outside the range the
+    contract records): the contract then shows which, at offset 0. Each update's openings
+    were checked against its ID as they were fetched, and the ID binds its header: one
+    opening of each shows the header of all."""
+    for openings_of, update in zip(fetched, included, strict=True):
         if not 1 <= update.weight <= MAX_SAMPLES:
-            return 0
+            return True
         expected = Header(
             kind=Kind.UPDATE,
             chain_id=published.chain_id,
@@ -324,7 +348,7 @@ def _invalid(
             chunk_values=published.chunk_values,
         )
         try:
-            opened.check(update.model_id).check(expected)
+            openings_of[0].check(update.model_id).check(expected)
         except FlexError:
-            return 0
-    return None
+            return True
+    return False

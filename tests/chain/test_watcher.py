@@ -32,8 +32,9 @@ from worker.watcher import watch_round
 def watch(flow, accounts, tmp_path):
     """Run a task with the given behaviour, then watch its round as its first trainer."""
 
-    def run(*, send: bool = False, **behaviour):
-        """``send``: the worker's watch, which challenges what it finds wrong."""
+    def run(*, send: bool = False, sample: dict | None = None, **behaviour):
+        """``send``: the worker's watch, which challenges what it finds wrong; ``sample``:
+        check_round's ``limit`` and ``rng``."""
         market = flow.market
         held = ModelStore(tmp_path / "aggregator")
         task_id = run_task(flow, accounts, held, **behaviour)
@@ -59,6 +60,7 @@ def watch(flow, accounts, tmp_path):
                 published=published,
                 aggregator=Aggregator(aggregator.address, plane.url, plane.certificate.sha256),
                 info=market.round_info(task_id=task_id, round_number=0),
+                **(sample or {}),
             )
 
     return run
@@ -76,6 +78,32 @@ def test_a_wrong_value_is_found_and_the_challenge_holds(watch, w3, accounts):
     sent = found.challenge
     assert (sent.chunk, sent.offset) == divmod(LIE_AT, 256)
     finding = FlexVerifier.deploy(w3=w3, sender=accounts.owner).check(sent)
+    assert finding.verdict == Verdict.WRONG_VALUE
+
+
+class Picks(random.Random):
+    """Draws the chunks a test names, as if by chance."""
+
+    def __init__(self, *picks: int) -> None:
+        super().__init__(0)
+        self.picks = list(picks)
+
+    def sample(self, population, k, **_):
+        return self.picks[:k]
+
+
+def test_a_wrong_value_among_sampled_chunks_is_placed_in_its_own_chunk(watch, w3, accounts):
+    # The sampled chunks are checked together; the challenge must still name the chunk and
+    # the value in it, past the chunks sampled before it (and the model's short last chunk).
+    last = watch(lie=False).chunks - 1
+    honest = watch(lie=False, sample={"limit": 2, "rng": Picks(last, 0)})
+    assert honest.correct
+    assert honest.chunks_checked == (0, last)
+    lied, offset = divmod(LIE_AT, 256)
+    found = watch(lie=True, sample={"limit": 3, "rng": Picks(last, lied, 0)})
+    assert found.chunks_checked == (0, lied)
+    assert (found.challenge.chunk, found.challenge.offset) == (lied, offset)
+    finding = FlexVerifier.deploy(w3=w3, sender=accounts.owner).check(found.challenge)
     assert finding.verdict == Verdict.WRONG_VALUE
 
 
