@@ -3,13 +3,19 @@
 Reports arrive verified (signature and deployment) from the gateway; here a report counts
 only from the device that did the work: round metrics from the task's selected aggregator,
 update metrics from the trainer that submitted the update (the report's signer).
+
+A device reports as soon as its transaction is mined, often before chain sync has mirrored
+it. Such a report is parked (report_record), by the work it names, and stored by the sync
+the moment it commits that work (reports_parked_record): nothing polls for it meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 
+from django.core.cache import cache
 from django.db import transaction
 
 from core import messages
@@ -36,6 +42,77 @@ class ReportNotYoursError(FlexError):
     """A device reported on work that another device did; the report was refused."""
 
     code = "report_not_yours"
+
+
+# How long a parked report waits for chain sync to mirror its work; one whose work never
+# shows up (its transaction dropped in a re-org, say) is forgotten after it.
+PARKED_S = 3600
+
+# The work a report is about, as chain sync mirrors it: (kind, task, round, device), the
+# device being the trainer of an update or the aggregator of a round.
+Work = tuple[str, int, int, str]
+
+NOT_MIRRORED = (UpdateNotMirroredError, RoundNotMirroredError)
+
+
+def parked_key(work: Work) -> str:
+    """Where a report on ``work`` waits for chain sync."""
+    kind, task_id, round_number, device = work
+    return f"report:{kind}:{task_id}:{round_number}:{device.lower()}"
+
+
+def _record(report: messages.RoundReport | messages.UpdateReport) -> object:
+    if isinstance(report, messages.RoundReport):
+        return round_report_record(report=report)
+    return update_report_record(report=report)
+
+
+def report_record(*, report: messages.RoundReport | messages.UpdateReport) -> bool:
+    """Store a verified ``report`` now if chain sync has mirrored its work, else park it for
+    the sync to store once it has (reports_parked_record). Whether it was stored now.
+
+    Raises ReportNotYoursError for a round report from a device other than the aggregator.
+    """
+    try:
+        _record(report)
+        return True
+    except NOT_MIRRORED:
+        pass
+    key = parked_key((report.kind, report.task_id, report.round_number, report.device))
+    cache.set(key, report.dump(), PARKED_S)
+    # The sync may have committed the work between the first look and the parking, after
+    # it looked for parked reports: one more look, and one of the two stores it.
+    try:
+        _record(report)
+    except NOT_MIRRORED:
+        log.info(
+            "task %s round %s: %s report of %s waits for chain sync",
+            report.task_id,
+            report.round_number,
+            report.kind,
+            report.device,
+        )
+        return False
+    cache.delete(key)
+    return True
+
+
+def reports_parked_record(work: Iterable[Work]) -> int:
+    """Store the parked reports on ``work`` that chain sync has just committed; how many."""
+    keys = [parked_key(w) for w in work]
+    parked = cache.get_many(keys) if keys else {}
+    done, stored = [], 0
+    for key, body in parked.items():
+        try:
+            stored += _record(messages.report_parse(body)) is not None  # verified when parked
+        except NOT_MIRRORED:
+            continue
+        except FlexError as exc:
+            log.warning("parked report %s refused: %s (%s)", key, exc.message, exc.code)
+        done.append(key)
+    if done:
+        cache.delete_many(done)
+    return stored
 
 
 def round_report_record(*, report: messages.RoundReport) -> RoundReport | None:

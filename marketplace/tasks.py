@@ -48,7 +48,7 @@ PLATFORM_TX = {
     "throws": REFUSED,
 }
 # A report may beat chain sync to what it is about: wait for the mirror to catch up.
-REPORT = {"bind": True, "acks_late": True, "ignore_result": True, "throws": REFUSED}
+REPORT = {"acks_late": True, "ignore_result": True, "throws": REFUSED}
 
 
 def received(kind: type[M], message: Any) -> M | None:
@@ -129,24 +129,18 @@ def round_remind(message: dict) -> list[str] | None:
 
 
 @shared_task(name="marketplace.round_report_record", **REPORT)
-def round_report_record(self, message: dict) -> None:
-    """Forwarded by the gateway (marketplace.gateway) from the task's aggregator."""
+def round_report_record(message: dict) -> None:
+    """Forwarded by the gateway (marketplace.gateway) from the task's aggregator; kept for
+    chain sync when it comes first (reports.report_record)."""
     report = received(RoundReport, message)
-    if report is None:
-        return
-    try:
-        reports.round_report_record(report=report.verify())
-    except reports.RoundNotMirroredError as exc:
-        raise self.retry(countdown=0.5, max_retries=240) from exc
+    if report is not None:
+        reports.report_record(report=report.verify())
 
 
 @shared_task(name="marketplace.update_report_record", **REPORT)
-def update_report_record(self, message: dict) -> None:
-    """Forwarded by the gateway from a trainer, about its own update."""
+def update_report_record(message: dict) -> None:
+    """Forwarded by the gateway from a trainer, about its own update; kept for chain sync
+    when it comes first (reports.report_record)."""
     report = received(UpdateReport, message)
-    if report is None:
-        return
-    try:
-        reports.update_report_record(report=report.verify())
-    except reports.UpdateNotMirroredError as exc:
-        raise self.retry(countdown=0.5, max_retries=240) from exc
+    if report is not None:
+        reports.report_record(report=report.verify())

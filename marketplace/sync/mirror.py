@@ -11,7 +11,9 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from marketplace import lifecycle
+from django.db import transaction
+
+from marketplace import lifecycle, reports
 from marketplace.models import (
     Bid,
     ChainEventRecord,
@@ -61,6 +63,7 @@ class Mirror:
         self.new_events: dict[int, set[str]] = defaultdict(set)
         self.new_blocks: dict[int, set[int]] = defaultdict(set)  # where each task's new events are
         self.touched: set[int] = set()  # chain task ids whose page changed
+        self.mirrored: list[reports.Work] = []  # updates and rounds devices may have reported on
 
     def task(self, chain_task_id: int) -> Task | None:
         if chain_task_id not in self.tasks:
@@ -107,6 +110,12 @@ class Mirror:
             task = self.tasks.get(chain_task_id)
             if task is not None and task.pk is not None:
                 lifecycle.task_react(task=task, new_events=names)
+
+    def reports_on_commit(self) -> None:
+        """Once the transaction commits, store the reports that came before their work."""
+        if self.mirrored:
+            work = list(self.mirrored)
+            transaction.on_commit(lambda: reports.reports_parked_record(work), robust=True)
 
     def push_on_commit(self) -> None:
         push_on_commit(

@@ -415,6 +415,7 @@ class ChainSync:
             mirror.flush()
             mirror.react()
             mirror.push_on_commit()
+            mirror.reports_on_commit()
             lag_ms = None
             if new:
                 lag_ms = (self._chain_now() - times[new[-1].block_number]) * 1000

@@ -22,6 +22,8 @@ def global_model_published(mirror, e: MirrorEvent) -> None:
     row.published_at = when(mirror.block_times.get(e.block_number)) or row.published_at
     row.save()
     task.published_rounds = number + 1
+    if task.aggregator:
+        mirror.mirrored.append(("round", task.chain_task_id, number, task.aggregator))
     if number == task.rounds:
         task.state = TaskState.TRAINED
     mirror.changed(task)
@@ -44,6 +46,7 @@ def update_submitted(mirror, e: MirrorEvent) -> None:
         },
     )
     mirror.touched.add(task.chain_task_id)
+    mirror.mirrored.append(("update", task.chain_task_id, a["round"], a["trainer"]))
 
 
 def updates_excluded(mirror, e: MirrorEvent) -> None:

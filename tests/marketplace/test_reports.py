@@ -1,0 +1,115 @@
+"""Devices' reports that come before chain sync has mirrored their work: parked, stored by
+the sync as it commits that work, never polled for, and only ever from the device that did
+the work."""
+
+from __future__ import annotations
+
+import pytest
+from django.core.cache import cache
+
+from core.messages import RoundReport, UpdateReport
+from marketplace import contract, reports
+from marketplace.models import Round, Update
+from marketplace.tasks import round_report_record, update_report_record
+from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
+from tests.marketplace.test_sync import mirror_env  # noqa: F401
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_work(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    market = platform_market
+    here = contract.deployment_identity()
+    aggregator = enrol("early-aggregator", aggregate=True)
+    ann, ben = enrol("early-ann"), enrol("early-ben")
+    order = selected_task(market, aggregator, [ann, ben])
+    sync()
+    task_id = order.chain_task_id
+
+    initial = model_id("initial")
+    published = market.publish_global_model(
+        sender=aggregator.account,
+        task_id=task_id,
+        round_number=0,
+        model_id=initial,
+        aggregated_mask=0,
+    )
+
+    def round_report(node, **measures) -> dict:
+        return (
+            RoundReport.of(
+                here,
+                device=node.address,
+                task_id=task_id,
+                round_number=0,
+                model_id=initial,
+                tx_hash=published.tx_hash,
+                **measures,
+            )
+            .sign(node.account)
+            .dump()
+        )
+
+    # Before the sync has the round: a trainer's report on it is refused (the selection is
+    # mirrored: the round is not its to report on); the aggregator's own is parked, and the
+    # task does not raise, so it is not retried.
+    with pytest.raises(reports.ReportNotYoursError):
+        round_report_record(message=round_report(ann, accuracy=0.99, loss=0.01))
+    round_report_record(message=round_report(aggregator, accuracy=0.1, loss=2.3))
+    assert not Round.objects.filter(task__chain_task_id=task_id).exists()
+
+    sync()
+    row = Round.objects.get(task__chain_task_id=task_id, number=0)
+    assert (row.metrics.accuracy, row.metrics.loss) == (0.1, 2.3)
+
+    def submit(node, label: str):
+        update = model_id(label)
+        tx = market.submit_update(
+            sender=node.account, task_id=task_id, round_number=0, model_id=update
+        )
+        return update, tx
+
+    def update_report(node, update: str, tx, **measures) -> dict:
+        return (
+            UpdateReport.of(
+                here,
+                device=node.address,
+                task_id=task_id,
+                round_number=0,
+                model_id=update,
+                tx_hash=tx.tx_hash,
+                **measures,
+            )
+            .sign(node.account)
+            .dump()
+        )
+
+    ann_update, ann_tx = submit(ann, "ann-0")
+    update_report_record(
+        message=update_report(ann, ann_update, ann_tx, num_examples=120, train_s=0.25)
+    )
+    # Ben reports on an update that is not the one the chain has from him.
+    ben_update, ben_tx = submit(ben, "ben-0")
+    update_report_record(
+        message=update_report(ben, model_id("ben-other"), ben_tx, num_examples=10**6)
+    )
+    assert not Update.objects.filter(task__chain_task_id=task_id).exists()
+
+    sync()
+    updates = {u.trainer: u for u in Update.objects.filter(task__chain_task_id=task_id)}
+    assert (updates[ann.address].report.num_examples, updates[ann.address].report.train_s) == (
+        120,
+        0.25,
+    )
+    assert not hasattr(updates[ben.address], "report")
+    # Nothing is left waiting, Ben's refused report included.
+    work = [("update", task_id, 0, n.address) for n in (ann, ben)]
+    work.append(("round", task_id, 0, aggregator.address))
+    assert not cache.get_many([reports.parked_key(w) for w in work])
+
+    # Once mirrored, a report is stored at once, as it comes.
+    update_report_record(message=update_report(ben, ben_update, ben_tx, num_examples=80))
+    assert Update.objects.get(pk=updates[ben.address].pk).report.num_examples == 80
