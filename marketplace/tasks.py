@@ -47,7 +47,8 @@ PLATFORM_TX = {
     "max_retries": 8,
     "throws": REFUSED,
 }
-# A report may beat chain sync to what it is about: wait for the mirror to catch up.
+# A report may beat chain sync to what it is about: it then waits for the sync, not in a retry
+# loop (reports.report_record).
 REPORT = {"acks_late": True, "ignore_result": True, "throws": REFUSED}
 
 

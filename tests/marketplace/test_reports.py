@@ -38,20 +38,14 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         aggregated_mask=0,
     )
 
+    def signed(kind, node, model: str, tx, **measures) -> dict:
+        """``node``'s report of ``kind`` on round 0's ``model``, mined in ``tx``."""
+        fields = {"task_id": task_id, "round_number": 0, "model_id": model, "tx_hash": tx.tx_hash}
+        report = kind.of(here, device=node.address, **fields, **measures)
+        return report.sign(node.account).dump()
+
     def round_report(node, **measures) -> dict:
-        return (
-            RoundReport.of(
-                here,
-                device=node.address,
-                task_id=task_id,
-                round_number=0,
-                model_id=initial,
-                tx_hash=published.tx_hash,
-                **measures,
-            )
-            .sign(node.account)
-            .dump()
-        )
+        return signed(RoundReport, node, initial, published, **measures)
 
     # Before the sync has the round: a trainer's report on it is refused (the selection is
     # mirrored: the round is not its to report on); the aggregator's own is parked, and the
@@ -73,19 +67,7 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         return update, tx
 
     def update_report(node, update: str, tx, **measures) -> dict:
-        return (
-            UpdateReport.of(
-                here,
-                device=node.address,
-                task_id=task_id,
-                round_number=0,
-                model_id=update,
-                tx_hash=tx.tx_hash,
-                **measures,
-            )
-            .sign(node.account)
-            .dump()
-        )
+        return signed(UpdateReport, node, update, tx, **measures)
 
     ann_update, ann_tx = submit(ann, "ann-0")
     update_report_record(
