@@ -7,6 +7,9 @@ update metrics from the trainer that submitted the update (the report's signer).
 A device reports as soon as its transaction is mined, often before chain sync has mirrored
 it. Such a report is parked (report_record), by the work it names, and stored by the sync
 the moment it commits that work (reports_parked_record): nothing polls for it meanwhile.
+Only work the device may yet do is waited for (a round of a task it was selected for, in
+the role the report is about), so a device can keep no more reports waiting than it has
+rounds to work on.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from django.db import transaction
 
 from core import messages
 from core.errors import FlexError
-from marketplace.models import Round, RoundReport, Task, Update, UpdateReport
+from marketplace.models import Role, Round, RoundReport, SelectedNode, Task, Update, UpdateReport
 from marketplace.sync.push import TaskChange, push_on_commit
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,13 @@ class ReportNotYoursError(FlexError):
     """A device reported on work that another device did; the report was refused."""
 
     code = "report_not_yours"
+
+
+class ReportUnexpectedError(FlexError):
+    """A device reported on work it cannot be doing (a task it was not selected for in that
+    role, or a round the task does not have) before chain sync had it; refused, not kept."""
+
+    code = "report_unexpected"
 
 
 # How long a parked report waits for chain sync to mirror its work; one whose work never
@@ -71,13 +81,15 @@ def report_record(*, report: messages.RoundReport | messages.UpdateReport) -> bo
     """Store a verified ``report`` now if chain sync has mirrored its work, else park it for
     the sync to store once it has (reports_parked_record). Whether it was stored now.
 
-    Raises ReportNotYoursError for a round report from a device other than the aggregator.
+    Raises ReportNotYoursError for a round report from a device other than the aggregator,
+    ReportUnexpectedError for one that may not wait (_may_wait).
     """
     try:
         _record(report)
         return True
     except NOT_MIRRORED:
         pass
+    _may_wait(report)
     key = parked_key((report.kind, report.task_id, report.round_number, report.device))
     cache.set(key, report.dump(), PARKED_S)
     # The sync may have committed the work between the first look and the parking, after
@@ -95,6 +107,30 @@ def report_record(*, report: messages.RoundReport | messages.UpdateReport) -> bo
         return False
     cache.delete(key)
     return True
+
+
+def _may_wait(report: messages.RoundReport | messages.UpdateReport) -> None:
+    """Refuse to park a report on work its device cannot be doing: every key a device parks
+    then names a round it may still work on, and a device with broker access cannot fill the
+    platform's Redis with reports on tasks and rounds that never come. Selection is mirrored
+    before a task's first round is handed out, so an honest report always passes."""
+    if isinstance(report, messages.RoundReport):
+        role, last = Role.AGGREGATOR, 0  # global models 0..rounds
+    else:
+        role, last = Role.TRAINER, 1  # updates of rounds 0..rounds - 1
+    selected = SelectedNode.objects.filter(
+        task__chain_task_id=report.task_id,
+        task__rounds__gte=report.round_number + last,
+        device__iexact=report.device,
+        role=role,
+    )
+    if not selected.exists():
+        raise ReportUnexpectedError(
+            task_id=report.task_id,
+            round=report.round_number,
+            device=report.device,
+            kind=report.kind,
+        )
 
 
 def reports_parked_record(work: Iterable[Work]) -> int:

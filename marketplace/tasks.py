@@ -38,7 +38,12 @@ GONE = dropped(UnknownTaskError, log=log, why="a job left by an earlier run of t
 # Nothing to do until the next tick: no node, or no contract deployed yet.
 NOT_NOW = (ChainUnavailableError, ContractNotDeployedError)
 # Refusals, logged without a traceback and never retried.
-REFUSED = (MessageInvalidError, ReportSignatureError, reports.ReportNotYoursError)
+REFUSED = (
+    MessageInvalidError,
+    ReportSignatureError,
+    reports.ReportNotYoursError,
+    reports.ReportUnexpectedError,
+)
 PLATFORM_TX = {
     "acks_late": True,
     "autoretry_for": (ChainUnavailableError, TransactionRejectedError, contract.PlatformBusyError),

@@ -9,7 +9,7 @@ from django.core.cache import cache
 
 from core.messages import RoundReport, UpdateReport
 from marketplace import contract, reports
-from marketplace.models import Round, Update
+from marketplace.models import Round, Task, Update
 from marketplace.tasks import round_report_record, update_report_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
@@ -38,14 +38,19 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         aggregated_mask=0,
     )
 
-    def signed(kind, node, model: str, tx, **measures) -> dict:
-        """``node``'s report of ``kind`` on round 0's ``model``, mined in ``tx``."""
-        fields = {"task_id": task_id, "round_number": 0, "model_id": model, "tx_hash": tx.tx_hash}
+    def signed(kind, node, model: str, tx, round_number: int = 0, **measures) -> dict:
+        """``node``'s report of ``kind`` on ``model`` of ``round_number``, mined in ``tx``."""
+        fields = {
+            "task_id": task_id,
+            "round_number": round_number,
+            "model_id": model,
+            "tx_hash": tx.tx_hash,
+        }
         report = kind.of(here, device=node.address, **fields, **measures)
         return report.sign(node.account).dump()
 
-    def round_report(node, **measures) -> dict:
-        return signed(RoundReport, node, initial, published, **measures)
+    def round_report(node, round_number: int = 0, **measures) -> dict:
+        return signed(RoundReport, node, initial, published, round_number, **measures)
 
     # Before the sync has the round: a trainer's report on it is refused (the selection is
     # mirrored: the round is not its to report on); the aggregator's own is parked, and the
@@ -66,8 +71,8 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         )
         return update, tx
 
-    def update_report(node, update: str, tx, **measures) -> dict:
-        return signed(UpdateReport, node, update, tx, **measures)
+    def update_report(node, update: str, tx, round_number: int = 0, **measures) -> dict:
+        return signed(UpdateReport, node, update, tx, round_number, **measures)
 
     ann_update, ann_tx = submit(ann, "ann-0")
     update_report_record(
@@ -95,3 +100,28 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
     # Once mirrored, a report is stored at once, as it comes.
     update_report_record(message=update_report(ben, ben_update, ben_tx, num_examples=80))
     assert Update.objects.get(pk=updates[ben.address].pk).report.num_examples == 80
+
+    # Only work a device may yet do can wait for the sync, so no device can fill Redis with
+    # reports on work that never comes: not a device the task did not select, not a round
+    # the task does not have, not a trainer's report as the aggregator's.
+    outsider = enrol("early-outsider")
+    rounds = Task.objects.get(chain_task_id=task_id).rounds
+    refused = [
+        (update_report_record, update_report(outsider, model_id("out-0"), ann_tx)),
+        (update_report_record, update_report(ann, model_id("ann-far"), ann_tx, rounds)),
+        (update_report_record, update_report(aggregator, model_id("agg-0"), ann_tx)),
+        (round_report_record, round_report(aggregator, rounds + 1)),
+    ]
+    for record, message in refused:
+        with pytest.raises(reports.ReportUnexpectedError):
+            record(message=message)
+    # The aggregator's report on the task's last global model, still to come, waits for it.
+    round_report_record(message=round_report(aggregator, rounds, accuracy=0.5))
+    work = [
+        ("update", task_id, 0, outsider.address),
+        ("update", task_id, rounds, ann.address),
+        ("update", task_id, 0, aggregator.address),
+        ("round", task_id, rounds + 1, aggregator.address),
+    ]
+    assert not cache.get_many([reports.parked_key(w) for w in work])
+    assert cache.get(reports.parked_key(("round", task_id, rounds, aggregator.address)))
