@@ -401,9 +401,10 @@ class FlexMarket:
         found, index = self._call("bidIndexOf", task_id, to_checksum_address(device))
         return index if found else None
 
-    def selection(self, *, task_id: int) -> SelectionInfo | None:
-        """The aggregator and trainers, or None before a successful selection."""
-        info = self.task(task_id=task_id)
+    def selection(self, *, task_id: int, task: TaskInfo | None = None) -> SelectionInfo | None:
+        """The aggregator and trainers, or None before a successful selection. ``task``: the
+        task as the caller just read it (what selection wrote there never changes after)."""
+        info = task or self.task(task_id=task_id)
         if info.state in (TaskState.BIDDING, TaskState.CANCELLED) or info.trainer_count == 0:
             return None
         devices, prices, samples = self._call("trainers", task_id)
@@ -439,14 +440,21 @@ class FlexMarket:
         )
 
     def updates_of(
-        self, *, task_id: int, round_number: int, trainer: str | None = None
+        self,
+        *,
+        task_id: int,
+        round_number: int,
+        trainer: str | None = None,
+        global_id: str | None = None,
     ) -> dict[str, str]:
         """The update IDs submitted in the round, by checksummed trainer address (only
         ``trainer``'s when given), from the round's UpdateSubmitted events (from the block its
-        global model was published in). The contract emits one only for a selected trainer's
-        first update of the round under a model ID never used before, so each names its
-        author: one read of the events answers for the whole round."""
-        global_id = self.global_model(task_id=task_id, round_number=round_number)
+        global model was published in; ``global_id``: that model, when the caller has read
+        the round). The contract emits one only for a selected trainer's first update of the
+        round under a model ID never used before, so each names its author: one read of the
+        events answers for the whole round."""
+        if global_id is None:
+            global_id = self.global_model(task_id=task_id, round_number=round_number)
         if global_id is None:
             return {}
         opened = self.model_origin(model_id=global_id)

@@ -22,7 +22,7 @@ from eth_account.signers.local import LocalAccount
 
 from chain.client import FlexMarket
 from chain.fraud import Challenge, Included, RoundContext, Strategy
-from chain.records import RoundInfo, SelectionInfo
+from chain.records import RoundInfo, SelectionInfo, TaskInfo
 from chain.selection import positions_of
 from core.errors import FlexError
 from dataplane.client import fetch_openings, opening_bytes
@@ -172,17 +172,21 @@ def check_round(
     limit: int = WATCH_CHUNKS,
     rng: random.Random | None = None,
     info: RoundInfo | None = None,
+    task: TaskInfo | None = None,
 ) -> Watch:
     """Check ``published`` (global model ``round_number + 1``) against the updates its mask
     names; chunks of updates this node holds are read from ``store`` (None: none), the rest
     fetched from the aggregator's data plane (a DataPlaneError when it will not serve them).
     ``limit`` chunks at most are checked (every chunk when the model has no more). ``info``
-    is round ``round_number`` as the caller just read it (else it is read here)."""
+    is round ``round_number`` and ``task`` the task as the caller just read them (else they
+    are read here)."""
     if info is None:
         info = market.round_info(task_id=task_id, round_number=round_number)
-    selection = market.selection(task_id=task_id)
+    selection = market.selection(task_id=task_id, task=task)
     weights = round_weights(selection, info)
-    update_ids = market.updates_of(task_id=task_id, round_number=round_number)
+    update_ids = market.updates_of(
+        task_id=task_id, round_number=round_number, global_id=info.global_model
+    )
     included = []
     for position in positions_of(info.aggregated_mask):
         trainer = selection.trainers[position]

@@ -262,7 +262,7 @@ def aggregate(
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
         return None
-    selection = market.selection(task_id=task_id)
+    selection = market.selection(task_id=task_id, task=task)
     info = market.round_info(task_id=task_id, round_number=round_number)
     submitted = positions_of(info.submitted_mask)
     left = task.submission_deadline - node.chain_time()
@@ -294,7 +294,9 @@ def aggregate(
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
     left: dict[str, Left] = {}
-    update_ids = market.updates_of(task_id=task_id, round_number=round_number)
+    update_ids = market.updates_of(
+        task_id=task_id, round_number=round_number, global_id=info.global_model
+    )
     for position in submitted:
         trainer = selection.trainers[position]
         update_id = update_ids.get(trainer)

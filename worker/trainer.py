@@ -227,6 +227,7 @@ def train(
         return _watch(
             node,
             spec=parsed,
+            task=task,
             task_id=task_id,
             model=final,
             aggregator=aggregator,
@@ -318,7 +319,13 @@ def train(
         "gas_used": tx.gas_used,
     }
     disputed = _watch(
-        node, spec=parsed, task_id=task_id, model=model, aggregator=aggregator, position=position
+        node,
+        spec=parsed,
+        task=task,
+        task_id=task_id,
+        model=model,
+        aggregator=aggregator,
+        position=position,
     )
     return trained if disputed is None else {**trained, **disputed}
 
@@ -352,6 +359,7 @@ def _watch(
     node: Node,
     *,
     spec: TaskSpec,
+    task: TaskInfo,
     task_id: int,
     model: ModelBlob,
     aggregator: Aggregator,
@@ -360,8 +368,9 @@ def _watch(
     """When this node (at selection ``position``) submitted an update to the round global
     model ``model`` closes, check the aggregate (worker.watcher.watch_round) and, if its
     update was left out, the reason (watch_exclusion); each sends its own proof. The round
-    is read from the chain once for both. The result when the aggregator was shown wrong,
-    else None. Runs below the priority of training and aggregation (watcher.yielding)."""
+    is read from the chain once for both, the task (``task``) once for the whole train. The
+    result when the aggregator was shown wrong, else None. Runs below the priority of training
+    and aggregation (watcher.yielding)."""
     closed = model.header.round_number - 1
     if closed < 0 or position is None:
         return None
@@ -378,7 +387,7 @@ def _watch(
         "aggregator": aggregator,
         "info": info,
     }
-    watch = watch_round(spec=spec, **common)
+    watch = watch_round(spec=spec, task=task, **common)
     if watch is not None and not watch.correct:
         return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
     contested = watch_exclusion(position=position, **common)

@@ -25,7 +25,7 @@ from chain.client import FlexMarket
 from chain.errors import ContractError, ExclusionHoldsError
 from chain.events import ExclusionContested, Reason
 from chain.fraud import ZERO_ID, Contest, Exclusion
-from chain.records import RoundInfo
+from chain.records import RoundInfo, TaskInfo
 from dataplane.audit import Aggregator, Watch, check_round, openings
 from dataplane.protocol import DataPlaneError
 from training.serialize import ModelBlob
@@ -88,9 +88,11 @@ def watch_round(
     published: ModelBlob,
     aggregator: Aggregator,
     info: RoundInfo,
+    task: TaskInfo | None = None,
 ) -> Watch | None:
     """A trainer's watch over global model ``round_number + 1``, which it fetched to train
-    from (``info``: round ``round_number`` on chain): check it and, when it is wrong, send
+    from (``info``: round ``round_number`` on chain; ``task``: the task as just read, if
+    it was): check it and, when it is wrong, send
     the challenge that proves it (the bond's bounty comes to this node). None when the
     check could not be made (an update's chunk not served): the round then stays unproven
     either way, and that is logged."""
@@ -105,6 +107,7 @@ def watch_round(
             round_number=round_number,
             published=published,
             aggregator=aggregator,
+            task=task,
         )
     except DataPlaneError as exc:
         log.warning(
