@@ -1,9 +1,14 @@
 """The `make demo` workload two ways in one run: through the platform, and as a plain
 in-process FedAvg loop over the same model, data, partitions, rounds and seed.
-Writes var/bench/e2e.json."""
+Writes var/bench/e2e.json.
+
+    python -m bench e2e               # 10 rounds
+    python -m bench e2e --rounds 40   # more steady rounds to average, on a noisy machine
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -61,8 +66,18 @@ def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
     return times, accuracy
 
 
-def main() -> int:
-    spec_fields = {**DEMO_SPEC, "rounds": ROUNDS}
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench e2e",
+        description="The demo workload through the platform and as a plain FedAvg loop.",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS, help="at least 2: round 1 is not timed"
+    )
+    count = parser.parse_args(argv).rounds
+    if count < 2:
+        parser.error("--rounds must be at least 2: round 1 also holds bidding and selection")
+    spec_fields = {**DEMO_SPEC, "rounds": count}
     with tempfile.TemporaryDirectory(prefix="flex-e2e-") as tmp:
         var = Path(tmp)
         # A throwaway database and ports: a benchmark never touches a configured platform.
@@ -77,7 +92,7 @@ def main() -> int:
             cpu_at: dict[int, dict[str, float]] = {}
 
             def on_round(number: int) -> None:
-                if number in (1, ROUNDS):
+                if number in (1, count):
                     cpu_at[number] = cpu_seconds(up["supervisor"].procs)
 
             summary = follow_task(
@@ -106,8 +121,8 @@ def main() -> int:
     platform_round_s = sum(r["wall_s"] for r in steady) / len(steady)
     training_s = sum(slowest.get(r["round"] - 1, 0.0) for r in steady) / len(steady)
     cpu_per_round = {
-        name: round((cpu_at[ROUNDS][name] - cpu_at[1][name]) / len(steady), 3)
-        for name in cpu_at.get(ROUNDS, {})
+        name: round((cpu_at[count][name] - cpu_at[1][name]) / len(steady), 3)
+        for name in cpu_at.get(count, {})
         if name in cpu_at.get(1, {})
     }
     plain_times, plain_accuracy = plain_loop(spec_fields)
@@ -124,7 +139,7 @@ def main() -> int:
         # machine's cores with the training itself.
         "cpu_s_per_round": cpu_per_round,
         "cpu_s_per_round_total": round(sum(cpu_per_round.values()), 3),
-        "rounds": ROUNDS,
+        "rounds": count,
         "trainers": TRAINERS,
         "targets": {
             "overhead_round_s": OVERHEAD_TARGET_S,
