@@ -404,7 +404,7 @@ class FlexMarket:
     def selection(self, *, task_id: int, task: TaskInfo | None = None) -> SelectionInfo | None:
         """The aggregator and trainers, or None before a successful selection. ``task``: the
         task as the caller just read it (what selection wrote there never changes after)."""
-        info = task or self.task(task_id=task_id)
+        info = self.task(task_id=task_id) if task is None else task
         if info.state in (TaskState.BIDDING, TaskState.CANCELLED) or info.trainer_count == 0:
             return None
         devices, prices, samples = self._call("trainers", task_id)

@@ -91,11 +91,10 @@ def watch_round(
     task: TaskInfo | None = None,
 ) -> Watch | None:
     """A trainer's watch over global model ``round_number + 1``, which it fetched to train
-    from (``info``: round ``round_number`` on chain; ``task``: the task as just read, if
-    it was): check it and, when it is wrong, send
-    the challenge that proves it (the bond's bounty comes to this node). None when the
-    check could not be made (an update's chunk not served): the round then stays unproven
-    either way, and that is logged."""
+    from (``info``: round ``round_number`` on chain; ``task``: the task as just read, if it
+    was): check it and, when it is wrong, send the challenge that proves it (the bond's
+    bounty comes to this node). None when the check could not be made (an update's chunk
+    not served): the round then stays unproven either way, and that is logged."""
     try:
         watch = check_round(
             info=info,
