@@ -9,6 +9,7 @@ Writes var/bench/e2e.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,13 +34,24 @@ OVERHEAD_TARGET_S = 0.25
 RATIO_TARGET = 1.5
 
 
-def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
-    """Seconds per round and final accuracy of FedAvg with every trainer in this process, in
-    float32 throughout: the baseline the platform's fixed-point rounds are held to."""
+def plain_loop(
+    spec_fields: dict, *, scored_task: int | None = None
+) -> tuple[list[float], list[float]]:
+    """Seconds and test accuracy per round of FedAvg with every trainer in this process, in
+    float32 throughout: the baseline the platform's fixed-point rounds are held to.
+
+    With ``scored_task`` (the platform task's ID, which seeds its scoring), the platform's own
+    rule instead: fixed point, each update's samples scaled by its Shapley score on the task's
+    validation set (training.scoring), as its aggregator does. Not timed against anything: it
+    tells the rule's effect on accuracy from the platform's."""
+    from training import validation
+    from training.aggregation import Update
     from training.catalogue import initial_weights
     from training.datasets import load_partition
-    from training.evaluate import evaluate
+    from training.evaluate import evaluate, evaluate_many
+    from training.fixedpoint import dequantize, quantize
     from training.local import train_round
+    from training.scoring import fedavg_weight, shapley
     from training.spec import TaskSpec
 
     spec = TaskSpec.from_dict(spec_fields)
@@ -51,19 +63,51 @@ def plain_loop(spec_fields: dict) -> tuple[list[float], float]:
         if d.partition is not None
     ]
     weights = initial_weights(spec=spec)
+    if scored_task is not None:
+        weights = dequantize(quantize(weights))  # the initial model as the chain holds it
+    held_out = validation.decode(validation.bundled(schema=spec.schema), schema=spec.schema)
+    strategy = spec.strategy()
     train_round(spec=spec, weights=weights, data=parts[0])  # TF's first-use cost, as on devices
-    times, accuracy = [], 0.0
+    times, accuracies = [], []
     for r in range(spec.rounds):
         started = time.perf_counter()
         results = [train_round(spec=spec, weights=weights, data=p, round_number=r) for p in parts]
-        total = sum(x.num_examples for x in results)
-        weights = [
-            sum(x.weights[i] * np.float32(x.num_examples / total) for x in results)
-            for i in range(len(weights))
-        ]
-        accuracy = evaluate(spec=spec, weights=weights).accuracy
+        if scored_task is None:
+            total = sum(x.num_examples for x in results)
+            weights = [
+                sum(x.weights[i] * np.float32(x.num_examples / total) for x in results)
+                for i in range(len(weights))
+            ]
+        else:
+            updates = [
+                Update(weights=quantize(x.weights), num_examples=x.num_examples, update_id=str(i))
+                for i, x in enumerate(results)
+            ]
+            scores = shapley(
+                updates,
+                strategy=strategy,
+                reference=quantize(weights),
+                losses_of=lambda sets: [
+                    e.loss
+                    for e in evaluate_many(
+                        spec=spec, weight_sets=[dequantize(s) for s in sets], data=held_out
+                    )
+                ],
+                seed=(spec.seed, scored_task, r),
+            ).scores
+            weights = dequantize(
+                strategy.aggregate(
+                    [
+                        dataclasses.replace(
+                            u, num_examples=fedavg_weight(u.num_examples, scores[u.update_id])
+                        )
+                        for u in updates
+                    ]
+                )
+            )
+        accuracies.append(evaluate(spec=spec, weights=weights).accuracy)
         times.append(time.perf_counter() - started)
-    return times, accuracy
+    return times, accuracies
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,15 +169,28 @@ def main(argv: list[str] | None = None) -> int:
         for name in cpu_at.get(count, {})
         if name in cpu_at.get(1, {})
     }
-    plain_times, plain_accuracy = plain_loop(spec_fields)
+    plain_times, plain_curve = plain_loop(spec_fields)
+    plain_accuracy = plain_curve[-1]
     plain_round_s = sum(plain_times) / len(plain_times)
+    _, scored_curve = plain_loop(spec_fields, scored_task=summary["task_id"])
     result = {
         "platform_round_s": round(platform_round_s, 3),
         "plain_round_s": round(plain_round_s, 3),
         "ratio": round(platform_round_s / plain_round_s, 2),
         "overhead_round_s": round(platform_round_s - training_s, 3),
         "slowest_training_round_s": round(training_s, 3),
-        "accuracy": {"platform": summary["final_accuracy"], "plain": plain_accuracy},
+        "accuracy": {
+            "platform": summary["final_accuracy"],
+            "plain": plain_accuracy,
+            "plain_score_weighted": scored_curve[-1],
+        },
+        # Test accuracy after each round: the platform's, plain FedAvg's, and the platform's
+        # rule (score-weighted, fixed point) run in this process, which the platform's follows.
+        "accuracy_by_round": {
+            "platform": [r["accuracy"] for r in rounds],
+            "plain": [round(a, 4) for a in plain_curve],
+            "plain_score_weighted": [round(a, 4) for a in scored_curve],
+        },
         "platform_first_round_s": rounds[0]["wall_s"],
         # CPU seconds per steady round, by process (with its children): the stack shares the
         # machine's cores with the training itself.
@@ -152,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':<28} {'platform':>10} {'plain':>10}")
     print(f"{'seconds per round':<28} {platform_round_s:>10.3f} {plain_round_s:>10.3f}")
     print(f"{'final accuracy':<28} {summary['final_accuracy']:>10.4f} {plain_accuracy:>10.4f}")
+    print(
+        f"{'the same, weighted by score':<28} {'':>10} {scored_curve[-1]:>10.4f}"
+        "   (the platform's rule, in process)"
+    )
     print(
         f"ratio {result['ratio']}; control-plane overhead per round {result['overhead_round_s']} s"
     )
