@@ -30,6 +30,7 @@ from chain.enums import (  # noqa: F401  (the enums events carry, importable fro
 )
 from chain.errors import ChainUnavailableError
 from chain.node import UNREACHABLE, reachable
+from core.addresses import checksum_address
 
 # ---------------------------------------------------------------- ABI value conversion
 
@@ -48,7 +49,7 @@ def to_python(value: Any, abi_type: str, internal_type: str | None = None) -> An
         inner_internal = internal_type[:-2] if internal_type else None
         return tuple(to_python(v, abi_type[:-2], inner_internal) for v in value)
     if abi_type == "address":
-        return to_checksum_address(value)
+        return checksum_address(value)
     if abi_type.startswith("bytes"):
         return "0x" + bytes(value).hex()
     if internal_type and internal_type.startswith("enum "):
@@ -364,7 +365,7 @@ def decode_log(log: Mapping[str, Any]) -> ChainEvent | None:
         block_hash=_hex(log["blockHash"]),
         tx_hash=_hex(log["transactionHash"]),
         log_index=int(log["logIndex"]),
-        address=to_checksum_address(log["address"]),
+        address=checksum_address(log["address"]),
         block_time=_quantity(log.get("blockTimestamp")),
         **args,
     )
@@ -376,7 +377,7 @@ def decode_logs(
     """Typed records of the FlexMarket logs among ``logs`` (of ``address`` when given)."""
     records = []
     for log in logs:
-        if address is not None and to_checksum_address(log["address"]) != address:
+        if address is not None and checksum_address(log["address"]) != address:
             continue
         record = decode_log(log)
         if record is not None:

@@ -17,7 +17,7 @@ import rfc8785
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from eth_utils import is_hex_address, to_checksum_address
+from eth_utils import is_hex_address
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
 )
 
+from core.addresses import checksum_address
 from core.errors import FlexError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ReportSignatureError(FlexError):
 def _address(value: str) -> str:
     if not isinstance(value, str) or not is_hex_address(value):
         raise ValueError("not an Ethereum address")
-    return to_checksum_address(value)
+    return checksum_address(value)
 
 
 def _finite(value: Any) -> Any:

@@ -34,8 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from eth_utils import to_checksum_address
-
+from core.addresses import checksum_address
 from training import merkle
 from training.errors import (
     BlobNotFoundError,
@@ -452,10 +451,10 @@ def _stored(row: tuple) -> StoredModel:
         size=size,
         kind=kind,
         chain_id=int(chain_id),
-        contract=to_checksum_address(contract),
+        contract=checksum_address(contract),
         task_id=int(task_id),
         round_number=round_number,
-        trainer=to_checksum_address(trainer),
+        trainer=checksum_address(trainer),
         created=datetime.fromtimestamp(created, tz=UTC),
     )
 
