@@ -6,7 +6,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from chain.errors import BiddingClosedError, InvalidTaskStateError, SubmissionClosedError
+from chain.errors import (
+    AlreadySubmittedError,
+    BiddingClosedError,
+    InvalidTaskStateError,
+    SubmissionClosedError,
+)
 from chain.events import Role, TaskState
 from chain.records import RoundInfo, TaskInfo
 from core.errors import FlexError
@@ -332,11 +337,15 @@ def train(
 
 def _submit(node: Node, *, task_id: int, round_number: int, update_id: str):
     """Send the update's ID; None when the round closed first (a late update: the round went
-    on without it, nothing to retry), else the transaction."""
+    on without it, nothing to retry) or this node's update for the round landed meanwhile
+    (the same work delivered twice and run side by side), else the transaction."""
     try:
         return node.market.submit_update(
             sender=node.account, task_id=task_id, round_number=round_number, model_id=update_id
         )
+    except AlreadySubmittedError:
+        log.info("task %s: update for round %s already on chain", task_id, round_number)
+        return None
     except (SubmissionClosedError, InvalidTaskStateError) as exc:
         log.info(
             "task %s: update %s for round %s not submitted, the round closed first (%s)",

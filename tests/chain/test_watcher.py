@@ -20,8 +20,9 @@ from tests.chain.test_provenance import LIE_AT, SPEC, run_task
 from tests.dataplane.conftest import cert_for
 from training.catalogue import initial_weights
 from training.fixedpoint import quantize
-from training.serialize import Header, Kind, encode
+from training.serialize import Header, Kind, encode, id_hex
 from training.store import ModelStore
+from worker import trainer as trainer_module
 from worker.config import BidPolicy, DeviceConfig
 from worker.node import Node
 from worker.trainer import train
@@ -234,6 +235,38 @@ def test_an_update_ready_after_its_round_closed_is_logged_not_raised(flow, tmp_p
     assert done is None
     assert "the round closed first (submission_closed)" in caplog.text
     assert market.update_of(task_id=task_id, round_number=0, trainer=trainer.address) is None
+
+
+def test_work_delivered_twice_and_run_side_by_side_lands_once(flow, tmp_path, caplog):
+    """Two deliveries of one round's work running at once (a worker of several processes)
+    both find the update unsubmitted; the one whose transaction lands second is refused by
+    the contract, and the worker takes that as done: one line, no error, one update."""
+    market = flow.market
+    running = flow.start(rounds=1, trainer_prices_wei=(MIN_TRAINER_PRICE_WEI,), spec_hash=SPEC.hash)
+    task_id, trainer = running.task_id, running.trainers[0]
+    own = ModelStore(tmp_path / "trainer")
+    header = Header(
+        kind=Kind.UPDATE,
+        chain_id=market.w3.eth.chain_id,
+        contract=market.address,
+        task_id=task_id,
+        round_number=0,
+        trainer=trainer.address,
+        shapes=tuple(SPEC.model_entry.weight_shapes()),
+    )
+    update_id = id_hex(own.put(encode(header, quantize(initial_weights(spec=SPEC)))))
+    node = trainer_node(tmp_path / "node", trainer, market, own)
+    first = trainer_module._submit(node, task_id=task_id, round_number=0, update_id=update_id)
+
+    with caplog.at_level(logging.INFO, logger="worker.trainer"):
+        second = trainer_module._submit(node, task_id=task_id, round_number=0, update_id=update_id)
+
+    assert first is not None
+    assert first.tx_hash
+    assert second is None
+    assert "update for round 0 already on chain" in caplog.text
+    assert market.update_of(task_id=task_id, round_number=0, trainer=trainer.address) == update_id
+    assert market.round_info(task_id=task_id, round_number=0).submitted_mask == 1
 
 
 def trainer_node(home, account, market, store) -> Node:
