@@ -209,16 +209,7 @@ def test_an_update_ready_after_its_round_closed_is_logged_not_raised(flow, tmp_p
     task_id, trainer = running.task_id, running.trainers[0]
     # Trained before the restart; the round's window closes before it is sent.
     own = ModelStore(tmp_path / "trainer")
-    header = Header(
-        kind=Kind.UPDATE,
-        chain_id=market.w3.eth.chain_id,
-        contract=market.address,
-        task_id=task_id,
-        round_number=0,
-        trainer=trainer.address,
-        shapes=tuple(SPEC.model_entry.weight_shapes()),
-    )
-    own.put(encode(header, quantize(initial_weights(spec=SPEC))))
+    stored_update(own, market, task_id=task_id, trainer=trainer.address)
     flow.clock.advance(ROUND_TIMEOUT + 1)
     node = trainer_node(tmp_path / "node", trainer, market, own)
 
@@ -245,16 +236,7 @@ def test_work_delivered_twice_and_run_side_by_side_lands_once(flow, tmp_path, ca
     running = flow.start(rounds=1, trainer_prices_wei=(MIN_TRAINER_PRICE_WEI,), spec_hash=SPEC.hash)
     task_id, trainer = running.task_id, running.trainers[0]
     own = ModelStore(tmp_path / "trainer")
-    header = Header(
-        kind=Kind.UPDATE,
-        chain_id=market.w3.eth.chain_id,
-        contract=market.address,
-        task_id=task_id,
-        round_number=0,
-        trainer=trainer.address,
-        shapes=tuple(SPEC.model_entry.weight_shapes()),
-    )
-    update_id = id_hex(own.put(encode(header, quantize(initial_weights(spec=SPEC)))))
+    update_id = stored_update(own, market, task_id=task_id, trainer=trainer.address)
     node = trainer_node(tmp_path / "node", trainer, market, own)
     first = trainer_module._submit(node, task_id=task_id, round_number=0, update_id=update_id)
 
@@ -267,6 +249,20 @@ def test_work_delivered_twice_and_run_side_by_side_lands_once(flow, tmp_path, ca
     assert "update for round 0 already on chain" in caplog.text
     assert market.update_of(task_id=task_id, round_number=0, trainer=trainer.address) == update_id
     assert market.round_info(task_id=task_id, round_number=0).submitted_mask == 1
+
+
+def stored_update(store: ModelStore, market, *, task_id: int, trainer: str) -> str:
+    """A round-0 update of ``trainer`` (the initial weights), put in ``store``; its ID."""
+    header = Header(
+        kind=Kind.UPDATE,
+        chain_id=market.w3.eth.chain_id,
+        contract=market.address,
+        task_id=task_id,
+        round_number=0,
+        trainer=trainer,
+        shapes=tuple(SPEC.model_entry.weight_shapes()),
+    )
+    return id_hex(store.put(encode(header, quantize(initial_weights(spec=SPEC)))))
 
 
 def trainer_node(home, account, market, store) -> Node:
