@@ -24,7 +24,7 @@ from eth_utils import (
 )
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3RPCError
+from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound, Web3RPCError
 
 from chain import events as ev
 from chain.build import load_artifact
@@ -334,24 +334,41 @@ def send(
     return submit(w3, sender, call).receipt(timeout=receipt_timeout)
 
 
+# How nodes say a nonce was taken: already mined (too low), or sent and still waiting in the
+# pool (a "replacement" that pays no more; this very transaction: geth "already known",
+# Anvil "already imported").
+NONCE_TAKEN = ("nonce", "already known", "already imported", "replacement transaction")
+
+
 def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:
     """Signs with the node's pending nonce and sends; if another signer of the same key took
-    that nonce meanwhile, takes the next one (a few times) instead of failing."""
+    that nonce meanwhile, takes the next one (a few times) instead of failing. When what took
+    it is this very transaction (another process of the same key sent the same call with the
+    same nonce and fees a moment first), that one is the one to wait for: sending the call
+    again under the next nonce would run it twice."""
     for attempt in range(NONCE_ATTEMPTS):
         tx["nonce"] = w3.eth.get_transaction_count(sender.address, "pending")
         signed = sender.sign_transaction(tx)
         try:
             return w3.eth.send_raw_transaction(signed.raw_transaction)
         except Web3RPCError as exc:
-            text = str(exc).lower()
-            # The nonce was taken meanwhile: already mined (too low), or sent and still
-            # waiting in the pool (geth and Anvil: a "replacement" that pays no more).
-            clash = any(s in text for s in ("nonce", "already known", "replacement transaction"))
+            clash = any(s in str(exc).lower() for s in NONCE_TAKEN)
+            if clash and _node_has(w3, signed.hash):
+                return signed.hash
             if not clash or attempt == NONCE_ATTEMPTS - 1:
                 raise TransactionRejectedError(
                     f"the node refused the transaction: {exc}", sender=sender.address
                 ) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _node_has(w3: Web3, tx_hash: bytes) -> bool:
+    """Whether the node holds transaction ``tx_hash``, mined or in its pool."""
+    try:
+        w3.eth.get_transaction(tx_hash)
+    except TransactionNotFound:
+        return False
+    return True
 
 
 def _raise_mined_revert(w3: Web3, tx: Mapping[str, Any], receipt: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from chain.client import FlexMarket
@@ -25,6 +26,7 @@ from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreate
 from chain.launcher import free_port
 from chain.node import client, connect
 from chain.records import TxResult
+from chain.transactions import submit
 from tests.chain.conftest import Accounts, Flow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,6 +144,7 @@ def test_sender_without_funds_is_rejected_typed(
 SENDER_SCRIPT = """
 import contextlib, fcntl, sys
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from chain.node import client, connect
 from chain.transactions import transfer_eth
 w3, key, lock_path = connect(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -174,6 +177,47 @@ def test_processes_sharing_a_lock_for_one_key_all_get_their_transactions_in(
 
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
     assert all(w3.eth.get_balance(a) == 1 for batch in payees for a in batch)
+
+
+class _Twin:
+    """The same key in another process, which read the same pending nonce, signed the same
+    call with the same fees and sent it a moment before this one could."""
+
+    def __init__(self, account: LocalAccount, w3: Web3) -> None:
+        self.account, self.w3, self.sent = account, w3, []
+
+    @property
+    def address(self) -> str:
+        return self.account.address
+
+    def sign_transaction(self, tx: dict):
+        signed = self.account.sign_transaction(tx)
+        if not self.sent:
+            self.sent.append(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+        return signed
+
+
+@pytest.mark.parametrize("mined", [True, False], ids=["mined", "in-the-pool"])
+def test_the_same_transaction_sent_first_by_another_process_runs_once(
+    accounts: Accounts, w3: Web3, mined: bool
+):
+    # Two deliveries of one piece of work, run side by side by two processes of one device,
+    # build the same call: whichever reaches the node second waits for the first one's
+    # transaction instead of failing, or of sending the call again under the next nonce.
+    twin = _Twin(accounts.spare[1], w3)
+    payee = Account.create().address
+    nonce = w3.eth.get_transaction_count(twin.address)
+    w3.provider.make_request("evm_setAutomine", [mined])
+    try:
+        pending = submit(w3, twin, {"to": payee, "value": 7})  # type: ignore[arg-type]
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    if not mined:
+        w3.provider.make_request("evm_mine", [])
+    assert pending.tx_hash == twin.sent[0]
+    assert pending.receipt()["status"] == 1
+    assert w3.eth.get_balance(payee) == 7
+    assert w3.eth.get_transaction_count(twin.address) == nonce + 1
 
 
 def _ask_the_node(url: str, times: int) -> None:
