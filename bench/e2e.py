@@ -22,7 +22,7 @@ import numpy as np
 from bench import verdict
 from bench.procs import cpu_seconds
 from chain.launcher import free_port
-from stack.demo import DEMO_SPEC, follow_task
+from stack.demo import DEMO_SPEC, budget_for, follow_task
 from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 out=var / "e2e",
                 spec_fields=spec_fields,
                 trainers=TRAINERS,
-                budget_wei=10**17,
+                budget_wei=budget_for(rounds=count, trainers=TRAINERS),
                 round_timeout_s=60,
                 on_round=on_round,
             )

@@ -308,6 +308,14 @@ def provenance_check(up: dict, *, task_id: int, spec: dict, out: Path) -> dict:
     return {"verified": report["verified"], "rounds": len(report["rounds"]) - 1}
 
 
+def budget_for(*, rounds: int, trainers: int) -> int:
+    """A budget for ``rounds`` rounds of ``trainers`` local devices: room for every trainer at
+    the highest local price and for the aggregator, and a refund left over."""
+    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
+    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
+    return rounds * (trainers * max(prices) + agg) * 3 // 2
+
+
 def demo(
     var: Path,
     *,
@@ -321,10 +329,7 @@ def demo(
     dispute_window_s: int,
 ) -> int:
     """`make demo`: the local stack, headless, runs one task end to end and checks it."""
-    prices = [d.price_wei for d in LOCAL_DEVICES if not d.aggregator]
-    agg = max(d.aggregator_price_wei for d in LOCAL_DEVICES if d.aggregator)
-    # Room for every trainer at the highest price, and a refund left over.
-    budget_wei = rounds * (trainers * max(prices) + agg) * 3 // 2
+    budget_wei = budget_for(rounds=rounds, trainers=trainers)
     with stack(var=var, quiet_web=True) as up:
         summary = follow_task(
             up,
