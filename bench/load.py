@@ -112,7 +112,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def run_once(label: str) -> dict:
     """One stack, one task of the demo workload; the figures of this run."""
     from chain.launcher import free_port
-    from stack.demo import DEMO_SPEC, follow_task
+    from stack.demo import DEMO_SPEC, budget_for, follow_task
     from stack.devstack import TRAINERS, stack
 
     with tempfile.TemporaryDirectory(prefix=f"flex-load-{label}-") as tmp:
@@ -136,7 +136,7 @@ def run_once(label: str) -> dict:
                 out=var / "load",
                 spec_fields={**DEMO_SPEC, "rounds": ROUNDS},
                 trainers=TRAINERS,
-                budget_wei=10**17,
+                budget_wei=budget_for(rounds=ROUNDS, trainers=TRAINERS),
                 round_timeout_s=120,
             )
             watch.stop.set()
