@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Hashable, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +120,8 @@ def context_of(published: ModelBlob, *, strategy: str, params: dict | None = Non
 
 # Chunks checked per round: every chunk of a model up to this many, a random sample beyond.
 WATCH_CHUNKS = 64
+# Checks a memo keeps (check_round): a host's nodes check a round within moments of each other.
+MEMO_ROUNDS = 64
 # About how many values one request for openings brings back: the chunks of as many updates
 # as fit (a round of a small model in a request or two, one update of a large one).
 OPENINGS_REQUEST_VALUES = 1 << 20
@@ -173,13 +175,19 @@ def check_round(
     rng: random.Random | None = None,
     info: RoundInfo | None = None,
     task: TaskInfo | None = None,
+    memo: MutableMapping[Hashable, Watch] | None = None,
 ) -> Watch:
     """Check ``published`` (global model ``round_number + 1``) against the updates its mask
     names; chunks of updates this node holds are read from ``store`` (None: none), the rest
     fetched from the aggregator's data plane (a DataPlaneError when it will not serve them).
     ``limit`` chunks at most are checked (every chunk when the model has no more). ``info``
     is round ``round_number`` and ``task`` the task as the caller just read them (else they
-    are read here)."""
+    are read here).
+
+    ``memo`` keeps what each check found, by everything it depends on: the published model's
+    ID, the round's context and each included update's ID, trainer and weight on chain (the
+    blobs are checked against those IDs). A check of the same round with the same memo, by
+    another node of the same host, is answered from it without fetching anything."""
     if info is None:
         info = market.round_info(task_id=task_id, round_number=round_number)
     selection = market.selection(task_id=task_id, task=task)
@@ -197,8 +205,17 @@ def check_round(
     params = dict(spec.aggregation.params)
     context = context_of(published, strategy=spec.aggregation.strategy, params=params)
     rule = STRATEGIES[spec.aggregation.strategy].from_params(params)
-    chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     global_id = id_hex(published.model_id)
+    key = (global_id, context, tuple(included), limit)
+    if memo is not None and key in memo:
+        log.info(
+            "task %s: global model %s of round %s already checked on this host",
+            task_id,
+            global_id,
+            round_number + 1,
+        )
+        return memo[key]
+    chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     # Every sampled chunk of many updates in one request, all over this thread's kept-alive
     # connection to the aggregator (dataplane.client.kept_session).
     fetched = openings(
@@ -210,8 +227,25 @@ def check_round(
         chunk_values=header.chunk_values,
     )
     wrong = _first_wrong(fetched, published, chunks, included, rule, round_number)
-    if wrong is not None:
-        at, found = wrong
+    if wrong is None:
+        log.info(
+            "task %s: global model %s of round %s checked on %d of %d chunk(s)",
+            task_id,
+            global_id,
+            round_number + 1,
+            len(chunks),
+            header.leaf_count,
+        )
+        watch = Watch(
+            task_id=task_id,
+            round_number=round_number,
+            global_model=global_id,
+            chunks_checked=tuple(chunks),
+            chunks=header.leaf_count,
+            challenge=None,
+        )
+    else:
+        at, offset = wrong
         chunk = chunks[at]
         log.warning(
             "task %s: global model %s of round %s is wrong at chunk %s, value %s",
@@ -219,9 +253,9 @@ def check_round(
             global_id,
             round_number + 1,
             chunk,
-            found,
+            offset,
         )
-        return Watch(
+        watch = Watch(
             task_id=task_id,
             round_number=round_number,
             global_model=global_id,
@@ -232,27 +266,16 @@ def check_round(
                 global_id=global_id,
                 included=tuple(included),
                 chunk=chunk,
-                offset=found,
+                offset=offset,
                 global_opening=published.opening(chunk),
                 updates=tuple(of_update[at] for of_update in fetched),
             ),
         )
-    log.info(
-        "task %s: global model %s of round %s checked on %d of %d chunk(s)",
-        task_id,
-        global_id,
-        round_number + 1,
-        len(chunks),
-        header.leaf_count,
-    )
-    return Watch(
-        task_id=task_id,
-        round_number=round_number,
-        global_model=global_id,
-        chunks_checked=tuple(chunks),
-        chunks=header.leaf_count,
-        challenge=None,
-    )
+    if memo is not None:
+        while len(memo) >= MEMO_ROUNDS:
+            del memo[next(iter(memo))]  # the oldest check: its round is long settled
+        memo[key] = watch
+    return watch
 
 
 def openings(

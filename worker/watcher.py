@@ -44,6 +44,9 @@ T = TypeVar("T")
 CHECK_NICENESS = 10
 
 _checker: tuple[int, ThreadPoolExecutor] | None = None
+# What this process's checks found (dataplane.audit.check_round's memo): a host that serves
+# several trainers of a task checks each of its rounds once between them, not once each.
+_checked: dict = {}
 
 
 def yielding(check: Callable[P, T]) -> Callable[P, T]:
@@ -94,7 +97,10 @@ def watch_round(
     from (``info``: round ``round_number`` on chain; ``task``: the task as just read, if it
     was): check it and, when it is wrong, send the challenge that proves it (the bond's
     bounty comes to this node). None when the check could not be made (an update's chunk
-    not served): the round then stays unproven either way, and that is logged."""
+    not served): the round then stays unproven either way, and that is logged. A round
+    another node of this process has checked is not fetched and checked again: its
+    finding holds for every node (what it depends on is on chain, and the blobs were
+    checked against their IDs there)."""
     try:
         watch = check_round(
             info=info,
@@ -107,6 +113,7 @@ def watch_round(
             published=published,
             aggregator=aggregator,
             task=task,
+            memo=_checked,
         )
     except DataPlaneError as exc:
         log.warning(

@@ -23,6 +23,7 @@ from training.fixedpoint import quantize
 from training.serialize import Header, Kind, encode, id_hex
 from training.store import ModelStore
 from worker import trainer as trainer_module
+from worker import watcher
 from worker.config import BidPolicy, DeviceConfig
 from worker.node import Node
 from worker.trainer import train
@@ -33,36 +34,45 @@ from worker.watcher import watch_round
 def watch(flow, accounts, tmp_path):
     """Run a task with the given behaviour, then watch its round as its first trainer."""
 
-    def run(*, send: bool = False, sample: dict | None = None, **behaviour):
+    def run(*, send: bool = False, sample: dict | None = None, watchers: int = 1, **behaviour):
         """``send``: the worker's watch, which challenges what it finds wrong; ``sample``:
-        check_round's ``limit`` and ``rng``."""
+        check_round's ``limit`` and ``rng``; ``watchers`` > 1: the task's first trainers
+        watch in turn, each with its own store, in this process (a host serving several),
+        and what each found is returned in a list."""
         market = flow.market
         held = ModelStore(tmp_path / "aggregator")
         task_id = run_task(flow, accounts, held, **behaviour)
         aggregator = accounts.aggregators[0]
-        first = market.selection(task_id=task_id).trainers[0]
-        trainer = next(t for t in accounts.trainers if t.address == first)
-        own = ModelStore(tmp_path / "trainer")
-        own.put(held.get(market.update_of(task_id=task_id, round_number=0, trainer=first)))
         published = held.load(market.global_model(task_id=task_id, round_number=1))
+        found = []
         with DataPlaneServer(
             certificate=cert_for("aggregator"),
             store=held,
             policy=ChainPolicy(market=market, ttl=0),
             node_address=aggregator.address,
         ) as plane:
-            return (watch_round if send else check_round)(
-                market=market,
-                store=own,
-                account=trainer,
-                spec=SPEC,
-                task_id=task_id,
-                round_number=0,
-                published=published,
-                aggregator=Aggregator(aggregator.address, plane.url, plane.certificate.sha256),
-                info=market.round_info(task_id=task_id, round_number=0),
-                **(sample or {}),
-            )
+            for n, selected in enumerate(market.selection(task_id=task_id).trainers[:watchers]):
+                trainer = next(t for t in accounts.trainers if t.address == selected)
+                own = ModelStore(tmp_path / f"trainer-{n}")
+                update = market.update_of(task_id=task_id, round_number=0, trainer=selected)
+                own.put(held.get(update))
+                found.append(
+                    (watch_round if send else check_round)(
+                        market=market,
+                        store=own,
+                        account=trainer,
+                        spec=SPEC,
+                        task_id=task_id,
+                        round_number=0,
+                        published=published,
+                        aggregator=Aggregator(
+                            aggregator.address, plane.url, plane.certificate.sha256
+                        ),
+                        info=market.round_info(task_id=task_id, round_number=0),
+                        **(sample or {}),
+                    )
+                )
+        return found if watchers > 1 else found[0]
 
     return run
 
@@ -143,6 +153,34 @@ def test_the_workers_watch_lets_an_honest_round_stand(watch, flow):
     found = watch(lie=False, send=True, dispute_window=600)
     assert found.correct
     assert flow.market.task(task_id=found.task_id).state == TaskState.TRAINED
+
+
+@pytest.mark.parametrize("lie", [True, False], ids=["lying", "honest"])
+def test_trainers_on_one_host_check_a_round_once(watch, flow, caplog, monkeypatch, lie):
+    """A host serving several trainers of a task fetches and checks each round once for all
+    of them: the second finds what the first found without asking the aggregator for a
+    chunk, and a wrong round is challenged once, by the first (the second's is refused)."""
+    # A host that has checked nothing yet (this process's earlier tests ran the same rounds
+    # on a rewound chain).
+    monkeypatch.setattr(watcher, "_checked", {})
+    caplog.set_level(logging.INFO)
+    first, second = watch(lie=lie, send=True, dispute_window=600, watchers=2)
+    assert second == first
+    assert first.correct is not lie
+    served = [r for r in caplog.records if r.name == "dataplane.server" and "served" in r.msg]
+    assert len(served) == 1  # the first trainer's one request for the round's chunks
+    assert "already checked on this host" in caplog.text
+    market = flow.market
+    challenges = [
+        e
+        for chunk in market.scan(to_block=market.w3.eth.block_number)
+        for e in chunk.events
+        if isinstance(e, AggregateChallenged) and e.task_id == first.task_id
+    ]
+    assert len(challenges) == int(lie)
+    if lie:
+        assert challenges[0].challenger == market.selection(task_id=first.task_id).trainers[0]
+        assert "challenge of round 1 refused" in caplog.text
 
 
 def test_a_challenge_too_late_is_logged_not_raised(watch, flow, caplog):
