@@ -413,6 +413,10 @@ def stack(
             url = url_with(_config(homes[group[0]])["broker_url"], host=broker_host)
             cmd = [PY, "-m", "worker", "start", *args, "--broker-url"]
             cmd.append(url if len(group) == 1 else env["FLEX_BROKER_URL"])
+            if len(group) > 1:
+                # Many devices' work: as many at once as the host has CPUs, as devices of
+                # their own would train side by side.
+                cmd += ["--concurrency", str(len(os.sched_getaffinity(0)))]
             sup.start(group[0] if len(group) == 1 else f"devices-{i}", cmd)
         # Work posted before the workers listen would wait in the broker past its deadlines.
         queues = ["platform", *(_config(h)["queues"][0] for h in homes.values())]
