@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eth_hash.auto import keccak
+from core.hashing import keccak
 
 LEAF = b"\x00"
 NODE = b"\x01"

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from eth_hash.auto import keccak
 
+from core.hashing import keccak
 from training.aggregation.base import RULE_COPY, Rejection, Strategy, Update
 from training.aggregation.functions import Weights
 

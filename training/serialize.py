@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
-from eth_hash.auto import keccak
 from eth_utils import is_address, to_checksum_address
 
+from core.hashing import keccak
 from training import merkle
 from training.errors import (
     BlobDtypeError,

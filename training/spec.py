@@ -11,8 +11,8 @@ from functools import cached_property
 from typing import Any
 
 import rfc8785
-from eth_hash.auto import keccak
 
+from core.hashing import keccak
 from training.aggregation import STRATEGIES, Strategy
 from training.catalogue import ModelEntry, Schema, get_model, get_schema
 from training.errors import SpecError

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from eth_hash.auto import keccak
 
+from core.hashing import keccak
 from training.catalogue import Schema, get_schema
 from training.datasets import Dataset, check_dataset, load_local, load_test
 from training.errors import DatasetError
