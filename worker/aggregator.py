@@ -166,8 +166,19 @@ def _prefetch(
         log.info("task %s: update of %s not fetched yet: %s", task_id, trainer, exc.message)
 
 
-# Values digests of blobs by model ID: IDs are content addresses, so an entry never goes stale.
-_DIGESTS: dict[str, bytes] = {}
+@dataclasses.dataclass
+class _Known:
+    """What an update of a task must not copy, as far as round ``through``: the values digest
+    of each earlier update and each global model so far -> what it is, and -> its model ID."""
+
+    through: int
+    names: dict[bytes, str] = dataclasses.field(default_factory=dict)
+    ids: dict[bytes, str] = dataclasses.field(default_factory=dict)
+
+
+# By (chain, contract, task), in this process: each model is read and digested once, and a
+# round lists only its own rows and the round before's, however long the task has run.
+_KNOWN: dict[tuple[int, str, int], _Known] = {}
 
 
 def _known_models(
@@ -175,22 +186,26 @@ def _known_models(
 ) -> tuple[dict[bytes, str], dict[bytes, str]]:
     """Values digest -> name, and digest -> model ID, of every model of this task the store
     holds that an update of ``round_number`` must not copy: every global model so far and
-    every earlier update."""
-    known: dict[bytes, str] = {}
-    ids: dict[bytes, str] = {}
-    for meta in node.store.list(
-        chain_id=node.config.chain_id, contract=node.config.contract_address, task_id=task_id
-    ):
-        if meta.kind == "update" and meta.round_number >= round_number:
-            continue
-        if meta.kind == "global" and meta.round_number > round_number:
-            continue
-        if meta.id_hex not in _DIGESTS:
-            _DIGESTS[meta.id_hex] = values_digest(node.store.load(meta.model_id).values)
-        what = "global model" if meta.kind == "global" else f"{meta.trainer}'s update"
-        known.setdefault(_DIGESTS[meta.id_hex], f"round {meta.round_number}'s {what}")
-        ids.setdefault(_DIGESTS[meta.id_hex], meta.id_hex)
-    return known, ids
+    every earlier update (the updates of a round are in the store by the time it closes)."""
+    chain_id, contract = node.config.chain_id, node.config.contract_address
+    key = (chain_id, contract.lower(), task_id)
+    known = _KNOWN.get(key)
+    if known is None or known.through > round_number:
+        known = _KNOWN[key] = _Known(through=-1)
+    for number in range(max(known.through, 0), round_number + 1):
+        for meta in node.store.list(
+            chain_id=chain_id, contract=contract, task_id=task_id, round_number=number
+        ):
+            if meta.kind == "update" and number >= round_number:
+                continue
+            if meta.kind == "global" and number <= known.through:
+                continue
+            digest = values_digest(node.store.load(meta.model_id).values)
+            what = "global model" if meta.kind == "global" else f"{meta.trainer}'s update"
+            known.names.setdefault(digest, f"round {number}'s {what}")
+            known.ids.setdefault(digest, meta.id_hex)
+    known.through = round_number
+    return known.names, known.ids
 
 
 def _scores(
