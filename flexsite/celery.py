@@ -25,8 +25,10 @@ from core.worker_steps import stop_promptly
 # Read from the same variables as settings.FLEX_SYNC_INTERVAL_S and ETH_RPC_URL: this module
 # needs no Django. New blocks send the sync as they come; this tick catches what they missed.
 SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
-# The shortest time between two syncs the node's new blocks ask for.
-SYNC_SPACING_S = float(os.environ.get("FLEX_SYNC_SPACING_S", 0.25))
+# The shortest time between two syncs the node's new blocks ask for: a round of a small task
+# mines a block per update, and a sync of each costs the platform more CPU than it saves a
+# live page (which then shows a round at most this much later).
+SYNC_SPACING_S = float(os.environ.get("FLEX_SYNC_SPACING_S", 0.5))
 # Deadlines are in whole seconds of chain time: a look every second is as soon as any is due.
 DEADLINES_INTERVAL_S = float(os.environ.get("FLEX_DEADLINES_INTERVAL_S", 1.0))
 ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
