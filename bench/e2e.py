@@ -1,6 +1,6 @@
 """The `make demo` workload two ways in one run: through the platform, and as a plain
-in-process FedAvg loop over the same model, data, partitions, rounds and seed.
-Writes var/bench/e2e.json.
+in-process FedAvg loop over the same model, data, partitions, rounds and seed, timed once
+before the platform runs and once after. Writes var/bench/e2e.json.
 
     python -m bench e2e               # 10 rounds
     python -m bench e2e --rounds 40   # more steady rounds to average, on a noisy machine
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if count < 2:
         parser.error("--rounds must be at least 2: round 1 also holds bidding and selection")
     spec_fields = {**DEMO_SPEC, "rounds": count}
+    # The plain loop runs before the platform and again after it: on a shared machine whose
+    # speed drifts over the minutes the platform runs, one run on one side of it would be
+    # held to another moment's speed.
+    plain_before, _ = plain_loop(spec_fields)
     with tempfile.TemporaryDirectory(prefix="flex-e2e-") as tmp:
         var = Path(tmp)
         # A throwaway database and ports: a benchmark never touches a configured platform.
@@ -169,13 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in cpu_at.get(count, {})
         if name in cpu_at.get(1, {})
     }
-    plain_times, plain_curve = plain_loop(spec_fields)
+    plain_after, plain_curve = plain_loop(spec_fields)
     plain_accuracy = plain_curve[-1]
+    plain_times = plain_before + plain_after
     plain_round_s = sum(plain_times) / len(plain_times)
     _, scored_curve = plain_loop(spec_fields, scored_task=summary["task_id"])
     result = {
         "platform_round_s": round(platform_round_s, 3),
         "plain_round_s": round(plain_round_s, 3),
+        "plain_round_s_before_and_after": [
+            round(sum(t) / len(t), 3) for t in (plain_before, plain_after)
+        ],
         "ratio": round(platform_round_s / plain_round_s, 2),
         "overhead_round_s": round(platform_round_s - training_s, 3),
         "slowest_training_round_s": round(training_s, 3),
