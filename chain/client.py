@@ -499,13 +499,12 @@ class FlexMarket:
         topics: list[str | None] = [ev.event_topics()[kind.__name__]]
         topics += [None if v is None else "0x" + _topic(v).hex() for v in indexed]
         with rpc():
-            logs = self.w3.eth.get_logs(
-                {
-                    "address": self.address,
-                    "fromBlock": from_block,
-                    "toBlock": to_block,
-                    "topics": topics,
-                }
+            logs = ev.get_logs(
+                self.w3,
+                address=self.address,
+                from_block=from_block,
+                to_block=to_block,
+                topics=topics,
             )
         return [e for e in ev.decode_logs(logs, address=self.address) if isinstance(e, kind)]
 

@@ -14,6 +14,7 @@ from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import Web3RPCError
+from web3.types import RPCEndpoint
 
 from chain.build import load_artifact
 from chain.enums import (  # noqa: F401  (the enums events carry, importable from here too)
@@ -361,14 +362,39 @@ def decode_log(log: Mapping[str, Any]) -> ChainEvent | None:
         for p in entry.inputs
     }
     return EVENT_TYPES[entry.name](
-        block_number=int(log["blockNumber"]),
+        block_number=_quantity(log["blockNumber"]),
         block_hash=_hex(log["blockHash"]),
         tx_hash=_hex(log["transactionHash"]),
-        log_index=int(log["logIndex"]),
+        log_index=_quantity(log["logIndex"]),
         address=checksum_address(log["address"]),
         block_time=_quantity(log.get("blockTimestamp")),
         **args,
     )
+
+
+def get_logs(
+    w3: Web3,
+    *,
+    address: str,
+    from_block: int,
+    to_block: int | str = "latest",
+    topics: Sequence[Any] = (),
+) -> list[Mapping[str, Any]]:
+    """The logs eth_getLogs answers for ``address`` in the blocks given, as the node sends
+    them (hex text, which decode_log reads): past web3's middleware and result formatters,
+    which walk every field of every log and cost more than the request itself. A refusal
+    raises Web3RPCError, as web3's own get_logs does; a lost node, what the provider raises."""
+    block = hex if isinstance(to_block, int) else str
+    params = {
+        "address": address,
+        "fromBlock": hex(from_block),
+        "toBlock": block(to_block),
+        "topics": list(topics),
+    }
+    response = w3.provider.make_request(RPCEndpoint("eth_getLogs"), [params])
+    if "error" in response:
+        raise Web3RPCError(str(response["error"]), rpc_response=response)
+    return list(response["result"])
 
 
 def decode_logs(
@@ -477,8 +503,11 @@ def _get_logs(
     retries: int,
     retry_delay: float,
 ) -> list[Any]:
-    params = {"address": address, "fromBlock": lo, "toBlock": hi, "topics": topics}
-    return _with_retries(lambda: list(w3.eth.get_logs(params)), retries, retry_delay)
+    return _with_retries(
+        lambda: get_logs(w3, address=address, from_block=lo, to_block=hi, topics=topics),
+        retries,
+        retry_delay,
+    )
 
 
 def _block_hash(w3: Web3, number: int, retries: int, retry_delay: float) -> str:

@@ -30,7 +30,13 @@ from eth_utils import to_checksum_address
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
-from chain.events import GlobalModelPublished, UpdateSubmitted, decode_logs, event_topics
+from chain.events import (
+    GlobalModelPublished,
+    UpdateSubmitted,
+    decode_logs,
+    event_topics,
+    get_logs,
+)
 from chain.follow import Doorbell
 from chain.node import client, reachable
 from core.errors import FlexError
@@ -120,13 +126,12 @@ class RoundFollower:
                 return
             if head < self._next:
                 return
-            logs = self._w3.eth.get_logs(
-                {
-                    "address": self._address,
-                    "fromBlock": self._next,
-                    "toBlock": head,
-                    "topics": self._topics,
-                }
+            logs = get_logs(
+                self._w3,
+                address=self._address,
+                from_block=self._next,
+                to_block=head,
+                topics=self._topics,
             )
         for event in decode_logs(logs, address=self._address):
             if isinstance(event, GlobalModelPublished):

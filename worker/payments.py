@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from eth_utils import to_checksum_address
 
 from chain.errors import ChainUnavailableError
-from chain.events import PaymentCredited, decode_logs, event_topics
+from chain.events import PaymentCredited, decode_logs, event_topics, get_logs
 from chain.node import connect, reachable
 from core.units import wei_to_eth
 from worker.node import Node
@@ -47,13 +47,8 @@ class PaymentWatcher:
                 return []
             topic = event_topics()["PaymentCredited"]
             accounts = ["0x" + address[2:].rjust(64, "0") for address in self.nodes]
-            logs = w3.eth.get_logs(
-                {
-                    "address": market,
-                    "fromBlock": self._next,
-                    "toBlock": head,
-                    "topics": [topic, accounts],
-                }
+            logs = get_logs(
+                w3, address=market, from_block=self._next, to_block=head, topics=[topic, accounts]
             )
         self._next = head + 1
         paid = [e for e in decode_logs(logs, address=market) if isinstance(e, PaymentCredited)]

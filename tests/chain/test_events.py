@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 from web3 import Web3
+from web3.exceptions import Web3RPCError
 
 from chain.client import FlexMarket
 from chain.errors import ChainUnavailableError
@@ -16,7 +17,9 @@ from chain.events import (
     UpdateSubmitted,
     chunks,
     decode_log,
+    decode_logs,
     event_topics,
+    get_logs,
     scan,
 )
 from chain.launcher import free_port
@@ -79,6 +82,25 @@ def test_events_carry_what_a_mirror_needs(
     # The block's time comes with each log from this node: the mirror dates rounds by it.
     for event in (selected, *published, final):
         assert event.block_time == w3.eth.get_block(event.block_number)["timestamp"]
+
+
+def test_logs_as_the_node_sends_them_decode_as_web3_formats_them(
+    market: FlexMarket, accounts: Accounts, flow: Flow, running: Running, w3: Web3
+):
+    # Scans read raw logs; receipts come formatted by web3. Both decode to the same records.
+    lifecycle(market, accounts, flow, running)
+    head = w3.eth.block_number
+    raw = get_logs(w3, address=market.address, from_block=0, to_block=head)
+    formatted = w3.eth.get_logs({"address": market.address, "fromBlock": 0, "toBlock": head})
+    assert isinstance(raw[0]["blockNumber"], str)
+    assert decode_logs(raw) == decode_logs(formatted)
+    assert len(decode_logs(raw)) == len(formatted) > 10
+
+
+def test_a_refused_log_query_raises_the_nodes_error(market: FlexMarket, w3: Web3):
+    beyond = w3.eth.block_number + 10
+    with pytest.raises(Web3RPCError, match="block"):
+        get_logs(w3, address=market.address, from_block=beyond, to_block=beyond + 1)
 
 
 def test_scan_of_an_empty_range(market: FlexMarket, w3: Web3):
