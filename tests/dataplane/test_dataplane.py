@@ -21,7 +21,7 @@ from eth_account.signers.local import LocalAccount
 import dataplane.client
 from chain.launcher import free_port
 from dataplane.access import AllowListPolicy
-from dataplane.client import fetch_model, kept_session
+from dataplane.client import fetch_model, health_check, kept_session
 from dataplane.protocol import (
     HEADER_ADDRESS,
     HEADER_SIGNATURE,
@@ -114,6 +114,21 @@ def test_one_session_keeps_working_after_refusals_and_blobs(
             _fetch(server, "0x" + "ab" * 32, session=session)
         assert _fetch(server, stored, session=session) == blob
         assert _fetch(server, id_hex(other), session=session) == second
+
+
+def test_peers_are_reached_through_the_environments_proxy_unless_exempt(
+    server: DataPlaneServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A device behind a proxy reaches its peers through it; NO_PROXY exempts hosts.
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    refused = health_check(base_url=server.url, cert_sha256=server.certificate.sha256)
+    assert refused is not None
+    assert "cannot be reached" in refused
+    assert "proxy" in refused.lower()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
 
 
 def _connections(plane: DataPlaneServer) -> list[int]:
