@@ -68,7 +68,9 @@ class Supervisor:
         self._width = 12
         self._lock = threading.Lock()
 
-    def start(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None) -> None:
+    def start(
+        self, name: str, cmd: list[str], *, env: dict[str, str] | None = None, niceness: int = 0
+    ) -> None:
         proc = die_with_parent(
             cmd,
             cwd=ROOT,
@@ -77,6 +79,11 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        if niceness:
+            # Its own session is its own scheduling group (Linux autogroup), within which a
+            # process's nice level counts for nothing against the others: the group's does.
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{proc.pid}/autogroup").write_text(str(niceness))
         self.procs[name] = proc
         self.commands[name] = (cmd, env)
         threading.Thread(target=self._pump, args=(name, proc), daemon=True).start()
@@ -132,6 +139,13 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# The platform's workers keep its books (chain sync, reports, reminders): from the second
+# round on no round waits on them, since devices follow the chain themselves. On a host the
+# devices share with them, they yield the CPU to training and aggregation. The web and live
+# servers do not: a person waits on them.
+BOOKKEEPING_NICENESS = 5
 
 
 # Threads per web process: requests waiting on the database or the chain do not hold the
@@ -380,6 +394,7 @@ def stack(
                 "-s",
                 str(var / "celerybeat-schedule"),
             ],
+            niceness=BOOKKEEPING_NICENESS,
         )
         sup.start(
             "platform",
@@ -399,6 +414,7 @@ def stack(
                 "--loglevel",
                 "INFO",
             ],
+            niceness=BOOKKEEPING_NICENESS,
         )
         # An aggregator has a process of its own: in a simulation its round's work must not
         # queue behind the training of the devices it would share a process with.

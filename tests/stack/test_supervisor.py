@@ -137,3 +137,39 @@ def test_the_first_process_started_stops_after_all_the_others(tmp_path):
     stopped = notes.read_text().split()
     assert sorted(stopped[:2]) == ["device", "web"]
     assert stopped[2] == "chain"
+
+
+# A process that starts a child (as a Celery worker starts its pool) and prints its pid.
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _autogroup_nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="no Linux autogroups")
+def test_bookkeeping_yields_as_a_whole_and_the_rest_does_not(tmp_path):
+    """The platform's workers run at a lower priority than the devices they share a host with,
+    pool included; what people wait on (the web server) and the devices do not."""
+    sup = Supervisor(env=dict(os.environ), log_dir=tmp_path / "logs")
+    sup.start("platform", [sys.executable, "-c", PARENT], niceness=5)
+    sup.start("web", [sys.executable, "-c", PARENT])
+    try:
+        deadline = time.monotonic() + 300  # waited for, never timed
+        pool = {}
+        for name in ("platform", "web"):
+            log = tmp_path / "logs" / f"{name}.log"
+            while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            pool[name] = int(log.read_text().split()[0])
+        assert _autogroup_nice(sup.procs["platform"].pid) == 5
+        assert _autogroup_nice(pool["platform"]) == 5
+        assert _autogroup_nice(sup.procs["web"].pid) == 0
+        assert _autogroup_nice(pool["web"]) == 0
+    finally:
+        sup.stop(timeout=300)
