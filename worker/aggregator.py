@@ -177,8 +177,11 @@ class _Known:
 
 
 # By (chain, contract, task), in this process: each model is read and digested once, and a
-# round lists only its own rows and the round before's, however long the task has run.
+# round lists only its own rows and the round before's, however long the task has run. The
+# tasks aggregated most recently, at most KNOWN_TASKS of them: one let go (settled, or quiet
+# for that long) is read from the store again if it comes back.
 _KNOWN: dict[tuple[int, str, int], _Known] = {}
+KNOWN_TASKS = 32
 
 
 def _known_models(
@@ -189,9 +192,12 @@ def _known_models(
     every earlier update (the updates of a round are in the store by the time it closes)."""
     chain_id, contract = node.config.chain_id, node.config.contract_address
     key = (chain_id, contract.lower(), task_id)
-    known = _KNOWN.get(key)
+    known = _KNOWN.pop(key, None)
     if known is None or known.through > round_number:
-        known = _KNOWN[key] = _Known(through=-1)
+        known = _Known(through=-1)
+    _KNOWN[key] = known  # the most recent, last
+    while len(_KNOWN) > KNOWN_TASKS:
+        del _KNOWN[next(iter(_KNOWN))]
     for number in range(max(known.through, 0), round_number + 1):
         for meta in node.store.list(
             chain_id=chain_id, contract=contract, task_id=task_id, round_number=number

@@ -85,3 +85,19 @@ def test_another_tasks_models_are_not_held_against_this_one(node):
     names, _ = aggregator._known_models(node, task_id=1, round_number=1)
 
     assert names == {_digest(node, mine): "round 0's global model"}
+
+
+def test_only_the_tasks_aggregated_most_recently_are_kept_and_a_dropped_one_is_read_again(
+    node, monkeypatch
+):
+    monkeypatch.setattr(aggregator, "KNOWN_TASKS", 2)
+    for task_id in (1, 2, 3):
+        _put(node, 10 * task_id, kind=Kind.GLOBAL, round_number=0, task_id=task_id)
+        _put(node, 10 * task_id + 1, round_number=0, task_id=task_id, trainer=ALICE)
+    first = {t: aggregator._known_models(node, task_id=t, round_number=1) for t in (1, 2)}
+    aggregator._known_models(node, task_id=1, round_number=1)  # task 1 is the recent one
+    aggregator._known_models(node, task_id=3, round_number=1)
+    assert [key[2] for key in aggregator._KNOWN] == [1, 3]
+    # Task 2, let go, is read from the store again, to the same.
+    assert aggregator._known_models(node, task_id=2, round_number=1) == first[2]
+    assert [key[2] for key in aggregator._KNOWN] == [3, 2]
