@@ -5,7 +5,7 @@ only from the device that did the work: round metrics from the task's selected a
 update metrics from the trainer that submitted the update (the report's signer).
 
 A device reports as soon as its transaction is mined, often before chain sync has mirrored
-it. Such a report is parked (report_record), by the work it names, and stored by the sync
+it. Such a report is parked (reports_record), by the work it names, and stored by the sync
 the moment it commits that work (reports_parked_record): nothing polls for it meanwhile.
 Only work the device may yet do is waited for (a round of a task it was selected for, in
 the role the report is about), so a device can keep no more reports waiting than it has
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 from django.core.cache import cache
 from django.db import transaction
@@ -71,66 +72,138 @@ def parked_key(work: Work) -> str:
     return f"report:{kind}:{task_id}:{round_number}:{device.lower()}"
 
 
-def _record(report: messages.RoundReport | messages.UpdateReport) -> object:
+Report = messages.RoundReport | messages.UpdateReport
+
+# The role a report's device must have been selected in, and how many rounds short of the
+# task's last that work ends: global models 0..rounds, updates of rounds 0..rounds - 1.
+ROLE_LAST = {"round": (Role.AGGREGATOR, 0), "update": (Role.TRAINER, 1)}
+
+
+def _work(report: Report) -> Work:
+    return (report.kind, report.task_id, report.round_number, report.device.lower())
+
+
+def _record(report: Report) -> object:
     if isinstance(report, messages.RoundReport):
         return round_report_record(report=report)
     return update_report_record(report=report)
 
 
-def report_record(*, report: messages.RoundReport | messages.UpdateReport) -> bool:
-    """Store a verified ``report`` now if chain sync has mirrored its work, else park it for
-    the sync to store once it has (reports_parked_record). Whether it was stored now.
-
-    Raises ReportNotYoursError for a round report from a device other than the aggregator,
-    ReportUnexpectedError for one that may not wait (_may_wait).
-    """
-    try:
-        _record(report)
-        return True
-    except NOT_MIRRORED:
-        pass
-    _may_wait(report)
-    key = parked_key((report.kind, report.task_id, report.round_number, report.device))
-    cache.set(key, report.dump(), PARKED_S)
-    # The sync may have committed the work between the first look and the parking, after
-    # it looked for parked reports: one more look, and one of the two stores it.
-    try:
-        _record(report)
-    except NOT_MIRRORED:
-        log.info(
-            "task %s round %s: %s report of %s waits for chain sync",
-            report.task_id,
-            report.round_number,
-            report.kind,
-            report.device,
-        )
-        return False
-    cache.delete(key)
-    return True
-
-
-def _may_wait(report: messages.RoundReport | messages.UpdateReport) -> None:
-    """Refuse to park a report on work its device cannot be doing: every key a device parks
-    then names a round it may still work on, and a device with broker access cannot fill the
-    platform's Redis with reports on tasks and rounds that never come. Selection is mirrored
-    before a task's first round is handed out, so an honest report always passes."""
-    if isinstance(report, messages.RoundReport):
-        role, last = Role.AGGREGATOR, 0  # global models 0..rounds
-    else:
-        role, last = Role.TRAINER, 1  # updates of rounds 0..rounds - 1
-    selected = SelectedNode.objects.filter(
-        task__chain_task_id=report.task_id,
-        task__rounds__gte=report.round_number + last,
-        device__iexact=report.device,
-        role=role,
+def _refused(report: Report, exc: FlexError) -> str:
+    log.warning(
+        "task %s round %s: %s report of %s refused (%s): %s",
+        report.task_id,
+        report.round_number,
+        report.kind,
+        report.device,
+        exc.code,
+        exc.message,
     )
-    if not selected.exists():
-        raise ReportUnexpectedError(
-            task_id=report.task_id,
-            round=report.round_number,
-            device=report.device,
-            kind=report.kind,
-        )
+    return exc.code
+
+
+def reports_record(batch: Sequence[Report]) -> Counter[str]:
+    """Store each verified report of ``batch`` whose work chain sync has mirrored, park the
+    others that may wait for the sync to store them (reports_parked_record), and refuse the
+    rest, each on its own: one refusal costs the other reports nothing.
+
+    Counts the outcomes: ``stored``, ``waiting``, ``dropped`` (it names another model or
+    transaction than the chain has; logged) or the code of the error it was refused with.
+    A batch costs a few queries whatever its size: reports nearly always beat chain sync to
+    their work, so most are parked.
+    """
+    mirrored = _mirrored(batch)
+    outcomes = _each_record(r for r in batch if _work(r) in mirrored)
+    waiting, refused = _may_wait([r for r in batch if _work(r) not in mirrored])
+    outcomes.update(refused)
+    if not waiting:
+        return outcomes
+    cache.set_many({parked_key(_work(r)): r.dump() for r in waiting}, PARKED_S)
+    # The sync may have committed the work between the first look and the parking, after
+    # it looked for parked reports: one more look, and one of the two stores each.
+    mirrored = _mirrored(waiting)
+    now = [r for r in waiting if _work(r) in mirrored]
+    outcomes.update(_each_record(now))
+    cache.delete_many([parked_key(_work(r)) for r in now])
+    for report in waiting:
+        if _work(report) not in mirrored:
+            outcomes["waiting"] += 1
+            log.info(
+                "task %s round %s: %s report of %s waits for chain sync",
+                report.task_id,
+                report.round_number,
+                report.kind,
+                report.device,
+            )
+    return outcomes
+
+
+def _each_record(batch: Iterable[Report]) -> Counter[str]:
+    outcomes: Counter[str] = Counter()
+    for report in batch:
+        try:
+            outcomes["stored" if _record(report) is not None else "dropped"] += 1
+        except FlexError as exc:
+            outcomes[_refused(report, exc)] += 1
+    return outcomes
+
+
+def _mirrored(batch: Sequence[Report]) -> set[Work]:
+    """The work chain sync has mirrored among that of ``batch``'s reports."""
+    work: set[Work] = set()
+    for kind, model, number, device in (
+        ("update", Update, "round_number", "trainer"),
+        ("round", Round, "number", "task__aggregator"),
+    ):
+        of_kind = [r for r in batch if r.kind == kind]
+        if not of_kind:
+            continue
+        rows = model.objects.filter(
+            task__chain_task_id__in={r.task_id for r in of_kind},
+            **{f"{number}__in": {r.round_number for r in of_kind}},
+        ).values_list("task__chain_task_id", number, device)
+        work.update((kind, task_id, n, who.lower()) for task_id, n, who in rows)
+    return work
+
+
+def _may_wait(batch: Sequence[Report]) -> tuple[list[Report], Counter[str]]:
+    """The reports of ``batch`` that may wait for chain sync, and the refusals of the rest.
+
+    Only a report on work its device may still be doing waits (a round of a task that
+    selected it, in the role the report is about): every key a device parks then names a
+    round it may yet work on, and a device with broker access cannot fill the platform's
+    Redis with reports on tasks and rounds that never come. Selection is mirrored before a
+    task's first round is handed out, so an honest report always waits.
+    """
+    refused: Counter[str] = Counter()
+    if not batch:
+        return [], refused
+    rows = SelectedNode.objects.filter(
+        task__chain_task_id__in={r.task_id for r in batch}
+    ).values_list("task__chain_task_id", "task__rounds", "device", "role")
+    rounds_of = {(task_id, device.lower(), role): rounds for task_id, rounds, device, role in rows}
+    aggregator_of = {t: d.lower() for t, _, d, role in rows if role == Role.AGGREGATOR}
+    waiting = []
+    for report in batch:
+        role, last = ROLE_LAST[report.kind]
+        rounds = rounds_of.get((report.task_id, report.device.lower(), role))
+        if rounds is not None and report.round_number + last <= rounds:
+            waiting.append(report)
+            continue
+        aggregator = aggregator_of.get(report.task_id)
+        if report.kind == "round" and aggregator not in (None, report.device.lower()):
+            exc: FlexError = ReportNotYoursError(
+                task_id=report.task_id, device=report.device, aggregator=aggregator
+            )
+        else:
+            exc = ReportUnexpectedError(
+                task_id=report.task_id,
+                round=report.round_number,
+                device=report.device,
+                kind=report.kind,
+            )
+        refused[_refused(report, exc)] += 1
+    return waiting, refused
 
 
 def reports_parked_record(work: Iterable[Work]) -> int:

@@ -10,6 +10,7 @@ platform transactions retry a lost node or a busy platform account.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, TypeVar
 
 from celery import shared_task
@@ -20,14 +21,13 @@ from core.messages import (
     Message,
     MessageInvalidError,
     ReportSignatureError,
-    RoundReport,
     RoundStep,
     TaskStep,
-    UpdateReport,
 )
 from marketplace import contract, lifecycle, reports, sync
 from marketplace import model_check as model_checks
 from marketplace.errors import ContractNotDeployedError
+from marketplace.gateway import report_accept
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,7 @@ GONE = dropped(UnknownTaskError, log=log, why="a job left by an earlier run of t
 # Nothing to do until the next tick: no node, or no contract deployed yet.
 NOT_NOW = (ChainUnavailableError, ContractNotDeployedError)
 # Refusals, logged without a traceback and never retried.
-REFUSED = (
-    MessageInvalidError,
-    ReportSignatureError,
-    reports.ReportNotYoursError,
-    reports.ReportUnexpectedError,
-)
+REFUSED = (MessageInvalidError, ReportSignatureError)
 PLATFORM_TX = {
     "acks_late": True,
     "autoretry_for": (ChainUnavailableError, TransactionRejectedError, contract.PlatformBusyError),
@@ -53,8 +48,8 @@ PLATFORM_TX = {
     "throws": REFUSED,
 }
 # A report may beat chain sync to what it is about: it then waits for the sync, not in a retry
-# loop (reports.report_record).
-REPORT = {"acks_late": True, "ignore_result": True, "throws": REFUSED}
+# loop (reports.reports_record).
+REPORT = {"acks_late": True, "ignore_result": True}
 
 
 def received(kind: type[M], message: Any) -> M | None:
@@ -134,19 +129,21 @@ def round_remind(message: dict) -> list[str] | None:
     return lifecycle.task_round_remind(task_id=step.task_id, round_number=step.round_number)
 
 
-@shared_task(name="marketplace.round_report_record", **REPORT)
-def round_report_record(message: dict) -> None:
-    """Forwarded by the gateway (marketplace.gateway) from the task's aggregator; kept for
-    chain sync when it comes first (reports.report_record)."""
-    report = received(RoundReport, message)
-    if report is not None:
-        reports.report_record(report=report.verify())
-
-
-@shared_task(name="marketplace.update_report_record", **REPORT)
-def update_report_record(message: dict) -> None:
-    """Forwarded by the gateway from a trainer, about its own update; kept for chain sync
-    when it comes first (reports.report_record)."""
-    report = received(UpdateReport, message)
-    if report is not None:
-        reports.report_record(report=report.verify())
+@shared_task(name="marketplace.reports_record", **REPORT)
+def reports_record(messages: list[Any]) -> dict[str, int]:
+    """Forwarded by the gateway (marketplace.gateway) a batch at a time: devices' reports on
+    their own work, each stored, kept for chain sync when it comes first, or refused
+    (reports.reports_record). Counts the outcomes."""
+    here = contract.deployment_identity()
+    batch, outcomes = [], Counter()
+    for message in messages:
+        try:
+            report = report_accept(message, deployment=here)
+        except REFUSED as exc:
+            log.warning("report refused (%s): %s", exc.code, exc.message)
+            outcomes[exc.code] += 1
+            continue
+        if report is not None:
+            batch.append(report)
+    outcomes.update(reports.reports_record(batch))
+    return dict(outcomes)

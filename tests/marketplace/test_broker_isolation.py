@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -40,10 +41,11 @@ from core.messages import (
 from core.queues import DEFAULT_BROKER_URL, REPORTS_EXCHANGE, REPORTS_QUEUE, route
 from flexsite.celery import app as flexsite_app
 from flexsite.celery import platform_app
-from marketplace import contract, models, services, tasks
+from marketplace import contract, gateway, models, services, tasks
 from marketplace.device_broker import device_broker_url
 from stack.backing import ROOT, stack_vhost, stack_vhost_delete
 from tests.conftest import BrokerVhost, broker_vhost_new
+from tests.marketplace.test_consumers import round_0_report
 from tests.marketplace.test_lifecycle import (
     WINDOW_S,
     Node,
@@ -183,28 +185,48 @@ def test_a_revoked_device_is_cut_off_at_once(vhost):
         again.ensure_connection(max_retries=0)
 
 
-@pytest.fixture
-def platform_worker(vhost, caplog) -> Iterator[None]:
+@contextmanager
+def platform_worker_running(vhost: BrokerVhost) -> Iterator[None]:
     """The platform's worker (queue ``platform`` and the reports gateway) in a thread."""
     app = platform_app(broker_url=vhost.url, result_backend=None, set_as_current=False)
     app.conf.worker_hijack_root_logger = False
+    try:
+        with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
+            yield
+    finally:
+        flexsite_app.set_current()
+        flexsite_app.set_default()
+
+
+@pytest.fixture
+def platform_worker(vhost, caplog) -> Iterator[None]:
     caplog.set_level(logging.INFO)
-    with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
+    with platform_worker_running(vhost):
         yield
-    flexsite_app.set_current()
-    flexsite_app.set_default()
 
 
-def test_reports_count_only_from_the_device_that_did_the_work(
-    vhost, platform_worker, platform_market, caplog
-):
-    market = platform_market
+def reports_ready(vhost: BrokerVhost) -> int:
+    """How many reports wait in the queue ``reports``, not handed to any consumer."""
+    with Connection(vhost.url) as conn:
+        return conn.default_channel.queue_declare(REPORTS_QUEUE, passive=True).message_count
+
+
+def round_0_published(market):
+    """An aggregator and a trainer selected for a task whose initial model is published."""
     aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
     task = selected_task(market, aggregator, [trainer])
     initial = model_id("initial")
     published = market.publish_global_model(
         sender=aggregator.account, task_id=task.chain_task_id, round_number=0, model_id=initial
     )
+    return aggregator, trainer, task, initial, published
+
+
+def test_reports_count_only_from_the_device_that_did_the_work(
+    vhost, platform_worker, platform_market, caplog
+):
+    market = platform_market
+    aggregator, trainer, task, initial, published = round_0_published(market)
     update = model_id("update")
     submitted = market.submit_update(
         sender=trainer.account, task_id=task.chain_task_id, round_number=0, model_id=update
@@ -238,10 +260,13 @@ def test_reports_count_only_from_the_device_that_did_the_work(
         report = UpdateReport.of(here, device=device.address, accuracy=accuracy, **about_update)
         return signed(report, node)
 
-    # The trainer speaks for the aggregator; for itself about the aggregator's round; for
-    # another deployment; in no known shape. The aggregator speaks for the trainer.
+    # The trainer speaks for the aggregator; for itself about the aggregator's round, more
+    # times than a batch holds; for another deployment; in no known shape. The aggregator
+    # speaks for the trainer.
     publish(url_of(trainer), round_report(trainer, device=aggregator, accuracy=0.01))
-    publish(url_of(trainer), round_report(trainer, device=trainer, accuracy=0.02))
+    claims = gateway.BATCH_MAX + 3
+    for claim in range(claims):
+        publish(url_of(trainer), round_report(trainer, device=trainer, accuracy=claim / claims))
     publish(
         url_of(aggregator),
         round_report(aggregator, device=aggregator, accuracy=0.03, deployment=elsewhere),
@@ -274,8 +299,35 @@ def test_reports_count_only_from_the_device_that_did_the_work(
     assert logged.count("report refused (report_signature_invalid)") == 2
     assert logged.count("report refused (message_invalid)") == 2
     assert "dropped a RoundReport message for chain" in logged
-    assert "ReportNotYoursError" in logged
+    not_yours = f"round report of {trainer.address} refused (report_not_yours)"
+    assert wait_for(lambda: caplog.text.count(not_yours) == claims)
     assert market.task(task_id=task.chain_task_id).state == TaskState.RUNNING
+
+
+def test_reports_a_stopping_worker_had_not_handed_on_are_delivered_again(
+    vhost, platform_market, monkeypatch
+):
+    market = platform_market
+    aggregator, _, task, initial, published = round_0_published(market)
+    sync()
+    report = round_0_report(task, aggregator, published, initial)
+    stored = models.RoundReport.objects.filter(round__task__chain_task_id=task.chain_task_id)
+
+    # The gateway takes the report into a batch it would hand on only an hour later, and
+    # the worker stops first.
+    wait_s = gateway.BATCH_WAIT_S
+    monkeypatch.setattr(gateway, "BATCH_WAIT_S", 3600)
+    with platform_worker_running(vhost):
+        publish(url_of(aggregator), report.dump())
+        wait_for(lambda: reports_ready(vhost) == 0)
+    assert wait_for(lambda: reports_ready(vhost) == 1)
+    assert not stored.exists()
+
+    # The report was never acked: the next worker gets it again and stores it.
+    monkeypatch.setattr(gateway, "BATCH_WAIT_S", wait_s)
+    with platform_worker_running(vhost):
+        row = wait_for(lambda: stored.first())
+    assert row.accuracy == pytest.approx(report.accuracy)
 
 
 def test_platform_steps_for_another_deployment_or_of_no_shape_are_refused(platform_market):

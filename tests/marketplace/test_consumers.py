@@ -21,7 +21,7 @@ from flexsite.asgi import application
 from marketplace import contract
 from marketplace.consumers import CLOSE_FORBIDDEN
 from marketplace.sync.push import task_group, task_push_next, task_push_seq
-from marketplace.tasks import round_report_record
+from marketplace.tasks import reports_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
@@ -52,10 +52,9 @@ async def watch(task_id: int, headers: list) -> tuple[WebsocketCommunicator, dic
     return socket, await socket.receive_json_from(timeout=TIMEOUT_S)
 
 
-def report_round_0(task, aggregator, published, initial: str) -> None:
-    """The aggregator's report of ``task``'s initial model, ``published``, as the platform's
-    gateway hands it on."""
-    report = RoundReport.of(
+def round_0_report(task, aggregator, published, initial: str) -> RoundReport:
+    """The aggregator's signed report of ``task``'s initial model, ``published``."""
+    return RoundReport.of(
         contract.deployment_identity(),
         device=aggregator.address,
         task_id=task.chain_task_id,
@@ -68,7 +67,12 @@ def report_round_0(task, aggregator, published, initial: str) -> None:
         updates=0,
         aggregate_s=0.0,
     ).sign(aggregator.account)
-    round_report_record(message=report.dump())
+
+
+def report_round_0(task, aggregator, published, initial: str) -> None:
+    """The aggregator's report of ``task``'s initial model, as the platform's gateway hands
+    it on."""
+    reports_record(messages=[round_0_report(task, aggregator, published, initial).dump()])
 
 
 def test_the_buyer_sees_the_snapshot_then_each_change_as_a_delta(platform_market, mirror_env):  # noqa: F811

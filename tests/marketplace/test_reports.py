@@ -10,7 +10,7 @@ from django.core.cache import cache
 from core.messages import RoundReport, UpdateReport
 from marketplace import contract, reports
 from marketplace.models import Round, Task, Update
-from marketplace.tasks import round_report_record, update_report_record
+from marketplace.tasks import reports_record
 from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
@@ -53,11 +53,13 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         return signed(RoundReport, node, initial, published, round_number, **measures)
 
     # Before the sync has the round: a trainer's report on it is refused (the selection is
-    # mirrored: the round is not its to report on); the aggregator's own is parked, and the
-    # task does not raise, so it is not retried.
-    with pytest.raises(reports.ReportNotYoursError):
-        round_report_record(message=round_report(ann, accuracy=0.99, loss=0.01))
-    round_report_record(message=round_report(aggregator, accuracy=0.1, loss=2.3))
+    # mirrored: the round is not its to report on); the aggregator's own, in the same batch,
+    # is parked, and the task does not raise, so it is not retried.
+    early = [
+        round_report(ann, accuracy=0.99, loss=0.01),
+        round_report(aggregator, accuracy=0.1, loss=2.3),
+    ]
+    assert reports_record(messages=early) == {"report_not_yours": 1, "waiting": 1}
     assert not Round.objects.filter(task__chain_task_id=task_id).exists()
 
     sync()
@@ -75,14 +77,13 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
         return signed(UpdateReport, node, update, tx, round_number, **measures)
 
     ann_update, ann_tx = submit(ann, "ann-0")
-    update_report_record(
-        message=update_report(ann, ann_update, ann_tx, num_examples=120, train_s=0.25)
-    )
     # Ben reports on an update that is not the one the chain has from him.
     ben_update, ben_tx = submit(ben, "ben-0")
-    update_report_record(
-        message=update_report(ben, model_id("ben-other"), ben_tx, num_examples=10**6)
-    )
+    early = [
+        update_report(ann, ann_update, ann_tx, num_examples=120, train_s=0.25),
+        update_report(ben, model_id("ben-other"), ben_tx, num_examples=10**6),
+    ]
+    assert reports_record(messages=early) == {"waiting": 2}
     assert not Update.objects.filter(task__chain_task_id=task_id).exists()
 
     sync()
@@ -97,26 +98,31 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
     work.append(("round", task_id, 0, aggregator.address))
     assert not cache.get_many([reports.parked_key(w) for w in work])
 
-    # Once mirrored, a report is stored at once, as it comes.
-    update_report_record(message=update_report(ben, ben_update, ben_tx, num_examples=80))
+    # Once mirrored, a report is stored at once, as it comes; one that names other work than
+    # the chain has is dropped, and the stored one stands.
+    late = [
+        update_report(ben, ben_update, ben_tx, num_examples=80),
+        update_report(ann, model_id("ann-other"), ann_tx, num_examples=10**6),
+    ]
+    assert reports_record(messages=late) == {"stored": 1, "dropped": 1}
     assert Update.objects.get(pk=updates[ben.address].pk).report.num_examples == 80
+    assert Update.objects.get(pk=updates[ann.address].pk).report.num_examples == 120
 
     # Only work a device may yet do can wait for the sync, so no device can fill Redis with
     # reports on work that never comes: not a device the task did not select, not a round
-    # the task does not have, not a trainer's report as the aggregator's.
+    # the task does not have, not a trainer's report as the aggregator's. A batch of them
+    # costs the honest report among them nothing: the aggregator's report on the task's last
+    # global model, still to come, waits for it.
     outsider = enrol("early-outsider")
     rounds = Task.objects.get(chain_task_id=task_id).rounds
-    refused = [
-        (update_report_record, update_report(outsider, model_id("out-0"), ann_tx)),
-        (update_report_record, update_report(ann, model_id("ann-far"), ann_tx, rounds)),
-        (update_report_record, update_report(aggregator, model_id("agg-0"), ann_tx)),
-        (round_report_record, round_report(aggregator, rounds + 1)),
+    batch = [
+        update_report(outsider, model_id("out-0"), ann_tx),
+        update_report(ann, model_id("ann-far"), ann_tx, rounds),
+        round_report(aggregator, rounds, accuracy=0.5),
+        update_report(aggregator, model_id("agg-0"), ann_tx),
+        round_report(aggregator, rounds + 1),
     ]
-    for record, message in refused:
-        with pytest.raises(reports.ReportUnexpectedError):
-            record(message=message)
-    # The aggregator's report on the task's last global model, still to come, waits for it.
-    round_report_record(message=round_report(aggregator, rounds, accuracy=0.5))
+    assert reports_record(messages=batch) == {"report_unexpected": 4, "waiting": 1}
     work = [
         ("update", task_id, 0, outsider.address),
         ("update", task_id, rounds, ann.address),
