@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from celery import Celery, current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 
 from chain.client import FlexMarket
 from chain.errors import (
@@ -478,13 +478,15 @@ def task_abort(*, task_id: int) -> str | None:
 def deadlines_check() -> dict[str, list[int]]:
     """The beat's look at every live task by chain time: queue node selection once bidding
     ended, an abort once the aggregator missed its deadline, and finalization of trained
-    tasks (normally fired by sync already); send bid requests that never went out (a task
-    whose order the website wrote after sync saw it). Returns the task ids per step."""
+    tasks once their final model's dispute window closed (normally fired by sync already);
+    send bid requests that never went out (a task whose order the website wrote after sync
+    saw it). Returns the task ids per step."""
     due: dict[str, list[int]] = {"select_nodes": [], "abort": [], "finalize": [], "notify": []}
+    final_published = Round.objects.filter(task=OuterRef("pk"), number=OuterRef("rounds"))
     live = list(
-        Task.objects.filter(
-            state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED]
-        ).order_by("chain_task_id")
+        Task.objects.filter(state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED])
+        .annotate(final_published_at=Subquery(final_published.values("published_at")[:1]))
+        .order_by("chain_task_id")
     )
     if not live:
         return due
@@ -501,7 +503,7 @@ def deadlines_check() -> dict[str, list[int]]:
             info = market.task(task_id=task.chain_task_id)
             if info.state == ChainTaskState.RUNNING and now > info.publish_deadline:
                 step = "abort"
-        else:
+        elif _dispute_closed(task, now):
             step = "finalize"
         if step is not None:
             due[step].append(task.chain_task_id)
@@ -511,3 +513,12 @@ def deadlines_check() -> dict[str, list[int]]:
                 message=TaskStep.of(contract.deployment_identity(), task_id=task.chain_task_id),
             )
     return due
+
+
+def _dispute_closed(task: Task, now: int) -> bool:
+    """Whether trained ``task``'s final model may no longer be challenged at chain time
+    ``now`` (as the contract's finalize checks it), or its publication is not mirrored."""
+    published = task.final_published_at
+    if published is None or not task.dispute_window_s:
+        return True
+    return now > published.timestamp() + task.dispute_window_s

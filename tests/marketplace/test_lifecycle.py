@@ -39,6 +39,7 @@ AGGREGATOR_PRICE = 2 * 10**14
 BUDGET = 10**16
 WINDOW_S = 30
 ROUND_TIMEOUT_S = 60
+DISPUTE_S = 600
 Action = LifecycleAction.Action
 
 
@@ -76,7 +77,9 @@ def enrol(name: str, *, aggregate: bool = False) -> Node:
     return Node(device=device, account=account)
 
 
-def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> TaskOrder:
+def post_task(
+    *, spec: TaskSpec = SPEC, min_trainers: int = 2, dispute_window_s: int = 0
+) -> TaskOrder:
     """A buyer signs up, funds the wallet and posts a task from the website's services; the
     buyer's order is recorded, the task itself is mirrored when chain sync sees it."""
     user = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
@@ -88,7 +91,7 @@ def post_task(*, spec: TaskSpec = SPEC, min_trainers: int = 2) -> TaskOrder:
         min_trainers=min_trainers,
         max_trainers=2,
         round_timeout_s=ROUND_TIMEOUT_S,
-        dispute_window_s=0,
+        dispute_window_s=dispute_window_s,
         budget_wei=BUDGET,
         bidding_window_s=WINDOW_S,
     )
@@ -125,10 +128,12 @@ def sync() -> None:
     assert ChainSync().run().status == "synced"
 
 
-def selected_task(market: FlexMarket, aggregator: Node, trainers: list[Node]) -> TaskOrder:
+def selected_task(
+    market: FlexMarket, aggregator: Node, trainers: list[Node], *, dispute_window_s: int = 0
+) -> TaskOrder:
     """A posted task whose bidding ended with ``aggregator`` and ``trainers`` selected (not
     mirrored yet: the buyer's order)."""
-    task = post_task(min_trainers=len(trainers))
+    task = post_task(min_trainers=len(trainers), dispute_window_s=dispute_window_s)
     bid(market, aggregator, task, role=Role.AGGREGATOR)
     for trainer in trainers:
         bid(market, trainer, task)
@@ -362,6 +367,48 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
             (Action.FINALIZE, 0),
         ]
     )
+
+
+def test_a_trained_task_is_finalized_once_its_dispute_window_closes(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    market = platform_market
+    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
+    order = selected_task(market, aggregator, [trainer], dispute_window_s=DISPUTE_S)
+    task_id = order.chain_task_id
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
+    )
+    market.submit_update(
+        sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
+    )
+    market.publish_global_model(
+        sender=aggregator.account,
+        task_id=task_id,
+        round_number=1,
+        model_id=model_id("final"),
+        aggregated_mask=0b1,
+    )
+    sync()
+    assert mirrored(order).state == "trained"
+
+    # While the final model may be challenged, the beat queues no finalization for it, tick
+    # after tick, and none would settle it.
+    for _ in range(2):
+        assert task_id not in lifecycle.deadlines_check()["finalize"]
+    assert lifecycle.task_finalize(task_id=task_id) is None
+    advance(market, DISPUTE_S - 60, mine=False)
+    assert task_id not in lifecycle.deadlines_check()["finalize"]
+
+    # Once the window has closed by chain time (no block need carry it yet), it is queued
+    # and settles.
+    advance(market, 61, mine=False)
+    assert task_id in lifecycle.deadlines_check()["finalize"]
+    assert lifecycle.task_finalize(task_id=task_id) is not None
+    sync()
+    assert mirrored(order).state == "finalized"
+    assert task_id not in lifecycle.deadlines_check()["finalize"]
 
 
 def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
