@@ -482,10 +482,10 @@ def deadlines_check() -> dict[str, list[int]]:
     send bid requests that never went out (a task whose order the website wrote after sync
     saw it). Returns the task ids per step."""
     due: dict[str, list[int]] = {"select_nodes": [], "abort": [], "finalize": [], "notify": []}
-    final_published = Round.objects.filter(task=OuterRef("pk"), number=OuterRef("rounds"))
+    last_published = Round.objects.filter(task=OuterRef("pk")).order_by("-number")
     live = list(
         Task.objects.filter(state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED])
-        .annotate(final_published_at=Subquery(final_published.values("published_at")[:1]))
+        .annotate(last_published_at=Subquery(last_published.values("published_at")[:1]))
         .order_by("chain_task_id")
     )
     if not live:
@@ -500,9 +500,10 @@ def deadlines_check() -> dict[str, list[int]]:
             elif task_notify_devices(task=task) is not None:
                 due["notify"].append(task.chain_task_id)
         elif task.state == TaskState.RUNNING:
-            info = market.task(task_id=task.chain_task_id)
-            if info.state == ChainTaskState.RUNNING and now > info.publish_deadline:
-                step = "abort"
+            if _publish_overdue(task, now):
+                info = market.task(task_id=task.chain_task_id)  # the mirror may lag: confirm
+                if info.state == ChainTaskState.RUNNING and now > info.publish_deadline:
+                    step = "abort"
         elif _dispute_closed(task, now):
             step = "finalize"
         if step is not None:
@@ -515,10 +516,20 @@ def deadlines_check() -> dict[str, list[int]]:
     return due
 
 
+def _publish_overdue(task: Task, now: int) -> bool:
+    """Whether running ``task``'s next global model may be overdue at chain time ``now``
+    by what chain sync has mirrored: one is due two round timeouts after the last (the
+    contract's publish deadline). A mirror that lags has an earlier last publication, so
+    this never says no to a model that is overdue; the initial model's deadline counts
+    from the selection, which is not mirrored, so that one may always be."""
+    published = task.last_published_at
+    return published is None or now > published.timestamp() + 2 * task.round_timeout_s
+
+
 def _dispute_closed(task: Task, now: int) -> bool:
     """Whether trained ``task``'s final model may no longer be challenged at chain time
     ``now`` (as the contract's finalize checks it), or its publication is not mirrored."""
-    published = task.final_published_at
+    published = task.last_published_at
     if published is None or not task.dispute_window_s:
         return True
     return now > published.timestamp() + task.dispute_window_s

@@ -369,6 +369,33 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
     )
 
 
+def test_a_task_whose_aggregator_stops_after_a_round_is_aborted_at_the_deadline(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    market = platform_market
+    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
+    order = selected_task(market, aggregator, [trainer])
+    task_id = order.chain_task_id
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
+    )
+    sync()
+    market.submit_update(
+        sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
+    )
+    # The next global model is due two round timeouts after the last (one to train, one to
+    # aggregate); the aggregator never publishes it.
+    assert task_id not in lifecycle.deadlines_check()["abort"]
+    assert lifecycle.task_abort(task_id=task_id) is None
+    advance(market, 2 * ROUND_TIMEOUT_S + 1, mine=False)
+    assert task_id in lifecycle.deadlines_check()["abort"]
+    assert lifecycle.task_abort(task_id=task_id) is not None
+    sync()
+    assert mirrored(order).state == "aborted"
+    assert task_id not in lifecycle.deadlines_check()["abort"]
+
+
 def test_a_trained_task_is_finalized_once_its_dispute_window_closes(
     platform_market,
     mirror_env: Broker,  # noqa: F811
@@ -398,12 +425,10 @@ def test_a_trained_task_is_finalized_once_its_dispute_window_closes(
     for _ in range(2):
         assert task_id not in lifecycle.deadlines_check()["finalize"]
     assert lifecycle.task_finalize(task_id=task_id) is None
-    advance(market, DISPUTE_S - 60, mine=False)
-    assert task_id not in lifecycle.deadlines_check()["finalize"]
 
     # Once the window has closed by chain time (no block need carry it yet), it is queued
     # and settles.
-    advance(market, 61, mine=False)
+    advance(market, DISPUTE_S + 1, mine=False)
     assert task_id in lifecycle.deadlines_check()["finalize"]
     assert lifecycle.task_finalize(task_id=task_id) is not None
     sync()
