@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from celery import Celery, current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import Exists, OuterRef, QuerySet, Subquery
 
 from chain.client import FlexMarket
 from chain.errors import (
@@ -483,9 +483,13 @@ def deadlines_check() -> dict[str, list[int]]:
     saw it). Returns the task ids per step."""
     due: dict[str, list[int]] = {"select_nodes": [], "abort": [], "finalize": [], "notify": []}
     last_published = Round.objects.filter(task=OuterRef("pk")).order_by("-number")
+    notified = LifecycleAction.objects.filter(task=OuterRef("pk"), action=Action.NOTIFY_BIDS)
     live = list(
         Task.objects.filter(state__in=[TaskState.BIDDING, TaskState.RUNNING, TaskState.TRAINED])
-        .annotate(last_published_at=Subquery(last_published.values("published_at")[:1]))
+        .annotate(
+            last_published_at=Subquery(last_published.values("published_at")[:1]),
+            notified=Exists(notified),
+        )
         .order_by("chain_task_id")
     )
     if not live:
@@ -497,7 +501,7 @@ def deadlines_check() -> dict[str, list[int]]:
         if task.state == TaskState.BIDDING:
             if task.bidding_ends.timestamp() <= now:
                 step = "select_nodes"
-            elif task_notify_devices(task=task) is not None:
+            elif not task.notified and task_notify_devices(task=task) is not None:
                 due["notify"].append(task.chain_task_id)
         elif task.state == TaskState.RUNNING:
             if _publish_overdue(task, now):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
@@ -366,6 +368,31 @@ def test_each_step_of_a_task_fires_once(platform_market, mirror_env: Broker):  #
             (Action.START_ROUND, 1),  # the final model: the trainers only check it
             (Action.FINALIZE, 0),
         ]
+    )
+
+
+def test_the_beats_look_costs_no_more_queries_for_more_tasks_waiting(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    enrol("bidder")  # a device to ask for bids
+
+    def look_queries() -> int:
+        lifecycle.deadlines_check()  # sends what is due, so the next look finds nothing
+        with CaptureQueriesContext(connection) as look:
+            lifecycle.deadlines_check()
+        return len(look)
+
+    orders = [post_task()]
+    sync()
+    one = look_queries()
+    orders += [post_task(), post_task()]
+    sync()
+    assert look_queries() == one
+    # Each was asked for bids once, all the same.
+    notified = LifecycleAction.objects.filter(action=LifecycleAction.Action.NOTIFY_BIDS)
+    assert sorted(notified.values_list("task__created_tx", flat=True)) == sorted(
+        o.created_tx for o in orders
     )
 
 
