@@ -522,12 +522,15 @@ def deadlines_check() -> dict[str, list[int]]:
 
 def _publish_overdue(task: Task, now: int) -> bool:
     """Whether running ``task``'s next global model may be overdue at chain time ``now``
-    by what chain sync has mirrored: one is due two round timeouts after the last (the
-    contract's publish deadline). A mirror that lags has an earlier last publication, so
-    this never says no to a model that is overdue; the initial model's deadline counts
-    from the selection, which is not mirrored, so that one may always be."""
-    published = task.last_published_at
-    return published is None or now > published.timestamp() + 2 * task.round_timeout_s
+    by what chain sync has mirrored, as the contract's publish deadline counts: the initial
+    model a round timeout after the selection, each next one two after the last. A mirror
+    that lags has an earlier last step, so this never says no to a model that is overdue;
+    without the step's time (a row mirrored before it was kept) it says yes."""
+    if task.last_published_at is not None:
+        since, timeouts = task.last_published_at, 2
+    else:
+        since, timeouts = task.selected_at, 1
+    return since is None or now > since.timestamp() + timeouts * task.round_timeout_s
 
 
 def _dispute_closed(task: Task, now: int) -> bool:

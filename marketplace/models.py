@@ -299,6 +299,8 @@ class Task(models.Model):
     sample_cap = models.PositiveBigIntegerField(default=1000)
     aggregator = models.CharField(max_length=42, blank=True)
     aggregator_price_wei = WeiField(null=True, blank=True)
+    # The block time of NodesSelected: the initial model is due a round timeout after it.
+    selected_at = models.DateTimeField(null=True, blank=True)
     published_rounds = models.PositiveIntegerField(default=0)
     trainers_paid_wei = WeiField(null=True, blank=True)
     aggregator_paid_wei = WeiField(null=True, blank=True)

@@ -59,6 +59,8 @@ LOCK_TTL_S = 120
 MAX_REWINDS = 3
 # Syncs one run may do for requests that came while it held the lock (then the next ring's).
 MAX_RUNS = 5
+# Events whose block time the mirror keeps: the deadlines that count from them (lifecycle).
+TIMED_EVENTS = frozenset({"NodesSelected", "GlobalModelPublished"})
 
 
 @functools.cache
@@ -398,7 +400,7 @@ class ChainSync:
         self._check_window(chunk, fresh, known, cursor.block_number)
         new = [e for e in fresh if e.key not in known]
         # Every chain read happens before the transaction, so a lost node cannot cut it.
-        wanted = {e.block_number for e in new if e.name == "GlobalModelPublished"}
+        wanted = {e.block_number for e in new if e.name in TIMED_EVENTS}
         if new:
             wanted.add(new[-1].block_number)
         stamped = {e.block_number: e.block_time for e in chunk.events if e.block_time}

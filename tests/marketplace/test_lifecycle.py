@@ -485,6 +485,9 @@ def test_missed_deadline_aborts_once_and_a_node_without_a_device_is_only_logged(
     assert mirror_env.messages(trainer.queue) == []  # bidding was over when sync saw it
 
     # Nobody publishes the initial model: after the deadline (chain time) the task aborts.
+    # The beat counts it from the selection's time, as mirrored.
+    info = market.task(task_id=task.chain_task_id)
+    assert task.selected_at.timestamp() + ROUND_TIMEOUT_S == info.publish_deadline
     assert task.chain_task_id not in lifecycle.deadlines_check()["abort"]
     assert lifecycle.task_abort(task_id=task.chain_task_id) is None
     advance(market, ROUND_TIMEOUT_S + 1, mine=False)

@@ -37,6 +37,7 @@ def nodes_selected(mirror, e: MirrorEvent) -> None:
     a = e.args
     task.aggregator = a["aggregator"]
     task.aggregator_price_wei = int(a["aggregator_price_wei"])
+    task.selected_at = when(mirror.block_times.get(e.block_number)) or task.selected_at
     task.state = TaskState.RUNNING
     where = {"task": task, "tx_hash": e.tx_hash, "block_number": e.block_number}
     nodes = [
