@@ -423,6 +423,40 @@ def test_a_task_whose_aggregator_stops_after_a_round_is_aborted_at_the_deadline(
     assert task_id not in lifecycle.deadlines_check()["abort"]
 
 
+def test_a_mirror_that_lags_never_aborts_an_aggregator_that_was_in_time(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    market = platform_market
+    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
+    order = selected_task(market, aggregator, [trainer])
+    task_id = order.chain_task_id
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
+    )
+    sync()
+    market.submit_update(
+        sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
+    )
+    # The final model comes in time, and chain sync has not seen it yet when the mirrored
+    # round 0 says the next one is overdue: the chain has the last word, and nobody's bond
+    # is slashed for the mirror's lag.
+    advance(market, 2 * ROUND_TIMEOUT_S - 60)
+    market.publish_global_model(
+        sender=aggregator.account,
+        task_id=task_id,
+        round_number=1,
+        model_id=model_id("final"),
+        aggregated_mask=0b1,
+    )
+    advance(market, 61, mine=False)
+    assert mirrored(order).state == "running"
+    assert task_id not in lifecycle.deadlines_check()["abort"]
+    assert lifecycle.task_abort(task_id=task_id) is None
+    sync()
+    assert mirrored(order).state == "trained"
+
+
 def test_a_trained_task_is_finalized_once_its_dispute_window_closes(
     platform_market,
     mirror_env: Broker,  # noqa: F811
