@@ -32,6 +32,8 @@ ROUNDS = 10
 # machine, and, since seconds differ between machines, a platform round at most 1.5 plain ones.
 OVERHEAD_TARGET_S = 0.25
 RATIO_TARGET = 1.5
+# The platform's final accuracy against the same rule run in process.
+ACCURACY_GAP = 0.01
 
 
 def plain_loop(
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {
             "overhead_round_s": OVERHEAD_TARGET_S,
             "ratio": RATIO_TARGET,
-            "accuracy_gap": 0.01,
+            # Between the platform and its own rule run in this process.
+            "accuracy_gap": ACCURACY_GAP,
         },
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -228,11 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU per steady round {result['cpu_s_per_round_total']} s on {os.cpu_count()} cores: "
         + ", ".join(f"{n} {c}" for n, c in sorted(cpu_per_round.items(), key=lambda x: -x[1]))
     )
-    gap = abs(summary["final_accuracy"] - plain_accuracy)
+    # The platform must not change the model: its accuracy is held to its own rule's in this
+    # process. Plain FedAvg's is beside it: what weighing by score costs on clean data.
+    gap = abs(summary["final_accuracy"] - scored_curve[-1])
+    print(
+        f"accuracy gap to its rule in process {gap:.4f} (at most {ACCURACY_GAP}); "
+        f"the rule against plain FedAvg {scored_curve[-1] - plain_accuracy:+.4f}"
+    )
     ok = (
         result["overhead_round_s"] < OVERHEAD_TARGET_S
         and result["ratio"] <= RATIO_TARGET
-        and gap <= 0.01
+        and gap <= ACCURACY_GAP
     )
     print("targets met" if ok else "TARGET MISSED")
     return verdict(ok)
