@@ -17,7 +17,6 @@ message is the contract's task id.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Iterable
 
@@ -77,10 +76,14 @@ def dispatch(name: str, *, queue: str, message: Message, countdown: float | None
     broker failure then is logged: the commit stands."""
     send = (celery_app or current_app).send_task
     options = route(queue) if countdown is None else {**route(queue), "countdown": countdown}
-    transaction.on_commit(
-        functools.partial(send, name, kwargs={"message": message.dump()}, **options),
-        robust=True,
-    )
+    body = {"message": message.dump()}
+
+    # A function of its own, not a functools.partial: Django logs a robust hook's failure
+    # under the hook's __qualname__, which a partial lacks (the log call would raise instead).
+    def send_step() -> None:
+        send(name, kwargs=body, **options)
+
+    transaction.on_commit(send_step, robust=True)
 
 
 def task_spec(task: Task) -> dict | None:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from celery import Celery
+from django.contrib.auth.models import User
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from eth_account import Account
 from eth_account.messages import encode_defunct
@@ -18,16 +20,18 @@ from eth_utils import keccak
 
 from chain.client import FlexMarket
 from chain.events import Role, TaskState
+from core.broker import url_with
 from core.enrolment import join_message
 from core.messages import (
     BidRequest,
+    Deployment,
     InitialModelRequest,
     RoundAggregateRequest,
     RoundStep,
     RoundTrainRequest,
     TaskStep,
 )
-from core.queues import device_queue
+from core.queues import PLATFORM_QUEUE, device_queue
 from marketplace import contract, lifecycle, reports, services
 from marketplace.models import Device, LifecycleAction, Round, Task, TaskOrder, Update
 from marketplace.sync import ChainSync
@@ -621,3 +625,24 @@ def test_a_later_round_is_reminded_only_to_the_nodes_that_did_not_start_it(
     before = {n.address: mirror_env.waiting(n.queue) for n in (*trainers, aggregator)}
     assert lifecycle.task_round_remind(task_id=task_id, round_number=1) is None
     assert {n.address: mirror_env.waiting(n.queue) for n in (*trainers, aggregator)} == before
+
+
+def test_a_step_the_broker_refuses_is_logged_and_the_commit_stands(broker, monkeypatch, caplog):
+    """A step is sent once its transaction commits; when the broker refuses it then, the
+    failure is logged and what the transaction wrote stays (the beat's next look or a
+    reminder sends the step again)."""
+    refusing = Celery(
+        "flex-refused",
+        broker=url_with(broker.url, vhost="flex-no-such-vhost"),
+        set_as_current=False,
+    )
+    monkeypatch.setattr(lifecycle, "celery_app", refusing)
+    step = TaskStep.of(Deployment(chain_id=1, contract="0x" + "11" * 20), task_id=1)
+    with transaction.atomic():
+        User.objects.create_user(username="kept")
+        lifecycle.dispatch("marketplace.task_abort", queue=PLATFORM_QUEUE, message=step)
+
+    assert User.objects.filter(username="kept").exists()
+    [failed] = [r for r in caplog.records if "in on_commit()" in r.getMessage()]
+    assert "dispatch.<locals>.send_step" in failed.getMessage()
+    assert failed.exc_info is not None
