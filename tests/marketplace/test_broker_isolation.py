@@ -65,6 +65,16 @@ REFUSED = (AccessRefused, NotAllowed, ConnectionForced)
 WAIT_S = 60
 
 
+@pytest.fixture(autouse=True)
+def platform_app_current() -> Iterator[None]:
+    """After each test, the process sends through the platform's app again: a node's app
+    (node_app) or a started worker makes itself the process's current and default app, and
+    the next test's sync would otherwise send on a broker user its vhost no longer has."""
+    yield
+    flexsite_app.set_current()
+    flexsite_app.set_default()
+
+
 @pytest.fixture
 def vhost(platform_settings) -> Iterator[BrokerVhost]:
     """A vhost of the test's own, where enrolments make their device users."""
@@ -190,12 +200,8 @@ def platform_worker_running(vhost: BrokerVhost) -> Iterator[None]:
     """The platform's worker (queue ``platform`` and the reports gateway) in a thread."""
     app = platform_app(broker_url=vhost.url, result_backend=None, set_as_current=False)
     app.conf.worker_hijack_root_logger = False
-    try:
-        with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
-            yield
-    finally:
-        flexsite_app.set_current()
-        flexsite_app.set_default()
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=60):
+        yield
 
 
 @pytest.fixture
@@ -400,8 +406,6 @@ def test_steps_left_in_the_broker_by_another_deployment_are_dropped_and_work_goe
     finally:
         for logger in speakers:
             logger.removeHandler(caplog.handler)
-        flexsite_app.set_current()
-        flexsite_app.set_default()
 
 
 def test_each_stack_has_a_namespace_of_its_own(tmp_path):
