@@ -400,13 +400,11 @@ def test_the_beats_look_costs_no_more_queries_for_more_tasks_waiting(
     )
 
 
-def test_a_task_whose_aggregator_stops_after_a_round_is_aborted_at_the_deadline(
-    platform_market,
-    mirror_env: Broker,  # noqa: F811
-):
-    market = platform_market
+def round_0_submitted(market: FlexMarket, *, dispute_window_s: int = 0) -> tuple[Node, TaskOrder]:
+    """An aggregator and one trainer selected for a task, the initial model published and
+    mirrored, and the trainer's update for round 0 submitted: the aggregator's turn."""
     aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
-    order = selected_task(market, aggregator, [trainer])
+    order = selected_task(market, aggregator, [trainer], dispute_window_s=dispute_window_s)
     task_id = order.chain_task_id
     market.publish_global_model(
         sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
@@ -415,6 +413,16 @@ def test_a_task_whose_aggregator_stops_after_a_round_is_aborted_at_the_deadline(
     market.submit_update(
         sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
     )
+    return aggregator, order
+
+
+def test_a_task_whose_aggregator_stops_after_a_round_is_aborted_at_the_deadline(
+    platform_market,
+    mirror_env: Broker,  # noqa: F811
+):
+    market = platform_market
+    _, order = round_0_submitted(market)
+    task_id = order.chain_task_id
     # The next global model is due two round timeouts after the last (one to train, one to
     # aggregate); the aggregator never publishes it.
     assert task_id not in lifecycle.deadlines_check()["abort"]
@@ -432,16 +440,8 @@ def test_a_mirror_that_lags_never_aborts_an_aggregator_that_was_in_time(
     mirror_env: Broker,  # noqa: F811
 ):
     market = platform_market
-    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
-    order = selected_task(market, aggregator, [trainer])
+    aggregator, order = round_0_submitted(market)
     task_id = order.chain_task_id
-    market.publish_global_model(
-        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
-    )
-    sync()
-    market.submit_update(
-        sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
-    )
     # The final model comes in time, and chain sync has not seen it yet when the mirrored
     # round 0 says the next one is overdue: the chain has the last word, and nobody's bond
     # is slashed for the mirror's lag.
@@ -466,15 +466,8 @@ def test_a_trained_task_is_finalized_once_its_dispute_window_closes(
     mirror_env: Broker,  # noqa: F811
 ):
     market = platform_market
-    aggregator, trainer = enrol("aggregator", aggregate=True), enrol("trainer")
-    order = selected_task(market, aggregator, [trainer], dispute_window_s=DISPUTE_S)
+    aggregator, order = round_0_submitted(market, dispute_window_s=DISPUTE_S)
     task_id = order.chain_task_id
-    market.publish_global_model(
-        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("initial")
-    )
-    market.submit_update(
-        sender=trainer.account, task_id=task_id, round_number=0, model_id=model_id("update")
-    )
     market.publish_global_model(
         sender=aggregator.account,
         task_id=task_id,
