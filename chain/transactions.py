@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,12 @@ from eth_utils import (
 )
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import ContractLogicError, TimeExhausted, TransactionNotFound, Web3RPCError
+from web3.exceptions import (
+    ContractLogicError,
+    TransactionIndexingInProgress,
+    TransactionNotFound,
+    Web3RPCError,
+)
 
 from chain import events as ev
 from chain.build import load_artifact
@@ -45,6 +51,8 @@ GAS_MARGIN_MIN = 20_000
 # EIP-7825 (Osaka) caps a transaction's gas; staying under it keeps one code path for both.
 MAX_TX_GAS = 2**24
 RECEIPT_TIMEOUT_SECONDS = 120.0
+# The first and the longest wait between two asks for a receipt (PendingTx.receipt).
+RECEIPT_POLL_S = (0.002, 0.5)
 NONCE_ATTEMPTS = 3
 
 _ERROR_STRING_SELECTOR = keccak(text="Error(string)")[:4]
@@ -275,19 +283,33 @@ class PendingTx:
 
     def receipt(self, *, timeout: float = RECEIPT_TIMEOUT_SECONDS) -> Any:
         """The receipt once mined; a transaction that reverted there is replayed with
-        eth_call to raise why. ChainUnavailableError when it is not mined in ``timeout``."""
+        eth_call to raise why. ChainUnavailableError when it is not mined in ``timeout``.
+
+        Asked at once, then again after RECEIPT_POLL_S, each wait twice the one before:
+        a node that mines as transactions arrive (a development chain, a rollup's
+        sequencer) has it within milliseconds, and is asked within milliseconds; a chain
+        of 12-second blocks is asked twice a second, not twenty times."""
+        deadline = time.monotonic() + timeout
+        delay, most = RECEIPT_POLL_S
         with rpc(sender=self.tx["from"]):
-            try:
-                receipt = self.w3.eth.wait_for_transaction_receipt(
-                    self.tx_hash, timeout=timeout, poll_latency=0.05
-                )
-            except TimeExhausted as exc:
-                raise ChainUnavailableError(
-                    "transaction was not mined in time", tx_hash="0x" + bytes(self.tx_hash).hex()
-                ) from exc
+            while (receipt := self._mined()) is None:
+                if time.monotonic() + delay > deadline:
+                    raise ChainUnavailableError(
+                        "transaction was not mined in time",
+                        tx_hash="0x" + bytes(self.tx_hash).hex(),
+                        timeout_s=timeout,
+                    )
+                time.sleep(delay)
+                delay = min(2 * delay, most)
             if receipt["status"] != 1:
                 _raise_mined_revert(self.w3, self.tx, receipt)
         return receipt
+
+    def _mined(self) -> Any:
+        try:
+            return self.w3.eth.get_transaction_receipt(self.tx_hash)
+        except (TransactionNotFound, TransactionIndexingInProgress):
+            return None
 
 
 def submit(

@@ -220,6 +220,31 @@ def test_the_same_transaction_sent_first_by_another_process_runs_once(
     assert w3.eth.get_transaction_count(twin.address) == nonce + 1
 
 
+def test_a_transaction_is_waited_for_until_mined_and_no_longer_than_asked(
+    accounts: Accounts, w3: Web3
+):
+    payee = Account.create().address
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        pending = submit(w3, accounts.spare[0], {"to": payee, "value": 5})
+        # Not mined yet: the wait gives up when told to, and names the transaction.
+        with pytest.raises(ChainUnavailableError, match="not mined in time") as exc:
+            pending.receipt(timeout=0.3)
+        assert exc.value.tx_hash == "0x" + bytes(pending.tx_hash).hex()
+        assert exc.value.code == "chain_unavailable"
+        # Mined while a wait is on: that wait returns the receipt.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(pending.receipt, timeout=120)
+            w3.provider.make_request("evm_mine", [])
+            receipt = waiting.result()
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request("evm_mine", [])
+    assert receipt["status"] == 1
+    assert bytes(receipt["transactionHash"]) == bytes(pending.tx_hash)
+    assert w3.eth.get_balance(payee) == 5
+
+
 def _ask_the_node(url: str, times: int) -> None:
     w3 = connect(url)
     for _ in range(times):
