@@ -26,7 +26,7 @@ from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreate
 from chain.launcher import free_port
 from chain.node import client, connect
 from chain.records import TxResult
-from chain.transactions import submit
+from chain.transactions import PendingTx, submit
 from tests.chain.conftest import Accounts, Flow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,6 +243,21 @@ def test_a_transaction_is_waited_for_until_mined_and_no_longer_than_asked(
     assert receipt["status"] == 1
     assert bytes(receipt["transactionHash"]) == bytes(pending.tx_hash)
     assert w3.eth.get_balance(payee) == 5
+
+
+def test_a_node_lost_while_a_receipt_is_awaited_is_chain_unavailable(accounts: Accounts, w3: Web3):
+    pending = submit(w3, accounts.spare[0], {"to": Account.create().address, "value": 1})
+    pending.receipt()
+    # The same wait, against a node that has gone away: a clear error at once, not a hang
+    # until the receipt timeout.
+    lost = PendingTx(
+        w3=client(f"http://127.0.0.1:{free_port()}", timeout=2),
+        tx=pending.tx,
+        tx_hash=pending.tx_hash,
+    )
+    with pytest.raises(ChainUnavailableError, match="cannot reach the chain") as exc:
+        lost.receipt(timeout=120)
+    assert exc.value.code == "chain_unavailable"
 
 
 def _ask_the_node(url: str, times: int) -> None:
