@@ -242,6 +242,39 @@ def compiled_model(*, spec: TaskSpec) -> Any:
     return cache[spec.model]
 
 
+def minibatch_sgd(*, spec: TaskSpec) -> Callable[[np.ndarray, np.ndarray, np.ndarray], None]:
+    """The spec's compiled model (compiled_model) trained in one call: ``(x, y, batches)``
+    takes one optimizer step on each batch in turn, batch k being the samples
+    ``batches[k]`` names (rows of indexes into ``x`` and ``y``; a shorter last batch of an
+    epoch is padded with -1). One per model and thread, traced once.
+
+    Each step is the model's own train_step, through the same kernels as train_on_batch on
+    that batch: the weights are those, bit for bit. A round of a small model on a small
+    partition is dozens of tiny batches, and a Python call into Keras per batch costs more
+    than the batch's arithmetic; here the loop runs inside the graph and the round pays
+    that overhead once.
+    """
+    cache: dict[str, Any] = _compiled.__dict__.setdefault("sgd", {})
+    if spec.model not in cache:
+        import tensorflow as tf
+
+        model = compiled_model(spec=spec)
+
+        @tf.function(reduce_retracing=True)
+        def steps(x: Any, y: Any, batches: Any) -> None:
+            for metric in model.metrics:
+                metric.reset_state()  # unread: kept from summing every round ever trained
+            for k in tf.range(tf.shape(batches)[0]):
+                chosen = tf.boolean_mask(batches[k], batches[k] >= 0)
+                model.train_step((tf.gather(x, chosen), tf.gather(y, chosen)))
+
+        def run(x: np.ndarray, y: np.ndarray, batches: np.ndarray) -> None:
+            steps(tf.constant(x), tf.constant(y), tf.constant(batches, dtype=tf.int32))
+
+        cache[spec.model] = run
+    return cache[spec.model]
+
+
 def forward(
     *, spec: TaskSpec
 ) -> Callable[[Sequence[Sequence[np.ndarray]], np.ndarray], np.ndarray]:

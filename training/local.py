@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from training.catalogue import compiled_model
+from training.catalogue import compiled_model, minibatch_sgd
 from training.datasets import Dataset
 from training.evaluate import check_data, check_weights, measure
 
@@ -45,14 +45,24 @@ def train_round(
     model.set_weights([np.asarray(w, dtype=np.float32) for w in weights])
     model.optimizer.learning_rate = spec.learning_rate
     rng = np.random.default_rng([spec.seed if seed is None else seed, round_number])
-    size, batch = len(data), spec.batch_size
-    for _ in range(spec.local_epochs):
-        order = rng.permutation(size)
-        for start in range(0, size, batch):
-            chosen = order[start : start + batch]
-            model.train_on_batch(data.x[chosen], data.y[chosen])
+    minibatch_sgd(spec=spec)(
+        data.x,
+        data.y,
+        batches(rng, size=len(data), batch=spec.batch_size, epochs=spec.local_epochs),
+    )
     return LocalResult(
         weights=model.get_weights(),
-        num_examples=size,
+        num_examples=len(data),
         metrics=measure(model=model, data=data).as_dict(),
     )
+
+
+def batches(rng: np.random.Generator, *, size: int, batch: int, epochs: int) -> np.ndarray:
+    """The sample indexes of each minibatch of ``epochs`` passes over ``size`` samples, a
+    row each: every epoch a fresh permutation from ``rng``, cut into batches of ``batch``,
+    the last of an epoch shorter (padded with -1)."""
+    per_epoch = -(-size // batch)
+    rows = np.full((epochs, per_epoch * batch), -1, dtype=np.int64)
+    for epoch in range(epochs):
+        rows[epoch, :size] = rng.permutation(size)
+    return rows.reshape(epochs * per_epoch, batch)

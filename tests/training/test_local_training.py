@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from eth_utils import keccak
 
-from training.catalogue import build_model, initial_weights
+from training.catalogue import build_model, import_keras, initial_weights
 from training.datasets import Dataset
 from training.errors import DatasetError, WeightsMismatchError
 from training.evaluate import PREDICT_BATCH, evaluate, evaluate_many, measure
@@ -47,8 +47,35 @@ def test_a_round_repeats_exactly(spec, partitions):
     assert raw(first.weights) != raw(other.weights)
 
 
+@pytest.mark.parametrize("model", ["digits-mlp", "digits-cnn"])
+def test_a_round_is_keras_minibatch_sgd_step_by_step_to_the_bit(model, partitions):
+    """The round runs its batches inside one graph call; the weights are those of Keras's
+    own train_on_batch over the same batches in the same order: each epoch a permutation
+    from the round's generator, cut into batches, the last one shorter."""
+    spec = TaskSpec(model=model, dataset="digits-8x8", rounds=2, local_epochs=3, seed=5)
+    data = partitions[1]
+    assert len(data) % spec.batch_size  # a short last batch in every epoch
+    start = initial_weights(spec=spec)
+    fused = train_round(spec=spec, weights=start, data=data, round_number=2)
+    keras = import_keras()
+    keras_model = build_model(spec=spec)
+    keras_model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=spec.learning_rate),
+        loss="sparse_categorical_crossentropy",
+    )
+    keras_model.set_weights(start)
+    rng = np.random.default_rng([spec.seed, 2])
+    for _ in range(spec.local_epochs):
+        order = rng.permutation(len(data))
+        for first in range(0, len(data), spec.batch_size):
+            chosen = order[first : first + spec.batch_size]
+            keras_model.train_on_batch(data.x[chosen], data.y[chosen])
+    assert raw(fused.weights) == raw(keras_model.get_weights())
+    assert raw(fused.weights) != raw(start)
+
+
 ROUND_IN_CHILD = """
-from training.catalogue import build_model, initial_weights
+from training.catalogue import build_model, import_keras, initial_weights
 from training.datasets import load_partition
 from training.local import train_round
 from training.spec import TaskSpec
