@@ -246,7 +246,8 @@ def minibatch_sgd(*, spec: TaskSpec) -> Callable[[np.ndarray, np.ndarray, np.nda
     """The spec's compiled model (compiled_model) trained in one call: ``(x, y, batches)``
     takes one optimizer step on each batch in turn, batch k being the samples
     ``batches[k]`` names (rows of indexes into ``x`` and ``y``; a shorter last batch of an
-    epoch is padded with -1). One per model and thread, traced once.
+    epoch is padded with -1). One per model and thread, traced once per partition size (a
+    device's one size keeps its exact shapes) and, after a second size, once for any.
 
     Each step is the model's own train_step, through the same kernels as train_on_batch on
     that batch: the weights are those, bit for bit. A round of a small model on a small
