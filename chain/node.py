@@ -62,10 +62,14 @@ class NodeProvider(HTTPProvider):
         # make_post_request: this provider is its own.
         self._request_session_manager = self  # type: ignore[assignment]
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self._path = urllib3.util.parse_url(str(self.endpoint_uri)).request_uri
         self._pool = self._new_pool()
         _PROVIDERS.add(self)
 
-    def _new_pool(self) -> urllib3.PoolManager:
+    def _new_pool(self) -> urllib3.PoolManager | urllib3.HTTPConnectionPool:
+        """The connections to the node: a pool of its host's own (the provider only ever
+        posts to its endpoint, so nothing is looked up per request), or, through a proxy
+        the environment names, the proxy's."""
         url = str(self.endpoint_uri)
         proxy = select_proxy(url, get_environ_proxies(url))
         options = {
@@ -75,13 +79,18 @@ class NodeProvider(HTTPProvider):
             or os.environ.get("CURL_CA_BUNDLE")
             or certifi.where(),
         }
-        return urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
+        if proxy:
+            return urllib3.ProxyManager(proxy, **options)
+        if urllib3.util.parse_url(url).scheme != "https":
+            del options["ca_certs"]
+        return urllib3.connection_from_url(url, **options)
 
     def make_post_request(self, endpoint_uri: str, data: bytes, **kwargs: object) -> bytes:
         """The node's answer to ``data`` (web3 calls this for each request and batch)."""
-        response = self._pool.request(
+        pool = self._pool
+        response = pool.urlopen(
             "POST",
-            endpoint_uri,
+            endpoint_uri if isinstance(pool, urllib3.PoolManager) else self._path,
             body=data,
             headers=kwargs.get("headers"),  # type: ignore[arg-type]
             timeout=self._timeout,
@@ -97,9 +106,12 @@ def client(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> Web3:
     Without web3's validation middleware: it asks the node its chain id before every call
     and estimate (once per thread, and a web server runs each request in a thread of its
     own) to compare it with the chainId of a transaction, which FLEX sets from chain_id.
+    Without its ENS middleware either: FLEX names accounts and contracts by address only,
+    and that middleware looks through the arguments of every request for names.
     """
     w3 = Web3(NodeProvider(url, timeout=timeout))
     w3.middleware_onion.remove("validation")
+    w3.middleware_onion.remove("ens_name_to_address")
     return w3
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import http.server
 import multiprocessing
+import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import trustme
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
@@ -92,6 +99,82 @@ def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Forwarding(http.server.BaseHTTPRequestHandler):
+    """Passes each JSON-RPC post on to the node (``server.node``, host:port) and its answer
+    back, counting them: a proxy (asked for an absolute URL) or a TLS front for the node."""
+
+    def do_POST(self) -> None:
+        self.server.posts += 1  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        node = http.client.HTTPConnection(self.server.node, timeout=30)  # type: ignore[attr-defined]
+        try:
+            node.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+            answer = node.getresponse().read()
+        finally:
+            node.close()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _forwarding(node_url: str, tls: ssl.SSLContext | None = None) -> Iterator[Any]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forwarding)
+    server.posts, server.node = 0, urlsplit(node_url).netloc  # type: ignore[attr-defined]
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
+    chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch
+):
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with _forwarding(chain_node.rpc_url) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
+        proxied = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
+        assert proxied.task_count() == market.task_count()
+        assert proxy.posts == 1
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        direct = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
+        assert direct.task_count() == market.task_count()
+        assert proxy.posts == 1
+
+
+def test_a_node_behind_tls_is_trusted_through_the_ca_bundle_only(
+    chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """An operator's node behind TLS, signed by their own CA: reached once the CA bundle
+    names it (REQUESTS_CA_BUNDLE, as requests reads it), refused as unreachable before."""
+    authority = trustme.CA()
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    authority.issue_cert("127.0.0.1").configure_cert(tls)
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with _forwarding(chain_node.rpc_url, tls) as front:
+        url = f"https://127.0.0.1:{front.server_port}"
+        with pytest.raises(ChainUnavailableError, match="certificate verify failed"):
+            FlexMarket(w3=client(url), address=market.address).task_count()
+        assert front.posts == 0
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+        trusted = FlexMarket(w3=client(url), address=market.address)
+        assert trusted.task_count() == market.task_count()
+        assert front.posts == 1
 
 
 def test_a_market_address_with_no_contract_is_named_not_misread(
