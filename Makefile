@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BACKING := $(PY) -m stack.backing
 
-.PHONY: setup device-setup browser run demo test lint format bench contracts clean
+.PHONY: setup device-setup flower-setup browser run demo test lint format bench contracts clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -27,6 +27,19 @@ $(VENV)/.device-installed: requirements-device.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --upgrade pip
 	@$(PY) -m pip install --quiet -r requirements-device.txt
+	@touch $@
+
+# Flower's simulation, which the e2e benchmark compares the platform with (bench/flower.py): a
+# virtualenv of its own, since Flower pins an older protobuf than FLEX's.
+FLOWER_VENV := .venv-flower
+
+flower-setup: $(FLOWER_VENV)/.installed
+
+$(FLOWER_VENV)/.installed: requirements-flower.txt
+	@echo "[flex] setting up Flower's simulation for the benchmarks in $(FLOWER_VENV)"
+	@test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	@$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@$(FLOWER_VENV)/bin/python -m pip install --quiet -r requirements-flower.txt
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -63,7 +76,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: setup
+bench: setup flower-setup
 	$(BACKING) -- $(PY) -m bench $(PARTS)
 
 clean:
