@@ -116,23 +116,22 @@ def plain_loop(
     return times, accuracies
 
 
-def flower_simulation(spec_fields: dict, out: Path) -> dict:
+def flower_simulation(spec_fields: dict) -> dict:
     """The same workload on Flower's simulation engine (bench.flower), in its virtualenv:
     seconds per warm round, its slowest fit, their difference (the overhead) and accuracy."""
     command = [FLOWER_PYTHON, "-m", "bench.flower", "--spec", json.dumps(spec_fields)]
     for device in LOCAL_DEVICES:
         if device.partition is not None:
             command.append(f"--partition={device.partition}/{device.partitions}")
-    run = subprocess.run(
-        [*command, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode:
-        tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
-        raise SystemExit(f"Flower's simulation failed (exit {run.returncode}):\n{tail}")
-    return json.loads(out.read_text())
+    with tempfile.TemporaryDirectory(prefix="flex-flower-") as tmp:
+        out = Path(tmp) / "flower.json"
+        run = subprocess.run(
+            [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+        )
+        if run.returncode:
+            tail = "\n".join((run.stdout + run.stderr).splitlines()[-30:])
+            raise SystemExit(f"Flower's simulation failed (exit {run.returncode}):\n{tail}")
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,11 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     spec_fields = {**DEMO_SPEC, "rounds": count}
-    OUT.mkdir(parents=True, exist_ok=True)
     # The plain loop and Flower run before the platform and again after it: on a shared
     # machine whose speed drifts over the minutes the platform runs, one run on one side of it
     # would be held to another moment's speed.
-    flower_before = flower_simulation(spec_fields, OUT / "e2e-flower.json")
+    flower_before = flower_simulation(spec_fields)
     plain_before, _ = plain_loop(spec_fields)
     with tempfile.TemporaryDirectory(prefix="flex-e2e-") as tmp:
         var = Path(tmp)
@@ -208,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in cpu_at.get(1, {})
     }
     plain_after, plain_curve = plain_loop(spec_fields)
-    flower_after = flower_simulation(spec_fields, OUT / "e2e-flower.json")
-    (OUT / "e2e-flower.json").unlink()
+    flower_after = flower_simulation(spec_fields)
     flower_runs = (flower_before, flower_after)
     flower = {
         key: round(sum(run[key] for run in flower_runs) / 2, 3)
@@ -266,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy_gap": ACCURACY_GAP,
         },
     }
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'':<28} {'platform':>10} {'plain':>10} {'Flower':>10}")
     print(
