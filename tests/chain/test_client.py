@@ -30,7 +30,7 @@ from chain.errors import (
     UnknownTaskError,
 )
 from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
-from chain.launcher import free_port
+from chain.launcher import LocalChain, free_port
 from chain.node import client, connect
 from chain.records import TxResult
 from chain.transactions import PendingTx, submit
@@ -175,6 +175,21 @@ def test_a_node_behind_tls_is_trusted_through_the_ca_bundle_only(
         trusted = FlexMarket(w3=client(url), address=market.address)
         assert trusted.task_count() == market.task_count()
         assert front.posts == 1
+
+
+def test_a_restarted_node_is_asked_again_over_new_connections(accounts: Accounts):
+    """Connections to the node are kept open between calls: after the node restarts, the
+    next read and the next transaction are answered, not refused on a dead connection."""
+    with LocalChain(accounts=20) as node:
+        w3 = client(node.rpc_url)
+        assert w3.eth.block_number == 0
+        submit(w3, accounts.spare[1], {"to": accounts.spare[0].address, "value": 1}).receipt()
+        node.stop()
+        node.start()
+        assert w3.eth.block_number == 0  # a fresh chain: nothing kept
+        payee = Account.create().address
+        submit(w3, accounts.spare[1], {"to": payee, "value": 3}).receipt()
+        assert w3.eth.get_balance(payee) == 3
 
 
 def test_a_market_address_with_no_contract_is_named_not_misread(
