@@ -36,6 +36,9 @@ ROUNDS = 10
 # differ between machines, a platform round at most 1.5 plain ones.
 OVERHEAD_TARGET_S = 0.25
 RATIO_TARGET = 1.5
+# What bench.flower reports of a run's speed, averaged over the run before the platform's
+# and the one after.
+FLOWER_FIGURES = ("round_s", "slowest_fit_s", "overhead_round_s")
 # The platform's final accuracy against the same rule run in process.
 ACCURACY_GAP = 0.01
 
@@ -208,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_after, plain_curve = plain_loop(spec_fields)
     flower_after = flower_simulation(spec_fields)
     flower_runs = (flower_before, flower_after)
-    flower = {
-        key: round(sum(run[key] for run in flower_runs) / 2, 3)
-        for key in ("round_s", "slowest_fit_s", "overhead_round_s")
-    }
+    flower = {key: round(sum(run[key] for run in flower_runs) / 2, 3) for key in FLOWER_FIGURES}
     plain_accuracy = plain_curve[-1]
     plain_times = plain_before + plain_after
     plain_round_s = sum(plain_times) / len(plain_times)
@@ -229,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         # rounds, the mean of a run before the platform's and one after.
         "flower": {
             **flower,
-            "before_and_after": [
-                {k: run[k] for k in ("round_s", "slowest_fit_s", "overhead_round_s")}
-                for run in flower_runs
-            ],
+            "before_and_after": [{key: run[key] for key in FLOWER_FIGURES} for run in flower_runs],
             "accuracy": flower_after["accuracy"],
             "rounds_timed": flower_after["rounds_timed"],
         },

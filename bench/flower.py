@@ -127,16 +127,30 @@ def simulate(spec_fields: dict, partitions: list[tuple[int, int]]) -> dict:
     }
 
 
+def partition(text: str) -> tuple[int, int]:
+    """INDEX/COUNT, as --partition takes it: a client's slice of the dataset."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not INDEX/COUNT, e.g. 0/5") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: the index must be from 0 to COUNT - 1")
+    return index, count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.flower", description=__doc__)
-    parser.add_argument("--spec", required=True, help="the task's spec, as JSON")
+    parser.add_argument("--spec", required=True, type=json.loads, help="the task's spec, as JSON")
     parser.add_argument(
-        "--partition", action="append", required=True, help="INDEX/COUNT, one per client"
+        "--partition",
+        action="append",
+        required=True,
+        type=partition,
+        help="INDEX/COUNT, one per client",
     )
     parser.add_argument("--out", required=True, type=Path, help="where the figures go (JSON)")
     args = parser.parse_args(argv)
-    partitions = [tuple(int(x) for x in p.split("/")) for p in args.partition]
-    result = simulate(json.loads(args.spec), partitions)  # type: ignore[arg-type]
+    result = simulate(args.spec, args.partition)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

@@ -69,6 +69,27 @@ def test_lost_node_is_chain_unavailable(market: FlexMarket, accounts: Accounts):
         offline.withdraw(sender=accounts.buyer)
 
 
+@contextlib.contextmanager
+def _serving(
+    handler: type[http.server.BaseHTTPRequestHandler],
+    *,
+    node_url: str = "",
+    tls: ssl.SSLContext | None = None,
+) -> Iterator[Any]:
+    """A server on a free loopback port (over ``tls`` if given) counting its posts, for
+    ``handler`` (whose ``server.node`` is ``node_url``'s host:port)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.posts, server.node = 0, urlsplit(node_url).netloc  # type: ignore[attr-defined]
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _Refusing(http.server.BaseHTTPRequestHandler):
     """A proxy in front of a node that is down: every request gets 503."""
 
@@ -84,10 +105,7 @@ class _Refusing(http.server.BaseHTTPRequestHandler):
 def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
     market: FlexMarket,
 ):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
-    server.posts = 0  # type: ignore[attr-defined]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with _serving(_Refusing) as server:
         refused = FlexMarket(
             w3=client(f"http://127.0.0.1:{server.server_port}"), address=market.address
         )
@@ -96,9 +114,6 @@ def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
         with pytest.raises(ChainUnavailableError, match="HTTP 503"):
             refused.task_count()
         assert server.posts == 5
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 class _Forwarding(http.server.BaseHTTPRequestHandler):
@@ -124,26 +139,12 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def _forwarding(node_url: str, tls: ssl.SSLContext | None = None) -> Iterator[Any]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Forwarding)
-    server.posts, server.node = 0, urlsplit(node_url).netloc  # type: ignore[attr-defined]
-    if tls is not None:
-        server.socket = tls.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
     chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch
 ):
     for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    with _forwarding(chain_node.rpc_url) as proxy:
+    with _serving(_Forwarding, node_url=chain_node.rpc_url) as proxy:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
         proxied = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
         assert proxied.task_count() == market.task_count()
@@ -166,7 +167,7 @@ def test_a_node_behind_tls_is_trusted_through_the_ca_bundle_only(
     authority.cert_pem.write_to_path(str(bundle))
     for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
-    with _forwarding(chain_node.rpc_url, tls) as front:
+    with _serving(_Forwarding, node_url=chain_node.rpc_url, tls=tls) as front:
         url = f"https://127.0.0.1:{front.server_port}"
         with pytest.raises(ChainUnavailableError, match="certificate verify failed"):
             FlexMarket(w3=client(url), address=market.address).task_count()
