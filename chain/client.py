@@ -348,7 +348,9 @@ class FlexMarket:
             "contestExclusion",
             args=[self.address, task_id, round_number, statement, contest.encoded()],
         )
-        pending = submit(self.w3, sender, {"to": verifier.address, "data": data, "value": 0})
+        pending = submit(
+            self.w3, sender, {"to": verifier.address, "data": data, "value": 0}, wait=True
+        )
         return PendingCall(
             pending=pending, market=self.address, timeout=self.receipt_timeout
         ).result()
@@ -581,7 +583,7 @@ class FlexMarket:
         return cls(**self._struct_of(name, *args))
 
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
-        return self._submit(sender, name, *args, value=value).result()
+        return self._submit(sender, name, *args, value=value, wait=True).result()
 
     def _submit(
         self,
@@ -590,9 +592,10 @@ class FlexMarket:
         *args: Any,
         value: int = 0,
         sending: AbstractContextManager[Any] | None = None,
+        wait: bool = False,
     ) -> PendingCall:
         call = {"to": self.address, "data": self._functions[name].encode(args), "value": value}
-        pending = submit(self.w3, sender, call, sending=sending)
+        pending = submit(self.w3, sender, call, sending=sending, wait=wait)
         return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)
 
 

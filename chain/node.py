@@ -14,12 +14,19 @@ import requests
 import urllib3
 from requests.utils import get_environ_proxies, select_proxy
 from web3 import HTTPProvider, Web3
+from web3._utils.method_formatters import get_result_formatters
+from web3._utils.rpc_abi import RPC
 from web3.exceptions import ProviderConnectionError
+from web3.method import Method, default_root_munger
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
+from web3.types import RPCEndpoint
 
 from chain.errors import ChainUnavailableError
 
 DEFAULT_TIMEOUT_S = 30.0
+# EIP-7966: a signed transaction sent and answered with its receipt once mined (Anvil, geth
+# 1.16.6+, Erigon 3.4+), instead of its hash and a receipt asked for until it is mined.
+SEND_SYNC = RPCEndpoint("eth_sendRawTransactionSync")
 # Connections kept open to the node, shared by the threads of a process.
 SESSION_POOL_SIZE = 32
 # What a lost, refusing or stalled node raises from a web3 HTTP provider (NodeProvider's or
@@ -108,10 +115,24 @@ def client(url: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> Web3:
     own) to compare it with the chainId of a transaction, which FLEX sets from chain_id.
     Without its ENS middleware either: FLEX names accounts and contracts by address only,
     and that middleware looks through the arguments of every request for names.
+
+    With ``eth.send_raw_transaction_sync`` (SEND_SYNC), whose answer web3 formats as it
+    does a receipt (chain.transactions uses it where the node has it).
     """
     w3 = Web3(NodeProvider(url, timeout=timeout))
     w3.middleware_onion.remove("validation")
     w3.middleware_onion.remove("ens_name_to_address")
+    w3.eth.attach_methods(
+        {
+            "send_raw_transaction_sync": Method(
+                SEND_SYNC,
+                mungers=[default_root_munger],
+                result_formatters=lambda _method, module: get_result_formatters(
+                    RPC.eth_getTransactionReceipt, module
+                ),
+            )
+        }
+    )
     return w3
 
 

@@ -41,7 +41,7 @@ from chain.errors import (
     TransactionRejectedError,
 )
 from chain.events import snake_case, to_python
-from chain.node import chain_id, max_fee_per_gas, reachable
+from chain.node import UNREACHABLE, chain_id, max_fee_per_gas, reachable
 from chain.records import TxResult
 
 CONTRACT_NAME = "FlexMarket"
@@ -275,11 +275,13 @@ def _checksum(address: str) -> str:
 
 @dataclass(frozen=True)
 class PendingTx:
-    """A signed transaction the node has taken; ``receipt`` waits until it is mined."""
+    """A signed transaction the node has taken; ``receipt`` waits until it is mined.
+    ``mined``: its receipt, when the node answered the send with it (submit's ``wait``)."""
 
     w3: Web3
     tx: Mapping[str, Any]
     tx_hash: bytes
+    mined: Any = None
 
     def receipt(self, *, timeout: float = RECEIPT_TIMEOUT_SECONDS) -> Any:
         """The receipt once mined; a transaction that reverted there is replayed with
@@ -291,8 +293,9 @@ class PendingTx:
         of 12-second blocks is asked twice a second, not twenty times."""
         deadline = time.monotonic() + timeout
         delay, most = RECEIPT_POLL_S
+        receipt = self.mined
         with rpc(sender=self.tx["from"]):
-            while (receipt := self._mined()) is None:
+            while receipt is None and (receipt := self._mined()) is None:
                 if time.monotonic() + delay > deadline:
                     raise ChainUnavailableError(
                         "transaction was not mined in time",
@@ -318,6 +321,7 @@ def submit(
     call: dict[str, Any],
     *,
     sending: contextlib.AbstractContextManager[Any] | None = None,
+    wait: bool = False,
 ) -> PendingTx:
     """Estimates, signs with ``sender``'s key and hands the transaction to the node, without
     waiting for it to be mined: the next transaction from ``sender`` may follow at once.
@@ -326,6 +330,11 @@ def submit(
     this process's lock for it and ``sending`` (say, a lock the processes signing with the
     same key share). A revert found by the estimate raises its typed error before anything
     is sent.
+
+    With ``wait`` (the caller waits for the receipt next) and no ``sending``, the node is
+    asked to answer with the receipt once the transaction is mined, where it can
+    (_send_with_fresh_nonce): this process's next transaction from ``sender`` then waits for
+    that one to be mined. A lock other processes wait on is never held that long.
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
@@ -341,8 +350,8 @@ def submit(
             maxFeePerGas=max_fee_per_gas(w3, tip_wei=tip),
         )
         with _nonce_lock(sender.address), sending or contextlib.nullcontext():
-            tx_hash = _send_with_fresh_nonce(w3, sender, tx)
-    return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash)
+            tx_hash, mined = _send_with_fresh_nonce(w3, sender, tx, sync=wait and sending is None)
+    return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash, mined=mined)
 
 
 def send(
@@ -353,7 +362,7 @@ def send(
     receipt_timeout: float = RECEIPT_TIMEOUT_SECONDS,
 ) -> Any:
     """Submits the transaction (see submit) and waits for its receipt (PendingTx.receipt)."""
-    return submit(w3, sender, call).receipt(timeout=receipt_timeout)
+    return submit(w3, sender, call, wait=True).receipt(timeout=receipt_timeout)
 
 
 # How nodes say a nonce was taken: already mined (too low), or sent and still waiting in the
@@ -362,26 +371,63 @@ def send(
 NONCE_TAKEN = ("nonce", "already known", "already imported", "replacement transaction")
 
 
-def _send_with_fresh_nonce(w3: Web3, sender: LocalAccount, tx: dict[str, Any]) -> Any:
+def _send_with_fresh_nonce(
+    w3: Web3, sender: LocalAccount, tx: dict[str, Any], *, sync: bool = False
+) -> tuple[bytes, Any]:
     """Signs with the node's pending nonce and sends; if another signer of the same key took
     that nonce meanwhile, takes the next one (a few times) instead of failing. When what took
     it is this very transaction (another process of the same key sent the same call with the
     same nonce and fees a moment first), that one is the one to wait for: sending the call
-    again under the next nonce would run it twice."""
+    again under the next nonce would run it twice.
+
+    The transaction's hash, and with ``sync`` its receipt where the node sends it with
+    SEND_SYNC: one request instead of a send and asks until it is mined. A node without that
+    method is sent the plain way, from then on; one that takes the transaction but does not
+    see it mined within its own wait leaves it to PendingTx.receipt (receipt None)."""
     for attempt in range(NONCE_ATTEMPTS):
         tx["nonce"] = w3.eth.get_transaction_count(sender.address, "pending")
         signed = sender.sign_transaction(tx)
         try:
-            return w3.eth.send_raw_transaction(signed.raw_transaction)
+            if sync and _sends_sync(w3):
+                try:
+                    return signed.hash, w3.eth.send_raw_transaction_sync(signed.raw_transaction)
+                except (Web3RPCError, *UNREACHABLE) as exc:
+                    # Refused, or taken and its answer lost or timed out: what the node holds
+                    # tells which (a lost node raises again here).
+                    if not _method_missing(exc):
+                        if _node_has(w3, signed.hash):
+                            return signed.hash, None
+                        raise
+                    _SYNC_MISSING.add(str(w3.provider.endpoint_uri))  # type: ignore[attr-defined]
+            return w3.eth.send_raw_transaction(signed.raw_transaction), None
         except Web3RPCError as exc:
             clash = any(s in str(exc).lower() for s in NONCE_TAKEN)
             if clash and _node_has(w3, signed.hash):
-                return signed.hash
+                return signed.hash, None
             if not clash or attempt == NONCE_ATTEMPTS - 1:
                 raise TransactionRejectedError(
                     f"the node refused the transaction: {exc}", sender=sender.address
                 ) from exc
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# The nodes (by URL) this process found without SEND_SYNC.
+_SYNC_MISSING: set[str] = set()
+
+
+def _sends_sync(w3: Web3) -> bool:
+    """Whether ``w3`` has SEND_SYNC (chain.node.client adds it) and its node was not found
+    without it."""
+    return (
+        hasattr(w3.eth, "send_raw_transaction_sync")
+        and str(w3.provider.endpoint_uri) not in _SYNC_MISSING  # type: ignore[attr-defined]
+    )
+
+
+def _method_missing(exc: Exception) -> bool:
+    """Whether the node answered that it has no such method (JSON-RPC's -32601)."""
+    error = (getattr(exc, "rpc_response", None) or {}).get("error")
+    return isinstance(error, dict) and error.get("code") == -32601
 
 
 def _node_has(w3: Web3, tx_hash: bytes) -> bool:
@@ -431,5 +477,5 @@ def transfer_eth(
     """Sends ``value_wei`` of plain ETH (e.g. gas money for a new device); returns the tx hash.
     ``sending`` as in submit."""
     call = {"to": to_checksum_address(to), "value": value_wei}
-    receipt = submit(w3, sender, call, sending=sending).receipt()
+    receipt = submit(w3, sender, call, sending=sending, wait=True).receipt()
     return "0x" + bytes(receipt["transactionHash"]).hex()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import http.server
+import json
 import multiprocessing
 import ssl
 import subprocess
@@ -29,7 +30,7 @@ from chain.errors import (
     TransactionRejectedError,
     UnknownTaskError,
 )
-from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated
+from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated, TaskState
 from chain.launcher import LocalChain, free_port
 from chain.node import client, connect
 from chain.records import TxResult
@@ -77,9 +78,11 @@ def _serving(
     tls: ssl.SSLContext | None = None,
 ) -> Iterator[Any]:
     """A server on a free loopback port (over ``tls`` if given) counting its posts, for
-    ``handler`` (whose ``server.node`` is ``node_url``'s host:port)."""
+    ``handler`` (whose ``server.node`` is ``node_url``'s host:port, and ``server.methods``
+    the JSON-RPC methods asked, in order)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.posts, server.node = 0, urlsplit(node_url).netloc  # type: ignore[attr-defined]
+    server.methods = []  # type: ignore[attr-defined]
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -123,20 +126,52 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.server.posts += 1  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        node = http.client.HTTPConnection(self.server.node, timeout=30)  # type: ignore[attr-defined]
-        try:
-            node.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
-            answer = node.getresponse().read()
-        finally:
-            node.close()
+        request = json.loads(body)
+        self.server.methods.append(request["method"])  # type: ignore[attr-defined]
+        answer = self.answer(request, body)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
 
+    def answer(self, request: dict, body: bytes) -> bytes:
+        return self.forward(body)
+
+    def forward(self, body: bytes) -> bytes:
+        node = http.client.HTTPConnection(self.server.node, timeout=30)  # type: ignore[attr-defined]
+        try:
+            node.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+            return node.getresponse().read()
+        finally:
+            node.close()
+
     def log_message(self, *args: object) -> None:
         pass
+
+
+class _WithoutSendSync(_Forwarding):
+    """A node that predates EIP-7966: it has no eth_sendRawTransactionSync."""
+
+    def answer(self, request: dict, body: bytes) -> bytes:
+        if request["method"] != "eth_sendRawTransactionSync":
+            return self.forward(body)
+        error = {"code": -32601, "message": "the method does not exist/is not available"}
+        return json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": error}).encode()
+
+
+class _SendSyncTimingOut(_Forwarding):
+    """A node that takes the transaction but does not see it mined within its own wait: it
+    answers EIP-7966's timeout error, naming the transaction."""
+
+    def answer(self, request: dict, body: bytes) -> bytes:
+        if request["method"] != "eth_sendRawTransactionSync":
+            return self.forward(body)
+        sent = json.loads(
+            self.forward(json.dumps({**request, "method": "eth_sendRawTransaction"}).encode())
+        )
+        error = {"code": 4, "message": "timeout", "data": sent["result"]}
+        return json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": error}).encode()
 
 
 def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
@@ -191,6 +226,101 @@ def test_a_restarted_node_is_asked_again_over_new_connections(accounts: Accounts
         payee = Account.create().address
         submit(w3, accounts.spare[1], {"to": payee, "value": 3}).receipt()
         assert w3.eth.get_balance(payee) == 3
+
+
+def test_a_waited_transaction_comes_back_mined_from_one_send(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    """A transaction the sender waits for goes out by EIP-7966's send, whose answer is its
+    receipt once mined: no asking for the receipt until it is there."""
+    task_id = flow.create_task()
+    with _serving(_Forwarding, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        result = fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+        assert front.methods.count("eth_sendRawTransactionSync") == 1
+        assert "eth_sendRawTransaction" not in front.methods
+        assert "eth_getTransactionReceipt" not in front.methods
+        # What the caller gets is the mined transaction's, as from a receipt asked for.
+        assert result.gas_used > 0
+        assert result.fee_wei == result.gas_used * result.effective_gas_price_wei
+        assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        # One that is not waited for goes out the plain way: its sender sends on at once.
+        payee = Account.create().address
+        pending = submit(fronted.w3, flow.accounts.spare[0], {"to": payee, "value": 2})
+        assert front.methods[-1] == "eth_sendRawTransaction"
+        assert pending.receipt()["status"] == 1
+
+
+def test_a_node_without_the_one_request_send_is_sent_the_plain_way(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    with _serving(_WithoutSendSync, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        for _ in range(2):
+            task_id = flow.create_task()
+            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+            assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        # Asked once: then the plain send, and the receipt asked for, every time.
+        assert front.methods.count("eth_sendRawTransactionSync") == 1
+        assert front.methods.count("eth_sendRawTransaction") == 2
+        assert front.methods.count("eth_getTransactionReceipt") >= 2
+
+
+def test_a_transaction_the_node_took_but_saw_no_block_for_is_waited_for_once(
+    chain_node, market: FlexMarket, flow: Flow, w3: Web3
+):
+    """The node's wait ran out: the transaction is in its pool, so it is waited for as
+    sent, not sent again under the next nonce (which would cancel the task twice, or pay
+    twice)."""
+    task_id = flow.create_task()
+    buyer = flow.accounts.buyer.address
+    nonce = w3.eth.get_transaction_count(buyer)
+    with _serving(_SendSyncTimingOut, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        result = fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+    assert result.gas_used > 0
+    assert front.methods.count("eth_sendRawTransactionSync") == 1
+    assert "eth_getTransactionReceipt" in front.methods
+    assert w3.eth.get_transaction_count(buyer) == nonce + 1
+    assert market.task(task_id=task_id).state == TaskState.CANCELLED
+
+
+class _SendSyncHangingUp(_Forwarding):
+    """A node (or the network in front of it) that takes the transaction and hangs up
+    before its answer is back."""
+
+    def answer(self, request: dict, body: bytes) -> bytes:
+        if request["method"] == "eth_sendRawTransactionSync":
+            self.forward(json.dumps({**request, "method": "eth_sendRawTransaction"}).encode())
+            raise ConnectionAbortedError("hung up")
+        return self.forward(body)
+
+    def do_POST(self) -> None:
+        with contextlib.suppress(ConnectionAbortedError):
+            super().do_POST()
+        self.close_connection = True
+
+
+def test_a_transaction_whose_sending_lost_its_answer_is_not_sent_twice(
+    chain_node, accounts: Accounts, w3: Web3
+):
+    # A payment (a withdrawal, say) whose answer was lost: sending it again would pay twice.
+    payee = Account.create().address
+    sender = accounts.spare[0]
+    nonce = w3.eth.get_transaction_count(sender.address)
+    with _serving(_SendSyncHangingUp, node_url=chain_node.rpc_url) as front:
+        fronted = client(f"http://127.0.0.1:{front.server_port}")
+        receipt = submit(fronted, sender, {"to": payee, "value": 9}, wait=True).receipt()
+    assert receipt["status"] == 1
+    assert front.methods.count("eth_sendRawTransactionSync") == 1
+    assert w3.eth.get_balance(payee) == 9
+    assert w3.eth.get_transaction_count(sender.address) == nonce + 1
 
 
 def test_a_market_address_with_no_contract_is_named_not_misread(
@@ -296,9 +426,10 @@ class _Twin:
         return signed
 
 
+@pytest.mark.parametrize("wait", [False, True], ids=["sent", "sent-and-waited-for"])
 @pytest.mark.parametrize("mined", [True, False], ids=["mined", "in-the-pool"])
 def test_the_same_transaction_sent_first_by_another_process_runs_once(
-    accounts: Accounts, w3: Web3, mined: bool
+    accounts: Accounts, w3: Web3, mined: bool, wait: bool
 ):
     # Two deliveries of one piece of work, run side by side by two processes of one device,
     # build the same call: whichever reaches the node second waits for the first one's
@@ -308,7 +439,7 @@ def test_the_same_transaction_sent_first_by_another_process_runs_once(
     nonce = w3.eth.get_transaction_count(twin.address)
     w3.provider.make_request("evm_setAutomine", [mined])
     try:
-        pending = submit(w3, twin, {"to": payee, "value": 7})  # type: ignore[arg-type]
+        pending = submit(w3, twin, {"to": payee, "value": 7}, wait=wait)  # type: ignore[arg-type]
     finally:
         w3.provider.make_request("evm_setAutomine", [True])
     if not mined:
