@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from celery import Celery
@@ -52,6 +52,9 @@ log = logging.getLogger("worker.follow")
 IDLE_S = 5.0
 # A prefetch that does not answer in this long is left to the aggregation itself.
 PREFETCH_TIMEOUT_S = 10.0
+# Updates fetched side by side: each waits mostly on its trainer's data plane and on the
+# disk, so the last one in starts at once instead of behind those mined before it.
+PREFETCHES = 4
 TRAIN, AGGREGATE = "worker.train", "worker.aggregate"
 
 
@@ -79,10 +82,13 @@ class RoundFollower:
         self._train: dict[tuple[str, int], RoundTrainRequest] = {}
         self._aggregate: dict[tuple[str, int], RoundAggregateRequest] = {}
         self._submitted: dict[tuple[int, int], set[str]] = {}
+        self._fetches: dict[tuple[int, int], list[Future[None]]] = {}
         self._trainers: dict[int, int] = {}
         self._next: int | None = None
-        # One fetch at a time, apart from the look: the aggregation fetches what is left.
-        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flex-prefetch")
+        # Apart from the look: the aggregation fetches what is left.
+        self._fetcher = ThreadPoolExecutor(
+            max_workers=PREFETCHES, thread_name_prefix="flex-prefetch"
+        )
         self.bell = Doorbell(
             url=first.config.eth_rpc_url,
             ring=self.look,
@@ -159,6 +165,7 @@ class RoundFollower:
                 k for k in self._submitted if k[0] == event.task_id and k[1] < event.round
             ]:
                 del self._submitted[done]
+                self._fetches.pop(done, None)
         for key, order in due:
             self._send(TRAIN, order)
             # Only once sent: a broker that refused it leaves the round to the next look.
@@ -168,22 +175,27 @@ class RoundFollower:
 
     def _update(self, event: UpdateSubmitted) -> None:
         """An update is on chain: fetch it now, in the background, and once the round has
-        every one, aggregate. The aggregation is handed on by the fetching thread after the
-        fetches queued before it, so it finds the updates in the store and fetches none a
-        second time beside them."""
+        every one, aggregate. The aggregation is handed on once the round's fetches are
+        done, so it finds the updates in the store and fetches none a second time beside
+        them."""
         with self._lock:
             orders = [o for (_, t), o in self._aggregate.items() if t == event.task_id]
         for template in orders:
             order = template.model_copy(update={"round_number": event.round})
+            key = (event.task_id, event.round)
+            fetch = self._fetcher.submit(self._prefetch, order, event)
             with self._lock:
-                seen = self._submitted.setdefault((event.task_id, event.round), set())
+                seen = self._submitted.setdefault(key, set())
                 seen.add(event.trainer.lower())
+                fetches = self._fetches.setdefault(key, [])
+                fetches.append(fetch)
                 complete = len(seen) >= self._trainer_count(event.task_id)
-            self._fetcher.submit(self._prefetch, order, event)
             if complete:
-                self._fetcher.submit(self._hand_on, order)
+                # Queued behind the fetches it waits for: they have a thread by then.
+                self._fetcher.submit(self._hand_on, order, after=list(fetches))
 
-    def _hand_on(self, order: RoundAggregateRequest) -> None:
+    def _hand_on(self, order: RoundAggregateRequest, *, after: Sequence[Future[None]]) -> None:
+        wait(after)
         try:
             self._send(AGGREGATE, order)
         except Exception as exc:  # a thread of its own: the platform's reminder still comes

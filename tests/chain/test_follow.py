@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from chain.events import decode_logs
+from chain.events import UpdateSubmitted, decode_logs
 from chain.follow import Doorbell, ws_url
 from chain.launcher import LocalChain, free_port
+from core.messages import RoundAggregateRequest
 from tests.chain.test_events import lifecycle
 from tests.chain.test_watcher import trainer_node
 from training.store import ModelStore
@@ -180,6 +181,63 @@ def test_a_trainers_process_is_rung_by_published_models_and_an_aggregators_by_up
 
     assert pushed(may_aggregate=False) == {"GlobalModelPublished"}
     assert pushed(may_aggregate=True) == {"GlobalModelPublished", "UpdateSubmitted"}
+
+
+def test_an_aggregator_fetches_a_rounds_updates_side_by_side_and_aggregates_after_all(
+    market, accounts, flow, running, w3, chain_node, tmp_path
+):
+    """Each update is fetched as its submission is mined, beside those still being fetched
+    (one slow trainer's data plane holds up no other), and the aggregation is handed on
+    once every fetch is done: it finds them all in the store."""
+    flow.run_round(running, 0)
+    node = trainer_node(tmp_path, running.aggregator, market, ModelStore(tmp_path / "models"))
+    node.config = node.config.model_copy(
+        update={"may_aggregate": True, "eth_rpc_url": chain_node.rpc_url}
+    )
+    follower = RoundFollower([node], app=Celery(set_as_current=False))
+    logs = w3.eth.get_logs({**follower.bell.logs, "fromBlock": 0, "toBlock": "latest"})
+    submitted = [
+        e
+        for e in decode_logs(logs, address=market.address)
+        if isinstance(e, UpdateSubmitted) and e.task_id == running.task_id
+    ]
+    assert len(submitted) == len(running.trainers) > 1
+    order = RoundAggregateRequest(
+        chain_id=w3.eth.chain_id,
+        contract=market.address,
+        node=node.address,
+        task_id=running.task_id,
+        spec={"rounds": running.rounds},
+        round_number=0,
+        trainer_urls={},
+        trainer_certs_sha256={},
+    )
+    follower.received(name="worker.aggregate", message=order.dump())
+    started, fetched, sent = [], [], []
+    release = threading.Event()
+
+    def fetch(order: RoundAggregateRequest, event: UpdateSubmitted) -> None:
+        started.append(event.trainer)
+        release.wait(WAIT_S)  # no fetch ends before every one has started
+        fetched.append(event.trainer)
+
+    follower._prefetch = fetch  # type: ignore[method-assign]
+    follower._send = lambda name, work: sent.append((name, work.round_number, sorted(fetched)))  # type: ignore[method-assign]
+    try:
+        for event in submitted:
+            follower._update(event)
+        deadline = time.monotonic() + WAIT_S
+        while len(started) < len(submitted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(started) == sorted(e.trainer for e in submitted)
+        assert sent == []  # every update in, none fetched yet: not handed on
+        release.set()
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sent == [("worker.aggregate", 0, sorted(e.trainer for e in submitted))]
+    finally:
+        release.set()
+        follower.stop()
 
 
 def test_blocks_within_the_spacing_are_rung_for_once_when_it_is_over(node):
