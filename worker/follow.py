@@ -81,8 +81,8 @@ class RoundFollower:
         # The last message of each kind per (node, task): what the next round's message repeats.
         self._train: dict[tuple[str, int], RoundTrainRequest] = {}
         self._aggregate: dict[tuple[str, int], RoundAggregateRequest] = {}
-        self._submitted: dict[tuple[int, int], set[str]] = {}
-        self._fetches: dict[tuple[int, int], list[Future[None]]] = {}
+        # Each round's submitted updates so far: trainer -> the fetch of its update.
+        self._fetches: dict[tuple[int, int], dict[str, Future[None]]] = {}
         self._trainers: dict[int, int] = {}
         self._next: int | None = None
         # Apart from the look: the aggregation fetches what is left.
@@ -161,11 +161,8 @@ class RoundFollower:
             for key, order in list(self._aggregate.items()):
                 if key[1] == event.task_id and event.round >= int(order.spec.get("rounds", 0)):
                     del self._aggregate[key]
-            for done in [
-                k for k in self._submitted if k[0] == event.task_id and k[1] < event.round
-            ]:
-                del self._submitted[done]
-                self._fetches.pop(done, None)
+            for done in [k for k in self._fetches if k[0] == event.task_id and k[1] < event.round]:
+                del self._fetches[done]
         for key, order in due:
             self._send(TRAIN, order)
             # Only once sent: a broker that refused it leaves the round to the next look.
@@ -185,14 +182,13 @@ class RoundFollower:
             key = (event.task_id, event.round)
             fetch = self._fetcher.submit(self._prefetch, order, event)
             with self._lock:
-                seen = self._submitted.setdefault(key, set())
-                seen.add(event.trainer.lower())
-                fetches = self._fetches.setdefault(key, [])
-                fetches.append(fetch)
-                complete = len(seen) >= self._trainer_count(event.task_id)
+                fetches = self._fetches.setdefault(key, {})
+                fetches[event.trainer.lower()] = fetch
+                complete = len(fetches) >= self._trainer_count(event.task_id)
+                after = list(fetches.values())
             if complete:
                 # Queued behind the fetches it waits for: they have a thread by then.
-                self._fetcher.submit(self._hand_on, order, after=list(fetches))
+                self._fetcher.submit(self._hand_on, order, after=after)
 
     def _hand_on(self, order: RoundAggregateRequest, *, after: Sequence[Future[None]]) -> None:
         wait(after)
