@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from chain.events import GlobalModelPublished, decode_logs, event_topics, get_logs
+from chain.follow import Doorbell
+from chain.node import client
 from stack.devstack import LOCAL_DEVICES, PY, _config, say, stack
 from training.spec import TaskSpec
 
@@ -37,6 +40,66 @@ BIDDING_WINDOW_S = 30
 # keeps it short (a trainer checks a model right after training from it) so a task settles soon
 # after its last round. A buyer's task defaults to its round timeout (services.task_create).
 DISPUTE_WINDOW_S = 60
+
+
+class PublicationClock:
+    """When each global model of task ``task_id`` from round 1 on was mined, on this
+    process's monotonic clock: a doorbell on the task's GlobalModelPublished logs reads each
+    as the node pushes it. The platform's mirror commits a burst of blocks at once, so two
+    short rounds timed by when it shows them could read as one round and one of no time.
+    ``on_round`` is called with each round's number as it is seen, in order, from the
+    doorbell's thread."""
+
+    def __init__(
+        self,
+        *,
+        rpc_url: str,
+        address: str,
+        task_id: int,
+        from_block: int,
+        on_round: Callable[[int], None] | None = None,
+    ) -> None:
+        self.times: dict[int, float] = {}
+        self.on_round = on_round
+        self._w3 = client(rpc_url)
+        self._address = address
+        self._topics = [event_topics()["GlobalModelPublished"], f"0x{task_id:064x}"]
+        self._next = from_block
+        self.bell = Doorbell(
+            url=rpc_url,
+            ring=self._look,
+            logs={"address": address, "topics": self._topics},
+            idle_s=1.0,
+            name="flex-publication-clock",
+        )
+
+    def _look(self) -> None:
+        seen = time.monotonic()  # the push's time, before this look's own requests
+        head = self._w3.eth.block_number
+        if head < self._next:
+            return
+        logs = get_logs(
+            self._w3,
+            address=self._address,
+            from_block=self._next,
+            to_block=head,
+            topics=self._topics,
+        )
+        for event in decode_logs(logs, address=self._address):
+            if not isinstance(event, GlobalModelPublished) or event.round < 1:
+                continue
+            if event.round not in self.times:
+                self.times[event.round] = seen
+                if self.on_round is not None:
+                    self.on_round(event.round)
+        self._next = head + 1
+
+    def __enter__(self) -> PublicationClock:
+        self.bell.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bell.stop()
 
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:
@@ -71,6 +134,7 @@ def follow_task(
     import django
 
     django.setup()
+    from django.conf import settings
     from django.contrib.auth import get_user_model
 
     from marketplace import contract, services
@@ -106,45 +170,45 @@ def follow_task(
         f"each global model may be challenged for {dispute_window_s} s after it is published; "
         "the task settles once the last model's window has closed"
     )
-    # The platform's chain sync mirrors the task from its TaskCreated event.
-    while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
-        if time.monotonic() - started > timeout_s:
-            raise RuntimeError(f"task {order.chain_task_id} was never mirrored by chain sync")
-        time.sleep(0.1)
-    names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
-    aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
-    aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
-    seen: dict[int, float] = {}
-    killed = None
-    last = None
-    while time.monotonic() - started < timeout_s:
-        task.refresh_from_db()
-        # Only the rounds mirrored since the last look: this watch shares the machine with
-        # the stack it times, so it costs the same in round 40 as in round 1.
-        newer = Round.objects.filter(task=task, number__gt=max(seen, default=0))
-        for number in newer.order_by("number").values_list("number", flat=True):
-            seen[number] = time.monotonic()
-            if on_round is not None:
-                on_round(number)
-        line = (
-            f"task {task.chain_task_id} {task.state:<9} rounds {_progress_bar(len(seen), rounds)}"
-        )
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if kill_in_round and killed is None and task.state == "running":
-            # The first trainer to deliver the round before, once the aggregator holds its
-            # update: it is paid for that round and vanishes before it can train the next.
-            before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
-            victim = before.order_by("block_number", "id").first()
-            if victim is not None and aggregator_store.has(victim.model_id):
-                killed = victim.trainer
-                name = names[killed.lower()]
-                say(f"killing device {name} ({killed}) before round {kill_in_round}")
-                up["supervisor"].stop(name, timeout=1)
-        if task.state in TERMINAL:
-            break
-        time.sleep(0.1)
+    w3 = contract.w3()
+    published = PublicationClock(
+        rpc_url=settings.ETH_RPC_URL,
+        address=contract.address(),
+        task_id=order.chain_task_id,
+        from_block=w3.eth.get_transaction_receipt(order.created_tx)["blockNumber"],
+        on_round=on_round,
+    )
+    with published:
+        # The platform's chain sync mirrors the task from its TaskCreated event.
+        while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"task {order.chain_task_id} was never mirrored by chain sync")
+            time.sleep(0.1)
+        names = {_config(h)["address"].lower(): n for n, h in up["homes"].items()}
+        aggregator_name = next(n for n, h in up["homes"].items() if _config(h)["may_aggregate"])
+        aggregator_store = ModelStore(up["homes"][aggregator_name] / STORE_DIR)
+        killed = None
+        last = None
+        while time.monotonic() - started < timeout_s:
+            task.refresh_from_db()
+            done = _progress_bar(len(published.times), rounds)
+            line = f"task {task.chain_task_id} {task.state:<9} rounds {done}"
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if kill_in_round and killed is None and task.state == "running":
+                # The first trainer to deliver the round before, once the aggregator holds its
+                # update: it is paid for that round and vanishes before it can train the next.
+                before = Update.objects.filter(task=task, round_number=kill_in_round - 2)
+                victim = before.order_by("block_number", "id").first()
+                if victim is not None and aggregator_store.has(victim.model_id):
+                    killed = victim.trainer
+                    name = names[killed.lower()]
+                    say(f"killing device {name} ({killed}) before round {kill_in_round}")
+                    up["supervisor"].stop(name, timeout=1)
+            if task.state in TERMINAL:
+                break
+            time.sleep(0.1)
     task.refresh_from_db()
     # Reports of what each round and update measured travel apart from the chain and may
     # land just after the task settles: give them a moment.
@@ -154,13 +218,12 @@ def follow_task(
         or Update.objects.filter(task=task, report__isnull=True).exists()
     ):
         time.sleep(0.2)
-    w3 = contract.w3()
     rows = []
     previous = started
     for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
         txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
         gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
-        at = seen.get(r.number, time.monotonic())
+        at = published.times.get(r.number, time.monotonic())
         rows.append(
             {
                 "round": r.number,
