@@ -74,10 +74,30 @@ class Doorbell:
         self.spacing_s = spacing_s
         self.name = name
         self._last_call = -math.inf
+        self._head: int | None = None
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ws: Any = None
+
+    @property
+    def head(self) -> int | None:
+        """The highest block the pushes of the current subscription have named (a new head,
+        or the block of a log), None until its first push. A ring answering a push can read
+        up to it without asking the node for its head: a block it holds later is pushed too,
+        and a lost subscription starts again from None."""
+        return self._head
+
+    def _note(self, message: str | bytes) -> None:
+        try:
+            pushed = json.loads(message)["params"]["result"]
+            if pushed.get("removed"):
+                return  # a log of a block no longer in the chain
+            number = int(pushed.get("blockNumber") or pushed["number"], 16)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return  # not a push this reads: the ring asks the node
+        if self._head is None or number > self._head:
+            self._head = number
 
     def start(self) -> Doorbell:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -118,7 +138,7 @@ class Doorbell:
     def _listen(self, ws: Any) -> None:
         while not self._stop.is_set():
             try:
-                ws.recv(timeout=self.idle_s)
+                self._note(ws.recv(timeout=self.idle_s))
             except TimeoutError:
                 pass  # nothing pushed for a while: look anyway (a ring may have been lost)
             else:
@@ -129,7 +149,7 @@ class Doorbell:
                     break
                 try:
                     while True:
-                        ws.recv(timeout=0)
+                        self._note(ws.recv(timeout=0))
                 except TimeoutError:
                     pass
             if not self._stop.is_set():
@@ -152,6 +172,7 @@ class Doorbell:
             except (OSError, TimeoutError, WebSocketException, InvalidURI, InvalidHandshake,
                     SubscriptionRefusedError, ValueError) as exc:  # fmt: skip
                 self.connected.clear()
+                self._head = None  # what the lost subscription pushed may be gone too
                 if self._stop.is_set():
                     break
                 if not warned:

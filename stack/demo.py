@@ -75,7 +75,9 @@ class PublicationClock:
 
     def _look(self) -> None:
         seen = time.monotonic()  # the push's time, before this look's own requests
-        head = self._w3.eth.block_number
+        head = self.bell.head
+        if head is None:
+            head = self._w3.eth.block_number
         if head < self._next:
             return
         logs = get_logs(

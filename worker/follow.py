@@ -13,7 +13,7 @@ does nothing): nothing here is needed for a round to finish, it makes one finish
 
 A websocket subscription to the contract's GlobalModelPublished logs, and UpdateSubmitted ones
 where a node of the process may aggregate, rings (chain.follow); the logs themselves are read
-with eth_getLogs from the last block handled.
+with eth_getLogs from the last block handled up to the last one a push named.
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ class RoundFollower:
     def look(self) -> None:
         """Read the round events mined since the last look and hand on what they call for."""
         with reachable():
-            head = self._w3.eth.block_number
+            head = self.bell.head
+            if head is None:
+                head = self._w3.eth.block_number
             if self._next is None:
                 self._next = head + 1  # from now on: earlier rounds came as messages
                 return

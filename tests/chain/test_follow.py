@@ -111,6 +111,42 @@ def test_the_doorbell_survives_a_restart_of_the_node(node):
         bell.stop()
 
 
+def test_a_ring_for_a_push_knows_its_block_and_one_after_a_lost_subscription_does_not(node):
+    """A look that answers a push reads up to the block it named without asking the node for
+    its head; after the node went away nothing pushed before is trusted."""
+    rings, heads = Rings(), []
+
+    def ring() -> None:
+        heads.append(bell.head)
+        rings()
+
+    bell = Doorbell(url=node.rpc_url, ring=ring, idle_s=3600).start()
+    try:
+        assert bell.connected.wait(WAIT_S)
+        quiet = settle(rings)
+        assert heads[0] is None  # the look on connecting asks the node
+        mine(node)
+        quiet = rings.wait_beyond(quiet)
+        assert heads[-1] == node.w3().eth.block_number
+        node.stop()
+        deadline = time.monotonic() + WAIT_S
+        while bell.connected.is_set():
+            assert time.monotonic() < deadline, "the doorbell never saw the node go"
+            time.sleep(0.05)
+        lost = len(heads)
+        node.start()
+        assert bell.connected.wait(WAIT_S)
+        settle(rings)
+        assert len(heads) > lost
+        assert set(heads[lost:]) == {None}
+        quiet = rings.count
+        mine(node)
+        rings.wait_beyond(quiet)
+        assert heads[-1] == node.w3().eth.block_number
+    finally:
+        bell.stop()
+
+
 def test_a_log_filter_rings_only_for_matching_logs(node):
     rings = Rings()
     # A filter on a contract that does not exist: new blocks carry no log of it.
@@ -238,6 +274,40 @@ def test_an_aggregator_fetches_a_rounds_updates_side_by_side_and_aggregates_afte
         assert sent == [("worker.aggregate", 0, sorted(e.trainer for e in submitted))]
     finally:
         release.set()
+        follower.stop()
+
+
+def test_a_followers_look_for_a_push_asks_the_node_for_the_logs_alone(
+    market, flow, running, chain_node, tmp_path
+):
+    """A round's every update and model rings each device process: the look that answers
+    reads the logs up to the block the push named, without a request for the head first."""
+    node = trainer_node(tmp_path, running.trainers[0], market, ModelStore(tmp_path / "models"))
+    node.config = node.config.model_copy(update={"eth_rpc_url": chain_node.rpc_url})
+    follower = RoundFollower([node], app=Celery(set_as_current=False))
+    asked, published = [], []
+    sent = follower._w3.provider.make_request
+
+    def make_request(method, params):
+        asked.append(method)
+        return sent(method, params)
+
+    follower._w3.provider.make_request = make_request  # type: ignore[method-assign]
+    follower._published = lambda event: published.append(event.round)  # type: ignore[method-assign]
+    follower.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        # The look on starting and the one on connecting ask for the head: nothing was pushed.
+        while asked.count("eth_blockNumber") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert asked == ["eth_blockNumber", "eth_blockNumber"]
+        asked.clear()
+        flow.run_round(running, 0)
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert published == [1]
+        assert asked == ["eth_getLogs"]
+    finally:
         follower.stop()
 
 
