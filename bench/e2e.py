@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -203,6 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     steady = rounds[1:]
     platform_round_s = sum(r["wall_s"] for r in steady) / len(steady)
     training_s = sum(slowest.get(r["round"] - 1, 0.0) for r in steady) / len(steady)
+    # Where a steady round's time goes (medians): from a global model to the first and the
+    # last update trained from it being mined, and from that to the next model.
+    timed = [(r["updates_mined_s"], r["wall_s"]) for r in steady if r["updates_mined_s"]]
+    phases = (
+        {
+            "model_to_first_update_s": median(u["first_update_s"] for u, _ in timed),
+            "model_to_last_update_s": median(u["last_update_s"] for u, _ in timed),
+            "last_update_to_next_model_s": median(wall - u["last_update_s"] for u, wall in timed),
+        }
+        if timed
+        else {}
+    )
     cpu_per_round = {
         name: round((cpu_at[count][name] - cpu_at[1][name]) / len(steady), 3)
         for name in cpu_at.get(count, {})
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "plain_score_weighted": [round(a, 4) for a in scored_curve],
         },
         "platform_first_round_s": rounds[0]["wall_s"],
+        "platform_round_phases_s": {k: round(v, 3) for k, v in phases.items()},
         # CPU seconds per steady round, by process (with its children): the stack shares the
         # machine's cores with the training itself.
         "cpu_s_per_round": cpu_per_round,
@@ -279,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{'the same, weighted by score':<28} {'':>10} {scored_curve[-1]:>10.4f}"
         "   (the platform's rule, in process)"
     )
+    if phases:
+        print(
+            "a steady round (medians): updates mined {model_to_first_update_s:.3f} to "
+            "{model_to_last_update_s:.3f} s after the model, the next model "
+            "{last_update_to_next_model_s:.3f} s after the last".format(**phases)
+        )
     print(f"ratio {result['ratio']} to the plain loop")
     print(
         f"CPU per steady round {result['cpu_s_per_round_total']} s on {os.cpu_count()} cores: "

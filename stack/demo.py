@@ -17,7 +17,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from chain.events import GlobalModelPublished, decode_logs, event_topics, get_logs
+from chain.events import (
+    GlobalModelPublished,
+    UpdateSubmitted,
+    decode_logs,
+    event_topics,
+    get_logs,
+)
 from chain.follow import Doorbell
 from chain.node import client
 from stack.devstack import LOCAL_DEVICES, PY, _config, say, stack
@@ -42,13 +48,14 @@ BIDDING_WINDOW_S = 30
 DISPUTE_WINDOW_S = 60
 
 
-class PublicationClock:
-    """When each global model of task ``task_id`` from round 1 on was mined, on this
-    process's monotonic clock: a doorbell on the task's GlobalModelPublished logs reads each
-    as the node pushes it. The platform's mirror commits a burst of blocks at once, so two
-    short rounds timed by when it shows them could read as one round and one of no time.
-    ``on_round`` is called with each round's number as it is seen, in order, from the
-    doorbell's thread."""
+class RoundClock:
+    """When each global model of task ``task_id`` was mined (``published``: round -> time)
+    and each update (``submitted``: round -> times), on this process's monotonic clock: a
+    doorbell on the task's GlobalModelPublished and UpdateSubmitted logs reads each as the
+    node pushes it. The platform's mirror commits a burst of blocks at once, so two short
+    rounds timed by when it shows them could read as one round and one of no time.
+    ``on_round`` is called with each published round's number from 1 on, as it is seen, in
+    order, from the doorbell's thread."""
 
     def __init__(
         self,
@@ -59,18 +66,23 @@ class PublicationClock:
         from_block: int,
         on_round: Callable[[int], None] | None = None,
     ) -> None:
-        self.times: dict[int, float] = {}
+        self.published: dict[int, float] = {}
+        self.submitted: dict[int, list[float]] = {}
         self.on_round = on_round
         self._w3 = client(rpc_url)
         self._address = address
-        self._topics = [event_topics()["GlobalModelPublished"], f"0x{task_id:064x}"]
+        names = event_topics()
+        self._topics = [
+            [names["GlobalModelPublished"], names["UpdateSubmitted"]],
+            f"0x{task_id:064x}",
+        ]
         self._next = from_block
         self.bell = Doorbell(
             url=rpc_url,
             ring=self._look,
             logs={"address": address, "topics": self._topics},
             idle_s=1.0,
-            name="flex-publication-clock",
+            name="flex-round-clock",
         )
 
     def _look(self) -> None:
@@ -88,15 +100,26 @@ class PublicationClock:
             topics=self._topics,
         )
         for event in decode_logs(logs, address=self._address):
-            if not isinstance(event, GlobalModelPublished) or event.round < 1:
-                continue
-            if event.round not in self.times:
-                self.times[event.round] = seen
-                if self.on_round is not None:
+            if isinstance(event, UpdateSubmitted):
+                self.submitted.setdefault(event.round, []).append(seen)
+            elif isinstance(event, GlobalModelPublished) and event.round not in self.published:
+                self.published[event.round] = seen
+                if self.on_round is not None and event.round >= 1:
                     self.on_round(event.round)
         self._next = head + 1
 
-    def __enter__(self) -> PublicationClock:
+    def phases(self, number: int) -> dict[str, float] | None:
+        """Round ``number``'s updates (trained from global model ``number``) as seconds after
+        that model was mined: the first and the last; None where the clock lacks either."""
+        out, updates = self.published.get(number), self.submitted.get(number)
+        if out is None or not updates:
+            return None
+        return {
+            "first_update_s": round(min(updates) - out, 3),
+            "last_update_s": round(max(updates) - out, 3),
+        }
+
+    def __enter__(self) -> RoundClock:
         self.bell.start()
         return self
 
@@ -173,14 +196,14 @@ def follow_task(
         "the task settles once the last model's window has closed"
     )
     w3 = contract.w3()
-    published = PublicationClock(
+    clock = RoundClock(
         rpc_url=settings.ETH_RPC_URL,
         address=contract.address(),
         task_id=order.chain_task_id,
         from_block=w3.eth.get_transaction_receipt(order.created_tx)["blockNumber"],
         on_round=on_round,
     )
-    with published:
+    with clock:
         # The platform's chain sync mirrors the task from its TaskCreated event.
         while (task := Task.objects.filter(created_tx=order.created_tx).first()) is None:
             if time.monotonic() - started > timeout_s:
@@ -193,7 +216,7 @@ def follow_task(
         last = None
         while time.monotonic() - started < timeout_s:
             task.refresh_from_db()
-            done = _progress_bar(len(published.times), rounds)
+            done = _progress_bar(len([r for r in clock.published if r >= 1]), rounds)
             line = f"task {task.chain_task_id} {task.state:<9} rounds {done}"
             if line != last:
                 print(line, flush=True)
@@ -225,7 +248,7 @@ def follow_task(
     for r in Round.objects.filter(task=task, number__gte=1).order_by("number"):
         txs = [u.tx_hash for u in Update.objects.filter(task=task, round_number=r.number - 1)]
         gas = sum(w3.eth.get_transaction_receipt(t)["gasUsed"] for t in [*txs, r.tx_hash])
-        at = published.times.get(r.number, time.monotonic())
+        at = clock.published.get(r.number, time.monotonic())
         rows.append(
             {
                 "round": r.number,
@@ -234,6 +257,8 @@ def follow_task(
                 "updates": r.updates_aggregated,
                 "gas": gas,
                 "wall_s": round(at - previous, 3),
+                # This model's updates, after the model they were trained from was mined.
+                "updates_mined_s": clock.phases(r.number - 1),
             }
         )
         previous = at

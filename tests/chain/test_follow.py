@@ -14,7 +14,7 @@ from chain.events import UpdateSubmitted, decode_logs
 from chain.follow import Doorbell, ws_url
 from chain.launcher import LocalChain, free_port
 from core.messages import RoundAggregateRequest
-from stack.demo import PublicationClock
+from stack.demo import RoundClock
 from tests.chain.test_events import lifecycle
 from tests.chain.test_watcher import trainer_node
 from training.store import ModelStore
@@ -329,33 +329,41 @@ def test_blocks_within_the_spacing_are_rung_for_once_when_it_is_over(node):
     assert not bell._thread.is_alive()
 
 
-def test_the_bench_times_each_round_of_its_task_by_the_push_of_its_model(
+def test_the_bench_times_each_round_of_its_task_by_the_pushes_of_its_logs(
     market, flow, w3, chain_node
 ):
     """`python -m bench` times a round from when the node pushes its model's log, not from
-    when the platform's mirror shows it (no platform runs here): each of the task's rounds
-    once, in order, none timed before its model was sent, and none of another task's."""
+    when the platform's mirror shows it (no platform runs here), and the round's updates
+    from theirs: each of the task's models and updates once, none timed before it was
+    sent, and none of another task's."""
     other = flow.start(rounds=3)
     from_block = w3.eth.block_number
     for number in (0, 1, 2):  # mined first, up to a round the task has not
         flow.run_round(other, number)
-    running = flow.start(rounds=2)  # its round 0, the initial model, is no round
     seen: list[int] = []
-    clock = PublicationClock(
+    clock = RoundClock(
         rpc_url=chain_node.rpc_url,
         address=market.address,
-        task_id=running.task_id,
+        task_id=(running := flow.start(rounds=2)).task_id,
         from_block=from_block,
         on_round=seen.append,
     )
     sent = {}
     with clock:
         for number in (0, 1):
-            sent[number + 1] = time.monotonic()
-            flow.run_round(running, number)
+            sent[number] = time.monotonic()
+            flow.run_round(running, number)  # the updates of round number, model number + 1
         deadline = time.monotonic() + WAIT_S
         while len(seen) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert seen == [1, 2]
-    assert sorted(clock.times) == [1, 2]
-    assert all(clock.times[r] >= sent[r] for r in (1, 2))
+    assert seen == [1, 2]  # the initial model, round 0, is no round
+    assert sorted(clock.published) == [0, 1, 2]
+    assert sorted(clock.submitted) == [0, 1]
+    for number in (0, 1):
+        updates = clock.submitted[number]
+        assert len(updates) == len(running.trainers)
+        assert min(updates) >= sent[number]
+        assert clock.published[number + 1] >= max(updates)
+        phases = clock.phases(number)
+        assert 0 <= phases["first_update_s"] <= phases["last_update_s"]
+    assert clock.phases(2) is None  # the final model trains nothing
