@@ -17,14 +17,19 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
 from websockets.sync.client import connect
 
 from chain.errors import ChainUnavailableError
+from chain.events import get_logs
+from chain.node import reachable
+
+if TYPE_CHECKING:
+    from web3 import Web3
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,24 @@ class Doorbell:
         up to it without asking the node for its head: a block it holds later is pushed too,
         and a lost subscription starts again from None."""
         return self._head
+
+    def new_logs(self, w3: Web3, *, from_block: int | None) -> tuple[int, list[Mapping[str, Any]]]:
+        """The logs of this doorbell's log filter from ``from_block`` up to the head (the
+        last block a push named, else the node's), as the node sends them, and the caller's
+        next ``from_block``. ``from_block`` None: none, and the block after the head (what is
+        mined from now on). A lost node raises ChainUnavailableError."""
+        with reachable():
+            head = w3.eth.block_number if self._head is None else self._head
+            if from_block is None or head < from_block:
+                return (head + 1 if from_block is None else from_block), []
+            logs = get_logs(
+                w3,
+                address=self.logs["address"],
+                from_block=from_block,
+                to_block=head,
+                topics=self.logs.get("topics", ()),
+            )
+        return head + 1, logs
 
     def _note(self, message: str | bytes) -> None:
         try:

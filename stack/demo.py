@@ -22,7 +22,6 @@ from chain.events import (
     UpdateSubmitted,
     decode_logs,
     event_topics,
-    get_logs,
 )
 from chain.follow import Doorbell
 from chain.node import client
@@ -87,18 +86,7 @@ class RoundClock:
 
     def _look(self) -> None:
         seen = time.monotonic()  # the push's time, before this look's own requests
-        head = self.bell.head
-        if head is None:
-            head = self._w3.eth.block_number
-        if head < self._next:
-            return
-        logs = get_logs(
-            self._w3,
-            address=self._address,
-            from_block=self._next,
-            to_block=head,
-            topics=self._topics,
-        )
+        after, logs = self.bell.new_logs(self._w3, from_block=self._next)
         for event in decode_logs(logs, address=self._address):
             if isinstance(event, UpdateSubmitted):
                 self.submitted.setdefault(event.round, []).append(seen)
@@ -106,7 +94,7 @@ class RoundClock:
                 self.published[event.round] = seen
                 if self.on_round is not None and event.round >= 1:
                     self.on_round(event.round)
-        self._next = head + 1
+        self._next = after
 
     def phases(self, number: int) -> dict[str, float] | None:
         """Round ``number``'s updates (trained from global model ``number``) as seconds after

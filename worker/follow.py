@@ -35,10 +35,9 @@ from chain.events import (
     UpdateSubmitted,
     decode_logs,
     event_topics,
-    get_logs,
 )
 from chain.follow import Doorbell
-from chain.node import client, reachable
+from chain.node import client
 from core.errors import FlexError
 from core.messages import RoundAggregateRequest, RoundTrainRequest
 from core.queues import route
@@ -125,29 +124,17 @@ class RoundFollower:
 
     def look(self) -> None:
         """Read the round events mined since the last look and hand on what they call for."""
-        with reachable():
-            head = self.bell.head
-            if head is None:
-                head = self._w3.eth.block_number
-            if self._next is None:
-                self._next = head + 1  # from now on: earlier rounds came as messages
-                return
-            if head < self._next:
-                return
-            logs = get_logs(
-                self._w3,
-                address=self._address,
-                from_block=self._next,
-                to_block=head,
-                topics=self._topics,
-            )
+        after, logs = self.bell.new_logs(self._w3, from_block=self._next)
+        if self._next is None:
+            self._next = after  # from now on: earlier rounds came as messages
+            return
         for event in decode_logs(logs, address=self._address):
             if isinstance(event, GlobalModelPublished):
                 self._published(event)
             elif isinstance(event, UpdateSubmitted):
                 self._update(event)
         # Only once all are handed on: a look cut short by a lost node reads them again.
-        self._next = head + 1
+        self._next = after
 
     def _published(self, event: GlobalModelPublished) -> None:
         """Global model ``event.round`` is out: its round is open for each trainer."""
