@@ -71,15 +71,12 @@ class RoundClock:
         self._w3 = client(rpc_url)
         self._address = address
         names = event_topics()
-        self._topics = [
-            [names["GlobalModelPublished"], names["UpdateSubmitted"]],
-            f"0x{task_id:064x}",
-        ]
+        topics = [[names["GlobalModelPublished"], names["UpdateSubmitted"]], f"0x{task_id:064x}"]
         self._next = from_block
         self.bell = Doorbell(
             url=rpc_url,
             ring=self._look,
-            logs={"address": address, "topics": self._topics},
+            logs={"address": address, "topics": topics},
             idle_s=1.0,
             name="flex-round-clock",
         )
@@ -204,7 +201,7 @@ def follow_task(
         last = None
         while time.monotonic() - started < timeout_s:
             task.refresh_from_db()
-            done = _progress_bar(len([r for r in clock.published if r >= 1]), rounds)
+            done = _progress_bar(sum(r >= 1 for r in clock.published), rounds)
             line = f"task {task.chain_task_id} {task.state:<9} rounds {done}"
             if line != last:
                 print(line, flush=True)

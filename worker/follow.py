@@ -75,7 +75,6 @@ class RoundFollower:
         if any(n.config.may_aggregate for n in nodes):
             followed.append("UpdateSubmitted")
         topics = event_topics()
-        self._topics = [[topics[name] for name in followed]]
         self._lock = threading.Lock()
         # The last message of each kind per (node, task): what the next round's message repeats.
         self._train: dict[tuple[str, int], RoundTrainRequest] = {}
@@ -91,7 +90,7 @@ class RoundFollower:
         self.bell = Doorbell(
             url=first.config.eth_rpc_url,
             ring=self.look,
-            logs={"address": self._address, "topics": self._topics},
+            logs={"address": self._address, "topics": [[topics[name] for name in followed]]},
             idle_s=idle_s,
             name="flex-rounds",
         )
