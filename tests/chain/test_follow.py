@@ -147,6 +147,28 @@ def test_a_ring_for_a_push_knows_its_block_and_one_after_a_lost_subscription_doe
         bell.stop()
 
 
+def test_a_push_it_cannot_read_or_of_a_dropped_block_leaves_the_head_as_it_was():
+    """What the node sends that names no block of the chain as it now stands (an answer
+    instead of a push, a log of a block a re-org dropped, malformed JSON, a number that is
+    not hex, a lower block than one already pushed) changes nothing: the look asks the node
+    or reads up to the head it had."""
+    bell = Doorbell(url="http://127.0.0.1:9", ring=lambda: None)
+    push = '{"jsonrpc":"2.0","method":"eth_subscription","params":{"result":%s}}'
+    for message in (
+        '{"jsonrpc":"2.0","id":1,"result":"0x1"}',
+        push % '{"blockNumber":"0x9","removed":true}',
+        "{not json",
+        b"\xff\xfe",
+        push % '{"blockNumber":"nine"}',
+        push % '"0x9"',
+    ):
+        bell._note(message)
+        assert bell.head is None, message
+    bell._note(push % '{"number":"0x7"}')  # a new head
+    bell._note(push % '{"blockNumber":"0x5","removed":false}')  # a log of an earlier block
+    assert bell.head == 7
+
+
 def test_a_log_filter_rings_only_for_matching_logs(node):
     rings = Rings()
     # A filter on a contract that does not exist: new blocks carry no log of it.
