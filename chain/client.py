@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ from chain.build import load_artifact
 from chain.errors import InvalidHintError, NoContractError
 from chain.events import DeviceClass, Role, Strategy, TaskState
 from chain.fraud import VERIFIER_NAME, Challenge, Contest, Exclusion
+from chain.node import at_once, batching
 from chain.records import (
     BidInfo,
     DeviceInfo,
@@ -419,8 +420,12 @@ class FlexMarket:
         )
 
     def trainer_position(self, *, task_id: int, device: str) -> int | None:
-        selected, position = self._call("trainerPosition", task_id, to_checksum_address(device))
-        return position if selected else None
+        return self._call(
+            "trainerPosition",
+            task_id,
+            to_checksum_address(device),
+            then=lambda found: found[1] if found[0] else None,
+        )
 
     def verifier(self) -> str:
         """The FlexVerifier the market checks challenges with."""
@@ -530,9 +535,14 @@ class FlexMarket:
     def round_info(self, *, task_id: int, round_number: int) -> RoundInfo:
         """Round r's global model (None if unpublished), the updates submitted in it, and
         which of them (with which scores) global model r+1 aggregated."""
-        found = self._struct_of("roundInfo", task_id, round_number)
-        found["global_model"] = _optional_id(bytes(HexBytes(found["global_model"])))
-        return RoundInfo(**found)
+        return self._struct_of(
+            "roundInfo",
+            task_id,
+            round_number,
+            then=lambda found: RoundInfo(
+                **{**found, "global_model": _optional_id(bytes(HexBytes(found["global_model"])))}
+            ),
+        )
 
     def credit_of(self, *, account: str) -> int:
         """Wei ``account`` may withdraw now."""
@@ -558,29 +568,51 @@ class FlexMarket:
 
     # ------------------------------------------------------------ plumbing
 
-    def _call(self, name: str, *args: Any) -> Any:
+    def at_once(self, *reads: Callable[[], Any]) -> list[Any]:
+        """The answers of ``reads``, views of this market (``lambda: market.task(task_id=1)``)
+        that each ask the node once, in one request to it (chain.node.at_once); errors as
+        each read raises them alone."""
+        with rpc():
+            return at_once(self.w3, *reads)
+
+    def _call(self, name: str, *args: Any, then: Callable[[Any], Any] | None = None) -> Any:
+        """Function ``name``'s answer to ``args``, decoded and passed through ``then``; inside
+        at_once, the request that asks it."""
         function = self._functions[name]
         call = {"to": self.address, "data": "0x" + function.encode(args).hex()}
-        with rpc():
-            # Past web3's own eth.call, whose request formatters walk the call's fields
-            # through the ABI again; a revert still raises web3's typed error for rpc().
-            answer = HexBytes(
-                self.w3.manager.request_blocking(
-                    "eth_call",
-                    [call, "latest"],
-                    error_formatters=raise_contract_logic_error_on_revert,
-                )
-            )
-        if not answer and function.outputs:
-            # No code there: the node runs the call against an empty account.
-            raise NoContractError(address=self.address, function=name)
-        return function.decode(answer)
 
-    def _struct_of(self, name: str, *args: Any) -> dict[str, Any]:
-        return struct_of(self._outputs[name][0]["components"], self._call(name, *args))
+        def answer(raw: Any) -> Any:
+            data = HexBytes(raw)
+            if not data and function.outputs:
+                # No code there: the node runs the call against an empty account.
+                raise NoContractError(address=self.address, function=name)
+            decoded = function.decode(data)
+            return decoded if then is None else then(decoded)
+
+        # Past web3's own eth.call, whose request formatters walk the call's fields through
+        # the ABI again; a revert still raises web3's typed error for rpc().
+        request = ("eth_call", [call, "latest"])
+        if batching(self.w3):
+            return (request, (answer, raise_contract_logic_error_on_revert, None))
+        with rpc():
+            raw = self.w3.manager.request_blocking(
+                *request, error_formatters=raise_contract_logic_error_on_revert
+            )
+        return answer(raw)
+
+    def _struct_of(
+        self, name: str, *args: Any, then: Callable[[dict[str, Any]], Any] | None = None
+    ) -> Any:
+        components = self._outputs[name][0]["components"]
+
+        def fields(values: Any) -> Any:
+            found = struct_of(components, values)
+            return found if then is None else then(found)
+
+        return self._call(name, *args, then=fields)
 
     def _record(self, cls: type[R], name: str, *args: Any) -> R:
-        return cls(**self._struct_of(name, *args))
+        return self._struct_of(name, *args, then=lambda found: cls(**found))
 
     def _transact(self, sender: LocalAccount, name: str, *args: Any, value: int = 0) -> TxResult:
         return self._submit(sender, name, *args, value=value, wait=True).result()

@@ -7,7 +7,8 @@ import contextlib
 import functools
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import certifi
 import requests
@@ -16,7 +17,7 @@ from requests.utils import get_environ_proxies, select_proxy
 from web3 import HTTPProvider, Web3
 from web3._utils.method_formatters import get_result_formatters
 from web3._utils.rpc_abi import RPC
-from web3.exceptions import ProviderConnectionError
+from web3.exceptions import ProviderConnectionError, Web3RPCError
 from web3.method import Method, default_root_munger
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 from web3.types import RPCEndpoint
@@ -156,6 +157,44 @@ def _drop_inherited_connections() -> None:
 os.register_at_fork(after_in_child=_drop_inherited_connections)
 
 
+# The nodes (by URL) this process found refusing JSON-RPC batches.
+_BATCH_REFUSED: set[str] = set()
+
+
+def at_once(w3: Web3, *reads: Callable[[], Any]) -> list[Any]:
+    """The answers of ``reads``, asked of the node in one JSON-RPC batch. Each read asks
+    the node one thing: a web3 method (``lambda: w3.eth.get_block("latest")``) or a view of
+    chain.client.FlexMarket, which inside the batch give their request instead of asking.
+
+    One request instead of one each: each costs both sides more than the node takes to
+    answer it. An answer, or an error, is the one its read gives alone. A node that refuses
+    batches is asked one read at a time, from then on."""
+    url = str(w3.provider.endpoint_uri)  # type: ignore[attr-defined]
+    if url not in _BATCH_REFUSED:
+        try:
+            with w3.batch_requests() as batch:
+                for read in reads:
+                    batch.add(read())
+                return batch.execute()
+        except Web3RPCError as exc:
+            if not _refused_whole(exc):
+                raise
+            _BATCH_REFUSED.add(url)
+    return [read() for read in reads]
+
+
+def batching(w3: Web3) -> bool:
+    """Whether ``w3`` is collecting an at_once batch: a read then gives its request."""
+    return w3.provider._is_batching  # type: ignore[attr-defined]
+
+
+def _refused_whole(exc: Web3RPCError) -> bool:
+    """Whether the node answered a batch with one error for the whole of it (JSON-RPC 2.0:
+    an error that names no request), not an error of one of its requests."""
+    response = getattr(exc, "rpc_response", None)
+    return isinstance(response, dict) and response.get("id") is None
+
+
 def chain_id(w3: Web3) -> int:
     """The node's chain id, asked once per URL and process: a node never changes it."""
     return _chain_id_of(str(w3.provider.endpoint_uri))  # type: ignore[attr-defined]
@@ -183,10 +222,14 @@ def chain_time(w3: Web3) -> int:
         return int(w3.eth.get_block("pending")["timestamp"])
 
 
-def max_fee_per_gas(w3: Web3, *, tip_wei: int | None = None) -> int:
-    """The fee cap per gas FLEX signs with: twice the latest base fee plus the node's tip (or
-    ``tip_wei``, when already asked), so a transaction stays includable through a few blocks
-    of rising fees."""
+def fee_cap(*, base_fee_wei: int, tip_wei: int) -> int:
+    """The fee cap per gas FLEX signs with: twice the base fee plus the tip, so a
+    transaction stays includable through a few blocks of rising fees."""
+    return 2 * base_fee_wei + tip_wei
+
+
+def max_fee_per_gas(w3: Web3) -> int:
+    """The fee cap (fee_cap) at the latest block's base fee and the node's tip."""
     with reachable():
         base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
-        return 2 * base_fee + (w3.eth.max_priority_fee if tip_wei is None else tip_wei)
+        return fee_cap(base_fee_wei=base_fee, tip_wei=w3.eth.max_priority_fee)

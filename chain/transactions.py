@@ -41,7 +41,7 @@ from chain.errors import (
     TransactionRejectedError,
 )
 from chain.events import snake_case, to_python
-from chain.node import UNREACHABLE, chain_id, max_fee_per_gas, reachable
+from chain.node import UNREACHABLE, at_once, chain_id, fee_cap, reachable
 from chain.records import TxResult
 
 CONTRACT_NAME = "FlexMarket"
@@ -338,20 +338,31 @@ def submit(
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
-        tip = w3.eth.max_priority_fee
-        # Against the pending block: its time is the one the transaction will run at, so a
-        # deadline that has passed by the chain's clock has passed for the estimate too.
-        estimate = w3.eth.estimate_gas(tx, "pending")
+        tip, estimate, base_fee = _gas_and_fees(w3, tx)
         margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
         tx.update(
             chainId=chain_id(w3),
             gas=min(estimate + margin, MAX_TX_GAS),
             maxPriorityFeePerGas=tip,
-            maxFeePerGas=max_fee_per_gas(w3, tip_wei=tip),
+            maxFeePerGas=fee_cap(base_fee_wei=base_fee, tip_wei=tip),
         )
         with _nonce_lock(sender.address), sending or contextlib.nullcontext():
             tx_hash, mined = _send_with_fresh_nonce(w3, sender, tx, sync=wait and sending is None)
     return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash, mined=mined)
+
+
+def _gas_and_fees(w3: Web3, tx: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The node's tip, its gas estimate for ``tx`` and the latest block's base fee, asked
+    at once (chain.node.at_once). The estimate runs against the pending block: its time is
+    the one the transaction will run at, so a deadline that has passed by the chain's clock
+    has passed for the estimate too, and a revert raises its error before anything is sent."""
+    tip, estimate, block = at_once(
+        w3,
+        lambda: w3.eth.max_priority_fee,
+        lambda: w3.eth.estimate_gas(tx, "pending"),  # type: ignore[arg-type]
+        lambda: w3.eth.get_block("latest"),
+    )
+    return tip, estimate, block.get("baseFeePerGas", 0)
 
 
 def send(

@@ -278,19 +278,21 @@ def aggregate(
     from training.evaluate import evaluate  # TensorFlow loads only where evaluation happens
 
     market = node.market
-    task = market.task(task_id=task_id)
+    task, info = market.at_once(
+        lambda: market.task(task_id=task_id),
+        lambda: market.round_info(task_id=task_id, round_number=round_number),
+    )
     parsed = verified_spec(node, task_id=task_id, spec=spec, task=task)
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
         return None
     selection = market.selection(task_id=task_id, task=task)
-    info = market.round_info(task_id=task_id, round_number=round_number)
     submitted = positions_of(info.submitted_mask)
-    left = task.submission_deadline - node.chain_time()
     certs = {k.lower(): v for k, v in trainer_certs.items()}
     peers = {k.lower(): (v, certs.get(k.lower(), "")) for k, v in trainer_urls.items()}
     # The contract takes a partial round only after its window: at the deadline it is open.
-    if wait and len(submitted) < len(selection.trainers) and left >= 0:
+    missing = len(submitted) < len(selection.trainers)
+    if wait and missing and (open_s := task.submission_deadline - node.chain_time()) >= 0:
         # Fetch what is in already while the rest train: the round then closes sooner, and an
         # update stays usable even if its device vanishes before the round closes.
         for position in submitted:
@@ -307,7 +309,7 @@ def aggregate(
             round=round_number,
             submitted=len(submitted),
             expected=len(selection.trainers),
-            seconds_left=left,
+            seconds_left=open_s,
         )
     started = time.perf_counter()
     samples = selection.samples

@@ -212,7 +212,14 @@ def train(
     node only checks it, within its dispute window.
     """
     market = node.market
-    task = market.task(task_id=task_id)
+    # Everything the round needs from the chain, in one request: the task, this round and
+    # the one its model closed (what the check below compares), and this node's place.
+    task, info, closed, position = market.at_once(
+        lambda: market.task(task_id=task_id),
+        lambda: market.round_info(task_id=task_id, round_number=round_number),
+        lambda: market.round_info(task_id=task_id, round_number=max(round_number - 1, 0)),
+        lambda: market.trainer_position(task_id=task_id, device=node.address),
+    )
     parsed = verified_spec(node, task_id=task_id, spec=spec, task=task)
     aggregator = Aggregator(
         address=task.aggregator, url=aggregator_url, cert_sha256=aggregator_cert
@@ -223,12 +230,11 @@ def train(
             spec=parsed,
             task_id=task_id,
             round_number=round_number,
-            model_id=market.global_model(task_id=task_id, round_number=round_number),
+            model_id=info.global_model,
             source_url=aggregator_url,
             source_cert=aggregator_cert,
             source=task.aggregator,
         )
-        position = market.trainer_position(task_id=task_id, device=node.address)
         return _watch(
             node,
             spec=parsed,
@@ -237,12 +243,11 @@ def train(
             model=final,
             aggregator=aggregator,
             position=position,
+            closed=closed,
         )
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not the current round; skipping", task_id, round_number)
         return None
-    info = market.round_info(task_id=task_id, round_number=round_number)
-    position = market.trainer_position(task_id=task_id, device=node.address)
     if _submitted(position, info):
         log.info("task %s: update for round %s already on chain", task_id, round_number)
         return None
@@ -331,6 +336,7 @@ def train(
         model=model,
         aggregator=aggregator,
         position=position,
+        closed=closed,
     )
     return trained if disputed is None else {**trained, **disputed}
 
@@ -373,33 +379,31 @@ def _watch(
     model: ModelBlob,
     aggregator: Aggregator,
     position: int | None,
+    closed: RoundInfo,
 ) -> dict | None:
     """When this node (at selection ``position``) submitted an update to the round global
-    model ``model`` closes, check the aggregate (worker.watcher.watch_round) and, if its
-    update was left out, the reason (watch_exclusion); each sends its own proof. The round
-    is read from the chain once for both, the task (``task``) once for the whole train. The
-    result when the aggregator was shown wrong, else None. Runs below the priority of training
-    and aggregation (watcher.yielding)."""
-    closed = model.header.round_number - 1
-    if closed < 0 or position is None:
-        return None
-    info = node.market.round_info(task_id=task_id, round_number=closed)
-    if not _submitted(position, info):
+    model ``model`` closes (``closed``, as the chain has it once that model is out), check
+    the aggregate (worker.watcher.watch_round) and, if its update was left out, the reason
+    (watch_exclusion); each sends its own proof. The round and the task (``task``) are read
+    from the chain once for the whole train. The result when the aggregator was shown wrong,
+    else None. Runs below the priority of training and aggregation (watcher.yielding)."""
+    round_closed = model.header.round_number - 1
+    if round_closed < 0 or position is None or not _submitted(position, closed):
         return None
     common = {
         "market": node.market,
         "store": node.store,
         "account": node.account,
         "task_id": task_id,
-        "round_number": closed,
+        "round_number": round_closed,
         "published": model,
         "aggregator": aggregator,
-        "info": info,
+        "info": closed,
     }
     watch = watch_round(spec=spec, task=task, **common)
     if watch is not None and not watch.correct:
-        return {"task_id": task_id, "round": closed + 1, "challenged": watch.global_model}
+        return {"task_id": task_id, "round": round_closed + 1, "challenged": watch.global_model}
     contested = watch_exclusion(position=position, **common)
     if contested is not None:
-        return {"task_id": task_id, "round": closed + 1, "contested": contested.tx_hash}
+        return {"task_id": task_id, "round": round_closed + 1, "contested": contested.tx_hash}
     return None

@@ -26,6 +26,7 @@ from web3 import Web3
 from chain.client import FlexMarket
 from chain.errors import (
     ChainUnavailableError,
+    InvalidTaskStateError,
     NoContractError,
     TransactionRejectedError,
     UnknownTaskError,
@@ -121,14 +122,19 @@ def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
 
 class _Forwarding(http.server.BaseHTTPRequestHandler):
     """Passes each JSON-RPC post on to the node (``server.node``, host:port) and its answer
-    back, counting them: a proxy (asked for an absolute URL) or a TLS front for the node."""
+    back, counting them: a proxy (asked for an absolute URL) or a TLS front for the node.
+    A batch is recorded in ``server.methods`` as the tuple of its methods."""
 
     def do_POST(self) -> None:
         self.server.posts += 1  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers["Content-Length"]))
         request = json.loads(body)
-        self.server.methods.append(request["method"])  # type: ignore[attr-defined]
-        answer = self.answer(request, body)
+        if isinstance(request, list):
+            self.server.methods.append(tuple(r["method"] for r in request))  # type: ignore[attr-defined]
+            answer = self.answer_batch(request, body)
+        else:
+            self.server.methods.append(request["method"])  # type: ignore[attr-defined]
+            answer = self.answer(request, body)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
@@ -136,6 +142,9 @@ class _Forwarding(http.server.BaseHTTPRequestHandler):
         self.wfile.write(answer)
 
     def answer(self, request: dict, body: bytes) -> bytes:
+        return self.forward(body)
+
+    def answer_batch(self, requests: list, body: bytes) -> bytes:
         return self.forward(body)
 
     def forward(self, body: bytes) -> bytes:
@@ -158,6 +167,15 @@ class _WithoutSendSync(_Forwarding):
             return self.forward(body)
         error = {"code": -32601, "message": "the method does not exist/is not available"}
         return json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": error}).encode()
+
+
+class _WithoutBatches(_Forwarding):
+    """A node (or a gateway in front of it) that takes no JSON-RPC batches: it answers one
+    with a single error that names no request."""
+
+    def answer_batch(self, requests: list, body: bytes) -> bytes:
+        error = {"code": -32600, "message": "batch requests are not supported"}
+        return json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
 
 
 class _SendSyncTimingOut(_Forwarding):
@@ -251,6 +269,78 @@ def test_a_waited_transaction_comes_back_mined_from_one_send(
         pending = submit(fronted.w3, flow.accounts.spare[0], {"to": payee, "value": 2})
         assert front.methods[-1] == "eth_sendRawTransaction"
         assert pending.receipt()["status"] == 1
+
+
+PRICED = ("eth_maxPriorityFeePerGas", "eth_estimateGas", "eth_getBlockByNumber")
+
+
+def test_a_transaction_is_priced_and_estimated_in_one_request(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    """The tip, the gas estimate and the base fee go to the node as one batch; then the
+    nonce and the send. A call the estimate finds reverting raises its own error, and
+    nothing is sent."""
+    task_id = flow.create_task()
+    with _serving(_Forwarding, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+        asked = [m for m in front.methods if m != "eth_chainId"]  # asked once per process
+        assert asked == [PRICED, "eth_getTransactionCount", "eth_sendRawTransactionSync"]
+        assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        del front.methods[:]
+        with pytest.raises(InvalidTaskStateError):
+            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+        assert front.methods == [PRICED]
+
+
+def test_a_node_that_takes_no_batches_is_asked_one_request_at_a_time(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    with _serving(_WithoutBatches, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        for _ in range(2):
+            task_id = flow.create_task()
+            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+            assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        # Tried once: then each of them on its own, every time.
+        assert front.methods.count(PRICED) == 1
+        assert front.methods.count("eth_estimateGas") == 2
+        assert front.methods.count("eth_maxPriorityFeePerGas") == 2
+        with pytest.raises(InvalidTaskStateError):
+            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+        del front.methods[:]
+        task, position = fronted.at_once(
+            lambda: fronted.task(task_id=task_id),
+            lambda: fronted.trainer_position(task_id=task_id, device=flow.accounts.buyer.address),
+        )
+        assert (task.state, position) == (TaskState.CANCELLED, None)
+        assert front.methods == ["eth_call", "eth_call"]
+
+
+def test_views_asked_at_once_answer_as_each_does_alone(chain_node, market: FlexMarket, flow: Flow):
+    task_id = flow.create_task()
+    device = flow.accounts.spare[0].address
+    with _serving(_Forwarding, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        views = (
+            lambda: fronted.task(task_id=task_id),
+            lambda: fronted.round_info(task_id=task_id, round_number=0),
+            lambda: fronted.trainer_position(task_id=task_id, device=device),
+        )
+        together = fronted.at_once(*views)
+        assert front.methods == [("eth_call",) * 3]
+        assert together == [view() for view in views]
+        assert together[0].state == TaskState.BIDDING
+        assert together[2] is None
+        # An error is the one its view raises alone.
+        with pytest.raises(UnknownTaskError):
+            fronted.at_once(views[1], lambda: fronted.task(task_id=task_id + 100))
 
 
 def test_a_node_without_the_one_request_send_is_sent_the_plain_way(
