@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,8 +20,8 @@ from web3._utils.method_formatters import get_result_formatters
 from web3._utils.rpc_abi import RPC
 from web3.exceptions import ProviderConnectionError, Web3RPCError
 from web3.method import Method, default_root_munger
-from web3.providers.rpc.utils import ExceptionRetryConfiguration
-from web3.types import RPCEndpoint
+from web3.providers.rpc.utils import ExceptionRetryConfiguration, check_if_retry_on_failure
+from web3.types import RPCEndpoint, RPCResponse
 
 from chain.errors import ChainUnavailableError
 
@@ -92,6 +93,27 @@ class NodeProvider(HTTPProvider):
         if urllib3.util.parse_url(url).scheme != "https":
             del options["ca_certs"]
         return urllib3.connection_from_url(url, **options)
+
+    def make_batch_request(
+        self, batch_requests: list[tuple[RPCEndpoint, Any]]
+    ) -> list[RPCResponse] | RPCResponse:
+        """web3's batch (at_once), tried again as web3 tries a single request when every
+        request in it is one web3 deems safe to repeat (reads, estimates: what FLEX batches).
+        web3 sends a batch once, whatever went wrong."""
+        retry = self.exception_retry_configuration
+        methods = [method for method, _ in batch_requests]
+        if retry is None or not all(
+            check_if_retry_on_failure(m, retry.method_allowlist) for m in methods
+        ):
+            return super().make_batch_request(batch_requests)
+        for attempt in range(retry.retries):
+            try:
+                return super().make_batch_request(batch_requests)
+            except tuple(retry.errors):
+                if attempt == retry.retries - 1:
+                    raise
+                time.sleep(retry.backoff_factor * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def make_post_request(self, endpoint_uri: str, data: bytes, **kwargs: object) -> bytes:
         """The node's answer to ``data`` (web3 calls this for each request and batch)."""

@@ -326,10 +326,12 @@ def submit(
     """Estimates, signs with ``sender``'s key and hands the transaction to the node, without
     waiting for it to be mined: the next transaction from ``sender`` may follow at once.
 
-    Only taking the nonce and sending are done one transaction of ``sender`` at a time, under
-    this process's lock for it and ``sending`` (say, a lock the processes signing with the
-    same key share). A revert found by the estimate raises its typed error before anything
-    is sent.
+    Taking the nonce and sending are done one transaction of ``sender`` at a time: under
+    ``sending`` (say, a lock the processes signing with the same key share) and this
+    process's lock for it, taken for those two alone; without ``sending``, under this
+    process's lock taken before the transaction is priced, so that the nonce is asked in the
+    same request as the rest (_price). A revert found by the estimate raises its typed error
+    before anything is sent.
 
     With ``wait`` (the caller waits for the receipt next) and no ``sending``, the node is
     asked to answer with the receipt once the transaction is mined, where it can
@@ -338,31 +340,39 @@ def submit(
     """
     tx: dict[str, Any] = {"from": sender.address, **call}
     with rpc(sender=sender.address):
-        tip, estimate, base_fee = _gas_and_fees(w3, tx)
-        margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
-        tx.update(
-            chainId=chain_id(w3),
-            gas=min(estimate + margin, MAX_TX_GAS),
-            maxPriorityFeePerGas=tip,
-            maxFeePerGas=fee_cap(base_fee_wei=base_fee, tip_wei=tip),
-        )
-        with _nonce_lock(sender.address), sending or contextlib.nullcontext():
-            tx_hash, mined = _send_with_fresh_nonce(w3, sender, tx, sync=wait and sending is None)
+        if sending is None:
+            with _nonce_lock(sender.address):
+                nonce = _price(w3, tx, nonce_of=sender.address)
+                tx_hash, mined = _send_with_fresh_nonce(w3, sender, tx, sync=wait, nonce=nonce)
+        else:
+            _price(w3, tx)
+            with _nonce_lock(sender.address), sending:
+                tx_hash, mined = _send_with_fresh_nonce(w3, sender, tx)
     return PendingTx(w3=w3, tx=tx, tx_hash=tx_hash, mined=mined)
 
 
-def _gas_and_fees(w3: Web3, tx: Mapping[str, Any]) -> tuple[int, int, int]:
-    """The node's tip, its gas estimate for ``tx`` and the latest block's base fee, asked
-    at once (chain.node.at_once). The estimate runs against the pending block: its time is
-    the one the transaction will run at, so a deadline that has passed by the chain's clock
-    has passed for the estimate too, and a revert raises its error before anything is sent."""
-    tip, estimate, block = at_once(
-        w3,
+def _price(w3: Web3, tx: dict[str, Any], *, nonce_of: str | None = None) -> int | None:
+    """Sets ``tx``'s chain, gas and fees from the node's tip, its gas estimate and the latest
+    block's base fee, asked at once (chain.node.at_once) with, given ``nonce_of``, that
+    account's pending nonce, which is returned. The estimate runs against the pending block:
+    its time is the one the transaction will run at, so a deadline that has passed by the
+    chain's clock has passed for the estimate too, and a revert raises its error."""
+    reads = [
         lambda: w3.eth.max_priority_fee,
         lambda: w3.eth.estimate_gas(tx, "pending"),  # type: ignore[arg-type]
         lambda: w3.eth.get_block("latest"),
+    ]
+    if nonce_of is not None:
+        reads.append(lambda: w3.eth.get_transaction_count(nonce_of, "pending"))  # type: ignore[arg-type]
+    tip, estimate, block, *nonce = at_once(w3, *reads)
+    margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
+    tx.update(
+        chainId=chain_id(w3),
+        gas=min(estimate + margin, MAX_TX_GAS),
+        maxPriorityFeePerGas=tip,
+        maxFeePerGas=fee_cap(base_fee_wei=block.get("baseFeePerGas", 0), tip_wei=tip),
     )
-    return tip, estimate, block.get("baseFeePerGas", 0)
+    return nonce[0] if nonce else None
 
 
 def send(
@@ -383,20 +393,28 @@ NONCE_TAKEN = ("nonce", "already known", "already imported", "replacement transa
 
 
 def _send_with_fresh_nonce(
-    w3: Web3, sender: LocalAccount, tx: dict[str, Any], *, sync: bool = False
+    w3: Web3,
+    sender: LocalAccount,
+    tx: dict[str, Any],
+    *,
+    sync: bool = False,
+    nonce: int | None = None,
 ) -> tuple[bytes, Any]:
-    """Signs with the node's pending nonce and sends; if another signer of the same key took
-    that nonce meanwhile, takes the next one (a few times) instead of failing. When what took
-    it is this very transaction (another process of the same key sent the same call with the
-    same nonce and fees a moment first), that one is the one to wait for: sending the call
-    again under the next nonce would run it twice.
+    """Signs with the node's pending nonce (``nonce``, when just asked under this process's
+    lock for ``sender``) and sends; if another signer of the same key took that nonce
+    meanwhile, takes the next one (a few times) instead of failing. When what took it is this
+    very transaction (another process of the same key sent the same call with the same nonce
+    and fees a moment first), that one is the one to wait for: sending the call again under
+    the next nonce would run it twice.
 
     The transaction's hash, and with ``sync`` its receipt where the node sends it with
     SEND_SYNC: one request instead of a send and asks until it is mined. A node without that
     method is sent the plain way, from then on; one that takes the transaction but does not
     see it mined within its own wait leaves it to PendingTx.receipt (receipt None)."""
     for attempt in range(NONCE_ATTEMPTS):
-        tx["nonce"] = w3.eth.get_transaction_count(sender.address, "pending")
+        if attempt or nonce is None:
+            nonce = w3.eth.get_transaction_count(sender.address, "pending")
+        tx["nonce"] = nonce
         signed = sender.sign_transaction(tx)
         try:
             if sync and _sends_sync(w3):

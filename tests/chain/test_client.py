@@ -118,6 +118,10 @@ def test_an_error_status_from_the_node_is_tried_again_then_chain_unavailable(
         with pytest.raises(ChainUnavailableError, match="HTTP 503"):
             refused.task_count()
         assert server.posts == 5
+        # So is a batch of them.
+        with pytest.raises(ChainUnavailableError, match="HTTP 503"):
+            refused.at_once(refused.task_count, refused.owner)
+        assert server.posts == 10
 
 
 class _Forwarding(http.server.BaseHTTPRequestHandler):
@@ -272,14 +276,15 @@ def test_a_waited_transaction_comes_back_mined_from_one_send(
 
 
 PRICED = ("eth_maxPriorityFeePerGas", "eth_estimateGas", "eth_getBlockByNumber")
+NONCE = "eth_getTransactionCount"
 
 
 def test_a_transaction_is_priced_and_estimated_in_one_request(
     chain_node, market: FlexMarket, flow: Flow
 ):
-    """The tip, the gas estimate and the base fee go to the node as one batch; then the
-    nonce and the send. A call the estimate finds reverting raises its own error, and
-    nothing is sent."""
+    """The tip, the gas estimate, the base fee and the nonce go to the node as one batch,
+    then the transaction. Under a lock other processes share, the nonce is asked under it,
+    apart. A call the estimate finds reverting raises its own error, and nothing is sent."""
     task_id = flow.create_task()
     with _serving(_Forwarding, node_url=chain_node.rpc_url) as front:
         fronted = FlexMarket(
@@ -287,12 +292,18 @@ def test_a_transaction_is_priced_and_estimated_in_one_request(
         )
         fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
         asked = [m for m in front.methods if m != "eth_chainId"]  # asked once per process
-        assert asked == [PRICED, "eth_getTransactionCount", "eth_sendRawTransactionSync"]
+        assert asked == [(*PRICED, NONCE), "eth_sendRawTransactionSync"]
         assert market.task(task_id=task_id).state == TaskState.CANCELLED
         del front.methods[:]
         with pytest.raises(InvalidTaskStateError):
             fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
-        assert front.methods == [PRICED]
+        assert front.methods == [(*PRICED, NONCE)]
+        del front.methods[:]
+        payee = Account.create().address
+        call = {"to": payee, "value": 4}
+        submit(fronted.w3, flow.accounts.spare[0], call, sending=threading.Lock()).receipt()
+        assert front.methods[:3] == [PRICED, NONCE, "eth_sendRawTransaction"]
+        assert market.w3.eth.get_balance(payee) == 4
 
 
 def test_a_node_that_takes_no_batches_is_asked_one_request_at_a_time(
@@ -307,7 +318,7 @@ def test_a_node_that_takes_no_batches_is_asked_one_request_at_a_time(
             fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
             assert market.task(task_id=task_id).state == TaskState.CANCELLED
         # Tried once: then each of them on its own, every time.
-        assert front.methods.count(PRICED) == 1
+        assert front.methods.count((*PRICED, NONCE)) == 1
         assert front.methods.count("eth_estimateGas") == 2
         assert front.methods.count("eth_maxPriorityFeePerGas") == 2
         with pytest.raises(InvalidTaskStateError):
