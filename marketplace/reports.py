@@ -14,13 +14,17 @@ rounds to work on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import operator
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from django.core.cache import cache
 from django.db import transaction
+from django.db.models import F, Q
 
 from core import messages
 from core.errors import FlexError
@@ -83,10 +87,23 @@ def _work(report: Report) -> Work:
     return (report.kind, report.task_id, report.round_number, report.device.lower())
 
 
-def _record(report: Report) -> object:
-    if isinstance(report, messages.RoundReport):
-        return round_report_record(report=report)
-    return update_report_record(report=report)
+def _record_all(batch: Sequence[Report]) -> list[object]:
+    """Each report of ``batch`` stored: its row, None when it was dropped (it names other
+    work than the chain has; logged), or the FlexError it was refused with. The updates'
+    metrics are stored together (update_metrics_record_all), in a few queries however many."""
+    updates = [r for r in batch if isinstance(r, messages.UpdateReport)]
+    found = update_metrics_record_all([_metrics(r) for r in updates])
+    stored = {id(r): outcome for r, outcome in zip(updates, found, strict=True)}
+    outcomes: list[object] = []
+    for report in batch:
+        if id(report) in stored:
+            outcomes.append(stored[id(report)])
+            continue
+        try:
+            outcomes.append(round_report_record(report=report))
+        except FlexError as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def _refused(report: Report, exc: FlexError) -> str:
@@ -113,7 +130,7 @@ def reports_record(batch: Sequence[Report]) -> Counter[str]:
     their work, so most are parked.
     """
     mirrored = _mirrored(batch)
-    outcomes = _each_record(r for r in batch if _work(r) in mirrored)
+    outcomes = _each_record([r for r in batch if _work(r) in mirrored])
     waiting, refused = _may_wait([r for r in batch if _work(r) not in mirrored])
     outcomes.update(refused)
     if not waiting:
@@ -138,13 +155,13 @@ def reports_record(batch: Sequence[Report]) -> Counter[str]:
     return outcomes
 
 
-def _each_record(batch: Iterable[Report]) -> Counter[str]:
+def _each_record(batch: Sequence[Report]) -> Counter[str]:
     outcomes: Counter[str] = Counter()
-    for report in batch:
-        try:
-            outcomes["stored" if _record(report) is not None else "dropped"] += 1
-        except FlexError as exc:
-            outcomes[_refused(report, exc)] += 1
+    for report, outcome in zip(batch, _record_all(batch), strict=True):
+        if isinstance(outcome, FlexError):
+            outcomes[_refused(report, outcome)] += 1
+        else:
+            outcomes["stored" if outcome is not None else "dropped"] += 1
     return outcomes
 
 
@@ -210,14 +227,20 @@ def reports_parked_record(work: Iterable[Work]) -> int:
     """Store the parked reports on ``work`` that chain sync has just committed; how many."""
     keys = [parked_key(w) for w in work]
     parked = cache.get_many(keys) if keys else {}
-    done, stored = [], 0
+    done, read, stored = [], {}, 0
     for key, body in parked.items():
         try:
-            stored += _record(messages.report_parse(body)) is not None  # verified when parked
-        except NOT_MIRRORED:
-            continue
+            read[key] = messages.report_parse(body)  # verified when parked
         except FlexError as exc:
             log.warning("parked report %s refused: %s (%s)", key, exc.message, exc.code)
+            done.append(key)
+    for key, outcome in zip(read, _record_all(list(read.values())), strict=True):
+        if isinstance(outcome, NOT_MIRRORED):
+            continue
+        if isinstance(outcome, FlexError):
+            log.warning("parked report %s refused: %s (%s)", key, outcome.message, outcome.code)
+        else:
+            stored += outcome is not None
         done.append(key)
     if done:
         cache.delete_many(done)
@@ -255,12 +278,24 @@ def round_report_record(*, report: messages.RoundReport) -> RoundReport | None:
     )
 
 
-def update_report_record(*, report: messages.UpdateReport) -> UpdateReport | None:
-    """Store a trainer's metrics of its own update (the signer's update: no other).
+@dataclass(frozen=True)
+class UpdateMetrics:
+    """What a trainer measured on its own data for its update of a round, as it reports it."""
 
-    Raises UpdateNotMirroredError while chain sync has not mirrored the update.
-    """
-    return update_metrics_record(
+    task_id: int
+    round_number: int
+    trainer: str
+    model_id: str
+    tx_hash: str
+    num_examples: int | None = None
+    loss: float | None = None
+    accuracy: float | None = None
+    train_s: float | None = None
+
+
+def _metrics(report: messages.UpdateReport) -> UpdateMetrics:
+    """The metrics of a trainer's report on its own update (the signer's: no other)."""
+    return UpdateMetrics(
         task_id=report.task_id,
         round_number=report.round_number,
         trainer=report.device,
@@ -280,50 +315,75 @@ def _finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-@transaction.atomic
-def update_metrics_record(
-    *,
-    task_id: int,
-    round_number: int,
-    trainer: str,
-    model_id: str,
-    tx_hash: str,
-    num_examples: int | None = None,
-    loss: float | None = None,
-    accuracy: float | None = None,
-    train_s: float | None = None,
-) -> UpdateReport | None:
-    """Record what a trainer measured on its own data for its update of ``round_number``.
+def update_metrics_record(**fields: object) -> UpdateReport | None:
+    """Record what a trainer measured on its own data for its update (UpdateMetrics'
+    fields): update_metrics_record_all for one. Raises UpdateNotMirroredError until sync has
+    the update."""
+    [found] = update_metrics_record_all([UpdateMetrics(**fields)])  # type: ignore[arg-type]
+    if isinstance(found, UpdateNotMirroredError):
+        raise found
+    return found
 
-    As with round metrics, the report must name the update ID and transaction the chain has;
-    a mismatch is logged and dropped. Raises UpdateNotMirroredError until sync has it."""
-    row = (
-        Update.objects.select_for_update()
-        .filter(task__chain_task_id=task_id, round_number=round_number, trainer__iexact=trainer)
-        .first()
+
+@transaction.atomic
+def update_metrics_record_all(
+    metrics: Sequence[UpdateMetrics],
+) -> list[UpdateReport | UpdateNotMirroredError | None]:
+    """Record what trainers measured for their updates: for each of ``metrics``, its stored
+    report; None when it names another update ID or transaction than the chain has (logged
+    and dropped, as for round metrics); UpdateNotMirroredError while sync has not mirrored
+    the update. Two queries however many (a round's reports come together): the updates,
+    locked, then the reports written or rewritten at once; of two on one update, the last."""
+    if not metrics:
+        return []
+    wanted = functools.reduce(
+        operator.or_,
+        (
+            Q(task__chain_task_id=m.task_id, round_number=m.round_number, trainer__iexact=m.trainer)
+            for m in metrics
+        ),
     )
-    if row is None:
-        raise UpdateNotMirroredError(task_id=task_id, round=round_number, trainer=trainer)
-    if (row.model_id.lower(), row.tx_hash.lower()) != (model_id.lower(), tx_hash.lower()):
-        log.warning(
-            "task %s round %s: metrics of %s for update %s do not match the chain; dropped",
-            task_id,
-            round_number,
-            trainer,
-            model_id,
+    rows = {
+        (row.chain_task_id, row.round_number, row.trainer.lower()): row
+        for row in Update.objects.select_for_update(of=("self",))
+        .filter(wanted)
+        .annotate(chain_task_id=F("task__chain_task_id"))
+    }
+    found: list[UpdateReport | UpdateNotMirroredError | None] = []
+    reports: dict[int, UpdateReport] = {}
+    for m in metrics:
+        row = rows.get((m.task_id, m.round_number, m.trainer.lower()))
+        if row is None:
+            found.append(
+                UpdateNotMirroredError(task_id=m.task_id, round=m.round_number, trainer=m.trainer)
+            )
+            continue
+        if (row.model_id.lower(), row.tx_hash.lower()) != (m.model_id.lower(), m.tx_hash.lower()):
+            log.warning(
+                "task %s round %s: metrics of %s for update %s do not match the chain; dropped",
+                m.task_id,
+                m.round_number,
+                m.trainer,
+                m.model_id,
+            )
+            found.append(None)
+            continue
+        reports[row.pk] = UpdateReport(
+            update=row,
+            model_id=row.model_id,
+            num_examples=None if m.num_examples is None else int(m.num_examples),
+            loss=_finite(m.loss),
+            accuracy=_finite(m.accuracy),
+            train_s=_finite(m.train_s),
         )
-        return None
-    report, _ = UpdateReport.objects.update_or_create(
-        update=row,
-        defaults={
-            "model_id": row.model_id,
-            "num_examples": None if num_examples is None else int(num_examples),
-            "loss": _finite(loss),
-            "accuracy": _finite(accuracy),
-            "train_s": _finite(train_s),
-        },
+        found.append(reports[row.pk])
+    UpdateReport.objects.bulk_create(
+        reports.values(),
+        update_conflicts=True,
+        unique_fields=["update"],
+        update_fields=["model_id", "num_examples", "loss", "accuracy", "train_s"],
     )
-    return report
+    return found
 
 
 @transaction.atomic

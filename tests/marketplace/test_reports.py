@@ -4,8 +4,12 @@ the work."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from django.core.cache import cache
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from core.messages import RoundReport, UpdateReport
 from marketplace import contract, reports
@@ -131,3 +135,50 @@ def test_reports_that_come_before_chain_sync_are_stored_when_it_mirrors_their_wo
     ]
     assert not cache.get_many([reports.parked_key(w) for w in work])
     assert cache.get(reports.parked_key(("round", task_id, rounds, aggregator.address)))
+
+
+def test_a_rounds_update_reports_are_stored_in_the_same_few_queries_however_many(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    """A round brings one report per trainer, stored as the sync commits the round's
+    updates: the queries do not grow with them. A report sent twice in one batch (a replay)
+    is stored once, the last; one on another's update or not yet mirrored stores nothing."""
+    market = platform_market
+    aggregator = enrol("many-aggregator", aggregate=True)
+    trainers = [enrol(f"many-{k}") for k in range(2)]
+    order = selected_task(market, aggregator, trainers)
+    task_id = order.chain_task_id
+    market.publish_global_model(
+        sender=aggregator.account, task_id=task_id, round_number=0, model_id=model_id("g")
+    )
+    submitted = {}
+    for k, node in enumerate(trainers):
+        update = model_id(f"many-{k}")
+        tx = market.submit_update(
+            sender=node.account, task_id=task_id, round_number=0, model_id=update
+        )
+        submitted[node.address] = (update, tx.tx_hash)
+    sync()
+
+    def metrics(node, **measures) -> reports.UpdateMetrics:
+        update, tx_hash = submitted[node.address]
+        fields = {"task_id": task_id, "round_number": 0, "model_id": update, "tx_hash": tx_hash}
+        return reports.UpdateMetrics(trainer=node.address, **fields, **measures)
+
+    with CaptureQueriesContext(connection) as one:
+        reports.update_metrics_record_all([metrics(trainers[0], num_examples=1)])
+    batch = [metrics(node, num_examples=10 + k) for k, node in enumerate(trainers)]
+    batch.append(metrics(trainers[1], num_examples=99))  # the same report again, changed
+    batch.append(dataclasses.replace(metrics(trainers[1]), trainer=trainers[0].address))
+    batch.append(dataclasses.replace(metrics(trainers[0]), round_number=1))
+    with CaptureQueriesContext(connection) as many:
+        found = reports.update_metrics_record_all(batch)
+    assert len(many.captured_queries) == len(one.captured_queries)
+    assert found[3] is None
+    assert isinstance(found[4], reports.UpdateNotMirroredError)
+    stored = {
+        u.trainer: u.report.num_examples
+        for u in Update.objects.filter(task__chain_task_id=task_id).select_related("report")
+    }
+    assert stored == {trainers[0].address: 10, trainers[1].address: 99}
