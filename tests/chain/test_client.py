@@ -275,6 +275,17 @@ def test_a_waited_transaction_comes_back_mined_from_one_send(
         assert pending.receipt()["status"] == 1
 
 
+def _two_tasks_cancelled(front: Any, market: FlexMarket, flow: Flow) -> tuple[FlexMarket, int]:
+    """Two tasks created, then cancelled through ``front``: the market as seen through it,
+    and the last task."""
+    fronted = FlexMarket(w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address)
+    for _ in range(2):
+        task_id = flow.create_task()
+        fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
+        assert market.task(task_id=task_id).state == TaskState.CANCELLED
+    return fronted, task_id
+
+
 PRICED = ("eth_maxPriorityFeePerGas", "eth_estimateGas", "eth_getBlockByNumber")
 NONCE = "eth_getTransactionCount"
 
@@ -310,13 +321,7 @@ def test_a_node_that_takes_no_batches_is_asked_one_request_at_a_time(
     chain_node, market: FlexMarket, flow: Flow
 ):
     with _serving(_WithoutBatches, node_url=chain_node.rpc_url) as front:
-        fronted = FlexMarket(
-            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
-        )
-        for _ in range(2):
-            task_id = flow.create_task()
-            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
-            assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        fronted, task_id = _two_tasks_cancelled(front, market, flow)
         # Tried once: then each of them on its own, every time.
         assert front.methods.count((*PRICED, NONCE)) == 1
         assert front.methods.count("eth_estimateGas") == 2
@@ -358,13 +363,7 @@ def test_a_node_without_the_one_request_send_is_sent_the_plain_way(
     chain_node, market: FlexMarket, flow: Flow
 ):
     with _serving(_WithoutSendSync, node_url=chain_node.rpc_url) as front:
-        fronted = FlexMarket(
-            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
-        )
-        for _ in range(2):
-            task_id = flow.create_task()
-            fronted.cancel_task(sender=flow.accounts.buyer, task_id=task_id)
-            assert market.task(task_id=task_id).state == TaskState.CANCELLED
+        _two_tasks_cancelled(front, market, flow)
         # Asked once: then the plain send, and the receipt asked for, every time.
         assert front.methods.count("eth_sendRawTransactionSync") == 1
         assert front.methods.count("eth_sendRawTransaction") == 2
