@@ -364,7 +364,14 @@ def _price(w3: Web3, tx: dict[str, Any], *, nonce_of: str | None = None) -> int 
     ]
     if nonce_of is not None:
         reads.append(lambda: w3.eth.get_transaction_count(nonce_of, "pending"))  # type: ignore[arg-type]
-    tip, estimate, block, *nonce = at_once(w3, *reads)
+    try:
+        tip, estimate, block, *nonce = at_once(w3, *reads)
+    except Web3RPCError as exc:
+        if not _method_missing(exc):
+            raise
+        # A node without one of them (some have no tip method): asked one by one, as web3
+        # asks them alone (the tip then from the fee history).
+        tip, estimate, block, *nonce = (read() for read in reads)
     margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
     tx.update(
         chainId=chain_id(w3),

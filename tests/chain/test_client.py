@@ -182,6 +182,27 @@ class _WithoutBatches(_Forwarding):
         return json.dumps({"jsonrpc": "2.0", "id": None, "error": error}).encode()
 
 
+class _WithoutTipMethod(_Forwarding):
+    """A node without eth_maxPriorityFeePerGas (the method is not in the standard API), in
+    a batch or alone."""
+
+    MISSING = {"code": -32601, "message": "the method eth_maxPriorityFeePerGas does not exist"}
+
+    def answer(self, request: dict, body: bytes) -> bytes:
+        if request["method"] != "eth_maxPriorityFeePerGas":
+            return self.forward(body)
+        return json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": self.MISSING}).encode()
+
+    def answer_batch(self, requests: list, body: bytes) -> bytes:
+        answers = json.loads(self.forward(body))
+        for answer in answers:
+            asked = next(r for r in requests if r["id"] == answer["id"])
+            if asked["method"] == "eth_maxPriorityFeePerGas":
+                answer.pop("result", None)
+                answer["error"] = self.MISSING
+        return json.dumps(answers).encode()
+
+
 class _SendSyncTimingOut(_Forwarding):
     """A node that takes the transaction but does not see it mined within its own wait: it
     answers EIP-7966's timeout error, naming the transaction."""
@@ -335,6 +356,15 @@ def test_a_node_that_takes_no_batches_is_asked_one_request_at_a_time(
         )
         assert (task.state, position) == (TaskState.CANCELLED, None)
         assert front.methods == ["eth_call", "eth_call"]
+
+
+def test_a_node_without_the_tip_method_is_priced_from_its_fee_history(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    with _serving(_WithoutTipMethod, node_url=chain_node.rpc_url) as front:
+        _two_tasks_cancelled(front, market, flow)
+    assert front.methods.count((*PRICED, NONCE)) == 2
+    assert "eth_feeHistory" in front.methods
 
 
 def test_views_asked_at_once_answer_as_each_does_alone(chain_node, market: FlexMarket, flow: Flow):
