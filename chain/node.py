@@ -190,7 +190,8 @@ def at_once(w3: Web3, *reads: Callable[[], Any]) -> list[Any]:
 
     One request instead of one each: each costs both sides more than the node takes to
     answer it. An answer, or an error, is the one its read gives alone. A node that refuses
-    batches is asked one read at a time, from then on."""
+    batches is asked one read at a time, from then on; one without a method of the batch,
+    this time, as web3 asks them alone (its tip, say, then from the fee history)."""
     url = str(w3.provider.endpoint_uri)  # type: ignore[attr-defined]
     if url not in _BATCH_REFUSED:
         try:
@@ -199,15 +200,22 @@ def at_once(w3: Web3, *reads: Callable[[], Any]) -> list[Any]:
                     batch.add(read())
                 return batch.execute()
         except Web3RPCError as exc:
-            if not _refused_whole(exc):
+            if _refused_whole(exc):
+                _BATCH_REFUSED.add(url)
+            elif not method_missing(exc):
                 raise
-            _BATCH_REFUSED.add(url)
     return [read() for read in reads]
 
 
 def batching(w3: Web3) -> bool:
     """Whether ``w3`` is collecting an at_once batch: a read then gives its request."""
     return w3.provider._is_batching  # type: ignore[attr-defined]
+
+
+def method_missing(exc: Exception) -> bool:
+    """Whether the node answered that it has no such method (JSON-RPC's -32601)."""
+    error = (getattr(exc, "rpc_response", None) or {}).get("error")
+    return isinstance(error, dict) and error.get("code") == -32601
 
 
 def _refused_whole(exc: Web3RPCError) -> bool:

@@ -41,7 +41,7 @@ from chain.errors import (
     TransactionRejectedError,
 )
 from chain.events import snake_case, to_python
-from chain.node import UNREACHABLE, at_once, chain_id, fee_cap, reachable
+from chain.node import UNREACHABLE, at_once, chain_id, fee_cap, method_missing, reachable
 from chain.records import TxResult
 
 CONTRACT_NAME = "FlexMarket"
@@ -364,14 +364,7 @@ def _price(w3: Web3, tx: dict[str, Any], *, nonce_of: str | None = None) -> int 
     ]
     if nonce_of is not None:
         reads.append(lambda: w3.eth.get_transaction_count(nonce_of, "pending"))  # type: ignore[arg-type]
-    try:
-        tip, estimate, block, *nonce = at_once(w3, *reads)
-    except Web3RPCError as exc:
-        if not _method_missing(exc):
-            raise
-        # A node without one of them (some have no tip method): asked one by one, as web3
-        # asks them alone (the tip then from the fee history).
-        tip, estimate, block, *nonce = (read() for read in reads)
+    tip, estimate, block, *nonce = at_once(w3, *reads)
     margin = max(estimate * GAS_MARGIN_PERCENT // 100, GAS_MARGIN_MIN)
     tx.update(
         chainId=chain_id(w3),
@@ -430,7 +423,7 @@ def _send_with_fresh_nonce(
                 except (Web3RPCError, *UNREACHABLE) as exc:
                     # Refused, or taken and its answer lost or timed out: what the node holds
                     # tells which (a lost node raises again here).
-                    if not _method_missing(exc):
+                    if not method_missing(exc):
                         if _node_has(w3, signed.hash):
                             return signed.hash, None
                         raise
@@ -458,12 +451,6 @@ def _sends_sync(w3: Web3) -> bool:
         hasattr(w3.eth, "send_raw_transaction_sync")
         and str(w3.provider.endpoint_uri) not in _SYNC_MISSING  # type: ignore[attr-defined]
     )
-
-
-def _method_missing(exc: Exception) -> bool:
-    """Whether the node answered that it has no such method (JSON-RPC's -32601)."""
-    error = (getattr(exc, "rpc_response", None) or {}).get("error")
-    return isinstance(error, dict) and error.get("code") == -32601
 
 
 def _node_has(w3: Web3, tx_hash: bytes) -> bool:

@@ -91,13 +91,12 @@ def _record_all(batch: Sequence[Report]) -> list[object]:
     """Each report of ``batch`` stored: its row, None when it was dropped (it names other
     work than the chain has; logged), or the FlexError it was refused with. The updates'
     metrics are stored together (update_metrics_record_all), in a few queries however many."""
-    updates = [r for r in batch if isinstance(r, messages.UpdateReport)]
-    found = update_metrics_record_all([_metrics(r) for r in updates])
-    stored = {id(r): outcome for r, outcome in zip(updates, found, strict=True)}
+    updates = [_metrics(r) for r in batch if isinstance(r, messages.UpdateReport)]
+    stored = iter(update_metrics_record_all(updates))  # in the batch's order
     outcomes: list[object] = []
     for report in batch:
-        if id(report) in stored:
-            outcomes.append(stored[id(report)])
+        if isinstance(report, messages.UpdateReport):
+            outcomes.append(next(stored))
             continue
         try:
             outcomes.append(round_report_record(report=report))
