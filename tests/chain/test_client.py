@@ -389,6 +389,37 @@ def test_views_asked_at_once_answer_as_each_does_alone(chain_node, market: FlexM
             fronted.at_once(views[1], lambda: fronted.task(task_id=task_id + 100))
 
 
+def test_a_view_in_another_thread_is_answered_while_a_batch_is_collected(
+    market: FlexMarket, flow: Flow
+):
+    """The web server's threads share one client: a batch one thread is collecting does
+    not turn another thread's view into a request of that batch."""
+    task_id = flow.create_task()
+    collecting, answered = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def alone() -> None:
+        collecting.wait()
+        try:
+            seen["task"] = market.task(task_id=task_id)
+        finally:
+            answered.set()
+
+    def in_the_batch():
+        collecting.set()
+        answered.wait()  # the other thread's view, asked while this batch is open
+        return market.task(task_id=task_id)
+
+    other = threading.Thread(target=alone)
+    other.start()
+    together = market.at_once(
+        in_the_batch, lambda: market.round_info(task_id=task_id, round_number=0)
+    )
+    other.join()
+    assert seen["task"] == together[0]
+    assert seen["task"].state == TaskState.BIDDING
+
+
 def test_a_node_without_the_one_request_send_is_sent_the_plain_way(
     chain_node, market: FlexMarket, flow: Flow
 ):
