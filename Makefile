@@ -77,7 +77,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup flower-setup
-	$(BACKING) -- $(PY) -m bench $(PARTS)
+	$(BACKING) --postgres -- $(PY) -m bench $(PARTS)
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache .hypothesis
