@@ -406,18 +406,23 @@ class FlexMarket:
 
     def selection(self, *, task_id: int, task: TaskInfo | None = None) -> SelectionInfo | None:
         """The aggregator and trainers, or None before a successful selection. ``task``: the
-        task as the caller just read it (what selection wrote there never changes after)."""
+        task as the caller just read it (what selection wrote there never changes after);
+        with it, a selection that was made can be read in an at_once batch."""
         info = self.task(task_id=task_id) if task is None else task
         if info.state in (TaskState.BIDDING, TaskState.CANCELLED) or info.trainer_count == 0:
             return None
-        devices, prices, samples = self._call("trainers", task_id)
-        return SelectionInfo(
-            aggregator=info.aggregator,
-            aggregator_price_wei=info.aggregator_price_wei,
-            trainers=tuple(to_checksum_address(d) for d in devices),
-            trainer_prices_wei=tuple(prices),
-            trainer_samples=tuple(samples),
-        )
+
+        def selected(found: Any) -> SelectionInfo:
+            devices, prices, samples = found
+            return SelectionInfo(
+                aggregator=info.aggregator,
+                aggregator_price_wei=info.aggregator_price_wei,
+                trainers=tuple(to_checksum_address(d) for d in devices),
+                trainer_prices_wei=tuple(prices),
+                trainer_samples=tuple(samples),
+            )
+
+        return self._call("trainers", task_id, then=selected)
 
     def trainer_position(self, *, task_id: int, device: str) -> int | None:
         return self._call(
@@ -452,19 +457,19 @@ class FlexMarket:
         task_id: int,
         round_number: int,
         trainer: str | None = None,
-        global_id: str | None = None,
+        opened: ModelOrigin | None = None,
     ) -> dict[str, str]:
         """The update IDs submitted in the round, by checksummed trainer address (only
         ``trainer``'s when given), from the round's UpdateSubmitted events (from the block its
-        global model was published in; ``global_id``: that model, when the caller has read
-        the round). The contract emits one only for a selected trainer's first update of the
+        global model was published in; ``opened``: that model's origin, when the caller has
+        read it). The contract emits one only for a selected trainer's first update of the
         round under a model ID never used before, so each names its author: one read of the
         events answers for the whole round."""
-        if global_id is None:
+        if opened is None:
             global_id = self.global_model(task_id=task_id, round_number=round_number)
-        if global_id is None:
-            return {}
-        opened = self.model_origin(model_id=global_id)
+            if global_id is None:
+                return {}
+            opened = self.model_origin(model_id=global_id)
         if opened is None:
             return {}
         found = self._events(
@@ -517,10 +522,11 @@ class FlexMarket:
 
     def model_origin(self, *, model_id: bytes | str) -> ModelOrigin | None:
         """Where the contract first saw ``model_id`` (each ID is accepted once), or None."""
-        found = self._struct_of("modelOrigin", _bytes32(model_id))
-        if not found.pop("known"):
-            return None
-        return ModelOrigin(**found)
+
+        def origin(found: dict[str, Any]) -> ModelOrigin | None:
+            return ModelOrigin(**found) if found.pop("known") else None
+
+        return self._struct_of("modelOrigin", _bytes32(model_id), then=origin)
 
     def deposit_due(self, *, task_id: int, device: str, role: Role) -> int:
         """What ``device``'s bid in ``role`` must pay in now: the task's stake or bond, less

@@ -190,11 +190,16 @@ def check_round(
     another node of the same host, is answered from it without fetching anything."""
     if info is None:
         info = market.round_info(task_id=task_id, round_number=round_number)
-    selection = market.selection(task_id=task_id, task=task)
-    weights = round_weights(selection, info)
-    update_ids = market.updates_of(
-        task_id=task_id, round_number=round_number, global_id=info.global_model
+    if task is None:
+        task = market.task(task_id=task_id)
+    # The selection and where the round opened, in one request: the round's updates are
+    # read from that block on.
+    selection, opened = market.at_once(
+        lambda: market.selection(task_id=task_id, task=task),
+        lambda: market.model_origin(model_id=info.global_model),
     )
+    weights = round_weights(selection, info)
+    update_ids = market.updates_of(task_id=task_id, round_number=round_number, opened=opened)
     included = []
     for position in positions_of(info.aggregated_mask):
         trainer = selection.trainers[position]

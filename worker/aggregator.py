@@ -286,7 +286,12 @@ def aggregate(
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
         return None
-    selection = market.selection(task_id=task_id, task=task)
+    # The selection and where the round opened, in one request: the round's updates are
+    # read from that block on.
+    selection, opened = market.at_once(
+        lambda: market.selection(task_id=task_id, task=task),
+        lambda: market.model_origin(model_id=info.global_model),
+    )
     submitted = positions_of(info.submitted_mask)
     certs = {k.lower(): v for k, v in trainer_certs.items()}
     peers = {k.lower(): (v, certs.get(k.lower(), "")) for k, v in trainer_urls.items()}
@@ -317,9 +322,7 @@ def aggregate(
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
     left: dict[str, Left] = {}
-    update_ids = market.updates_of(
-        task_id=task_id, round_number=round_number, global_id=info.global_model
-    )
+    update_ids = market.updates_of(task_id=task_id, round_number=round_number, opened=opened)
     for position in submitted:
         trainer = selection.trainers[position]
         update_id = update_ids.get(trainer)

@@ -389,6 +389,35 @@ def test_views_asked_at_once_answer_as_each_does_alone(chain_node, market: FlexM
             fronted.at_once(views[1], lambda: fronted.task(task_id=task_id + 100))
 
 
+def test_a_rounds_selection_and_opening_are_read_in_one_request_then_its_updates(
+    chain_node, market: FlexMarket, flow: Flow
+):
+    """What an aggregation and each trainer's check read of a round, every round: the
+    selection and the block the round opened in together, then that round's updates."""
+    running = flow.start()
+    flow.run_round(running, 0)
+    task_id = running.task_id
+    with _serving(_Forwarding, node_url=chain_node.rpc_url) as front:
+        fronted = FlexMarket(
+            w3=client(f"http://127.0.0.1:{front.server_port}"), address=market.address
+        )
+        task, info = (
+            fronted.task(task_id=task_id),
+            fronted.round_info(task_id=task_id, round_number=0),
+        )
+        del front.methods[:]
+        selection, opened = fronted.at_once(
+            lambda: fronted.selection(task_id=task_id, task=task),
+            lambda: fronted.model_origin(model_id=info.global_model),
+        )
+        updates = fronted.updates_of(task_id=task_id, round_number=0, opened=opened)
+        assert front.methods == [("eth_call", "eth_call"), "eth_getLogs"]
+    assert selection == market.selection(task_id=task_id)
+    assert opened == market.model_origin(model_id=info.global_model)
+    assert updates == market.updates_of(task_id=task_id, round_number=0)
+    assert set(updates) == {t.address for t in running.trainers}
+
+
 def test_a_view_in_another_thread_is_answered_while_a_batch_is_collected(
     market: FlexMarket, flow: Flow
 ):
