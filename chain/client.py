@@ -409,7 +409,7 @@ class FlexMarket:
         task as the caller just read it (what selection wrote there never changes after);
         with it, a selection that was made can be read in an at_once batch."""
         info = self.task(task_id=task_id) if task is None else task
-        if info.state in (TaskState.BIDDING, TaskState.CANCELLED) or info.trainer_count == 0:
+        if not _selected(info):
             return None
 
         def selected(found: Any) -> SelectionInfo:
@@ -423,6 +423,20 @@ class FlexMarket:
             )
 
         return self._call("trainers", task_id, then=selected)
+
+    def round_opening(
+        self, *, task_id: int, task: TaskInfo, global_id: str
+    ) -> tuple[SelectionInfo | None, ModelOrigin | None]:
+        """The task's selection (``task``: the task as just read) and where the round whose
+        global model is ``global_id`` opened, in one request: what a round's aggregation and
+        each check of it read before the round's updates (updates_of's ``opened``)."""
+        if not _selected(task):
+            return None, self.model_origin(model_id=global_id)
+        selection, opened = self.at_once(
+            lambda: self.selection(task_id=task_id, task=task),
+            lambda: self.model_origin(model_id=global_id),
+        )
+        return selection, opened
 
     def trainer_position(self, *, task_id: int, device: str) -> int | None:
         return self._call(
@@ -635,6 +649,11 @@ class FlexMarket:
         call = {"to": self.address, "data": self._functions[name].encode(args), "value": value}
         pending = submit(self.w3, sender, call, sending=sending, wait=wait)
         return PendingCall(pending=pending, market=self.address, timeout=self.receipt_timeout)
+
+
+def _selected(task: TaskInfo) -> bool:
+    """Whether ``task`` (as read) had its aggregator and trainers selected."""
+    return task.state not in (TaskState.BIDDING, TaskState.CANCELLED) and task.trainer_count > 0
 
 
 def _topic(value: int | str) -> bytes:

@@ -192,11 +192,8 @@ def check_round(
         info = market.round_info(task_id=task_id, round_number=round_number)
     if task is None:
         task = market.task(task_id=task_id)
-    # The selection and where the round opened, in one request: the round's updates are
-    # read from that block on.
-    selection, opened = market.at_once(
-        lambda: market.selection(task_id=task_id, task=task),
-        lambda: market.model_origin(model_id=info.global_model),
+    selection, opened = market.round_opening(
+        task_id=task_id, task=task, global_id=info.global_model
     )
     weights = round_weights(selection, info)
     update_ids = market.updates_of(task_id=task_id, round_number=round_number, opened=opened)

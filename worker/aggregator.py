@@ -286,11 +286,8 @@ def aggregate(
     if task.state != TaskState.RUNNING or task.current_round != round_number:
         log.info("task %s: round %s is not open for aggregation; skipping", task_id, round_number)
         return None
-    # The selection and where the round opened, in one request: the round's updates are
-    # read from that block on.
-    selection, opened = market.at_once(
-        lambda: market.selection(task_id=task_id, task=task),
-        lambda: market.model_origin(model_id=info.global_model),
+    selection, opened = market.round_opening(
+        task_id=task_id, task=task, global_id=info.global_model
     )
     submitted = positions_of(info.submitted_mask)
     certs = {k.lower(): v for k, v in trainer_certs.items()}

@@ -406,9 +406,8 @@ def test_a_rounds_selection_and_opening_are_read_in_one_request_then_its_updates
             fronted.round_info(task_id=task_id, round_number=0),
         )
         del front.methods[:]
-        selection, opened = fronted.at_once(
-            lambda: fronted.selection(task_id=task_id, task=task),
-            lambda: fronted.model_origin(model_id=info.global_model),
+        selection, opened = fronted.round_opening(
+            task_id=task_id, task=task, global_id=info.global_model
         )
         updates = fronted.updates_of(task_id=task_id, round_number=0, opened=opened)
         assert front.methods == [("eth_call", "eth_call"), "eth_getLogs"]
@@ -416,6 +415,11 @@ def test_a_rounds_selection_and_opening_are_read_in_one_request_then_its_updates
     assert opened == market.model_origin(model_id=info.global_model)
     assert updates == market.updates_of(task_id=task_id, round_number=0)
     assert set(updates) == {t.address for t in running.trainers}
+    # A task still bidding has no selection, and an ID never used no origin: None for each.
+    bidding = flow.create_task()
+    assert market.round_opening(
+        task_id=bidding, task=market.task(task_id=bidding), global_id="0x" + "ab" * 32
+    ) == (None, None)
 
 
 def test_a_view_in_another_thread_is_answered_while_a_batch_is_collected(
