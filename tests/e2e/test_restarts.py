@@ -11,19 +11,14 @@ shared servers; the database is a PostgreSQL database of the test's own.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
 import requests
 
@@ -42,10 +37,11 @@ from chain.launcher import free_port
 from chain.node import connect
 from core.broker import BrokerAdmin, vhost_of
 from core.queues import PLATFORM_QUEUE
-from stack.backing import LOCAL_POSTGRES_URL, LocalRabbitMQ, local_redis, postgres_answers
+from stack.backing import LocalRabbitMQ, local_redis
 from stack.demo import DEMO_SPEC
 from stack.devstack import LOCAL_DEVICES, stack
 from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
+from tests.postgres import new_database, terminate_connections
 
 pytestmark = pytest.mark.slow
 
@@ -79,40 +75,6 @@ def rows(model):
 names = ["Task", "Bid", "SelectedNode", "Round", "Update", "Payout", "ChainEventRecord"]
 print(json.dumps({n: rows(getattr(m, n)) for n in names}))
 """
-
-
-def postgres_base() -> str:
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith(("postgres://", "postgresql://")):
-        return url
-    if postgres_answers(LOCAL_POSTGRES_URL):
-        return LOCAL_POSTGRES_URL
-    pytest.fail("the restart test needs PostgreSQL: set DATABASE_URL or run one on :5432")
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, "", ""))
-
-
-def admin_connect(url: str) -> psycopg.Connection:
-    return psycopg.connect(
-        url.replace("postgres://", "postgresql://", 1), autocommit=True, connect_timeout=10
-    )
-
-
-@contextlib.contextmanager
-def new_database() -> Iterator[str]:
-    """A PostgreSQL database of the test's own; dropped after, connections and all."""
-    base = postgres_base()
-    name = f"flex_restarts_{secrets.token_hex(4)}"
-    with admin_connect(base) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(base, name)
-    finally:
-        with admin_connect(base) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -258,18 +220,6 @@ def mirror_differences(kept: dict, rebuilt: dict) -> list[tuple[str, dict, dict]
                 keys = sorted(k for k in set(x) | set(y) if x.get(k) != y.get(k))
                 found.append((model, {k: x.get(k) for k in keys}, {k: y.get(k) for k in keys}))
     return found
-
-
-def terminate_connections(database_url: str) -> int:
-    """Cut every connection to the platform's database from the server's side."""
-    name = urlsplit(database_url).path.lstrip("/")
-    with admin_connect(with_database(database_url, "postgres")) as conn:
-        rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,),
-        ).fetchall()
-    return len(rows)
 
 
 @pytest.mark.timeout(TASK_TIMEOUT_S + 600)
