@@ -16,7 +16,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import beat_init
+from celery.signals import beat_init, celeryd_init, task_postrun, task_prerun
 
 from chain.follow import Doorbell
 from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings, route
@@ -32,6 +32,11 @@ SYNC_SPACING_S = float(os.environ.get("FLEX_SYNC_SPACING_S", 0.5))
 # Deadlines are in whole seconds of chain time: a look every second is as soon as any is due.
 DEADLINES_INTERVAL_S = float(os.environ.get("FLEX_DEADLINES_INTERVAL_S", 1.0))
 ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
+# Celery's Django fix-up closes every database connection before and after each task, and
+# PostgreSQL's connection pool with it (celery/celery#10554): each task of the platform worker
+# then opened new PostgreSQL sessions, a server process each. In a prefork worker it is told to
+# do so every this many tasks instead (_prefork_keeps_connections).
+DB_REUSE_TASKS = 1000
 
 
 # Beat's heartbeats run every second or so: Celery's own lines for each (sent, received, succeeded)
@@ -79,6 +84,37 @@ def platform_app(*, broker_url: str, result_backend: str | None, **options) -> C
         # Devices' reports reach the platform only through the gateway, never as Celery tasks.
         app.steps["consumer"].add(ReportsGateway)
     return stop_promptly(app)
+
+
+@celeryd_init.connect
+def _prefork_keeps_connections(instance=None, options=None, **_) -> None:
+    """A platform worker started with the prefork pool (``celery worker``'s default, and the
+    stack's) keeps its pool's connections from task to task: the fix-up closes them only every
+    DB_REUSE_TASKS tasks, and between, Django's own rule runs at each task's start and end
+    (_release_connections). There a task's process runs nothing else that uses the database.
+    Another pool runs tasks beside the worker's own consumer: Celery's rule stays."""
+    from celery.concurrency.prefork import TaskPool
+
+    if instance is None or (options or {}).get("pool") is not TaskPool:
+        return
+    # Made from the app's settings as the worker loaded its modules, just before this signal.
+    for fixup in getattr(instance.app, "_fixups", ()):
+        if fixup is not None and hasattr(fixup, "worker_fixup"):
+            fixup.worker_fixup.db_reuse_max = DB_REUSE_TASKS
+            task_prerun.connect(_release_connections)
+            task_postrun.connect(_release_connections)
+
+
+def _release_connections(sender=None, **_) -> None:
+    """At a task's start and end, what Django does at a request's (close_old_connections):
+    a connection goes back to PostgreSQL's pool, and one that is broken, or older than
+    CONN_MAX_AGE, is closed. Not for a task run in the caller's own thread (``apply``), which
+    may be inside the caller's transaction."""
+    if getattr(sender.request, "is_eager", False):
+        return
+    from django.db import close_old_connections
+
+    close_old_connections()
 
 
 def follow_the_chain(app: Celery, *, rpc_url: str = ETH_RPC_URL) -> Doorbell:
