@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TASKS = 12
 # Tasks one after another take turns on the few connections the worker's pool keeps
 # (flexsite.settings); never one each.
-SHARED_BY = 3
+SHARED_BY = 2
 # A cold worker loads Django first; waited for, never asserted.
 ANSWER_S = 300
 
