@@ -21,7 +21,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.core.cache import cache
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 from marketplace.models_platform import TaskPush
 from marketplace.selectors import task_views_by_id
@@ -108,7 +108,14 @@ def push_on_commit(*, changes: Mapping[int, TaskChange]) -> None:
         def push() -> None:
             # A named function, not a partial: Django names the callback when it logs a
             # failure (Redis away), and a partial has no name to give.
-            task_changes_push(numbered=numbered)
+            try:
+                task_changes_push(numbered=numbered)
+            except DatabaseError:
+                # The connection was cut since the commit (a database restart): the change
+                # is committed, and may be a task's last, after which no push would tell a
+                # watching page it missed one. Read it again on a new connection.
+                connection.close()
+                task_changes_push(numbered=numbered)
 
         transaction.on_commit(push, robust=True)
 

@@ -4,6 +4,7 @@ rounds before it."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -169,3 +170,57 @@ def test_another_platform_on_the_same_redis_does_not_reach_this_ones_pages(monke
 
     assert ours != theirs
     assert async_to_sync(first_message)()["text"] == "ours"
+
+
+def test_a_change_whose_push_finds_its_connection_cut_is_pushed_from_a_new_one(
+    platform_market,
+    mirror_env,  # noqa: F811
+):
+    """The database cuts the connection between a change's commit and its push (a restart):
+    the change is still pushed, read on a new connection; a page would otherwise never learn
+    of it if nothing changes after it (a task's finalization)."""
+    from django.db import connection, transaction
+
+    from marketplace.sync.push import TaskChange, push_on_commit, task_push_seq, task_watch_mark
+    from tests.postgres import admin_connect, postgres_base
+
+    if connection.vendor != "postgresql":
+        pytest.fail("this test cuts a PostgreSQL connection: run it on PostgreSQL (make test)")
+    buyer = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
+    services.wallet_fund(wallet=buyer.wallet)
+    order = services.task_create(
+        buyer=buyer,
+        title="its last change",
+        spec=SPEC,
+        min_trainers=1,
+        max_trainers=1,
+        round_timeout_s=600,
+        dispute_window_s=0,
+        budget_wei=10**17,
+        bidding_window_s=WINDOW_S,
+    )
+    group = task_group(order.chain_task_id)
+    layer = get_channel_layer()
+    channel = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(group, channel)
+    async_to_sync(task_watch_mark)(group)
+
+    def cut() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [pid] = cursor.fetchone()
+        with admin_connect(postgres_base()) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Gone from the server before the push reads: waited for, never timed.
+            while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                pass
+
+    with transaction.atomic():
+        transaction.on_commit(cut)  # runs first: the push's own callback comes after it
+        push_on_commit(changes={order.chain_task_id: TaskChange(whole=True)})
+
+    async def received() -> dict:
+        return await asyncio.wait_for(layer.receive(channel), TIMEOUT_S)
+
+    message = async_to_sync(received)()
+    assert message["seq"] == task_push_seq(chain_task_id=order.chain_task_id)
