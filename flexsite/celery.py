@@ -98,11 +98,12 @@ def _prefork_keeps_connections(instance=None, options=None, **_) -> None:
     if instance is None or (options or {}).get("pool") is not TaskPool:
         return
     # Made from the app's settings as the worker loaded its modules, just before this signal.
-    for fixup in getattr(instance.app, "_fixups", ()):
-        if fixup is not None and hasattr(fixup, "worker_fixup"):
-            fixup.worker_fixup.db_reuse_max = DB_REUSE_TASKS
-            task_prerun.connect(_release_connections)
-            task_postrun.connect(_release_connections)
+    django = [f for f in getattr(instance.app, "_fixups", ()) if hasattr(f, "worker_fixup")]
+    for fixup in django:
+        fixup.worker_fixup.db_reuse_max = DB_REUSE_TASKS
+    if django:
+        task_prerun.connect(_release_connections)
+        task_postrun.connect(_release_connections)
 
 
 def _release_connections(sender=None, **_) -> None:

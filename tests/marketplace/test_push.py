@@ -7,21 +7,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 import uuid
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.db import connection, transaction
 
 from chain.events import Role
 from chain.selection import mask_of
 from flexsite.asgi import application
 from marketplace import reports, services
-from marketplace.sync.push import task_group
+from marketplace.sync.push import (
+    TaskChange,
+    push_on_commit,
+    task_group,
+    task_push_seq,
+    task_watch_mark,
+)
 from tests.marketplace.test_consumers import TIMEOUT_S, _headers
 from tests.marketplace.test_lifecycle import WINDOW_S, advance, bid, enrol, model_id, sync
 from tests.marketplace.test_sync import SPEC, mirror_env  # noqa: F401
+from tests.postgres import admin_connect, postgres_base
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,23 +39,30 @@ ROUNDS = 10
 DIGITS_SLACK_BYTES = 48
 
 
+def funded_order(*, title: str, spec, trainers: int):
+    """A new buyer's task on chain with ``trainers`` trainers, paid from a funded wallet."""
+    buyer = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
+    services.wallet_fund(wallet=buyer.wallet)
+    return services.task_create(
+        buyer=buyer,
+        title=title,
+        spec=spec,
+        min_trainers=trainers,
+        max_trainers=trainers,
+        round_timeout_s=600,
+        dispute_window_s=0,
+        budget_wei=10**17,
+        bidding_window_s=WINDOW_S,
+    )
+
+
 def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
     platform_market,
     mirror_env,  # noqa: F811
 ):
     market = platform_market
-    buyer = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
-    services.wallet_fund(wallet=buyer.wallet)
-    order = services.task_create(
-        buyer=buyer,
-        title="many rounds",
-        spec=dataclasses.replace(SPEC, rounds=ROUNDS),
-        min_trainers=2,
-        max_trainers=2,
-        round_timeout_s=600,
-        dispute_window_s=0,
-        budget_wei=10**17,
-        bidding_window_s=WINDOW_S,
+    order = funded_order(
+        title="many rounds", spec=dataclasses.replace(SPEC, rounds=ROUNDS), trainers=2
     )
     aggregator = enrol("aggregator", aggregate=True)
     trainers = [enrol("hal"), enrol("ida")]
@@ -179,26 +195,9 @@ def test_a_change_whose_push_finds_its_connection_cut_is_pushed_from_a_new_one(
     """The database cuts the connection between a change's commit and its push (a restart):
     the change is still pushed, read on a new connection; a page would otherwise never learn
     of it if nothing changes after it (a task's finalization)."""
-    from django.db import connection, transaction
-
-    from marketplace.sync.push import TaskChange, push_on_commit, task_push_seq, task_watch_mark
-    from tests.postgres import admin_connect, postgres_base
-
     if connection.vendor != "postgresql":
         pytest.fail("this test cuts a PostgreSQL connection: run it on PostgreSQL (make test)")
-    buyer = services.user_signup(username=f"buyer-{uuid.uuid4().hex[:8]}", password="x" * 12)
-    services.wallet_fund(wallet=buyer.wallet)
-    order = services.task_create(
-        buyer=buyer,
-        title="its last change",
-        spec=SPEC,
-        min_trainers=1,
-        max_trainers=1,
-        round_timeout_s=600,
-        dispute_window_s=0,
-        budget_wei=10**17,
-        bidding_window_s=WINDOW_S,
-    )
+    order = funded_order(title="its last change", spec=SPEC, trainers=1)
     group = task_group(order.chain_task_id)
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
@@ -213,7 +212,7 @@ def test_a_change_whose_push_finds_its_connection_cut_is_pushed_from_a_new_one(
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             # Gone from the server before the push reads: waited for, never timed.
             while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
-                pass
+                time.sleep(0.05)
 
     with transaction.atomic():
         transaction.on_commit(cut)  # runs first: the push's own callback comes after it
