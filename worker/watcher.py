@@ -51,7 +51,9 @@ _checked: dict = {}
 
 def yielding(check: Callable[P, T]) -> Callable[P, T]:
     """``check``, run and waited for in this process's checking thread, which yields the
-    CPU to everything else the host runs at normal priority. One thread per process, kept:
+    CPU to everything else in its scheduling group that runs at normal priority: the rest
+    of this process, and of its session where Linux groups processes by session (autogroup;
+    docs/verifiable.md). One thread per process, kept:
     the data plane keeps its connection to the aggregator per thread (a forked child makes
     its own)."""
 
