@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
-import requests
+import urllib3
 from eth_account.signers.local import LocalAccount
 
 from core.errors import FlexError
@@ -33,7 +34,7 @@ from dataplane.protocol import (
     PeerCertificateError,
 )
 from dataplane.signing import sign_request
-from dataplane.tls import pin
+from dataplane.tls import pin_check, pinned_pool
 from training.errors import ChunkMismatchError, ModelBlobError
 from training.serialize import ChunkOpening, id_hex, parse_id
 from training.verifier import BlobVerifier
@@ -57,15 +58,26 @@ _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _kept = threading.local()
 
 
-def kept_session() -> requests.Session:
-    """This thread's session, kept from one fetch to the next: a node that fetches from the
-    same peer round after round keeps its TLS connection (pinned per URL, tls.pin) instead of
-    making a new handshake on both sides each time. One per thread, since a session is not
-    safe to share between threads, and one per process: a forked child never writes to a
-    connection its parent holds."""
+def kept_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
+    """This thread's connection to the node at ``base_url``, pinned to ``sha256``
+    (tls.pinned_pool) and kept from one request to the next: a node that fetches from the
+    same peer round after round keeps its TLS connection instead of making a new handshake
+    on both sides each time. Pinned to another certificate, the connection made to the old
+    one is closed. One per thread, so that a thread always finds its connection free, and
+    one per process: a forked child never writes to a connection its parent holds.
+
+    urllib3 itself rather than requests over it: a request costs the client about half the
+    CPU (chain.node.NodeProvider does the same for the node)."""
     if getattr(_kept, "pid", None) != os.getpid():
-        _kept.session, _kept.pid = requests.Session(), os.getpid()
-    return _kept.session
+        _kept.pools, _kept.pid = {}, os.getpid()
+    pools: dict[str, urllib3.HTTPSConnectionPool] = _kept.pools
+    fingerprint = pin_check(sha256)
+    pool = pools.get(base_url)
+    if pool is None or pool.assert_fingerprint != fingerprint:
+        if pool is not None:
+            pool.close()
+        pool = pools[base_url] = pinned_pool(base_url, sha256=fingerprint)
+    return pool
 
 
 def fetch_model(**kwargs: Any) -> bytes:
@@ -89,7 +101,6 @@ def fetch_model_to(
     deadline_s: float | None = None,
     retries: int = 3,
     backoff: float = 0.5,
-    session: requests.Session | None = None,
 ) -> int:
     """Fetch a model blob from the data plane at ``base_url`` into ``sink`` (a file, written
     from its start) and check it against its ID; returns its size.
@@ -111,14 +122,16 @@ def fetch_model_to(
     """
     wanted = id_hex(parse_id(model_id))
     _require_https(base_url)
-    url = base_url.rstrip("/") + MODELS_PATH + wanted
+    path = MODELS_PATH + wanted
+    url = base_url.rstrip("/") + path
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
 
-    def once(http: requests.Session) -> int:
+    def once(pool: urllib3.HTTPSConnectionPool) -> int:
         sink.seek(0)
         sink.truncate()
         return _fetch_once(
-            http=http,
+            pool=pool,
+            path=path,
             url=url,
             sink=sink,
             model_id=wanted,
@@ -141,7 +154,6 @@ def fetch_model_to(
         backoff=backoff,
         deadline=deadline,
         deadline_s=deadline_s,
-        session=session,
     )
     log.info(
         "fetched model %s (%d bytes) from %s in %.2fs",
@@ -164,7 +176,6 @@ def fetch_openings(
     timeout: float = 30.0,
     retries: int = 3,
     backoff: float = 0.5,
-    session: requests.Session | None = None,
     opening_bytes: int = _MAX_OPENING_BYTES,
 ) -> list[list[ChunkOpening]]:
     """Chunks ``indexes`` (1 to MAX_OPENINGS of them) of each of ``model_ids`` (1 to
@@ -183,23 +194,22 @@ def fetch_openings(
         raise ValueError(f"ask for 1 to {MAX_OPENED_MODELS} models at once, not {len(wanted)}")
     _require_https(base_url)
     listed = ",".join(map(str, asked))
-    url = f"{base_url.rstrip('/')}{MODELS_PATH}{','.join(wanted)}{CHUNKS_SEGMENT}{listed}"
+    path = f"{MODELS_PATH}{','.join(wanted)}{CHUNKS_SEGMENT}{listed}"
+    url = base_url.rstrip("/") + path
     limit = min(opening_bytes, _MAX_OPENING_BYTES) * len(asked) * len(wanted)
     shown = wanted[0] if len(wanted) == 1 else f"{wanted[0]} and {len(wanted) - 1} more"
 
-    def once(http: requests.Session) -> bytes:
+    def once(pool: urllib3.HTTPSConnectionPool) -> bytes:
         headers = sign_request(
             account=account, method="GET", url=url, server_address=server_address
         )
-        with http.get(
-            url, headers=headers, stream=True, timeout=timeout, allow_redirects=False, verify=False
-        ) as response:
-            if response.status_code != HTTPStatus.OK:
+        with _get(pool, path, headers=headers, timeout=timeout) as response:
+            if response.status != HTTPStatus.OK:
                 error = _remote_error(response, url=url, model_id=shown)
-                if response.status_code in _RETRY_STATUSES:
+                if response.status in _RETRY_STATUSES:
                     raise _RetryableError(error)
                 raise error
-            return response.raw.read(limit + 1, decode_content=True)
+            return response.read(limit + 1)
 
     body = _retrying(
         once,
@@ -209,7 +219,6 @@ def fetch_openings(
         model_id=shown,
         retries=retries,
         backoff=backoff,
-        session=session,
     )
     try:
         if len(body) > limit:
@@ -248,8 +257,32 @@ def _require_https(base_url: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _get(
+    pool: urllib3.HTTPSConnectionPool, path: str, *, headers: dict[str, str], timeout: float
+) -> Iterator[urllib3.BaseHTTPResponse]:
+    """A GET of ``path`` whose body is read as it arrives. Read to its end, the connection
+    goes back to the pool for the next request; left before, it is closed (what is left of
+    the body would be taken for the next answer)."""
+    response = pool.urlopen(
+        "GET",
+        path,
+        headers=headers,
+        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        preload_content=False,
+        # Content-Length is checked by the caller, who says how much did arrive.
+        enforce_content_length=False,
+    )
+    try:
+        yield response
+    finally:
+        if not response.closed:
+            response.close()
+        response.release_conn()
+
+
 def _retrying(
-    attempt_once: Callable[[requests.Session], R],
+    attempt_once: Callable[[urllib3.HTTPSConnectionPool], R],
     *,
     base_url: str,
     cert_sha256: str,
@@ -259,26 +292,22 @@ def _retrying(
     backoff: float,
     deadline: float | None = None,
     deadline_s: float | None = None,
-    session: requests.Session | None = None,
 ) -> R:
-    """``attempt_once`` over ``session`` (else this thread's kept_session) pinned to
-    ``cert_sha256``, again on connection errors, truncations and 5xx/429 answers, with
-    exponential back-off, ``retries`` times or until ``deadline``; the peer's refusals and a
-    wrong certificate are raised at once."""
-    http = kept_session() if session is None else session
-    pin(http, base_url=base_url, sha256=cert_sha256)
+    """``attempt_once`` over this thread's connection to ``base_url`` pinned to
+    ``cert_sha256`` (kept_pool), again on connection errors, truncations and 5xx/429
+    answers, with exponential back-off, ``retries`` times or until ``deadline``; the peer's
+    refusals and a wrong certificate are raised at once."""
+    pool = kept_pool(base_url, sha256=cert_sha256)
     attempts = retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return attempt_once(http)
-        except requests.exceptions.SSLError as exc:
-            if "fingerprint" in str(exc).lower():
+            return attempt_once(pool)
+        except (urllib3.exceptions.HTTPError, OSError, _RetryableError) as exc:
+            if _wrong_certificate(exc):
                 raise PeerCertificateError(
                     url=base_url, expected=cert_sha256, reason=str(exc)[:300]
                 ) from exc
-            error: Exception = exc
-        except (requests.ConnectionError, requests.Timeout, _RetryableError) as exc:
-            error = exc.error if isinstance(exc, _RetryableError) else exc
+            error: Exception = exc.error if isinstance(exc, _RetryableError) else exc
         delay = backoff * 2 ** (attempt - 1)
         out_of_time = deadline is not None and time.monotonic() + delay >= deadline
         if attempt == attempts or out_of_time:
@@ -304,6 +333,13 @@ def _retrying(
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
+def _wrong_certificate(exc: Exception) -> bool:
+    """Whether ``exc`` is urllib3's refusal of a certificate other than the pinned one."""
+    return isinstance(exc, urllib3.exceptions.HTTPError) and "fingerprints did not match" in (
+        str(exc).lower()
+    )
+
+
 class _RetryableError(Exception):
     """Carries a FLEX error that is worth another attempt (truncation, 5xx)."""
 
@@ -314,7 +350,8 @@ class _RetryableError(Exception):
 
 def _fetch_once(
     *,
-    http: requests.Session,
+    pool: urllib3.HTTPSConnectionPool,
+    path: str,
     url: str,
     sink: BinaryIO,
     model_id: str,
@@ -333,27 +370,22 @@ def _fetch_once(
     headers = sign_request(account=account, method="GET", url=url, server_address=server_address)
     # Content-Length must count the blob's own bytes: no transfer encoding of the body.
     headers["Accept-Encoding"] = "identity"
-    with http.get(
-        url, headers=headers, stream=True, timeout=left(), allow_redirects=False, verify=False
-    ) as response:
-        if response.status_code != HTTPStatus.OK:
+    with _get(pool, path, headers=headers, timeout=left()) as response:
+        if response.status != HTTPStatus.OK:
             error = _remote_error(response, url=url, model_id=model_id)
-            if response.status_code in _RETRY_STATUSES:
+            if response.status in _RETRY_STATUSES:
                 raise _RetryableError(error)
             raise error
         announced = response.headers.get("Content-Length", "")
         expected = int(announced) if announced.isdigit() else None
         if expected is not None and expected > max_bytes:
             raise ModelTooLargeError(model_id=model_id, size=expected, limit=max_bytes, url=url)
-        # Count the bytes ourselves: urllib3's own Content-Length check raises without saying
-        # how much arrived, and a truncation report should.
-        response.raw.enforce_content_length = False
         verifier = BlobVerifier(expected_id=model_id)
         received = 0
         while True:
             # read1 returns what one read of the socket brought, so the deadline is checked
             # after every read however slowly a peer sends.
-            chunk = response.raw.read1(_CHUNK_BYTES)
+            chunk = response.read1(_CHUNK_BYTES)
             if not chunk:
                 break
             received += len(chunk)
@@ -390,12 +422,12 @@ def _fetch_once(
     return received
 
 
-def _remote_error(response: requests.Response, *, url: str, model_id: str) -> FlexError:
+def _remote_error(response: urllib3.BaseHTTPResponse, *, url: str, model_id: str) -> FlexError:
     """The peer's JSON error as the matching FLEX error class, or FetchRefusedError."""
-    status = response.status_code
+    status = response.status
     try:
         # A peer's error body is small; read a bounded prefix rather than trust its length.
-        body = json.loads(response.raw.read(64 * 1024, decode_content=True) or b"null")
+        body = json.loads(response.read(64 * 1024) or b"null")
     except ValueError:
         body = {}
     if not isinstance(body, dict):
@@ -425,17 +457,27 @@ def health_check(*, base_url: str, cert_sha256: str, timeout: float = 10.0) -> s
     certificate, else why not, in a sentence (a report for people: never raises)."""
     url = base_url.rstrip("/") + "/health"
     try:
-        with requests.Session() as http:
-            pin(http, base_url=base_url, sha256=cert_sha256)
-            response = http.get(url, timeout=timeout, allow_redirects=False, verify=False)
-    except requests.exceptions.SSLError as exc:
-        if "fingerprint" in str(exc).lower():
+        pool = pinned_pool(base_url, sha256=cert_sha256)
+    except (ValueError, FlexError) as exc:
+        return f"{base_url} cannot be reached: {getattr(exc, 'message', None) or exc}"
+    try:
+        with pool:
+            response = pool.urlopen(
+                "GET", urlsplit(url).path, timeout=urllib3.Timeout(connect=timeout, read=timeout)
+            )
+    except urllib3.exceptions.HTTPError as exc:
+        if _wrong_certificate(exc):
             return f"{base_url} shows another TLS certificate than the one registered"
-        return f"TLS to {base_url} failed: {str(exc)[:200]}"
-    except requests.Timeout:
-        return f"{base_url} did not answer within {timeout:g} s"
-    except (requests.RequestException, FlexError) as exc:
-        return f"{base_url} cannot be reached: {getattr(exc, 'message', None) or str(exc)[:200]}"
-    if response.status_code != HTTPStatus.OK:
-        return f"{url} answered HTTP {response.status_code}"
+        if isinstance(exc, urllib3.exceptions.SSLError):
+            return f"TLS to {base_url} failed: {str(exc)[:200]}"
+        if isinstance(exc, urllib3.exceptions.TimeoutError) and not isinstance(
+            exc,
+            urllib3.exceptions.NewConnectionError,  # a refusal, which urllib3 files there
+        ):
+            return f"{base_url} did not answer within {timeout:g} s"
+        return f"{base_url} cannot be reached: {str(exc)[:200]}"
+    except OSError as exc:
+        return f"{base_url} cannot be reached: {str(exc)[:200]}"
+    if response.status != HTTPStatus.OK:
+        return f"{url} answered HTTP {response.status}"
     return None

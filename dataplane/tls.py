@@ -16,12 +16,12 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
+import urllib3
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from requests.adapters import HTTPAdapter
+from requests.utils import get_environ_proxies, select_proxy
 from urllib3.util.ssl_ import create_urllib3_context
 
 from core.errors import FlexError
@@ -124,31 +124,27 @@ def node_certificate(directory: Path, *, common_name: str) -> NodeCertificate:
     return node_certificate_load(directory)
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """Connections that accept exactly one certificate, by fingerprint (urllib3 checks it
-    right after the handshake, before a byte of the request is sent).
+def pinned_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
+    """Connections to the node at ``base_url`` that accept exactly the certificate
+    ``sha256``: urllib3 checks its fingerprint right after the handshake, before a byte of a
+    request is sent. Through the proxy the environment names for that URL (HTTPS_PROXY,
+    NO_PROXY, read now), if any: the tunnel's TLS is the node's own, pinned the same.
 
     Their TLS context is made once and trusts no CA: left to make one per connection,
     urllib3 would load the system's CA bundle each time (about 20 ms of CPU) only for the
-    pin to replace it."""
-
-    def __init__(self, sha256: str) -> None:
-        self.sha256 = sha256
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, *args, **kwargs) -> None:
-        kwargs["assert_fingerprint"] = self.sha256
-        kwargs["ssl_context"] = create_urllib3_context(cert_reqs=ssl.CERT_NONE)
-        super().init_poolmanager(*args, **kwargs)
-
-
-def pin(session: requests.Session, *, base_url: str, sha256: str) -> None:
-    """Make ``session`` accept, for URLs under ``base_url``, only the pinned certificate.
-    Requests through it must pass ``verify=False``: the pin replaces the CA check. Pinning
-    again to the same certificate keeps the adapter, and so its open connections."""
-    prefix, fingerprint = base_url.rstrip("/") + "/", pin_check(sha256)
-    mounted = session.adapters.get(prefix)
-    if not (isinstance(mounted, _PinnedAdapter) and mounted.sha256 == fingerprint):
-        if mounted is not None:
-            mounted.close()  # its connections were made to the certificate pinned before
-        session.mount(prefix, _PinnedAdapter(fingerprint))
+    pin to replace it. Requests go to paths (``pool.urlopen("GET", "/health")``), are not
+    retried and follow no redirect unless asked."""
+    options: dict = {
+        "assert_fingerprint": pin_check(sha256),
+        "ssl_context": create_urllib3_context(cert_reqs=ssl.CERT_NONE),
+        "retries": False,
+        "maxsize": 1,
+    }
+    proxy = select_proxy(base_url, get_environ_proxies(base_url))
+    if proxy:
+        pool = urllib3.ProxyManager(proxy, **options).connection_from_url(base_url)
+    else:
+        pool = urllib3.connection_from_url(base_url, **options)
+    if not isinstance(pool, urllib3.HTTPSConnectionPool):
+        raise ValueError(f"{base_url} is not an https URL: nodes speak TLS only")
+    return pool

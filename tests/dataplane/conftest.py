@@ -1,4 +1,4 @@
-"""Data-plane test helpers: node certificates made once per session, pinned sessions."""
+"""Data-plane test helpers: node certificates made once per session, pinned connections."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import requests
+import urllib3
 
-from dataplane.tls import NodeCertificate, node_certificate, pin
+from dataplane.tls import NodeCertificate, node_certificate, pinned_pool
 from training.store import ModelStore
 
 
@@ -28,8 +28,7 @@ def cert_for(name: str) -> NodeCertificate:
     return node_certificate(directory, common_name=name)
 
 
-def pinned(plane) -> requests.Session:
-    """A session that accepts exactly ``plane``'s certificate (pass ``verify=False``)."""
-    session = requests.Session()
-    pin(session, base_url=plane.url, sha256=plane.certificate.sha256)
-    return session
+def pinned(plane, url: str | None = None) -> urllib3.HTTPSConnectionPool:
+    """Connections to ``url`` (else ``plane``'s own) that accept exactly ``plane``'s
+    certificate."""
+    return pinned_pool(url or plane.url, sha256=plane.certificate.sha256)

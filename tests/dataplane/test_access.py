@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-import requests
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
@@ -18,7 +17,7 @@ from chain.events import DeviceClass, Role, TaskCreated
 from chain.launcher import dev_accounts, free_port
 from dataplane import audit
 from dataplane.access import ChainPolicy
-from dataplane.client import fetch_openings
+from dataplane.client import fetch_openings, kept_pool
 from dataplane.protocol import (
     AccessDeniedError,
     ChunkIndexError,
@@ -259,16 +258,13 @@ def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connectio
     store: ModelStore, on_chain: OnChain
 ) -> None:
     """A watcher opens every sampled chunk of every update of a round: one request per update
-    brings them all, in the order asked, and one session keeps one TLS connection for every
+    brings them all, in the order asked, and the thread keeps one TLS connection for every
     request, still pinned to the server's certificate."""
     trainer = on_chain.trainers[0]
     values = [np.arange(600, dtype=np.float32)]
     blob = blob_of(values, task_id=on_chain.task_id, trainer=trainer.address, chunk_values=256)
     update = id_hex(store.put(blob))
-    with (
-        _aggregators_plane(store, on_chain) as plane,
-        requests.Session() as session,
-    ):
+    with _aggregators_plane(store, on_chain) as plane:
 
         def openings(indexes: list[int], *, cert_sha256: str = plane.certificate.sha256):
             [of_update] = fetch_openings(
@@ -279,17 +275,13 @@ def test_a_watchers_openings_come_several_to_a_request_over_one_pinned_connectio
                 server_address=plane.node_address,
                 account=on_chain.buyer,
                 retries=0,
-                session=session,
             )
             return of_update
 
         whole = store.load(update)
         assert openings([2, 0, 1]) == [whole.opening(i) for i in (2, 0, 1)]
-        adapter = session.get_adapter(plane.url + "/")
         assert openings([1]) == [whole.opening(1)]
-        assert session.get_adapter(plane.url + "/") is adapter
-        pools = adapter.poolmanager.pools  # urllib3's container: keys(), no iteration
-        assert [pools[key].num_connections for key in pools.keys()] == [1]  # noqa: SIM118
+        assert kept_pool(plane.url, sha256=plane.certificate.sha256).num_connections == 1
         with pytest.raises(ChunkIndexError, match="no chunk 3"):
             openings([0, 3])  # one past the last: the whole request is refused
         with pytest.raises(ValueError, match="1 to 64 chunks"):
@@ -352,7 +344,7 @@ def test_a_watcher_opens_a_chunk_of_many_updates_in_one_request(
         # Past the limit the server refuses too, and says why, whoever the client is.
         path = f"/models/{','.join([updates[0]] * 33)}/chunks/0"
         refused = _get(plane, path, _signed(plane, path, account=on_chain.trainers[0]))
-        assert refused.status_code == 400
+        assert refused.status == 400
         assert refused.json()["code"] == ModelListError.code
         assert "1 to 32 models at once, separated by commas, not 33" in refused.json()["message"]
 

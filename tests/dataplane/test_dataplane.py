@@ -13,15 +13,16 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+import proxy
 import pytest
-import requests
+import urllib3
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 import dataplane.client
 from chain.launcher import free_port
 from dataplane.access import AllowListPolicy
-from dataplane.client import fetch_model, health_check, kept_session
+from dataplane.client import fetch_model, health_check, kept_pool
 from dataplane.protocol import (
     HEADER_ADDRESS,
     HEADER_SIGNATURE,
@@ -81,8 +82,8 @@ def _fetch(
     )
 
 
-def _get(plane: DataPlaneServer, path: str, headers: dict[str, str]) -> requests.Response:
-    return pinned(plane).get(plane.url + path, headers=headers, timeout=5, verify=False)
+def _get(plane: DataPlaneServer, path: str, headers: dict[str, str]) -> urllib3.BaseHTTPResponse:
+    return pinned(plane).request("GET", path, headers=headers, timeout=5)
 
 
 def _signed(plane: DataPlaneServer, path: str, account: LocalAccount = REQUESTER, **kw):
@@ -103,26 +104,49 @@ def test_signed_fetch_returns_exactly_the_stored_bytes(
     assert id_hex(model_id(fetched)) == stored
 
 
-def test_one_session_keeps_working_after_refusals_and_blobs(
+def test_one_connection_keeps_working_after_refusals_and_blobs(
     server: DataPlaneServer, store: ModelStore, stored: str, blob: bytes
 ) -> None:
     # HTTP/1.1 keep-alive: each answer (JSON error or sendfile body) must be framed exactly.
     second = blob_of([np.ones(5, np.float32)])
     other = store.put(second)
-    with requests.Session() as session:
-        with pytest.raises(BlobNotFoundError):
-            _fetch(server, "0x" + "ab" * 32, session=session)
-        assert _fetch(server, stored, session=session) == blob
-        assert _fetch(server, id_hex(other), session=session) == second
+    with pytest.raises(BlobNotFoundError):
+        _fetch(server, "0x" + "ab" * 32)
+    assert _fetch(server, stored) == blob
+    assert _fetch(server, id_hex(other)) == second
+    assert _connections(server) == 1
+    assert len(server.connections) == 1
 
 
-def test_peers_are_reached_through_the_environments_proxy_unless_exempt(
-    server: DataPlaneServer, monkeypatch: pytest.MonkeyPatch
+@contextmanager
+def _forward_proxy() -> Iterator[str]:
+    """An HTTP forward proxy (CONNECT tunnels) on loopback, as a device behind one has; its
+    URL."""
+    flags = ["--hostname", "127.0.0.1", "--port", "0", "--num-acceptors", "1", "--threadless"]
+    with proxy.Proxy(flags) as running:
+        yield f"http://127.0.0.1:{running.flags.port}"
+
+
+def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
+    server: DataPlaneServer, stored: str, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A device behind a proxy reaches its peers through it; NO_PROXY exempts hosts.
+    """A device behind a proxy reaches its peers through it (NO_PROXY exempts hosts), and the
+    proxy sees only a tunnel: the TLS inside is the peer's own, pinned as without a proxy,
+    so a proxy (or whoever controls it) that answers with a certificate of its own gets
+    nothing, not even the signed request."""
     for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    with _forward_proxy() as proxy_url:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
+        assert _fetch(server, stored) == blob
+        other = cert_for("other").sha256
+        assert "another TLS certificate" in (
+            health_check(base_url=server.url, cert_sha256=other) or ""
+        )
+        with pytest.raises(PeerCertificateError):
+            _fetch(server, stored, cert_sha256=other, retries=0)
+    # The proxy is gone: reached through it, the peer is not reached at all.
     refused = health_check(base_url=server.url, cert_sha256=server.certificate.sha256)
     assert refused is not None
     assert "cannot be reached" in refused
@@ -131,10 +155,9 @@ def test_peers_are_reached_through_the_environments_proxy_unless_exempt(
     assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
 
 
-def _connections(plane: DataPlaneServer) -> list[int]:
-    """How many connections this thread's kept session holds to ``plane``."""
-    pools = kept_session().get_adapter(plane.url + "/").poolmanager.pools
-    return [pools[key].num_connections for key in pools.keys()]  # noqa: SIM118
+def _connections(plane: DataPlaneServer) -> int:
+    """How many connections this thread has made to ``plane`` on its kept pool."""
+    return kept_pool(plane.url, sha256=plane.certificate.sha256).num_connections
 
 
 def test_a_node_keeps_one_connection_to_a_peer_from_fetch_to_fetch(
@@ -144,7 +167,7 @@ def test_a_node_keeps_one_connection_to_a_peer_from_fetch_to_fetch(
     fetch. The connection stays pinned: another certificate at the same URL is refused."""
     assert _fetch(server, stored) == blob
     assert _fetch(server, stored) == blob
-    assert _connections(server) == [1]
+    assert _connections(server) == 1
     assert len(server.connections) == 1
     with pytest.raises(PeerCertificateError):
         _fetch(server, stored, cert_sha256=cert_for("other").sha256, retries=0)
@@ -164,19 +187,20 @@ def test_a_stopped_server_serves_no_connection_kept_open_to_it(
         _fetch(plane, stored, retries=0)
 
 
-def _fresh_in_child() -> bool:
-    inherited = dataplane.client._kept.session  # what the fork copied from the parent
-    return kept_session() is not inherited
+def _fresh_in_child(url: str, sha256: str) -> bool:
+    inherited = dataplane.client._kept.pools[url]  # what the fork copied from the parent
+    return kept_pool(url, sha256=sha256) is not inherited
 
 
 def test_a_forked_worker_does_not_write_to_its_parents_connections(
     server: DataPlaneServer, stored: str, blob: bytes
 ) -> None:
     assert _fetch(server, stored) == blob
-    parent = kept_session()
+    sha256 = server.certificate.sha256
+    parent = kept_pool(server.url, sha256=sha256)
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        assert pool.apply(_fresh_in_child) is True
-    assert kept_session() is parent
+        assert pool.apply(_fresh_in_child, (server.url, sha256)) is True
+    assert kept_pool(server.url, sha256=sha256) is parent
 
 
 def test_errors_keep_their_fields_across_pickling() -> None:
@@ -201,13 +225,13 @@ def test_server_picks_a_free_port_and_stops(store: ModelStore) -> None:
         "address": SERVER.address,
         "max_bytes": plane.max_bytes,
     }
-    with pytest.raises(requests.ConnectionError):
+    with pytest.raises(urllib3.exceptions.HTTPError):
         _get(plane, "/health", {})
 
 
 def test_unsigned_request_is_401_with_json_error(server: DataPlaneServer, stored: str) -> None:
     response = _get(server, f"/models/{stored}", {})
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json() == {
         "code": "auth_missing",
         "message": f"unsigned request: header {HEADER_ADDRESS} is missing",
@@ -222,7 +246,7 @@ def test_signature_by_another_key_than_the_claimed_address_is_401(
     headers = _signed(server, path, account=STRANGER)
     headers[HEADER_ADDRESS] = REQUESTER.address
     response = _get(server, path, headers)
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json()["code"] == "auth_bad_signature"
 
 
@@ -230,14 +254,14 @@ def test_stale_timestamp_is_401(server: DataPlaneServer, stored: str) -> None:
     path = f"/models/{stored}"
     headers = _signed(server, path, timestamp=int(time.time()) - 120)
     response = _get(server, path, headers)
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json()["code"] == "auth_expired"
 
 
 def test_timestamp_inside_the_window_is_accepted(server: DataPlaneServer, stored: str) -> None:
     path = f"/models/{stored}"
     headers = _signed(server, path, timestamp=int(time.time()) - 30)
-    assert _get(server, path, headers).status_code == 200
+    assert _get(server, path, headers).status == 200
 
 
 def test_signature_for_another_server_is_401(server: DataPlaneServer, stored: str) -> None:
@@ -253,7 +277,7 @@ def test_signature_for_another_path_is_401(
     other = id_hex(store.put(blob_of([np.ones(3, np.float32)])))
     headers = _signed(server, f"/models/{other}")
     response = _get(server, f"/models/{stored}", headers)
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json()["code"] == "auth_bad_signature"
 
 
@@ -273,7 +297,7 @@ def test_malformed_auth_header_is_401(
     headers = _signed(server, path)
     headers[header] = value
     response = _get(server, path, headers)
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json()["code"] == "auth_malformed"
     assert response.json()["fields"]["header"] == header
 
@@ -285,7 +309,7 @@ def test_signature_with_invalid_curve_values_is_401_not_500(
     headers = _signed(server, path)
     headers[HEADER_SIGNATURE] = "0x" + "ff" * 65
     response = _get(server, path, headers)
-    assert response.status_code == 401
+    assert response.status == 401
     assert response.json()["code"] == "auth_bad_signature"
 
 
@@ -353,11 +377,11 @@ def test_malformed_id_and_unknown_route(server: DataPlaneServer) -> None:
     path = "/models/0x1234"
     headers = _signed(server, path)
     response = _get(server, path, headers)
-    assert (response.status_code, response.json()["code"]) == (400, "model_id_malformed")
+    assert (response.status, response.json()["code"]) == (400, "model_id_malformed")
     response = _get(server, "/elsewhere", {})
-    assert (response.status_code, response.json()["code"]) == (404, "route_not_found")
-    response = pinned(server).post(server.url + "/health", timeout=5, verify=False)
-    assert (response.status_code, response.json()["code"]) == (501, "http_501")
+    assert (response.status, response.json()["code"]) == (404, "route_not_found")
+    response = pinned(server).request("POST", "/health", timeout=5)
+    assert (response.status, response.json()["code"]) == (501, "http_501")
 
 
 @pytest.mark.parametrize(
@@ -370,7 +394,7 @@ def test_a_malformed_list_of_chunks_is_404_naming_it(
     refused whole, by name, and the server goes on serving."""
     path = f"/models/{stored}/chunks/{chunks}"
     response = _get(server, path, _signed(server, path))
-    assert (response.status_code, response.json()["code"]) == (404, "chunk_index_invalid")
+    assert (response.status, response.json()["code"]) == (404, "chunk_index_invalid")
     assert "separated by commas" in response.json()["message"]
     good = f"/models/{stored}/chunks/1,0"
     served = _get(server, good, _signed(server, good)).json()["openings"]
@@ -515,15 +539,14 @@ def test_large_blob_is_streamed_without_holding_it_in_memory(store: ModelStore) 
     ) as plane:
         path = f"/models/{big}"
         headers = _signed(plane, path)
-        session = pinned(plane)
         tracemalloc.start()
         try:
             received = 0
-            with session.get(
-                plane.url + path, headers=headers, stream=True, timeout=10, verify=False
+            with pinned(plane).request(
+                "GET", path, headers=headers, timeout=10, preload_content=False
             ) as r:
                 assert r.headers["Content-Length"] == str(size)
-                for chunk in r.iter_content(256 * 1024):
+                for chunk in r.stream(256 * 1024):
                     received += len(chunk)
             _, peak = tracemalloc.get_traced_memory()
         finally:
