@@ -43,6 +43,7 @@ from chain.errors import (
 from chain.events import snake_case, to_python
 from chain.node import UNREACHABLE, at_once, chain_id, fee_cap, method_missing, reachable
 from chain.records import TxResult
+from core.addresses import checksum_address
 
 CONTRACT_NAME = "FlexMarket"
 # Head room over eth_estimateGas: state may move between the estimate and inclusion.
@@ -263,14 +264,8 @@ def _checksummed(value: Any, abi_type: ABIType) -> Any:
     if isinstance(abi_type, TupleType):
         return tuple(_checksummed(v, t) for v, t in zip(value, abi_type.components, strict=True))
     if isinstance(abi_type, BasicType) and abi_type.base == "address":
-        return _checksum(value)
+        return checksum_address(value)
     return value
-
-
-@functools.lru_cache(maxsize=4096)
-def _checksum(address: str) -> str:
-    """The checksummed form (a keccak each): a round reads the same few addresses again."""
-    return to_checksum_address(address)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from eth_utils import is_hex_address, to_checksum_address
+from eth_utils import is_hex_address
 
+from core.addresses import checksum_address
 from dataplane.addresses import authority as authority_of
 from dataplane.protocol import (
     DEFAULT_WINDOW_SECONDS,
@@ -80,7 +81,7 @@ def request_message(
             method.upper(),
             path,
             authority.lower(),
-            to_checksum_address(server_address),
+            checksum_address(server_address),
             str(int(timestamp)),
             nonce,
         )
@@ -184,8 +185,8 @@ def verify_request(
         # each of them means the same thing: this signature proves nothing.
         signer = None
     if signer is None or signer.lower() != claimed.lower():
-        raise SignatureMismatchError(claimed=to_checksum_address(claimed))
+        raise SignatureMismatchError(claimed=checksum_address(claimed))
     # Only a valid signature spends a nonce: nobody can use up another signer's nonces.
     if not nonces.claim(signer=signer, nonce=nonce, expires_at=timestamp + window + 1):
         raise SignatureReplayedError(nonce=nonce, signer=signer)
-    return to_checksum_address(signer)
+    return checksum_address(signer)
