@@ -219,7 +219,7 @@ def check_round(
         return memo[key]
     chunks = sample_chunks(header.leaf_count, limit=limit, rng=rng or random.SystemRandom())
     # Every sampled chunk of many updates in one request, all over this thread's kept-alive
-    # connection to the aggregator (dataplane.client.kept_session).
+    # connection to the aggregator (dataplane.client.kept_pool).
     fetched = openings(
         store,
         account,
