@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any, BinaryIO, TypeVar
@@ -53,6 +54,9 @@ def opening_bytes(chunk_values: int) -> int:
     return min(_MAX_OPENING_BYTES, 2 * (4 * chunk_values + 64 * 32 + (32 << 10)) + 1024)
 
 
+# Peers a thread keeps a connection to: more than a round's trainers (the contract takes
+# at most 128), so that an aggregator keeps every connection of its round.
+KEPT_PEERS = 256
 R = TypeVar("R")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _kept = threading.local()
@@ -66,17 +70,26 @@ def kept_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
     one is closed. One per thread, so that a thread always finds its connection free, and
     one per process: a forked child never writes to a connection its parent holds.
 
+    A thread keeps its KEPT_PEERS most recent peers; the connection to the one used longest
+    ago is closed when another is added, so a node that meets thousands of peers over its
+    life does not hold a socket open to each.
+
     urllib3 itself rather than requests over it: a request costs the client about half the
     CPU (chain.node.NodeProvider does the same for the node)."""
     if getattr(_kept, "pid", None) != os.getpid():
-        _kept.pools, _kept.pid = {}, os.getpid()
-    pools: dict[str, urllib3.HTTPSConnectionPool] = _kept.pools
+        _kept.pools, _kept.pid = OrderedDict(), os.getpid()
+    pools: OrderedDict[str, urllib3.HTTPSConnectionPool] = _kept.pools
     fingerprint = pin_check(sha256)
     pool = pools.get(base_url)
-    if pool is None or pool.assert_fingerprint != fingerprint:
-        if pool is not None:
-            pool.close()
-        pool = pools[base_url] = pinned_pool(base_url, sha256=fingerprint)
+    if pool is not None and pool.assert_fingerprint == fingerprint:
+        pools.move_to_end(base_url)
+        return pool
+    if pool is not None:
+        pool.close()
+    pool = pools[base_url] = pinned_pool(base_url, sha256=fingerprint)
+    pools.move_to_end(base_url)
+    while len(pools) > KEPT_PEERS:
+        pools.popitem(last=False)[1].close()
     return pool
 
 

@@ -174,6 +174,30 @@ def test_a_node_keeps_one_connection_to_a_peer_from_fetch_to_fetch(
     assert _fetch(server, stored) == blob
 
 
+def test_a_thread_keeps_connections_to_its_most_recent_peers_only(
+    server: DataPlaneServer,
+    store: ModelStore,
+    stored: str,
+    blob: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that meets more peers than it keeps closes the connection it used longest ago
+    (a socket held open to every peer ever met would run out of descriptors); that peer is
+    reached again on a new one."""
+    monkeypatch.setattr(dataplane.client, "KEPT_PEERS", 1)
+    policy = AllowListPolicy(addresses=[REQUESTER.address])
+    with DataPlaneServer(
+        certificate=cert_for("second"), store=store, policy=policy, node_address=SERVER.address
+    ) as second:
+        assert _fetch(server, stored) == blob
+        first = kept_pool(server.url, sha256=server.certificate.sha256)
+        assert _fetch(second, stored) == blob
+        assert first.pool is None  # closed, and its connection with it
+        assert _fetch(server, stored) == blob
+        assert kept_pool(server.url, sha256=server.certificate.sha256) is not first
+        assert list(dataplane.client._kept.pools) == [server.url]
+
+
 def test_a_stopped_server_serves_no_connection_kept_open_to_it(
     store: ModelStore, stored: str, blob: bytes
 ) -> None:
