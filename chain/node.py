@@ -14,7 +14,6 @@ from typing import Any
 import certifi
 import requests
 import urllib3
-from requests.utils import get_environ_proxies, select_proxy
 from web3 import HTTPProvider, Web3
 from web3._utils.method_formatters import get_result_formatters
 from web3._utils.rpc_abi import RPC
@@ -24,6 +23,7 @@ from web3.providers.rpc.utils import ExceptionRetryConfiguration, check_if_retry
 from web3.types import RPCEndpoint, RPCResponse
 
 from chain.errors import ChainUnavailableError
+from core.proxies import proxy_manager
 
 DEFAULT_TIMEOUT_S = 30.0
 # EIP-7966: a signed transaction sent and answered with its receipt once mined (Anvil, geth
@@ -80,7 +80,6 @@ class NodeProvider(HTTPProvider):
         posts to its endpoint, so nothing is looked up per request), or, through a proxy
         the environment names, the proxy's."""
         url = str(self.endpoint_uri)
-        proxy = select_proxy(url, get_environ_proxies(url))
         options = {
             "maxsize": SESSION_POOL_SIZE,
             "retries": False,
@@ -88,8 +87,9 @@ class NodeProvider(HTTPProvider):
             or os.environ.get("CURL_CA_BUNDLE")
             or certifi.where(),
         }
-        if proxy:
-            return urllib3.ProxyManager(proxy, **options)
+        proxied = proxy_manager(url, **options)
+        if proxied is not None:
+            return proxied
         if urllib3.util.parse_url(url).scheme != "https":
             del options["ca_certs"]
         return urllib3.connection_from_url(url, **options)

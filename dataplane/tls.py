@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from requests.utils import get_environ_proxies, select_proxy
 from urllib3.util.ssl_ import create_urllib3_context
 
 from core.errors import FlexError
+from core.proxies import proxy_manager
 
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
@@ -140,9 +140,9 @@ def pinned_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
         "retries": False,
         "maxsize": 1,
     }
-    proxy = select_proxy(base_url, get_environ_proxies(base_url))
-    if proxy:
-        pool = urllib3.ProxyManager(proxy, **options).connection_from_url(base_url)
+    proxied = proxy_manager(base_url, **options)
+    if proxied is not None:
+        pool = proxied.connection_from_url(base_url)
     else:
         pool = urllib3.connection_from_url(base_url, **options)
     if not isinstance(pool, urllib3.HTTPSConnectionPool):

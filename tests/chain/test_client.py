@@ -37,6 +37,7 @@ from chain.node import client, connect
 from chain.records import TxResult
 from chain.transactions import PendingTx, submit
 from tests.chain.conftest import Accounts, Flow
+from tests.proxies import forward_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -231,6 +232,21 @@ def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
         direct = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
         assert direct.task_count() == market.task_count()
         assert proxy.posts == 1
+
+
+def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
+    chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch
+):
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with forward_proxy(basic_auth="device:p@ss") as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        refused = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
+        with pytest.raises(ChainUnavailableError, match="407"):
+            refused.task_count()
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("//", "//device:p%40ss@"))
+        proxied = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
+        assert proxied.task_count() == market.task_count()
 
 
 def test_a_node_behind_tls_is_trusted_through_the_ca_bundle_only(

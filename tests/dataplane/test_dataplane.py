@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-import proxy
 import pytest
 import urllib3
 from eth_account import Account
@@ -39,6 +38,7 @@ from dataplane.server import DataPlaneServer
 from dataplane.signing import MemoryNonces, sign_request, verify_request
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for, pinned
+from tests.proxies import forward_proxy
 from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
 from training.serialize import Kind, id_hex, model_id, read_header
 from training.store import ModelStore, StoredModel
@@ -118,15 +118,6 @@ def test_one_connection_keeps_working_after_refusals_and_blobs(
     assert len(server.connections) == 1
 
 
-@contextmanager
-def _forward_proxy() -> Iterator[str]:
-    """An HTTP forward proxy (CONNECT tunnels) on loopback, as a device behind one has; its
-    URL."""
-    flags = ["--hostname", "127.0.0.1", "--port", "0", "--num-acceptors", "1", "--threadless"]
-    with proxy.Proxy(flags) as running:
-        yield f"http://127.0.0.1:{running.flags.port}"
-
-
 def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
     server: DataPlaneServer, stored: str, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,7 +127,7 @@ def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
     nothing, not even the signed request."""
     for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
-    with _forward_proxy() as proxy_url:
+    with forward_proxy() as proxy_url:
         monkeypatch.setenv("HTTPS_PROXY", proxy_url)
         assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
         assert _fetch(server, stored) == blob
@@ -153,6 +144,21 @@ def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
     assert "proxy" in refused.lower()
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
+
+
+def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
+    server: DataPlaneServer, stored: str, blob: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with forward_proxy(basic_auth="device:p@ss") as proxy_url:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        refused = health_check(base_url=server.url, cert_sha256=server.certificate.sha256)
+        assert refused is not None
+        assert "407" in refused
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url.replace("//", "//device:p%40ss@"))
+        assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
+        assert _fetch(server, stored) == blob
 
 
 def _connections(plane: DataPlaneServer) -> int:
