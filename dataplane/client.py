@@ -80,14 +80,11 @@ def kept_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
         _kept.pools, _kept.pid = OrderedDict(), os.getpid()
     pools: OrderedDict[str, urllib3.HTTPSConnectionPool] = _kept.pools
     fingerprint = pin_check(sha256)
-    pool = pools.get(base_url)
-    if pool is not None and pool.assert_fingerprint == fingerprint:
-        pools.move_to_end(base_url)
-        return pool
-    if pool is not None:
+    pool = pools.pop(base_url, None)
+    if pool is not None and pool.assert_fingerprint != fingerprint:
         pool.close()
-    pool = pools[base_url] = pinned_pool(base_url, sha256=fingerprint)
-    pools.move_to_end(base_url)
+        pool = None
+    pools[base_url] = pool = pool or pinned_pool(base_url, sha256=fingerprint)
     while len(pools) > KEPT_PEERS:
         pools.popitem(last=False)[1].close()
     return pool
@@ -281,7 +278,7 @@ def _get(
         "GET",
         path,
         headers=headers,
-        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        timeout=timeout,
         preload_content=False,
         # Content-Length is checked by the caller, who says how much did arrive.
         enforce_content_length=False,
@@ -475,9 +472,7 @@ def health_check(*, base_url: str, cert_sha256: str, timeout: float = 10.0) -> s
         return f"{base_url} cannot be reached: {getattr(exc, 'message', None) or exc}"
     try:
         with pool:
-            response = pool.urlopen(
-                "GET", urlsplit(url).path, timeout=urllib3.Timeout(connect=timeout, read=timeout)
-            )
+            response = pool.urlopen("GET", urlsplit(url).path, timeout=timeout)
     except urllib3.exceptions.HTTPError as exc:
         if _wrong_certificate(exc):
             return f"{base_url} shows another TLS certificate than the one registered"

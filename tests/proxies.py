@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import proxy
+import pytest
 
 
 @contextmanager
@@ -17,3 +18,10 @@ def forward_proxy(*, basic_auth: str | None = None) -> Iterator[str]:
         flags += ["--basic-auth", basic_auth]
     with proxy.Proxy(flags) as running:
         yield f"http://127.0.0.1:{running.flags.port}"
+
+
+def no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset every variable that names a proxy or exempts a host from one, for this test."""
+    for scheme in ("HTTP", "HTTPS", "ALL", "NO"):
+        for name in (f"{scheme}_PROXY", f"{scheme.lower()}_proxy"):
+            monkeypatch.delenv(name, raising=False)

@@ -37,7 +37,7 @@ from chain.node import client, connect
 from chain.records import TxResult
 from chain.transactions import PendingTx, submit
 from tests.chain.conftest import Accounts, Flow
-from tests.proxies import forward_proxy
+from tests.proxies import forward_proxy, no_proxy_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -221,8 +221,7 @@ class _SendSyncTimingOut(_Forwarding):
 def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
     chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch
 ):
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    no_proxy_environment(monkeypatch)
     with _serving(_Forwarding, node_url=chain_node.rpc_url) as proxy:
         monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_port}")
         proxied = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
@@ -237,8 +236,7 @@ def test_the_node_is_reached_through_the_environments_proxy_unless_exempt(
 def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
     chain_node, market: FlexMarket, monkeypatch: pytest.MonkeyPatch
 ):
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    no_proxy_environment(monkeypatch)
     with forward_proxy(basic_auth="device:p@ss") as proxy_url:
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         refused = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)

@@ -38,7 +38,7 @@ from dataplane.server import DataPlaneServer
 from dataplane.signing import MemoryNonces, sign_request, verify_request
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for, pinned
-from tests.proxies import forward_proxy
+from tests.proxies import forward_proxy, no_proxy_environment
 from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
 from training.serialize import Kind, id_hex, model_id, read_header
 from training.store import ModelStore, StoredModel
@@ -125,8 +125,7 @@ def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
     proxy sees only a tunnel: the TLS inside is the peer's own, pinned as without a proxy,
     so a proxy (or whoever controls it) that answers with a certificate of its own gets
     nothing, not even the signed request."""
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    no_proxy_environment(monkeypatch)
     with forward_proxy() as proxy_url:
         monkeypatch.setenv("HTTPS_PROXY", proxy_url)
         assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
@@ -149,8 +148,7 @@ def test_peers_are_reached_through_the_environments_proxy_and_still_pinned(
 def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
     server: DataPlaneServer, stored: str, blob: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    no_proxy_environment(monkeypatch)
     with forward_proxy(basic_auth="device:p@ss") as proxy_url:
         monkeypatch.setenv("HTTPS_PROXY", proxy_url)
         refused = health_check(base_url=server.url, cert_sha256=server.certificate.sha256)
