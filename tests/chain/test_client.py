@@ -36,6 +36,7 @@ from chain.launcher import LocalChain, free_port
 from chain.node import client, connect
 from chain.records import TxResult
 from chain.transactions import PendingTx, submit
+from core.proxies import ProxyUrlError
 from tests.chain.conftest import Accounts, Flow
 from tests.proxies import forward_proxy, no_proxy_environment
 
@@ -245,6 +246,15 @@ def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
         monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("//", "//device:p%40ss@"))
         proxied = FlexMarket(w3=client(chain_node.rpc_url), address=market.address)
         assert proxied.task_count() == market.task_count()
+
+
+def test_a_proxy_url_that_is_none_is_refused_when_the_client_is_made(
+    chain_node, monkeypatch: pytest.MonkeyPatch
+):
+    no_proxy_environment(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", "socks9://127.0.0.1:1080")
+    with pytest.raises(ProxyUrlError, match=r"socks9://127\.0\.0\.1:1080"):
+        client(chain_node.rpc_url)
 
 
 def test_a_node_behind_tls_is_trusted_through_the_ca_bundle_only(

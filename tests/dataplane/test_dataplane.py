@@ -20,6 +20,7 @@ from eth_account.signers.local import LocalAccount
 
 import dataplane.client
 from chain.launcher import free_port
+from core.proxies import ProxyUrlError
 from dataplane.access import AllowListPolicy
 from dataplane.client import fetch_model, health_check, kept_pool
 from dataplane.protocol import (
@@ -157,6 +158,21 @@ def test_a_proxy_that_asks_for_credentials_gets_those_its_url_names(
         monkeypatch.setenv("HTTPS_PROXY", proxy_url.replace("//", "//device:p%40ss@"))
         assert health_check(base_url=server.url, cert_sha256=server.certificate.sha256) is None
         assert _fetch(server, stored) == blob
+
+
+def test_a_proxy_url_that_is_none_is_refused_naming_it_without_its_credentials(
+    server: DataPlaneServer, stored: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_proxy_environment(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", "ftp://device:secret@127.0.0.1:3128")
+    with pytest.raises(ProxyUrlError) as exc:
+        _fetch(server, stored)
+    assert "ftp://127.0.0.1:3128" in exc.value.message
+    assert "secret" not in exc.value.message
+    assert "secret" not in repr(exc.value.fields)
+    problem = health_check(base_url=server.url, cert_sha256=server.certificate.sha256) or ""
+    assert "is not a proxy URL" in problem
+    assert "secret" not in problem
 
 
 def _connections(plane: DataPlaneServer) -> int:
