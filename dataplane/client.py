@@ -36,22 +36,22 @@ from dataplane.protocol import (
 )
 from dataplane.signing import sign_request
 from dataplane.tls import pin_check, pinned_pool
-from training.errors import ChunkMismatchError, ModelBlobError
-from training.serialize import ChunkOpening, id_hex, parse_id
+from training.errors import ModelBlobError
+from training.serialize import ChunkOpening, Openings, id_hex, parse_id
 from training.verifier import BlobVerifier
 
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 256 * 1024
-# An opening: a chunk of at most 65,536 values, a header and a path of at most 64 hashes,
-# in hex inside JSON.
-_MAX_OPENING_BYTES = 1 << 20
+# An opening: a chunk of at most 65,536 values, its share of a header and of a proof of at
+# most 64 hashes a chunk.
+_MAX_OPENING_BYTES = 1 << 19
 
 
 def opening_bytes(chunk_values: int) -> int:
-    """The most an opening of a chunk of ``chunk_values`` values takes in an answer: the values
-    and a path of at most 64 hashes in hex, and a header of up to 32 KiB."""
-    return min(_MAX_OPENING_BYTES, 2 * (4 * chunk_values + 64 * 32 + (32 << 10)) + 1024)
+    """The most a chunk of ``chunk_values`` values takes in an answer: its values, at most 64
+    hashes of proof, and a header of up to 32 KiB."""
+    return min(_MAX_OPENING_BYTES, 4 * chunk_values + 64 * 32 + (32 << 10) + 8)
 
 
 # Peers a thread keeps a connection to: more than a round's trainers (the contract takes
@@ -191,11 +191,13 @@ def fetch_openings(
     """Chunks ``indexes`` (1 to MAX_OPENINGS of them) of each of ``model_ids`` (1 to
     MAX_OPENED_MODELS), in one request, from the data plane at ``base_url``: for each model in
     that order, its chunks in the order asked, each with the model's header and root and its
-    Merkle path, and each checked against its model's ID before they are returned: a peer
-    cannot hand over a chunk of any other model or a changed one (ModelIdMismatchError,
-    ChunkMismatchError). Signed, pinned and retried as ``fetch_model_to``; a body that is not
-    the openings asked for (or longer than ``opening_bytes`` an opening) is
-    OpeningMalformedError, a chunk past a model's last ChunkIndexError."""
+    Merkle path. They come in binary, a model's chunks with one proof for them all
+    (training.serialize.Openings), and are checked against their model's ID before they are
+    returned: a peer cannot hand over a chunk of any other model or a changed one
+    (ModelIdMismatchError, ChunkMismatchError). Signed, pinned and retried as
+    ``fetch_model_to``; a body that is not the openings asked for (or longer than
+    ``opening_bytes`` a chunk) is OpeningMalformedError, a chunk past a model's last
+    ChunkIndexError."""
     wanted = [id_hex(parse_id(m)) for m in model_ids]
     asked = [int(i) for i in indexes]
     if not 1 <= len(asked) <= MAX_OPENINGS:
@@ -233,31 +235,15 @@ def fetch_openings(
     try:
         if len(body) > limit:
             raise ValueError(f"more than {limit} bytes")
-        opened = [
-            ChunkOpening(
-                index=int(one["index"]),
-                header=bytes.fromhex(one["header"]),
-                root=bytes.fromhex(one["root"]),
-                values=bytes.fromhex(one["values"]),
-                siblings=tuple(bytes.fromhex(h) for h in one["siblings"]),
-            )
-            for one in json.loads(body)["openings"]
-        ]
-    except (ValueError, KeyError, TypeError) as exc:
+        offset, packed = 0, []
+        for _ in wanted:
+            one, offset = Openings.unpack(body, offset, asked)
+            packed.append(one)
+        if offset != len(body):
+            raise ValueError(f"{len(body) - offset} bytes after the last model's openings")
+    except ValueError as exc:
         raise OpeningMalformedError(url=url, model_id=shown, reason=str(exc)[:200]) from None
-    if len(opened) != len(asked) * len(wanted):
-        raise OpeningMalformedError(
-            url=url,
-            model_id=shown,
-            reason=f"{len(opened)} openings for {len(asked)} chunks of {len(wanted)} model(s)",
-        )
-    by_model = [opened[k * len(asked) : (k + 1) * len(asked)] for k in range(len(wanted))]
-    for model_id, of_model in zip(wanted, by_model, strict=True):
-        for index, one in zip(asked, of_model, strict=True):
-            if one.index != index:
-                raise ChunkMismatchError(index=index, url=url)
-            one.check(model_id)
-    return by_model
+    return [one.check(model_id) for model_id, one in zip(wanted, packed, strict=True)]
 
 
 def _require_https(base_url: str) -> None:

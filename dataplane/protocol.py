@@ -21,10 +21,10 @@ SCHEME = "FLEX-DATAPLANE-V2"
 # Refuse to serve or fetch blobs above this by default (as worker.config's max_model_bytes).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
 MODELS_PATH = "/models/"
-# GET /models/<id>[,<id>...]/chunks/<index>[,<index>...]: those chunks of each model, with its
-# header and root and each chunk's Merkle path (JSON: {"openings": [...]}, model by model and
-# chunk by chunk in the order asked), at most MAX_OPENINGS chunks of MAX_OPENED_MODELS models
-# per request: a watcher opens one chunk of every update of a round at once.
+# GET /models/<id>[,<id>...]/chunks/<index>[,<index>...]: those chunks of each model with its
+# header and one Merkle proof for them all (binary, training.serialize.Openings, model by model
+# and chunk by chunk in the order asked), at most MAX_OPENINGS chunks of MAX_OPENED_MODELS
+# models per request: a watcher opens chunks of every update of a round at once.
 CHUNKS_SEGMENT = "/chunks/"
 MAX_OPENINGS = 64
 MAX_OPENED_MODELS = 32

@@ -144,23 +144,18 @@ class _Handler(BaseHTTPRequestHandler):
         ):
             raise ChunkIndexError(model_id=id_hex(models[0]), index=raw_indexes[:40])
         asked = [int(i) for i in indexes]
-        openings = []
+        parts = []
         for model_id in models:
             try:
-                opened = plane.store.openings(model_id, asked)
+                parts.append(plane.store.opened(model_id, asked).pack())
             except ChunkOutOfRangeError as exc:
                 raise ChunkIndexError(model_id=id_hex(model_id), index=str(exc.index)) from None
-            openings += [
-                {
-                    "index": o.index,
-                    "header": o.header.hex(),
-                    "root": o.root.hex(),
-                    "values": o.values.hex(),
-                    "siblings": [h.hex() for h in o.siblings],
-                }
-                for o in opened
-            ]
-        self._send_json(HTTPStatus.OK, {"openings": openings})
+        body = b"".join(parts)
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
         log.info(
             "served chunks %s of %s to %s",
             raw_indexes,

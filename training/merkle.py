@@ -7,7 +7,7 @@ padding only with their own hash), so a proof is the ``log2(P)`` siblings from t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from core.hashing import keccak
 
@@ -73,6 +73,60 @@ def proof_in(tree: Sequence[Sequence[bytes]], index: int) -> list[bytes]:
         siblings.append(level[sibling] if sibling < len(level) else _EMPTIES[height])
         index >>= 1
     return siblings
+
+
+def multiproof_in(tree: Sequence[Sequence[bytes]], indexes: Iterable[int]) -> list[bytes]:
+    """One proof for the leaves at ``indexes`` at once: level by level from the leaves up,
+    the sibling of each node on their paths that is neither on another of the paths nor
+    padding, in position order. Empty for every leaf of a tree; for k leaves of P about
+    k·log2(P/k) hashes, where k single proofs take k·log2(P)."""
+    known = sorted(set(indexes))
+    if not known or not 0 <= known[0] <= known[-1] < len(tree[0]):
+        raise IndexError(f"leaves {known[:1]}..{known[-1:]} of {len(tree[0])}")
+    hashes = []
+    for level in tree[:-1]:
+        have = set(known)
+        hashes += [level[p ^ 1] for p in known if p ^ 1 not in have and p ^ 1 < len(level)]
+        known = sorted({p >> 1 for p in known})
+    return hashes
+
+
+def multiproof_size(leaf_count: int, indexes: Iterable[int]) -> int:
+    """How many hashes ``multiproof_in`` gives for ``indexes`` of ``leaf_count`` leaves."""
+    known, width, size = sorted(set(indexes)), leaf_count, 0
+    for _ in range(depth(leaf_count)):
+        have = set(known)
+        size += sum(p ^ 1 not in have and p ^ 1 < width for p in known)
+        known, width = sorted({p >> 1 for p in known}), (width + 1) // 2
+    return size
+
+
+def multiproof_levels(
+    leaf_count: int, leaves: Mapping[int, bytes], hashes: Sequence[bytes]
+) -> list[dict[int, bytes]]:
+    """What ``leaves`` (position: leaf hash) and their ``multiproof_in`` ``hashes`` make of
+    a tree of ``leaf_count`` leaves: each level's nodes on the leaves' paths and their
+    siblings, by position, leaves first, the root alone (at 0) last. A leaf's proof is then
+    its path's siblings, ``[levels[h][(index >> h) ^ 1] for h in range(depth)]``. ValueError
+    when ``hashes`` are not as many as the positions take (multiproof_size)."""
+    if not leaves or not all(0 <= p < leaf_count for p in leaves):
+        raise ValueError(f"leaves at {sorted(leaves)[:4]} of a tree of {leaf_count}")
+    given, width, level = iter(hashes), leaf_count, dict(leaves)
+    out: list[dict[int, bytes]] = []
+    for height in range(depth(leaf_count)):
+        parents = sorted({p >> 1 for p in level})
+        for p in sorted(level):
+            if (sibling := p ^ 1) not in level:
+                level[sibling] = next(given, None) if sibling < width else _EMPTIES[height]
+                if level[sibling] is None:
+                    raise ValueError(f"{len(hashes)} proof hashes, too few for the leaves")
+        out.append(level)
+        level = {q: node(level[2 * q], level[2 * q + 1]) for q in parents}
+        width = (width + 1) // 2
+    if next(given, None) is not None:
+        raise ValueError(f"{len(hashes)} proof hashes, too many for the leaves")
+    out.append(level)
+    return out
 
 
 def verify(

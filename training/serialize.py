@@ -317,10 +317,104 @@ class ChunkOpening:
 def _opened_model(header: bytes, root: bytes) -> tuple[Header, bytes]:
     """The header and ID that an opening's header bytes and root make: the same for every
     chunk of a model, which a watcher checks by the dozen."""
+    return _opened_header(header), id_of(header, root)
+
+
+@functools.lru_cache(maxsize=1024)
+def _opened_header(header: bytes) -> Header:
+    """The header of an opening's header bytes, which must be one whole header;
+    BlobHeaderError otherwise."""
     parsed = read_header(header)
     if parsed is None or parsed[1] != len(header):
         raise BlobHeaderError("malformed model blob header in a chunk opening")
-    return parsed[0], id_of(header, root)
+    return parsed[0]
+
+
+_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True)
+class Openings:
+    """Chunks of one model with one proof for them all: the header's bytes, each chunk's
+    index and values (in the order asked) and the hashes that, with the chunks' leaves,
+    make the model's Merkle root (merkle.multiproof_in): for every chunk of a model, none.
+    What a data plane serves for several chunks at once (``pack``); ``check`` ties them to
+    the model's ID and gives each chunk's ChunkOpening, with its own proof."""
+
+    header: bytes
+    chunks: tuple[tuple[int, bytes], ...]
+    proof: tuple[bytes, ...]
+
+    def pack(self) -> bytes:
+        """``len(header) u32 ‖ header ‖ len(proof) u32 ‖ proof ‖ each chunk's values``: the
+        indexes are the asker's, and each chunk's size is the header's."""
+        return b"".join(
+            [
+                _LENGTH.pack(len(self.header)),
+                self.header,
+                _LENGTH.pack(len(self.proof)),
+                *self.proof,
+                *(values for _, values in self.chunks),
+            ]
+        )
+
+    @classmethod
+    def unpack(
+        cls, data: bytes | memoryview, offset: int, indexes: Sequence[int]
+    ) -> tuple[Openings, int]:
+        """The openings of chunks ``indexes`` packed in ``data`` at ``offset``, and where they
+        end. ValueError, naming what is wrong, for bytes that are not those openings: a
+        header that is not one, a chunk past the model's last, a proof of another length
+        than the chunks take, or too few bytes."""
+        view = memoryview(data)
+
+        def take(size: int, what: str) -> bytes:
+            nonlocal offset
+            if offset + size > len(view):
+                raise ValueError(f"the answer ends inside {what}")
+            offset += size
+            return bytes(view[offset - size : offset])
+
+        header = take(_LENGTH.unpack(take(4, "a header's length"))[0], "a header")
+        try:
+            head = _opened_header(header)
+        except BlobHeaderError as exc:
+            raise ValueError(exc.message) from None
+        if not all(0 <= i < head.leaf_count for i in indexes):
+            raise ValueError(f"chunks {list(indexes)[:8]} asked of a model of {head.leaf_count}")
+        count = _LENGTH.unpack(take(4, "a proof's length"))[0]
+        if count != (expected := merkle.multiproof_size(head.leaf_count, indexes)):
+            raise ValueError(f"a proof of {count} hashes where the chunks take {expected}")
+        proof = tuple(take(32, "a proof") for _ in range(count))
+        chunks = tuple((i, take(4 * head.chunk_size(i), f"chunk {i}")) for i in indexes)
+        return cls(header=header, chunks=chunks, proof=proof), offset
+
+    def check(self, model_id: bytes | str) -> list[ChunkOpening]:
+        """Each chunk's opening, in order, once the chunks and proof are shown to make
+        ``model_id``: ChunkMismatchError for a chunk that is not the size its header says (or
+        a chunk given twice, differently), ModelIdMismatchError for any that was changed or is
+        another model's."""
+        head = _opened_header(self.header)
+        leaves: dict[int, bytes] = {}
+        for index, values in self.chunks:
+            if not 0 <= index < head.leaf_count or len(values) != 4 * head.chunk_size(index):
+                raise ChunkMismatchError(index=index)
+            if leaves.setdefault(index, leaf := merkle.leaf(values)) != leaf:
+                raise ChunkMismatchError(index=index)
+        tree = merkle.multiproof_levels(head.leaf_count, leaves, self.proof)
+        root, expected = tree[-1][0], parse_id(model_id)
+        if (actual := id_of(self.header, root)) != expected:
+            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+        return [
+            ChunkOpening(
+                index=index,
+                header=self.header,
+                root=root,
+                values=values,
+                siblings=tuple(tree[h][(index >> h) ^ 1] for h in range(len(tree) - 1)),
+            )
+            for index, values in self.chunks
+        ]
 
 
 def encode(header: Header, values: Sequence[np.ndarray]) -> bytes:

@@ -50,6 +50,7 @@ from training.serialize import (
     Header,
     Kind,
     ModelBlob,
+    Openings,
     decode,
     id_hex,
     id_of,
@@ -304,6 +305,33 @@ class ModelStore:
     def openings(self, model_id: bytes | str, indexes: Sequence[int]) -> list[ChunkOpening]:
         """``opening`` of each chunk in ``indexes``, in that order, from one read of the
         header and leaves and one Merkle tree; ChunkOutOfRangeError for a chunk past the last."""
+        header, tree, chunks = self._read_chunks(model_id, indexes)
+        return [
+            ChunkOpening(
+                index=index,
+                header=header,
+                root=tree[-1][0],
+                values=values,
+                siblings=tuple(merkle.proof_in(tree, index)),
+            )
+            for index, values in zip(indexes, chunks, strict=True)
+        ]
+
+    def opened(self, model_id: bytes | str, indexes: Sequence[int]) -> Openings:
+        """Chunks ``indexes`` in that order with one proof for them all, as a data plane
+        serves them; ChunkOutOfRangeError for a chunk past the last."""
+        header, tree, chunks = self._read_chunks(model_id, indexes)
+        return Openings(
+            header=header,
+            chunks=tuple(zip(indexes, chunks, strict=True)),
+            proof=tuple(merkle.multiproof_in(tree, indexes)),
+        )
+
+    def _read_chunks(
+        self, model_id: bytes | str, indexes: Sequence[int]
+    ) -> tuple[bytes, list[list[bytes]], list[bytes]]:
+        """The header's bytes, the Merkle tree and chunks ``indexes`` of a stored blob, read
+        without the rest of its values and each checked against the ID it is stored under."""
         expected = parse_id(model_id)
         with self.open(expected, verify=False) as handle:
             head = handle.read(_HEADER_PROBE)
@@ -324,25 +352,14 @@ class ModelStore:
                 handle.seek(length + len(listed) + 4 * index * header.chunk_values)
                 chunks.append(handle.read(4 * header.chunk_size(index)))
         tree = merkle.levels(leaves)
-        root = tree[-1][0]
         # The file is not trusted: its leaves must make the ID it is stored under, and each
         # chunk read must be its leaf's.
-        if (actual := id_of(head[:length], root)) != expected:
+        if (actual := id_of(head[:length], tree[-1][0])) != expected:
             raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
-        opened = []
         for index, values in zip(indexes, chunks, strict=True):
             if merkle.leaf(values) != leaves[index]:
                 raise ChunkMismatchError(index=index)
-            opened.append(
-                ChunkOpening(
-                    index=index,
-                    header=head[:length],
-                    root=root,
-                    values=values,
-                    siblings=tuple(merkle.proof_in(tree, index)),
-                )
-            )
-        return opened
+        return head[:length], tree, chunks
 
     def info(self, model_id: bytes | str) -> StoredModel:
         """The index entry of a stored blob; BlobNotFoundError if the store has none."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -30,8 +30,8 @@ from dataplane.server import DataPlaneServer
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for
 from tests.dataplane.test_dataplane import SERVER, _fetch, _get, _signed
-from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
-from training.serialize import id_hex
+from training.errors import BlobNotFoundError, ModelIdMismatchError
+from training.serialize import Openings, id_hex
 from training.store import ModelStore, StoredModel
 
 
@@ -396,10 +396,11 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
     store: ModelStore, on_chain: OnChain, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trainer = on_chain.trainers[0]
-    blob = blob_of([np.ones(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
+    values = np.arange(600, dtype=np.float32)  # no two chunks alike
+    blob = blob_of([values], task_id=on_chain.task_id, trainer=trainer.address)
     other = blob_of([np.zeros(600, np.float32)], task_id=on_chain.task_id, trainer=trainer.address)
     update, decoy = id_hex(store.put(blob)), id_hex(store.put(other))
-    real = ModelStore.openings
+    real = ModelStore.opened
     with _aggregators_plane(store, on_chain) as plane:
 
         def fetch(*indexes: int):
@@ -414,20 +415,46 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
             )
             return of_update
 
-        monkeypatch.setattr(ModelStore, "openings", lambda self, _id, ii: real(self, decoy, ii))
-        with pytest.raises(ModelIdMismatchError):
+        monkeypatch.setattr(ModelStore, "opened", lambda self, _id, ii: real(self, decoy, ii))
+        with pytest.raises(ModelIdMismatchError, match=f"expected {update}"):
             fetch(0)
+        # Another chunk of the right model: its leaf does not make the model's root.
         monkeypatch.setattr(
-            ModelStore, "openings", lambda self, mid, ii: real(self, mid, [i + 1 for i in ii])
+            ModelStore, "opened", lambda self, mid, ii: real(self, mid, [i + 1 for i in ii])
         )
-        with pytest.raises(ChunkMismatchError):
+        with pytest.raises(ModelIdMismatchError, match=f"expected {update}"):
             fetch(0)
-        # Fewer openings than asked: the body is not the answer to the request.
-        monkeypatch.setattr(ModelStore, "openings", lambda self, mid, ii: real(self, mid, ii[1:]))
-        with pytest.raises(OpeningMalformedError, match="1 openings for 2 chunks of 1 model"):
+        # A proof hash changed: the same.
+        monkeypatch.setattr(
+            ModelStore,
+            "opened",
+            lambda self, mid, ii: replace(
+                real(self, mid, ii), proof=(bytes(32),) * len(real(self, mid, ii).proof)
+            ),
+        )
+        with pytest.raises(ModelIdMismatchError, match=f"expected {update}"):
+            fetch(0)
+        # Fewer chunks than asked: the body is not the answer to the request.
+        monkeypatch.setattr(ModelStore, "opened", lambda self, mid, ii: real(self, mid, ii[1:]))
+        with pytest.raises(
+            OpeningMalformedError, match="a proof of 2 hashes where the chunks take 1"
+        ):
             fetch(0, 1)
-        monkeypatch.setattr(ModelStore, "openings", real)
+        monkeypatch.setattr(
+            ModelStore,
+            "opened",
+            lambda self, mid, ii: replace(o := real(self, mid, ii), chunks=o.chunks[:1]),
+        )
+        with pytest.raises(OpeningMalformedError, match="ends inside chunk 2"):
+            fetch(0, 2)
+        monkeypatch.setattr(ModelStore, "opened", real)
+        pack = Openings.pack
+        monkeypatch.setattr(Openings, "pack", lambda self: pack(self) + b"more")
+        with pytest.raises(OpeningMalformedError, match="4 bytes after the last model's openings"):
+            fetch(0)
+        monkeypatch.setattr(Openings, "pack", pack)
         assert [o.index for o in fetch(1, 0)] == [1, 0]
+        assert fetch(2, 0, 2) == [store.opening(update, i) for i in (2, 0, 2)]
         # An answer longer than openings of the chunk size the watcher expects is refused
         # before it is parsed: a lying node cannot make it read a megabyte an opening.
         with pytest.raises(OpeningMalformedError, match="more than"):

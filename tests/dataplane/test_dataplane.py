@@ -41,7 +41,7 @@ from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for, pinned
 from tests.proxies import forward_proxy, no_proxy_environment
 from training.errors import BlobNotFoundError, ChunkMismatchError, ModelIdMismatchError
-from training.serialize import Kind, id_hex, model_id, read_header
+from training.serialize import Kind, Openings, id_hex, model_id, read_header
 from training.store import ModelStore, StoredModel
 
 SERVER = Account.from_key(b"\x01" * 32)
@@ -441,8 +441,8 @@ def test_a_malformed_list_of_chunks_is_404_naming_it(
     assert (response.status, response.json()["code"]) == (404, "chunk_index_invalid")
     assert "separated by commas" in response.json()["message"]
     good = f"/models/{stored}/chunks/1,0"
-    served = _get(server, good, _signed(server, good)).json()["openings"]
-    assert [o["index"] for o in served] == [1, 0]
+    served, _ = Openings.unpack(_get(server, good, _signed(server, good)).data, 0, [1, 0])
+    assert [o.index for o in served.check(stored)] == [1, 0]
 
 
 def test_blob_above_the_server_limit_is_413(store: ModelStore, stored: str, blob: bytes) -> None:

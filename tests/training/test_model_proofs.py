@@ -74,6 +74,32 @@ def test_a_proof_past_the_last_leaf_is_refused():
     assert merkle.verify(**args, leaf_count=4)  # the same path, were it a leaf
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.data())
+def test_property_one_proof_for_many_leaves_makes_the_root_and_each_leafs_own_proof(count, data):
+    leaves = _leaves(count)
+    tree = merkle.levels(leaves)
+    asked = data.draw(st.lists(st.integers(0, count - 1), min_size=1, max_size=count))
+    hashes = merkle.multiproof_in(tree, asked)
+    assert len(hashes) == merkle.multiproof_size(count, asked)
+    # Never more than the single proofs' hashes, and none when every leaf is asked for.
+    assert len(hashes) <= len(set(asked)) * merkle.depth(count)
+    assert merkle.multiproof_in(tree, range(count)) == []
+    made = merkle.multiproof_levels(count, {i: leaves[i] for i in asked}, hashes)
+    assert made[-1] == {0: merkle.root(leaves)}
+    for i in asked:
+        assert [made[h][(i >> h) ^ 1] for h in range(len(made) - 1)] == merkle.proof(leaves, i)
+    if hashes:
+        bent = [*hashes]
+        bent[data.draw(st.integers(0, len(hashes) - 1))] = keccak(b"bent")
+        made = merkle.multiproof_levels(count, {i: leaves[i] for i in asked}, bent)
+        assert made[-1] != {0: merkle.root(leaves)}
+        with pytest.raises(ValueError, match="too few"):
+            merkle.multiproof_levels(count, {i: leaves[i] for i in asked}, hashes[:-1])
+    with pytest.raises(ValueError, match="too many"):
+        merkle.multiproof_levels(count, {i: leaves[i] for i in asked}, [*hashes, Z0])
+
+
 BLOB = blob_of(
     [np.linspace(-1, 1, 1000, dtype=np.float32).reshape(40, 25), np.ones(30, np.float32)]
 )

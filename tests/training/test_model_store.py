@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from eth_utils import keccak
 
 from tests import blobs
+from training import merkle
 from training.errors import (
     BlobHeaderError,
     BlobNotFoundError,
@@ -27,7 +29,7 @@ from training.errors import (
     ModelIdMismatchError,
     StoreError,
 )
-from training.serialize import Kind, id_hex, model_id
+from training.serialize import Kind, Openings, id_hex, model_id
 from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ChunkOutOfRangeError, ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,6 +205,45 @@ def test_one_chunk_opens_against_the_id_without_the_rest(store):
         store.opening(digest, whole.header.leaf_count - 1)
     with pytest.raises(ChunkMismatchError):
         store.openings(digest, [0, whole.header.leaf_count - 1])
+    with pytest.raises(ChunkMismatchError):
+        store.opened(digest, [0, whole.header.leaf_count - 1])
+
+
+def test_many_chunks_open_with_one_proof_as_bytes_and_check_against_the_id(store):
+    raw = blobs.blob_of([np.arange(1000, dtype=np.float32)], chunk_values=64)
+    digest = store.put(raw)
+    whole = store.load(digest)
+    leaf_count = whole.header.leaf_count  # 16
+    for asked in ([3], [15, 0, 15], [5, 4, 9], list(range(leaf_count))):
+        opened = store.opened(digest, asked)
+        assert len(opened.proof) == merkle.multiproof_size(leaf_count, asked)
+        packed = opened.pack() + b"next"
+        read, end = Openings.unpack(packed, 0, asked)
+        assert (read, packed[end:]) == (opened, b"next")
+        assert read.check(digest) == [whole.opening(i) for i in asked]
+    assert store.opened(digest, range(leaf_count)).proof == ()
+    with pytest.raises(ChunkOutOfRangeError):
+        store.opened(digest, [leaf_count])
+    # What a peer could send instead, each refused naming what is wrong.
+    packed = store.opened(digest, [1, 2]).pack()
+    for cut, message in ((3, "a header's length"), (60, "a header"), (len(packed) - 1, "chunk 2")):
+        with pytest.raises(ValueError, match=f"ends inside {message}"):
+            Openings.unpack(packed[:cut], 0, [1, 2])
+    with pytest.raises(ValueError, match="proof of 4 hashes where the chunks take 5"):
+        Openings.unpack(packed, 0, [1, 4])
+    with pytest.raises(ValueError, match=f"asked of a model of {leaf_count}"):
+        Openings.unpack(packed, 0, [1, leaf_count])
+    with pytest.raises(ValueError, match="bad magic"):
+        Openings.unpack(packed[:4] + b"X" + packed[5:], 0, [1, 2])
+    other = store.put(blob_of(1.0))
+    with pytest.raises(ModelIdMismatchError):
+        Openings.unpack(packed, 0, [1, 2])[0].check(other)
+    with pytest.raises(ModelIdMismatchError):
+        Openings.unpack(packed, 0, [2, 1])[0].check(digest)  # the chunks under each other's index
+    twice = store.opened(digest, [1, 1])
+    changed = ((1, twice.chunks[0][1]), (1, bytes(len(twice.chunks[1][1]))))
+    with pytest.raises(ChunkMismatchError, match="chunk 1 does not match"):
+        replace(twice, chunks=changed).check(digest)
 
 
 def test_blob_files_are_read_only(store):
