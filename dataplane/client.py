@@ -9,12 +9,12 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlsplit
 
+import cachetools
 import urllib3
 from eth_account.signers.local import LocalAccount
 
@@ -77,17 +77,25 @@ def kept_pool(base_url: str, *, sha256: str) -> urllib3.HTTPSConnectionPool:
     urllib3 itself rather than requests over it: a request costs the client about half the
     CPU (chain.node.NodeProvider does the same for the node)."""
     if getattr(_kept, "pid", None) != os.getpid():
-        _kept.pools, _kept.pid = OrderedDict(), os.getpid()
-    pools: OrderedDict[str, urllib3.HTTPSConnectionPool] = _kept.pools
+        _kept.pools, _kept.pid = _Pools(maxsize=KEPT_PEERS), os.getpid()
+    pools: _Pools = _kept.pools
     fingerprint = pin_check(sha256)
-    pool = pools.pop(base_url, None)
+    pool = pools.get(base_url)
     if pool is not None and pool.assert_fingerprint != fingerprint:
         pool.close()
         pool = None
-    pools[base_url] = pool = pool or pinned_pool(base_url, sha256=fingerprint)
-    while len(pools) > KEPT_PEERS:
-        pools.popitem(last=False)[1].close()
+    if pool is None:
+        pools[base_url] = pool = pinned_pool(base_url, sha256=fingerprint)
     return pool
+
+
+class _Pools(cachetools.LRUCache):
+    """A thread's connections by peer, the one used longest ago closed to make room."""
+
+    def popitem(self) -> tuple[str, urllib3.HTTPSConnectionPool]:
+        url, pool = super().popitem()
+        pool.close()
+        return url, pool
 
 
 def fetch_model(**kwargs: Any) -> bytes:

@@ -34,6 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+import cachetools
+
 from core.addresses import checksum_address
 from training import merkle
 from training.errors import (
@@ -107,6 +109,37 @@ class StoredModel:
         return id_hex(self.model_id)
 
 
+# The Merkle trees a process keeps of the models whose chunks it opened last, by the hashes
+# they hold (32 bytes each, about 70 in memory): about 70 MiB, a round's updates of 128
+# trainers of a model of a million values, whose every request for chunks would otherwise
+# hash each named model's whole tree again.
+KEPT_TREE_HASHES = 1 << 20
+
+_Tree = tuple[bytes, Header, list[list[bytes]]]
+
+
+class _KeptTrees:
+    """The header and Merkle tree of the models opened most recently, checked against their
+    IDs, up to ``most`` hashes in all; shared by a process's threads."""
+
+    def __init__(self, most: int) -> None:
+        self._trees = cachetools.LRUCache(
+            maxsize=most, getsizeof=lambda tree: sum(len(level) for level in tree[2])
+        )
+        self._lock = threading.Lock()
+
+    def get(self, model_id: bytes) -> _Tree | None:
+        with self._lock:
+            return self._trees.get(model_id)
+
+    def keep(self, model_id: bytes, tree: _Tree) -> None:
+        with self._lock, contextlib.suppress(ValueError):  # one tree larger than them all
+            self._trees[model_id] = tree
+
+    def __len__(self) -> int:
+        return len(self._trees)
+
+
 class ChunkOutOfRangeError(IndexError):
     """A chunk past a model's last."""
 
@@ -125,6 +158,7 @@ class ModelStore:
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._index = self.root / "index.sqlite3"
         self._connections: dict[int, tuple[threading.Lock, sqlite3.Connection]] = {}
+        self._kept_trees: dict[int, _KeptTrees] = {}
         with self._db() as db:
             # WAL lets readers in other processes go on while one process writes.
             db.execute("PRAGMA journal_mode=WAL")
@@ -331,35 +365,54 @@ class ModelStore:
         self, model_id: bytes | str, indexes: Sequence[int]
     ) -> tuple[bytes, list[list[bytes]], list[bytes]]:
         """The header's bytes, the Merkle tree and chunks ``indexes`` of a stored blob, read
-        without the rest of its values and each checked against the ID it is stored under."""
+        without the rest of its values and each checked against the ID it is stored under.
+        The tree is made from the blob's leaves and checked against its ID once, then kept
+        (_KeptTrees): a watcher's next request for chunks of the same model hashes only the
+        chunks it reads."""
         expected = parse_id(model_id)
+        kept = self._trees().get(expected)
         with self.open(expected, verify=False) as handle:
-            head = handle.read(_HEADER_PROBE)
-            while (parsed := read_header(head)) is None:
-                more = handle.read(_HEADER_PROBE)
-                if not more:
-                    raise BlobTruncatedError(f"model blob {id_hex(expected)} ends in its header")
-                head += more
-            header, length = parsed
+            if kept is None:
+                head = handle.read(_HEADER_PROBE)
+                while (parsed := read_header(head)) is None:
+                    more = handle.read(_HEADER_PROBE)
+                    if not more:
+                        raise BlobTruncatedError(
+                            f"model blob {id_hex(expected)} ends in its header"
+                        )
+                    head += more
+                header, length = parsed
+                handle.seek(length)
+                listed = handle.read(32 * header.leaf_count)
+                tree = merkle.levels([listed[i : i + 32] for i in range(0, len(listed), 32)])
+                head = head[:length]
+            else:
+                head, header, tree = kept
             for index in indexes:
                 if not 0 <= index < header.leaf_count:
                     raise ChunkOutOfRangeError(index, header.leaf_count)
-            handle.seek(length)
-            listed = handle.read(32 * header.leaf_count)
-            leaves = [listed[i : i + 32] for i in range(0, len(listed), 32)]
+            values_at = len(head) + 32 * header.leaf_count
             chunks = []
             for index in indexes:
-                handle.seek(length + len(listed) + 4 * index * header.chunk_values)
+                handle.seek(values_at + 4 * index * header.chunk_values)
                 chunks.append(handle.read(4 * header.chunk_size(index)))
-        tree = merkle.levels(leaves)
         # The file is not trusted: its leaves must make the ID it is stored under, and each
         # chunk read must be its leaf's.
-        if (actual := id_of(head[:length], tree[-1][0])) != expected:
-            raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+        if kept is None:
+            if (actual := id_of(head, tree[-1][0])) != expected:
+                raise ModelIdMismatchError(expected=id_hex(expected), actual=id_hex(actual))
+            self._trees().keep(expected, (head, header, tree))
         for index, values in zip(indexes, chunks, strict=True):
-            if merkle.leaf(values) != leaves[index]:
+            if merkle.leaf(values) != tree[0][index]:
                 raise ChunkMismatchError(index=index)
-        return head[:length], tree, chunks
+        return head, tree, chunks
+
+    def _trees(self) -> _KeptTrees:
+        """This process's kept trees (a forked child starts with none of its own)."""
+        pid = os.getpid()
+        if (kept := self._kept_trees.get(pid)) is None:
+            kept = self._kept_trees[pid] = _KeptTrees(KEPT_TREE_HASHES)
+        return kept
 
     def info(self, model_id: bytes | str) -> StoredModel:
         """The index entry of a stored blob; BlobNotFoundError if the store has none."""

@@ -205,6 +205,7 @@ def test_a_thread_keeps_connections_to_its_most_recent_peers_only(
     (a socket held open to every peer ever met would run out of descriptors); that peer is
     reached again on a new one."""
     monkeypatch.setattr(dataplane.client, "KEPT_PEERS", 1)
+    monkeypatch.setattr(dataplane.client, "_kept", threading.local())  # made with room for 1
     policy = AllowListPolicy(addresses=[REQUESTER.address])
     with DataPlaneServer(
         certificate=cert_for("second"), store=store, policy=policy, node_address=SERVER.address

@@ -20,6 +20,7 @@ from eth_utils import keccak
 
 from tests import blobs
 from training import merkle
+from training import store as store_module
 from training.errors import (
     BlobHeaderError,
     BlobNotFoundError,
@@ -29,7 +30,7 @@ from training.errors import (
     ModelIdMismatchError,
     StoreError,
 )
-from training.serialize import Kind, Openings, id_hex, model_id
+from training.serialize import Kind, Openings, id_hex, model_id, parse_id
 from training.store import STALE_TMP_SECONDS, TMP_PREFIX, ChunkOutOfRangeError, ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,6 +208,30 @@ def test_one_chunk_opens_against_the_id_without_the_rest(store):
         store.openings(digest, [0, whole.header.leaf_count - 1])
     with pytest.raises(ChunkMismatchError):
         store.opened(digest, [0, whole.header.leaf_count - 1])
+
+
+def test_a_models_tree_is_made_once_and_its_chunks_still_checked_each_time(store, monkeypatch):
+    digest = store.put(blobs.blob_of([np.arange(1000, dtype=np.float32)], chunk_values=64))
+    last = store.load(digest).opening(15)
+    made = []
+    levels = merkle.levels
+    monkeypatch.setattr(merkle, "levels", lambda leaves: made.append(len(leaves)) or levels(leaves))
+    first = store.opened(digest, [0, 5])
+    assert store.opened(digest, [0, 5]) == first
+    assert store.openings(digest, [15]) == [last]
+    assert made == [16]  # one tree, however many requests
+    # A chunk changed on disk since is still refused: every chunk read is hashed.
+    corrupt(store, digest)
+    with pytest.raises(ChunkMismatchError):
+        store.opened(digest, [15])
+    # Kept by the hashes they hold: with room for 40, trees of 31 are kept one at a time.
+    monkeypatch.setattr(store_module, "KEPT_TREE_HASHES", 40)
+    fresh = ModelStore(store.root)
+    others = [store.put(blob_of(float(k), size=1000, chunk_values=64)) for k in range(3)]
+    for other in [digest, *others]:
+        fresh.opened(other, [0])
+    assert len(fresh._trees()) == 1
+    assert fresh._trees().get(parse_id(others[-1])) is not None
 
 
 def test_many_chunks_open_with_one_proof_as_bytes_and_check_against_the_id(store):
