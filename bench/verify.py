@@ -8,6 +8,12 @@ the path), so no 10 M-parameter model has to be built 129 times.
 
 Then the time to recompute a round from its blobs (check every update against its ID,
 aggregate, encode, compare the ID) against the time the aggregator's own arithmetic took.
+
+And what a watcher's check of a round costs (dataplane.audit.check_round): one request for
+64 sampled chunks of each of 32 updates of a million values, as the aggregator's data plane
+answers it from its store (training.serialize.Openings): the answer's bytes, the
+aggregator's CPU for the first request (each update's Merkle tree made and checked) and for
+the next ones (the trees kept), and the watcher's CPU to check the answer against the IDs.
 Writes var/bench/verify.json.
 """
 
@@ -15,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,7 @@ import numpy as np
 from bench import verdict
 from chain.fraud import Challenge, FlexVerifier, Included, RoundContext, Strategy
 from chain.launcher import LocalChain, dev_accounts
+from dataplane.audit import WATCH_CHUNKS, sample_chunks
 from training import merkle
 from training.aggregation import FedAvg, Update
 from training.serialize import (
@@ -32,11 +41,13 @@ from training.serialize import (
     ChunkOpening,
     Header,
     Kind,
+    Openings,
     decode,
     encode,
     id_hex,
     id_of,
 )
+from training.store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench" / "verify.json"
@@ -175,15 +186,68 @@ def measure_recompute(rng: np.random.Generator) -> list[dict[str, Any]]:
     return rows
 
 
+WATCH_UPDATES, WATCH_PARAMETERS = 32, 1_000_000
+
+
+def measure_watch(rng: np.random.Generator) -> dict[str, Any]:
+    """A watcher's request for 64 sampled chunks of each of a round's updates, served from a
+    store and checked, as CPU seconds (this process does nothing else meanwhile)."""
+    with tempfile.TemporaryDirectory() as root:
+        store = ModelStore(root)
+        ids = []
+        for k in range(WATCH_UPDATES):
+            header = Header(
+                kind=Kind.UPDATE,
+                chain_id=CHAIN_ID,
+                contract=MARKET,
+                task_id=TASK,
+                round_number=ROUND,
+                shapes=((WATCH_PARAMETERS,),),
+                trainer="0x" + (k + 1).to_bytes(20, "big").hex(),
+            )
+            values = [rng.integers(-(2**20), 2**20, size=WATCH_PARAMETERS, dtype=np.int32)]
+            ids.append(store.put(encode(header, values)))
+        chunks = sample_chunks(
+            -(-WATCH_PARAMETERS // CHUNK_VALUES),
+            limit=WATCH_CHUNKS,
+            rng=random.Random(int(rng.integers(1 << 31))),
+        )
+
+        def serve() -> tuple[bytes, float]:
+            started = time.process_time()
+            answer = b"".join(store.opened(i, chunks).pack() for i in ids)
+            return answer, time.process_time() - started
+
+        answer, first_s = serve()
+        _, kept_s = serve()
+        started = time.process_time()
+        offset = 0
+        for model_id in ids:
+            opened, offset = Openings.unpack(answer, offset, chunks)
+            opened.check(model_id)
+        check_s = time.process_time() - started
+    return {
+        "updates": WATCH_UPDATES,
+        "parameters": WATCH_PARAMETERS,
+        "chunks": len(chunks),
+        "answer_bytes": len(answer),
+        "serve_first_s": round(first_s, 4),
+        "serve_kept_s": round(kept_s, 4),
+        "check_s": round(check_s, 4),
+    }
+
+
 def run(seed: int = 7) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     started = time.monotonic()
     gas = measure_gas(rng)
     recompute = measure_recompute(rng)
+    watch = measure_watch(rng)
     worst = gas[str(TRAINERS[0])][str(PARAMETERS[-1])]
     return {
         "challengeGas": gas,
         "recompute": recompute,
+        "watch": watch,
         "targets": {"challenge10x10M": TARGET_GAS},
         "pass": {"challenge10x10M": worst < TARGET_GAS},
         "seconds": round(time.monotonic() - started, 1),
@@ -201,6 +265,13 @@ def table(results: dict[str, Any]) -> str:
             f"  {r['trainers']} x {r['parameters']:,}: aggregate {r['aggregate_s']:.3f} s, "
             f"recompute {r['recompute_s']:.3f} s ({r['ratio']}x)"
         )
+    w = results["watch"]
+    lines.append(
+        f"a watcher's request, {w['chunks']} chunks of each of {w['updates']} updates of "
+        f"{w['parameters']:,} values: {w['answer_bytes']:,} bytes; the aggregator's CPU "
+        f"{w['serve_first_s']:.3f} s the first time, {w['serve_kept_s']:.3f} s after; "
+        f"the watcher's check {w['check_s']:.3f} s"
+    )
     ok = results["pass"]["challenge10x10M"]
     lines.append(f"target 10 trainers x 10 M < {TARGET_GAS:,}: {'pass' if ok else 'MISSED'}")
     return "\n".join(lines)
