@@ -25,6 +25,7 @@ from dataplane.protocol import (
     MAX_OPENED_MODELS,
     MAX_OPENINGS,
     MODELS_PATH,
+    OPENINGS_TYPE,
     REMOTE_ERRORS,
     FetchDeadlineError,
     FetchFailedError,
@@ -229,6 +230,12 @@ def fetch_openings(
                 if response.status in _RETRY_STATUSES:
                     raise _RetryableError(error)
                 raise error
+            if (kind := response.headers.get("Content-Type")) != OPENINGS_TYPE:
+                raise OpeningMalformedError(
+                    url=url,
+                    model_id=shown,
+                    reason=f"{kind} where {OPENINGS_TYPE} was expected (an older FLEX?)",
+                )
             return response.read(limit + 1)
 
     body = _retrying(

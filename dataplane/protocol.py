@@ -26,6 +26,7 @@ MODELS_PATH = "/models/"
 # and chunk by chunk in the order asked), at most MAX_OPENINGS chunks of MAX_OPENED_MODELS
 # models per request: a watcher opens chunks of every update of a round at once.
 CHUNKS_SEGMENT = "/chunks/"
+OPENINGS_TYPE = "application/octet-stream"
 MAX_OPENINGS = 64
 MAX_OPENED_MODELS = 32
 

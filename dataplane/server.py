@@ -29,6 +29,7 @@ from dataplane.protocol import (
     MAX_OPENED_MODELS,
     MAX_OPENINGS,
     MODELS_PATH,
+    OPENINGS_TYPE,
     ChunkIndexError,
     DataPlaneError,
     ModelIdMalformedError,
@@ -152,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ChunkIndexError(model_id=id_hex(model_id), index=str(exc.index)) from None
         body = b"".join(parts)
         self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", OPENINGS_TYPE)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -26,7 +26,7 @@ from dataplane.protocol import (
     PeerCertificateError,
     PolicyUnavailableError,
 )
-from dataplane.server import DataPlaneServer
+from dataplane.server import DataPlaneServer, _Handler
 from tests.blobs import blob_of
 from tests.dataplane.conftest import cert_for
 from tests.dataplane.test_dataplane import SERVER, _fetch, _get, _signed
@@ -453,6 +453,14 @@ def test_a_node_that_serves_another_chunk_or_model_is_caught(
         with pytest.raises(OpeningMalformedError, match="4 bytes after the last model's openings"):
             fetch(0)
         monkeypatch.setattr(Openings, "pack", pack)
+        # A peer on an older FLEX answers in JSON: told apart, not parsed.
+        opening = _Handler._get_opening
+        monkeypatch.setattr(
+            _Handler, "_get_opening", lambda self, *_: self._send_json(200, {"openings": []})
+        )
+        with pytest.raises(OpeningMalformedError, match="application/json where application/oc"):
+            fetch(0)
+        monkeypatch.setattr(_Handler, "_get_opening", opening)
         assert [o.index for o in fetch(1, 0)] == [1, 0]
         assert fetch(2, 0, 2) == [store.opening(update, i) for i in (2, 0, 2)]
         # An answer longer than openings of the chunk size the watcher expects is refused
