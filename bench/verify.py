@@ -59,6 +59,24 @@ CHAIN_ID, TASK, ROUND = 31337, 1, 3
 RECOMPUTE = ((10, 10_000), (10, 1_000_000))
 
 
+def _trainer(k: int) -> str:
+    """The address of the benched round's trainer number ``k``."""
+    return "0x" + (k + 1).to_bytes(20, "big").hex()
+
+
+def _update_header(k: int, parameters: int) -> Header:
+    """The header of trainer number ``k``'s update of the benched round."""
+    return Header(
+        kind=Kind.UPDATE,
+        chain_id=CHAIN_ID,
+        contract=MARKET,
+        task_id=TASK,
+        round_number=ROUND,
+        shapes=((parameters,),),
+        trainer=_trainer(k),
+    )
+
+
 def _opening(header: Header, values: np.ndarray, siblings: list[bytes]) -> tuple[ChunkOpening, str]:
     """Chunk 0 of a model whose other chunks sit behind ``siblings``, and the model's ID."""
     raw = values.astype(">i4").tobytes()
@@ -75,21 +93,11 @@ def challenge_of(trainers: int, parameters: int, rng: np.random.Generator) -> Ch
     chunks = -(-parameters // CHUNK_VALUES)
     leaves = [bytes(32)] + [merkle.leaf(rng.bytes(4 * CHUNK_VALUES))] * (chunks - 1)
     siblings = merkle.proof(leaves, 0)
-    shapes = ((parameters,),)
     included, openings, values = [], [], []
     for k in range(trainers):
-        trainer = "0x" + (k + 1).to_bytes(20, "big").hex()
+        trainer = _trainer(k)
         chunk = rng.integers(-(2**20), 2**20, size=CHUNK_VALUES, dtype=np.int32)
-        header = Header(
-            kind=Kind.UPDATE,
-            chain_id=CHAIN_ID,
-            contract=MARKET,
-            task_id=TASK,
-            round_number=ROUND,
-            shapes=shapes,
-            trainer=trainer,
-        )
-        opening, model_id = _opening(header, chunk, siblings)
+        opening, model_id = _opening(_update_header(k, parameters), chunk, siblings)
         weight = int(rng.integers(1, 1000))
         included.append(Included(model_id=model_id, trainer=trainer, weight=weight))
         openings.append(opening)
@@ -103,7 +111,7 @@ def challenge_of(trainers: int, parameters: int, rng: np.random.Generator) -> Ch
         contract=MARKET,
         task_id=TASK,
         round_number=ROUND + 1,
-        shapes=shapes,
+        shapes=((parameters,),),
     )
     global_opening, global_id = _opening(header, honest, siblings)
     return Challenge(
@@ -133,23 +141,19 @@ def measure_gas(rng: np.random.Generator) -> dict[str, dict[str, int]]:
         return gas
 
 
+def _random_update(rng: np.random.Generator, *, trainer: int, parameters: int) -> bytes:
+    """The blob of trainer number ``trainer``'s update of the benched round: random values."""
+    values = [rng.integers(-(2**20), 2**20, size=parameters, dtype=np.int32)]
+    return encode(_update_header(trainer, parameters), values)
+
+
 def measure_recompute(rng: np.random.Generator) -> list[dict[str, Any]]:
     """Aggregating a round as the aggregator does, against recomputing it from its blobs."""
     rows = []
     for trainers, parameters in RECOMPUTE:
         blobs, counts = [], []
         for k in range(trainers):
-            values = [rng.integers(-(2**20), 2**20, size=parameters, dtype=np.int32)]
-            header = Header(
-                kind=Kind.UPDATE,
-                chain_id=CHAIN_ID,
-                contract=MARKET,
-                task_id=TASK,
-                round_number=ROUND,
-                shapes=((parameters,),),
-                trainer="0x" + (k + 1).to_bytes(20, "big").hex(),
-            )
-            blobs.append(encode(header, values))
+            blobs.append(_random_update(rng, trainer=k, parameters=parameters))
             counts.append(int(rng.integers(1, 1000)))
         ids = [decode(b).model_id for b in blobs]
         global_header = Header(
@@ -196,17 +200,7 @@ def measure_watch(rng: np.random.Generator) -> dict[str, Any]:
         store = ModelStore(root)
         ids = []
         for k in range(WATCH_UPDATES):
-            header = Header(
-                kind=Kind.UPDATE,
-                chain_id=CHAIN_ID,
-                contract=MARKET,
-                task_id=TASK,
-                round_number=ROUND,
-                shapes=((WATCH_PARAMETERS,),),
-                trainer="0x" + (k + 1).to_bytes(20, "big").hex(),
-            )
-            values = [rng.integers(-(2**20), 2**20, size=WATCH_PARAMETERS, dtype=np.int32)]
-            ids.append(store.put(encode(header, values)))
+            ids.append(store.put(_random_update(rng, trainer=k, parameters=WATCH_PARAMETERS)))
         chunks = sample_chunks(
             -(-WATCH_PARAMETERS // CHUNK_VALUES),
             limit=WATCH_CHUNKS,
