@@ -130,6 +130,33 @@ def _permutations(count: int, *, n: int, seed: Sequence[int]) -> Iterator[list[i
         yield order
 
 
+def _walk_together(
+    orders: Sequence[Sequence[int]],
+    *,
+    total: float,
+    values: Mapping[int, float],
+    measure: Callable[[Sequence[int]], None],
+    batch: int,
+) -> None:
+    """Evaluate every coalition the sampled ``orders`` reach before their truncation, a step
+    of all of them at a time: each step's new coalitions go to ``measure`` together, ``batch``
+    at most per call. The walk in order that follows finds every value it needs; the
+    coalitions are those it would evaluate itself, so the scores are the same."""
+    walks = [(order, 0) for order in orders]  # (order, members so far)
+    for step in range(len(orders[0]) if orders else 0):
+        walks = [
+            (order, members)
+            for order, members in walks
+            if abs(total - values[members]) > TRUNCATION * abs(total)
+        ]
+        due = list(
+            dict.fromkeys(m | 1 << o[step] for o, m in walks if m | 1 << o[step] not in values)
+        )
+        for start in range(0, len(due), batch):
+            measure(due[start : start + batch])
+        walks = [(order, members | 1 << order[step]) for order, members in walks]
+
+
 def shapley(
     updates: Sequence[Update],
     *,
@@ -171,8 +198,8 @@ def shapley(
         return values[members]
 
     everyone = (1 << n) - 1
+    batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
     if n <= EXACT_MAX:
-        batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
         for start in range(1, everyone + 1, batch):
             measure(range(start, min(start + batch, everyone + 1)))
     total = value(everyone)
@@ -187,7 +214,9 @@ def shapley(
                 if not members >> i & 1:
                     phi[i] += weights[size] * (value(members | 1 << i) - value(members))
     else:
-        for order in _permutations(PERMUTATIONS, n=n, seed=seed):
+        orders = list(_permutations(PERMUTATIONS, n=n, seed=seed))
+        _walk_together(orders, total=total, values=values, measure=measure, batch=batch)
+        for order in orders:
             members = 0
             for i in order:
                 if abs(total - value(members)) <= TRUNCATION * abs(total):
