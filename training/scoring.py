@@ -28,7 +28,7 @@ import numpy as np
 
 from core.hashing import keccak
 from training.aggregation.base import RULE_COPY, Rejection, Strategy, Update
-from training.aggregation.functions import Weights
+from training.aggregation.functions import Sums, WeightedTally, Weights
 
 FULL_SCALE = 0xFFFF
 # A valid update that adds nothing measurable (or even hurts, as unusual data may on the
@@ -135,26 +135,32 @@ def _walk_together(
     *,
     total: float,
     values: Mapping[int, float],
-    measure: Callable[[Sequence[int]], None],
+    measure: Callable[[Sequence[int], Mapping[int, Weights]], None],
     batch: int,
+    tally: WeightedTally | None,
 ) -> None:
     """Evaluate every coalition the sampled ``orders`` reach before their truncation, a step
     of all of them at a time: each step's new coalitions go to ``measure`` together, ``batch``
     at most per call. The walk in order that follows finds every value it needs; the
-    coalitions are those it would evaluate itself, so the scores are the same."""
-    walks = [(order, 0) for order in orders]  # (order, members so far)
+    coalitions are those it would evaluate itself, so the scores are the same. With the
+    strategy's ``tally``, each walk carries its coalition's sums, and a step's aggregates
+    grow from the step before's by one update each."""
+    walks: list[tuple[Sequence[int], int, Sums | None]] = [(order, 0, None) for order in orders]
     for step in range(len(orders[0]) if orders else 0):
+        walks = [walk for walk in walks if abs(total - values[walk[1]]) > TRUNCATION * abs(total)]
+        grown: dict[int, Sums | None] = {}
+        for order, members, sums in walks:
+            after = members | 1 << order[step]
+            if after not in grown:
+                grown[after] = tally.grow(sums, order[step]) if tally else None
         walks = [
-            (order, members)
-            for order, members in walks
-            if abs(total - values[members]) > TRUNCATION * abs(total)
+            (order, m | 1 << order[step], grown[m | 1 << order[step]]) for order, m, _ in walks
         ]
-        due = list(
-            dict.fromkeys(m | 1 << o[step] for o, m in walks if m | 1 << o[step] not in values)
-        )
+        due = [members for members in grown if members not in values]
         for start in range(0, len(due), batch):
-            measure(due[start : start + batch])
-        walks = [(order, members | 1 << order[step]) for order, members in walks]
+            chunk = due[start : start + batch]
+            made = {m: tally.mean(grown[m]) for m in chunk} if tally else {}
+            measure(chunk, made)
 
 
 def shapley(
@@ -176,13 +182,17 @@ def shapley(
     [base] = losses_of([reference])
     values: dict[int, float] = {0: 0.0}
 
-    def measure(subsets: Sequence[int]) -> None:
+    def measure(subsets: Sequence[int], made: Mapping[int, Weights] | None = None) -> None:
         aggregates: dict[int, Weights] = {}
         for members in subsets:
             if members in values:
                 continue
-            chosen = [u for i, u in enumerate(updates) if members >> i & 1]
-            aggregate = strategy.aggregate(chosen)
+            if made and members in made:
+                aggregate = made[members]
+            else:
+                aggregate = strategy.aggregate(
+                    [u for i, u in enumerate(updates) if members >> i & 1]
+                )
             if aggregate is None:
                 values[members] = 0.0
             else:
@@ -215,7 +225,16 @@ def shapley(
                     phi[i] += weights[size] * (value(members | 1 << i) - value(members))
     else:
         orders = list(_permutations(PERMUTATIONS, n=n, seed=seed))
-        _walk_together(orders, total=total, values=values, measure=measure, batch=batch)
+        # Each walk's sums stay in memory for a step: for a small model only.
+        small = PERMUTATIONS * sum(int(np.size(w)) for w in reference) <= BATCH_VALUES
+        _walk_together(
+            orders,
+            total=total,
+            values=values,
+            measure=measure,
+            batch=batch,
+            tally=strategy.tally(updates) if small else None,
+        )
         for order in orders:
             members = 0
             for i in order:

@@ -17,6 +17,7 @@ from training.aggregation import STRATEGIES, FedAvg, FedMedian, FedTrimmedAvg, U
 from training.aggregation.functions import (
     MAX_SAMPLES,
     MAX_UPDATES,
+    WeightedTally,
     coordinate_median,
     sort_rows,
     sorting_network,
@@ -146,6 +147,46 @@ def test_property_every_rule_equals_the_python_int_oracle(columns, data):
     assert trimmed_mean(layers, trim_per_mille=per_mille)[0].tolist() == oracle_trimmed(
         columns, per_mille
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(columns_of, st.data())
+def test_property_a_tally_grown_in_any_order_is_the_weighted_mean(columns, data):
+    """Shapley scoring grows each sampled order's selection one update at a time: every
+    selection along the way aggregates as FedAvg of it on its own does, to the bit."""
+    k = len(columns[0])
+    layers = [[np.array([col[i] for col in columns], dtype=np.int32)] for i in range(k)]
+    counts = data.draw(st.lists(st.integers(1, MAX_SAMPLES), min_size=k, max_size=k))
+    order = data.draw(st.permutations(range(k)))
+    tally, sums = WeightedTally(layers, counts), None
+    for size, index in enumerate(order, start=1):
+        sums = tally.grow(sums, index)
+        chosen = sorted(order[:size])
+        expected = oracle_fedavg(
+            [[col[i] for i in chosen] for col in columns], [counts[i] for i in chosen]
+        )
+        assert tally.mean(sums)[0].tolist() == expected
+        assert tally.mean(sums)[0].dtype == np.int32
+    assert [w[0].tolist() for w in layers] == [[col[i] for col in columns] for i in range(k)]
+
+
+def test_a_tally_at_the_extremes_and_of_layers_is_the_weighted_mean():
+    top, bottom = 2**31 - 1, -(2**31)
+    updates = [[i32(top, bottom), i32(top)], [i32(bottom, top), i32(bottom)]] * (MAX_UPDATES // 2)
+    tally, sums = WeightedTally(updates, [MAX_SAMPLES] * MAX_UPDATES), None
+    for index in range(MAX_UPDATES):
+        sums = tally.grow(sums, index)
+    pairs = list(zip(updates, [MAX_SAMPLES] * MAX_UPDATES, strict=True))
+    assert [a.tolist() for a in tally.mean(sums)] == [a.tolist() for a in weighted_mean(pairs)]
+
+
+def test_a_tally_refuses_what_weighted_mean_refuses():
+    with pytest.raises(ValueError, match="sample counts"):
+        WeightedTally([[i32(1)], [i32(2)]], [1, 0])
+    with pytest.raises(ValueError, match="2 sample counts for 3 updates"):
+        WeightedTally([[i32(1)], [i32(2)], [i32(3)]], [1, 2])
+    with pytest.raises(WeightsMismatchError):
+        WeightedTally([[i32(1)], [i32(2, 3)]], [1, 1])
 
 
 @settings(max_examples=40, deadline=None)

@@ -259,53 +259,64 @@ def test_many_updates_are_scored_by_sampled_orders_the_same_every_time():
     assert other.scores != runs[0].scores  # the orders come from the seed
 
 
-def test_sampled_orders_are_walked_together_with_the_scores_of_one_walk_at_a_time(monkeypatch):
+@pytest.mark.parametrize("strategy_key", ["fedavg", "fedmedian"])
+def test_sampled_orders_are_walked_together_with_the_scores_of_one_walk_at_a_time(
+    monkeypatch, strategy_key
+):
     """Beyond EXACT_MAX the sampled orders take a step together, each step's new subsets
     evaluated in one batch: a round of many updates costs about as many evaluation calls as
-    it has updates, not one per subset, and every score is what walking one order at a time,
-    one subset per call, gives."""
+    it has updates, not one per subset. Under FedAvg each walk's aggregate grows from its last
+    by one update (its tally) instead of being made afresh. Every score is what walking one
+    order at a time, aggregating and evaluating one subset per call, gives."""
     rng = np.random.default_rng(11)
     target = 1 << 16
     count = 3 * scoring.EXACT_MAX
     updates = [
         Update(
-            weights=[np.array([target + int(d)], dtype=np.int32)],
+            weights=[np.array([target + int(d), int(d)], dtype=np.int32)],
             num_examples=int(rng.integers(1, 50)),
             update_id=f"u{i}",
         )
         for i, d in enumerate(rng.integers(-30000, 30000, count))
     ]
-    reference = [np.array([0], dtype=np.int32)]
-    calls = []
+    reference = [np.array([0, 0], dtype=np.int32)]
+    calls, made = [], []
+
+    class Counted(STRATEGIES[strategy_key]):
+        def aggregate(self, chosen):
+            made.append(len(chosen))
+            return super().aggregate(chosen)
 
     def losses_of(sets):
         calls.append(len(sets))
-        return [abs(float(w[0][0]) - target) / target for w in sets]
+        return [abs(float(w[0][0]) - target) / target + abs(float(w[0][1])) for w in sets]
 
     def scored():
         calls.clear()
+        made.clear()
         return shapley(
-            updates,
-            strategy=STRATEGIES["fedavg"](),
-            reference=reference,
-            losses_of=losses_of,
-            seed=(2, 7),
+            updates, strategy=Counted(), reference=reference, losses_of=losses_of, seed=(2, 7)
         )
 
     together = scored()
     assert together.evaluations == sum(calls) - 1  # the reference's loss, then each subset once
     assert len(calls) <= count + 2 < together.evaluations
-    # Walking one order at a time (each subset evaluated when first needed) evaluates the
-    # same subsets, one per call, and finds the same gains.
+    # FedAvg aggregates only the whole round afresh; the median, every subset.
+    assert len(made) == (1 if strategy_key == "fedavg" else together.evaluations)
+    # Walking one order at a time (each subset aggregated and evaluated when first needed)
+    # evaluates the same subsets, one per call, and finds the same gains.
     monkeypatch.setattr(scoring, "_walk_together", lambda *args, **kwargs: None)
     alone = scored()
     assert set(calls) == {1}
+    assert len(made) == together.evaluations
     assert alone == together
-    # So does walking together one subset per call.
+    # So does walking together one subset per call, with no tally (a model too large for
+    # one in memory per order).
     monkeypatch.undo()
     monkeypatch.setattr(scoring, "BATCH_VALUES", 1)
     assert scored() == together
     assert set(calls) == {1}
+    assert len(made) == together.evaluations
 
 
 @given(st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False), max_size=40))

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from training.aggregation.functions import MAX_SAMPLES, Weights, weight_mismatch
+from training.aggregation.functions import MAX_SAMPLES, WeightedTally, Weights, weight_mismatch
 from training.errors import SpecError
 
 
@@ -76,6 +76,11 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, updates: Sequence[Update]) -> Weights | None:
         """New global weights, or None when no update is usable."""
+
+    def tally(self, updates: Sequence[Update]) -> WeightedTally | None:
+        """A running form of ``aggregate`` over selections of ``updates`` that grow one update
+        at a time, where the rule has one; None: each selection is aggregated afresh."""
+        return None
 
     def screen(self, updates: Sequence[Update], *, reference: Sequence[np.ndarray]) -> Screening:
         """Split ``updates`` into usable ones and rejections (layers, shapes, dtype, count)."""

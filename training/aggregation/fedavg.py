@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from training.aggregation.base import Strategy, Update
-from training.aggregation.functions import Weights, weighted_mean
+from training.aggregation.functions import WeightedTally, Weights, weighted_mean
 
 
 class FedAvg(Strategy):
@@ -23,3 +23,6 @@ class FedAvg(Strategy):
         if not updates:
             return None
         return weighted_mean([(u.weights, u.num_examples) for u in updates])
+
+    def tally(self, updates: Sequence[Update]) -> WeightedTally:
+        return WeightedTally([u.weights for u in updates], [u.num_examples for u in updates])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,17 +65,21 @@ def _flat(layer: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(layer).reshape(-1)
 
 
+def _check_counts(counts: Sequence[object]) -> None:
+    for count in counts:
+        if isinstance(count, bool) or not isinstance(count, int | np.integer):
+            raise ValueError(f"sample counts must be integers, got {counts}")
+        if not 1 <= count <= MAX_SAMPLES:
+            raise ValueError(f"sample counts must be in 1..{MAX_SAMPLES}, got {counts}")
+
+
 def weighted_mean(results: Sequence[tuple[Sequence[np.ndarray], int]]) -> Weights:
     """``floor(sum(w_k * u_k) / sum(w_k))`` per coordinate, each ``w_k`` an integer in
     1..MAX_SAMPLES. Accumulates in int64, chunk by chunk, in place."""
     weights_list = [weights for weights, _ in results]
     check_compatible(weights_list)
     counts = [count for _, count in results]
-    for count in counts:
-        if isinstance(count, bool) or not isinstance(count, int | np.integer):
-            raise ValueError(f"sample counts must be integers, got {counts}")
-        if not 1 <= count <= MAX_SAMPLES:
-            raise ValueError(f"sample counts must be in 1..{MAX_SAMPLES}, got {counts}")
+    _check_counts(counts)
     factors = [np.int64(count) for count in counts]
     total = np.int64(sum(int(count) for count in counts))
     out: Weights = []
@@ -95,6 +100,44 @@ def weighted_mean(results: Sequence[tuple[Sequence[np.ndarray], int]]) -> Weight
             result[start:stop] = dst
         out.append(result.reshape(first.shape))
     return out
+
+
+@dataclass(frozen=True)
+class Sums:
+    """A selection of updates as weighted_mean sums them: ``sum(w_k * u_k)`` per coordinate
+    (int64, per layer) and ``sum(w_k)``."""
+
+    layers: tuple[np.ndarray, ...]
+    total: int
+
+
+class WeightedTally:
+    """weighted_mean of selections of the same updates that grow one update at a time (as
+    Shapley scoring's sampled orders do): a selection's sums are the smaller one's plus one
+    update's, one pass over the values instead of one per update selected. The sums are
+    exact integers, so ``mean`` is weighted_mean of the selection, bit for bit."""
+
+    def __init__(self, weights_list: Sequence[Sequence[np.ndarray]], counts: Sequence[int]):
+        check_compatible(weights_list)
+        _check_counts(counts)
+        if len(counts) != len(weights_list):
+            raise ValueError(f"{len(counts)} sample counts for {len(weights_list)} updates")
+        self._weights = weights_list
+        self._counts = [int(count) for count in counts]
+
+    def grow(self, sums: Sums | None, index: int) -> Sums:
+        """The sums of ``sums``' selection (None: of none) with update ``index`` added."""
+        factor = self._counts[index]
+        layers = tuple(np.multiply(layer, factor, dtype=np.int64) for layer in self._weights[index])
+        if sums is not None:
+            for layer, earlier in zip(layers, sums.layers, strict=True):
+                np.add(layer, earlier, out=layer)
+        return Sums(layers=layers, total=factor + (sums.total if sums else 0))
+
+    @staticmethod
+    def mean(sums: Sums) -> Weights:
+        # numpy's integer floor_divide rounds towards minus infinity, as the spec says.
+        return [(layer // sums.total).astype(np.int32) for layer in sums.layers]
 
 
 # Updates sorted per coordinate at once: k rows of this many elements stay in L2.
