@@ -145,11 +145,10 @@ def _update(
 
 
 def _prefetch(
-    node: Node, *, task_id: int, round_number: int, trainer: str, peer: tuple[str, str] | None
+    node: Node, *, task_id: int, update_id: str | None, trainer: str, peer: tuple[str, str] | None
 ) -> None:
     """Bring a submitted update into this node's store now; failures wait for the round."""
-    update_id = node.market.update_of(task_id=task_id, round_number=round_number, trainer=trainer)
-    if not peer or node.store.has(update_id):
+    if not peer or not update_id or node.store.has(update_id):
         return
     try:
         blob = fetch_model(
@@ -292,6 +291,8 @@ def aggregate(
     submitted = positions_of(info.submitted_mask)
     certs = {k.lower(): v for k, v in trainer_certs.items()}
     peers = {k.lower(): (v, certs.get(k.lower(), "")) for k, v in trainer_urls.items()}
+    # Every update ID of the round in one read of its events.
+    update_ids = market.updates_of(task_id=task_id, round_number=round_number, opened=opened)
     # The contract takes a partial round only after its window: at the deadline it is open.
     missing = len(submitted) < len(selection.trainers)
     if wait and missing and (open_s := task.submission_deadline - node.chain_time()) >= 0:
@@ -302,7 +303,7 @@ def aggregate(
             _prefetch(
                 node,
                 task_id=task_id,
-                round_number=round_number,
+                update_id=update_ids.get(trainer),
                 trainer=trainer,
                 peer=peers.get(trainer.lower()),
             )
@@ -319,7 +320,6 @@ def aggregate(
     # Accepted headers name distinct trainers, so their update IDs are distinct too.
     authors: dict[str, tuple[str, int]] = {}
     left: dict[str, Left] = {}
-    update_ids = market.updates_of(task_id=task_id, round_number=round_number, opened=opened)
     for position in submitted:
         trainer = selection.trainers[position]
         update_id = update_ids.get(trainer)
