@@ -18,14 +18,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from statistics import median
 
 import numpy as np
 
 from bench import verdict
 from bench.procs import cpu_seconds
 from chain.launcher import free_port
-from stack.demo import DEMO_SPEC, budget_for, follow_task
+from stack.demo import DEMO_SPEC, budget_for, follow_task, round_phases
 from stack.devstack import LOCAL_DEVICES, TRAINERS, stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,18 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     steady = rounds[1:]
     platform_round_s = sum(r["wall_s"] for r in steady) / len(steady)
     training_s = sum(slowest.get(r["round"] - 1, 0.0) for r in steady) / len(steady)
-    # Where a steady round's time goes (medians): from a global model to the first and the
-    # last update trained from it being mined, and from that to the next model.
-    timed = [(r["updates_mined_s"], r["wall_s"]) for r in steady if r["updates_mined_s"]]
-    phases = (
-        {
-            "model_to_first_update_s": median(u["first_update_s"] for u, _ in timed),
-            "model_to_last_update_s": median(u["last_update_s"] for u, _ in timed),
-            "last_update_to_next_model_s": median(wall - u["last_update_s"] for u, wall in timed),
-        }
-        if timed
-        else {}
-    )
+    phases = round_phases(steady)
     cpu_per_round = {
         name: round((cpu_at[count][name] - cpu_at[1][name]) / len(steady), 3)
         for name in cpu_at.get(count, {})

@@ -269,15 +269,22 @@ def table(result: dict) -> str:
     lines = [f"{result['devices']} devices in {result['worker_processes']} worker processes"]
     lines += enrolment_lines(result)
     lines.append(
-        f"{'trainers':>8} {'bids':>5} {'round s':>8} {'to r1 s':>7} {'gas/round':>10} "
-        f"{'selection gas':>14}"
+        f"{'trainers':>8} {'bids':>5} {'round s':>8} {'updates s':>9} {'model s':>7} "
+        f"{'to r1 s':>7} {'gas/round':>10} {'selection gas':>14}"
     )
     for t in result["tasks"]:
+        phases = t.get("round_phases_s") or {}
         lines.append(
             f"{t['trainers']:>8} {t['bids']:>5} {t['round_s']:>8.2f} "
+            f"{phases.get('model_to_last_update_s', '-'):>9} "
+            f"{phases.get('last_update_to_next_model_s', '-'):>7} "
             f"{t['posted_to_round_1_s']:>7.2f} {t['gas_per_round']:>10} "
             f"{t['selection_gas'] or '-':>14}"
         )
+    lines.append(
+        "  (medians of a steady round: updates s, from a global model to the last update "
+        "trained from it mined; model s, from there to the next model)"
+    )
     lines.append(
         "peak memory (MiB): " + ", ".join(f"{n} {m}" for n, m in result["peak_rss_mb"].items())
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from stack.demo import round_phases
+
 
 def task_figures(summary: dict, *, trainers: int, bids: int, selection_gas: int | None) -> dict:
     """One task's figures from follow_task's summary: the mean steady round, and apart from
@@ -27,6 +29,7 @@ def task_figures(summary: dict, *, trainers: int, bids: int, selection_gas: int 
         "gas_per_round": sum(r["gas"] for r in rounds) // len(rounds),
         "selection_gas": selection_gas,
         "updates_per_round": [r["updates"] for r in rounds],
+        "round_phases_s": {k: round(v, 3) for k, v in round_phases(steady).items()},
         "final_accuracy": summary["final_accuracy"],
     }
 

@@ -14,8 +14,9 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import median
 
 from chain.events import (
     GlobalModelPublished,
@@ -110,6 +111,21 @@ class RoundClock:
 
     def __exit__(self, *exc: object) -> None:
         self.bell.stop()
+
+
+def round_phases(rounds: Sequence[dict]) -> dict[str, float]:
+    """Where the time of ``rounds`` (follow_task's, steady ones) goes, as medians: from a
+    global model to the first and the last update trained from it being mined, and from
+    that to the next model (the aggregation and its publication). Empty when the round
+    clock timed none of them."""
+    timed = [(r["updates_mined_s"], r["wall_s"]) for r in rounds if r.get("updates_mined_s")]
+    if not timed:
+        return {}
+    return {
+        "model_to_first_update_s": median(u["first_update_s"] for u, _ in timed),
+        "model_to_last_update_s": median(u["last_update_s"] for u, _ in timed),
+        "last_update_to_next_model_s": median(wall - u["last_update_s"] for u, wall in timed),
+    }
 
 
 def _progress_bar(done: int, total: int, width: int = 30) -> str:

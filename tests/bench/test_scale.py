@@ -51,6 +51,9 @@ def test_no_task_means_no_plot(tmp_path):
 
 def test_a_task_figures_its_steady_rounds_apart_from_the_first():
     done = summary(rounds=[(10.0, 900, 8), (2.0, 1000, 8), (4.0, 1101, 7)])
+    # The round clock's times of each round's updates, after the model they trained from.
+    for r, (first, last) in zip(done["rounds"], [(9.0, 9.5), (1.0, 1.5), (1.0, 3.0)], strict=True):
+        r["updates_mined_s"] = {"first_update_s": first, "last_update_s": last}
 
     figures = task_figures(done, trainers=8, bids=1000, selection_gas=5_000_000)
 
@@ -59,6 +62,25 @@ def test_a_task_figures_its_steady_rounds_apart_from_the_first():
     assert figures["gas_per_round"] == 1000  # (900 + 1000 + 1101) // 3, whole gas
     assert figures["updates_per_round"] == [8, 8, 7]
     assert (figures["bids"], figures["selection_gas"]) == (1000, 5_000_000)
+    # Where the steady rounds' time went, as medians: rounds 2 and 3 again.
+    assert figures["round_phases_s"] == {
+        "model_to_first_update_s": 1.0,
+        "model_to_last_update_s": 2.25,
+        "last_update_to_next_model_s": 0.75,  # 2.0 - 1.5 and 4.0 - 3.0
+    }
+    table = scale.table(
+        {
+            "devices": 10,
+            "worker_processes": 1,
+            "join_tokens": {"devices": 10, "seconds": 1.0},
+            "enrolment": [],
+            "tasks": [figures],
+            "peak_rss_mb": {},
+        }
+    )
+    lines = table.splitlines()
+    row = next(lines[i + 1].split() for i, line in enumerate(lines) if "updates s" in line)
+    assert row[:5] == ["8", "1000", "3.00", "2.25", "0.75"]
 
 
 def test_a_task_that_did_not_finish_is_reported_not_figured():
