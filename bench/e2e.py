@@ -38,7 +38,7 @@ OVERHEAD_TARGET_S = 0.25
 RATIO_TARGET = 1.5
 # What bench.flower reports of a run's speed, averaged over the run before the platform's
 # and the one after.
-FLOWER_FIGURES = ("round_s", "slowest_fit_s", "overhead_round_s")
+FLOWER_FIGURES = ("round_s", "slowest_fit_s", "overhead_round_s", "cpu_s_per_round")
 # The platform's final accuracy against the same rule run in process.
 ACCURACY_GAP = 0.01
 
@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"that CPU spread evenly over the cores: {result['cpu_round_floor_s']:.3f} s a round at "
-        f"best, ratio {result['cpu_ratio_floor']} to the plain loop at best"
+        f"best, ratio {result['cpu_ratio_floor']} to the plain loop at best; Flower's "
+        f"simulation used {flower['cpu_s_per_round']:.3f} s of CPU a round "
+        f"(ratio {flower['cpu_s_per_round'] / cores / plain_round_s:.2f} at best)"
     )
     # The platform must not change the model: its accuracy is held to its own rule's in this
     # process. Plain FedAvg's is beside it: what weighing by score costs on clean data.

@@ -38,6 +38,7 @@ def simulate(spec_fields: dict, partitions: list[tuple[int, int]]) -> dict:
     from flwr.server.strategy import FedAvg
     from flwr.simulation import run_simulation
 
+    from bench.procs import tree_cpu_seconds
     from training.catalogue import initial_weights
     from training.datasets import load_partition
     from training.evaluate import evaluate
@@ -72,12 +73,15 @@ def simulate(spec_fields: dict, partitions: list[tuple[int, int]]) -> dict:
         return Trainer(loaded[k]).to_client()
 
     starts: list[float] = []
+    # CPU seconds of this process and every one below it (Ray's), as each round starts.
+    cpu_at: list[float] = []
     slowest: list[float] = []
     accuracy: list[float] = []
 
     class TimedFedAvg(FedAvg):
         def configure_fit(self, server_round, parameters, client_manager):
             starts.append(time.perf_counter())
+            cpu_at.append(tree_cpu_seconds(os.getpid()))
             return super().configure_fit(server_round, parameters, client_manager)
 
         def aggregate_fit(self, server_round, results, failures):
@@ -91,6 +95,7 @@ def simulate(spec_fields: dict, partitions: list[tuple[int, int]]) -> dict:
             accuracy.append(evaluate(spec=spec, weights=parameters).accuracy)
             if server_round == spec.rounds:
                 starts.append(time.perf_counter())
+                cpu_at.append(tree_cpu_seconds(os.getpid()))
         return 0.0, {}
 
     def server_fn(context: Context) -> ServerAppComponents:
@@ -121,6 +126,7 @@ def simulate(spec_fields: dict, partitions: list[tuple[int, int]]) -> dict:
         "round_s": round(round_s, 4),
         "slowest_fit_s": round(fit_s, 4),
         "overhead_round_s": round(round_s - fit_s, 4),
+        "cpu_s_per_round": round((cpu_at[-1] - cpu_at[skip]) / (spec.rounds - skip), 4),
         "rounds_timed": spec.rounds - skip,
         "accuracy": accuracy[-1],
         "accuracy_by_round": [round(a, 4) for a in accuracy],

@@ -35,18 +35,19 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(procs: Mapping[str, subprocess.Popen]) -> dict[str, float]:
-    """CPU seconds (user and system) each named process has used so far, its live children's
+    """CPU seconds each named process has used so far (tree_cpu_seconds)."""
+    return {name: tree_cpu_seconds(proc.pid) for name, proc in procs.items()}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) process ``pid`` has used so far, its live children's
     and those it has reaped included."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = {}
-    for name, proc in procs.items():
-        ticks = 0
-        for pid in with_children([proc.pid]):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            # utime, stime, cutime, cstime: fields 14 to 17, after the parenthesised name.
-            ticks += sum(int(f) for f in stat.rsplit(")", 1)[1].split()[11:15])
-        used[name] = ticks / tick
-    return used
+    ticks = 0
+    for one in with_children([pid]):
+        try:
+            stat = Path(f"/proc/{one}/stat").read_text()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime: fields 14 to 17, after the parenthesised name.
+        ticks += sum(int(f) for f in stat.rsplit(")", 1)[1].split()[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
