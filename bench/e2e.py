@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_round_s = sum(plain_times) / len(plain_times)
     _, scored_curve = plain_loop(spec_fields, scored_task=summary["task_id"])
     cores = os.cpu_count() or 1
+    cpu_total = sum(cpu_per_round.values())
     result = {
         "platform_round_s": round(platform_round_s, 3),
         "plain_round_s": round(plain_round_s, 3),
@@ -252,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         # CPU seconds per steady round, by process (with its children): the stack shares the
         # machine's cores with the training itself.
         "cpu_s_per_round": cpu_per_round,
-        "cpu_s_per_round_total": round(sum(cpu_per_round.values()), 3),
+        "cpu_s_per_round_total": round(cpu_total, 3),
         # The shortest a round could be with that CPU spread evenly over every core (the
         # broker's own CPU comes on top): no scheduling beats it, only less CPU. Its ratio to
         # the plain loop is the least the ratio can be.
-        "cpu_round_floor_s": round(sum(cpu_per_round.values()) / cores, 3),
-        "cpu_ratio_floor": round(sum(cpu_per_round.values()) / cores / plain_round_s, 2),
+        "cpu_round_floor_s": round(cpu_total / cores, 3),
+        "cpu_ratio_floor": round(cpu_total / cores / plain_round_s, 2),
         "cores": cores,
         "rounds": count,
         "trainers": TRAINERS,

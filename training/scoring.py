@@ -208,7 +208,8 @@ def shapley(
         return values[members]
 
     everyone = (1 << n) - 1
-    batch = max(1, BATCH_VALUES // max(sum(int(np.size(w)) for w in reference), 1))
+    model_values = sum(int(np.size(w)) for w in reference)
+    batch = max(1, BATCH_VALUES // max(model_values, 1))
     if n <= EXACT_MAX:
         for start in range(1, everyone + 1, batch):
             measure(range(start, min(start + batch, everyone + 1)))
@@ -226,7 +227,7 @@ def shapley(
     else:
         orders = list(_permutations(PERMUTATIONS, n=n, seed=seed))
         # Each walk's sums stay in memory for a step: for a small model only.
-        small = PERMUTATIONS * sum(int(np.size(w)) for w in reference) <= BATCH_VALUES
+        small = PERMUTATIONS * model_values <= BATCH_VALUES
         _walk_together(
             orders,
             total=total,
