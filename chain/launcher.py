@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -18,7 +19,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from chain.node import connect
+from chain.node import client, connect
 from core.errors import FlexError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +28,9 @@ ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
 # accounts they derive are only ever funded on a local chain.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEV_CHAIN_ID = 31337
+# The longest one ask of a starting node waits for its answer (it is asked until start's
+# deadline).
+PROBE_TIMEOUT_S = 2.0
 
 Account.enable_unaudited_hdwallet_features()
 
@@ -72,7 +76,6 @@ class LocalChain:
         block_time: float | None = None,
         state_path: Path | None = None,
         state_interval: int = 5,
-        log_path: Path | None = None,
         host: str = "127.0.0.1",
     ) -> None:
         self.host = host
@@ -82,7 +85,6 @@ class LocalChain:
         self.block_time = block_time
         self.state_path = state_path
         self.state_interval = state_interval
-        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -107,6 +109,9 @@ class LocalChain:
             str(self.balance_eth),
             "--chain-id",
             str(DEV_CHAIN_ID),
+            # Its line per request would go nowhere, and formatting it is a few per cent of
+            # the node's CPU; errors still come on stderr.
+            "--silent",
         ]
         if self.block_time:
             cmd += ["--block-time", str(self.block_time)]
@@ -120,21 +125,29 @@ class LocalChain:
             raise ChainLaunchError(
                 f"{ANVIL} is missing: run `npm ci` (or `make setup`) first", path=str(ANVIL)
             )
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        # What it says on stderr, kept for the error should it exit: a file, which a node
+        # that runs for days cannot fill up as it could a pipe nobody reads.
+        errors = tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(), stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
         )
         deadline = time.monotonic() + timeout
-        w3 = self.w3()
+        # Asked again and again until the deadline: a short wait for each answer, so that a
+        # port something else holds without answering does not keep one ask waiting long.
+        w3 = client(self.rpc_url, timeout=PROBE_TIMEOUT_S)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip().splitlines()
                 raise ChainLaunchError(
-                    f"anvil exited with code {self.process.returncode} on port {self.port}",
+                    f"anvil exited with code {self.process.returncode} on port {self.port}"
+                    + (f": {said[0]}" if said else ""),
                     port=self.port,
                     returncode=self.process.returncode,
                 )
             with contextlib.suppress(Exception):
-                if w3.eth.chain_id == DEV_CHAIN_ID:
+                # Still running: not another node that answers on the port it failed to take.
+                if w3.eth.chain_id == DEV_CHAIN_ID and self.process.poll() is None:
                     return self
             time.sleep(0.05)
         self.stop()

@@ -7,6 +7,7 @@ import http.client
 import http.server
 import json
 import multiprocessing
+import socket
 import ssl
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from chain.errors import (
     UnknownTaskError,
 )
 from chain.events import DeviceClass, DeviceRegistered, DeviceStatus, TaskCreated, TaskState
-from chain.launcher import LocalChain, free_port
+from chain.launcher import ChainLaunchError, LocalChain, free_port
 from chain.node import client, connect
 from chain.records import TxResult
 from chain.transactions import PendingTx, submit
@@ -293,6 +294,21 @@ def test_a_restarted_node_is_asked_again_over_new_connections(accounts: Accounts
         payee = Account.create().address
         submit(w3, accounts.spare[1], {"to": payee, "value": 3}).receipt()
         assert w3.eth.get_balance(payee) == 3
+
+
+def test_a_node_that_cannot_start_says_why(tmp_path: Path):
+    """A local node that cannot start fails at once with the node's own reason, not only
+    its exit code: its port taken, its state file damaged."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ChainLaunchError, match=rf"port {port}: .*[Aa]ddress already in use"):
+            LocalChain(accounts=1, port=port).start()
+    state = tmp_path / "state.json"
+    state.write_text("{not json")
+    with pytest.raises(ChainLaunchError, match=r"exited with code \d+ on port \d+: .*state.json"):
+        LocalChain(accounts=1, state_path=state).start()
 
 
 def test_a_waited_transaction_comes_back_mined_from_one_send(
