@@ -188,8 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8545)
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument("--state", type=Path, help="file that keeps the chain across restarts")
+    parser.add_argument(
+        "--block-time",
+        type=float,
+        help="mine a block every this many seconds, as a public chain does (default: one "
+        "block per transaction, at once)",
+    )
     args = parser.parse_args(argv)
-    node = LocalChain(host=args.host, port=args.port, accounts=args.accounts, state_path=args.state)
+    node = LocalChain(
+        host=args.host,
+        port=args.port,
+        accounts=args.accounts,
+        state_path=args.state,
+        block_time=args.block_time,
+    )
     try:
         node.start()
     except FlexError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -165,6 +166,30 @@ def web_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def block_time_seconds(text: str) -> str:
+    """``text`` as the local chain's seconds between blocks ("" for none: a block per
+    transaction); ValueError naming what is wrong unless a number of seconds from 0.001."""
+    text = text.strip()
+    if not text:
+        return ""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0.001):
+        raise ValueError(f"must be a number of seconds of at least 0.001, not {text!r}")
+    return text
+
+
+def chain_block_time() -> str:
+    """FLEX_CHAIN_BLOCK_TIME: the local chain mines a block every so many seconds, as a public
+    chain does; unset, a block per transaction, at once ("")."""
+    try:
+        return block_time_seconds(os.environ.get("FLEX_CHAIN_BLOCK_TIME", ""))
+    except ValueError as exc:
+        raise SystemExit(f"error: FLEX_CHAIN_BLOCK_TIME {exc}") from None
+
+
 def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
     """The web server: every HTTP request through FLEX's WSGI application under gunicorn, in
     web_workers() processes of WEB_THREADS threads that share the port."""
@@ -288,6 +313,7 @@ def stack(
     live_port = int(os.environ.get("FLEX_LIVE_PORT") or free_port())
     chain_host = os.environ.get("FLEX_CHAIN_HOST", "127.0.0.1")
     chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
+    block_time = chain_block_time()
     local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
     local_chain = "127.0.0.1" if chain_host in ("0.0.0.0", "::") else chain_host
     public_url = os.environ.get("FLEX_PUBLIC_URL") or f"http://{local_web}:{web_port}"
@@ -315,7 +341,11 @@ def stack(
     admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
-        say(f"starting the local chain on {chain_host}:{chain_port} (state in {var}/chain/)")
+        mining = f"a block every {block_time} s" if block_time else "a block per transaction"
+        say(
+            f"starting the local chain on {chain_host}:{chain_port} "
+            f"({mining}; state in {var}/chain/)"
+        )
         sup.start(
             "chain",
             [
@@ -328,6 +358,7 @@ def stack(
                 str(chain_port),
                 "--state",
                 str(var / "chain" / "state.json"),
+                *(["--block-time", block_time] if block_time else []),
             ],
         )
         from chain.node import connect

@@ -31,14 +31,18 @@ def var(tmp_path) -> Iterator[Path]:
     stack_vhost_delete(tmp_path)
 
 
-def _run_demo(var: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
-    """`python -m stack.devstack demo` on free ports, its own broker vhost and SQLite."""
+def _run_demo(
+    var: Path, *args: str, block_time: str = ""
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """`python -m stack.devstack demo` on free ports, its own broker vhost and SQLite; with
+    ``block_time``, on a chain that mines a block every so many seconds."""
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{var / 'db.sqlite3'}",
         "FLEX_WEB_PORT": str(free_port()),
         "FLEX_CHAIN_PORT": str(free_port()),
         "FLEX_SYNC_INTERVAL_S": "0.5",
+        "FLEX_CHAIN_BLOCK_TIME": block_time,
     }
     cmd = [
         sys.executable, "-m", "stack.devstack", "demo", "--var", str(var),
@@ -66,10 +70,21 @@ def _conserved(summary: dict) -> bool:
     return out + int(summary["refund_wei"]) == put_in
 
 
-def test_task_runs_from_budget_to_verified_model(var):
-    done, summary = _run_demo(var)
+@pytest.mark.parametrize(
+    "block_time",
+    [
+        pytest.param("", id="a-block-per-transaction"),
+        # As on a public chain: the round's updates share blocks, and the chain's clock,
+        # which the deadlines go by, moves a second at a time.
+        pytest.param("1", id="a-block-a-second"),
+    ],
+)
+def test_task_runs_from_budget_to_verified_model(var, block_time):
+    done, summary = _run_demo(var, block_time=block_time)
 
     assert done.returncode == 0, done.stdout[-6000:]
+    mining = f"a block every {block_time} s" if block_time else "a block per transaction"
+    assert f"({mining}; state in" in done.stdout
     assert summary["state"] == "finalized"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert all(r["updates"] == TRAINERS for r in summary["rounds"])
