@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import selectors
 import socket
 import ssl
 import sys
@@ -51,6 +52,41 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
     plane: DataPlaneServer
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A peer gone between select and accept must not leave accept() waiting for the next.
+        self.socket.setblocking(False)
+        self._stopping = threading.Event()
+        # What stop_serving writes to: the loop's one reason to wake besides a peer.
+        self._wake_read, self._wake_write = socket.socketpair()
+
+    def serve(self) -> None:
+        """Accept connections until stop_serving(), asleep while no peer connects.
+
+        socketserver's serve_forever wakes every poll interval to look for its shutdown: near
+        nothing for one node, but a process serving hundreds of simulated nodes runs as many
+        loops, and at ten looks a second each they took a twentieth of a core doing nothing.
+        """
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_read, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self and not self._stopping.is_set():
+                        self._handle_request_noblock()
+                self.service_actions()
+
+    def stop_serving(self) -> None:
+        """Make serve() return (at once, even while it sleeps); the caller joins its thread."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"\0")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_read.close()
+        self._wake_write.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         # The TLS handshake runs in the connection's own thread (_Handler.setup), under its
@@ -344,11 +380,7 @@ class DataPlaneServer:
         self.port = httpd.server_address[1]
         self._httpd = httpd
         self._thread = threading.Thread(
-            target=httpd.serve_forever,
-            # How often the loop looks for stop(): the longest stop() waits, near-free when idle.
-            kwargs={"poll_interval": 0.1},
-            name=f"flex-dataplane-{self.port}",
-            daemon=True,
+            target=httpd.serve, name=f"flex-dataplane-{self.port}", daemon=True
         )
         self.serving = True
         self._thread.start()
@@ -368,15 +400,15 @@ class DataPlaneServer:
         if self._httpd is None:
             return
         self.serving = False
-        self._httpd.shutdown()
+        self._httpd.stop_serving()
+        if self._thread is not None:
+            self._thread.join()
         self._httpd.server_close()
         for connection in set(self.connections):
             # Only the reading half of the plain socket (SSLSocket.shutdown would end TLS under
             # a response being sent): the connection's thread reads no further request.
             with contextlib.suppress(OSError):
                 socket.socket.shutdown(connection, socket.SHUT_RD)
-        if self._thread is not None:
-            self._thread.join()
         self._httpd = self._thread = None
         log.info("data plane of %s on port %d stopped", self.node_address, self.port)
 

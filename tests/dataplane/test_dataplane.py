@@ -11,6 +11,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,6 +231,26 @@ def test_a_stopped_server_serves_no_connection_kept_open_to_it(
         assert _fetch(plane, stored) == blob
     with pytest.raises(FetchFailedError):
         _fetch(plane, stored, retries=0)
+
+
+def _wakeups(thread: threading.Thread) -> int:
+    """How many times the thread has gone to sleep and woken since it started."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_an_idle_server_sleeps_until_a_peer_connects(server: DataPlaneServer) -> None:
+    """A process may serve hundreds of simulated nodes' data planes: while nobody connects,
+    none of them wakes to look for a stop, and a stop still ends the loop at once."""
+    loop = server._thread
+    assert loop is not None
+    before = _wakeups(loop)
+    time.sleep(1.0)
+    assert _wakeups(loop) - before <= 1
+    assert _get(server, "/health", {}).json()["status"] == "ok"
+    assert _wakeups(loop) > before  # the connection woke it
+    server.stop()
+    assert not loop.is_alive()
 
 
 def _fresh_in_child(url: str, sha256: str) -> bool:
