@@ -166,28 +166,22 @@ def web_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def block_time_seconds(text: str) -> str:
-    """``text`` as the local chain's seconds between blocks ("" for none: a block per
-    transaction); ValueError naming what is wrong unless a number of seconds from 0.001."""
-    text = text.strip()
-    if not text:
-        return ""
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0.001):
-        raise ValueError(f"must be a number of seconds of at least 0.001, not {text!r}")
-    return text
-
-
 def chain_block_time() -> str:
     """FLEX_CHAIN_BLOCK_TIME: the local chain mines a block every so many seconds, as a public
     chain does; unset, a block per transaction, at once ("")."""
+    configured = os.environ.get("FLEX_CHAIN_BLOCK_TIME", "").strip()
+    if not configured:
+        return ""
     try:
-        return block_time_seconds(os.environ.get("FLEX_CHAIN_BLOCK_TIME", ""))
-    except ValueError as exc:
-        raise SystemExit(f"error: FLEX_CHAIN_BLOCK_TIME {exc}") from None
+        seconds = float(configured)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0.001):
+        raise SystemExit(
+            "error: FLEX_CHAIN_BLOCK_TIME must be a number of seconds of at least 0.001, "
+            f"not {configured!r}"
+        )
+    return configured
 
 
 def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
