@@ -52,6 +52,9 @@ BUYER = "bench-buyer"
 # Goals at the default sizes: requests per second of each URL, and the slowest 1 % under.
 TARGET_RPS = {"task_list": 200, "api_tasks": 300}
 TARGET_P99_MS = 250
+# A task at FlexMarket's limits (MAX_BIDS, MAX_TRAINERS, MAX_ROUNDS), whose page and API
+# detail are measured beside the lists.
+LIMITS = {"bids": 1000, "trainers": 128, "rounds": 100}
 
 
 def free_port() -> int:
@@ -201,18 +204,10 @@ def seed(*, tasks: int, bids: int, devices: int) -> dict[str, str]:
     """
     from datetime import timedelta
 
-    from django.contrib.auth import (
-        BACKEND_SESSION_KEY,
-        HASH_SESSION_KEY,
-        SESSION_KEY,
-        get_user_model,
-    )
-    from django.contrib.sessions.backends.db import SessionStore
+    from django.contrib.auth import get_user_model
     from django.core.management import call_command
-    from django.db import connection
     from django.utils import timezone
     from eth_account import Account
-    from rest_framework.authtoken.models import Token
 
     from marketplace.models import Bid, Device, Role, Task, TaskOrder, TaskState, Wallet
     from training.spec import TaskSpec
@@ -288,10 +283,24 @@ def seed(*, tasks: int, bids: int, devices: int) -> dict[str, str]:
                 )
             )
     Bid.objects.bulk_create(made, batch_size=2000)
+    return signed_in(user)
+
+
+def analyze() -> None:
+    """What autovacuum does soon after a bulk load: the planner's statistics of the rows."""
+    from django.db import connection
+
     if connection.vendor == "postgresql":
-        # What autovacuum does soon after a bulk load: the planner's statistics of the rows.
         with connection.cursor() as cursor:
             cursor.execute("ANALYZE")
+
+
+def signed_in(user) -> dict[str, str]:
+    """A session and an API token of ``user``."""
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+    from django.contrib.sessions.backends.db import SessionStore
+    from rest_framework.authtoken.models import Token
+
     session = SessionStore()
     session[SESSION_KEY] = str(user.pk)
     session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
@@ -299,6 +308,165 @@ def seed(*, tasks: int, bids: int, devices: int) -> dict[str, str]:
     session.create()
     token = Token.objects.create(user=user)
     return {"session": session.session_key, "token": token.key}
+
+
+def seed_task_at_limits(*, rounds: int, bids: int, trainers: int) -> tuple[int, dict[str, str]]:
+    """One finished task at the contract's limits, of a buyer of its own: ``bids`` bids,
+    ``trainers`` trainers and an aggregator selected, ``rounds`` rounds with every trainer's
+    update and both reports, its events and its settlement (bulk_create, no chain); its id,
+    and its buyer's session and token."""
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+    from eth_account import Account
+
+    from marketplace.models import (
+        Bid,
+        ChainEventRecord,
+        Payout,
+        PayoutReason,
+        Role,
+        Round,
+        RoundReport,
+        SelectedNode,
+        Task,
+        TaskState,
+        Update,
+        UpdateReport,
+    )
+    from training.spec import TaskSpec
+
+    spec = TaskSpec.from_dict({"model": "digits-mlp", "dataset": "digits-8x8", "rounds": rounds})
+    newest = Task.objects.order_by("-chain_task_id").first()
+    task_id = (newest.chain_task_id if newest else 0) + 1
+    block = (newest.created_block if newest else 0) + 1
+    counter = iter(range(1, 10**9))
+
+    def tx() -> str:
+        return f"0x{task_id:016x}{next(counter):048x}"
+
+    task = Task.objects.create(
+        chain_task_id=task_id,
+        buyer=(buyer := get_user_model().objects.create_user(username=BUYER + "-at-limits")),
+        buyer_address=Account.create().address,
+        spec_hash=spec.hash_hex,
+        state=TaskState.FINALIZED,
+        budget_wei=10**20,
+        rounds=rounds,
+        min_trainers=trainers,
+        max_trainers=trainers,
+        bidding_ends=timezone.now(),
+        round_timeout_s=600,
+        created_tx=tx(),
+        created_block=block,
+        published_rounds=rounds + 1,
+    )
+    devices = [Account.create().address for _ in range(bids)]
+    task.aggregator = devices[0]
+    task.save(update_fields=["aggregator"])
+    events: list[ChainEventRecord] = []
+
+    def event(name: str, row: Any) -> None:
+        events.append(
+            ChainEventRecord(
+                task_id=task_id,
+                name=name,
+                args={},
+                tx_hash=row.tx_hash,
+                block_number=row.block_number,
+                block_hash="0x" + "ab" * 32,
+                log_index=len(events),
+            )
+        )
+
+    made = Bid.objects.bulk_create(
+        Bid(
+            task=task,
+            device=device,
+            bid_index=i,
+            role=Role.AGGREGATOR if i == 0 else Role.TRAINER,
+            price_per_round_wei=10**14 + i,
+            samples=100 + i,
+            tx_hash=tx(),
+            block_number=(block := block + 1),
+        )
+        for i, device in enumerate(devices)
+    )
+    for row in made:
+        event("BidPlaced", row)
+    chosen = devices[1 : trainers + 1]
+    selected_at = (tx(), block := block + 1)
+    SelectedNode.objects.bulk_create(
+        SelectedNode(
+            task=task,
+            device=device,
+            role=Role.TRAINER if position is not None else Role.AGGREGATOR,
+            position=position,
+            price_per_round_wei=10**14,
+            tx_hash=selected_at[0],
+            block_number=selected_at[1],
+        )
+        for position, device in [(None, devices[0]), *enumerate(chosen)]
+    )
+    published, updates = [], []
+    for number in range(rounds + 1):
+        published.append(
+            Round(
+                task=task,
+                number=number,
+                global_model_id=f"0x{tx()[2:]}",
+                aggregated_mask=str(2**trainers - 1) if number else "0",
+                updates_aggregated=trainers if number else 0,
+                scores=[1000 + p for p in range(trainers)] if number else [],
+                tx_hash=tx(),
+                block_number=(block := block + 1),
+            )
+        )
+        if number < rounds:
+            updates += [
+                Update(
+                    task=task,
+                    round_number=number,
+                    trainer=device,
+                    position=position,
+                    model_id=f"0x{tx()[2:]}",
+                    tx_hash=tx(),
+                    block_number=(block := block + 1),
+                )
+                for position, device in enumerate(chosen)
+            ]
+    Round.objects.bulk_create(published)
+    Update.objects.bulk_create(updates, batch_size=2000)
+    RoundReport.objects.bulk_create(
+        RoundReport(round=r, model_id=r.global_model_id, tx_hash=r.tx_hash, accuracy=0.9, loss=0.3)
+        for r in published
+    )
+    UpdateReport.objects.bulk_create(
+        (
+            UpdateReport(update=u, model_id=u.model_id, num_examples=100, loss=0.3, train_s=1.0)
+            for u in updates
+        ),
+        batch_size=2000,
+    )
+    for row in sorted([*published, *updates], key=lambda r: r.block_number):
+        event("UpdateSubmitted" if isinstance(row, Update) else "GlobalModelPublished", row)
+    settled = (tx(), block + 1)
+    payouts = [
+        Payout(
+            task=task,
+            log_index=i,
+            account=device,
+            amount_wei=10**15,
+            reason=PayoutReason.TRAINER_PAY,
+            tx_hash=settled[0],
+            block_number=settled[1],
+        )
+        for i, device in enumerate(chosen)
+    ]
+    Payout.objects.bulk_create(payouts)
+    for row in payouts:
+        event("PaymentCredited", row)
+    ChainEventRecord.objects.bulk_create(events, batch_size=2000)
+    return task_id, signed_in(buyer)
 
 
 def queries_per_request(
@@ -428,12 +596,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from django.urls import reverse
 
         login = seed(tasks=args.tasks, bids=args.bids, devices=args.devices)
+        big, big_login = seed_task_at_limits(**LIMITS)
+        analyze()
         page_path, api_path = reverse("task-list"), "/api/tasks/"
         page_headers = {"Cookie": f"sessionid={login['session']}"}
         api_headers = {"Authorization": f"Token {login['token']}"}
+        paths = {
+            "task_list": (page_path, page_headers),
+            "api_tasks": (api_path, api_headers),
+            "task_page": (
+                reverse("task-detail", args=[big]),
+                {"Cookie": f"sessionid={big_login['session']}"},
+            ),
+            "api_task": (
+                f"/api/tasks/{big}/",
+                {"Authorization": f"Token {big_login['token']}"},
+            ),
+        }
         counted = {
-            "task_list": queries_per_request(page_path, page_headers, explain=args.explain),
-            "api_tasks": queries_per_request(api_path, api_headers, explain=args.explain),
+            name: queries_per_request(path, headers, explain=args.explain)
+            for name, (path, headers) in paths.items()
         }
         connections.close_all()  # the throwaway database is dropped at the end
 
@@ -444,12 +626,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with web_server(env, port, log) as server:
             check(base + page_path, page_headers, "bench task")
             listed = check(base + api_path, api_headers, f'"count":{args.tasks}')
-            page = served(base + page_path, page_headers, args, server)
-            api = served(base + api_path, api_headers, args, server)
+            results = {}
+            for name, (path, headers) in paths.items():
+                size = len(check(base + path, headers, "").encode())
+                results[name] = {**served(base + path, headers, args, server), "bytes": size}
     engine = "postgresql" if database_url.startswith("postgres") else "sqlite"
     return {
-        "task_list": {**page, **counted["task_list"]},
-        "api_tasks": {**api, **counted["api_tasks"]},
+        **{name: {**results[name], **counted[name]} for name in paths},
         "setup": {
             "server": f"gunicorn x {web_workers()} x {WEB_THREADS} threads",
             "database": engine,
@@ -458,6 +641,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "devices": args.devices,
             "page": page_path,
             "api": api_path,
+            "task_at_limits": {
+                **LIMITS,
+                "page": paths["task_page"][0],
+                "api": paths["api_task"][0],
+            },
             "page_size": len(json.loads(listed)["results"]),
         },
     }
@@ -468,7 +656,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"{'target':<10} {'requests':>8} {'rps':>8} {'p50 ms':>8} {'p99 ms':>8} {'failed':>6} "
         f"{'cpu ms':>7} {'queries':>7} {'changed':>7}"
     )
-    for name in ("task_list", "api_tasks"):
+    for name in ("task_list", "api_tasks", "task_page", "api_task"):
         r = result[name]
         failed = sum(r["failures"].values())
         print(
@@ -477,10 +665,13 @@ def print_table(result: dict[str, Any]) -> None:
             f"{r['queries']:>7} {r['queries_after_change']:>7}"
         )
     setup = result["setup"]
+    limits = setup["task_at_limits"]
     print(
         f"({setup['tasks']} tasks, {setup['bids']} bids, {setup['database']}, "
         f"{setup['server']}, {result['task_list']['concurrency']} concurrent keep-alive "
-        "connections)"
+        f"connections; task_page and api_task: one task at the contract's limits, "
+        f"{limits['bids']} bids, {limits['trainers']} trainers, {limits['rounds']} rounds, "
+        f"{result['task_page']['bytes'] // 1000} kB and {result['api_task']['bytes'] // 1000} kB)"
     )
 
 

@@ -40,6 +40,8 @@ from marketplace.serializers import (
     TaskCreateInputSerializer,
     TaskSerializer,
     TaskSummarySerializer,
+    TransactionSerializer,
+    UpdateSerializer,
     WeiField,
 )
 from marketplace.services import (
@@ -141,9 +143,11 @@ class TaskListApi(ApiAuthMixin, generics.ListAPIView):
 @extend_schema(
     tags=["tasks"],
     description=(
-        "A task by its id on chain, with its bids, selected nodes, rounds, updates, "
-        "transactions and payouts: the same representation the task page and its live "
-        "updates show. Its buyer and staff only; 404 for anyone else."
+        "A task by its id on chain, with its bids, selected nodes, rounds, payouts, the "
+        "updates of its last two rounds and its latest transactions: the same representation "
+        "the task page and its live updates show (every update and transaction, a page at a "
+        "time: /api/tasks/{id}/updates/ and /api/tasks/{id}/transactions/). Its buyer and "
+        "staff only; 404 for anyone else."
     ),
     responses={200: TaskSerializer, 404: ERROR_SHAPE},
 )
@@ -155,6 +159,40 @@ class TaskDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
         if view is None:
             raise Http404("No such task.")
         return view
+
+
+class _TaskRowsApi(ApiAuthMixin, generics.ListAPIView):
+    """One of a task's lists, a page at a time: ``rows`` (a selector) of the task. Its buyer
+    and staff only; 404 for anyone else."""
+
+    rows: staticmethod
+
+    def get_queryset(self):
+        visible = selectors.task_visible(user=self.request.user)
+        task = visible.filter(chain_task_id=self.kwargs["pk"]).first()
+        if task is None:
+            raise Http404("No such task.")
+        return self.rows(task=task)
+
+
+@extend_schema(
+    tags=["tasks"],
+    description="Every update submitted to a task, by round and trainer position.",
+    responses={200: UpdateSerializer(many=True), 404: ERROR_SHAPE},
+)
+class TaskUpdateListApi(_TaskRowsApi):
+    serializer_class = UpdateSerializer
+    rows = staticmethod(selectors.update_list)
+
+
+@extend_schema(
+    tags=["tasks"],
+    description="Every contract event of a task, in chain order.",
+    responses={200: TransactionSerializer(many=True), 404: ERROR_SHAPE},
+)
+class TaskTransactionListApi(_TaskRowsApi):
+    serializer_class = TransactionSerializer
+    rows = staticmethod(selectors.transaction_list)
 
 
 @extend_schema(

@@ -10,6 +10,12 @@ urlpatterns = [
     path("tasks/", api.TaskListApi.as_view(), name="api-task-list"),
     path("tasks/create/", api.TaskCreateApi.as_view(), name="api-task-create"),
     path("tasks/<int:pk>/", api.TaskDetailApi.as_view(), name="api-task-detail"),
+    path("tasks/<int:pk>/updates/", api.TaskUpdateListApi.as_view(), name="api-task-updates"),
+    path(
+        "tasks/<int:pk>/transactions/",
+        api.TaskTransactionListApi.as_view(),
+        name="api-task-transactions",
+    ),
     path("tasks/<int:pk>/cancel/", api.TaskCancelApi.as_view(), name="api-task-cancel"),
     path("tasks/<int:pk>/model/", api.TaskModelDownloadApi.as_view(), name="api-task-model"),
     path(

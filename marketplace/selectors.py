@@ -26,6 +26,15 @@ from marketplace.models import (
     Update,
 )
 
+# How much of a task's long lists its page and API show with the task: at the contract's
+# limits (1,000 bids, 128 trainers, 100 rounds) it has 1,000 bids, 12,800 updates and scores,
+# and as many transactions. Whole, they are read a page at a time (bid_list, update_list,
+# transaction_list); every score is in the rounds' scores.
+BIDS_SHOWN = 50
+UPDATE_ROUNDS_SHOWN = 2
+TRANSACTIONS_SHOWN = 50
+CONTRIBUTION_ROUNDS_SHOWN = 10
+
 # ---------------------------------------------------------------- who may see a task
 
 
@@ -141,7 +150,10 @@ class TaskView:
 
     @functools.cached_property
     def bids(self) -> list:
-        return self._rows("bids", "bid_index")
+        """The task's latest BIDS_SHOWN bids, in bid order."""
+        if self.task is None:
+            return []
+        return self.task.bids.order_by("-bid_index")[:BIDS_SHOWN][::-1]
 
     @functools.cached_property
     def selected(self) -> list:
@@ -155,9 +167,16 @@ class TaskView:
 
     @functools.cached_property
     def updates(self) -> list:
+        """The updates of the task's last UPDATE_ROUNDS_SHOWN rounds (the round under way and
+        the one its global model closed); every update, a page at a time: update_list."""
         if self.task is None:
             return []
-        return list(self.task.updates.select_related("report").order_by("round_number", "position"))
+        since = max(self.published_rounds - UPDATE_ROUNDS_SHOWN, 0)
+        return list(update_list(task=self.task).filter(round_number__gte=since))
+
+    @functools.cached_property
+    def update_count(self) -> int:
+        return 0 if self.task is None else self.task.updates.count()
 
     @functools.cached_property
     def payouts(self) -> list:
@@ -165,31 +184,54 @@ class TaskView:
 
     @functools.cached_property
     def transactions(self) -> list[ChainEventRecord]:
-        """Every contract event of the task, in chain order."""
+        """The contract events of the task's latest TRANSACTIONS_SHOWN transactions, in chain
+        order; every event, a page at a time: transaction_list."""
         if self.task is None:
             return []
-        records = ChainEventRecord.objects.filter(task_id=self.task.chain_task_id)
-        return list(records.order_by("block_number", "log_index"))
+        events = transaction_list(task=self.task)
+        latest = (
+            events.order_by("-block_number", "tx_hash")
+            .values_list("tx_hash", flat=True)
+            .distinct()[:TRANSACTIONS_SHOWN]
+        )
+        return list(events.filter(tx_hash__in=latest))
+
+    @functools.cached_property
+    def transaction_count(self) -> int:
+        if self.task is None:
+            return 0
+        return transaction_list(task=self.task).values("tx_hash").distinct().count()
 
     @functools.cached_property
     def contributions(self) -> list[dict[str, Any]]:
-        """Each selected trainer's score and share in every round that its aggregator closed
-        (from the GlobalModelPublished masks and scores) and the pay credited to it (from
-        PaymentCredited; None before settlement). The pay rule itself is the contract's."""
+        """Each selected trainer's score and share in each of the last
+        CONTRIBUTION_ROUNDS_SHOWN rounds of ``rounds_published`` that its aggregator closed
+        (from the GlobalModelPublished masks and scores), in how many of all the task's closed
+        rounds it was aggregated, and the pay credited to it (from PaymentCredited; None
+        before settlement). The pay rule itself is the contract's."""
         trainers = [n for n in self.selected if n.position is not None]
         paid: dict[str, int] = {}
         for p in self.payouts:
             if p.reason == PayoutReason.TRAINER_PAY:
                 paid[p.account.lower()] = paid.get(p.account.lower(), 0) + p.amount_wei
         settled = self.state in (TaskState.FINALIZED, TaskState.ABORTED)
-        closed = [r for r in self.rounds_published if r.number >= 1]
+        closed = [r for r in self.rounds_published if r.number >= 1][-CONTRIBUTION_ROUNDS_SHOWN:]
+        masks = (
+            [
+                int(m)
+                for m in self.task.round_set.filter(number__gte=1).values_list(
+                    "aggregated_mask", flat=True
+                )
+            ]
+            if trainers
+            else []
+        )
         # Submitted updates a closed round left out, with the reason stated on chain.
         submitted = {
-            (u.round_number, u.position): u.get_exclusion_reason_display()
-            or ExclusionReason.UNSTATED.label
-            for u in Update.objects.filter(
+            (number, position): ExclusionReason(reason or ExclusionReason.UNSTATED).label
+            for number, position, reason in Update.objects.filter(
                 task=self.task, round_number__in=[r.number - 1 for r in closed]
-            )
+            ).values_list("round_number", "position", "exclusion_reason")
         }
         out = []
         for node in trainers:
@@ -219,12 +261,13 @@ class TaskView:
                     "position": node.position,
                     "price_per_round_wei": node.price_per_round_wei,
                     "rounds": rounds,
+                    "rounds_aggregated": sum(m >> node.position & 1 for m in masks),
                     "paid_wei": paid.get(node.device.lower(), 0) if settled else None,
                 }
             )
         return out
 
-    @property
+    @functools.cached_property
     def bid_count(self) -> int:
         if self.task is None:
             return 0
@@ -375,6 +418,18 @@ def bid_list(*, user, task_id: int | None = None) -> QuerySet[Bid]:
     if task_id is not None:
         bids = bids.filter(task__chain_task_id=task_id)
     return bids.select_related("task").order_by("-task__chain_task_id", "bid_index")
+
+
+def update_list(*, task: Task) -> QuerySet[Update]:
+    """Every update submitted to ``task``, by round and selection position, with what its
+    trainer reported."""
+    return task.updates.select_related("report").order_by("round_number", "position")
+
+
+def transaction_list(*, task: Task) -> QuerySet[ChainEventRecord]:
+    """Every contract event of ``task``, in chain order."""
+    records = ChainEventRecord.objects.filter(task_id=task.chain_task_id)
+    return records.order_by("block_number", "log_index")
 
 
 def bid_get_queryset(*, user) -> QuerySet[Bid]:

@@ -157,7 +157,13 @@ class ContributionSerializer(serializers.Serializer):
     trainer = serializers.CharField()
     position = serializers.IntegerField()
     price_per_round_wei = WeiField()
-    rounds = RoundScoreSerializer(many=True)
+    rounds = RoundScoreSerializer(
+        many=True,
+        help_text="The last 10 closed rounds; every round's scores are in rounds_published.",
+    )
+    rounds_aggregated = serializers.IntegerField(
+        help_text="How many of the task's closed rounds aggregated its update."
+    )
     paid_wei = WeiField(allow_null=True, help_text="None before the task is settled.")
 
 
@@ -227,11 +233,26 @@ class TaskSerializer(TaskSummarySerializer):
     challenge_bounty_wei = WeiField(allow_null=True)
     created_tx = serializers.CharField()
     created_block = serializers.IntegerField(allow_null=True)
-    bids = BidSerializer(many=True)
+    bids = BidSerializer(
+        many=True,
+        help_text="The latest 50 bids, in bid order; every bid, a page at a time: "
+        "/api/bids/?task={id}.",
+    )
+    bid_count = serializers.IntegerField()
     selected = SelectedSerializer(many=True)
     rounds_published = RoundSerializer(many=True)
-    updates = UpdateSerializer(many=True)
-    transactions = TransactionSerializer(many=True)
+    updates = UpdateSerializer(
+        many=True,
+        help_text="The updates of the last two rounds (the round under way and the one before "
+        "it); every update, a page at a time: /api/tasks/{id}/updates/.",
+    )
+    update_count = serializers.IntegerField(help_text="Updates submitted in every round.")
+    transactions = TransactionSerializer(
+        many=True,
+        help_text="The events of the task's latest 50 transactions, in chain order; every "
+        "event, a page at a time: /api/tasks/{id}/transactions/.",
+    )
+    transaction_count = serializers.IntegerField(help_text="The task's transactions.")
     payouts = PayoutSerializer(many=True)
     contributions = ContributionSerializer(many=True)
 

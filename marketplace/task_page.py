@@ -18,7 +18,13 @@ from django.utils.dateparse import parse_datetime
 
 from marketplace import contract
 from marketplace.models import ChainEventRecord, Device, PayoutReason, TaskState
-from marketplace.selectors import TaskView
+from marketplace.selectors import (
+    BIDS_SHOWN,
+    CONTRIBUTION_ROUNDS_SHOWN,
+    TRANSACTIONS_SHOWN,
+    UPDATE_ROUNDS_SHOWN,
+    TaskView,
+)
 from marketplace.serializers import TaskSerializer
 
 _STEPS = (
@@ -87,8 +93,15 @@ def task_delta_message(
         .order_by("number")
     )
     payouts = list(task.payouts.filter(at).order_by("block_number", "log_index"))
+    # The task's totals, read once for both views below.
+    counts = {
+        "bid_count": view.bid_count,
+        "update_count": view.update_count,
+        "transaction_count": view.transaction_count,
+    }
     changed = _view_with(
         view,
+        **counts,
         bids=list(task.bids.filter(at).order_by("bid_index")),
         selected=[n for n in selected if n.block_number in blocks],
         rounds_published=changed_rounds,
@@ -126,6 +139,7 @@ def task_delta_message(
     context_rounds = {r.number: r for r in (*measured.order_by("-number")[:3], *under_way)}
     context = _view_with(
         view,
+        **counts,
         bids=[],
         selected=selected,
         rounds_published=[context_rounds[n] for n in sorted(context_rounds)],
@@ -145,8 +159,9 @@ def task_delta_message(
     return _message(DELTA, seq, snapshot, page)
 
 
-def _view_with(view: TaskView, **rows: list) -> TaskView:
-    """``view`` with these rows as its lists (TaskView's cached properties, filled in)."""
+def _view_with(view: TaskView, **rows: Any) -> TaskView:
+    """``view`` with these rows as its lists and counts (TaskView's cached properties, filled
+    in)."""
     part = TaskView(task=view.task, order=view.order)
     part.__dict__.update(rows)
     return part
@@ -187,6 +202,13 @@ def page_view(snapshot: dict) -> dict[str, Any]:
     return {
         "steps": steps,
         "tx_rows": transaction_rows(snapshot["transactions"]),
+        # How much of the lists that grow with the rounds the page keeps as deltas come.
+        "shown": {
+            "bids": BIDS_SHOWN,
+            "transactions": TRANSACTIONS_SHOWN,
+            "update_rounds": UPDATE_ROUNDS_SHOWN,
+            "contribution_rounds": CONTRIBUTION_ROUNDS_SHOWN,
+        },
         "done_rounds": max(snapshot["published_rounds"] - 1, 0),
         "round_note": note,
         "latest_accuracy": latest["accuracy"] if latest else None,
@@ -242,14 +264,16 @@ PAY_NOTE = (
 
 
 def contribution_rounds(snapshot: dict) -> list[int]:
-    """The rounds whose updates have been judged (their next global model is out)."""
-    return [r["number"] - 1 for r in snapshot["rounds_published"] if r["number"] >= 1]
+    """The last CONTRIBUTION_ROUNDS_SHOWN rounds whose updates have been judged (their next
+    global model is out)."""
+    judged = [r["number"] - 1 for r in snapshot["rounds_published"] if r["number"] >= 1]
+    return judged[-CONTRIBUTION_ROUNDS_SHOWN:]
 
 
 def contribution_rows(snapshot: dict) -> list[dict]:
-    """Per trainer, one cell per judged round (its share of the round's scores, "left out"
-    with the reason stated on chain for a submitted update, or "unscored") and the pay
-    credited to it."""
+    """Per trainer, one cell per judged round shown (its share of the round's scores, "left
+    out" with the reason stated on chain for a submitted update, or "unscored"), in how many
+    judged rounds it was aggregated, and the pay credited to it."""
     rows = []
     for c in snapshot["contributions"]:
         cells = []
@@ -260,7 +284,14 @@ def contribution_rows(snapshot: dict) -> list[dict]:
                 cells.append("unscored")
             else:
                 cells.append(f"{r['share_bp'] // 100}.{r['share_bp'] % 100:02d} % ({r['score']})")
-        rows.append({"trainer": c["trainer"], "cells": cells, "paid_wei": c["paid_wei"]})
+        rows.append(
+            {
+                "trainer": c["trainer"],
+                "cells": cells,
+                "rounds_aggregated": c["rounds_aggregated"],
+                "paid_wei": c["paid_wei"],
+            }
+        )
     return rows
 
 

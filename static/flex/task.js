@@ -160,6 +160,7 @@
     },
     {
       body: "bids-body", list: (m) => m.snapshot.bids, key: (b) => b.device, cols: 4,
+      keep: () => last.view.shown.bids,
       empty: "No bids yet. Devices that fit the task bid while bidding is open.",
       cells: (b) => `<td>${device(b.device)}</td><td><span class="badge role">${esc(b.role)}</span></td><td class="num">${eth(b.price_per_round_wei)} ETH</td><td class="num wide">${esc(b.samples)}</td>`,
     },
@@ -170,6 +171,7 @@
     },
     {
       body: "tx-body", list: (m) => m.view.tx_rows, key: (t) => t.tx_hash, cols: 3,
+      keep: () => last.view.shown.transactions,
       empty: "No transactions seen yet.",
       cells: (t) => `<td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td>`,
     },
@@ -204,16 +206,19 @@
       else if (old.innerHTML !== fresh.innerHTML) old.replaceWith(fresh);
       rowsByKey.set(fresh.dataset.key, fresh);
     }
+    // A table of the latest rows only drops its oldest as new ones come.
+    const keep = table.keep ? table.keep() : Infinity;
+    while (el.children.length > keep) el.firstElementChild.remove();
     flash(el);
   }
   function drawContributions(v) {
     const head = $("contrib-head");
     if (head) {
-      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Paid</th></tr>`;
+      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Aggregated</th><th class="num">Paid</th></tr>`;
     }
     fill({
       body: "contrib-body", key: (c) => c.trainer, cols: 2, empty: "Scored as rounds close.",
-      cells: (c) => `<td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td>`,
+      cells: (c) => `<td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${esc(c.rounds_aggregated)} of ${esc(v.done_rounds)}</td><td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td>`,
     }, v.contribution_rows || []);
   }
 
@@ -246,7 +251,11 @@
     setText("stat-accuracy", pct(v.latest_accuracy));
     setText("stat-loss", v.latest_loss === null || v.latest_loss === undefined ? "after the first round" : "loss " + num(v.latest_loss, 4));
     setHTML("stat-devices", `${esc(v.trainers_selected)} <small>selected</small>`);
-    setText("stat-bids", `${s.min_trainers}–${s.max_trainers} wanted · ${s.bids.length} bid${s.bids.length === 1 ? "" : "s"}${s.aggregator ? " · plus the aggregator" : ""}`);
+    setText("stat-bids", `${s.min_trainers}–${s.max_trainers} wanted · ${s.bid_count} bid${s.bid_count === 1 ? "" : "s"}${s.aggregator ? " · plus the aggregator" : ""}`);
+
+    const latest = (shown, total) => (total > shown ? `the latest ${shown} of ${total} · ` : "");
+    setText("tx-note", latest((v.tx_rows || []).length, s.transaction_count));
+    setText("bids-note", latest(s.bids.length, s.bid_count));
 
     drawChart(s.rounds_published);
     drawWait(v.round_wait);
@@ -288,45 +297,57 @@
       else { at.set(k, list.length); list.push(item); }
     }
   }
-  function mergeContributions(into, rows) {
+  function mergeContributions(into, rows, keep) {
     const byTrainer = new Map(into.map((c) => [c.trainer, c]));
     for (const c of rows) {
       const old = byTrainer.get(c.trainer);
       if (!old) { into.push(c); byTrainer.set(c.trainer, c); continue; }
       mergeRows(old.rounds, c.rounds, (r) => String(r.round));
       old.rounds.sort((a, b) => a.round - b.round);
+      old.rounds.splice(0, Math.max(0, old.rounds.length - keep));
+      old.rounds_aggregated = c.rounds_aggregated;
       old.paid_wei = c.paid_wei;
     }
   }
   // The contribution table's rows hold one cell per round of contribution_rounds.
   function mergeContributionRows(v, d) {
-    const rounds = Array.from(new Set([...(v.contribution_rounds || []), ...d.contribution_rounds])).sort((a, b) => a - b);
+    const rounds = Array.from(new Set([...(v.contribution_rounds || []), ...d.contribution_rounds]))
+      .sort((a, b) => a - b).slice(-v.shown.contribution_rounds);
     const cells = new Map();
     const paid = new Map();
+    const aggregated = new Map();
     for (const [view, list] of [[v, v.contribution_rows || []], [d, d.contribution_rows]]) {
       for (const c of list) {
         const byRound = cells.get(c.trainer) || new Map();
         (view.contribution_rounds || []).forEach((r, i) => byRound.set(r, c.cells[i]));
         cells.set(c.trainer, byRound);
         paid.set(c.trainer, c.paid_wei);
+        aggregated.set(c.trainer, c.rounds_aggregated);
       }
     }
     v.contribution_rounds = rounds;
     v.contribution_rows = Array.from(cells, ([trainer, byRound]) => ({
-      trainer, cells: rounds.map((r) => byRound.get(r) ?? ""), paid_wei: paid.get(trainer),
+      trainer, cells: rounds.map((r) => byRound.get(r) ?? ""),
+      rounds_aggregated: aggregated.get(trainer), paid_wei: paid.get(trainer),
     }));
   }
   function merge(msg, delta) {
     const s = msg.snapshot;
     const v = msg.view;
+    const d = delta.view;
     for (const [name, value] of Object.entries(delta.snapshot)) {
       if (SNAPSHOT_KEYS[name]) mergeRows(s[name] = s[name] || [], value, SNAPSHOT_KEYS[name]);
-      else if (name === "contributions") mergeContributions(s.contributions = s.contributions || [], value);
+      else if (name === "contributions") mergeContributions(s.contributions = s.contributions || [], value, v.shown.contribution_rounds);
       else s[name] = value;
     }
     s.rounds_published.sort((a, b) => a.number - b.number);
-    const d = delta.view;
     mergeRows(v.tx_rows = v.tx_rows || [], d.tx_rows || [], (t) => t.tx_hash);
+    // The lists that grow with the rounds keep what the server's snapshot would hold.
+    v.tx_rows.splice(0, Math.max(0, v.tx_rows.length - v.shown.transactions));
+    const kept = new Set(v.tx_rows.map((t) => t.tx_hash));
+    s.transactions = s.transactions.filter((t) => kept.has(t.tx_hash));
+    s.updates = s.updates.filter((u) => u.round >= s.published_rounds - v.shown.update_rounds);
+    s.bids.splice(0, Math.max(0, s.bids.length - v.shown.bids));
     Object.assign(v.device_names = v.device_names || {}, d.device_names || {});
     mergeContributionRows(v, { contribution_rounds: d.contribution_rounds || [], contribution_rows: d.contribution_rows || [] });
     for (const [name, value] of Object.entries(d)) {

@@ -16,8 +16,8 @@ from eth_account.messages import encode_defunct
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
-from marketplace import reports, services
-from marketplace.models import TaskOrder
+from marketplace import reports, selectors, services, task_page
+from marketplace.models import Task, TaskOrder
 from marketplace.sync import chain_sync
 from marketplace.sync.push import task_push_next
 from tests.blobs import blob_of
@@ -31,6 +31,7 @@ PRICE_WEI = 10**15
 ROUNDS = 3
 # What the aggregator reports for rounds 1..3: a plausible learning curve.
 METRICS = [(0.62, 1.31), (0.81, 0.74), (0.9, 0.41)]
+TX_SHOWN = 4
 # Generous: on a busy machine posting a task (a mined transaction) can take a while; a live
 # page is waited for, never timed.
 UPDATE_TIMEOUT_MS = 120_000
@@ -83,7 +84,13 @@ def test_buyer_posts_a_task_and_watches_it_live(
     w3,
     chain_rewound,
     devices_played_by_the_test,
+    monkeypatch,
 ):
+    # A long task's page keeps its latest transactions and its last rounds' contributions as
+    # they come: windows this short make this task a long one.
+    for module in (selectors, task_page):
+        monkeypatch.setattr(module, "TRANSACTIONS_SHOWN", TX_SHOWN)
+        monkeypatch.setattr(module, "CONTRIBUTION_ROUNDS_SHOWN", ROUNDS - 1)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UPDATE_TIMEOUT_MS)
@@ -217,9 +224,14 @@ def test_buyer_posts_a_task_and_watches_it_live(
             f"document.querySelectorAll('#chart circle.acc-dot').length === {number}"
         )
         assert page.inner_text("#stat-accuracy") == f"{accuracy * 100:.1f}%"
-    # Each round's contributions arrived as a column of the live table, one row per trainer.
-    page.wait_for_function("document.querySelectorAll('#contrib-head th').length === 2 + 3")
-    assert len(page.query_selector_all("#contrib-body tr")) == 2
+    # Each round's contributions arrived as a column of the live table, one row per trainer,
+    # the oldest round's column leaving as the last came; each counts the rounds aggregated.
+    page.wait_for_function(
+        f"document.querySelectorAll('#contrib-head th').length === 3 + {ROUNDS - 1}"
+    )
+    assert "Round 0" not in page.inner_text("#contrib-head")
+    rows = page.query_selector_all("#contrib-body tr")
+    assert [r.inner_text().count(f"{ROUNDS} of {ROUNDS}") for r in rows] == [1, 1]
     assert page.get_attribute("#task-state", "data-state") == "trained"
     assert page.is_visible("#model-link")
 
@@ -234,9 +246,14 @@ def test_buyer_posts_a_task_and_watches_it_live(
     page.wait_for_function("document.getElementById('contrib-body').textContent.includes('ETH')")
     # Pay of the aggregator and 2 trainers, the refund, and the bond and 2 stakes returned.
     assert len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1 + 1 + 2
+    # The latest transactions, the oldest gone as new ones came; all of them in the API.
     tx_text = page.inner_text("#tx-body")
-    assert task.created_tx in tx_text
+    assert task.created_tx not in tx_text
     assert publish.tx_hash in tx_text
+    assert len(page.query_selector_all("#tx-body tr")) == TX_SHOWN
+    total = selectors.transaction_list(task=Task.objects.get(chain_task_id=tid))
+    total = total.values("tx_hash").distinct().count()
+    assert page.inner_text("#tx-note").strip() == f"the latest {TX_SHOWN} of {total} ·"
 
     # All of it arrived over the socket: the page was never reloaded.
     assert page.evaluate("window.__sameDocument") is True

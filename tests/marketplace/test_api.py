@@ -10,11 +10,14 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from django.contrib.staticfiles import finders
+from django.test import Client
+from django.urls import reverse
 from django.utils import timezone
 from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
 from dataplane.signing import sign_request
+from marketplace import selectors
 from marketplace.models import Bid, Task, TaskOrder
 from marketplace.services import device_revoke
 from marketplace.sync import chain_sync
@@ -45,6 +48,8 @@ pytestmark = pytest.mark.django_db
         ("get", "/api/tasks/"),
         ("get", "/api/tasks/1/"),
         ("get", "/api/tasks/1/model/"),
+        ("get", "/api/tasks/1/updates/"),
+        ("get", "/api/tasks/1/transactions/"),
         ("post", "/api/tasks/create/"),
         ("get", "/api/bids/"),
         ("get", "/api/devices/"),
@@ -208,8 +213,70 @@ def test_task_detail_carries_the_mirrored_trade(alice, finished):
         "rounds": [
             {"round": 0, "aggregated": True, "left_out": None, "score": 7, "share_bp": 10_000}
         ],
+        "rounds_aggregated": 1,
         "paid_wei": paid[0]["amount_wei"],
     }
+
+
+def every_row(client, path: str) -> list[dict]:
+    """Every row of an API list, read page after page."""
+    rows, page = [], client.get(path, {"page_size": 2}).json()
+    rows += page["results"]
+    while page["next"]:
+        page = client.get(page["next"]).json()
+        rows += page["results"]
+    return rows
+
+
+def test_task_detail_carries_its_latest_rows_and_its_lists_every_row(
+    alice, bob, admin_user, finished, monkeypatch
+):
+    """At the contract's limits a task has 12,800 updates and as many transactions: its
+    detail (and page, and the live page's snapshot) carries the latest of them with their
+    totals, and every row is read a page at a time."""
+    task = finished[Task]
+    detail_path = f"/api/tasks/{task.chain_task_id}/"
+    client = client_for(alice)
+    events = every_row(client, detail_path + "transactions/")
+    updates = every_row(client, detail_path + "updates/")
+    in_order = list(dict.fromkeys(e["tx_hash"] for e in events))
+    assert [e["name"] for e in events][:2] == ["TaskCreated", "DisputeTermsSet"]
+    assert events[-1]["name"] == "PaymentCredited"
+    assert [(u["round"], u["train_s"]) for u in updates] == [(0, 1.0)]
+
+    bids = every_row(client, f"/api/bids/?task={task.chain_task_id}")
+
+    # A small task is shown whole.
+    detail = client.get(detail_path).json()
+    assert (detail["transactions"], detail["transaction_count"]) == (events, len(in_order))
+    assert (detail["updates"], detail["update_count"]) == (updates, 1)
+    assert (detail["bids"], detail["bid_count"]) == (bids, 2)
+
+    # A long one, its latest bids, its latest transactions whole (every event of each) and
+    # the updates of its last rounds.
+    monkeypatch.setattr(selectors, "BIDS_SHOWN", 1)
+    monkeypatch.setattr(selectors, "TRANSACTIONS_SHOWN", 3)
+    monkeypatch.setattr(selectors, "UPDATE_ROUNDS_SHOWN", 1)
+    detail = client.get(detail_path).json()
+    assert (detail["bids"], detail["bid_count"]) == (bids[-1:], 2)
+    assert detail["transactions"] == [e for e in events if e["tx_hash"] in in_order[-3:]]
+    assert detail["transaction_count"] == len(in_order) > 3
+    assert (detail["updates"], detail["update_count"]) == ([], 1)  # round 0 is not the last
+    page = Client()
+    page.force_login(alice)
+    shown = page.get(reverse("task-detail", args=[task.chain_task_id])).content.decode()
+    assert f"the latest 3 of {len(in_order)}" in shown
+    assert f'href="{detail_path}transactions/"' in shown
+    assert "the latest 1 of 2" in shown
+    assert f'href="/api/bids/?task={task.chain_task_id}"' in shown
+
+    # Only the buyer and staff read them.
+    for path in (detail_path + "transactions/", detail_path + "updates/"):
+        assert_error(client_for(bob).get(path), 404, "not_found")
+        assert client_for(admin_user).get(path).json()["count"] == len(
+            events if "transactions" in path else updates
+        )
+    assert_error(client.get("/api/tasks/999999/updates/"), 404, "not_found")
 
 
 def _npz(x, y) -> bytes:

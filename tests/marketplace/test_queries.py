@@ -98,6 +98,8 @@ def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
             "device page": (staff_page, reverse("device-page", args=[device]), {}),
             "API task list": (buyer_api, "/api/tasks/", {}),
             "API task detail": (buyer_api, f"/api/tasks/{newest}/", {}),
+            "API updates of a task": (buyer_api, f"/api/tasks/{newest}/updates/", {}),
+            "API transactions of a task": (buyer_api, f"/api/tasks/{newest}/transactions/", {}),
             "API bid list": (buyer_api, "/api/bids/", {}),
             "API bids of a task": (buyer_api, "/api/bids/", {"task": newest}),
             "API open tasks": (buyer_api, "/api/open-tasks/", {}),

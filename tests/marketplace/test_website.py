@@ -10,7 +10,7 @@ from eth_account import Account
 
 from chain.events import Role
 from core.units import wei_to_eth
-from marketplace import services
+from marketplace import services, task_page
 from marketplace.models import Device, Payout, Task
 from marketplace.sync import chain_sync
 from marketplace.task_page import page_view, round_wait
@@ -177,7 +177,7 @@ def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_marke
         assert f"{wei_to_eth(paid)} ETH" in html
 
 
-def test_task_page_view_model():
+def test_task_page_view_model(monkeypatch):
     snapshot = {
         "state": "running",
         "rounds": 3,
@@ -205,6 +205,7 @@ def test_task_page_view_model():
                     {"round": 0, "aggregated": True, "score": None, "share_bp": None},
                     {"round": 1, "aggregated": True, "score": 65535, "share_bp": 9845},
                 ],
+                "rounds_aggregated": 2,
                 "paid_wei": None,
             },
             {
@@ -213,6 +214,7 @@ def test_task_page_view_model():
                     {"round": 0, "aggregated": False, "score": None, "share_bp": None},
                     {"round": 1, "aggregated": True, "score": 1023, "share_bp": 155},
                 ],
+                "rounds_aggregated": 1,
                 "paid_wei": "5",
             },
         ],
@@ -231,10 +233,32 @@ def test_task_page_view_model():
     assert not page["refunded"]
     assert page["contribution_rounds"] == [0, 1]
     assert page["contribution_rows"] == [
-        {"trainer": "0xT0", "cells": ["unscored", "98.45 % (65535)"], "paid_wei": None},
-        {"trainer": "0xT1", "cells": ["left out", "1.55 % (1023)"], "paid_wei": "5"},
+        {
+            "trainer": "0xT0",
+            "cells": ["unscored", "98.45 % (65535)"],
+            "rounds_aggregated": 2,
+            "paid_wei": None,
+        },
+        {
+            "trainer": "0xT1",
+            "cells": ["left out", "1.55 % (1023)"],
+            "rounds_aggregated": 1,
+            "paid_wei": "5",
+        },
     ]
     assert "shares" in page["pay_note"]
+    # A long task shows its last judged rounds, and how often each trainer was aggregated.
+    monkeypatch.setattr(task_page, "CONTRIBUTION_ROUNDS_SHOWN", 1)
+    last = {
+        **snapshot,
+        "contributions": [{**c, "rounds": c["rounds"][-1:]} for c in snapshot["contributions"]],
+    }
+    page = page_view(last)
+    assert page["contribution_rounds"] == [1]
+    assert [(r["cells"], r["rounds_aggregated"]) for r in page["contribution_rows"]] == [
+        (["98.45 % (65535)"], 2),
+        (["1.55 % (1023)"], 1),
+    ]
     cancelled = page_view(
         {**snapshot, "state": "cancelled", "current_round": None, "refund_wei": "10"}
     )
