@@ -9,7 +9,11 @@ from tests.marketplace.test_admin import task_run_to_the_end
 
 
 @pytest.fixture(autouse=True)
-def _platform_chain(platform_settings):
+def _platform_chain(platform_settings, chain_rewound):
+    """Every test here runs against the session's contract and leaves the chain as it found
+    it, its clock included: a test that mines past a deadline would otherwise leave the
+    wall-clock deadlines of the tests after it (a task form's bidding end, a round's wait) in
+    the chain's past."""
     return platform_settings
 
 
