@@ -287,12 +287,13 @@ def seed(*, tasks: int, bids: int, devices: int) -> dict[str, str]:
 
 
 def analyze() -> None:
-    """What autovacuum does soon after a bulk load: the planner's statistics of the rows."""
+    """What autovacuum does soon after a bulk load, done before the load is measured rather
+    than during it: the tables vacuumed and the planner's statistics of the rows."""
     from django.db import connection
 
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("ANALYZE")
+            cursor.execute("VACUUM ANALYZE")
 
 
 def signed_in(user) -> dict[str, str]:
