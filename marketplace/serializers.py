@@ -11,6 +11,12 @@ from rest_framework import serializers
 
 from chain.client import DEFAULT_SAMPLE_CAP
 from marketplace.models import Bid, Device, TaskState
+from marketplace.selectors import (
+    BIDS_SHOWN,
+    CONTRIBUTION_ROUNDS_SHOWN,
+    TRANSACTIONS_SHOWN,
+    UPDATE_ROUNDS_SHOWN,
+)
 from marketplace.services import MAX_BIDDING_END
 from training.aggregation import STRATEGIES
 from training.aggregation.functions import MAX_SAMPLES
@@ -159,7 +165,8 @@ class ContributionSerializer(serializers.Serializer):
     price_per_round_wei = WeiField()
     rounds = RoundScoreSerializer(
         many=True,
-        help_text="The last 10 closed rounds; every round's scores are in rounds_published.",
+        help_text=f"The last {CONTRIBUTION_ROUNDS_SHOWN} closed rounds; every round's scores "
+        "are in rounds_published.",
     )
     rounds_aggregated = serializers.IntegerField(
         help_text="How many of the task's closed rounds aggregated its update."
@@ -235,7 +242,7 @@ class TaskSerializer(TaskSummarySerializer):
     created_block = serializers.IntegerField(allow_null=True)
     bids = BidSerializer(
         many=True,
-        help_text="The latest 50 bids, in bid order; every bid, a page at a time: "
+        help_text=f"The latest {BIDS_SHOWN} bids, in bid order; every bid, a page at a time: "
         "/api/bids/?task={id}.",
     )
     bid_count = serializers.IntegerField()
@@ -243,14 +250,14 @@ class TaskSerializer(TaskSummarySerializer):
     rounds_published = RoundSerializer(many=True)
     updates = UpdateSerializer(
         many=True,
-        help_text="The updates of the last two rounds (the round under way and the one before "
-        "it); every update, a page at a time: /api/tasks/{id}/updates/.",
+        help_text=f"The updates of the last {UPDATE_ROUNDS_SHOWN} rounds (the round under way "
+        "and the one before it); every update, a page at a time: /api/tasks/{id}/updates/.",
     )
     update_count = serializers.IntegerField(help_text="Updates submitted in every round.")
     transactions = TransactionSerializer(
         many=True,
-        help_text="The events of the task's latest 50 transactions, in chain order; every "
-        "event, a page at a time: /api/tasks/{id}/transactions/.",
+        help_text=f"The events of the task's latest {TRANSACTIONS_SHOWN} transactions, in chain "
+        "order; every event, a page at a time: /api/tasks/{id}/transactions/.",
     )
     transaction_count = serializers.IntegerField(help_text="The task's transactions.")
     payouts = PayoutSerializer(many=True)
