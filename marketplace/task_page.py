@@ -16,15 +16,9 @@ from typing import Any
 from django.db.models import Q
 from django.utils.dateparse import parse_datetime
 
-from marketplace import contract
+from marketplace import contract, selectors
 from marketplace.models import ChainEventRecord, Device, PayoutReason, TaskState
-from marketplace.selectors import (
-    BIDS_SHOWN,
-    CONTRIBUTION_ROUNDS_SHOWN,
-    TRANSACTIONS_SHOWN,
-    UPDATE_ROUNDS_SHOWN,
-    TaskView,
-)
+from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
 
 _STEPS = (
@@ -204,10 +198,10 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         "tx_rows": transaction_rows(snapshot["transactions"]),
         # How much of the lists that grow with the rounds the page keeps as deltas come.
         "shown": {
-            "bids": BIDS_SHOWN,
-            "transactions": TRANSACTIONS_SHOWN,
-            "update_rounds": UPDATE_ROUNDS_SHOWN,
-            "contribution_rounds": CONTRIBUTION_ROUNDS_SHOWN,
+            "bids": selectors.BIDS_SHOWN,
+            "transactions": selectors.TRANSACTIONS_SHOWN,
+            "update_rounds": selectors.UPDATE_ROUNDS_SHOWN,
+            "contribution_rounds": selectors.CONTRIBUTION_ROUNDS_SHOWN,
         },
         "done_rounds": max(snapshot["published_rounds"] - 1, 0),
         "round_note": note,
@@ -264,10 +258,10 @@ PAY_NOTE = (
 
 
 def contribution_rounds(snapshot: dict) -> list[int]:
-    """The last CONTRIBUTION_ROUNDS_SHOWN rounds whose updates have been judged (their next
-    global model is out)."""
+    """The last CONTRIBUTION_ROUNDS_SHOWN (selectors) rounds whose updates have been judged
+    (their next global model is out)."""
     judged = [r["number"] - 1 for r in snapshot["rounds_published"] if r["number"] >= 1]
-    return judged[-CONTRIBUTION_ROUNDS_SHOWN:]
+    return judged[-selectors.CONTRIBUTION_ROUNDS_SHOWN :]
 
 
 def contribution_rows(snapshot: dict) -> list[dict]:

@@ -16,7 +16,7 @@ from eth_account.messages import encode_defunct
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import join_message
-from marketplace import reports, selectors, services, task_page
+from marketplace import reports, selectors, services
 from marketplace.models import Task, TaskOrder
 from marketplace.sync import chain_sync
 from marketplace.sync.push import task_push_next
@@ -88,9 +88,8 @@ def test_buyer_posts_a_task_and_watches_it_live(
 ):
     # A long task's page keeps its latest transactions and its last rounds' contributions as
     # they come: windows this short make this task a long one.
-    for module in (selectors, task_page):
-        monkeypatch.setattr(module, "TRANSACTIONS_SHOWN", TX_SHOWN)
-        monkeypatch.setattr(module, "CONTRIBUTION_ROUNDS_SHOWN", ROUNDS - 1)
+    monkeypatch.setattr(selectors, "TRANSACTIONS_SHOWN", TX_SHOWN)
+    monkeypatch.setattr(selectors, "CONTRIBUTION_ROUNDS_SHOWN", ROUNDS - 1)
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(UPDATE_TIMEOUT_MS)

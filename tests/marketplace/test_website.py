@@ -10,7 +10,7 @@ from eth_account import Account
 
 from chain.events import Role
 from core.units import wei_to_eth
-from marketplace import services, task_page
+from marketplace import selectors, services
 from marketplace.models import Device, Payout, Task
 from marketplace.sync import chain_sync
 from marketplace.task_page import page_view, round_wait
@@ -248,7 +248,7 @@ def test_task_page_view_model(monkeypatch):
     ]
     assert "shares" in page["pay_note"]
     # A long task shows its last judged rounds, and how often each trainer was aggregated.
-    monkeypatch.setattr(task_page, "CONTRIBUTION_ROUNDS_SHOWN", 1)
+    monkeypatch.setattr(selectors, "CONTRIBUTION_ROUNDS_SHOWN", 1)
     last = {
         **snapshot,
         "contributions": [{**c, "rounds": c["rounds"][-1:]} for c in snapshot["contributions"]],
