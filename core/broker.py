@@ -1,5 +1,5 @@
 """The broker's administration: vhosts (one per stack) and device users, through RabbitMQ's
-management HTTP API, and the broker URLs built from them.
+management HTTP API, the broker URLs built from them, and whether queues have consumers.
 
 The platform holds the administrator's API URL (FLEX_BROKER_API_URL); a device only ever gets
 an AMQP URL with its own user, whose permissions are ``core.queues.device_permissions``.
@@ -12,9 +12,11 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import kombu
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
@@ -207,7 +209,17 @@ class BrokerAdmin:
         """Delete ``user`` (idempotent); the broker closes its open connections at once."""
         self._call("DELETE", f"users/{self._q(user)}", ok_missing=True)
 
-    def queue_consumers(self, *, vhost: str, queue: str) -> int:
-        """How many consumers ``queue`` has (0 when it does not exist yet)."""
-        response = self._call("GET", f"queues/{self._q(vhost)}/{self._q(queue)}", ok_missing=True)
-        return response.json().get("consumers", 0) if response.status_code == 200 else 0
+
+def queues_consumed(broker_url: str, queues: Iterable[str]) -> bool:
+    """Whether every one of ``queues`` has a consumer now, asked over AMQP at ``broker_url``
+    (a passive declare, which the broker answers from the queue itself; the management API's
+    count lags by its statistics interval, five seconds). A queue not declared yet has none."""
+    with kombu.Connection(broker_url) as connection:
+        for queue in queues:
+            try:
+                with connection.channel() as channel:
+                    if not channel.queue_declare(queue=queue, passive=True).consumer_count:
+                        return False
+            except connection.channel_errors:  # no such queue: the broker closed the channel
+                return False
+    return True

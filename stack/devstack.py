@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import requests
 
 from chain.launcher import free_port
-from core.broker import DEFAULT_BROKER_API_URL, BrokerAdmin, url_with, vhost_of
+from core.broker import queues_consumed, url_with
 from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
 from stack.enrolment import (
     Enrolment,
@@ -330,9 +330,7 @@ def stack(
         "FLEX_DATAPLANE_ALLOW_PRIVATE": "true",
     }
     web_url = f"http://{local_web}:{web_port}"
-    vhost = vhost_of(env["FLEX_BROKER_URL"])
     broker_host = urlsplit(env["FLEX_BROKER_URL"]).netloc.rpartition("@")[2]
-    admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
     sup = Supervisor(env=env, log_dir=var / "log")
     try:
         mining = f"a block every {block_time} s" if block_time else "a block per transaction"
@@ -463,7 +461,7 @@ def stack(
         queues = ["platform", *(_config(h)["queues"][0] for h in homes.values())]
         wait_for(
             f"consumers on {len(queues)} queues",
-            lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
+            lambda: queues_consumed(env["FLEX_BROKER_URL"], queues),
             # Each home loads its key, data and data plane first: a simulated fleet of a
             # thousand takes minutes on a busy machine.
             timeout=180 + 2 * len(homes),

@@ -20,8 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from chain.launcher import free_port
-from core.broker import BrokerAdmin, vhost_of
-from stack.backing import DEFAULT_BROKER_API_URL
+from core.broker import queues_consumed
 from stack.demo import DEMO_SPEC, follow_task, withdraw_all
 from stack.devstack import PY, ROOT, _config, manage, say, stack, wait_for
 from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
@@ -90,12 +89,10 @@ def _devices_up(up: dict, net: VirtualNetwork, var: Path) -> dict:
         )
         start = [PY, "-m", "worker", "start", "--home", str(homes[name])]
         up["supervisor"].start(name, host.command(start))
-    admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
-    vhost = vhost_of(env["FLEX_BROKER_URL"])
     queues = [_config(h)["queues"][0] for h in homes.values()]
     wait_for(
         "the devices' workers",
-        lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
+        lambda: queues_consumed(env["FLEX_BROKER_URL"], queues),
         timeout=300,
         sup=up["supervisor"],
     )

@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from core.broker import BrokerAdmin, url_with, vhost_of
-from stack.backing import DEFAULT_BROKER_API_URL
+from core.broker import queues_consumed, url_with
 from stack.demo import DEMO_SPEC, follow_task
 from stack.devstack import LOCAL_DEVICES, PY, LocalDevice, _config, enrol, say, stack, wait_for
 from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
@@ -42,12 +41,10 @@ def _cheats_up(up: dict, var: Path) -> dict:
         behaviour = "freeride" if device.name == "freerider" else "noise"
         cmd = [PY, "-m", "tests.e2e.misbehaving", behaviour, "start", "--home", str(home)]
         up["supervisor"].start(device.name, [*cmd, "--broker-url", url])
-    admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
-    vhost = vhost_of(env["FLEX_BROKER_URL"])
     queues = [_config(homes[d.name])["queues"][0] for d in CHEATS]
     wait_for(
         "the cheats' workers",
-        lambda: all(admin.queue_consumers(vhost=vhost, queue=q) for q in queues),
+        lambda: queues_consumed(env["FLEX_BROKER_URL"], queues),
         timeout=300,
         sup=up["supervisor"],
     )

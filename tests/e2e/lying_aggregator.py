@@ -20,8 +20,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from core.broker import BrokerAdmin, url_with, vhost_of
-from stack.backing import DEFAULT_BROKER_API_URL
+from core.broker import queues_consumed, url_with
 from stack.demo import DEMO_SPEC, follow_task
 from stack.devstack import LOCAL_DEVICES, PY, LocalDevice, _config, enrol, say, stack, wait_for
 
@@ -74,11 +73,10 @@ def _liar_up(up: dict, var: Path) -> dict:
     url = url_with(_config(home)["broker_url"], host=broker_host)
     cmd = [PY, "-m", "tests.e2e.lying_aggregator", "worker", "start", "--home", str(home)]
     up["supervisor"].start(LIAR.name, [*cmd, "--broker-url", url])
-    admin = BrokerAdmin(env.get("FLEX_BROKER_API_URL", DEFAULT_BROKER_API_URL))
-    queue = _config(home)["queues"][0]
+    queues = _config(home)["queues"][:1]
     wait_for(
         "the liar's worker",
-        lambda: admin.queue_consumers(vhost=vhost_of(env["FLEX_BROKER_URL"]), queue=queue),
+        lambda: queues_consumed(env["FLEX_BROKER_URL"], queues),
         timeout=300,
         sup=up["supervisor"],
     )

@@ -35,7 +35,7 @@ from chain.events import (
 )
 from chain.launcher import free_port
 from chain.node import connect
-from core.broker import BrokerAdmin, vhost_of
+from core.broker import queues_consumed
 from core.queues import PLATFORM_QUEUE
 from stack.backing import LocalRabbitMQ, local_redis
 from stack.demo import DEMO_SPEC
@@ -168,9 +168,7 @@ def recovered(up: dict) -> bool:
             return False
         if requests.get(up["web_url"] + "/", timeout=10).status_code >= 500:
             return False
-        admin = BrokerAdmin(up["env"]["FLEX_BROKER_API_URL"])
-        vhost = vhost_of(up["env"]["FLEX_BROKER_URL"])
-        return all(admin.queue_consumers(vhost=vhost, queue=q) for q in up["queues"])
+        return queues_consumed(up["env"]["FLEX_BROKER_URL"], up["queues"])
     except Exception:  # still coming back
         return False
 

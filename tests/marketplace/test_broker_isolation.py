@@ -19,7 +19,7 @@ import requests
 from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
 from celery.contrib.testing.worker import start_worker
 from eth_account.messages import encode_defunct
-from kombu import Connection
+from kombu import Connection, Consumer, Queue
 
 from chain.events import Role, TaskState
 from core.broker import (
@@ -27,6 +27,7 @@ from core.broker import (
     THROWAWAY,
     BrokerAdmin,
     new_vhost_name,
+    queues_consumed,
     url_with,
     vhost_of,
 )
@@ -427,6 +428,19 @@ def test_each_stack_has_a_namespace_of_its_own(tmp_path):
     finally:
         stack_vhost_delete(first)
         stack_vhost_delete(second)
+
+
+def test_a_queue_counts_as_consumed_as_soon_as_a_worker_listens_on_it(vhost):
+    """What the stack waits on before it posts work: asked over AMQP, the broker's answer
+    is current (its management API's count would still say none for up to five seconds)."""
+    assert not queues_consumed(vhost.url, ["platform"])  # not declared yet
+    with Connection(vhost.url) as conn, conn.SimpleQueue("platform"), conn.SimpleQueue("other"):
+        assert not queues_consumed(vhost.url, ["platform"])  # declared, nobody listening
+        with Consumer(conn.channel(), queues=[Queue("platform")], callbacks=[]):
+            assert queues_consumed(vhost.url, ["platform"])
+            assert not queues_consumed(vhost.url, ["platform", "other"])
+            assert not queues_consumed(vhost.url, ["platform", "missing"])
+        assert not queues_consumed(vhost.url, ["platform"])
 
 
 # A throwaway vhost made by a process that then ends without deleting it: a killed run.
