@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from chain.events import CreditReason
+from chain.selection import mask_of
 
 
 def round_pay(prices: Sequence[int], mask: int, scores: Sequence[int] | None) -> list[int]:
@@ -29,6 +30,23 @@ def round_pay(prices: Sequence[int], mask: int, scores: Sequence[int] | None) ->
     for p in used:
         pay[p] = shares[p]
     return pay
+
+
+def trainers_pay(contributions: dict[str, dict]) -> dict[str, int]:
+    """What each trainer of a whole run is owed by the rule above, from its summary's
+    ``contributions`` (stack.demo: each trainer's position, price, and per round whether it
+    was aggregated and its score): each round's pay over the trainers aggregated in it."""
+    trainers = sorted(contributions, key=lambda a: contributions[a]["position"])
+    line = [int(contributions[a]["price_wei"]) for a in trainers]  # as selected on chain
+    owed = dict.fromkeys(trainers, 0)
+    for r in range(len(contributions[trainers[0]]["aggregated"])):
+        used = [a for a in trainers if contributions[a]["aggregated"][r]]
+        mask = mask_of(contributions[a]["position"] for a in used)
+        scores = [contributions[a]["scores"][r] for a in used]
+        scores = None if None in scores else scores  # an unscored round
+        for a, wei in zip(trainers, round_pay(line, mask, scores), strict=True):
+            owed[a] += wei
+    return owed
 
 
 @dataclass

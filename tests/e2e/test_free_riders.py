@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from chain.launcher import free_port
-from chain.selection import mask_of
 from stack.backing import stack_vhost_delete
-from tests.chain.oracle import round_pay
+from tests.chain.oracle import trainers_pay
 from training.scoring import FLOOR, FULL_SCALE
 
 pytestmark = pytest.mark.slow
@@ -84,18 +83,9 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
     # Each is paid exactly what the contract's rule gives for its rounds' masks and scores
     # (tests/chain/oracle.py: a pool of half the prices, shared by score, each share capped
     # at its price, what the caps hold back going to the others by headroom).
-    by_position = sorted(contributions, key=lambda a: contributions[a]["position"])
-    assert [contributions[a]["position"] for a in by_position] == list(range(len(by_position)))
-    line = [int(contributions[a]["price_wei"]) for a in by_position]  # as selected on chain
-    expected = dict.fromkeys(by_position, 0)
-    for r in range(ROUNDS):
-        used = [a for a in by_position if contributions[a]["aggregated"][r]]
-        mask = mask_of(contributions[a]["position"] for a in used)
-        scores = [contributions[a]["scores"][r] for a in used]
-        scores = None if None in scores else scores  # an unscored round
-        for a, wei in zip(by_position, round_pay(line, mask, scores), strict=True):
-            expected[a] += wei
-    assert paid == expected
+    positions = sorted(c["position"] for c in contributions.values())
+    assert positions == list(range(len(contributions)))
+    assert paid == trainers_pay(contributions)
     # The model is no worse than the honest trainers' alone: the noise is aggregated, but at
     # its score's weight (training.scoring.fedavg_weight), 1/64 of its samples.
     final = summary["final_accuracy"]

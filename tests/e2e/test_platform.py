@@ -15,6 +15,7 @@ import pytest
 from chain.launcher import free_port
 from stack.backing import stack_vhost_delete
 from stack.devstack import LOCAL_DEVICES
+from tests.chain.oracle import trainers_pay
 from tests.e2e import BIDDING_WINDOW_S, DISPUTE_WINDOW_S
 
 pytestmark = pytest.mark.slow
@@ -32,10 +33,11 @@ def var(tmp_path) -> Iterator[Path]:
 
 
 def _run_demo(
-    var: Path, *args: str, block_time: str = ""
+    var: Path, *args: str, block_time: str = "", rounds: int = ROUNDS
 ) -> tuple[subprocess.CompletedProcess, dict]:
-    """`python -m stack.devstack demo` on free ports, its own broker vhost and SQLite; with
-    ``block_time``, on a chain that mines a block every so many seconds."""
+    """`python -m stack.devstack demo` on free ports, its own broker vhost and SQLite, for a
+    task of ``rounds``; with ``block_time``, on a chain that mines a block every so many
+    seconds."""
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{var / 'db.sqlite3'}",
@@ -46,7 +48,7 @@ def _run_demo(
     }
     cmd = [
         sys.executable, "-m", "stack.devstack", "demo", "--var", str(var),
-        "--trainers", str(TRAINERS), "--rounds", str(ROUNDS), "--timeout", "300",
+        "--trainers", str(TRAINERS), "--rounds", str(rounds), "--timeout", "300",
         "--min-accuracy", "0.5", *WINDOWS, *args,
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -118,26 +120,36 @@ def test_task_runs_from_budget_to_verified_model(var, block_time):
 
 def test_device_killed_mid_task_is_paid_only_for_what_it_delivered(var):
     # The round the dead device misses closes at its timeout; the others must not: on a busy
-    # machine round 1, where each device first imports TensorFlow, has taken over 12 s.
-    done, summary = _run_demo(var, "--kill-in-round", "2", "--round-timeout", "40")
+    # machine round 1, where each device first imports TensorFlow, has taken over 12 s. The
+    # device dies after round 1, the task's last round but one (later rounds pass too fast
+    # to kill it between two), so that the run waits out one timeout.
+    rounds = 2
+    done, summary = _run_demo(
+        var, "--kill-in-round", str(rounds), "--round-timeout", "40", rounds=rounds
+    )
 
     assert done.returncode == 0, done.stdout[-6000:]
     killed = summary["killed_device"].lower()
     updates = [r["updates"] for r in summary["rounds"]]
-    assert updates == [TRAINERS, TRAINERS - 1, TRAINERS - 1]
+    assert updates == [TRAINERS] * (rounds - 1) + [TRAINERS - 1]
     payouts = _paid(summary)
     price = {d.name: d.aggregator_price_wei or d.price_wei for d in LOCAL_DEVICES}
     name = summary["devices"]
-    # The dead device delivered the first round only: no share is above its price, so it
-    # earned at most one round's price, and it lost its stake to the buyer.
-    assert 0 < payouts[killed] <= price[name[killed]]
+    # The dead device delivered every round but the last, is left out of that one, and is
+    # paid by the contract's rule for the rounds it delivered (the others for all of theirs);
+    # it lost its stake to the buyer.
+    contributions = {a.lower(): c for a, c in summary["contributions"].items()}
+    assert contributions[killed]["aggregated"] == [True] * (rounds - 1) + [False]
+    owed = trainers_pay(contributions)
+    assert {a: payouts[a] for a in owed} == owed
+    assert payouts[killed] > 0
     returned = _paid(summary, "stakes_returned_wei")
     stakes = _paid(summary, "stakes_wei")
     assert returned == {a: v for a, v in stakes.items() if a != killed}
     slashed = sum(_paid(summary, "stakes_slashed_wei").values())
     assert slashed == stakes[killed]
     aggregator = next(a for a in payouts if name[a] == "aggregator")
-    assert payouts[aggregator] == price["aggregator"] * ROUNDS
+    assert payouts[aggregator] == price["aggregator"] * rounds
     assert _conserved(summary)
     assert summary["state"] == "finalized"
     assert summary["model_verified"] is True
