@@ -184,6 +184,11 @@ class ModelStore:
         held = self._connections.get(pid)
         if held is None:
             connection = sqlite3.connect(self._index, timeout=30.0, check_same_thread=False)
+            # The files are the truth and the index only describes them, so a commit need
+            # not wait for the disk: in WAL mode this loses no row to a crash of the process,
+            # and a power cut at worst the newest rows, which reindex() and the next put of
+            # the blob fill in again, as after a crash between a rename and its insert.
+            connection.execute("PRAGMA synchronous=NORMAL")
             held = self._connections[pid] = (threading.Lock(), connection)
         lock, db = held
         with lock, db:
