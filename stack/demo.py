@@ -326,8 +326,9 @@ def follow_task(
 
 def withdraw_all(up: dict, *, buyer_username: str) -> dict:
     """Every device with a credit withdraws it with `python -m worker withdraw` (on the host it
-    runs on: ``up["hosts"]`` may give a command prefix per device name), the buyer with the
-    website's service; each account's credit and balance before and after."""
+    runs on: ``up["hosts"]`` may give a command prefix per device name), all at once as
+    devices of their own would, the buyer with the website's service meanwhile; each
+    account's credit and balance before and after."""
     from django.contrib.auth import get_user_model
 
     from chain.withdrawals import balance_of
@@ -337,36 +338,50 @@ def withdraw_all(up: dict, *, buyer_username: str) -> dict:
     accounts = {_config(h)["address"]: (name, h) for name, h in up["homes"].items()}
     buyer = get_user_model().objects.get(username=buyer_username)
     accounts[buyer.wallet.address] = ("buyer", None)
-    result = {}
-    for address, (name, home) in accounts.items():
-        before = balance_of(market=market, address=address)
-        entry = {"name": name, "credit_wei": before.credit_wei, "withdrawn_wei": 0, "fee_wei": 0}
-        if before.credit_wei:
-            if home is None:
-                done = services.wallet_withdraw(wallet=buyer.wallet)
-                entry.update(withdrawn_wei=done.amount_wei, fee_wei=done.fee_wei)
-            else:
-                on_host = up.get("hosts", {}).get(name, [])
-                cli = subprocess.run(
-                    [*on_host, PY, "-m", "worker", "withdraw", "--home", str(home), "--json"],
-                    env=up["env"],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                done = json.loads(cli.stdout.splitlines()[-1])
-                entry.update(withdrawn_wei=int(done["amount_wei"]), fee_wei=int(done["fee_wei"]))
-        after = balance_of(market=market, address=address)
-        entry.update(
-            credit_after_wei=after.credit_wei,
-            wallet_before_wei=before.wallet_wei,
-            wallet_after_wei=after.wallet_wei,
-            # Each account is up by its credit less the gas it paid, to the wei.
-            settled=after.credit_wei == 0
-            and after.wallet_wei == before.wallet_wei + before.credit_wei - entry["fee_wei"],
+    before = {address: balance_of(market=market, address=address) for address in accounts}
+    withdrawing = {
+        address: subprocess.Popen(
+            [
+                *up.get("hosts", {}).get(name, []),
+                *(PY, "-m", "worker", "withdraw", "--home", str(home), "--json"),
+            ],
+            env=up["env"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        if entry["withdrawn_wei"]:
-            say(f"{name} withdrew {entry['withdrawn_wei']} wei (gas {entry['fee_wei']} wei)")
+        for address, (name, home) in accounts.items()
+        if home is not None and before[address].credit_wei
+    }
+    done: dict[str, tuple[int, int]] = {}  # address -> (withdrawn, fee)
+    if before[buyer.wallet.address].credit_wei:
+        paid = services.wallet_withdraw(wallet=buyer.wallet)
+        done[buyer.wallet.address] = (paid.amount_wei, paid.fee_wei)
+    for address, cli in withdrawing.items():
+        out, err = cli.communicate()
+        if cli.returncode:
+            name = accounts[address][0]
+            raise RuntimeError(f"{name}'s withdrawal exited with {cli.returncode}: {err[-2000:]}")
+        answer = json.loads(out.splitlines()[-1])
+        done[address] = (int(answer["amount_wei"]), int(answer["fee_wei"]))
+    result = {}
+    for address, (name, _) in accounts.items():
+        withdrawn, fee = done.get(address, (0, 0))
+        after = balance_of(market=market, address=address)
+        entry = {
+            "name": name,
+            "credit_wei": before[address].credit_wei,
+            "withdrawn_wei": withdrawn,
+            "fee_wei": fee,
+            "credit_after_wei": after.credit_wei,
+            "wallet_before_wei": before[address].wallet_wei,
+            "wallet_after_wei": after.wallet_wei,
+            # Each account is up by its credit less the gas it paid, to the wei.
+            "settled": after.credit_wei == 0
+            and after.wallet_wei == before[address].wallet_wei + before[address].credit_wei - fee,
+        }
+        if withdrawn:
+            say(f"{name} withdrew {withdrawn} wei (gas {fee} wei)")
         result[address] = {k: v if isinstance(v, bool | str) else str(v) for k, v in entry.items()}
     return result
 
