@@ -10,6 +10,7 @@ account up by its credit less the gas it paid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -339,31 +340,36 @@ def withdraw_all(up: dict, *, buyer_username: str) -> dict:
     buyer = get_user_model().objects.get(username=buyer_username)
     accounts[buyer.wallet.address] = ("buyer", None)
     before = {address: balance_of(market=market, address=address) for address in accounts}
-    withdrawing = {
-        address: subprocess.Popen(
-            [
-                *up.get("hosts", {}).get(name, []),
-                *(PY, "-m", "worker", "withdraw", "--home", str(home), "--json"),
-            ],
-            env=up["env"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for address, (name, home) in accounts.items()
-        if home is not None and before[address].credit_wei
-    }
     done: dict[str, tuple[int, int]] = {}  # address -> (withdrawn, fee)
-    if before[buyer.wallet.address].credit_wei:
-        paid = services.wallet_withdraw(wallet=buyer.wallet)
-        done[buyer.wallet.address] = (paid.amount_wei, paid.fee_wei)
-    for address, cli in withdrawing.items():
-        out, err = cli.communicate()
-        if cli.returncode:
-            name = accounts[address][0]
-            raise RuntimeError(f"{name}'s withdrawal exited with {cli.returncode}: {err[-2000:]}")
-        answer = json.loads(out.splitlines()[-1])
-        done[address] = (int(answer["amount_wei"]), int(answer["fee_wei"]))
+    with contextlib.ExitStack() as running:  # each CLI waited for, also on an error
+        withdrawing = {
+            address: running.enter_context(
+                subprocess.Popen(
+                    [
+                        *up.get("hosts", {}).get(name, []),
+                        *(PY, "-m", "worker", "withdraw", "--home", str(home), "--json"),
+                    ],
+                    env=up["env"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for address, (name, home) in accounts.items()
+            if home is not None and before[address].credit_wei
+        }
+        if before[buyer.wallet.address].credit_wei:
+            paid = services.wallet_withdraw(wallet=buyer.wallet)
+            done[buyer.wallet.address] = (paid.amount_wei, paid.fee_wei)
+        for address, cli in withdrawing.items():
+            out, err = cli.communicate()
+            if cli.returncode:
+                name = accounts[address][0]
+                raise RuntimeError(
+                    f"{name}'s withdrawal exited with {cli.returncode}: {err[-2000:]}"
+                )
+            answer = json.loads(out.splitlines()[-1])
+            done[address] = (int(answer["amount_wei"]), int(answer["fee_wei"]))
     result = {}
     for address, (name, _) in accounts.items():
         withdrawn, fee = done.get(address, (0, 0))
