@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -332,6 +333,8 @@ def stack(
     web_url = f"http://{local_web}:{web_port}"
     broker_host = urlsplit(env["FLEX_BROKER_URL"]).netloc.rpartition("@")[2]
     sup = Supervisor(env=env, log_dir=var / "log")
+    # Set-up commands that need not wait for each other run side by side.
+    aside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stack-setup")
     try:
         mining = f"a block every {block_time} s" if block_time else "a block per transaction"
         say(
@@ -358,8 +361,9 @@ def stack(
         w3 = connect(env["ETH_RPC_URL"])
         wait_for("the chain", lambda: w3.eth.chain_id, sup=sup)
         say("migrating the database")
+        deployed = aside.submit(manage, "deploy_contract", env=env)  # the chain, no database
         manage("migrate", "--no-input", "-v", "0", env=env)
-        manage("deploy_contract", env=env)
+        deployed.result()
         say(f"starting the web server on {web_host}:{web_port}, advertised as {public_url}")
         sup.start("web", web_command(host=web_host, port=web_port, quiet=quiet_web))
         say(f"starting the live pages' server on {web_host}:{live_port}")
@@ -402,7 +406,8 @@ def stack(
             return
         # Devices enrolled by an earlier run keep their credentials; the broker may be new.
         manage("broker_grant_devices", env=env)
-        buyer = json.loads(manage("demo_buyer", env=env, capture=True).splitlines()[-1])
+        # The buyer's account and its faucet money, while the workers start.
+        buyer_login = aside.submit(manage, "demo_buyer", env=env, capture=True)
         sup.start(
             "beat",
             [
@@ -470,7 +475,7 @@ def stack(
         yield {
             "web_url": web_url,
             "public_url": public_url,
-            "buyer": buyer,
+            "buyer": json.loads(buyer_login.result().splitlines()[-1]),
             "supervisor": sup,
             "homes": homes,
             "env": env,
@@ -478,6 +483,7 @@ def stack(
             "join_tokens": issued,
         }
     finally:
+        aside.shutdown(wait=True, cancel_futures=True)
         say("stopping every process")
         sup.stop()
         if ephemeral:
