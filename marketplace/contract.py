@@ -149,12 +149,12 @@ def _redis(url: str) -> redis.Redis:
 
 
 @contextlib.contextmanager
-def platform_account_lock(*, wait_s: float = PLATFORM_LOCK_WAIT_S) -> Iterator[LocalAccount]:
+def platform_account_lock(*, wait_s: float | None = None) -> Iterator[LocalAccount]:
     """The platform (registrar) account, held by one sender at a time across processes, so
     that two platform transactions never race for one nonce. PlatformBusyError after
-    ``wait_s``."""
+    ``wait_s`` (PLATFORM_LOCK_WAIT_S)."""
     account = registrar()
-    with _account_lock(account, wait_s=wait_s):
+    with _account_lock(account, wait_s=PLATFORM_LOCK_WAIT_S if wait_s is None else wait_s):
         yield account
 
 

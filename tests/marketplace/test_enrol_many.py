@@ -116,9 +116,11 @@ def test_a_refused_token_fails_the_enrolment_with_the_platform_reason(
 
 
 def test_a_busy_platform_is_asked_again_until_it_registers_the_device(
-    live_server, tmp_path, platform_market, caplog
+    live_server, tmp_path, platform_market, caplog, monkeypatch
 ):
     caplog.set_level(logging.INFO, logger="worker.join")
+    # The platform answers busy once it has waited this long for the registrar.
+    monkeypatch.setattr(contract, "PLATFORM_LOCK_WAIT_S", 1)
     issued = join_token_issue(label="late", ttl=timedelta(minutes=10))
     account, joined = Account.create(), {}
 
