@@ -32,9 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
 # The contract's limits (FlexMarket.MAX_BIDS, MAX_TRAINERS): the default run meets both.
 MAX_BIDS, MAX_TRAINERS = 1000, 128
-# Trainers share this many non-IID slices of the digits set (about 14 samples each), as many
-# as a task's most trainers. Two trainers of a task that hold the same slice hand in the
-# same update, and the aggregator leaves the copy out (scale.json's updates_per_round).
+# Each SLICES trainers in a row split the digits set this many ways (non-IID, about 14 samples
+# a slice), every run of them by a seed of its own: no two trainers hold the same data. Two
+# that did would hand in the same update, and the aggregator would leave the copy out
+# (scale.json's updates_per_round), so a task would aggregate and score fewer trainers than
+# it selected and pays.
 SLICES = MAX_TRAINERS
 ENROL_WAVES = (10, 100)
 TRAINER_PRICES = tuple(10**14 + step * 10**13 for step in range(10))
@@ -43,8 +45,9 @@ AGGREGATOR_PRICE = 2 * 10**14
 
 def fleet(devices: int) -> tuple[LocalDevice, ...]:
     """One aggregator and ``devices`` - 1 trainers, spread over prices, classes and slices:
-    each SLICES trainers in a row ask one price and hold different slices. (Selection goes by
-    price per sample, so a dearer trainer with a larger slice may still be taken.)"""
+    each SLICES trainers in a row ask one price and hold the slices of one split of the set.
+    (Selection goes by price per sample, so a dearer trainer with a larger slice may still be
+    taken: every trainer's data differs from every other's, not only within a price.)"""
     trainers = tuple(
         LocalDevice(
             f"sim-{i:04d}",
@@ -52,6 +55,7 @@ def fleet(devices: int) -> tuple[LocalDevice, ...]:
             TRAINER_PRICES[i // SLICES % len(TRAINER_PRICES)],
             partition=i % SLICES,
             partitions=SLICES,
+            partition_seed=i // SLICES,
         )
         for i in range(devices - 1)
     )
@@ -269,21 +273,23 @@ def table(result: dict) -> str:
     lines = [f"{result['devices']} devices in {result['worker_processes']} worker processes"]
     lines += enrolment_lines(result)
     lines.append(
-        f"{'trainers':>8} {'bids':>5} {'round s':>8} {'updates s':>9} {'model s':>7} "
-        f"{'to r1 s':>7} {'gas/round':>10} {'selection gas':>14}"
+        f"{'trainers':>8} {'bids':>5} {'updates':>7} {'round s':>8} {'updates s':>9} "
+        f"{'model s':>7} {'to r1 s':>7} {'gas/round':>10} {'selection gas':>14}"
     )
     for t in result["tasks"]:
         phases = t.get("round_phases_s") or {}
         lines.append(
-            f"{t['trainers']:>8} {t['bids']:>5} {t['round_s']:>8.2f} "
+            f"{t['trainers']:>8} {t['bids']:>5} {min(t['updates_per_round']):>7} "
+            f"{t['round_s']:>8.2f} "
             f"{phases.get('model_to_last_update_s', '-'):>9} "
             f"{phases.get('last_update_to_next_model_s', '-'):>7} "
             f"{t['posted_to_round_1_s']:>7.2f} {t['gas_per_round']:>10} "
             f"{t['selection_gas'] or '-':>14}"
         )
     lines.append(
-        "  (medians of a steady round: updates s, from a global model to the last update "
-        "trained from it mined; model s, from there to the next model)"
+        "  (updates: the fewest aggregated in a round; medians of a steady round: updates s, "
+        "from a global model to the last update trained from it mined; model s, from there "
+        "to the next model)"
     )
     lines.append(
         "peak memory (MiB): " + ", ".join(f"{n} {m}" for n, m in result["peak_rss_mb"].items())

@@ -35,7 +35,8 @@ PORTS = range(20000, 32000)
 
 @dataclass(frozen=True)
 class LocalDevice:
-    """One of the local stack's devices: its class, prices and slice of the digits set."""
+    """One of the local stack's devices: its class, prices and slice of the digits set (slice
+    ``partition`` of the set split ``partitions`` ways by ``partition_seed``)."""
 
     name: str
     device_class: str
@@ -43,10 +44,18 @@ class LocalDevice:
     partition: int | None = None
     aggregator_price_wei: int | None = None
     partitions: int = 5
+    partition_seed: int = 0
 
     @property
     def aggregator(self) -> bool:
         return self.aggregator_price_wei is not None
+
+    @property
+    def slice(self) -> Partition | None:
+        """What the device enrols with as its data."""
+        if self.partition is None:
+            return None
+        return Partition(index=self.partition, count=self.partitions, seed=self.partition_seed)
 
 
 @dataclass(frozen=True)
@@ -150,11 +159,7 @@ def enrol_one(
             price_per_round_wei=device.price_wei,
             aggregator_price_per_round_wei=device.aggregator_price_wei,
         ),
-        partition=(
-            None
-            if device.partition is None
-            else Partition(index=device.partition, count=device.partitions)
-        ),
+        partition=device.slice,
         dataplane_port=port,
         # Many devices wait on one registrar account side by side: a generous limit, so a
         # busy machine slows enrolment down and never fails it.

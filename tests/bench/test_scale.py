@@ -3,10 +3,14 @@ writes, and the sizes it refuses (the run itself is `python -m bench scale`, not
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from bench import scale
 from bench.scale_plot import scale_plot, task_figures
+from stack.demo import DEMO_SPEC
+from training.datasets import load_partition
 
 
 def summary(*, rounds: list[tuple[float, int, int]], state: str = "finalized") -> dict:
@@ -80,7 +84,7 @@ def test_a_task_figures_its_steady_rounds_apart_from_the_first():
     )
     lines = table.splitlines()
     row = next(lines[i + 1].split() for i, line in enumerate(lines) if "updates s" in line)
-    assert row[:5] == ["8", "1000", "3.00", "2.25", "0.75"]
+    assert row[:6] == ["8", "1000", "7", "3.00", "2.25", "0.75"]
 
 
 def test_a_task_that_did_not_finish_is_reported_not_figured():
@@ -99,10 +103,20 @@ def test_the_default_fleet_bids_up_to_the_contracts_limit():
     trainers = [d for d in fleet if not d.aggregator]
     assert {d.partition for d in trainers} == set(range(scale.SLICES))
     assert {d.device_class for d in trainers} == {"cpu", "gpu", "jetson"}
-    # The cheapest trainers hold different data: identical updates would be left out as
-    # copies.
-    cheapest = sorted(trainers, key=lambda d: d.price_wei)[: scale.MAX_TRAINERS]
-    assert len({d.partition for d in cheapest}) == scale.MAX_TRAINERS
+
+
+def test_no_two_trainers_of_the_fleet_hold_the_same_data():
+    # Selection goes by price per sample, so any trainers may meet in a task; two holding the
+    # same data would hand in the same update, and one would be left out as a copy.
+    trainers = [d for d in scale.fleet(scale.MAX_BIDS) if not d.aggregator]
+
+    held = set()
+    for d in trainers:
+        data = load_partition(schema=DEMO_SPEC["dataset"], **d.slice.model_dump())
+        assert len(data) > 0
+        held.add(hashlib.sha256(data.x.tobytes() + data.y.tobytes()).digest())
+
+    assert len(held) == len(trainers) == 999
 
 
 def test_a_budget_pays_every_trainer_asked_for_at_the_dearest_price():
