@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import FlexError
 
@@ -31,15 +31,15 @@ class Partition(BaseModel):
     index: int = Field(ge=0)
     count: int = Field(ge=1)
     alpha: float = Field(default=0.5, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
-    @field_validator("index")
-    @classmethod
-    def _index_in_range(cls, v: int, info) -> int:
-        count = info.data.get("count")
-        if count is not None and v >= count:
-            raise ValueError("index must be below count")
-        return v
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Partition:
+        # After both fields: ``index`` comes first, so a field validator on it would not see
+        # ``count`` yet.
+        if self.index >= self.count:
+            raise ValueError(f"index must be below count: {self.index} of {self.count}")
+        return self
 
 
 class BidPolicy(BaseModel):
