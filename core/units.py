@@ -6,7 +6,9 @@ The browser's copy of ``wei_to_eth`` is ``FlexUnits.eth`` in static/flex/units.j
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation, localcontext
 
 WEI_PER_ETH = 10**18
@@ -96,3 +98,24 @@ def eth_text(wei: int | None) -> str:
     if wei is None:
         return "-"
     return f"{wei_to_eth(wei)} ETH ({wei} wei)"
+
+
+def whole_number(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``low`` to ``high`` (None: no upper bound),
+    refused with a message that says ``what`` it must be."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):
+            upto = f" to {high}" if high is not None else " or more"
+            raise argparse.ArgumentTypeError(f"expected {what}, {low}{upto}; got {value!r}")
+        return number
+
+    return parse
+
+
+# A command-line amount: whole wei, never negative (the contract's amounts are unsigned).
+wei_argument = whole_number(0, None, "a whole number of wei")

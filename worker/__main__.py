@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from core.errors import FlexError
+from core.units import wei_argument, whole_number
 
 log = logging.getLogger("worker")
 
@@ -35,6 +36,9 @@ def _partition(value: str):
         raise argparse.ArgumentTypeError(f"expected INDEX/COUNT such as 2/5: {exc}") from exc
 
 
+PORT = whole_number(0, 65535, "a TCP port (0: any free one)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -47,9 +51,15 @@ def parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--class", dest="device_class", choices=["cpu", "gpu", "jetson"], default="cpu"
     )
-    join.add_argument("--price-wei", type=int, required=True, help="price per training round")
-    join.add_argument("--min-budget-wei", type=int, default=0, help="skip tasks below this budget")
-    join.add_argument("--aggregator-price-wei", type=int, help="bid as aggregator at this price")
+    join.add_argument(
+        "--price-wei", type=wei_argument, required=True, help="price per training round"
+    )
+    join.add_argument(
+        "--min-budget-wei", type=wei_argument, default=0, help="skip tasks below this budget"
+    )
+    join.add_argument(
+        "--aggregator-price-wei", type=wei_argument, help="bid as aggregator at this price"
+    )
     data = join.add_mutually_exclusive_group()
     data.add_argument("--data", help="the device's own .npz or .csv training data")
     data.add_argument("--partition", type=_partition, help="INDEX/COUNT of the bundled digits")
@@ -58,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address the data plane listens on (default 127.0.0.1; 0.0.0.0 for every one)",
     )
-    join.add_argument("--dataplane-port", type=int, default=0, help="default: a free port")
+    join.add_argument("--dataplane-port", type=PORT, default=0, help="default: a free port")
     join.add_argument(
         "--dataplane-url",
         help="https://HOST:PORT where peers reach the data plane (default: its host and port)",
@@ -75,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
 
     start = sub.add_parser("start", help="run enrolled node(s) as a Celery worker")
     start.add_argument("--home", type=Path, action="append", required=True)
-    start.add_argument("--concurrency", type=int, default=1)
+    start.add_argument("--concurrency", type=whole_number(1, None, "worker processes"), default=1)
     start.add_argument("--loglevel", default="INFO")
     start.add_argument(
         "--broker-url",

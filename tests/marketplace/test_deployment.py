@@ -3,6 +3,8 @@ read again at once, however recently the old one was confirmed."""
 
 from __future__ import annotations
 
+import pytest
+from django.core.management import CommandError, call_command
 from eth_account import Account
 
 from marketplace import contract
@@ -30,3 +32,14 @@ def test_a_recorded_deployment_is_read_again_as_soon_as_it_changes(
     assert deployment_load(path) == deployed
     path.unlink()
     assert deployment_load(path) is None
+
+
+@pytest.mark.parametrize("given", ["-1", "0.5", "lots"])
+def test_deploy_contract_refuses_a_minimum_price_that_is_not_whole_wei(platform_settings, given):
+    path = platform_settings.FLEX_DEPLOYMENT_FILE
+    path.unlink(missing_ok=True)
+
+    with pytest.raises(CommandError, match="expected a whole number of wei, 0 or more"):
+        call_command("deploy_contract", "--force", f"--min-trainer-price-wei={given}")
+
+    assert not path.exists()  # nothing deployed, nothing recorded

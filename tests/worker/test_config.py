@@ -91,18 +91,30 @@ def test_the_cli_refuses_a_cut_short_config_with_one_line_and_exit_1(tmp_path, m
 @pytest.mark.parametrize(
     ("given", "named"),
     [
-        ("5/5", "index must be below count: 5 of 5"),
-        ("-1/5", "greater than or equal to 0"),
-        ("two/5", "expected INDEX/COUNT such as 2/5"),
+        (["--partition=5/5"], "index must be below count: 5 of 5"),
+        (["--partition=-1/5"], "greater than or equal to 0"),
+        (["--partition=two/5"], "expected INDEX/COUNT such as 2/5"),
+        (["--price-wei=-5"], "--price-wei: expected a whole number of wei, 0 or more; got '-5'"),
+        (["--price-wei=0.5"], "--price-wei: expected a whole number of wei"),
+        (["--min-budget-wei=-1"], "--min-budget-wei: expected a whole number of wei"),
+        (["--aggregator-price-wei=-1"], "--aggregator-price-wei: expected a whole number"),
+        (["--dataplane-port=70000"], "--dataplane-port: expected a TCP port (0: any free one)"),
     ],
 )
-def test_join_refuses_a_slice_the_set_cannot_have_before_enrolling(tmp_path, capsys, given, named):
+def test_join_refuses_what_a_device_cannot_have_before_enrolling(tmp_path, capsys, given, named):
     home = tmp_path / "device"
-    argv = ["join", "http://127.0.0.1:9", "unused-token", "--home", str(home)]
+    argv = ["join", "http://127.0.0.1:9", "unused-token", "--home", str(home), "--price-wei=1"]
 
     with pytest.raises(SystemExit) as exc:
-        main([*argv, "--price-wei", "1", f"--partition={given}"])
+        main([*argv, *given])
 
     assert exc.value.code == 2
     assert named in capsys.readouterr().err
     assert not home.exists()  # nothing enrolled, no key made
+
+
+def test_start_refuses_no_worker_processes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["start", "--home", str(tmp_path), "--concurrency", "0"])
+    assert exc.value.code == 2
+    assert "--concurrency: expected worker processes, 1 or more; got '0'" in capsys.readouterr().err

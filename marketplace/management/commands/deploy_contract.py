@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from chain.client import FlexMarket
 from core.errors import FlexError
+from core.units import wei_argument
 from marketplace import contract
 
 
@@ -14,11 +15,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--force", action="store_true", help="deploy a new contract anyway")
         parser.add_argument(
-            "--min-trainer-price-wei", type=int, default=settings.FLEX_MIN_TRAINER_PRICE_WEI
+            "--min-trainer-price-wei",
+            type=wei_argument,
+            default=settings.FLEX_MIN_TRAINER_PRICE_WEI,
         )
         parser.add_argument(
             "--min-aggregator-price-wei",
-            type=int,
+            type=wei_argument,
             default=settings.FLEX_MIN_AGGREGATOR_PRICE_WEI,
         )
 
