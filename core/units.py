@@ -7,6 +7,7 @@ The browser's copy of ``wei_to_eth`` is ``FlexUnits.eth`` in static/flex/units.j
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation, localcontext
@@ -100,19 +101,33 @@ def eth_text(wei: int | None) -> str:
     return f"{wei_to_eth(wei)} ETH ({wei} wei)"
 
 
+def bounded(text: str, *, low: float, high: float | None, what: str, kind: type = int):
+    """``text`` as a ``kind`` (int or float) from ``low`` to ``high`` (None: no upper bound);
+    ValueError that says ``what`` it must be otherwise (a float must be finite)."""
+    try:
+        number = kind(text.strip())
+    except ValueError:
+        number = None
+    if (
+        number is None
+        or not math.isfinite(number)
+        or number < low
+        or (high is not None and number > high)
+    ):
+        upto = f" to {high}" if high is not None else " or more"
+        raise ValueError(f"expected {what}, {low}{upto}; got {text!r}")
+    return number
+
+
 def whole_number(low: int, high: int | None, what: str) -> Callable[[str], int]:
     """An argparse ``type``: a whole number from ``low`` to ``high`` (None: no upper bound),
     refused with a message that says ``what`` it must be."""
 
     def parse(value: str) -> int:
         try:
-            number = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < low or (high is not None and number > high):
-            upto = f" to {high}" if high is not None else " or more"
-            raise argparse.ArgumentTypeError(f"expected {what}, {low}{upto}; got {value!r}")
-        return number
+            return bounded(value, low=low, high=high, what=what)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 

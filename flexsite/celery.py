@@ -19,18 +19,19 @@ from celery import Celery
 from celery.signals import beat_init, celeryd_init, task_postrun, task_prerun
 
 from chain.follow import Doorbell
+from core.env import INTERVAL, env_number
 from core.queues import DEFAULT_BROKER_URL, PLATFORM_QUEUE, celery_settings, route
 from core.worker_steps import stop_promptly
 
 # Read from the same variables as settings.FLEX_SYNC_INTERVAL_S and ETH_RPC_URL: this module
 # needs no Django. New blocks send the sync as they come; this tick catches what they missed.
-SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
+SYNC_INTERVAL_S = env_number("FLEX_SYNC_INTERVAL_S", 5.0, **INTERVAL)
 # The shortest time between two syncs the node's new blocks ask for: a round of a small task
 # mines a block per update, and a sync of each costs the platform more CPU than it saves a
 # live page (which then shows a round at most this much later).
-SYNC_SPACING_S = float(os.environ.get("FLEX_SYNC_SPACING_S", 0.5))
+SYNC_SPACING_S = env_number("FLEX_SYNC_SPACING_S", 0.5, kind=float, what="seconds")
 # Deadlines are in whole seconds of chain time: a look every second is as soon as any is due.
-DEADLINES_INTERVAL_S = float(os.environ.get("FLEX_DEADLINES_INTERVAL_S", 1.0))
+DEADLINES_INTERVAL_S = env_number("FLEX_DEADLINES_INTERVAL_S", 1.0, **INTERVAL)
 ETH_RPC_URL = os.environ.get("ETH_RPC_URL", "http://127.0.0.1:8545")
 # Celery's Django fix-up closes every database connection before and after each task, and
 # PostgreSQL's connection pool with it (celery/celery#10554): each task of the platform worker

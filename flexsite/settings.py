@@ -11,6 +11,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from core.broker import DEFAULT_BROKER_API_URL
+from core.env import INTERVAL, WEI, env_number
 from core.queues import DEFAULT_BROKER_URL
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -53,7 +54,7 @@ CSRF_TRUSTED_ORIGINS = [f"{_public.scheme}://{_public.netloc}"]
 if _public.scheme == "https":
     SECURE_SSL_REDIRECT = _env_bool("FLEX_SSL_REDIRECT", True)
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
-    SECURE_HSTS_SECONDS = int(os.environ.get("FLEX_HSTS_SECONDS", 365 * 24 * 3600))
+    SECURE_HSTS_SECONDS = env_number("FLEX_HSTS_SECONDS", 365 * 24 * 3600)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("FLEX_HSTS_INCLUDE_SUBDOMAINS", True)
     # Preloading is the operator's decision, taken at hstspreload.org and slow to undo;
     # sending the preload flag by default would let anyone submit the domain.
@@ -123,7 +124,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # thread (gunicorn's, ASGI's, Celery's).
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 2,
-        "max_size": int(os.environ.get("FLEX_DB_POOL_SIZE", 10)),
+        "max_size": env_number("FLEX_DB_POOL_SIZE", 10, low=1),
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several local processes (web, beat, workers) share the file: WAL lets readers go on
@@ -175,7 +176,9 @@ FLEX_REGISTRAR_KEY = os.environ.get("FLEX_REGISTRAR_KEY", "")
 # On the dev chain a newly enrolled device is sent this much ETH for its gas.
 FLEX_DEV_DEVICE_FUNDING_WEI = 10**18
 # How long the web server may spend fetching a task's model for its buyer, all told.
-FLEX_MODEL_DOWNLOAD_DEADLINE_S = float(os.environ.get("FLEX_MODEL_DOWNLOAD_DEADLINE_S", 120))
+FLEX_MODEL_DOWNLOAD_DEADLINE_S = env_number(
+    "FLEX_MODEL_DOWNLOAD_DEADLINE_S", 120.0, kind=float, low=1, what="seconds"
+)
 # A block explorer's base URL (…/tx/<hash>, …/address/<address>): hashes and addresses link to
 # it when set; a local chain has none.
 FLEX_EXPLORER_URL = os.environ.get("FLEX_EXPLORER_URL", "").rstrip("/")
@@ -191,8 +194,8 @@ FLEX_MODEL_EXPORT_DIR = Path(os.environ.get("FLEX_MODEL_EXPORT_DIR", VAR_DIR / "
 # deployment); off, a device must advertise a public host.
 FLEX_DATAPLANE_ALLOW_PRIVATE = _env_bool("FLEX_DATAPLANE_ALLOW_PRIVATE", False)
 # The platform's minimum prices per round, set when the contract is deployed.
-FLEX_MIN_TRAINER_PRICE_WEI = int(os.environ.get("FLEX_MIN_TRAINER_PRICE_WEI", 10**14))
-FLEX_MIN_AGGREGATOR_PRICE_WEI = int(os.environ.get("FLEX_MIN_AGGREGATOR_PRICE_WEI", 10**14))
+FLEX_MIN_TRAINER_PRICE_WEI = env_number("FLEX_MIN_TRAINER_PRICE_WEI", 10**14, **WEI)
+FLEX_MIN_AGGREGATOR_PRICE_WEI = env_number("FLEX_MIN_AGGREGATOR_PRICE_WEI", 10**14, **WEI)
 
 # The platform's own Redis: Channels layer, locks and Celery results; never handed to a device.
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -257,21 +260,21 @@ CHANNEL_LAYERS = {
 
 # Chain sync: how many blocks to wait before mirroring, how far to look back for re-orgs,
 # and how many blocks one eth_getLogs call covers.
-FLEX_SYNC_CONFIRMATIONS = int(os.environ.get("FLEX_SYNC_CONFIRMATIONS", 0))
-FLEX_SYNC_REORG_DEPTH = int(os.environ.get("FLEX_SYNC_REORG_DEPTH", 12))
-FLEX_SYNC_CHUNK_BLOCKS = int(os.environ.get("FLEX_SYNC_CHUNK_BLOCKS", 2000))
-FLEX_SYNC_INTERVAL_S = float(os.environ.get("FLEX_SYNC_INTERVAL_S", 5.0))
+FLEX_SYNC_CONFIRMATIONS = env_number("FLEX_SYNC_CONFIRMATIONS", 0)
+FLEX_SYNC_REORG_DEPTH = env_number("FLEX_SYNC_REORG_DEPTH", 12)
+FLEX_SYNC_CHUNK_BLOCKS = env_number("FLEX_SYNC_CHUNK_BLOCKS", 2000, low=1)
+FLEX_SYNC_INTERVAL_S = env_number("FLEX_SYNC_INTERVAL_S", 5.0, **INTERVAL)
 # Nodes start each round after the first by themselves, the moment the chain has its global
 # model (worker.follow); the platform's round messages go this long after the round opened,
 # and only to the nodes that have not acted on it by then.
-FLEX_ROUND_REMIND_S = float(os.environ.get("FLEX_ROUND_REMIND_S", 5.0))
+FLEX_ROUND_REMIND_S = env_number("FLEX_ROUND_REMIND_S", 5.0, **INTERVAL)
 
 # Buyers' custodial wallet keys are encrypted at rest with this key (Fernet, urlsafe
 # base64 of 32 bytes). Required (a system check and the wallets insist) except on the dev
 # chain, where it is derived from the secret key when unset.
 FLEX_WALLET_KEY = os.environ.get("FLEX_WALLET_KEY", "")
 # On the dev chain, the faucet button sends a buyer's wallet this much ETH.
-FLEX_FAUCET_WEI = int(os.environ.get("FLEX_FAUCET_WEI", 10 * 10**18))
+FLEX_FAUCET_WEI = env_number("FLEX_FAUCET_WEI", 10 * 10**18, **WEI)
 
 # Sessions are read at every signed-in request: from the cache (Redis), the database only
 # when the cache lost them.

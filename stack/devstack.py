@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -28,6 +27,8 @@ import requests
 
 from chain.launcher import free_port
 from core.broker import queues_consumed, url_with
+from core.env import PORT, SettingInvalidError, env_number
+from core.units import whole_number
 from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
 from stack.enrolment import (
     Enrolment,
@@ -170,19 +171,8 @@ def web_workers() -> int:
 def chain_block_time() -> str:
     """FLEX_CHAIN_BLOCK_TIME: the local chain mines a block every so many seconds, as a public
     chain does; unset, a block per transaction, at once ("")."""
-    configured = os.environ.get("FLEX_CHAIN_BLOCK_TIME", "").strip()
-    if not configured:
-        return ""
-    try:
-        seconds = float(configured)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0.001):
-        raise SystemExit(
-            "error: FLEX_CHAIN_BLOCK_TIME must be a number of seconds of at least 0.001, "
-            f"not {configured!r}"
-        )
-    return configured
+    env_number("FLEX_CHAIN_BLOCK_TIME", 0.0, kind=float, low=0.001, what="seconds")
+    return os.environ.get("FLEX_CHAIN_BLOCK_TIME", "").strip()
 
 
 def web_command(*, host: str, port: int, quiet: bool = False) -> list[str]:
@@ -303,11 +293,11 @@ def stack(
     # Where the web server and the chain listen, and the URL devices enrol at: loopback unless
     # the operator sets them (devices on other hosts need an address they can reach).
     web_host = os.environ.get("FLEX_WEB_HOST", "127.0.0.1")
-    web_port = int(os.environ.get("FLEX_WEB_PORT", 8000))
+    web_port = env_number("FLEX_WEB_PORT", 8000, **PORT)
     # Live pages' sockets: a port of their own on the same host (any free one unless set).
-    live_port = int(os.environ.get("FLEX_LIVE_PORT") or free_port())
+    live_port = env_number("FLEX_LIVE_PORT", 0, **PORT) or free_port()
     chain_host = os.environ.get("FLEX_CHAIN_HOST", "127.0.0.1")
-    chain_port = int(os.environ.get("FLEX_CHAIN_PORT", 8545))
+    chain_port = env_number("FLEX_CHAIN_PORT", 8545, **PORT)
     block_time = chain_block_time()
     local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
     local_chain = "127.0.0.1" if chain_host in ("0.0.0.0", "::") else chain_host
@@ -508,25 +498,23 @@ def run(var: Path) -> int:
     return 0
 
 
-def _seconds(text: str) -> int:
-    """A window's length on the command line: a whole number of seconds, 0 or more."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of seconds")
-    return int(text)
+SECONDS = whole_number(0, None, "a whole number of seconds")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stack.devstack", description=__doc__)
     parser.add_argument("command", choices=["run", "demo"])
-    parser.add_argument("--trainers", type=int, default=TRAINERS)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--round-timeout", type=int, default=60, help="seconds")
+    parser.add_argument("--trainers", type=whole_number(1, 128, "trainers"), default=TRAINERS)
+    parser.add_argument("--rounds", type=whole_number(1, 100, "rounds"), default=10)
+    parser.add_argument("--round-timeout", type=SECONDS, default=60, help="seconds")
     parser.add_argument(
-        "--bidding-window", type=_seconds, help="seconds devices may bid (demo default: 30)"
+        "--bidding-window",
+        type=SECONDS,
+        help="seconds devices may bid (demo default: 30)",
     )
     parser.add_argument(
         "--dispute-window",
-        type=_seconds,
+        type=SECONDS,
         help="seconds each global model may be challenged (demo default: 60)",
     )
     parser.add_argument("--kill-in-round", type=int, help="kill one trainer before this round")
@@ -536,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         "--var", type=Path, default=Path(os.environ.get("FLEX_VAR_DIR", ROOT / "var"))
     )
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except SettingInvalidError as exc:
+        raise SystemExit(f"error: {exc.message}") from None
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run(args.var.resolve())
     from stack.demo import BIDDING_WINDOW_S, DISPUTE_WINDOW_S, demo
