@@ -158,14 +158,9 @@ WEB_THREADS = 8
 
 def web_workers() -> int:
     """How many web server processes: FLEX_WEB_WORKERS, else one per CPU this may run on."""
-    configured = os.environ.get("FLEX_WEB_WORKERS", "").strip()
-    if configured:
-        if not (configured.isascii() and configured.isdigit() and int(configured) >= 1):
-            raise SystemExit(
-                f"error: FLEX_WEB_WORKERS must be a whole number from 1, not {configured!r}"
-            )
-        return int(configured)
-    return len(os.sched_getaffinity(0))
+    return env_number(
+        "FLEX_WEB_WORKERS", len(os.sched_getaffinity(0)), low=1, what="web server processes"
+    )
 
 
 def chain_block_time() -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from core.env import env_number
 from training.errors import SpecError
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ def import_keras() -> Any:
             os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
             import tensorflow as tf
 
-            threads = int(os.environ.get("FLEX_TF_THREADS") or 1)
+            threads = env_number("FLEX_TF_THREADS", 1, low=1, what="TensorFlow threads")
             try:
                 tf.config.threading.set_intra_op_parallelism_threads(threads)
                 tf.config.threading.set_inter_op_parallelism_threads(1)

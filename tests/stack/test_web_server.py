@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from chain.launcher import free_port
+from core.env import SettingInvalidError
 from stack.devstack import web_command, web_workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,8 +40,11 @@ def test_one_worker_per_cpu_unless_set(monkeypatch):
 @pytest.mark.parametrize("value", ["0", "many", "-2", "1.5"])
 def test_a_bad_worker_count_is_refused_by_name(monkeypatch, value):
     monkeypatch.setenv("FLEX_WEB_WORKERS", value)
-    with pytest.raises(SystemExit, match="FLEX_WEB_WORKERS must be a whole number"):
+    with pytest.raises(SettingInvalidError) as exc:
         web_command(host="127.0.0.1", port=free_port())
+    assert exc.value.message == (
+        f"FLEX_WEB_WORKERS: expected web server processes, 1 or more; got {value!r}"
+    )
 
 
 def test_the_workers_serve_the_site_and_stop_together(monkeypatch, tmp_path):
