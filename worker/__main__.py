@@ -36,7 +36,7 @@ def _partition(value: str):
         raise argparse.ArgumentTypeError(f"expected INDEX/COUNT such as 2/5: {exc}") from exc
 
 
-PORT = whole_number(0, 65535, "a TCP port (0: any free one)")
+DATAPLANE_PORT = whole_number(0, 65535, "a TCP port (0: any free one)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,7 +68,9 @@ def parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address the data plane listens on (default 127.0.0.1; 0.0.0.0 for every one)",
     )
-    join.add_argument("--dataplane-port", type=PORT, default=0, help="default: a free port")
+    join.add_argument(
+        "--dataplane-port", type=DATAPLANE_PORT, default=0, help="default: a free port"
+    )
     join.add_argument(
         "--dataplane-url",
         help="https://HOST:PORT where peers reach the data plane (default: its host and port)",
