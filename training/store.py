@@ -460,6 +460,34 @@ class ModelStore:
             ).fetchall()
         return [_stored(row) for row in rows]
 
+    def tasks(self, *, chain_id: int, contract: str) -> dict[int, datetime]:
+        """The tasks of FlexMarket ``contract`` on chain ``chain_id`` that the index holds
+        blobs of, each with when the newest of them was stored."""
+        with self._db() as db:
+            rows = db.execute(
+                "SELECT task_id, MAX(created) FROM blobs WHERE chain_id = ? AND contract = ?"
+                " GROUP BY task_id",
+                (str(chain_id), contract.lower()),
+            ).fetchall()
+        return {int(task): datetime.fromtimestamp(newest, tz=UTC) for task, newest in rows}
+
+    def remove(self, model_ids: Iterable[bytes | str]) -> int:
+        """Delete these blobs, skipping any the store does not hold; returns the bytes freed.
+        The files go first, as they are the truth: a crash before their index rows follow
+        leaves rows that ``has`` and ``info`` already deny, and that the next ``remove`` of
+        the same IDs or ``reindex()`` drops."""
+        digests = [parse_id(m) for m in model_ids]
+        freed = 0
+        for digest in digests:
+            path = self.path(digest)
+            with contextlib.suppress(FileNotFoundError):
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+        with self._db() as db:
+            db.executemany("DELETE FROM blobs WHERE id = ?", [(d.hex(),) for d in digests])
+        return freed
+
     def reindex(self, *, remove_stale_tmp: bool = True) -> int:
         """Index blob files the index lacks (after a crash), from their headers, and drop rows
         whose file is gone; files that are not model blobs stay out of the index. Removes temp

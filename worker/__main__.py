@@ -5,6 +5,7 @@
     python -m worker status --home DIR
     python -m worker balance --home DIR
     python -m worker withdraw --home DIR [--to ADDRESS]
+    python -m worker prune --home DIR [--keep-days N]
     python -m worker provenance --rpc URL --contract ADDRESS --task N --spec FILE --blobs DIR
 
 The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
@@ -112,6 +113,17 @@ def parser() -> argparse.ArgumentParser:
     withdraw.add_argument("--to", help="send it on to this address (default: the device's own)")
     withdraw.add_argument("--json", action="store_true", help="print one JSON object")
 
+    prune = sub.add_parser(
+        "prune",
+        help="delete the models of settled tasks kept long enough (start does it every hour)",
+    )
+    prune.add_argument("--home", type=Path, required=True)
+    prune.add_argument(
+        "--keep-days",
+        type=whole_number(0, None, "a whole number of days"),
+        help="days to keep a settled task's models (default: FLEX_STORE_KEEP_DAYS, 30)",
+    )
+
     prov = sub.add_parser(
         "provenance",
         help="recompute every global model of a task from the chain and its blobs alone",
@@ -191,6 +203,22 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
         if done.forward_tx:
             print(f"sent {done.amount_wei} wei on to {done.to} (tx {done.forward_tx})")
         print(f"gas paid: {done.fee_wei} wei")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from training.store import ModelStore
+    from worker.node import STORE_DIR
+    from worker.retention import DAY_S, KEEP_DAYS, prune
+
+    cfg, market = _market(args.home)
+    days = KEEP_DAYS if args.keep_days is None else args.keep_days
+    store = ModelStore(args.home / STORE_DIR, max_blob_bytes=cfg.max_model_bytes)
+    pruned = prune(store=store, market=market, node=cfg.address, keep_s=days * DAY_S)
+    for gone in pruned:
+        print(gone)
+    if not pruned:
+        print(f"nothing to delete: no task settled with models kept {days} day(s)")
     return 0
 
 
@@ -287,8 +315,10 @@ def run(
     import worker.tasks  # noqa: F401  (registers the tasks before the pool forks)
     from worker.follow import RoundFollower
     from worker.payments import PaymentWatcher
+    from worker.retention import StoreKeeper
 
     watcher = PaymentWatcher(loaded)
+    keeper = StoreKeeper(loaded)
     follower = RoundFollower(loaded, app=app)
     for n in loaded:
         n.warm()  # before it listens: a bid must not wait for data or libraries to load
@@ -301,6 +331,7 @@ def run(
         for n in loaded:
             n.start_dataplane()
         watcher.start()
+        keeper.start()
         follower.start()
         app.worker_main(
             [
@@ -320,6 +351,7 @@ def run(
         )
     finally:
         follower.stop()
+        keeper.stop()
         watcher.stop()
         for n in loaded:
             if n.server:
@@ -343,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_withdraw(args)
         if args.command == "provenance":
             return cmd_provenance(args)
+        if args.command == "prune":
+            return cmd_prune(args)
         from worker.keys import passphrase_read
 
         return run(

@@ -118,6 +118,53 @@ def test_list_filters(store):
     assert ids(task_id=3) == set()
 
 
+def test_tasks_say_when_each_last_stored_a_blob(store, monkeypatch):
+    clock = iter([1000.0, 3000.0, 2000.0, 5000.0])
+    monkeypatch.setattr(store_module.time, "time", lambda: next(clock))
+    store.put(blob_of(1.0, task_id=1, round_number=0))
+    store.put(blob_of(2.0, task_id=1, round_number=1))
+    store.put(blob_of(3.0, task_id=2))
+    store.put(blob_of(4.0, task_id=3, contract=OTHER))
+    found = store.tasks(
+        chain_id=blobs.CHAIN_ID, contract=blobs.CONTRACT.upper().replace("0X", "0x")
+    )
+    assert {t: when.timestamp() for t, when in found.items()} == {1: 3000.0, 2: 2000.0}
+    assert all(when.tzinfo is UTC for when in found.values())
+    assert store.tasks(chain_id=1, contract=blobs.CONTRACT) == {}
+
+
+def test_remove_deletes_the_files_and_their_rows_and_skips_what_is_not_there(store):
+    a = store.put(blob_of(1.0, task_id=1))
+    b = store.put(blob_of(2.0, task_id=1, round_number=1))
+    c = store.put(blob_of(3.0, task_id=2))
+    sizes = store.info(a).size + store.info(b).size
+    absent = keccak(b"never stored")
+    assert store.remove([id_hex(a), b, absent]) == sizes
+    assert not store.has(a)
+    assert not store.has(b)
+    assert [m.model_id for m in store.list()] == [c]
+    assert {p.name for p in blob_files(store)} == {c.hex()}
+    with pytest.raises(BlobNotFoundError):
+        store.get(a)
+    assert store.remove([a, b]) == 0
+    # Stored again, a removed blob is whole and listed again.
+    assert store.put(blob_of(1.0, task_id=1)) == a
+    assert store.load(a).header.task_id == 1
+    assert len(store.list(task_id=1)) == 1
+
+
+def test_a_remove_cut_short_after_the_files_is_finished_by_the_next(store):
+    """The files go first: one gone while its row stays is denied by the store at once, and
+    the row is dropped by the next remove of it."""
+    a = store.put(blob_of(1.0))
+    store.path(a).unlink()
+    assert not store.has(a)
+    with pytest.raises(BlobNotFoundError):
+        store.info(a)
+    assert store.remove([a]) == 0
+    assert store.list() == []
+
+
 def test_missing_blob(store):
     absent = keccak(b"nothing")
     assert not store.has(absent)

@@ -173,18 +173,25 @@ def env() -> dict[str, str]:
     return {**os.environ, "FLEX_DEVICE_PASSPHRASE": PASSPHRASE, "PYTHONUNBUFFERED": "1"}
 
 
-def enrol(live_server, home: Path, *args: str, aggregator: bool = False) -> Enrolled:
-    token = join_token_issue(label=home.name, ttl=timedelta(minutes=10), may_aggregate=aggregator)
-    cmd = [sys.executable, "-m", "worker", "join", live_server.url, token.raw, "--home", str(home)]
+def worker_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m worker ARGS` as a device's owner runs it; it must succeed."""
     done = subprocess.run(
-        [*cmd, "--no-start", "--light-key", *args],
+        [sys.executable, "-m", "worker", *args],
         cwd=ROOT,
         env=env(),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def enrol(live_server, home: Path, *args: str, aggregator: bool = False) -> Enrolled:
+    token = join_token_issue(label=home.name, ttl=timedelta(minutes=10), may_aggregate=aggregator)
+    done = worker_cli(
+        "join", live_server.url, token.raw, "--home", str(home), "--no-start", "--light-key", *args
+    )
     assert "enrolled as device" in done.stdout
     return Enrolled(home=home, config=device_config.load(home), joined=done.stdout)
 

@@ -5,6 +5,10 @@ in it is wrong, and changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ from worker import config as config_mod
 from worker.__main__ import main
 from worker.config import CONFIG_FILE, BidPolicy, DeviceConfig, DeviceConfigError, Partition
 
+ROOT = Path(__file__).resolve().parents[2]
 ADDRESS = "0x" + "ab" * 20
 
 
@@ -118,3 +123,31 @@ def test_start_refuses_no_worker_processes(tmp_path, capsys):
         main(["start", "--home", str(tmp_path), "--concurrency", "0"])
     assert exc.value.code == 2
     assert "--concurrency: expected worker processes, 1 or more; got '0'" in capsys.readouterr().err
+
+
+def test_prune_refuses_a_negative_keep_and_a_home_without_a_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--home", str(tmp_path), "--keep-days", "-1"])
+    assert exc.value.code == 2
+    assert "--keep-days: expected a whole number of days, 0 or more; got '-1'" in (
+        capsys.readouterr().err
+    )
+
+    assert main(["prune", "--home", str(tmp_path / "nowhere")]) == 1
+    assert "python -m worker join" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()  # no store made where no device is
+
+
+def test_prune_refuses_an_unusable_keep_setting_by_name(tmp_path):
+    config_mod.save(tmp_path, _config())
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "prune", "--home", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "FLEX_STORE_KEEP_DAYS": "a month"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: FLEX_STORE_KEEP_DAYS: expected whole days")
+    assert not (tmp_path / "models").exists()

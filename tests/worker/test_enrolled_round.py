@@ -19,7 +19,13 @@ from core.messages import (
 from core.queues import device_queue, route
 from dataplane.client import fetch_model
 from marketplace.models import Device
-from tests.worker.conftest import AGGREGATOR_PRICE, TRAINER_PRICE, finished, wait_for
+from tests.worker.conftest import (
+    AGGREGATOR_PRICE,
+    TRAINER_PRICE,
+    finished,
+    wait_for,
+    worker_cli,
+)
 from training import serialize
 from training.spec import TaskSpec
 from training.store import ModelStore
@@ -173,6 +179,13 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
 
     assert accuracy[-1] > 0.5
     assert market.task(task_id=task_id).state == TaskState.TRAINED
+    # Each worker looked after its store at start, keeping everything of a running task.
+    for node in [*trainers, aggregator]:
+        assert "model stores looked after" in node.log.read_text()
+    # Trained but not settled: a prune, however short the keep, takes nothing.
+    assert _prune(trainers[0], "--keep-days", "0") == [
+        "nothing to delete: no task settled with models kept 0 day(s)"
+    ]
     # Round 1 had no message: the nodes handed it on themselves from the chain's events.
     for trainer in trainers:
         assert f"task {task_id}: round 1 handed on to worker.train" in trainer.log.read_text()
@@ -193,13 +206,17 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
 
     # The buyer fetches the final model from the aggregator's data plane and checks its ID.
     final_id = market.global_model(task_id=task_id, round_number=SPEC.rounds)
-    blob = fetch_model(
-        base_url=aggregator.config.dataplane_url,
-        cert_sha256=aggregator_cert,
-        model_id=final_id,
-        server_address=aggregator.config.address,
-        account=buyer,
-    )
+
+    def download() -> bytes:
+        return fetch_model(
+            base_url=aggregator.config.dataplane_url,
+            cert_sha256=aggregator_cert,
+            model_id=final_id,
+            server_address=aggregator.config.address,
+            account=buyer,
+        )
+
+    blob = download()
     final = serialize.decode(blob, expected_id=final_id)
     assert len(final.values) == 4
     assert (final.header.kind, final.header.task_id, final.header.round_number) == (
@@ -225,6 +242,27 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     assert pay[(aggregator.config.address, CreditReason.STAKE_RETURNED)] == (
         info.aggregator_bond_wei
     )
+
+    # Settled, the task's models may go: each trainer deletes all of them, the aggregator all
+    # but the final model, which the buyer still downloads from it.
+    for node in [*trainers, aggregator]:
+        held = len(node.store.list(task_id=task_id))
+        assert held >= SPEC.rounds
+        pruned = _prune(node, "--keep-days", "0")
+        kept = 1 if node is aggregator else 0
+        assert pruned == [f"task {task_id} (finalized): deleted {held - kept} model(s),"]
+        assert len(node.store.list(task_id=task_id)) == kept
+        assert _prune(node) == ["nothing to delete: no task settled with models kept 30 day(s)"]
+    assert [m.id_hex for m in aggregator.store.list(task_id=task_id)] == [final_id]
+    assert download() == blob
+
+
+def _prune(node, *args: str) -> list[str]:
+    """What `python -m worker prune` says for ``node``, without the byte counts."""
+    done = worker_cli("prune", "--home", str(node.home), *args)
+    return [
+        line.rsplit(" ", 2)[0] if "bytes" in line else line for line in done.stdout.splitlines()
+    ]
 
 
 def test_bad_messages_are_refused_and_the_device_keeps_serving(nodes, platform, platform_market):
