@@ -471,6 +471,14 @@ class ModelStore:
             ).fetchall()
         return {int(task): datetime.fromtimestamp(newest, tz=UTC) for task, newest in rows}
 
+    def usage(self) -> tuple[int, int]:
+        """How many blobs the index holds, and their bytes."""
+        with self._db() as db:
+            count, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs"
+            ).fetchone()
+        return count, size
+
     def remove(self, model_ids: Iterable[bytes | str]) -> int:
         """Delete these blobs, skipping any the store does not hold; returns the bytes freed.
         The files go first, as they are the truth: a crash before their index rows follow

@@ -89,8 +89,11 @@ def _health(local: str | None, remote: str | None) -> str:
     return "; ".join(f"{where}: {problem}" for where, problem in seen if problem)
 
 
-def render(status: dict[str, Any], *, local_problem: str | None, link: str) -> str:
-    """The status as lines for people; ETH exact."""
+def render(
+    status: dict[str, Any], *, local_problem: str | None, link: str, models: tuple[int, int]
+) -> str:
+    """The status as lines for people; ETH exact. ``models``: the store's blobs and bytes."""
+    from worker.retention import KEEP_DAYS
 
     def eth(wei: str | None) -> str:
         return "unknown (chain unreachable)" if wei is None else f"{wei_to_eth(int(wei))} ETH"
@@ -103,6 +106,8 @@ def render(status: dict[str, Any], *, local_problem: str | None, link: str) -> s
         f"  earned     {eth(status['earned_wei'])}",
         f"  credit     {eth(status['credit_wei'])}, withdraw with `python -m worker withdraw`",
         f"  data plane {_health(local_problem, status['dataplane_problem'])}",
+        f"  models     {models[0]} stored, {models[1]:,} bytes; a settled task's go {KEEP_DAYS} "
+        "day(s) after its last (`python -m worker prune`)",
     ]
     if status["tasks"]:
         lines.append(

@@ -143,6 +143,7 @@ def test_remove_deletes_the_files_and_their_rows_and_skips_what_is_not_there(sto
     assert not store.has(a)
     assert not store.has(b)
     assert [m.model_id for m in store.list()] == [c]
+    assert store.usage() == (1, store.info(c).size)
     assert {p.name for p in blob_files(store)} == {c.hex()}
     with pytest.raises(BlobNotFoundError):
         store.get(a)

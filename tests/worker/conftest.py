@@ -173,17 +173,17 @@ def env() -> dict[str, str]:
     return {**os.environ, "FLEX_DEVICE_PASSPHRASE": PASSPHRASE, "PYTHONUNBUFFERED": "1"}
 
 
-def worker_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m worker ARGS` as a device's owner runs it; it must succeed."""
+def worker_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m worker ARGS` as a device's owner runs it; with ``check``, it must succeed."""
     done = subprocess.run(
         [sys.executable, "-m", "worker", *args],
         cwd=ROOT,
         env=env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0 or not check, done.stderr
     return done
 
 

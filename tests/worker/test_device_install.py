@@ -28,6 +28,7 @@ NODE_MODULES = [
     "worker.aggregator",
     "worker.status",
     "worker.payments",
+    "worker.retention",
     "chain.withdrawals",
     "training.local",
     "training.evaluate",

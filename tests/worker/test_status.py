@@ -4,11 +4,9 @@ plane from both sides, and a signed link that opens its page on the website."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
+import numpy as np
 import pytest
 
 from chain.events import Role, TaskCreated
@@ -16,22 +14,12 @@ from chain.launcher import dev_accounts
 from chain.node import chain_time
 from marketplace.models import Device
 from marketplace.sync import chain_sync
-from tests.worker.conftest import PASSPHRASE, ROOT, TRAINER_PRICE, enrol
+from tests.blobs import blob_of
+from tests.worker.conftest import PASSPHRASE, TRAINER_PRICE, enrol, worker_cli
 from worker.config import KEYSTORE_FILE
 from worker.keys import key_load
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def worker_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env={**os.environ, "FLEX_DEVICE_PASSPHRASE": PASSPHRASE},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
@@ -64,6 +52,8 @@ def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
         role=Role.TRAINER,
     )
     chain_sync()
+    # A model in its store, as a round leaves one.
+    stored = node.store.info(node.store.put(blob_of([np.ones((4, 3), dtype=np.float32)])))
 
     done = worker_cli("status", "--home", str(node.home), "--json")
 
@@ -78,11 +68,13 @@ def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
     # Its worker is not running: its data plane answers neither here nor to the platform.
     assert "worker start" in status["local_dataplane_problem"]
     assert "cannot be reached" in status["dataplane_problem"]
+    assert (status["models_stored"], status["models_bytes"]) == (1, stored.size)
 
     text = worker_cli("status", "--home", str(node.home)).stdout
     assert "bids       1, selected for 0" in text
     assert f"#{task_id:<4} bidding" in text
     assert "0.0003 ETH" in text
+    assert f"models     1 stored, {stored.size:,} bytes; a settled task's go 30 day(s)" in text
 
     link = status["owner_link"]
     assert link.startswith(live_server.url + "/devices/owner/?")
@@ -102,7 +94,7 @@ def test_status_says_what_is_wrong_when_the_platform_refuses(live_server, platfo
     )
     Device.objects.filter(address=node.config.address).delete()  # no longer enrolled here
 
-    done = worker_cli("status", "--home", str(node.home))
+    done = worker_cli("status", "--home", str(node.home), check=False)
 
     assert done.returncode == 1
     assert done.stderr.startswith("error: the platform refused: ")
