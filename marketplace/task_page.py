@@ -68,6 +68,21 @@ def task_update_message(view: TaskView) -> dict[str, Any]:
     return task_snapshot_message(view, seq=None)
 
 
+def page_start(message: dict[str, Any]) -> dict[str, Any]:
+    """What the page's script draws before its socket's first message, of ``message`` (the
+    page's task_update_message), in the message's shape: the chart's points and the late-round
+    note. The server renders the rest, and the socket brings the whole task at once: a task
+    with many rounds, bids and transactions is not sent a second time inside its page."""
+    points = [
+        {key: r[key] for key in ("number", "accuracy", "loss")}
+        for r in message["snapshot"]["rounds_published"]
+    ]
+    return {
+        "snapshot": {"rounds_published": points},
+        "view": {"round_wait": message["view"]["round_wait"]},
+    }
+
+
 def task_delta_message(
     view: TaskView, *, seq: int, blocks: set[int], rounds: set[int]
 ) -> dict[str, Any]:

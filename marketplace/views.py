@@ -43,7 +43,7 @@ from marketplace.models_download import (
 )
 from marketplace.selectors import TaskView
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
-from marketplace.task_page import task_update_message
+from marketplace.task_page import page_start, task_update_message
 from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,7 @@ def task_detail(request, pk: int):
             "s": message["snapshot"],
             "v": message["view"],
             "message": message,
+            "page_start": page_start(message),
             "ws_path": f"/ws/tasks/{view.id}/",
             "ws_port": settings.FLEX_LIVE_PORT,
             "explorer": settings.FLEX_EXPLORER_URL,

@@ -415,7 +415,8 @@
     };
   }
 
-  // The server rendered everything but the chart, which is drawn here from the same message.
+  // The server rendered everything but the chart, which is drawn here from the points the
+  // page holds (task_page.page_start) until the socket brings the whole task.
   const initial = $("task-data");
   if (initial) last = JSON.parse(initial.textContent);
   if (last) drawChart(last.snapshot.rounds_published);
@@ -438,6 +439,6 @@
     clearTimeout(resizing);
     resizing = setTimeout(() => { if (last) drawChart(last.snapshot.rounds_published); }, 150);
   });
-  window.FlexTask = { render, apply, chart };
+  window.FlexTask = { render, apply, chart, message: () => last };
   connect();
 })();

@@ -41,7 +41,7 @@ TITLE = f"Digits on three phones {MARKUP}"
 # Replaces every string of a task's message with MARKUP, renders it whole and applies it as a
 # delta, and counts what markup became elements in the page (none may).
 POISON_JS = """(markup) => {
-  const msg = JSON.parse(document.getElementById("task-data").textContent);
+  const msg = window.FlexTask.message();  // the whole task, as the socket sent it
   const poison = (v) => typeof v === "string" ? markup
     : Array.isArray(v) ? v.map(poison)
     : v && typeof v === "object"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from django.urls import reverse
@@ -173,6 +174,22 @@ def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_marke
         assert "shares a pool of half the aggregated trainers" in html
         assert "&lt;b&gt;pixel&lt;/b&gt;" in html
         assert "<b>pixel</b>" not in html
+        # The page holds what its script draws before the socket's first message, the
+        # chart's points, not the whole task a second time: the socket brings that.
+        message = client.get(path).context["message"]
+        [start] = re.findall(r'<script id="task-data" type="application/json">(.*?)</script>', html)
+        rounds = message["snapshot"]["rounds_published"]
+        assert len(rounds) >= 2
+        assert json.loads(start) == {
+            "snapshot": {
+                "rounds_published": [
+                    {"number": r["number"], "accuracy": r["accuracy"], "loss": r["loss"]}
+                    for r in rounds
+                ]
+            },
+            "view": {"round_wait": message["view"]["round_wait"]},
+        }
+        assert all(t["tx_hash"] not in start for t in message["snapshot"]["transactions"])
         paid = Payout.objects.get(account=trainer.address, reason="trainer").amount_wei
         assert f"{wei_to_eth(paid)} ETH" in html
 
