@@ -5,7 +5,7 @@
     python -m worker status --home DIR
     python -m worker balance --home DIR
     python -m worker withdraw --home DIR [--to ADDRESS]
-    python -m worker prune --home DIR [--keep-days N]
+    python -m worker prune --home DIR [--keep-days N] [--json]
     python -m worker provenance --rpc URL --contract ADDRESS --task N --spec FILE --blobs DIR
 
 The key's passphrase comes from FLEX_DEVICE_PASSPHRASE, or is asked for at the terminal.
@@ -123,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
         type=whole_number(0, None, "a whole number of days"),
         help="days to keep a settled task's models (default: FLEX_STORE_KEEP_DAYS, 30)",
     )
+    prune.add_argument("--json", action="store_true", help="print one JSON object")
 
     prov = sub.add_parser(
         "provenance",
@@ -218,6 +219,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     days = KEEP_DAYS if args.keep_days is None else args.keep_days
     store = ModelStore(args.home / STORE_DIR, max_blob_bytes=cfg.max_model_bytes)
     pruned = prune(store=store, market=market, node=cfg.address, keep_s=days * DAY_S)
+    if args.json:
+        gone = [{**dataclasses.asdict(p), "state": p.state.name.lower()} for p in pruned]
+        print(json.dumps({"keep_days": days, "pruned": gone}))
+        return 0
     for gone in pruned:
         print(gone)
     if not pruned:

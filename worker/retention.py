@@ -37,16 +37,16 @@ SETTLED = frozenset({TaskState.FINALIZED, TaskState.ABORTED, TaskState.FAILED, T
 
 @dataclass(frozen=True)
 class Pruned:
-    """The blobs deleted of one settled task, and the bytes that freed."""
+    """The models deleted of one settled task, and the bytes that freed."""
 
     task_id: int
     state: TaskState
-    blobs: int
+    models: int
     freed_bytes: int
 
     def __str__(self) -> str:
         return (
-            f"task {self.task_id} ({self.state.name.lower()}): deleted {self.blobs} model(s), "
+            f"task {self.task_id} ({self.state.name.lower()}): deleted {self.models} model(s), "
             f"{self.freed_bytes:,} bytes"
         )
 
@@ -84,7 +84,7 @@ def prune(
         if blobs:
             freed = store.remove(b.model_id for b in blobs)
             pruned.append(
-                Pruned(task_id=task_id, state=task.state, blobs=len(blobs), freed_bytes=freed)
+                Pruned(task_id=task_id, state=task.state, models=len(blobs), freed_bytes=freed)
             )
     return pruned
 

@@ -79,7 +79,7 @@ def test_a_trainer_lets_go_of_settled_tasks_after_the_keep_period_and_of_nothing
     pruned = prune(store=store, market=market, node=trainer, keep_s=DAY, now=later)
 
     settled = ("finalized", "aborted")
-    assert {(p.task_id, p.state, p.blobs, p.freed_bytes) for p in pruned} == {
+    assert {(p.task_id, p.state, p.models, p.freed_bytes) for p in pruned} == {
         (
             tasks[name].task_id,
             TaskState[name.upper()],

@@ -4,6 +4,8 @@ signed measurements, every model ID on chain verifies, and bad messages are refu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from chain.events import CreditReason, PaymentCredited, Role, TaskCreated, TaskState
@@ -246,11 +248,24 @@ def test_enrolled_devices_bid_train_and_aggregate_through_the_broker(
     # Settled, the task's models may go: each trainer deletes all of them, the aggregator all
     # but the final model, which the buyer still downloads from it.
     for node in [*trainers, aggregator]:
-        held = len(node.store.list(task_id=task_id))
-        assert held >= SPEC.rounds
-        pruned = _prune(node, "--keep-days", "0")
+        held = node.store.list(task_id=task_id)
+        assert len(held) >= SPEC.rounds
         kept = 1 if node is aggregator else 0
-        assert pruned == [f"task {task_id} (finalized): deleted {held - kept} model(s),"]
+        if node is trainers[0]:
+            said = json.loads(worker_cli("prune", "--home", str(node.home), "--json").stdout)
+            assert said == {"keep_days": 30, "pruned": []}  # all of it newer than that
+            done = worker_cli("prune", "--home", str(node.home), "--keep-days=0", "--json")
+            assert json.loads(done.stdout)["pruned"] == [
+                {
+                    "task_id": task_id,
+                    "state": "finalized",
+                    "models": len(held),
+                    "freed_bytes": sum(m.size for m in held),
+                }
+            ]
+        else:
+            pruned = _prune(node, "--keep-days", "0")
+            assert pruned == [f"task {task_id} (finalized): deleted {len(held) - kept} model(s),"]
         assert len(node.store.list(task_id=task_id)) == kept
         assert _prune(node) == ["nothing to delete: no task settled with models kept 30 day(s)"]
     assert [m.id_hex for m in aggregator.store.list(task_id=task_id)] == [final_id]
