@@ -289,6 +289,19 @@ def test_buyer_posts_a_task_and_watches_it_live(
     )
     phone.close()
 
+    # With no socket (a proxy that does not pass /ws/ on), the page still draws its chart
+    # from the points it holds; the rest the server rendered.
+    socketless = browser.new_context(storage_state=context.storage_state())
+    socketless.add_init_script("window.WebSocket = class { send() {} close() {} };")
+    alone = socketless.new_page()
+    alone.set_default_timeout(UPDATE_TIMEOUT_MS)
+    alone.goto(page.url)
+    alone.wait_for_selector("#chart circle.acc-dot")
+    assert alone.locator("#chart circle.acc-dot").count() == ROUNDS
+    assert "pixel-2" in alone.inner_text("#contrib-body")
+    assert alone.get_attribute("#task-page", "data-updates") is None  # no message came
+    socketless.close()
+
     # Whatever text any field of a pushed message holds, the page renders it as text.
     page.goto(asgi_server + f"/tasks/{task.chain_task_id}/")
     page.wait_for_selector("#live.on")
