@@ -70,16 +70,23 @@ def task_update_message(view: TaskView) -> dict[str, Any]:
 
 def page_start(message: dict[str, Any]) -> dict[str, Any]:
     """What the page's script draws before its socket's first message, of ``message`` (the
-    page's task_update_message), in the message's shape: the chart's points and the late-round
-    note. The server renders the rest, and the socket brings the whole task at once: a task
-    with many rounds, bids and transactions is not sent a second time inside its page."""
+    page's task_update_message), in the message's shape: the chart's points, and the
+    late-round note with the names of the devices it names. The server renders the rest, and
+    the socket brings the whole task at once: a task with many rounds, bids and transactions
+    is not sent a second time inside its page."""
     points = [
         {key: r[key] for key in ("number", "accuracy", "loss")}
         for r in message["snapshot"]["rounds_published"]
     ]
+    wait = message["view"]["round_wait"]
+    named = [*wait["missing"], wait["aggregator"]] if wait else []
+    names = message["view"]["device_names"]
     return {
         "snapshot": {"rounds_published": points},
-        "view": {"round_wait": message["view"]["round_wait"]},
+        "view": {
+            "round_wait": wait,
+            "device_names": {a: names[a] for a in named if a in names},
+        },
     }
 
 

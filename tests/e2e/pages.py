@@ -32,8 +32,9 @@ def off_the_loop(fn, /, *args, **kwargs):
         return pool.submit(call).result()
 
 
-def signed_in(browser, base_url: str, *, username: str, size: str, timeout_ms: int = 15_000):
-    """A page of a new browser context at ``size`` ("desktop" or "phone"), signed in."""
+def signed_in(browser, base_url: str, *, username: str, size: str, timeout_ms: int = 120_000):
+    """A page of a new browser context at ``size`` ("desktop" or "phone"), signed in; it
+    waits up to ``timeout_ms`` for anything (a busy machine is waited for, never timed)."""
     context = browser.new_context(**SIZES[size])
     page = context.new_page()
     page.set_default_timeout(timeout_ms)

@@ -277,6 +277,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
         storage_state=context.storage_state(),
     )
     phone_page = phone.new_page()
+    phone_page.set_default_timeout(UPDATE_TIMEOUT_MS)
     phone_page.goto(page.url)
     phone_page.wait_for_selector("#chart circle.acc-dot")
     assert phone_page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
