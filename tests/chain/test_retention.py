@@ -26,10 +26,10 @@ def hold(store: ModelStore, market: FlexMarket, running: Running, *, trainer: st
     """What a node of ``running`` holds: each global model and ``trainer``'s update of each
     round, as the node stored them."""
     ids = set()
+    deployment = {"chain_id": chain_id(market.w3), "contract": market.address}
     for number in range(running.rounds + 1):
-        header = {"chain_id": chain_id(market.w3), "contract": market.address}
+        header = {**deployment, "task_id": running.task_id, "round_number": number}
         weights = [np.full((3, 2), running.task_id + number / 10, dtype=np.float32)]
-        header.update(task_id=running.task_id, round_number=number)
         ids.add(store.put(blob_of(weights, kind=Kind.GLOBAL, **header)))
         if number < running.rounds:
             ids.add(store.put(blob_of(weights, kind=Kind.UPDATE, trainer=trainer, **header)))
@@ -121,7 +121,7 @@ def test_models_under_dispute_stay_however_old(
 ):
     """A trained task's windows are open: its aggregator must still serve chunks and its
     trainers may still need their updates to prove a wrong aggregate. Nothing goes, even
-    with a keep period of nothing and once the chain is weeks on."""
+    with no keep period, the chain six days on and the node's clock sixty."""
     store = ModelStore(tmp_path)
     trained = tasks["trained"]
     ids = hold(store, market, trained, trainer=trained.trainers[0].address)
