@@ -183,11 +183,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     node = nodes.load(home=args.home, passphrase=passphrase_read())
     status = status_fetch(node)
     local, link = dataplane_problem(node), owner_link(account=node.account, config=node.config)
-    models = node.store.usage()
+    stored, size = models = node.store.usage()
     if args.json:
         mine = {"local_dataplane_problem": local, "owner_link": link}
-        mine.update(models_stored=models[0], models_bytes=models[1])
-        print(json.dumps({**status, **mine}))
+        print(json.dumps({**status, **mine, "models_stored": stored, "models_bytes": size}))
     else:
         print(render(status, local_problem=local, link=link, models=models))
     return 0

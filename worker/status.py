@@ -20,6 +20,7 @@ from dataplane.signing import sign_request
 from dataplane.tls import node_certificate_load
 from worker.config import TLS_DIR, DeviceConfig
 from worker.node import Node
+from worker.retention import KEEP_DAYS
 
 STATUS_PATH = "/api/devices/me/"
 OWNER_PATH = "/devices/owner/"
@@ -93,7 +94,6 @@ def render(
     status: dict[str, Any], *, local_problem: str | None, link: str, models: tuple[int, int]
 ) -> str:
     """The status as lines for people; ETH exact. ``models``: the store's blobs and bytes."""
-    from worker.retention import KEEP_DAYS
 
     def eth(wei: str | None) -> str:
         return "unknown (chain unreachable)" if wei is None else f"{wei_to_eth(int(wei))} ETH"
