@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -262,6 +264,32 @@ def enrol(device: LocalDevice, *, home: Path, web_url: str, env: dict[str, str])
     enrol_all({device: home}, web_url=web_url, env=env)
 
 
+def require_free(host: str, port: int, *, variable: str, host_variable: str) -> None:
+    """Stop before anything starts when the stack's server could not listen on
+    ``host:port``: another program (often a FLEX already running, another web server on
+    8000 or another chain node on 8545) would answer the stack's own checks in its place,
+    and the stack would deploy to its chain or enrol devices at its web server."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            # As the servers themselves bind: a port left in TIME_WAIT by a stack that has
+            # just stopped is free.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"error: {host}:{port} is taken by another program (a FLEX already running?): "
+                f"stop it, or set {variable} to a free port"
+            ) from None
+        raise SystemExit(
+            f"error: cannot listen on {host}:{port} ({exc.strerror or exc}): "
+            f"set {host_variable} to an address of this machine"
+        ) from None
+
+
 @contextlib.contextmanager
 def stack(
     *,
@@ -297,6 +325,12 @@ def stack(
     local_web = "127.0.0.1" if web_host in ("0.0.0.0", "::") else web_host
     local_chain = "127.0.0.1" if chain_host in ("0.0.0.0", "::") else chain_host
     public_url = os.environ.get("FLEX_PUBLIC_URL") or f"http://{local_web}:{web_port}"
+    for host, port, variable, host_variable in (
+        (chain_host, chain_port, "FLEX_CHAIN_PORT", "FLEX_CHAIN_HOST"),
+        (web_host, web_port, "FLEX_WEB_PORT", "FLEX_WEB_HOST"),
+        (web_host, live_port, "FLEX_LIVE_PORT", "FLEX_WEB_HOST"),
+    ):
+        require_free(host, port, variable=variable, host_variable=host_variable)
     env = {
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         **os.environ,

@@ -1,15 +1,25 @@
 """make demo's options and the local stack's settings: a value the demo or the chain cannot
 use (a window that is not whole seconds, a block time that is not a length of time, a port
-that is not one, a task the contract would refuse) stops it before anything starts, and says
-which setting and why."""
+that is not one or that another program holds, a task the contract would refuse) stops it
+before anything starts, and says which setting and why."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from chain.launcher import free_port
 from stack.devstack import chain_block_time, main
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTS = ("FLEX_CHAIN_PORT", "FLEX_WEB_PORT", "FLEX_LIVE_PORT")
 
 SECONDS = "expected a whole number of seconds, 0 or more"
 PORT = "expected a TCP port, 1 to 65535"
@@ -59,6 +69,54 @@ def test_a_setting_the_stack_cannot_use_is_refused_before_anything_starts(
         main(["run", "--var", str(tmp_path)])
 
     assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+@pytest.mark.parametrize("variable", PORTS)
+def test_a_port_another_program_listens_on_is_refused_before_anything_starts(
+    variable, monkeypatch, tmp_path
+):
+    """Another web server on 8000 or chain node on 8545 would answer the stack's checks in
+    place of its own servers, which could not bind: the stack would deploy to that chain or
+    enrol its devices at that server."""
+    for name in PORTS:
+        monkeypatch.setenv(name, str(free_port()))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        monkeypatch.setenv(variable, str(port))
+        with pytest.raises(SystemExit) as stopped:
+            main(["run", "--var", str(tmp_path)])
+
+    assert stopped.value.code == (
+        f"error: 127.0.0.1:{port} is taken by another program (a FLEX already running?): "
+        f"stop it, or set {variable} to a free port"
+    )
+    assert not any(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_a_host_address_this_machine_lacks_is_refused_before_anything_starts(tmp_path):
+    """Run in a network namespace of its own (unshare), with only its loopback up: 10.77.0.1
+    is no address of that host's."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        pytest.fail("this test makes a network namespace: it needs root, unshare and ip")
+    port = free_port()
+    in_namespace = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    done = subprocess.run(
+        [*in_namespace, sys.executable, "-m", "stack.devstack", "run", "--var", str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "FLEX_CHAIN_HOST": "10.77.0.1", "FLEX_CHAIN_PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 10.77.0.1:{port} (Cannot assign requested address): "
+        "set FLEX_CHAIN_HOST to an address of this machine"
+    )
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(("value", "mining"), [("", ""), (" ", ""), ("0.5", "0.5"), ("2", "2")])
