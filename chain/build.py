@@ -150,6 +150,16 @@ def check_fresh() -> None:
         )
 
 
+def compiler_metadata(code: bytes | str) -> bytes:
+    """The metadata solc appends to a contract's runtime code (CBOR, its length in the last two
+    bytes): the hash of the compiler's version and settings and of every source, so two codes
+    built from different sources end differently, whatever immutables the deployment set.
+    Empty for code without it."""
+    raw = bytes.fromhex(code.removeprefix("0x")) if isinstance(code, str) else bytes(code)
+    length = int.from_bytes(raw[-2:], "big") + 2 if len(raw) >= 2 else 0
+    return raw[-length:] if 2 < length <= len(raw) else b""
+
+
 def load_artifact(name: str = "FlexMarket") -> dict[str, Any]:
     """The committed artefact of a contract: abi, bytecode, deployedBytecode."""
     path = BUILD / f"{name}.json"

@@ -14,7 +14,7 @@ from web3 import Web3
 from web3._utils.error_formatters_utils import raise_contract_logic_error_on_revert
 
 from chain import events as ev
-from chain.build import load_artifact
+from chain.build import compiler_metadata, load_artifact
 from chain.errors import InvalidHintError, NoContractError
 from chain.events import DeviceClass, Role, Strategy, TaskState
 from chain.fraud import VERIFIER_NAME, Challenge, Contest, Exclusion
@@ -123,6 +123,15 @@ class FlexMarket:
             args=(min_trainer_price_wei, min_aggregator_price_wei, to_checksum_address(verifier)),
         )
         return cls(w3=w3, address=deployed.address, deploy_block=deployed.block_number)
+
+    def built_from_artefact(self) -> bool:
+        """Whether the code at this address was compiled from the sources of the artefact
+        this client speaks (contracts/build/), by the metadata solc appends to it: a market
+        deployed before the contract changed answers the new ABI wrongly or not at all."""
+        with rpc():
+            code = bytes(self.w3.eth.get_code(self.address))
+        ours = compiler_metadata(load_artifact(CONTRACT_NAME)["deployedBytecode"])
+        return bool(ours) and compiler_metadata(code) == ours
 
     # ------------------------------------------------------------ owner and registrar
 

@@ -235,14 +235,17 @@ def wait_for(what: str, check, *, timeout: float = 60.0, sup: Supervisor | None 
 
 
 def manage(*args: str, env: dict[str, str], capture: bool = False) -> str:
+    """Run a management command; one that fails stops the stack, its own message (on
+    stderr) above the line that says which."""
     done = subprocess.run(
         [PY, "manage.py", *args],
         cwd=ROOT,
         env=env,
-        check=True,
         text=True,
         stdout=subprocess.PIPE if capture else None,
     )
+    if done.returncode:
+        raise SystemExit(f"error: `manage.py {args[0]}` failed (exit {done.returncode})")
     return done.stdout.strip() if capture else ""
 
 

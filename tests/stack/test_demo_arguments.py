@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from chain.launcher import free_port
-from stack.devstack import chain_block_time, main
+from stack.devstack import chain_block_time, main, manage
 
 ROOT = Path(__file__).resolve().parents[2]
 PORTS = ("FLEX_CHAIN_PORT", "FLEX_WEB_PORT", "FLEX_LIVE_PORT")
@@ -117,6 +117,14 @@ def test_a_host_address_this_machine_lacks_is_refused_before_anything_starts(tmp
         "set FLEX_CHAIN_HOST to an address of this machine"
     )
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_set_up_command_stops_the_stack_with_one_line_naming_it(capfd):
+    with pytest.raises(SystemExit) as stopped:
+        manage("no_such_command", env=dict(os.environ))
+
+    assert stopped.value.code == "error: `manage.py no_such_command` failed (exit 1)"
+    assert "Unknown command: 'no_such_command'" in capfd.readouterr().err  # its own, above
 
 
 @pytest.mark.parametrize(("value", "mining"), [("", ""), (" ", ""), ("0.5", "0.5"), ("2", "2")])

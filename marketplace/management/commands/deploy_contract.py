@@ -29,6 +29,15 @@ class Command(BaseCommand):
         try:
             existing = None if force else contract.deployment_load()
             if existing:
+                market = FlexMarket(w3=contract.w3(), address=existing.address)
+                if not market.built_from_artefact():
+                    raise CommandError(
+                        f"{settings.FLEX_DEPLOYMENT_FILE} names the FlexMarket at "
+                        f"{existing.address} (chain {existing.chain_id}), built from other "
+                        "sources than contracts/build/FlexMarket.json: the contract has changed "
+                        "since it was deployed. `make clean` starts the local platform afresh; "
+                        "--force deploys a new contract and records it instead"
+                    )
                 self.stdout.write(
                     f"FlexMarket already deployed at {existing.address} "
                     f"(chain {existing.chain_id}, block {existing.block})"
