@@ -514,19 +514,37 @@ def stack(
 
 def run(var: Path) -> int:
     stopping = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    with stack(var=var) as up:
-        say(f"FLEX is up: open {up['public_url']}/")
-        say(
-            f"log in as {up['buyer']['username']} / {up['buyer']['password']} "
-            f"(wallet {up['buyer']['address']}); Ctrl-C stops everything"
-        )
-        while not stopping.is_set():
-            if dead := up["supervisor"].dead():
-                say(f"error: {', '.join(dead)} exited; stopping (logs in {var}/log/)")
-                return 1
-            stopping.wait(0.5)
+
+    def stop(*_: object) -> None:
+        # Coming up, the stack stops where it is (and stops what it started); once up, or
+        # once stopping, a signal only ends the wait below.
+        coming_up = up is None and not stopping.is_set()
+        stopping.set()
+        if coming_up:
+            raise KeyboardInterrupt
+
+    up = None
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        with stack(var=var) as up:
+            return _serve(up, var=var, stopping=stopping)
+    except KeyboardInterrupt:
+        say("stopped before the platform was up")
+        return 130
+
+
+def _serve(up: dict, *, var: Path, stopping: threading.Event) -> int:
+    say(f"FLEX is up: open {up['public_url']}/")
+    say(
+        f"log in as {up['buyer']['username']} / {up['buyer']['password']} "
+        f"(wallet {up['buyer']['address']}); Ctrl-C stops everything"
+    )
+    while not stopping.is_set():
+        if dead := up["supervisor"].dead():
+            say(f"error: {', '.join(dead)} exited; stopping (logs in {var}/log/)")
+            return 1
+        stopping.wait(0.5)
     return 0
 
 
