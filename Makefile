@@ -43,6 +43,10 @@ $(FLOWER_VENV)/.installed: requirements-flower.txt
 	@touch $@
 
 node_modules/.installed: package.json package-lock.json
+	@v=$$(node --version 2>/dev/null); major=$${v#v}; major=$${major%%.*}; \
+	  if ! command -v npm >/dev/null 2>&1 || ! [ "$${major:-0}" -ge 18 ] 2>/dev/null; then \
+	    echo "error: FLEX needs Node.js 18+ with npm (found: node $${v:-none}, npm $$(command -v npm || echo none))"; \
+	    exit 1; fi
 	@echo "[flex] installing the pinned solc and anvil from npm"
 	@npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
