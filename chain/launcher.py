@@ -139,9 +139,18 @@ class LocalChain:
             if self.process.poll() is not None:
                 errors.seek(0)
                 said = errors.read().decode(errors="replace").strip().splitlines()
+                unreadable = self.state_path is not None and any(
+                    str(self.state_path) in line for line in said
+                )
                 raise ChainLaunchError(
                     f"anvil exited with code {self.process.returncode} on port {self.port}"
-                    + (f": {said[0]}" if said else ""),
+                    + (f": {said[0]}" if said else "")
+                    + (
+                        f" (the chain saved in {self.state_path} cannot be read: move it away, "
+                        "or `make clean` to start the local platform afresh)"
+                        if unreadable
+                        else ""
+                    ),
                     port=self.port,
                     returncode=self.process.returncode,
                 )

@@ -7,6 +7,7 @@ import http.client
 import http.server
 import json
 import multiprocessing
+import re
 import socket
 import ssl
 import subprocess
@@ -307,8 +308,13 @@ def test_a_node_that_cannot_start_says_why(tmp_path: Path):
             LocalChain(accounts=1, port=port).start()
     state = tmp_path / "state.json"
     state.write_text("{not json")
-    with pytest.raises(ChainLaunchError, match=r"exited with code \d+ on port \d+: .*state.json"):
+    with pytest.raises(ChainLaunchError) as damaged:
         LocalChain(accounts=1, state_path=state).start()
+    assert re.search(r"exited with code \d+ on port \d+: .*state.json", damaged.value.message)
+    assert damaged.value.message.endswith(
+        f"(the chain saved in {state} cannot be read: move it away, or `make clean` to start "
+        "the local platform afresh)"
+    )
 
 
 def test_a_waited_transaction_comes_back_mined_from_one_send(
