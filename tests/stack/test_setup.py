@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NPM = shutil.which("npm")
+OUTER_MAKE = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
 
 
 def npm_set_up(tmp_path: Path, *, node_version: str | None, npm: bool = True):
@@ -32,7 +33,9 @@ def npm_set_up(tmp_path: Path, *, node_version: str | None, npm: bool = True):
     return subprocess.run(
         [shutil.which("make"), "node_modules/.installed"],
         cwd=tmp_path,
-        env={**os.environ, "PATH": str(bin_dir)},
+        # Not a sub-make of the one running the suite: none of its flags, nor its
+        # "Entering directory" lines.
+        env={k: v for k, v in os.environ.items() if k not in OUTER_MAKE} | {"PATH": str(bin_dir)},
         capture_output=True,
         text=True,
     )
