@@ -236,13 +236,16 @@ def wait_for(what: str, check, *, timeout: float = 60.0, sup: Supervisor | None 
 
 def manage(*args: str, env: dict[str, str], capture: bool = False) -> str:
     """Run a management command; one that fails stops the stack, its own message (on
-    stderr) above the line that says which."""
+    stderr) above the line that says which. It runs in a process group of its own: a Ctrl-C
+    at the terminal is the stack's to act on (a command it waits for is then killed, one
+    beside it finishes), not each command's to die of with a traceback."""
     done = subprocess.run(
         [PY, "manage.py", *args],
         cwd=ROOT,
         env=env,
         text=True,
         stdout=subprocess.PIPE if capture else None,
+        process_group=0,
     )
     if done.returncode:
         raise SystemExit(f"error: `manage.py {args[0]}` failed (exit {done.returncode})")

@@ -121,6 +121,7 @@ def tokens_issue(devices: Iterable[LocalDevice], *, env: Mapping[str, str]) -> d
                 env=dict(env),
                 text=True,
                 stdout=subprocess.PIPE,
+                process_group=0,  # as stack.devstack.manage's
             )
     tokens: dict[str, str] = {}
     for names, call in calls.items():
