@@ -211,23 +211,33 @@ def main(argv: list[str] | None = None) -> int:
         state_path=args.state,
         block_time=args.block_time,
     )
-    try:
-        node.start()
-    except FlexError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"local chain {node.rpc_url} (chain id {DEV_CHAIN_ID})", flush=True)
-    stop = False
+    starting, stop = True, False
 
     def _stop(*_: object) -> None:
-        nonlocal stop
+        # While the node starts, stop the start (the node it began is stopped below); once
+        # up, or once stopping, end the wait.
+        nonlocal starting, stop
         stop = True
+        if starting:
+            starting = False
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    while not stop and node.process and node.process.poll() is None:
-        time.sleep(0.2)
-    node.stop()
+    try:
+        node.start()
+        starting = False
+        print(f"local chain {node.rpc_url} (chain id {DEV_CHAIN_ID})", flush=True)
+        while not stop and node.process and node.process.poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    except FlexError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        starting = False
+        node.stop()
     return 0
 
 

@@ -7,12 +7,15 @@ import http.client
 import http.server
 import json
 import multiprocessing
+import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -315,6 +318,44 @@ def test_a_node_that_cannot_start_says_why(tmp_path: Path):
         f"(the chain saved in {state} cannot be read: move it away, or `make clean` to start "
         "the local platform afresh)"
     )
+
+
+def test_a_node_stopped_while_it_starts_is_not_left_running(tmp_path: Path):
+    """`python -m chain.launcher` (make run's chain) told to stop before its node answers:
+    the node it started stops too, instead of running on with no one to stop it (and
+    holding the port the next run needs). The node is frozen until the launcher is told,
+    so that it is still starting then, whatever the machine's speed."""
+    state = tmp_path / "state.json"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "chain.launcher", "--port", str(free_port()), "--state", str(state)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300  # waited for, never timed
+        while not (nodes := _processes(f"anvil.*{state}")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert nodes, "the launcher started no node"
+        for pid in nodes:
+            os.kill(pid, signal.SIGSTOP)
+        launcher.send_signal(signal.SIGTERM)
+        for pid in nodes:
+            os.kill(pid, signal.SIGCONT)
+        assert launcher.wait(timeout=300) == 0
+        while _processes(f"anvil.*{state}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _processes(f"anvil.*{state}") == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in _processes(f"anvil.*{state}"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _processes(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(pid) for pid in found.split()]
 
 
 def test_a_waited_transaction_comes_back_mined_from_one_send(
