@@ -21,6 +21,7 @@ from web3 import Web3
 
 from chain.node import client, connect
 from core.errors import FlexError
+from core.signals import Stopper
 
 ROOT = Path(__file__).resolve().parent.parent
 ANVIL = ROOT / "node_modules" / ".bin" / "anvil"
@@ -211,32 +212,20 @@ def main(argv: list[str] | None = None) -> int:
         state_path=args.state,
         block_time=args.block_time,
     )
-    starting, stop = True, False
-
-    def _stop(*_: object) -> None:
-        # While the node starts, stop the start (the node it began is stopped below); once
-        # up, or once stopping, end the wait.
-        nonlocal starting, stop
-        stop = True
-        if starting:
-            starting = False
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = Stopper()
     try:
         node.start()
-        starting = False
+        stop.started()
         print(f"local chain {node.rpc_url} (chain id {DEV_CHAIN_ID})", flush=True)
-        while not stop and node.process and node.process.poll() is None:
-            time.sleep(0.2)
+        while not stop.stopping.is_set() and node.process and node.process.poll() is None:
+            stop.stopping.wait(0.2)
     except KeyboardInterrupt:
-        pass
+        pass  # stopped while starting: the node it began is stopped below
     except FlexError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     finally:
-        starting = False
+        stop.started()
         node.stop()
     return 0
 

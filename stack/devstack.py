@@ -30,6 +30,7 @@ import requests
 from chain.launcher import free_port
 from core.broker import queues_consumed, url_with
 from core.env import PORT, SettingInvalidError, env_number
+from core.signals import Stopper
 from core.units import whole_number
 from stack.backing import die_with_parent, stack_vhost, stack_vhost_delete
 from stack.enrolment import (
@@ -516,22 +517,11 @@ def stack(
 
 
 def run(var: Path) -> int:
-    stopping = threading.Event()
-
-    def stop(*_: object) -> None:
-        # Coming up, the stack stops where it is (and stops what it started); once up, or
-        # once stopping, a signal only ends the wait below.
-        coming_up = up is None and not stopping.is_set()
-        stopping.set()
-        if coming_up:
-            raise KeyboardInterrupt
-
-    up = None
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    stop = Stopper()
     try:
         with stack(var=var) as up:
-            return _serve(up, var=var, stopping=stopping)
+            stop.started()
+            return _serve(up, var=var, stopping=stop.stopping)
     except KeyboardInterrupt:
         say("stopped before the platform was up")
         return 130
