@@ -51,6 +51,7 @@ def measure_push(market: Any, owner: LocalAccount, buyer: LocalAccount) -> dict[
     from marketplace import reports
     from marketplace.selectors import task_views_by_id
     from marketplace.sync import ChainSync
+    from marketplace.sync.push import task_push_seq
     from marketplace.task_page import task_update_message
 
     w3 = market.w3
@@ -152,8 +153,9 @@ def measure_push(market: Any, owner: LocalAccount, buyer: LocalAccount) -> dict[
         return sizes, counts
 
     sizes, counts = asyncio.run(follow())
+    seq = task_push_seq(chain_task_id=task_id)
     [view] = task_views_by_id(chain_task_ids=[task_id])
-    snapshot = len(json.dumps(task_update_message(view)).encode())
+    snapshot = len(json.dumps(task_update_message(view, seq=seq)).encode())
     # The last round ends the training: compare the rounds that are alike, the 2nd to the
     # last but one.
     steady = sizes[1:-1]

@@ -471,17 +471,18 @@ def seed_task_at_limits(*, rounds: int, bids: int, trainers: int) -> tuple[int, 
 
 
 def queries_per_request(
-    path: str, headers: dict[str, str], *, explain: bool = False
+    path: str, headers: dict[str, str], *, task: int, explain: bool = False
 ) -> dict[str, Any]:
     """The database queries one request for ``path`` makes, counted in this process with
-    Django's test client: a warm request (the list served from the cache) and one right after
-    the buyer's tasks changed (the list read from the database); with ``explain``, the latter's
-    plans on PostgreSQL (EXPLAIN ANALYZE) printed."""
+    Django's test client: a warm request (served from the cache) and one right after the
+    buyers' tasks and task ``task`` changed (read from the database); with ``explain``, the
+    latter's plans on PostgreSQL (EXPLAIN ANALYZE) printed."""
     from django.contrib.auth import get_user_model
-    from django.db import connection
+    from django.db import connection, transaction
     from django.test import Client
     from django.test.utils import CaptureQueriesContext
 
+    from marketplace.sync.push import task_push_next
     from marketplace.task_lists import task_lists_changed
 
     client = Client(headers=headers, SERVER_NAME=HOST)
@@ -496,6 +497,8 @@ def queries_per_request(
     client.get(path)
     warm = captured()
     task_lists_changed(buyer_ids=get_user_model().objects.values_list("pk", flat=True))
+    with transaction.atomic():
+        task_push_next(chain_task_id=task)  # a change of the task, numbered as chain sync does
     changed = captured()
     if explain and connection.vendor == "postgresql":
         with connection.cursor() as cursor:
@@ -615,7 +618,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         }
         counted = {
-            name: queries_per_request(path, headers, explain=args.explain)
+            name: queries_per_request(path, headers, task=big, explain=args.explain)
             for name, (path, headers) in paths.items()
         }
         connections.close_all()  # the throwaway database is dropped at the end

@@ -52,7 +52,9 @@ from marketplace.services import (
     task_create,
     task_model_download,
 )
+from marketplace.sync.push import task_push_seq
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
+from marketplace.task_page import task_snapshot
 from marketplace.throttles import FlexRateThrottle
 
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
@@ -153,6 +155,11 @@ class TaskListApi(ApiAuthMixin, generics.ListAPIView):
 )
 class TaskDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
     serializer_class = TaskSerializer
+
+    def retrieve(self, request, *args, **kwargs):
+        # The number first: the snapshot holds at least that change (task_page.task_snapshot).
+        seq = task_push_seq(chain_task_id=self.kwargs["pk"])
+        return Response(task_snapshot(self.get_object(), seq=seq))
 
     def get_object(self):
         view = task_view_get(user=self.request.user, task_id=self.kwargs["pk"])

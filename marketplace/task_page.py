@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from typing import Any
 
+from django.core.cache import cache
+from django.db import connection
 from django.db.models import Q
 from django.utils.dateparse import parse_datetime
 
@@ -20,6 +22,7 @@ from marketplace import contract, selectors
 from marketplace.models import ChainEventRecord, Device, PayoutReason, TaskState
 from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
+from marketplace.task_lists import LIST_CACHE_S
 
 _STEPS = (
     ("posted", "Posted"),
@@ -51,21 +54,46 @@ LIST_FIELDS = ("bids", "selected", "rounds_published", "updates", "transactions"
 VIEW_LIST_FIELDS = ("tx_rows", "device_names", "contribution_rounds", "contribution_rows")
 # What never changes once the page has a snapshot, left out of deltas.
 FIXED_FIELDS = ("spec", "pay_note")
+# How long a task's snapshot is kept once built. Whatever changes the task's rows numbers the
+# change (marketplace.sync.push), and a new number is a new entry; what the snapshot shows
+# that no change numbers (the buyer's user name) is at most this old, as in the task lists.
+SNAPSHOT_CACHE_S = LIST_CACHE_S
 
 
-def task_snapshot_message(view: TaskView, *, seq: int | None) -> dict[str, Any]:
+def task_snapshot(view: TaskView, *, seq: int) -> dict[str, Any]:
+    """The task's one representation (serializers.TaskSerializer) as of change ``seq``
+    (models_platform.TaskPush, read before ``view``, so that it holds at least that change),
+    built once per change: the task page, its API detail and its sockets' first messages are
+    then served from the cache until the task changes. At the contract's limits (1,000 bids,
+    128 trainers, 100 rounds) building it costs tens of milliseconds of CPU. An order the
+    chain sync has not mirrored yet (no numbered changes) is built each time."""
+    if view.task is None:
+        return TaskSerializer(view).data
+    # The task's creating transaction too: a chain started afresh numbers its tasks and
+    # their changes from 1 again, beside a cache that may still hold the old ones.
+    database = connection.settings_dict["NAME"]
+    key = ":".join(map(str, ("flex:task-snapshot", database, view.id, view.created_tx, seq)))
+    snapshot = cache.get(key)
+    if snapshot is None:
+        snapshot = TaskSerializer(view).data
+        cache.set(key, snapshot, SNAPSHOT_CACHE_S)
+    return snapshot
+
+
+def task_snapshot_message(view: TaskView, *, seq: int) -> dict[str, Any]:
     """The whole task: ``{"type": "task.snapshot", "seq", "snapshot", "view"}``, the snapshot
-    being the task's one representation (serializers.TaskSerializer) and ``view`` what the page
+    being the task's one representation (``task_snapshot``) and ``view`` what the page
     derives from it (``page_view``). ``seq`` is the number of the last change it includes
     (models_platform.TaskPush; read before the task, so the snapshot holds at least that)."""
-    snapshot = TaskSerializer(view).data
+    snapshot = task_snapshot(view, seq=seq)
     return _message(SNAPSHOT, seq, snapshot, page_view(snapshot))
 
 
-def task_update_message(view: TaskView) -> dict[str, Any]:
-    """The snapshot as the page is first rendered on the server, without a sequence number:
-    the socket's first message brings the numbered one."""
-    return task_snapshot_message(view, seq=None)
+def task_update_message(view: TaskView, *, seq: int) -> dict[str, Any]:
+    """The snapshot as the page is first rendered on the server (as of change ``seq``), without
+    a sequence number: the socket's first message brings the numbered one."""
+    snapshot = task_snapshot(view, seq=seq)
+    return _message(SNAPSHOT, None, snapshot, page_view(snapshot))
 
 
 def page_start(message: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from marketplace.models_download import (
     export_record,
 )
 from marketplace.selectors import TaskView
+from marketplace.sync.push import task_push_seq
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
 from marketplace.task_page import page_start, task_update_message
 from marketplace.throttles import throttled
@@ -339,10 +340,16 @@ def _task_view(request, pk: int) -> TaskView:
     return view
 
 
+def _task_message(request, pk: int) -> tuple[TaskView, dict]:
+    """The task (as _task_view) and its snapshot as its pages are first rendered."""
+    seq = task_push_seq(chain_task_id=pk)  # first: the snapshot holds at least that change
+    view = _task_view(request, pk)
+    return view, task_update_message(view, seq=seq)
+
+
 @login_required
 def task_detail(request, pk: int):
-    view = _task_view(request, pk)
-    message = task_update_message(view)
+    view, message = _task_message(request, pk)
     return render(
         request,
         "marketplace/task_detail.html",
@@ -382,8 +389,7 @@ def task_cancel(request, pk: int):
 @login_required
 def task_model(request, pk: int):
     """The model card: the spec, how training went, who contributed and what each was paid."""
-    view = _task_view(request, pk)
-    message = task_update_message(view)
+    view, message = _task_message(request, pk)
     card = _model_card(view, message["snapshot"])
     # The model is called verified only once the platform's own check (off this request,
     # in the platform worker) recomputed it from the last round's updates.

@@ -10,6 +10,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from django.contrib.staticfiles import finders
+from django.core.cache import cache
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -257,6 +258,7 @@ def test_task_detail_carries_its_latest_rows_and_its_lists_every_row(
     monkeypatch.setattr(selectors, "BIDS_SHOWN", 1)
     monkeypatch.setattr(selectors, "TRANSACTIONS_SHOWN", 3)
     monkeypatch.setattr(selectors, "UPDATE_ROUNDS_SHOWN", 1)
+    cache.clear()  # the snapshot built above is kept until the task changes
     detail = client.get(detail_path).json()
     assert (detail["bids"], detail["bid_count"]) == (bids[-1:], 2)
     assert detail["transactions"] == [e for e in events if e["tx_hash"] in in_order[-3:]]

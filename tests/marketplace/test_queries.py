@@ -1,6 +1,7 @@
 """Pages and API reads cost the same number of database queries with 3 tasks as with 30, and
 with 1 bid per task as with 3: every list is read a page at a time, nothing row by row. The
-task lists are read from the database once per change of their tasks, then from the cache."""
+task lists, and a task's page and API detail, are read from the database once per change of
+their tasks, then from the cache."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from eth_account import Account
 
 from chain.events import Role
 from marketplace.sync import chain_sync
+from marketplace.sync.push import task_push_next
 from marketplace.task_lists import task_lists_changed
 from tests.conftest import MIN_PRICE_WEI
 from tests.marketplace.buyers import client_for
@@ -74,6 +76,10 @@ def queries_after_change(client, path: str, buyer, **params) -> int:
     return queries(client, path, **params)
 
 
+# What shows one task's snapshot (marketplace.task_page.task_snapshot).
+TASK_READS = ("task detail page", "model card", "API task detail")
+
+
 def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
     platform_market, chain_rewound, admin_user
 ):
@@ -113,6 +119,10 @@ def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
             counts[f"{name}, after a change"] = queries_after_change(
                 client, path, world.buyer, **params
             )
+        for name in TASK_READS:
+            client, path, params = reads[name]
+            task_push_next(chain_task_id=newest)  # a change, numbered as chain sync numbers it
+            counts[f"{name}, after a change"] = queries(client, path, **params)
         return counts
 
     world.grow(tasks=3, bidders=1)
@@ -128,8 +138,9 @@ def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
     assert buyer_api.get("/api/bids/").json()["count"] == 90
     device_page = reverse("device-page", args=[world.aggregator.address])
     assert staff_page.get(device_page).context["st"]["bids"] == 30
-    # Served from the cache until a task changes, the task lists read no task.
-    for name in ("task list page", "API task list"):
+    # Served from the cache until a task changes, the task lists read no task, and a task's
+    # pages and API detail none of its rows.
+    for name in ("task list page", "API task list", *TASK_READS):
         assert large[name] < large[f"{name}, after a change"]
     # The second page of each list costs what the first does.
     page_2 = queries_after_change(buyer_page, reverse("task-list"), world.buyer, page=2)
@@ -137,3 +148,25 @@ def test_pages_and_api_lists_cost_the_same_queries_at_3_and_at_30_tasks(
     page_2 = queries_after_change(buyer_api, "/api/tasks/", world.buyer, page=2)
     assert page_2 == small["API task list, after a change"]
     assert queries(staff_page, device_page, page=2) == small["device page"]
+
+
+def test_a_task_page_and_its_api_detail_show_a_change_of_the_task_at_once(
+    platform_market, chain_rewound
+):
+    world = Market(platform_market)
+    world.grow(tasks=1, bidders=1)
+    task_id = world.task_ids[-1]
+    page = Client()
+    page.force_login(world.buyer)
+    api = client_for(world.buyer)
+    detail, page_path = f"/api/tasks/{task_id}/", reverse("task-detail", args=[task_id])
+    first = api.get(detail).json()
+    assert [b["device"] for b in first["bids"]] == [world.aggregator.address]
+    assert api.get(detail).json() == first  # served again as it was
+    assert page.get(page_path).context["s"]["bid_count"] == 1
+
+    world.grow(tasks=1, bidders=2)  # a trainer's bid, mirrored by chain sync
+
+    bids = [b["device"] for b in api.get(detail).json()["bids"]]
+    assert bids == [world.aggregator.address, world.trainers[0].address]
+    assert page.get(page_path).context["s"]["bid_count"] == 2
