@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.cache import cache
@@ -180,7 +181,9 @@ def task_delta_message(
     with_report = task.round_set.select_related("report")
     measured = with_report.filter(number__gte=1, report__accuracy__isnull=False)
     under_way = with_report.filter(number=current) if current is not None else []
-    context_rounds = {r.number: r for r in (*measured.order_by("-number")[:3], *under_way)}
+    # A trained task's final model: its time says when the task settles.
+    final = with_report.filter(number=view.rounds) if view.state == TaskState.TRAINED else []
+    context_rounds = {r.number: r for r in (*measured.order_by("-number")[:3], *under_way, *final)}
     context = _view_with(
         view,
         **counts,
@@ -233,7 +236,16 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         note = "bidding open"
     elif state == "running" and snapshot["current_round"] is not None:
         note = f"training round {snapshot['current_round'] + 1} of {snapshot['rounds']}"
-    elif state in ("trained", "finalized"):
+    elif state == "trained":
+        # Settled (pay, stakes, refund) only once no one can prove the final model wrong.
+        settles = settles_after(snapshot)
+        note = "all rounds done" + (
+            f"; settled after {settles:%Y-%m-%d %H:%M} UTC, when the final model's dispute "
+            "window closes"
+            if settles
+            else ""
+        )
+    elif state == "finalized":
         note = "all rounds done"
     else:
         note = ""
@@ -267,6 +279,19 @@ def page_view(snapshot: dict) -> dict[str, Any]:
         # The aggregator is selected too, but buyers count trainers.
         "trainers_selected": sum(1 for n in snapshot["selected"] if n["role"] == "trainer"),
     }
+
+
+def settles_after(snapshot: dict) -> datetime | None:
+    """When a trained task may be finalized: its final model's block time plus the dispute
+    window (the chain's clock); None in any other state or before that model is mirrored."""
+    if snapshot["state"] != "trained":
+        return None
+    rounds = snapshot["rounds_published"]
+    final = next((r for r in rounds if r["number"] == snapshot["rounds"]), None)
+    published = final and final.get("published_at")
+    if not published:
+        return None
+    return parse_datetime(published) + timedelta(seconds=snapshot["dispute_window_s"])
 
 
 def round_wait(snapshot: dict) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.db import connection, transaction
+from django.utils.dateparse import parse_datetime
 
 from chain.events import Role
 from chain.selection import mask_of
@@ -161,6 +162,15 @@ def test_what_is_pushed_per_round_does_not_grow_with_the_rounds_before(
     history_per_round = (len(last.encode()) - len(first.encode())) / ROUNDS
     assert history_per_round > 10 * DIGITS_SLACK_BYTES, (history_per_round, sizes)
     assert json.loads(last)["snapshot"]["published_rounds"] == ROUNDS + 1
+    # Trained: the page says from when the task settles (its dispute window is 0 here), from
+    # the final round's delta on.
+    final_published = json.loads(last)["snapshot"]["rounds_published"][-1]["published_at"]
+    settles = parse_datetime(final_published).strftime("%Y-%m-%d %H:%M")
+    for message in (*messages[-1], json.loads(last)):
+        assert message["view"]["round_note"] == (
+            f"all rounds done; settled after {settles} UTC, when the final model's dispute "
+            "window closes"
+        )
 
 
 def test_another_platform_on_the_same_redis_does_not_reach_this_ones_pages(monkeypatch):

@@ -277,6 +277,21 @@ def test_task_page_view_model(monkeypatch):
         (["98.45 % (65535)"], 2),
         (["1.55 % (1023)"], 1),
     ]
+    # Trained: settled once the final model's dispute window has passed.
+    final = {"number": 3, "accuracy": 0.9, "loss": 0.3, "published_at": "2026-01-01T10:58:30Z"}
+    trained = {
+        **snapshot,
+        "state": "trained",
+        "current_round": None,
+        "published_rounds": 4,
+        "rounds_published": [*snapshot["rounds_published"], final],
+        "dispute_window_s": 600,
+    }
+    assert page_view(trained)["round_note"] == (
+        "all rounds done; settled after 2026-01-01 11:08 UTC, when the final model's dispute "
+        "window closes"
+    )
+    assert page_view({**trained, "state": "finalized"})["round_note"] == "all rounds done"
     cancelled = page_view(
         {**snapshot, "state": "cancelled", "current_round": None, "refund_wei": "10"}
     )
