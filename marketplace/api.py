@@ -54,7 +54,7 @@ from marketplace.services import (
 )
 from marketplace.sync.push import task_push_seq
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
-from marketplace.task_page import task_snapshot
+from marketplace.task_page import task_snapshot, task_snapshot_key
 from marketplace.throttles import FlexRateThrottle
 
 # The one error shape (marketplace.errors.api_exception_handler), for the schema.
@@ -92,6 +92,24 @@ class ApiAuthMixin:
     permission_classes = [IsAuthenticated]
 
 
+def tagged(request, key: str | None, data) -> Response:
+    """``data()`` as the response, in JSON with an ETag made of ``key`` (where the data is
+    cached: a new key for each change), or 304 when the request's If-None-Match names it
+    (then ``data`` is not called). No tag without a key."""
+    # The browsable API ("api") embeds a CSRF token: only JSON may be reused by clients.
+    etag = None
+    if key is not None and request.accepted_renderer.format == "json":
+        etag = '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
+    response = get_conditional_response(request, etag=etag) if etag else None
+    if response is None:
+        response = Response(data())
+    if etag:
+        response["ETag"] = etag
+    # A user's own data: for no shared cache, and checked again (with its ETag) each time.
+    patch_cache_control(response, private=True, no_cache=True)
+    return response
+
+
 @extend_schema(
     tags=["tasks"],
     description=(
@@ -112,22 +130,15 @@ class TaskListApi(ApiAuthMixin, generics.ListAPIView):
 
     def list(self, request, *args, **kwargs):
         key = task_list_cache_key(user=request.user, kind="api", url=request.build_absolute_uri())
-        # The browsable API ("api") embeds a CSRF token: only JSON may be reused by clients.
-        etag = None
-        if request.accepted_renderer.format == "json":
-            etag = '"' + hashlib.sha256(key.encode()).hexdigest()[:32] + '"'
-        response = get_conditional_response(request, etag=etag) if etag else None
-        if response is None:
-            data = cache.get(key)
-            if data is None:
-                data = super().list(request, *args, **kwargs).data
-                cache.set(key, data, LIST_CACHE_S)
-            response = Response(data)
-        if etag:
-            response["ETag"] = etag
-        # A user's own list: for no shared cache, and checked again (with its ETag) each time.
-        patch_cache_control(response, private=True, no_cache=True)
-        return response
+
+        def data():
+            cached = cache.get(key)
+            if cached is None:
+                cached = super(TaskListApi, self).list(request, *args, **kwargs).data
+                cache.set(key, cached, LIST_CACHE_S)
+            return cached
+
+        return tagged(request, key, data)
 
     def get_queryset(self):
         state = self.request.query_params.get("state")
@@ -149,7 +160,8 @@ class TaskListApi(ApiAuthMixin, generics.ListAPIView):
         "updates of its last two rounds and its latest transactions: the same representation "
         "the task page and its live updates show (every update and transaction, a page at a "
         "time: /api/tasks/{id}/updates/ and /api/tasks/{id}/transactions/). Its buyer and "
-        "staff only; 404 for anyone else."
+        "staff only; 404 for anyone else. In JSON it carries an ETag, and a request whose "
+        "If-None-Match names it is answered 304 until the task changes."
     ),
     responses={200: TaskSerializer, 404: ERROR_SHAPE},
 )
@@ -159,7 +171,9 @@ class TaskDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
     def retrieve(self, request, *args, **kwargs):
         # The number first: the snapshot holds at least that change (task_page.task_snapshot).
         seq = task_push_seq(chain_task_id=self.kwargs["pk"])
-        return Response(task_snapshot(self.get_object(), seq=seq))
+        view = self.get_object()
+        key = task_snapshot_key(view, seq=seq)
+        return tagged(request, key, lambda: task_snapshot(view, seq=seq))
 
     def get_object(self):
         view = task_view_get(user=self.request.user, task_id=self.kwargs["pk"])

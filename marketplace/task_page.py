@@ -61,6 +61,17 @@ FIXED_FIELDS = ("spec", "pay_note")
 SNAPSHOT_CACHE_S = LIST_CACHE_S
 
 
+def task_snapshot_key(view: TaskView, *, seq: int) -> str | None:
+    """Where ``task_snapshot`` keeps the task's snapshot as of change ``seq``; None for an
+    order not mirrored yet, which is not kept."""
+    if view.task is None:
+        return None
+    # The task's creating transaction too: a chain started afresh numbers its tasks and
+    # their changes from 1 again, beside a cache that may still hold the old ones.
+    database = connection.settings_dict["NAME"]
+    return ":".join(map(str, ("flex:task-snapshot", database, view.id, view.created_tx, seq)))
+
+
 def task_snapshot(view: TaskView, *, seq: int) -> dict[str, Any]:
     """The task's one representation (serializers.TaskSerializer) as of change ``seq``
     (models_platform.TaskPush, read before ``view``, so that it holds at least that change),
@@ -68,12 +79,9 @@ def task_snapshot(view: TaskView, *, seq: int) -> dict[str, Any]:
     then served from the cache until the task changes. At the contract's limits (1,000 bids,
     128 trainers, 100 rounds) building it costs tens of milliseconds of CPU. An order the
     chain sync has not mirrored yet (no numbered changes) is built each time."""
-    if view.task is None:
+    key = task_snapshot_key(view, seq=seq)
+    if key is None:
         return TaskSerializer(view).data
-    # The task's creating transaction too: a chain started afresh numbers its tasks and
-    # their changes from 1 again, beside a cache that may still hold the old ones.
-    database = connection.settings_dict["NAME"]
-    key = ":".join(map(str, ("flex:task-snapshot", database, view.id, view.created_tx, seq)))
     snapshot = cache.get(key)
     if snapshot is None:
         snapshot = TaskSerializer(view).data

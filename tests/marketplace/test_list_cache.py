@@ -1,6 +1,7 @@
 """The task lists are cached, and never stale: a task changed on chain and mirrored by chain
 sync, or a new order, shows on the very next request of the page and of the API, for its buyer
-and for staff; the API's ETag answers 304 only while nothing in the list changed."""
+and for staff; the API's ETag answers 304 only while nothing in the list changed. So does a
+task's API detail, only while the task is unchanged."""
 
 from __future__ import annotations
 
@@ -101,3 +102,27 @@ def test_each_user_is_served_their_own_list(ada):
     page = Client()
     page.force_login(bob)
     assert page_states(page) == {theirs: "bidding"}
+
+
+def test_the_api_task_detail_answers_304_while_the_task_is_unchanged(ada, admin_user):
+    api = client_for(ada)
+    task_id = task_post(ada).chain_task_id
+    detail = f"/api/tasks/{task_id}/"
+    # An order chain sync has not mirrored yet is read afresh each time: no tag.
+    assert "ETag" not in api.get(detail)
+    chain_sync()
+    etag = api.get(detail)["ETag"]
+    unchanged = api.get(detail, HTTP_IF_NONE_MATCH=etag)
+    assert (unchanged.status_code, unchanged.content, unchanged["ETag"]) == (304, b"", etag)
+    assert set(unchanged["Cache-Control"].split(", ")) == {"private", "no-cache"}
+    assert client_for(admin_user).get(detail, HTTP_IF_NONE_MATCH=etag).status_code == 304
+    # The tag tells nothing to anyone else: the task is not theirs to see.
+    stranger = client_for(buyer_signup("bob")).get(detail, HTTP_IF_NONE_MATCH=etag)
+    assert (stranger.status_code, "ETag" in stranger) == (404, False)
+
+    task_cancel(task=task_view_get(user=ada, task_id=task_id), user=ada)
+    chain_sync()
+    changed = api.get(detail, HTTP_IF_NONE_MATCH=etag)
+    assert (changed.status_code, changed.json()["state"]) == (200, "cancelled")
+    assert changed["ETag"] != etag
+    assert api.get(detail, HTTP_IF_NONE_MATCH=changed["ETag"]).status_code == 304
