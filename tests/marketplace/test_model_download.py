@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from django.urls import reverse
+from django.utils.html import escape
 from eth_account import Account
 
 from chain.selection import mask_of
@@ -159,6 +160,12 @@ def test_model_card_names_contributors_and_the_final_model(client, trained):
     assert "gpu-box" in html
     assert "pixel-7" in html
     assert reverse("task-model-download", args=[trained.task.chain_task_id]) in html
+    # Trained, not settled yet: the card says from when.
+    settles = response.context["v"]["round_note"]
+    assert settles.startswith("all rounds done; settled after ")
+    shown = re.search(r'id="settles-note"[^>]*>(.*?)</p>', html).group(1)
+    said = f"A{settles[1:]}: then the devices are paid and the rest comes back to you."
+    assert shown == escape(said)
 
 
 def test_no_download_before_the_task_is_trained(client, trained):
