@@ -52,7 +52,7 @@ from marketplace.services import (
     task_create,
     task_model_download,
 )
-from marketplace.sync.push import task_push_seq
+from marketplace.sync.push import task_view_numbered
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
 from marketplace.task_page import task_snapshot, task_snapshot_key
 from marketplace.throttles import FlexRateThrottle
@@ -169,17 +169,11 @@ class TaskDetailApi(ApiAuthMixin, generics.RetrieveAPIView):
     serializer_class = TaskSerializer
 
     def retrieve(self, request, *args, **kwargs):
-        # The number first: the snapshot holds at least that change (task_page.task_snapshot).
-        seq = task_push_seq(chain_task_id=self.kwargs["pk"])
-        view = self.get_object()
-        key = task_snapshot_key(view, seq=seq)
-        return tagged(request, key, lambda: task_snapshot(view, seq=seq))
-
-    def get_object(self):
-        view = task_view_get(user=self.request.user, task_id=self.kwargs["pk"])
+        seq, view = task_view_numbered(user=request.user, task_id=self.kwargs["pk"])
         if view is None:
             raise Http404("No such task.")
-        return view
+        key = task_snapshot_key(view, seq=seq)
+        return tagged(request, key, lambda: task_snapshot(view, seq=seq))
 
 
 class _TaskRowsApi(ApiAuthMixin, generics.ListAPIView):

@@ -19,8 +19,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from marketplace.selectors import task_view_get
-from marketplace.sync.push import WATCH_RENEW_S, task_group, task_push_seq, task_watch_mark
+from marketplace.sync.push import WATCH_RENEW_S, task_group, task_view_numbered, task_watch_mark
 from marketplace.task_page import task_snapshot_message
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,7 @@ ERROR = "task.error"
 
 
 def _snapshot_for(*, user, task_id: int) -> dict[str, Any] | None:
-    # The number first, then the task: the snapshot holds at least the changes up to it.
-    seq = task_push_seq(chain_task_id=task_id)
-    view = task_view_get(user=user, task_id=task_id)
+    seq, view = task_view_numbered(user=user, task_id=task_id)
     return None if view is None else task_snapshot_message(view, seq=seq)
 
 

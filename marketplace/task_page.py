@@ -101,8 +101,7 @@ def task_snapshot_message(view: TaskView, *, seq: int) -> dict[str, Any]:
 def task_update_message(view: TaskView, *, seq: int) -> dict[str, Any]:
     """The snapshot as the page is first rendered on the server (as of change ``seq``), without
     a sequence number: the socket's first message brings the numbered one."""
-    snapshot = task_snapshot(view, seq=seq)
-    return _message(SNAPSHOT, None, snapshot, page_view(snapshot))
+    return {**task_snapshot_message(view, seq=seq), "seq": None}
 
 
 def page_start(message: dict[str, Any]) -> dict[str, Any]:

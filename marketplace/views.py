@@ -42,7 +42,7 @@ from marketplace.models_download import (
     export_record,
 )
 from marketplace.selectors import TaskView
-from marketplace.sync.push import task_push_seq
+from marketplace.sync.push import task_view_numbered
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
 from marketplace.task_page import page_start, task_update_message
 from marketplace.throttles import throttled
@@ -341,9 +341,11 @@ def _task_view(request, pk: int) -> TaskView:
 
 
 def _task_message(request, pk: int) -> tuple[TaskView, dict]:
-    """The task (as _task_view) and its snapshot as its pages are first rendered."""
-    seq = task_push_seq(chain_task_id=pk)  # first: the snapshot holds at least that change
-    view = _task_view(request, pk)
+    """The task, if the requester may see it (404 otherwise), and its snapshot as its pages
+    are first rendered."""
+    seq, view = task_view_numbered(user=request.user, task_id=pk)
+    if view is None:
+        raise Http404("No such task.")
     return view, task_update_message(view, seq=seq)
 
 

@@ -24,7 +24,7 @@ from django.core.cache import cache
 from django.db import DatabaseError, connection, transaction
 
 from marketplace.models_platform import TaskPush
-from marketplace.selectors import task_views_by_id
+from marketplace.selectors import TaskView, task_view_get, task_views_by_id
 from marketplace.task_lists import task_lists_changed
 from marketplace.task_page import task_delta_message, task_snapshot_message
 
@@ -82,6 +82,14 @@ def task_push_seq(*, chain_task_id: int) -> int:
     """The number of the task's last change (0 before its first)."""
     row = TaskPush.objects.filter(chain_task_id=chain_task_id).first()
     return 0 if row is None else row.seq
+
+
+def task_view_numbered(*, user, task_id: int) -> tuple[int, TaskView | None]:
+    """The number of the task's last change, then the task as ``user`` may see it
+    (selectors.task_view_get; None if not theirs): in that order, so that a snapshot of the
+    view holds at least that change (task_page.task_snapshot)."""
+    seq = task_push_seq(chain_task_id=task_id)
+    return seq, task_view_get(user=user, task_id=task_id)
 
 
 def task_push_next(*, chain_task_id: int) -> int:

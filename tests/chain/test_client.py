@@ -43,6 +43,7 @@ from chain.records import TxResult
 from chain.transactions import PendingTx, submit
 from core.proxies import ProxyUrlError
 from tests.chain.conftest import Accounts, Flow
+from tests.processes import running
 from tests.proxies import forward_proxy, no_proxy_environment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -334,7 +335,7 @@ def test_a_node_stopped_while_it_starts_is_not_left_running(tmp_path: Path):
     )
     try:
         deadline = time.monotonic() + 300  # waited for, never timed
-        while not (nodes := _processes(f"anvil.*{state}")) and time.monotonic() < deadline:
+        while not (nodes := running(f"anvil.*{state}")) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert nodes, "the launcher started no node"
         for pid in nodes:
@@ -343,19 +344,14 @@ def test_a_node_stopped_while_it_starts_is_not_left_running(tmp_path: Path):
         for pid in nodes:
             os.kill(pid, signal.SIGCONT)
         assert launcher.wait(timeout=300) == 0
-        while _processes(f"anvil.*{state}") and time.monotonic() < deadline:
+        while running(f"anvil.*{state}") and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _processes(f"anvil.*{state}") == []
+        assert running(f"anvil.*{state}") == {}
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
-        for pid in _processes(f"anvil.*{state}"):
+        for pid in running(f"anvil.*{state}"):
             os.kill(pid, signal.SIGKILL)
-
-
-def _processes(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split()]
 
 
 def test_a_waited_transaction_comes_back_mined_from_one_send(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from chain.launcher import free_port
 from stack.backing import stack_vhost_delete
+from tests.processes import running
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,11 +60,6 @@ def test_a_stack_interrupted_while_it_comes_up_stops_there(tmp_path):
     # started the moment the signal came goes with the kernel's parent-death signal, and
     # the chain first saves its state).
     deadline = time.monotonic() + 300  # waited for, never timed
-    while (left := named(tmp_path)) and time.monotonic() < deadline:
+    while (left := running(str(tmp_path))) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert left == "", left
-
-
-def named(path: Path) -> str:
-    """The processes whose command line names ``path``."""
-    return subprocess.run(["pgrep", "-af", str(path)], capture_output=True, text=True).stdout
+    assert left == {}, left
