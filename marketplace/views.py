@@ -44,7 +44,12 @@ from marketplace.models_download import (
 from marketplace.selectors import TaskView
 from marketplace.sync.push import task_view_numbered
 from marketplace.task_lists import LIST_CACHE_S, task_list_cache_key
-from marketplace.task_page import page_start, task_update_message
+from marketplace.task_page import (
+    SNAPSHOT_CACHE_S,
+    page_start,
+    task_snapshot_key,
+    task_update_message,
+)
 from marketplace.throttles import throttled
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 LIST_PAGE_SIZE = 25
 # The task list itself, without the page around it (the part that is cached).
 TASK_LIST = "marketplace/_task_list.html"
+TASK_TABLES = "marketplace/_task_tables.html"
 # What the form's estimate starts from before the buyer types anything: the form's defaults.
 _ESTIMATE_DEFAULTS = {
     name: TaskForm.base_fields[name].initial for name in ("rounds", "min_trainers", "max_trainers")
@@ -340,25 +346,36 @@ def _task_view(request, pk: int) -> TaskView:
     return view
 
 
-def _task_message(request, pk: int) -> tuple[TaskView, dict]:
-    """The task, if the requester may see it (404 otherwise), and its snapshot as its pages
-    are first rendered."""
+def _task_message(request, pk: int) -> tuple[TaskView, dict, str | None]:
+    """The task, if the requester may see it (404 otherwise), its snapshot as its pages are
+    first rendered, and where that snapshot is kept (task_snapshot_key; None: not kept)."""
     seq, view = task_view_numbered(user=request.user, task_id=pk)
     if view is None:
         raise Http404("No such task.")
-    return view, task_update_message(view, seq=seq)
+    return view, task_update_message(view, seq=seq), task_snapshot_key(view, seq=seq)
 
 
 @login_required
 def task_detail(request, pk: int):
-    view, message = _task_message(request, pk)
+    """The task's page. Its tables (rounds, bids, transactions, nodes, pay: thousands of rows
+    at the contract's limits) are rendered once per change of the task, beside its snapshot;
+    the page around them at each request."""
+    view, message, key = _task_message(request, pk)
+    context = {"task": view, "s": message["snapshot"], "v": message["view"]}
+    # A function of the snapshot and of the block explorer its hashes link to.
+    kept = None if key is None else f"{key}:tables:{settings.FLEX_EXPLORER_URL}"
+    tables = cache.get(kept) if kept is not None else None
+    if tables is None:
+        tables = render_to_string(TASK_TABLES, context)
+        if kept is not None:
+            cache.set(kept, tables, SNAPSHOT_CACHE_S)
     return render(
         request,
         "marketplace/task_detail.html",
         {
-            "task": view,
-            "s": message["snapshot"],
-            "v": message["view"],
+            **context,
+            # Every value in it escaped by TASK_TABLES, a function of the snapshot alone.
+            "tables": mark_safe(tables),
             "message": message,
             "page_start": page_start(message),
             "ws_path": f"/ws/tasks/{view.id}/",
@@ -391,7 +408,7 @@ def task_cancel(request, pk: int):
 @login_required
 def task_model(request, pk: int):
     """The model card: the spec, how training went, who contributed and what each was paid."""
-    view, message = _task_message(request, pk)
+    view, message, _ = _task_message(request, pk)
     card = _model_card(view, message["snapshot"])
     # The model is called verified only once the platform's own check (off this request,
     # in the platform worker) recomputed it from the last round's updates.

@@ -16,6 +16,7 @@ from chain.events import Role
 from marketplace.sync import chain_sync
 from marketplace.sync.push import task_push_next
 from marketplace.task_lists import task_lists_changed
+from marketplace.views import TASK_TABLES
 from tests.conftest import MIN_PRICE_WEI
 from tests.marketplace.buyers import client_for
 from tests.marketplace.people import buyer_signup, device_enrol, task_post
@@ -163,10 +164,44 @@ def test_a_task_page_and_its_api_detail_show_a_change_of_the_task_at_once(
     first = api.get(detail).json()
     assert [b["device"] for b in first["bids"]] == [world.aggregator.address]
     assert api.get(detail).json() == first  # served again as it was
-    assert page.get(page_path).context["s"]["bid_count"] == 1
+    shown = page.get(page_path)
+    assert shown.context["s"]["bid_count"] == 1
+    assert TASK_TABLES in tables_rendered(shown)
+    again = page.get(page_path)  # its tables served again as they were rendered
+    assert TASK_TABLES not in tables_rendered(again)
+    assert tables_of(again) == tables_of(shown)
+    assert world.trainers[0].address not in tables_of(again)
 
     world.grow(tasks=1, bidders=2)  # a trainer's bid, mirrored by chain sync
 
     bids = [b["device"] for b in api.get(detail).json()["bids"]]
     assert bids == [world.aggregator.address, world.trainers[0].address]
-    assert page.get(page_path).context["s"]["bid_count"] == 2
+    changed = page.get(page_path)
+    assert changed.context["s"]["bid_count"] == 2
+    assert TASK_TABLES in tables_rendered(changed)
+    assert f'title="{world.trainers[0].address}"' in tables_of(changed)
+
+
+def tables_rendered(response) -> list[str]:
+    return [t.name for t in response.templates]
+
+
+def tables_of(response) -> str:
+    """The task page's tables, as served (the page around them holds a fresh CSRF token)."""
+    html = response.content.decode()
+    return html[html.index('<div class="split"') : html.index('id="task-data"')]
+
+
+def test_orders_not_mirrored_yet_each_show_their_own_tables(platform_market, chain_rewound):
+    """An order chain sync has not mirrored has no numbered changes: its page is rendered
+    whole each time, never from another order's tables."""
+    world = Market(platform_market)
+    world.grow(tasks=1, bidders=1)
+    other = task_post(world.buyer, title="three rounds", rounds=3).chain_task_id
+    page = Client()
+    page.force_login(world.buyer)
+    for task_id, rounds in ((world.pending, 1), (other, 3), (world.pending, 1), (other, 3)):
+        shown = page.get(reverse("task-detail", args=[task_id]))
+        assert shown.context["s"]["state"] == "pending"
+        assert TASK_TABLES in tables_rendered(shown)
+        assert f"<dt>Rounds</dt><dd>{rounds}</dd>" in shown.content.decode()
