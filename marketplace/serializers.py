@@ -10,7 +10,7 @@ from drf_spectacular.utils import extend_schema_field, extend_schema_serializer
 from rest_framework import serializers
 
 from chain.client import DEFAULT_SAMPLE_CAP
-from marketplace.models import Bid, Device, TaskState
+from marketplace.models import Bid, Device, PayoutReason, TaskState
 from marketplace.selectors import (
     BIDS_SHOWN,
     CONTRIBUTION_ROUNDS_SHOWN,
@@ -176,7 +176,12 @@ class ContributionSerializer(serializers.Serializer):
 
 class PayoutSerializer(serializers.Serializer):
     account = serializers.CharField()
-    reason = serializers.CharField(help_text='"trainer", "aggregator" or "refund".')
+    reason = serializers.ChoiceField(
+        choices=PayoutReason.choices,
+        help_text="What it is for: trainer or aggregator pay, the buyer's refund, a stake or "
+        "bond returned, slashed or paid as a challenge's bounty.",
+    )
+    reason_label = serializers.CharField(source="get_reason_display", read_only=True)
     amount_wei = WeiField()
     tx_hash = serializers.CharField()
     block_number = serializers.IntegerField()

@@ -34,7 +34,7 @@ from marketplace.forms import (
     explain,
 )
 from marketplace.model_check import model_check_request
-from marketplace.models import Wallet
+from marketplace.models import PayoutReason, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
     NotTaskBuyerError,
@@ -463,9 +463,11 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
     rounds = [r for r in snapshot["rounds_published"] if r["number"] >= 1]
     ready = snapshot["state"] in ("trained", "finalized")
     final = rounds[-1] if ready and rounds else None
+    # Pay for the work alone: stakes and bonds come back to the devices beside it, and are
+    # no part of what the task cost its buyer (pay + refund = budget).
     paid: dict[str, int] = {}
     for payout in snapshot["payouts"]:
-        if payout["reason"] != "refund":
+        if payout["reason"] in (PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY):
             paid[payout["account"]] = paid.get(payout["account"], 0) + int(payout["amount_wei"])
     contributors = [
         {**node, "paid_wei": paid.get(node["device"], 0)} for node in snapshot["selected"]

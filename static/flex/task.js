@@ -176,9 +176,9 @@
       cells: (t) => `<td>${esc(t.label)}</td><td class="clip">${hash(t.tx_hash, true, "tx")}</td><td class="num">${esc(t.block_number)}</td>`,
     },
     {
-      body: "payouts-body", list: (m) => m.snapshot.payouts, key: (p) => p.tx_hash + ":" + p.log_index, cols: 3,
+      body: "payouts-body", list: (m) => m.snapshot.payouts, key: (p) => p.tx_hash + ":" + p.log_index, cols: 2,
       empty: "Paid when the task is settled.",
-      cells: (p) => `<td>${p.account === last.snapshot.buyer_address ? "<strong>You</strong>" : device(p.account)}</td><td>${esc(p.reason)}</td><td class="num">${eth(p.amount_wei)} ETH</td>`,
+      cells: (p) => `<td>${p.account === last.snapshot.buyer_address ? "<strong>You</strong>" : device(p.account)}</td><td class="num">${eth(p.amount_wei)} ETH<span class="cell-note">${esc(p.reason_label)}</span></td>`,
     },
   ];
   const row = (table, item) => `<tr data-key="${esc(table.key(item))}">${table.cells(item)}</tr>`;

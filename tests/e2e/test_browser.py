@@ -245,6 +245,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
     page.wait_for_function("document.getElementById('contrib-body').textContent.includes('ETH')")
     # Pay of the aggregator and 2 trainers, the refund, and the bond and 2 stakes returned.
     assert len(page.query_selector_all("#payouts-body tr")) == 1 + 2 + 1 + 1 + 2
+    said = page.inner_text("#payouts-body")
+    for label in ("Aggregator pay", "Trainer pay", "Refund", "Stake returned"):
+        assert label in said
     # The latest transactions, the oldest gone as new ones came; all of them in the API.
     tx_text = page.inner_text("#tx-body")
     assert task.created_tx not in tx_text

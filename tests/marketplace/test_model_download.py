@@ -21,11 +21,13 @@ from django.utils.html import escape
 from eth_account import Account
 
 from chain.selection import mask_of
+from core.units import wei_to_eth
 from dataplane.access import ChainPolicy
 from dataplane.server import DataPlaneServer
 from dataplane.tls import node_certificate
+from marketplace import contract
 from marketplace.model_check import model_check
-from marketplace.models import Device, ModelCheck, TaskOrder
+from marketplace.models import Device, ModelCheck, Payout, PayoutReason, TaskOrder
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
 from tests.marketplace.people import buyer_signup, one_round_selected, task_post
@@ -166,6 +168,43 @@ def test_model_card_names_contributors_and_the_final_model(client, trained):
     shown = re.search(r'id="settles-note"[^>]*>(.*?)</p>', html).group(1)
     said = f"A{settles[1:]}: then the devices are paid and the rest comes back to you."
     assert shown == escape(said)
+
+
+def test_model_card_money_adds_up_to_the_budget(client, trained, platform_market):
+    """Settled, the card's pay and refund add up to the budget to the wei: the devices'
+    stakes and bond come back to them beside it and are no part of what the task cost."""
+    trained.store_final()
+    trained.publish_final()
+    tid = trained.task.chain_task_id
+    platform_market.finalize(sender=contract.registrar(), task_id=tid)
+    chain_sync()
+    credited = Payout.objects.filter(task__chain_task_id=tid)
+    payouts = {(p.account, p.reason): int(p.amount_wei) for p in credited}
+    trainer = next(a for a, r in payouts if r == "trainer")
+    assert (trainer, "stake") in payouts  # its stake came back beside its pay
+
+    response = client.get(reverse("task-model", args=[tid]))
+
+    card, snapshot = response.context["card"], response.context["s"]
+    assert snapshot["state"] == "finalized"
+    refund = int(snapshot["refund_wei"])
+    assert card["paid_total_wei"] + refund == int(snapshot["budget_wei"]) == 10**16
+    assert card["paid_total_wei"] == payouts[(trainer, "trainer")] + sum(
+        amount for (_, reason), amount in payouts.items() if reason == "aggregator"
+    )
+    paid = {c["device"]: c["paid_wei"] for c in card["contributors"]}
+    assert paid[trainer] == payouts[(trainer, "trainer")]
+    html = response.content.decode()
+    assert f"<dt>Paid to devices</dt><dd>{wei_to_eth(card['paid_total_wei'])} ETH</dd>" in html
+    # The task page says what each credit was for, in words.
+    page = client.get(reverse("task-detail", args=[tid])).content.decode()
+    table = page[page.index('id="payouts-body"') : page.index('id="refund-note"')]
+    for (_, reason), amount in payouts.items():
+        label = PayoutReason(reason).label
+        assert f'{wei_to_eth(amount)} ETH<span class="cell-note">{label}</span>' in table
+    assert {"Trainer pay", "Aggregator pay", "Refund", "Stake returned"} <= {
+        PayoutReason(r).label for _, r in payouts
+    }
 
 
 def test_no_download_before_the_task_is_trained(client, trained):
