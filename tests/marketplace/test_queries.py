@@ -205,3 +205,4 @@ def test_orders_not_mirrored_yet_each_show_their_own_tables(platform_market, cha
         assert shown.context["s"]["state"] == "pending"
         assert TASK_TABLES in tables_rendered(shown)
         assert f"<dt>Rounds</dt><dd>{rounds}</dd>" in shown.content.decode()
+        assert "<dt>Dispute window</dt><dd>0 s after each global model</dd>" in tables_of(shown)
