@@ -17,6 +17,7 @@ import hashlib
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 from django.utils import timezone
 
 
@@ -159,6 +160,10 @@ class Device(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.address})"
+
+    def get_absolute_url(self) -> str:
+        """Its page on the website (staff and its owner): the admin's "View on site"."""
+        return reverse("device-page", args=[self.address])
 
     @property
     def queue(self) -> str:
@@ -344,6 +349,10 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return f"Task {self.chain_task_id}"
+
+    def get_absolute_url(self) -> str:
+        """Its page on the website (its buyer and staff): the admin's "View on site"."""
+        return reverse("task-detail", args=[self.chain_task_id])
 
     @functools.cached_property
     def order(self) -> TaskOrder | None:

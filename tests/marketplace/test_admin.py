@@ -405,6 +405,24 @@ def test_mirror_and_reported_models_are_read_only(admin_client, model, mirror_ro
     assert model.objects.count() == count
 
 
+def test_a_device_and_a_task_link_from_the_admin_to_their_pages(admin_client, mirror_rows):
+    task = mirror_rows[Task]
+    device = Device.objects.get(address=task.aggregator)
+    pages = {
+        "device": (device, reverse("device-page", args=[device.address]), device.name),
+        "task": (task, reverse("task-detail", args=[task.chain_task_id]), task.spec_hash),
+    }
+    for name, (obj, page, shown) in pages.items():
+        change = admin_client.get(reverse(f"admin:marketplace_{name}_change", args=[obj.pk]))
+        link = re.search(r'href="([^"]+)" class="viewsitelink"', change.content.decode())
+
+        followed = admin_client.get(link.group(1), follow=True)
+
+        assert followed.status_code == 200
+        assert followed.redirect_chain[-1][0].endswith(page)
+        assert shown in followed.content.decode()
+
+
 def test_chain_sync_status_page_shows_cursor_head_and_lag(admin_client, mirror_rows, w3):
     cursor = mirror_rows[ChainCursor]
 
