@@ -15,6 +15,7 @@ from eth_account.messages import encode_defunct
 from chain.events import Role
 from chain.selection import mask_of
 from core.enrolment import OWNER_PASS_MAX_S, owner_message
+from core.units import wei_to_eth, wei_to_eth_short
 from dataplane.signing import sign_request
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
@@ -122,6 +123,10 @@ def test_the_owner_opens_the_device_page_with_a_link_its_key_signed(
     )
     text = page.content.decode()
     assert "flaky-phone" in text
+    # At a glance in the cards, as the wallet shows a balance; exact on hover and per task.
+    for name, wei in (("earned", status["earned_wei"]), ("credit", status["credit_wei"])):
+        exact, short = wei_to_eth(wei), wei_to_eth_short(wei)
+        assert f'<span id="device-{name}" title="{exact} ETH exactly">{short}</span>' in text
     assert "0.0003" in text
     assert "no data plane is registered" in text.lower()
     # The pass opens this device's page only.
