@@ -86,6 +86,22 @@ def test_task_list_shows_only_the_buyers_own_tasks(client, ada):
     assert "Theirs" not in html
 
 
+def test_staff_see_every_buyers_tasks_and_the_list_says_so(client, ada, admin_user):
+    task_post(ada, title="Mine")
+    task_post(buyer_signup("bob"), title="Theirs")
+    own = client.get(reverse("task-list")).content.decode()
+    client.force_login(admin_user)
+
+    every = client.get(reverse("task-list")).content.decode()
+
+    assert "<h1>My tasks</h1>" in own
+    assert "Everything you have posted: 1 task." in own
+    assert "<h1>All tasks</h1>" in every
+    assert "Every buyer's, as staff see them: 2 tasks." in every
+    assert "Mine" in every
+    assert "Theirs" in every
+
+
 def test_markup_in_what_a_buyer_typed_shows_as_text(client, ada):
     task = task_post(ada, title="<img src=x onerror=alert(1)>")
     for html in (
