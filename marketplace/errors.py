@@ -76,7 +76,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> Response |
             (s for cls, s in _STATUS.items() if isinstance(exc, cls)),
             status.HTTP_400_BAD_REQUEST if not _is_unavailable(exc) else 503,
         )
-        return Response(exc.as_dict(), status=code)
+        body = exc.as_dict()
+        # Wei as the API gives them everywhere (serializers.WeiField): a string of digits,
+        # exact in any JSON parser (a number past 2^53 is not, in JavaScript's).
+        body["fields"] = {
+            name: str(value) if name.endswith("_wei") and isinstance(value, int) else value
+            for name, value in body["fields"].items()
+        }
+        return Response(body, status=code)
     response = exception_handler(exc, context)
     if response is not None:
         detail = response.data

@@ -18,7 +18,7 @@ from drf_spectacular.validation import validate_schema
 from rest_framework.test import APIClient
 
 from dataplane.signing import sign_request
-from marketplace import selectors
+from marketplace import selectors, wallets
 from marketplace.models import Bid, Task, TaskOrder
 from marketplace.services import device_revoke
 from marketplace.sync import chain_sync
@@ -379,7 +379,20 @@ def test_task_create_below_the_contracts_minimum_is_refused_with_its_error(alice
         "/api/tasks/create/", _create_body(budget_wei="1"), format="json"
     )
     body = assert_error(response, 409, "budget_too_low")
+    assert body["fields"]["budget_wei"] == "1"
     assert int(body["fields"]["minimum_wei"]) > 1
+    assert not TaskOrder.objects.exists()
+
+
+def test_task_create_beyond_the_wallet_is_refused_with_its_wei_exact(alice):
+    budget = 10**23 + 1  # more than the wallet holds, and past JSON's exact numbers
+    response = client_for(alice).post(
+        "/api/tasks/create/", _create_body(budget_wei=str(budget)), format="json"
+    )
+    fields = assert_error(response, 409, "insufficient_funds")["fields"]
+    assert fields["budget_wei"] == str(budget)
+    assert fields["balance_wei"] == str(wallets.wallet_balance_wei(wallet=alice.wallet))
+    assert int(fields["needed_wei"]) > budget
     assert not TaskOrder.objects.exists()
 
 
