@@ -469,8 +469,11 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
     for payout in snapshot["payouts"]:
         if payout["reason"] in (PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY):
             paid[payout["account"]] = paid.get(payout["account"], 0) + int(payout["amount_wei"])
+    # Nothing is paid before settlement: a dash then, as on the task page, not "0 ETH".
+    settled = snapshot["state"] in ("finalized", "aborted")
     contributors = [
-        {**node, "paid_wei": paid.get(node["device"], 0)} for node in snapshot["selected"]
+        {**node, "paid_wei": paid.get(node["device"], 0) if settled else None}
+        for node in snapshot["selected"]
     ]
     spec = view.spec or {}
     aggregation = spec.get("aggregation") or {}
@@ -496,6 +499,6 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
         "npz_name": f"{stem}.npz",
         "rounds": rounds,
         "contributors": contributors,
-        "paid_total_wei": sum(paid.values()),
+        "paid_total_wei": sum(paid.values()) if settled else None,
         "spec_rows": [(k, v) for k, v in spec_rows if v is not None],
     }

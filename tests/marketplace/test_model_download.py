@@ -168,6 +168,9 @@ def test_model_card_names_contributors_and_the_final_model(client, trained):
     shown = re.search(r'id="settles-note"[^>]*>(.*?)</p>', html).group(1)
     said = f"A{settles[1:]}: then the devices are paid and the rest comes back to you."
     assert shown == escape(said)
+    # Nothing paid yet, and the card does not say "0 ETH" as if it were the pay.
+    assert "<dt>Paid to devices</dt><dd>\u2013</dd>" in html
+    assert [c["paid_wei"] for c in response.context["card"]["contributors"]] == [None, None]
 
 
 def test_model_card_money_adds_up_to_the_budget(client, trained, platform_market):
