@@ -132,11 +132,10 @@ class TaskListApi(ApiAuthMixin, generics.ListAPIView):
         key = task_list_cache_key(user=request.user, kind="api", url=request.build_absolute_uri())
 
         def data():
-            cached = cache.get(key)
-            if cached is None:
-                cached = super(TaskListApi, self).list(request, *args, **kwargs).data
-                cache.set(key, cached, LIST_CACHE_S)
-            return cached
+            listed = super(TaskListApi, self).list
+            return cache.get_or_set(
+                key, lambda: listed(request, *args, **kwargs).data, LIST_CACHE_S
+            )
 
         return tagged(request, key, data)
 

@@ -17,10 +17,10 @@ from core.errors import FlexError
 from dataplane.client import health_check
 from marketplace import contract
 from marketplace.models import (
+    PAY_REASONS,
     Bid,
     Device,
     Payout,
-    PayoutReason,
     Role,
     SelectedNode,
     TaskState,
@@ -96,7 +96,7 @@ def device_status(*, device: Device, check_dataplane: bool = True) -> dict[str, 
     paid: dict[int, int] = defaultdict(int)
     for task_id, amount in (
         Payout.objects.filter(account=address)
-        .filter(reason__in=(PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY))
+        .filter(reason__in=PAY_REASONS)
         .order_by()
         .values_list("task_id", "amount_wei")
     ):

@@ -235,6 +235,10 @@ class TaskState(models.TextChoices):
     ABORTED = "aborted", "Aborted"
 
 
+# The states of a task the contract has settled: its pay, stakes and refund are credited.
+SETTLED_STATES = (TaskState.FINALIZED, TaskState.ABORTED)
+
+
 class TaskOrder(models.Model):
     """A task as its buyer ordered it on the website: who, what it is called, its spec and the
     terms asked, and the transaction that created it on chain.
@@ -497,6 +501,10 @@ class PayoutReason(models.TextChoices):
     STAKE_RETURNED = "stake", "Stake returned"
     STAKE_SLASHED = "slash", "Slashed stake"
     CHALLENGE_BOUNTY = "bounty", "Challenge bounty"
+
+
+# Pay for work, as against a deposit coming back (or slashed) and the buyer's refund.
+PAY_REASONS = (PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY)
 
 
 class Payout(ChainRecord):

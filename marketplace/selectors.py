@@ -14,6 +14,7 @@ from django.utils import timezone
 from eth_utils import is_hex_address, to_checksum_address
 
 from marketplace.models import (
+    SETTLED_STATES,
     Bid,
     ChainCursor,
     ChainEventRecord,
@@ -214,7 +215,7 @@ class TaskView:
         for p in self.payouts:
             if p.reason == PayoutReason.TRAINER_PAY:
                 paid[p.account.lower()] = paid.get(p.account.lower(), 0) + p.amount_wei
-        settled = self.state in (TaskState.FINALIZED, TaskState.ABORTED)
+        settled = self.state in SETTLED_STATES
         closed = [r for r in self.rounds_published if r.number >= 1][-CONTRIBUTION_ROUNDS_SHOWN:]
         masks = (
             [

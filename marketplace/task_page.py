@@ -20,7 +20,13 @@ from django.db.models import Q
 from django.utils.dateparse import parse_datetime
 
 from marketplace import contract, selectors
-from marketplace.models import ChainEventRecord, Device, PayoutReason, TaskState
+from marketplace.models import (
+    SETTLED_STATES,
+    ChainEventRecord,
+    Device,
+    PayoutReason,
+    TaskState,
+)
 from marketplace.selectors import TaskView
 from marketplace.serializers import TaskSerializer
 from marketplace.task_lists import LIST_CACHE_S
@@ -80,13 +86,11 @@ def task_snapshot(view: TaskView, *, seq: int) -> dict[str, Any]:
     128 trainers, 100 rounds) building it costs tens of milliseconds of CPU. An order the
     chain sync has not mirrored yet (no numbered changes) is built each time."""
     key = task_snapshot_key(view, seq=seq)
-    if key is None:
+
+    def built() -> dict[str, Any]:
         return TaskSerializer(view).data
-    snapshot = cache.get(key)
-    if snapshot is None:
-        snapshot = TaskSerializer(view).data
-        cache.set(key, snapshot, SNAPSHOT_CACHE_S)
-    return snapshot
+
+    return built() if key is None else cache.get_or_set(key, built, SNAPSHOT_CACHE_S)
 
 
 def task_snapshot_message(view: TaskView, *, seq: int) -> dict[str, Any]:
@@ -169,7 +173,7 @@ def task_delta_message(
     )
     # Contributions: every selected trainer's cells for the rounds this change judged, and its
     # pay once the task is settled (TaskView.contributions, over just those rows).
-    settled = view.state in (TaskState.FINALIZED, TaskState.ABORTED)
+    settled = view.state in SETTLED_STATES
     judged = [r for r in changed_rounds if r.number >= 1]
     changed.__dict__["contributions"] = (
         _view_with(

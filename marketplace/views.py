@@ -34,7 +34,7 @@ from marketplace.forms import (
     explain,
 )
 from marketplace.model_check import model_check_request
-from marketplace.models import PayoutReason, Wallet
+from marketplace.models import PAY_REASONS, SETTLED_STATES, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
     NotTaskBuyerError,
@@ -205,14 +205,14 @@ def task_list(request):
         html = render_to_string(TASK_LIST, {"filters": filters}, request=request)
         return _task_list_page(request, html, status=400)
     key = task_list_cache_key(user=request.user, kind="page", url=request.get_full_path())
-    cached = cache.get(key)
-    if cached is None:
+
+    def rendered() -> tuple[str, int]:
         tasks = selectors.task_view_list(user=request.user, **filters.selection())
         filtered = filters.selection() != {"state": None, "sort": "newest"}
         context, status = _page_context(tasks, filters, {"filtered": filtered})
-        cached = (render_to_string(TASK_LIST, context, request=request), status)
-        cache.set(key, cached, LIST_CACHE_S)
-    html, status = cached
+        return render_to_string(TASK_LIST, context, request=request), status
+
+    html, status = cache.get_or_set(key, rendered, LIST_CACHE_S)
     return _task_list_page(request, html, status=status)
 
 
@@ -362,13 +362,18 @@ def task_detail(request, pk: int):
     the page around them at each request."""
     view, message, key = _task_message(request, pk)
     context = {"task": view, "s": message["snapshot"], "v": message["view"]}
+
+    def rendered() -> str:
+        return render_to_string(TASK_TABLES, context)
+
     # A function of the snapshot and of the block explorer its hashes link to.
-    kept = None if key is None else f"{key}:tables:{settings.FLEX_EXPLORER_URL}"
-    tables = cache.get(kept) if kept is not None else None
-    if tables is None:
-        tables = render_to_string(TASK_TABLES, context)
-        if kept is not None:
-            cache.set(kept, tables, SNAPSHOT_CACHE_S)
+    tables = (
+        rendered()
+        if key is None
+        else cache.get_or_set(
+            f"{key}:tables:{settings.FLEX_EXPLORER_URL}", rendered, SNAPSHOT_CACHE_S
+        )
+    )
     return render(
         request,
         "marketplace/task_detail.html",
@@ -467,10 +472,10 @@ def _model_card(view: TaskView, snapshot: dict) -> dict:
     # no part of what the task cost its buyer (pay + refund = budget).
     paid: dict[str, int] = {}
     for payout in snapshot["payouts"]:
-        if payout["reason"] in (PayoutReason.TRAINER_PAY, PayoutReason.AGGREGATOR_PAY):
+        if payout["reason"] in PAY_REASONS:
             paid[payout["account"]] = paid.get(payout["account"], 0) + int(payout["amount_wei"])
     # Nothing is paid before settlement: a dash then, as on the task page, not "0 ETH".
-    settled = snapshot["state"] in ("finalized", "aborted")
+    settled = snapshot["state"] in SETTLED_STATES
     contributors = [
         {**node, "paid_wei": paid.get(node["device"], 0) if settled else None}
         for node in snapshot["selected"]
