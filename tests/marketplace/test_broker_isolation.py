@@ -444,13 +444,20 @@ def test_a_queue_counts_as_consumed_as_soon_as_a_worker_listens_on_it(vhost):
 
 
 # A throwaway vhost made by a process that then ends without deleting it: a killed run.
+# A throwaway run that leaves a device user and a queued message behind, then dies. The
+# message is queued while the run is alive: once it has exited, any stack starting in another
+# test process may sweep its vhost.
 ORPHAN = """
 import sys
-from core.broker import BrokerAdmin
+from kombu import Connection
+from core.broker import BrokerAdmin, url_with
 admin = BrokerAdmin(sys.argv[2])
 admin.vhost_create(sys.argv[1], throwaway=True)
 admin.user_grant(user=sys.argv[1] + ".device-1", password="x", vhost=sys.argv[1],
                  permissions={"configure": "", "write": "", "read": ""})
+with Connection(url_with(sys.argv[3], vhost=sys.argv[1])) as conn:
+    with conn.SimpleQueue("platform") as queue:
+        queue.put({"left": "behind"})
 """
 
 
@@ -459,14 +466,10 @@ def test_what_a_killed_throwaway_run_left_is_swept_and_nothing_else(tmp_path):
     orphan, live, elsewhere = (new_vhost_name("flex-sweep-") for _ in range(3))
     persistent = tmp_path / "make-run"
     try:
-        subprocess.run([sys.executable, "-c", ORPHAN, orphan, admin.api_url], cwd=ROOT, check=True)
-        with (
-            Connection(
-                url_with(os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL), vhost=orphan)
-            ) as conn,
-            conn.SimpleQueue("platform") as queue,
-        ):
-            queue.put({"left": "behind"})
+        broker = os.environ.get("FLEX_BROKER_URL", DEFAULT_BROKER_URL)
+        subprocess.run(
+            [sys.executable, "-c", ORPHAN, orphan, admin.api_url, broker], cwd=ROOT, check=True
+        )
         admin.vhost_create(live, throwaway=True)  # this process: alive
         admin.vhost_create(elsewhere)
         admin._call(  # another host's throwaway vhost, its owner unknown here
