@@ -33,7 +33,7 @@
   function device(address) {
     const name = names[address];
     return name
-      ? `<span class="dev" title="${esc(address)}"><strong>${esc(name)}</strong><span class="hash muted">${esc(short(address))}</span></span>`
+      ? `<span class="dev" title="${esc(address)}"><strong title="${esc(name)}">${esc(name)}</strong><span class="hash muted">${esc(short(address))}</span></span>`
       : hash(address);
   }
   // A hash with a copy button, and a block-explorer link for transactions when one is set
@@ -217,7 +217,8 @@
       head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Aggregated</th><th class="num">Paid</th></tr>`;
     }
     fill({
-      body: "contrib-body", key: (c) => c.trainer, cols: 2, empty: "Scored as rounds close.",
+      body: "contrib-body", key: (c) => c.trainer, cols: (v.contribution_rounds || []).length + 3,
+      empty: "Scored as rounds close.",
       cells: (c) => `<td>${device(c.trainer)}</td>${c.cells.map((cell) => `<td class="num">${esc(cell)}</td>`).join("")}<td class="num">${esc(c.rounds_aggregated)} of ${esc(v.done_rounds)}</td><td class="num">${c.paid_wei === null || c.paid_wei === undefined ? "–" : eth(c.paid_wei) + " ETH"}</td>`,
     }, v.contribution_rows || []);
   }

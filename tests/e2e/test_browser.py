@@ -38,6 +38,19 @@ UPDATE_TIMEOUT_MS = 120_000
 # Text that would run script if a page ever put it into HTML unescaped.
 MARKUP = "<img src=x onerror=alert(1)>"
 TITLE = f"Digits on three phones {MARKUP}"
+# A device's name as long as enrolment allows (100 characters), markup and all.
+PRANK = f"{MARKUP} " + "x" * (100 - len(MARKUP) - 1)
+# True when the table holding an element fits its box (no sideways scroll).
+FITS_JS = (
+    "(sel) => { const w = document.querySelector(sel).closest('.table-wrap');"
+    " return w.scrollWidth <= w.clientWidth; }"
+)
+# The empty tables' notes, and those whose note does not span every column of its table.
+EMPTY_ROWS_JS = """() => {
+  const rows = [...document.querySelectorAll("#task-page td.empty")];
+  const cols = (td) => td.closest("table").tHead.rows[0].cells.length;
+  return [rows.length, rows.filter((td) => td.colSpan !== cols(td)).map((td) => td.textContent)];
+}"""
 # Replaces every string of a task's message with MARKUP, renders it whole and applies it as a
 # delta, and counts what markup became elements in the page (none may).
 POISON_JS = """(markup) => {
@@ -147,10 +160,12 @@ def test_buyer_posts_a_task_and_watches_it_live(
     # Chain sync sees TaskCreated: the page turns to bidding by itself.
     sync_and_wait("document.getElementById('task-state').dataset.state === 'bidding'")
     assert page.inner_text("#task-state") == "BIDDING"
+    # Drawn again from the socket's message: each empty table's note spans the table.
+    assert page.evaluate(EMPTY_ROWS_JS) == [5, []]
 
     # Three devices enrol and bid.
     aggregator, *trainers = (Account.create() for _ in range(4))
-    _enrol(aggregator, name=MARKUP, may_aggregate=True)  # a device named by a prankster
+    _enrol(aggregator, name=PRANK, may_aggregate=True)  # a device named by a prankster
     for i, trainer in enumerate(trainers):
         _enrol(trainer, name=f"pixel-{i + 1}")
     tid = task.chain_task_id
@@ -177,6 +192,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
     assert page.get_attribute("#task-page", "data-resyncs") == "1"
     page.wait_for_function("document.getElementById('bids-body').textContent.includes('pixel-3')")
     assert MARKUP in page.inner_text("#bids-body")  # the device's name arrived live: as text
+    # Cut short to keep the table in its box, and whole where the pointer rests on it.
+    assert page.evaluate(FITS_JS, "#bids-body")
+    assert page.get_attribute("#bids-body .dev strong[title^='<img']", "title") == PRANK
 
     # Bidding closes, the contract selects: running, with the two cheapest trainers.
     w3.provider.make_request("evm_mine", [platform_market.task(task_id=tid).bidding_ends])
