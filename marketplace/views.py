@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.cache import cache
 from django.core.exceptions import PermissionDenied
@@ -15,6 +17,7 @@ from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
+from django.urls import reverse_lazy
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_POST
 
@@ -82,6 +85,24 @@ def signup(request):
         messages.success(request, "Welcome to FLEX. Your wallet is ready: fund it to post a task.")
         return redirect("wallet")
     return render(request, "registration/signup.html", {"form": form})
+
+
+class PasswordChange(auth_views.PasswordChangeView):
+    """Django's password change, which keeps this session and ends every other one (a
+    session holds a hash of the password it began with); the account's API token goes too."""
+
+    template_name = "registration/password_change.html"
+    success_url = reverse_lazy("wallet")
+
+    def form_valid(self, form):
+        response = super().form_valid(form)
+        services.user_tokens_revoke(user=form.user)
+        messages.success(
+            self.request,
+            "Your password is changed. Every other session is logged out, and the API token "
+            "is revoked: ask for a new one with the new password.",
+        )
+        return response
 
 
 def _wallet(user) -> Wallet:
@@ -248,7 +269,12 @@ def task_create(request):
         except FlexError as exc:
             form.add_flex_error(exc)
         else:
-            messages.success(request, "Your task is on chain. Devices can bid now.")
+            # A fact that stays true while the page follows the task past its bidding.
+            messages.success(
+                request,
+                f"Your task is on chain. Devices may bid on it until "
+                f"{order.bidding_ends.astimezone(UTC):%Y-%m-%d %H:%M} UTC.",
+            )
             return redirect("task-detail", pk=order.chain_task_id)
     estimate, problems = _estimate(form.data if form.is_bound else _ESTIMATE_DEFAULTS)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -316,6 +316,10 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
     assert (task.order, task.buyer, task.state) == (order, buyer, "bidding")
     # The gas the estimate and the balance check assume covers what createTask needs.
     assert receipt["gasUsed"] * 12 // 10 <= CREATE_TASK_GAS
+    # The page it lands on says so, with a deadline that stays true as the page goes live.
+    page = logged_in.get(response.url).content.decode()
+    ends = datetime.fromtimestamp(on_chain.bidding_ends, UTC)
+    assert f"Devices may bid on it until {ends:%Y-%m-%d %H:%M} UTC." in page
 
 
 def test_an_order_meets_a_task_sync_mirrored_first(buyer, platform_market, monkeypatch):
