@@ -14,6 +14,7 @@ from django.utils import timezone
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_utils import is_checksum_address, to_checksum_address
+from rest_framework.authtoken.models import Token
 
 from chain.client import DEFAULT_SAMPLE_CAP
 from chain.errors import (
@@ -281,6 +282,15 @@ def user_signup(*, username: str, password: str, email: str = ""):
     user = get_user_model().objects.create_user(username=username, password=password, email=email)
     wallet_create(user=user)
     return user
+
+
+def user_tokens_revoke(*, user) -> int:
+    """Deletes ``user``'s API token (what is left of it after a password change: whoever held
+    the old password may have made it); the next POST /api/auth/token/ makes a new one."""
+    deleted, _ = Token.objects.filter(user=user).delete()
+    if deleted:
+        logger.info("API token of user %s revoked", user.pk)
+    return deleted
 
 
 def wallet_create(*, user) -> Wallet:

@@ -15,6 +15,8 @@ urlpatterns = [
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # The old password is asked for: counted with the logins, against guessing it.
+    path("password/", throttled("login")(views.PasswordChange.as_view()), name="password-change"),
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
     path("wallet/withdraw/", views.wallet_withdraw, name="wallet-withdraw"),

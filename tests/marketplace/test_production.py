@@ -176,6 +176,22 @@ def test_login_is_throttled_per_client(client, low_rates):
     assert other.status_code == 302
 
 
+def test_guessing_the_old_password_on_the_change_form_is_throttled(client, low_rates):
+    user = services.user_signup(username="cha", password=PASSWORD)
+    client.force_login(user)  # a session left open on a shared machine
+    url = reverse("password-change")
+    guess = {"old_password": "guess", "new_password1": "taken over 99"}
+    guess["new_password2"] = guess["new_password1"]
+    assert client.post(url, guess).status_code == 200
+    assert client.post(url, guess).status_code == 200
+
+    refused = client.post(url, guess | {"old_password": PASSWORD})
+
+    assert refused.status_code == 429
+    user.refresh_from_db()
+    assert user.check_password(PASSWORD)  # even the right old password waits
+
+
 def test_token_endpoint_is_throttled(client, low_rates):
     services.user_signup(username="tok", password=PASSWORD)
     url = reverse("api-auth-token")

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from django.test import Client
 from django.urls import reverse
 from eth_account import Account
 
@@ -66,6 +67,49 @@ def test_wrong_password_is_refused(client):
     assert "_auth_user_id" not in client.session
 
 
+NEW_PASSWORD = "a different passphrase 42"
+
+
+def test_changing_the_password_ends_every_other_session_and_the_api_token(client):
+    services.user_signup(username="bo", password=PASSWORD)
+    client.post(reverse("login"), {"username": "bo", "password": PASSWORD})
+    elsewhere = Client()  # the same account on another machine, or in a thief's hands
+    elsewhere.post(reverse("login"), {"username": "bo", "password": PASSWORD})
+    token = client.post(reverse("api-auth-token"), {"username": "bo", "password": PASSWORD})
+    api = {"HTTP_AUTHORIZATION": f"Token {token.json()['token']}"}
+    url = reverse("password-change")
+    assert reverse("password-change") in client.get(reverse("wallet")).content.decode()
+
+    # A wrong old password, or two new ones that differ: said beside the field, and nothing
+    # changes.
+    for data, field, code in (
+        ({"old_password": "guess"}, "old_password", "password_incorrect"),
+        ({"old_password": PASSWORD, "new_password2": "typo"}, "new_password2", "password_mismatch"),
+    ):
+        refused = client.post(
+            url, {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD} | data
+        )
+        assert refused.status_code == 200
+        assert refused.context["form"].errors.as_data()[field][0].code == code
+        assert f'id="errors-{field}"' in refused.content.decode()
+    assert elsewhere.get(reverse("task-list")).status_code == 200
+    assert client.get(reverse("api-task-list"), **api).status_code == 200
+
+    changed = client.post(
+        url,
+        {"old_password": PASSWORD, "new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD},
+        follow=True,
+    )
+
+    assert changed.redirect_chain == [(reverse("wallet"), 302)]
+    assert "Your password is changed." in changed.content.decode()
+    assert client.get(reverse("task-list")).status_code == 200  # this session goes on
+    assert elsewhere.get(reverse("task-list")).status_code == 302  # to the login page
+    assert Client().get(reverse("api-task-list"), **api).status_code == 401
+    assert not Client().login(username="bo", password=PASSWORD)
+    assert Client().login(username="bo", password=NEW_PASSWORD)
+
+
 def test_task_list_shows_only_the_buyers_own_tasks(client, ada):
     mine = task_post(ada, title="Mine")
     theirs = task_post(buyer_signup("bob"), title="Theirs")
@@ -122,9 +166,12 @@ def test_another_buyer_cannot_see_a_task(client, ada, name):
     assert b"Secret" not in response.content
 
 
-@pytest.mark.parametrize("name", ["task-list", "task-detail", "task-model", "task-model-download"])
+@pytest.mark.parametrize(
+    "name",
+    ["task-list", "task-detail", "task-model", "task-model-download", "wallet", "password-change"],
+)
 def test_pages_need_a_login(client, name):
-    args = [] if name == "task-list" else [1]
+    args = [1] if name.startswith("task-") and name != "task-list" else []
     response = client.get(reverse(name, args=args))
     assert response.status_code == 302
     assert response.url.startswith(reverse("login"))
