@@ -261,6 +261,9 @@ class TaskOrder(models.Model):
     max_trainers = models.PositiveIntegerField()
     bidding_ends = models.DateTimeField()
     round_timeout_s = models.PositiveIntegerField()
+    # Null on orders made before they were kept here; the mirrored task has them too.
+    dispute_window_s = models.PositiveIntegerField(null=True)
+    sample_cap = models.PositiveBigIntegerField(null=True)
     created_tx = models.CharField(max_length=66, unique=True)
     chain_task_id = models.PositiveBigIntegerField(db_index=True)
     created_at = models.DateTimeField(default=timezone.now)

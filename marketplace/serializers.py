@@ -221,7 +221,9 @@ class TaskSerializer(TaskSummarySerializer):
     spec_hash = serializers.CharField()
     round_timeout_s = serializers.IntegerField()
     sample_cap = serializers.IntegerField(
-        allow_null=True, help_text="Most samples a trainer's bid counts for; None while pending."
+        allow_null=True,
+        help_text="Most samples a trainer's bid counts for (None only for an order made before "
+        "orders kept it, until chain sync mirrors its task).",
     )
     current_round = serializers.IntegerField(
         allow_null=True, help_text="The round trainers work on now, while running."
@@ -234,7 +236,9 @@ class TaskSerializer(TaskSummarySerializer):
     refund_wei = WeiField(allow_null=True, help_text="Everything credited back to the buyer.")
     failure_reason = serializers.CharField(allow_blank=True)
     dispute_window_s = serializers.IntegerField(
-        help_text="Seconds after each global model in which anyone may prove it wrong."
+        allow_null=True,
+        help_text="Seconds after each global model in which anyone may prove it wrong (0: no "
+        "disputes; None as sample_cap).",
     )
     challenged_round = serializers.IntegerField(
         allow_null=True,

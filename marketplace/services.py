@@ -430,6 +430,8 @@ def task_create(
         max_trainers=max_trainers,
         bidding_ends=datetime.fromtimestamp(ends, tz=UTC),
         round_timeout_s=round_timeout_s,
+        dispute_window_s=dispute_window_s,
+        sample_cap=sample_cap,
         created_tx=receipt.tx_hash,
         chain_task_id=created.task_id,
     )

@@ -24,7 +24,9 @@ def buyer_signup(username: str):
     return user
 
 
-def task_post(buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=600) -> TaskOrder:
+def task_post(
+    buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=600, dispute_window_s=0
+) -> TaskOrder:
     return services.task_create(
         buyer=buyer,
         title=title,
@@ -34,7 +36,7 @@ def task_post(buyer, *, title="Digits", rounds=1, window_s=600, round_timeout_s=
         bidding_window_s=window_s,
         round_timeout_s=round_timeout_s,
         # No disputes unless a test is about them: it may finalize right after the last round.
-        dispute_window_s=0,
+        dispute_window_s=dispute_window_s,
         budget_wei=10**16,
     )
 

@@ -197,12 +197,17 @@ def test_orders_not_mirrored_yet_each_show_their_own_tables(platform_market, cha
     whole each time, never from another order's tables."""
     world = Market(platform_market)
     world.grow(tasks=1, bidders=1)
-    other = task_post(world.buyer, title="three rounds", rounds=3).chain_task_id
+    other = task_post(world.buyer, title="three rounds", rounds=3, dispute_window_s=120)
     page = Client()
     page.force_login(world.buyer)
-    for task_id, rounds in ((world.pending, 1), (other, 3), (world.pending, 1), (other, 3)):
+    # Before chain sync has seen them, the terms are the buyer's order: the page and the
+    # buyer's first look at it show the dispute terms that were sent, not a default.
+    one = (world.pending, 1, "none: no global model can be challenged")
+    three = (other.chain_task_id, 3, "120 s after each global model")
+    for task_id, rounds, window in (one, three, one, three):
         shown = page.get(reverse("task-detail", args=[task_id]))
         assert shown.context["s"]["state"] == "pending"
         assert TASK_TABLES in tables_rendered(shown)
         assert f"<dt>Rounds</dt><dd>{rounds}</dd>" in shown.content.decode()
-        assert "<dt>Dispute window</dt><dd>0 s after each global model</dd>" in tables_of(shown)
+        assert f"<dt>Dispute window</dt><dd>{window}</dd>" in tables_of(shown)
+        assert "<dt>Samples counted</dt><dd>at most 1000 per trainer</dd>" in tables_of(shown)
