@@ -8,4 +8,5 @@ class MarketplaceConfig(AppConfig):
     verbose_name = "FLEX marketplace"
 
     def ready(self) -> None:
-        from marketplace import checks  # noqa: F401  (registers the system checks)
+        # Imported for what importing does: register the system checks, connect the receivers.
+        from marketplace import checks, signals  # noqa: F401

@@ -89,14 +89,14 @@ def signup(request):
 
 class PasswordChange(auth_views.PasswordChangeView):
     """Django's password change, which keeps this session and ends every other one (a
-    session holds a hash of the password it began with); the account's API token goes too."""
+    session holds a hash of the password it began with); the account's API token goes too
+    (marketplace.signals)."""
 
     template_name = "registration/password_change.html"
     success_url = reverse_lazy("wallet")
 
     def form_valid(self, form):
         response = super().form_valid(form)
-        services.user_tokens_revoke(user=form.user)
         messages.success(
             self.request,
             "Your password is changed. Every other session is logged out, and the API token "

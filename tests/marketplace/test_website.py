@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from django.contrib.auth.hashers import make_password
 from django.test import Client
 from django.urls import reverse
 from eth_account import Account
@@ -108,6 +109,49 @@ def test_changing_the_password_ends_every_other_session_and_the_api_token(client
     assert Client().get(reverse("api-task-list"), **api).status_code == 401
     assert not Client().login(username="bo", password=PASSWORD)
     assert Client().login(username="bo", password=NEW_PASSWORD)
+
+
+def test_a_password_set_anywhere_revokes_the_api_token_and_a_rehash_at_login_does_not(
+    client, admin_client, settings
+):
+    settings.PASSWORD_HASHERS = [
+        *settings.PASSWORD_HASHERS,
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+    ]
+    user = services.user_signup(username="di", password=PASSWORD)
+
+    def token() -> str:
+        answer = client.post(reverse("api-auth-token"), {"username": "di", "password": PASSWORD})
+        return answer.json()["token"]
+
+    def api_answers(key: str) -> int:
+        return Client().get(reverse("api-task-list"), HTTP_AUTHORIZATION=f"Token {key}").status_code
+
+    # A hash from an older hasher is upgraded at the next login: not a change of password.
+    user.password = make_password(PASSWORD, hasher="md5")
+    user.save()
+    key = token()
+    assert Client().login(username="di", password=PASSWORD)
+    user.refresh_from_db()
+    assert not user.password.startswith("md5$")  # upgraded
+    assert api_answers(key) == 200
+
+    # Staff set a new password in the admin (an account reported stolen).
+    changed = admin_client.post(
+        reverse("admin:auth_user_password_change", args=[user.pk]),
+        {"usable_password": "true", "password1": NEW_PASSWORD, "password2": NEW_PASSWORD},
+    )
+    assert changed.status_code == 302
+    assert api_answers(key) == 401
+
+    # Or in code, as manage.py changepassword does.
+    user.refresh_from_db()
+    user.set_password(PASSWORD)
+    user.save()
+    key = token()
+    user.set_password(NEW_PASSWORD)
+    user.save()
+    assert api_answers(key) == 401
 
 
 def test_task_list_shows_only_the_buyers_own_tasks(client, ada):
