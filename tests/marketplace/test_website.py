@@ -7,6 +7,7 @@ import re
 
 import pytest
 from django.contrib.auth.hashers import make_password
+from django.templatetags.static import static
 from django.test import Client
 from django.urls import reverse
 from eth_account import Account
@@ -43,6 +44,14 @@ def test_home_explains_flex_and_links_to_sign_up(client):
     assert "federated learning" in html
     assert reverse("signup") in html
     assert reverse("login") in html
+
+
+def test_the_icon_browsers_ask_for_is_the_logo(client):
+    response = client.get("/favicon.ico")
+
+    assert response.status_code == 301
+    assert response.url == static("flex/logo.svg")
+    assert f'href="{static("flex/logo.svg")}"' in client.get(reverse("home")).content.decode()
 
 
 def test_log_in_and_out(client):
