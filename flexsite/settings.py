@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    "health_check",
     "marketplace",
 ]
 
@@ -264,6 +265,8 @@ FLEX_SYNC_CONFIRMATIONS = env_number("FLEX_SYNC_CONFIRMATIONS", 0)
 FLEX_SYNC_REORG_DEPTH = env_number("FLEX_SYNC_REORG_DEPTH", 12)
 FLEX_SYNC_CHUNK_BLOCKS = env_number("FLEX_SYNC_CHUNK_BLOCKS", 2000, low=1)
 FLEX_SYNC_INTERVAL_S = env_number("FLEX_SYNC_INTERVAL_S", 5.0, **INTERVAL)
+# /health/ fails once chain sync has not run for this long (it runs every interval above).
+FLEX_HEALTH_SYNC_STALE_S = env_number("FLEX_HEALTH_SYNC_STALE_S", 60.0, **INTERVAL)
 # Nodes start each round after the first by themselves, the moment the chain has its global
 # model (worker.follow); the platform's round messages go this long after the round opened,
 # and only to the nodes that have not acted on it by then.

@@ -1,0 +1,84 @@
+"""/health/: what a load balancer or a monitor asks of a FLEX web server, against the real
+database, Redis, chain node and broker, and with each of the last three gone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.test import Client
+from django.utils import timezone
+
+from chain.launcher import free_port
+from core.broker import url_with
+from marketplace.models import ChainCursor
+from marketplace.sync import chain_sync
+
+pytestmark = pytest.mark.django_db
+
+CHECKS = ["Database", "Cache", "ChainNode", "ChainSync", "Broker"]
+
+
+def health(accept: str = "application/json") -> tuple[int, dict[str, str]]:
+    """The status code and each check's verdict, by the check's name."""
+    response = Client().get("/health/", HTTP_ACCEPT=accept)
+    verdicts = {key.split("(")[0]: value for key, value in response.json().items()}
+    return response.status_code, verdicts
+
+
+def test_a_platform_with_everything_up_is_healthy():
+    chain_sync()
+
+    status, verdicts = health()
+
+    assert (status, list(verdicts)) == (200, CHECKS)
+    assert set(verdicts.values()) == {"OK"}
+    # The same for a monitor that reads OpenMetrics, and for a person in a browser.
+    metrics = Client().get("/health/?format=openmetrics").content.decode()
+    assert "django_health_check_overall_status 1" in metrics
+    page = Client().get("/health/", HTTP_ACCEPT="text/html")
+    assert page.status_code == 200
+    assert all(name in page.content.decode() for name in CHECKS)
+
+
+def test_an_unanswering_chain_node_fails_the_check_naming_it(settings):
+    chain_sync()
+    settings.ETH_RPC_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+
+    status, verdicts = health()
+
+    assert status == 500
+    assert verdicts["ChainNode"] == "Unavailable: the chain node does not answer"
+    assert [name for name, v in verdicts.items() if v != "OK"] == ["ChainNode"]
+
+
+def test_a_stale_or_missing_chain_sync_fails_the_check(settings):
+    status, verdicts = health()
+    assert status == 500
+    assert verdicts["ChainSync"] == "Unavailable: chain sync has not run yet"
+
+    chain_sync()
+    stale = settings.FLEX_HEALTH_SYNC_STALE_S + 30
+    ChainCursor.objects.update(synced_at=timezone.now() - timedelta(seconds=stale))
+
+    status, verdicts = health()
+
+    assert status == 500
+    assert verdicts["ChainSync"].startswith(f"Unavailable: chain sync last ran {stale:.0f} s ago")
+    # The next sync (beat's, or at the next block) makes it healthy again.
+    chain_sync()
+    assert health() == (200, dict.fromkeys(CHECKS, "OK"))
+
+
+def test_a_broker_that_refuses_fails_the_check_and_the_answer_keeps_its_address(settings):
+    chain_sync()
+    port = free_port()
+    settings.FLEX_BROKER_URL = url_with(f"amqp://flex:s3cret-pass@127.0.0.1:{port}//", vhost="x")
+
+    response = Client().get("/health/?format=text")
+
+    assert response.status_code == 500
+    text = response.content.decode()
+    assert "Broker(): Unavailable: the broker does not take a connection" in text
+    assert "s3cret-pass" not in text
+    assert str(port) not in text
