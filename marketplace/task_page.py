@@ -345,7 +345,9 @@ PAY_NOTE = (
 
 def contribution_rounds(snapshot: dict) -> list[int]:
     """The last CONTRIBUTION_ROUNDS_SHOWN (selectors) rounds whose updates have been judged
-    (their next global model is out)."""
+    (their next global model is out), by the chain's number: the round updates are trained
+    in, one less than the global model they go into. The page heads each with the latter,
+    the number the rounds table and the progress count by."""
     judged = [r["number"] - 1 for r in snapshot["rounds_published"] if r["number"] >= 1]
     return judged[-selectors.CONTRIBUTION_ROUNDS_SHOWN :]
 

@@ -214,7 +214,7 @@
   function drawContributions(v) {
     const head = $("contrib-head");
     if (head) {
-      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(r)}</th>`).join("")}<th class="num">Aggregated</th><th class="num">Paid</th></tr>`;
+      head.innerHTML = `<tr><th>Trainer</th>${(v.contribution_rounds || []).map((r) => `<th class="num">Round ${esc(Number(r) + 1)}</th>`).join("")}<th class="num">Aggregated</th><th class="num">Paid</th></tr>`;
     }
     fill({
       body: "contrib-body", key: (c) => c.trainer, cols: (v.contribution_rounds || []).length + 3,

@@ -287,6 +287,9 @@ def test_task_page_shows_each_trainers_score_and_pay(client, ada, platform_marke
 
         assert "Contribution and pay" in html
         assert "100.00 % (7)" in html  # its share of round 0's scores, and the score
+        # Headed by the global model those updates went into, as the rounds table counts.
+        assert '<th class="num">Round 1</th>' in html
+        assert '<th class="num">Round 0</th>' not in html
         assert "shares a pool of half the aggregated trainers" in html
         assert "&lt;b&gt;pixel&lt;/b&gt;" in html
         assert "<b>pixel</b>" not in html
