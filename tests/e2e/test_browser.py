@@ -251,6 +251,7 @@ def test_buyer_posts_a_task_and_watches_it_live(
         "#contrib-head th", "(ths) => ths.map((th) => th.textContent)"
     )
     assert heads == ["Trainer", "Round 2", "Round 3", "Aggregated", "Paid"]
+    assert page.evaluate(FITS_JS, "#contrib-body")  # a column a round: in the wide column
     rows = page.query_selector_all("#contrib-body tr")
     assert [r.inner_text().count(f"{ROUNDS} of {ROUNDS}") for r in rows] == [1, 1]
     assert page.get_attribute("#task-state", "data-state") == "trained"
@@ -270,6 +271,10 @@ def test_buyer_posts_a_task_and_watches_it_live(
     said = page.inner_text("#payouts-body")
     for label in ("Aggregator pay", "Trainer pay", "Refund", "Stake returned"):
         assert label in said
+    # Every table fits its card at 1280 px, the prankster's name and 18 decimals included.
+    for body in ("#rounds-body", "#contrib-body", "#bids-body", "#tx-body", "#selected-body"):
+        assert page.evaluate(FITS_JS, body), body
+    assert page.evaluate(FITS_JS, "#payouts-body")  # beside the name, 18 decimals
     # The latest transactions, the oldest gone as new ones came; all of them in the API.
     tx_text = page.inner_text("#tx-body")
     assert task.created_tx not in tx_text
@@ -306,6 +311,9 @@ def test_buyer_posts_a_task_and_watches_it_live(
     phone_page.goto(page.url)
     phone_page.wait_for_selector("#chart circle.acc-dot")
     assert phone_page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # Whole tables: the prankster's name wraps rather than push the prices off screen.
+    assert phone_page.evaluate(FITS_JS, "#bids-body")
+    assert phone_page.evaluate(FITS_JS, "#selected-body")
     phone_page.screenshot(
         path=str(screenshots / "task-phone.png"), full_page=True, animations="disabled"
     )
