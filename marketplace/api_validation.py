@@ -54,7 +54,10 @@ class ValidationSetUploadApi(ApiAuthMixin, APIView):
                 f"{validation.MAX_UPLOAD_BYTES} bytes",
             )
         row = validation_set_upload(
-            data=upload.read(), filename=upload.name, dataset=data.validated_data["dataset"]
+            data=upload.read(),
+            filename=upload.name,
+            dataset=data.validated_data["dataset"],
+            buyer=request.user,
         )
         return Response(ValidationSetSerializer(row).data, status=201)
 

@@ -229,8 +229,9 @@ class TaskForm(forms.Form):
         wallets.InsufficientFundsError: "budget",
     }
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, buyer, **kwargs):
         super().__init__(*args, **kwargs)
+        self.buyer = buyer  # whose upload the validation file becomes
         # A browser would cut a longer title silently; the form says what the limit is.
         self.fields["title"].widget.attrs.pop("maxlength", None)
         if not self.is_bound:
@@ -286,6 +287,7 @@ class TaskForm(forms.Form):
                 data=upload.read(validation.MAX_UPLOAD_BYTES + 1),
                 filename=upload.name,
                 dataset=data["dataset"],
+                buyer=self.buyer,
             )
         except FlexError as exc:
             self.add_error("validation_file", forms.ValidationError(exc.message, code=exc.code))

@@ -3,6 +3,7 @@ nodes report about their work, the lifecycle steps fired, and buyers' validation
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -89,6 +90,11 @@ class ValidationSet(models.Model):
     samples = models.PositiveIntegerField()
     data = models.BinaryField()
     created_at = models.DateTimeField(default=timezone.now, editable=False)
+    # Only they may name it in a task: its aggregator is sent the samples, so naming someone
+    # else's set would hand their data to an aggregator of one's choosing.
+    uploaded_by = models.ManyToManyField(
+        settings.AUTH_USER_MODEL, blank=True, related_name="validation_sets"
+    )
 
     def __str__(self) -> str:
         return f"validation set {self.content_id} ({self.samples} samples of {self.dataset})"

@@ -363,7 +363,7 @@ def task_create(
     any other ContractError, ChainUnavailableError, and ValidationSetUnknownError (a spec
     without a validation set gets its schema's bundled one).
     """
-    spec = task_spec_validated(spec=spec)
+    spec = task_spec_validated(spec=spec, buyer=buyer)
     wallet = wallets.wallet_of(user=buyer)
     market = contract.market()
     limits = market.limits()

@@ -4,6 +4,7 @@ aggregator only (docs/scoring.md)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from eth_utils import to_checksum_address
 
@@ -21,7 +22,7 @@ class ValidationSetUnknownError(FlexError):
     code = "validation_set_unknown"
 
     def default_message(self, *, content_id: str = "?", reason: str = "", **_) -> str:
-        return f"validation set {content_id}: {reason or 'not uploaded here; upload it first'}"
+        return f"validation set {content_id}: {reason or 'not among your uploads; upload it first'}"
 
 
 class NotTaskAggregatorError(FlexError):
@@ -41,20 +42,33 @@ def validation_set_store(*, blob: bytes, dataset: str) -> ValidationSet:
     return row
 
 
-def validation_set_upload(*, data: bytes, filename: str, dataset: str) -> ValidationSet:
-    """A buyer's uploaded .npz or .csv as a stored validation set of schema ``dataset``.
+def validation_set_upload(*, data: bytes, filename: str, dataset: str, buyer) -> ValidationSet:
+    """``buyer``'s uploaded .npz or .csv as a stored validation set of schema ``dataset``,
+    which ``buyer`` may then name in a task (a set uploaded by several buyers is stored once).
     Raises ValidationSetError naming the file and what is wrong with it, SpecError for an
     unknown schema."""
-    return validation_set_store(
+    row = validation_set_store(
         blob=validation.from_upload(data=data, filename=filename, schema=dataset), dataset=dataset
     )
+    row.uploaded_by.add(buyer)
+    return row
 
 
-def task_spec_validated(*, spec: TaskSpec) -> TaskSpec:
-    """``spec`` committed to a validation set this platform holds: the one it names (an upload,
-    or the bundled split by its ID), or else the bundled held-out split of its schema. Raises
-    ValidationSetUnknownError for a set not uploaded here or of another schema, and when the
-    schema has no bundled split to default to."""
+@functools.cache
+def _bundled_id(schema: str) -> str | None:
+    """The content ID of ``schema``'s bundled held-out split (None: it has none)."""
+    try:
+        return validation.validation_id(validation.bundled(schema=schema))
+    except DatasetError:
+        return None
+
+
+def task_spec_validated(*, spec: TaskSpec, buyer) -> TaskSpec:
+    """``spec`` committed to a validation set this platform holds: the one it names (``buyer``'s
+    own upload, or the bundled split by its ID), or else the bundled held-out split of its
+    schema. Raises ValidationSetUnknownError for a set ``buyer`` has not uploaded (whether or
+    not another buyer has: the answer does not tell) or of another schema, and when the schema
+    has no bundled split to default to."""
     if spec.validation is None:
         try:
             blob = validation.bundled(schema=spec.dataset)
@@ -66,15 +80,16 @@ def task_spec_validated(*, spec: TaskSpec) -> TaskSpec:
         row = validation_set_store(blob=blob, dataset=spec.dataset)
         return dataclasses.replace(spec, validation=row.content_id)
     row = ValidationSet.objects.filter(content_id=spec.validation).only("dataset").first()
-    if row is None:
-        try:
-            blob = validation.bundled(schema=spec.dataset)
-        except DatasetError:
-            blob = b""
-        if validation.validation_id(blob) != spec.validation:
-            raise ValidationSetUnknownError(content_id=spec.validation)
+    if row is None and spec.validation == _bundled_id(spec.dataset):
         # The bundled split, named outright: the platform holds it without an upload.
-        row = validation_set_store(blob=blob, dataset=spec.dataset)
+        row = validation_set_store(
+            blob=validation.bundled(schema=spec.dataset), dataset=spec.dataset
+        )
+    bundled = row is not None and row.content_id == _bundled_id(row.dataset)
+    if not bundled and (row is None or not row.uploaded_by.filter(pk=buyer.pk).exists()):
+        raise ValidationSetUnknownError(
+            content_id=spec.validation, reason="not among your uploads; upload it first"
+        )
     if row.dataset != spec.dataset:
         raise ValidationSetUnknownError(
             content_id=spec.validation,

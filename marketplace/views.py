@@ -259,7 +259,7 @@ def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:
 
 @login_required
 def task_create(request):
-    form = TaskForm(request.POST or None, request.FILES or None)
+    form = TaskForm(request.POST or None, request.FILES or None, buyer=request.user)
     account = _wallet(request.user)
     if request.method == "POST" and form.is_valid():
         try:

@@ -124,6 +124,52 @@ def test_a_spec_naming_a_validation_set_not_uploaded_is_refused(alice, platform_
     )
 
 
+def _task_naming(user, content_id: str):
+    return client_for(user).post(
+        "/api/tasks/create/",
+        {
+            "spec": {**SPEC, "validation": content_id},
+            "budget_wei": str(BUDGET_WEI),
+            "min_trainers": 1,
+            "max_trainers": 2,
+            "bidding_window_s": 3600,
+            "round_timeout_s": 600,
+        },
+        format="json",
+    )
+
+
+def test_a_buyer_cannot_name_another_buyers_validation_set(alice, bob, platform_market):
+    """Bob read the ID of Alice's validation set in her task's spec (every device that may bid
+    sees it). Named in a task of his, the aggregator he picks would be sent her samples."""
+    test = load_test(schema="digits-8x8")
+    samples = _npz(test.x[:30], test.y[:30])
+
+    def upload(user) -> str:
+        file = SimpleUploadedFile("mine.npz", samples)
+        answer = client_for(user).post(
+            "/api/validation-sets/", {"dataset": "digits-8x8", "file": file}, format="multipart"
+        )
+        return answer.json()["id"]
+
+    alices = upload(alice)
+    assert _task_naming(alice, alices).status_code == 201
+    before = platform_market.task_count()
+
+    stolen = assert_error(_task_naming(bob, alices), 400, "validation_set_unknown")
+    made_up = "0x" + "cd" * 32
+    unknown = assert_error(_task_naming(bob, made_up), 400, "validation_set_unknown")
+
+    assert "not among your uploads" in stolen["message"]
+    # The same answer as for a set nobody uploaded: it does not tell him that hers exists.
+    assert stolen["message"].replace(alices, "ID") == unknown["message"].replace(made_up, "ID")
+    assert platform_market.task_count() == before  # nothing was sent to the chain
+    # Holding the same samples, he uploads them himself (stored once), and may name them.
+    assert upload(bob) == alices
+    assert ValidationSet.objects.get(content_id=alices).uploaded_by.count() == 2
+    assert _task_naming(bob, alices).status_code == 201
+
+
 def test_a_spec_may_name_the_bundled_split_by_its_id(alice, platform_market):
     bundled = validation_id(validation.bundled(schema="digits-8x8"))
     response = client_for(alice).post(

@@ -58,6 +58,7 @@ def test_free_rider_and_noise_earn_next_to_nothing_and_honest_trainers_are_paid_
         data=npz(Dataset(x=held_out.x[::2], y=held_out.y[::2])),
         filename="held-out.npz",
         dataset="digits-8x8",
+        buyer=buyer,
     )
     spec = TaskSpec.from_dict(
         {

@@ -42,7 +42,9 @@ def test_an_uploaded_set_is_refused_to_a_node_that_is_not_the_tasks_aggregator(
     test = load_test(schema="digits-8x8")
     buffer = io.BytesIO()
     np.savez(buffer, x=test.x[:50], y=test.y[:50])
-    uploaded = validation_set_upload(data=buffer.getvalue(), filename="v.npz", dataset="digits-8x8")
+    uploaded = validation_set_upload(
+        data=buffer.getvalue(), filename="v.npz", dataset="digits-8x8", buyer=buyer
+    )
     spec = TaskSpec.from_dict(
         {
             "model": "digits-mlp",
