@@ -29,7 +29,7 @@ from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
 from marketplace.models import Device, TaskState
 from marketplace.selectors import TASK_LIST_SORTS
-from marketplace.validation import validation_set_upload
+from marketplace.validation import ValidationSetUnknownError, validation_set_upload
 from training import validation
 from training.aggregation import STRATEGIES
 from training.aggregation.functions import MAX_SAMPLES
@@ -217,9 +217,17 @@ class TaskForm(forms.Form):
         ),
         widget=forms.ClearableFileInput(attrs={"accept": ".npz,.csv"}),
     )
+    # The validation set of the task this one is like (its content ID), kept unless a file is
+    # uploaded instead; task_create takes it only if the buyer uploaded it.
+    validation = forms.CharField(required=False, widget=forms.HiddenInput)
 
     # Where an error about a spec field or a contract argument is shown.
-    SPEC_FIELDS = {"aggregation.strategy": "aggregation", "$": None, "version": None}
+    SPEC_FIELDS = {
+        "aggregation.strategy": "aggregation",
+        "validation": "validation_file",
+        "$": None,
+        "version": None,
+    }
     ERROR_FIELDS = {
         chain_errors.InvalidRoundsError: "rounds",
         chain_errors.InvalidTrainerRangeError: "max_trainers",
@@ -227,7 +235,32 @@ class TaskForm(forms.Form):
         chain_errors.InvalidRoundTimeoutError: "round_timeout_minutes",
         chain_errors.BudgetTooLowError: "budget",
         wallets.InsufficientFundsError: "budget",
+        ValidationSetUnknownError: "validation_file",
     }
+
+    @staticmethod
+    def initial_like(order) -> dict:
+        """The form's values for a task like ``order`` (a buyer's own): its spec, terms and
+        budget, and its validation set unless it was the bundled split; a new bidding end."""
+        spec = TaskSpec.from_dict(order.spec)
+        bundled = validation.validation_id(validation.bundled(schema=spec.dataset))
+        return {
+            "title": order.title,
+            "dataset": spec.dataset,
+            "model": spec.model,
+            "rounds": spec.rounds,
+            "min_trainers": order.min_trainers,
+            "max_trainers": order.max_trainers,
+            "round_timeout_minutes": max(order.round_timeout_s // 60, 1),
+            "sample_cap": order.sample_cap or DEFAULT_SAMPLE_CAP,
+            "budget": wei_to_eth(order.budget_wei),
+            "local_epochs": spec.local_epochs,
+            "batch_size": spec.batch_size,
+            "learning_rate": spec.learning_rate,
+            "aggregation": spec.aggregation.strategy,
+            "seed": spec.seed,
+            "validation": "" if spec.validation == bundled else spec.validation,
+        }
 
     def __init__(self, *args, buyer, **kwargs):
         super().__init__(*args, **kwargs)
@@ -278,10 +311,11 @@ class TaskForm(forms.Form):
         return data
 
     def _validation_set(self, data) -> str | None:
-        """The uploaded validation set's content ID (stored), or None when none was given."""
+        """The uploaded validation set's content ID (stored), else the kept one's (``validation``),
+        or None when neither was given."""
         upload = data.get("validation_file")
         if not upload or not data.get("dataset"):
-            return None
+            return data.get("validation") or None
         try:
             row = validation_set_upload(
                 data=upload.read(validation.MAX_UPLOAD_BYTES + 1),

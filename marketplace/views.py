@@ -37,7 +37,7 @@ from marketplace.forms import (
     explain,
 )
 from marketplace.model_check import model_check_request
-from marketplace.models import PAY_REASONS, SETTLED_STATES, Wallet
+from marketplace.models import PAY_REASONS, SETTLED_STATES, TaskOrder, Wallet
 from marketplace.models_download import (
     ModelNotReadyError,
     NotTaskBuyerError,
@@ -257,9 +257,26 @@ def _estimate(data) -> tuple[CostEstimate | None, dict[str, list[str]]]:
         return None, {"__all__": ["The chain cannot be reached, so no estimate right now."]}
 
 
+def _order_like(request) -> TaskOrder | None:
+    """The buyer's own order named by ``?like=<task id>``, to start a new one from; 404 for
+    another buyer's, one that does not exist or a malformed id, as the task page answers."""
+    like = request.GET.get("like")
+    if like is None:
+        return None
+    well_formed = like.isdecimal() and int(like) < 2**63  # an id the database can hold
+    view = selectors.task_view_get(user=request.user, task_id=int(like)) if well_formed else None
+    if view is None or view.order is None or view.order.buyer_id != request.user.pk:
+        raise Http404("No such task of yours to start from.")
+    return view.order
+
+
 @login_required
 def task_create(request):
-    form = TaskForm(request.POST or None, request.FILES or None, buyer=request.user)
+    like = _order_like(request) if request.method == "GET" else None
+    initial = TaskForm.initial_like(like) if like is not None else None
+    form = TaskForm(
+        request.POST or None, request.FILES or None, buyer=request.user, initial=initial
+    )
     account = _wallet(request.user)
     if request.method == "POST" and form.is_valid():
         try:
@@ -276,7 +293,9 @@ def task_create(request):
                 f"{order.bidding_ends.astimezone(UTC):%Y-%m-%d %H:%M} UTC.",
             )
             return redirect("task-detail", pk=order.chain_task_id)
-    estimate, problems = _estimate(form.data if form.is_bound else _ESTIMATE_DEFAULTS)
+    estimate, problems = _estimate(
+        form.data if form.is_bound else {**_ESTIMATE_DEFAULTS, **(initial or {})}
+    )
     try:
         balance = wallets.wallet_balance_wei(wallet=account)
     except ChainUnavailableError:

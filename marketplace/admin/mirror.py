@@ -233,8 +233,9 @@ class ValidationSetAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Buyers' validation sets, by the content ID task specs commit to (bytes not shown)."""
 
     list_display = ["content_id", "dataset", "samples", "created_at"]
-    search_fields = ["content_id"]
-    fields = ["content_id", "dataset", "samples", "created_at"]
+    search_fields = ["content_id", "uploaded_by__username"]
+    # Who uploaded it: the buyers whose specs may name it.
+    fields = ["content_id", "dataset", "samples", "created_at", "uploaded_by"]
 
 
 @admin.register(Round)

@@ -25,6 +25,8 @@ from marketplace import lifecycle, services, wallets
 from marketplace.estimates import CREATE_TASK_GAS
 from marketplace.models import Task, TaskOrder, ValidationSet
 from marketplace.sync import chain_sync
+from marketplace.validation import validation_set_upload
+from tests.marketplace.people import task_post
 from training import validation
 from training.catalogue import MODELS
 from training.datasets import load_test
@@ -510,3 +512,85 @@ def test_the_form_starts_at_the_first_models_preset_and_explains_each_hyper_para
         assert help_text, name
         assert "\n" not in help_text, name
         assert len(help_text) < 100, name
+
+
+# ---------------------------------------------------------------- a task like another
+
+
+def form_as_rendered(response) -> dict[str, str]:
+    """What the browser would send back for a form page: each field's value as rendered."""
+    form = response.context["form"]
+    values = {name: form[name].value() for name in form.fields if name != "validation_file"}
+    return {name: "" if value is None else str(value) for name, value in values.items()}
+
+
+def test_a_task_like_another_starts_from_its_spec_terms_and_validation_set(
+    logged_in, platform_market
+):
+    test = load_test(schema="digits-8x8")
+    first = form_data(
+        rounds=3, max_trainers=2, round_timeout_minutes=15, sample_cap=300, budget="0.0123"
+    )
+    first |= {"local_epochs": "2", "batch_size": "8", "learning_rate": "0.07", "seed": "7"}
+    logged_in.post(
+        reverse("task-create"),
+        {**first, "validation_file": validation_upload("mine.npz", test.x[:40], test.y[:40])},
+    )
+    original = TaskOrder.objects.get()
+    page = logged_in.get(reverse("task-detail", args=[original.chain_task_id])).content.decode()
+    like = f"{reverse('task-create')}?like={original.chain_task_id}"
+    assert f'href="{like}"' in page  # "Post a similar task", on the buyer's own task page
+
+    response = logged_in.get(like)
+
+    shown = form_as_rendered(response)
+    kept = {k: shown[k] for k in first if k != "bidding_ends"}
+    assert kept == {k: v for k, v in first.items() if k != "bidding_ends"}
+    assert shown["validation"] == original.spec["validation"]
+    assert 'id="validation-kept"' in response.content.decode()
+    # Sent back as it is (a new bidding end, as the form starts): the same task again.
+    again = logged_in.post(reverse("task-create"), shown)
+    assert again.status_code == 302, field_errors(again, "validation_file")
+    second = TaskOrder.objects.exclude(pk=original.pk).get()
+    assert second.spec == original.spec
+    assert (second.budget_wei, second.sample_cap, second.round_timeout_s) == (
+        12_300_000_000_000_000,
+        300,
+        900,
+    )
+    assert platform_market.task(task_id=second.chain_task_id).spec_hash == original.spec_hash
+
+
+@pytest.mark.parametrize("like", ["other", "nope", "99999999999999999999999", "424242"])
+def test_only_a_buyers_own_task_can_be_started_from(logged_in, like):
+    others = services.user_signup(username="other", password=PASSWORD)
+    services.wallet_fund(wallet=others.wallet)
+    theirs = task_post(others).chain_task_id
+
+    response = logged_in.get(reverse("task-create"), {"like": theirs if like == "other" else like})
+
+    assert response.status_code == 404
+    assert b"Digits" not in response.content  # nothing of the other buyer's task
+
+
+def test_a_kept_validation_set_must_be_the_buyers_own(logged_in, watch):
+    """A form sent back with another buyer's set in its hidden field (read in a spec every
+    bidding device sees) is refused beside the validation field; nothing is sent."""
+    others = services.user_signup(username="other", password=PASSWORD)
+    test = load_test(schema="digits-8x8")
+    theirs = validation_set_upload(
+        data=validation_upload("x.npz", test.x[:40], test.y[:40]).read(),
+        filename="x.npz",
+        dataset="digits-8x8",
+        buyer=others,
+    ).content_id
+
+    response = logged_in.post(reverse("task-create"), form_data(validation=theirs))
+
+    assert response.status_code == 200
+    [(code, message)] = field_errors(response, "validation_file")
+    assert code == "validation_set_unknown"
+    assert "not among your uploads" in message
+    assert b"errors-validation_file" in response.content
+    assert watch.unchanged()
+    assert not TaskOrder.objects.exists()
