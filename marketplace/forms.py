@@ -29,7 +29,7 @@ from dataplane.tls import CertificatePinError, pin_check
 from marketplace import contract, wallets
 from marketplace.models import Device, TaskState
 from marketplace.selectors import TASK_LIST_SORTS
-from marketplace.validation import ValidationSetUnknownError, validation_set_upload
+from marketplace.validation import ValidationSetUnknownError, bundled_id, validation_set_upload
 from training import validation
 from training.aggregation import STRATEGIES
 from training.aggregation.functions import MAX_SAMPLES
@@ -243,7 +243,6 @@ class TaskForm(forms.Form):
         """The form's values for a task like ``order`` (a buyer's own): its spec, terms and
         budget, and its validation set unless it was the bundled split; a new bidding end."""
         spec = TaskSpec.from_dict(order.spec)
-        bundled = validation.validation_id(validation.bundled(schema=spec.dataset))
         return {
             "title": order.title,
             "dataset": spec.dataset,
@@ -259,7 +258,7 @@ class TaskForm(forms.Form):
             "learning_rate": spec.learning_rate,
             "aggregation": spec.aggregation.strategy,
             "seed": spec.seed,
-            "validation": "" if spec.validation == bundled else spec.validation,
+            "validation": "" if spec.validation == bundled_id(spec.dataset) else spec.validation,
         }
 
     def __init__(self, *args, buyer, **kwargs):

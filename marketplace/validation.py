@@ -55,7 +55,7 @@ def validation_set_upload(*, data: bytes, filename: str, dataset: str, buyer) ->
 
 
 @functools.cache
-def _bundled_id(schema: str) -> str | None:
+def bundled_id(schema: str) -> str | None:
     """The content ID of ``schema``'s bundled held-out split (None: it has none)."""
     try:
         return validation.validation_id(validation.bundled(schema=schema))
@@ -80,12 +80,12 @@ def task_spec_validated(*, spec: TaskSpec, buyer) -> TaskSpec:
         row = validation_set_store(blob=blob, dataset=spec.dataset)
         return dataclasses.replace(spec, validation=row.content_id)
     row = ValidationSet.objects.filter(content_id=spec.validation).only("dataset").first()
-    if row is None and spec.validation == _bundled_id(spec.dataset):
+    if row is None and spec.validation == bundled_id(spec.dataset):
         # The bundled split, named outright: the platform holds it without an upload.
         row = validation_set_store(
             blob=validation.bundled(schema=spec.dataset), dataset=spec.dataset
         )
-    bundled = row is not None and row.content_id == _bundled_id(row.dataset)
+    bundled = row is not None and row.content_id == bundled_id(row.dataset)
     if not bundled and (row is None or not row.uploaded_by.filter(pk=buyer.pk).exists()):
         raise ValidationSetUnknownError(
             content_id=spec.validation, reason="not among your uploads; upload it first"
