@@ -228,6 +228,8 @@ FLEX_THROTTLE_RATES = {
     "token": os.environ.get("FLEX_THROTTLE_TOKEN", "10/min"),
     "signup": os.environ.get("FLEX_THROTTLE_SIGNUP", "5/hour"),
     "faucet": os.environ.get("FLEX_THROTTLE_FAUCET", "5/hour"),
+    # Validation sets are kept (up to 8 MiB each): per buyer, from the API and the task form.
+    "upload": os.environ.get("FLEX_THROTTLE_UPLOAD", "20/hour"),
 }
 # The cache behind the throttles and the single-use nonces of device-signed requests: shared
 # by every web process, so it lives in the platform's Redis.

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 
 from marketplace.api import ERROR_SHAPE, ApiAuthMixin
 from marketplace.permissions import DevicePrincipal, DeviceSignatureAuthentication
+from marketplace.throttles import FlexRateThrottle
 from marketplace.validation import validation_set_for_aggregator, validation_set_upload
 from training import validation
 from training.catalogue import SCHEMAS
@@ -36,6 +37,8 @@ class ValidationSetSerializer(serializers.Serializer):
 )
 class ValidationSetUploadApi(ApiAuthMixin, APIView):
     parser_classes = [MultiPartParser, FormParser]
+    throttle_classes = [FlexRateThrottle]
+    throttle_scope = "upload"
 
     @extend_schema_serializer(component_name="ValidationSetInput")
     class InputSerializer(serializers.Serializer):

@@ -27,16 +27,17 @@ class FlexRateThrottle(ScopedRateThrottle):
             ) from None
 
 
-def throttled(scope: str, *, methods: tuple[str, ...] = ("POST",)):
-    """Decorates a page view: requests in ``methods`` beyond the scope's rate get a 429 page
-    saying when to try again, and the view does not run."""
+def throttled(scope: str, *, methods: tuple[str, ...] = ("POST",), when=None):
+    """Decorates a page view: requests in ``methods`` (and for which ``when(request)`` holds,
+    if given) beyond the scope's rate get a 429 page saying when to try again, and the view
+    does not run."""
 
     def decorate(view):
         holder = SimpleNamespace(throttle_scope=scope)
 
         @functools.wraps(view)
         def wrapper(request, *args, **kwargs):
-            if request.method in methods:
+            if request.method in methods and (when is None or when(request)):
                 throttle = FlexRateThrottle()
                 if not throttle.allow_request(request, holder):
                     wait = math.ceil(throttle.wait() or 1)

@@ -271,6 +271,7 @@ def _order_like(request) -> TaskOrder | None:
 
 
 @login_required
+@throttled("upload", when=lambda request: "validation_file" in request.FILES)
 def task_create(request):
     like = _order_like(request) if request.method == "GET" else None
     initial = TaskForm.initial_like(like) if like is not None else None

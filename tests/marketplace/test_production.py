@@ -3,6 +3,7 @@ required, the doors outsiders knock on throttled, chain-sending admin actions gu
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -10,17 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography.fernet import Fernet
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.urls import reverse
 from eth_account import Account
 
 from chain.events import DeviceStatus
 from marketplace import contract, services, wallets
 from marketplace.errors import ContractNotDeployedError
+from marketplace.models import ValidationSet
 from tests.marketplace.test_admin import enrol_device
+from training.datasets import load_test
 
 pytestmark = pytest.mark.django_db
 
@@ -149,7 +154,8 @@ def test_wallets_need_the_wallet_key_off_the_dev_chain(settings):
 @pytest.fixture
 def low_rates(settings):
     settings.FLEX_THROTTLE_RATES = {"login": "2/min", "token": "2/min", "signup": "2/min"} | {
-        "faucet": "1/min"
+        "faucet": "1/min",
+        "upload": "2/min",
     }
     return settings
 
@@ -190,6 +196,35 @@ def test_guessing_the_old_password_on_the_change_form_is_throttled(client, low_r
     assert refused.status_code == 429
     user.refresh_from_db()
     assert user.check_password(PASSWORD)  # even the right old password waits
+
+
+def test_uploading_validation_sets_is_throttled_per_buyer_and_the_refused_one_is_not_kept(
+    client, low_rates
+):
+    """Each set is kept (up to 8 MiB): a buyer must not fill the platform's database."""
+    user = services.user_signup(username="up", password=PASSWORD)
+    client.force_login(user)
+    test = load_test(schema="digits-8x8")
+
+    def npz(n: int) -> SimpleUploadedFile:
+        buffer = io.BytesIO()
+        np.savez(buffer, x=test.x[:n], y=test.y[:n])
+        return SimpleUploadedFile("v.npz", buffer.getvalue())
+
+    def upload(n: int):
+        body = {"dataset": "digits-8x8", "file": npz(n)}
+        return client.post(reverse("api-validation-set-upload"), body)
+
+    assert [upload(n).status_code for n in (20, 21)] == [201, 201]
+    refused = upload(22)
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "throttled"
+    assert ValidationSet.objects.count() == 2
+    # The task form's file counts against the same limit; the form without one does not.
+    form = {"title": "t", "validation_file": npz(23)}
+    assert client.post(reverse("task-create"), form).status_code == 429
+    assert ValidationSet.objects.count() == 2
+    assert client.post(reverse("task-create"), {"title": "t"}).status_code == 200
 
 
 def test_token_endpoint_is_throttled(client, low_rates):
