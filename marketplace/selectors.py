@@ -12,6 +12,7 @@ from django.db.models import Count, Exists, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from eth_utils import is_hex_address, to_checksum_address
+from rest_framework.authtoken.models import Token
 
 from marketplace.models import (
     SETTLED_STATES,
@@ -448,6 +449,11 @@ def device_get(*, address: str) -> Device | None:
     if not is_hex_address(address):
         return None
     return Device.objects.filter(address=to_checksum_address(address)).first()
+
+
+def api_token_get(*, user) -> Token | None:
+    """``user``'s API token, if it has one."""
+    return Token.objects.filter(user=user).first()
 
 
 def chain_cursor_get(*, contract_address: str) -> ChainCursor | None:

@@ -284,6 +284,14 @@ def user_signup(*, username: str, password: str, email: str = ""):
     return user
 
 
+def user_token_issue(*, user) -> Token:
+    """``user``'s API token: the one it has, or a new one (as POST /api/auth/token/ gives)."""
+    token, made = Token.objects.get_or_create(user=user)
+    if made:
+        logger.info("API token of user %s made", user.pk)
+    return token
+
+
 def user_tokens_revoke(*, user) -> int:
     """Deletes ``user``'s API token (what is left of it after a password change: whoever held
     the old password may have made it); the next POST /api/auth/token/ makes a new one."""

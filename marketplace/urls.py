@@ -20,6 +20,7 @@ urlpatterns = [
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
     path("wallet/withdraw/", views.wallet_withdraw, name="wallet-withdraw"),
+    path("wallet/api-token/", views.api_token, name="api-token"),
     path("tasks/", views.task_list, name="task-list"),
     path("tasks/new/", views.task_create, name="task-create"),
     path("tasks/estimate/", views.task_estimate, name="task-estimate"),

@@ -17,7 +17,7 @@ from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
-from django.urls import reverse_lazy
+from django.urls import reverse, reverse_lazy
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_POST
 
@@ -133,9 +133,23 @@ def wallet(request, form: WithdrawForm | None = None, status: int = 200):
             "faucet": holdings is not None and wallets.faucet_available(),
             "faucet_wei": settings.FLEX_FAUCET_WEI,
             "withdraw_form": form or WithdrawForm(),
+            "api_token": selectors.api_token_get(user=request.user),
         },
         status=status,
     )
+
+
+@login_required
+@require_POST
+def api_token(request):
+    """Make the account's API token (the wallet page shows it), or with ``revoke`` delete it."""
+    if "revoke" in request.POST:
+        services.user_tokens_revoke(user=request.user)
+        messages.success(request, "Your API token is revoked: requests that send it are refused.")
+    else:
+        services.user_token_issue(user=request.user)
+        messages.success(request, "Your API token is ready: send it as Authorization: Token …")
+    return redirect(reverse("wallet") + "#api-access")
 
 
 @login_required

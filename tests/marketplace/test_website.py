@@ -163,6 +163,33 @@ def test_a_password_set_anywhere_revokes_the_api_token_and_a_rehash_at_login_doe
     assert api_answers(key) == 401
 
 
+def test_a_buyer_makes_and_revokes_an_api_token_on_the_wallet_page(client, ada):
+    api = reverse("api-task-list")
+    assert 'id="api-token-make"' in client.get(reverse("wallet")).content.decode()
+    assert client.get(reverse("api-token")).status_code == 405  # only a form's POST
+
+    made = client.post(reverse("api-token"), follow=True)
+
+    page = made.content.decode()
+    key = re.search(r'<code class="hash" id="api-token">(\w+)</code>', page).group(1)
+    assert made.redirect_chain == [(reverse("wallet") + "#api-access", 302)]
+    assert "Your API token is ready" in page
+    assert Client().get(api, HTTP_AUTHORIZATION=f"Token {key}").status_code == 200
+    # Asked again, it is the same token (as POST /api/auth/token/ answers).
+    client.post(reverse("api-token"))
+    assert key in client.get(reverse("wallet")).content.decode()
+
+    revoked = client.post(reverse("api-token"), {"revoke": "1"}, follow=True)
+
+    assert "Your API token is revoked" in revoked.content.decode()
+    assert 'id="api-token-make"' in revoked.content.decode()
+    assert Client().get(api, HTTP_AUTHORIZATION=f"Token {key}").status_code == 401
+    # Nobody else's: a stranger's post makes nothing.
+    stranger = Client().post(reverse("api-token"))
+    assert stranger.status_code == 302
+    assert stranger.url.startswith(reverse("login"))
+
+
 def test_task_list_shows_only_the_buyers_own_tasks(client, ada):
     mine = task_post(ada, title="Mine")
     theirs = task_post(buyer_signup("bob"), title="Theirs")
