@@ -100,7 +100,7 @@ class PasswordChange(auth_views.PasswordChangeView):
         messages.success(
             self.request,
             "Your password is changed. Every other session is logged out, and the API token "
-            "is revoked: ask for a new one with the new password.",
+            "is revoked: make a new one below if you use the API.",
         )
         return response
 
