@@ -28,6 +28,21 @@ def _npz(x, y) -> bytes:
 pytestmark = pytest.mark.django_db
 
 
+def _task_naming(user, content_id: str):
+    return client_for(user).post(
+        "/api/tasks/create/",
+        {
+            "spec": {**SPEC, "validation": content_id},
+            "budget_wei": str(BUDGET_WEI),
+            "min_trainers": 1,
+            "max_trainers": 2,
+            "bidding_window_s": 3600,
+            "round_timeout_s": 600,
+        },
+        format="json",
+    )
+
+
 def test_the_tasks_aggregator_alone_fetches_its_validation_set(
     alice, bob, finished, platform_market
 ):
@@ -64,18 +79,7 @@ def test_a_buyer_uploads_a_validation_set_and_names_it_in_a_spec(alice, platform
     body = response.json()
     assert body["samples"] == 30
     assert body["dataset"] == "digits-8x8"
-    created = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": body["id"]},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
+    created = _task_naming(alice, body["id"])
     assert created.status_code == 201, created.content
     assert created.json()["spec"]["validation"] == body["id"]
     on_chain = platform_market.task(task_id=created.json()["id"]).spec_hash
@@ -104,38 +108,12 @@ def test_a_bad_validation_upload_is_refused_naming_the_fault(alice, name, conten
 
 def test_a_spec_naming_a_validation_set_not_uploaded_is_refused(alice, platform_market):
     before = platform_market.task_count()
-    response = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": "0x" + "ab" * 32},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
+    response = _task_naming(alice, "0x" + "ab" * 32)
     body = assert_error(response, 400, "validation_set_unknown")
     assert "0x" + "ab" * 32 in body["message"]
     assert platform_market.task_count() == before
     assert (
         client_for(alice).post("/api/validation-sets/", {}, format="multipart").status_code == 400
-    )
-
-
-def _task_naming(user, content_id: str):
-    return client_for(user).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": content_id},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
     )
 
 
@@ -172,18 +150,7 @@ def test_a_buyer_cannot_name_another_buyers_validation_set(alice, bob, platform_
 
 def test_a_spec_may_name_the_bundled_split_by_its_id(alice, platform_market):
     bundled = validation_id(validation.bundled(schema="digits-8x8"))
-    response = client_for(alice).post(
-        "/api/tasks/create/",
-        {
-            "spec": {**SPEC, "validation": bundled},
-            "budget_wei": str(BUDGET_WEI),
-            "min_trainers": 1,
-            "max_trainers": 2,
-            "bidding_window_s": 3600,
-            "round_timeout_s": 600,
-        },
-        format="json",
-    )
+    response = _task_naming(alice, bundled)
     assert response.status_code == 201, response.content
     assert response.json()["spec"]["validation"] == bundled
     assert ValidationSet.objects.get().content_id == bundled
