@@ -85,7 +85,7 @@ def task_spec_validated(*, spec: TaskSpec, buyer) -> TaskSpec:
         row = validation_set_store(
             blob=validation.bundled(schema=spec.dataset), dataset=spec.dataset
         )
-    bundled = row is not None and row.content_id == bundled_id(row.dataset)
+    bundled = row is not None and spec.validation == bundled_id(row.dataset)
     if not bundled and (row is None or not row.uploaded_by.filter(pk=buyer.pk).exists()):
         raise ValidationSetUnknownError(
             content_id=spec.validation, reason="not among your uploads; upload it first"
