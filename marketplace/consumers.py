@@ -6,6 +6,12 @@ as it is pushed (``task.delta``, numbered ``seq + 1``, ``seq + 2``, ...; a chang
 told as a delta comes as a new ``task.snapshot``). A page that sees a number missing (changes
 come from several processes, so they may cross) sends ``{"type": "resync"}`` and receives a
 fresh snapshot; anything else it sends is answered with a ``task.error`` naming what was wrong.
+
+A socket is let in by the session it opens with, and that session may end while it is open.
+So when an account changes (a password changed, the account deactivated or demoted) or logs
+out, every socket of the account (group ``account.<pk>``) is closed with
+``CLOSE_SESSION_CHANGED`` and its page reconnects: a session that still holds follows on, and
+one that ended is closed with ``CLOSE_FORBIDDEN`` (the page says "not signed in").
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ import json
 import logging
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import get_channel_layer
+from django.db import transaction
 
 from marketplace.sync.push import WATCH_RENEW_S, task_group, task_view_numbered, task_watch_mark
 from marketplace.task_page import task_snapshot_message
@@ -26,8 +35,29 @@ log = logging.getLogger(__name__)
 
 # WebSocket close code for "not yours" (4000-4999 are the application's own).
 CLOSE_FORBIDDEN = 4403
+# "Your session changed: connect again to be checked."
+CLOSE_SESSION_CHANGED = 4401
 RESYNC = "resync"
 ERROR = "task.error"
+
+
+def account_group(user_pk: int) -> str:
+    """The group of every live socket one account has open."""
+    return f"account.{user_pk}"
+
+
+def account_sockets_recheck(*, user_pk: int) -> None:
+    """Once the current transaction commits, close every live socket of the account, each to
+    be let in again only by a session that still holds. Redis away: logged, and the change
+    (already committed) stands."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+
+    def recheck() -> None:
+        async_to_sync(layer.group_send)(account_group(user_pk), {"type": "session.changed"})
+
+    transaction.on_commit(recheck, robust=True)
 
 
 def _snapshot_for(*, user, task_id: int) -> dict[str, Any] | None:
@@ -38,12 +68,15 @@ def _snapshot_for(*, user, task_id: int) -> dict[str, Any] | None:
 class TaskConsumer(AsyncJsonWebsocketConsumer):
     """The task's snapshot on connect and on request, and every change in between.
 
-    Only those who may see the task (selectors.task_visible) may subscribe; anyone else is
-    refused at the handshake (close code 4403), so a stranger cannot even learn that the task
-    exists. A right lost later (a staff account demoted) ends the socket at the next snapshot.
+    Only those who may see the task (selectors.task_visible) may subscribe; anyone else's
+    socket is closed as it opens (code 4403, as for a task that does not exist, so a stranger
+    cannot even learn that the task exists), before it is sent anything. A right lost later
+    (a staff account demoted, a session ended) closes the socket as the account changes
+    (``session_changed``), and its page is let in again only if its session still holds.
     """
 
     group: str | None = None
+    account: str | None = None
     task_id: int = 0
     seq: int = -1  # the number of the last change sent
     _renewal: asyncio.Task | None = None
@@ -58,9 +91,16 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
         message = await self._snapshot()
         if message is None:
             await self.channel_layer.group_discard(group, self.channel_name)
+            # Accepted to be closed: a browser is told the code only by an open socket (a
+            # handshake refused reaches its page as 1006, as a server that is down does).
+            await self.accept()
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.group = group
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            self.account = account_group(user.pk)
+            await self.channel_layer.group_add(self.account, self.channel_name)
         self._renewal = asyncio.create_task(self._renew(group))
         await self.accept()
         await self._send(message, fresh=True)
@@ -70,8 +110,9 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewal
-        if self.group is not None:
-            await self.channel_layer.group_discard(self.group, self.channel_name)
+        for group in (self.group, self.account):
+            if group is not None:
+                await self.channel_layer.group_discard(group, self.channel_name)
 
     async def _renew(self, group: str) -> None:
         """Keep the task marked watched while this page is open."""
@@ -109,6 +150,9 @@ class TaskConsumer(AsyncJsonWebsocketConsumer):
 
     async def task_snapshot(self, event: dict[str, Any]) -> None:
         await self._send(event)
+
+    async def session_changed(self, event: dict[str, Any]) -> None:
+        await self.close(code=CLOSE_SESSION_CHANGED)
 
     async def _snapshot(self) -> dict[str, Any] | None:
         return await database_sync_to_async(_snapshot_for)(

@@ -385,12 +385,13 @@
     const port = root.dataset.wsPort;
     const host = port ? location.hostname + ":" + port : location.host;
     const ws = new WebSocket(scheme + host + root.dataset.wsPath);
-    ws.onopen = () => { delay = 500; status(true, "live"); };
     ws.onmessage = (event) => {
       let msg;
       try { msg = JSON.parse(event.data); } catch (e) { return; }
       if (!msg || !msg.snapshot || !msg.view) return;
       if (msg.type === "task.snapshot") {
+        delay = 500; // let in: a socket the server closes at once keeps backing off
+        status(true, "live");
         seq = msg.seq;
         resyncing = false;
         render(msg);
@@ -408,9 +409,11 @@
         counted();
       }
     };
-    ws.onclose = () => {
+    ws.onclose = (event) => {
       seq = null;
-      status(false, "reconnecting…");
+      // 4403: this browser's session no longer lets it follow the task (logged out, password
+      // changed elsewhere); it keeps trying, and follows on once logged in again.
+      status(false, event.code === 4403 ? "not signed in: log in again to follow live" : "reconnecting…");
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 10000);
     };

@@ -342,6 +342,18 @@ def test_buyer_posts_a_task_and_watches_it_live(
     assert page.locator("#task-page img, #task-page script").count() == 0
     assert page.evaluate(POISON_JS, MARKUP) == 0
     assert MARKUP in page.inner_text("#bids-body")
+
+    # Logged out in another window of the same session: the live page says so at once.
+    elsewhere = browser.new_context(storage_state=context.storage_state())
+    other = elsewhere.new_page()
+    other.goto(asgi_server + "/wallet/")
+    other.get_by_role("button", name="Log out").click()
+    other.wait_for_url(re.compile(r"/$"))
+    elsewhere.close()
+    page.wait_for_selector("#live.off")
+    page.wait_for_function(
+        "document.getElementById('live-text').textContent.startsWith('not signed in')"
+    )
     assert dialogs == []
     assert errors == []
     context.close()

@@ -4,6 +4,7 @@ misses one; nobody else gets anything."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -14,34 +15,67 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.test import Client
+from django.urls import reverse
 
 from chain.events import Role
+from chain.launcher import free_port
 from core.messages import RoundReport
 from flexsite.asgi import application
 from marketplace import contract
-from marketplace.consumers import CLOSE_FORBIDDEN
+from marketplace.consumers import CLOSE_FORBIDDEN, CLOSE_SESSION_CHANGED
 from marketplace.sync.push import task_group, task_push_next, task_push_seq
 from marketplace.tasks import reports_record
-from tests.marketplace.test_lifecycle import enrol, model_id, selected_task, sync
+from tests.marketplace.test_lifecycle import enrol, model_id, post_task, selected_task, sync
 from tests.marketplace.test_sync import mirror_env  # noqa: F401
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 # Generous: on a busy machine a socket or a sync can take a while; waited for, never timed.
 TIMEOUT_S = 120
+NEW = "a-new-passphrase-for-the-buyer-7"
 
 
 def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
     """A browser on ``origin``; logged in as ``user`` (its session cookie) if given."""
-    headers = [(b"origin", origin.encode())]
-    if user is not None:
-        client = Client()
-        client.force_login(user)
-        cookie = (
-            f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
-        )
-        headers.append((b"cookie", cookie.encode()))
-    return headers
+    if user is None:
+        return [(b"origin", origin.encode())]
+    client = Client()
+    client.force_login(user)
+    return _browser(client, origin)
+
+
+def _browser(client: Client, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
+    """The headers a socket opened now by ``client``'s browser sends: its session cookie."""
+    cookie = f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+    return [(b"origin", origin.encode()), (b"cookie", cookie.encode())]
+
+
+def _logged_in(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+async def attempt(task_id: int, headers: list) -> tuple[str, object]:
+    """What a socket opened with ``headers`` gets: ("let in", its snapshot), ("closed", the
+    code it is closed with before it is sent anything: a browser's page learns a code only
+    from a socket that opened) or ("refused", the code of a handshake refused)."""
+    socket = WebsocketCommunicator(application, f"/ws/tasks/{task_id}/", headers=headers)
+    connected, code = await socket.connect(timeout=TIMEOUT_S)
+    if not connected:
+        return "refused", code
+    first = await socket.receive_output(timeout=TIMEOUT_S)
+    await socket.disconnect()
+    if first["type"] == "websocket.close":
+        return "closed", first["code"]
+    return "let in", json.loads(first["text"])
+
+
+async def closed_with(socket: WebsocketCommunicator) -> int:
+    """The code the server closes ``socket`` with (waiting for it)."""
+    message = await socket.receive_output(timeout=TIMEOUT_S)
+    assert message["type"] == "websocket.close", message
+    return message["code"]
 
 
 async def watch(task_id: int, headers: list) -> tuple[WebsocketCommunicator, dict]:
@@ -285,26 +319,122 @@ def test_only_the_buyer_and_staff_may_watch(platform_market, mirror_env):  # noq
         username=f"staff-{uuid.uuid4().hex[:6]}", password="x" * 12, is_staff=True
     )
 
-    async def attempt(path: str, headers: list) -> tuple[bool, object]:
-        socket = WebsocketCommunicator(application, path, headers=headers)
-        connected, code = await socket.connect(timeout=TIMEOUT_S)
-        first = await socket.receive_json_from(timeout=TIMEOUT_S) if connected else code
-        await socket.disconnect()
-        return connected, first
-
-    def check(user, *, path: str = "", origin: str = "http://localhost"):
+    def check(user, *, task_id: int = task.chain_task_id, origin: str = "http://localhost"):
         headers = _headers(user, origin)  # the session is made here, outside the event loop
-        return async_to_sync(attempt)(path or f"/ws/tasks/{task.chain_task_id}/", headers)
+        return async_to_sync(attempt)(task_id, headers)
 
-    assert check(stranger) == (False, CLOSE_FORBIDDEN)
-    assert check(None) == (False, CLOSE_FORBIDDEN)
-    assert check(task.buyer, path="/ws/tasks/999999999/") == (False, CLOSE_FORBIDDEN)
+    assert check(stranger) == ("closed", CLOSE_FORBIDDEN)
+    assert check(None) == ("closed", CLOSE_FORBIDDEN)
+    assert check(task.buyer, task_id=999999999) == ("closed", CLOSE_FORBIDDEN)
     # Not mirrored yet: the buyer watches the order, pending.
     allowed, own = check(task.buyer)
-    assert allowed
+    assert allowed == "let in"
     assert (own["snapshot"]["id"], own["snapshot"]["state"]) == (task.chain_task_id, "pending")
     # Another site's page, even in the buyer's browser (with the buyer's cookie), is refused.
-    assert check(task.buyer, origin="https://evil.example")[0] is False
+    assert check(task.buyer, origin="https://evil.example")[0] == "refused"
     allowed, snapshot = check(staff)
-    assert allowed
+    assert allowed == "let in"
     assert snapshot["snapshot"]["id"] == task.chain_task_id
+
+
+def test_a_password_change_ends_the_live_pages_of_every_other_session(platform_market):
+    """Someone who had the buyer's password (and a page open) must lose the task's live feed
+    when the buyer changes it, not only the next page load."""
+    task = post_task()
+    buyer = task.buyer
+    intruder, own = _logged_in(buyer), _logged_in(buyer)
+    intruders, owns = _browser(intruder), _browser(own)
+
+    async def change() -> tuple[int, int, object, object]:
+        theirs, _ = await watch(task.chain_task_id, intruders)
+        mine, _ = await watch(task.chain_task_id, owns)
+        changed = await sync_to_async(own.post)(
+            reverse("password-change"),
+            {"old_password": "x" * 12, "new_password1": NEW, "new_password2": NEW},
+        )
+        assert changed.status_code == 302
+        codes = (await closed_with(theirs), await closed_with(mine))
+        # Each page reconnects as it does after any drop: its session decides.
+        again = (
+            await attempt(task.chain_task_id, intruders),
+            await attempt(task.chain_task_id, _browser(own)),  # the cookie the change re-issued
+        )
+        return (*codes, *again)
+
+    theirs_code, my_code, theirs_again, mine_again = async_to_sync(change)()
+
+    assert (theirs_code, my_code) == (CLOSE_SESSION_CHANGED, CLOSE_SESSION_CHANGED)
+    assert theirs_again == ("closed", CLOSE_FORBIDDEN)
+    allowed, snapshot = mine_again
+    assert allowed == "let in"
+    assert snapshot["snapshot"]["id"] == task.chain_task_id
+
+
+def test_logging_out_or_being_deactivated_ends_the_live_page_and_a_login_elsewhere_does_not(
+    platform_market,
+):
+    task = post_task()
+    buyer = task.buyer
+    browser = _logged_in(buyer)
+    headers = _browser(browser)
+    staff = get_user_model().objects.create_user(
+        username=f"staff-{uuid.uuid4().hex[:6]}", password="x" * 12, is_staff=True
+    )
+    staff_headers = _headers(staff)
+
+    async def log_out() -> tuple[dict, int, object, dict]:
+        socket, _ = await watch(task.chain_task_id, headers)
+        watching, _ = await watch(task.chain_task_id, staff_headers)
+        # The buyer logs in on another machine: this page is not disturbed.
+        assert await sync_to_async(Client().login)(username=buyer.username, password="x" * 12)
+        await socket.send_json_to({"type": "resync"})
+        undisturbed = await socket.receive_json_from(timeout=TIMEOUT_S)
+        assert (await sync_to_async(browser.post)(reverse("logout"))).status_code == 302
+        code = await closed_with(socket)
+        again = await attempt(task.chain_task_id, headers)
+        # Another account's page goes on.
+        await watching.send_json_to({"type": "resync"})
+        other = await watching.receive_json_from(timeout=TIMEOUT_S)
+        await watching.disconnect()
+        return undisturbed, code, again, other
+
+    undisturbed, code, again, other = async_to_sync(log_out)()
+    assert undisturbed["type"] == "task.snapshot"
+    assert code == CLOSE_SESSION_CHANGED
+    assert again == ("closed", CLOSE_FORBIDDEN)
+    assert other["snapshot"]["id"] == task.chain_task_id
+
+    # Staff deactivate the account (the admin's "active" box): its open page ends too.
+    headers = _headers(buyer)
+
+    async def deactivate() -> tuple[int, object]:
+        socket, _ = await watch(task.chain_task_id, headers)
+        buyer.is_active = False
+        await sync_to_async(buyer.save)()
+        return await closed_with(socket), await attempt(task.chain_task_id, headers)
+
+    assert async_to_sync(deactivate)() == (CLOSE_SESSION_CHANGED, ("closed", CLOSE_FORBIDDEN))
+
+
+def test_with_redis_away_a_log_out_and_a_password_change_still_happen(settings, caplog):
+    """Closing the live sockets is told through Redis; without it the account's change stands
+    (and is logged), it is not undone or refused."""
+    buyer = get_user_model().objects.create_user(
+        username=f"buyer-{uuid.uuid4().hex[:6]}", password="x" * 12
+    )
+    browser = _logged_in(buyer)
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{free_port()}/0"]},  # nothing listens
+        }
+    }
+
+    assert browser.post(reverse("logout")).status_code == 302
+    assert browser.get(reverse("task-list")).status_code == 302  # to the login page
+    buyer.set_password(NEW)
+    buyer.save()
+
+    assert Client().login(username=buyer.username, password=NEW)
+    failures = [r for r in caplog.records if "recheck" in r.getMessage()]
+    assert len(failures) == 2, [r.getMessage() for r in caplog.records]
