@@ -159,6 +159,18 @@ class TaskForm(forms.Form):
         initial=DEFAULT_ROUND_TIMEOUT_MIN,
         help_text="How long trainers and the aggregator get per round.",
     )
+    dispute_window_minutes = forms.IntegerField(
+        label="Dispute window (minutes)",
+        required=False,
+        min_value=0,
+        max_value=MAX_ROUND_TIMEOUT_MIN,
+        widget=forms.NumberInput(attrs={"placeholder": "the round timeout"}),
+        help_text=(
+            "How long after each global model its trainers may prove it wrong on chain; the "
+            "task settles when the last model's window closes. Empty: the round timeout; 0: no "
+            "challenges."
+        ),
+    )
     sample_cap = forms.IntegerField(
         label="Samples counted per trainer",
         min_value=1,
@@ -233,6 +245,7 @@ class TaskForm(forms.Form):
         chain_errors.InvalidTrainerRangeError: "max_trainers",
         chain_errors.InvalidBiddingEndError: "bidding_ends",
         chain_errors.InvalidRoundTimeoutError: "round_timeout_minutes",
+        chain_errors.InvalidDisputeTermsError: "dispute_window_minutes",
         chain_errors.BudgetTooLowError: "budget",
         wallets.InsufficientFundsError: "budget",
         ValidationSetUnknownError: "validation_file",
@@ -251,6 +264,10 @@ class TaskForm(forms.Form):
             "min_trainers": order.min_trainers,
             "max_trainers": order.max_trainers,
             "round_timeout_minutes": max(order.round_timeout_s // 60, 1),
+            # A window set in seconds (through the API) is kept whole: never shortened.
+            "dispute_window_minutes": (
+                None if order.dispute_window_s is None else -(-order.dispute_window_s // 60)
+            ),
             "sample_cap": order.sample_cap or DEFAULT_SAMPLE_CAP,
             "budget": wei_to_eth(order.budget_wei),
             "local_epochs": spec.local_epochs,
@@ -330,6 +347,7 @@ class TaskForm(forms.Form):
     def service_kwargs(self) -> dict:
         """task_create's arguments from the cleaned form."""
         data = self.cleaned_data
+        window = data["dispute_window_minutes"]
         return {
             "title": data["title"],
             "spec": self.spec,
@@ -337,6 +355,7 @@ class TaskForm(forms.Form):
             "max_trainers": data["max_trainers"],
             "bidding_ends": data["bidding_ends"],
             "round_timeout_s": data["round_timeout_minutes"] * 60,
+            "dispute_window_s": None if window is None else window * 60,  # None: the timeout
             "sample_cap": data["sample_cap"],
             "budget_wei": data["budget"],
         }

@@ -185,6 +185,9 @@ def field_errors(response, field: str) -> list[tuple[str, str]]:
         ({"model": "gpt-5"}, "model", "invalid_choice"),
         ({"sample_cap": "0"}, "sample_cap", "min_value"),
         ({"sample_cap": str(2**24 + 1)}, "sample_cap", "max_value"),
+        ({"dispute_window_minutes": "-1"}, "dispute_window_minutes", "min_value"),
+        ({"dispute_window_minutes": str(30 * 24 * 60 + 1)}, "dispute_window_minutes", "max_value"),
+        ({"dispute_window_minutes": "soon"}, "dispute_window_minutes", "invalid"),
     ],
 )
 def test_form_refuses_bad_input_beside_the_field(logged_in, watch, overrides, field, code):
@@ -307,6 +310,7 @@ def test_valid_form_posts_the_task_on_chain(logged_in, buyer, platform_market):
     assert TaskSpec.from_dict(order.spec) == spec
     assert (on_chain.rounds, on_chain.min_trainers, on_chain.max_trainers) == (2, 1, 3)
     assert on_chain.round_timeout == 600
+    assert on_chain.dispute_window == order.dispute_window_s == 600  # left empty: the timeout
     assert on_chain.sample_cap == 250
     assert on_chain.bidding_ends == int(order.bidding_ends.timestamp())
     receipt = platform_market.w3.eth.get_transaction_receipt(order.created_tx)
@@ -529,7 +533,12 @@ def test_a_task_like_another_starts_from_its_spec_terms_and_validation_set(
 ):
     test = load_test(schema="digits-8x8")
     first = form_data(
-        rounds=3, max_trainers=2, round_timeout_minutes=15, sample_cap=300, budget="0.0123"
+        rounds=3,
+        max_trainers=2,
+        round_timeout_minutes=15,
+        dispute_window_minutes=45,
+        sample_cap=300,
+        budget="0.0123",
     )
     first |= {"local_epochs": "2", "batch_size": "8", "learning_rate": "0.07", "seed": "7"}
     logged_in.post(
@@ -553,12 +562,34 @@ def test_a_task_like_another_starts_from_its_spec_terms_and_validation_set(
     assert again.status_code == 302, field_errors(again, "validation_file")
     second = TaskOrder.objects.exclude(pk=original.pk).get()
     assert second.spec == original.spec
-    assert (second.budget_wei, second.sample_cap, second.round_timeout_s) == (
-        12_300_000_000_000_000,
-        300,
-        900,
-    )
+    assert (
+        second.budget_wei,
+        second.sample_cap,
+        second.round_timeout_s,
+        second.dispute_window_s,
+    ) == (12_300_000_000_000_000, 300, 900, 2700)
     assert platform_market.task(task_id=second.chain_task_id).spec_hash == original.spec_hash
+
+
+@pytest.mark.parametrize(
+    ("seconds", "minutes", "posted_s"), [(0, "0", 0), (90, "2", 120), (None, "", 600)]
+)
+def test_a_dispute_window_is_copied_in_minutes_and_never_shorter(
+    logged_in, buyer, seconds, minutes, posted_s
+):
+    """A task posted through the API may have a window of any seconds; the form's minutes
+    round it up (a copy never gives trainers less time to challenge), and 0 stays 0. An order
+    from before orders kept their window leaves the field empty: the round timeout."""
+    order = task_post(buyer, dispute_window_s=seconds or 0)
+    if seconds is None:
+        TaskOrder.objects.filter(pk=order.pk).update(dispute_window_s=None)
+
+    response = logged_in.get(reverse("task-create"), {"like": order.chain_task_id})
+
+    assert form_as_rendered(response)["dispute_window_minutes"] == minutes
+    posted = logged_in.post(reverse("task-create"), form_data(dispute_window_minutes=minutes))
+    assert posted.status_code == 302
+    assert TaskOrder.objects.latest("pk").dispute_window_s == posted_s
 
 
 @pytest.mark.parametrize("like", ["other", "nope", "99999999999999999999999", "424242"])
