@@ -1,6 +1,6 @@
 """`python -m worker`: enrol this machine as a FLEX device, then run it as a Celery worker.
 
-    python -m worker join SERVER_URL TOKEN --home DIR --class cpu --price-wei N [...]
+    python -m worker join SERVER_URL TOKEN --home DIR --class cpu [--price-wei N] [...]
     python -m worker start --home DIR [--home DIR ...]
     python -m worker status --home DIR
     python -m worker balance --home DIR
@@ -53,7 +53,11 @@ def parser() -> argparse.ArgumentParser:
         "--class", dest="device_class", choices=["cpu", "gpu", "jetson"], default="cpu"
     )
     join.add_argument(
-        "--price-wei", type=wei_argument, required=True, help="price per training round"
+        "--price-wei",
+        type=wei_argument,
+        default=0,
+        help="price per training round (default 0: each task's minimum price, which no bid "
+        "goes below)",
     )
     join.add_argument(
         "--min-budget-wei", type=wei_argument, default=0, help="skip tasks below this budget"

@@ -126,7 +126,7 @@ class JoinTokenAdmin(admin.ModelAdmin):
             format_html(
                 "Join token for “{}” issued, valid until {}. Copy it now, it is not shown "
                 "again: <code>{}</code> (on the device: <code>python -m worker join {} {} "
-                "--home DIR --price-wei WEI</code>)",
+                "--home DIR --data YOUR_DATA.npz</code>)",
                 obj.label,
                 obj.expires_at.isoformat(timespec="seconds"),
                 issued.raw,

@@ -16,8 +16,11 @@ from marketplace.models import Device
 from marketplace.sync import chain_sync
 from tests.blobs import blob_of
 from tests.worker.conftest import PASSPHRASE, TRAINER_PRICE, enrol, worker_cli
+from training.spec import TaskSpec
+from worker import node as node_mod
 from worker.config import KEYSTORE_FILE
 from worker.keys import key_load
+from worker.trainer import decide_bid
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,3 +102,34 @@ def test_status_says_what_is_wrong_when_the_platform_refuses(live_server, platfo
     assert done.returncode == 1
     assert done.stderr.startswith("error: the platform refused: ")
     assert "not an enrolled, unrevoked device" in done.stderr
+
+
+def test_a_device_joined_without_a_price_bids_at_each_tasks_minimum(
+    live_server, platform, platform_market, tmp_path
+):
+    market = platform_market
+    spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2)
+    joined = enrol(live_server, tmp_path / "cheap", "--class", "cpu", "--partition", "0/2")
+    node = node_mod.load(home=joined.home, passphrase=PASSPHRASE)
+    task_id = (
+        market.create_task(
+            sender=dev_accounts(1, start=8)[0],
+            spec_hash=spec.hash,
+            rounds=2,
+            min_trainers=1,
+            max_trainers=2,
+            bidding_ends=chain_time(market.w3) + 3600,
+            round_timeout=600,
+            budget_wei=10**16,
+        )
+        .first(TaskCreated)
+        .task_id
+    )
+
+    decision = decide_bid(node, task_id=task_id, spec=spec)
+
+    assert joined.config.policy.price_per_round_wei == 0
+    assert decision.role == Role.TRAINER
+    minimum = market.task(task_id=task_id).min_trainer_price_wei
+    assert minimum > 0
+    assert decision.price_per_round_wei == minimum
