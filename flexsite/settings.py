@@ -228,6 +228,8 @@ FLEX_THROTTLE_RATES = {
     "token": os.environ.get("FLEX_THROTTLE_TOKEN", "10/min"),
     "signup": os.environ.get("FLEX_THROTTLE_SIGNUP", "5/hour"),
     "faucet": os.environ.get("FLEX_THROTTLE_FAUCET", "5/hour"),
+    # Each request for a password-reset link may send a mail: few, so no inbox is flooded.
+    "reset": os.environ.get("FLEX_THROTTLE_RESET", "5/hour"),
     # Validation sets are kept (up to 8 MiB each): per buyer, from the API and the task form.
     "upload": os.environ.get("FLEX_THROTTLE_UPLOAD", "20/hour"),
 }
@@ -288,6 +290,21 @@ SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "task-list"
 LOGOUT_REDIRECT_URL = "home"
+
+# Mail: the password-reset links. Through FLEX_EMAIL_HOST's SMTP server when set, else written
+# to the web server's log (the local stack: the link is read there).
+if os.environ.get("FLEX_EMAIL_HOST"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = os.environ["FLEX_EMAIL_HOST"]
+    EMAIL_PORT = env_number("FLEX_EMAIL_PORT", 587, low=1, high=65535)
+    EMAIL_HOST_USER = os.environ.get("FLEX_EMAIL_USER", "")
+    EMAIL_HOST_PASSWORD = os.environ.get("FLEX_EMAIL_PASSWORD", "")
+    EMAIL_USE_TLS = _env_bool("FLEX_EMAIL_TLS", True)
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+DEFAULT_FROM_EMAIL = os.environ.get("FLEX_EMAIL_FROM", "FLEX <noreply@localhost>")
+# A reset link holds the account's wallet: it works once, and for an hour.
+PASSWORD_RESET_TIMEOUT = env_number("FLEX_PASSWORD_RESET_TIMEOUT_S", 3600, low=60)
 
 LOGGING = {
     "version": 1,

@@ -22,3 +22,18 @@ def wallet_key_check(app_configs, **kwargs) -> list[checks.CheckMessage]:
             id="flex.E001",
         )
     ]
+
+
+@checks.register(checks.Tags.security, deploy=True)
+def email_check(app_configs, **kwargs) -> list[checks.CheckMessage]:
+    """A deployment mails password-reset links; without a mail server they go to the log."""
+    if settings.FLEX_DEV_CHAIN or not settings.EMAIL_BACKEND.endswith("console.EmailBackend"):
+        return []
+    return [
+        checks.Warning(
+            "FLEX_EMAIL_HOST is not set: password-reset links are written to the web "
+            "server's log, not mailed.",
+            hint="Set FLEX_EMAIL_HOST (and FLEX_EMAIL_USER, FLEX_EMAIL_PASSWORD, FLEX_EMAIL_FROM).",
+            id="flex.W001",
+        )
+    ]

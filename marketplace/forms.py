@@ -79,11 +79,43 @@ class TaskListFilterForm(PageForm):
         }
 
 
+EMAIL_HELP = (
+    "Optional. Where a link to set a new password goes if you forget yours; without it, "
+    "only an admin can let you back in to your wallet."
+)
+
+
 class SignUpForm(UserCreationForm):
     """A buyer account; its custodial wallet is created with it."""
 
+    email = forms.EmailField(required=False, help_text=EMAIL_HELP)
+
     class Meta(UserCreationForm.Meta):
-        fields = ("username",)
+        fields = ("username", "email")
+
+
+class EmailForm(forms.Form):
+    """The account's email address, changed only with its password: whoever holds the address
+    can reset the password, and with it reach the wallet."""
+
+    email = forms.EmailField(required=False, label="Email address", help_text=EMAIL_HELP)
+    password = forms.CharField(
+        label="Your password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+    )
+
+    def __init__(self, *args, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.user = user
+
+    def clean_password(self):
+        password = self.cleaned_data["password"]
+        if not self.user.check_password(password):
+            raise forms.ValidationError(
+                "Your password was entered incorrectly.", code="password_incorrect"
+            )
+        return password
 
 
 class WithdrawForm(forms.Form):

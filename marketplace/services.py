@@ -284,6 +284,13 @@ def user_signup(*, username: str, password: str, email: str = ""):
     return user
 
 
+def user_email_set(*, user, email: str) -> None:
+    """Where ``user``'s password-reset links go ("" for nowhere)."""
+    user.email = email
+    user.save(update_fields=["email"])
+    logger.info("email address of user %s %s", user.pk, "changed" if email else "removed")
+
+
 def user_token_issue(*, user) -> Token:
     """``user``'s API token: the one it has, or a new one (as POST /api/auth/token/ gives)."""
     token, made = Token.objects.get_or_create(user=user)

@@ -17,6 +17,28 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # The old password is asked for: counted with the logins, against guessing it.
     path("password/", throttled("login")(views.PasswordChange.as_view()), name="password-change"),
+    path(
+        "password/reset/", throttled("reset")(views.PasswordReset.as_view()), name="password-reset"
+    ),
+    path(
+        "password/reset/sent/",
+        views.PasswordResetDone.as_view(),
+        name="password-reset-done",
+    ),
+    path(
+        "password/reset/<uidb64>/<token>/",
+        views.PasswordResetConfirm.as_view(),
+        name="password-reset-confirm",
+    ),
+    path(
+        "password/reset/done/",
+        auth_views.PasswordResetCompleteView.as_view(
+            template_name="registration/password_reset_complete.html"
+        ),
+        name="password-reset-complete",
+    ),
+    # The password is asked for: counted with the logins.
+    path("account/email/", throttled("login")(views.account_email), name="account-email"),
     path("wallet/", views.wallet, name="wallet"),
     path("wallet/fund/", views.wallet_fund, name="wallet-fund"),
     path("wallet/withdraw/", views.wallet_withdraw, name="wallet-withdraw"),

@@ -28,6 +28,7 @@ from marketplace import contract, devices, estimates, selectors, services, walle
 from marketplace.estimates import CostEstimate
 from marketplace.forms import (
     PRESETS,
+    EmailForm,
     EstimateForm,
     PageForm,
     SignUpForm,
@@ -79,7 +80,9 @@ def signup(request):
     form = SignUpForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         user = services.user_signup(
-            username=form.cleaned_data["username"], password=form.cleaned_data["password1"]
+            username=form.cleaned_data["username"],
+            password=form.cleaned_data["password1"],
+            email=form.cleaned_data["email"],
         )
         login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         messages.success(request, "Welcome to FLEX. Your wallet is ready: fund it to post a task.")
@@ -103,6 +106,57 @@ class PasswordChange(auth_views.PasswordChangeView):
             "is revoked: make a new one below if you use the API.",
         )
         return response
+
+
+def _reset_minutes() -> int:
+    """How long a password-reset link works, in whole minutes."""
+    return settings.PASSWORD_RESET_TIMEOUT // 60
+
+
+class PasswordReset(auth_views.PasswordResetView):
+    """Asks for the account's email address and mails a link that sets a new password (once,
+    within PASSWORD_RESET_TIMEOUT). It answers the same whether or not an account has that
+    address, so it tells nobody which addresses have accounts."""
+
+    template_name = "registration/password_reset_form.html"
+    email_template_name = "registration/password_reset_email.txt"
+    subject_template_name = "registration/password_reset_subject.txt"
+    success_url = reverse_lazy("password-reset-done")
+
+    def form_valid(self, form):
+        self.extra_email_context = {"valid_minutes": _reset_minutes()}
+        return super().form_valid(form)
+
+
+class PasswordResetDone(auth_views.PasswordResetDoneView):
+    template_name = "registration/password_reset_done.html"
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), "valid_minutes": _reset_minutes()}
+
+
+class PasswordResetConfirm(auth_views.PasswordResetConfirmView):
+    """The mailed link: a new password, after which every session and the API token end
+    (marketplace.signals)."""
+
+    template_name = "registration/password_reset_confirm.html"
+    success_url = reverse_lazy("password-reset-complete")
+
+
+@login_required
+def account_email(request):
+    """The address password-reset links go to, changed only with the account's password."""
+    form = EmailForm(request.POST or None, user=request.user, initial={"email": request.user.email})
+    if request.method == "POST" and form.is_valid():
+        services.user_email_set(user=request.user, email=form.cleaned_data["email"])
+        messages.success(
+            request,
+            "Your email address is changed."
+            if form.cleaned_data["email"]
+            else "Your email address is removed: only an admin can reset your password now.",
+        )
+        return redirect("wallet")
+    return render(request, "registration/email_change.html", {"form": form})
 
 
 def _wallet(user) -> Wallet:

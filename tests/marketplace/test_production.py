@@ -75,7 +75,9 @@ def test_check_deploy_is_clean_under_the_documented_production_settings(tmp_path
     assert "no issues" in done.stdout
 
 
-def test_check_deploy_fails_without_the_wallet_key_or_with_debug(tmp_path):
+def test_check_deploy_fails_without_the_wallet_key_or_with_debug_and_warns_without_mail(
+    tmp_path,
+):
     env = _documented_production_env()
     del env["FLEX_WALLET_KEY"]
     done = _check_deploy(env, tmp_path)
@@ -86,6 +88,12 @@ def test_check_deploy_fails_without_the_wallet_key_or_with_debug(tmp_path):
     done = _check_deploy(env, tmp_path)
     assert done.returncode != 0
     assert "security.W018" in done.stderr + done.stdout
+
+    # No mail server: said, since a buyer's reset link would never arrive.
+    env = _documented_production_env()
+    del env["FLEX_EMAIL_HOST"]
+    done = _check_deploy(env, tmp_path)
+    assert "flex.W001" in done.stderr + done.stdout
 
 
 def test_debug_and_dev_chain_are_off_unless_set():
@@ -156,8 +164,23 @@ def low_rates(settings):
     settings.FLEX_THROTTLE_RATES = {"login": "2/min", "token": "2/min", "signup": "2/min"} | {
         "faucet": "1/min",
         "upload": "2/min",
+        "reset": "2/min",
     }
     return settings
+
+
+def test_asking_for_reset_links_is_throttled_so_no_inbox_is_flooded(client, low_rates, mailoutbox):
+    services.user_signup(username="flood", password=PASSWORD, email="victim@example.com")
+    for _ in range(2):
+        assert (
+            client.post(reverse("password-reset"), {"email": "victim@example.com"}).status_code
+            == 302
+        )
+
+    refused = client.post(reverse("password-reset"), {"email": "victim@example.com"})
+
+    assert refused.status_code == 429
+    assert len(mailoutbox) == 2
 
 
 def test_login_is_throttled_per_client(client, low_rates):

@@ -120,6 +120,130 @@ def test_changing_the_password_ends_every_other_session_and_the_api_token(client
     assert Client().login(username="bo", password=NEW_PASSWORD)
 
 
+# ---------------------------------------------------------------- a forgotten password
+
+
+def _reset_link(mail) -> str:
+    """The path of the one link in a password-reset mail."""
+    [link] = re.findall(r"https?://testserver(/\S+)", mail.body)
+    return link
+
+
+def test_a_forgotten_password_is_reset_through_a_link_mailed_to_the_account(
+    client, mailoutbox, settings
+):
+    signed_up = client.post(
+        reverse("signup"),
+        {
+            "username": "rae",
+            "email": "rae@example.com",
+            "password1": PASSWORD,
+            "password2": PASSWORD,
+        },
+    )
+    assert signed_up.status_code == 302
+    token = client.post(reverse("api-auth-token"), {"username": "rae", "password": PASSWORD})
+    api = {"HTTP_AUTHORIZATION": f"Token {token.json()['token']}"}
+    client.post(reverse("logout"))
+    login_page = client.get(reverse("login")).content.decode()
+    assert f'href="{reverse("password-reset")}"' in login_page
+
+    asked = client.post(reverse("password-reset"), {"email": "RAE@example.com"}, follow=True)
+
+    assert asked.redirect_chain == [(reverse("password-reset-done"), 302)]
+    assert "It works once, for 60 minutes." in asked.content.decode()
+    [mail] = mailoutbox
+    assert mail.to == ["rae@example.com"]
+    assert "the FLEX account rae." in mail.body
+    assert "within 60 minutes" in mail.body
+    link = _reset_link(mail)
+    form = client.get(link, follow=True)  # Django moves the token out of the address first
+    set_at = form.redirect_chain[-1][0]
+    assert 'id="set-password"' in form.content.decode()
+    mismatched = client.post(set_at, {"new_password1": NEW_PASSWORD, "new_password2": "typo"})
+    assert mismatched.status_code == 200
+    assert not Client().login(username="rae", password=NEW_PASSWORD)
+
+    done = client.post(
+        set_at, {"new_password1": NEW_PASSWORD, "new_password2": NEW_PASSWORD}, follow=True
+    )
+
+    assert done.redirect_chain == [(reverse("password-reset-complete"), 302)]
+    assert Client().login(username="rae", password=NEW_PASSWORD)
+    assert not Client().login(username="rae", password=PASSWORD)
+    assert Client().get(reverse("api-task-list"), **api).status_code == 401
+    # The link worked once.
+    again = Client().get(link, follow=True).content.decode()
+    assert 'id="reset-link-invalid"' in again
+    assert 'id="set-password"' not in again
+
+
+def test_a_reset_link_expires(client, mailoutbox, settings):
+    user = services.user_signup(username="old", password=PASSWORD, email="old@example.com")
+    client.post(reverse("password-reset"), {"email": "old@example.com"})
+    link = _reset_link(mailoutbox[0])
+    # The link's timestamp is in seconds; a timeout of -1 makes it stale whenever it was made.
+    settings.PASSWORD_RESET_TIMEOUT = -1
+
+    page = client.get(link, follow=True).content.decode()
+
+    assert 'id="reset-link-invalid"' in page
+    user.refresh_from_db()
+    assert user.check_password(PASSWORD)
+
+
+@pytest.mark.parametrize("email", ["nobody@example.com", ""])
+def test_asking_for_an_address_no_account_has_answers_the_same_and_sends_nothing(
+    client, mailoutbox, email
+):
+    """Nobody learns which addresses have accounts; an account without an address (the
+    empty one) is reset only by an admin."""
+    services.user_signup(username="noaddr", password=PASSWORD)
+    known = services.user_signup(username="known", password=PASSWORD, email="k@example.com")
+    known.is_active = False  # a deactivated account gets no link either
+    known.save()
+
+    for address in (email, "k@example.com"):
+        asked = client.post(reverse("password-reset"), {"email": address})
+        if address:
+            assert asked.status_code == 302
+            assert asked.url == reverse("password-reset-done")
+        else:
+            assert asked.status_code == 200  # required: said beside the field
+    assert mailoutbox == []
+
+
+def test_the_email_address_changes_only_with_the_password(client, mailoutbox):
+    user = services.user_signup(username="eve", password=PASSWORD)
+    client.force_login(user)  # a session left open on a shared machine
+    wallet = client.get(reverse("wallet")).content.decode()
+    assert 'id="account-email-missing"' in wallet
+
+    guessed = client.post(
+        reverse("account-email"), {"email": "thief@example.com", "password": "guess"}
+    )
+
+    assert guessed.status_code == 200
+    assert guessed.context["form"].errors.as_data()["password"][0].code == "password_incorrect"
+    user.refresh_from_db()
+    assert user.email == ""
+    client.post(reverse("password-reset"), {"email": "thief@example.com"})
+    assert mailoutbox == []
+
+    saved = client.post(
+        reverse("account-email"), {"email": "eve@example.com", "password": PASSWORD}
+    )
+
+    assert saved.status_code == 302
+    user.refresh_from_db()
+    assert user.email == "eve@example.com"
+    assert 'id="account-email">eve@example.com<' in client.get(reverse("wallet")).content.decode()
+    removed = client.post(reverse("account-email"), {"email": "", "password": PASSWORD})
+    assert removed.status_code == 302
+    user.refresh_from_db()
+    assert user.email == ""
+
+
 def test_a_password_set_anywhere_revokes_the_api_token_and_a_rehash_at_login_does_not(
     client, admin_client, settings
 ):
