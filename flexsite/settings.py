@@ -300,6 +300,9 @@ if os.environ.get("FLEX_EMAIL_HOST"):
     EMAIL_HOST_USER = os.environ.get("FLEX_EMAIL_USER", "")
     EMAIL_HOST_PASSWORD = os.environ.get("FLEX_EMAIL_PASSWORD", "")
     EMAIL_USE_TLS = _env_bool("FLEX_EMAIL_TLS", True)
+    # A mail server that does not answer holds the reset request this long, then the
+    # failure is logged (the page answers as it does for any address).
+    EMAIL_TIMEOUT = 10
 else:
     EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 DEFAULT_FROM_EMAIL = os.environ.get("FLEX_EMAIL_FROM", "FLEX <noreply@localhost>")

@@ -13,6 +13,7 @@ from django.urls import reverse
 from eth_account import Account
 
 from chain.events import Role
+from chain.launcher import free_port
 from core.units import wei_to_eth
 from marketplace import selectors, services
 from marketplace.models import Device, Payout, Task
@@ -188,6 +189,23 @@ def test_a_reset_link_expires(client, mailoutbox, settings):
     page = client.get(link, follow=True).content.decode()
 
     assert 'id="reset-link-invalid"' in page
+    user.refresh_from_db()
+    assert user.check_password(PASSWORD)
+
+
+def test_a_mail_server_that_refuses_loses_nothing_and_tells_nobody(client, settings, caplog):
+    """The page answers as for any address (it says nothing of the account), and the failure
+    is logged for the operators."""
+    user = services.user_signup(username="unlucky", password=PASSWORD, email="u@example.com")
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST, settings.EMAIL_PORT = "127.0.0.1", free_port()  # nothing listens
+    settings.EMAIL_USE_TLS = False
+
+    asked = client.post(reverse("password-reset"), {"email": "u@example.com"})
+
+    assert asked.status_code == 302
+    assert asked.url == reverse("password-reset-done")
+    assert f"Failed to send password reset email to {user.pk}" in caplog.text
     user.refresh_from_db()
     assert user.check_password(PASSWORD)
 
