@@ -455,7 +455,8 @@ class JoinCompleteApi(APIView):
         token = serializers.CharField(max_length=200)
         address = serializers.CharField(max_length=42)
         signature = serializers.CharField(max_length=200)
-        name = serializers.CharField(max_length=100)
+        # Empty: the name the join token was issued for.
+        name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
         device_class = serializers.ChoiceField(choices=DeviceClass.choices)
         # Checked by the service, which names what is wrong (dataplane_url_invalid).
         dataplane_url = serializers.CharField(

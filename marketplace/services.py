@@ -137,7 +137,8 @@ def device_enrol(
     aggregator_price_per_round_wei: int | None = None,
 ) -> Device:
     """Check the token, the signed challenge and where the device's data plane is, register
-    the address on chain, record it (with the prices it declares, for cost estimates).
+    the address on chain, record it (with the prices it declares, for cost estimates) under
+    ``name``, or the token's label when that is empty.
 
     ``dataplane_url`` must be a plain https URL of a host (DataPlaneUrlError otherwise; private
     addresses only with FLEX_DATAPLANE_ALLOW_PRIVATE) and comes with the SHA-256 of the TLS
@@ -171,7 +172,7 @@ def device_enrol(
         raise DeviceAlreadyEnrolledError(address=claimed)
     try:
         device = Device.objects.create(
-            name=name,
+            name=name.strip() or token.label,
             address=claimed,
             device_class=device_class,
             may_aggregate=token.may_aggregate,
@@ -217,6 +218,7 @@ def enrolment_config(*, device: Device) -> dict:
     """What an enrolled device needs to start working: chain, broker and its queue."""
     return {
         "device_id": device.pk,
+        "name": device.name,
         "address": device.address,
         "device_class": device.device_class,
         "may_aggregate": device.may_aggregate,

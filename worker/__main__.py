@@ -48,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
     join.add_argument("server_url", help="the platform, e.g. http://127.0.0.1:8000")
     join.add_argument("token", help="the join token an admin issued")
     join.add_argument("--home", type=Path, required=True, help="the device's own directory")
-    join.add_argument("--name", help="a name for the device (default: the home's name)")
+    join.add_argument(
+        "--name", help="a name for the device (default: the one its join token was issued for)"
+    )
     join.add_argument(
         "--class", dest="device_class", choices=["cpu", "gpu", "jetson"], default="cpu"
     )
@@ -269,7 +271,7 @@ def cmd_join(args: argparse.Namespace) -> int:
         token=args.token,
         account=account,
         home=args.home,
-        name=args.name or args.home.resolve().name,
+        name=args.name,
         device_class=args.device_class,
         policy=BidPolicy(
             price_per_round_wei=args.price_wei,

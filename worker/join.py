@@ -71,7 +71,7 @@ def join(
     token: str,
     account: LocalAccount,
     home: Path,
-    name: str,
+    name: str | None,
     device_class: str,
     policy: BidPolicy,
     data_path: str | None = None,
@@ -108,7 +108,7 @@ def join(
         dataplane_url = f"https://{shown}:{port}"
     certificate = node_certificate(home / TLS_DIR, common_name=account.address)
     fields = {
-        "name": name,
+        "name": name or "",  # none: the platform names it as the token's label
         "device_class": device_class,
         "dataplane_url": dataplane_url,
         "dataplane_cert_sha256": certificate.sha256,
@@ -133,7 +133,7 @@ def join(
             time.sleep(min(2**attempt, 10))
     cfg = DeviceConfig(
         server_url=base,
-        name=name,
+        name=enrolled["name"],
         device_id=enrolled["device_id"],
         address=enrolled["address"],
         device_class=enrolled["device_class"],

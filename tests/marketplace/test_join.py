@@ -74,6 +74,19 @@ def test_valid_token_enrols_and_registers_on_chain(live_server, tmp_path, platfo
     assert platform_market.w3.eth.get_balance(account.address) == 10**18
 
 
+def test_a_device_without_a_name_takes_the_one_its_token_was_issued_for(
+    live_server, tmp_path, platform_market
+):
+    issued = join_token_issue(label="Ada's Jetson", ttl=timedelta(hours=1))
+    named = join_token_issue(label="unused label", ttl=timedelta(hours=1))
+
+    cfg = _join(live_server, tmp_path, issued.raw, name=None)
+    other = _join(live_server, tmp_path / "other", named.raw, name="gpu-box")
+
+    assert cfg.name == Device.objects.get(address=cfg.address).name == "Ada's Jetson"
+    assert other.name == Device.objects.get(address=other.address).name == "gpu-box"
+
+
 def test_reused_token_is_refused(live_server, tmp_path, platform_market):
     issued = join_token_issue(label="phone", ttl=timedelta(hours=1))
     _join(live_server, tmp_path, issued.raw)
