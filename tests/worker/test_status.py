@@ -25,6 +25,21 @@ from worker.trainer import decide_bid
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+def _bidding_task(market, *, spec_hash: bytes) -> int:
+    """A 2-round task of 0.01 ETH, bidding for an hour; its ID."""
+    created = market.create_task(
+        sender=dev_accounts(1, start=8)[0],
+        spec_hash=spec_hash,
+        rounds=2,
+        min_trainers=1,
+        max_trainers=2,
+        bidding_ends=chain_time(market.w3) + 3600,
+        round_timeout=600,
+        budget_wei=10**16,
+    )
+    return created.first(TaskCreated).task_id
+
+
 def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
     live_server, platform, platform_market, tmp_path, client
 ):
@@ -33,20 +48,7 @@ def test_status_shows_the_devices_bids_and_health_and_links_to_its_page(
         live_server, tmp_path / "phone", "--class", "cpu", "--price-wei", str(TRAINER_PRICE)
     )
     device = key_load(path=node.home / KEYSTORE_FILE, passphrase=PASSPHRASE)
-    task_id = (
-        market.create_task(
-            sender=dev_accounts(1, start=8)[0],
-            spec_hash=b"\x02" * 32,
-            rounds=2,
-            min_trainers=1,
-            max_trainers=2,
-            bidding_ends=chain_time(market.w3) + 3600,
-            round_timeout=600,
-            budget_wei=10**16,
-        )
-        .first(TaskCreated)
-        .task_id
-    )
+    task_id = _bidding_task(market, spec_hash=b"\x02" * 32)
     market.place_bid(
         sender=device,
         task_id=task_id,
@@ -111,20 +113,7 @@ def test_a_device_joined_without_a_price_bids_at_each_tasks_minimum(
     spec = TaskSpec(model="digits-mlp", dataset="digits-8x8", rounds=2)
     joined = enrol(live_server, tmp_path / "cheap", "--class", "cpu", "--partition", "0/2")
     node = node_mod.load(home=joined.home, passphrase=PASSPHRASE)
-    task_id = (
-        market.create_task(
-            sender=dev_accounts(1, start=8)[0],
-            spec_hash=spec.hash,
-            rounds=2,
-            min_trainers=1,
-            max_trainers=2,
-            bidding_ends=chain_time(market.w3) + 3600,
-            round_timeout=600,
-            budget_wei=10**16,
-        )
-        .first(TaskCreated)
-        .task_id
-    )
+    task_id = _bidding_task(market, spec_hash=spec.hash)
 
     decision = decide_bid(node, task_id=task_id, spec=spec)
 
