@@ -39,9 +39,7 @@ def _headers(user=None, origin: str = "http://localhost") -> list[tuple[bytes, b
     """A browser on ``origin``; logged in as ``user`` (its session cookie) if given."""
     if user is None:
         return [(b"origin", origin.encode())]
-    client = Client()
-    client.force_login(user)
-    return _browser(client, origin)
+    return _browser(_logged_in(user), origin)
 
 
 def _browser(client: Client, origin: str = "http://localhost") -> list[tuple[bytes, bytes]]:
