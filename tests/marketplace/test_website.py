@@ -6,10 +6,13 @@ import json
 import re
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.templatetags.static import static
 from django.test import Client
 from django.urls import reverse
+from django.utils.encoding import force_bytes
+from django.utils.http import urlsafe_base64_encode
 from eth_account import Account
 
 from chain.events import Role
@@ -179,6 +182,40 @@ def test_a_forgotten_password_is_reset_through_a_link_mailed_to_the_account(
     assert 'id="set-password"' not in again
 
 
+def test_the_email_page_needs_a_login_and_sign_up_refuses_a_malformed_address(client):
+    assert client.get(reverse("account-email")).status_code == 302  # to the login page
+    stranger = client.post(reverse("account-email"), {"email": "x@example.com", "password": "?"})
+    assert stranger.status_code == 302
+
+    refused = client.post(
+        reverse("signup"),
+        {"username": "zed", "email": "zed@", "password1": PASSWORD, "password2": PASSWORD},
+    )
+
+    assert refused.status_code == 200
+    assert [e.code for e in refused.context["form"].errors.as_data()["email"]] == ["invalid"]
+    assert not get_user_model().objects.filter(username="zed").exists()
+
+
+def test_a_reset_link_opens_only_the_account_it_was_mailed_for(client, mailoutbox):
+    """Mallory asks for a link to her own account and puts the victim's user ID in it: the
+    token is bound to her account (and its password), so the link opens nothing."""
+    services.user_signup(username="mallory", password=PASSWORD, email="m@example.com")
+    victim = services.user_signup(username="victim", password=PASSWORD, email="v@example.com")
+    client.post(reverse("password-reset"), {"email": "m@example.com"})
+    token = _reset_link(mailoutbox[0]).strip("/").split("/")[-1]
+    forged = reverse(
+        "password-reset-confirm", args=[urlsafe_base64_encode(force_bytes(victim.pk)), token]
+    )
+
+    page = client.get(forged, follow=True).content.decode()
+
+    assert 'id="reset-link-invalid"' in page
+    assert 'id="set-password"' not in page
+    victim.refresh_from_db()
+    assert victim.check_password(PASSWORD)
+
+
 def test_a_reset_link_expires(client, mailoutbox, settings):
     user = services.user_signup(username="old", password=PASSWORD, email="old@example.com")
     client.post(reverse("password-reset"), {"email": "old@example.com"})
@@ -247,6 +284,15 @@ def test_the_email_address_changes_only_with_the_password(client, mailoutbox):
     assert user.email == ""
     client.post(reverse("password-reset"), {"email": "thief@example.com"})
     assert mailoutbox == []
+
+    malformed = client.post(
+        reverse("account-email"), {"email": "eve at home", "password": PASSWORD}
+    )
+    assert malformed.status_code == 200
+    assert [e.code for e in malformed.context["form"].errors.as_data()["email"]] == ["invalid"]
+    assert 'id="errors-email"' in malformed.content.decode()
+    user.refresh_from_db()
+    assert user.email == ""
 
     saved = client.post(
         reverse("account-email"), {"email": "eve@example.com", "password": PASSWORD}
