@@ -4,6 +4,10 @@
 # target (1 is a run that failed: no figures, or figures of a run that went wrong).
 TARGET_MISSED = 2
 
+# FlexMarket's limits (MAX_BIDS, MAX_TRAINERS, MAX_ROUNDS): the benchmarks meet them, and
+# refuse sizes beyond them before starting anything. tests/bench holds them to the contract's.
+MAX_BIDS, MAX_TRAINERS, MAX_ROUNDS = 1000, 128, 100
+
 
 def verdict(ok: bool) -> int:
     """A finished part's exit status: 0 when every target was met, else TARGET_MISSED."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import verdict
+from bench import MAX_ROUNDS, verdict
 from bench.procs import cpu_seconds
 from chain.launcher import free_port
 from stack.demo import DEMO_SPEC, budget_for, follow_task, round_phases
@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     count = parser.parse_args(argv).rounds
     if count < 2:
         parser.error("--rounds must be at least 2: round 1 also holds bidding and selection")
+    if count > MAX_ROUNDS:
+        # Said before the minute the stack takes to start, not by the contract after it.
+        parser.error(f"--rounds must be at most the contract's {MAX_ROUNDS}")
     if not FLOWER_PYTHON.exists():
         print(
             f"Flower's simulation is not set up ({FLOWER_PYTHON.parent.parent.name}): "

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench import MAX_BIDS, MAX_ROUNDS, MAX_TRAINERS
 from bench.procs import peak_rss_mb
 from bench.scale_plot import scale_plot, task_figures
 from bench.web import throwaway_database
@@ -30,8 +31,6 @@ from stack.devstack import LocalDevice, stack
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "var" / "bench"
-# The contract's limits (FlexMarket.MAX_BIDS, MAX_TRAINERS): the default run meets both.
-MAX_BIDS, MAX_TRAINERS = 1000, 128
 # Each SLICES trainers in a row split the digits set this many ways (non-IID, about 14 samples
 # a slice), every run of them by a seed of its own: no two trainers hold the same data. Two
 # that did would hand in the same update, and the aggregator would leave the copy out
@@ -236,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if max(args.trainers) > args.devices - 1:
         p.error(f"{max(args.trainers)} trainers need at least {max(args.trainers) + 1} devices")
-    if not 1 <= args.rounds <= 100:
-        p.error("--rounds must be between 1 and the contract's 100")
+    if not 1 <= args.rounds <= MAX_ROUNDS:
+        p.error(f"--rounds must be between 1 and the contract's {MAX_ROUNDS}")
     try:
         result = run(
             devices=args.devices,

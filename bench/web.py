@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import verdict
+from bench import MAX_BIDS, MAX_ROUNDS, MAX_TRAINERS, verdict
 from stack.devstack import WEB_THREADS, web_command, web_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +52,8 @@ BUYER = "bench-buyer"
 # Goals at the default sizes: requests per second of each URL, and the slowest 1 % under.
 TARGET_RPS = {"task_list": 200, "api_tasks": 300}
 TARGET_P99_MS = 250
-# A task at FlexMarket's limits (MAX_BIDS, MAX_TRAINERS, MAX_ROUNDS), whose page and API
-# detail are measured beside the lists.
-LIMITS = {"bids": 1000, "trainers": 128, "rounds": 100}
+# A task at FlexMarket's limits, whose page and API detail are measured beside the lists.
+LIMITS = {"bids": MAX_BIDS, "trainers": MAX_TRAINERS, "rounds": MAX_ROUNDS}
 
 
 def free_port() -> int:
