@@ -354,7 +354,7 @@ def run(
                 "--concurrency",
                 str(concurrency),
                 "--hostname",
-                f"{loaded[0].config.name}@%h",
+                worker_hostname(loaded[0].config.name),
                 "--loglevel",
                 loglevel,
                 "--without-gossip",
@@ -370,6 +370,12 @@ def run(
             if n.server:
                 n.server.stop()
     return 0
+
+
+def worker_hostname(name: str) -> str:
+    """The Celery node name of a device named ``name`` on this host: its name is any text the
+    owner chose, where Celery reads "@" as the end of the name and "%x" as a placeholder."""
+    return name.replace("@", "-").replace("%", "%%") + "@%h"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,6 +229,9 @@ def nodes(live_server, platform, tmp_path) -> Iterator[dict[str, Enrolled]]:
             str(TRAINER_PRICE),
             "--partition",
             "1/2",
+            # Any text its owner chooses, including what Celery's node names give a meaning.
+            "--name",
+            "bob@home 50%off",
         ),
     }
     procs = []
