@@ -314,5 +314,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"health_probes": {"()": "flexsite.logs.HealthProbes"}},
+    "loggers": {
+        "health_check": {"filters": ["health_probes"]},
+        "django.request": {"filters": ["health_probes"]},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("FLEX_LOG_LEVEL", "INFO")},
 }

@@ -3,6 +3,7 @@ database, Redis, chain node and broker, and with each of the last three gone."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -11,6 +12,7 @@ from django.utils import timezone
 
 from chain.launcher import free_port
 from core.broker import url_with
+from marketplace.health import ChainNode
 from marketplace.models import ChainCursor
 from marketplace.sync import chain_sync
 
@@ -70,15 +72,43 @@ def test_a_stale_or_missing_chain_sync_fails_the_check(settings):
     assert health() == (200, dict.fromkeys(CHECKS, "OK"))
 
 
-def test_a_broker_that_refuses_fails_the_check_and_the_answer_keeps_its_address(settings):
+def test_a_broker_that_refuses_fails_the_check_and_the_answer_keeps_its_address(settings, caplog):
     chain_sync()
     port = free_port()
     settings.FLEX_BROKER_URL = url_with(f"amqp://flex:s3cret-pass@127.0.0.1:{port}//", vhost="x")
 
-    response = Client().get("/health/?format=text")
+    with caplog.at_level(logging.INFO):
+        response = Client().get("/health/?format=text")
 
     assert response.status_code == 500
     text = response.content.decode()
     assert "Broker(): Unavailable: the broker does not take a connection" in text
     assert "s3cret-pass" not in text
     assert str(port) not in text
+    # Each probe logs the failure on one line with its cause, no traceback, and no "Internal
+    # Server Error" for the answer /health/ gives by design.
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.name == "health_check"
+    assert line.getMessage() == (
+        "Health check Broker() failed: Unavailable: the broker does not take a connection "
+        "(OperationalError: [Errno 111] Connection refused)"
+    )
+    assert line.exc_info is None
+
+
+def test_an_unexpected_failure_of_a_check_keeps_its_traceback(monkeypatch, caplog):
+    chain_sync()
+
+    def broken(self):
+        raise RuntimeError("a bug in the check")
+
+    monkeypatch.setattr(ChainNode, "run", broken)
+
+    status, verdicts = health()
+
+    assert status == 500
+    # The answer says nothing of the bug; the log has all of it.
+    assert verdicts["ChainNode"] == "Unknown Error: unknown error"
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert record.exc_info is not None
+    assert "a bug in the check" in str(record.exc_info[1])
