@@ -45,11 +45,11 @@ def test_the_buyer_cancels_while_bidding_and_gets_the_budget_back(client, ada, p
 
 
 def test_no_cancel_once_nodes_are_selected(client, ada, platform_market, w3, chain_rewound):
-    order = task_post(ada, window_s=10)
-    tid = order.chain_task_id
     aggregator, trainer = Account.create(), Account.create()
     device_enrol(aggregator, name="gpu-box", may_aggregate=True)
     device_enrol(trainer, name="phone")
+    order = task_post(ada, window_s=10)  # the bids follow at once
+    tid = order.chain_task_id
     for device, role in ((aggregator, Role.AGGREGATOR), (trainer, Role.TRAINER)):
         platform_market.place_bid(
             sender=device, task_id=tid, price_per_round_wei=10**14, samples=100, role=role
