@@ -217,7 +217,7 @@ def test_the_registrar_is_free_while_a_registration_waits_for_its_block(
             assert time.monotonic() < deadline, "the registration was never sent"
             time.sleep(0.2)
         # Sent and not mined: another platform transaction may take the registrar now.
-        with contract.platform_account_lock(wait_s=1) as registrar:
+        with contract.platform_account_lock(wait_s=60) as registrar:
             assert registrar.address == platform_market.registrar()
         assert platform_market.device(device=account.address).status == DeviceStatus.NONE
     finally:
