@@ -26,8 +26,9 @@ class HealthProbes(logging.Filter):
         if record.levelno == logging.WARNING and record.exc_info:
             exc = record.exc_info[1]
             cause = exc.__cause__ if exc is not None else None
-            line = f"{record.getMessage()}: {exc}"
-            if cause is not None:
+            # A check that timed out carries asyncio's TimeoutError, which has no message.
+            line = f"{record.getMessage()}: {str(exc) or type(exc).__name__}"
+            if cause is not None and str(cause):
                 line += f" ({type(cause).__name__}: {cause})"
             record.msg, record.args, record.exc_info, record.exc_text = line, (), None, None
         return True

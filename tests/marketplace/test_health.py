@@ -4,6 +4,7 @@ database, Redis, chain node and broker, and with each of the last three gone."""
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import pytest
@@ -112,3 +113,18 @@ def test_an_unexpected_failure_of_a_check_keeps_its_traceback(monkeypatch, caplo
     [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert record.exc_info is not None
     assert "a bug in the check" in str(record.exc_info[1])
+
+
+def test_a_check_that_hangs_is_logged_as_timed_out_on_one_line(monkeypatch, caplog):
+    chain_sync()
+    # The probe waits a second more than the check's timeout; the answer waits for the check.
+    monkeypatch.setattr(ChainNode, "timeout", timedelta(0))
+    monkeypatch.setattr(ChainNode, "run", lambda self: time.sleep(3))
+
+    status, verdicts = health()
+
+    assert status == 500
+    assert verdicts["ChainNode"] == "Unavailable: Timed out after 0 seconds"
+    [line] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.getMessage() == "Health check ChainNode() failed: TimeoutError"
+    assert line.exc_info is None
