@@ -491,20 +491,18 @@ def test_every_admin_page_renders(admin_client, mirror_rows):
     assert admin_client.get(reverse("admin:index")).status_code == 200
 
 
-ROUND_TIMEOUT_S = 600
-
-
 def test_the_task_list_flags_a_round_waiting_on_a_silent_trainer(admin_client, platform_market, w3):
+    # A timeout no busy machine's chain sync and page take half of: not late until the chain
+    # clock is moved past that half.
+    timeout_s = 600
     snapshot = w3.provider.make_request("evm_snapshot", [])["result"]
     try:
         aggregator, quick, silent = (Account.create() for _ in range(3))
         people.device_enrol(aggregator, name="agg", may_aggregate=True)
         people.device_enrol(quick, name="quick")
         people.device_enrol(silent, name="silent")
-        # A timeout no busy machine's chain sync and page take half of: not late until the chain
-        # clock is moved past that half.
         order = people.task_post(
-            people.buyer_signup("admin-view"), window_s=10, round_timeout_s=ROUND_TIMEOUT_S
+            people.buyer_signup("admin-view"), window_s=10, round_timeout_s=timeout_s
         )
         tid = order.chain_task_id
         for device, role in (
@@ -527,7 +525,7 @@ def test_the_task_list_flags_a_round_waiting_on_a_silent_trainer(admin_client, p
         listing = reverse("admin:marketplace_task_changelist")
         assert "1: 1 of 2 updates<" in admin_client.get(listing).content.decode()
 
-        w3.provider.make_request("evm_increaseTime", [ROUND_TIMEOUT_S // 2 + 1])
+        w3.provider.make_request("evm_increaseTime", [timeout_s // 2 + 1])
         w3.provider.make_request("evm_mine", [])
 
         assert "1: 1 of 2 updates · late" in admin_client.get(listing).content.decode()
