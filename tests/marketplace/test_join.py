@@ -87,6 +87,23 @@ def test_a_device_without_a_name_takes_the_one_its_token_was_issued_for(
     assert other.name == Device.objects.get(address=other.address).name == "gpu-box"
 
 
+def test_a_name_too_long_is_refused_by_field_and_the_token_stays_usable(
+    live_server, tmp_path, platform_market
+):
+    issued = join_token_issue(label="jetson-lab", ttl=timedelta(hours=1))
+    account = Account.create()
+
+    with pytest.raises(JoinError) as exc:
+        _join(live_server, tmp_path, issued.raw, account=account, name="x" * 101)
+
+    assert (exc.value.status, exc.value.remote_code) == (400, "invalid")
+    assert "name" in exc.value.fields
+    assert platform_market.device(device=account.address).status == DeviceStatus.NONE
+    issued.token.refresh_from_db()
+    assert issued.token.status == "valid"
+    assert _join(live_server, tmp_path / "again", issued.raw, name=None).name == "jetson-lab"
+
+
 def test_reused_token_is_refused(live_server, tmp_path, platform_market):
     issued = join_token_issue(label="phone", ttl=timedelta(hours=1))
     _join(live_server, tmp_path, issued.raw)

@@ -424,6 +424,29 @@ def test_markup_in_what_a_buyer_typed_shows_as_text(client, ada):
         assert "&lt;img src=x onerror=alert(1)&gt;" in html
 
 
+def test_markup_in_a_devices_name_shows_as_text_to_the_buyers_it_bids_to(
+    client, ada, platform_market
+):
+    """A device names itself (or is named by its token's label) with whatever text: put in
+    markup, it would run in the page of every buyer whose task it bids on."""
+    task = task_post(ada)
+    device = Account.create()
+    device_enrol(device, name="<img src=x onerror=alert(1)>", may_aggregate=True)
+    platform_market.place_bid(
+        sender=device,
+        task_id=task.chain_task_id,
+        price_per_round_wei=10**14,
+        samples=1,
+        role=Role.AGGREGATOR,
+    )
+    chain_sync()
+
+    page = client.get(reverse("task-detail", args=[task.chain_task_id])).content.decode()
+
+    assert "<img src=x" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
 @pytest.mark.parametrize("name", ["task-detail", "task-model", "task-model-download"])
 def test_another_buyer_cannot_see_a_task(client, ada, name):
     theirs = task_post(buyer_signup("bob"), title="Secret")
